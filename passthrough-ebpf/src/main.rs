@@ -1,0 +1,23 @@
+//! passthrough's kernel side: cgroup `sock_addr` programs that decide MeshPassthrough egress at
+//! `connect()` / `sendmsg()` time.
+//!
+//! One module per program type (`connect`, `sendmsg`); the shared decision lives in `decide`,
+//! the maps in `maps`. The user side compiles policies into the maps; nothing here knows YAML.
+#![no_std]
+#![no_main]
+
+mod connect;
+mod decide;
+mod maps;
+mod sendmsg;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier guarantees there is no panic path at run time; this only satisfies no_std.
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

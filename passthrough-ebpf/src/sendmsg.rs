@@ -1,0 +1,19 @@
+//! `cgroup/sendmsg4` and `cgroup/sendmsg6`: unconnected UDP sends that carry an address
+//! (`sendto`/`sendmsg`). Connected UDP sockets were already judged in connect4/6.
+
+use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
+
+use crate::{
+    connect::{port_be, socket_mark, user_ip4, user_ip6},
+    decide::{Dest, Transport, decide, dest_from_ip6},
+};
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn passthrough_sendmsg4(ctx: SockAddrContext) -> i32 {
+    decide(Dest::V4(user_ip4(&ctx)), port_be(&ctx), Transport::Udp, socket_mark(&ctx))
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn passthrough_sendmsg6(ctx: SockAddrContext) -> i32 {
+    decide(dest_from_ip6(user_ip6(&ctx)), port_be(&ctx), Transport::Udp, socket_mark(&ctx))
+}

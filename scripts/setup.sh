@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# One idempotent setup step for a fresh Debian 12 machine of this kind (root).
+# Installs: the pinned eBPF nightly with rust-src, Debian's LLVM 22 (for bpf-linker),
+# bpf-linker built against it, and the system tools the tests use.
+# A second run checks each piece and returns in seconds.
+set -euo pipefail
+
+# Pinned versions: keep in sync with rust-toolchain.toml and xtask/src/build.rs.
+EBPF_TOOLCHAIN="nightly-2026-07-01"
+BPF_LINKER_VERSION="0.13.0"
+LLVM_MAJOR="22"
+
+log() { printf '[setup] %s\n' "$*" >&2; }
+
+have_toolchain() { rustup toolchain list | grep -q "^$1"; }
+
+# 1. Host toolchain: whatever rust-toolchain.toml names must exist before cargo runs here.
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+host_tc="$(sed -n 's/^channel *= *"\(.*\)"/\1/p' "$here/rust-toolchain.toml")"
+if ! have_toolchain "$host_tc"; then
+  log "installing host toolchain $host_tc"
+  rustup toolchain install "$host_tc" --profile minimal --component clippy,rustfmt
+fi
+
+# 2. eBPF toolchain: nightly (build-std) with rust-src; LLVM 22 so bpf-linker can link its bitcode.
+if ! have_toolchain "$EBPF_TOOLCHAIN" || \
+   ! rustup component list --toolchain "$EBPF_TOOLCHAIN" --installed 2>/dev/null | grep -q '^rust-src'; then
+  log "installing eBPF toolchain $EBPF_TOOLCHAIN with rust-src"
+  rustup toolchain install "$EBPF_TOOLCHAIN" --profile minimal --component rust-src
+fi
+
+# 3. Debian packages: LLVM for bpf-linker, iproute2 for test hosts, bpftool for inspection.
+pkgs=(llvm-${LLVM_MAJOR}-dev libpolly-${LLVM_MAJOR}-dev zlib1g-dev libzstd-dev iproute2 bpftool curl)
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  log "apt-get install ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+# 4. bpf-linker against Debian's LLVM 22.
+if ! command -v bpf-linker >/dev/null || ! bpf-linker --version 2>/dev/null | grep -q "$BPF_LINKER_VERSION"; then
+  log "building bpf-linker $BPF_LINKER_VERSION against LLVM $LLVM_MAJOR (a few minutes)"
+  LLVM_PREFIX="/usr/lib/llvm-${LLVM_MAJOR}" PATH="/usr/lib/llvm-${LLVM_MAJOR}/bin:$PATH" \
+    cargo +"$host_tc" install --locked "bpf-linker@${BPF_LINKER_VERSION}" \
+      --no-default-features --features "llvm-${LLVM_MAJOR}"
+fi
+
+log "ready: host $host_tc, eBPF $EBPF_TOOLCHAIN, $(bpf-linker --version)"
