@@ -1,0 +1,167 @@
+//! [`Probe`]: a `pt-probe` process in a test cgroup and (usually) the client netns.
+
+use std::{
+    ffi::CString,
+    fmt::Display,
+    fs::File,
+    io::{BufRead, BufReader, Write},
+    os::{fd::AsRawFd, unix::process::CommandExt},
+    path::{Path, PathBuf},
+    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+};
+
+use anyhow::{Context, Result};
+
+use crate::{TestCgroup, TestNet};
+
+/// A connection held open by a probe.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConnId(String);
+
+/// A workload process: `pt-probe` whose pid was written into a cgroup's `cgroup.procs` and which
+/// joined a network namespace before `exec` (so every socket it makes belongs to both). Killed
+/// on drop. Protocol failures (the probe died) panic; socket errors come back as errno values.
+pub struct Probe {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+    next_id: u32,
+    label: String,
+}
+
+/// Path of the `pt-probe` binary: `$PT_PROBE_BIN`, else beside the test executable's profile dir.
+pub fn probe_binary() -> Result<PathBuf> {
+    crate::find_binary("PT_PROBE_BIN", "pt-probe")
+}
+
+impl Probe {
+    /// A probe in `cgroup`, inside the client netns of `net`.
+    pub fn spawn(cgroup: &TestCgroup, net: &TestNet) -> Result<Probe> {
+        Self::spawn_in(cgroup.path(), Some(&net.client_ns_path()))
+    }
+
+    /// A probe in the cgroup directory `cgroup_dir`, in the netns at `netns` (or the caller's).
+    pub fn spawn_in(cgroup_dir: &Path, netns: Option<&Path>) -> Result<Probe> {
+        let bin = probe_binary()?;
+        let procs = CString::new(cgroup_dir.join("cgroup.procs").into_os_string().into_encoded_bytes())?;
+        let ns_file = match netns {
+            Some(p) => Some(File::open(p).with_context(|| format!("opening netns {}", p.display()))?),
+            None => None,
+        };
+        let ns_fd = ns_file.as_ref().map(|f| f.as_raw_fd());
+        let mut cmd = Command::new(&bin);
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit());
+        // SAFETY: only async-signal-safe syscalls (open/write/close/setns/prctl) between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // "0" = the writing process.
+                let rc = libc::write(fd, b"0".as_ptr() as *const libc::c_void, 1);
+                let err = std::io::Error::last_os_error();
+                libc::close(fd);
+                if rc != 1 {
+                    return Err(err);
+                }
+                if let Some(ns) = ns_fd {
+                    if libc::setns(ns, libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("spawning {} in cgroup {}", bin.display(), cgroup_dir.display()))?;
+        drop(ns_file);
+        let stdin = child.stdin.take().expect("piped stdin");
+        let stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
+        let label = format!("probe pid {} in {}", child.id(), cgroup_dir.display());
+        Ok(Probe { child, stdin, stdout, next_id: 0, label })
+    }
+
+    /// The probe's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn request(&mut self, line: &str) -> String {
+        if let Err(e) = writeln!(self.stdin, "{line}").and_then(|_| self.stdin.flush()) {
+            panic!("{}: cannot send {line:?}: {e}", self.label);
+        }
+        let mut reply = String::new();
+        match self.stdout.read_line(&mut reply) {
+            Ok(0) | Err(_) => {
+                let status = self.child.try_wait().ok().flatten();
+                panic!("{}: no answer to {line:?} (probe exited: {status:?})", self.label)
+            }
+            Ok(_) => reply.trim_end().to_string(),
+        }
+    }
+
+    fn parse_id_reply(&self, req: &str, reply: &str) -> std::result::Result<Vec<String>, i32> {
+        let f: Vec<&str> = reply.split(' ').collect();
+        match f.first() {
+            Some(&"ok") => Ok(f[1..].iter().map(|s| s.to_string()).collect()),
+            Some(&"err") => Err(f.get(2).and_then(|e| e.parse().ok()).unwrap_or_else(|| {
+                panic!("{}: bad reply {reply:?} to {req:?}", self.label)
+            })),
+            _ => panic!("{}: bad reply {reply:?} to {req:?}", self.label),
+        }
+    }
+
+    fn connect_proto(&mut self, addr: impl Display, proto: &str) -> std::result::Result<ConnId, i32> {
+        self.next_id += 1;
+        let id = format!("c{}", self.next_id);
+        let req = format!("connect {id} {addr} {proto}");
+        let reply = self.request(&req);
+        self.parse_id_reply(&req, &reply).map(|_| ConnId(id))
+    }
+
+    /// TCP `connect()` (3 s timeout). `Err(errno)` when it fails: `EPERM` for a denial.
+    pub fn connect(&mut self, addr: impl Display) -> std::result::Result<ConnId, i32> {
+        self.connect_proto(addr, "tcp")
+    }
+
+    /// Connected UDP socket: `connect()` on a datagram socket (the connect hooks see it too).
+    pub fn connect_udp(&mut self, addr: impl Display) -> std::result::Result<ConnId, i32> {
+        self.connect_proto(addr, "udp")
+    }
+
+    /// Sends `text` on an open connection and reads it back.
+    pub fn echo(&mut self, conn: &ConnId, text: &str) -> std::result::Result<String, i32> {
+        assert!(!text.contains('\n'), "echo text must be one line");
+        let req = format!("echo {} {text}", conn.0);
+        let reply = self.request(&req);
+        self.parse_id_reply(&req, &reply).map(|f| f.get(1..).map(|r| r.join(" ")).unwrap_or_default())
+    }
+
+    /// Closes an open connection.
+    pub fn close(&mut self, conn: ConnId) {
+        let req = format!("close {}", conn.0);
+        let _ = self.request(&req);
+    }
+
+    /// One datagram from an unconnected UDP socket (`sendto`). `Err(errno)` when it fails.
+    pub fn sendto(&mut self, addr: impl Display, text: &str) -> std::result::Result<(), i32> {
+        let req = format!("sendto {addr} {text}");
+        let reply = self.request(&req);
+        match reply.split(' ').collect::<Vec<_>>().as_slice() {
+            ["ok"] => Ok(()),
+            ["err", e] => Err(e.parse().unwrap_or_else(|_| panic!("{}: bad reply {reply:?}", self.label))),
+            _ => panic!("{}: bad reply {reply:?} to {req:?}", self.label),
+        }
+    }
+}
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        let _ = writeln!(self.stdin, "exit");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
