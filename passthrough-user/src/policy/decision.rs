@@ -1,0 +1,380 @@
+//! The decision core (SPEC §3): pure, no IO, no clock. Given a workload's merged configuration
+//! and one connection it says what happens and which match (or which rule) decided it.
+//!
+//! Kernel rules, in order:
+//! 1. loopback (`127.0.0.0/8`, `::1`, their IPv4-mapped forms) and `--internal-cidr` ranges →
+//!    allow; for UDP also the configured DNS resolvers (exact address and port);
+//! 2. mode `All` → allow, `None` → deny;
+//! 3. `Matched`: the first `IP`/`CIDR` match (any protocol) covering the address with a fitting
+//!    port → allow in the kernel;
+//! 4. UDP stops here → deny (domains never cover UDP);
+//! 5. a `Domain` match with a fitting port exists → redirect to the proxy;
+//! 6. otherwise deny.
+//!
+//! IPv4-mapped IPv6 destinations are judged as IPv4 (so IPv6 CIDRs never cover them).
+//!
+//! At the proxy (when the connection carries an SNI/Host), a `Domain` match allows when its
+//! port fits, its protocol fits the traffic (TLS → `tls`; HTTP/1.x → `http`; h2c → `http2` or
+//! `grpc`) and its name matches: case-insensitive, one trailing dot ignored, `example.com` only
+//! itself, `*.example.com` any name below it at any depth (not the apex), `*` every name. A
+//! pattern with several leading `*.` labels (`*.*.example.com`, which Kuma's validator accepts)
+//! needs at least that many labels in front. A missing SNI, an IP literal or a malformed name is
+//! denied. Any allowing match allows (no Envoy-style pruning).
+
+use std::net::{IpAddr, SocketAddr};
+
+use ipnet::IpNet;
+
+use super::{
+    ip,
+    model::{Match, MatchKind, MergedConf, Mode, Protocol},
+};
+
+/// What the proxy saw in the first bytes of a redirected connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum L7 {
+    /// A TLS ClientHello; `None` when it carried no SNI.
+    Tls(Option<String>),
+    /// Plaintext HTTP/1.x with this `Host` (a `:port` suffix is ignored).
+    Http1(String),
+    /// HTTP/2 with prior knowledge (h2c) with this `:authority` (a `:port` suffix is ignored).
+    H2c(String),
+}
+
+/// One connection attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Connection {
+    /// The destination as dialled.
+    pub dst: SocketAddr,
+    /// UDP (connected or `sendmsg`) rather than TCP.
+    pub udp: bool,
+    /// For a decision at the proxy: what it read. `None` = the kernel's view only.
+    pub l7: Option<L7>,
+}
+
+/// Settings that are not policy: internal ranges and DNS resolvers.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DecideOptions {
+    /// `--internal-cidr` ranges (pod and service CIDRs), always allowed.
+    pub internal: Vec<IpNet>,
+    /// The configured DNS resolvers (`ip:port`, usually port 53); UDP to them is allowed.
+    pub resolvers: Vec<SocketAddr>,
+}
+
+/// The outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    /// Allowed by the kernel program; no proxy.
+    AllowKernel,
+    /// The kernel redirects it to the proxy; the answer depends on SNI/Host.
+    RedirectToProxy,
+    /// Refused by the kernel program at `connect()`/`sendmsg()`.
+    Deny,
+    /// Redirected, and the proxy lets it through.
+    AllowAtProxy,
+    /// Redirected, and the proxy refuses it.
+    DenyAtProxy,
+}
+
+impl Verdict {
+    /// SPEC §5's `verdict`: `allow`, `deny` or `proxy` (undecided until the proxy sees a name).
+    pub fn word(self) -> &'static str {
+        match self {
+            Verdict::AllowKernel | Verdict::AllowAtProxy => "allow",
+            Verdict::Deny | Verdict::DenyAtProxy => "deny",
+            Verdict::RedirectToProxy => "proxy",
+        }
+    }
+
+    /// SPEC §5's `path`: `kernel` or `proxy`.
+    pub fn path(self) -> &'static str {
+        match self {
+            Verdict::AllowKernel | Verdict::Deny => "kernel",
+            Verdict::RedirectToProxy | Verdict::AllowAtProxy | Verdict::DenyAtProxy => "proxy",
+        }
+    }
+
+    /// Whether the connection goes through.
+    pub fn allowed(self) -> bool {
+        matches!(self, Verdict::AllowKernel | Verdict::AllowAtProxy)
+    }
+}
+
+/// Why.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "rule", rename_all = "snake_case")]
+pub enum Reason {
+    /// Loopback destination (not egress).
+    Loopback,
+    /// Inside an `--internal-cidr` range.
+    Internal {
+        /// The range.
+        #[serde(serialize_with = "ser_display")]
+        cidr: IpNet,
+    },
+    /// UDP to a configured DNS resolver.
+    Resolver,
+    /// Mode `All`.
+    ModeAll,
+    /// Mode `None`.
+    ModeNone,
+    /// An `IP`/`CIDR` match covers it.
+    AddressMatch,
+    /// UDP with no address match (domains never cover UDP).
+    UdpNotCovered,
+    /// `Domain` matches could apply on this port; the proxy decides on SNI/Host.
+    DomainCandidates {
+        /// How many.
+        count: usize,
+    },
+    /// Mode `Matched` and nothing matches this address and port.
+    NoMatch,
+    /// A `Domain` match allows the SNI/Host.
+    DomainMatch,
+    /// The SNI/Host is matched by no `Domain` match of the right protocol and port.
+    NoDomainMatch {
+        /// The normalised name.
+        name: String,
+    },
+    /// TLS without SNI.
+    NoSni,
+    /// The name is an IP literal.
+    IpLiteral {
+        /// The name as received.
+        name: String,
+    },
+    /// The name is empty or malformed.
+    BadName {
+        /// The name as received.
+        name: String,
+    },
+}
+
+fn ser_display<S: serde::Serializer>(v: &IpNet, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(v)
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Reason::Loopback => f.write_str("loopback destination (not egress)"),
+            Reason::Internal { cidr } => write!(f, "internal range {cidr} (not egress)"),
+            Reason::Resolver => f.write_str("UDP to a configured DNS resolver"),
+            Reason::ModeAll => f.write_str("passthroughMode All"),
+            Reason::ModeNone => f.write_str("passthroughMode None"),
+            Reason::AddressMatch => f.write_str("an IP/CIDR match covers the address and port"),
+            Reason::UdpNotCovered => f.write_str("UDP: no IP/CIDR match covers the address and port; Domain matches never cover UDP"),
+            Reason::DomainCandidates { count } => write!(
+                f,
+                "{count} Domain match(es) could apply on this port; the proxy decides on the SNI/Host"
+            ),
+            Reason::NoMatch => f.write_str("no MeshPassthrough match allows this address and port"),
+            Reason::DomainMatch => f.write_str("a Domain match allows the name"),
+            Reason::NoDomainMatch { name } => {
+                write!(f, "no MeshPassthrough Domain match allows {name} with this protocol and port")
+            }
+            Reason::NoSni => f.write_str("TLS ClientHello without SNI"),
+            Reason::IpLiteral { name } => write!(f, "the name {name} is an IP literal"),
+            Reason::BadName { name } => write!(f, "the name {name:?} is not a valid host name"),
+        }
+    }
+}
+
+/// A decision and what made it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision<'a> {
+    /// The outcome.
+    pub verdict: Verdict,
+    /// The rule that decided.
+    pub reason: Reason,
+    /// The deciding match, when a match decided.
+    pub matched: Option<&'a Match>,
+    /// For a redirect: the `Domain` matches that could apply.
+    pub candidates: Vec<&'a Match>,
+}
+
+impl<'a> Decision<'a> {
+    fn new(verdict: Verdict, reason: Reason) -> Self {
+        Decision { verdict, reason, matched: None, candidates: Vec::new() }
+    }
+}
+
+/// Whether an address is loopback (IPv4-mapped included).
+pub fn is_loopback(ip: IpAddr) -> bool {
+    ip::canonical_ip(ip).is_loopback()
+}
+
+fn in_net(net: &IpNet, ip: IpAddr) -> bool {
+    let net = ip::canonical_net(net.addr(), net.prefix_len()).unwrap_or(*net);
+    net.contains(&ip)
+}
+
+/// Decides one connection for a workload whose merged configuration is `conf`.
+pub fn decide<'a>(conf: &'a MergedConf, conn: &Connection, opts: &DecideOptions) -> Decision<'a> {
+    let ip = ip::canonical_ip(conn.dst.ip());
+    let port = conn.dst.port();
+    if ip.is_loopback() {
+        return Decision::new(Verdict::AllowKernel, Reason::Loopback);
+    }
+    if let Some(cidr) = opts.internal.iter().find(|n| in_net(n, ip)) {
+        return Decision::new(Verdict::AllowKernel, Reason::Internal { cidr: *cidr });
+    }
+    if conn.udp
+        && opts
+            .resolvers
+            .iter()
+            .any(|r| ip::canonical_ip(r.ip()) == ip && r.port() == port)
+    {
+        return Decision::new(Verdict::AllowKernel, Reason::Resolver);
+    }
+    match conf.mode {
+        Mode::All => return Decision::new(Verdict::AllowKernel, Reason::ModeAll),
+        Mode::None => return Decision::new(Verdict::Deny, Reason::ModeNone),
+        Mode::Matched => {}
+    }
+    if let Some(m) = conf.matches.iter().find(|m| {
+        matches!(m.kind, MatchKind::Ip | MatchKind::Cidr)
+            && m.port_fits(port)
+            && m.net.is_some_and(|n| n.contains(&ip))
+    }) {
+        return Decision { matched: Some(m), ..Decision::new(Verdict::AllowKernel, Reason::AddressMatch) };
+    }
+    if conn.udp {
+        return Decision::new(Verdict::Deny, Reason::UdpNotCovered);
+    }
+    let candidates: Vec<&Match> =
+        conf.matches.iter().filter(|m| m.kind == MatchKind::Domain && m.port_fits(port)).collect();
+    if candidates.is_empty() {
+        return Decision::new(Verdict::Deny, Reason::NoMatch);
+    }
+    let Some(l7) = &conn.l7 else {
+        return Decision {
+            candidates: candidates.clone(),
+            ..Decision::new(Verdict::RedirectToProxy, Reason::DomainCandidates { count: candidates.len() })
+        };
+    };
+    let (raw, protocols, strip_port): (&str, &[Protocol], bool) = match l7 {
+        L7::Tls(None) => return Decision { candidates, ..Decision::new(Verdict::DenyAtProxy, Reason::NoSni) },
+        L7::Tls(Some(sni)) => (sni, &[Protocol::Tls], false),
+        L7::Http1(host) => (host, &[Protocol::Http], true),
+        L7::H2c(auth) => (auth, &[Protocol::Http2, Protocol::Grpc], true),
+    };
+    let name = match normalize_name(raw, strip_port) {
+        Ok(n) => n,
+        Err(reason) => return Decision { candidates, ..Decision::new(Verdict::DenyAtProxy, reason) },
+    };
+    match candidates.iter().find(|m| protocols.contains(&m.protocol) && domain_matches(&m.value, &name)) {
+        Some(m) => Decision {
+            matched: Some(*m),
+            candidates: candidates.clone(),
+            ..Decision::new(Verdict::AllowAtProxy, Reason::DomainMatch)
+        },
+        None => Decision { candidates, ..Decision::new(Verdict::DenyAtProxy, Reason::NoDomainMatch { name }) },
+    }
+}
+
+/// Normalises an SNI or Host: strips a `:port` (Host only), one trailing dot, lower-cases;
+/// rejects IP literals, empty and malformed names (empty labels, characters outside
+/// `[A-Za-z0-9_-]`).
+pub fn normalize_name(raw: &str, strip_port: bool) -> Result<String, Reason> {
+    let mut s = raw.trim();
+    if strip_port {
+        if let Some(rest) = s.strip_prefix('[') {
+            // [v6]:port or [v6]
+            let inner = rest.split(']').next().unwrap_or(rest);
+            if ip::parse_go_ip(inner).is_some() {
+                return Err(Reason::IpLiteral { name: raw.to_string() });
+            }
+            return Err(Reason::BadName { name: raw.to_string() });
+        }
+        if let Some((host, p)) = s.rsplit_once(':') {
+            if !host.contains(':') && (p.is_empty() || p.bytes().all(|b| b.is_ascii_digit())) {
+                s = host;
+            }
+        }
+    }
+    if ip::parse_go_ip(s).is_some() || ip::parse_go_ip(s.trim_end_matches('.')).is_some() {
+        return Err(Reason::IpLiteral { name: raw.to_string() });
+    }
+    let s = s.strip_suffix('.').unwrap_or(s);
+    let ok = !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|l| {
+            !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        });
+    if !ok {
+        return Err(Reason::BadName { name: raw.to_string() });
+    }
+    Ok(s.to_ascii_lowercase())
+}
+
+/// Whether a `Domain` match value matches a normalised name (see the module doc).
+pub fn domain_matches(pattern: &str, name: &str) -> bool {
+    let pattern = pattern.to_ascii_lowercase();
+    let pattern = pattern.strip_suffix('.').unwrap_or(&pattern);
+    let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
+    if name.is_empty() {
+        return false;
+    }
+    let mut rest = pattern;
+    let mut stars = 0usize;
+    loop {
+        if rest == "*" {
+            stars += 1;
+            rest = "";
+            break;
+        }
+        match rest.strip_prefix("*.") {
+            Some(r) => {
+                stars += 1;
+                rest = r;
+            }
+            None => break,
+        }
+    }
+    let name_labels: Vec<&str> = name.split('.').collect();
+    let rest_labels: Vec<&str> = if rest.is_empty() { Vec::new() } else { rest.split('.').collect() };
+    if rest_labels.iter().any(|l| l.contains('*')) {
+        return false;
+    }
+    if stars == 0 {
+        return name_labels == rest_labels;
+    }
+    name_labels.len() >= stars + rest_labels.len() && name_labels.ends_with(&rest_labels)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert!(domain_matches("example.com", "example.com"));
+        assert!(domain_matches("EXAMPLE.com.", "Example.COM."));
+        assert!(!domain_matches("example.com", "a.example.com"));
+        assert!(domain_matches("*.example.com", "a.example.com"));
+        assert!(domain_matches("*.example.com", "a.b.c.example.com"));
+        assert!(!domain_matches("*.example.com", "example.com"));
+        assert!(!domain_matches("*.example.com", "badexample.com"));
+        assert!(domain_matches("*", "anything.at.all"));
+        assert!(domain_matches("*", "localhost"));
+        assert!(domain_matches("*.*.example.com", "a.b.example.com"));
+        assert!(!domain_matches("*.*.example.com", "a.example.com"));
+        assert!(!domain_matches("**.example.com", "a.example.com"));
+    }
+
+    #[test]
+    fn name_normalisation() {
+        assert_eq!(normalize_name("Example.COM:8080", true).unwrap(), "example.com");
+        assert_eq!(normalize_name("example.com.", false).unwrap(), "example.com");
+        assert!(matches!(normalize_name("1.2.3.4", false), Err(Reason::IpLiteral { .. })));
+        assert!(matches!(normalize_name("1.2.3.4:80", true), Err(Reason::IpLiteral { .. })));
+        assert!(matches!(normalize_name("[::1]:80", true), Err(Reason::IpLiteral { .. })));
+        assert!(matches!(normalize_name("::1", false), Err(Reason::IpLiteral { .. })));
+        assert!(matches!(normalize_name("", false), Err(Reason::BadName { .. })));
+        assert!(matches!(normalize_name("a..b", false), Err(Reason::BadName { .. })));
+        assert!(matches!(normalize_name("a b", false), Err(Reason::BadName { .. })));
+        assert!(matches!(normalize_name("example.com:443", false), Err(Reason::BadName { .. })));
+    }
+}

@@ -1,0 +1,97 @@
+//! Selecting and merging policies per workload, as Kuma 2.14 does (SPEC §2,
+//! `reference/kuma-meshpassthrough.md` §6):
+//!
+//! - selection: `Mesh` selects everything; `MeshSubset` when every tag equals the workload's
+//!   label; `Dataplane` by name, or by labels (all equal), or everything when it has neither;
+//!   a `proxyTypes` list without `Sidecar` selects nothing (workloads are sidecar-like);
+//! - order, least → most specific: kind `Mesh` < `Dataplane` < `MeshSubset`; between two
+//!   `Dataplane` refs one by name beats one by labels; then the lexicographically **smaller**
+//!   name sorts later (wins); remaining ties keep input order;
+//! - `passthroughMode`: the last policy that sets it; none sets it → `Matched`;
+//! - `appendMatch`: concatenated in that order;
+//! - no selecting policy → the `--unselected-mode`.
+
+use std::cmp::Ordering;
+
+use super::{
+    model::{MergedConf, Mode, Workload},
+    validate::{Policy, Target},
+};
+
+fn proxy_types_ok(pt: &Option<Vec<String>>) -> bool {
+    pt.as_ref().is_none_or(|l| l.is_empty() || l.iter().any(|t| t == "Sidecar"))
+}
+
+/// Whether `p` selects workload `w`.
+pub fn selects(p: &Policy, w: &Workload) -> bool {
+    match &p.target {
+        Target::Mesh { proxy_types } => proxy_types_ok(proxy_types),
+        Target::MeshSubset { tags, proxy_types } => {
+            proxy_types_ok(proxy_types) && tags.iter().all(|(k, v)| w.labels.get(k) == Some(v))
+        }
+        Target::Dataplane { name, labels, namespace } => match (name, labels) {
+            (Some(n), _) => *n == w.name,
+            (None, Some(l)) => l.iter().all(|(k, v)| w.labels.get(k) == Some(v)),
+            // A namespace alone: workloads carry no namespace, so only a `k8s.kuma.io/namespace`
+            // label can tell; without one, nothing is selected.
+            (None, None) => namespace
+                .as_ref()
+                .is_none_or(|ns| w.labels.get("k8s.kuma.io/namespace") == Some(ns)),
+        },
+    }
+}
+
+fn kind_rank(t: &Target) -> u8 {
+    match t {
+        Target::Mesh { .. } => 1,
+        Target::Dataplane { .. } => 2,
+        Target::MeshSubset { .. } => 3,
+    }
+}
+
+/// Kuma's `SortByTargetRef` comparison: `Less` = less specific (applied first).
+pub fn specificity(a: &Policy, b: &Policy) -> Ordering {
+    kind_rank(&a.target)
+        .cmp(&kind_rank(&b.target))
+        .then_with(|| match (&a.target, &b.target) {
+            (Target::Dataplane { name: an, labels: al, .. }, Target::Dataplane { name: bn, labels: bl, .. }) => {
+                let a_name = an.is_some();
+                let b_name = bn.is_some();
+                if a_name && bl.is_some() && !b_name {
+                    Ordering::Greater
+                } else if al.is_some() && !a_name && b_name {
+                    Ordering::Less
+                } else {
+                    Ordering::Equal
+                }
+            }
+            _ => Ordering::Equal,
+        })
+        .then_with(|| b.name.cmp(&a.name))
+}
+
+/// The policies selecting `w`, least → most specific.
+pub fn ordered_for<'a>(policies: &'a [Policy], w: &Workload) -> Vec<&'a Policy> {
+    let mut sel: Vec<&Policy> = policies.iter().filter(|p| selects(p, w)).collect();
+    sel.sort_by(|a, b| specificity(a, b)); // stable: ties keep input order
+    sel
+}
+
+/// The merged configuration for `w`.
+pub fn merge(policies: &[Policy], w: &Workload, unselected: Mode) -> MergedConf {
+    let sel = ordered_for(policies, w);
+    if sel.is_empty() {
+        return MergedConf { mode: unselected, matches: Vec::new(), policies: Vec::new() };
+    }
+    let mut mode = None;
+    let mut matches = Vec::new();
+    let mut names = Vec::new();
+    for p in sel {
+        if p.mode.is_some() {
+            mode = p.mode;
+        }
+        matches.extend(p.matches.iter().cloned());
+        names.push(p.name.clone());
+    }
+    MergedConf { mode: mode.unwrap_or(Mode::Matched), matches, policies: names }
+}
