@@ -2,7 +2,7 @@
 
 use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
 
-use crate::decide::{Dest, Transport, decide, dest_from_ip6};
+use crate::decide::{Transport, V4, decide, v4_mapped, v6};
 
 /// Reads what every sock_addr program needs from the context.
 ///
@@ -54,10 +54,14 @@ pub(crate) fn user_ip4(ctx: &SockAddrContext) -> [u8; 4] {
 
 #[cgroup_sock_addr(connect4)]
 pub fn passthrough_connect4(ctx: SockAddrContext) -> i32 {
-    decide(Dest::V4(user_ip4(&ctx)), port_be(&ctx), transport(&ctx), socket_mark(&ctx))
+    decide(V4(user_ip4(&ctx)), port_be(&ctx), transport(&ctx), socket_mark(&ctx))
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn passthrough_connect6(ctx: SockAddrContext) -> i32 {
-    decide(dest_from_ip6(user_ip6(&ctx)), port_be(&ctx), transport(&ctx), socket_mark(&ctx))
+    let words = user_ip6(&ctx);
+    match v4_mapped(words) {
+        Some(v4) => decide(v4, port_be(&ctx), transport(&ctx), socket_mark(&ctx)),
+        None => decide(v6(words), port_be(&ctx), transport(&ctx), socket_mark(&ctx)),
+    }
 }

@@ -13,13 +13,74 @@ use passthrough_common::{
 
 use crate::maps::{CONFIG, RULES_V4, RULES_V6, WORKLOADS, count};
 
-/// A destination as the programs see it: IPv4-mapped IPv6 has already been folded into `V4`.
+/// A destination address of one family. The decision is generic over it, so each program is
+/// monomorphised per family: an enum holding either a 4- or a 16-byte address made LLVM copy
+/// the enum's uninitialised tail, which the verifier rejects ("!read_ok").
+pub trait Dest: Copy {
+    /// Rule 1: loopback never leaves the host.
+    fn is_loopback(&self) -> bool;
+    /// Longest-prefix lookup in one rule set at one port (0 = the port-less entries).
+    fn rule_hit(&self, rs: u32, port_be: u16) -> bool;
+}
+
+/// IPv4 address bytes in network order.
 #[derive(Clone, Copy)]
-pub enum Dest {
-    /// IPv4 address bytes in network order.
-    V4([u8; 4]),
-    /// IPv6 address bytes in network order.
-    V6([u8; 16]),
+pub struct V4(pub [u8; 4]);
+
+/// IPv6 address bytes in network order (never v4-mapped: those become [`V4`]).
+#[derive(Clone, Copy)]
+pub struct V6(pub [u8; 16]);
+
+impl Dest for V4 {
+    #[inline(always)]
+    fn is_loopback(&self) -> bool {
+        self.0[0] == 127
+    }
+
+    #[inline(always)]
+    fn rule_hit(&self, rs: u32, port_be: u16) -> bool {
+        let key = Key::new(RULE_KEY_FIXED_BITS + 32, RuleKeyV4 { ruleset_be: rs.to_be(), port_be, addr: self.0 });
+        RULES_V4.get(&key).is_some()
+    }
+}
+
+impl Dest for V6 {
+    #[inline(always)]
+    fn is_loopback(&self) -> bool {
+        let a = &self.0;
+        let mut acc = 0u8;
+        let mut i = 0;
+        while i < 15 {
+            acc |= a[i];
+            i += 1;
+        }
+        acc == 0 && a[15] == 1
+    }
+
+    #[inline(always)]
+    fn rule_hit(&self, rs: u32, port_be: u16) -> bool {
+        let key = Key::new(RULE_KEY_FIXED_BITS + 128, RuleKeyV6 { ruleset_be: rs.to_be(), port_be, addr: self.0 });
+        RULES_V6.get(&key).is_some()
+    }
+}
+
+/// The IPv4 address inside `::ffff:a.b.c.d`, if `words` (as read from `user_ip6`) is one.
+/// Folding these into IPv4 means a dual-stack socket cannot dodge the IPv4 rules (kernel fact:
+/// an AF_INET6 socket dialling a v4-mapped address runs connect6, never connect4).
+#[inline(always)]
+pub fn v4_mapped(words: [u32; 4]) -> Option<V4> {
+    if words[0] == 0 && words[1] == 0 && words[2].to_ne_bytes() == [0, 0, 0xff, 0xff] {
+        Some(V4(words[3].to_ne_bytes()))
+    } else {
+        None
+    }
+}
+
+/// The IPv6 address bytes of `user_ip6` words.
+#[inline(always)]
+pub fn v6(words: [u32; 4]) -> V6 {
+    let (a, b, c, d) = (words[0].to_ne_bytes(), words[1].to_ne_bytes(), words[2].to_ne_bytes(), words[3].to_ne_bytes());
+    V6([a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2], d[3]])
 }
 
 /// Transport of the socket being checked.
@@ -33,65 +94,6 @@ pub enum Transport {
 pub const PROCEED: i32 = 1;
 /// Any other value makes the syscall fail with `EPERM` (we keep the kernel's default errno).
 pub const REJECT: i32 = 0;
-
-/// Folds `::ffff:a.b.c.d` into IPv4, so a dual-stack socket cannot dodge the IPv4 rules
-/// (kernel fact: an AF_INET6 socket dialling a v4-mapped address runs connect6, never connect4).
-#[inline(always)]
-pub fn dest_from_ip6(words: [u32; 4]) -> Dest {
-    let w2 = words[2].to_ne_bytes();
-    if words[0] == 0 && words[1] == 0 && w2 == [0, 0, 0xff, 0xff] {
-        return Dest::V4(words[3].to_ne_bytes());
-    }
-    let mut addr = [0u8; 16];
-    let mut i = 0;
-    while i < 4 {
-        let b = words[i].to_ne_bytes();
-        addr[i * 4] = b[0];
-        addr[i * 4 + 1] = b[1];
-        addr[i * 4 + 2] = b[2];
-        addr[i * 4 + 3] = b[3];
-        i += 1;
-    }
-    Dest::V6(addr)
-}
-
-#[inline(always)]
-fn is_loopback(dst: &Dest) -> bool {
-    match dst {
-        Dest::V4(a) => a[0] == 127,
-        Dest::V6(a) => {
-            let mut i = 0;
-            while i < 15 {
-                if a[i] != 0 {
-                    return false;
-                }
-                i += 1;
-            }
-            a[15] == 1
-        }
-    }
-}
-
-/// Longest-prefix lookup of `dst` in one rule set at one port (0 = the port-less entries).
-#[inline(always)]
-fn rule_hit(dst: &Dest, rs: u32, port_be: u16) -> bool {
-    match dst {
-        Dest::V4(addr) => {
-            let key = Key::new(
-                RULE_KEY_FIXED_BITS + 32,
-                RuleKeyV4 { ruleset_be: rs.to_be(), port_be, addr: *addr },
-            );
-            RULES_V4.get(&key).is_some()
-        }
-        Dest::V6(addr) => {
-            let key = Key::new(
-                RULE_KEY_FIXED_BITS + 128,
-                RuleKeyV6 { ruleset_be: rs.to_be(), port_be, addr: *addr },
-            );
-            RULES_V6.get(&key).is_some()
-        }
-    }
-}
 
 /// Finds the workload of the calling task: its own cgroup first (the common case, one lookup),
 /// then its ancestors, deepest first wins. This is what lets one attachment at a parent cgroup
@@ -125,9 +127,9 @@ fn find_workload(generation: u32) -> Option<WorkloadEntry> {
 
 /// Decides one connection or datagram. Returns [`PROCEED`] or [`REJECT`] and bumps a counter.
 #[inline(always)]
-pub fn decide(dst: Dest, port_be: u16, transport: Transport, socket_mark: u32) -> i32 {
+pub fn decide<D: Dest>(dst: D, port_be: u16, transport: Transport, socket_mark: u32) -> i32 {
     // Rule 1: loopback never leaves the host.
-    if is_loopback(&dst) {
+    if dst.is_loopback() {
         count(counter::ALLOW_LOOPBACK);
         return PROCEED;
     }
@@ -144,7 +146,7 @@ pub fn decide(dst: Dest, port_be: u16, transport: Transport, socket_mark: u32) -
     // Read the generation once: every lookup below uses the same one, so a concurrent policy
     // swap is seen either entirely or not at all.
     let generation = cfg.active_generation & 1;
-    if rule_hit(&dst, ruleset::id(generation, ruleset::INTERNAL), 0) {
+    if dst.rule_hit(ruleset::id(generation, ruleset::INTERNAL), 0) {
         count(counter::ALLOW_INTERNAL);
         return PROCEED;
     }
@@ -165,13 +167,13 @@ pub fn decide(dst: Dest, port_be: u16, transport: Transport, socket_mark: u32) -
     let reason = if wl_mode == mode::MATCHED {
         // Rule 3: a port-specific entry, then the port-less ones. Two exact-port tries would
         // not do: the longest prefix at one port must not hide a shorter prefix at "any port".
-        if rule_hit(&dst, rs, port_be) || rule_hit(&dst, rs, 0) {
+        if dst.rule_hit(rs, port_be) || dst.rule_hit(rs, 0) {
             count(counter::ALLOW_MATCH);
             return PROCEED;
         }
         if transport == Transport::Udp
             && port_be == 53u16.to_be()
-            && rule_hit(&dst, ruleset::id(generation, ruleset::RESOLVERS), port_be)
+            && dst.rule_hit(ruleset::id(generation, ruleset::RESOLVERS), port_be)
         {
             count(counter::ALLOW_DNS);
             return PROCEED;

@@ -1,0 +1,73 @@
+//! Admin HTTP endpoints: `/readyz`, `/healthz` (and `/metrics` later), served with hyper.
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Method, Request, Response, StatusCode, body::Incoming, server::conn::http1, service::service_fn};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+/// State the endpoints report; shared with the agent loop.
+#[derive(Debug, Default)]
+pub struct AdminState {
+    /// Programs attached and a policy applied.
+    pub ready: AtomicBool,
+    /// The policy generation in force.
+    pub generation: AtomicU64,
+}
+
+fn reply(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("text/plain; charset=utf-8"));
+    r
+}
+
+fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET {
+        return reply(StatusCode::METHOD_NOT_ALLOWED, "only GET\n".into());
+    }
+    match req.uri().path() {
+        "/healthz" => reply(StatusCode::OK, "ok\n".into()),
+        "/readyz" => {
+            let generation = state.generation.load(Ordering::Acquire);
+            if state.ready.load(Ordering::Acquire) {
+                reply(StatusCode::OK, format!("ready generation={generation}\n"))
+            } else {
+                reply(StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into())
+            }
+        }
+        _ => reply(StatusCode::NOT_FOUND, "not found\n".into()),
+    }
+}
+
+/// Binds the admin address (so a bad address fails at start-up) and returns the serving task.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+/// Serves until the task is dropped.
+pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            continue;
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(route(&state, &req)) }
+            });
+            let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+        });
+    }
+}

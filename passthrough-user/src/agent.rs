@@ -1,0 +1,253 @@
+//! `passthrough run`: the node agent in the foreground.
+//!
+//! Start-up order matters for safety: policies are read and validated, the programs loaded and
+//! the first plan written *before* anything is attached, so a program never runs against empty
+//! maps; any error before the last attach drops the [`Kernel`], which detaches what was attached.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    sync::{Arc, atomic::Ordering},
+};
+
+use anyhow::{Context as _, bail};
+use ipnet::IpNet;
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{error, info, warn};
+
+use crate::{
+    admin::{self, AdminState},
+    bpffs, cgroup,
+    kernel::{Capacities, Kernel},
+    plan::{self, PlanOptions},
+    policy::{self, Mode, Workload},
+};
+
+/// `SO_MARK` the agent's own sockets carry; the programs let them through (SPEC §3 rule 1).
+pub const AGENT_MARK: u32 = 0x7074_0001;
+
+/// Arguments of `passthrough run`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RunArgs {
+    /// MeshPassthrough policy files or directories (`*.yaml`, `*.yml`, `*.json`).
+    #[arg(long, required = true, num_args = 1..)]
+    pub policy: Vec<PathBuf>,
+    /// A workload cgroup v2 directory (absolute, or relative to the cgroup2 mount); no labels.
+    #[arg(long)]
+    pub cgroup: Vec<PathBuf>,
+    /// Workloads file: a YAML list of `{name, cgroup, labels}`.
+    #[arg(long)]
+    pub workloads: Option<PathBuf>,
+    /// Cgroup(s) to attach the programs to. Default: the workload cgroups, minus those below
+    /// another one. Every workload must be at or below an attachment.
+    #[arg(long = "attach-cgroup")]
+    pub attach_cgroup: Vec<PathBuf>,
+    /// Only policies of this mesh are used.
+    #[arg(long, default_value = "default")]
+    pub mesh: String,
+    /// Admin HTTP address (`/readyz`, `/healthz`).
+    #[arg(long, default_value = "127.0.0.1:9901")]
+    pub admin_addr: SocketAddr,
+    /// DNS resolver (`ADDR` or `ADDR:PORT`) workloads may reach over UDP port 53. Default: the
+    /// nameservers of /etc/resolv.conf.
+    #[arg(long)]
+    pub resolver: Vec<String>,
+    /// Pod/service ranges that are never egress (always allowed).
+    #[arg(long = "internal-cidr")]
+    pub internal_cidr: Vec<IpNet>,
+    /// Mode for workloads no policy selects (and sockets in no workload).
+    #[arg(long, default_value = "All", value_parser = parse_mode)]
+    pub unselected_mode: Mode,
+    /// Compute and count every decision, enforce none.
+    #[arg(long)]
+    pub audit: bool,
+    /// bpffs directory for the agent's state (mounted if bpffs is missing).
+    #[arg(long, default_value = "/sys/fs/bpf/passthrough")]
+    pub state_dir: PathBuf,
+}
+
+/// Parses `All | Matched | None` (case as Kuma writes them).
+pub fn parse_mode(s: &str) -> Result<Mode, String> {
+    match s {
+        "All" => Ok(Mode::All),
+        "Matched" => Ok(Mode::Matched),
+        "None" => Ok(Mode::None),
+        _ => Err(format!("{s:?} is not a mode; one of All, Matched, None")),
+    }
+}
+
+/// Everything one apply needs, read from disk and checked.
+struct Inputs {
+    policies: policy::PolicySet,
+    workloads: Vec<(Workload, cgroup::CgroupDir)>,
+}
+
+fn read_inputs(args: &RunArgs, mount: &Path) -> anyhow::Result<Inputs> {
+    let policies = policy::load_policies(&args.policy, &args.mesh).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut workloads: Vec<Workload> = args
+        .cgroup
+        .iter()
+        .map(|p| Workload {
+            name: p.file_name().map_or_else(|| p.display().to_string(), |n| n.to_string_lossy().into_owned()),
+            cgroup: p.clone(),
+            labels: Default::default(),
+        })
+        .collect();
+    if let Some(file) = &args.workloads {
+        workloads.extend(policy::load_workloads(file).map_err(|e| anyhow::anyhow!("{e}"))?);
+    }
+    if workloads.is_empty() {
+        bail!("no workloads: give --cgroup PATH or --workloads FILE");
+    }
+    let mut resolved = Vec::with_capacity(workloads.len());
+    for w in workloads {
+        let dir = cgroup::resolve(&w.cgroup, mount).with_context(|| format!("workload {:?}", w.name))?;
+        resolved.push((w, dir));
+    }
+    Ok(Inputs { policies, workloads: resolved })
+}
+
+fn resolvers(args: &RunArgs) -> anyhow::Result<Vec<IpAddr>> {
+    if !args.resolver.is_empty() {
+        return args
+            .resolver
+            .iter()
+            .map(|r| {
+                r.parse::<SocketAddr>()
+                    .map(|s| s.ip())
+                    .or_else(|_| r.parse::<IpAddr>())
+                    .with_context(|| format!("--resolver {r:?}: not an ADDR or ADDR:PORT"))
+            })
+            .collect();
+    }
+    let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    Ok(text
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .filter_map(|rest| rest.trim().split('%').next()?.parse().ok())
+        .collect())
+}
+
+/// Compiles the plan for the kernel's next generation.
+fn compile(kernel: &Kernel, inputs: &Inputs, opts: &PlanOptions, unselected: Mode) -> plan::KernelPlan {
+    let merged: Vec<(u64, policy::MergedConf)> = inputs
+        .workloads
+        .iter()
+        .map(|(w, dir)| (dir.id, inputs.policies.merge_for(w, unselected)))
+        .collect();
+    let refs: Vec<(u64, &policy::MergedConf)> = merged.iter().map(|(id, c)| (*id, c)).collect();
+    plan::compile(kernel.next_generation(), &refs, opts)
+}
+
+/// Picks attachment points: explicit ones, or the workload cgroups that have no workload
+/// ancestor. Fails when a workload is not below any attachment.
+fn attach_points(args: &RunArgs, mount: &Path, inputs: &Inputs) -> anyhow::Result<Vec<PathBuf>> {
+    let points: Vec<PathBuf> = if args.attach_cgroup.is_empty() {
+        let all: Vec<&PathBuf> = inputs.workloads.iter().map(|(_, d)| &d.path).collect();
+        let mut pts: Vec<PathBuf> = all
+            .iter()
+            .filter(|p| !all.iter().any(|q| q != *p && p.starts_with(q)))
+            .map(|p| (*p).clone())
+            .collect();
+        pts.sort();
+        pts.dedup();
+        pts
+    } else {
+        let mut pts = Vec::new();
+        for p in &args.attach_cgroup {
+            pts.push(cgroup::resolve(p, mount).with_context(|| "--attach-cgroup")?.path);
+        }
+        pts
+    };
+    for (w, dir) in &inputs.workloads {
+        if !points.iter().any(|p| dir.path.starts_with(p)) {
+            bail!("workload {:?} ({}) is not at or below any --attach-cgroup", w.name, dir.path.display());
+        }
+    }
+    Ok(points)
+}
+
+/// Runs the agent until SIGTERM/SIGINT. SIGHUP re-reads policies and workloads.
+pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let mount = cgroup::cgroup2_mount()?;
+    let inputs = read_inputs(&args, &mount)?;
+    let points = attach_points(&args, &mount, &inputs)?;
+    let opts = PlanOptions {
+        internal: args.internal_cidr.clone(),
+        resolvers: resolvers(&args)?,
+        unmatched_mode: Some(args.unselected_mode),
+    };
+
+    let bpf_root = Path::new("/sys/fs/bpf");
+    if bpffs::ensure_mounted(bpf_root).context("mounting bpffs at /sys/fs/bpf")? {
+        info!(path = %bpf_root.display(), "mounted bpffs");
+    }
+    let state = args.state_dir.join(format!("v{}", passthrough_common::LAYOUT_VERSION));
+    std::fs::create_dir_all(&state).with_context(|| format!("creating state dir {}", state.display()))?;
+
+    let admin_listener =
+        admin::bind(args.admin_addr).await.with_context(|| format!("--admin-addr {}", args.admin_addr))?;
+    let flags = if args.audit { passthrough_common::flags::AUDIT } else { 0 };
+    let mut kernel = Kernel::load(Capacities::default(), flags, AGENT_MARK)?;
+    let plan = compile(&kernel, &inputs, &opts, args.unselected_mode);
+    let (v4, v6) = plan.entry_counts();
+    let generation = kernel.apply(plan)?;
+    for p in &points {
+        kernel.attach(p)?;
+        info!(cgroup = %p.display(), "attached");
+    }
+    info!(
+        generation,
+        policies = inputs.policies.len(),
+        workloads = inputs.workloads.len(),
+        rules_v4 = v4,
+        rules_v6 = v6,
+        audit = args.audit,
+        "policy applied"
+    );
+
+    let admin_state = Arc::new(AdminState::default());
+    admin_state.generation.store(generation, Ordering::Release);
+    admin_state.ready.store(true, Ordering::Release);
+    let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state.clone()));
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => {
+                match reload(&args, &mount, &points, &opts, &mut kernel) {
+                    Ok(g) => admin_state.generation.store(g, Ordering::Release),
+                    Err(e) => error!(error = %format!("{e:#}"), "reload rejected; the previous policy stays in force"),
+                }
+            }
+        }
+    }
+    info!("shutting down: detaching programs");
+    admin_state.ready.store(false, Ordering::Release);
+    admin_task.abort();
+    let counters = kernel.counters();
+    kernel.detach_all();
+    if let Err(e) = std::fs::remove_dir(&state).and_then(|()| std::fs::remove_dir(&args.state_dir)) {
+        warn!(error = %e, "state dir not removed");
+    }
+    info!(?counters, "stopped");
+    Ok(())
+}
+
+fn reload(args: &RunArgs, mount: &Path, points: &[PathBuf], opts: &PlanOptions, kernel: &mut Kernel) -> anyhow::Result<u64> {
+    let inputs = read_inputs(args, mount)?;
+    for (w, dir) in &inputs.workloads {
+        if !points.iter().any(|p| dir.path.starts_with(p)) {
+            bail!("workload {:?} ({}) is not below an attached cgroup; restart the agent to attach there", w.name, dir.path.display());
+        }
+    }
+    let plan = compile(kernel, &inputs, opts, args.unselected_mode);
+    let (v4, v6) = plan.entry_counts();
+    let generation = kernel.apply(plan)?;
+    info!(generation, policies = inputs.policies.len(), workloads = inputs.workloads.len(), rules_v4 = v4, rules_v6 = v6, "policy applied");
+    Ok(generation)
+}

@@ -1,0 +1,10 @@
+//! passthrough's agent library: policy model and validation ([`policy`]), the kernel plan
+//! compiler ([`plan`]), the loader ([`kernel`]) and the agent ([`agent`]).
+
+pub mod admin;
+pub mod agent;
+pub mod bpffs;
+pub mod cgroup;
+pub mod kernel;
+pub mod plan;
+pub mod policy;

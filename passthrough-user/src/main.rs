@@ -1,0 +1,55 @@
+//! `passthrough`: enforces Kuma MeshPassthrough egress policy with eBPF.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use passthrough_user::agent;
+
+#[derive(Debug, Parser)]
+#[command(name = "passthrough", version, about = "Enforce Kuma MeshPassthrough egress policy with eBPF")]
+struct Cli {
+    /// Log format: `text` (human) or `json`.
+    #[arg(long, global = true, default_value = "text")]
+    log_format: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the agent in the foreground (SIGTERM/SIGINT: detach and exit; SIGHUP: reload).
+    Run(agent::RunArgs),
+}
+
+fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log_format);
+    let result = match cli.command {
+        Command::Run(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(agent::run(args))),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("passthrough: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,215 @@
+//! Compiles merged per-workload configurations into the entries of the kernel maps.
+//!
+//! Pure: no IO, no clock. The loader writes a [`KernelPlan`] into the maps; tests (and the
+//! property test of the policy layer) use [`KernelPlan::lookup`], which looks entries up exactly
+//! the way `passthrough-ebpf/src/decide.rs` does, to check the plan against the decision core.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{IpAddr, Ipv6Addr},
+};
+
+use ipnet::{IpNet, Ipv4Net};
+use passthrough_common::{RULE_KEY_FIXED_BITS, RuleKeyV4, RuleKeyV6, mode, ruleset};
+
+use crate::policy::{MatchKind, MergedConf, Mode};
+
+/// The kernel's number for a [`Mode`].
+pub fn mode_code(m: Mode) -> u32 {
+    match m {
+        Mode::All => mode::ALL,
+        Mode::Matched => mode::MATCHED,
+        Mode::None => mode::NONE,
+    }
+}
+
+/// Folds an IPv4-mapped IPv6 network (`::ffff:a.b.c.d/96+n`) into IPv4, as the programs fold
+/// v4-mapped destinations; clears host bits. Other networks are returned truncated.
+pub fn canonical_net(net: IpNet) -> IpNet {
+    match net {
+        IpNet::V6(n) if n.prefix_len() >= 96 => match n.addr().to_ipv4_mapped() {
+            Some(v4) => IpNet::V4(Ipv4Net::new(v4, n.prefix_len() - 96).expect("<= 32").trunc()),
+            None => IpNet::V6(n.trunc()),
+        },
+        other => other.trunc(),
+    }
+}
+
+/// One trie entry: rule set, port (0 = any) and network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RuleEntry {
+    /// Rule set id including the generation bit.
+    pub ruleset: u32,
+    /// Destination port, 0 = every port.
+    pub port: u16,
+    /// Canonical network.
+    pub net: IpNet,
+}
+
+impl RuleEntry {
+    /// The IPv4 trie key (prefix length, data), if this is an IPv4 entry.
+    pub fn v4_key(&self) -> Option<(u32, RuleKeyV4)> {
+        match self.net {
+            IpNet::V4(n) => Some((
+                RULE_KEY_FIXED_BITS + u32::from(n.prefix_len()),
+                RuleKeyV4 { ruleset_be: self.ruleset.to_be(), port_be: self.port.to_be(), addr: n.addr().octets() },
+            )),
+            IpNet::V6(_) => None,
+        }
+    }
+
+    /// The IPv6 trie key (prefix length, data), if this is an IPv6 entry.
+    pub fn v6_key(&self) -> Option<(u32, RuleKeyV6)> {
+        match self.net {
+            IpNet::V6(n) => Some((
+                RULE_KEY_FIXED_BITS + u32::from(n.prefix_len()),
+                RuleKeyV6 { ruleset_be: self.ruleset.to_be(), port_be: self.port.to_be(), addr: n.addr().octets() },
+            )),
+            IpNet::V4(_) => None,
+        }
+    }
+}
+
+/// Everything one generation puts into the maps.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KernelPlan {
+    /// Generation (0 or 1) the entries are keyed with.
+    pub generation: u32,
+    /// cgroup id → (rule set, mode code).
+    pub workloads: BTreeMap<u64, (u32, u32)>,
+    /// Trie entries → match id (index into `match_labels`).
+    pub rules: BTreeMap<RuleEntry, u32>,
+    /// Mode code for sockets below an attachment but in no workload.
+    pub unmatched_mode: u32,
+    /// Human-readable description of each match id (for explanations and metrics).
+    pub match_labels: Vec<String>,
+}
+
+/// Inputs of [`compile`] besides the workloads.
+#[derive(Debug, Clone, Default)]
+pub struct PlanOptions {
+    /// `--internal-cidr` ranges.
+    pub internal: Vec<IpNet>,
+    /// DNS resolvers UDP may reach on port 53.
+    pub resolvers: Vec<IpAddr>,
+    /// `--unselected-mode`, also used for sockets in no workload.
+    pub unmatched_mode: Option<Mode>,
+}
+
+/// Builds the plan of one generation. Workloads with identical IP/CIDR match sets share one
+/// rule set, so a thousand pods of one deployment cost one set of trie entries.
+pub fn compile(generation: u32, workloads: &[(u64, &MergedConf)], opts: &PlanOptions) -> KernelPlan {
+    let generation = generation & 1;
+    let mut plan = KernelPlan {
+        generation,
+        unmatched_mode: mode_code(opts.unmatched_mode.unwrap_or(Mode::All)),
+        ..KernelPlan::default()
+    };
+    let internal_rs = ruleset::id(generation, ruleset::INTERNAL);
+    for net in &opts.internal {
+        let id = plan.label(format!("internal-cidr {net}"));
+        plan.rules.entry(RuleEntry { ruleset: internal_rs, port: 0, net: canonical_net(*net) }).or_insert(id);
+    }
+    let resolvers_rs = ruleset::id(generation, ruleset::RESOLVERS);
+    for ip in &opts.resolvers {
+        let id = plan.label(format!("resolver {ip}"));
+        let net = canonical_net(IpNet::from(*ip));
+        plan.rules.entry(RuleEntry { ruleset: resolvers_rs, port: 53, net }).or_insert(id);
+    }
+
+    let mut rulesets: HashMap<Vec<(IpNet, u16)>, u32> = HashMap::new();
+    let mut next_index = ruleset::FIRST_WORKLOAD;
+    for (cgroup_id, conf) in workloads {
+        let mut kernel_matches: Vec<(IpNet, u16)> = conf
+            .matches
+            .iter()
+            .filter(|m| matches!(m.kind, MatchKind::Ip | MatchKind::Cidr))
+            .filter_map(|m| m.net.map(|n| (canonical_net(n), m.port.unwrap_or(0))))
+            .collect();
+        kernel_matches.sort();
+        kernel_matches.dedup();
+        let rs = match rulesets.get(&kernel_matches) {
+            Some(rs) => *rs,
+            None => {
+                let rs = ruleset::id(generation, next_index);
+                next_index += 1;
+                for m in conf.matches.iter().filter(|m| matches!(m.kind, MatchKind::Ip | MatchKind::Cidr)) {
+                    let Some(net) = m.net else { continue };
+                    let entry = RuleEntry { ruleset: rs, port: m.port.unwrap_or(0), net: canonical_net(net) };
+                    if !plan.rules.contains_key(&entry) {
+                        let label = format!(
+                            "{}[{}] {:?} {}{}",
+                            m.origin.policy,
+                            m.origin.index,
+                            m.kind,
+                            m.value,
+                            m.port.map(|p| format!(":{p}")).unwrap_or_default()
+                        );
+                        let id = plan.label(label);
+                        plan.rules.insert(entry, id);
+                    }
+                }
+                rulesets.insert(kernel_matches, rs);
+                rs
+            }
+        };
+        plan.workloads.insert(*cgroup_id, (rs, mode_code(conf.mode)));
+    }
+    plan
+}
+
+impl KernelPlan {
+    fn label(&mut self, s: String) -> u32 {
+        self.match_labels.push(s);
+        (self.match_labels.len() - 1) as u32
+    }
+
+    /// Number of IPv4 and IPv6 trie entries.
+    pub fn entry_counts(&self) -> (usize, usize) {
+        let v4 = self.rules.keys().filter(|e| e.net.addr().is_ipv4()).count();
+        (v4, self.rules.len() - v4)
+    }
+
+    fn lpm_hit(&self, rs: u32, port: u16, ip: IpAddr) -> Option<u32> {
+        // Longest prefix within (rule set, port), like the kernel trie. Linear: tests only.
+        self.rules
+            .iter()
+            .filter(|(e, _)| e.ruleset == rs && e.port == port && e.net.contains(&ip))
+            .max_by_key(|(e, _)| e.net.prefix_len())
+            .map(|(_, id)| *id)
+    }
+
+    /// Emulates the programs' decision for a socket whose cgroup chain (own id first, then
+    /// ancestors nearest first) is `cgroup_chain`. Returns `Some(match_id or u32::MAX)` when
+    /// allowed, `None` when denied.
+    pub fn lookup(&self, cgroup_chain: &[u64], dst: IpAddr, port: u16, udp: bool) -> Option<u32> {
+        let dst = match dst {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
+            v4 => v4,
+        };
+        if dst.is_loopback() || dst == IpAddr::V6(Ipv6Addr::LOCALHOST) {
+            return Some(u32::MAX);
+        }
+        let g = self.generation;
+        if let Some(id) = self.lpm_hit(ruleset::id(g, ruleset::INTERNAL), 0, dst) {
+            return Some(id);
+        }
+        let (rs, m) = cgroup_chain
+            .iter()
+            .find_map(|c| self.workloads.get(c).copied())
+            .unwrap_or((ruleset::id(g, u32::MAX >> 1), self.unmatched_mode));
+        if m == mode::ALL {
+            return Some(u32::MAX);
+        }
+        if m != mode::MATCHED {
+            return None;
+        }
+        if let Some(id) = self.lpm_hit(rs, port, dst).or_else(|| self.lpm_hit(rs, 0, dst)) {
+            return Some(id);
+        }
+        if udp && port == 53 {
+            return self.lpm_hit(ruleset::id(g, ruleset::RESOLVERS), 53, dst);
+        }
+        None
+    }
+}
