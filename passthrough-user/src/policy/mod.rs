@@ -152,6 +152,9 @@ fn build(
         }
     }
     if !problems.is_empty() {
+        // Files in input order; within a file, parse problems then violations in Kuma's order.
+        let order: HashMap<&Path, usize> = files.iter().enumerate().map(|(i, f)| (f.as_path(), i)).collect();
+        problems.sort_by_key(|p| order.get(p.file.as_path()).copied().unwrap_or(0));
         return Err(PolicyError::Invalid(problems));
     }
     Ok(PolicySet { mesh: mesh.to_string(), files, policies, notes })

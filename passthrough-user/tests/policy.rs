@@ -1,0 +1,663 @@
+//! The policy layer end to end: validator fixtures (Kuma's own, restated, and edge cases),
+//! parsing errors, merge order, the SPEC §3 decision rules through `explain`, and fuzz-style
+//! robustness of the parser.
+//!
+//! Validator fixtures live in `tests/data/policy/validate/`: each `X.yaml`/`X.json` has an
+//! `X.yaml.expected`/`X.json.expected` with the expected problem lines, the file name removed
+//! (`spec.path: message` or `LINE:COL: message`); an empty expected file means valid. Run with
+//! `POLICY_BLESS=1` to rewrite the expected files (then review the diff).
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
+
+use passthrough_user::policy::{
+    self, Connection, DecideOptions, L7, MergedConf, Mode, PolicySet, Verdict, Workload,
+    cli::{self, ExplainArgs},
+    decide, load_policies, load_policy_bytes,
+};
+use proptest::prelude::*;
+
+fn data(p: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/policy").join(p)
+}
+
+fn problem_lines(path: &Path, r: Result<PolicySet, policy::PolicyError>) -> Vec<String> {
+    let prefix = path.display().to_string();
+    match r {
+        Ok(_) => Vec::new(),
+        Err(e) => e
+            .problems()
+            .iter()
+            .map(|p| {
+                let s = p.to_string();
+                let rest = s.strip_prefix(&prefix).unwrap_or(&s);
+                rest.trim_start_matches(':').trim_start().to_string()
+            })
+            .collect(),
+    }
+}
+
+#[test]
+fn validator_fixtures() {
+    let dir = data("validate");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| policy::parse::is_policy_file(p))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 10, "fixtures missing in {}", dir.display());
+    let bless = std::env::var_os("POLICY_BLESS").is_some();
+    let mut failures = Vec::new();
+    for f in &files {
+        let got = problem_lines(f, load_policies(std::slice::from_ref(f), "default"));
+        let exp_path = PathBuf::from(format!("{}.expected", f.display()));
+        let mut got_text = got.join("\n");
+        if !got_text.is_empty() {
+            got_text.push('\n');
+        }
+        if bless {
+            std::fs::write(&exp_path, &got_text).unwrap();
+            continue;
+        }
+        let expected = std::fs::read_to_string(&exp_path)
+            .unwrap_or_else(|e| panic!("{}: {e} (run with POLICY_BLESS=1)", exp_path.display()));
+        if expected != got_text {
+            failures.push(format!("{}:\n--- expected\n{expected}--- got\n{got_text}", f.display()));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn directory_reports_every_file() {
+    // The whole directory at once: every problem of every file, files in sorted order.
+    let dir = data("validate");
+    let err = load_policies(&[dir.clone()], "default").unwrap_err();
+    let mut files_with_problems: Vec<String> =
+        err.problems().iter().map(|p| p.file.file_name().unwrap().to_string_lossy().into_owned()).collect();
+    let sorted = {
+        let mut s = files_with_problems.clone();
+        s.sort();
+        s
+    };
+    assert_eq!(files_with_problems, sorted);
+    files_with_problems.dedup();
+    for f in ["kuma-full-invalid.yaml", "domains.yaml", "addresses.yaml", "parse-syntax.json", "target-refs.yaml"] {
+        assert!(files_with_problems.iter().any(|x| x == f), "{f} missing from {files_with_problems:?}");
+    }
+    for f in ["kuma-valid.yaml", "other-mesh.yaml"] {
+        assert!(!files_with_problems.iter().any(|x| x == f), "{f} has problems");
+    }
+    // Display: one line per problem.
+    assert_eq!(err.to_string().lines().count(), err.problems().len());
+}
+
+#[test]
+fn kuma_full_invalid_in_kuma_order() {
+    // Stated here too so that the expected file cannot drift from Kuma's fixture unnoticed.
+    let f = data("validate/kuma-full-invalid.yaml");
+    let got = problem_lines(&f, load_policies(std::slice::from_ref(&f), "default"));
+    let p = "spec.default.appendMatch";
+    let expected = vec![
+        format!("{p}[0].port: port must be a valid (1-65535)"),
+        format!(r#"{p}[0].protocol: "protocol" must be one of ["tcp", "tls", "grpc", "http", "http2", "mysql"]"#),
+        format!("{p}[0].type: provided type test is not supported, one of Domain, IP, or CIDR is supported"),
+        format!("{p}[1].protocol: protocol tcp is not supported for a domain"),
+        format!("{p}[1].value: provided DNS has incorrect value"),
+        format!("{p}[2].value: provided IP has incorrect value"),
+        format!("{p}[3].protocol: protocol tcp is not supported for a domain"),
+        format!("{p}[4].value: provided CIDR has incorrect value"),
+        format!("{p}[6].port: using the same port in multiple matches requires the same protocol for the following protocols: [grpc http http2]"),
+        format!("{p}[7].value: provided DNS has incorrect value, partial wildcard is currently not supported"),
+        format!("{p}[9].value: value google.com is already defiend for this port and protocol"),
+        format!("{p}[10].port: wildcard domains doesn't work for all ports and layer 7 protocol"),
+        format!("{p}[11].protocol: protocol mysql is not supported for a domain"),
+        format!("{p}[12].port: port must be defined for Mysql protocol"),
+        format!("{p}[13].value: provided DNS has incorrect value"),
+    ];
+    assert_eq!(got, expected);
+}
+
+#[test]
+fn valid_policies_are_canonicalised() {
+    let f = data("validate/kuma-valid.yaml");
+    let set = load_policies(std::slice::from_ref(&f), "default").unwrap();
+    assert_eq!((set.len(), set.match_count()), (1, 6));
+    let m = &set.policies()[0].matches;
+    assert_eq!(m[2].value, "1.2.3.4/24");
+    assert_eq!(m[2].net.unwrap().to_string(), "1.2.3.0/24");
+    assert_eq!(m[0].net.unwrap().to_string(), "192.168.1.1/32");
+    assert_eq!(m[1].port, None);
+
+    let yaml = "type: MeshPassthrough\nname: v6\nspec:\n  default:\n    appendMatch:\n    - {type: IP, value: '::ffff:192.0.2.1'}\n    - {type: CIDR, value: '::ffff:198.51.100.9/120'}\n    - {type: CIDR, value: '2001:db8::7/32'}\n    - {type: IP, value: '0:0:0:0:0:0:0:1'}\n";
+    let set = load_policy_bytes(Path::new("v6.yaml"), yaml.as_bytes(), "default").unwrap();
+    let nets: Vec<String> = set.policies()[0].matches.iter().map(|m| m.net.unwrap().to_string()).collect();
+    assert_eq!(nets, ["192.0.2.1/32", "198.51.100.0/24", "2001:db8::/32", "::1/128"]);
+}
+
+#[test]
+fn other_meshes_are_skipped_with_a_note() {
+    let f = data("validate/other-mesh.yaml");
+    let set = load_policies(std::slice::from_ref(&f), "default").unwrap();
+    assert_eq!(set.len(), 0);
+    assert_eq!(set.notes().len(), 2);
+    assert!(set.notes()[0].contains("mesh \"other-mesh\""), "{:?}", set.notes());
+    let set = load_policies(std::slice::from_ref(&f), "other-mesh");
+    // In its own mesh the first policy is validated (and invalid).
+    let lines = problem_lines(&f, set);
+    assert_eq!(lines, ["spec.default.appendMatch[0].value: provided IP has incorrect value"]);
+}
+
+#[test]
+fn duplicate_names_and_missing_paths() {
+    let f = data("validate/kuma-valid.yaml");
+    let err = load_policies(&[f.clone(), f.clone()], "default").unwrap_err();
+    assert!(err.to_string().contains("defined twice"), "{err}");
+    let err = load_policies(&[data("does-not-exist.yaml")], "default").unwrap_err();
+    assert!(err.to_string().contains("cannot read"), "{err}");
+}
+
+#[test]
+fn directories_are_walked_recursively_skipping_dot_entries() {
+    let tmp = std::env::temp_dir().join(format!("pt-policy-dir-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(tmp.join("sub")).unwrap();
+    std::fs::create_dir_all(tmp.join("..data")).unwrap();
+    let pol = |n: &str| format!("type: MeshPassthrough\nname: {n}\nspec: {{}}\n");
+    std::fs::write(tmp.join("a.yaml"), pol("a")).unwrap();
+    std::fs::write(tmp.join("sub/b.yml"), pol("b")).unwrap();
+    std::fs::write(tmp.join("sub/c.json"), r#"{"type":"MeshPassthrough","name":"c"}"#).unwrap();
+    std::fs::write(tmp.join("..data/a.yaml"), pol("a")).unwrap();
+    std::fs::write(tmp.join("notes.txt"), "not a policy").unwrap();
+    let set = load_policies(&[tmp.clone()], "default").unwrap();
+    let names: Vec<&str> = set.policies().iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["a", "b", "c"]);
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Merging (SPEC §2)
+
+fn wl(name: &str, labels: &[(&str, &str)]) -> Workload {
+    Workload {
+        name: name.into(),
+        cgroup: PathBuf::from(format!("/sys/fs/cgroup/{name}")),
+        labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+    }
+}
+
+fn set_of(yaml: &str) -> PolicySet {
+    load_policy_bytes(Path::new("merge.yaml"), yaml.as_bytes(), "default").unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn mp(name: &str, target: &str, mode: Option<&str>, ip: &str) -> String {
+    let mode = mode.map(|m| format!("    passthroughMode: {m}\n")).unwrap_or_default();
+    format!(
+        "---\ntype: MeshPassthrough\nname: {name}\nspec:\n  targetRef: {target}\n  default:\n{mode}    appendMatch:\n    - {{type: IP, value: {ip}}}\n"
+    )
+}
+
+fn merged(set: &PolicySet, w: &Workload) -> (Mode, Vec<String>, Vec<String>) {
+    let c = set.merge_for(w, Mode::All);
+    (c.mode, c.policies, c.matches.iter().map(|m| m.value.clone()).collect())
+}
+
+#[test]
+fn merge_selection() {
+    let set = set_of(&[
+        mp("mesh", "{kind: Mesh}", None, "192.0.2.1"),
+        mp("subset", "{kind: MeshSubset, tags: {app: web, team: a}}", None, "192.0.2.2"),
+        mp("dp-name", "{kind: Dataplane, name: web-1}", None, "192.0.2.3"),
+        mp("dp-labels", "{kind: Dataplane, labels: {app: web}}", None, "192.0.2.4"),
+        mp("dp-all", "{kind: Dataplane}", None, "192.0.2.5"),
+        mp("gateway-only", "{kind: Mesh, proxyTypes: [Gateway]}", None, "192.0.2.6"),
+    ]
+    .concat());
+    let names = |w: &Workload| {
+        let mut n = set.merge_for(w, Mode::All).policies;
+        n.sort();
+        n
+    };
+    assert_eq!(names(&wl("web-1", &[("app", "web"), ("team", "a")])), ["dp-all", "dp-labels", "dp-name", "mesh", "subset"]);
+    assert_eq!(names(&wl("web-2", &[("app", "web")])), ["dp-all", "dp-labels", "mesh"]);
+    assert_eq!(names(&wl("other", &[])), ["dp-all", "mesh"]);
+}
+
+#[test]
+fn merge_order_by_kind_mesh_dataplane_meshsubset() {
+    // Kuma 2.14: Mesh < Dataplane < MeshSubset, whatever the input order and names.
+    let set = set_of(&[
+        mp("a-subset", "{kind: MeshSubset, tags: {app: web}}", Some("None"), "192.0.2.3"),
+        mp("b-dataplane", "{kind: Dataplane, name: web}", Some("All"), "192.0.2.2"),
+        mp("c-mesh", "{kind: Mesh}", Some("Matched"), "192.0.2.1"),
+    ]
+    .concat());
+    let (mode, pols, vals) = merged(&set, &wl("web", &[("app", "web")]));
+    assert_eq!(pols, ["c-mesh", "b-dataplane", "a-subset"]);
+    assert_eq!(vals, ["192.0.2.1", "192.0.2.2", "192.0.2.3"]);
+    assert_eq!(mode, Mode::None, "the most specific policy's mode wins");
+}
+
+#[test]
+fn merge_dataplane_by_name_beats_by_labels() {
+    let set = set_of(&[
+        mp("a-name", "{kind: Dataplane, name: web}", Some("None"), "192.0.2.1"),
+        mp("b-labels", "{kind: Dataplane, labels: {app: web}}", Some("All"), "192.0.2.2"),
+    ]
+    .concat());
+    let (mode, pols, _) = merged(&set, &wl("web", &[("app", "web")]));
+    // By name is more specific even though "a-name" < "b-labels" would otherwise make... the
+    // name tie-break is only reached when the targetRefs are equally specific.
+    assert_eq!(pols, ["b-labels", "a-name"]);
+    assert_eq!(mode, Mode::None);
+}
+
+#[test]
+fn merge_name_tie_break_smaller_name_wins() {
+    // Same kind: the lexicographically smaller name sorts later and wins (Kuma e2e:
+    // `allow-specified` beats `disable-passthrough`).
+    let set = set_of(&[
+        mp("allow-specified", "{kind: Mesh}", Some("Matched"), "192.0.2.1"),
+        mp("disable-passthrough", "{kind: Mesh}", Some("None"), "192.0.2.2"),
+    ]
+    .concat());
+    let (mode, pols, vals) = merged(&set, &wl("w", &[]));
+    assert_eq!(pols, ["disable-passthrough", "allow-specified"]);
+    assert_eq!(vals, ["192.0.2.2", "192.0.2.1"]);
+    assert_eq!(mode, Mode::Matched);
+}
+
+#[test]
+fn merge_mode_last_set_wins_and_unset_inherits() {
+    // Mesh-level None + a more specific policy without a mode → None (its matches are ignored
+    // by the decision, but still concatenated).
+    let set = set_of(&[
+        mp("mesh", "{kind: Mesh}", Some("None"), "192.0.2.1"),
+        mp("subset", "{kind: MeshSubset, tags: {app: web}}", None, "192.0.2.2"),
+    ]
+    .concat());
+    let (mode, _, vals) = merged(&set, &wl("w", &[("app", "web")]));
+    assert_eq!(mode, Mode::None);
+    assert_eq!(vals.len(), 2);
+    // No policy sets a mode → Matched (Kuma ≥ 2.10).
+    let set = set_of(&mp("mesh", "{kind: Mesh}", None, "192.0.2.1"));
+    assert_eq!(set.merge_for(&wl("w", &[]), Mode::All).mode, Mode::Matched);
+    // An empty mode counts as set, to Matched.
+    let set = set_of(&[mp("b", "{kind: Mesh}", Some("All"), "192.0.2.1"), mp("a", "{kind: Mesh}", Some("''"), "192.0.2.2")].concat());
+    assert_eq!(set.merge_for(&wl("w", &[]), Mode::All).mode, Mode::Matched);
+}
+
+#[test]
+fn merge_unselected_mode() {
+    let set = set_of(&mp("subset", "{kind: MeshSubset, tags: {app: web}}", Some("Matched"), "192.0.2.1"));
+    for m in [Mode::All, Mode::None, Mode::Matched] {
+        let c = set.merge_for(&wl("db", &[("app", "db")]), m);
+        assert_eq!(c, MergedConf { mode: m, matches: vec![], policies: vec![] });
+    }
+    let empty = PolicySet::default();
+    assert_eq!(empty.merge_for(&wl("x", &[]), Mode::All).mode, Mode::All);
+}
+
+#[test]
+fn workloads_file() {
+    let ws = policy::load_workloads(&data("merge/workloads.yaml")).unwrap();
+    assert_eq!(ws.len(), 3);
+    assert_eq!(ws[0].labels.get("app").map(String::as_str), Some("web"));
+    let set = load_policies(&[data("merge/policies.yaml")], "default").unwrap();
+    let modes: Vec<Mode> = ws.iter().map(|w| set.merge_for(w, Mode::All).mode).collect();
+    assert_eq!(modes, [Mode::Matched, Mode::None, Mode::All]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decisions (SPEC §3) through the pure core
+
+struct Row {
+    what: &'static str,
+    workload: &'static str,
+    dst: &'static str,
+    udp: bool,
+    l7: Option<L7>,
+    verdict: Verdict,
+    /// The deciding match's value (and port) or "" for none.
+    matched: &'static str,
+}
+
+fn row(what: &'static str, workload: &'static str, dst: &'static str, verdict: Verdict, matched: &'static str) -> Row {
+    Row { what, workload, dst, udp: false, l7: None, verdict, matched }
+}
+
+fn sni(s: &str) -> Option<L7> {
+    Some(L7::Tls(Some(s.into())))
+}
+
+fn host(s: &str) -> Option<L7> {
+    Some(L7::Http1(s.into()))
+}
+
+#[test]
+fn decision_table() {
+    use Verdict::*;
+    let set = load_policies(&[data("explain/policies.yaml")], "default").unwrap();
+    let ws = policy::load_workloads(&data("explain/workloads.yaml")).unwrap();
+    let opts = DecideOptions {
+        internal: vec!["10.96.0.0/12".parse().unwrap(), "fd00:10::/64".parse().unwrap()],
+        resolvers: vec!["10.0.0.10:53".parse().unwrap(), "[2001:db8:53::53]:53".parse().unwrap()],
+    };
+    let rows = vec![
+        // Rule 1: not egress.
+        row("loopback v4", "app", "127.0.0.1:9", AllowKernel, ""),
+        row("loopback 127/8", "app", "127.8.9.10:9", AllowKernel, ""),
+        row("loopback v6", "app", "[::1]:9", AllowKernel, ""),
+        row("loopback v4-mapped", "app", "[::ffff:127.0.0.1]:9", AllowKernel, ""),
+        row("loopback in mode None", "locked", "127.0.0.1:9", AllowKernel, ""),
+        row("internal v4", "locked", "10.96.0.1:443", AllowKernel, ""),
+        row("internal v6", "locked", "[fd00:10::1]:443", AllowKernel, ""),
+        row("internal v4-mapped", "locked", "[::ffff:10.100.0.1]:443", AllowKernel, ""),
+        Row { udp: true, ..row("dns to resolver", "locked", "10.0.0.10:53", AllowKernel, "") },
+        Row { udp: true, ..row("dns to resolver v6", "app", "[2001:db8:53::53]:53", AllowKernel, "") },
+        Row { udp: true, ..row("udp 53 elsewhere", "app", "192.0.2.200:53", Deny, "") },
+        Row { udp: false, ..row("tcp to resolver not covered by the DNS rule", "locked", "10.0.0.10:53", Deny, "") },
+        // Rule 2: modes.
+        row("mode All", "open", "203.0.113.99:1234", AllowKernel, ""),
+        row("mode None", "locked", "192.0.2.10:443", Deny, ""),
+        row("unselected → --unselected-mode All", "stranger", "203.0.113.1:1", AllowKernel, ""),
+        // Rule 3: address matches, any protocol, port fits.
+        row("IP any port", "app", "192.0.2.10:1", AllowKernel, "192.0.2.10"),
+        row("IP with port", "app", "192.0.2.11:443", AllowKernel, "192.0.2.11:443"),
+        row("IP wrong port", "app", "192.0.2.11:444", Deny, ""),
+        row("CIDR host bits", "app", "198.51.100.200:5432", AllowKernel, "198.51.100.7/24:5432"),
+        row("CIDR outside", "app", "198.51.101.1:5432", Deny, ""),
+        row("http IP allowed in kernel (any protocol)", "app", "192.0.2.12:8080", AllowKernel, "192.0.2.12:8080"),
+        row("mysql CIDR", "app", "203.0.113.5:3306", AllowKernel, "203.0.113.0/28:3306"),
+        row("v6 IP", "app", "[2001:db8::10]:443", AllowKernel, "2001:db8::10:443"),
+        row("v6 CIDR", "app", "[2001:db8:1::99]:22", AllowKernel, "2001:db8:1::/48"),
+        row("v4-mapped dst judged by v4 rules", "app", "[::ffff:192.0.2.10]:7", AllowKernel, "192.0.2.10"),
+        row("v4-mapped IP match covers plain v4", "app", "192.0.2.13:80", AllowKernel, "::ffff:192.0.2.13"),
+        row("v6 ::/0 does not cover v4-mapped", "v6all", "[::ffff:203.0.113.77]:443", Deny, ""),
+        row("v6 ::/0 covers v6", "v6all", "[2001:db8:ff::1]:443", AllowKernel, "::/0"),
+        row("any match allows: IP match after domains on same port", "app", "192.0.2.11:443", AllowKernel, "192.0.2.11:443"),
+        Row { udp: true, ..row("UDP to IP match", "app", "192.0.2.10:443", AllowKernel, "192.0.2.10") },
+        // Rule 4/5: domain candidates → proxy; otherwise deny.
+        row("domain port → proxy", "app", "203.0.113.50:443", RedirectToProxy, ""),
+        row("port-less domain → proxy on any port", "portless", "203.0.113.50:8443", RedirectToProxy, ""),
+        row("no domain on this port → deny", "app", "203.0.113.50:25", Deny, ""),
+        Row { udp: true, ..row("UDP never covered by domains (QUIC)", "app", "203.0.113.50:443", Deny, "") },
+        row("Matched, no matches → deny", "empty", "203.0.113.50:443", Deny, ""),
+        // At the proxy: TLS.
+        Row { l7: sni("api.example.com"), ..row("sni exact", "app", "203.0.113.50:443", AllowAtProxy, "api.example.com:443") },
+        Row { l7: sni("API.Example.COM."), ..row("sni case + trailing dot", "app", "203.0.113.50:443", AllowAtProxy, "api.example.com:443") },
+        Row { l7: sni("example.com"), ..row("wildcard excludes apex", "app", "203.0.113.50:443", DenyAtProxy, "") },
+        Row { l7: sni("a.svc.example.com"), ..row("wildcard one level", "app", "203.0.113.50:443", AllowAtProxy, "*.svc.example.com:443") },
+        Row { l7: sni("x.y.z.svc.example.com"), ..row("wildcard any depth", "app", "203.0.113.50:443", AllowAtProxy, "*.svc.example.com:443") },
+        Row { l7: sni("notsvc.example.com"), ..row("wildcard is label-aligned", "app", "203.0.113.50:443", DenyAtProxy, "") },
+        Row { l7: sni("anything.test"), ..row("port-less tls domain", "portless", "203.0.113.50:8443", DenyAtProxy, "") },
+        Row { l7: sni("portless.example.net"), ..row("port-less tls domain on any port", "portless", "203.0.113.50:8443", AllowAtProxy, "portless.example.net") },
+        Row { l7: sni("api.example.com"), ..row("port mismatch: no domain on this port, kernel denies", "app", "203.0.113.50:8443", Deny, "") },
+        Row { l7: sni("api.example.com"), ..row("port mismatch at proxy", "portless", "203.0.113.50:8443", DenyAtProxy, "") },
+        Row { l7: Some(L7::Tls(None)), ..row("no SNI", "app", "203.0.113.50:443", DenyAtProxy, "") },
+        Row { l7: sni("203.0.113.50"), ..row("IP literal SNI", "app", "203.0.113.50:443", DenyAtProxy, "") },
+        Row { l7: sni("web.example.com"), ..row("http match does not allow TLS", "app", "203.0.113.50:80", DenyAtProxy, "") },
+        Row { l7: sni("anything.at.all"), ..row("* matches everything", "star", "203.0.113.50:443", AllowAtProxy, "*") },
+        // At the proxy: HTTP/1 and h2c.
+        Row { l7: host("web.example.com"), ..row("http host", "app", "203.0.113.50:80", AllowAtProxy, "web.example.com:80") },
+        Row { l7: host("WEB.example.com:80"), ..row("http host with port, case", "app", "203.0.113.50:80", AllowAtProxy, "web.example.com:80") },
+        Row { l7: host("api.example.com"), ..row("tls match does not allow http", "app", "203.0.113.50:443", DenyAtProxy, "") },
+        Row { l7: host("other.example.com"), ..row("http other host → 503", "app", "203.0.113.50:80", DenyAtProxy, "") },
+        Row { l7: Some(L7::H2c("grpc.example.com".into())), ..row("h2c → grpc", "app", "203.0.113.50:9000", AllowAtProxy, "grpc.example.com:9000") },
+        Row { l7: Some(L7::H2c("web.example.com".into())), ..row("h2c → not http", "app", "203.0.113.50:80", DenyAtProxy, "") },
+        Row { l7: Some(L7::H2c("h2.example.com".into())), ..row("h2c → http2", "app", "203.0.113.50:9001", AllowAtProxy, "h2.example.com:9001") },
+        Row { l7: host("grpc.example.com"), ..row("http/1 → not grpc", "app", "203.0.113.50:9000", DenyAtProxy, "") },
+    ];
+    let mut failures = Vec::new();
+    for r in &rows {
+        let w = ws.iter().find(|w| w.name == r.workload).cloned().unwrap_or_else(|| wl(r.workload, &[]));
+        let conf = set.merge_for(&w, Mode::All);
+        let conn = Connection { dst: r.dst.parse::<SocketAddr>().unwrap(), udp: r.udp, l7: r.l7.clone() };
+        let d = decide(&conf, &conn, &opts);
+        let matched = d
+            .matched
+            .map(|m| match m.port {
+                Some(p) => format!("{}:{p}", m.value),
+                None => m.value.clone(),
+            })
+            .unwrap_or_default();
+        if d.verdict != r.verdict || matched != r.matched {
+            failures.push(format!(
+                "{}: got {:?} ({}) match {matched:?}; want {:?} match {:?}",
+                r.what, d.verdict, d.reason, r.verdict, r.matched
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+fn explain_args(dst: &str) -> ExplainArgs {
+    ExplainArgs {
+        policy: vec![data("explain/policies.yaml")],
+        dst: dst.parse().unwrap(),
+        udp: false,
+        sni: None,
+        host: None,
+        h2c: false,
+        workload: Some("app".into()),
+        labels: vec![],
+        workloads: Some(data("explain/workloads.yaml")),
+        mesh: "default".into(),
+        internal_cidr: vec![],
+        resolver: vec![],
+        unselected_mode: Mode::All,
+        json: true,
+    }
+}
+
+fn explain_json(a: &ExplainArgs) -> serde_json::Value {
+    let mut out = Vec::new();
+    cli::run_explain(a, &mut out).unwrap();
+    let s = String::from_utf8(out).unwrap();
+    assert_eq!(s.lines().count(), 1, "one JSON object on one line: {s}");
+    serde_json::from_str(&s).unwrap()
+}
+
+#[test]
+fn explain_json_shape() {
+    let j = explain_json(&explain_args("192.0.2.11:443"));
+    assert_eq!(j["verdict"], "allow");
+    assert_eq!(j["path"], "kernel");
+    assert_eq!(j["match"]["type"], "IP");
+    assert_eq!(j["match"]["value"], "192.0.2.11");
+    assert_eq!(j["match"]["port"], 443);
+    assert_eq!(j["match"]["policy"], "app-egress");
+    assert!(j["reason"].as_str().unwrap().contains("IP/CIDR"));
+
+    let j = explain_json(&explain_args("203.0.113.50:443"));
+    assert_eq!((j["verdict"].as_str(), j["path"].as_str()), (Some("proxy"), Some("proxy")));
+    assert!(j["match"].is_null());
+    assert!(!j["candidates"].as_array().unwrap().is_empty());
+
+    let j = explain_json(&ExplainArgs { sni: Some("api.example.com".into()), ..explain_args("203.0.113.50:443") });
+    assert_eq!((j["verdict"].as_str(), j["path"].as_str()), (Some("allow"), Some("proxy")));
+    assert_eq!(j["match"]["value"], "api.example.com");
+
+    let j = explain_json(&ExplainArgs { host: Some("nope.example.com".into()), ..explain_args("203.0.113.50:80") });
+    assert_eq!((j["verdict"].as_str(), j["path"].as_str()), (Some("deny"), Some("proxy")));
+    assert!(j["match"].is_null());
+
+    let j = explain_json(&explain_args("203.0.113.50:25"));
+    assert_eq!((j["verdict"].as_str(), j["path"].as_str()), (Some("deny"), Some("kernel")));
+    assert!(j["reason"].as_str().unwrap().contains("no MeshPassthrough match"));
+
+    // Labels instead of a workloads file: `locked` policy selects app=locked.
+    let j = explain_json(&ExplainArgs {
+        workload: None,
+        workloads: None,
+        labels: vec![("app".into(), "locked".into())],
+        ..explain_args("192.0.2.10:443")
+    });
+    assert_eq!(j["verdict"], "deny");
+    assert_eq!(j["mode"], "None");
+
+    // UDP and internal ranges from the command line.
+    let j = explain_json(&ExplainArgs { udp: true, ..explain_args("203.0.113.50:443") });
+    assert_eq!(j["verdict"], "deny");
+    let j = explain_json(&ExplainArgs { internal_cidr: vec!["203.0.113.0/24".parse().unwrap()], ..explain_args("203.0.113.50:443") });
+    assert_eq!(j["verdict"], "allow");
+}
+
+#[test]
+fn explain_text() {
+    let mut out = Vec::new();
+    cli::run_explain(&ExplainArgs { json: false, sni: Some("a.svc.example.com".into()), ..explain_args("203.0.113.50:443") }, &mut out)
+        .unwrap();
+    let s = String::from_utf8(out).unwrap();
+    assert!(s.starts_with("verdict: allow (path: proxy)\n"), "{s}");
+    assert!(s.contains("match:   Domain *.svc.example.com port 443 protocol tls (policy app-egress"), "{s}");
+    let mut out = Vec::new();
+    assert!(cli::run_explain(&ExplainArgs { policy: vec![data("validate/domains.yaml")], ..explain_args("1.2.3.4:1") }, &mut out).is_err());
+}
+
+#[test]
+fn check_output() {
+    let mut out = Vec::new();
+    let ok = cli::run_check(&[data("validate/kuma-valid.yaml"), data("validate/other-mesh.yaml")], "default", &mut out).unwrap();
+    let s = String::from_utf8(out).unwrap();
+    assert!(ok);
+    assert_eq!(s, "valid: 1 policy, 6 matches in mesh \"default\" (2 files); 2 of other meshes skipped\n");
+
+    let mut out = Vec::new();
+    let args = cli::CheckArgs {
+        paths: vec![data("explain/policies.yaml")],
+        mesh: "default".into(),
+        workloads: Some(data("explain/workloads.yaml")),
+    };
+    assert!(args.run(&mut out).unwrap());
+    let s = String::from_utf8(out).unwrap();
+    assert!(s.ends_with("workloads selected\n") && s.lines().count() == 1, "{s}");
+
+    let mut out = Vec::new();
+    let f = data("validate/kuma-full-invalid.yaml");
+    let ok = cli::run_check(&[f.clone(), data("validate/ports.yaml")], "default", &mut out).unwrap();
+    assert!(!ok);
+    let s = String::from_utf8(out).unwrap();
+    let lines: Vec<&str> = s.lines().collect();
+    assert_eq!(lines.len(), 15 + 7, "{s}");
+    assert_eq!(lines[0], format!("{}: spec.default.appendMatch[0].port: port must be a valid (1-65535)", f.display()));
+    assert!(lines[21].contains("ports.yaml: spec.default.appendMatch[8].value: value 192.0.2.1 is already defiend"), "{s}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Robustness: truncated and random input never panics; broken JSON is always an error.
+
+fn all_fixture_bytes() -> Vec<(PathBuf, Vec<u8>)> {
+    let mut v = Vec::new();
+    for sub in ["validate", "explain", "merge"] {
+        for e in std::fs::read_dir(data(sub)).unwrap() {
+            let p = e.unwrap().path();
+            if policy::parse::is_policy_file(&p) {
+                let b = std::fs::read(&p).unwrap();
+                v.push((p, b));
+            }
+        }
+    }
+    v
+}
+
+#[test]
+fn truncated_fixtures_never_panic() {
+    for (p, bytes) in all_fixture_bytes() {
+        let json = p.extension().is_some_and(|e| e == "json");
+        let full_ok = load_policy_bytes(&p, &bytes, "default").is_ok();
+        for cut in 0..bytes.len() {
+            let r = load_policy_bytes(&p, &bytes[..cut], "default");
+            let _ = r.as_ref().map_err(|e| e.to_string());
+            if json && full_ok && cut > 0 && !bytes[..cut].iter().all(u8::is_ascii_whitespace) {
+                // A proper prefix of one JSON object is never valid JSON, except when the cut
+                // falls in whitespace after a complete value.
+                let trimmed = String::from_utf8_lossy(&bytes[..cut]);
+                if !trimmed.trim_end().ends_with('}') {
+                    assert!(r.is_err(), "{}: prefix of {cut} bytes accepted", p.display());
+                }
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, .. ProptestConfig::default() })]
+
+    #[test]
+    fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512), json in any::<bool>()) {
+        let name = if json { "fuzz.json" } else { "fuzz.yaml" };
+        let r = load_policy_bytes(Path::new(name), &bytes, "default");
+        // Random bytes are almost never a policy; whatever they are, no panic and a printable result.
+        if let Err(e) = &r {
+            prop_assert!(!e.to_string().is_empty());
+        }
+    }
+
+    #[test]
+    fn mutated_fixtures_never_panic(idx in any::<prop::sample::Index>(), edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8)) {
+        let fixtures = all_fixture_bytes();
+        let (p, bytes) = &fixtures[idx.index(fixtures.len())];
+        let mut b = bytes.clone();
+        for (at, byte) in edits {
+            if b.is_empty() { break; }
+            let i = at.index(b.len());
+            b[i] = byte;
+        }
+        let _ = load_policy_bytes(p, &b, "default").map_err(|e| e.to_string());
+    }
+
+    #[test]
+    fn random_yaml_values_never_panic(v in yaml_value()) {
+        let text = serde_json::to_string(&v).unwrap();
+        let _ = load_policy_bytes(Path::new("v.json"), text.as_bytes(), "default");
+        let wrapped = serde_json::json!({"type": "MeshPassthrough", "name": "x", "spec": {"default": {"appendMatch": [v]}}});
+        let _ = load_policy_bytes(Path::new("w.json"), wrapped.to_string().as_bytes(), "default");
+    }
+
+    #[test]
+    fn random_matches_validate_without_panic(
+        kind in prop::sample::select(vec!["Domain", "IP", "CIDR", "x", ""]),
+        value in "[*a-z0-9.:/%_-]{0,24}",
+        port in proptest::option::of(0u32..70000),
+        protocol in proptest::option::of(prop::sample::select(vec!["tcp", "tls", "http", "http2", "grpc", "mysql", "udp"])),
+    ) {
+        let mut m = serde_json::json!({"type": kind, "value": value});
+        if let Some(p) = port { m["port"] = p.into(); }
+        if let Some(p) = protocol { m["protocol"] = p.into(); }
+        let doc = serde_json::json!({"type": "MeshPassthrough", "name": "x", "spec": {"default": {"appendMatch": [m]}}});
+        match load_policy_bytes(Path::new("m.json"), doc.to_string().as_bytes(), "default") {
+            Ok(set) => {
+                // A valid match is usable: IP/CIDR have a network, ports are in range.
+                let m = &set.policies()[0].matches[0];
+                prop_assert_eq!(m.net.is_some(), kind != "Domain");
+                prop_assert!(m.port.is_none_or(|p| p >= 1));
+            }
+            Err(e) => prop_assert!(e.to_string().contains("spec.")),
+        }
+    }
+}
+
+fn yaml_value() -> impl Strategy<Value = serde_json::Value> {
+    use serde_json::Value;
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::Bool),
+        any::<i64>().prop_map(|n| Value::Number(n.into())),
+        "[a-zA-Z*.:/0-9]{0,12}".prop_map(Value::String),
+    ];
+    leaf.prop_recursive(3, 24, 6, |inner| {
+        prop_oneof![
+            proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+            proptest::collection::btree_map(
+                prop::sample::select(vec!["type", "value", "port", "protocol", "spec", "name", "kind", "x"]).prop_map(String::from),
+                inner,
+                0..4
+            )
+            .prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
