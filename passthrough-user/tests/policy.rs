@@ -20,7 +20,9 @@ use passthrough_user::policy::{
 use proptest::prelude::*;
 
 fn data(p: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/policy").join(p)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/policy")
+        .join(p)
 }
 
 fn problem_lines(path: &Path, r: Result<PolicySet, policy::PolicyError>) -> Vec<String> {
@@ -65,7 +67,10 @@ fn validator_fixtures() {
         let expected = std::fs::read_to_string(&exp_path)
             .unwrap_or_else(|e| panic!("{}: {e} (run with POLICY_BLESS=1)", exp_path.display()));
         if expected != got_text {
-            failures.push(format!("{}:\n--- expected\n{expected}--- got\n{got_text}", f.display()));
+            failures.push(format!(
+                "{}:\n--- expected\n{expected}--- got\n{got_text}",
+                f.display()
+            ));
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
@@ -75,9 +80,12 @@ fn validator_fixtures() {
 fn directory_reports_every_file() {
     // The whole directory at once: every problem of every file, files in sorted order.
     let dir = data("validate");
-    let err = load_policies(&[dir.clone()], "default").unwrap_err();
-    let mut files_with_problems: Vec<String> =
-        err.problems().iter().map(|p| p.file.file_name().unwrap().to_string_lossy().into_owned()).collect();
+    let err = load_policies(std::slice::from_ref(&dir), "default").unwrap_err();
+    let mut files_with_problems: Vec<String> = err
+        .problems()
+        .iter()
+        .map(|p| p.file.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
     let sorted = {
         let mut s = files_with_problems.clone();
         s.sort();
@@ -85,11 +93,23 @@ fn directory_reports_every_file() {
     };
     assert_eq!(files_with_problems, sorted);
     files_with_problems.dedup();
-    for f in ["kuma-full-invalid.yaml", "domains.yaml", "addresses.yaml", "parse-syntax.json", "target-refs.yaml"] {
-        assert!(files_with_problems.iter().any(|x| x == f), "{f} missing from {files_with_problems:?}");
+    for f in [
+        "kuma-full-invalid.yaml",
+        "domains.yaml",
+        "addresses.yaml",
+        "parse-syntax.json",
+        "target-refs.yaml",
+    ] {
+        assert!(
+            files_with_problems.iter().any(|x| x == f),
+            "{f} missing from {files_with_problems:?}"
+        );
     }
     for f in ["kuma-valid.yaml", "other-mesh.yaml"] {
-        assert!(!files_with_problems.iter().any(|x| x == f), "{f} has problems");
+        assert!(
+            !files_with_problems.iter().any(|x| x == f),
+            "{f} has problems"
+        );
     }
     // Display: one line per problem.
     assert_eq!(err.to_string().lines().count(), err.problems().len());
@@ -103,15 +123,23 @@ fn kuma_full_invalid_in_kuma_order() {
     let p = "spec.default.appendMatch";
     let expected = vec![
         format!("{p}[0].port: port must be a valid (1-65535)"),
-        format!(r#"{p}[0].protocol: "protocol" must be one of ["tcp", "tls", "grpc", "http", "http2", "mysql"]"#),
-        format!("{p}[0].type: provided type test is not supported, one of Domain, IP, or CIDR is supported"),
+        format!(
+            r#"{p}[0].protocol: "protocol" must be one of ["tcp", "tls", "grpc", "http", "http2", "mysql"]"#
+        ),
+        format!(
+            "{p}[0].type: provided type test is not supported, one of Domain, IP, or CIDR is supported"
+        ),
         format!("{p}[1].protocol: protocol tcp is not supported for a domain"),
         format!("{p}[1].value: provided DNS has incorrect value"),
         format!("{p}[2].value: provided IP has incorrect value"),
         format!("{p}[3].protocol: protocol tcp is not supported for a domain"),
         format!("{p}[4].value: provided CIDR has incorrect value"),
-        format!("{p}[6].port: using the same port in multiple matches requires the same protocol for the following protocols: [grpc http http2]"),
-        format!("{p}[7].value: provided DNS has incorrect value, partial wildcard is currently not supported"),
+        format!(
+            "{p}[6].port: using the same port in multiple matches requires the same protocol for the following protocols: [grpc http http2]"
+        ),
+        format!(
+            "{p}[7].value: provided DNS has incorrect value, partial wildcard is currently not supported"
+        ),
         format!("{p}[9].value: value google.com is already defiend for this port and protocol"),
         format!("{p}[10].port: wildcard domains doesn't work for all ports and layer 7 protocol"),
         format!("{p}[11].protocol: protocol mysql is not supported for a domain"),
@@ -134,8 +162,20 @@ fn valid_policies_are_canonicalised() {
 
     let yaml = "type: MeshPassthrough\nname: v6\nspec:\n  default:\n    appendMatch:\n    - {type: IP, value: '::ffff:192.0.2.1'}\n    - {type: CIDR, value: '::ffff:198.51.100.9/120'}\n    - {type: CIDR, value: '2001:db8::7/32'}\n    - {type: IP, value: '0:0:0:0:0:0:0:1'}\n";
     let set = load_policy_bytes(Path::new("v6.yaml"), yaml.as_bytes(), "default").unwrap();
-    let nets: Vec<String> = set.policies()[0].matches.iter().map(|m| m.net.unwrap().to_string()).collect();
-    assert_eq!(nets, ["192.0.2.1/32", "198.51.100.0/24", "2001:db8::/32", "::1/128"]);
+    let nets: Vec<String> = set.policies()[0]
+        .matches
+        .iter()
+        .map(|m| m.net.unwrap().to_string())
+        .collect();
+    assert_eq!(
+        nets,
+        [
+            "192.0.2.1/32",
+            "198.51.100.0/24",
+            "2001:db8::/32",
+            "::1/128"
+        ]
+    );
 }
 
 #[test]
@@ -144,11 +184,18 @@ fn other_meshes_are_skipped_with_a_note() {
     let set = load_policies(std::slice::from_ref(&f), "default").unwrap();
     assert_eq!(set.len(), 0);
     assert_eq!(set.notes().len(), 2);
-    assert!(set.notes()[0].contains("mesh \"other-mesh\""), "{:?}", set.notes());
+    assert!(
+        set.notes()[0].contains("mesh \"other-mesh\""),
+        "{:?}",
+        set.notes()
+    );
     let set = load_policies(std::slice::from_ref(&f), "other-mesh");
     // In its own mesh the first policy is validated (and invalid).
     let lines = problem_lines(&f, set);
-    assert_eq!(lines, ["spec.default.appendMatch[0].value: provided IP has incorrect value"]);
+    assert_eq!(
+        lines,
+        ["spec.default.appendMatch[0].value: provided IP has incorrect value"]
+    );
 }
 
 #[test]
@@ -169,10 +216,14 @@ fn directories_are_walked_recursively_skipping_dot_entries() {
     let pol = |n: &str| format!("type: MeshPassthrough\nname: {n}\nspec: {{}}\n");
     std::fs::write(tmp.join("a.yaml"), pol("a")).unwrap();
     std::fs::write(tmp.join("sub/b.yml"), pol("b")).unwrap();
-    std::fs::write(tmp.join("sub/c.json"), r#"{"type":"MeshPassthrough","name":"c"}"#).unwrap();
+    std::fs::write(
+        tmp.join("sub/c.json"),
+        r#"{"type":"MeshPassthrough","name":"c"}"#,
+    )
+    .unwrap();
     std::fs::write(tmp.join("..data/a.yaml"), pol("a")).unwrap();
     std::fs::write(tmp.join("notes.txt"), "not a policy").unwrap();
-    let set = load_policies(&[tmp.clone()], "default").unwrap();
+    let set = load_policies(std::slice::from_ref(&tmp), "default").unwrap();
     let names: Vec<&str> = set.policies().iter().map(|p| p.name.as_str()).collect();
     assert_eq!(names, ["a", "b", "c"]);
     std::fs::remove_dir_all(&tmp).unwrap();
@@ -185,16 +236,22 @@ fn wl(name: &str, labels: &[(&str, &str)]) -> Workload {
     Workload {
         name: name.into(),
         cgroup: PathBuf::from(format!("/sys/fs/cgroup/{name}")),
-        labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        labels: labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
     }
 }
 
 fn set_of(yaml: &str) -> PolicySet {
-    load_policy_bytes(Path::new("merge.yaml"), yaml.as_bytes(), "default").unwrap_or_else(|e| panic!("{e}"))
+    load_policy_bytes(Path::new("merge.yaml"), yaml.as_bytes(), "default")
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn mp(name: &str, target: &str, mode: Option<&str>, ip: &str) -> String {
-    let mode = mode.map(|m| format!("    passthroughMode: {m}\n")).unwrap_or_default();
+    let mode = mode
+        .map(|m| format!("    passthroughMode: {m}\n"))
+        .unwrap_or_default();
     format!(
         "---\ntype: MeshPassthrough\nname: {name}\nspec:\n  targetRef: {target}\n  default:\n{mode}    appendMatch:\n    - {{type: IP, value: {ip}}}\n"
     )
@@ -202,39 +259,83 @@ fn mp(name: &str, target: &str, mode: Option<&str>, ip: &str) -> String {
 
 fn merged(set: &PolicySet, w: &Workload) -> (Mode, Vec<String>, Vec<String>) {
     let c = set.merge_for(w, Mode::All);
-    (c.mode, c.policies, c.matches.iter().map(|m| m.value.clone()).collect())
+    (
+        c.mode,
+        c.policies,
+        c.matches.iter().map(|m| m.value.clone()).collect(),
+    )
 }
 
 #[test]
 fn merge_selection() {
-    let set = set_of(&[
-        mp("mesh", "{kind: Mesh}", None, "192.0.2.1"),
-        mp("subset", "{kind: MeshSubset, tags: {app: web, team: a}}", None, "192.0.2.2"),
-        mp("dp-name", "{kind: Dataplane, name: web-1}", None, "192.0.2.3"),
-        mp("dp-labels", "{kind: Dataplane, labels: {app: web}}", None, "192.0.2.4"),
-        mp("dp-all", "{kind: Dataplane}", None, "192.0.2.5"),
-        mp("gateway-only", "{kind: Mesh, proxyTypes: [Gateway]}", None, "192.0.2.6"),
-    ]
-    .concat());
+    let set = set_of(
+        &[
+            mp("mesh", "{kind: Mesh}", None, "192.0.2.1"),
+            mp(
+                "subset",
+                "{kind: MeshSubset, tags: {app: web, team: a}}",
+                None,
+                "192.0.2.2",
+            ),
+            mp(
+                "dp-name",
+                "{kind: Dataplane, name: web-1}",
+                None,
+                "192.0.2.3",
+            ),
+            mp(
+                "dp-labels",
+                "{kind: Dataplane, labels: {app: web}}",
+                None,
+                "192.0.2.4",
+            ),
+            mp("dp-all", "{kind: Dataplane}", None, "192.0.2.5"),
+            mp(
+                "gateway-only",
+                "{kind: Mesh, proxyTypes: [Gateway]}",
+                None,
+                "192.0.2.6",
+            ),
+        ]
+        .concat(),
+    );
     let names = |w: &Workload| {
         let mut n = set.merge_for(w, Mode::All).policies;
         n.sort();
         n
     };
-    assert_eq!(names(&wl("web-1", &[("app", "web"), ("team", "a")])), ["dp-all", "dp-labels", "dp-name", "mesh", "subset"]);
-    assert_eq!(names(&wl("web-2", &[("app", "web")])), ["dp-all", "dp-labels", "mesh"]);
+    assert_eq!(
+        names(&wl("web-1", &[("app", "web"), ("team", "a")])),
+        ["dp-all", "dp-labels", "dp-name", "mesh", "subset"]
+    );
+    assert_eq!(
+        names(&wl("web-2", &[("app", "web")])),
+        ["dp-all", "dp-labels", "mesh"]
+    );
     assert_eq!(names(&wl("other", &[])), ["dp-all", "mesh"]);
 }
 
 #[test]
 fn merge_order_by_kind_mesh_dataplane_meshsubset() {
     // Kuma 2.14: Mesh < Dataplane < MeshSubset, whatever the input order and names.
-    let set = set_of(&[
-        mp("a-subset", "{kind: MeshSubset, tags: {app: web}}", Some("None"), "192.0.2.3"),
-        mp("b-dataplane", "{kind: Dataplane, name: web}", Some("All"), "192.0.2.2"),
-        mp("c-mesh", "{kind: Mesh}", Some("Matched"), "192.0.2.1"),
-    ]
-    .concat());
+    let set = set_of(
+        &[
+            mp(
+                "a-subset",
+                "{kind: MeshSubset, tags: {app: web}}",
+                Some("None"),
+                "192.0.2.3",
+            ),
+            mp(
+                "b-dataplane",
+                "{kind: Dataplane, name: web}",
+                Some("All"),
+                "192.0.2.2",
+            ),
+            mp("c-mesh", "{kind: Mesh}", Some("Matched"), "192.0.2.1"),
+        ]
+        .concat(),
+    );
     let (mode, pols, vals) = merged(&set, &wl("web", &[("app", "web")]));
     assert_eq!(pols, ["c-mesh", "b-dataplane", "a-subset"]);
     assert_eq!(vals, ["192.0.2.1", "192.0.2.2", "192.0.2.3"]);
@@ -243,11 +344,23 @@ fn merge_order_by_kind_mesh_dataplane_meshsubset() {
 
 #[test]
 fn merge_dataplane_by_name_beats_by_labels() {
-    let set = set_of(&[
-        mp("a-name", "{kind: Dataplane, name: web}", Some("None"), "192.0.2.1"),
-        mp("b-labels", "{kind: Dataplane, labels: {app: web}}", Some("All"), "192.0.2.2"),
-    ]
-    .concat());
+    let set = set_of(
+        &[
+            mp(
+                "a-name",
+                "{kind: Dataplane, name: web}",
+                Some("None"),
+                "192.0.2.1",
+            ),
+            mp(
+                "b-labels",
+                "{kind: Dataplane, labels: {app: web}}",
+                Some("All"),
+                "192.0.2.2",
+            ),
+        ]
+        .concat(),
+    );
     let (mode, pols, _) = merged(&set, &wl("web", &[("app", "web")]));
     // By name is more specific even though "a-name" < "b-labels" would otherwise make... the
     // name tie-break is only reached when the targetRefs are equally specific.
@@ -259,11 +372,23 @@ fn merge_dataplane_by_name_beats_by_labels() {
 fn merge_name_tie_break_smaller_name_wins() {
     // Same kind: the lexicographically smaller name sorts later and wins (Kuma e2e:
     // `allow-specified` beats `disable-passthrough`).
-    let set = set_of(&[
-        mp("allow-specified", "{kind: Mesh}", Some("Matched"), "192.0.2.1"),
-        mp("disable-passthrough", "{kind: Mesh}", Some("None"), "192.0.2.2"),
-    ]
-    .concat());
+    let set = set_of(
+        &[
+            mp(
+                "allow-specified",
+                "{kind: Mesh}",
+                Some("Matched"),
+                "192.0.2.1",
+            ),
+            mp(
+                "disable-passthrough",
+                "{kind: Mesh}",
+                Some("None"),
+                "192.0.2.2",
+            ),
+        ]
+        .concat(),
+    );
     let (mode, pols, vals) = merged(&set, &wl("w", &[]));
     assert_eq!(pols, ["disable-passthrough", "allow-specified"]);
     assert_eq!(vals, ["192.0.2.2", "192.0.2.1"]);
@@ -274,11 +399,18 @@ fn merge_name_tie_break_smaller_name_wins() {
 fn merge_mode_last_set_wins_and_unset_inherits() {
     // Mesh-level None + a more specific policy without a mode → None (its matches are ignored
     // by the decision, but still concatenated).
-    let set = set_of(&[
-        mp("mesh", "{kind: Mesh}", Some("None"), "192.0.2.1"),
-        mp("subset", "{kind: MeshSubset, tags: {app: web}}", None, "192.0.2.2"),
-    ]
-    .concat());
+    let set = set_of(
+        &[
+            mp("mesh", "{kind: Mesh}", Some("None"), "192.0.2.1"),
+            mp(
+                "subset",
+                "{kind: MeshSubset, tags: {app: web}}",
+                None,
+                "192.0.2.2",
+            ),
+        ]
+        .concat(),
+    );
     let (mode, _, vals) = merged(&set, &wl("w", &[("app", "web")]));
     assert_eq!(mode, Mode::None);
     assert_eq!(vals.len(), 2);
@@ -286,16 +418,34 @@ fn merge_mode_last_set_wins_and_unset_inherits() {
     let set = set_of(&mp("mesh", "{kind: Mesh}", None, "192.0.2.1"));
     assert_eq!(set.merge_for(&wl("w", &[]), Mode::All).mode, Mode::Matched);
     // An empty mode counts as set, to Matched.
-    let set = set_of(&[mp("b", "{kind: Mesh}", Some("All"), "192.0.2.1"), mp("a", "{kind: Mesh}", Some("''"), "192.0.2.2")].concat());
+    let set = set_of(
+        &[
+            mp("b", "{kind: Mesh}", Some("All"), "192.0.2.1"),
+            mp("a", "{kind: Mesh}", Some("''"), "192.0.2.2"),
+        ]
+        .concat(),
+    );
     assert_eq!(set.merge_for(&wl("w", &[]), Mode::All).mode, Mode::Matched);
 }
 
 #[test]
 fn merge_unselected_mode() {
-    let set = set_of(&mp("subset", "{kind: MeshSubset, tags: {app: web}}", Some("Matched"), "192.0.2.1"));
+    let set = set_of(&mp(
+        "subset",
+        "{kind: MeshSubset, tags: {app: web}}",
+        Some("Matched"),
+        "192.0.2.1",
+    ));
     for m in [Mode::All, Mode::None, Mode::Matched] {
         let c = set.merge_for(&wl("db", &[("app", "db")]), m);
-        assert_eq!(c, MergedConf { mode: m, matches: vec![], policies: vec![] });
+        assert_eq!(
+            c,
+            MergedConf {
+                mode: m,
+                matches: vec![],
+                policies: vec![]
+            }
+        );
     }
     let empty = PolicySet::default();
     assert_eq!(empty.merge_for(&wl("x", &[]), Mode::All).mode, Mode::All);
@@ -307,7 +457,10 @@ fn workloads_file() {
     assert_eq!(ws.len(), 3);
     assert_eq!(ws[0].labels.get("app").map(String::as_str), Some("web"));
     let set = load_policies(&[data("merge/policies.yaml")], "default").unwrap();
-    let modes: Vec<Mode> = ws.iter().map(|w| set.merge_for(w, Mode::All).mode).collect();
+    let modes: Vec<Mode> = ws
+        .iter()
+        .map(|w| set.merge_for(w, Mode::All).mode)
+        .collect();
     assert_eq!(modes, [Mode::Matched, Mode::None, Mode::All]);
 }
 
@@ -325,8 +478,22 @@ struct Row {
     matched: &'static str,
 }
 
-fn row(what: &'static str, workload: &'static str, dst: &'static str, verdict: Verdict, matched: &'static str) -> Row {
-    Row { what, workload, dst, udp: false, l7: None, verdict, matched }
+fn row(
+    what: &'static str,
+    workload: &'static str,
+    dst: &'static str,
+    verdict: Verdict,
+    matched: &'static str,
+) -> Row {
+    Row {
+        what,
+        workload,
+        dst,
+        udp: false,
+        l7: None,
+        verdict,
+        matched,
+    }
 }
 
 fn sni(s: &str) -> Option<L7> {
@@ -343,79 +510,435 @@ fn decision_table() {
     let set = load_policies(&[data("explain/policies.yaml")], "default").unwrap();
     let ws = policy::load_workloads(&data("explain/workloads.yaml")).unwrap();
     let opts = DecideOptions {
-        internal: vec!["10.96.0.0/12".parse().unwrap(), "fd00:10::/64".parse().unwrap()],
-        resolvers: vec!["10.0.0.10:53".parse().unwrap(), "[2001:db8:53::53]:53".parse().unwrap()],
+        internal: vec![
+            "10.96.0.0/12".parse().unwrap(),
+            "fd00:10::/64".parse().unwrap(),
+        ],
+        resolvers: vec![
+            "10.0.0.10:53".parse().unwrap(),
+            "[2001:db8:53::53]:53".parse().unwrap(),
+        ],
     };
     let rows = vec![
         // Rule 1: not egress.
         row("loopback v4", "app", "127.0.0.1:9", AllowKernel, ""),
         row("loopback 127/8", "app", "127.8.9.10:9", AllowKernel, ""),
         row("loopback v6", "app", "[::1]:9", AllowKernel, ""),
-        row("loopback v4-mapped", "app", "[::ffff:127.0.0.1]:9", AllowKernel, ""),
-        row("loopback in mode None", "locked", "127.0.0.1:9", AllowKernel, ""),
+        row(
+            "loopback v4-mapped",
+            "app",
+            "[::ffff:127.0.0.1]:9",
+            AllowKernel,
+            "",
+        ),
+        row(
+            "loopback in mode None",
+            "locked",
+            "127.0.0.1:9",
+            AllowKernel,
+            "",
+        ),
         row("internal v4", "locked", "10.96.0.1:443", AllowKernel, ""),
         row("internal v6", "locked", "[fd00:10::1]:443", AllowKernel, ""),
-        row("internal v4-mapped", "locked", "[::ffff:10.100.0.1]:443", AllowKernel, ""),
-        Row { udp: true, ..row("dns to resolver", "locked", "10.0.0.10:53", AllowKernel, "") },
-        Row { udp: true, ..row("dns to resolver v6", "app", "[2001:db8:53::53]:53", AllowKernel, "") },
-        Row { udp: true, ..row("udp 53 elsewhere", "app", "192.0.2.200:53", Deny, "") },
-        Row { udp: false, ..row("tcp to resolver not covered by the DNS rule", "locked", "10.0.0.10:53", Deny, "") },
+        row(
+            "internal v4-mapped",
+            "locked",
+            "[::ffff:10.100.0.1]:443",
+            AllowKernel,
+            "",
+        ),
+        Row {
+            udp: true,
+            ..row("dns to resolver", "locked", "10.0.0.10:53", AllowKernel, "")
+        },
+        Row {
+            udp: true,
+            ..row(
+                "dns to resolver v6",
+                "app",
+                "[2001:db8:53::53]:53",
+                AllowKernel,
+                "",
+            )
+        },
+        Row {
+            udp: true,
+            ..row("udp 53 elsewhere", "app", "192.0.2.200:53", Deny, "")
+        },
+        Row {
+            udp: false,
+            ..row(
+                "tcp to resolver not covered by the DNS rule",
+                "locked",
+                "10.0.0.10:53",
+                Deny,
+                "",
+            )
+        },
         // Rule 2: modes.
         row("mode All", "open", "203.0.113.99:1234", AllowKernel, ""),
         row("mode None", "locked", "192.0.2.10:443", Deny, ""),
-        row("unselected → --unselected-mode All", "stranger", "203.0.113.1:1", AllowKernel, ""),
+        row(
+            "unselected → --unselected-mode All",
+            "stranger",
+            "203.0.113.1:1",
+            AllowKernel,
+            "",
+        ),
         // Rule 3: address matches, any protocol, port fits.
-        row("IP any port", "app", "192.0.2.10:1", AllowKernel, "192.0.2.10"),
-        row("IP with port", "app", "192.0.2.11:443", AllowKernel, "192.0.2.11:443"),
+        row(
+            "IP any port",
+            "app",
+            "192.0.2.10:1",
+            AllowKernel,
+            "192.0.2.10",
+        ),
+        row(
+            "IP with port",
+            "app",
+            "192.0.2.11:443",
+            AllowKernel,
+            "192.0.2.11:443",
+        ),
         row("IP wrong port", "app", "192.0.2.11:444", Deny, ""),
-        row("CIDR host bits", "app", "198.51.100.200:5432", AllowKernel, "198.51.100.7/24:5432"),
+        row(
+            "CIDR host bits",
+            "app",
+            "198.51.100.200:5432",
+            AllowKernel,
+            "198.51.100.7/24:5432",
+        ),
         row("CIDR outside", "app", "198.51.101.1:5432", Deny, ""),
-        row("http IP allowed in kernel (any protocol)", "app", "192.0.2.12:8080", AllowKernel, "192.0.2.12:8080"),
-        row("mysql CIDR", "app", "203.0.113.5:3306", AllowKernel, "203.0.113.0/28:3306"),
-        row("v6 IP", "app", "[2001:db8::10]:443", AllowKernel, "2001:db8::10:443"),
-        row("v6 CIDR", "app", "[2001:db8:1::99]:22", AllowKernel, "2001:db8:1::/48"),
-        row("v4-mapped dst judged by v4 rules", "app", "[::ffff:192.0.2.10]:7", AllowKernel, "192.0.2.10"),
-        row("v4-mapped IP match covers plain v4", "app", "192.0.2.13:80", AllowKernel, "::ffff:192.0.2.13"),
-        row("v6 ::/0 does not cover v4-mapped", "v6all", "[::ffff:203.0.113.77]:443", Deny, ""),
-        row("v6 ::/0 covers v6", "v6all", "[2001:db8:ff::1]:443", AllowKernel, "::/0"),
-        row("any match allows: IP match after domains on same port", "app", "192.0.2.11:443", AllowKernel, "192.0.2.11:443"),
-        Row { udp: true, ..row("UDP to IP match", "app", "192.0.2.10:443", AllowKernel, "192.0.2.10") },
+        row(
+            "http IP allowed in kernel (any protocol)",
+            "app",
+            "192.0.2.12:8080",
+            AllowKernel,
+            "192.0.2.12:8080",
+        ),
+        row(
+            "mysql CIDR",
+            "app",
+            "203.0.113.5:3306",
+            AllowKernel,
+            "203.0.113.0/28:3306",
+        ),
+        row(
+            "v6 IP",
+            "app",
+            "[2001:db8::10]:443",
+            AllowKernel,
+            "2001:db8::10:443",
+        ),
+        row(
+            "v6 CIDR",
+            "app",
+            "[2001:db8:1::99]:22",
+            AllowKernel,
+            "2001:db8:1::/48",
+        ),
+        row(
+            "v4-mapped dst judged by v4 rules",
+            "app",
+            "[::ffff:192.0.2.10]:7",
+            AllowKernel,
+            "192.0.2.10",
+        ),
+        row(
+            "v4-mapped IP match covers plain v4",
+            "app",
+            "192.0.2.13:80",
+            AllowKernel,
+            "::ffff:192.0.2.13",
+        ),
+        row(
+            "v6 ::/0 does not cover v4-mapped",
+            "v6all",
+            "[::ffff:203.0.113.77]:443",
+            Deny,
+            "",
+        ),
+        row(
+            "v6 ::/0 covers v6",
+            "v6all",
+            "[2001:db8:ff::1]:443",
+            AllowKernel,
+            "::/0",
+        ),
+        row(
+            "any match allows: IP match after domains on same port",
+            "app",
+            "192.0.2.11:443",
+            AllowKernel,
+            "192.0.2.11:443",
+        ),
+        Row {
+            udp: true,
+            ..row(
+                "UDP to IP match",
+                "app",
+                "192.0.2.10:443",
+                AllowKernel,
+                "192.0.2.10",
+            )
+        },
         // Rule 4/5: domain candidates → proxy; otherwise deny.
-        row("domain port → proxy", "app", "203.0.113.50:443", RedirectToProxy, ""),
-        row("port-less domain → proxy on any port", "portless", "203.0.113.50:8443", RedirectToProxy, ""),
-        row("no domain on this port → deny", "app", "203.0.113.50:25", Deny, ""),
-        Row { udp: true, ..row("UDP never covered by domains (QUIC)", "app", "203.0.113.50:443", Deny, "") },
-        row("Matched, no matches → deny", "empty", "203.0.113.50:443", Deny, ""),
+        row(
+            "domain port → proxy",
+            "app",
+            "203.0.113.50:443",
+            RedirectToProxy,
+            "",
+        ),
+        row(
+            "port-less domain → proxy on any port",
+            "portless",
+            "203.0.113.50:8443",
+            RedirectToProxy,
+            "",
+        ),
+        row(
+            "no domain on this port → deny",
+            "app",
+            "203.0.113.50:25",
+            Deny,
+            "",
+        ),
+        Row {
+            udp: true,
+            ..row(
+                "UDP never covered by domains (QUIC)",
+                "app",
+                "203.0.113.50:443",
+                Deny,
+                "",
+            )
+        },
+        row(
+            "Matched, no matches → deny",
+            "empty",
+            "203.0.113.50:443",
+            Deny,
+            "",
+        ),
         // At the proxy: TLS.
-        Row { l7: sni("api.example.com"), ..row("sni exact", "app", "203.0.113.50:443", AllowAtProxy, "api.example.com:443") },
-        Row { l7: sni("API.Example.COM."), ..row("sni case + trailing dot", "app", "203.0.113.50:443", AllowAtProxy, "api.example.com:443") },
-        Row { l7: sni("example.com"), ..row("wildcard excludes apex", "app", "203.0.113.50:443", DenyAtProxy, "") },
-        Row { l7: sni("a.svc.example.com"), ..row("wildcard one level", "app", "203.0.113.50:443", AllowAtProxy, "*.svc.example.com:443") },
-        Row { l7: sni("x.y.z.svc.example.com"), ..row("wildcard any depth", "app", "203.0.113.50:443", AllowAtProxy, "*.svc.example.com:443") },
-        Row { l7: sni("notsvc.example.com"), ..row("wildcard is label-aligned", "app", "203.0.113.50:443", DenyAtProxy, "") },
-        Row { l7: sni("anything.test"), ..row("port-less tls domain", "portless", "203.0.113.50:8443", DenyAtProxy, "") },
-        Row { l7: sni("portless.example.net"), ..row("port-less tls domain on any port", "portless", "203.0.113.50:8443", AllowAtProxy, "portless.example.net") },
-        Row { l7: sni("api.example.com"), ..row("port mismatch: no domain on this port, kernel denies", "app", "203.0.113.50:8443", Deny, "") },
-        Row { l7: sni("api.example.com"), ..row("port mismatch at proxy", "portless", "203.0.113.50:8443", DenyAtProxy, "") },
-        Row { l7: Some(L7::Tls(None)), ..row("no SNI", "app", "203.0.113.50:443", DenyAtProxy, "") },
-        Row { l7: sni("203.0.113.50"), ..row("IP literal SNI", "app", "203.0.113.50:443", DenyAtProxy, "") },
-        Row { l7: sni("web.example.com"), ..row("http match does not allow TLS", "app", "203.0.113.50:80", DenyAtProxy, "") },
-        Row { l7: sni("anything.at.all"), ..row("* matches everything", "star", "203.0.113.50:443", AllowAtProxy, "*") },
+        Row {
+            l7: sni("api.example.com"),
+            ..row(
+                "sni exact",
+                "app",
+                "203.0.113.50:443",
+                AllowAtProxy,
+                "api.example.com:443",
+            )
+        },
+        Row {
+            l7: sni("API.Example.COM."),
+            ..row(
+                "sni case + trailing dot",
+                "app",
+                "203.0.113.50:443",
+                AllowAtProxy,
+                "api.example.com:443",
+            )
+        },
+        Row {
+            l7: sni("example.com"),
+            ..row(
+                "wildcard excludes apex",
+                "app",
+                "203.0.113.50:443",
+                DenyAtProxy,
+                "",
+            )
+        },
+        Row {
+            l7: sni("a.svc.example.com"),
+            ..row(
+                "wildcard one level",
+                "app",
+                "203.0.113.50:443",
+                AllowAtProxy,
+                "*.svc.example.com:443",
+            )
+        },
+        Row {
+            l7: sni("x.y.z.svc.example.com"),
+            ..row(
+                "wildcard any depth",
+                "app",
+                "203.0.113.50:443",
+                AllowAtProxy,
+                "*.svc.example.com:443",
+            )
+        },
+        Row {
+            l7: sni("notsvc.example.com"),
+            ..row(
+                "wildcard is label-aligned",
+                "app",
+                "203.0.113.50:443",
+                DenyAtProxy,
+                "",
+            )
+        },
+        Row {
+            l7: sni("anything.test"),
+            ..row(
+                "port-less tls domain",
+                "portless",
+                "203.0.113.50:8443",
+                DenyAtProxy,
+                "",
+            )
+        },
+        Row {
+            l7: sni("portless.example.net"),
+            ..row(
+                "port-less tls domain on any port",
+                "portless",
+                "203.0.113.50:8443",
+                AllowAtProxy,
+                "portless.example.net",
+            )
+        },
+        Row {
+            l7: sni("api.example.com"),
+            ..row(
+                "port mismatch: no domain on this port, kernel denies",
+                "app",
+                "203.0.113.50:8443",
+                Deny,
+                "",
+            )
+        },
+        Row {
+            l7: sni("api.example.com"),
+            ..row(
+                "port mismatch at proxy",
+                "portless",
+                "203.0.113.50:8443",
+                DenyAtProxy,
+                "",
+            )
+        },
+        Row {
+            l7: Some(L7::Tls(None)),
+            ..row("no SNI", "app", "203.0.113.50:443", DenyAtProxy, "")
+        },
+        Row {
+            l7: sni("203.0.113.50"),
+            ..row("IP literal SNI", "app", "203.0.113.50:443", DenyAtProxy, "")
+        },
+        Row {
+            l7: sni("web.example.com"),
+            ..row(
+                "http match does not allow TLS",
+                "app",
+                "203.0.113.50:80",
+                DenyAtProxy,
+                "",
+            )
+        },
+        Row {
+            l7: sni("anything.at.all"),
+            ..row(
+                "* matches everything",
+                "star",
+                "203.0.113.50:443",
+                AllowAtProxy,
+                "*",
+            )
+        },
         // At the proxy: HTTP/1 and h2c.
-        Row { l7: host("web.example.com"), ..row("http host", "app", "203.0.113.50:80", AllowAtProxy, "web.example.com:80") },
-        Row { l7: host("WEB.example.com:80"), ..row("http host with port, case", "app", "203.0.113.50:80", AllowAtProxy, "web.example.com:80") },
-        Row { l7: host("api.example.com"), ..row("tls match does not allow http", "app", "203.0.113.50:443", DenyAtProxy, "") },
-        Row { l7: host("other.example.com"), ..row("http other host → 503", "app", "203.0.113.50:80", DenyAtProxy, "") },
-        Row { l7: Some(L7::H2c("grpc.example.com".into())), ..row("h2c → grpc", "app", "203.0.113.50:9000", AllowAtProxy, "grpc.example.com:9000") },
-        Row { l7: Some(L7::H2c("web.example.com".into())), ..row("h2c → not http", "app", "203.0.113.50:80", DenyAtProxy, "") },
-        Row { l7: Some(L7::H2c("h2.example.com".into())), ..row("h2c → http2", "app", "203.0.113.50:9001", AllowAtProxy, "h2.example.com:9001") },
-        Row { l7: host("grpc.example.com"), ..row("http/1 → not grpc", "app", "203.0.113.50:9000", DenyAtProxy, "") },
+        Row {
+            l7: host("web.example.com"),
+            ..row(
+                "http host",
+                "app",
+                "203.0.113.50:80",
+                AllowAtProxy,
+                "web.example.com:80",
+            )
+        },
+        Row {
+            l7: host("WEB.example.com:80"),
+            ..row(
+                "http host with port, case",
+                "app",
+                "203.0.113.50:80",
+                AllowAtProxy,
+                "web.example.com:80",
+            )
+        },
+        Row {
+            l7: host("api.example.com"),
+            ..row(
+                "tls match does not allow http",
+                "app",
+                "203.0.113.50:443",
+                DenyAtProxy,
+                "",
+            )
+        },
+        Row {
+            l7: host("other.example.com"),
+            ..row(
+                "http other host → 503",
+                "app",
+                "203.0.113.50:80",
+                DenyAtProxy,
+                "",
+            )
+        },
+        Row {
+            l7: Some(L7::H2c("grpc.example.com".into())),
+            ..row(
+                "h2c → grpc",
+                "app",
+                "203.0.113.50:9000",
+                AllowAtProxy,
+                "grpc.example.com:9000",
+            )
+        },
+        Row {
+            l7: Some(L7::H2c("web.example.com".into())),
+            ..row("h2c → not http", "app", "203.0.113.50:80", DenyAtProxy, "")
+        },
+        Row {
+            l7: Some(L7::H2c("h2.example.com".into())),
+            ..row(
+                "h2c → http2",
+                "app",
+                "203.0.113.50:9001",
+                AllowAtProxy,
+                "h2.example.com:9001",
+            )
+        },
+        Row {
+            l7: host("grpc.example.com"),
+            ..row(
+                "http/1 → not grpc",
+                "app",
+                "203.0.113.50:9000",
+                DenyAtProxy,
+                "",
+            )
+        },
     ];
     let mut failures = Vec::new();
     for r in &rows {
-        let w = ws.iter().find(|w| w.name == r.workload).cloned().unwrap_or_else(|| wl(r.workload, &[]));
+        let w = ws
+            .iter()
+            .find(|w| w.name == r.workload)
+            .cloned()
+            .unwrap_or_else(|| wl(r.workload, &[]));
         let conf = set.merge_for(&w, Mode::All);
-        let conn = Connection { dst: r.dst.parse::<SocketAddr>().unwrap(), udp: r.udp, l7: r.l7.clone() };
+        let conn = Connection {
+            dst: r.dst.parse::<SocketAddr>().unwrap(),
+            udp: r.udp,
+            l7: r.l7.clone(),
+        };
         let d = decide(&conf, &conn, &opts);
         let matched = d
             .matched
@@ -473,21 +996,44 @@ fn explain_json_shape() {
     assert!(j["reason"].as_str().unwrap().contains("IP/CIDR"));
 
     let j = explain_json(&explain_args("203.0.113.50:443"));
-    assert_eq!((j["verdict"].as_str(), j["path"].as_str()), (Some("proxy"), Some("proxy")));
+    assert_eq!(
+        (j["verdict"].as_str(), j["path"].as_str()),
+        (Some("proxy"), Some("proxy"))
+    );
     assert!(j["match"].is_null());
     assert!(!j["candidates"].as_array().unwrap().is_empty());
 
-    let j = explain_json(&ExplainArgs { sni: Some("api.example.com".into()), ..explain_args("203.0.113.50:443") });
-    assert_eq!((j["verdict"].as_str(), j["path"].as_str()), (Some("allow"), Some("proxy")));
+    let j = explain_json(&ExplainArgs {
+        sni: Some("api.example.com".into()),
+        ..explain_args("203.0.113.50:443")
+    });
+    assert_eq!(
+        (j["verdict"].as_str(), j["path"].as_str()),
+        (Some("allow"), Some("proxy"))
+    );
     assert_eq!(j["match"]["value"], "api.example.com");
 
-    let j = explain_json(&ExplainArgs { host: Some("nope.example.com".into()), ..explain_args("203.0.113.50:80") });
-    assert_eq!((j["verdict"].as_str(), j["path"].as_str()), (Some("deny"), Some("proxy")));
+    let j = explain_json(&ExplainArgs {
+        host: Some("nope.example.com".into()),
+        ..explain_args("203.0.113.50:80")
+    });
+    assert_eq!(
+        (j["verdict"].as_str(), j["path"].as_str()),
+        (Some("deny"), Some("proxy"))
+    );
     assert!(j["match"].is_null());
 
     let j = explain_json(&explain_args("203.0.113.50:25"));
-    assert_eq!((j["verdict"].as_str(), j["path"].as_str()), (Some("deny"), Some("kernel")));
-    assert!(j["reason"].as_str().unwrap().contains("no MeshPassthrough match"));
+    assert_eq!(
+        (j["verdict"].as_str(), j["path"].as_str()),
+        (Some("deny"), Some("kernel"))
+    );
+    assert!(
+        j["reason"]
+            .as_str()
+            .unwrap()
+            .contains("no MeshPassthrough match")
+    );
 
     // Labels instead of a workloads file: `locked` policy selects app=locked.
     let j = explain_json(&ExplainArgs {
@@ -500,31 +1046,67 @@ fn explain_json_shape() {
     assert_eq!(j["mode"], "None");
 
     // UDP and internal ranges from the command line.
-    let j = explain_json(&ExplainArgs { udp: true, ..explain_args("203.0.113.50:443") });
+    let j = explain_json(&ExplainArgs {
+        udp: true,
+        ..explain_args("203.0.113.50:443")
+    });
     assert_eq!(j["verdict"], "deny");
-    let j = explain_json(&ExplainArgs { internal_cidr: vec!["203.0.113.0/24".parse().unwrap()], ..explain_args("203.0.113.50:443") });
+    let j = explain_json(&ExplainArgs {
+        internal_cidr: vec!["203.0.113.0/24".parse().unwrap()],
+        ..explain_args("203.0.113.50:443")
+    });
     assert_eq!(j["verdict"], "allow");
 }
 
 #[test]
 fn explain_text() {
     let mut out = Vec::new();
-    cli::run_explain(&ExplainArgs { json: false, sni: Some("a.svc.example.com".into()), ..explain_args("203.0.113.50:443") }, &mut out)
-        .unwrap();
+    cli::run_explain(
+        &ExplainArgs {
+            json: false,
+            sni: Some("a.svc.example.com".into()),
+            ..explain_args("203.0.113.50:443")
+        },
+        &mut out,
+    )
+    .unwrap();
     let s = String::from_utf8(out).unwrap();
     assert!(s.starts_with("verdict: allow (path: proxy)\n"), "{s}");
-    assert!(s.contains("match:   Domain *.svc.example.com port 443 protocol tls (policy app-egress"), "{s}");
+    assert!(
+        s.contains("match:   Domain *.svc.example.com port 443 protocol tls (policy app-egress"),
+        "{s}"
+    );
     let mut out = Vec::new();
-    assert!(cli::run_explain(&ExplainArgs { policy: vec![data("validate/domains.yaml")], ..explain_args("1.2.3.4:1") }, &mut out).is_err());
+    assert!(
+        cli::run_explain(
+            &ExplainArgs {
+                policy: vec![data("validate/domains.yaml")],
+                ..explain_args("1.2.3.4:1")
+            },
+            &mut out
+        )
+        .is_err()
+    );
 }
 
 #[test]
 fn check_output() {
     let mut out = Vec::new();
-    let ok = cli::run_check(&[data("validate/kuma-valid.yaml"), data("validate/other-mesh.yaml")], "default", &mut out).unwrap();
+    let ok = cli::run_check(
+        &[
+            data("validate/kuma-valid.yaml"),
+            data("validate/other-mesh.yaml"),
+        ],
+        "default",
+        &mut out,
+    )
+    .unwrap();
     let s = String::from_utf8(out).unwrap();
     assert!(ok);
-    assert_eq!(s, "valid: 1 policy, 6 matches in mesh \"default\" (2 files); 2 of other meshes skipped\n");
+    assert_eq!(
+        s,
+        "valid: 1 policy, 6 matches in mesh \"default\" (2 files); 2 of other meshes skipped\n"
+    );
 
     let mut out = Vec::new();
     let args = cli::CheckArgs {
@@ -534,17 +1116,36 @@ fn check_output() {
     };
     assert!(args.run(&mut out).unwrap());
     let s = String::from_utf8(out).unwrap();
-    assert!(s.ends_with("workloads selected\n") && s.lines().count() == 1, "{s}");
+    assert!(
+        s.ends_with("workloads selected\n") && s.lines().count() == 1,
+        "{s}"
+    );
 
     let mut out = Vec::new();
     let f = data("validate/kuma-full-invalid.yaml");
-    let ok = cli::run_check(&[f.clone(), data("validate/ports.yaml")], "default", &mut out).unwrap();
+    let ok = cli::run_check(
+        &[f.clone(), data("validate/ports.yaml")],
+        "default",
+        &mut out,
+    )
+    .unwrap();
     assert!(!ok);
     let s = String::from_utf8(out).unwrap();
     let lines: Vec<&str> = s.lines().collect();
     assert_eq!(lines.len(), 15 + 7, "{s}");
-    assert_eq!(lines[0], format!("{}: spec.default.appendMatch[0].port: port must be a valid (1-65535)", f.display()));
-    assert!(lines[21].contains("ports.yaml: spec.default.appendMatch[8].value: value 192.0.2.1 is already defiend"), "{s}");
+    assert_eq!(
+        lines[0],
+        format!(
+            "{}: spec.default.appendMatch[0].port: port must be a valid (1-65535)",
+            f.display()
+        )
+    );
+    assert!(
+        lines[21].contains(
+            "ports.yaml: spec.default.appendMatch[8].value: value 192.0.2.1 is already defiend"
+        ),
+        "{s}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -577,7 +1178,11 @@ fn truncated_fixtures_never_panic() {
                 // falls in whitespace after a complete value.
                 let trimmed = String::from_utf8_lossy(&bytes[..cut]);
                 if !trimmed.trim_end().ends_with('}') {
-                    assert!(r.is_err(), "{}: prefix of {cut} bytes accepted", p.display());
+                    assert!(
+                        r.is_err(),
+                        "{}: prefix of {cut} bytes accepted",
+                        p.display()
+                    );
                 }
             }
         }
@@ -653,7 +1258,10 @@ fn yaml_value() -> impl Strategy<Value = serde_json::Value> {
         prop_oneof![
             proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
             proptest::collection::btree_map(
-                prop::sample::select(vec!["type", "value", "port", "protocol", "spec", "name", "kind", "x"]).prop_map(String::from),
+                prop::sample::select(vec![
+                    "type", "value", "port", "protocol", "spec", "name", "kind", "x"
+                ])
+                .prop_map(String::from),
                 inner,
                 0..4
             )

@@ -1,12 +1,7 @@
 //! The `check` and `explain` subcommands (SPEC §5) as library functions; `main.rs` embeds the
 //! clap argument structs and calls [`CheckArgs::run`] / [`run_explain`].
 
-use std::{
-    collections::BTreeMap,
-    io::Write,
-    net::SocketAddr,
-    path::PathBuf,
-};
+use std::{collections::BTreeMap, io::Write, net::SocketAddr, path::PathBuf};
 
 use anyhow::Context as _;
 use ipnet::IpNet;
@@ -96,7 +91,9 @@ fn plural(n: usize, one: &'static str, many: &'static str) -> &'static str {
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
-    let (k, v) = s.split_once('=').ok_or_else(|| format!("label {s:?} is not k=v"))?;
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("label {s:?} is not k=v"))?;
     if k.is_empty() {
         return Err(format!("label {s:?} has an empty key"));
     }
@@ -165,13 +162,17 @@ pub struct ExplainReport {
 
 /// Computes the decision for `args` (loads policies and, if given, the workloads file).
 pub fn explain(args: &ExplainArgs) -> anyhow::Result<ExplainReport> {
-    let set: PolicySet = load_policies(&args.policy, &args.mesh).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let set: PolicySet =
+        load_policies(&args.policy, &args.mesh).map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut labels: BTreeMap<String, String> = BTreeMap::new();
     let mut name = args.workload.clone().unwrap_or_default();
     let mut cgroup = PathBuf::new();
     if let Some(wf) = &args.workloads {
         let ws = load_workloads(wf).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let wanted = args.workload.as_deref().context("--workloads needs --workload NAME")?;
+        let wanted = args
+            .workload
+            .as_deref()
+            .context("--workloads needs --workload NAME")?;
         let w = ws
             .into_iter()
             .find(|w| w.name == wanted)
@@ -181,7 +182,11 @@ pub fn explain(args: &ExplainArgs) -> anyhow::Result<ExplainReport> {
         cgroup = w.cgroup;
     }
     labels.extend(args.labels.iter().cloned());
-    let workload = Workload { name, cgroup, labels };
+    let workload = Workload {
+        name,
+        cgroup,
+        labels,
+    };
     let conf = set.merge_for(&workload, args.unselected_mode);
     let l7 = match (&args.sni, &args.host) {
         (Some(sni), _) => Some(L7::Tls(Some(sni.clone()))),
@@ -189,11 +194,23 @@ pub fn explain(args: &ExplainArgs) -> anyhow::Result<ExplainReport> {
         (None, Some(h)) => Some(L7::Http1(h.clone())),
         (None, None) => None,
     };
-    let conn = Connection { dst: args.dst, udp: args.udp, l7 };
-    let opts = DecideOptions { internal: args.internal_cidr.clone(), resolvers: args.resolver.clone() };
+    let conn = Connection {
+        dst: args.dst,
+        udp: args.udp,
+        l7,
+    };
+    let opts = DecideOptions {
+        internal: args.internal_cidr.clone(),
+        resolvers: args.resolver.clone(),
+    };
     let d = decide(&conf, &conn, &opts);
     let json = decision_json(&workload, &conf, &conn, &d);
-    Ok(ExplainReport { workload, conf: conf.clone(), conn, json })
+    Ok(ExplainReport {
+        workload,
+        conf: conf.clone(),
+        conn,
+        json,
+    })
 }
 
 /// One match as JSON: `type`, `value`, `port` (null = all), `protocol`, `net`, `policy`,
@@ -212,7 +229,12 @@ pub fn match_json(m: &Match) -> Value {
 }
 
 /// The SPEC §5 JSON object for a decision.
-pub fn decision_json(w: &Workload, conf: &MergedConf, conn: &Connection, d: &Decision<'_>) -> Value {
+pub fn decision_json(
+    w: &Workload,
+    conf: &MergedConf,
+    conn: &Connection,
+    d: &Decision<'_>,
+) -> Value {
     let (proto, name) = match &conn.l7 {
         None => (None, None),
         Some(L7::Tls(n)) => (Some("tls"), n.clone()),
@@ -246,13 +268,22 @@ pub fn run_explain(args: &ExplainArgs, out: &mut impl Write) -> anyhow::Result<(
     }
     let j = &r.json;
     let s = |v: &Value| v.as_str().unwrap_or_default().to_string();
-    writeln!(out, "verdict: {} (path: {})", s(&j["verdict"]), s(&j["path"]))?;
+    writeln!(
+        out,
+        "verdict: {} (path: {})",
+        s(&j["verdict"]),
+        s(&j["path"])
+    )?;
     writeln!(out, "reason:  {}", s(&j["reason"]))?;
     let conf = &r.conf;
-    let decided = decide(conf, &r.conn, &DecideOptions {
-        internal: args.internal_cidr.clone(),
-        resolvers: args.resolver.clone(),
-    });
+    let decided = decide(
+        conf,
+        &r.conn,
+        &DecideOptions {
+            internal: args.internal_cidr.clone(),
+            resolvers: args.resolver.clone(),
+        },
+    );
     match decided.matched {
         Some(m) => writeln!(out, "match:   {}", describe(m))?,
         None => writeln!(out, "match:   none")?,
@@ -262,9 +293,17 @@ pub fn run_explain(args: &ExplainArgs, out: &mut impl Write) -> anyhow::Result<(
             writeln!(out, "candidate: {}", describe(m))?;
         }
     }
-    let who = if r.workload.name.is_empty() { "(unnamed)".to_string() } else { r.workload.name.clone() };
+    let who = if r.workload.name.is_empty() {
+        "(unnamed)".to_string()
+    } else {
+        r.workload.name.clone()
+    };
     if conf.policies.is_empty() {
-        writeln!(out, "workload: {who}: selected by no policy, mode {} (--unselected-mode)", conf.mode)?;
+        writeln!(
+            out,
+            "workload: {who}: selected by no policy, mode {} (--unselected-mode)",
+            conf.mode
+        )?;
     } else {
         writeln!(
             out,
@@ -278,7 +317,10 @@ pub fn run_explain(args: &ExplainArgs, out: &mut impl Write) -> anyhow::Result<(
 }
 
 fn describe(m: &Match) -> String {
-    let port = m.port.map(|p| p.to_string()).unwrap_or_else(|| "any port".into());
+    let port = m
+        .port
+        .map(|p| p.to_string())
+        .unwrap_or_else(|| "any port".into());
     format!(
         "{} {} port {} protocol {} (policy {}, appendMatch[{}], {})",
         m.kind,
@@ -312,8 +354,18 @@ mod tests {
         use clap::CommandFactory;
         T::command().debug_assert();
         let t = T::try_parse_from([
-            "x", "explain", "--policy", "a.yaml", "b.yaml", "--dst", "[2001:db8::1]:443", "--labels", "a=b,c=d", "--sni",
-            "x.example.com", "--json",
+            "x",
+            "explain",
+            "--policy",
+            "a.yaml",
+            "b.yaml",
+            "--dst",
+            "[2001:db8::1]:443",
+            "--labels",
+            "a=b,c=d",
+            "--sni",
+            "x.example.com",
+            "--json",
         ])
         .unwrap();
         match t.c {
@@ -325,7 +377,21 @@ mod tests {
             }
             C::Check(_) => panic!(),
         }
-        assert!(T::try_parse_from(["x", "explain", "--policy", "a", "--dst", "1.2.3.4:1", "--sni", "a", "--host", "b"]).is_err());
+        assert!(
+            T::try_parse_from([
+                "x",
+                "explain",
+                "--policy",
+                "a",
+                "--dst",
+                "1.2.3.4:1",
+                "--sni",
+                "a",
+                "--host",
+                "b"
+            ])
+            .is_err()
+        );
         assert!(T::try_parse_from(["x", "check"]).is_err());
     }
 }

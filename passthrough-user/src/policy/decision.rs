@@ -164,7 +164,9 @@ impl std::fmt::Display for Reason {
             Reason::ModeAll => f.write_str("passthroughMode All"),
             Reason::ModeNone => f.write_str("passthroughMode None"),
             Reason::AddressMatch => f.write_str("an IP/CIDR match covers the address and port"),
-            Reason::UdpNotCovered => f.write_str("UDP: no IP/CIDR match covers the address and port; Domain matches never cover UDP"),
+            Reason::UdpNotCovered => f.write_str(
+                "UDP: no IP/CIDR match covers the address and port; Domain matches never cover UDP",
+            ),
             Reason::DomainCandidates { count } => write!(
                 f,
                 "{count} Domain match(es) could apply on this port; the proxy decides on the SNI/Host"
@@ -172,7 +174,10 @@ impl std::fmt::Display for Reason {
             Reason::NoMatch => f.write_str("no MeshPassthrough match allows this address and port"),
             Reason::DomainMatch => f.write_str("a Domain match allows the name"),
             Reason::NoDomainMatch { name } => {
-                write!(f, "no MeshPassthrough Domain match allows {name} with this protocol and port")
+                write!(
+                    f,
+                    "no MeshPassthrough Domain match allows {name} with this protocol and port"
+                )
             }
             Reason::NoSni => f.write_str("TLS ClientHello without SNI"),
             Reason::IpLiteral { name } => write!(f, "the name {name} is an IP literal"),
@@ -196,7 +201,12 @@ pub struct Decision<'a> {
 
 impl<'a> Decision<'a> {
     fn new(verdict: Verdict, reason: Reason) -> Self {
-        Decision { verdict, reason, matched: None, candidates: Vec::new() }
+        Decision {
+            verdict,
+            reason,
+            matched: None,
+            candidates: Vec::new(),
+        }
     }
 }
 
@@ -238,39 +248,66 @@ pub fn decide<'a>(conf: &'a MergedConf, conn: &Connection, opts: &DecideOptions)
             && m.port_fits(port)
             && m.net.is_some_and(|n| n.contains(&ip))
     }) {
-        return Decision { matched: Some(m), ..Decision::new(Verdict::AllowKernel, Reason::AddressMatch) };
+        return Decision {
+            matched: Some(m),
+            ..Decision::new(Verdict::AllowKernel, Reason::AddressMatch)
+        };
     }
     if conn.udp {
         return Decision::new(Verdict::Deny, Reason::UdpNotCovered);
     }
-    let candidates: Vec<&Match> =
-        conf.matches.iter().filter(|m| m.kind == MatchKind::Domain && m.port_fits(port)).collect();
+    let candidates: Vec<&Match> = conf
+        .matches
+        .iter()
+        .filter(|m| m.kind == MatchKind::Domain && m.port_fits(port))
+        .collect();
     if candidates.is_empty() {
         return Decision::new(Verdict::Deny, Reason::NoMatch);
     }
     let Some(l7) = &conn.l7 else {
         return Decision {
             candidates: candidates.clone(),
-            ..Decision::new(Verdict::RedirectToProxy, Reason::DomainCandidates { count: candidates.len() })
+            ..Decision::new(
+                Verdict::RedirectToProxy,
+                Reason::DomainCandidates {
+                    count: candidates.len(),
+                },
+            )
         };
     };
     let (raw, protocols, strip_port): (&str, &[Protocol], bool) = match l7 {
-        L7::Tls(None) => return Decision { candidates, ..Decision::new(Verdict::DenyAtProxy, Reason::NoSni) },
+        L7::Tls(None) => {
+            return Decision {
+                candidates,
+                ..Decision::new(Verdict::DenyAtProxy, Reason::NoSni)
+            };
+        }
         L7::Tls(Some(sni)) => (sni, &[Protocol::Tls], false),
         L7::Http1(host) => (host, &[Protocol::Http], true),
         L7::H2c(auth) => (auth, &[Protocol::Http2, Protocol::Grpc], true),
     };
     let name = match normalize_name(raw, strip_port) {
         Ok(n) => n,
-        Err(reason) => return Decision { candidates, ..Decision::new(Verdict::DenyAtProxy, reason) },
+        Err(reason) => {
+            return Decision {
+                candidates,
+                ..Decision::new(Verdict::DenyAtProxy, reason)
+            };
+        }
     };
-    match candidates.iter().find(|m| protocols.contains(&m.protocol) && domain_matches(&m.value, &name)) {
+    match candidates
+        .iter()
+        .find(|m| protocols.contains(&m.protocol) && domain_matches(&m.value, &name))
+    {
         Some(m) => Decision {
             matched: Some(*m),
             candidates: candidates.clone(),
             ..Decision::new(Verdict::AllowAtProxy, Reason::DomainMatch)
         },
-        None => Decision { candidates, ..Decision::new(Verdict::DenyAtProxy, Reason::NoDomainMatch { name }) },
+        None => Decision {
+            candidates,
+            ..Decision::new(Verdict::DenyAtProxy, Reason::NoDomainMatch { name })
+        },
     }
 }
 
@@ -284,27 +321,39 @@ pub fn normalize_name(raw: &str, strip_port: bool) -> Result<String, Reason> {
             // [v6]:port or [v6]
             let inner = rest.split(']').next().unwrap_or(rest);
             if ip::parse_go_ip(inner).is_some() {
-                return Err(Reason::IpLiteral { name: raw.to_string() });
+                return Err(Reason::IpLiteral {
+                    name: raw.to_string(),
+                });
             }
-            return Err(Reason::BadName { name: raw.to_string() });
+            return Err(Reason::BadName {
+                name: raw.to_string(),
+            });
         }
-        if let Some((host, p)) = s.rsplit_once(':') {
-            if !host.contains(':') && (p.is_empty() || p.bytes().all(|b| b.is_ascii_digit())) {
-                s = host;
-            }
+        if let Some((host, p)) = s.rsplit_once(':')
+            && !host.contains(':')
+            && (p.is_empty() || p.bytes().all(|b| b.is_ascii_digit()))
+        {
+            s = host;
         }
     }
     if ip::parse_go_ip(s).is_some() || ip::parse_go_ip(s.trim_end_matches('.')).is_some() {
-        return Err(Reason::IpLiteral { name: raw.to_string() });
+        return Err(Reason::IpLiteral {
+            name: raw.to_string(),
+        });
     }
     let s = s.strip_suffix('.').unwrap_or(s);
     let ok = !s.is_empty()
         && s.len() <= 253
         && s.split('.').all(|l| {
-            !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         });
     if !ok {
-        return Err(Reason::BadName { name: raw.to_string() });
+        return Err(Reason::BadName {
+            name: raw.to_string(),
+        });
     }
     Ok(s.to_ascii_lowercase())
 }
@@ -334,7 +383,11 @@ pub fn domain_matches(pattern: &str, name: &str) -> bool {
         }
     }
     let name_labels: Vec<&str> = name.split('.').collect();
-    let rest_labels: Vec<&str> = if rest.is_empty() { Vec::new() } else { rest.split('.').collect() };
+    let rest_labels: Vec<&str> = if rest.is_empty() {
+        Vec::new()
+    } else {
+        rest.split('.').collect()
+    };
     if rest_labels.iter().any(|l| l.contains('*')) {
         return false;
     }
@@ -366,15 +419,45 @@ mod tests {
 
     #[test]
     fn name_normalisation() {
-        assert_eq!(normalize_name("Example.COM:8080", true).unwrap(), "example.com");
-        assert_eq!(normalize_name("example.com.", false).unwrap(), "example.com");
-        assert!(matches!(normalize_name("1.2.3.4", false), Err(Reason::IpLiteral { .. })));
-        assert!(matches!(normalize_name("1.2.3.4:80", true), Err(Reason::IpLiteral { .. })));
-        assert!(matches!(normalize_name("[::1]:80", true), Err(Reason::IpLiteral { .. })));
-        assert!(matches!(normalize_name("::1", false), Err(Reason::IpLiteral { .. })));
-        assert!(matches!(normalize_name("", false), Err(Reason::BadName { .. })));
-        assert!(matches!(normalize_name("a..b", false), Err(Reason::BadName { .. })));
-        assert!(matches!(normalize_name("a b", false), Err(Reason::BadName { .. })));
-        assert!(matches!(normalize_name("example.com:443", false), Err(Reason::BadName { .. })));
+        assert_eq!(
+            normalize_name("Example.COM:8080", true).unwrap(),
+            "example.com"
+        );
+        assert_eq!(
+            normalize_name("example.com.", false).unwrap(),
+            "example.com"
+        );
+        assert!(matches!(
+            normalize_name("1.2.3.4", false),
+            Err(Reason::IpLiteral { .. })
+        ));
+        assert!(matches!(
+            normalize_name("1.2.3.4:80", true),
+            Err(Reason::IpLiteral { .. })
+        ));
+        assert!(matches!(
+            normalize_name("[::1]:80", true),
+            Err(Reason::IpLiteral { .. })
+        ));
+        assert!(matches!(
+            normalize_name("::1", false),
+            Err(Reason::IpLiteral { .. })
+        ));
+        assert!(matches!(
+            normalize_name("", false),
+            Err(Reason::BadName { .. })
+        ));
+        assert!(matches!(
+            normalize_name("a..b", false),
+            Err(Reason::BadName { .. })
+        ));
+        assert!(matches!(
+            normalize_name("a b", false),
+            Err(Reason::BadName { .. })
+        ));
+        assert!(matches!(
+            normalize_name("example.com:443", false),
+            Err(Reason::BadName { .. })
+        ));
     }
 }

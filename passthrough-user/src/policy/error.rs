@@ -21,16 +21,35 @@ pub struct Problem {
 impl Problem {
     /// A problem with neither position nor field.
     pub fn new(file: impl Into<PathBuf>, message: impl Into<String>) -> Self {
-        Problem { file: file.into(), position: None, field: None, policy: None, message: message.into() }
+        Problem {
+            file: file.into(),
+            position: None,
+            field: None,
+            policy: None,
+            message: message.into(),
+        }
     }
 
     /// A syntax or type error at a 1-based line and column.
-    pub fn at(file: impl Into<PathBuf>, line: usize, column: usize, message: impl Into<String>) -> Self {
-        Problem { position: Some((line, column)), ..Problem::new(file, message) }
+    pub fn at(
+        file: impl Into<PathBuf>,
+        line: usize,
+        column: usize,
+        message: impl Into<String>,
+    ) -> Self {
+        Problem {
+            position: Some((line, column)),
+            ..Problem::new(file, message)
+        }
     }
 
     /// A validation violation of `field`.
-    pub fn violation(file: impl Into<PathBuf>, policy: &str, field: &str, message: impl Into<String>) -> Self {
+    pub fn violation(
+        file: impl Into<PathBuf>,
+        policy: &str,
+        field: &str,
+        message: impl Into<String>,
+    ) -> Self {
         Problem {
             field: Some(field.to_string()),
             policy: Some(policy.to_string()),

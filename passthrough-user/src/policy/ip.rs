@@ -62,10 +62,12 @@ pub fn canonical_net(ip: IpAddr, prefix: u8) -> Option<IpNet> {
         IpAddr::V4(v4) => Ipv4Net::new(v4, prefix).ok().map(|n| IpNet::V4(n.trunc())),
         IpAddr::V6(v6) => {
             let net = Ipv6Net::new(v6, prefix).ok()?.trunc();
-            if prefix >= 96 {
-                if let Some(v4) = v4_mapped(net.network()) {
-                    return Ipv4Net::new(v4, prefix - 96).ok().map(|n| IpNet::V4(n.trunc()));
-                }
+            if prefix >= 96
+                && let Some(v4) = v4_mapped(net.network())
+            {
+                return Ipv4Net::new(v4, prefix - 96)
+                    .ok()
+                    .map(|n| IpNet::V4(n.trunc()));
             }
             Some(IpNet::V6(net))
         }
@@ -122,11 +124,27 @@ mod tests {
 
     #[test]
     fn go_parse_cidr() {
-        assert_eq!(parse_go_cidr("1.2.3.4/24"), Some(("1.2.3.4".parse().unwrap(), 24)));
-        assert_eq!(parse_go_cidr("1.2.3.4/024"), Some(("1.2.3.4".parse().unwrap(), 24)));
+        assert_eq!(
+            parse_go_cidr("1.2.3.4/24"),
+            Some(("1.2.3.4".parse().unwrap(), 24))
+        );
+        assert_eq!(
+            parse_go_cidr("1.2.3.4/024"),
+            Some(("1.2.3.4".parse().unwrap(), 24))
+        );
         assert!(parse_go_cidr("::ffff:1.2.3.0/120").is_some());
         assert!(parse_go_cidr("::/0").is_some());
-        for bad in ["1.2.3.4", "1.2.3.4/33", "1.2.3.4/", "1.2.3.4/+1", "1.2.3.4/-1", "::/129", "fe80::%1/64", "a/8", "1.2.3.4/8/8"] {
+        for bad in [
+            "1.2.3.4",
+            "1.2.3.4/33",
+            "1.2.3.4/",
+            "1.2.3.4/+1",
+            "1.2.3.4/-1",
+            "::/129",
+            "fe80::%1/64",
+            "a/8",
+            "1.2.3.4/8/8",
+        ] {
             assert!(parse_go_cidr(bad).is_none(), "{bad}");
         }
     }
@@ -143,7 +161,10 @@ mod tests {
         assert_eq!(canonical_net(ip, p).unwrap().to_string(), "::/80");
         let (ip, p) = parse_go_cidr("2001:db8::1/32").unwrap();
         assert_eq!(canonical_net(ip, p).unwrap().to_string(), "2001:db8::/32");
-        assert_eq!(host_net("::ffff:192.0.2.1".parse().unwrap()).to_string(), "192.0.2.1/32");
+        assert_eq!(
+            host_net("::ffff:192.0.2.1".parse().unwrap()).to_string(),
+            "192.0.2.1/32"
+        );
         assert_eq!(host_net("::1".parse().unwrap()).to_string(), "::1/128");
     }
 }

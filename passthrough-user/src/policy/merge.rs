@@ -19,7 +19,8 @@ use super::{
 };
 
 fn proxy_types_ok(pt: &Option<Vec<String>>) -> bool {
-    pt.as_ref().is_none_or(|l| l.is_empty() || l.iter().any(|t| t == "Sidecar"))
+    pt.as_ref()
+        .is_none_or(|l| l.is_empty() || l.iter().any(|t| t == "Sidecar"))
 }
 
 /// Whether `p` selects workload `w`.
@@ -29,7 +30,11 @@ pub fn selects(p: &Policy, w: &Workload) -> bool {
         Target::MeshSubset { tags, proxy_types } => {
             proxy_types_ok(proxy_types) && tags.iter().all(|(k, v)| w.labels.get(k) == Some(v))
         }
-        Target::Dataplane { name, labels, namespace } => match (name, labels) {
+        Target::Dataplane {
+            name,
+            labels,
+            namespace,
+        } => match (name, labels) {
             (Some(n), _) => *n == w.name,
             (None, Some(l)) => l.iter().all(|(k, v)| w.labels.get(k) == Some(v)),
             // A namespace alone: workloads carry no namespace, so only a `k8s.kuma.io/namespace`
@@ -54,7 +59,18 @@ pub fn specificity(a: &Policy, b: &Policy) -> Ordering {
     kind_rank(&a.target)
         .cmp(&kind_rank(&b.target))
         .then_with(|| match (&a.target, &b.target) {
-            (Target::Dataplane { name: an, labels: al, .. }, Target::Dataplane { name: bn, labels: bl, .. }) => {
+            (
+                Target::Dataplane {
+                    name: an,
+                    labels: al,
+                    ..
+                },
+                Target::Dataplane {
+                    name: bn,
+                    labels: bl,
+                    ..
+                },
+            ) => {
                 let a_name = an.is_some();
                 let b_name = bn.is_some();
                 if a_name && bl.is_some() && !b_name {
@@ -81,7 +97,11 @@ pub fn ordered_for<'a>(policies: &'a [Policy], w: &Workload) -> Vec<&'a Policy> 
 pub fn merge(policies: &[Policy], w: &Workload, unselected: Mode) -> MergedConf {
     let sel = ordered_for(policies, w);
     if sel.is_empty() {
-        return MergedConf { mode: unselected, matches: Vec::new(), policies: Vec::new() };
+        return MergedConf {
+            mode: unselected,
+            matches: Vec::new(),
+            policies: Vec::new(),
+        };
     }
     let mut mode = None;
     let mut matches = Vec::new();
@@ -93,5 +113,9 @@ pub fn merge(policies: &[Policy], w: &Workload, unselected: Mode) -> MergedConf 
         matches.extend(p.matches.iter().cloned());
         names.push(p.name.clone());
     }
-    MergedConf { mode: mode.unwrap_or(Mode::Matched), matches, policies: names }
+    MergedConf {
+        mode: mode.unwrap_or(Mode::Matched),
+        matches,
+        policies: names,
+    }
 }

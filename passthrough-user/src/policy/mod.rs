@@ -37,7 +37,11 @@ pub struct PolicySet {
 impl PolicySet {
     /// A set from already validated policies (tests, benchmarks).
     pub fn from_policies(mesh: &str, policies: Vec<Policy>) -> Self {
-        PolicySet { mesh: mesh.to_string(), policies, ..Default::default() }
+        PolicySet {
+            mesh: mesh.to_string(),
+            policies,
+            ..Default::default()
+        }
     }
 
     /// The merged configuration for workload `w`; `unselected` when no policy selects it.
@@ -136,7 +140,11 @@ fn build(
                         policy: Some(pol.name.clone()),
                         ..Problem::new(
                             &p.file,
-                            format!("policy {} is defined twice (first in {})", pol.name, first.display()),
+                            format!(
+                                "policy {} is defined twice (first in {})",
+                                pol.name,
+                                first.display()
+                            ),
                         )
                     });
                 } else {
@@ -153,9 +161,18 @@ fn build(
     }
     if !problems.is_empty() {
         // Files in input order; within a file, parse problems then violations in Kuma's order.
-        let order: HashMap<&Path, usize> = files.iter().enumerate().map(|(i, f)| (f.as_path(), i)).collect();
+        let order: HashMap<&Path, usize> = files
+            .iter()
+            .enumerate()
+            .map(|(i, f)| (f.as_path(), i))
+            .collect();
         problems.sort_by_key(|p| order.get(p.file.as_path()).copied().unwrap_or(0));
         return Err(PolicyError::Invalid(problems));
     }
-    Ok(PolicySet { mesh: mesh.to_string(), files, policies, notes })
+    Ok(PolicySet {
+        mesh: mesh.to_string(),
+        files,
+        policies,
+        notes,
+    })
 }

@@ -197,7 +197,8 @@ impl TryFrom<RawDoc> for Document {
 
     fn try_from(d: RawDoc) -> Result<Self, String> {
         let k8s = d.api_version.is_some() || d.kind.is_some() || d.metadata.is_some();
-        let universal = d.type_.is_some() || d.name.is_some() || d.mesh.is_some() || d.labels.is_some();
+        let universal =
+            d.type_.is_some() || d.name.is_some() || d.mesh.is_some() || d.labels.is_some();
         if k8s && universal {
             return Err("mixes Kubernetes fields (apiVersion, kind, metadata) with Universal fields (type, name, mesh, labels)".into());
         }
@@ -213,11 +214,15 @@ impl TryFrom<RawDoc> for Document {
                 return Ok(Document::List(d.items.unwrap_or_default()));
             }
             if kind != KIND {
-                return Err(format!("unsupported kind {kind:?}: only {KIND} (apiVersion {API_VERSION}) is accepted"));
+                return Err(format!(
+                    "unsupported kind {kind:?}: only {KIND} (apiVersion {API_VERSION}) is accepted"
+                ));
             }
             let api = d.api_version.map(|a| a.0).unwrap_or_default();
             if api != API_VERSION {
-                return Err(format!("unsupported apiVersion {api:?} for {KIND}: expected {API_VERSION}"));
+                return Err(format!(
+                    "unsupported apiVersion {api:?} for {KIND}: expected {API_VERSION}"
+                ));
             }
             let meta = d.metadata.ok_or("metadata.name must be defined")?;
             let name = meta.name.map(|n| n.0).unwrap_or_default();
@@ -246,7 +251,11 @@ impl TryFrom<RawDoc> for Document {
             if name.is_empty() {
                 return Err("name must be defined".into());
             }
-            let mesh = d.mesh.map(|m| m.0).filter(|m| !m.is_empty()).unwrap_or_else(|| "default".into());
+            let mesh = d
+                .mesh
+                .map(|m| m.0)
+                .filter(|m| !m.is_empty())
+                .unwrap_or_else(|| "default".into());
             return Ok(Document::Policy(Box::new(DocPolicy {
                 name,
                 namespace: None,
@@ -280,7 +289,10 @@ pub struct ParsedPolicy {
 /// Whether a path is a policy file by its extension (`.yaml`, `.yml`, `.json`).
 pub fn is_policy_file(p: &Path) -> bool {
     matches!(
-        p.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase()).as_deref(),
+        p.extension()
+            .and_then(|e| e.to_str())
+            .map(|e| e.to_ascii_lowercase())
+            .as_deref(),
         Some("yaml" | "yml" | "json")
     )
 }
@@ -301,7 +313,10 @@ pub fn collect_files(paths: &[PathBuf], problems: &mut Vec<Problem>) -> Vec<Path
 
 fn walk(dir: &Path, out: &mut Vec<PathBuf>, problems: &mut Vec<Problem>, depth: usize) {
     if depth > 32 {
-        problems.push(Problem::new(dir, "directory nesting too deep (symlink loop?)"));
+        problems.push(Problem::new(
+            dir,
+            "directory nesting too deep (symlink loop?)",
+        ));
         return;
     }
     let entries = match std::fs::read_dir(dir) {
@@ -357,8 +372,15 @@ pub fn parse_bytes(file: &Path, bytes: &[u8], problems: &mut Vec<Problem>) -> Ve
             return Vec::new();
         }
     };
-    let json = file.extension().and_then(|e| e.to_str()).is_some_and(|e| e.eq_ignore_ascii_case("json"));
-    let docs = if json { parse_json(file, text, problems) } else { parse_yaml(file, text, problems) };
+    let json = file
+        .extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("json"));
+    let docs = if json {
+        parse_json(file, text, problems)
+    } else {
+        parse_yaml(file, text, problems)
+    };
     let mut out = Vec::new();
     for d in docs {
         flatten(file, d, &mut out, problems, 0);
@@ -366,7 +388,13 @@ pub fn parse_bytes(file: &Path, bytes: &[u8], problems: &mut Vec<Problem>) -> Ve
     out
 }
 
-fn flatten(file: &Path, d: Document, out: &mut Vec<ParsedPolicy>, problems: &mut Vec<Problem>, depth: usize) {
+fn flatten(
+    file: &Path,
+    d: Document,
+    out: &mut Vec<ParsedPolicy>,
+    problems: &mut Vec<Problem>,
+    depth: usize,
+) {
     match d {
         Document::Policy(p) => {
             let p = *p;
@@ -397,7 +425,9 @@ fn flatten(file: &Path, d: Document, out: &mut Vec<ParsedPolicy>, problems: &mut
 fn yaml_doc_starts(text: &str) -> Vec<usize> {
     let mut starts = Vec::new();
     for (i, line) in text.lines().enumerate() {
-        let marker = line.strip_prefix("---").is_some_and(|r| r.is_empty() || r.starts_with([' ', '\t']));
+        let marker = line
+            .strip_prefix("---")
+            .is_some_and(|r| r.is_empty() || r.starts_with([' ', '\t']));
         if marker {
             starts.push(i + 1);
         } else if starts.is_empty() {
@@ -492,12 +522,18 @@ mod tests {
         assert!(e.is_empty(), "{e:?}");
         assert_eq!(p.len(), 2);
         assert_eq!((p[0].name.as_str(), p[0].mesh.as_str()), ("k", "m1"));
-        assert_eq!((p[1].name.as_str(), p[1].mesh.as_str(), p[1].index), ("u", "m2", 1));
+        assert_eq!(
+            (p[1].name.as_str(), p[1].mesh.as_str(), p[1].index),
+            ("u", "m2", 1)
+        );
     }
 
     #[test]
     fn unknown_field_has_position() {
-        let (_, e) = parse("a.yaml", "type: MeshPassthrough\nname: u\nspec:\n  default:\n    appendMatch:\n    - type: IP\n      value: 1.2.3.4\n      prot: tcp\n");
+        let (_, e) = parse(
+            "a.yaml",
+            "type: MeshPassthrough\nname: u\nspec:\n  default:\n    appendMatch:\n    - type: IP\n      value: 1.2.3.4\n      prot: tcp\n",
+        );
         assert_eq!(e.len(), 1);
         assert_eq!(e[0].position.map(|p| p.0), Some(8), "{}", e[0]);
         assert!(e[0].message.contains("unknown field `prot`"), "{}", e[0]);
@@ -505,7 +541,10 @@ mod tests {
 
     #[test]
     fn doc_errors_have_position() {
-        let (_, e) = parse("a.yaml", "type: MeshPassthrough\nname: u\n---\nkind: Foo\napiVersion: v1\nmetadata: {name: x}\n");
+        let (_, e) = parse(
+            "a.yaml",
+            "type: MeshPassthrough\nname: u\n---\nkind: Foo\napiVersion: v1\nmetadata: {name: x}\n",
+        );
         assert_eq!(e.len(), 1);
         assert_eq!(e[0].position, Some((3, 1)), "{}", e[0]);
         assert!(e[0].message.contains("unsupported kind"), "{}", e[0]);
@@ -518,16 +557,29 @@ mod tests {
             r#"{"type":"MeshPassthrough","name":"j","spec":{"default":{"appendMatch":[{"type":"IP","value":"1.2.3.4","protocol":1}]}}}"#,
         );
         assert!(e.is_empty(), "{e:?}");
-        let m = &p[0].spec.default.as_ref().unwrap().append_match.as_ref().unwrap()[0];
+        let m = &p[0]
+            .spec
+            .default
+            .as_ref()
+            .unwrap()
+            .append_match
+            .as_ref()
+            .unwrap()[0];
         assert_eq!(m.protocol.as_ref().unwrap().as_str(), "1");
-        let (_, e) = parse("a.json", r#"{"type":"MeshPassthrough","name":"j","spec":{"default":{"appendMatch":[{"type":"IP","value":"1.2.3.4","port":"80"}]}}}"#);
+        let (_, e) = parse(
+            "a.json",
+            r#"{"type":"MeshPassthrough","name":"j","spec":{"default":{"appendMatch":[{"type":"IP","value":"1.2.3.4","port":"80"}]}}}"#,
+        );
         assert_eq!(e.len(), 1);
         assert_eq!(e[0].position.map(|p| p.0), Some(1));
     }
 
     #[test]
     fn list_kind() {
-        let (p, e) = parse("a.yaml", "apiVersion: v1\nkind: List\nitems:\n- apiVersion: kuma.io/v1alpha1\n  kind: MeshPassthrough\n  metadata: {name: a}\n  spec: {}\n");
+        let (p, e) = parse(
+            "a.yaml",
+            "apiVersion: v1\nkind: List\nitems:\n- apiVersion: kuma.io/v1alpha1\n  kind: MeshPassthrough\n  metadata: {name: a}\n  spec: {}\n",
+        );
         assert!(e.is_empty(), "{e:?}");
         assert_eq!(p.len(), 1);
     }

@@ -87,7 +87,8 @@ fn s(v: &Option<Scalar>) -> &str {
 }
 
 fn plain(m: &Option<StrMap>) -> Option<BTreeMap<String, String>> {
-    m.as_ref().map(|m| m.iter().map(|(k, v)| (k.clone(), v.0.clone())).collect())
+    m.as_ref()
+        .map(|m| m.iter().map(|(k, v)| (k.clone(), v.0.clone())).collect())
 }
 
 /// Validates a parsed policy: every violation in Kuma's order, or the validated policy.
@@ -141,13 +142,24 @@ fn validate_target_ref(t: &RawTargetRef, v: &mut Vec<Violation>) -> Option<Targe
     let set = |x: &Option<Scalar>| !s(x).is_empty();
     let set_map = |x: &Option<StrMap>| x.as_ref().is_some_and(|m| !m.is_empty());
     let set_list = |x: &Option<Vec<Scalar>>| x.as_ref().is_some_and(|l| !l.is_empty());
-    let not_set = |field: &str| (field.to_string(), format!("must not be set with kind {kind}"));
-    let proxy_types = t.proxy_types.as_ref().map(|l| l.iter().map(|x| x.0.clone()).collect::<Vec<_>>());
+    let not_set = |field: &str| {
+        (
+            field.to_string(),
+            format!("must not be set with kind {kind}"),
+        )
+    };
+    let proxy_types = t
+        .proxy_types
+        .as_ref()
+        .map(|l| l.iter().map(|x| x.0.clone()).collect::<Vec<_>>());
     let mut out: Vec<Violation> = Vec::new();
     let target = match kind {
         "Mesh" => {
             if set(&t.name) {
-                out.push(("name".into(), format!("using name with kind {kind} is not yet supported")));
+                out.push((
+                    "name".into(),
+                    format!("using name with kind {kind} is not yet supported"),
+                ));
             }
             for (f, is) in [
                 ("mesh", set(&t.mesh)),
@@ -161,21 +173,34 @@ fn validate_target_ref(t: &RawTargetRef, v: &mut Vec<Violation>) -> Option<Targe
                 }
             }
             if t.proxy_types.as_ref().is_some_and(|l| l.is_empty()) {
-                out.push(("proxyTypes".into(), "must be undefined or have at least one element".into()));
+                out.push((
+                    "proxyTypes".into(),
+                    "must be undefined or have at least one element".into(),
+                ));
             }
             Target::Mesh { proxy_types }
         }
         "Dataplane" => {
-            for (f, is) in [("tags", set_map(&t.tags)), ("mesh", set(&t.mesh)), ("proxyTypes", set_list(&t.proxy_types))] {
+            for (f, is) in [
+                ("tags", set_map(&t.tags)),
+                ("mesh", set(&t.mesh)),
+                ("proxyTypes", set_list(&t.proxy_types)),
+            ] {
                 if is {
                     out.push(not_set(f));
                 }
             }
             if set_map(&t.labels) && (set(&t.name) || set(&t.namespace)) {
-                out.push(("labels".into(), "either labels or name and namespace must be specified".into()));
+                out.push((
+                    "labels".into(),
+                    "either labels or name and namespace must be specified".into(),
+                ));
             }
             if set(&t.section_name) {
-                out.push(("sectionName".into(), "can only be used with inbound policies".into()));
+                out.push((
+                    "sectionName".into(),
+                    "can only be used with inbound policies".into(),
+                ));
             }
             Target::Dataplane {
                 name: Some(s(&t.name).to_string()).filter(|n| !n.is_empty()),
@@ -202,7 +227,10 @@ fn validate_target_ref(t: &RawTargetRef, v: &mut Vec<Violation>) -> Option<Targe
                 }
             }
             if t.proxy_types.as_ref().is_some_and(|l| l.is_empty()) {
-                out.push(("proxyTypes".into(), "must be undefined or have at least one element".into()));
+                out.push((
+                    "proxyTypes".into(),
+                    "must be undefined or have at least one element".into(),
+                ));
             }
             Target::MeshSubset { tags, proxy_types }
         }
@@ -210,7 +238,11 @@ fn validate_target_ref(t: &RawTargetRef, v: &mut Vec<Violation>) -> Option<Targe
     let ok = out.is_empty();
     for (f, m) in out {
         // Kuma's concat: `[` elements attach directly, fields get a dot.
-        let field = if f.starts_with('[') { format!("{P}{f}") } else { format!("{P}.{f}") };
+        let field = if f.starts_with('[') {
+            format!("{P}{f}")
+        } else {
+            format!("{P}.{f}")
+        };
         v.push((field, m));
     }
     ok.then_some(target)
@@ -218,8 +250,14 @@ fn validate_target_ref(t: &RawTargetRef, v: &mut Vec<Violation>) -> Option<Targe
 
 /// Kuma's `ValidateTags` (tag names/values character sets), keys in sorted order.
 fn validate_tags(tags: &BTreeMap<String, String>, out: &mut Vec<Violation>) {
-    let name_ok = |k: &str| k.bytes().all(|b| b.is_ascii_alphanumeric() || b".-_:/".contains(&b));
-    let value_ok = |k: &str| k.bytes().all(|b| b.is_ascii_alphanumeric() || b".-_:".contains(&b));
+    let name_ok = |k: &str| {
+        k.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b".-_:/".contains(&b))
+    };
+    let value_ok = |k: &str| {
+        k.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b".-_:".contains(&b))
+    };
     for (k, val) in tags {
         let key_path = format!("tags[{}]", go_quote(k));
         if k.is_empty() {
@@ -232,7 +270,11 @@ fn validate_tags(tags: &BTreeMap<String, String>, out: &mut Vec<Violation>) {
             out.push((key_path.clone(), "tag value must be non-empty".into()));
         }
         if !value_ok(val) {
-            out.push((key_path, "tag value must consist of alphanumeric characters, dots, dashes and underscores".into()));
+            out.push((
+                key_path,
+                "tag value must consist of alphanumeric characters, dots, dashes and underscores"
+                    .into(),
+            ));
         }
     }
 }
@@ -257,7 +299,11 @@ fn go_quote(s: &str) -> String {
     out
 }
 
-fn validate_matches(p: &ParsedPolicy, list: &[super::parse::RawMatch], v: &mut Vec<Violation>) -> Vec<Match> {
+fn validate_matches(
+    p: &ParsedPolicy,
+    list: &[super::parse::RawMatch],
+    v: &mut Vec<Violation>,
+) -> Vec<Match> {
     // Order-independent L7-per-port rule: the first L7 protocol written for a port owns it.
     let mut l7_owner: HashMap<u32, &str> = HashMap::new();
     for m in list {
@@ -279,30 +325,38 @@ fn validate_matches(p: &ParsedPolicy, list: &[super::parse::RawMatch], v: &mut V
             v.push((at("port"), "port must be defined for Mysql protocol".into()));
         }
         // V2
-        if let Some(port) = m.port {
-            if port == 0 || port > 65535 {
-                v.push((at("port"), "port must be a valid (1-65535)".into()));
-            }
+        if let Some(port) = m.port
+            && (port == 0 || port > 65535)
+        {
+            v.push((at("port"), "port must be a valid (1-65535)".into()));
         }
         // V3 (order-independent, see the module doc)
-        if let Some(port) = m.port {
-            if matches!(proto, "grpc" | "http" | "http2") && l7_owner.get(&port).is_some_and(|o| *o != proto) {
-                v.push((
-                    at("port"),
-                    "using the same port in multiple matches requires the same protocol for the following protocols: [grpc http http2]".into(),
-                ));
-            }
+        if let Some(port) = m.port
+            && matches!(proto, "grpc" | "http" | "http2")
+            && l7_owner.get(&port).is_some_and(|o| *o != proto)
+        {
+            v.push((
+                at("port"),
+                "using the same port in multiple matches requires the same protocol for the following protocols: [grpc http http2]".into(),
+            ));
         }
         // V4
-        if let Some(port) = m.port {
-            if !seen_values.entry((port, proto)).or_default().insert(value) {
-                v.push((at("value"), format!("value {value} is already defiend for this port and protocol")));
-            }
+        if let Some(port) = m.port
+            && !seen_values.entry((port, proto)).or_default().insert(value)
+        {
+            v.push((
+                at("value"),
+                format!("value {value} is already defiend for this port and protocol"),
+            ));
         }
         // V5
         let protocol = Protocol::from_policy(proto);
         if protocol.is_none() {
-            v.push((at("protocol"), r#""protocol" must be one of ["tcp", "tls", "grpc", "http", "http2", "mysql"]"#.into()));
+            v.push((
+                at("protocol"),
+                r#""protocol" must be one of ["tcp", "tls", "grpc", "http", "http2", "mysql"]"#
+                    .into(),
+            ));
         }
         let mut net = None;
         let mk = match kind {
@@ -325,15 +379,24 @@ fn validate_matches(p: &ParsedPolicy, list: &[super::parse::RawMatch], v: &mut V
             "Domain" => {
                 // V8
                 if proto == "tcp" || proto == "mysql" {
-                    v.push((at("protocol"), format!("protocol {proto} is not supported for a domain")));
+                    v.push((
+                        at("protocol"),
+                        format!("protocol {proto} is not supported for a domain"),
+                    ));
                 }
                 // V9: `^\*[^.]+`
                 if value.starts_with('*') && value[1..].chars().next().is_some_and(|c| c != '.') {
                     v.push((at("value"), "provided DNS has incorrect value, partial wildcard is currently not supported".into()));
                 }
                 // V10
-                if m.port.is_none() && value.starts_with('*') && matches!(proto, "grpc" | "http" | "http2") {
-                    v.push((at("port"), "wildcard domains doesn't work for all ports and layer 7 protocol".into()));
+                if m.port.is_none()
+                    && value.starts_with('*')
+                    && matches!(proto, "grpc" | "http" | "http2")
+                {
+                    v.push((
+                        at("port"),
+                        "wildcard domains doesn't work for all ports and layer 7 protocol".into(),
+                    ));
                 }
                 // V11
                 let rest = value.strip_prefix("*.").unwrap_or(value);
@@ -348,17 +411,21 @@ fn validate_matches(p: &ParsedPolicy, list: &[super::parse::RawMatch], v: &mut V
                 None
             }
         };
-        if v.len() == before {
-            if let (Some(kind), Some(protocol)) = (mk, protocol) {
-                out.push(Match {
-                    kind,
-                    value: value.to_string(),
-                    net,
-                    port: m.port.and_then(|p| u16::try_from(p).ok()),
-                    protocol,
-                    origin: MatchOrigin { file: p.file.clone(), policy: p.name.clone(), index: i },
-                });
-            }
+        if v.len() == before
+            && let (Some(kind), Some(protocol)) = (mk, protocol)
+        {
+            out.push(Match {
+                kind,
+                value: value.to_string(),
+                net,
+                port: m.port.and_then(|p| u16::try_from(p).ok()),
+                protocol,
+                origin: MatchOrigin {
+                    file: p.file.clone(),
+                    policy: p.name.clone(),
+                    index: i,
+                },
+            });
         }
     }
     out
@@ -380,7 +447,8 @@ pub fn is_dns_name(s: &str) -> bool {
                 !b.is_empty()
                     && b.len() <= 63
                     && (b[0].is_ascii_alphanumeric() || b[0] == b'_')
-                    && b.iter().all(|&c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-')
+                    && b.iter()
+                        .all(|&c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-')
             })
     }
     labels_ok(s) || ((s.ends_with('.') || s.ends_with('_')) && labels_ok(&s[..s.len() - 1]))
@@ -392,11 +460,30 @@ mod tests {
 
     #[test]
     fn dns_names() {
-        for ok in ["example.com", "EXAMPLE.com", "a_b.example.com", "example.com.", "localhost", "a-", "x_", "_a"] {
+        for ok in [
+            "example.com",
+            "EXAMPLE.com",
+            "a_b.example.com",
+            "example.com.",
+            "localhost",
+            "a-",
+            "x_",
+            "_a",
+        ] {
             assert!(is_dns_name(ok), "{ok}");
         }
         let long = "a".repeat(64);
-        for bad in ["", "-a.com", "a..b", ".", "example.com:443", "1.2.3.4", "hello@world", long.as_str(), "é.com"] {
+        for bad in [
+            "",
+            "-a.com",
+            "a..b",
+            ".",
+            "example.com:443",
+            "1.2.3.4",
+            "hello@world",
+            long.as_str(),
+            "é.com",
+        ] {
             assert!(!is_dns_name(bad), "{bad}");
         }
         assert!(is_dns_name(&format!("{}_", "a".repeat(63))));

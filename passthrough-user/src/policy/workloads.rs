@@ -16,7 +16,7 @@ use std::{
 
 use serde::Deserialize;
 
-use super::{error::Problem, model::Workload, parse::Scalar, PolicyError};
+use super::{PolicyError, error::Problem, model::Workload, parse::Scalar};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -29,8 +29,9 @@ struct RawWorkload {
 
 /// Reads a workloads file.
 pub fn load_workloads(path: &Path) -> Result<Vec<Workload>, PolicyError> {
-    let bytes = std::fs::read(path)
-        .map_err(|e| PolicyError::Workloads(vec![Problem::new(path, format!("cannot read: {e}"))]))?;
+    let bytes = std::fs::read(path).map_err(|e| {
+        PolicyError::Workloads(vec![Problem::new(path, format!("cannot read: {e}"))])
+    })?;
     parse_workloads(path, &bytes)
 }
 
@@ -56,11 +57,17 @@ pub fn parse_workloads(file: &Path, bytes: &[u8]) -> Result<Vec<Workload>, Polic
     let mut out = Vec::new();
     for (i, w) in raw.unwrap_or_default().into_iter().enumerate() {
         if w.name.0.is_empty() {
-            problems.push(Problem { field: Some(format!("[{i}].name")), ..Problem::new(file, "must be defined") });
+            problems.push(Problem {
+                field: Some(format!("[{i}].name")),
+                ..Problem::new(file, "must be defined")
+            });
             continue;
         }
         if w.cgroup.as_os_str().is_empty() {
-            problems.push(Problem { field: Some(format!("[{i}].cgroup")), ..Problem::new(file, "must be defined") });
+            problems.push(Problem {
+                field: Some(format!("[{i}].cgroup")),
+                ..Problem::new(file, "must be defined")
+            });
             continue;
         }
         if !seen.insert(w.name.0.clone()) {
@@ -76,7 +83,11 @@ pub fn parse_workloads(file: &Path, bytes: &[u8]) -> Result<Vec<Workload>, Polic
             labels: w.labels.into_iter().map(|(k, v)| (k, v.0)).collect(),
         });
     }
-    if problems.is_empty() { Ok(out) } else { Err(PolicyError::Workloads(problems)) }
+    if problems.is_empty() {
+        Ok(out)
+    } else {
+        Err(PolicyError::Workloads(problems))
+    }
 }
 
 #[cfg(test)]
@@ -93,10 +104,22 @@ mod tests {
         assert_eq!(w.len(), 2);
         assert_eq!(w[0].labels.get("v").map(String::as_str), Some("2"));
         assert!(w[1].labels.is_empty());
-        assert!(parse_workloads(Path::new("w.yaml"), b"").unwrap().is_empty());
-        let e = parse_workloads(Path::new("w.yaml"), b"- name: a\n  cgroup: x\n  label: {}\n").unwrap_err();
+        assert!(
+            parse_workloads(Path::new("w.yaml"), b"")
+                .unwrap()
+                .is_empty()
+        );
+        let e = parse_workloads(
+            Path::new("w.yaml"),
+            b"- name: a\n  cgroup: x\n  label: {}\n",
+        )
+        .unwrap_err();
         assert!(e.to_string().starts_with("w.yaml:3:"), "{e}");
-        let e = parse_workloads(Path::new("w.yaml"), b"- {name: a, cgroup: x}\n- {name: a, cgroup: y}\n").unwrap_err();
+        let e = parse_workloads(
+            Path::new("w.yaml"),
+            b"- {name: a, cgroup: x}\n- {name: a, cgroup: y}\n",
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("duplicate"), "{e}");
         assert!(parse_workloads(Path::new("w.yaml"), b"name: a\n").is_err());
     }
