@@ -1,0 +1,261 @@
+//! `pt-bench`: benchmarks of the kernel path (run by `cargo xtask bench`).
+//!
+//! `connect`: connect() latency on the loopback device of a private network namespace, with no
+//! program attached vs. with passthrough's programs holding 10 / 1,000 / 100,000 CIDR matches.
+//! Destinations rotate over 512 documentation-range addresses routed to `lo` (AnyIP), so every
+//! connect runs the full decision (loopback itself is exempt by rule 1 and would measure
+//! nothing). Rounds are interleaved (none, 10, 1k, 100k, none, ...) and medians reported, with
+//! ratios to the no-program baseline of the same run. Also reports compile and load time of the
+//! 100,000-match plan.
+
+use std::{
+    io::Write as _,
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use passthrough_tests::{CLIENT_NS_PREFIX, TestCgroup, cgroup::cgroup2_mount, netns::netns_path, run, unique_suffix};
+use passthrough_user::{
+    kernel::{Capacities, Kernel},
+    plan::{self, PlanOptions},
+    policy::{Match, MatchKind, MatchOrigin, MergedConf, Mode, Protocol},
+};
+
+const PORT: u16 = 9000;
+const SIZES: [usize; 3] = [10, 1_000, 100_000];
+
+/// A tiny deterministic PRNG (xorshift64*): the rule sets are the same in every run.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+}
+
+fn destinations() -> Vec<SocketAddr> {
+    let mut v = Vec::new();
+    for base in [[198, 51, 100], [203, 0, 113]] {
+        for last in 0..=255u8 {
+            v.push(SocketAddr::new(IpAddr::V4(Ipv4Addr::new(base[0], base[1], base[2], last)), PORT));
+        }
+    }
+    // Interleave the two /24s and spread neighbours apart.
+    let mut rng = Rng(7);
+    for i in (1..v.len()).rev() {
+        let j = (rng.next() % (i as u64 + 1)) as usize;
+        v.swap(i, j);
+    }
+    v
+}
+
+fn m(value: String, net: ipnet::IpNet, port: Option<u16>, index: usize) -> Match {
+    Match {
+        kind: MatchKind::Cidr,
+        value,
+        net: Some(net),
+        port,
+        protocol: Protocol::Tcp,
+        origin: MatchOrigin { file: PathBuf::from("bench"), policy: "bench".into(), index },
+    }
+}
+
+/// `n` CIDR matches: the 512 destinations are covered by four /25s (two with the port, two
+/// port-less); the rest are random prefixes (/8–/32) across the IPv4 space, a third of them
+/// inside 198.0.0.0/8 and 203.0.0.0/8 so lookups walk deep paths next to the destinations.
+fn conf(n: usize) -> MergedConf {
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ n as u64);
+    let mut matches = Vec::with_capacity(n);
+    for (i, base) in [[198u8, 51, 100], [203, 0, 113]].iter().enumerate() {
+        for k in 0..2u8 {
+            let net: ipnet::IpNet = format!("{}.{}.{}.{}/25", base[0], base[1], base[2], k * 128).parse().expect("valid");
+            let port = if (k + i as u8) % 2 == 0 { Some(PORT) } else { None };
+            matches.push(m(net.to_string(), net, port, matches.len()));
+        }
+    }
+    while matches.len() < n {
+        let r = rng.next();
+        let len = 8 + (r % 25) as u8;
+        let mut addr = (r >> 16) as u32;
+        if r % 3 == 0 {
+            addr = (addr & 0x00ff_ffff) | if r & 8 == 0 { 198 << 24 } else { 203 << 24 };
+        }
+        let net = ipnet::IpNet::V4(ipnet::Ipv4Net::new(Ipv4Addr::from(addr), len).expect("len <= 32").trunc());
+        let port = if r % 5 == 0 { Some(1 + (r % 65535) as u16) } else { None };
+        matches.push(m(net.to_string(), net, port, matches.len()));
+    }
+    MergedConf { mode: Mode::Matched, matches, policies: vec!["bench".into()] }
+}
+
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Times `count` connect() calls (only the syscall) to rotating destinations.
+fn measure(dsts: &[SocketAddr], count: usize) -> anyhow::Result<Vec<u64>> {
+    let mut out = Vec::with_capacity(count);
+    for i in 0..count {
+        let dst = dsts[i % dsts.len()];
+        let t = Instant::now();
+        let s = TcpStream::connect_timeout(&dst, Duration::from_secs(2)).with_context(|| format!("connect {dst}"))?;
+        out.push(t.elapsed().as_nanos() as u64);
+        // RST on close: no TIME_WAIT pile-up across hundreds of thousands of connects.
+        socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO))?;
+        drop(s);
+    }
+    out.sort_unstable();
+    Ok(out)
+}
+
+struct Row {
+    label: String,
+    p50: Vec<f64>,
+    p99: Vec<f64>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let which = args.iter().find(|a| !a.starts_with("--")).cloned().unwrap_or_else(|| "all".into());
+    if which != "all" && which != "connect" {
+        anyhow::bail!("unknown bench {which:?}; one of: connect, all");
+    }
+    let rounds = if quick { 1 } else { 3 };
+    let count = if quick { 3_000 } else { 30_000 };
+
+    // A private netns with the destinations routed to lo, and this process inside it and
+    // inside a test cgroup (the attachment point). The guards clean up on every exit path.
+    let ns = BenchNs::new()?;
+    ns.enter_current_thread()?;
+    let listener = TcpListener::bind(("0.0.0.0", PORT))?;
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            drop(s);
+        }
+    });
+    let cg = TestCgroup::new()?;
+    let _back = MoveBack::into(&cg)?;
+
+    let dsts = destinations();
+    measure(&dsts, count / 10)?; // warm up
+    let mut rows: Vec<Row> = std::iter::once("no program".to_string())
+        .chain(SIZES.iter().map(|n| format!("{n} CIDR matches")))
+        .map(|label| Row { label, p50: vec![], p99: vec![] })
+        .collect();
+    let mut compile_ms = vec![];
+    let mut load_ms = vec![];
+    let mut prog_load_ms = vec![];
+    let confs: Vec<MergedConf> = SIZES.iter().map(|n| conf(*n)).collect();
+    for round in 0..rounds {
+        for (i, row) in rows.iter_mut().enumerate() {
+            let _kernel = if i == 0 {
+                None
+            } else {
+                let t = Instant::now();
+                let mut k = Kernel::load(Capacities::default(), 0, 0)?;
+                let t_prog = t.elapsed();
+                let t = Instant::now();
+                let p = plan::compile(k.next_generation(), &[(cg.id(), &confs[i - 1])], &PlanOptions::default());
+                let t_compile = t.elapsed();
+                let t = Instant::now();
+                k.apply(p)?;
+                let t_load = t.elapsed();
+                k.attach(cg.path())?;
+                if SIZES[i - 1] == 100_000 {
+                    prog_load_ms.push(t_prog.as_secs_f64() * 1e3);
+                    compile_ms.push(t_compile.as_secs_f64() * 1e3);
+                    load_ms.push(t_load.as_secs_f64() * 1e3);
+                }
+                Some(k)
+            };
+            let samples = measure(&dsts, count)?;
+            row.p50.push(percentile(&samples, 0.5) as f64);
+            row.p99.push(percentile(&samples, 0.99) as f64);
+            eprintln!("round {round}: {:<20} p50 {:>7} ns  p99 {:>7} ns", row.label, percentile(&samples, 0.5), percentile(&samples, 0.99));
+        }
+    }
+    drop(_back);
+
+    let base50 = median(rows[0].p50.clone());
+    let base99 = median(rows[0].p99.clone());
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "\n## connect() on loopback, destinations rotating over 512 addresses ({rounds} interleaved rounds × {count} connects, medians)\n")?;
+    writeln!(out, "| configuration | p50 ns | p99 ns | p50 ratio to no program | added p50 ns |")?;
+    writeln!(out, "|---|---:|---:|---:|---:|")?;
+    for row in &rows {
+        let p50 = median(row.p50.clone());
+        let p99 = median(row.p99.clone());
+        // Added cost per round (same round's baseline), then the median across rounds.
+        let added = median(row.p50.iter().zip(&rows[0].p50).map(|(a, b)| a - b).collect());
+        writeln!(out, "| {} | {:.0} | {:.0} | {:.3} | {:+.0} |", row.label, p50, p99, p50 / base50, added)?;
+    }
+    let _ = base99;
+    writeln!(out, "\n## 100,000 CIDR matches: compile and load (median of {rounds})\n")?;
+    writeln!(out, "| step | ms |\n|---|---:|")?;
+    writeln!(out, "| load + verify the 4 programs | {:.1} |", median(prog_load_ms.clone()))?;
+    writeln!(out, "| compile the plan (pure) | {:.1} |", median(compile_ms.clone()))?;
+    writeln!(out, "| write the maps (bpf syscalls) | {:.1} |", median(load_ms.clone()))?;
+    writeln!(out, "| compile + load total | {:.1} |", median(compile_ms.iter().zip(&load_ms).map(|(a, b)| a + b).collect()))?;
+    drop(ns);
+    Ok(())
+}
+
+/// A network namespace with 198.51.100.0/24 and 203.0.113.0/24 routed to its `lo` (AnyIP).
+struct BenchNs(String);
+
+impl BenchNs {
+    fn new() -> anyhow::Result<Self> {
+        let name = format!("{CLIENT_NS_PREFIX}{}", unique_suffix());
+        run("ip", &["netns", "add", &name])?;
+        let ns = BenchNs(name);
+        run("ip", &["-n", &ns.0, "link", "set", "lo", "up"])?;
+        run("ip", &["-n", &ns.0, "route", "add", "local", "198.51.100.0/24", "dev", "lo"])?;
+        run("ip", &["-n", &ns.0, "route", "add", "local", "203.0.113.0/24", "dev", "lo"])?;
+        Ok(ns)
+    }
+
+    fn enter_current_thread(&self) -> anyhow::Result<()> {
+        use std::os::fd::AsRawFd as _;
+        let f = std::fs::File::open(netns_path(&self.0))?;
+        // SAFETY: valid netns fd; affects this (main) thread, where all connects run.
+        if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(std::io::Error::last_os_error()).context("setns");
+        }
+        Ok(())
+    }
+}
+
+impl Drop for BenchNs {
+    fn drop(&mut self) {
+        let _ = run("ip", &["netns", "del", &self.0]);
+    }
+}
+
+/// Moves this process into a cgroup and, on drop, back to where it was (the test cgroup's
+/// own drop kills whatever is still inside, which must not be us).
+struct MoveBack(PathBuf);
+
+impl MoveBack {
+    fn into(cg: &TestCgroup) -> anyhow::Result<Self> {
+        let own = std::fs::read_to_string("/proc/self/cgroup")?;
+        let rel = own.lines().find_map(|l| l.strip_prefix("0::")).context("no cgroup v2 line")?.trim().to_string();
+        let back = cgroup2_mount()?.join(rel.trim_start_matches('/'));
+        cg.add_pid(std::process::id())?;
+        Ok(MoveBack(back))
+    }
+}
+
+impl Drop for MoveBack {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.0.join("cgroup.procs"), std::process::id().to_string());
+    }
+}
