@@ -994,6 +994,7 @@ fn explain_json_shape() {
     assert_eq!(j["match"]["port"], 443);
     assert_eq!(j["match"]["policy"], "app-egress");
     assert!(j["reason"].as_str().unwrap().contains("IP/CIDR"));
+    assert_eq!(j["rule"], "address_match");
 
     let j = explain_json(&explain_args("203.0.113.50:443"));
     assert_eq!(
@@ -1268,4 +1269,39 @@ fn yaml_value() -> impl Strategy<Value = serde_json::Value> {
             .prop_map(|m| Value::Object(m.into_iter().collect())),
         ]
     })
+}
+
+/// 100,000 matches parse, validate and merge (timing is the benchmark's job; this shows the
+/// path works at that size). `cargo test --release -- --ignored large_policy_set` for a figure.
+#[test]
+#[ignore = "slow in debug builds"]
+fn large_policy_set() {
+    let mut y =
+        String::from("type: MeshPassthrough\nname: big\nspec:\n  default:\n    appendMatch:\n");
+    for i in 0..100_000u32 {
+        let (a, b) = (i / 256, i % 256);
+        match i % 4 {
+            0 => y.push_str(&format!(
+                "    - {{type: IP, value: 10.{}.{}.{b}, port: {}}}\n",
+                i % 200,
+                a % 256,
+                1 + i % 60000
+            )),
+            1 => y.push_str(&format!(
+                "    - {{type: CIDR, value: 172.16.{}.{b}/28}}\n",
+                a % 256
+            )),
+            2 => y.push_str(&format!(
+                "    - {{type: Domain, value: h{i}.example.com, port: 443, protocol: tls}}\n"
+            )),
+            _ => y.push_str(&format!(
+                "    - {{type: IP, value: '2001:db8::{a:x}:{b:x}', port: 8443}}\n"
+            )),
+        }
+    }
+    let t = std::time::Instant::now();
+    let set = load_policy_bytes(Path::new("big.yaml"), y.as_bytes(), "default").unwrap();
+    let conf = set.merge_for(&wl("w", &[]), Mode::All);
+    eprintln!("100k matches: {:?}", t.elapsed());
+    assert_eq!(conf.matches.len(), 100_000);
 }

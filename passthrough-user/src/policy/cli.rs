@@ -246,7 +246,7 @@ pub fn decision_json(
         "path": d.verdict.path(),
         "decision": d.verdict,
         "reason": d.reason.to_string(),
-        "rule": d.reason,
+        "rule": d.reason.code(),
         "match": d.matched.map(match_json),
         "candidates": d.candidates.iter().map(|m| match_json(m)).collect::<Vec<_>>(),
         "destination": conn.dst.to_string(),

@@ -155,6 +155,28 @@ fn ser_display<S: serde::Serializer>(v: &IpNet, s: S) -> Result<S::Ok, S::Error>
     s.collect_str(v)
 }
 
+impl Reason {
+    /// A stable snake_case code for the rule (`loopback`, `address_match`, `no_match`, …).
+    pub fn code(&self) -> &'static str {
+        match self {
+            Reason::Loopback => "loopback",
+            Reason::Internal { .. } => "internal",
+            Reason::Resolver => "resolver",
+            Reason::ModeAll => "mode_all",
+            Reason::ModeNone => "mode_none",
+            Reason::AddressMatch => "address_match",
+            Reason::UdpNotCovered => "udp_not_covered",
+            Reason::DomainCandidates { .. } => "domain_candidates",
+            Reason::NoMatch => "no_match",
+            Reason::DomainMatch => "domain_match",
+            Reason::NoDomainMatch { .. } => "no_domain_match",
+            Reason::NoSni => "no_sni",
+            Reason::IpLiteral { .. } => "ip_literal",
+            Reason::BadName { .. } => "bad_name",
+        }
+    }
+}
+
 impl std::fmt::Display for Reason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

@@ -19,7 +19,7 @@ use std::{
 use super::{
     ip,
     model::{Match, MatchKind, MatchOrigin, Mode, Protocol},
-    parse::{ParsedPolicy, RawTargetRef, Scalar, StrMap},
+    parse::{ParsedPolicy, RawConf, RawTargetRef, Scalar, StrMap},
 };
 
 /// A `(field, message)` violation, the field rooted at `spec`.
@@ -98,7 +98,8 @@ pub fn validate(p: &ParsedPolicy) -> Result<Policy, Vec<Violation>> {
         None => Some(Target::Mesh { proxy_types: None }),
         Some(t) => validate_target_ref(t, &mut v),
     };
-    let conf = p.spec.default.clone().unwrap_or_default();
+    let empty = RawConf::default();
+    let conf = p.spec.default.as_ref().unwrap_or(&empty);
     let mode = match conf.passthrough_mode.as_ref().map(Scalar::as_str) {
         None => None,
         Some("") | Some("Matched") => Some(Mode::Matched),
