@@ -317,20 +317,7 @@ pub fn run_explain(args: &ExplainArgs, out: &mut impl Write) -> anyhow::Result<(
 }
 
 fn describe(m: &Match) -> String {
-    let port = m
-        .port
-        .map(|p| p.to_string())
-        .unwrap_or_else(|| "any port".into());
-    format!(
-        "{} {} port {} protocol {} (policy {}, appendMatch[{}], {})",
-        m.kind,
-        m.value,
-        port,
-        m.protocol,
-        m.origin.policy,
-        m.origin.index,
-        m.origin.file.display()
-    )
+    m.to_string()
 }
 
 #[cfg(test)]

@@ -193,20 +193,20 @@ impl Match {
 }
 
 impl fmt::Display for Match {
-    /// `Domain example.com:443/tls` style, with `*` for an unset port.
+    /// `Domain *.example.com port 443 protocol tls (policy NAME, appendMatch[2], FILE)`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} {}", self.kind, self.value)?;
+        write!(f, "{} {} port ", self.kind, self.value)?;
         match self.port {
-            Some(p) => write!(f, " port {p}")?,
-            None => f.write_str(" any port")?,
+            Some(p) => write!(f, "{p}")?,
+            None => f.write_str("any")?,
         }
         write!(
             f,
-            " protocol {} ({} {}[{}])",
+            " protocol {} (policy {}, appendMatch[{}], {})",
             self.protocol,
-            self.origin.file.display(),
             self.origin.policy,
-            self.origin.index
+            self.origin.index,
+            self.origin.file.display()
         )
     }
 }
