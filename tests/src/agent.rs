@@ -139,14 +139,13 @@ impl AgentBuilder {
         }
         let child = cmd.spawn().with_context(|| format!("spawning {}", bin.display()))?;
         let cmdline = format!("{} {}", bin.display(), args.join(" "));
-        Ok(Agent { child: Some(child), admin, log_path, state_dir, cmdline, applied_seen: 0, _tmp: tmp })
+        Ok(Agent { child: Some(child), admin, log_path, state_dir, cmdline, _tmp: tmp })
     }
 
     /// Starts the agent and waits (≤ [`READY_TIMEOUT`]) until `GET /readyz` answers 200.
     pub fn start(self) -> Result<Agent> {
         let mut agent = self.spawn()?;
         agent.wait_ready()?;
-        agent.applied_seen = agent.applied_generations().len();
         Ok(agent)
     }
 
@@ -190,7 +189,6 @@ pub struct Agent {
     log_path: PathBuf,
     state_dir: PathBuf,
     cmdline: String,
-    applied_seen: usize,
     _tmp: tempfile::TempDir,
 }
 
@@ -264,21 +262,30 @@ impl Agent {
         Ok(())
     }
 
-    /// SIGHUP, then waits (≤ [`RELOAD_TIMEOUT`]) for the next `policy applied generation=<N>`
-    /// line. Returns N.
+    /// SIGHUP, then waits (≤ [`RELOAD_TIMEOUT`]) for a `policy applied generation=<N>` line
+    /// printed after the signal. Returns N.
     pub fn reload(&mut self) -> Result<u64> {
+        let seen = self.applied_generations().len();
         self.signal(libc::SIGHUP)?;
-        self.wait_applied()
+        self.wait_applied_after(seen)
     }
 
-    /// Waits for the next successful apply (e.g. after the file watcher saw a change). Returns its
-    /// generation.
-    pub fn wait_applied(&mut self) -> Result<u64> {
+    /// Rewrites the policy file `path` with `yaml` (atomically) and reloads (SIGHUP). Waits for an
+    /// apply that happened after the write, whether the file watcher or the signal caused it, so
+    /// the returned generation carries the new content. Returns N of that apply.
+    pub fn update_policy(&mut self, path: &Path, yaml: &str) -> Result<u64> {
+        let seen = self.applied_generations().len();
+        write_file(path, yaml);
+        self.signal(libc::SIGHUP)?;
+        self.wait_applied_after(seen)
+    }
+
+    /// Waits until more than `seen` apply lines were printed. Returns the newest generation.
+    pub fn wait_applied_after(&mut self, seen: usize) -> Result<u64> {
         let deadline = Instant::now() + RELOAD_TIMEOUT;
         loop {
             let gens = self.applied_generations();
-            if gens.len() > self.applied_seen {
-                self.applied_seen = gens.len();
+            if gens.len() > seen {
                 return Ok(*gens.last().unwrap());
             }
             if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {

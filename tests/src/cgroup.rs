@@ -185,3 +185,20 @@ fn collect_dirs(dir: &Path, out: &mut Vec<PathBuf>) {
         }
     }
 }
+
+/// Programs attached directly to `dir`, as `bpftool cgroup show` lists them (one line each), or
+/// `None` when bpftool is not installed or failed.
+pub fn attached_programs(dir: &Path) -> Option<Vec<String>> {
+    let out = std::process::Command::new("bpftool").arg("cgroup").arg("show").arg(dir).output().ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    Some(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with("ID"))
+            .map(String::from)
+            .collect(),
+    )
+}
