@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use passthrough_user::agent;
+use passthrough_user::{agent, policy};
 
 #[derive(Debug, Parser)]
 #[command(name = "passthrough", version, about = "Enforce Kuma MeshPassthrough egress policy with eBPF")]
@@ -19,6 +19,10 @@ struct Cli {
 enum Command {
     /// Run the agent in the foreground (SIGTERM/SIGINT: detach and exit; SIGHUP: reload).
     Run(agent::RunArgs),
+    /// Validate policy files: one line per violation `FILE: spec.path: message`; exit 1 if any.
+    Check(policy::cli::CheckArgs),
+    /// The decision for one connection and the match that made it, without touching the kernel.
+    Explain(policy::cli::ExplainArgs),
 }
 
 fn init_logging(format: &str) {
@@ -39,6 +43,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.log_format);
     let result = match cli.command {
+        Command::Check(args) => match args.run(&mut std::io::stdout().lock()) {
+            Ok(true) => Ok(()),
+            Ok(false) => return ExitCode::FAILURE,
+            Err(e) => Err(e),
+        },
+        Command::Explain(args) => policy::cli::run_explain(&args, &mut std::io::stdout().lock()),
         Command::Run(args) => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()

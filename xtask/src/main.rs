@@ -6,6 +6,9 @@
 //! - `bench`: benchmarks (`connect` = kernel-path connect() cost and compile+load time).
 //! - `demo`: the out-of-the-box demo (workload cgroup, netns test hosts, example policy).
 //! - `sweep`: remove test namespaces/cgroups left by a crashed run.
+//!
+//! `--workspace` always excludes `passthrough-ebpf`: it only builds for the BPF target, which
+//! passthrough-user's build.rs does with the pinned nightly.
 
 use std::{
     path::{Path, PathBuf},
@@ -97,11 +100,11 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Test { args } => {
             // Binaries first: kernel tests spawn the real `passthrough` and the probe.
-            run(cargo().args(["build", "--workspace", "--bins"]))?;
+            run(cargo().args(["build", "--workspace", "--exclude", "passthrough-ebpf", "--bins"]))?;
             sweep()?;
             let bin = target_dir().join("debug").join("passthrough");
             let result = run(cargo()
-                .args(["test", "--workspace"])
+                .args(["test", "--workspace", "--exclude", "passthrough-ebpf"])
                 .env("PASSTHROUGH_BIN", &bin)
                 .arg("--")
                 .args(&args));
@@ -110,7 +113,7 @@ fn main() -> anyhow::Result<()> {
             result.and(swept)
         }
         Cmd::Bench { which, quick } => {
-            run(cargo().args(["build", "--release", "--workspace", "--bins"]))?;
+            run(cargo().args(["build", "--release", "--workspace", "--exclude", "passthrough-ebpf", "--bins"]))?;
             let mut c = Command::new(target_dir().join("release").join("pt-bench"));
             c.arg(&which);
             if quick {
@@ -121,7 +124,7 @@ fn main() -> anyhow::Result<()> {
             result.and(swept)
         }
         Cmd::Demo => {
-            run(cargo().args(["build", "--workspace", "--bins"]))?;
+            run(cargo().args(["build", "--workspace", "--exclude", "passthrough-ebpf", "--bins"]))?;
             let result = run(Command::new(target_dir().join("debug").join("pt-demo"))
                 .env("PASSTHROUGH_BIN", target_dir().join("debug").join("passthrough")));
             let swept = sweep();
