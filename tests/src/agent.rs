@@ -38,7 +38,8 @@ pub fn write_policy(dir: &Path, yaml: &str) -> PathBuf {
 pub fn write_file(path: &Path, content: &str) {
     let tmp = path.with_extension("tmp");
     fs::write(&tmp, content).unwrap_or_else(|e| panic!("writing {}: {e}", tmp.display()));
-    fs::rename(&tmp, path).unwrap_or_else(|e| panic!("renaming {} to {}: {e}", tmp.display(), path.display()));
+    fs::rename(&tmp, path)
+        .unwrap_or_else(|e| panic!("renaming {} to {}: {e}", tmp.display(), path.display()));
 }
 
 /// Arguments of `passthrough run`. `--admin-addr` and `--state-dir` are chosen by the harness.
@@ -110,14 +111,25 @@ impl AgentBuilder {
         if let Some(m) = &self.unselected_mode {
             a.extend(["--unselected-mode".into(), m.clone()]);
         }
-        a.extend(["--admin-addr".into(), admin.to_string(), "--state-dir".into(), state_dir.display().to_string()]);
+        a.extend([
+            "--admin-addr".into(),
+            admin.to_string(),
+            "--state-dir".into(),
+            state_dir.display().to_string(),
+        ]);
         a.extend(self.extra.iter().cloned());
         a
     }
 
     fn spawn(self) -> Result<Agent> {
         let bin = agent_binary()?;
-        let tmp = tempfile::Builder::new().prefix(&format!("{}agent-{}-", crate::CGROUP_PREFIX, std::process::id())).tempdir()?;
+        let tmp = tempfile::Builder::new()
+            .prefix(&format!(
+                "{}agent-{}-",
+                crate::CGROUP_PREFIX,
+                std::process::id()
+            ))
+            .tempdir()?;
         let log_path = tmp.path().join("agent.log");
         let log = File::create(&log_path)?;
         let admin = free_local_port()?;
@@ -129,7 +141,10 @@ impl AgentBuilder {
             .stdout(log.try_clone()?)
             .stderr(log)
             .env("NO_COLOR", "1")
-            .env("RUST_LOG", std::env::var("PASSTHROUGH_TEST_LOG").unwrap_or_else(|_| "info".into()));
+            .env(
+                "RUST_LOG",
+                std::env::var("PASSTHROUGH_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            );
         // SAFETY: prctl is async-signal-safe. The agent dies with the test thread that started it.
         unsafe {
             cmd.pre_exec(|| {
@@ -137,9 +152,18 @@ impl AgentBuilder {
                 Ok(())
             });
         }
-        let child = cmd.spawn().with_context(|| format!("spawning {}", bin.display()))?;
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("spawning {}", bin.display()))?;
         let cmdline = format!("{} {}", bin.display(), args.join(" "));
-        Ok(Agent { child: Some(child), admin, log_path, state_dir, cmdline, _tmp: tmp })
+        Ok(Agent {
+            child: Some(child),
+            admin,
+            log_path,
+            state_dir,
+            cmdline,
+            _tmp: tmp,
+        })
     }
 
     /// Starts the agent and waits (≤ [`READY_TIMEOUT`]) until `GET /readyz` answers 200.
@@ -157,13 +181,23 @@ impl AgentBuilder {
         loop {
             if let Some(status) = agent.child.as_mut().unwrap().try_wait()? {
                 agent.child = None;
-                return Ok(AgentFailure { status, output: agent.log(), cmdline: agent.cmdline.clone() });
+                return Ok(AgentFailure {
+                    status,
+                    output: agent.log(),
+                    cmdline: agent.cmdline.clone(),
+                });
             }
             if let Ok((200, _)) = agent.get("/readyz") {
-                bail!("agent became ready although it should have refused to start\n{}", agent.describe());
+                bail!(
+                    "agent became ready although it should have refused to start\n{}",
+                    agent.describe()
+                );
             }
             if Instant::now() > deadline {
-                bail!("agent neither exited nor became ready within {READY_TIMEOUT:?}\n{}", agent.describe());
+                bail!(
+                    "agent neither exited nor became ready within {READY_TIMEOUT:?}\n{}",
+                    agent.describe()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -215,7 +249,11 @@ impl Agent {
 
     /// The command line and the log, for failure messages.
     pub fn describe(&self) -> String {
-        format!("agent: {}\n--- agent log ---\n{}--- end of agent log ---", self.cmdline, self.log())
+        format!(
+            "agent: {}\n--- agent log ---\n{}--- end of agent log ---",
+            self.cmdline,
+            self.log()
+        )
     }
 
     /// Generations from every `policy applied generation=<N>` line so far, in order.
@@ -241,23 +279,35 @@ impl Agent {
         loop {
             if let Some(status) = self.child.as_mut().unwrap().try_wait()? {
                 self.child = None;
-                bail!("agent exited ({status}) before it was ready\n{}", self.describe());
+                bail!(
+                    "agent exited ({status}) before it was ready\n{}",
+                    self.describe()
+                );
             }
             if let Ok((200, _)) = self.get("/readyz") {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("agent not ready within {READY_TIMEOUT:?}\n{}", self.describe());
+                bail!(
+                    "agent not ready within {READY_TIMEOUT:?}\n{}",
+                    self.describe()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
     }
 
     fn signal(&self, sig: i32) -> Result<()> {
-        let Some(child) = &self.child else { bail!("agent is not running\n{}", self.describe()) };
+        let Some(child) = &self.child else {
+            bail!("agent is not running\n{}", self.describe())
+        };
         // SAFETY: kill(2) on our own child's pid.
         if unsafe { libc::kill(child.id() as i32, sig) } != 0 {
-            bail!("kill({}, {sig}): {}", child.id(), std::io::Error::last_os_error());
+            bail!(
+                "kill({}, {sig}): {}",
+                child.id(),
+                std::io::Error::last_os_error()
+            );
         }
         Ok(())
     }
@@ -288,12 +338,22 @@ impl Agent {
             if gens.len() > seen {
                 return Ok(*gens.last().unwrap());
             }
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
                 self.child = None;
-                bail!("agent exited ({status}) while waiting for a policy apply\n{}", self.describe());
+                bail!(
+                    "agent exited ({status}) while waiting for a policy apply\n{}",
+                    self.describe()
+                );
             }
             if Instant::now() > deadline {
-                bail!("no `{APPLIED_MARKER} generation=N` line within {RELOAD_TIMEOUT:?}\n{}", self.describe());
+                bail!(
+                    "no `{APPLIED_MARKER} generation=N` line within {RELOAD_TIMEOUT:?}\n{}",
+                    self.describe()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -307,12 +367,18 @@ impl Agent {
             if let Some(status) = self.child.as_mut().unwrap().try_wait()? {
                 self.child = None;
                 if !status.success() {
-                    bail!("agent exited with {status} after SIGTERM, expected 0\n{}", self.describe());
+                    bail!(
+                        "agent exited with {status} after SIGTERM, expected 0\n{}",
+                        self.describe()
+                    );
                 }
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("agent did not exit within {RELOAD_TIMEOUT:?} of SIGTERM\n{}", self.describe());
+                bail!(
+                    "agent did not exit within {RELOAD_TIMEOUT:?} of SIGTERM\n{}",
+                    self.describe()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -356,7 +422,11 @@ pub const BPFFS_ROOT: &str = "/sys/fs/bpf";
 fn state_dir_for_test() -> Result<PathBuf> {
     let root = Path::new(BPFFS_ROOT);
     ensure_bpffs(root)?;
-    Ok(root.join(format!("{}{}", crate::CGROUP_PREFIX, crate::unique_suffix())))
+    Ok(root.join(format!(
+        "{}{}",
+        crate::CGROUP_PREFIX,
+        crate::unique_suffix()
+    )))
 }
 
 fn ensure_bpffs(root: &Path) -> Result<()> {
@@ -369,13 +439,25 @@ fn ensure_bpffs(root: &Path) -> Result<()> {
     }
     fs::create_dir_all(root)?;
     // SAFETY: static strings, valid target path.
-    let rc = unsafe { libc::mount(c"bpf".as_ptr(), c.as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null()) };
+    let rc = unsafe {
+        libc::mount(
+            c"bpf".as_ptr(),
+            c.as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
     if rc != 0 {
         // Another test may have mounted it meanwhile.
         if unsafe { libc::statfs(c.as_ptr(), &mut st) } == 0 && st.f_type as i64 == BPF_FS_MAGIC {
             return Ok(());
         }
-        bail!("mounting bpffs at {}: {}", root.display(), std::io::Error::last_os_error());
+        bail!(
+            "mounting bpffs at {}: {}",
+            root.display(),
+            std::io::Error::last_os_error()
+        );
     }
     Ok(())
 }
@@ -390,7 +472,10 @@ fn free_local_port() -> Result<SocketAddr> {
 pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500))?;
     s.set_read_timeout(Some(Duration::from_secs(2)))?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
     let mut buf = Vec::new();
     s.read_to_end(&mut buf)?;
     let text = String::from_utf8_lossy(&buf);
@@ -399,7 +484,10 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
         .nth(1)
         .and_then(|c| c.parse().ok())
         .ok_or_else(|| anyhow::anyhow!("bad HTTP response: {text:?}"))?;
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     Ok((status, body))
 }
 

@@ -13,10 +13,13 @@ use anyhow::{Context, Result, bail};
 /// The cgroup v2 mount point, from `/proc/self/mountinfo` (fstype `cgroup2`). On hybrid hosts it
 /// is often `/sys/fs/cgroup/unified`; never hard-coded.
 pub fn cgroup2_mount() -> Result<PathBuf> {
-    let info = fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    let info =
+        fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
     for line in info.lines() {
         // <id> <parent> <maj:min> <root> <mount point> <opts> [optional...] - <fstype> <src> <sopts>
-        let Some((left, right)) = line.split_once(" - ") else { continue };
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
         if right.split_whitespace().next() != Some("cgroup2") {
             continue;
         }
@@ -34,7 +37,10 @@ fn unescape_mountinfo(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
             let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
             out.push(v);
             i += 4;
@@ -60,7 +66,11 @@ impl TestCgroup {
     /// Creates `passthrough-test-<pid>-<n>` directly under the cgroup v2 mount.
     pub fn new() -> Result<Self> {
         let root = cgroup2_mount()?;
-        let path = root.join(format!("{}{}", crate::CGROUP_PREFIX, crate::unique_suffix()));
+        let path = root.join(format!(
+            "{}{}",
+            crate::CGROUP_PREFIX,
+            crate::unique_suffix()
+        ));
         fs::create_dir(&path).with_context(|| format!("creating cgroup {}", path.display()))?;
         Ok(Self { path, owner: true })
     }
@@ -94,18 +104,22 @@ impl TestCgroup {
     /// Moves process `pid` into this cgroup.
     pub fn add_pid(&self, pid: u32) -> Result<()> {
         let procs = self.path.join("cgroup.procs");
-        let mut f = fs::OpenOptions::new().write(true).open(&procs).with_context(|| format!("opening {}", procs.display()))?;
-        f.write_all(pid.to_string().as_bytes()).with_context(|| format!("writing {pid} to {}", procs.display()))?;
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .open(&procs)
+            .with_context(|| format!("opening {}", procs.display()))?;
+        f.write_all(pid.to_string().as_bytes())
+            .with_context(|| format!("writing {pid} to {}", procs.display()))?;
         Ok(())
     }
 }
 
 impl Drop for TestCgroup {
     fn drop(&mut self) {
-        if self.owner {
-            if let Err(e) = remove_cgroup_tree(&self.path) {
-                eprintln!("warning: cleaning up cgroup {}: {e:#}", self.path.display());
-            }
+        if self.owner
+            && let Err(e) = remove_cgroup_tree(&self.path)
+        {
+            eprintln!("warning: cleaning up cgroup {}: {e:#}", self.path.display());
         }
     }
 }
@@ -189,7 +203,12 @@ fn collect_dirs(dir: &Path, out: &mut Vec<PathBuf>) {
 /// Programs attached directly to `dir`, as `bpftool cgroup show` lists them (one line each), or
 /// `None` when bpftool is not installed or failed.
 pub fn attached_programs(dir: &Path) -> Option<Vec<String>> {
-    let out = std::process::Command::new("bpftool").arg("cgroup").arg("show").arg(dir).output().ok()?;
+    let out = std::process::Command::new("bpftool")
+        .arg("cgroup")
+        .arg("show")
+        .arg(dir)
+        .output()
+        .ok()?;
     if !out.status.success() {
         return None;
     }

@@ -25,12 +25,18 @@ pub fn assert_allowed(probe: &mut Probe, net: &TestNet, addr: &str) {
     let before = net.accepted(dst);
     let conn = match probe.connect(dst) {
         Ok(c) => c,
-        Err(e) => panic!("connect to {addr} should be allowed, failed with errno {e} ({})", errno_name(e)),
+        Err(e) => panic!(
+            "connect to {addr} should be allowed, failed with errno {e} ({})",
+            errno_name(e)
+        ),
     };
     let text = format!("ping-{}", SEQ.fetch_add(1, Ordering::Relaxed));
     match probe.echo(&conn, &text) {
         Ok(got) => assert_eq!(got, text, "echo through {addr} returned something else"),
-        Err(e) => panic!("connect to {addr} succeeded but echo failed with errno {e} ({})", errno_name(e)),
+        Err(e) => panic!(
+            "connect to {addr} succeeded but echo failed with errno {e} ({})",
+            errno_name(e)
+        ),
     }
     probe.close(conn);
     let after = net.accepted(dst);
@@ -55,12 +61,25 @@ pub fn assert_denied(probe: &mut Probe, net: &TestNet, addr: &str) {
             probe.close(c);
             panic!("connect to {addr} should be denied (EPERM), but it was allowed");
         }
-        Err(e) => assert_eq!(e, EPERM, "connect to {addr} should fail with EPERM, got errno {e} ({})", errno_name(e)),
+        Err(e) => assert_eq!(
+            e,
+            EPERM,
+            "connect to {addr} should fail with EPERM, got errno {e} ({})",
+            errno_name(e)
+        ),
     }
-    assert!(took < DENY_WITHIN, "denied connect to {addr} took {took:?}: a denial must fail at once");
+    assert!(
+        took < DENY_WITHIN,
+        "denied connect to {addr} took {took:?}: a denial must fail at once"
+    );
     std::thread::sleep(Duration::from_millis(50));
     let after = net.accepted(dst);
-    assert_eq!(after, before, "denied connect to {addr}, yet the test host accepted a connection for {}", normalize(dst));
+    assert_eq!(
+        after,
+        before,
+        "denied connect to {addr}, yet the test host accepted a connection for {}",
+        normalize(dst)
+    );
 }
 
 /// An unconnected UDP datagram to `addr` is sent and arrives.
@@ -68,13 +87,20 @@ pub fn assert_udp_allowed(probe: &mut Probe, net: &TestNet, addr: &str) {
     let dst = parse(addr);
     let before = net.datagrams(dst);
     if let Err(e) = probe.sendto(dst, "dgram") {
-        panic!("sendto {addr} should be allowed, failed with errno {e} ({})", errno_name(e));
+        panic!(
+            "sendto {addr} should be allowed, failed with errno {e} ({})",
+            errno_name(e)
+        );
     }
     let deadline = Instant::now() + Duration::from_secs(2);
     while net.datagrams(dst) == before && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
     }
-    assert!(net.datagrams(dst) > before, "sendto {addr} succeeded but no datagram arrived at {}", normalize(dst));
+    assert!(
+        net.datagrams(dst) > before,
+        "sendto {addr} succeeded but no datagram arrived at {}",
+        normalize(dst)
+    );
 }
 
 /// An unconnected UDP datagram to `addr` fails with `EPERM` and nothing arrives.
@@ -83,10 +109,19 @@ pub fn assert_udp_denied(probe: &mut Probe, net: &TestNet, addr: &str) {
     let before = net.datagrams(dst);
     match probe.sendto(dst, "dgram") {
         Ok(()) => panic!("sendto {addr} should be denied (EPERM), but it was sent"),
-        Err(e) => assert_eq!(e, EPERM, "sendto {addr} should fail with EPERM, got errno {e} ({})", errno_name(e)),
+        Err(e) => assert_eq!(
+            e,
+            EPERM,
+            "sendto {addr} should fail with EPERM, got errno {e} ({})",
+            errno_name(e)
+        ),
     }
     std::thread::sleep(Duration::from_millis(100));
-    assert_eq!(net.datagrams(dst), before, "denied sendto {addr}, yet a datagram arrived");
+    assert_eq!(
+        net.datagrams(dst),
+        before,
+        "denied sendto {addr}, yet a datagram arrived"
+    );
 }
 
 /// A short name for common errno values in failure messages.

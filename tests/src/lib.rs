@@ -21,7 +21,7 @@ pub mod netns;
 pub mod probe;
 pub mod sweep;
 
-pub use agent::{Agent, AgentBuilder, AgentFailure, write_policy, write_file};
+pub use agent::{Agent, AgentBuilder, AgentFailure, write_file, write_policy};
 pub use cgroup::{TestCgroup, cgroup2_mount};
 pub use check::{assert_allowed, assert_denied, assert_udp_allowed, assert_udp_denied};
 pub use netns::{LOOPBACK_PORT, TestNet};
@@ -50,7 +50,11 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// A process-unique suffix `<pid>-<n>` for names of things the tests create.
 pub fn unique_suffix() -> String {
-    format!("{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// Runs a command, returning its stdout; an error carries the command line and stderr.
@@ -82,7 +86,12 @@ pub fn kernel_unavailable_reason() -> Option<String> {
     if let Err(e) = bpf_map_create_works() {
         return Some(format!("BPF unavailable: bpf(BPF_MAP_CREATE) failed: {e}"));
     }
-    if Command::new("ip").arg("-V").output().map(|o| !o.status.success()).unwrap_or(true) {
+    if Command::new("ip")
+        .arg("-V")
+        .output()
+        .map(|o| !o.status.success())
+        .unwrap_or(true)
+    {
         return Some("iproute2 `ip` is not installed".into());
     }
     None
@@ -95,7 +104,10 @@ pub fn require_kernel() -> bool {
     match kernel_unavailable_reason() {
         None => true,
         Some(reason) => {
-            if std::env::var("CI").map(|v| v == "true" || v == "1").unwrap_or(false) {
+            if std::env::var("CI")
+                .map(|v| v == "true" || v == "1")
+                .unwrap_or(false)
+            {
                 panic!("kernel tests cannot run under CI=true: {reason}");
             }
             eprintln!("SKIP (kernel test): {reason}");
@@ -114,7 +126,12 @@ fn bpf_map_create_works() -> std::io::Result<()> {
     attr[3] = 1;
     // SAFETY: attr is a valid, large enough, zero-padded bpf_attr for BPF_MAP_CREATE (cmd 0).
     let fd = unsafe {
-        libc::syscall(libc::SYS_bpf, 0 as libc::c_long, attr.as_mut_ptr(), std::mem::size_of_val(&attr))
+        libc::syscall(
+            libc::SYS_bpf,
+            0 as libc::c_long,
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(&attr),
+        )
     };
     if fd < 0 {
         return Err(std::io::Error::last_os_error());
@@ -129,7 +146,11 @@ fn bpf_map_create_works() -> std::io::Result<()> {
 pub fn target_profile_dir() -> Option<PathBuf> {
     let exe = std::env::current_exe().ok()?;
     let dir = exe.parent()?;
-    if dir.file_name().is_some_and(|n| n == "deps") { dir.parent().map(PathBuf::from) } else { Some(dir.to_path_buf()) }
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.parent().map(PathBuf::from)
+    } else {
+        Some(dir.to_path_buf())
+    }
 }
 
 /// Finds a binary: `$ENV_VAR`, else `<target/profile>/<name>`.
@@ -137,11 +158,15 @@ pub fn find_binary(env_var: &str, name: &str) -> anyhow::Result<PathBuf> {
     if let Some(p) = std::env::var_os(env_var) {
         return Ok(PathBuf::from(p));
     }
-    let dir = target_profile_dir().ok_or_else(|| anyhow::anyhow!("cannot locate the target directory"))?;
+    let dir = target_profile_dir()
+        .ok_or_else(|| anyhow::anyhow!("cannot locate the target directory"))?;
     let p = dir.join(name);
     if p.exists() {
         Ok(p)
     } else {
-        anyhow::bail!("{} not found (set {env_var}, or build it: it is looked up beside the test executable's profile dir)", p.display())
+        anyhow::bail!(
+            "{} not found (set {env_var}, or build it: it is looked up beside the test executable's profile dir)",
+            p.display()
+        )
     }
 }

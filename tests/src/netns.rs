@@ -55,13 +55,17 @@ enum Proto {
 type Counts = Arc<Mutex<HashMap<(Proto, SocketAddr), u64>>>;
 
 /// Runs `f` on a new thread that joined the network namespace `ns` (`/run/netns/<ns>`).
-pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+pub fn in_netns<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
     let path = netns_path(ns);
     std::thread::spawn(move || -> Result<T> {
         let file = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
         // SAFETY: setns on this thread only, with a valid netns fd.
         if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            return Err(io::Error::last_os_error()).with_context(|| format!("setns into {}", path.display()));
+            return Err(io::Error::last_os_error())
+                .with_context(|| format!("setns into {}", path.display()));
         }
         f()
     })
@@ -87,7 +91,8 @@ pub fn normalize(addr: SocketAddr) -> SocketAddr {
 
 /// Parses `a.b.c.d:p` / `[v6]:p`, panicking with the text on error (tests pass literals).
 pub fn sa(s: &str) -> SocketAddr {
-    s.parse().unwrap_or_else(|e| panic!("bad socket address {s:?}: {e}"))
+    s.parse()
+        .unwrap_or_else(|e| panic!("bad socket address {s:?}: {e}"))
 }
 
 /// A client and a server network namespace joined by a veth pair, with echo servers.
@@ -127,23 +132,96 @@ impl TestNet {
         let (c, s) = (self.client.as_str(), self.server.as_str());
         crate::run("ip", &["netns", "add", c])?;
         crate::run("ip", &["netns", "add", s])?;
-        crate::run("ip", &["link", "add", "eth0", "netns", c, "type", "veth", "peer", "name", "eth0", "netns", s])?;
+        crate::run(
+            "ip",
+            &[
+                "link", "add", "eth0", "netns", c, "type", "veth", "peer", "name", "eth0", "netns",
+                s,
+            ],
+        )?;
         let cmds: &[&[&str]] = &[
             &["-n", c, "link", "set", "lo", "up"],
             &["-n", c, "link", "set", "eth0", "up"],
             &["-n", c, "addr", "add", "192.0.2.1/24", "dev", "eth0"],
-            &["-n", c, "-6", "addr", "add", "2001:db8::1/64", "dev", "eth0", "nodad"],
+            &[
+                "-n",
+                c,
+                "-6",
+                "addr",
+                "add",
+                "2001:db8::1/64",
+                "dev",
+                "eth0",
+                "nodad",
+            ],
             &["-n", c, "route", "add", "198.51.100.0/24", "via", SERVER_V4],
             &["-n", c, "route", "add", "203.0.113.0/24", "via", SERVER_V4],
-            &["-n", c, "-6", "route", "add", "2001:db8::/32", "via", SERVER_V6],
+            &[
+                "-n",
+                c,
+                "-6",
+                "route",
+                "add",
+                "2001:db8::/32",
+                "via",
+                SERVER_V6,
+            ],
             &["-n", s, "link", "set", "lo", "up"],
             &["-n", s, "link", "set", "eth0", "up"],
             &["-n", s, "addr", "add", "192.0.2.2/24", "dev", "eth0"],
-            &["-n", s, "-6", "addr", "add", "2001:db8::2/64", "dev", "eth0", "nodad"],
-            &["-n", s, "route", "add", "local", "198.51.100.0/24", "dev", "lo"],
-            &["-n", s, "route", "add", "local", "203.0.113.0/24", "dev", "lo"],
-            &["-n", s, "-6", "route", "add", "local", "2001:db8:100::/40", "dev", "lo"],
-            &["-n", s, "-6", "route", "add", "local", "2001:db8:200::/40", "dev", "lo"],
+            &[
+                "-n",
+                s,
+                "-6",
+                "addr",
+                "add",
+                "2001:db8::2/64",
+                "dev",
+                "eth0",
+                "nodad",
+            ],
+            &[
+                "-n",
+                s,
+                "route",
+                "add",
+                "local",
+                "198.51.100.0/24",
+                "dev",
+                "lo",
+            ],
+            &[
+                "-n",
+                s,
+                "route",
+                "add",
+                "local",
+                "203.0.113.0/24",
+                "dev",
+                "lo",
+            ],
+            &[
+                "-n",
+                s,
+                "-6",
+                "route",
+                "add",
+                "local",
+                "2001:db8:100::/40",
+                "dev",
+                "lo",
+            ],
+            &[
+                "-n",
+                s,
+                "-6",
+                "route",
+                "add",
+                "local",
+                "2001:db8:200::/40",
+                "dev",
+                "lo",
+            ],
         ];
         for args in cmds {
             crate::run("ip", args)?;
@@ -156,18 +234,39 @@ impl TestNet {
         let mut sockets: Vec<Listener> = in_netns(&self.server, move || {
             let mut v = Vec::new();
             for &p in &ports {
-                v.push(Listener::Tcp(tcp_listener(SocketAddr::new("0.0.0.0".parse()?, p))?));
-                v.push(Listener::Tcp(tcp_listener(SocketAddr::new("::".parse()?, p))?));
-                v.push(Listener::Udp(udp_socket(SocketAddr::new("0.0.0.0".parse()?, p))?));
-                v.push(Listener::Udp(udp_socket(SocketAddr::new("::".parse()?, p))?));
+                v.push(Listener::Tcp(tcp_listener(SocketAddr::new(
+                    "0.0.0.0".parse()?,
+                    p,
+                ))?));
+                v.push(Listener::Tcp(tcp_listener(SocketAddr::new(
+                    "::".parse()?,
+                    p,
+                ))?));
+                v.push(Listener::Udp(udp_socket(SocketAddr::new(
+                    "0.0.0.0".parse()?,
+                    p,
+                ))?));
+                v.push(Listener::Udp(udp_socket(SocketAddr::new(
+                    "::".parse()?,
+                    p,
+                ))?));
             }
             Ok(v)
         })?;
         let loopback: Vec<Listener> = in_netns(&self.client, move || {
             Ok(vec![
-                Listener::Tcp(tcp_listener(SocketAddr::new("127.0.0.1".parse()?, LOOPBACK_PORT))?),
-                Listener::Tcp(tcp_listener(SocketAddr::new("::1".parse()?, LOOPBACK_PORT))?),
-                Listener::Udp(udp_socket(SocketAddr::new("127.0.0.1".parse()?, LOOPBACK_PORT))?),
+                Listener::Tcp(tcp_listener(SocketAddr::new(
+                    "127.0.0.1".parse()?,
+                    LOOPBACK_PORT,
+                ))?),
+                Listener::Tcp(tcp_listener(SocketAddr::new(
+                    "::1".parse()?,
+                    LOOPBACK_PORT,
+                ))?),
+                Listener::Udp(udp_socket(SocketAddr::new(
+                    "127.0.0.1".parse()?,
+                    LOOPBACK_PORT,
+                ))?),
                 Listener::Udp(udp_socket(SocketAddr::new("::1".parse()?, LOOPBACK_PORT))?),
             ])
         })?;
@@ -212,13 +311,19 @@ impl TestNet {
     /// All TCP connections accepted on `port`, on any address (server and loopback).
     pub fn accepted_on_port(&self, port: u16) -> u64 {
         let c = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-        c.iter().filter(|((p, a), _)| *p == Proto::Tcp && a.port() == port).map(|(_, n)| n).sum()
+        c.iter()
+            .filter(|((p, a), _)| *p == Proto::Tcp && a.port() == port)
+            .map(|(_, n)| n)
+            .sum()
     }
 
     /// All TCP connections accepted, on any address and port.
     pub fn accepted_total(&self) -> u64 {
         let c = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-        c.iter().filter(|((p, _), _)| *p == Proto::Tcp).map(|(_, n)| n).sum()
+        c.iter()
+            .filter(|((p, _), _)| *p == Proto::Tcp)
+            .map(|(_, n)| n)
+            .sum()
     }
 
     fn count(&self, proto: Proto, dst: SocketAddr) -> u64 {
@@ -236,10 +341,10 @@ impl Drop for TestNet {
         // Deleting one end of the veth deletes both; then the namespaces.
         let _ = crate::run("ip", &["-n", &self.client, "link", "del", "eth0"]);
         for ns in [&self.client, &self.server] {
-            if netns_path(ns).exists() {
-                if let Err(e) = crate::run("ip", &["netns", "del", ns]) {
-                    eprintln!("warning: deleting netns {ns}: {e:#}");
-                }
+            if netns_path(ns).exists()
+                && let Err(e) = crate::run("ip", &["netns", "del", ns])
+            {
+                eprintln!("warning: deleting netns {ns}: {e:#}");
             }
         }
     }
@@ -256,7 +361,8 @@ fn tcp_listener(addr: SocketAddr) -> Result<TcpListener> {
         s.set_only_v6(true)?;
     }
     s.set_reuse_address(true)?;
-    s.bind(&addr.into()).with_context(|| format!("binding tcp {addr}"))?;
+    s.bind(&addr.into())
+        .with_context(|| format!("binding tcp {addr}"))?;
     s.listen(128)?;
     s.set_nonblocking(true)?;
     Ok(s.into())
@@ -275,7 +381,8 @@ fn udp_socket(addr: SocketAddr) -> Result<UdpSocket> {
         setsockopt_int(fd, libc::IPPROTO_IP, libc::IP_PKTINFO, 1)?;
         let _ = setsockopt_int(fd, libc::IPPROTO_IP, libc::IP_FREEBIND, 1);
     }
-    s.bind(&addr.into()).with_context(|| format!("binding udp {addr}"))?;
+    s.bind(&addr.into())
+        .with_context(|| format!("binding udp {addr}"))?;
     s.set_nonblocking(true)?;
     Ok(s.into())
 }
@@ -283,9 +390,19 @@ fn udp_socket(addr: SocketAddr) -> Result<UdpSocket> {
 fn setsockopt_int(fd: RawFd, level: i32, name: i32, val: i32) -> io::Result<()> {
     // SAFETY: valid fd, pointer to a live c_int with its size.
     let rc = unsafe {
-        libc::setsockopt(fd, level, name, &val as *const i32 as *const libc::c_void, std::mem::size_of::<i32>() as u32)
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            &val as *const i32 as *const libc::c_void,
+            std::mem::size_of::<i32>() as u32,
+        )
     };
-    if rc != 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+    if rc != 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }
 
 fn bump(counts: &Counts, proto: Proto, dst: SocketAddr) {
@@ -358,7 +475,13 @@ fn echo_tcp(mut s: TcpStream, stop: Arc<AtomicBool>) {
                     return;
                 }
             }
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
+                ) => {}
             Err(_) => return,
         }
     }
@@ -368,7 +491,10 @@ fn echo_tcp(mut s: TcpStream, stop: Arc<AtomicBool>) {
 fn recv_with_dst(u: &UdpSocket) -> io::Result<(Vec<u8>, SocketAddr, Option<SocketAddr>)> {
     let local_port = u.local_addr()?.port();
     let mut buf = vec![0u8; 65536];
-    let mut iov = libc::iovec { iov_base: buf.as_mut_ptr() as *mut libc::c_void, iov_len: buf.len() };
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr() as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
     // SAFETY: all-zero sockaddr_storage/msghdr are valid.
     let mut from: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
     let mut cbuf = [0u64; 64];
@@ -408,13 +534,21 @@ fn recv_with_dst(u: &UdpSocket) -> io::Result<(Vec<u8>, SocketAddr, Option<Socke
 }
 
 /// `sendmsg` to `to` with the source address set to `from` (the address the datagram was sent to).
-fn send_from(u: &UdpSocket, data: &[u8], to: SocketAddr, from: Option<SocketAddr>) -> io::Result<()> {
+fn send_from(
+    u: &UdpSocket,
+    data: &[u8],
+    to: SocketAddr,
+    from: Option<SocketAddr>,
+) -> io::Result<()> {
     let Some(from) = from else {
         u.send_to(data, to)?;
         return Ok(());
     };
     let to_sa: socket2::SockAddr = to.into();
-    let mut iov = libc::iovec { iov_base: data.as_ptr() as *mut libc::c_void, iov_len: data.len() };
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
     let mut cbuf = [0u64; 16];
     // SAFETY: zeroed msghdr is valid; we fill it with live pointers below.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
@@ -427,25 +561,36 @@ fn send_from(u: &UdpSocket, data: &[u8], to: SocketAddr, from: Option<SocketAddr
     unsafe {
         match from.ip() {
             IpAddr::V4(ip) => {
-                msg.msg_controllen = libc::CMSG_SPACE(std::mem::size_of::<libc::in_pktinfo>() as u32) as usize;
+                msg.msg_controllen =
+                    libc::CMSG_SPACE(std::mem::size_of::<libc::in_pktinfo>() as u32) as usize;
                 let c = libc::CMSG_FIRSTHDR(&msg);
                 (*c).cmsg_level = libc::IPPROTO_IP;
                 (*c).cmsg_type = libc::IP_PKTINFO;
-                (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<libc::in_pktinfo>() as u32) as usize;
+                (*c).cmsg_len =
+                    libc::CMSG_LEN(std::mem::size_of::<libc::in_pktinfo>() as u32) as usize;
                 let pi = libc::in_pktinfo {
                     ipi_ifindex: 0,
-                    ipi_spec_dst: libc::in_addr { s_addr: u32::from(ip).to_be() },
+                    ipi_spec_dst: libc::in_addr {
+                        s_addr: u32::from(ip).to_be(),
+                    },
                     ipi_addr: libc::in_addr { s_addr: 0 },
                 };
                 std::ptr::write_unaligned(libc::CMSG_DATA(c) as *mut libc::in_pktinfo, pi);
             }
             IpAddr::V6(ip) => {
-                msg.msg_controllen = libc::CMSG_SPACE(std::mem::size_of::<libc::in6_pktinfo>() as u32) as usize;
+                msg.msg_controllen =
+                    libc::CMSG_SPACE(std::mem::size_of::<libc::in6_pktinfo>() as u32) as usize;
                 let c = libc::CMSG_FIRSTHDR(&msg);
                 (*c).cmsg_level = libc::IPPROTO_IPV6;
                 (*c).cmsg_type = libc::IPV6_PKTINFO;
-                (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<libc::in6_pktinfo>() as u32) as usize;
-                let pi = libc::in6_pktinfo { ipi6_addr: libc::in6_addr { s6_addr: ip.octets() }, ipi6_ifindex: 0 };
+                (*c).cmsg_len =
+                    libc::CMSG_LEN(std::mem::size_of::<libc::in6_pktinfo>() as u32) as usize;
+                let pi = libc::in6_pktinfo {
+                    ipi6_addr: libc::in6_addr {
+                        s6_addr: ip.octets(),
+                    },
+                    ipi6_ifindex: 0,
+                };
                 std::ptr::write_unaligned(libc::CMSG_DATA(c) as *mut libc::in6_pktinfo, pi);
             }
         }

@@ -43,14 +43,23 @@ impl Probe {
     /// A probe in the cgroup directory `cgroup_dir`, in the netns at `netns` (or the caller's).
     pub fn spawn_in(cgroup_dir: &Path, netns: Option<&Path>) -> Result<Probe> {
         let bin = probe_binary()?;
-        let procs = CString::new(cgroup_dir.join("cgroup.procs").into_os_string().into_encoded_bytes())?;
+        let procs = CString::new(
+            cgroup_dir
+                .join("cgroup.procs")
+                .into_os_string()
+                .into_encoded_bytes(),
+        )?;
         let ns_file = match netns {
-            Some(p) => Some(File::open(p).with_context(|| format!("opening netns {}", p.display()))?),
+            Some(p) => {
+                Some(File::open(p).with_context(|| format!("opening netns {}", p.display()))?)
+            }
             None => None,
         };
         let ns_fd = ns_file.as_ref().map(|f| f.as_raw_fd());
         let mut cmd = Command::new(&bin);
-        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit());
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
         // SAFETY: only async-signal-safe syscalls (open/write/close/setns/prctl) between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
@@ -66,22 +75,32 @@ impl Probe {
                 if rc != 1 {
                     return Err(err);
                 }
-                if let Some(ns) = ns_fd {
-                    if libc::setns(ns, libc::CLONE_NEWNET) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
+                if let Some(ns) = ns_fd
+                    && libc::setns(ns, libc::CLONE_NEWNET) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
                 }
                 Ok(())
             });
         }
-        let mut child = cmd
-            .spawn()
-            .with_context(|| format!("spawning {} in cgroup {}", bin.display(), cgroup_dir.display()))?;
+        let mut child = cmd.spawn().with_context(|| {
+            format!(
+                "spawning {} in cgroup {}",
+                bin.display(),
+                cgroup_dir.display()
+            )
+        })?;
         drop(ns_file);
         let stdin = child.stdin.take().expect("piped stdin");
         let stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
         let label = format!("probe pid {} in {}", child.id(), cgroup_dir.display());
-        Ok(Probe { child, stdin, stdout, next_id: 0, label })
+        Ok(Probe {
+            child,
+            stdin,
+            stdout,
+            next_id: 0,
+            label,
+        })
     }
 
     /// The probe's pid.
@@ -97,7 +116,10 @@ impl Probe {
         match self.stdout.read_line(&mut reply) {
             Ok(0) | Err(_) => {
                 let status = self.child.try_wait().ok().flatten();
-                panic!("{}: no answer to {line:?} (probe exited: {status:?})", self.label)
+                panic!(
+                    "{}: no answer to {line:?} (probe exited: {status:?})",
+                    self.label
+                )
             }
             Ok(_) => reply.trim_end().to_string(),
         }
@@ -107,14 +129,19 @@ impl Probe {
         let f: Vec<&str> = reply.split(' ').collect();
         match f.first() {
             Some(&"ok") => Ok(f[1..].iter().map(|s| s.to_string()).collect()),
-            Some(&"err") => Err(f.get(2).and_then(|e| e.parse().ok()).unwrap_or_else(|| {
-                panic!("{}: bad reply {reply:?} to {req:?}", self.label)
-            })),
+            Some(&"err") => Err(f
+                .get(2)
+                .and_then(|e| e.parse().ok())
+                .unwrap_or_else(|| panic!("{}: bad reply {reply:?} to {req:?}", self.label))),
             _ => panic!("{}: bad reply {reply:?} to {req:?}", self.label),
         }
     }
 
-    fn connect_proto(&mut self, addr: impl Display, proto: &str) -> std::result::Result<ConnId, i32> {
+    fn connect_proto(
+        &mut self,
+        addr: impl Display,
+        proto: &str,
+    ) -> std::result::Result<ConnId, i32> {
         self.next_id += 1;
         let id = format!("c{}", self.next_id);
         let req = format!("connect {id} {addr} {proto}");
@@ -137,7 +164,8 @@ impl Probe {
         assert!(!text.contains('\n'), "echo text must be one line");
         let req = format!("echo {} {text}", conn.0);
         let reply = self.request(&req);
-        self.parse_id_reply(&req, &reply).map(|f| f.get(1..).map(|r| r.join(" ")).unwrap_or_default())
+        self.parse_id_reply(&req, &reply)
+            .map(|f| f.get(1..).map(|r| r.join(" ")).unwrap_or_default())
     }
 
     /// Closes an open connection.
@@ -152,7 +180,9 @@ impl Probe {
         let reply = self.request(&req);
         match reply.split(' ').collect::<Vec<_>>().as_slice() {
             ["ok"] => Ok(()),
-            ["err", e] => Err(e.parse().unwrap_or_else(|_| panic!("{}: bad reply {reply:?}", self.label))),
+            ["err", e] => Err(e
+                .parse()
+                .unwrap_or_else(|_| panic!("{}: bad reply {reply:?}", self.label))),
             _ => panic!("{}: bad reply {reply:?} to {req:?}", self.label),
         }
     }

@@ -18,7 +18,12 @@ pub struct SweepReport {
 
 impl fmt::Display for SweepReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "sweep: removed {} leftover(s), {} error(s)", self.removed.len(), self.errors.len())?;
+        writeln!(
+            f,
+            "sweep: removed {} leftover(s), {} error(s)",
+            self.removed.len(),
+            self.errors.len()
+        )?;
         for r in &self.removed {
             writeln!(f, "  removed {r}")?;
         }
@@ -49,7 +54,11 @@ fn stale(name: &str, prefix: &str, all: bool) -> bool {
 
 fn entries(dir: &Path) -> Vec<String> {
     fs::read_dir(dir)
-        .map(|rd| rd.flatten().filter_map(|e| e.file_name().into_string().ok()).collect())
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| e.file_name().into_string().ok())
+                .collect()
+        })
         .unwrap_or_default()
 }
 

@@ -4,8 +4,8 @@
 use std::{net::SocketAddr, path::Path};
 
 use passthrough_tests::{
-    LOOPBACK_PORT, Probe, TestCgroup, TestNet, assert_allowed, assert_udp_allowed, cgroup2_mount, netns::sa,
-    require_kernel, run,
+    LOOPBACK_PORT, Probe, TestCgroup, TestNet, assert_allowed, assert_udp_allowed, cgroup2_mount,
+    netns::sa, require_kernel, run,
 };
 
 #[test]
@@ -22,11 +22,20 @@ fn cgroup_create_child_id_and_cleanup() {
     assert_ne!(cg.id(), 0);
     assert_ne!(cg.id(), child.id());
     let p = Probe::spawn_in(grandchild.path(), None).unwrap();
-    assert_eq!(grandchild.procs(), vec![p.pid() as i32], "the probe runs in the grandchild cgroup");
+    assert_eq!(
+        grandchild.procs(),
+        vec![p.pid() as i32],
+        "the probe runs in the grandchild cgroup"
+    );
     // The probe's own view of its cgroup agrees.
     let cgfile = std::fs::read_to_string(format!("/proc/{}/cgroup", p.pid())).unwrap();
     let rel = grandchild.path().strip_prefix(&root).unwrap();
-    assert!(cgfile.lines().any(|l| l.starts_with("0::") && l.ends_with(&format!("/{}", rel.display()))), "{cgfile}");
+    assert!(
+        cgfile
+            .lines()
+            .any(|l| l.starts_with("0::") && l.ends_with(&format!("/{}", rel.display()))),
+        "{cgfile}"
+    );
     let dir = cg.path().to_path_buf();
     // Dropping the top-level cgroup kills the probe and removes the tree, even with a probe alive.
     drop(grandchild);
@@ -46,7 +55,10 @@ fn netns_hosts_ipv4_ipv6_mapped_and_loopback() {
     let client = net.client_ns().to_string();
     let server = net.server_ns().to_string();
     let listed = run("ip", &["netns", "list"]).unwrap();
-    assert!(listed.contains(&client) && listed.contains(&server), "{listed}");
+    assert!(
+        listed.contains(&client) && listed.contains(&server),
+        "{listed}"
+    );
 
     let mut p = Probe::spawn(&cg, &net).unwrap();
     for addr in [
@@ -91,7 +103,10 @@ fn netns_hosts_ipv4_ipv6_mapped_and_loopback() {
     drop(p);
     drop(net);
     let listed = run("ip", &["netns", "list"]).unwrap();
-    assert!(!listed.contains(&client) && !listed.contains(&server), "netns left behind: {listed}");
+    assert!(
+        !listed.contains(&client) && !listed.contains(&server),
+        "netns left behind: {listed}"
+    );
     assert!(!Path::new("/run/netns").join(&client).exists());
 }
 
@@ -103,12 +118,26 @@ fn udp_sendto_and_connected_echo() {
     let cg = TestCgroup::new().unwrap();
     let net = TestNet::new().unwrap();
     let mut p = Probe::spawn(&cg, &net).unwrap();
-    for addr in ["198.51.100.9:53", "[2001:db8:100::53]:53", "[::ffff:203.0.113.5]:53", "127.0.0.1:7777", "[::1]:7777"] {
+    for addr in [
+        "198.51.100.9:53",
+        "[2001:db8:100::53]:53",
+        "[::ffff:203.0.113.5]:53",
+        "127.0.0.1:7777",
+        "[::1]:7777",
+    ] {
         assert_udp_allowed(&mut p, &net, addr);
     }
-    for addr in ["198.51.100.9:8080", "[2001:db8:100::9]:8080", "[::ffff:198.51.100.10]:8080"] {
+    for addr in [
+        "198.51.100.9:8080",
+        "[2001:db8:100::9]:8080",
+        "[::ffff:198.51.100.10]:8080",
+    ] {
         let c = p.connect_udp(addr).unwrap();
-        assert_eq!(p.echo(&c, "udp hello").unwrap(), "udp hello", "connected UDP echo via {addr}");
+        assert_eq!(
+            p.echo(&c, "udp hello").unwrap(),
+            "udp hello",
+            "connected UDP echo via {addr}"
+        );
         p.close(c);
     }
 }
@@ -127,5 +156,8 @@ fn parallel_nets_are_independent() {
     assert_allowed(&mut pb, &b, "198.51.100.9:80");
     assert_eq!(a.accepted(sa("198.51.100.9:80")), 1);
     assert_eq!(b.accepted(sa("198.51.100.9:80")), 1);
-    assert_eq!(pb.connect("198.51.100.9:8080").unwrap_err(), libc::ECONNREFUSED);
+    assert_eq!(
+        pb.connect("198.51.100.9:8080").unwrap_err(),
+        libc::ECONNREFUSED
+    );
 }

@@ -10,8 +10,9 @@
 use std::path::{Path, PathBuf};
 
 use passthrough_tests::{
-    Agent, EPERM, LOOPBACK_PORT, Probe, TestCgroup, TestNet, assert_allowed, assert_denied, assert_udp_allowed,
-    assert_udp_denied, cgroup::attached_programs, require_kernel, write_file, write_policy,
+    Agent, EPERM, LOOPBACK_PORT, Probe, TestCgroup, TestNet, assert_allowed, assert_denied,
+    assert_udp_allowed, assert_udp_denied, cgroup::attached_programs, require_kernel, write_file,
+    write_policy,
 };
 use tempfile::TempDir;
 
@@ -52,13 +53,24 @@ impl World {
         Self::with(yaml, |b| b)
     }
 
-    fn with(yaml: &str, f: impl FnOnce(passthrough_tests::AgentBuilder) -> passthrough_tests::AgentBuilder) -> World {
+    fn with(
+        yaml: &str,
+        f: impl FnOnce(passthrough_tests::AgentBuilder) -> passthrough_tests::AgentBuilder,
+    ) -> World {
         let dir = tempfile::tempdir().unwrap();
         let cg = TestCgroup::new().unwrap();
         let net = TestNet::new().unwrap();
         let policy = write_policy(dir.path(), yaml);
-        let agent = f(Agent::builder().policy(&policy).cgroup(cg.path())).start().unwrap();
-        World { agent, net, cg, policy, _dir: dir }
+        let agent = f(Agent::builder().policy(&policy).cgroup(cg.path()))
+            .start()
+            .unwrap();
+        World {
+            agent,
+            net,
+            cg,
+            policy,
+            _dir: dir,
+        }
     }
 
     fn probe(&self) -> Probe {
@@ -93,13 +105,17 @@ fn mode_all_allows_everything() {
     }
     let w = World::new(&mesh_policy("All", &[]));
     let mut p = w.probe();
-    allowed(&w, &mut p, &[
-        "198.51.100.9:8080",
-        "203.0.113.7:443",
-        "[2001:db8:200::1]:80",
-        "[2001:db8:100::1]:5432",
-        "[::ffff:203.0.113.9]:80",
-    ]);
+    allowed(
+        &w,
+        &mut p,
+        &[
+            "198.51.100.9:8080",
+            "203.0.113.7:443",
+            "[2001:db8:200::1]:80",
+            "[2001:db8:100::1]:5432",
+            "[::ffff:203.0.113.9]:80",
+        ],
+    );
 }
 
 #[test]
@@ -108,14 +124,24 @@ fn mode_none_denies_everything_but_loopback() {
         return;
     }
     // Matches are ignored in mode None.
-    let w = World::new(&mesh_policy("None", &["{type: CIDR, value: 198.51.100.0/24}", "{type: CIDR, value: \"2001:db8:100::/40\"}"]));
+    let w = World::new(&mesh_policy(
+        "None",
+        &[
+            "{type: CIDR, value: 198.51.100.0/24}",
+            "{type: CIDR, value: \"2001:db8:100::/40\"}",
+        ],
+    ));
     let mut p = w.probe();
-    denied(&w, &mut p, &[
-        "198.51.100.9:8080",
-        "203.0.113.7:443",
-        "[2001:db8:100::1]:80",
-        "[::ffff:198.51.100.9]:8080",
-    ]);
+    denied(
+        &w,
+        &mut p,
+        &[
+            "198.51.100.9:8080",
+            "203.0.113.7:443",
+            "[2001:db8:100::1]:80",
+            "[::ffff:198.51.100.9]:8080",
+        ],
+    );
     for a in loopback() {
         assert_allowed(&mut p, &w.net, &a);
     }
@@ -128,9 +154,23 @@ fn matched_without_matches_denies_and_only_the_attached_cgroup_is_filtered() {
     }
     let mut w = World::new(&mesh_policy("Matched", &[]));
     let mut p = w.probe();
-    denied(&w, &mut p, &["198.51.100.9:80", "203.0.113.7:443", "[2001:db8:100::1]:8080", "[::ffff:203.0.113.7]:443"]);
+    denied(
+        &w,
+        &mut p,
+        &[
+            "198.51.100.9:80",
+            "203.0.113.7:443",
+            "[2001:db8:100::1]:8080",
+            "[::ffff:203.0.113.7]:443",
+        ],
+    );
     // `passthroughMode` unset means Matched (Kuma >= 2.10).
-    let unset = policy("test-policy", "{kind: Mesh}", None, &["{type: IP, value: 203.0.113.7}"]);
+    let unset = policy(
+        "test-policy",
+        "{kind: Mesh}",
+        None,
+        &["{type: IP, value: 203.0.113.7}"],
+    );
     w.agent.update_policy(&w.policy, &unset).unwrap();
     denied(&w, &mut p, &["198.51.100.9:80"]);
     allowed(&w, &mut p, &["203.0.113.7:443"]);
@@ -146,32 +186,43 @@ fn matched_cidr_and_ip_with_and_without_port() {
     if !require_kernel() {
         return;
     }
-    let w = World::new(&mesh_policy("Matched", &[
-        "{type: CIDR, value: 198.51.100.0/24, port: 8080}",
-        "{type: IP, value: 203.0.113.7}",
-        "{type: CIDR, value: \"2001:db8:100::/64\"}",
-        "{type: IP, value: \"2001:db8:200::7\", port: 443}",
-    ]));
+    let w = World::new(&mesh_policy(
+        "Matched",
+        &[
+            "{type: CIDR, value: 198.51.100.0/24, port: 8080}",
+            "{type: IP, value: 203.0.113.7}",
+            "{type: CIDR, value: \"2001:db8:100::/64\"}",
+            "{type: IP, value: \"2001:db8:200::7\", port: 443}",
+        ],
+    ));
     let mut p = w.probe();
-    allowed(&w, &mut p, &[
-        "198.51.100.9:8080",
-        "198.51.100.255:8080",
-        "203.0.113.7:80",
-        "203.0.113.7:443",
-        "203.0.113.7:5432",
-        "[2001:db8:100::9]:80",
-        "[2001:db8:100::ffff]:8080",
-        "[2001:db8:200::7]:443",
-    ]);
-    denied(&w, &mut p, &[
-        "198.51.100.9:80",
-        "198.51.100.9:8443",
-        "203.0.113.8:80",
-        "203.0.113.6:443",
-        "[2001:db8:100:1::9]:80",
-        "[2001:db8:200::7]:80",
-        "[2001:db8:200::8]:443",
-    ]);
+    allowed(
+        &w,
+        &mut p,
+        &[
+            "198.51.100.9:8080",
+            "198.51.100.255:8080",
+            "203.0.113.7:80",
+            "203.0.113.7:443",
+            "203.0.113.7:5432",
+            "[2001:db8:100::9]:80",
+            "[2001:db8:100::ffff]:8080",
+            "[2001:db8:200::7]:443",
+        ],
+    );
+    denied(
+        &w,
+        &mut p,
+        &[
+            "198.51.100.9:80",
+            "198.51.100.9:8443",
+            "203.0.113.8:80",
+            "203.0.113.6:443",
+            "[2001:db8:100:1::9]:80",
+            "[2001:db8:200::7]:80",
+            "[2001:db8:200::8]:443",
+        ],
+    );
 }
 
 #[test]
@@ -179,54 +230,65 @@ fn overlapping_prefixes_do_not_hide_shorter_port_rules() {
     if !require_kernel() {
         return;
     }
-    let w = World::new(&mesh_policy("Matched", &[
-        "{type: CIDR, value: 203.0.113.0/24, port: 80}",
-        "{type: CIDR, value: 203.0.113.0/26}",
-        "{type: CIDR, value: 203.0.113.0/28, port: 443}",
-        "{type: CIDR, value: 203.0.113.128/25, port: 8080}",
-        "{type: IP, value: 203.0.113.130, port: 443}",
-        "{type: CIDR, value: \"2001:db8:200::/40\", port: 80}",
-        "{type: CIDR, value: \"2001:db8:200::/48\"}",
-        "{type: CIDR, value: \"2001:db8:200::/64\", port: 443}",
-        "{type: IP, value: \"2001:db8:200::1\", port: 8443}",
-    ]));
+    let w = World::new(&mesh_policy(
+        "Matched",
+        &[
+            "{type: CIDR, value: 203.0.113.0/24, port: 80}",
+            "{type: CIDR, value: 203.0.113.0/26}",
+            "{type: CIDR, value: 203.0.113.0/28, port: 443}",
+            "{type: CIDR, value: 203.0.113.128/25, port: 8080}",
+            "{type: IP, value: 203.0.113.130, port: 443}",
+            "{type: CIDR, value: \"2001:db8:200::/40\", port: 80}",
+            "{type: CIDR, value: \"2001:db8:200::/48\"}",
+            "{type: CIDR, value: \"2001:db8:200::/64\", port: 443}",
+            "{type: IP, value: \"2001:db8:200::1\", port: 8443}",
+        ],
+    ));
     let mut p = w.probe();
-    allowed(&w, &mut p, &[
-        // Inside /28 (443): /26 any-port and /24 port 80 still apply.
-        "203.0.113.5:443",
-        "203.0.113.5:5432",
-        "203.0.113.5:80",
-        // Inside /26 only.
-        "203.0.113.40:5432",
-        // Inside /24 only: port 80.
-        "203.0.113.70:80",
-        // /32 port 443 inside /25 port 8080 inside /24 port 80.
-        "203.0.113.130:443",
-        "203.0.113.130:8080",
-        "203.0.113.130:80",
-        "203.0.113.200:8080",
-        "203.0.113.200:80",
-        // IPv6, same shape.
-        "[2001:db8:200::1]:8443",
-        "[2001:db8:200::1]:443",
-        "[2001:db8:200::1]:5432",
-        "[2001:db8:200::1]:80",
-        "[2001:db8:200:0:1::1]:5432",
-        "[2001:db8:2ff::1]:80",
-        // IPv4-mapped, judged by the v4 rules.
-        "[::ffff:203.0.113.70]:80",
-        "[::ffff:203.0.113.130]:8080",
-    ]);
-    denied(&w, &mut p, &[
-        "203.0.113.70:443",
-        "203.0.113.70:5432",
-        "203.0.113.130:5432",
-        "203.0.113.200:443",
-        "[2001:db8:2ff::1]:443",
-        "[2001:db8:201::1]:5432",
-        "[::ffff:203.0.113.70]:443",
-        "[::ffff:203.0.113.200]:443",
-    ]);
+    allowed(
+        &w,
+        &mut p,
+        &[
+            // Inside /28 (443): /26 any-port and /24 port 80 still apply.
+            "203.0.113.5:443",
+            "203.0.113.5:5432",
+            "203.0.113.5:80",
+            // Inside /26 only.
+            "203.0.113.40:5432",
+            // Inside /24 only: port 80.
+            "203.0.113.70:80",
+            // /32 port 443 inside /25 port 8080 inside /24 port 80.
+            "203.0.113.130:443",
+            "203.0.113.130:8080",
+            "203.0.113.130:80",
+            "203.0.113.200:8080",
+            "203.0.113.200:80",
+            // IPv6, same shape.
+            "[2001:db8:200::1]:8443",
+            "[2001:db8:200::1]:443",
+            "[2001:db8:200::1]:5432",
+            "[2001:db8:200::1]:80",
+            "[2001:db8:200:0:1::1]:5432",
+            "[2001:db8:2ff::1]:80",
+            // IPv4-mapped, judged by the v4 rules.
+            "[::ffff:203.0.113.70]:80",
+            "[::ffff:203.0.113.130]:8080",
+        ],
+    );
+    denied(
+        &w,
+        &mut p,
+        &[
+            "203.0.113.70:443",
+            "203.0.113.70:5432",
+            "203.0.113.130:5432",
+            "203.0.113.200:443",
+            "[2001:db8:2ff::1]:443",
+            "[2001:db8:201::1]:5432",
+            "[::ffff:203.0.113.70]:443",
+            "[::ffff:203.0.113.200]:443",
+        ],
+    );
 }
 
 #[test]
@@ -234,36 +296,47 @@ fn port_specific_next_to_portless() {
     if !require_kernel() {
         return;
     }
-    let w = World::new(&mesh_policy("Matched", &[
-        "{type: CIDR, value: 198.51.100.0/25, port: 8080}",
-        "{type: CIDR, value: 198.51.100.0/25}",
-        "{type: IP, value: 198.51.100.200, port: 443}",
-        "{type: IP, value: 198.51.100.200, port: 8443}",
-        "{type: CIDR, value: \"2001:db8:100::/64\", port: 443}",
-        "{type: CIDR, value: \"2001:db8:100::/64\"}",
-        "{type: IP, value: \"2001:db8:100:1::5\", port: 443}",
-        "{type: IP, value: \"2001:db8:100:1::5\", port: 8443}",
-    ]));
+    let w = World::new(&mesh_policy(
+        "Matched",
+        &[
+            "{type: CIDR, value: 198.51.100.0/25, port: 8080}",
+            "{type: CIDR, value: 198.51.100.0/25}",
+            "{type: IP, value: 198.51.100.200, port: 443}",
+            "{type: IP, value: 198.51.100.200, port: 8443}",
+            "{type: CIDR, value: \"2001:db8:100::/64\", port: 443}",
+            "{type: CIDR, value: \"2001:db8:100::/64\"}",
+            "{type: IP, value: \"2001:db8:100:1::5\", port: 443}",
+            "{type: IP, value: \"2001:db8:100:1::5\", port: 8443}",
+        ],
+    ));
     let mut p = w.probe();
-    allowed(&w, &mut p, &[
-        "198.51.100.9:80",
-        "198.51.100.9:8080",
-        "198.51.100.9:5432",
-        "198.51.100.200:443",
-        "198.51.100.200:8443",
-        "[2001:db8:100::9]:80",
-        "[2001:db8:100::9]:443",
-        "[2001:db8:100:1::5]:443",
-        "[2001:db8:100:1::5]:8443",
-        "[::ffff:198.51.100.9]:5432",
-        "[::ffff:198.51.100.200]:8443",
-    ]);
-    denied(&w, &mut p, &[
-        "198.51.100.200:80",
-        "198.51.100.201:443",
-        "[2001:db8:100:1::5]:80",
-        "[::ffff:198.51.100.200]:80",
-    ]);
+    allowed(
+        &w,
+        &mut p,
+        &[
+            "198.51.100.9:80",
+            "198.51.100.9:8080",
+            "198.51.100.9:5432",
+            "198.51.100.200:443",
+            "198.51.100.200:8443",
+            "[2001:db8:100::9]:80",
+            "[2001:db8:100::9]:443",
+            "[2001:db8:100:1::5]:443",
+            "[2001:db8:100:1::5]:8443",
+            "[::ffff:198.51.100.9]:5432",
+            "[::ffff:198.51.100.200]:8443",
+        ],
+    );
+    denied(
+        &w,
+        &mut p,
+        &[
+            "198.51.100.200:80",
+            "198.51.100.201:443",
+            "[2001:db8:100:1::5]:80",
+            "[::ffff:198.51.100.200]:80",
+        ],
+    );
 }
 
 #[test]
@@ -271,13 +344,32 @@ fn ipv4_mapped_ipv6_is_judged_by_the_ipv4_rules() {
     if !require_kernel() {
         return;
     }
-    let w = World::new(&mesh_policy("Matched", &[
-        "{type: CIDR, value: 198.51.100.0/24, port: 8080}",
-        "{type: CIDR, value: \"2001:db8:100::/40\"}",
-    ]));
+    let w = World::new(&mesh_policy(
+        "Matched",
+        &[
+            "{type: CIDR, value: 198.51.100.0/24, port: 8080}",
+            "{type: CIDR, value: \"2001:db8:100::/40\"}",
+        ],
+    ));
     let mut p = w.probe();
-    allowed(&w, &mut p, &["198.51.100.9:8080", "[::ffff:198.51.100.9]:8080", "[::ffff:198.51.100.77]:8080"]);
-    denied(&w, &mut p, &["[::ffff:198.51.100.9]:80", "[::ffff:203.0.113.9]:8080", "198.51.100.9:80"]);
+    allowed(
+        &w,
+        &mut p,
+        &[
+            "198.51.100.9:8080",
+            "[::ffff:198.51.100.9]:8080",
+            "[::ffff:198.51.100.77]:8080",
+        ],
+    );
+    denied(
+        &w,
+        &mut p,
+        &[
+            "[::ffff:198.51.100.9]:80",
+            "[::ffff:203.0.113.9]:8080",
+            "198.51.100.9:80",
+        ],
+    );
 }
 
 #[test]
@@ -303,17 +395,27 @@ fn two_workloads_with_different_policies_under_one_attachment() {
     );
     let pa = write_policy(
         dir.path(),
-        &policy("for-a", "{kind: Dataplane, name: a}", Some("Matched"), &[
-            "{type: CIDR, value: 198.51.100.0/24}",
-            "{type: CIDR, value: \"2001:db8:100::/40\", port: 443}",
-        ]),
+        &policy(
+            "for-a",
+            "{kind: Dataplane, name: a}",
+            Some("Matched"),
+            &[
+                "{type: CIDR, value: 198.51.100.0/24}",
+                "{type: CIDR, value: \"2001:db8:100::/40\", port: 443}",
+            ],
+        ),
     );
     let pb = write_policy(
         dir.path(),
-        &policy("for-b", "{kind: MeshSubset, tags: {app: b}}", Some("Matched"), &[
-            "{type: CIDR, value: 203.0.113.0/24, port: 80}",
-            "{type: CIDR, value: \"2001:db8:200::/40\"}",
-        ]),
+        &policy(
+            "for-b",
+            "{kind: MeshSubset, tags: {app: b}}",
+            Some("Matched"),
+            &[
+                "{type: CIDR, value: 203.0.113.0/24, port: 80}",
+                "{type: CIDR, value: \"2001:db8:200::/40\"}",
+            ],
+        ),
     );
     let _agent = Agent::builder()
         .policy(&pa)
@@ -344,7 +446,11 @@ fn two_workloads_with_different_policies_under_one_attachment() {
     assert_denied(&mut p_b, &net, "198.51.100.9:5432");
     assert_denied(&mut p_b, &net, "[2001:db8:100::1]:443");
     assert_denied(&mut p_b, &net, "[::ffff:198.51.100.9]:80");
-    for addr in ["198.51.100.9:5432", "203.0.113.9:443", "[2001:db8:100::1]:80"] {
+    for addr in [
+        "198.51.100.9:5432",
+        "203.0.113.9:443",
+        "[2001:db8:100::1]:80",
+    ] {
         assert_allowed(&mut p_other, &net, addr);
     }
 }
@@ -355,26 +461,35 @@ fn loopback_and_internal_cidrs_are_always_allowed() {
         return;
     }
     let w = World::with(&mesh_policy("None", &[]), |b| {
-        b.internal_cidr("203.0.113.0/25").internal_cidr("2001:db8:200::/48")
+        b.internal_cidr("203.0.113.0/25")
+            .internal_cidr("2001:db8:200::/48")
     });
     let mut p = w.probe();
     for a in loopback() {
         assert_allowed(&mut p, &w.net, &a);
     }
-    allowed(&w, &mut p, &[
-        "203.0.113.9:80",
-        "203.0.113.127:5432",
-        "[2001:db8:200::9]:443",
-        "[2001:db8:200:ffff::1]:8080",
-        "[::ffff:203.0.113.10]:8080",
-    ]);
-    denied(&w, &mut p, &[
-        "203.0.113.128:80",
-        "198.51.100.9:80",
-        "[2001:db8:201::1]:80",
-        "[2001:db8:100::1]:80",
-        "[::ffff:203.0.113.200]:80",
-    ]);
+    allowed(
+        &w,
+        &mut p,
+        &[
+            "203.0.113.9:80",
+            "203.0.113.127:5432",
+            "[2001:db8:200::9]:443",
+            "[2001:db8:200:ffff::1]:8080",
+            "[::ffff:203.0.113.10]:8080",
+        ],
+    );
+    denied(
+        &w,
+        &mut p,
+        &[
+            "203.0.113.128:80",
+            "198.51.100.9:80",
+            "[2001:db8:201::1]:80",
+            "[2001:db8:100::1]:80",
+            "[::ffff:203.0.113.200]:80",
+        ],
+    );
 }
 
 #[test]
@@ -382,40 +497,97 @@ fn policy_change_applies_to_new_connections_and_keeps_established_ones() {
     if !require_kernel() {
         return;
     }
-    let mut w = World::new(&mesh_policy("Matched", &["{type: CIDR, value: 198.51.100.0/24}"]));
+    let mut w = World::new(&mesh_policy(
+        "Matched",
+        &["{type: CIDR, value: 198.51.100.0/24}"],
+    ));
     let mut p = w.probe();
-    let established = p.connect("198.51.100.9:8080").expect("allowed by the first policy");
+    let established = p
+        .connect("198.51.100.9:8080")
+        .expect("allowed by the first policy");
     let established6 = p.connect("[2001:db8:100::9]:443");
-    assert_eq!(established6.clone().unwrap_err(), EPERM, "v6 not allowed yet");
+    assert_eq!(
+        established6.clone().unwrap_err(),
+        EPERM,
+        "v6 not allowed yet"
+    );
     assert_eq!(p.echo(&established, "before").unwrap(), "before");
     denied(&w, &mut p, &["203.0.113.9:80"]);
 
     let g1 = w
         .agent
-        .update_policy(&w.policy, &mesh_policy("Matched", &["{type: CIDR, value: 203.0.113.0/24}", "{type: CIDR, value: \"2001:db8:100::/40\"}"]))
+        .update_policy(
+            &w.policy,
+            &mesh_policy(
+                "Matched",
+                &[
+                    "{type: CIDR, value: 203.0.113.0/24}",
+                    "{type: CIDR, value: \"2001:db8:100::/40\"}",
+                ],
+            ),
+        )
         .unwrap();
-    denied(&w, &mut p, &["198.51.100.9:8080", "198.51.100.10:80", "[::ffff:198.51.100.9]:8080"]);
+    denied(
+        &w,
+        &mut p,
+        &[
+            "198.51.100.9:8080",
+            "198.51.100.10:80",
+            "[::ffff:198.51.100.9]:8080",
+        ],
+    );
     allowed(&w, &mut p, &["203.0.113.9:80", "[2001:db8:100::9]:443"]);
-    assert_eq!(p.echo(&established, "after first change").unwrap(), "after first change");
+    assert_eq!(
+        p.echo(&established, "after first change").unwrap(),
+        "after first change"
+    );
     let kept6 = p.connect("[2001:db8:100::9]:443").unwrap();
 
-    let g2 = w.agent.update_policy(&w.policy, &mesh_policy("None", &[])).unwrap();
+    let g2 = w
+        .agent
+        .update_policy(&w.policy, &mesh_policy("None", &[]))
+        .unwrap();
     assert!(g2 > g1, "generation must grow: {g1} then {g2}");
-    denied(&w, &mut p, &["203.0.113.9:80", "[2001:db8:100::9]:443", "198.51.100.9:8080"]);
-    assert_eq!(p.echo(&established, "after second change").unwrap(), "after second change");
+    denied(
+        &w,
+        &mut p,
+        &[
+            "203.0.113.9:80",
+            "[2001:db8:100::9]:443",
+            "198.51.100.9:8080",
+        ],
+    );
+    assert_eq!(
+        p.echo(&established, "after second change").unwrap(),
+        "after second change"
+    );
     assert_eq!(p.echo(&kept6, "v6 kept").unwrap(), "v6 kept");
 
     // An invalid policy is rejected whole: the previous one (None) stays.
     let before = w.agent.applied_generations().len();
-    write_file(&w.policy, &mesh_policy("All", &["{type: CIDR, value: 203.0.113.0/33}"]));
+    write_file(
+        &w.policy,
+        &mesh_policy("All", &["{type: CIDR, value: 203.0.113.0/33}"]),
+    );
     let _ = w.agent.reload();
-    assert!(w.agent.is_running(), "an invalid reload must not stop the agent\n{}", w.agent.describe());
-    assert_eq!(w.agent.applied_generations().len(), before, "an invalid policy was applied\n{}", w.agent.describe());
+    assert!(
+        w.agent.is_running(),
+        "an invalid reload must not stop the agent\n{}",
+        w.agent.describe()
+    );
+    assert_eq!(
+        w.agent.applied_generations().len(),
+        before,
+        "an invalid policy was applied\n{}",
+        w.agent.describe()
+    );
     denied(&w, &mut p, &["203.0.113.9:80"]);
     assert_eq!(p.echo(&established, "still").unwrap(), "still");
 
     // Back to All via the same file.
-    w.agent.update_policy(&w.policy, &mesh_policy("All", &[])).unwrap();
+    w.agent
+        .update_policy(&w.policy, &mesh_policy("All", &[]))
+        .unwrap();
     allowed(&w, &mut p, &["198.51.100.9:8080", "[2001:db8:200::1]:80"]);
     p.close(established);
     p.close(kept6);
@@ -427,14 +599,32 @@ fn udp_datagrams_follow_the_ip_rules() {
         return;
     }
     let w = World::with(
-        &mesh_policy("Matched", &["{type: CIDR, value: 198.51.100.0/24}", "{type: CIDR, value: \"2001:db8:100::/40\", port: 53}"]),
+        &mesh_policy(
+            "Matched",
+            &[
+                "{type: CIDR, value: 198.51.100.0/24}",
+                "{type: CIDR, value: \"2001:db8:100::/40\", port: 53}",
+            ],
+        ),
         |b| b.arg("--resolver").arg("203.0.113.53"),
     );
     let mut p = w.probe();
-    for a in ["198.51.100.9:53", "198.51.100.9:5432", "[2001:db8:100::1]:53", "[::ffff:198.51.100.9]:53", "203.0.113.53:53"] {
+    for a in [
+        "198.51.100.9:53",
+        "198.51.100.9:5432",
+        "[2001:db8:100::1]:53",
+        "[::ffff:198.51.100.9]:53",
+        "203.0.113.53:53",
+    ] {
         assert_udp_allowed(&mut p, &w.net, a);
     }
-    for a in ["203.0.113.54:53", "203.0.113.53:5432", "[2001:db8:100::1]:5432", "[2001:db8:200::1]:53", "[::ffff:203.0.113.9]:53"] {
+    for a in [
+        "203.0.113.54:53",
+        "203.0.113.53:5432",
+        "[2001:db8:100::1]:5432",
+        "[2001:db8:200::1]:53",
+        "[::ffff:203.0.113.9]:53",
+    ] {
         assert_udp_denied(&mut p, &w.net, a);
     }
     assert_udp_allowed(&mut p, &w.net, &format!("127.0.0.1:{LOOPBACK_PORT}"));
@@ -453,11 +643,19 @@ fn sigterm_detaches_and_exits_zero() {
     let mut p = w.probe();
     denied(&w, &mut p, &["198.51.100.9:80"]);
     if let Some(progs) = attached_programs(w.cg.path()) {
-        assert!(!progs.is_empty(), "bpftool shows nothing attached to {} while the agent runs", w.cg.path().display());
+        assert!(
+            !progs.is_empty(),
+            "bpftool shows nothing attached to {} while the agent runs",
+            w.cg.path().display()
+        );
     }
     w.agent.stop().unwrap();
     if let Some(progs) = attached_programs(w.cg.path()) {
-        assert!(progs.is_empty(), "still attached to {} after SIGTERM: {progs:?}", w.cg.path().display());
+        assert!(
+            progs.is_empty(),
+            "still attached to {} after SIGTERM: {progs:?}",
+            w.cg.path().display()
+        );
     }
     allowed(&w, &mut p, &["198.51.100.9:80"]);
 }
@@ -466,17 +664,29 @@ fn sigterm_detaches_and_exits_zero() {
 
 fn assert_nothing_attached(cg: &TestCgroup, net: &TestNet, what: &str) {
     if let Some(progs) = attached_programs(cg.path()) {
-        assert!(progs.is_empty(), "{what}: programs left attached to {}: {progs:?}", cg.path().display());
+        assert!(
+            progs.is_empty(),
+            "{what}: programs left attached to {}: {progs:?}",
+            cg.path().display()
+        );
     }
     let mut p = Probe::spawn(cg, net).unwrap();
-    for a in ["198.51.100.9:80", "203.0.113.9:443", "[2001:db8:100::1]:8080", "[::ffff:198.51.100.9]:80"] {
+    for a in [
+        "198.51.100.9:80",
+        "203.0.113.9:443",
+        "[2001:db8:100::1]:8080",
+        "[::ffff:198.51.100.9]:80",
+    ] {
         assert_allowed(&mut p, net, a);
     }
 }
 
 fn assert_mentions(out: &str, needle: &Path, what: &str, cmd: &str) {
     let n = needle.display().to_string();
-    assert!(out.contains(&n), "{what}: the error does not name {n}\ncommand: {cmd}\noutput:\n{out}");
+    assert!(
+        out.contains(&n),
+        "{what}: the error does not name {n}\ncommand: {cmd}\noutput:\n{out}"
+    );
 }
 
 #[test]
@@ -487,9 +697,21 @@ fn bad_cidr_is_rejected_and_nothing_is_attached() {
     let dir = tempfile::tempdir().unwrap();
     let cg = TestCgroup::new().unwrap();
     let net = TestNet::new().unwrap();
-    let bad = write_policy(dir.path(), &mesh_policy("None", &["{type: CIDR, value: 198.51.100.0/33}"]));
-    let f = Agent::builder().policy(&bad).cgroup(cg.path()).run_expect_failure().unwrap();
-    assert!(!f.status.success(), "bad CIDR: agent exited {}\n{}", f.status, f.output);
+    let bad = write_policy(
+        dir.path(),
+        &mesh_policy("None", &["{type: CIDR, value: 198.51.100.0/33}"]),
+    );
+    let f = Agent::builder()
+        .policy(&bad)
+        .cgroup(cg.path())
+        .run_expect_failure()
+        .unwrap();
+    assert!(
+        !f.status.success(),
+        "bad CIDR: agent exited {}\n{}",
+        f.status,
+        f.output
+    );
     assert_mentions(&f.output, &bad, "bad CIDR", &f.cmdline);
     assert!(
         f.output.contains("provided CIDR has incorrect value"),
@@ -509,16 +731,36 @@ fn unreadable_policy_file_is_rejected_and_nothing_is_attached() {
     let net = TestNet::new().unwrap();
     let good = write_policy(dir.path(), &mesh_policy("None", &[]));
     let missing = dir.path().join("does-not-exist.yaml");
-    let f = Agent::builder().policy(&good).policy(&missing).cgroup(cg.path()).run_expect_failure().unwrap();
-    assert!(!f.status.success(), "missing policy: agent exited {}\n{}", f.status, f.output);
+    let f = Agent::builder()
+        .policy(&good)
+        .policy(&missing)
+        .cgroup(cg.path())
+        .run_expect_failure()
+        .unwrap();
+    assert!(
+        !f.status.success(),
+        "missing policy: agent exited {}\n{}",
+        f.status,
+        f.output
+    );
     assert_mentions(&f.output, &missing, "missing policy file", &f.cmdline);
     assert_nothing_attached(&cg, &net, "missing policy file");
 
     // A policy "file" that cannot be read as one (a FIFO would block; a directory of garbage).
     let garbage = dir.path().join("garbage.yaml");
     std::fs::write(&garbage, b"\xff\xfe\x00not yaml: [").unwrap();
-    let f = Agent::builder().policy(&good).policy(&garbage).cgroup(cg.path()).run_expect_failure().unwrap();
-    assert!(!f.status.success(), "garbage policy: agent exited {}\n{}", f.status, f.output);
+    let f = Agent::builder()
+        .policy(&good)
+        .policy(&garbage)
+        .cgroup(cg.path())
+        .run_expect_failure()
+        .unwrap();
+    assert!(
+        !f.status.success(),
+        "garbage policy: agent exited {}\n{}",
+        f.status,
+        f.output
+    );
     assert_mentions(&f.output, &garbage, "garbage policy file", &f.cmdline);
     assert_nothing_attached(&cg, &net, "garbage policy file");
 }
@@ -535,8 +777,18 @@ fn cgroup_not_on_cgroup2_is_rejected_and_nothing_is_attached() {
     let not_cgroup = dir.path().join("not-a-cgroup");
     std::fs::create_dir(&not_cgroup).unwrap();
     // The valid cgroup first: a loader that attaches as it goes would leave it attached.
-    let f = Agent::builder().policy(&good).cgroup(cg.path()).cgroup(&not_cgroup).run_expect_failure().unwrap();
-    assert!(!f.status.success(), "non-cgroup2 path: agent exited {}\n{}", f.status, f.output);
+    let f = Agent::builder()
+        .policy(&good)
+        .cgroup(cg.path())
+        .cgroup(&not_cgroup)
+        .run_expect_failure()
+        .unwrap();
+    assert!(
+        !f.status.success(),
+        "non-cgroup2 path: agent exited {}\n{}",
+        f.status,
+        f.output
+    );
     assert_mentions(&f.output, &not_cgroup, "non-cgroup2 path", &f.cmdline);
     assert_nothing_attached(&cg, &net, "non-cgroup2 path");
 
@@ -548,7 +800,17 @@ fn cgroup_not_on_cgroup2_is_rejected_and_nothing_is_attached() {
         .attach_cgroup(&not_cgroup)
         .run_expect_failure()
         .unwrap();
-    assert!(!f.status.success(), "non-cgroup2 attach path: agent exited {}\n{}", f.status, f.output);
-    assert_mentions(&f.output, &not_cgroup, "non-cgroup2 attach path", &f.cmdline);
+    assert!(
+        !f.status.success(),
+        "non-cgroup2 attach path: agent exited {}\n{}",
+        f.status,
+        f.output
+    );
+    assert_mentions(
+        &f.output,
+        &not_cgroup,
+        "non-cgroup2 attach path",
+        &f.cmdline,
+    );
     assert_nothing_attached(&cg, &net, "non-cgroup2 attach path");
 }

@@ -34,7 +34,13 @@ enum Conn {
 fn errno(e: &io::Error) -> i32 {
     match e.raw_os_error() {
         Some(n) => n,
-        None if matches!(e.kind(), io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock) => libc::ETIMEDOUT,
+        None if matches!(
+            e.kind(),
+            io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
+        ) =>
+        {
+            libc::ETIMEDOUT
+        }
         None => libc::EIO,
     }
 }
@@ -111,7 +117,10 @@ fn main() {
         let reply = match cmd {
             "connect" => {
                 let f: Vec<&str> = rest.split_whitespace().collect();
-                match (f.first(), f.get(1).and_then(|a| a.parse::<SocketAddr>().ok())) {
+                match (
+                    f.first(),
+                    f.get(1).and_then(|a| a.parse::<SocketAddr>().ok()),
+                ) {
                     (Some(id), Some(addr)) => {
                         let udp = f.get(2) == Some(&"udp");
                         match connect(addr, udp) {

@@ -5,7 +5,9 @@
 fn main() {
     let all = std::env::args().skip(1).any(|a| a == "--all");
     if std::env::args().skip(1).any(|a| a == "-h" || a == "--help") {
-        println!("usage: pt-sweep [--all]\n  removes leftover test netns (ptc-*, pts-*), cgroups and bpffs dirs (passthrough-test-*)\n  --all  also those of live test processes");
+        println!(
+            "usage: pt-sweep [--all]\n  removes leftover test netns (ptc-*, pts-*), cgroups and bpffs dirs (passthrough-test-*)\n  --all  also those of live test processes"
+        );
         return;
     }
     let report = passthrough_tests::sweep(all);
