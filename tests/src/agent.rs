@@ -330,6 +330,39 @@ impl Agent {
         self.wait_applied_after(seen)
     }
 
+    /// SIGHUP with an input the agent must refuse: waits (≤ [`RELOAD_TIMEOUT`]) for an `ERROR`
+    /// line printed after the signal and returns the log printed since. An error if a new policy
+    /// was applied instead, or if the agent exited.
+    pub fn reload_rejected(&mut self) -> Result<String> {
+        let log_len = self.log().len();
+        let seen = self.applied_generations().len();
+        self.signal(libc::SIGHUP)?;
+        let deadline = Instant::now() + RELOAD_TIMEOUT;
+        loop {
+            let log = self.log();
+            let new = log.get(log_len..).unwrap_or("").to_string();
+            if self.applied_generations().len() > seen {
+                bail!(
+                    "the agent applied a policy it should have rejected\n{}",
+                    self.describe()
+                );
+            }
+            if new.contains("ERROR") {
+                return Ok(new);
+            }
+            if !self.is_running() {
+                bail!("agent exited on a rejected reload\n{}", self.describe());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "no ERROR line within {RELOAD_TIMEOUT:?} of SIGHUP\n{}",
+                    self.describe()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Waits until more than `seen` apply lines were printed. Returns the newest generation.
     pub fn wait_applied_after(&mut self, seen: usize) -> Result<u64> {
         let deadline = Instant::now() + RELOAD_TIMEOUT;
