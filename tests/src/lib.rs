@@ -141,6 +141,15 @@ fn bpf_map_create_works() -> std::io::Result<()> {
     Ok(())
 }
 
+/// A temp dir for a test's files (policies, workload lists), named
+/// `passthrough-test-files-<pid>-*` so [`sweep`] can remove it after a crash.
+pub fn test_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("{CGROUP_PREFIX}files-{}-", std::process::id()))
+        .tempdir()
+        .expect("creating a temp dir")
+}
+
 /// Directory of the running executable's target profile (`target/<profile>`): test executables
 /// live in `target/<profile>/deps/`, binaries in `target/<profile>/`.
 pub fn target_profile_dir() -> Option<PathBuf> {

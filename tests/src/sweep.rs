@@ -1,5 +1,5 @@
 //! Cleanup of what crashed test runs left behind: network namespaces `ptc-*`/`pts-*`, cgroups
-//! and bpffs state directories `passthrough-test-*`, agent temp dirs `passthrough-test-agent-*`.
+//! and bpffs state directories `passthrough-test-*`, temp dirs `passthrough-test-{agent,files}-*`.
 //! Only names with our prefixes are touched, and by default only those whose creating process
 //! (the pid in the name) is gone, so a sweep never disturbs a test run in progress.
 
@@ -109,9 +109,15 @@ pub fn sweep(all: bool) -> SweepReport {
     }
 
     let tmp = std::env::temp_dir();
-    let agent_prefix = format!("{CGROUP_PREFIX}agent-");
+    let prefixes = [
+        format!("{CGROUP_PREFIX}agent-"),
+        format!("{CGROUP_PREFIX}files-"),
+    ];
     for name in entries(&tmp) {
-        if name.starts_with(&agent_prefix) && stale(&name, &agent_prefix, all) {
+        if prefixes
+            .iter()
+            .any(|pre| name.starts_with(pre.as_str()) && stale(&name, pre, all))
+        {
             let p = tmp.join(&name);
             match fs::remove_dir_all(&p) {
                 Ok(()) => rep.removed.push(format!("temp dir {}", p.display())),

@@ -57,7 +57,7 @@ impl World {
         yaml: &str,
         f: impl FnOnce(passthrough_tests::AgentBuilder) -> passthrough_tests::AgentBuilder,
     ) -> World {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = passthrough_tests::test_dir();
         let cg = TestCgroup::new().unwrap();
         let net = TestNet::new().unwrap();
         let policy = write_policy(dir.path(), yaml);
@@ -377,7 +377,7 @@ fn two_workloads_with_different_policies_under_one_attachment() {
     if !require_kernel() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
+    let dir = passthrough_tests::test_dir();
     let parent = TestCgroup::new().unwrap();
     let a = parent.child("a").unwrap();
     let b = parent.child("b").unwrap();
@@ -692,7 +692,7 @@ fn bad_cidr_is_rejected_and_nothing_is_attached() {
     if !require_kernel() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
+    let dir = passthrough_tests::test_dir();
     let cg = TestCgroup::new().unwrap();
     let net = TestNet::new().unwrap();
     let bad = write_policy(
@@ -724,7 +724,7 @@ fn unreadable_policy_file_is_rejected_and_nothing_is_attached() {
     if !require_kernel() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
+    let dir = passthrough_tests::test_dir();
     let cg = TestCgroup::new().unwrap();
     let net = TestNet::new().unwrap();
     let good = write_policy(dir.path(), &mesh_policy("None", &[]));
@@ -768,7 +768,7 @@ fn cgroup_not_on_cgroup2_is_rejected_and_nothing_is_attached() {
     if !require_kernel() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
+    let dir = passthrough_tests::test_dir();
     let cg = TestCgroup::new().unwrap();
     let net = TestNet::new().unwrap();
     let good = write_policy(dir.path(), &mesh_policy("None", &[]));
