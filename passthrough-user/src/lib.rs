@@ -8,3 +8,4 @@ pub mod cgroup;
 pub mod kernel;
 pub mod plan;
 pub mod policy;
+pub mod proxy;

@@ -244,12 +244,32 @@ fn in_net(net: &IpNet, ip: IpAddr) -> bool {
 
 /// Decides one connection for a workload whose merged configuration is `conf`.
 pub fn decide<'a>(conf: &'a MergedConf, conn: &Connection, opts: &DecideOptions) -> Decision<'a> {
+    decide_inner(conf, conn, opts, true)
+}
+
+/// The proxy's decision for a connection the kernel already redirected: as [`decide`], but
+/// rule 1 (loopback, internal ranges) is not applied again, since the kernel only redirects
+/// egress. (This also lets the proxy be tested against loopback upstreams.)
+pub fn decide_at_proxy<'a>(
+    conf: &'a MergedConf,
+    conn: &Connection,
+    opts: &DecideOptions,
+) -> Decision<'a> {
+    decide_inner(conf, conn, opts, false)
+}
+
+fn decide_inner<'a>(
+    conf: &'a MergedConf,
+    conn: &Connection,
+    opts: &DecideOptions,
+    local_rules: bool,
+) -> Decision<'a> {
     let ip = ip::canonical_ip(conn.dst.ip());
     let port = conn.dst.port();
-    if ip.is_loopback() {
+    if local_rules && ip.is_loopback() {
         return Decision::new(Verdict::AllowKernel, Reason::Loopback);
     }
-    if let Some(cidr) = opts.internal.iter().find(|n| in_net(n, ip)) {
+    if let Some(cidr) = opts.internal.iter().find(|n| local_rules && in_net(n, ip)) {
         return Decision::new(Verdict::AllowKernel, Reason::Internal { cidr: *cidr });
     }
     if conn.udp

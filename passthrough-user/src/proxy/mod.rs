@@ -1,0 +1,430 @@
+//! The userspace proxy for redirected connections (SPEC §3, proxy part).
+//!
+//! The kernel redirects connections that only a `Domain` match could allow to the proxy and
+//! records each one's original destination; [`Proxy::serve`] accepts them, asks an
+//! [`OrigDstSource`] for that record (none → the connection is closed at once), reads the
+//! first bytes within [`ProxyConfig::peek_timeout`] and [`ProxyConfig::max_peek`], and:
+//!
+//! - **TLS** ([`tls`]): decides on the ClientHello's SNI; an allowed connection is relayed byte
+//!   for byte ([`relay`]), a denied one gets a fatal `access_denied` alert and is closed.
+//! - **HTTP/1.x** and **h2c** with prior knowledge ([`http`]): every request / stream is decided
+//!   on its authority and proxied with hyper; denials are `503` (HTTP/1: and the connection is
+//!   closed) or, for gRPC, `grpc-status: 7`.
+//! - anything else, a timeout, or too many bytes without a decision → closed.
+//!
+//! Decisions use [`crate::policy::decision::decide_at_proxy`], then the destination check
+//! ([`dns`]) when a `Domain` match allowed. Every decision is one `tracing` event (target
+//! `passthrough::proxy`, message `decision`) with workload, pid, comm, peer, destination,
+//! protocol, name, verdict, reason and match.
+//!
+//! Policy: the proxy reads an `Arc<ArcSwap<ProxyPolicy>>`; the agent swaps in a new
+//! [`ProxyPolicy`] on reload. A TLS connection is judged once with the policy of its arrival;
+//! HTTP requests are judged with the policy current when each request arrives.
+
+pub mod dns;
+pub mod http;
+pub mod orig_dst;
+pub mod peek;
+pub mod relay;
+pub mod tls;
+
+use std::{collections::HashMap, fmt::Display, net::SocketAddr, sync::Arc, time::Duration};
+
+use arc_swap::ArcSwap;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+    time::Instant,
+};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+pub use dns::{DestError, Destinations, DomainDestination};
+pub use orig_dst::{OrigDstSource, Redirected};
+
+use crate::policy::{
+    Connection, DecideOptions, L7, MergedConf, Verdict,
+    decision::{decide_at_proxy, normalize_name},
+};
+
+/// Policy the proxy decides with; swapped atomically on reload.
+#[derive(Debug, Clone)]
+pub struct ProxyPolicy {
+    /// Merged configuration per workload cgroup id ([`Redirected::workload`]).
+    pub workloads: HashMap<u64, MergedConf>,
+    /// For connections of no known workload (id 0 or not in `workloads`).
+    pub unmatched: MergedConf,
+    /// Internal ranges and resolvers.
+    pub decide: DecideOptions,
+}
+
+impl ProxyPolicy {
+    /// The configuration for workload `id`.
+    pub fn conf(&self, id: u64) -> &MergedConf {
+        self.workloads.get(&id).unwrap_or(&self.unmatched)
+    }
+}
+
+/// Proxy settings.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    /// `--domain-destination`.
+    pub domain_destination: DomainDestination,
+    /// `--resolver`; `None` = `/etc/resolv.conf`.
+    pub resolver: Option<SocketAddr>,
+    /// How long to wait for the first bytes to be complete enough for a decision.
+    pub peek_timeout: Duration,
+    /// Most bytes read before a decision; at least [`MIN_PEEK`].
+    pub max_peek: usize,
+    /// Upstream connect timeout.
+    pub connect_timeout: Duration,
+    /// `SO_MARK` of upstream sockets (normally [`crate::agent::AGENT_MARK`]); 0 = not set.
+    pub upstream_mark: u32,
+}
+
+/// The smallest allowed [`ProxyConfig::max_peek`]: a 16 KiB ClientHello in two records.
+pub const MIN_PEEK: usize = 16 * 1024 + 2 * 5 + 4;
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            domain_destination: DomainDestination::Verify,
+            resolver: None,
+            peek_timeout: Duration::from_secs(5),
+            max_peek: 32 * 1024,
+            connect_timeout: Duration::from_secs(5),
+            upstream_mark: crate::agent::AGENT_MARK,
+        }
+    }
+}
+
+/// The proxy. Cheap to share: [`Proxy::serve`] takes `Arc<Self>` and may run on several
+/// listeners (IPv4 and IPv6) at once.
+pub struct Proxy {
+    orig: Arc<dyn OrigDstSource>,
+    policy: Arc<ArcSwap<ProxyPolicy>>,
+    cfg: ProxyConfig,
+    dest: Destinations,
+}
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy").field("cfg", &self.cfg).finish()
+    }
+}
+
+/// What the first bytes turned out to be.
+enum First {
+    Tls(tls::Parse),
+    Http1,
+    H2c,
+    Other,
+    TooLarge,
+    Timeout,
+    Closed,
+}
+
+/// The result of judging a name (policy, then destination check).
+#[derive(Debug, Clone)]
+pub(crate) enum Judgement {
+    /// Connect here.
+    Allow(SocketAddr),
+    /// Refused; the text says why (for a 503 body).
+    Deny(String),
+}
+
+impl Proxy {
+    /// A proxy deciding with `policy` (an `ArcSwap` the agent stores new policies into).
+    /// Fails when `cfg.max_peek` is below [`MIN_PEEK`] or the resolver cannot be set up.
+    pub fn new(
+        orig: Arc<dyn OrigDstSource>,
+        policy: Arc<ArcSwap<ProxyPolicy>>,
+        cfg: ProxyConfig,
+    ) -> anyhow::Result<Self> {
+        if cfg.max_peek < MIN_PEEK {
+            anyhow::bail!("max_peek {} is below {MIN_PEEK} bytes", cfg.max_peek);
+        }
+        let dest = Destinations::new(cfg.domain_destination, cfg.resolver)?;
+        Ok(Proxy {
+            orig,
+            policy,
+            cfg,
+            dest,
+        })
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &ProxyConfig {
+        &self.cfg
+    }
+
+    /// Serves one listener until `shutdown` fires; connections still open then are closed.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) {
+        loop {
+            let accepted = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                r = listener.accept() => r,
+            };
+            match accepted {
+                Ok((stream, peer)) => {
+                    let me = self.clone();
+                    let stop = shutdown.child_token();
+                    tokio::spawn(async move {
+                        tokio::select! {
+                            _ = stop.cancelled() => {}
+                            _ = me.handle(stream, peer) => {}
+                        }
+                    });
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    warn!(target: "passthrough::proxy", error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    async fn handle(self: Arc<Self>, mut client: TcpStream, peer: SocketAddr) {
+        let local = match client.local_addr() {
+            Ok(l) => l,
+            Err(e) => {
+                debug!(target: "passthrough::proxy", %peer, error = %e, "local_addr failed");
+                return;
+            }
+        };
+        let Some(rec) = self.orig.take(peer, local) else {
+            warn!(
+                target: "passthrough::proxy",
+                %peer, %local, verdict = "deny", reason = "no_original_destination",
+                "refused: no recorded original destination for this connection"
+            );
+            return;
+        };
+        let _ = client.set_nodelay(true);
+        let mut buf = Vec::with_capacity(2048);
+        let first = self.read_first(&mut client, &mut buf).await;
+        let ctx = ConnInfo { peer, rec };
+        match first {
+            First::Tls(tls::Parse::Hello(hello)) => self.tls(client, buf, ctx, hello).await,
+            First::Http1 => http::serve(self, client, buf, ctx, false).await,
+            First::H2c => http::serve(self, client, buf, ctx, true).await,
+            First::Tls(tls::Parse::Invalid(e)) => {
+                ctx.log_deny("tls", None, "bad_client_hello", &e);
+                tls_refuse(client).await;
+            }
+            First::Tls(tls::Parse::NotTls | tls::Parse::NeedMore) | First::Other => {
+                ctx.log_deny("unknown", None, "unknown_protocol", &"neither TLS nor HTTP");
+            }
+            First::TooLarge => ctx.log_deny(
+                "unknown",
+                None,
+                "too_large",
+                &format_args!("no decision within the first {} bytes", self.cfg.max_peek),
+            ),
+            First::Timeout => ctx.log_deny(
+                "unknown",
+                None,
+                "peek_timeout",
+                &format_args!(
+                    "no decision within {:?} ({} bytes read)",
+                    self.cfg.peek_timeout,
+                    buf.len()
+                ),
+            ),
+            First::Closed => debug!(
+                target: "passthrough::proxy",
+                peer = %ctx.peer, dst = %ctx.rec.dst,
+                "client closed or failed before sending enough to decide"
+            ),
+        }
+    }
+
+    /// Reads until the first bytes can be classified, within the peek limits.
+    async fn read_first(&self, client: &mut TcpStream, buf: &mut Vec<u8>) -> First {
+        let deadline = Instant::now() + self.cfg.peek_timeout;
+        loop {
+            match peek::classify(buf) {
+                peek::Peeked::NeedMore => {}
+                peek::Peeked::Tls => match tls::parse_client_hello(buf) {
+                    tls::Parse::NeedMore => {}
+                    other => return First::Tls(other),
+                },
+                peek::Peeked::Http1 => return First::Http1,
+                peek::Peeked::H2c => return First::H2c,
+                peek::Peeked::Other => return First::Other,
+            }
+            let have = buf.len();
+            if have >= self.cfg.max_peek {
+                return First::TooLarge;
+            }
+            let want = (have + 8192).min(self.cfg.max_peek);
+            buf.resize(want, 0);
+            let r = tokio::time::timeout_at(deadline, client.read(&mut buf[have..])).await;
+            match r {
+                Ok(Ok(n)) if n > 0 => buf.truncate(have + n),
+                Ok(_) => {
+                    buf.truncate(have);
+                    return First::Closed;
+                }
+                Err(_) => {
+                    buf.truncate(have);
+                    return First::Timeout;
+                }
+            }
+        }
+    }
+
+    async fn tls(
+        self: Arc<Self>,
+        mut client: TcpStream,
+        first: Vec<u8>,
+        ctx: ConnInfo,
+        hello: tls::ClientHello,
+    ) {
+        let l7 = L7::Tls(hello.sni.clone());
+        let target = match self.judge(&ctx, l7, "tls", hello.ech).await {
+            Judgement::Allow(t) => t,
+            Judgement::Deny(_) => return tls_refuse(client).await,
+        };
+        let mut upstream =
+            match relay::connect(target, self.cfg.upstream_mark, self.cfg.connect_timeout).await {
+                Ok(u) => u,
+                Err(e) => {
+                    warn!(
+                        target: "passthrough::proxy",
+                        workload = ctx.rec.workload, pid = ctx.rec.pid, comm = %ctx.rec.comm,
+                        peer = %ctx.peer, dst = %ctx.rec.dst, %target, error = %e,
+                        "upstream unreachable; closing the client connection"
+                    );
+                    return;
+                }
+            };
+        match relay::relay(&mut client, &first, &mut upstream).await {
+            Ok(n) => debug!(
+                target: "passthrough::proxy",
+                peer = %ctx.peer, %target, up = n.up, down = n.down, "relay done"
+            ),
+            Err(e) => debug!(
+                target: "passthrough::proxy",
+                peer = %ctx.peer, %target, error = %e, "relay ended with an error"
+            ),
+        }
+    }
+
+    /// Decides `l7` for the connection in `ctx` with the current policy, runs the destination
+    /// check when a `Domain` match allowed, and logs the one decision event.
+    pub(crate) async fn judge(&self, ctx: &ConnInfo, l7: L7, proto: &str, ech: bool) -> Judgement {
+        let policy = self.policy.load_full();
+        let conf = policy.conf(ctx.rec.workload);
+        let conn = Connection {
+            dst: ctx.rec.dst,
+            udp: false,
+            l7: Some(l7.clone()),
+        };
+        let d = decide_at_proxy(conf, &conn, &policy.decide);
+        let (raw, strip_port) = match &l7 {
+            L7::Tls(s) => (s.clone(), false),
+            L7::Http1(h) | L7::H2c(h) => (Some(h.clone()), true),
+        };
+        let matched = d
+            .matched
+            .map(|m| match m.port {
+                Some(p) => format!("{:?} {} port {p} {:?}", m.kind, m.value, m.protocol),
+                None => format!("{:?} {} {:?}", m.kind, m.value, m.protocol),
+            })
+            .unwrap_or_default();
+        let (verdict, code, detail, target) = match d.verdict {
+            Verdict::AllowAtProxy => {
+                // A Domain match allowed `name`: check where the client is going.
+                let name = raw
+                    .as_deref()
+                    .and_then(|r| normalize_name(r, strip_port).ok())
+                    .unwrap_or_default();
+                match self.dest.target(&name, ctx.rec.dst).await {
+                    Ok(t) => ("allow", d.reason.code(), d.reason.to_string(), Some(t)),
+                    Err(e) => ("deny", "destination_check", e.to_string(), None),
+                }
+            }
+            Verdict::AllowKernel => (
+                "allow",
+                d.reason.code(),
+                d.reason.to_string(),
+                Some(ctx.rec.dst),
+            ),
+            Verdict::Deny | Verdict::DenyAtProxy | Verdict::RedirectToProxy => {
+                ("deny", d.reason.code(), d.reason.to_string(), None)
+            }
+        };
+        let name = raw.as_deref().unwrap_or("");
+        let target_s = target.map(|t| t.to_string()).unwrap_or_default();
+        if target.is_some() {
+            info!(
+                target: "passthrough::proxy",
+                workload = ctx.rec.workload, pid = ctx.rec.pid, comm = %ctx.rec.comm,
+                peer = %ctx.peer, dst = %ctx.rec.dst, proto, name, ech, verdict,
+                reason = code, detail = %detail, matched = %matched, upstream = %target_s,
+                "decision"
+            );
+        } else {
+            warn!(
+                target: "passthrough::proxy",
+                workload = ctx.rec.workload, pid = ctx.rec.pid, comm = %ctx.rec.comm,
+                peer = %ctx.peer, dst = %ctx.rec.dst, proto, name, ech, verdict,
+                reason = code, detail = %detail, matched = %matched,
+                "decision"
+            );
+        }
+        match target {
+            Some(t) => Judgement::Allow(t),
+            None => Judgement::Deny(format!("{name}: {detail}")),
+        }
+    }
+
+    pub(crate) fn cfg(&self) -> &ProxyConfig {
+        &self.cfg
+    }
+}
+
+/// One accepted, redirected connection.
+#[derive(Debug, Clone)]
+pub(crate) struct ConnInfo {
+    pub(crate) peer: SocketAddr,
+    pub(crate) rec: Redirected,
+}
+
+impl ConnInfo {
+    /// Logs a denial that happened before a name could be judged.
+    fn log_deny(&self, proto: &str, name: Option<&str>, code: &str, detail: &dyn Display) {
+        warn!(
+            target: "passthrough::proxy",
+            workload = self.rec.workload, pid = self.rec.pid, comm = %self.rec.comm,
+            peer = %self.peer, dst = %self.rec.dst, proto, name = name.unwrap_or(""),
+            verdict = "deny", reason = code, detail = %detail,
+            "decision"
+        );
+    }
+}
+
+/// Refuses a TLS client: a fatal `access_denied` alert, then close.
+async fn tls_refuse(mut client: TcpStream) {
+    let _ = client.write_all(&tls::alert(tls::ALERT_ACCESS_DENIED)).await;
+    close_gently(client).await;
+}
+
+/// Shuts down the write side, then drains what the client still sends for a moment so that
+/// closing does not turn into a reset that could destroy the last bytes we wrote.
+pub(crate) async fn close_gently(mut client: TcpStream) {
+    let _ = client.shutdown().await;
+    let mut sink = [0u8; 4096];
+    let drain = async {
+        let mut total = 0usize;
+        while let Ok(n) = client.read(&mut sink).await {
+            total += n;
+            if n == 0 || total > 256 * 1024 {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_millis(500), drain).await;
+}
