@@ -63,7 +63,9 @@ pub struct Destinations {
 
 impl std::fmt::Debug for Destinations {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Destinations").field("mode", &self.mode).finish()
+        f.debug_struct("Destinations")
+            .field("mode", &self.mode)
+            .finish()
     }
 }
 
@@ -72,7 +74,10 @@ impl Destinations {
     /// system's (`/etc/resolv.conf`). `Original` builds no resolver.
     pub fn new(mode: DomainDestination, resolver: Option<SocketAddr>) -> anyhow::Result<Self> {
         if mode == DomainDestination::Original {
-            return Ok(Destinations { mode, resolver: None });
+            return Ok(Destinations {
+                mode,
+                resolver: None,
+            });
         }
         let provider = TokioRuntimeProvider::default();
         let mut builder = match resolver {

@@ -260,7 +260,10 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
     let te_trailers = headers
         .get(header::TE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers")));
+        .is_some_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        });
     for h in HOP_BY_HOP {
         headers.remove(h);
     }
@@ -407,14 +410,19 @@ fn deny(ctx: &Ctx, grpc: bool, host: &str, why: &str) -> Response<Body> {
     plain(
         ctx,
         StatusCode::SERVICE_UNAVAILABLE,
-        format!("passthrough: no MeshPassthrough match allowed the request to host {host}\nreason: {why}\n"),
+        format!(
+            "passthrough: no MeshPassthrough match allowed the request to host {host}\nreason: {why}\n"
+        ),
     )
 }
 
 /// The answer when the upstream cannot be reached.
 fn unavailable(ctx: &Ctx, grpc: bool, host: &str, why: &str) -> Response<Body> {
     if grpc {
-        return grpc_status(14, &format!("passthrough: upstream for {host} unreachable: {why}"));
+        return grpc_status(
+            14,
+            &format!("passthrough: upstream for {host} unreachable: {why}"),
+        );
     }
     plain(
         ctx,
@@ -436,7 +444,10 @@ mod tests {
     #[test]
     fn hop_by_hop() {
         let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, HeaderValue::from_static("x-foo, keep-alive"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("x-foo, keep-alive"),
+        );
         h.insert("x-foo", HeaderValue::from_static("1"));
         h.insert(header::TE, HeaderValue::from_static("trailers"));
         h.insert(header::UPGRADE, HeaderValue::from_static("h2c"));

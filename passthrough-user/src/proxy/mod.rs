@@ -408,7 +408,9 @@ impl ConnInfo {
 
 /// Refuses a TLS client: a fatal `access_denied` alert, then close.
 async fn tls_refuse(mut client: TcpStream) {
-    let _ = client.write_all(&tls::alert(tls::ALERT_ACCESS_DENIED)).await;
+    let _ = client
+        .write_all(&tls::alert(tls::ALERT_ACCESS_DENIED))
+        .await;
     close_gently(client).await;
 }
 

@@ -36,7 +36,11 @@ pub enum ConnectError {
 
 /// Connects to `addr` from a socket carrying `SO_MARK = mark` (not set when `mark` is 0),
 /// within `timeout`.
-pub async fn connect(addr: SocketAddr, mark: u32, timeout: Duration) -> Result<TcpStream, ConnectError> {
+pub async fn connect(
+    addr: SocketAddr,
+    mark: u32,
+    timeout: Duration,
+) -> Result<TcpStream, ConnectError> {
     let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
         .map_err(ConnectError::Socket)?;
     if mark != 0 {
@@ -64,7 +68,11 @@ pub struct Relayed {
 /// Writes `first` (the bytes already read from the client) to `upstream`, then copies both
 /// ways until both directions are done. EOF on one side is passed on as a write shutdown
 /// (half-close) on the other.
-pub async fn relay(client: &mut TcpStream, first: &[u8], upstream: &mut TcpStream) -> io::Result<Relayed> {
+pub async fn relay(
+    client: &mut TcpStream,
+    first: &[u8],
+    upstream: &mut TcpStream,
+) -> io::Result<Relayed> {
     upstream.write_all(first).await?;
     let (up, down) = copy_bidirectional(client, upstream).await?;
     Ok(Relayed {

@@ -131,7 +131,8 @@ pub fn parse_client_hello(buf: &[u8]) -> Parse {
         msg.extend_from_slice(body);
         pos += 5 + len;
         if msg.len() >= 4 {
-            let need = 4 + (usize::from(msg[1]) << 16 | usize::from(msg[2]) << 8 | usize::from(msg[3]));
+            let need =
+                4 + (usize::from(msg[1]) << 16 | usize::from(msg[2]) << 8 | usize::from(msg[3]));
             if msg.len() >= need {
                 return match parse_hello_body(&msg[4..need]) {
                     Ok(mut hello) => {
@@ -386,10 +387,16 @@ mod tests {
             Parse::Invalid(TlsError::TwoServerNames)
         );
         assert_eq!(
-            parse_client_hello(&records(&hello(&[sni(&[b"a.com"]), sni(&[b"b.com"])]), 1 << 14)),
+            parse_client_hello(&records(
+                &hello(&[sni(&[b"a.com"]), sni(&[b"b.com"])]),
+                1 << 14
+            )),
             Parse::Invalid(TlsError::DuplicateExtension(0))
         );
-        let h = hello_of(&records(&hello(&[sni(&[b"a\0.com"]), ext(EXT_ECH, b"x")]), 1 << 14));
+        let h = hello_of(&records(
+            &hello(&[sni(&[b"a\0.com"]), ext(EXT_ECH, b"x")]),
+            1 << 14,
+        ));
         assert_eq!(h.sni.as_deref(), Some("a\0.com"));
         assert!(h.ech);
         assert_eq!(parse_client_hello(b"GET / HTTP/1.1\r\n"), Parse::NotTls);

@@ -1,0 +1,1080 @@
+//! The userspace proxy with real clients and servers on loopback, no kernel: a fake
+//! `OrigDstSource` plays the kernel's original-destination map, keyed by the client socket's
+//! local address. `127.0.0.2`, `127.0.0.3`, … and `::1` play other hosts.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::Path,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::{Request, Response, StatusCode, body::Incoming, service::service_fn};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use passthrough_user::{
+    policy::{DecideOptions, MergedConf, Mode, Workload, load_policy_bytes},
+    proxy::{DomainDestination, OrigDstSource, Proxy, ProxyConfig, ProxyPolicy, Redirected},
+};
+use rustls::{
+    ClientConfig, RootCertStore, ServerConfig,
+    pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer, ServerName},
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpSocket, TcpStream, UdpSocket},
+    time::timeout,
+};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tokio_util::sync::CancellationToken;
+
+const WORKLOAD: u64 = 7;
+const T: Duration = Duration::from_secs(5);
+
+// ---------------------------------------------------------------- harness
+
+#[derive(Default)]
+struct FakeOrig(Mutex<HashMap<SocketAddr, Redirected>>);
+
+impl OrigDstSource for FakeOrig {
+    fn take(&self, peer: SocketAddr, _local: SocketAddr) -> Option<Redirected> {
+        self.0.lock().unwrap().remove(&peer)
+    }
+}
+
+/// A `Matched` configuration from `appendMatch` YAML lines.
+fn conf(matches: &[String]) -> MergedConf {
+    let mut yaml = String::from(
+        "type: MeshPassthrough\nname: p\nmesh: default\nspec:\n  default:\n    passthroughMode: Matched\n    appendMatch:\n",
+    );
+    for m in matches {
+        yaml.push_str(&format!("      - {m}\n"));
+    }
+    let set = load_policy_bytes(Path::new("p.yaml"), yaml.as_bytes(), "default").unwrap();
+    let w = Workload {
+        name: "w".into(),
+        cgroup: "/w".into(),
+        labels: Default::default(),
+    };
+    let c = set.merge_for(&w, Mode::None);
+    assert_eq!(c.mode, Mode::Matched);
+    c
+}
+
+fn dom(value: &str, port: u16, protocol: &str) -> String {
+    format!("{{type: Domain, value: '{value}', port: {port}, protocol: {protocol}}}")
+}
+
+struct Px {
+    addr: SocketAddr,
+    orig: Arc<FakeOrig>,
+    stop: CancellationToken,
+}
+
+impl Drop for Px {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+async fn start(c: MergedConf, mode: DomainDestination, resolver: Option<SocketAddr>) -> Px {
+    let policy = ProxyPolicy {
+        workloads: HashMap::from([(WORKLOAD, c)]),
+        unmatched: MergedConf {
+            mode: Mode::None,
+            matches: vec![],
+            policies: vec![],
+        },
+        decide: DecideOptions::default(),
+    };
+    let cfg = ProxyConfig {
+        domain_destination: mode,
+        resolver,
+        peek_timeout: Duration::from_secs(2),
+        max_peek: 40 * 1024,
+        connect_timeout: Duration::from_secs(2),
+        upstream_mark: 0,
+    };
+    let orig = Arc::new(FakeOrig::default());
+    let proxy =
+        Arc::new(Proxy::new(orig.clone(), Arc::new(ArcSwap::from_pointee(policy)), cfg).unwrap());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = CancellationToken::new();
+    tokio::spawn(proxy.serve(listener, stop.clone()));
+    Px { addr, orig, stop }
+}
+
+impl Px {
+    /// A connection to the proxy that the "kernel" recorded as going to `dst`.
+    async fn dial(&self, dst: SocketAddr) -> TcpStream {
+        let s = TcpSocket::new_v4().unwrap();
+        s.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let local = s.local_addr().unwrap();
+        self.orig.0.lock().unwrap().insert(
+            local,
+            Redirected {
+                dst,
+                workload: WORKLOAD,
+                pid: 4242,
+                comm: "test-client".into(),
+            },
+        );
+        s.connect(self.addr).await.unwrap()
+    }
+}
+
+fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "passthrough=debug".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// Binds `ip:port` (0 = any port).
+async fn bind(ip: IpAddr, port: u16) -> TcpListener {
+    TcpListener::bind(SocketAddr::new(ip, port)).await.unwrap()
+}
+
+fn v4(last: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, 0, 0, last))
+}
+
+// ---------------------------------------------------------------- TLS peers
+
+struct Pki {
+    roots: RootCertStore,
+    server: Arc<ServerConfig>,
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn pki() -> Pki {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let params = rcgen::CertificateParams::new(vec![
+        "api.example.test".to_string(),
+        "*.wild.test".to_string(),
+        "a.b.wild.test".to_string(),
+        "other.test".to_string(),
+    ])
+    .unwrap();
+    let cert = params.signed_by(&key, &ca).unwrap();
+    let mut roots = RootCertStore::empty();
+    roots.add(ca.der().clone()).unwrap();
+    let server = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        )
+        .unwrap();
+    Pki {
+        roots,
+        server: Arc::new(server),
+    }
+}
+
+/// A TLS server that greets with `ident` and then echoes until EOF.
+async fn tls_server(l: TcpListener, pki: &Pki, ident: &'static str) -> SocketAddr {
+    let addr = l.local_addr().unwrap();
+    let acceptor = TlsAcceptor::from(pki.server.clone());
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(s).await else {
+                    return;
+                };
+                let _ = tls.write_all(format!("{ident}\n").as_bytes()).await;
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = tls.read(&mut buf).await {
+                    if n == 0 || tls.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+                let _ = tls.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// Connects through the proxy as if to `dst`, with `sni` (None = no SNI, certificate checked for
+/// api.example.test); returns the server's greeting, after checking echo and half-close.
+async fn tls_get(px: &Px, pki: &Pki, dst: SocketAddr, sni: Option<&str>) -> Result<String, String> {
+    let mut cfg = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(pki.roots.clone())
+        .with_no_client_auth();
+    cfg.enable_sni = sni.is_some();
+    let name = ServerName::try_from(sni.unwrap_or("api.example.test").to_string()).unwrap();
+    let tcp = px.dial(dst).await;
+    let fut = async {
+        let mut tls = TlsConnector::from(Arc::new(cfg))
+            .connect(name, tcp)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut greeting = Vec::new();
+        loop {
+            let mut b = [0u8; 1];
+            let n = tls.read(&mut b).await.map_err(|e| e.to_string())?;
+            if n == 0 || b[0] == b'\n' {
+                break;
+            }
+            greeting.push(b[0]);
+        }
+        // Echo, then half-close: the server must still answer after our FIN.
+        tls.write_all(b"ping").await.map_err(|e| e.to_string())?;
+        tls.shutdown().await.map_err(|e| e.to_string())?;
+        let mut rest = Vec::new();
+        tls.read_to_end(&mut rest)
+            .await
+            .map_err(|e| e.to_string())?;
+        assert_eq!(rest, b"ping", "echo after half-close");
+        Ok(String::from_utf8_lossy(&greeting).into_owned())
+    };
+    timeout(T, fut).await.map_err(|_| "timeout".to_string())?
+}
+
+// ---------------------------------------------------------------- hand-built ClientHellos
+
+fn ext(ty: u16, data: &[u8]) -> Vec<u8> {
+    let mut v = ty.to_be_bytes().to_vec();
+    v.extend_from_slice(&(data.len() as u16).to_be_bytes());
+    v.extend_from_slice(data);
+    v
+}
+
+fn sni_ext(names: &[&[u8]]) -> Vec<u8> {
+    let mut list = Vec::new();
+    for n in names {
+        list.push(0);
+        list.extend_from_slice(&(n.len() as u16).to_be_bytes());
+        list.extend_from_slice(n);
+    }
+    let mut d = (list.len() as u16).to_be_bytes().to_vec();
+    d.extend_from_slice(&list);
+    ext(0, &d)
+}
+
+fn hello_msg(exts: &[Vec<u8>]) -> Vec<u8> {
+    let mut b = vec![3, 3];
+    b.extend_from_slice(&[7; 32]);
+    b.push(0);
+    // GREASE cipher suite first.
+    b.extend_from_slice(&[0, 6, 0x3a, 0x3a, 0x13, 0x01, 0x13, 0x02]);
+    b.extend_from_slice(&[1, 0]);
+    let e = exts.concat();
+    b.extend_from_slice(&(e.len() as u16).to_be_bytes());
+    b.extend_from_slice(&e);
+    let mut m = vec![1];
+    m.extend_from_slice(&(b.len() as u32).to_be_bytes()[1..]);
+    m.extend_from_slice(&b);
+    m
+}
+
+fn records(msg: &[u8], chunk: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    for c in msg.chunks(chunk) {
+        out.extend_from_slice(&[22, 3, 1]);
+        out.extend_from_slice(&(c.len() as u16).to_be_bytes());
+        out.extend_from_slice(c);
+    }
+    out
+}
+
+/// A hello with GREASE extensions around the SNI.
+fn hello(names: &[&[u8]]) -> Vec<u8> {
+    records(
+        &hello_msg(&[ext(0x0a0a, b""), sni_ext(names), ext(0xdada, &[0])]),
+        1 << 14,
+    )
+}
+
+/// A TCP server that reports, for each connection, how many bytes arrived and whether they
+/// equal `expect`, once `expect.len()` bytes are there.
+async fn sink_server(l: TcpListener, expect: Vec<u8>) -> SocketAddr {
+    let addr = l.local_addr().unwrap();
+    let expect = Arc::new(expect);
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let expect = expect.clone();
+            tokio::spawn(async move {
+                let mut got = vec![0u8; expect.len()];
+                if s.read_exact(&mut got).await.is_ok() {
+                    let same = got == *expect;
+                    let _ = s
+                        .write_all(format!("got {} same={same}", got.len()).as_bytes())
+                        .await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Sends `bytes` in writes of `chunk` bytes through the proxy as if to `dst`; returns all the
+/// client reads until EOF.
+async fn raw_exchange(px: &Px, dst: SocketAddr, bytes: &[u8], chunk: usize) -> Vec<u8> {
+    let mut s = px.dial(dst).await;
+    let fut = async {
+        for c in bytes.chunks(chunk) {
+            s.write_all(c).await.unwrap();
+            if chunk < 64 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out).await;
+        out
+    };
+    timeout(T, fut).await.expect("raw exchange timed out")
+}
+
+const ACCESS_DENIED_ALERT: [u8; 7] = [21, 3, 3, 0, 2, 2, 49];
+
+// ---------------------------------------------------------------- TLS tests
+
+#[tokio::test]
+async fn tls_exact_wildcard_depth_and_denials() {
+    init_tracing();
+    let pki = pki();
+    let l = bind(v4(1), 0).await;
+    let port = l.local_addr().unwrap().port();
+    let up = tls_server(l, &pki, "A").await;
+    let px = start(
+        conf(&[
+            dom("api.example.test", port, "tls"),
+            dom("*.wild.test", port, "tls"),
+        ]),
+        DomainDestination::Original,
+        None,
+    )
+    .await;
+    assert_eq!(
+        tls_get(&px, &pki, up, Some("api.example.test"))
+            .await
+            .unwrap(),
+        "A"
+    );
+    assert_eq!(
+        tls_get(&px, &pki, up, Some("x.wild.test")).await.unwrap(),
+        "A"
+    );
+    assert_eq!(
+        tls_get(&px, &pki, up, Some("a.b.wild.test")).await.unwrap(),
+        "A"
+    );
+    for denied in [Some("other.test"), Some("wild.test"), None] {
+        let e = tls_get(&px, &pki, up, denied).await.unwrap_err();
+        if denied != Some("wild.test") {
+            assert!(e.contains("AccessDenied"), "{denied:?}: {e}");
+        }
+    }
+    // wild.test is not in the certificate, so check it with a raw hello: the alert comes back.
+    let out = raw_exchange(&px, up, &hello(&[b"wild.test"]), 1 << 20).await;
+    assert_eq!(out, ACCESS_DENIED_ALERT);
+    // Another port: no match.
+    let l2 = bind(v4(1), 0).await;
+    let up2 = tls_server(l2, &pki, "B").await;
+    assert!(
+        tls_get(&px, &pki, up2, Some("api.example.test"))
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test]
+async fn tls_ipv6_upstream() {
+    init_tracing();
+    let pki = pki();
+    let Ok(l) = TcpListener::bind((Ipv6Addr::LOCALHOST, 0)).await else {
+        eprintln!("no IPv6 loopback; skipped");
+        return;
+    };
+    let port = l.local_addr().unwrap().port();
+    let up = tls_server(l, &pki, "six").await;
+    let px = start(
+        conf(&[dom("api.example.test", port, "tls")]),
+        DomainDestination::Original,
+        None,
+    )
+    .await;
+    assert_eq!(
+        tls_get(&px, &pki, up, Some("api.example.test"))
+            .await
+            .unwrap(),
+        "six"
+    );
+}
+
+#[tokio::test]
+async fn raw_client_hellos_split_large_odd() {
+    init_tracing();
+    let l = bind(v4(1), 0).await;
+    let port = l.local_addr().unwrap().port();
+    let px = start(
+        conf(&[dom("api.example.test", port, "tls")]),
+        DomainDestination::Original,
+        None,
+    )
+    .await;
+    let mut cases: Vec<(&str, Vec<u8>, usize, bool)> = vec![
+        ("plain", hello(&[b"api.example.test"]), 1 << 20, true),
+        ("upper case", hello(&[b"API.Example.TEST"]), 1 << 20, true),
+        (
+            "trailing dot",
+            hello(&[b"api.example.test."]),
+            1 << 20,
+            true,
+        ),
+        ("1-byte writes", hello(&[b"api.example.test"]), 1, true),
+        (
+            "two records",
+            records(&hello_msg(&[sni_ext(&[b"api.example.test"])]), 40),
+            1 << 20,
+            true,
+        ),
+        (
+            "16 KiB hello, PQ key share",
+            records(
+                &hello_msg(&[
+                    ext(51, &[0x11; 1216]),
+                    sni_ext(&[b"api.example.test"]),
+                    ext(21, &[0; 16 * 1024]),
+                ]),
+                1 << 14,
+            ),
+            1000,
+            true,
+        ),
+        (
+            "ECH, allowed outer name",
+            records(
+                &hello_msg(&[sni_ext(&[b"api.example.test"]), ext(0xfe0d, &[0; 200])]),
+                1 << 14,
+            ),
+            1 << 20,
+            true,
+        ),
+        ("other name", hello(&[b"evil.test"]), 1 << 20, false),
+        (
+            "two names",
+            hello(&[b"api.example.test", b"evil.test"]),
+            1 << 20,
+            false,
+        ),
+        ("IP literal", hello(&[b"127.0.0.1"]), 1 << 20, false),
+        (
+            "NUL byte",
+            hello(&[b"api.example.test\0.evil"]),
+            1 << 20,
+            false,
+        ),
+        ("no SNI", records(&hello_msg(&[]), 1 << 14), 1 << 20, false),
+    ];
+    // The upstream expects exactly the client's bytes (byte for byte relay).
+    for (i, (name, bytes, chunk, allowed)) in cases.drain(..).enumerate() {
+        let l = bind(v4(10 + i as u8), port).await;
+        let up = sink_server(l, bytes.clone()).await;
+        let out = raw_exchange(&px, up, &bytes, chunk).await;
+        if allowed {
+            assert_eq!(
+                String::from_utf8_lossy(&out),
+                format!("got {} same=true", bytes.len()),
+                "{name}"
+            );
+        } else {
+            assert_eq!(out, ACCESS_DENIED_ALERT, "{name}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn tls_not_tls_and_garbage_closed() {
+    init_tracing();
+    let l = bind(v4(1), 0).await;
+    let port = l.local_addr().unwrap().port();
+    let up = sink_server(l, vec![0; 4]).await;
+    let px = start(
+        conf(&[dom("api.example.test", port, "tls")]),
+        DomainDestination::Original,
+        None,
+    )
+    .await;
+    // SSH-like banner: closed without a word.
+    assert!(
+        raw_exchange(&px, up, b"SSH-2.0-x\r\n", 100)
+            .await
+            .is_empty()
+    );
+    // A broken TLS record (ServerHello type): alert, closed.
+    let mut bad = hello(&[b"api.example.test"]);
+    bad[5] = 2;
+    assert_eq!(raw_exchange(&px, up, &bad, 100).await, ACCESS_DENIED_ALERT);
+}
+
+#[tokio::test]
+async fn no_original_destination_is_refused() {
+    init_tracing();
+    let px = start(
+        conf(&[dom("*", 443, "tls")]),
+        DomainDestination::Original,
+        None,
+    )
+    .await;
+    let mut s = TcpStream::connect(px.addr).await.unwrap();
+    let _ = s.write_all(&hello(&[b"api.example.test"])).await;
+    let mut out = Vec::new();
+    let r = timeout(T, s.read_to_end(&mut out))
+        .await
+        .expect("closed promptly");
+    assert!(r.is_err() || out.is_empty());
+}
+
+#[tokio::test]
+async fn any_match_allows_ip_and_domain_on_one_port() {
+    init_tracing();
+    let pki = pki();
+    let l = bind(v4(9), 0).await;
+    let port = l.local_addr().unwrap().port();
+    let up_ip = tls_server(l, &pki, "by-ip").await;
+    let up_dom = tls_server(bind(v4(1), port).await, &pki, "by-domain").await;
+    let px = start(
+        conf(&[
+            format!("{{type: IP, value: 127.0.0.9, port: {port}}}"),
+            dom("api.example.test", port, "tls"),
+        ]),
+        DomainDestination::Original,
+        None,
+    )
+    .await;
+    // The IP match allows any SNI to 127.0.0.9; the Domain match allows its name elsewhere.
+    assert_eq!(
+        tls_get(&px, &pki, up_ip, Some("other.test")).await.unwrap(),
+        "by-ip"
+    );
+    assert_eq!(
+        tls_get(&px, &pki, up_ip, Some("api.example.test"))
+            .await
+            .unwrap(),
+        "by-ip"
+    );
+    assert_eq!(
+        tls_get(&px, &pki, up_dom, Some("api.example.test"))
+            .await
+            .unwrap(),
+        "by-domain"
+    );
+    assert!(
+        tls_get(&px, &pki, up_dom, Some("other.test"))
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test]
+async fn tls_unreachable_upstream_closes_promptly() {
+    init_tracing();
+    let l = bind(v4(1), 0).await;
+    let dead = l.local_addr().unwrap();
+    drop(l);
+    let px = start(
+        conf(&[dom("api.example.test", dead.port(), "tls")]),
+        DomainDestination::Original,
+        None,
+    )
+    .await;
+    let t0 = std::time::Instant::now();
+    let out = raw_exchange(&px, dead, &hello(&[b"api.example.test"]), 1 << 20).await;
+    assert!(out.is_empty());
+    assert!(t0.elapsed() < Duration::from_secs(2));
+}
+
+// ---------------------------------------------------------------- HTTP peers
+
+/// An HTTP/1.1 (or h2c) server answering `"{ident} host=… uri=…"`; gRPC calls get grpc-status 0.
+async fn http_server(l: TcpListener, ident: &'static str, h2: bool) -> SocketAddr {
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: Request<Incoming>| async move {
+                    let host = req
+                        .headers()
+                        .get("host")
+                        .map(|h| h.to_str().unwrap_or("?").to_string())
+                        .unwrap_or_default();
+                    let body = format!("{ident} host={host} uri={}", req.uri());
+                    let mut r = Response::new(Full::new(Bytes::from(body)));
+                    if req
+                        .headers()
+                        .get("content-type")
+                        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+                    {
+                        r.headers_mut().insert("grpc-status", "0".parse().unwrap());
+                    }
+                    Ok::<_, std::convert::Infallible>(r)
+                });
+                let io = TokioIo::new(s);
+                if h2 {
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(io, svc)
+                        .await;
+                } else {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(io, svc)
+                        .await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+async fn body_text(r: Response<Incoming>) -> (StatusCode, String) {
+    let status = r.status();
+    let b = r.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&b).into_owned())
+}
+
+fn get(uri: &str, host: Option<&str>) -> Request<Empty<Bytes>> {
+    let mut b = Request::get(uri);
+    if let Some(h) = host {
+        b = b.header("host", h);
+    }
+    b.body(Empty::new()).unwrap()
+}
+
+async fn raw_http(px: &Px, dst: SocketAddr, req: &str) -> String {
+    let mut s = px.dial(dst).await;
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    timeout(T, s.read_to_end(&mut out)).await.unwrap().unwrap();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn http1_every_request_is_checked() {
+    init_tracing();
+    let l = bind(v4(1), 0).await;
+    let port = l.local_addr().unwrap().port();
+    let up = http_server(l, "A", false).await;
+    let px = start(
+        conf(&[dom("api.example.test", port, "http")]),
+        DomainDestination::Original,
+        None,
+    )
+    .await;
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(px.dial(up).await))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    // Keep-alive: allowed, allowed with a port, then a second host is denied and the
+    // connection closed.
+    let (st, body) = body_text(
+        tx.send_request(get("/a", Some("api.example.test")))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (st, body.as_str()),
+        (StatusCode::OK, "A host=api.example.test uri=/a")
+    );
+    let (st, body) = body_text(
+        tx.send_request(get("/b", Some("API.example.test:8080")))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK, "{body}");
+    let (st, body) = body_text(tx.send_request(get("/c", Some("evil.test"))).await.unwrap()).await;
+    assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        body.contains("evil.test") && body.contains("no MeshPassthrough match"),
+        "{body}"
+    );
+    assert!(
+        tx.ready().await.is_err()
+            || tx
+                .send_request(get("/d", Some("api.example.test")))
+                .await
+                .is_err(),
+        "connection closed after a denial"
+    );
+
+    // Absolute-form: its authority is judged and becomes the upstream Host.
+    let out = raw_http(
+        &px,
+        up,
+        &format!("GET http://api.example.test:{port}/x?y=1 HTTP/1.1\r\nHost: evil.test\r\nConnection: close\r\n\r\n"),
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert!(
+        out.contains(&format!("A host=api.example.test:{port} uri=/x?y=1")),
+        "{out}"
+    );
+    let out = raw_http(
+        &px,
+        up,
+        "GET http://evil.test/ HTTP/1.1\r\nHost: api.example.test\r\n\r\n",
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 503"), "{out}");
+    // HTTP/1.0 without Host.
+    let out = raw_http(&px, up, "GET / HTTP/1.0\r\n\r\n").await;
+    assert!(
+        out.starts_with("HTTP/1.0 503") || out.starts_with("HTTP/1.1 503"),
+        "{out}"
+    );
+    // Two Host headers.
+    let out = raw_http(
+        &px,
+        up,
+        "GET / HTTP/1.1\r\nHost: api.example.test\r\nHost: evil.test\r\n\r\n",
+    )
+    .await;
+    assert!(out.contains(" 503 "), "{out}");
+    // Upgrade: h2c and CONNECT are denied.
+    let out = raw_http(
+        &px,
+        up,
+        "GET / HTTP/1.1\r\nHost: api.example.test\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n",
+    )
+    .await;
+    assert!(out.contains(" 503 ") && out.contains("upgrade"), "{out}");
+    let out = raw_http(
+        &px,
+        up,
+        &format!(
+            "CONNECT api.example.test:{port} HTTP/1.1\r\nHost: api.example.test:{port}\r\n\r\n"
+        ),
+    )
+    .await;
+    assert!(out.contains(" 503 ") && out.contains("CONNECT"), "{out}");
+}
+
+#[tokio::test]
+async fn http1_unreachable_upstream_is_503() {
+    init_tracing();
+    let l = bind(v4(1), 0).await;
+    let dead = l.local_addr().unwrap();
+    drop(l);
+    let px = start(
+        conf(&[dom("api.example.test", dead.port(), "http")]),
+        DomainDestination::Original,
+        None,
+    )
+    .await;
+    let out = raw_http(
+        &px,
+        dead,
+        "GET / HTTP/1.1\r\nHost: api.example.test\r\n\r\n",
+    )
+    .await;
+    assert!(
+        out.contains(" 503 ") && out.contains("unreachable"),
+        "{out}"
+    );
+}
+
+#[tokio::test]
+async fn h2c_streams_and_grpc() {
+    init_tracing();
+    let l = bind(v4(1), 0).await;
+    let port = l.local_addr().unwrap().port();
+    let up = http_server(l, "A", true).await;
+    let px = start(
+        conf(&[
+            dom("api.example.test", port, "http2"),
+            dom("grpc.example.test", port, "http2"),
+        ]),
+        DomainDestination::Original,
+        None,
+    )
+    .await;
+    let (tx, conn) = hyper::client::conn::http2::handshake(
+        TokioExecutor::new(),
+        TokioIo::new(px.dial(up).await),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req = |auth: &str, grpc: bool| {
+        let mut b = Request::post(format!("http://{auth}/pkg.Svc/Call"));
+        if grpc {
+            b = b
+                .header("content-type", "application/grpc")
+                .header("te", "trailers");
+        }
+        b.body(Full::new(Bytes::from_static(b"\0\0\0\0\0")))
+            .unwrap()
+    };
+    let (st, body) = body_text(
+        tx.clone()
+            .send_request(req("api.example.test", false))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK, "{body}");
+    assert!(body.starts_with("A host="), "{body}");
+    assert!(body.contains("api.example.test"), "{body}");
+    // A second authority on the same connection is denied, stream by stream.
+    let (st, body) = body_text(
+        tx.clone()
+            .send_request(req("evil.test", false))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        body.contains("evil.test") && body.contains("no MeshPassthrough match"),
+        "{body}"
+    );
+    // gRPC: allowed by the grpc match; denied call → trailers-only, grpc-status 7.
+    let r = tx
+        .clone()
+        .send_request(req("grpc.example.test", true))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.headers().get("grpc-status").unwrap(), "0");
+    let r = tx
+        .clone()
+        .send_request(req("evil.test", true))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.headers().get("grpc-status").unwrap(), "7");
+    assert!(r.headers().get("grpc-message").is_some());
+    assert!(r.into_body().collect().await.unwrap().to_bytes().is_empty());
+    // The connection still serves allowed streams.
+    let (st, _) = body_text(
+        tx.clone()
+            .send_request(req("api.example.test", false))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK);
+
+    // A `grpc` match allows h2c too (one protocol per port, so another port).
+    let l = bind(v4(1), 0).await;
+    let port = l.local_addr().unwrap().port();
+    let up = http_server(l, "G", true).await;
+    let px = start(
+        conf(&[dom("grpc.example.test", port, "grpc")]),
+        DomainDestination::Original,
+        None,
+    )
+    .await;
+    let (tx, conn) = hyper::client::conn::http2::handshake(
+        TokioExecutor::new(),
+        TokioIo::new(px.dial(up).await),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let r = tx
+        .clone()
+        .send_request(req("grpc.example.test", true))
+        .await
+        .unwrap();
+    assert_eq!(r.headers().get("grpc-status").unwrap(), "0");
+    let r = tx
+        .clone()
+        .send_request(req("api.example.test", true))
+        .await
+        .unwrap();
+    assert_eq!(r.headers().get("grpc-status").unwrap(), "7");
+}
+
+// ---------------------------------------------------------------- destination check
+
+/// A UDP DNS server on loopback answering A/AAAA for `names` with `ttl`; counts queries.
+struct Dns {
+    addr: SocketAddr,
+    queries: Arc<AtomicUsize>,
+}
+
+async fn dns_server(names: HashMap<&'static str, IpAddr>, ttl: u32) -> Dns {
+    use hickory_resolver::proto::{
+        op::{Message, MessageType, OpCode, ResponseCode},
+        rr::{Name, RData, Record, RecordType, rdata},
+    };
+    let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = sock.local_addr().unwrap();
+    let queries = Arc::new(AtomicUsize::new(0));
+    let q2 = queries.clone();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 4096];
+        while let Ok((n, from)) = sock.recv_from(&mut buf).await {
+            let Ok(req) = Message::from_vec(&buf[..n]) else {
+                continue;
+            };
+            q2.fetch_add(1, Ordering::SeqCst);
+            let mut resp = Message::new(req.metadata.id, MessageType::Response, OpCode::Query);
+            resp.metadata.recursion_desired = req.metadata.recursion_desired;
+            resp.metadata.recursion_available = true;
+            resp.metadata.authoritative = true;
+            let mut known = false;
+            for q in &req.queries {
+                let name = q.name.to_ascii().to_ascii_lowercase();
+                let name = name.trim_end_matches('.');
+                if let Some(ip) = names.get(name) {
+                    known = true;
+                    let rd = match (ip, q.query_type) {
+                        (IpAddr::V4(a), RecordType::A) => Some(RData::A(rdata::A(*a))),
+                        (IpAddr::V6(a), RecordType::AAAA) => Some(RData::AAAA(rdata::AAAA(*a))),
+                        _ => None,
+                    };
+                    if let Some(rd) = rd {
+                        resp.add_answer(Record::from_rdata(q.name.clone(), ttl, rd));
+                    }
+                }
+                resp.add_query(q.clone());
+            }
+            if !known {
+                resp.metadata.response_code = ResponseCode::NXDomain;
+            }
+            if resp.answers.is_empty() {
+                // SOA in the authority section: negative answers are cacheable for `ttl`.
+                let zone = Name::from_ascii("test.").unwrap();
+                let soa = rdata::SOA::new(zone.clone(), zone.clone(), 1, 60, 60, 60, ttl);
+                resp.add_authority(Record::from_rdata(zone, ttl, RData::SOA(soa)));
+            }
+            if let Ok(bytes) = resp.to_vec() {
+                let _ = sock.send_to(&bytes, from).await;
+            }
+        }
+    });
+    Dns { addr, queries }
+}
+
+#[tokio::test]
+async fn destination_check_verify_resolve_original() {
+    init_tracing();
+    let pki = pki();
+    // Host A (127.0.0.2) is api.example.test and x.wild.test; host B (127.0.0.3) shares the port.
+    let la = bind(v4(2), 0).await;
+    let port = la.local_addr().unwrap().port();
+    let host_a = tls_server(la, &pki, "A").await;
+    let host_b = tls_server(bind(v4(3), port).await, &pki, "B").await;
+    let dns = dns_server(
+        HashMap::from([("api.example.test", v4(2)), ("x.wild.test", v4(2))]),
+        300,
+    )
+    .await;
+    let c = conf(&[
+        dom("api.example.test", port, "tls"),
+        dom("*.wild.test", port, "tls"),
+    ]);
+
+    let verify = start(c.clone(), DomainDestination::Verify, Some(dns.addr)).await;
+    assert_eq!(
+        tls_get(&verify, &pki, host_a, Some("api.example.test"))
+            .await
+            .unwrap(),
+        "A"
+    );
+    let e = tls_get(&verify, &pki, host_b, Some("api.example.test"))
+        .await
+        .unwrap_err();
+    assert!(e.contains("AccessDenied"), "{e}");
+    let e = tls_get(&verify, &pki, host_b, Some("x.wild.test"))
+        .await
+        .unwrap_err();
+    assert!(e.contains("AccessDenied"), "{e}");
+    assert_eq!(
+        tls_get(&verify, &pki, host_a, Some("x.wild.test"))
+            .await
+            .unwrap(),
+        "A"
+    );
+    // A name DNS does not know is denied too.
+    let e = tls_get(&verify, &pki, host_a, Some("a.b.wild.test"))
+        .await
+        .unwrap_err();
+    assert!(e.contains("AccessDenied"), "{e}");
+    // Answers are cached within their TTL: repeating costs no query.
+    let before = dns.queries.load(Ordering::SeqCst);
+    assert_eq!(
+        tls_get(&verify, &pki, host_a, Some("api.example.test"))
+            .await
+            .unwrap(),
+        "A"
+    );
+    assert_eq!(dns.queries.load(Ordering::SeqCst), before);
+
+    let resolve = start(c.clone(), DomainDestination::Resolve, Some(dns.addr)).await;
+    assert_eq!(
+        tls_get(&resolve, &pki, host_b, Some("api.example.test"))
+            .await
+            .unwrap(),
+        "A"
+    );
+
+    let original = start(c.clone(), DomainDestination::Original, Some(dns.addr)).await;
+    assert_eq!(
+        tls_get(&original, &pki, host_b, Some("api.example.test"))
+            .await
+            .unwrap(),
+        "B"
+    );
+}
+
+#[tokio::test]
+async fn destination_check_http_and_ttl_expiry() {
+    init_tracing();
+    let la = bind(v4(2), 0).await;
+    let port = la.local_addr().unwrap().port();
+    let host_a = http_server(la, "A", false).await;
+    let host_b = http_server(bind(v4(3), port).await, "B", false).await;
+    let dns = dns_server(HashMap::from([("api.example.test", v4(2))]), 1).await;
+    let c = conf(&[dom("api.example.test", port, "http")]);
+    let req = "GET / HTTP/1.1\r\nHost: api.example.test\r\nConnection: close\r\n\r\n";
+
+    let verify = start(c.clone(), DomainDestination::Verify, Some(dns.addr)).await;
+    let out = raw_http(&verify, host_b, req).await;
+    assert!(
+        out.contains(" 503 ") && out.contains("not an address of"),
+        "{out}"
+    );
+    let out = raw_http(&verify, host_a, req).await;
+    assert!(out.contains("200 OK") && out.contains("A host="), "{out}");
+    // TTL 1 s: after it a new query is made.
+    let before = dns.queries.load(Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let out = raw_http(&verify, host_a, req).await;
+    assert!(out.contains("200 OK"), "{out}");
+    assert!(dns.queries.load(Ordering::SeqCst) > before);
+
+    let resolve = start(c.clone(), DomainDestination::Resolve, Some(dns.addr)).await;
+    let out = raw_http(&resolve, host_b, req).await;
+    assert!(out.contains("A host="), "{out}");
+    let original = start(c, DomainDestination::Original, None).await;
+    let out = raw_http(&original, host_b, req).await;
+    assert!(out.contains("B host="), "{out}");
+}
