@@ -509,6 +509,47 @@ async fn raw_client_hellos_split_large_odd() {
 }
 
 #[tokio::test]
+async fn relay_bulk_both_ways_with_half_close() {
+    init_tracing();
+    let l = bind(v4(1), 0).await;
+    let port = l.local_addr().unwrap().port();
+    let up = l.local_addr().unwrap();
+    // Plain TCP echo: everything back, then FIN after the client's FIN.
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.into_split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    let px = start(
+        conf(&[dom("api.example.test", port, "tls")]),
+        DomainDestination::Original,
+        None,
+    )
+    .await;
+    let mut sent = hello(&[b"api.example.test"]);
+    sent.extend((0..4 * 1024 * 1024u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8));
+    let (mut r, mut w) = px.dial(up).await.into_split();
+    let data = sent.clone();
+    let writer = tokio::spawn(async move {
+        w.write_all(&data).await.unwrap();
+        w.shutdown().await.unwrap();
+        w
+    });
+    let mut got = Vec::new();
+    timeout(Duration::from_secs(20), r.read_to_end(&mut got))
+        .await
+        .expect("relay timed out")
+        .unwrap();
+    let _w = writer.await.unwrap();
+    assert_eq!(got.len(), sent.len());
+    assert!(got == sent, "bytes differ");
+}
+
+#[tokio::test]
 async fn tls_not_tls_and_garbage_closed() {
     init_tracing();
     let l = bind(v4(1), 0).await;
