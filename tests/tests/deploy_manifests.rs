@@ -39,7 +39,10 @@ use serde::Deserialize;
 use serde_json::Value;
 
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
 }
 
 fn k8s_dir() -> PathBuf {
@@ -64,7 +67,10 @@ impl Doc {
         self.value.get("kind").and_then(Value::as_str).unwrap_or("")
     }
     fn name(&self) -> &str {
-        self.value.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("")
+        self.value
+            .pointer("/metadata/name")
+            .and_then(Value::as_str)
+            .unwrap_or("")
     }
 }
 
@@ -73,12 +79,18 @@ impl Doc {
 fn manifests() -> Vec<Doc> {
     let mut out = Vec::new();
     for file in manifest_files() {
-        let text = std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        let text =
+            std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
         for (index, de) in serde_yaml::Deserializer::from_str(&text).enumerate() {
-            let value = Value::deserialize(de)
-                .unwrap_or_else(|e| panic!("{} (document {}): not YAML: {e}", file.display(), index + 1));
+            let value = Value::deserialize(de).unwrap_or_else(|e| {
+                panic!("{} (document {}): not YAML: {e}", file.display(), index + 1)
+            });
             if !value.is_null() {
-                out.push(Doc { file: file.clone(), index, value });
+                out.push(Doc {
+                    file: file.clone(),
+                    index,
+                    value,
+                });
             }
         }
     }
@@ -98,7 +110,10 @@ fn manifest_files() -> Vec<PathBuf> {
 }
 
 fn is_kustomization(p: &Path) -> bool {
-    matches!(p.file_name().and_then(|n| n.to_str()), Some("kustomization.yaml" | "kustomization.yml" | "Kustomization"))
+    matches!(
+        p.file_name().and_then(|n| n.to_str()),
+        Some("kustomization.yaml" | "kustomization.yml" | "Kustomization")
+    )
 }
 
 /// Deserializes `doc` as `T`, serializes it back and reports every field of the original that
@@ -108,7 +123,14 @@ fn typed<T: DeserializeOwned + Serialize>(doc: &Value) -> Result<T, String> {
     let back = serde_json::to_value(&obj).map_err(|e| format!("does not serialize: {e}"))?;
     let mut lost = Vec::new();
     diff(doc, &back, String::new(), &mut lost);
-    if lost.is_empty() { Ok(obj) } else { Err(format!("fields lost or changed in the typed round trip (typo? wrong place?): {}", lost.join(", "))) }
+    if lost.is_empty() {
+        Ok(obj)
+    } else {
+        Err(format!(
+            "fields lost or changed in the typed round trip (typo? wrong place?): {}",
+            lost.join(", ")
+        ))
+    }
 }
 
 fn diff(orig: &Value, back: &Value, path: String, out: &mut Vec<String>) {
@@ -149,18 +171,36 @@ fn parse_all(docs: &[Doc]) -> Objects {
     let mut objs = Objects::default();
     let mut errors = Vec::new();
     for d in docs {
-        let api = d.value.get("apiVersion").and_then(Value::as_str).unwrap_or("");
+        let api = d
+            .value
+            .get("apiVersion")
+            .and_then(Value::as_str)
+            .unwrap_or("");
         let r: Result<(), String> = match (api, d.kind()) {
-            ("apps/v1", "DaemonSet") => typed::<DaemonSet>(&d.value).map(|o| objs.daemonsets.push((d.at(), o))),
-            ("v1", "ConfigMap") => typed::<ConfigMap>(&d.value).map(|o| objs.configmaps.push((d.at(), o))),
-            ("v1", "ServiceAccount") => typed::<ServiceAccount>(&d.value).map(|o| objs.service_accounts.push(o)),
+            ("apps/v1", "DaemonSet") => {
+                typed::<DaemonSet>(&d.value).map(|o| objs.daemonsets.push((d.at(), o)))
+            }
+            ("v1", "ConfigMap") => {
+                typed::<ConfigMap>(&d.value).map(|o| objs.configmaps.push((d.at(), o)))
+            }
+            ("v1", "ServiceAccount") => {
+                typed::<ServiceAccount>(&d.value).map(|o| objs.service_accounts.push(o))
+            }
             ("v1", "Namespace") => typed::<Namespace>(&d.value).map(|o| objs.namespaces.push(o)),
             ("v1", "Service") => typed::<Service>(&d.value).map(drop),
-            ("rbac.authorization.k8s.io/v1", "ClusterRole") => typed::<ClusterRole>(&d.value).map(drop),
-            ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => typed::<ClusterRoleBinding>(&d.value).map(drop),
+            ("rbac.authorization.k8s.io/v1", "ClusterRole") => {
+                typed::<ClusterRole>(&d.value).map(drop)
+            }
+            ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => {
+                typed::<ClusterRoleBinding>(&d.value).map(drop)
+            }
             ("rbac.authorization.k8s.io/v1", "Role") => typed::<Role>(&d.value).map(drop),
-            ("rbac.authorization.k8s.io/v1", "RoleBinding") => typed::<RoleBinding>(&d.value).map(drop),
-            (api, kind) => Err(format!("unexpected apiVersion/kind {api:?}/{kind:?} (add it to parse_all)")),
+            ("rbac.authorization.k8s.io/v1", "RoleBinding") => {
+                typed::<RoleBinding>(&d.value).map(drop)
+            }
+            (api, kind) => Err(format!(
+                "unexpected apiVersion/kind {api:?}/{kind:?} (add it to parse_all)"
+            )),
         };
         if let Err(e) = r {
             errors.push(format!("{} {} {:?}: {e}", d.at(), d.kind(), d.name()));
@@ -183,7 +223,13 @@ fn every_manifest_is_a_typed_kubernetes_object() {
     // Names are unique per kind.
     let mut seen = BTreeSet::new();
     for d in &docs {
-        assert!(seen.insert((d.kind().to_owned(), d.name().to_owned())), "{}: duplicate {} {}", d.at(), d.kind(), d.name());
+        assert!(
+            seen.insert((d.kind().to_owned(), d.name().to_owned())),
+            "{}: duplicate {} {}",
+            d.at(),
+            d.kind(),
+            d.name()
+        );
     }
 }
 
@@ -200,9 +246,14 @@ fn the_round_trip_catches_a_misspelt_field() {
     )
     .unwrap();
     let err = typed::<DaemonSet>(&bad).expect_err("typo must fail");
-    assert!(err.contains(".spec.template.spec.containers[0].imagePullPolicyy"), "{err}");
+    assert!(
+        err.contains(".spec.template.spec.containers[0].imagePullPolicyy"),
+        "{err}"
+    );
     // A value in the wrong type fails the typed parse itself.
-    let wrong: Value = serde_yaml::from_str("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\ndata: [a]\n").unwrap();
+    let wrong: Value =
+        serde_yaml::from_str("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\ndata: [a]\n")
+            .unwrap();
     assert!(typed::<ConfigMap>(&wrong).is_err());
 }
 
@@ -247,13 +298,24 @@ fn kustomization_lists_every_manifest() {
     assert_eq!(k.api_version, "kustomize.config.k8s.io/v1beta1");
     assert_eq!(k.kind, "Kustomization");
     let listed: BTreeSet<PathBuf> = k.resources.iter().map(|r| k8s_dir().join(r)).collect();
-    assert_eq!(listed.len(), k.resources.len(), "a resource is listed twice");
+    assert_eq!(
+        listed.len(),
+        k.resources.len(),
+        "a resource is listed twice"
+    );
     for r in &listed {
-        assert!(r.is_file(), "kustomization lists {} which does not exist", r.display());
+        assert!(
+            r.is_file(),
+            "kustomization lists {} which does not exist",
+            r.display()
+        );
     }
     let present: BTreeSet<PathBuf> = manifest_files().into_iter().collect();
     let unlisted: Vec<_> = present.difference(&listed).collect();
-    assert!(unlisted.is_empty(), "manifests missing from kustomization.yaml: {unlisted:?}");
+    assert!(
+        unlisted.is_empty(),
+        "manifests missing from kustomization.yaml: {unlisted:?}"
+    );
 
     // Every namespaced object is in the kustomization's namespace, so `kubectl apply -f` of the
     // files alone lands in the same place as `kubectl apply -k`.
@@ -265,18 +327,30 @@ fn kustomization_lists_every_manifest() {
         .filter_map(|c| c.get("image").and_then(Value::as_str).map(str::to_owned))
         .collect();
     if let Some(ns) = &k.namespace {
-        for d in docs.iter().filter(|d| d.kind() != "Namespace" && !d.kind().starts_with("Cluster")) {
-            let got = d.value.pointer("/metadata/namespace").and_then(Value::as_str);
+        for d in docs
+            .iter()
+            .filter(|d| d.kind() != "Namespace" && !d.kind().starts_with("Cluster"))
+        {
+            let got = d
+                .value
+                .pointer("/metadata/namespace")
+                .and_then(Value::as_str);
             assert_eq!(got, Some(ns.as_str()), "{}: metadata.namespace", d.at());
         }
         if docs.iter().any(|d| d.kind() == "Namespace") {
-            assert!(docs.iter().any(|d| d.kind() == "Namespace" && d.name() == ns), "Namespace {ns} is not defined");
+            assert!(
+                docs.iter()
+                    .any(|d| d.kind() == "Namespace" && d.name() == ns),
+                "Namespace {ns} is not defined"
+            );
         }
     }
     // An `images:` override must name an image the manifests use, or it silently does nothing.
     for i in &k.images {
         assert!(
-            images.iter().any(|img| img == &i.name || img.starts_with(&format!("{}:", i.name)) || img.starts_with(&format!("{}@", i.name))),
+            images.iter().any(|img| img == &i.name
+                || img.starts_with(&format!("{}:", i.name))
+                || img.starts_with(&format!("{}@", i.name))),
             "kustomization images: {} is used by no container ({images:?})",
             i.name
         );
@@ -284,11 +358,14 @@ fn kustomization_lists_every_manifest() {
 }
 
 fn containers_of(ds: &Value) -> Vec<&Value> {
-    ["/spec/template/spec/initContainers", "/spec/template/spec/containers"]
-        .iter()
-        .filter_map(|p| ds.pointer(p).and_then(Value::as_array))
-        .flatten()
-        .collect()
+    [
+        "/spec/template/spec/initContainers",
+        "/spec/template/spec/containers",
+    ]
+    .iter()
+    .filter_map(|p| ds.pointer(p).and_then(Value::as_array))
+    .flatten()
+    .collect()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -317,10 +394,15 @@ const SPEC_RUN_FLAGS: &[&str] = &[
 fn pending_flag_value(flag: &str, value: Option<&str>) -> Result<(), String> {
     let v = || value.ok_or_else(|| format!("--{flag} needs a value"));
     match flag {
-        "proxy-addr" => v()?.parse::<SocketAddr>().map(drop).map_err(|e| format!("--proxy-addr: {e}")),
+        "proxy-addr" => v()?
+            .parse::<SocketAddr>()
+            .map(drop)
+            .map_err(|e| format!("--proxy-addr: {e}")),
         "domain-destination" => match v()? {
             "verify" | "resolve" | "original" => Ok(()),
-            other => Err(format!("--domain-destination {other:?}: one of verify, resolve, original")),
+            other => Err(format!(
+                "--domain-destination {other:?}: one of verify, resolve, original"
+            )),
         },
         "admin-addr" | "resolver" => v().map(drop),
         "audit" => match value {
@@ -333,18 +415,31 @@ fn pending_flag_value(flag: &str, value: Option<&str>) -> Result<(), String> {
 
 /// The `run` command as the agent defines it, plus the global `--log-format`.
 fn run_command() -> clap::Command {
-    RunArgs::augment_args(clap::Command::new("passthrough-run").no_binary_name(true)).arg(
+    let cmd = RunArgs::augment_args(clap::Command::new("passthrough-run").no_binary_name(true));
+    if cmd
+        .get_arguments()
+        .any(|a| a.get_long() == Some("log-format"))
+    {
+        return cmd;
+    }
+    cmd.arg(
         clap::Arg::new("log-format")
             .long("log-format")
             .value_parser(["text", "json"]),
     )
 }
 
+/// Flag name (without `--`) → every value given for it.
+type FlagValues = BTreeMap<String, Vec<String>>;
+
 /// Parses `passthrough run` arguments (without the leading `run`). Returns the flag values by
 /// name (both `--f v` and `--f=v`) and notes about SPEC flags the agent does not have yet.
-fn check_run_args(args: &[String]) -> Result<(BTreeMap<String, Vec<String>>, Vec<String>), String> {
+fn check_run_args(args: &[String]) -> Result<(FlagValues, Vec<String>), String> {
     let cmd = run_command();
-    let known: BTreeSet<String> = cmd.get_arguments().filter_map(|a| a.get_long().map(str::to_owned)).collect();
+    let known: BTreeSet<String> = cmd
+        .get_arguments()
+        .filter_map(|a| a.get_long().map(str::to_owned))
+        .collect();
     let takes_value = |f: &str| {
         cmd.get_arguments()
             .find(|a| a.get_long() == Some(f))
@@ -364,14 +459,19 @@ fn check_run_args(args: &[String]) -> Result<(BTreeMap<String, Vec<String>>, Vec
             Some((n, v)) => (n.to_owned(), Some(v.to_owned())),
             None => (flag.to_owned(), None),
         };
-        if !SPEC_RUN_FLAGS.contains(&name.as_str()) {
-            return Err(format!("--{name} is not a flag of `passthrough run` (SPEC §5, README)"));
+        if !SPEC_RUN_FLAGS.contains(&name.as_str()) && !known.contains(&name) {
+            return Err(format!(
+                "--{name} is not a flag of `passthrough run` (SPEC §5, README)"
+            ));
         }
         let mut consumed = vec![tok.clone()];
         let value = match inline {
             Some(v) => Some(v),
             None if takes_value(&name) => {
-                let v = args.get(i + 1).filter(|v| !v.starts_with("--")).ok_or_else(|| format!("--{name} needs a value"))?;
+                let v = args
+                    .get(i + 1)
+                    .filter(|v| !v.starts_with("--"))
+                    .ok_or_else(|| format!("--{name} needs a value"))?;
                 consumed.push(v.clone());
                 i += 1;
                 Some(v.clone())
@@ -379,15 +479,22 @@ fn check_run_args(args: &[String]) -> Result<(BTreeMap<String, Vec<String>>, Vec
             None => None,
         };
         i += 1;
-        values.entry(name.clone()).or_default().extend(value.clone());
+        values
+            .entry(name.clone())
+            .or_default()
+            .extend(value.clone());
         if known.contains(&name) {
             for_clap.extend(consumed);
         } else {
             pending_flag_value(&name, value.as_deref())?;
-            notes.push(format!("--{name}: in the SPEC, not in the agent yet (value shape checked only)"));
+            notes.push(format!(
+                "--{name}: in the SPEC, not in the agent yet (value shape checked only)"
+            ));
         }
     }
-    let matches = cmd.try_get_matches_from(&for_clap).map_err(|e| format!("the agent's CLI rejects {for_clap:?}:\n{e}"))?;
+    let matches = cmd
+        .try_get_matches_from(&for_clap)
+        .map_err(|e| format!("the agent's CLI rejects {for_clap:?}:\n{e}"))?;
     RunArgs::from_arg_matches(&matches).map_err(|e| e.to_string())?;
     Ok((values, notes))
 }
@@ -395,13 +502,38 @@ fn check_run_args(args: &[String]) -> Result<(BTreeMap<String, Vec<String>>, Vec
 #[test]
 fn the_argument_checker_rejects_what_the_agent_would() {
     let ok = |a: &[&str]| check_run_args(&a.iter().map(|s| s.to_string()).collect::<Vec<_>>());
-    ok(&["--policy", "/p", "--admin-addr=127.0.0.1:9901", "--audit", "--proxy-addr=169.254.20.11:15001"]).expect("valid");
-    assert!(ok(&["--policy=/p", "--admin-adr=127.0.0.1:9901"]).is_err(), "misspelt flag");
-    assert!(ok(&["--policy=/p", "--admin-addr=localhost"]).is_err(), "not a socket address");
-    assert!(ok(&["--policy=/p", "--unselected-mode=matched"]).is_err(), "modes are spelt as Kuma does");
-    assert!(ok(&["--policy=/p", "--internal-cidr=10.0.0.0/33"]).is_err(), "bad CIDR");
-    assert!(ok(&["--policy=/p", "--domain-destination=trust"]).is_err(), "bad mode");
-    assert!(ok(&["--admin-addr=127.0.0.1:9901"]).is_err(), "--policy is required");
+    ok(&[
+        "--policy",
+        "/p",
+        "--admin-addr=127.0.0.1:9901",
+        "--audit",
+        "--proxy-addr=169.254.20.11:15001",
+    ])
+    .expect("valid");
+    assert!(
+        ok(&["--policy=/p", "--admin-adr=127.0.0.1:9901"]).is_err(),
+        "misspelt flag"
+    );
+    assert!(
+        ok(&["--policy=/p", "--admin-addr=localhost"]).is_err(),
+        "not a socket address"
+    );
+    assert!(
+        ok(&["--policy=/p", "--unselected-mode=matched"]).is_err(),
+        "modes are spelt as Kuma does"
+    );
+    assert!(
+        ok(&["--policy=/p", "--internal-cidr=10.0.0.0/33"]).is_err(),
+        "bad CIDR"
+    );
+    assert!(
+        ok(&["--policy=/p", "--domain-destination=trust"]).is_err(),
+        "bad mode"
+    );
+    assert!(
+        ok(&["--admin-addr=127.0.0.1:9901"]).is_err(),
+        "--policy is required"
+    );
     assert!(ok(&["--policy=/p", "--log-format=yaml"]).is_err());
 }
 
@@ -427,58 +559,122 @@ fn daemonset_hangs_together() {
     };
 
     // Selector selects the template.
-    let tmpl_labels = spec.template.metadata.as_ref().and_then(|m| m.labels.clone()).unwrap_or_default();
+    let tmpl_labels = spec
+        .template
+        .metadata
+        .as_ref()
+        .and_then(|m| m.labels.clone())
+        .unwrap_or_default();
     for (k, v) in spec.selector.match_labels.clone().unwrap_or_default() {
-        check(tmpl_labels.get(&k) == Some(&v), &format!("selector {k}={v} does not match the pod template"));
+        check(
+            tmpl_labels.get(&k) == Some(&v),
+            &format!("selector {k}={v} does not match the pod template"),
+        );
     }
-    check(pod.host_network == Some(true), "hostNetwork: true (proxy on a node address, admin on the node's loopback)");
     check(
-        pod.tolerations.as_deref().unwrap_or_default().iter().any(|t| t.operator.as_deref() == Some("Exists") && t.key.is_none()),
+        pod.host_network == Some(true),
+        "hostNetwork: true (proxy on a node address, admin on the node's loopback)",
+    );
+    check(
+        pod.tolerations
+            .as_deref()
+            .unwrap_or_default()
+            .iter()
+            .any(|t| t.operator.as_deref() == Some("Exists") && t.key.is_none()),
         "a toleration `operator: Exists` so every node runs the agent",
     );
     let sa = pod.service_account_name.as_deref().unwrap_or("default");
-    check(objs.service_accounts.iter().any(|s| s.metadata.name.as_deref() == Some(sa)), &format!("ServiceAccount {sa} is not defined"));
+    check(
+        objs.service_accounts
+            .iter()
+            .any(|s| s.metadata.name.as_deref() == Some(sa)),
+        &format!("ServiceAccount {sa} is not defined"),
+    );
 
     let volumes = pod.volumes.clone().unwrap_or_default();
     let vol = |name: &str| volumes.iter().find(|v| v.name == name);
-    let host_path_of = |name: &str| vol(name).and_then(|v| v.host_path.as_ref()).map(|h| h.path.clone());
+    let host_path_of = |name: &str| {
+        vol(name)
+            .and_then(|v| v.host_path.as_ref())
+            .map(|h| h.path.clone())
+    };
 
-    let containers: Vec<&Container> = pod.init_containers.iter().flatten().chain(pod.containers.iter()).collect();
+    let containers: Vec<&Container> = pod
+        .init_containers
+        .iter()
+        .flatten()
+        .chain(pod.containers.iter())
+        .collect();
     for c in &containers {
         let res = c.resources.as_ref();
-        for (what, m) in [("requests", res.and_then(|r| r.requests.as_ref())), ("limits", res.and_then(|r| r.limits.as_ref()))] {
+        for (what, m) in [
+            ("requests", res.and_then(|r| r.requests.as_ref())),
+            ("limits", res.and_then(|r| r.limits.as_ref())),
+        ] {
             let m = m.cloned().unwrap_or_default();
-            check(m.contains_key("cpu") && m.contains_key("memory"), &format!("container {}: resources.{what} cpu and memory", c.name));
+            check(
+                m.contains_key("cpu") && m.contains_key("memory"),
+                &format!("container {}: resources.{what} cpu and memory", c.name),
+            );
         }
         for m in c.volume_mounts.iter().flatten() {
-            check(vol(&m.name).is_some(), &format!("container {}: volumeMount {} has no volume", c.name, m.name));
+            check(
+                vol(&m.name).is_some(),
+                &format!("container {}: volumeMount {} has no volume", c.name, m.name),
+            );
         }
         check(c.image.is_some(), &format!("container {}: image", c.name));
     }
     for v in &volumes {
         if let Some(cm) = &v.config_map {
             check(
-                objs.configmaps.iter().any(|(_, o)| o.metadata.name.as_deref() == Some(cm.name.as_str())),
+                objs.configmaps
+                    .iter()
+                    .any(|(_, o)| o.metadata.name.as_deref() == Some(cm.name.as_str())),
                 &format!("volume {}: ConfigMap {} is not defined", v.name, cm.name),
             );
         }
     }
 
-    let agent = pod.containers.iter().find(|c| c.args.as_deref().unwrap_or_default().first().map(String::as_str) == Some("run"));
-    let Some(agent) = agent else { panic!("{at}: no container runs `passthrough run` (args: [run, ...])") };
-    check(agent.security_context.as_ref().and_then(|s| s.privileged) == Some(true), "agent: privileged");
+    let agent = pod.containers.iter().find(|c| {
+        c.args
+            .as_deref()
+            .unwrap_or_default()
+            .first()
+            .map(String::as_str)
+            == Some("run")
+    });
+    let Some(agent) = agent else {
+        panic!("{at}: no container runs `passthrough run` (args: [run, ...])")
+    };
+    check(
+        agent.security_context.as_ref().and_then(|s| s.privileged) == Some(true),
+        "agent: privileged",
+    );
     let mounts = agent.volume_mounts.clone().unwrap_or_default();
-    let mount_of = |dest: &str| mounts.iter().filter(|m| under(dest, &m.mount_path)).max_by_key(|m| m.mount_path.len());
+    let mount_of = |dest: &str| {
+        mounts
+            .iter()
+            .filter(|m| under(dest, &m.mount_path))
+            .max_by_key(|m| m.mount_path.len())
+    };
 
     // bpffs at /sys/fs/bpf from the host, Bidirectional so a bpffs the agent mounts (and its
     // pins) is the host's.
     let bpf = mounts.iter().find(|m| m.mount_path == "/sys/fs/bpf");
-    check(bpf.is_some_and(|m| m.mount_propagation.as_deref() == Some("Bidirectional")), "agent: /sys/fs/bpf mounted with mountPropagation: Bidirectional");
-    check(bpf.and_then(|m| host_path_of(&m.name)).as_deref() == Some("/sys/fs/bpf"), "agent: /sys/fs/bpf is the host's /sys/fs/bpf");
+    check(
+        bpf.is_some_and(|m| m.mount_propagation.as_deref() == Some("Bidirectional")),
+        "agent: /sys/fs/bpf mounted with mountPropagation: Bidirectional",
+    );
+    check(
+        bpf.and_then(|m| host_path_of(&m.name)).as_deref() == Some("/sys/fs/bpf"),
+        "agent: /sys/fs/bpf is the host's /sys/fs/bpf",
+    );
 
     // The arguments.
     let args = agent.args.clone().unwrap_or_default();
-    let (flags, notes) = check_run_args(&args[1..]).unwrap_or_else(|e| panic!("{at}: agent args: {e}"));
+    let (flags, notes) =
+        check_run_args(&args[1..]).unwrap_or_else(|e| panic!("{at}: agent args: {e}"));
     for n in notes {
         eprintln!("note: {at}: {n}");
     }
@@ -488,19 +684,41 @@ fn daemonset_hangs_together() {
     // hybrid /sys/fs/cgroup/unified).
     let cgroup_mounts: Vec<&str> = mounts
         .iter()
-        .filter(|m| host_path_of(&m.name).is_some_and(|p| p == "/sys/fs/cgroup" || p == "/sys/fs/cgroup/unified"))
+        .filter(|m| {
+            host_path_of(&m.name)
+                .is_some_and(|p| p == "/sys/fs/cgroup" || p == "/sys/fs/cgroup/unified")
+        })
         .map(|m| m.mount_path.as_str())
         .collect();
-    check(!cgroup_mounts.is_empty(), "agent: the host's cgroup2 (/sys/fs/cgroup) mounted from a hostPath");
+    check(
+        !cgroup_mounts.is_empty(),
+        "agent: the host's cgroup2 (/sys/fs/cgroup) mounted from a hostPath",
+    );
     let attach = flags.get("attach-cgroup").cloned().unwrap_or_default();
-    check(!attach.is_empty(), "agent: --attach-cgroup at the node's pod cgroup parent");
-    for p in attach.iter().chain(flags.get("cgroup").into_iter().flatten()) {
+    check(
+        !attach.is_empty(),
+        "agent: --attach-cgroup at the node's pod cgroup parent",
+    );
+    for p in attach
+        .iter()
+        .chain(flags.get("cgroup").into_iter().flatten())
+    {
         check(
             cgroup_mounts.iter().any(|m| under(p, m) && p != m),
-            &format!("cgroup path {p} must be absolute and below the host cgroup2 mount {cgroup_mounts:?}"),
+            &format!(
+                "cgroup path {p} must be absolute and below the host cgroup2 mount {cgroup_mounts:?}"
+            ),
         );
-        let leaf = Path::new(p).file_name().and_then(|n| n.to_str()).unwrap_or("");
-        check(matches!(leaf, "kubepods.slice" | "kubepods"), &format!("--attach-cgroup {p}: the kubelet's pod parent is kubepods.slice (systemd driver) or kubepods (cgroupfs)"));
+        let leaf = Path::new(p)
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("");
+        check(
+            matches!(leaf, "kubepods.slice" | "kubepods"),
+            &format!(
+                "--attach-cgroup {p}: the kubelet's pod parent is kubepods.slice (systemd driver) or kubepods (cgroupfs)"
+            ),
+        );
     }
 
     // --policy: the ConfigMap's mount; its policies load through the agent's parser.
@@ -509,33 +727,67 @@ fn daemonset_hangs_together() {
     let mesh = one("mesh").unwrap_or_else(|| "default".into());
     for p in &policy_dirs {
         let m = mount_of(p).unwrap_or_else(|| panic!("--policy {p} is on no volume mount"));
-        let cm_name = vol(&m.name).and_then(|v| v.config_map.as_ref()).map(|c| c.name.clone());
-        let Some(cm_name) = cm_name else { panic!("--policy {p} is not a ConfigMap mount") };
-        let (cm_at, cm) = objs.configmaps.iter().find(|(_, o)| o.metadata.name.as_deref() == Some(cm_name.as_str())).expect("checked above");
+        let cm_name = vol(&m.name)
+            .and_then(|v| v.config_map.as_ref())
+            .map(|c| c.name.clone());
+        let Some(cm_name) = cm_name else {
+            panic!("--policy {p} is not a ConfigMap mount")
+        };
+        let (cm_at, cm) = objs
+            .configmaps
+            .iter()
+            .find(|(_, o)| o.metadata.name.as_deref() == Some(cm_name.as_str()))
+            .expect("checked above");
         let n = check_policies(cm_at, cm, &mesh);
-        check(n > 0, &format!("ConfigMap {cm_name}: no policy for mesh {mesh}"));
+        check(
+            n > 0,
+            &format!("ConfigMap {cm_name}: no policy for mesh {mesh}"),
+        );
     }
 
     // --workloads: on a mounted volume.
     for w in flags.get("workloads").into_iter().flatten() {
-        check(mount_of(w).is_some(), &format!("--workloads {w} is on no volume mount"));
+        check(
+            mount_of(w).is_some(),
+            &format!("--workloads {w} is on no volume mount"),
+        );
     }
 
     // Probes on the admin server.
-    let admin: SocketAddr = one("admin-addr").unwrap_or_else(|| "127.0.0.1:9901".into()).parse().expect("checked by clap");
-    for (probe, path) in [(agent.readiness_probe.as_ref(), "/readyz"), (agent.liveness_probe.as_ref(), "/healthz")] {
+    let admin: SocketAddr = one("admin-addr")
+        .unwrap_or_else(|| "127.0.0.1:9901".into())
+        .parse()
+        .expect("checked by clap");
+    for (probe, path) in [
+        (agent.readiness_probe.as_ref(), "/readyz"),
+        (agent.liveness_probe.as_ref(), "/healthz"),
+    ] {
         let get = probe.and_then(|p| p.http_get.as_ref());
-        check(get.is_some_and(|g| g.path.as_deref() == Some(path)), &format!("agent: a probe with httpGet {path}"));
+        check(
+            get.is_some_and(|g| g.path.as_deref() == Some(path)),
+            &format!("agent: a probe with httpGet {path}"),
+        );
         if let Some(g) = get {
             let port_ok = match g.port.clone() {
-                k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(p) => p == i32::from(admin.port()),
+                k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(p) => {
+                    p == i32::from(admin.port())
+                }
                 k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(_) => false,
             };
-            check(port_ok, &format!("probe {path}: port must be the --admin-addr port {}", admin.port()));
+            check(
+                port_ok,
+                &format!(
+                    "probe {path}: port must be the --admin-addr port {}",
+                    admin.port()
+                ),
+            );
             // On loopback the kubelet must be told the host; on any other address the pod IP
             // (the node's, hostNetwork) must be what the agent listens on.
             if admin.ip().is_loopback() {
-                check(g.host.as_deref().and_then(|h| h.parse::<IpAddr>().ok()) == Some(admin.ip()), &format!("probe {path}: host {} (admin is on loopback)", admin.ip()));
+                check(
+                    g.host.as_deref().and_then(|h| h.parse::<IpAddr>().ok()) == Some(admin.ip()),
+                    &format!("probe {path}: host {} (admin is on loopback)", admin.ip()),
+                );
             }
         }
     }
@@ -548,7 +800,12 @@ fn daemonset_hangs_together() {
             IpAddr::V4(v4) => v4.is_link_local(),
             IpAddr::V6(v6) => v6.is_unicast_link_local(),
         };
-        check(link_local, &format!("--proxy-addr {proxy}: pods need a node-local link-local address, not loopback (a pod's 127.0.0.1 is its own netns)"));
+        check(
+            link_local,
+            &format!(
+                "--proxy-addr {proxy}: pods need a node-local link-local address, not loopback (a pod's 127.0.0.1 is its own netns)"
+            ),
+        );
         let setup: String = pod
             .init_containers
             .iter()
@@ -557,8 +814,14 @@ fn daemonset_hangs_together() {
             .cloned()
             .collect::<Vec<_>>()
             .join("\n");
-        check(setup.contains("type dummy"), "an init container creates the dummy interface");
-        check(setup.contains(&format!("{}/", addr.ip())), &format!("an init container assigns {} to it", addr.ip()));
+        check(
+            setup.contains("type dummy"),
+            "an init container creates the dummy interface",
+        );
+        check(
+            setup.contains(&format!("{}/", addr.ip())),
+            &format!("an init container assigns {} to it", addr.ip()),
+        );
     }
 
     assert!(problems.is_empty(), "{at}:\n{}", problems.join("\n"));
@@ -569,17 +832,27 @@ fn daemonset_hangs_together() {
 /// Returns the number of policies.
 fn check_policies(at: &str, cm: &ConfigMap, mesh: &str) -> usize {
     let data = cm.data.clone().unwrap_or_default();
-    assert!(cm.binary_data.is_none(), "{at}: binaryData is not read as policies");
+    assert!(
+        cm.binary_data.is_none(),
+        "{at}: binaryData is not read as policies"
+    );
     let dir = tempfile::tempdir().expect("tempdir");
     for (key, text) in &data {
-        assert!(policy::parse::is_policy_file(Path::new(key)), "{at}: key {key}: the agent only reads *.yaml, *.yml, *.json");
+        assert!(
+            policy::parse::is_policy_file(Path::new(key)),
+            "{at}: key {key}: the agent only reads *.yaml, *.yml, *.json"
+        );
         let set = policy::load_policy_bytes(Path::new(key), text.as_bytes(), mesh)
             .unwrap_or_else(|e| panic!("{at}: key {key}: invalid policy:\n{e}"));
-        assert!(!set.is_empty(), "{at}: key {key}: no MeshPassthrough for mesh {mesh}");
+        assert!(
+            !set.is_empty(),
+            "{at}: key {key}: no MeshPassthrough for mesh {mesh}"
+        );
         assert!(set.notes().is_empty(), "{at}: key {key}: {:?}", set.notes());
         std::fs::write(dir.path().join(key), text).expect("write");
     }
-    let all = policy::load_policies(&[dir.path().to_path_buf()], mesh).unwrap_or_else(|e| panic!("{at}: policies together:\n{e}"));
+    let all = policy::load_policies(&[dir.path().to_path_buf()], mesh)
+        .unwrap_or_else(|e| panic!("{at}: policies together:\n{e}"));
     all.len()
 }
 
@@ -593,7 +866,9 @@ fn parse_unit(text: &str) -> BTreeMap<String, BTreeMap<String, Vec<String>>> {
     let mut logical = String::new();
     for raw in text.lines() {
         let line = raw.trim_end();
-        if logical.is_empty() && (line.trim_start().starts_with('#') || line.trim_start().starts_with(';')) {
+        if logical.is_empty()
+            && (line.trim_start().starts_with('#') || line.trim_start().starts_with(';'))
+        {
             continue;
         }
         if let Some(cont) = line.strip_suffix('\\') {
@@ -611,79 +886,165 @@ fn parse_unit(text: &str) -> BTreeMap<String, BTreeMap<String, Vec<String>>> {
             section = l[1..l.len() - 1].to_owned();
             continue;
         }
-        let (k, v) = l.split_once('=').unwrap_or_else(|| panic!("unit line without `=`: {l:?}"));
-        out.entry(section.clone()).or_default().entry(k.trim().to_owned()).or_default().push(v.trim().to_owned());
+        let (k, v) = l
+            .split_once('=')
+            .unwrap_or_else(|| panic!("unit line without `=`: {l:?}"));
+        out.entry(section.clone())
+            .or_default()
+            .entry(k.trim().to_owned())
+            .or_default()
+            .push(v.trim().to_owned());
     }
     out
 }
 
 /// `deploy/systemd/etc/...` holds what goes to `/etc/...` on the host.
 fn in_layout(host_path: &str) -> PathBuf {
-    let rel = host_path.strip_prefix("/etc/").unwrap_or_else(|| panic!("{host_path}: the documented layout is below /etc/passthrough"));
+    let rel = host_path
+        .strip_prefix("/etc/")
+        .unwrap_or_else(|| panic!("{host_path}: the documented layout is below /etc/passthrough"));
     repo().join("deploy/systemd/etc").join(rel)
 }
 
 #[test]
 fn systemd_unit_runs_the_agent_on_the_documented_layout() {
     let path = repo().join("deploy/systemd/passthrough.service");
-    let unit = parse_unit(&std::fs::read_to_string(&path).expect("deploy/systemd/passthrough.service"));
+    let unit =
+        parse_unit(&std::fs::read_to_string(&path).expect("deploy/systemd/passthrough.service"));
     let service = unit.get("Service").expect("[Service]");
     let get = |k: &str| service.get(k).and_then(|v| v.last()).map(String::as_str);
-    assert!(unit.contains_key("Unit") && unit.contains_key("Install"), "[Unit] and [Install]");
-    assert!(matches!(get("Type"), Some("exec" | "simple")), "Type=exec or simple");
+    assert!(
+        unit.contains_key("Unit") && unit.contains_key("Install"),
+        "[Unit] and [Install]"
+    );
+    assert!(
+        matches!(get("Type"), Some("exec" | "simple")),
+        "Type=exec or simple"
+    );
     assert_eq!(get("Restart"), Some("always"));
-    assert!(get("ExecReload").is_some_and(|r| r.contains("-HUP")), "ExecReload sends SIGHUP");
+    assert!(
+        get("ExecReload").is_some_and(|r| r.contains("-HUP")),
+        "ExecReload sends SIGHUP"
+    );
 
     let exec = service.get("ExecStart").expect("ExecStart");
     assert_eq!(exec.len(), 1, "one ExecStart");
     let tokens: Vec<String> = exec[0].split_whitespace().map(str::to_owned).collect();
-    assert!(tokens[0].starts_with('/') && tokens[0].ends_with("/passthrough"), "ExecStart runs the passthrough binary by absolute path: {}", tokens[0]);
-    assert_eq!(tokens.get(1).map(String::as_str), Some("run"), "ExecStart is `passthrough run ...`");
-    let (flags, notes) = check_run_args(&tokens[2..]).unwrap_or_else(|e| panic!("{}: ExecStart: {e}", path.display()));
+    assert!(
+        tokens[0].starts_with('/') && tokens[0].ends_with("/passthrough"),
+        "ExecStart runs the passthrough binary by absolute path: {}",
+        tokens[0]
+    );
+    assert_eq!(
+        tokens.get(1).map(String::as_str),
+        Some("run"),
+        "ExecStart is `passthrough run ...`"
+    );
+    let (flags, notes) = check_run_args(&tokens[2..])
+        .unwrap_or_else(|e| panic!("{}: ExecStart: {e}", path.display()));
     for n in notes {
         eprintln!("note: {}: {n}", path.display());
     }
-    let admin = flags.get("admin-addr").and_then(|v| v.last()).expect("--admin-addr");
-    assert!(admin.parse::<SocketAddr>().unwrap().ip().is_loopback(), "admin on loopback");
-    assert!(flags.contains_key("attach-cgroup") || flags.contains_key("cgroup") || flags.contains_key("workloads"), "something to attach to");
+    let admin = flags
+        .get("admin-addr")
+        .and_then(|v| v.last())
+        .expect("--admin-addr");
+    assert!(
+        admin.parse::<SocketAddr>().unwrap().ip().is_loopback(),
+        "admin on loopback"
+    );
+    assert!(
+        flags.contains_key("attach-cgroup")
+            || flags.contains_key("cgroup")
+            || flags.contains_key("workloads"),
+        "something to attach to"
+    );
 
-    let mesh = flags.get("mesh").and_then(|v| v.last()).cloned().unwrap_or_else(|| "default".into());
+    let mesh = flags
+        .get("mesh")
+        .and_then(|v| v.last())
+        .cloned()
+        .unwrap_or_else(|| "default".into());
     let policies = flags.get("policy").expect("--policy");
     for p in policies {
         let local = in_layout(p);
-        assert!(local.exists(), "--policy {p}: {} is missing from the documented layout", local.display());
-        let set = policy::load_policies(&[local.clone()], &mesh).unwrap_or_else(|e| panic!("{}:\n{e}", local.display()));
-        assert!(!set.is_empty() && set.notes().is_empty(), "{}: policies for mesh {mesh}: {:?}", local.display(), set.notes());
+        assert!(
+            local.exists(),
+            "--policy {p}: {} is missing from the documented layout",
+            local.display()
+        );
+        let set = policy::load_policies(std::slice::from_ref(&local), &mesh)
+            .unwrap_or_else(|e| panic!("{}:\n{e}", local.display()));
+        assert!(
+            !set.is_empty() && set.notes().is_empty(),
+            "{}: policies for mesh {mesh}: {:?}",
+            local.display(),
+            set.notes()
+        );
     }
     for w in flags.get("workloads").into_iter().flatten() {
         let local = in_layout(w);
-        let ws = policy::workloads::load_workloads(&local).unwrap_or_else(|e| panic!("{}:\n{e}", local.display()));
+        let ws = policy::workloads::load_workloads(&local)
+            .unwrap_or_else(|e| panic!("{}:\n{e}", local.display()));
         assert!(!ws.is_empty(), "{}: an example workload", local.display());
         // Relative workload cgroups resolve against the cgroup2 mount; each must be at or below
         // an --attach-cgroup, as the agent requires.
         for wl in &ws {
             let c = wl.cgroup.to_string_lossy();
-            let covered = flags.get("attach-cgroup").is_none_or(|a| a.iter().any(|a| under(c.trim_start_matches("/sys/fs/cgroup/"), a.trim_start_matches("/sys/fs/cgroup/"))));
-            assert!(covered, "{}: workload {} ({c}) is below no --attach-cgroup", local.display(), wl.name);
+            let covered = flags.get("attach-cgroup").is_none_or(|a| {
+                a.iter().any(|a| {
+                    under(
+                        c.trim_start_matches("/sys/fs/cgroup/"),
+                        a.trim_start_matches("/sys/fs/cgroup/"),
+                    )
+                })
+            });
+            assert!(
+                covered,
+                "{}: workload {} ({c}) is below no --attach-cgroup",
+                local.display(),
+                wl.name
+            );
         }
     }
     // The docs describe the same layout.
     let docs = std::fs::read_to_string(repo().join("docs/deploy.md")).expect("docs/deploy.md");
     for p in policies {
-        assert!(docs.contains(p.as_str()), "docs/deploy.md does not mention {p}");
+        assert!(
+            docs.contains(p.as_str()),
+            "docs/deploy.md does not mention {p}"
+        );
     }
 
     // Capabilities: only what loading/attaching BPF and mounting bpffs needs.
-    const ALLOWED: &[&str] = &["CAP_BPF", "CAP_PERFMON", "CAP_NET_ADMIN", "CAP_SYS_ADMIN", "CAP_SYS_RESOURCE", "CAP_NET_BIND_SERVICE", "CAP_NET_RAW"];
-    let caps: Vec<&str> = get("CapabilityBoundingSet").expect("CapabilityBoundingSet").split_whitespace().collect();
+    const ALLOWED: &[&str] = &[
+        "CAP_BPF",
+        "CAP_PERFMON",
+        "CAP_NET_ADMIN",
+        "CAP_SYS_ADMIN",
+        "CAP_SYS_RESOURCE",
+        "CAP_NET_BIND_SERVICE",
+        "CAP_NET_RAW",
+    ];
+    let caps: Vec<&str> = get("CapabilityBoundingSet")
+        .expect("CapabilityBoundingSet")
+        .split_whitespace()
+        .collect();
     for c in &caps {
-        assert!(ALLOWED.contains(c), "CapabilityBoundingSet: {c} is not needed");
+        assert!(
+            ALLOWED.contains(c),
+            "CapabilityBoundingSet: {c} is not needed"
+        );
     }
     for need in ["CAP_BPF", "CAP_NET_ADMIN", "CAP_SYS_ADMIN"] {
         assert!(caps.contains(&need), "CapabilityBoundingSet lacks {need}");
     }
     // Hardening that breaks BPF pinning/attaching must stay off.
     for (k, bad) in [("ProtectKernelTunables", "yes"), ("PrivateNetwork", "yes")] {
-        assert_ne!(get(k), Some(bad), "{k}={bad} breaks the agent (see the unit's comments)");
+        assert_ne!(
+            get(k),
+            Some(bad),
+            "{k}={bad} breaks the agent (see the unit's comments)"
+        );
     }
 }
