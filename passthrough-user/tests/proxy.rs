@@ -74,6 +74,7 @@ fn dom(value: &str, port: u16, protocol: &str) -> String {
 struct Px {
     addr: SocketAddr,
     orig: Arc<FakeOrig>,
+    policy: Arc<ArcSwap<ProxyPolicy>>,
     stop: CancellationToken,
 }
 
@@ -102,13 +103,18 @@ async fn start(c: MergedConf, mode: DomainDestination, resolver: Option<SocketAd
         upstream_mark: 0,
     };
     let orig = Arc::new(FakeOrig::default());
-    let proxy =
-        Arc::new(Proxy::new(orig.clone(), Arc::new(ArcSwap::from_pointee(policy)), cfg).unwrap());
+    let policy = Arc::new(ArcSwap::from_pointee(policy));
+    let proxy = Arc::new(Proxy::new(orig.clone(), policy.clone(), cfg).unwrap());
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let stop = CancellationToken::new();
     tokio::spawn(proxy.serve(listener, stop.clone()));
-    Px { addr, orig, stop }
+    Px {
+        addr,
+        orig,
+        policy,
+        stop,
+    }
 }
 
 impl Px {
@@ -1118,4 +1124,37 @@ async fn destination_check_http_and_ttl_expiry() {
     let original = start(c, DomainDestination::Original, None).await;
     let out = raw_http(&original, host_b, req).await;
     assert!(out.contains("B host="), "{out}");
+}
+
+#[tokio::test]
+async fn reload_applies_to_the_next_request_of_a_live_connection() {
+    init_tracing();
+    let l = bind(v4(1), 0).await;
+    let port = l.local_addr().unwrap().port();
+    let up = http_server(l, "A", false).await;
+    let px = start(
+        conf(&[dom("api.example.test", port, "http")]),
+        DomainDestination::Original,
+        None,
+    )
+    .await;
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(px.dial(up).await))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let r = tx
+        .send_request(get("/", Some("api.example.test")))
+        .await
+        .unwrap();
+    assert_eq!(body_text(r).await.0, StatusCode::OK);
+    // Reload: the workload now allows only another name.
+    let mut next = (**px.policy.load()).clone();
+    next.workloads
+        .insert(WORKLOAD, conf(&[dom("other.test", port, "http")]));
+    px.policy.store(Arc::new(next));
+    let r = tx
+        .send_request(get("/", Some("api.example.test")))
+        .await
+        .unwrap();
+    assert_eq!(body_text(r).await.0, StatusCode::SERVICE_UNAVAILABLE);
 }
