@@ -300,7 +300,7 @@ impl Proxy {
                     return;
                 }
             };
-        match relay::relay(&mut client, &first, &mut upstream).await {
+        match relay::relay(&mut client, first, &mut upstream).await {
             Ok(n) => debug!(
                 target: "passthrough::proxy",
                 peer = %ctx.peer, %target, up = n.up, down = n.down, "relay done"

@@ -76,15 +76,16 @@ pub struct Relayed {
     pub down: u64,
 }
 
-/// Writes `first` (the bytes already read from the client) to `upstream`, then relays both
-/// ways until both directions are done (see the module doc).
+/// Writes `first` (the bytes already read from the client) to `upstream` and frees it, then
+/// relays both ways until both directions are done (see the module doc).
 pub async fn relay(
     client: &mut TcpStream,
-    first: &[u8],
+    first: Vec<u8>,
     upstream: &mut TcpStream,
 ) -> io::Result<Relayed> {
-    upstream.write_all(first).await?;
+    upstream.write_all(&first).await?;
     let first_len = first.len() as u64;
+    drop(first); // an idle relayed connection keeps no userspace buffer
     if let (Ok(p1), Ok(p2)) = (Pipe::new(), Pipe::new()) {
         let (up, down) = tokio::try_join!(
             splice_one_way(client, &p1, upstream),
