@@ -45,6 +45,12 @@ pub mod ruleset {
 pub mod flags {
     /// `--audit`: compute every verdict, count would-be denials, enforce none.
     pub const AUDIT: u32 = 1;
+    /// The proxy is running: domain-candidate connections are redirected (else denied).
+    pub const PROXY: u32 = 2;
+    /// `pod_proxy_v4` is set: workloads in other network namespaces can be redirected (IPv4).
+    pub const POD_PROXY_V4: u32 = 4;
+    /// `pod_proxy_v6` is set (IPv6).
+    pub const POD_PROXY_V6: u32 = 8;
 }
 
 /// Index 0 of the `CONFIG` array: what every program reads first.
@@ -59,8 +65,20 @@ pub struct GlobalConfig {
     pub unmatched_mode: [u32; GENERATIONS as usize],
     /// `SO_MARK` value that marks the agent's own sockets (never filtered); 0 = none.
     pub agent_mark: u32,
-    /// Explicit padding (keeps the layout identical on both sides).
+    /// Port of the proxy listeners, big-endian (host netns: 127.0.0.1 and ::1; pods: the
+    /// `pod_proxy_*` addresses).
+    pub proxy_port_be: u16,
+    /// Port of the pod proxy address, big-endian.
+    pub pod_proxy_port_be: u16,
+    /// Network-namespace cookie of the host (the agent's) netns: sockets there are redirected
+    /// to loopback; sockets elsewhere (pods) to `pod_proxy_*`, whose loopback is their own.
+    pub host_netns_cookie: u64,
+    /// `--proxy-addr` for IPv4 pods (network order).
+    pub pod_proxy_v4: [u8; 4],
+    /// Explicit padding.
     pub _pad: u32,
+    /// `--proxy-addr` for IPv6 pods (network order).
+    pub pod_proxy_v6: [u8; 16],
 }
 
 /// Key of the `WORKLOADS` hash: a cgroup id within one generation.
@@ -116,6 +134,48 @@ pub struct RuleKeyV6 {
 /// Bits of the trie prefix taken by rule set and port; add the CIDR prefix length.
 pub const RULE_KEY_FIXED_BITS: u32 = 48;
 
+/// Key of the `DOMAIN_PORTS` hash: a rule set has a Domain match at this port (0 = every port),
+/// so a TCP connection that no IP/CIDR match allows goes to the proxy (SPEC §3 rule 4).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DomainPortKey {
+    /// Rule set id (with generation bit).
+    pub ruleset: u32,
+    /// Destination port in host order; 0 = every port.
+    pub port: u32,
+}
+
+/// What connect4/6 records for a redirected connection, keyed by socket cookie
+/// (`ORIG_BY_COOKIE`, used by getpeername) and, once sock_ops knows the source address,
+/// by [`PeerKey`] (`ORIG_BY_PEER`, used by the proxy).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OrigDst {
+    /// The destination the client dialled; IPv4 as `::ffff:a.b.c.d`.
+    pub addr: [u8; 16],
+    /// Its port, big-endian.
+    pub port_be: u16,
+    /// 4 or 6: the family of the address the client wrote (a v4-mapped dial on an AF_INET6
+    /// socket is 6, so getpeername gives back exactly what was dialled).
+    pub family: u16,
+    /// Thread-group id of the task that called connect().
+    pub pid: u32,
+    /// cgroup id of the workload whose policy applied (0: no workload).
+    pub workload: u64,
+    /// The task's command name.
+    pub comm: [u8; 16],
+}
+
+/// Key of `ORIG_BY_PEER`: the client side of a redirected connection as the proxy sees it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PeerKey {
+    /// Client (source) address; IPv4 as `::ffff:a.b.c.d`.
+    pub addr: [u8; 16],
+    /// Client port in host order.
+    pub port: u32,
+}
+
 /// Value stored for each trie entry: which match it came from (for counters and explanations).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -146,8 +206,11 @@ pub mod counter {
     pub const AUDIT_WOULD_DENY: u32 = 8;
     /// Redirected to the proxy (rule 4).
     pub const REDIRECT_PROXY: u32 = 9;
+    /// A domain candidate that could not be redirected (proxy off, no pod proxy address,
+    /// or UDP): denied.
+    pub const DENY_NO_PROXY: u32 = 10;
     /// Number of counters.
-    pub const COUNT: u32 = 10;
+    pub const COUNT: u32 = 11;
 
     /// Names, in index order, as reported by the agent.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -161,6 +224,7 @@ pub mod counter {
         "deny_no_match",
         "audit_would_deny",
         "redirect_proxy",
+        "deny_no_proxy",
     ];
 }
 
@@ -173,6 +237,9 @@ mod pod {
     unsafe impl aya::Pod for super::RuleKeyV4 {}
     unsafe impl aya::Pod for super::RuleKeyV6 {}
     unsafe impl aya::Pod for super::RuleValue {}
+    unsafe impl aya::Pod for super::DomainPortKey {}
+    unsafe impl aya::Pod for super::OrigDst {}
+    unsafe impl aya::Pod for super::PeerKey {}
 }
 
 #[cfg(test)]
@@ -182,7 +249,10 @@ mod tests {
 
     #[test]
     fn layouts_have_no_implicit_padding() {
-        assert_eq!(size_of::<GlobalConfig>(), 24);
+        assert_eq!(size_of::<GlobalConfig>(), 56);
+        assert_eq!(size_of::<DomainPortKey>(), 8);
+        assert_eq!(size_of::<OrigDst>(), 48);
+        assert_eq!(size_of::<PeerKey>(), 20);
         assert_eq!(size_of::<WorkloadKey>(), 16);
         assert_eq!(size_of::<WorkloadEntry>(), 8);
         assert_eq!(size_of::<RuleKeyV4>(), 10);

@@ -1,8 +1,19 @@
-//! `cgroup/connect4` and `cgroup/connect6`: TCP connects and connected UDP sockets.
+//! `cgroup/connect4` and `cgroup/connect6`: TCP connects and connected UDP sockets. Allowed
+//! connections proceed unchanged; rule-4 candidates are rewritten to the proxy, with the
+//! original destination recorded by socket cookie.
 
-use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
+use aya_ebpf::{
+    EbpfContext as _,
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_netns_cookie, bpf_get_socket_cookie},
+    macros::cgroup_sock_addr,
+    programs::SockAddrContext,
+};
+use passthrough_common::{GlobalConfig, OrigDst, flags};
 
-use crate::decide::{Transport, V4, decide, v4_mapped, v6};
+use crate::{
+    decide::{PROCEED, REJECT, Transport, V4, Verdict, decide, v4_mapped, v6},
+    maps::{CONFIG, ORIG_BY_COOKIE},
+};
 
 /// Reads what every sock_addr program needs from the context.
 ///
@@ -15,7 +26,7 @@ pub(crate) fn port_be(ctx: &SockAddrContext) -> u16 {
 }
 
 #[inline(always)]
-pub(crate) fn transport(ctx: &SockAddrContext) -> Transport {
+fn transport(ctx: &SockAddrContext) -> Transport {
     let ty = unsafe { core::ptr::read_volatile(&(*ctx.sock_addr).type_) };
     if ty == 2 /* SOCK_DGRAM */ { Transport::Udp } else { Transport::Tcp }
 }
@@ -47,21 +58,148 @@ pub(crate) fn user_ip6(ctx: &SockAddrContext) -> [u32; 4] {
     }
 }
 
+/// Writes `user_ip6` word by word (same verifier constraint as reading).
+#[inline(always)]
+pub(crate) fn set_user_ip6(ctx: &SockAddrContext, words: [u32; 4]) {
+    unsafe {
+        let p = &mut (*ctx.sock_addr).user_ip6;
+        core::ptr::write_volatile(&mut p[0], words[0]);
+        core::ptr::write_volatile(&mut p[1], words[1]);
+        core::ptr::write_volatile(&mut p[2], words[2]);
+        core::ptr::write_volatile(&mut p[3], words[3]);
+    }
+}
+
+#[inline(always)]
+pub(crate) fn set_user_ip4(ctx: &SockAddrContext, addr: [u8; 4]) {
+    unsafe { core::ptr::write_volatile(&mut (*ctx.sock_addr).user_ip4, u32::from_ne_bytes(addr)) };
+}
+
+#[inline(always)]
+pub(crate) fn set_port_be(ctx: &SockAddrContext, port_be: u16) {
+    unsafe { core::ptr::write_volatile(&mut (*ctx.sock_addr).user_port, port_be as u32) };
+}
+
 #[inline(always)]
 pub(crate) fn user_ip4(ctx: &SockAddrContext) -> [u8; 4] {
     unsafe { core::ptr::read_volatile(&(*ctx.sock_addr).user_ip4) }.to_ne_bytes()
 }
 
+/// `::ffff:a.b.c.d` as `user_ip6` words.
+#[inline(always)]
+pub(crate) fn mapped_words(v4: [u8; 4]) -> [u32; 4] {
+    [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), u32::from_ne_bytes(v4)]
+}
+
+#[inline(always)]
+fn words_to_bytes(w: [u32; 4]) -> [u8; 16] {
+    let (a, b, c, d) = (w[0].to_ne_bytes(), w[1].to_ne_bytes(), w[2].to_ne_bytes(), w[3].to_ne_bytes());
+    [a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2], d[3]]
+}
+
+/// Where a redirected connection goes, by the socket's family as written by the client.
+enum ProxyTarget {
+    V4([u8; 4], u16),
+    V6([u32; 4], u16),
+}
+
+/// Picks the proxy address. A socket in the host network namespace goes to loopback; a
+/// socket in another namespace (a pod) cannot use loopback (it would reach the pod's own),
+/// so it goes to `--proxy-addr`, or is denied when none is configured for its family.
+/// `v6_socket` with a v4 `dest_v4` means a v4-mapped dial: the target must be v4-mapped too
+/// (the family of a socket cannot change under connect).
+#[inline(always)]
+fn proxy_target(ctx: &SockAddrContext, cfg: &GlobalConfig, v6_socket: bool, v4_dest: bool) -> Option<ProxyTarget> {
+    let in_host = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } == cfg.host_netns_cookie;
+    if in_host {
+        return Some(if !v6_socket {
+            ProxyTarget::V4([127, 0, 0, 1], cfg.proxy_port_be)
+        } else if v4_dest {
+            ProxyTarget::V6(mapped_words([127, 0, 0, 1]), cfg.proxy_port_be)
+        } else {
+            ProxyTarget::V6([0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])], cfg.proxy_port_be)
+        });
+    }
+    if v4_dest {
+        if cfg.flags & flags::POD_PROXY_V4 == 0 {
+            return None;
+        }
+        Some(if v6_socket {
+            ProxyTarget::V6(mapped_words(cfg.pod_proxy_v4), cfg.pod_proxy_port_be)
+        } else {
+            ProxyTarget::V4(cfg.pod_proxy_v4, cfg.pod_proxy_port_be)
+        })
+    } else {
+        if cfg.flags & flags::POD_PROXY_V6 == 0 {
+            return None;
+        }
+        let a = cfg.pod_proxy_v6;
+        Some(ProxyTarget::V6(
+            [
+                u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
+                u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
+                u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
+                u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
+            ],
+            cfg.pod_proxy_port_be,
+        ))
+    }
+}
+
+/// Rule 4: records the original destination under the socket cookie, then rewrites the
+/// destination to the proxy. Recording first means the proxy can never accept a redirected
+/// connection it cannot attribute.
+#[inline(always)]
+fn redirect(ctx: &SockAddrContext, orig_words: [u32; 4], port_be: u16, family: u16, workload: u64, v6_socket: bool, v4_dest: bool) -> i32 {
+    let Some(cfg) = CONFIG.get(0) else { return REJECT };
+    let Some(target) = proxy_target(ctx, cfg, v6_socket, v4_dest) else { return REJECT };
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let orig = OrigDst {
+        addr: words_to_bytes(orig_words),
+        port_be,
+        family,
+        pid: (bpf_get_current_pid_tgid() >> 32) as u32,
+        workload,
+        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+    };
+    if ORIG_BY_COOKIE.insert(&cookie, &orig, 0).is_err() {
+        return REJECT;
+    }
+    match target {
+        ProxyTarget::V4(addr, port) => {
+            set_user_ip4(ctx, addr);
+            set_port_be(ctx, port);
+        }
+        ProxyTarget::V6(words, port) => {
+            set_user_ip6(ctx, words);
+            set_port_be(ctx, port);
+        }
+    }
+    PROCEED
+}
+
 #[cgroup_sock_addr(connect4)]
 pub fn passthrough_connect4(ctx: SockAddrContext) -> i32 {
-    decide(V4(user_ip4(&ctx)), port_be(&ctx), transport(&ctx), socket_mark(&ctx))
+    let addr = user_ip4(&ctx);
+    let port = port_be(&ctx);
+    match decide(V4(addr), port, transport(&ctx), socket_mark(&ctx)) {
+        Verdict::Allow => PROCEED,
+        Verdict::Deny => REJECT,
+        Verdict::Redirect { workload } => redirect(&ctx, mapped_words(addr), port, 4, workload, false, true),
+    }
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn passthrough_connect6(ctx: SockAddrContext) -> i32 {
     let words = user_ip6(&ctx);
-    match v4_mapped(words) {
-        Some(v4) => decide(v4, port_be(&ctx), transport(&ctx), socket_mark(&ctx)),
-        None => decide(v6(words), port_be(&ctx), transport(&ctx), socket_mark(&ctx)),
+    let port = port_be(&ctx);
+    let (verdict, v4_dest) = match v4_mapped(words) {
+        Some(v4) => (decide(v4, port, transport(&ctx), socket_mark(&ctx)), true),
+        None => (decide(v6(words), port, transport(&ctx), socket_mark(&ctx)), false),
+    };
+    match verdict {
+        Verdict::Allow => PROCEED,
+        Verdict::Deny => REJECT,
+        Verdict::Redirect { workload } => redirect(&ctx, words, port, 6, workload, true, v4_dest),
     }
 }

@@ -7,11 +7,11 @@ use aya_ebpf::{
     maps::lpm_trie::Key,
 };
 use passthrough_common::{
-    GlobalConfig, MAX_CGROUP_DEPTH, RULE_KEY_FIXED_BITS, RuleKeyV4, RuleKeyV6, WorkloadEntry,
+    DomainPortKey, GlobalConfig, MAX_CGROUP_DEPTH, RULE_KEY_FIXED_BITS, RuleKeyV4, RuleKeyV6, WorkloadEntry,
     WorkloadKey, counter, flags, mode, ruleset,
 };
 
-use crate::maps::{CONFIG, RULES_V4, RULES_V6, WORKLOADS, count};
+use crate::maps::{CONFIG, DOMAIN_PORTS, RULES_V4, RULES_V6, WORKLOADS, count};
 
 /// A destination address of one family. The decision is generic over it, so each program is
 /// monomorphised per family: an enum holding either a 4- or a 16-byte address made LLVM copy
@@ -95,6 +95,18 @@ pub const PROCEED: i32 = 1;
 /// Any other value makes the syscall fail with `EPERM` (we keep the kernel's default errno).
 pub const REJECT: i32 = 0;
 
+/// What [`decide`] concluded.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Let the connection/datagram through unchanged.
+    Allow,
+    /// Fail the syscall.
+    Deny,
+    /// Rule 4: rewrite the destination to the proxy; `workload` is the cgroup id whose
+    /// policy applied (0: none), recorded for the proxy.
+    Redirect { workload: u64 },
+}
+
 /// Finds the workload of the calling task: its own cgroup first (the common case, one lookup),
 /// then its ancestors, deepest first wins. This is what lets one attachment at a parent cgroup
 /// serve many workloads with different policies.
@@ -104,10 +116,10 @@ pub const REJECT: i32 = 0;
 /// is the one whose policy should apply. A socket handed over by SCM_RIGHTS to a task outside
 /// every workload is judged by `unmatched_mode` (see docs/security.md).
 #[inline(always)]
-fn find_workload(generation: u32) -> Option<WorkloadEntry> {
+fn find_workload(generation: u32) -> Option<(WorkloadEntry, u64)> {
     let own = WorkloadKey { generation, _pad: 0, cgroup_id: unsafe { bpf_get_current_cgroup_id() } };
     if let Some(entry) = unsafe { WORKLOADS.get(&own) } {
-        return Some(*entry);
+        return Some((*entry, own.cgroup_id));
     }
     let mut found = None;
     let mut level = 1;
@@ -118,67 +130,81 @@ fn find_workload(generation: u32) -> Option<WorkloadEntry> {
         }
         let key = WorkloadKey { generation, _pad: 0, cgroup_id: id };
         if let Some(entry) = unsafe { WORKLOADS.get(&key) } {
-            found = Some(*entry);
+            found = Some((*entry, id));
         }
         level += 1;
     }
     found
 }
 
-/// Decides one connection or datagram. Returns [`PROCEED`] or [`REJECT`] and bumps a counter.
+/// Decides one connection or datagram and bumps a counter.
 #[inline(always)]
-pub fn decide<D: Dest>(dst: D, port_be: u16, transport: Transport, socket_mark: u32) -> i32 {
+pub fn decide<D: Dest>(dst: D, port_be: u16, transport: Transport, socket_mark: u32) -> Verdict {
     // Rule 1: loopback never leaves the host.
     if dst.is_loopback() {
         count(counter::ALLOW_LOOPBACK);
-        return PROCEED;
+        return Verdict::Allow;
     }
     let Some(cfg) = CONFIG.get(0) else {
         // Unreachable once loaded (array maps always have index 0); fail closed regardless.
-        return REJECT;
+        return Verdict::Deny;
     };
     let cfg: GlobalConfig = *cfg;
     // Rule 1: the agent's own sockets (proxy upstreams, DNS) carry its SO_MARK.
     if cfg.agent_mark != 0 && socket_mark == cfg.agent_mark {
         count(counter::ALLOW_AGENT);
-        return PROCEED;
+        return Verdict::Allow;
     }
     // Read the generation once: every lookup below uses the same one, so a concurrent policy
     // swap is seen either entirely or not at all.
     let generation = cfg.active_generation & 1;
     if dst.rule_hit(ruleset::id(generation, ruleset::INTERNAL), 0) {
         count(counter::ALLOW_INTERNAL);
-        return PROCEED;
+        return Verdict::Allow;
     }
 
-    let (rs, wl_mode) = match find_workload(generation) {
-        Some(w) => (w.ruleset, w.mode),
+    // UDP to port 53 of a configured resolver is DNS: allowed in every mode (SPEC §3, UDP).
+    if transport == Transport::Udp
+        && port_be == 53u16.to_be()
+        && dst.rule_hit(ruleset::id(generation, ruleset::RESOLVERS), port_be)
+    {
+        count(counter::ALLOW_DNS);
+        return Verdict::Allow;
+    }
+
+    let (rs, wl_mode, workload) = match find_workload(generation) {
+        Some((w, id)) => (w.ruleset, w.mode, id),
         None => (
             ruleset::id(generation, u32::MAX >> 1),
             if generation == 0 { cfg.unmatched_mode[0] } else { cfg.unmatched_mode[1] },
+            0,
         ),
     };
 
     // Rule 2.
     if wl_mode == mode::ALL {
         count(counter::ALLOW_MODE_ALL);
-        return PROCEED;
+        return Verdict::Allow;
     }
     let reason = if wl_mode == mode::MATCHED {
         // Rule 3: a port-specific entry, then the port-less ones. Two exact-port tries would
         // not do: the longest prefix at one port must not hide a shorter prefix at "any port".
         if dst.rule_hit(rs, port_be) || dst.rule_hit(rs, 0) {
             count(counter::ALLOW_MATCH);
-            return PROCEED;
+            return Verdict::Allow;
         }
-        if transport == Transport::Udp
-            && port_be == 53u16.to_be()
-            && dst.rule_hit(ruleset::id(generation, ruleset::RESOLVERS), port_be)
-        {
-            count(counter::ALLOW_DNS);
-            return PROCEED;
+        // Rule 4: a Domain match could apply at this port → the proxy decides on SNI/Host.
+        // Domain matches never cover UDP (QUIC clients fall back to TCP).
+        let port = u16::from_be(port_be) as u32;
+        if has_domain_port(rs, port) {
+            if transport == Transport::Tcp && cfg.flags & flags::PROXY != 0 {
+                count(counter::REDIRECT_PROXY);
+                return Verdict::Redirect { workload };
+            }
+            counter::DENY_NO_PROXY
+        } else {
+            counter::DENY_NO_MATCH
         }
-        counter::DENY_NO_MATCH
     } else {
         counter::DENY_MODE_NONE
     };
@@ -187,7 +213,15 @@ pub fn decide<D: Dest>(dst: D, port_be: u16, transport: Transport, socket_mark: 
     count(reason);
     if cfg.flags & flags::AUDIT != 0 {
         count(counter::AUDIT_WOULD_DENY);
-        return PROCEED;
+        return Verdict::Allow;
     }
-    REJECT
+    Verdict::Deny
+}
+
+#[inline(always)]
+fn has_domain_port(rs: u32, port: u32) -> bool {
+    unsafe {
+        DOMAIN_PORTS.get(&DomainPortKey { ruleset: rs, port }).is_some()
+            || DOMAIN_PORTS.get(&DomainPortKey { ruleset: rs, port: 0 }).is_some()
+    }
 }

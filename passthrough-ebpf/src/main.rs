@@ -1,15 +1,17 @@
 //! passthrough's kernel side: cgroup `sock_addr` programs that decide MeshPassthrough egress at
 //! `connect()` / `sendmsg()` time.
 //!
-//! One module per program type (`connect`, `sendmsg`); the shared decision lives in `decide`,
+//! One module per program type (`connect`, `sendmsg`, `getpeername`, `sock_ops`); the shared decision lives in `decide`,
 //! the maps in `maps`. The user side compiles policies into the maps; nothing here knows YAML.
 #![no_std]
 #![no_main]
 
 mod connect;
 mod decide;
+mod getpeername;
 mod maps;
 mod sendmsg;
+mod sock_ops;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -2,10 +2,11 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use passthrough_common::{
-    GlobalConfig, RuleKeyV4, RuleKeyV6, RuleValue, WorkloadEntry, WorkloadKey, counter,
+    DomainPortKey, GlobalConfig, OrigDst, PeerKey, RuleKeyV4, RuleKeyV6, RuleValue, WorkloadEntry,
+    WorkloadKey, counter,
 };
 
 /// Index 0: [`GlobalConfig`] (active generation, flags).
@@ -23,6 +24,20 @@ pub static RULES_V4: LpmTrie<RuleKeyV4, RuleValue> = LpmTrie::with_max_entries(1
 /// IPv6 allow rules: `ruleset ‖ port ‖ addr/len` → match id.
 #[map]
 pub static RULES_V6: LpmTrie<RuleKeyV6, RuleValue> = LpmTrie::with_max_entries(1_048_576, 0);
+
+/// Rule sets with a Domain match at a port (0 = every port): rule 4 candidates.
+#[map]
+pub static DOMAIN_PORTS: HashMap<DomainPortKey, u8> = HashMap::with_max_entries(65_536, 0);
+
+/// Socket cookie → original destination of a redirected connection (for getpeername and
+/// for sock_ops to re-key). LRU: entries of closed sockets age out instead of leaking.
+#[map]
+pub static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(65_536, 0);
+
+/// Client address:port → original destination, written by sock_ops once the source port is
+/// bound; the proxy looks accepted connections up here (and deletes the entry).
+#[map]
+pub static ORIG_BY_PEER: LruHashMap<PeerKey, OrigDst> = LruHashMap::with_max_entries(65_536, 0);
 
 /// Per-CPU verdict counters, indexed by [`counter`].
 #[map]

@@ -5,19 +5,25 @@ use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
 
 use crate::{
     connect::{port_be, socket_mark, user_ip4, user_ip6},
-    decide::{Transport, V4, decide, v4_mapped, v6},
+    decide::{PROCEED, REJECT, Transport, V4, Verdict, decide, v4_mapped, v6},
 };
+
+#[inline(always)]
+fn code(v: Verdict) -> i32 {
+    // UDP is never redirected (decide only redirects TCP); anything but Allow rejects.
+    if v == Verdict::Allow { PROCEED } else { REJECT }
+}
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn passthrough_sendmsg4(ctx: SockAddrContext) -> i32 {
-    decide(V4(user_ip4(&ctx)), port_be(&ctx), Transport::Udp, socket_mark(&ctx))
+    code(decide(V4(user_ip4(&ctx)), port_be(&ctx), Transport::Udp, socket_mark(&ctx)))
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn passthrough_sendmsg6(ctx: SockAddrContext) -> i32 {
     let words = user_ip6(&ctx);
-    match v4_mapped(words) {
+    code(match v4_mapped(words) {
         Some(v4) => decide(v4, port_be(&ctx), Transport::Udp, socket_mark(&ctx)),
         None => decide(v6(words), port_be(&ctx), Transport::Udp, socket_mark(&ctx)),
-    }
+    })
 }

@@ -188,7 +188,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let admin_listener =
         admin::bind(args.admin_addr).await.with_context(|| format!("--admin-addr {}", args.admin_addr))?;
     let flags = if args.audit { passthrough_common::flags::AUDIT } else { 0 };
-    let mut kernel = Kernel::load(Capacities::default(), flags, AGENT_MARK)?;
+    let mut kernel = Kernel::load(Capacities::default(), flags, AGENT_MARK, Default::default())?;
     let plan = compile(&kernel, &inputs, &opts, args.unselected_mode);
     let (v4, v6) = plan.entry_counts();
     let generation = kernel.apply(plan)?;

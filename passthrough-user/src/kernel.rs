@@ -20,10 +20,11 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray, lpm_trie::{Key, LpmTrie}},
-    programs::{CgroupAttachMode, CgroupSockAddr, ProgramError},
+    programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps},
 };
 use passthrough_common::{
-    GlobalConfig, RuleKeyV4, RuleKeyV6, RuleValue, WorkloadEntry, WorkloadKey, counter,
+    DomainPortKey, GlobalConfig, OrigDst, PeerKey, RuleKeyV4, RuleKeyV6, RuleValue, WorkloadEntry,
+    WorkloadKey, counter,
 };
 
 use crate::plan::{KernelPlan, RuleEntry};
@@ -39,13 +40,30 @@ pub static EBPF_OBJECT: Option<&[u8]> = None;
 /// Shortest time the entries of a retired generation are kept after the flip.
 pub const MIN_GRACE: Duration = Duration::from_millis(50);
 
-/// Program names in the object, with what they are for.
-pub const PROGRAMS: [&str; 4] = [
+/// The cgroup sock_addr programs in the object.
+pub const PROGRAMS: [&str; 6] = [
     "passthrough_connect4",
     "passthrough_connect6",
     "passthrough_sendmsg4",
     "passthrough_sendmsg6",
+    "passthrough_getpeername4",
+    "passthrough_getpeername6",
 ];
+
+/// The sock_ops program (re-keys redirected connections for the proxy).
+pub const SOCK_OPS: &str = "passthrough_sock_ops";
+
+/// Where the proxy listens, as the programs must know it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProxySettings {
+    /// Port of the host-netns listeners on 127.0.0.1 and ::1. 0 = no proxy: Domain
+    /// candidates are denied.
+    pub host_port: u16,
+    /// `--proxy-addr` for workloads in their own network namespace (pods), IPv4.
+    pub pod_v4: Option<std::net::SocketAddrV4>,
+    /// `--proxy-addr` for pods, IPv6 (same port as the IPv4 one when both are set).
+    pub pod_v6: Option<std::net::SocketAddrV6>,
+}
 
 /// Errors of the kernel side.
 #[derive(Debug, thiserror::Error)]
@@ -113,6 +131,8 @@ pub struct Kernel {
     rules_v4: LpmTrie<MapData, RuleKeyV4, RuleValue>,
     rules_v6: LpmTrie<MapData, RuleKeyV6, RuleValue>,
     counters: PerCpuArray<MapData, u64>,
+    domain_ports: HashMap<MapData, DomainPortKey, u8>,
+    orig_by_peer: Option<HashMap<MapData, PeerKey, OrigDst>>,
     caps: Capacities,
     /// What each generation currently has in the maps (so it can be removed exactly).
     written: [Option<KernelPlan>; 2],
@@ -122,6 +142,7 @@ pub struct Kernel {
     attached: Vec<PathBuf>,
     flags: u32,
     agent_mark: u32,
+    proxy: ProxySettings,
 }
 
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, KernelError>
@@ -136,7 +157,7 @@ where
 
 impl Kernel {
     /// Loads the object and every program (verifier included); attaches nothing.
-    pub fn load(caps: Capacities, flags: u32, agent_mark: u32) -> Result<Self, KernelError> {
+    pub fn load(caps: Capacities, flags: u32, agent_mark: u32, proxy: ProxySettings) -> Result<Self, KernelError> {
         let object = EBPF_OBJECT.ok_or(KernelError::NoObject)?;
         let mut ebpf = EbpfLoader::new()
             .map_max_entries("RULES_V4", caps.rules)
@@ -151,11 +172,19 @@ impl Kernel {
                 .map_err(|source| KernelError::Program { name, source })?;
             prog.load().map_err(|source| KernelError::Program { name, source })?;
         }
+        let sock_ops: &mut SockOps = ebpf
+            .program_mut(SOCK_OPS)
+            .ok_or(KernelError::MissingProgram(SOCK_OPS))?
+            .try_into()
+            .map_err(|source| KernelError::Program { name: SOCK_OPS, source })?;
+        sock_ops.load().map_err(|source| KernelError::Program { name: SOCK_OPS, source })?;
         let config = take(&mut ebpf, "CONFIG")?;
         let workloads = take(&mut ebpf, "WORKLOADS")?;
         let rules_v4 = take(&mut ebpf, "RULES_V4")?;
         let rules_v6 = take(&mut ebpf, "RULES_V6")?;
         let counters = take(&mut ebpf, "COUNTERS")?;
+        let domain_ports = take(&mut ebpf, "DOMAIN_PORTS")?;
+        let orig_by_peer = Some(take(&mut ebpf, "ORIG_BY_PEER")?);
         Ok(Self {
             ebpf,
             config,
@@ -163,6 +192,8 @@ impl Kernel {
             rules_v4,
             rules_v6,
             counters,
+            domain_ports,
+            orig_by_peer,
             caps,
             written: [None, None],
             active: None,
@@ -171,7 +202,13 @@ impl Kernel {
             attached: Vec::new(),
             flags,
             agent_mark,
+            proxy,
         })
+    }
+
+    /// The map the proxy looks accepted connections up in. Taken once (the proxy owns it).
+    pub fn take_orig_dst_map(&mut self) -> Option<OrigDstMap> {
+        self.orig_by_peer.take().map(|m| OrigDstMap(std::sync::Mutex::new(m)))
     }
 
     /// The generation a new plan must be compiled for (the inactive one).
@@ -210,6 +247,7 @@ impl Kernel {
         cfg.unmatched_mode[g as usize] = plan.unmatched_mode;
         cfg.flags = self.flags;
         cfg.agent_mark = self.agent_mark;
+        self.fill_proxy_config(&mut cfg);
         // Write the new generation's settings first (no reader uses them yet), then flip.
         self.config.set(0, cfg, 0).map_err(|e| KernelError::Map("CONFIG", e))?;
         cfg.active_generation = g;
@@ -246,6 +284,10 @@ impl Kernel {
                 self.rules_v6.insert(&Key::new(len, data), value, 0).map_err(|e| KernelError::Map("RULES_V6", e))?;
             }
         }
+        for (ruleset, port) in &plan.domain_ports {
+            let key = DomainPortKey { ruleset: *ruleset, port: u32::from(*port) };
+            self.domain_ports.insert(key, 1, 0).map_err(|e| KernelError::Map("DOMAIN_PORTS", e))?;
+        }
         for (cgroup_id, (ruleset, mode)) in &plan.workloads {
             let key = WorkloadKey { generation: plan.generation, _pad: 0, cgroup_id: *cgroup_id };
             self.workloads
@@ -255,10 +297,35 @@ impl Kernel {
         Ok(())
     }
 
+    fn fill_proxy_config(&self, cfg: &mut GlobalConfig) {
+        use passthrough_common::flags;
+        let p = &self.proxy;
+        cfg.flags &= !(flags::PROXY | flags::POD_PROXY_V4 | flags::POD_PROXY_V6);
+        if p.host_port == 0 {
+            return;
+        }
+        cfg.flags |= flags::PROXY;
+        cfg.proxy_port_be = p.host_port.to_be();
+        cfg.host_netns_cookie = own_netns_cookie().unwrap_or(0);
+        if let Some(v4) = p.pod_v4 {
+            cfg.flags |= flags::POD_PROXY_V4;
+            cfg.pod_proxy_v4 = v4.ip().octets();
+            cfg.pod_proxy_port_be = v4.port().to_be();
+        }
+        if let Some(v6) = p.pod_v6 {
+            cfg.flags |= flags::POD_PROXY_V6;
+            cfg.pod_proxy_v6 = v6.ip().octets();
+            cfg.pod_proxy_port_be = v6.port().to_be();
+        }
+    }
+
     fn remove_entries(&mut self, plan: &KernelPlan) {
         // Best effort: an entry that is already gone is fine.
         for entry in plan.rules.keys() {
             remove_rule(&mut self.rules_v4, &mut self.rules_v6, entry);
+        }
+        for (ruleset, port) in &plan.domain_ports {
+            let _ = self.domain_ports.remove(&DomainPortKey { ruleset: *ruleset, port: u32::from(*port) });
         }
         for cgroup_id in plan.workloads.keys() {
             let key = WorkloadKey { generation: plan.generation, _pad: 0, cgroup_id: *cgroup_id };
@@ -280,6 +347,15 @@ impl Kernel {
             // Single is the only mode the bpf_link path accepts (links are always multi).
             prog.attach(&file, CgroupAttachMode::Single).map_err(|source| KernelError::Program { name, source })?;
         }
+        let sock_ops: &mut SockOps = self
+            .ebpf
+            .program_mut(SOCK_OPS)
+            .ok_or(KernelError::MissingProgram(SOCK_OPS))?
+            .try_into()
+            .map_err(|source| KernelError::Program { name: SOCK_OPS, source })?;
+        sock_ops
+            .attach(&file, CgroupAttachMode::Single)
+            .map_err(|source| KernelError::Program { name: SOCK_OPS, source })?;
         self.attached.push(cgroup.to_path_buf());
         Ok(())
     }
@@ -314,5 +390,47 @@ fn remove_rule(
         let _ = v4.remove(&Key::new(len, data));
     } else if let Some((len, data)) = entry.v6_key() {
         let _ = v6.remove(&Key::new(len, data));
+    }
+}
+
+/// The network-namespace cookie of the calling thread's netns (`SO_NETNS_COOKIE`, Linux 5.14):
+/// the programs compare it with each socket's to tell host-netns workloads from pods.
+pub fn own_netns_cookie() -> std::io::Result<u64> {
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: valid socket fd and out-pointer of the advertised size.
+    let rc = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&sock),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
+/// The kernel's record of redirected connections, keyed by the client's address as the proxy
+/// sees it (`ORIG_BY_PEER`).
+pub struct OrigDstMap(std::sync::Mutex<HashMap<MapData, PeerKey, OrigDst>>);
+
+impl OrigDstMap {
+    /// Looks up and removes the entry of the connection whose client is `peer`.
+    pub fn take(&self, peer: std::net::SocketAddr) -> Option<OrigDst> {
+        let addr = match peer.ip() {
+            std::net::IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+            std::net::IpAddr::V6(v6) => v6.octets(),
+        };
+        let key = PeerKey { addr, port: u32::from(peer.port()) };
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let found = map.get(&key, 0).ok()?;
+        let _ = map.remove(&key);
+        Some(found)
     }
 }

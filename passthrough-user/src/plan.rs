@@ -5,7 +5,7 @@
 //! the way `passthrough-ebpf/src/decide.rs` does, to check the plan against the decision core.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::{IpAddr, Ipv6Addr},
 };
 
@@ -83,6 +83,9 @@ pub struct KernelPlan {
     pub unmatched_mode: u32,
     /// Human-readable description of each match id (for explanations and metrics).
     pub match_labels: Vec<String>,
+    /// `(rule set, port)` pairs with a Domain match (port 0 = every port): SPEC §3 rule 4
+    /// candidates, redirected to the proxy when no IP/CIDR match allows.
+    pub domain_ports: BTreeSet<(u32, u16)>,
 }
 
 /// Inputs of [`compile`] besides the workloads.
@@ -117,7 +120,9 @@ pub fn compile(generation: u32, workloads: &[(u64, &MergedConf)], opts: &PlanOpt
         plan.rules.entry(RuleEntry { ruleset: resolvers_rs, port: 53, net }).or_insert(id);
     }
 
-    let mut rulesets: HashMap<Vec<(IpNet, u16)>, u32> = HashMap::new();
+    // Workloads share a rule set when their kernel-relevant content (IP/CIDR entries and
+    // Domain ports) is identical.
+    let mut rulesets: HashMap<(Vec<(IpNet, u16)>, Vec<u16>), u32> = HashMap::new();
     let mut next_index = ruleset::FIRST_WORKLOAD;
     for (cgroup_id, conf) in workloads {
         let mut kernel_matches: Vec<(IpNet, u16)> = conf
@@ -128,7 +133,16 @@ pub fn compile(generation: u32, workloads: &[(u64, &MergedConf)], opts: &PlanOpt
             .collect();
         kernel_matches.sort();
         kernel_matches.dedup();
-        let rs = match rulesets.get(&kernel_matches) {
+        let mut domain_ports: Vec<u16> = conf
+            .matches
+            .iter()
+            .filter(|m| m.kind == MatchKind::Domain)
+            .map(|m| m.port.unwrap_or(0))
+            .collect();
+        domain_ports.sort_unstable();
+        domain_ports.dedup();
+        let shape = (kernel_matches, domain_ports);
+        let rs = match rulesets.get(&shape) {
             Some(rs) => *rs,
             None => {
                 let rs = ruleset::id(generation, next_index);
@@ -149,7 +163,10 @@ pub fn compile(generation: u32, workloads: &[(u64, &MergedConf)], opts: &PlanOpt
                         plan.rules.insert(entry, id);
                     }
                 }
-                rulesets.insert(kernel_matches, rs);
+                for port in &shape.1 {
+                    plan.domain_ports.insert((rs, *port));
+                }
+                rulesets.insert(shape, rs);
                 rs
             }
         };
@@ -168,6 +185,22 @@ impl KernelPlan {
     pub fn entry_counts(&self) -> (usize, usize) {
         let v4 = self.rules.keys().filter(|e| e.net.addr().is_ipv4()).count();
         (v4, self.rules.len() - v4)
+    }
+
+    /// Emulates rule 4 in the programs: true when a TCP connection that [`KernelPlan::lookup`]
+    /// denies would be redirected to the proxy instead (a Domain match could apply).
+    pub fn redirects(&self, cgroup_chain: &[u64], dst: IpAddr, port: u16, udp: bool) -> bool {
+        if udp || self.lookup(cgroup_chain, dst, port, udp).is_some() {
+            return false;
+        }
+        let rs = cgroup_chain
+            .iter()
+            .find_map(|c| self.workloads.get(c).copied())
+            .map(|(rs, m)| (rs, m == mode::MATCHED));
+        match rs {
+            Some((rs, true)) => self.domain_ports.contains(&(rs, port)) || self.domain_ports.contains(&(rs, 0)),
+            _ => false,
+        }
     }
 
     fn lpm_hit(&self, rs: u32, port: u16, ip: IpAddr) -> Option<u32> {
@@ -194,6 +227,14 @@ impl KernelPlan {
         if let Some(id) = self.lpm_hit(ruleset::id(g, ruleset::INTERNAL), 0, dst) {
             return Some(id);
         }
+        // UDP to a configured resolver's port 53 is DNS, allowed in every mode (SPEC §3 "UDP:
+        // in None/Matched, a datagram is allowed ... to DNS (port 53) on the configured
+        // resolvers"), so it is checked before the mode, like the internal ranges.
+        if udp && port == 53 {
+            if let Some(id) = self.lpm_hit(ruleset::id(g, ruleset::RESOLVERS), 53, dst) {
+                return Some(id);
+            }
+        }
         let (rs, m) = cgroup_chain
             .iter()
             .find_map(|c| self.workloads.get(c).copied())
@@ -204,12 +245,6 @@ impl KernelPlan {
         if m != mode::MATCHED {
             return None;
         }
-        if let Some(id) = self.lpm_hit(rs, port, dst).or_else(|| self.lpm_hit(rs, 0, dst)) {
-            return Some(id);
-        }
-        if udp && port == 53 {
-            return self.lpm_hit(ruleset::id(g, ruleset::RESOLVERS), 53, dst);
-        }
-        None
+        self.lpm_hit(rs, port, dst).or_else(|| self.lpm_hit(rs, 0, dst))
     }
 }
