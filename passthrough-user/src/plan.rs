@@ -99,6 +99,10 @@ pub struct PlanOptions {
     pub unmatched_mode: Option<Mode>,
 }
 
+/// What makes two workloads' rule sets identical: their canonical (network, port) IP/CIDR
+/// entries and their Domain ports, both sorted and deduplicated.
+type RuleSetShape = (Vec<(IpNet, u16)>, Vec<u16>);
+
 /// Builds the plan of one generation. Workloads with identical IP/CIDR match sets share one
 /// rule set, so a thousand pods of one deployment cost one set of trie entries.
 pub fn compile(generation: u32, workloads: &[(u64, &MergedConf)], opts: &PlanOptions) -> KernelPlan {
@@ -122,7 +126,7 @@ pub fn compile(generation: u32, workloads: &[(u64, &MergedConf)], opts: &PlanOpt
 
     // Workloads share a rule set when their kernel-relevant content (IP/CIDR entries and
     // Domain ports) is identical.
-    let mut rulesets: HashMap<(Vec<(IpNet, u16)>, Vec<u16>), u32> = HashMap::new();
+    let mut rulesets: HashMap<RuleSetShape, u32> = HashMap::new();
     let mut next_index = ruleset::FIRST_WORKLOAD;
     for (cgroup_id, conf) in workloads {
         let mut kernel_matches: Vec<(IpNet, u16)> = conf
@@ -230,10 +234,11 @@ impl KernelPlan {
         // UDP to a configured resolver's port 53 is DNS, allowed in every mode (SPEC §3 "UDP:
         // in None/Matched, a datagram is allowed ... to DNS (port 53) on the configured
         // resolvers"), so it is checked before the mode, like the internal ranges.
-        if udp && port == 53 {
-            if let Some(id) = self.lpm_hit(ruleset::id(g, ruleset::RESOLVERS), 53, dst) {
-                return Some(id);
-            }
+        if udp
+            && port == 53
+            && let Some(id) = self.lpm_hit(ruleset::id(g, ruleset::RESOLVERS), 53, dst)
+        {
+            return Some(id);
         }
         let (rs, m) = cgroup_chain
             .iter()
