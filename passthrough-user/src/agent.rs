@@ -15,10 +15,15 @@ use ipnet::IpNet;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
+use arc_swap::ArcSwap;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
 use crate::{
     admin::{self, AdminState},
     bpffs, cgroup,
-    kernel::{Capacities, Kernel},
+    kernel::{Capacities, Kernel, ProxySettings},
+    proxy::{Proxy, ProxyConfig, ProxyPolicy},
     plan::{self, PlanOptions},
     policy::{self, Mode, Workload},
 };
@@ -61,6 +66,17 @@ pub struct RunArgs {
     /// Compute and count every decision, enforce none.
     #[arg(long)]
     pub audit: bool,
+    /// Port of the proxy for redirected connections on 127.0.0.1 and [::1] (workloads in the
+    /// host network namespace). 0 disables the proxy: Domain-only destinations are denied.
+    #[arg(long, default_value_t = 15001)]
+    pub proxy_port: u16,
+    /// Proxy address for workloads in their own network namespace (pods), e.g. a link-local
+    /// address on a dummy interface. Without it, pods' Domain-only destinations are denied.
+    #[arg(long)]
+    pub proxy_addr: Vec<SocketAddr>,
+    /// What the proxy does with the address a client dialled when a Domain match allowed.
+    #[arg(long, value_enum, default_value_t = crate::proxy::DomainDestination::Verify)]
+    pub domain_destination: crate::proxy::DomainDestination,
     /// bpffs directory for the agent's state (mounted if bpffs is missing).
     #[arg(long, default_value = "/sys/fs/bpf/passthrough")]
     pub state_dir: PathBuf,
@@ -128,15 +144,68 @@ fn resolvers(args: &RunArgs) -> anyhow::Result<Vec<IpAddr>> {
         .collect())
 }
 
+/// Merges every workload's configuration once; the kernel plan and the proxy policy are both
+/// built from it, so the two halves always decide with the same generation of policy.
+fn merge_all(inputs: &Inputs, unselected: Mode) -> Vec<(u64, policy::MergedConf)> {
+    inputs.workloads.iter().map(|(w, dir)| (dir.id, inputs.policies.merge_for(w, unselected))).collect()
+}
+
 /// Compiles the plan for the kernel's next generation.
-fn compile(kernel: &Kernel, inputs: &Inputs, opts: &PlanOptions, unselected: Mode) -> plan::KernelPlan {
-    let merged: Vec<(u64, policy::MergedConf)> = inputs
-        .workloads
-        .iter()
-        .map(|(w, dir)| (dir.id, inputs.policies.merge_for(w, unselected)))
-        .collect();
+fn compile(kernel: &Kernel, merged: &[(u64, policy::MergedConf)], opts: &PlanOptions) -> plan::KernelPlan {
     let refs: Vec<(u64, &policy::MergedConf)> = merged.iter().map(|(id, c)| (*id, c)).collect();
     plan::compile(kernel.next_generation(), &refs, opts)
+}
+
+/// The proxy's view of the same merged configuration.
+fn proxy_policy(merged: &[(u64, policy::MergedConf)], opts: &PlanOptions, unselected: Mode) -> ProxyPolicy {
+    ProxyPolicy {
+        workloads: merged.iter().cloned().collect(),
+        unmatched: policy::MergedConf { mode: unselected, matches: Vec::new(), policies: Vec::new() },
+        decide: policy::DecideOptions {
+            internal: opts.internal.clone(),
+            resolvers: opts.resolvers.iter().map(|ip| SocketAddr::new(*ip, 53)).collect(),
+        },
+    }
+}
+
+fn proxy_settings(args: &RunArgs) -> anyhow::Result<ProxySettings> {
+    let mut s = ProxySettings { host_port: args.proxy_port, ..Default::default() };
+    for a in &args.proxy_addr {
+        match a {
+            SocketAddr::V4(v4) => s.pod_v4 = Some(*v4),
+            SocketAddr::V6(v6) => s.pod_v6 = Some(*v6),
+        }
+    }
+    if let (Some(v4), Some(v6)) = (s.pod_v4, s.pod_v6) {
+        if v4.port() != v6.port() {
+            bail!("--proxy-addr: the IPv4 and IPv6 addresses must use the same port");
+        }
+    }
+    if args.proxy_port == 0 && !args.proxy_addr.is_empty() {
+        bail!("--proxy-addr needs the proxy (--proxy-port must not be 0)");
+    }
+    Ok(s)
+}
+
+/// Binds the proxy listeners: loopback for the host netns (IPv6 only where the host has ::1),
+/// plus every `--proxy-addr`. Bound before anything is attached, so a redirect never finds
+/// nobody listening.
+async fn bind_proxy(args: &RunArgs) -> anyhow::Result<Vec<TcpListener>> {
+    let mut out = Vec::new();
+    if args.proxy_port == 0 {
+        return Ok(out);
+    }
+    let v4 = SocketAddr::from(([127, 0, 0, 1], args.proxy_port));
+    out.push(TcpListener::bind(v4).await.with_context(|| format!("proxy listener {v4}"))?);
+    let v6 = SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, args.proxy_port));
+    match TcpListener::bind(v6).await {
+        Ok(l) => out.push(l),
+        Err(e) => warn!(addr = %v6, error = %e, "no IPv6 loopback proxy listener"),
+    }
+    for a in &args.proxy_addr {
+        out.push(TcpListener::bind(a).await.with_context(|| format!("--proxy-addr {a}"))?);
+    }
+    Ok(out)
 }
 
 /// Picks attachment points: explicit ones, or the workload cgroups that have no workload
@@ -188,8 +257,28 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let admin_listener =
         admin::bind(args.admin_addr).await.with_context(|| format!("--admin-addr {}", args.admin_addr))?;
     let flags = if args.audit { passthrough_common::flags::AUDIT } else { 0 };
-    let mut kernel = Kernel::load(Capacities::default(), flags, AGENT_MARK, Default::default())?;
-    let plan = compile(&kernel, &inputs, &opts, args.unselected_mode);
+    let proxy_listeners = bind_proxy(&args).await?;
+    let mut kernel = Kernel::load(Capacities::default(), flags, AGENT_MARK, proxy_settings(&args)?)?;
+    let merged = merge_all(&inputs, args.unselected_mode);
+    let proxy_state = Arc::new(ArcSwap::from_pointee(proxy_policy(&merged, &opts, args.unselected_mode)));
+    let shutdown = CancellationToken::new();
+    let mut proxy_tasks = Vec::new();
+    if !proxy_listeners.is_empty() {
+        let orig = kernel.take_orig_dst_map().context("orig-dst map already taken")?;
+        let resolver = args
+            .resolver
+            .first()
+            .map(|r| r.parse::<SocketAddr>().or_else(|_| r.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53))))
+            .transpose()
+            .context("--resolver")?;
+        let cfg = ProxyConfig { domain_destination: args.domain_destination, resolver, ..ProxyConfig::default() };
+        let proxy = Arc::new(Proxy::new(Arc::new(orig), proxy_state.clone(), cfg)?);
+        for l in proxy_listeners {
+            info!(addr = %l.local_addr()?, "proxy listening");
+            proxy_tasks.push(tokio::spawn(proxy.clone().serve(l, shutdown.clone())));
+        }
+    }
+    let plan = compile(&kernel, &merged, &opts);
     let (v4, v6) = plan.entry_counts();
     let generation = kernel.apply(plan)?;
     for p in &points {
@@ -219,7 +308,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = hup.recv() => {
-                match reload(&args, &mount, &points, &opts, &mut kernel) {
+                match reload(&args, &mount, &points, &opts, &mut kernel, &proxy_state) {
                     Ok(g) => admin_state.generation.store(g, Ordering::Release),
                     Err(e) => error!(error = %format!("{e:#}"), "reload rejected; the previous policy stays in force"),
                 }
@@ -229,6 +318,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     info!("shutting down: detaching programs");
     admin_state.ready.store(false, Ordering::Release);
     admin_task.abort();
+    shutdown.cancel();
+    for t in proxy_tasks {
+        let _ = t.await;
+    }
     let counters = kernel.counters();
     kernel.detach_all();
     if let Err(e) = std::fs::remove_dir(&state).and_then(|()| std::fs::remove_dir(&args.state_dir)) {
@@ -238,16 +331,27 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn reload(args: &RunArgs, mount: &Path, points: &[PathBuf], opts: &PlanOptions, kernel: &mut Kernel) -> anyhow::Result<u64> {
+fn reload(
+    args: &RunArgs,
+    mount: &Path,
+    points: &[PathBuf],
+    opts: &PlanOptions,
+    kernel: &mut Kernel,
+    proxy_state: &ArcSwap<ProxyPolicy>,
+) -> anyhow::Result<u64> {
     let inputs = read_inputs(args, mount)?;
     for (w, dir) in &inputs.workloads {
         if !points.iter().any(|p| dir.path.starts_with(p)) {
             bail!("workload {:?} ({}) is not below an attached cgroup; restart the agent to attach there", w.name, dir.path.display());
         }
     }
-    let plan = compile(kernel, &inputs, opts, args.unselected_mode);
+    let merged = merge_all(&inputs, args.unselected_mode);
+    let plan = compile(kernel, &merged, opts);
     let (v4, v6) = plan.entry_counts();
     let generation = kernel.apply(plan)?;
+    // The proxy follows right after the kernel flip: a connection redirected under the new
+    // plan is judged by the new policy.
+    proxy_state.store(Arc::new(proxy_policy(&merged, opts, args.unselected_mode)));
     info!(generation, policies = inputs.policies.len(), workloads = inputs.workloads.len(), rules_v4 = v4, rules_v6 = v6, "policy applied");
     Ok(generation)
 }

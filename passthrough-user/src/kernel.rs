@@ -434,3 +434,21 @@ impl OrigDstMap {
         Some(found)
     }
 }
+
+impl crate::proxy::OrigDstSource for OrigDstMap {
+    fn take(&self, peer: std::net::SocketAddr, _local: std::net::SocketAddr) -> Option<crate::proxy::Redirected> {
+        let o = OrigDstMap::take(self, peer)?;
+        let v6 = std::net::Ipv6Addr::from(o.addr);
+        let ip = match v6.to_ipv4_mapped() {
+            Some(v4) => std::net::IpAddr::V4(v4),
+            None => std::net::IpAddr::V6(v6),
+        };
+        let comm_len = o.comm.iter().position(|b| *b == 0).unwrap_or(o.comm.len());
+        Some(crate::proxy::Redirected {
+            dst: std::net::SocketAddr::new(ip, u16::from_be(o.port_be)),
+            workload: o.workload,
+            pid: o.pid,
+            comm: String::from_utf8_lossy(&o.comm[..comm_len]).into_owned(),
+        })
+    }
+}

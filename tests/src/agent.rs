@@ -91,7 +91,7 @@ impl AgentBuilder {
         self
     }
 
-    fn args(&self, admin: SocketAddr, state_dir: &Path) -> Vec<String> {
+    fn args(&self, admin: SocketAddr, state_dir: &Path, proxy_port: u16) -> Vec<String> {
         let mut a = vec!["run".to_string()];
         for p in &self.policies {
             a.extend(["--policy".into(), p.display().to_string()]);
@@ -117,6 +117,11 @@ impl AgentBuilder {
             "--state-dir".into(),
             state_dir.display().to_string(),
         ]);
+        // Agents run side by side in tests: each gets its own proxy port unless the test
+        // chose one (`--proxy-port 0` disables the proxy).
+        if !self.extra.iter().any(|e| e == "--proxy-port") {
+            a.extend(["--proxy-port".into(), proxy_port.to_string()]);
+        }
         a.extend(self.extra.iter().cloned());
         a
     }
@@ -134,7 +139,8 @@ impl AgentBuilder {
         let log = File::create(&log_path)?;
         let admin = free_local_port()?;
         let state_dir = state_dir_for_test()?;
-        let args = self.args(admin, &state_dir);
+        let proxy_port = free_local_port()?.port();
+        let args = self.args(admin, &state_dir, proxy_port);
         let mut cmd = Command::new(&bin);
         cmd.args(&args)
             .stdin(Stdio::null())
