@@ -176,6 +176,36 @@ pub struct PeerKey {
     pub port: u32,
 }
 
+/// One denial (or, under `--audit`, would-be denial) reported through the `DENY_EVENTS` ring
+/// buffer. When the buffer is full the event is dropped and `EVENTS_DROPPED` is counted: a
+/// flood of denials costs the kernel a failed reserve, never unbounded memory.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DenyEvent {
+    /// `bpf_ktime_get_ns()` at the decision.
+    pub ktime_ns: u64,
+    /// cgroup id of the workload whose policy applied (0: none).
+    pub workload: u64,
+    /// cgroup id of the calling task.
+    pub cgroup: u64,
+    /// Destination; IPv4 as `::ffff:a.b.c.d`.
+    pub addr: [u8; 16],
+    /// Destination port in host order.
+    pub port: u16,
+    /// 6 = TCP, 17 = UDP.
+    pub protocol: u8,
+    /// 1 when `--audit` let it through.
+    pub audit: u8,
+    /// The [`counter`] index of the reason (`DENY_*`).
+    pub reason: u32,
+    /// Thread-group id of the caller.
+    pub pid: u32,
+    /// Explicit padding.
+    pub _pad: u32,
+    /// The caller's command name.
+    pub comm: [u8; 16],
+}
+
 /// Value stored for each trie entry: which match it came from (for counters and explanations).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -209,8 +239,10 @@ pub mod counter {
     /// A domain candidate that could not be redirected (proxy off, no pod proxy address,
     /// or UDP): denied.
     pub const DENY_NO_PROXY: u32 = 10;
+    /// Deny events lost because the ring buffer was full.
+    pub const EVENTS_DROPPED: u32 = 11;
     /// Number of counters.
-    pub const COUNT: u32 = 11;
+    pub const COUNT: u32 = 12;
 
     /// Names, in index order, as reported by the agent.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -225,6 +257,7 @@ pub mod counter {
         "audit_would_deny",
         "redirect_proxy",
         "deny_no_proxy",
+        "events_dropped",
     ];
 }
 
@@ -240,6 +273,7 @@ mod pod {
     unsafe impl aya::Pod for super::DomainPortKey {}
     unsafe impl aya::Pod for super::OrigDst {}
     unsafe impl aya::Pod for super::PeerKey {}
+    unsafe impl aya::Pod for super::DenyEvent {}
 }
 
 #[cfg(test)]
@@ -253,6 +287,7 @@ mod tests {
         assert_eq!(size_of::<DomainPortKey>(), 8);
         assert_eq!(size_of::<OrigDst>(), 48);
         assert_eq!(size_of::<PeerKey>(), 20);
+        assert_eq!(size_of::<DenyEvent>(), 72);
         assert_eq!(size_of::<WorkloadKey>(), 16);
         assert_eq!(size_of::<WorkloadEntry>(), 8);
         assert_eq!(size_of::<RuleKeyV4>(), 10);

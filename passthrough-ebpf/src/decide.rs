@@ -3,20 +3,25 @@
 //! code.
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id},
+    helpers::{
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_comm,
+        bpf_get_current_pid_tgid, bpf_ktime_get_ns,
+    },
     maps::lpm_trie::Key,
 };
 use passthrough_common::{
-    DomainPortKey, GlobalConfig, MAX_CGROUP_DEPTH, RULE_KEY_FIXED_BITS, RuleKeyV4, RuleKeyV6, WorkloadEntry,
+    DenyEvent, DomainPortKey, GlobalConfig, MAX_CGROUP_DEPTH, RULE_KEY_FIXED_BITS, RuleKeyV4, RuleKeyV6, WorkloadEntry,
     WorkloadKey, counter, flags, mode, ruleset,
 };
 
-use crate::maps::{CONFIG, DOMAIN_PORTS, RULES_V4, RULES_V6, WORKLOADS, count};
+use crate::maps::{CONFIG, DENY_EVENTS, DOMAIN_PORTS, RULES_V4, RULES_V6, WORKLOADS, count};
 
 /// A destination address of one family. The decision is generic over it, so each program is
 /// monomorphised per family: an enum holding either a 4- or a 16-byte address made LLVM copy
 /// the enum's uninitialised tail, which the verifier rejects ("!read_ok").
 pub trait Dest: Copy {
+    /// The address as 16 bytes, IPv4 as `::ffff:a.b.c.d` (for events).
+    fn bytes16(&self) -> [u8; 16];
     /// Rule 1: loopback never leaves the host.
     fn is_loopback(&self) -> bool;
     /// Longest-prefix lookup in one rule set at one port (0 = the port-less entries).
@@ -33,6 +38,12 @@ pub struct V6(pub [u8; 16]);
 
 impl Dest for V4 {
     #[inline(always)]
+    fn bytes16(&self) -> [u8; 16] {
+        let a = self.0;
+        [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3]]
+    }
+
+    #[inline(always)]
     fn is_loopback(&self) -> bool {
         self.0[0] == 127
     }
@@ -45,6 +56,11 @@ impl Dest for V4 {
 }
 
 impl Dest for V6 {
+    #[inline(always)]
+    fn bytes16(&self) -> [u8; 16] {
+        self.0
+    }
+
     #[inline(always)]
     fn is_loopback(&self) -> bool {
         let a = &self.0;
@@ -211,11 +227,38 @@ pub fn decide<D: Dest>(dst: D, port_be: u16, transport: Transport, socket_mark: 
 
     // Rule 5.
     count(reason);
-    if cfg.flags & flags::AUDIT != 0 {
+    let audit = cfg.flags & flags::AUDIT != 0;
+    report_denial(&dst, port_be, transport, reason, workload, audit);
+    if audit {
         count(counter::AUDIT_WOULD_DENY);
         return Verdict::Allow;
     }
     Verdict::Deny
+}
+
+/// One event per denial for the agent's log. Reserve-in-place (no copy through the stack);
+/// a full ring buffer drops the event and counts it instead of blocking or allocating.
+#[inline(always)]
+fn report_denial<D: Dest>(dst: &D, port_be: u16, transport: Transport, reason: u32, workload: u64, audit: bool) {
+    let Some(mut slot) = DENY_EVENTS.reserve::<DenyEvent>(0) else {
+        count(counter::EVENTS_DROPPED);
+        return;
+    };
+    let ev = DenyEvent {
+        ktime_ns: unsafe { bpf_ktime_get_ns() },
+        workload,
+        cgroup: unsafe { bpf_get_current_cgroup_id() },
+        addr: dst.bytes16(),
+        port: u16::from_be(port_be),
+        protocol: if transport == Transport::Udp { 17 } else { 6 },
+        audit: audit as u8,
+        reason,
+        pid: (bpf_get_current_pid_tgid() >> 32) as u32,
+        _pad: 0,
+        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+    };
+    slot.write(ev);
+    slot.submit(0);
 }
 
 #[inline(always)]

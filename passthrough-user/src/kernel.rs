@@ -19,7 +19,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, PerCpuArray, lpm_trie::{Key, LpmTrie}},
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf, lpm_trie::{Key, LpmTrie}},
     programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps},
 };
 use passthrough_common::{
@@ -133,6 +133,7 @@ pub struct Kernel {
     counters: PerCpuArray<MapData, u64>,
     domain_ports: HashMap<MapData, DomainPortKey, u8>,
     orig_by_peer: Option<HashMap<MapData, PeerKey, OrigDst>>,
+    deny_events: Option<RingBuf<MapData>>,
     caps: Capacities,
     /// What each generation currently has in the maps (so it can be removed exactly).
     written: [Option<KernelPlan>; 2],
@@ -185,6 +186,7 @@ impl Kernel {
         let counters = take(&mut ebpf, "COUNTERS")?;
         let domain_ports = take(&mut ebpf, "DOMAIN_PORTS")?;
         let orig_by_peer = Some(take(&mut ebpf, "ORIG_BY_PEER")?);
+        let deny_events = Some(take(&mut ebpf, "DENY_EVENTS")?);
         Ok(Self {
             ebpf,
             config,
@@ -194,6 +196,7 @@ impl Kernel {
             counters,
             domain_ports,
             orig_by_peer,
+            deny_events,
             caps,
             written: [None, None],
             active: None,
@@ -204,6 +207,12 @@ impl Kernel {
             agent_mark,
             proxy,
         })
+    }
+
+    /// The ring buffer of kernel denials ([`passthrough_common::DenyEvent`]). Taken once (the
+    /// event reader owns it).
+    pub fn take_deny_events(&mut self) -> Option<RingBuf<MapData>> {
+        self.deny_events.take()
     }
 
     /// The map the proxy looks accepted connections up in. Taken once (the proxy owns it).
