@@ -79,6 +79,9 @@ pub struct GlobalConfig {
     pub _pad: u32,
     /// `--proxy-addr` for IPv6 pods (network order).
     pub pod_proxy_v6: [u8; 16],
+    /// How many policies have been applied over the life of the pinned state (for `status`
+    /// and for a restarted agent to continue counting).
+    pub policy_generation: u64,
 }
 
 /// Key of the `WORKLOADS` hash: a cgroup id within one generation.
@@ -283,7 +286,7 @@ mod tests {
 
     #[test]
     fn layouts_have_no_implicit_padding() {
-        assert_eq!(size_of::<GlobalConfig>(), 56);
+        assert_eq!(size_of::<GlobalConfig>(), 64);
         assert_eq!(size_of::<DomainPortKey>(), 8);
         assert_eq!(size_of::<OrigDst>(), 48);
         assert_eq!(size_of::<PeerKey>(), 20);

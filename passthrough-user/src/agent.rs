@@ -77,9 +77,14 @@ pub struct RunArgs {
     /// What the proxy does with the address a client dialled when a Domain match allowed.
     #[arg(long, value_enum, default_value_t = crate::proxy::DomainDestination::Verify)]
     pub domain_destination: crate::proxy::DomainDestination,
-    /// bpffs directory for the agent's state (mounted if bpffs is missing).
+    /// bpffs directory for the agent's pinned state (bpffs is mounted at /sys/fs/bpf if
+    /// missing). Pins keep enforcement running if the agent dies; a restarted agent adopts them.
     #[arg(long, default_value = "/sys/fs/bpf/passthrough")]
     pub state_dir: PathBuf,
+    /// On SIGTERM/SIGINT leave the programs attached and the maps pinned (rolling upgrades: the
+    /// next agent adopts them with no window). Default: detach and unpin everything.
+    #[arg(long)]
+    pub keep_on_exit: bool,
 }
 
 /// Parses `All | Matched | None` (case as Kuma writes them).
@@ -251,14 +256,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     if bpffs::ensure_mounted(bpf_root).context("mounting bpffs at /sys/fs/bpf")? {
         info!(path = %bpf_root.display(), "mounted bpffs");
     }
-    let state = args.state_dir.join(format!("v{}", passthrough_common::LAYOUT_VERSION));
-    std::fs::create_dir_all(&state).with_context(|| format!("creating state dir {}", state.display()))?;
 
     let admin_listener =
         admin::bind(args.admin_addr).await.with_context(|| format!("--admin-addr {}", args.admin_addr))?;
     let flags = if args.audit { passthrough_common::flags::AUDIT } else { 0 };
     let proxy_listeners = bind_proxy(&args).await?;
-    let mut kernel = Kernel::load(Capacities::default(), flags, AGENT_MARK, proxy_settings(&args)?)?;
+    let mut kernel = Kernel::load(Capacities::default(), flags, AGENT_MARK, proxy_settings(&args)?, Some(&args.state_dir))?;
+    if kernel.adopted() {
+        info!(state = %args.state_dir.display(), generation = kernel.policy_generation(), "adopted pinned state of a previous agent");
+    }
     let merged = merge_all(&inputs, args.unselected_mode);
     let proxy_state = Arc::new(ArcSwap::from_pointee(proxy_policy(&merged, &opts, args.unselected_mode)));
     let shutdown = CancellationToken::new();
@@ -284,6 +290,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     for p in &points {
         kernel.attach(p)?;
         info!(cgroup = %p.display(), "attached");
+    }
+    for removed in kernel.retire_stale() {
+        info!(pin = %removed.display(), "removed stale pinned state");
     }
     info!(
         generation,
@@ -323,10 +332,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         let _ = t.await;
     }
     let counters = kernel.counters();
-    kernel.detach_all();
-    if let Err(e) = std::fs::remove_dir(&state).and_then(|()| std::fs::remove_dir(&args.state_dir)) {
-        warn!(error = %e, "state dir not removed");
+    if args.keep_on_exit {
+        info!("--keep-on-exit: programs stay attached, maps pinned");
     }
+    kernel.shutdown(args.keep_on_exit)?;
     info!(?counters, "stopped");
     Ok(())
 }

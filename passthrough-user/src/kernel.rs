@@ -96,6 +96,14 @@ pub enum KernelError {
         /// The underlying error.
         source: std::io::Error,
     },
+    /// Pinned state could not be read, created or removed.
+    #[error("pinned state {path}: {source}")]
+    Pin {
+        /// The pin or directory.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
     /// The plan does not fit in the maps.
     #[error("{what}: {needed} entries needed, capacity {capacity}")]
     Capacity {
@@ -141,9 +149,78 @@ pub struct Kernel {
     flipped_at: Option<Instant>,
     generation_counter: u64,
     attached: Vec<PathBuf>,
+    /// Our links: pinned ones stay attached after we exit, owned ones detach on drop.
+    links: Vec<LinkHold>,
     flags: u32,
     agent_mark: u32,
     proxy: ProxySettings,
+    /// Where the state is pinned; `None` = nothing pinned (benchmarks): links die with us.
+    state_dir: Option<PathBuf>,
+    /// True when existing pinned maps were adopted: the inactive generation may hold entries
+    /// this process did not write, so the first apply clears it by scanning.
+    adopted: bool,
+    /// Pinned state to remove once our programs are attached (other layouts, stale pins).
+    retire_after_attach: Vec<PathBuf>,
+}
+
+/// Names of every map, in the object and under `<layout>/maps/`.
+pub const MAPS: [&str; 9] = [
+    "CONFIG",
+    "WORKLOADS",
+    "RULES_V4",
+    "RULES_V6",
+    "COUNTERS",
+    "DOMAIN_PORTS",
+    "ORIG_BY_COOKIE",
+    "ORIG_BY_PEER",
+    "DENY_EVENTS",
+];
+
+/// Key/value sizes each pinned map must have to be reused (map type is checked by aya when the
+/// typed map is taken). A mismatch means the pins come from an incompatible build.
+fn expected_shape(name: &str) -> (u32, u32) {
+    use std::mem::size_of;
+    let lpm = |k: usize| (4 + k) as u32;
+    match name {
+        "CONFIG" => (4, size_of::<GlobalConfig>() as u32),
+        "WORKLOADS" => (size_of::<WorkloadKey>() as u32, size_of::<WorkloadEntry>() as u32),
+        "RULES_V4" => (lpm(size_of::<RuleKeyV4>()), size_of::<RuleValue>() as u32),
+        "RULES_V6" => (lpm(size_of::<RuleKeyV6>()), size_of::<RuleValue>() as u32),
+        "COUNTERS" => (4, 8),
+        "DOMAIN_PORTS" => (size_of::<DomainPortKey>() as u32, 1),
+        "ORIG_BY_COOKIE" => (8, size_of::<OrigDst>() as u32),
+        "ORIG_BY_PEER" => (size_of::<PeerKey>() as u32, size_of::<OrigDst>() as u32),
+        _ => (0, 0), // ring buffer: no key/value
+    }
+}
+
+/// What is pinned under `state_dir` for the current layout: `Ok(true)` when every map is there
+/// with the expected shape, `Ok(false)` when nothing is, `Err(reason)` when it is incompatible.
+pub fn check_pinned_layout(state_dir: &Path) -> Result<bool, String> {
+    let mut present = 0;
+    for name in MAPS {
+        let pin = crate::pins::map_pin(state_dir, name);
+        if !pin.exists() {
+            continue;
+        }
+        present += 1;
+        let map = aya::maps::MapData::from_pin(&pin).map_err(|e| format!("{}: {e}", pin.display()))?;
+        let info = map.info().map_err(|e| format!("{}: {e}", pin.display()))?;
+        let (k, v) = expected_shape(name);
+        if (k, v) != (0, 0) && (info.key_size(), info.value_size()) != (k, v) {
+            return Err(format!(
+                "{}: key/value size {}/{} where this build needs {k}/{v}",
+                pin.display(),
+                info.key_size(),
+                info.value_size()
+            ));
+        }
+    }
+    match present {
+        0 => Ok(false),
+        n if n == MAPS.len() => Ok(true),
+        n => Err(format!("only {n} of {} maps are pinned", MAPS.len())),
+    }
 }
 
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, KernelError>
@@ -158,13 +235,60 @@ where
 
 impl Kernel {
     /// Loads the object and every program (verifier included); attaches nothing.
-    pub fn load(caps: Capacities, flags: u32, agent_mark: u32, proxy: ProxySettings) -> Result<Self, KernelError> {
+    ///
+    /// With `state_dir`, maps are pinned there (and existing compatible pins are adopted: the
+    /// running enforcement continues while this agent takes over). Incompatible pins (another
+    /// layout version, or maps of the wrong shape) are set aside and removed only after this
+    /// agent's programs are attached, so the node is never left without a program.
+    pub fn load(
+        mut caps: Capacities,
+        flags: u32,
+        agent_mark: u32,
+        proxy: ProxySettings,
+        state_dir: Option<&Path>,
+    ) -> Result<Self, KernelError> {
         let object = EBPF_OBJECT.ok_or(KernelError::NoObject)?;
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        loader
             .map_max_entries("RULES_V4", caps.rules)
             .map_max_entries("RULES_V6", caps.rules)
-            .map_max_entries("WORKLOADS", caps.workloads)
-            .load(object)?;
+            .map_max_entries("WORKLOADS", caps.workloads);
+        let mut adopted = false;
+        let mut retire_after_attach = Vec::new();
+        let pin_paths: Vec<(&str, PathBuf)> = match state_dir {
+            None => Vec::new(),
+            Some(dir) => {
+                retire_after_attach.extend(crate::pins::other_layouts(dir));
+                let layout = crate::pins::layout_dir(dir);
+                match check_pinned_layout(dir) {
+                    Ok(found) => adopted = found,
+                    Err(reason) => {
+                        // Set the incompatible pins aside (a rename keeps them attached and
+                        // enforcing) and start fresh beside them.
+                        let aside = dir.join(format!("stale-{}-{}", std::process::id(), passthrough_common::LAYOUT_VERSION));
+                        tracing::warn!(%reason, aside = %aside.display(), "pinned state is incompatible; replacing it");
+                        std::fs::rename(&layout, &aside).map_err(|source| KernelError::Pin { path: layout.clone(), source })?;
+                        retire_after_attach.push(aside);
+                    }
+                }
+                let maps_dir = layout.join("maps");
+                std::fs::create_dir_all(&maps_dir).map_err(|source| KernelError::Pin { path: maps_dir.clone(), source })?;
+                if adopted {
+                    // Capacities are those of the adopted maps.
+                    for (name, slot) in [("RULES_V4", &mut caps.rules), ("WORKLOADS", &mut caps.workloads)] {
+                        let pin = crate::pins::map_pin(dir, name);
+                        if let Ok(info) = aya::maps::MapData::from_pin(&pin).and_then(|m| m.info()) {
+                            *slot = info.max_entries();
+                        }
+                    }
+                }
+                MAPS.iter().map(|n| (*n, crate::pins::map_pin(dir, n))).collect()
+            }
+        };
+        for (name, path) in &pin_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(object)?;
         for name in PROGRAMS {
             let prog: &mut CgroupSockAddr = ebpf
                 .program_mut(name)
@@ -203,10 +327,30 @@ impl Kernel {
             flipped_at: None,
             generation_counter: 0,
             attached: Vec::new(),
+            links: Vec::new(),
             flags,
             agent_mark,
             proxy,
+            state_dir: state_dir.map(Path::to_path_buf),
+            adopted,
+            retire_after_attach,
         })
+        .map(|mut k| {
+            if k.adopted {
+                if let Ok(cfg) = k.config.get(&0, 0) {
+                    k.active = Some(cfg.active_generation & 1);
+                    k.generation_counter = cfg.policy_generation;
+                    // The inactive generation was retired at least one apply ago.
+                    k.flipped_at = None;
+                }
+            }
+            k
+        })
+    }
+
+    /// True when this agent took over pinned state left by a previous one.
+    pub fn adopted(&self) -> bool {
+        self.adopted
     }
 
     /// The ring buffer of kernel denials ([`passthrough_common::DenyEvent`]). Taken once (the
@@ -246,6 +390,8 @@ impl Kernel {
         }
         if let Some(old) = self.written[g as usize].take() {
             self.remove_entries(&old);
+        } else if self.adopted {
+            self.clear_generation_by_scan(g);
         }
         if let Err(e) = self.write_entries(&plan) {
             // Roll back what was written; the active generation never pointed at it.
@@ -257,6 +403,7 @@ impl Kernel {
         cfg.flags = self.flags;
         cfg.agent_mark = self.agent_mark;
         self.fill_proxy_config(&mut cfg);
+        cfg.policy_generation = self.generation_counter + 1;
         // Write the new generation's settings first (no reader uses them yet), then flip.
         self.config.set(0, cfg, 0).map_err(|e| KernelError::Map("CONFIG", e))?;
         cfg.active_generation = g;
@@ -266,6 +413,33 @@ impl Kernel {
         self.written[g as usize] = Some(plan);
         self.generation_counter += 1;
         Ok(self.generation_counter)
+    }
+
+    /// Removes every entry of generation `g`, found by iterating the maps (used after adopting
+    /// pins, when we do not know what the previous agent wrote).
+    fn clear_generation_by_scan(&mut self, g: u32) {
+        let rs_gen = |rs_be: u32| (u32::from_be(rs_be) >> passthrough_common::ruleset::GENERATION_SHIFT) & 1;
+        let v4: Vec<_> = self.rules_v4.keys().flatten().filter(|k| rs_gen(k.data().ruleset_be) == g).collect();
+        for k in v4 {
+            let _ = self.rules_v4.remove(&k);
+        }
+        let v6: Vec<_> = self.rules_v6.keys().flatten().filter(|k| rs_gen(k.data().ruleset_be) == g).collect();
+        for k in v6 {
+            let _ = self.rules_v6.remove(&k);
+        }
+        let wl: Vec<_> = self.workloads.keys().flatten().filter(|k| k.generation == g).collect();
+        for k in wl {
+            let _ = self.workloads.remove(&k);
+        }
+        let dp: Vec<_> = self
+            .domain_ports
+            .keys()
+            .flatten()
+            .filter(|k| (k.ruleset >> passthrough_common::ruleset::GENERATION_SHIFT) & 1 == g)
+            .collect();
+        for k in dp {
+            let _ = self.domain_ports.remove(&k);
+        }
     }
 
     fn check_capacity(&self, plan: &KernelPlan) -> Result<(), KernelError> {
@@ -344,28 +518,87 @@ impl Kernel {
 
     /// Attaches every program to `cgroup`. Call after the first [`Kernel::apply`], so the
     /// programs never run against empty maps.
+    ///
+    /// With pinned state, each link is pinned under `links/<cgroup id>/<program>`; a link that
+    /// is already pinned there (left by a previous agent) is switched to our program in place
+    /// with `BPF_LINK_UPDATE` instead of attaching a second copy.
     pub fn attach(&mut self, cgroup: &Path) -> Result<(), KernelError> {
+        use std::os::unix::fs::MetadataExt as _;
         let file = File::open(cgroup).map_err(|source| KernelError::Cgroup { path: cgroup.into(), source })?;
-        for name in PROGRAMS {
-            let prog: &mut CgroupSockAddr = self
-                .ebpf
-                .program_mut(name)
-                .ok_or(KernelError::MissingProgram(name))?
-                .try_into()
-                .map_err(|source| KernelError::Program { name, source })?;
-            // Single is the only mode the bpf_link path accepts (links are always multi).
-            prog.attach(&file, CgroupAttachMode::Single).map_err(|source| KernelError::Program { name, source })?;
+        let cgroup_id = file.metadata().map_err(|source| KernelError::Cgroup { path: cgroup.into(), source })?.ino();
+        let link_dir = self.state_dir.as_deref().map(|d| crate::pins::link_dir(d, cgroup_id));
+        if let Some(dir) = &link_dir {
+            std::fs::create_dir_all(dir).map_err(|source| KernelError::Pin { path: dir.clone(), source })?;
         }
-        let sock_ops: &mut SockOps = self
-            .ebpf
-            .program_mut(SOCK_OPS)
-            .ok_or(KernelError::MissingProgram(SOCK_OPS))?
-            .try_into()
-            .map_err(|source| KernelError::Program { name: SOCK_OPS, source })?;
-        sock_ops
-            .attach(&file, CgroupAttachMode::Single)
-            .map_err(|source| KernelError::Program { name: SOCK_OPS, source })?;
+        for name in PROGRAMS.iter().copied().chain([SOCK_OPS]) {
+            let pin = link_dir.as_ref().map(|d| d.join(name));
+            let program = self.ebpf.program_mut(name).ok_or(KernelError::MissingProgram(name))?;
+            if let Some(pin) = pin.as_ref().filter(|p| p.exists()) {
+                let fd = program.fd().map_err(|source| KernelError::Program { name, source })?;
+                crate::pins::link_update(pin, std::os::fd::AsFd::as_fd(fd))
+                    .map_err(|source| KernelError::Pin { path: pin.clone(), source })?;
+                continue;
+            }
+            // Single is the only mode the bpf_link path accepts (links are always multi).
+            let fd_link: aya::programs::links::FdLink = if name == SOCK_OPS {
+                let p: &mut SockOps = program.try_into().map_err(|source| KernelError::Program { name, source })?;
+                let id = p.attach(&file, CgroupAttachMode::Single).map_err(|source| KernelError::Program { name, source })?;
+                let link = p.take_link(id).map_err(|source| KernelError::Program { name, source })?;
+                link.try_into().map_err(|e: aya::programs::links::LinkError| KernelError::Pin { path: cgroup.into(), source: std::io::Error::other(e) })?
+            } else {
+                let p: &mut CgroupSockAddr = program.try_into().map_err(|source| KernelError::Program { name, source })?;
+                let id = p.attach(&file, CgroupAttachMode::Single).map_err(|source| KernelError::Program { name, source })?;
+                let link = p.take_link(id).map_err(|source| KernelError::Program { name, source })?;
+                link.try_into().map_err(|e: aya::programs::links::LinkError| KernelError::Pin { path: cgroup.into(), source: std::io::Error::other(e) })?
+            };
+            match pin {
+                Some(pin) => {
+                    let pinned = fd_link.pin(&pin).map_err(|e| KernelError::Pin { path: pin.clone(), source: std::io::Error::other(e) })?;
+                    self.links.push(LinkHold::Pinned(pinned));
+                }
+                None => self.links.push(LinkHold::Owned(fd_link)),
+            }
+        }
         self.attached.push(cgroup.to_path_buf());
+        Ok(())
+    }
+
+    /// After every wanted cgroup is attached: removes pinned links of attachment points no
+    /// longer wanted, and pinned state of other layouts. Our programs are in place by now, so
+    /// this never opens a window.
+    pub fn retire_stale(&mut self) -> Vec<PathBuf> {
+        use std::os::unix::fs::MetadataExt as _;
+        let mut removed = Vec::new();
+        let Some(state) = self.state_dir.clone() else { return removed };
+        let wanted: Vec<u64> = self.attached.iter().filter_map(|p| std::fs::metadata(p).ok().map(|m| m.ino())).collect();
+        for (id, dir) in crate::pins::pinned_attachments(&state) {
+            if !wanted.contains(&id) {
+                removed.extend(crate::pins::remove_tree(&dir).unwrap_or_default());
+            }
+        }
+        for dir in std::mem::take(&mut self.retire_after_attach) {
+            match crate::pins::remove_tree(&dir) {
+                Ok(r) => removed.extend(r),
+                Err(e) => tracing::warn!(dir = %dir.display(), error = %e, "could not remove old pinned state"),
+            }
+        }
+        removed
+    }
+
+    /// Shuts down. `keep`: leave programs attached and maps pinned (enforcement continues,
+    /// a restarted agent adopts them). Otherwise detach everything and remove the pins.
+    pub fn shutdown(mut self, keep: bool) -> Result<(), KernelError> {
+        if keep {
+            return Ok(());
+        }
+        let links = std::mem::take(&mut self.links);
+        if let Some(state) = self.state_dir.clone() {
+            let layout = crate::pins::layout_dir(&state);
+            crate::pins::remove_tree(&layout).map_err(|source| KernelError::Pin { path: layout.clone(), source })?;
+            let _ = std::fs::remove_dir(&state);
+        }
+        drop(links);
+        drop(self);
         Ok(())
     }
 
@@ -384,10 +617,16 @@ impl Kernel {
         out
     }
 
-    /// Detaches everything and unloads (also what `Drop` does; this makes it explicit).
-    pub fn detach_all(self) {
-        drop(self);
-    }
+
+}
+
+/// A link this process created.
+#[derive(Debug)]
+enum LinkHold {
+    /// Pinned: survives this process.
+    Pinned(#[allow(dead_code, reason = "held for its lifetime")] aya::programs::links::PinnedLink),
+    /// Not pinned (no state dir): detached when dropped.
+    Owned(#[allow(dead_code, reason = "held for its lifetime")] aya::programs::links::FdLink),
 }
 
 fn remove_rule(

@@ -6,6 +6,8 @@ pub mod agent;
 pub mod bpffs;
 pub mod cgroup;
 pub mod kernel;
+pub mod pins;
 pub mod plan;
+pub mod status;
 pub mod policy;
 pub mod proxy;

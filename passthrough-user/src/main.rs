@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use passthrough_user::{agent, policy};
+use passthrough_user::{agent, policy, status};
 
 #[derive(Debug, Parser)]
 #[command(name = "passthrough", version, about = "Enforce Kuma MeshPassthrough egress policy with eBPF")]
@@ -23,6 +23,10 @@ enum Command {
     Check(policy::cli::CheckArgs),
     /// The decision for one connection and the match that made it, without touching the kernel.
     Explain(policy::cli::ExplainArgs),
+    /// What is attached where, the policy generation and counters (from pinned state).
+    Status(status::StatusArgs),
+    /// Detach and unpin everything passthrough left in the kernel.
+    Uninstall(status::UninstallArgs),
 }
 
 fn init_logging(format: &str) {
@@ -49,6 +53,8 @@ fn main() -> ExitCode {
             Err(e) => Err(e),
         },
         Command::Explain(args) => policy::cli::run_explain(&args, &mut std::io::stdout().lock()),
+        Command::Status(args) => status::run_status(&args, &mut std::io::stdout().lock()),
+        Command::Uninstall(args) => status::run_uninstall(&args, &mut std::io::stdout().lock()),
         Command::Run(args) => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()

@@ -161,7 +161,7 @@ fn main() -> anyhow::Result<()> {
                 None
             } else {
                 let t = Instant::now();
-                let mut k = Kernel::load(Capacities::default(), 0, 0, Default::default())?;
+                let mut k = Kernel::load(Capacities::default(), 0, 0, Default::default(), None)?;
                 let t_prog = t.elapsed();
                 let t = Instant::now();
                 let p = plan::compile(k.next_generation(), &[(cg.id(), &confs[i - 1])], &PlanOptions::default());

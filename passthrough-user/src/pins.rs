@@ -1,0 +1,134 @@
+//! Layout of the pinned state and the few raw bpf(2) calls aya 0.14 has no API for.
+//!
+//! ```text
+//! <state-dir>/v<LAYOUT_VERSION>/maps/<MAP>                  pinned maps (shared by every program)
+//! <state-dir>/v<LAYOUT_VERSION>/links/<cgroup id>/<prog>    pinned cgroup links
+//! ```
+//! Pins keep the programs attached and the maps filled after the agent dies (SIGKILL, OOM,
+//! crash): enforcement continues and redirected connections fail (nobody listens on the proxy
+//! port) instead of going out unfiltered. A restarted agent adopts the pins: it reuses the maps,
+//! atomically swaps each link to its freshly loaded program (`BPF_LINK_UPDATE`) and then applies
+//! its policy through the usual generation flip, so there is no moment without a program.
+
+use std::{
+    ffi::CString,
+    io,
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    path::{Path, PathBuf},
+};
+
+use passthrough_common::LAYOUT_VERSION;
+
+/// Directory of the current layout under `state_dir`.
+pub fn layout_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join(format!("v{LAYOUT_VERSION}"))
+}
+
+/// Where map `name` is pinned.
+pub fn map_pin(state_dir: &Path, name: &str) -> PathBuf {
+    layout_dir(state_dir).join("maps").join(name)
+}
+
+/// Directory of the link pins of one attachment point.
+pub fn link_dir(state_dir: &Path, cgroup_id: u64) -> PathBuf {
+    layout_dir(state_dir).join("links").join(cgroup_id.to_string())
+}
+
+/// Layout directories under `state_dir` other than the current one (`v<N>` with N ≠ ours).
+pub fn other_layouts(state_dir: &Path) -> Vec<PathBuf> {
+    let Ok(rd) = std::fs::read_dir(state_dir) else { return Vec::new() };
+    let ours = format!("v{LAYOUT_VERSION}");
+    rd.flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('v') && n != ours)
+        })
+        .collect()
+}
+
+/// Pinned attachment points of the current layout: `(cgroup id, link dir)`.
+pub fn pinned_attachments(state_dir: &Path) -> Vec<(u64, PathBuf)> {
+    let Ok(rd) = std::fs::read_dir(layout_dir(state_dir).join("links")) else { return Vec::new() };
+    rd.flatten()
+        .filter_map(|e| Some((e.file_name().to_str()?.parse().ok()?, e.path())))
+        .collect()
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct ObjGetAttr {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+    path_fd: i32,
+    _pad: [u32; 13],
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct LinkUpdateAttr {
+    link_fd: u32,
+    new_prog_fd: u32,
+    flags: u32,
+    old_prog_fd: u32,
+    _pad: [u32; 12],
+}
+
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_LINK_UPDATE: libc::c_long = 29;
+
+fn sys_bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
+    // SAFETY: `attr` is a zero-padded bpf_attr prefix of the right shape for `cmd`.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, std::mem::size_of::<T>()) };
+    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(rc) }
+}
+
+/// Opens a pinned object (map, program or link).
+pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+    let c = CString::new(path.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
+    let mut attr = ObjGetAttr { pathname: c.as_ptr() as u64, ..Default::default() };
+    let fd = sys_bpf(BPF_OBJ_GET, &mut attr)?;
+    // SAFETY: the kernel returned a new fd that we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Swaps the program of a pinned link in one step (`BPF_LINK_UPDATE`, Linux 5.7 for cgroup
+/// links): the hook is never without a program.
+pub fn link_update(link_pin: &Path, new_prog: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
+    let link = obj_get(link_pin)?;
+    let mut attr = LinkUpdateAttr {
+        link_fd: link.as_raw_fd() as u32,
+        new_prog_fd: new_prog.as_raw_fd() as u32,
+        ..Default::default()
+    };
+    sys_bpf(BPF_LINK_UPDATE, &mut attr).map(|_| ())
+}
+
+/// Removes a state tree: unpinning a link detaches its program (unless an agent still holds
+/// it open), unpinning a map frees it once no program uses it. Returns what was removed.
+pub fn remove_tree(dir: &Path) -> io::Result<Vec<PathBuf>> {
+    let mut removed = Vec::new();
+    remove_tree_into(dir, &mut removed)?;
+    Ok(removed)
+}
+
+fn remove_tree_into(dir: &Path, removed: &mut Vec<PathBuf>) -> io::Result<()> {
+    let meta = match std::fs::symlink_metadata(dir) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    if meta.is_dir() {
+        // Links before maps: detach programs before freeing what they read.
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)?.flatten().map(|e| e.path()).collect();
+        entries.sort_by_key(|p| p.file_name().is_some_and(|n| n == "maps"));
+        for e in entries {
+            remove_tree_into(&e, removed)?;
+        }
+        std::fs::remove_dir(dir)?;
+    } else {
+        std::fs::remove_file(dir)?;
+    }
+    removed.push(dir.to_path_buf());
+    Ok(())
+}

@@ -1,0 +1,162 @@
+//! `passthrough status` and `passthrough uninstall`: both work from the pinned state alone, so
+//! they answer (and clean up) also while no agent is running.
+
+use std::{
+    collections::BTreeMap,
+    io::Write,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+};
+
+use anyhow::Context as _;
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, lpm_trie::LpmTrie};
+use passthrough_common::{
+    DomainPortKey, GlobalConfig, LAYOUT_VERSION, RuleKeyV4, RuleKeyV6, RuleValue, WorkloadEntry, WorkloadKey,
+    counter, flags,
+};
+use serde_json::json;
+
+use crate::{cgroup, pins};
+
+/// Arguments of `passthrough status`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct StatusArgs {
+    /// The agent's `--state-dir`.
+    #[arg(long, default_value = "/sys/fs/bpf/passthrough")]
+    pub state_dir: PathBuf,
+    /// One JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `passthrough uninstall`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct UninstallArgs {
+    /// The agent's `--state-dir`.
+    #[arg(long, default_value = "/sys/fs/bpf/passthrough")]
+    pub state_dir: PathBuf,
+}
+
+fn open(state: &Path, name: &str) -> anyhow::Result<MapData> {
+    let pin = pins::map_pin(state, name);
+    MapData::from_pin(&pin).with_context(|| format!("opening {}", pin.display()))
+}
+
+/// Finds the path of a cgroup id under the cgroup2 mount (bounded walk).
+fn cgroup_path(mount: &Path, id: u64) -> Option<PathBuf> {
+    let mut stack = vec![(mount.to_path_buf(), 0)];
+    let mut visited = 0;
+    while let Some((dir, depth)) = stack.pop() {
+        visited += 1;
+        if visited > 200_000 {
+            return None;
+        }
+        if std::fs::metadata(&dir).ok()?.ino() == id {
+            return Some(dir);
+        }
+        if depth < 16 {
+            if let Ok(rd) = std::fs::read_dir(&dir) {
+                stack.extend(rd.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_dir())).map(|e| (e.path(), depth + 1)));
+            }
+        }
+    }
+    None
+}
+
+/// Builds the status object (SPEC §5): what is attached where, the policy generation, counters.
+pub fn status_json(state: &Path) -> anyhow::Result<serde_json::Value> {
+    let layout = pins::layout_dir(state);
+    if !layout.exists() {
+        return Ok(json!({
+            "state_dir": state, "layout": LAYOUT_VERSION, "installed": false,
+            "other_layouts": pins::other_layouts(state),
+        }));
+    }
+    let config: Array<MapData, GlobalConfig> = Array::try_from(Map::Array(open(state, "CONFIG")?))?;
+    let cfg = config.get(&0, 0)?;
+    let g = cfg.active_generation & 1;
+    let counters: PerCpuArray<MapData, u64> = PerCpuArray::try_from(Map::PerCpuArray(open(state, "COUNTERS")?))?;
+    let mut counts = BTreeMap::new();
+    for (i, name) in counter::NAMES.iter().enumerate() {
+        counts.insert(*name, counters.get(&(i as u32), 0).map(|v| v.iter().sum::<u64>()).unwrap_or(0));
+    }
+    let gen_of = |rs: u32| (rs >> passthrough_common::ruleset::GENERATION_SHIFT) & 1;
+    let workloads: HashMap<MapData, WorkloadKey, WorkloadEntry> = HashMap::try_from(Map::HashMap(open(state, "WORKLOADS")?))?;
+    let rules_v4: LpmTrie<MapData, RuleKeyV4, RuleValue> = LpmTrie::try_from(Map::LpmTrie(open(state, "RULES_V4")?))?;
+    let rules_v6: LpmTrie<MapData, RuleKeyV6, RuleValue> = LpmTrie::try_from(Map::LpmTrie(open(state, "RULES_V6")?))?;
+    let domain: HashMap<MapData, DomainPortKey, u8> = HashMap::try_from(Map::HashMap(open(state, "DOMAIN_PORTS")?))?;
+    let n_workloads = workloads.keys().flatten().filter(|k| k.generation == g).count();
+    let n_v4 = rules_v4.keys().flatten().filter(|k| gen_of(u32::from_be(k.data().ruleset_be)) == g).count();
+    let n_v6 = rules_v6.keys().flatten().filter(|k| gen_of(u32::from_be(k.data().ruleset_be)) == g).count();
+    let n_domain = domain.keys().flatten().filter(|k| gen_of(k.ruleset) == g).count();
+
+    let mount = cgroup::cgroup2_mount().ok();
+    let mut attachments = Vec::new();
+    for (id, dir) in pins::pinned_attachments(state) {
+        let mut programs: Vec<String> =
+            std::fs::read_dir(&dir).map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect()).unwrap_or_default();
+        programs.sort();
+        let path = mount.as_deref().and_then(|m| cgroup_path(m, id));
+        attachments.push(json!({ "cgroup_id": id, "cgroup": path, "programs": programs }));
+    }
+    Ok(json!({
+        "state_dir": state,
+        "layout": LAYOUT_VERSION,
+        "installed": true,
+        "policy_generation": cfg.policy_generation,
+        "active_map_generation": g,
+        "audit": cfg.flags & flags::AUDIT != 0,
+        "proxy": cfg.flags & flags::PROXY != 0,
+        "proxy_port": u16::from_be(cfg.proxy_port_be),
+        "attachments": attachments,
+        "entries": { "workloads": n_workloads, "rules_v4": n_v4, "rules_v6": n_v6, "domain_ports": n_domain },
+        "counters": counts,
+        "other_layouts": pins::other_layouts(state),
+    }))
+}
+
+/// `passthrough status`.
+pub fn run_status(args: &StatusArgs, out: &mut impl Write) -> anyhow::Result<()> {
+    let s = status_json(&args.state_dir)?;
+    if args.json {
+        writeln!(out, "{s}")?;
+        return Ok(());
+    }
+    if s["installed"] != true {
+        writeln!(out, "not installed: nothing pinned under {}", args.state_dir.display())?;
+        return Ok(());
+    }
+    writeln!(out, "state:             {} (layout v{})", args.state_dir.display(), LAYOUT_VERSION)?;
+    writeln!(out, "policy generation: {}", s["policy_generation"])?;
+    writeln!(out, "audit: {}   proxy: {} (port {})", s["audit"], s["proxy"], s["proxy_port"])?;
+    writeln!(
+        out,
+        "entries:           {} workloads, {} IPv4 rules, {} IPv6 rules, {} domain ports",
+        s["entries"]["workloads"], s["entries"]["rules_v4"], s["entries"]["rules_v6"], s["entries"]["domain_ports"]
+    )?;
+    for a in s["attachments"].as_array().into_iter().flatten() {
+        let path = a["cgroup"].as_str().map_or_else(|| format!("cgroup id {}", a["cgroup_id"]), str::to_string);
+        let progs: Vec<&str> = a["programs"].as_array().into_iter().flatten().filter_map(|p| p.as_str()).collect();
+        writeln!(out, "attached:          {path}: {}", progs.join(", "))?;
+    }
+    writeln!(out, "counters:")?;
+    for (k, v) in s["counters"].as_object().into_iter().flatten() {
+        writeln!(out, "  {k:<18} {v}")?;
+    }
+    Ok(())
+}
+
+/// `passthrough uninstall`: unpins every link (detaching the programs once no agent holds
+/// them) and every map, of every layout version, and removes the state directory.
+pub fn run_uninstall(args: &UninstallArgs, out: &mut impl Write) -> anyhow::Result<()> {
+    if !args.state_dir.exists() {
+        writeln!(out, "nothing to remove: {} does not exist", args.state_dir.display())?;
+        return Ok(());
+    }
+    let removed = pins::remove_tree(&args.state_dir).with_context(|| format!("removing {}", args.state_dir.display()))?;
+    let links = removed.iter().filter(|p| p.components().any(|c| c.as_os_str() == "links") && p.parent().is_some_and(|d| d.parent().is_some_and(|l| l.ends_with("links")))).count();
+    let maps = removed.iter().filter(|p| p.parent().is_some_and(|d| d.ends_with("maps"))).count();
+    writeln!(out, "removed {links} link(s) and {maps} map(s) under {}", args.state_dir.display())?;
+    writeln!(out, "(a running agent keeps its programs attached until it exits; stop it first)")?;
+    Ok(())
+}
