@@ -312,11 +312,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
+    // Policy files and the workloads file are watched; a change reloads like SIGHUP.
+    let mut watched: Vec<PathBuf> = args.policy.clone();
+    watched.extend(args.workloads.clone());
+    let (_watcher, mut changed) = crate::watch::watch(&watched).context("watching policy files")?;
     loop {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
-            _ = hup.recv() => {
+            _ = async { tokio::select! { _ = hup.recv() => {}, _ = changed.recv() => {} } } => {
                 match reload(&args, &mount, &points, &opts, &mut kernel, &proxy_state) {
                     Ok(g) => admin_state.generation.store(g, Ordering::Release),
                     Err(e) => error!(error = %format!("{e:#}"), "reload rejected; the previous policy stays in force"),

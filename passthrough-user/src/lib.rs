@@ -11,3 +11,4 @@ pub mod plan;
 pub mod status;
 pub mod policy;
 pub mod proxy;
+pub mod watch;

@@ -52,9 +52,18 @@ pub struct AgentBuilder {
     internal_cidrs: Vec<String>,
     unselected_mode: Option<String>,
     extra: Vec<String>,
+    /// An explicit `--state-dir` shared by several agents (restart tests); the test owns it.
+    state_dir: Option<PathBuf>,
 }
 
 impl AgentBuilder {
+    /// Use this `--state-dir` (e.g. shared by an agent and its restarted successor). The agent
+    /// does not remove it on drop; the caller does (see [`StateDirGuard`]).
+    pub fn state_dir(mut self, p: impl AsRef<Path>) -> Self {
+        self.state_dir = Some(p.as_ref().into());
+        self
+    }
+
     /// `--policy PATH` (file or directory).
     pub fn policy(mut self, p: impl AsRef<Path>) -> Self {
         self.policies.push(p.as_ref().into());
@@ -138,7 +147,11 @@ impl AgentBuilder {
         let log_path = tmp.path().join("agent.log");
         let log = File::create(&log_path)?;
         let admin = free_local_port()?;
-        let state_dir = state_dir_for_test()?;
+        let owns_state = self.state_dir.is_none();
+        let state_dir = match &self.state_dir {
+            Some(d) => d.clone(),
+            None => state_dir_for_test()?,
+        };
         let proxy_port = free_local_port()?.port();
         let args = self.args(admin, &state_dir, proxy_port);
         let mut cmd = Command::new(&bin);
@@ -167,9 +180,15 @@ impl AgentBuilder {
             admin,
             log_path,
             state_dir,
+            owns_state,
             cmdline,
             _tmp: tmp,
         })
+    }
+
+    /// Starts the agent without waiting for readiness.
+    pub fn start_no_wait(self) -> Result<Agent> {
+        self.spawn()
     }
 
     /// Starts the agent and waits (≤ [`READY_TIMEOUT`]) until `GET /readyz` answers 200.
@@ -228,6 +247,7 @@ pub struct Agent {
     admin: SocketAddr,
     log_path: PathBuf,
     state_dir: PathBuf,
+    owns_state: bool,
     cmdline: String,
     _tmp: tempfile::TempDir,
 }
@@ -280,7 +300,16 @@ impl Agent {
         http_get(self.admin, path)
     }
 
-    fn wait_ready(&mut self) -> Result<()> {
+    /// SIGKILL, as an OOM kill or crash would; waits for the process. Pins stay.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Waits (≤ 20 s) until `GET /readyz` answers 200.
+    pub fn wait_ready(&mut self) -> Result<()> {
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
             if let Some(status) = self.child.as_mut().unwrap().try_wait()? {
@@ -441,7 +470,30 @@ impl Drop for Agent {
         if std::thread::panicking() {
             eprintln!("{}", self.describe());
         }
-        let _ = remove_state_dir(&self.state_dir);
+        if self.owns_state {
+            let _ = remove_state_dir(&self.state_dir);
+        }
+    }
+}
+
+/// A unique `--state-dir` shared by several agents of one test; removed (pins and all) on drop.
+pub struct StateDirGuard(PathBuf);
+
+impl StateDirGuard {
+    /// A fresh unique state dir path on bpffs (not created: the agent creates it).
+    pub fn new() -> Result<Self> {
+        Ok(Self(state_dir_for_test()?))
+    }
+
+    /// The path.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for StateDirGuard {
+    fn drop(&mut self) {
+        let _ = remove_state_dir(&self.0);
     }
 }
 

@@ -21,7 +21,7 @@ pub mod netns;
 pub mod probe;
 pub mod sweep;
 
-pub use agent::{Agent, AgentBuilder, AgentFailure, write_file, write_policy};
+pub use agent::{Agent, AgentBuilder, AgentFailure, StateDirGuard, write_file, write_policy};
 pub use cgroup::{TestCgroup, cgroup2_mount};
 pub use check::{assert_allowed, assert_denied, assert_udp_allowed, assert_udp_denied};
 pub use netns::{LOOPBACK_PORT, TestNet};
