@@ -5,14 +5,14 @@
 //! the way `passthrough-ebpf/src/decide.rs` does, to check the plan against the decision core.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv6Addr},
 };
 
 use ipnet::{IpNet, Ipv4Net};
 use passthrough_common::{RULE_KEY_FIXED_BITS, RuleKeyV4, RuleKeyV6, mode, ruleset};
 
-use crate::policy::{MatchKind, MergedConf, Mode};
+use crate::policy::{FxHashMap, MatchKind, MergedConf, Mode};
 
 /// The kernel's number for a [`Mode`].
 pub fn mode_code(m: Mode) -> u32 {
@@ -103,6 +103,9 @@ pub struct PlanOptions {
 /// entries and their Domain ports, both sorted and deduplicated.
 type RuleSetShape = (Vec<(IpNet, u16)>, Vec<u16>);
 
+/// Identifies one match for its label: policy, file, index, value, port.
+type LabelKey<'a> = (&'a str, &'a std::path::Path, usize, &'a str, Option<u16>);
+
 /// Builds the plan of one generation. Workloads with identical IP/CIDR match sets share one
 /// rule set, so a thousand pods of one deployment cost one set of trie entries.
 pub fn compile(generation: u32, workloads: &[(u64, &MergedConf)], opts: &PlanOptions) -> KernelPlan {
@@ -125,17 +128,26 @@ pub fn compile(generation: u32, workloads: &[(u64, &MergedConf)], opts: &PlanOpt
     }
 
     // Workloads share a rule set when their kernel-relevant content (IP/CIDR entries and
-    // Domain ports) is identical.
-    let mut rulesets: HashMap<RuleSetShape, u32> = HashMap::new();
+    // Domain ports) is identical. Workloads given the very same `MergedConf` (see
+    // `PolicySet::merge_all`) are recognised by address first, without building the shape.
+    let mut rulesets: FxHashMap<RuleSetShape, u32> = FxHashMap::default();
+    let mut by_conf: FxHashMap<*const MergedConf, u32> = FxHashMap::default();
+    // One label (match id) per match, however many rule sets it appears in.
+    let mut labels: FxHashMap<LabelKey<'_>, u32> = FxHashMap::default();
     let mut next_index = ruleset::FIRST_WORKLOAD;
     for (cgroup_id, conf) in workloads {
+        let conf: &MergedConf = conf;
+        if let Some(rs) = by_conf.get(&(conf as *const MergedConf)) {
+            plan.workloads.insert(*cgroup_id, (*rs, mode_code(conf.mode)));
+            continue;
+        }
         let mut kernel_matches: Vec<(IpNet, u16)> = conf
             .matches
             .iter()
             .filter(|m| matches!(m.kind, MatchKind::Ip | MatchKind::Cidr))
             .filter_map(|m| m.net.map(|n| (canonical_net(n), m.port.unwrap_or(0))))
             .collect();
-        kernel_matches.sort();
+        kernel_matches.sort_unstable();
         kernel_matches.dedup();
         let mut domain_ports: Vec<u16> = conf
             .matches
@@ -154,17 +166,26 @@ pub fn compile(generation: u32, workloads: &[(u64, &MergedConf)], opts: &PlanOpt
                 for m in conf.matches.iter().filter(|m| matches!(m.kind, MatchKind::Ip | MatchKind::Cidr)) {
                     let Some(net) = m.net else { continue };
                     let entry = RuleEntry { ruleset: rs, port: m.port.unwrap_or(0), net: canonical_net(net) };
-                    if !plan.rules.contains_key(&entry) {
-                        let label = format!(
-                            "{}[{}] {:?} {}{}",
-                            m.origin.policy,
-                            m.origin.index,
-                            m.kind,
-                            m.value,
-                            m.port.map(|p| format!(":{p}")).unwrap_or_default()
-                        );
-                        let id = plan.label(label);
-                        plan.rules.insert(entry, id);
+                    if let std::collections::btree_map::Entry::Vacant(v) = plan.rules.entry(entry) {
+                        let key = (m.origin.policy.as_str(), m.origin.file.as_path(), m.origin.index, m.value.as_str(), m.port);
+                        let id = match labels.get(&key) {
+                            Some(id) => *id,
+                            None => {
+                                let label = format!(
+                                    "{}[{}] {:?} {}{}",
+                                    m.origin.policy,
+                                    m.origin.index,
+                                    m.kind,
+                                    m.value,
+                                    m.port.map(|p| format!(":{p}")).unwrap_or_default()
+                                );
+                                plan.match_labels.push(label);
+                                let id = (plan.match_labels.len() - 1) as u32;
+                                labels.insert(key, id);
+                                id
+                            }
+                        };
+                        v.insert(id);
                     }
                 }
                 for port in &shape.1 {
@@ -174,6 +195,7 @@ pub fn compile(generation: u32, workloads: &[(u64, &MergedConf)], opts: &PlanOpt
                 rs
             }
         };
+        by_conf.insert(conf as *const MergedConf, rs);
         plan.workloads.insert(*cgroup_id, (rs, mode_code(conf.mode)));
     }
     plan

@@ -88,14 +88,29 @@ pub fn specificity(a: &Policy, b: &Policy) -> Ordering {
 
 /// The policies selecting `w`, least → most specific.
 pub fn ordered_for<'a>(policies: &'a [Policy], w: &Workload) -> Vec<&'a Policy> {
-    let mut sel: Vec<&Policy> = policies.iter().filter(|p| selects(p, w)).collect();
-    sel.sort_by(|a, b| specificity(a, b)); // stable: ties keep input order
+    ordered_indices(policies, w)
+        .into_iter()
+        .map(|i| &policies[i])
+        .collect()
+}
+
+/// Indices into `policies` of the policies selecting `w`, least → most specific.
+pub fn ordered_indices(policies: &[Policy], w: &Workload) -> Vec<usize> {
+    let mut sel: Vec<usize> = (0..policies.len())
+        .filter(|&i| selects(&policies[i], w))
+        .collect();
+    // stable: ties keep input order
+    sel.sort_by(|&a, &b| specificity(&policies[a], &policies[b]));
     sel
 }
 
 /// The merged configuration for `w`.
 pub fn merge(policies: &[Policy], w: &Workload, unselected: Mode) -> MergedConf {
-    let sel = ordered_for(policies, w);
+    merge_indices(policies, &ordered_indices(policies, w), unselected)
+}
+
+/// The merged configuration of the policies `sel` (indices, least → most specific).
+pub fn merge_indices(policies: &[Policy], sel: &[usize], unselected: Mode) -> MergedConf {
     if sel.is_empty() {
         return MergedConf {
             mode: unselected,
@@ -104,9 +119,10 @@ pub fn merge(policies: &[Policy], w: &Workload, unselected: Mode) -> MergedConf 
         };
     }
     let mut mode = None;
-    let mut matches = Vec::new();
-    let mut names = Vec::new();
-    for p in sel {
+    let mut matches = Vec::with_capacity(sel.iter().map(|&i| policies[i].matches.len()).sum());
+    let mut names = Vec::with_capacity(sel.len());
+    for &i in sel {
+        let p = &policies[i];
         if p.mode.is_some() {
             mode = p.mode;
         }

@@ -7,6 +7,7 @@
 pub mod cli;
 pub mod decision;
 pub mod error;
+pub mod fastyaml;
 pub mod ip;
 pub mod merge;
 pub mod model;
@@ -47,6 +48,30 @@ impl PolicySet {
     /// The merged configuration for workload `w`; `unselected` when no policy selects it.
     pub fn merge_for(&self, w: &Workload, unselected: Mode) -> MergedConf {
         merge::merge(&self.policies, w, unselected)
+    }
+
+    /// The merged configurations of many workloads, computed once per distinct set of
+    /// selecting policies: returns the distinct configurations and, for each workload, the
+    /// index of its configuration. A node with a thousand pods of a few deployments merges a
+    /// few times instead of a thousand (time and memory), and [`crate::plan::compile`]
+    /// recognises workloads that share a configuration without comparing their matches.
+    pub fn merge_all<'w>(
+        &self,
+        workloads: impl IntoIterator<Item = &'w Workload>,
+        unselected: Mode,
+    ) -> (Vec<MergedConf>, Vec<usize>) {
+        let mut confs = Vec::new();
+        let mut index: FxHashMap<Vec<usize>, usize> = FxHashMap::default();
+        let mut of = Vec::new();
+        for w in workloads {
+            let key = merge::ordered_indices(&self.policies, w);
+            let i = *index.entry(key).or_insert_with_key(|key| {
+                confs.push(merge::merge_indices(&self.policies, key, unselected));
+                confs.len() - 1
+            });
+            of.push(i);
+        }
+        (confs, of)
     }
 
     /// The policies selecting `w`, least → most specific.
@@ -176,3 +201,62 @@ fn build(
         notes,
     })
 }
+
+/// A fast non-cryptographic hasher (the Fx hash of rustc) for the per-match maps of loading and
+/// compiling, where SipHash showed up as the largest single cost. Keys come from local
+/// policy files, not from the network, so HashDoS resistance is not needed.
+#[derive(Default, Clone, Copy)]
+pub(crate) struct FxHasher(u64);
+
+impl std::hash::Hasher for FxHasher {
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            self.add(u64::from_le_bytes(c.try_into().expect("8 bytes")));
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            let mut b = [0u8; 8];
+            b[..rest.len()].copy_from_slice(rest);
+            self.add(u64::from_le_bytes(b) ^ ((rest.len() as u64) << 56));
+        }
+    }
+    #[inline]
+    fn write_u8(&mut self, i: u8) {
+        self.add(u64::from(i));
+    }
+    #[inline]
+    fn write_u16(&mut self, i: u16) {
+        self.add(u64::from(i));
+    }
+    #[inline]
+    fn write_u32(&mut self, i: u32) {
+        self.add(u64::from(i));
+    }
+    #[inline]
+    fn write_u64(&mut self, i: u64) {
+        self.add(i);
+    }
+    #[inline]
+    fn write_usize(&mut self, i: usize) {
+        self.add(i as u64);
+    }
+    #[inline]
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+impl FxHasher {
+    #[inline]
+    fn add(&mut self, w: u64) {
+        self.0 = (self.0.rotate_left(5) ^ w).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+}
+
+/// A `HashMap` with [`FxHasher`].
+pub(crate) type FxHashMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<FxHasher>>;
+/// A `HashSet` with [`FxHasher`].
+pub(crate) type FxHashSet<K> =
+    std::collections::HashSet<K, std::hash::BuildHasherDefault<FxHasher>>;

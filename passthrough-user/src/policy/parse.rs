@@ -441,6 +441,23 @@ fn yaml_doc_starts(text: &str) -> Vec<usize> {
 }
 
 fn parse_yaml(file: &Path, text: &str, problems: &mut Vec<Problem>) -> Vec<Document> {
+    fast_yaml(text).unwrap_or_else(|| parse_yaml_slow(file, text, problems))
+}
+
+/// The fast path (see [`super::fastyaml`]): `None` when the text is outside its subset or
+/// does not deserialize; then `serde_yaml` reads the file again and reports the problems.
+fn fast_yaml(text: &str) -> Option<Vec<Document>> {
+    let mut docs = Vec::new();
+    for lines in super::fastyaml::documents(text)? {
+        let value = super::fastyaml::document_value(&lines)?;
+        if let Some(d) = Option::<Document>::deserialize(value).ok()? {
+            docs.push(d);
+        }
+    }
+    Some(docs)
+}
+
+fn parse_yaml_slow(file: &Path, text: &str, problems: &mut Vec<Problem>) -> Vec<Document> {
     let mut docs = Vec::new();
     let starts = yaml_doc_starts(text);
     for (i, de) in serde_yaml::Deserializer::from_str(text).enumerate() {

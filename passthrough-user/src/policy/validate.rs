@@ -11,13 +11,10 @@
 //! - `passthroughMode` must be `All`, `Matched`, `None` or empty (Kuma leaves this to the CRD
 //!   enum); the violation is on `spec.default.passthroughMode`.
 
-use std::{
-    collections::{BTreeMap, HashMap, HashSet},
-    path::PathBuf,
-};
+use std::{collections::BTreeMap, path::PathBuf};
 
 use super::{
-    ip,
+    FxHashMap, FxHashSet, ip,
     model::{Match, MatchKind, MatchOrigin, Mode, Protocol},
     parse::{ParsedPolicy, RawConf, RawTargetRef, Scalar, StrMap},
 };
@@ -306,14 +303,14 @@ fn validate_matches(
     v: &mut Vec<Violation>,
 ) -> Vec<Match> {
     // Order-independent L7-per-port rule: the first L7 protocol written for a port owns it.
-    let mut l7_owner: HashMap<u32, &str> = HashMap::new();
+    let mut l7_owner: FxHashMap<u32, &str> = FxHashMap::default();
     for m in list {
         let proto = m.protocol.as_ref().map(Scalar::as_str).unwrap_or("tcp");
         if let (Some(port), true) = (m.port, matches!(proto, "grpc" | "http" | "http2")) {
             l7_owner.entry(port).or_insert(proto);
         }
     }
-    let mut seen_values: HashMap<(u32, &str), HashSet<&str>> = HashMap::new();
+    let mut seen_values: FxHashMap<(u32, &str), FxHashSet<&str>> = FxHashMap::default();
     let mut out = Vec::new();
     for (i, m) in list.iter().enumerate() {
         let before = v.len();
