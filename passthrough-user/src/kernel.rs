@@ -591,6 +591,12 @@ impl Kernel {
         if keep {
             return Ok(());
         }
+        let ours: Vec<u32> = PROGRAMS
+            .iter()
+            .chain([&SOCK_OPS])
+            .filter_map(|n| self.ebpf.program(n)?.info().ok().map(|i| i.id()))
+            .collect();
+        let attached = self.attached.clone();
         let links = std::mem::take(&mut self.links);
         if let Some(state) = self.state_dir.clone() {
             let layout = crate::pins::layout_dir(&state);
@@ -599,6 +605,20 @@ impl Kernel {
         }
         drop(links);
         drop(self);
+        // The kernel releases a link from a work queue after its last reference goes; wait
+        // (bounded) so "the agent exited" really means "nothing of ours is attached".
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < deadline {
+            let still = attached.iter().any(|cg| {
+                crate::pins::OUR_ATTACH_TYPES.iter().any(|t| {
+                    crate::pins::attached_prog_ids(cg, *t).is_ok_and(|ids| ids.iter().any(|id| ours.contains(id)))
+                })
+            });
+            if !still {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
         Ok(())
     }
 

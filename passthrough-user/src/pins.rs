@@ -132,3 +132,37 @@ fn remove_tree_into(dir: &Path, removed: &mut Vec<PathBuf>) -> io::Result<()> {
     removed.push(dir.to_path_buf());
     Ok(())
 }
+
+#[repr(C)]
+#[derive(Default)]
+struct ProgQueryAttr {
+    target_fd: u32,
+    attach_type: u32,
+    query_flags: u32,
+    attach_flags: u32,
+    prog_ids: u64,
+    prog_cnt: u32,
+    _pad: [u32; 11],
+}
+
+const BPF_PROG_QUERY: libc::c_long = 16;
+
+/// Attach types of our programs (`enum bpf_attach_type`): sock_ops, inet4/6 connect,
+/// udp4/6 sendmsg, inet4/6 getpeername.
+pub const OUR_ATTACH_TYPES: [u32; 7] = [3, 10, 11, 14, 15, 29, 30];
+
+/// Program ids attached to `cgroup` for `attach_type` (`BPF_PROG_QUERY`).
+pub fn attached_prog_ids(cgroup: &Path, attach_type: u32) -> io::Result<Vec<u32>> {
+    let dir = std::fs::File::open(cgroup)?;
+    let mut ids = vec![0u32; 64];
+    let mut attr = ProgQueryAttr {
+        target_fd: dir.as_raw_fd() as u32,
+        attach_type,
+        prog_ids: ids.as_mut_ptr() as u64,
+        prog_cnt: ids.len() as u32,
+        ..Default::default()
+    };
+    sys_bpf(BPF_PROG_QUERY, &mut attr)?;
+    ids.truncate(attr.prog_cnt as usize);
+    Ok(ids)
+}
