@@ -175,8 +175,17 @@ impl AgentBuilder {
             .spawn()
             .with_context(|| format!("spawning {}", bin.display()))?;
         let cmdline = format!("{} {}", bin.display(), args.join(" "));
+        let proxy_port = match self.extra.iter().position(|e| e == "--proxy-port") {
+            Some(i) => self
+                .extra
+                .get(i + 1)
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(0),
+            None => proxy_port,
+        };
         Ok(Agent {
             child: Some(child),
+            proxy_port,
             admin,
             log_path,
             state_dir,
@@ -244,6 +253,7 @@ pub struct AgentFailure {
 /// directory; when the test is failing, drop prints the agent's log.
 pub struct Agent {
     child: Option<Child>,
+    proxy_port: u16,
     admin: SocketAddr,
     log_path: PathBuf,
     state_dir: PathBuf,
@@ -256,6 +266,16 @@ impl Agent {
     /// `passthrough run` arguments, to be completed and started.
     pub fn builder() -> AgentBuilder {
         AgentBuilder::default()
+    }
+
+    /// The proxy port on 127.0.0.1 / [::1] (`--proxy-port`; 0 = no proxy).
+    pub fn proxy_port(&self) -> u16 {
+        self.proxy_port
+    }
+
+    /// The agent's pid (0 once it exited).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, |c| c.id())
     }
 
     /// The admin server address.

@@ -17,6 +17,9 @@
 pub mod agent;
 pub mod cgroup;
 pub mod check;
+pub mod clients;
+pub mod hostnet;
+pub mod l7;
 pub mod netns;
 pub mod probe;
 pub mod sweep;

@@ -174,6 +174,15 @@ impl Probe {
         let _ = self.request(&req);
     }
 
+    /// Runs one client request (`passthrough_tests::clients`) inside the probe's cgroup and netns
+    /// and returns its JSON answer.
+    pub fn json(&mut self, req: &serde_json::Value) -> serde_json::Value {
+        let line = format!("json {req}");
+        let reply = self.request(&line);
+        serde_json::from_str(&reply)
+            .unwrap_or_else(|e| panic!("{}: bad JSON reply {reply:?} to {line:?}: {e}", self.label))
+    }
+
     /// One datagram from an unconnected UDP socket (`sendto`). `Err(errno)` when it fails.
     pub fn sendto(&mut self, addr: impl Display, text: &str) -> std::result::Result<(), i32> {
         let req = format!("sendto {addr} {text}");
@@ -186,6 +195,57 @@ impl Probe {
             _ => panic!("{}: bad reply {reply:?} to {req:?}", self.label),
         }
     }
+}
+
+/// Runs `program args...` to completion inside the cgroup directory `cgroup_dir` and the netns
+/// at `netns` (or the caller's), like a probe (joined before `exec`); returns its output.
+/// For real clients such as `curl` in the workload.
+pub fn output_in(
+    cgroup_dir: &Path,
+    netns: Option<&Path>,
+    program: &str,
+    args: &[&str],
+) -> Result<std::process::Output> {
+    let procs = CString::new(
+        cgroup_dir
+            .join("cgroup.procs")
+            .into_os_string()
+            .into_encoded_bytes(),
+    )?;
+    let ns_file = match netns {
+        Some(p) => Some(File::open(p).with_context(|| format!("opening netns {}", p.display()))?),
+        None => None,
+    };
+    let ns_fd = ns_file.as_ref().map(|f| f.as_raw_fd());
+    let mut cmd = Command::new(program);
+    cmd.args(args).stdin(Stdio::null());
+    // SAFETY: only async-signal-safe syscalls between fork and exec (as in `Probe::spawn_in`).
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let rc = libc::write(fd, b"0".as_ptr() as *const libc::c_void, 1);
+            let err = std::io::Error::last_os_error();
+            libc::close(fd);
+            if rc != 1 {
+                return Err(err);
+            }
+            if let Some(ns) = ns_fd
+                && libc::setns(ns, libc::CLONE_NEWNET) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = cmd
+        .output()
+        .with_context(|| format!("running {program} in {}", cgroup_dir.display()))?;
+    drop(ns_file);
+    Ok(out)
 }
 
 impl Drop for Probe {

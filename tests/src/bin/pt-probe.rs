@@ -8,6 +8,7 @@
 //! | `close <id>`                     | `ok <id>`                                |
 //! | `sendto <addr:port> <text>`      | `ok` \| `err <errno>` (unconnected UDP)  |
 //! | `pid`                            | `ok <pid>`                               |
+//! | `json <request>`                 | one JSON line (see `passthrough_tests::clients`: TLS, HTTP/1.1, h2c, gRPC clients) |
 //! | `exit`                           | (exits 0)                                |
 //!
 //! `[v6]:port` addresses use an `AF_INET6` socket, including `[::ffff:a.b.c.d]:port` (the
@@ -159,6 +160,13 @@ fn main() {
                 }
             }
             "pid" => format!("ok {}", std::process::id()),
+            "json" => match serde_json::from_str::<serde_json::Value>(rest) {
+                Ok(req) => passthrough_tests::clients::run(&req).to_string(),
+                Err(e) => {
+                    serde_json::json!({"ok": false, "stage": "request", "error": e.to_string()})
+                        .to_string()
+                }
+            },
             "exit" => break,
             "" => continue,
             other => format!("err ? {} unknown command {other}", libc::EINVAL),
