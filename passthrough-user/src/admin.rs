@@ -1,4 +1,5 @@
-//! Admin HTTP endpoints: `/readyz`, `/healthz` (and `/metrics` later), served with hyper.
+//! Admin HTTP endpoints: `/readyz`, `/healthz` and `/metrics` (Prometheus text format 0.0.4, or
+//! OpenMetrics when the scraper's `Accept` asks for `application/openmetrics-text`), served with hyper.
 
 use std::{
     convert::Infallible,
@@ -22,6 +23,8 @@ pub struct AdminState {
     pub ready: AtomicBool,
     /// The policy generation in force.
     pub generation: AtomicU64,
+    /// What `/metrics` renders; `None` = 404.
+    pub metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 fn reply(status: StatusCode, body: String) -> Response<Full<Bytes>> {
@@ -45,6 +48,16 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 reply(StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into())
             }
         }
+        "/metrics" => match &state.metrics {
+            Some(m) => {
+                let accept = req.headers().get(hyper::header::ACCEPT).and_then(|v| v.to_str().ok());
+                let (content_type, body) = m.render_for(accept);
+                let mut r = reply(StatusCode::OK, body);
+                r.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static(content_type));
+                r
+            }
+            None => reply(StatusCode::NOT_FOUND, "metrics are not enabled\n".into()),
+        },
         _ => reply(StatusCode::NOT_FOUND, "not found\n".into()),
     }
 }

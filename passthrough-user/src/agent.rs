@@ -265,6 +265,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     if kernel.adopted() {
         info!(state = %args.state_dir.display(), generation = kernel.policy_generation(), "adopted pinned state of a previous agent");
     }
+    // obs: metrics and deny events (metrics.rs, events.rs).
+    let metrics = Arc::new(crate::metrics::Metrics::new());
+    let reporter = Arc::new(crate::events::Reporter::new(metrics.clone(), Default::default()));
+    let events_task = crate::events::start(&mut kernel, &args.state_dir, &reporter);
     let merged = merge_all(&inputs, args.unselected_mode);
     let proxy_state = Arc::new(ArcSwap::from_pointee(proxy_policy(&merged, &opts, args.unselected_mode)));
     let shutdown = CancellationToken::new();
@@ -277,8 +281,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             .map(|r| r.parse::<SocketAddr>().or_else(|_| r.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53))))
             .transpose()
             .context("--resolver")?;
-        let cfg = ProxyConfig { domain_destination: args.domain_destination, resolver, ..ProxyConfig::default() };
-        let proxy = Arc::new(Proxy::new(Arc::new(orig), proxy_state.clone(), cfg)?);
+        let cfg = ProxyConfig { domain_destination: args.domain_destination, resolver, audit: args.audit, ..ProxyConfig::default() };
+        let proxy = Arc::new(Proxy::new(Arc::new(orig), proxy_state.clone(), cfg)?.with_reporter(reporter.clone()));
         for l in proxy_listeners {
             info!(addr = %l.local_addr()?, "proxy listening");
             proxy_tasks.push(tokio::spawn(proxy.clone().serve(l, shutdown.clone())));
@@ -286,7 +290,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     let plan = compile(&kernel, &merged, &opts);
     let (v4, v6) = plan.entry_counts();
+    let usage = crate::metrics::MapUsage::of(&plan); // obs
     let generation = kernel.apply(plan)?;
+    let names = inputs.workloads.iter().map(|(w, d)| (d.id, w.name.clone())); // obs
+    metrics.policy_applied(generation, names, usage, Capacities::default()); // obs
     for p in &points {
         kernel.attach(p)?;
         info!(cgroup = %p.display(), "attached");
@@ -304,7 +311,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         "policy applied"
     );
 
-    let admin_state = Arc::new(AdminState::default());
+    let admin_state = Arc::new(AdminState { metrics: Some(metrics.clone()), ..AdminState::default() }); // obs
     admin_state.generation.store(generation, Ordering::Release);
     admin_state.ready.store(true, Ordering::Release);
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state.clone()));
@@ -321,7 +328,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = async { tokio::select! { _ = hup.recv() => {}, _ = changed.recv() => {} } } => {
-                match reload(&args, &mount, &points, &opts, &mut kernel, &proxy_state) {
+                let r = reload(&args, &mount, &points, &opts, &mut kernel, &proxy_state, &metrics);
+                metrics.reload_result(&r); // obs
+                match r {
                     Ok(g) => admin_state.generation.store(g, Ordering::Release),
                     Err(e) => error!(error = %format!("{e:#}"), "reload rejected; the previous policy stays in force"),
                 }
@@ -331,6 +340,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     info!("shutting down: detaching programs");
     admin_state.ready.store(false, Ordering::Release);
     admin_task.abort();
+    events_task.abort(); // obs
     shutdown.cancel();
     for t in proxy_tasks {
         let _ = t.await;
@@ -351,6 +361,7 @@ fn reload(
     opts: &PlanOptions,
     kernel: &mut Kernel,
     proxy_state: &ArcSwap<ProxyPolicy>,
+    metrics: &crate::metrics::Metrics,
 ) -> anyhow::Result<u64> {
     let inputs = read_inputs(args, mount)?;
     for (w, dir) in &inputs.workloads {
@@ -361,7 +372,10 @@ fn reload(
     let merged = merge_all(&inputs, args.unselected_mode);
     let plan = compile(kernel, &merged, opts);
     let (v4, v6) = plan.entry_counts();
+    let usage = crate::metrics::MapUsage::of(&plan); // obs
     let generation = kernel.apply(plan)?;
+    let names = inputs.workloads.iter().map(|(w, d)| (d.id, w.name.clone())); // obs
+    metrics.policy_applied(generation, names, usage, Capacities::default()); // obs
     // The proxy follows right after the kernel flip: a connection redirected under the new
     // plan is judged by the new policy.
     proxy_state.store(Arc::new(proxy_policy(&merged, opts, args.unselected_mode)));

@@ -101,6 +101,7 @@ async fn start(c: MergedConf, mode: DomainDestination, resolver: Option<SocketAd
         max_peek: 40 * 1024,
         connect_timeout: Duration::from_secs(2),
         upstream_mark: 0,
+        audit: false,
     };
     let orig = Arc::new(FakeOrig::default());
     let policy = Arc::new(ArcSwap::from_pointee(policy));

@@ -36,6 +36,7 @@ use hyper::{
     service::service_fn,
 };
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use prometheus_client::metrics::counter::Counter;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::TcpStream,
@@ -54,6 +55,8 @@ pub type Body = BoxBody<Bytes, hyper::Error>;
 pub struct Rewind {
     pre: Bytes,
     inner: TcpStream,
+    // obs: bytes read from / written to the client (passthrough_proxy_bytes_total).
+    counted: Option<(Counter, Counter)>,
 }
 
 impl Rewind {
@@ -62,7 +65,14 @@ impl Rewind {
         Rewind {
             pre: Bytes::from(pre),
             inner,
+            counted: None,
         }
+    }
+
+    /// Counts bytes read from the client into `up` and bytes written to it into `down`.
+    pub fn counted(mut self, up: Counter, down: Counter) -> Self {
+        self.counted = Some((up, down));
+        self
     }
 }
 
@@ -72,13 +82,19 @@ impl AsyncRead for Rewind {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        if !self.pre.is_empty() {
+        let before = buf.filled().len();
+        let r = if !self.pre.is_empty() {
             let n = self.pre.len().min(buf.remaining());
             let chunk = self.pre.split_to(n);
             buf.put_slice(&chunk);
-            return Poll::Ready(Ok(()));
+            Poll::Ready(Ok(()))
+        } else {
+            Pin::new(&mut self.inner).poll_read(cx, buf)
+        };
+        if let Some((up, _)) = &self.counted {
+            up.inc_by((buf.filled().len() - before) as u64);
         }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        r
     }
 }
 
@@ -88,7 +104,11 @@ impl AsyncWrite for Rewind {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let (Some((_, down)), Poll::Ready(Ok(n))) = (&self.counted, &r) {
+            down.inc_by(*n as u64);
+        }
+        r
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_flush(cx)
@@ -101,7 +121,11 @@ impl AsyncWrite for Rewind {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if let (Some((_, down)), Poll::Ready(Ok(n))) = (&self.counted, &r) {
+            down.inc_by(*n as u64);
+        }
+        r
     }
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
@@ -132,13 +156,16 @@ pub(crate) async fn serve(
     h2: bool,
 ) {
     let peer = conn.peer;
+    let (up, down) = proxy
+        .metrics()
+        .bytes_counters(&proxy.metrics().workload_name(conn.rec.workload));
     let ctx = Arc::new(Ctx {
         proxy,
         conn,
         h2,
         upstreams: Mutex::new(Upstreams::default()),
     });
-    let io = TokioIo::new(Rewind::new(first, client));
+    let io = TokioIo::new(Rewind::new(first, client).counted(up, down));
     let svc = service_fn(move |req| {
         let ctx = ctx.clone();
         async move { Ok::<_, Infallible>(handle(ctx, req).await) }
@@ -196,19 +223,38 @@ async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body> {
     let auth = match authority(&req) {
         Ok(a) => a,
         Err(why) => {
-            ctx.conn.log_deny(proto, None, "no_authority", &why);
+            if ctx
+                .proxy
+                .report_deny(&ctx.conn, proto, None, None, "no_authority", &why)
+            {
+                // --audit: forward to where the client dialled, Host naming that address.
+                let dst = ctx.conn.rec.dst;
+                return match forward(&ctx, req, &dst.to_string(), dst).await {
+                    Ok(resp) => resp,
+                    Err(why) => unavailable(&ctx, grpc, "(none)", &why),
+                };
+            }
             return deny(&ctx, grpc, "(none)", why);
         }
     };
+    // CONNECT and upgrades cannot be passed through per request: refused even under --audit.
     if req.method() == Method::CONNECT {
-        ctx.conn
-            .log_deny(proto, Some(&auth), "connect", &"CONNECT is not proxied");
+        ctx.proxy.report_deny_with(
+            &ctx.conn,
+            proto,
+            None,
+            Some(&auth),
+            "connect",
+            &"CONNECT is not proxied",
+            false,
+        );
         return deny(&ctx, grpc, &auth, "CONNECT tunnels are not proxied");
     }
     if let Some(up) = req.headers().get(header::UPGRADE) {
         let up = String::from_utf8_lossy(up.as_bytes()).into_owned();
         let why = format!("protocol upgrade ({up}) is not proxied");
-        ctx.conn.log_deny(proto, Some(&auth), "upgrade", &why);
+        ctx.proxy
+            .report_deny_with(&ctx.conn, proto, None, Some(&auth), "upgrade", &why, false);
         return deny(&ctx, grpc, &auth, &why);
     }
     let l7 = if ctx.h2 {
@@ -225,7 +271,8 @@ async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body> {
         Err(why) => {
             warn!(
                 target: "passthrough::proxy",
-                workload = ctx.conn.rec.workload, pid = ctx.conn.rec.pid,
+                workload = %ctx.proxy.metrics().workload_name(ctx.conn.rec.workload),
+                workload_id = ctx.conn.rec.workload, pid = ctx.conn.rec.pid,
                 comm = %ctx.conn.rec.comm, peer = %ctx.conn.peer, dst = %ctx.conn.rec.dst,
                 %target, host = %auth, error = %why, "upstream failed"
             );
@@ -351,7 +398,11 @@ async fn connect(ctx: &Ctx, target: SocketAddr) -> Result<TcpStream, String> {
     let cfg = ctx.proxy.cfg();
     relay::connect(target, cfg.upstream_mark, cfg.connect_timeout)
         .await
-        .map_err(|e| e.to_string())
+        .map_err(|e| {
+            let m = ctx.proxy.metrics();
+            m.upstream_connect_error(&m.workload_name(ctx.conn.rec.workload));
+            e.to_string()
+        })
 }
 
 fn full(text: String) -> Body {

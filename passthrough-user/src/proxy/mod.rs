@@ -17,6 +17,12 @@
 //! `passthrough::proxy`, message `decision`) with workload, pid, comm, peer, destination,
 //! protocol, name, verdict, reason and match.
 //!
+//! Denials (and, with [`ProxyConfig::audit`], would-be denials) are reported through
+//! [`crate::events::Reporter`]: one rate-limited event at target `passthrough::deny` with the same
+//! fields as the kernel's, plus metrics ([`crate::metrics`]). Under `audit` a denied connection
+//! or request goes to its original destination instead (CONNECT and protocol upgrades excepted:
+//! they cannot be passed through per request and stay refused).
+//!
 //! Policy: the proxy reads an `Arc<ArcSwap<ProxyPolicy>>`; the agent swaps in a new
 //! [`ProxyPolicy`] on reload. A TLS connection is judged once with the policy of its arrival;
 //! HTTP requests are judged with the policy current when each request arrives.
@@ -42,6 +48,10 @@ use tracing::{debug, info, warn};
 pub use dns::{DestError, Destinations, DomainDestination};
 pub use orig_dst::{OrigDstSource, Redirected};
 
+use crate::{
+    events::{Denial, Reporter},
+    metrics::Metrics,
+};
 use crate::policy::{
     Connection, DecideOptions, L7, MergedConf, Verdict,
     decision::{decide_at_proxy, normalize_name},
@@ -80,6 +90,9 @@ pub struct ProxyConfig {
     pub connect_timeout: Duration,
     /// `SO_MARK` of upstream sockets (normally [`crate::agent::AGENT_MARK`]); 0 = not set.
     pub upstream_mark: u32,
+    /// `--audit`: decide and report, but let denied connections and requests through to their
+    /// original destination.
+    pub audit: bool,
 }
 
 /// The smallest allowed [`ProxyConfig::max_peek`]: a 16 KiB ClientHello in two records.
@@ -94,6 +107,7 @@ impl Default for ProxyConfig {
             max_peek: 32 * 1024,
             connect_timeout: Duration::from_secs(5),
             upstream_mark: crate::agent::AGENT_MARK,
+            audit: false,
         }
     }
 }
@@ -105,6 +119,8 @@ pub struct Proxy {
     policy: Arc<ArcSwap<ProxyPolicy>>,
     cfg: ProxyConfig,
     dest: Destinations,
+    // obs: denials and metrics (events.rs / metrics.rs).
+    report: Arc<Reporter>,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -150,7 +166,114 @@ impl Proxy {
             policy,
             cfg,
             dest,
+            report: Arc::new(Reporter::default()),
         })
+    }
+
+    /// Reports denials and counts into `report` (and its metrics) instead of a private one.
+    pub fn with_reporter(mut self, report: Arc<Reporter>) -> Self {
+        self.report = report;
+        self
+    }
+
+    pub(crate) fn metrics(&self) -> &Arc<Metrics> {
+        self.report.metrics()
+    }
+
+    /// Reports a denial of the connection in `ctx` (`sni`/`host` when known). Returns true
+    /// when `--audit` lets it through.
+    pub(crate) fn report_deny(
+        &self,
+        ctx: &ConnInfo,
+        proto: &str,
+        sni: Option<&str>,
+        host: Option<&str>,
+        code: &str,
+        detail: &dyn Display,
+    ) -> bool {
+        self.report_deny_with(ctx, proto, sni, host, code, detail, self.cfg.audit)
+    }
+
+    /// [`Proxy::report_deny`] for a denial that is enforced even under `--audit` (`audit`
+    /// false): what cannot be passed through is reported as a real denial.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn report_deny_with(
+        &self,
+        ctx: &ConnInfo,
+        proto: &str,
+        sni: Option<&str>,
+        host: Option<&str>,
+        code: &str,
+        detail: &dyn Display,
+        audit: bool,
+    ) -> bool {
+        self.report.report(&Denial {
+            path: "proxy",
+            time: std::time::SystemTime::now(),
+            workload: ctx.rec.workload,
+            cgroup: None,
+            pid: ctx.rec.pid,
+            comm: ctx.rec.comm.clone(),
+            dst: ctx.rec.dst,
+            protocol: proto.to_string(),
+            sni: sni.map(str::to_string),
+            host: host.map(str::to_string),
+            peer: Some(ctx.peer),
+            reason: code.to_string(),
+            detail: detail.to_string(),
+            audit,
+        });
+        audit
+    }
+
+    /// `--audit` for a connection refused before a name was judged: relay it, bytes as read,
+    /// to its original destination.
+    async fn audit_passthrough(&self, mut client: TcpStream, first: Vec<u8>, ctx: &ConnInfo) {
+        let target = ctx.rec.dst;
+        let mut upstream = match relay::connect(target, self.cfg.upstream_mark, self.cfg.connect_timeout).await {
+            Ok(u) => u,
+            Err(e) => {
+                self.upstream_failed(ctx, target, &e);
+                return;
+            }
+        };
+        self.relay_counted(&mut client, first, &mut upstream, ctx, target).await;
+    }
+
+    fn upstream_failed(&self, ctx: &ConnInfo, target: SocketAddr, e: &dyn Display) {
+        let workload = self.metrics().workload_name(ctx.rec.workload);
+        self.metrics().upstream_connect_error(&workload);
+        warn!(
+            target: "passthrough::proxy",
+            workload = %workload, workload_id = ctx.rec.workload, pid = ctx.rec.pid, comm = %ctx.rec.comm,
+            peer = %ctx.peer, dst = %ctx.rec.dst, %target, error = %e,
+            "upstream unreachable; closing the client connection"
+        );
+    }
+
+    async fn relay_counted(
+        &self,
+        client: &mut TcpStream,
+        first: Vec<u8>,
+        upstream: &mut TcpStream,
+        ctx: &ConnInfo,
+        target: SocketAddr,
+    ) {
+        match relay::relay(client, first, upstream).await {
+            Ok(n) => {
+                let (up, down) = self.metrics().bytes_counters(&self.metrics().workload_name(ctx.rec.workload));
+                up.inc_by(n.up);
+                down.inc_by(n.down);
+                debug!(
+                    target: "passthrough::proxy",
+                    peer = %ctx.peer, %target, up = n.up, down = n.down, "relay done"
+                )
+            }
+            Err(e) => debug!(
+                target: "passthrough::proxy",
+                peer = %ctx.peer, %target, error = %e, "relay ended with an error"
+            ),
+        }
     }
 
     /// The settings.
@@ -169,7 +292,9 @@ impl Proxy {
                 Ok((stream, peer)) => {
                     let me = self.clone();
                     let stop = shutdown.child_token();
+                    let active = self.metrics().proxy_active();
                     tokio::spawn(async move {
+                        let _active = active;
                         tokio::select! {
                             _ = stop.cancelled() => {}
                             _ = me.handle(stream, peer) => {}
@@ -194,6 +319,8 @@ impl Proxy {
             }
         };
         let Some(rec) = self.orig.take(peer, local) else {
+            self.metrics().proxy_connection("no_original_destination");
+            self.metrics().proxy_decision("unknown", "deny", "no_original_destination", "");
             warn!(
                 target: "passthrough::proxy",
                 %peer, %local, verdict = "deny", reason = "no_original_destination",
@@ -203,35 +330,47 @@ impl Proxy {
         };
         let _ = client.set_nodelay(true);
         let mut buf = Vec::with_capacity(2048);
+        let peek_start = Instant::now();
         let first = self.read_first(&mut client, &mut buf).await;
+        self.metrics().peek_time(peek_start.elapsed());
+        self.metrics().proxy_connection(match &first {
+            First::Tls(tls::Parse::Hello(_)) => "tls",
+            First::Tls(tls::Parse::Invalid(_)) => "tls_invalid",
+            First::Http1 => "http1",
+            First::H2c => "h2c",
+            First::Tls(_) | First::Other => "unknown",
+            First::TooLarge => "too_large",
+            First::Timeout => "timeout",
+            First::Closed => "closed",
+        });
         let ctx = ConnInfo { peer, rec };
         match first {
             First::Tls(tls::Parse::Hello(hello)) => self.tls(client, buf, ctx, hello).await,
             First::Http1 => http::serve(self, client, buf, ctx, false).await,
             First::H2c => http::serve(self, client, buf, ctx, true).await,
             First::Tls(tls::Parse::Invalid(e)) => {
-                ctx.log_deny("tls", None, "bad_client_hello", &e);
+                if self.report_deny(&ctx, "tls", None, None, "bad_client_hello", &e) {
+                    return self.audit_passthrough(client, buf, &ctx).await;
+                }
                 tls_refuse(client).await;
             }
             First::Tls(tls::Parse::NotTls | tls::Parse::NeedMore) | First::Other => {
-                ctx.log_deny("unknown", None, "unknown_protocol", &"neither TLS nor HTTP");
+                if self.report_deny(&ctx, "unknown", None, None, "unknown_protocol", &"neither TLS nor HTTP") {
+                    self.audit_passthrough(client, buf, &ctx).await;
+                }
             }
-            First::TooLarge => ctx.log_deny(
-                "unknown",
-                None,
-                "too_large",
-                &format_args!("no decision within the first {} bytes", self.cfg.max_peek),
-            ),
-            First::Timeout => ctx.log_deny(
-                "unknown",
-                None,
-                "peek_timeout",
-                &format_args!(
-                    "no decision within {:?} ({} bytes read)",
-                    self.cfg.peek_timeout,
-                    buf.len()
-                ),
-            ),
+            First::TooLarge => {
+                let why = format!("no decision within the first {} bytes", self.cfg.max_peek);
+                if self.report_deny(&ctx, "unknown", None, None, "too_large", &why) {
+                    self.audit_passthrough(client, buf, &ctx).await;
+                }
+            }
+            First::Timeout => {
+                let why = format!("no decision within {:?} ({} bytes read)", self.cfg.peek_timeout, buf.len());
+                if self.report_deny(&ctx, "unknown", None, None, "peek_timeout", &why) {
+                    self.audit_passthrough(client, buf, &ctx).await;
+                }
+            }
             First::Closed => debug!(
                 target: "passthrough::proxy",
                 peer = %ctx.peer, dst = %ctx.rec.dst,
@@ -291,25 +430,11 @@ impl Proxy {
             match relay::connect(target, self.cfg.upstream_mark, self.cfg.connect_timeout).await {
                 Ok(u) => u,
                 Err(e) => {
-                    warn!(
-                        target: "passthrough::proxy",
-                        workload = ctx.rec.workload, pid = ctx.rec.pid, comm = %ctx.rec.comm,
-                        peer = %ctx.peer, dst = %ctx.rec.dst, %target, error = %e,
-                        "upstream unreachable; closing the client connection"
-                    );
+                    self.upstream_failed(&ctx, target, &e);
                     return;
                 }
             };
-        match relay::relay(&mut client, first, &mut upstream).await {
-            Ok(n) => debug!(
-                target: "passthrough::proxy",
-                peer = %ctx.peer, %target, up = n.up, down = n.down, "relay done"
-            ),
-            Err(e) => debug!(
-                target: "passthrough::proxy",
-                peer = %ctx.peer, %target, error = %e, "relay ended with an error"
-            ),
-        }
+        self.relay_counted(&mut client, first, &mut upstream, &ctx, target).await;
     }
 
     /// Decides `l7` for the connection in `ctx` with the current policy, runs the destination
@@ -357,27 +482,38 @@ impl Proxy {
             }
         };
         let name = raw.as_deref().unwrap_or("");
-        let target_s = target.map(|t| t.to_string()).unwrap_or_default();
-        if target.is_some() {
-            info!(
-                target: "passthrough::proxy",
-                workload = ctx.rec.workload, pid = ctx.rec.pid, comm = %ctx.rec.comm,
-                peer = %ctx.peer, dst = %ctx.rec.dst, proto, name, ech, verdict,
-                reason = code, detail = %detail, matched = %matched, upstream = %target_s,
-                "decision"
-            );
-        } else {
-            warn!(
-                target: "passthrough::proxy",
-                workload = ctx.rec.workload, pid = ctx.rec.pid, comm = %ctx.rec.comm,
-                peer = %ctx.peer, dst = %ctx.rec.dst, proto, name, ech, verdict,
-                reason = code, detail = %detail, matched = %matched,
-                "decision"
-            );
-        }
+        let _ = verdict;
         match target {
-            Some(t) => Judgement::Allow(t),
-            None => Judgement::Deny(format!("{name}: {detail}")),
+            Some(t) => {
+                let workload = self.metrics().workload_name(ctx.rec.workload);
+                self.metrics().proxy_decision(proto, "allow", code, &workload);
+                info!(
+                    target: "passthrough::proxy",
+                    workload = %workload, workload_id = ctx.rec.workload, pid = ctx.rec.pid,
+                    comm = %ctx.rec.comm, peer = %ctx.peer, dst = %ctx.rec.dst, protocol = proto,
+                    sni = matches!(l7, L7::Tls(_)).then_some(name),
+                    host = (!matches!(l7, L7::Tls(_))).then_some(name),
+                    ech, verdict = "allow", reason = code, detail = %detail, matched = %matched,
+                    upstream = %t, "decision"
+                );
+                Judgement::Allow(t)
+            }
+            None => {
+                let (sni, host) = match &l7 {
+                    L7::Tls(_) => (raw.as_deref(), None),
+                    _ => (None, raw.as_deref()),
+                };
+                let detail = if matched.is_empty() || code == "destination_check" {
+                    detail
+                } else {
+                    format!("{detail} (match: {matched})")
+                };
+                if self.report_deny(ctx, proto, sni, host, code, &detail) {
+                    // --audit: reported as a would-be denial; go where the client dialled.
+                    return Judgement::Allow(ctx.rec.dst);
+                }
+                Judgement::Deny(format!("{name}: {detail}"))
+            }
         }
     }
 
@@ -391,19 +527,6 @@ impl Proxy {
 pub(crate) struct ConnInfo {
     pub(crate) peer: SocketAddr,
     pub(crate) rec: Redirected,
-}
-
-impl ConnInfo {
-    /// Logs a denial that happened before a name could be judged.
-    fn log_deny(&self, proto: &str, name: Option<&str>, code: &str, detail: &dyn Display) {
-        warn!(
-            target: "passthrough::proxy",
-            workload = self.rec.workload, pid = self.rec.pid, comm = %self.rec.comm,
-            peer = %self.peer, dst = %self.rec.dst, proto, name = name.unwrap_or(""),
-            verdict = "deny", reason = code, detail = %detail,
-            "decision"
-        );
-    }
 }
 
 /// Refuses a TLS client: a fatal `access_denied` alert, then close.

@@ -1,0 +1,594 @@
+//! Deny events: every denial, from the kernel (the `DENY_EVENTS` ring buffer) or from the
+//! proxy, becomes one structured `tracing` event, target `passthrough::deny`, level WARN, with
+//! these fields (JSON with `--log-format json`):
+//!
+//! | field | meaning |
+//! |---|---|
+//! | `path` | `kernel` or `proxy` |
+//! | `time` | when the decision was made (RFC 3339 UTC; the kernel's clock for kernel events) |
+//! | `workload`, `workload_id` | workload name (`""` = none) and its cgroup id (0 = none) |
+//! | `cgroup_id` | kernel only: the cgroup of the calling task |
+//! | `pid`, `comm` | the process that called `connect()`/`sendmsg()` |
+//! | `dst` | the destination it dialled (`ip:port`, IPv4-mapped shown as IPv4) |
+//! | `protocol` | kernel: `tcp`/`udp`; proxy: `tls`, `http1`, `h2c`, `grpc`, `unknown` |
+//! | `sni` / `host` | proxy only, when known: the TLS SNI or the HTTP authority |
+//! | `peer` | proxy only: the client address as the proxy saw it |
+//! | `reason`, `detail` | reason code (kernel: the counter name, e.g. `deny_no_match`) and text |
+//! | `audit` | `true` when `--audit` let the connection through (message says "would be denied") |
+//!
+//! **Rate limit.** Every denial is counted in the metrics, but only a bounded number are
+//! logged: a [`Limiter`] (token buckets: global and per (workload, reason)) decides; the rest
+//! are counted in `passthrough_deny_events_suppressed_total` and summed up in one
+//! "suppressed N denial events" line per [`SUPPRESSED_LOG_EVERY`]. The kernel side is bounded by
+//! its ring buffer (overflow counted in `events_dropped`); the reader drains it in batches and
+//! yields between batches, so a flood costs one parse and a few atomic adds per event.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv6Addr, SocketAddr},
+    os::fd::AsFd as _,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant, SystemTime},
+};
+
+use aya::maps::{MapData, MapInfo, RingBuf};
+use passthrough_common::{DenyEvent, counter};
+use tokio::io::unix::AsyncFd;
+use tracing::{debug, warn};
+
+use crate::metrics::{KernelCounters, Metrics, rfc3339};
+
+/// Target of deny events.
+pub const TARGET: &str = "passthrough::deny";
+/// How often a "suppressed N denial events" line is logged (when N > 0).
+pub const SUPPRESSED_LOG_EVERY: Duration = Duration::from_secs(10);
+/// Most kernel events handled before the reader yields to other tasks.
+const BATCH: usize = 1024;
+
+/// A token bucket on an explicit clock (`now` = time since any fixed origin), so it is pure
+/// and testable with a fake clock.
+#[derive(Debug, Clone)]
+pub struct TokenBucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Duration,
+}
+
+impl TokenBucket {
+    /// `rate` tokens per second, at most `burst` saved; starts full at `now`.
+    pub fn new(rate: f64, burst: f64, now: Duration) -> Self {
+        Self { rate, burst, tokens: burst, last: now }
+    }
+
+    fn refill(&mut self, now: Duration) {
+        if now > self.last {
+            self.tokens = (self.tokens + (now - self.last).as_secs_f64() * self.rate).min(self.burst);
+            self.last = now;
+        }
+    }
+
+    /// Whether a token is available now (and takes it).
+    pub fn try_take(&mut self, now: Duration) -> bool {
+        self.refill(now);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Whether a token is available now, without taking it.
+    pub fn has_token(&mut self, now: Duration) -> bool {
+        self.refill(now);
+        self.tokens >= 1.0
+    }
+}
+
+/// Limits of a [`Limiter`].
+#[derive(Debug, Clone, Copy)]
+pub struct LimiterConfig {
+    /// Events per second over all keys.
+    pub global_rate: f64,
+    /// Burst over all keys.
+    pub global_burst: f64,
+    /// Events per second for one key (one noisy workload cannot use the whole budget).
+    pub key_rate: f64,
+    /// Burst for one key.
+    pub key_burst: f64,
+    /// Most keys tracked; beyond, new keys share the global bucket only.
+    pub max_keys: usize,
+}
+
+impl Default for LimiterConfig {
+    fn default() -> Self {
+        Self { global_rate: 100.0, global_burst: 200.0, key_rate: 20.0, key_burst: 50.0, max_keys: 4096 }
+    }
+}
+
+/// Decides which events are logged: a global token bucket plus one per key. Pure: the caller
+/// passes the time. Memory is bounded by [`LimiterConfig::max_keys`].
+#[derive(Debug)]
+pub struct Limiter<K> {
+    cfg: LimiterConfig,
+    global: TokenBucket,
+    keys: HashMap<K, TokenBucket>,
+    suppressed: u64,
+}
+
+impl<K: std::hash::Hash + Eq> Limiter<K> {
+    /// A limiter whose buckets start full at `now`.
+    pub fn new(cfg: LimiterConfig, now: Duration) -> Self {
+        Self {
+            cfg,
+            global: TokenBucket::new(cfg.global_rate, cfg.global_burst, now),
+            keys: HashMap::new(),
+            suppressed: 0,
+        }
+    }
+
+    /// Whether an event of `key` at `now` may be logged; if not it is counted as suppressed.
+    pub fn allow(&mut self, key: K, now: Duration) -> bool {
+        if !self.global.has_token(now) {
+            self.suppressed += 1;
+            return false;
+        }
+        if self.keys.len() >= self.cfg.max_keys && !self.keys.contains_key(&key) {
+            // Forget buckets that are full again (idle keys); they would start full anyway.
+            let cfg = self.cfg;
+            self.keys.retain(|_, b| {
+                b.refill(now);
+                b.tokens < cfg.key_burst
+            });
+        }
+        let ok = if self.keys.len() < self.cfg.max_keys || self.keys.contains_key(&key) {
+            self.keys
+                .entry(key)
+                .or_insert_with(|| TokenBucket::new(self.cfg.key_rate, self.cfg.key_burst, now))
+                .try_take(now)
+        } else {
+            true
+        };
+        if ok && self.global.try_take(now) {
+            true
+        } else {
+            self.suppressed += 1;
+            false
+        }
+    }
+
+    /// Events suppressed since the last call.
+    pub fn take_suppressed(&mut self) -> u64 {
+        std::mem::take(&mut self.suppressed)
+    }
+
+    /// Keys currently tracked.
+    pub fn tracked_keys(&self) -> usize {
+        self.keys.len()
+    }
+}
+
+/// One denial, from either path.
+#[derive(Debug, Clone)]
+pub struct Denial {
+    /// `kernel` or `proxy`.
+    pub path: &'static str,
+    /// When it was decided.
+    pub time: SystemTime,
+    /// Workload cgroup id (0 = none).
+    pub workload: u64,
+    /// Kernel: the calling task's cgroup id.
+    pub cgroup: Option<u64>,
+    /// The caller.
+    pub pid: u32,
+    /// Its command name.
+    pub comm: String,
+    /// Destination dialled.
+    pub dst: SocketAddr,
+    /// `tcp`/`udp` (kernel) or the proxy's protocol.
+    pub protocol: String,
+    /// TLS SNI, when known.
+    pub sni: Option<String>,
+    /// HTTP authority, when known.
+    pub host: Option<String>,
+    /// Proxy: the client's address.
+    pub peer: Option<SocketAddr>,
+    /// Reason code.
+    pub reason: String,
+    /// Reason text.
+    pub detail: String,
+    /// `--audit` let it through.
+    pub audit: bool,
+}
+
+/// The reason code and text of a kernel denial (`DenyEvent::reason`, a counter index).
+pub fn kernel_reason(reason: u32) -> (&'static str, &'static str) {
+    let code = counter::NAMES.get(reason as usize).copied().unwrap_or("unknown");
+    let text = match reason {
+        counter::DENY_MODE_NONE => "passthroughMode None denies every egress destination",
+        counter::DENY_NO_MATCH => {
+            "passthroughMode Matched: no IP/CIDR match allows this destination and no Domain match applies to its port"
+        }
+        counter::DENY_NO_PROXY => {
+            "only a Domain match could allow it, and the connection cannot go through the proxy (proxy off, no --proxy-addr for this network namespace, or UDP)"
+        }
+        _ => "denied by the kernel program",
+    };
+    (code, text)
+}
+
+/// A kernel event's destination (IPv4-mapped addresses shown as IPv4).
+pub fn event_dst(ev: &DenyEvent) -> SocketAddr {
+    let v6 = Ipv6Addr::from(ev.addr);
+    let ip = match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
+    };
+    SocketAddr::new(ip, ev.port)
+}
+
+fn comm_str(comm: &[u8; 16]) -> String {
+    let n = comm.iter().position(|b| *b == 0).unwrap_or(comm.len());
+    String::from_utf8_lossy(&comm[..n]).into_owned()
+}
+
+/// Counts and logs denials (rate-limited). Shared by the kernel event reader and the proxy.
+pub struct Reporter {
+    metrics: Arc<Metrics>,
+    limiter: Mutex<Limiter<(u64, String)>>,
+    origin: Instant,
+    pending: [AtomicU64; 2],
+}
+
+impl std::fmt::Debug for Reporter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reporter").finish_non_exhaustive()
+    }
+}
+
+impl Default for Reporter {
+    fn default() -> Self {
+        Self::new(Arc::new(Metrics::new()), LimiterConfig::default())
+    }
+}
+
+fn path_index(path: &str) -> usize {
+    usize::from(path != "kernel")
+}
+
+impl Reporter {
+    /// A reporter counting into `metrics`, logging within `limits`.
+    pub fn new(metrics: Arc<Metrics>, limits: LimiterConfig) -> Self {
+        Self {
+            metrics,
+            limiter: Mutex::new(Limiter::new(limits, Duration::ZERO)),
+            origin: Instant::now(),
+            pending: [AtomicU64::new(0), AtomicU64::new(0)],
+        }
+    }
+
+    /// The metrics it counts into.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Counts one denial and logs it unless the rate limit says otherwise. Proxy denials are
+    /// counted in `proxy_decisions` (and `decisions{path="proxy"}`), kernel ones in
+    /// `decisions{path="kernel"}`.
+    pub fn report(&self, d: &Denial) {
+        let workload = self.metrics.workload_name(d.workload);
+        let verdict = if d.audit { "would_deny" } else { "deny" };
+        if d.path == "kernel" {
+            self.metrics.decision("kernel", verdict, &d.reason, &workload);
+        } else {
+            self.metrics.proxy_decision(&d.protocol, verdict, &d.reason, &workload);
+        }
+        let ok = {
+            let mut l = self.limiter.lock().unwrap_or_else(|e| e.into_inner());
+            l.allow((d.workload, d.reason.clone()), self.origin.elapsed())
+        };
+        if !ok {
+            self.metrics.suppressed(d.path, 1);
+            self.pending[path_index(d.path)].fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let message = if d.audit { "would be denied (audit mode: let through)" } else { "denied" };
+        warn!(
+            target: TARGET,
+            path = d.path,
+            time = %rfc3339(d.time),
+            workload = %workload,
+            workload_id = d.workload,
+            cgroup_id = d.cgroup,
+            pid = d.pid,
+            comm = %d.comm,
+            dst = %d.dst,
+            protocol = %d.protocol,
+            sni = d.sni.as_deref(),
+            host = d.host.as_deref(),
+            peer = d.peer.map(|p| p.to_string()).as_deref(),
+            reason = %d.reason,
+            detail = %d.detail,
+            audit = d.audit,
+            "{message}"
+        );
+    }
+
+    /// Logs "suppressed N denial events" for what the rate limit held back since the last call.
+    pub fn log_suppressed(&self) {
+        let kernel = self.pending[0].swap(0, Ordering::Relaxed);
+        let proxy = self.pending[1].swap(0, Ordering::Relaxed);
+        // Keep the limiter's own tally from growing; the per-path numbers above are what we report.
+        let _ = self.limiter.lock().unwrap_or_else(|e| e.into_inner()).take_suppressed();
+        let n = kernel + proxy;
+        if n > 0 {
+            warn!(
+                target: TARGET,
+                suppressed = n,
+                kernel,
+                proxy,
+                every_secs = SUPPRESSED_LOG_EVERY.as_secs(),
+                "suppressed {n} denial events (log rate limit; all are counted in the metrics)"
+            );
+        }
+    }
+
+    /// Turns a kernel event into a [`Denial`] and reports it. `mono_to_wall` converts the
+    /// kernel's monotonic clock.
+    pub fn report_kernel(&self, ev: &DenyEvent, now_wall: SystemTime, now_mono_ns: u64) {
+        let (code, text) = kernel_reason(ev.reason);
+        let age = Duration::from_nanos(now_mono_ns.saturating_sub(ev.ktime_ns));
+        self.report(&Denial {
+            path: "kernel",
+            time: now_wall.checked_sub(age).unwrap_or(now_wall),
+            workload: ev.workload,
+            cgroup: Some(ev.cgroup),
+            pid: ev.pid,
+            comm: comm_str(&ev.comm),
+            dst: event_dst(ev),
+            protocol: if ev.protocol == 17 { "udp".into() } else { "tcp".into() },
+            sni: None,
+            host: None,
+            peer: None,
+            reason: code.into(),
+            detail: text.into(),
+            audit: ev.audit != 0,
+        });
+    }
+}
+
+/// `CLOCK_MONOTONIC` in ns (`bpf_ktime_get_ns`' clock).
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64).saturating_mul(1_000_000_000).saturating_add(ts.tv_nsec as u64)
+}
+
+/// Reads the kernel's deny events until the task is dropped, reporting each; also logs the
+/// suppressed-events summary every [`SUPPRESSED_LOG_EVERY`].
+pub async fn read_kernel_events(ring: RingBuf<MapData>, reporter: Arc<Reporter>) {
+    // SAFETY: the RingBuf owns its map fd for its whole life and always returns that fd; the
+    // AsyncFd owns the RingBuf.
+    let registered = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) };
+    let mut afd = match registered {
+        Ok(a) => a,
+        Err(e) => {
+            warn!(error = %e, "deny events: cannot poll the ring buffer; kernel denials will not be logged");
+            return futures_pending(reporter).await;
+        }
+    };
+    let mut tick = tokio::time::interval(SUPPRESSED_LOG_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => reporter.log_suppressed(),
+            r = afd.readable_mut() => {
+                let mut guard = match r {
+                    Ok(g) => g,
+                    Err(e) => {
+                        warn!(error = %e, "deny events: polling the ring buffer failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let (wall, mono) = (SystemTime::now(), monotonic_ns());
+                let ring = guard.get_inner_mut();
+                let mut n = 0;
+                let mut full_batch = false;
+                while let Some(item) = ring.next() {
+                    if item.len() >= std::mem::size_of::<DenyEvent>() {
+                        // SAFETY: the kernel wrote a DenyEvent (plain data) at the start of the
+                        // item; read_unaligned copes with any alignment.
+                        let ev: DenyEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+                        drop(item);
+                        reporter.report_kernel(&ev, wall, mono);
+                    } else {
+                        debug!(len = item.len(), "deny events: short record ignored");
+                    }
+                    n += 1;
+                    if n >= BATCH {
+                        full_batch = true;
+                        break;
+                    }
+                }
+                if !full_batch {
+                    guard.clear_ready();
+                }
+                drop(guard);
+                if full_batch {
+                    tokio::task::yield_now().await;
+                }
+            }
+        }
+    }
+}
+
+/// Without a pollable ring buffer: still log the proxy's suppressed summaries.
+async fn futures_pending(reporter: Arc<Reporter>) {
+    let mut tick = tokio::time::interval(SUPPRESSED_LOG_EVERY);
+    loop {
+        tick.tick().await;
+        reporter.log_suppressed();
+    }
+}
+
+/// Agent start-up: takes the kernel's deny-event ring buffer, points the metrics at the
+/// kernel counters (the pinned `COUNTERS` map under `state_dir`, else the map beside the ring
+/// buffer) and spawns [`read_kernel_events`]. The returned task runs until aborted.
+pub fn start(
+    kernel: &mut crate::kernel::Kernel,
+    state_dir: &std::path::Path,
+    reporter: &Arc<Reporter>,
+) -> tokio::task::JoinHandle<()> {
+    let ring = kernel.take_deny_events();
+    let pinned = crate::pins::map_pin(state_dir, "COUNTERS");
+    let counters = KernelCounters::from_pin(&pinned).map_err(anyhow::Error::from).or_else(|e| match &ring {
+        Some(r) => counters_beside(r).map_err(|e2| e.context(e2)),
+        None => Err(e),
+    });
+    match counters {
+        Ok(c) => reporter.metrics().set_kernel_counters(c),
+        Err(e) => warn!(error = %format!("{e:#}"), "metrics: kernel counters unavailable"),
+    }
+    match ring {
+        Some(ring) => tokio::spawn(read_kernel_events(ring, reporter.clone())),
+        None => {
+            warn!("deny events: ring buffer already taken; kernel denials will not be logged");
+            tokio::spawn(futures_pending(reporter.clone()))
+        }
+    }
+}
+
+/// Finds the `COUNTERS` map that belongs to the same loaded object as `ring` (the programs
+/// that reference this ring buffer also reference their counters) and opens a second handle
+/// on it, so metrics can read the kernel counters without the `Kernel`.
+pub fn counters_beside(ring: &RingBuf<MapData>) -> anyhow::Result<KernelCounters> {
+    let fd = ring.as_fd().try_clone_to_owned()?;
+    let ring_id = MapData::from_fd(fd)?.info()?.id();
+    for prog in aya::programs::loaded_programs().flatten() {
+        let Ok(Some(ids)) = prog.map_ids() else { continue };
+        if !ids.contains(&ring_id) {
+            continue;
+        }
+        for id in ids {
+            if MapInfo::from_id(id).ok().as_ref().and_then(|i| i.name_as_str()) == Some("COUNTERS") {
+                return Ok(KernelCounters::new(MapData::from_id(id)?)?);
+            }
+        }
+    }
+    anyhow::bail!("no loaded program references both the deny-event ring buffer (map id {ring_id}) and a COUNTERS map")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn bucket_refills_at_rate_up_to_burst() {
+        let mut b = TokenBucket::new(10.0, 3.0, Duration::ZERO);
+        assert!((0..3).all(|_| b.try_take(Duration::ZERO)));
+        assert!(!b.try_take(Duration::ZERO));
+        assert!(!b.try_take(50 * MS));
+        assert!(b.try_take(100 * MS));
+        assert!(!b.try_take(100 * MS));
+        // A long pause refills only up to the burst.
+        let t = Duration::from_secs(60);
+        assert_eq!((0..10).filter(|_| b.try_take(t)).count(), 3);
+        // Time going backwards does not mint tokens.
+        assert!(!b.try_take(Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn global_limit_holds_over_a_flood() {
+        let cfg = LimiterConfig { key_rate: 1e9, key_burst: 1e9, ..LimiterConfig::default() };
+        let mut l = Limiter::new(cfg, Duration::ZERO);
+        // 10 s of 100 000 events/s from 50 keys.
+        let mut logged = 0u64;
+        let total = 1_000_000u64;
+        for i in 0..total {
+            let now = Duration::from_micros(i * 10);
+            if l.allow(i % 50, now) {
+                logged += 1;
+            }
+        }
+        // burst 200 + 100/s × 10 s.
+        assert!((1190..=1201).contains(&logged), "logged {logged}");
+        assert_eq!(l.take_suppressed(), total - logged);
+        assert_eq!(l.take_suppressed(), 0);
+    }
+
+    #[test]
+    fn one_noisy_key_cannot_take_the_whole_budget() {
+        let mut l = Limiter::new(LimiterConfig::default(), Duration::ZERO);
+        let mut noisy = 0;
+        for i in 0..10_000u64 {
+            if l.allow("noisy", Duration::from_micros(i * 100)) {
+                noisy += 1;
+            }
+        }
+        // 1 s: burst 50 + 20/s.
+        assert!((69..=71).contains(&noisy), "noisy logged {noisy}");
+        // Another key still gets through right away.
+        assert!(l.allow("quiet", Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn key_table_is_bounded() {
+        let cfg = LimiterConfig { max_keys: 16, global_rate: 1e9, global_burst: 1e9, ..LimiterConfig::default() };
+        let mut l = Limiter::new(cfg, Duration::ZERO);
+        for k in 0..10_000u64 {
+            l.allow(k, Duration::ZERO);
+            assert!(l.tracked_keys() <= 16);
+        }
+        // Idle keys are forgotten once they are full again.
+        assert!(l.allow(123_456, Duration::from_secs(10)));
+        assert!(l.tracked_keys() <= 16);
+    }
+
+    #[test]
+    fn kernel_event_fields() {
+        let mut ev = DenyEvent { reason: counter::DENY_NO_MATCH, port: 443, protocol: 6, pid: 7, ..Default::default() };
+        ev.addr = std::net::Ipv4Addr::new(203, 0, 113, 7).to_ipv6_mapped().octets();
+        ev.comm[..4].copy_from_slice(b"curl");
+        assert_eq!(event_dst(&ev), "203.0.113.7:443".parse().unwrap());
+        assert_eq!(comm_str(&ev.comm), "curl");
+        assert_eq!(kernel_reason(ev.reason).0, "deny_no_match");
+        ev.addr = "2001:db8::1".parse::<Ipv6Addr>().unwrap().octets();
+        assert_eq!(event_dst(&ev), "[2001:db8::1]:443".parse().unwrap());
+    }
+
+    #[test]
+    fn reporter_counts_everything_and_suppresses_logs() {
+        let metrics = Arc::new(Metrics::new());
+        metrics.policy_applied(1, [(9, "web".to_string())], Default::default(), Default::default());
+        let cfg = LimiterConfig { global_rate: 0.0, global_burst: 2.0, ..LimiterConfig::default() };
+        let r = Reporter::new(metrics.clone(), cfg);
+        let ev = DenyEvent { workload: 9, reason: counter::DENY_MODE_NONE, port: 80, protocol: 17, ..Default::default() };
+        for _ in 0..5 {
+            r.report_kernel(&ev, SystemTime::now(), monotonic_ns());
+        }
+        let text = metrics.render();
+        let find = |name: &str, want: &[(&str, &str)]| {
+            crate::metrics::parse_text(&text)
+                .into_iter()
+                .find(|(n, l, _)| n == name && want.iter().all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v)))
+                .map(|s| s.2)
+        };
+        assert_eq!(
+            find("passthrough_decisions_total", &[("path", "kernel"), ("workload", "web"), ("reason", "deny_mode_none")]),
+            Some(5.0)
+        );
+        assert_eq!(find("passthrough_deny_events_suppressed_total", &[("path", "kernel")]), Some(3.0));
+        assert_eq!(r.pending[0].load(Ordering::Relaxed), 3);
+        r.log_suppressed();
+        assert_eq!(r.pending[0].load(Ordering::Relaxed), 0);
+    }
+}
