@@ -151,20 +151,29 @@ fn resolvers(args: &RunArgs) -> anyhow::Result<Vec<IpAddr>> {
 
 /// Merges every workload's configuration once; the kernel plan and the proxy policy are both
 /// built from it, so the two halves always decide with the same generation of policy.
-fn merge_all(inputs: &Inputs, unselected: Mode) -> Vec<(u64, policy::MergedConf)> {
-    inputs.workloads.iter().map(|(w, dir)| (dir.id, inputs.policies.merge_for(w, unselected))).collect()
+///
+/// Workloads selected by the same policies share one merged configuration (computed once).
+fn merge_all(inputs: &Inputs, unselected: Mode) -> Merged {
+    let (confs, of) = inputs.policies.merge_all(inputs.workloads.iter().map(|(w, _)| w), unselected);
+    Merged { confs, of: inputs.workloads.iter().map(|(_, dir)| dir.id).zip(of).collect() }
+}
+
+/// Merged configurations and, per workload cgroup id, the index of its configuration.
+struct Merged {
+    confs: Vec<policy::MergedConf>,
+    of: Vec<(u64, usize)>,
 }
 
 /// Compiles the plan for the kernel's next generation.
-fn compile(kernel: &Kernel, merged: &[(u64, policy::MergedConf)], opts: &PlanOptions) -> plan::KernelPlan {
-    let refs: Vec<(u64, &policy::MergedConf)> = merged.iter().map(|(id, c)| (*id, c)).collect();
+fn compile(kernel: &Kernel, merged: &Merged, opts: &PlanOptions) -> plan::KernelPlan {
+    let refs: Vec<(u64, &policy::MergedConf)> = merged.of.iter().map(|(id, i)| (*id, &merged.confs[*i])).collect();
     plan::compile(kernel.next_generation(), &refs, opts)
 }
 
 /// The proxy's view of the same merged configuration.
-fn proxy_policy(merged: &[(u64, policy::MergedConf)], opts: &PlanOptions, unselected: Mode) -> ProxyPolicy {
+fn proxy_policy(merged: &Merged, opts: &PlanOptions, unselected: Mode) -> ProxyPolicy {
     ProxyPolicy {
-        workloads: merged.iter().cloned().collect(),
+        workloads: merged.of.iter().map(|(id, i)| (*id, merged.confs[*i].clone())).collect(),
         unmatched: policy::MergedConf { mode: unselected, matches: Vec::new(), policies: Vec::new() },
         decide: policy::DecideOptions {
             internal: opts.internal.clone(),
