@@ -43,7 +43,8 @@ enum Cmd {
     },
     /// Run benchmarks.
     Bench {
-        /// Which: `connect` (kernel path). Default: all.
+        /// Which: `connect` (kernel path: connect() cost, compile + load), `policy` (parse,
+        /// validate, merge, compile of 100,000 matches). Default: all.
         #[arg(default_value = "all")]
         which: String,
         /// Shorter runs (smoke check of the bench itself).
@@ -113,15 +114,30 @@ fn main() -> anyhow::Result<()> {
             result.and(swept)
         }
         Cmd::Bench { which, quick } => {
-            run(cargo().args(["build", "--release", "--workspace", "--exclude", "passthrough-ebpf", "--bins"]))?;
-            let mut c = Command::new(target_dir().join("release").join("pt-bench"));
-            c.arg(&which);
-            if quick {
-                c.arg("--quick");
+            let all = which == "all";
+            if !all && !["connect", "policy"].contains(&which.as_str()) {
+                bail!("unknown bench {which:?}: one of connect, policy, all");
             }
-            let result = run(&mut c);
-            let swept = sweep();
-            result.and(swept)
+            let mut result = Ok(());
+            if all || which == "policy" {
+                // parse + validate + merge + compile of 100,000 matches (criterion; --figures
+                // prints medians and peak RSS). No kernel needed.
+                result = run(cargo()
+                    .args(["bench", "-p", "passthrough-user", "--bench", "policy_pipeline", "--", "--figures"])
+                    .env("AYA_BUILD_SKIP", "1"));
+            }
+            if result.is_ok() && (all || which == "connect") {
+                run(cargo().args(["build", "--release", "--workspace", "--exclude", "passthrough-ebpf", "--bins"]))?;
+                let mut c = Command::new(target_dir().join("release").join("pt-bench"));
+                c.arg("connect");
+                if quick {
+                    c.arg("--quick");
+                }
+                result = run(&mut c);
+                let swept = sweep();
+                result = result.and(swept);
+            }
+            result
         }
         Cmd::Demo => {
             run(cargo().args(["build", "--workspace", "--exclude", "passthrough-ebpf", "--bins"]))?;
