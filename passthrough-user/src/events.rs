@@ -20,8 +20,9 @@
 //! logged: a [`Limiter`] (token buckets: global and per (workload, reason)) decides; the rest
 //! are counted in `passthrough_deny_events_suppressed_total` and summed up in one
 //! "suppressed N denial events" line per [`SUPPRESSED_LOG_EVERY`]. The kernel side is bounded by
-//! its ring buffer (overflow counted in `events_dropped`); the reader drains it in batches and
-//! yields between batches, so a flood costs one parse and a few atomic adds per event.
+//! its ring buffer (overflow counted in `events_dropped`); the reader drains it in batches,
+//! yields between batches and pauses [`COALESCE_PAUSE`] after a busy wake-up, so a flood costs
+//! a bounded number of wake-ups per second plus one parse and a few counter updates per event.
 
 use std::{
     collections::HashMap,
@@ -47,6 +48,10 @@ pub const TARGET: &str = "passthrough::deny";
 pub const SUPPRESSED_LOG_EVERY: Duration = Duration::from_secs(10);
 /// Most kernel events handled before the reader yields to other tasks.
 const BATCH: usize = 1024;
+/// A wake-up that found at least this many events means a busy ring: pause before the next.
+const COALESCE_AFTER: usize = 16;
+/// How long the reader lets a busy ring fill before reading again.
+const COALESCE_PAUSE: Duration = Duration::from_millis(10);
 
 /// A token bucket on an explicit clock (`now` = time since any fixed origin), so it is pure
 /// and testable with a fake clock.
@@ -423,6 +428,11 @@ pub async fn read_kernel_events(ring: RingBuf<MapData>, reporter: Arc<Reporter>)
                 drop(guard);
                 if full_batch {
                     tokio::task::yield_now().await;
+                } else if n >= COALESCE_AFTER {
+                    // A busy ring: let events accumulate instead of waking per event, so a flood
+                    // costs a bounded number of wake-ups per second (the ring holds ~3 000
+                    // events; at this pause it would take > 300 000 denials/s to overflow it).
+                    tokio::time::sleep(COALESCE_PAUSE).await;
                 }
             }
         }
