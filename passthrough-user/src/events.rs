@@ -66,12 +66,18 @@ pub struct TokenBucket {
 impl TokenBucket {
     /// `rate` tokens per second, at most `burst` saved; starts full at `now`.
     pub fn new(rate: f64, burst: f64, now: Duration) -> Self {
-        Self { rate, burst, tokens: burst, last: now }
+        Self {
+            rate,
+            burst,
+            tokens: burst,
+            last: now,
+        }
     }
 
     fn refill(&mut self, now: Duration) {
         if now > self.last {
-            self.tokens = (self.tokens + (now - self.last).as_secs_f64() * self.rate).min(self.burst);
+            self.tokens =
+                (self.tokens + (now - self.last).as_secs_f64() * self.rate).min(self.burst);
             self.last = now;
         }
     }
@@ -111,7 +117,13 @@ pub struct LimiterConfig {
 
 impl Default for LimiterConfig {
     fn default() -> Self {
-        Self { global_rate: 100.0, global_burst: 200.0, key_rate: 20.0, key_burst: 50.0, max_keys: 4096 }
+        Self {
+            global_rate: 100.0,
+            global_burst: 200.0,
+            key_rate: 20.0,
+            key_burst: 50.0,
+            max_keys: 4096,
+        }
     }
 }
 
@@ -212,7 +224,10 @@ pub struct Denial {
 
 /// The reason code and text of a kernel denial (`DenyEvent::reason`, a counter index).
 pub fn kernel_reason(reason: u32) -> (&'static str, &'static str) {
-    let code = counter::NAMES.get(reason as usize).copied().unwrap_or("unknown");
+    let code = counter::NAMES
+        .get(reason as usize)
+        .copied()
+        .unwrap_or("unknown");
     let text = match reason {
         counter::DENY_MODE_NONE => "passthroughMode None denies every egress destination",
         counter::DENY_NO_MATCH => {
@@ -288,9 +303,11 @@ impl Reporter {
         let workload = self.metrics.workload_name(d.workload);
         let verdict = if d.audit { "would_deny" } else { "deny" };
         if d.path == "kernel" {
-            self.metrics.decision("kernel", verdict, &d.reason, &workload);
+            self.metrics
+                .decision("kernel", verdict, &d.reason, &workload);
         } else {
-            self.metrics.proxy_decision(&d.protocol, verdict, &d.reason, &workload);
+            self.metrics
+                .proxy_decision(&d.protocol, verdict, &d.reason, &workload);
         }
         let ok = {
             let mut l = self.limiter.lock().unwrap_or_else(|e| e.into_inner());
@@ -301,7 +318,11 @@ impl Reporter {
             self.pending[path_index(d.path)].fetch_add(1, Ordering::Relaxed);
             return;
         }
-        let message = if d.audit { "would be denied (audit mode: let through)" } else { "denied" };
+        let message = if d.audit {
+            "would be denied (audit mode: let through)"
+        } else {
+            "denied"
+        };
         warn!(
             target: TARGET,
             path = d.path,
@@ -328,7 +349,11 @@ impl Reporter {
         let kernel = self.pending[0].swap(0, Ordering::Relaxed);
         let proxy = self.pending[1].swap(0, Ordering::Relaxed);
         // Keep the limiter's own tally from growing; the per-path numbers above are what we report.
-        let _ = self.limiter.lock().unwrap_or_else(|e| e.into_inner()).take_suppressed();
+        let _ = self
+            .limiter
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take_suppressed();
         let n = kernel + proxy;
         if n > 0 {
             warn!(
@@ -355,7 +380,11 @@ impl Reporter {
             pid: ev.pid,
             comm: comm_str(&ev.comm),
             dst: event_dst(ev),
-            protocol: if ev.protocol == 17 { "udp".into() } else { "tcp".into() },
+            protocol: if ev.protocol == 17 {
+                "udp".into()
+            } else {
+                "tcp".into()
+            },
             sni: None,
             host: None,
             peer: None,
@@ -368,10 +397,15 @@ impl Reporter {
 
 /// `CLOCK_MONOTONIC` in ns (`bpf_ktime_get_ns`' clock).
 fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: valid out-pointer.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    (ts.tv_sec as u64).saturating_mul(1_000_000_000).saturating_add(ts.tv_nsec as u64)
+    (ts.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec as u64)
 }
 
 /// Reads the kernel's deny events until the task is dropped, reporting each; also logs the
@@ -379,7 +413,8 @@ fn monotonic_ns() -> u64 {
 pub async fn read_kernel_events(ring: RingBuf<MapData>, reporter: Arc<Reporter>) {
     // SAFETY: the RingBuf owns its map fd for its whole life and always returns that fd; the
     // AsyncFd owns the RingBuf.
-    let registered = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) };
+    let registered =
+        unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) };
     let mut afd = match registered {
         Ok(a) => a,
         Err(e) => {
@@ -458,10 +493,12 @@ pub fn start(
 ) -> tokio::task::JoinHandle<()> {
     let ring = kernel.take_deny_events();
     let pinned = crate::pins::map_pin(state_dir, "COUNTERS");
-    let counters = KernelCounters::from_pin(&pinned).map_err(anyhow::Error::from).or_else(|e| match &ring {
-        Some(r) => counters_beside(r).map_err(|e2| e.context(e2)),
-        None => Err(e),
-    });
+    let counters = KernelCounters::from_pin(&pinned)
+        .map_err(anyhow::Error::from)
+        .or_else(|e| match &ring {
+            Some(r) => counters_beside(r).map_err(|e2| e.context(e2)),
+            None => Err(e),
+        });
     match counters {
         Ok(c) => reporter.metrics().set_kernel_counters(c),
         Err(e) => warn!(error = %format!("{e:#}"), "metrics: kernel counters unavailable"),
@@ -482,17 +519,26 @@ pub fn counters_beside(ring: &RingBuf<MapData>) -> anyhow::Result<KernelCounters
     let fd = ring.as_fd().try_clone_to_owned()?;
     let ring_id = MapData::from_fd(fd)?.info()?.id();
     for prog in aya::programs::loaded_programs().flatten() {
-        let Ok(Some(ids)) = prog.map_ids() else { continue };
+        let Ok(Some(ids)) = prog.map_ids() else {
+            continue;
+        };
         if !ids.contains(&ring_id) {
             continue;
         }
         for id in ids {
-            if MapInfo::from_id(id).ok().as_ref().and_then(|i| i.name_as_str()) == Some("COUNTERS") {
+            if MapInfo::from_id(id)
+                .ok()
+                .as_ref()
+                .and_then(|i| i.name_as_str())
+                == Some("COUNTERS")
+            {
                 return Ok(KernelCounters::new(MapData::from_id(id)?)?);
             }
         }
     }
-    anyhow::bail!("no loaded program references both the deny-event ring buffer (map id {ring_id}) and a COUNTERS map")
+    anyhow::bail!(
+        "no loaded program references both the deny-event ring buffer (map id {ring_id}) and a COUNTERS map"
+    )
 }
 
 #[cfg(test)]
@@ -518,7 +564,11 @@ mod tests {
 
     #[test]
     fn global_limit_holds_over_a_flood() {
-        let cfg = LimiterConfig { key_rate: 1e9, key_burst: 1e9, ..LimiterConfig::default() };
+        let cfg = LimiterConfig {
+            key_rate: 1e9,
+            key_burst: 1e9,
+            ..LimiterConfig::default()
+        };
         let mut l = Limiter::new(cfg, Duration::ZERO);
         // 10 s of 100 000 events/s from 50 keys.
         let mut logged = 0u64;
@@ -552,7 +602,12 @@ mod tests {
 
     #[test]
     fn key_table_is_bounded() {
-        let cfg = LimiterConfig { max_keys: 16, global_rate: 1e9, global_burst: 1e9, ..LimiterConfig::default() };
+        let cfg = LimiterConfig {
+            max_keys: 16,
+            global_rate: 1e9,
+            global_burst: 1e9,
+            ..LimiterConfig::default()
+        };
         let mut l = Limiter::new(cfg, Duration::ZERO);
         for k in 0..10_000u64 {
             l.allow(k, Duration::ZERO);
@@ -565,8 +620,16 @@ mod tests {
 
     #[test]
     fn kernel_event_fields() {
-        let mut ev = DenyEvent { reason: counter::DENY_NO_MATCH, port: 443, protocol: 6, pid: 7, ..Default::default() };
-        ev.addr = std::net::Ipv4Addr::new(203, 0, 113, 7).to_ipv6_mapped().octets();
+        let mut ev = DenyEvent {
+            reason: counter::DENY_NO_MATCH,
+            port: 443,
+            protocol: 6,
+            pid: 7,
+            ..Default::default()
+        };
+        ev.addr = std::net::Ipv4Addr::new(203, 0, 113, 7)
+            .to_ipv6_mapped()
+            .octets();
         ev.comm[..4].copy_from_slice(b"curl");
         assert_eq!(event_dst(&ev), "203.0.113.7:443".parse().unwrap());
         assert_eq!(comm_str(&ev.comm), "curl");
@@ -578,10 +641,25 @@ mod tests {
     #[test]
     fn reporter_counts_everything_and_suppresses_logs() {
         let metrics = Arc::new(Metrics::new());
-        metrics.policy_applied(1, [(9, "web".to_string())], Default::default(), Default::default());
-        let cfg = LimiterConfig { global_rate: 0.0, global_burst: 2.0, ..LimiterConfig::default() };
+        metrics.policy_applied(
+            1,
+            [(9, "web".to_string())],
+            Default::default(),
+            Default::default(),
+        );
+        let cfg = LimiterConfig {
+            global_rate: 0.0,
+            global_burst: 2.0,
+            ..LimiterConfig::default()
+        };
         let r = Reporter::new(metrics.clone(), cfg);
-        let ev = DenyEvent { workload: 9, reason: counter::DENY_MODE_NONE, port: 80, protocol: 17, ..Default::default() };
+        let ev = DenyEvent {
+            workload: 9,
+            reason: counter::DENY_MODE_NONE,
+            port: 80,
+            protocol: 17,
+            ..Default::default()
+        };
         for _ in 0..5 {
             r.report_kernel(&ev, SystemTime::now(), monotonic_ns());
         }
@@ -589,14 +667,32 @@ mod tests {
         let find = |name: &str, want: &[(&str, &str)]| {
             crate::metrics::parse_text(&text)
                 .into_iter()
-                .find(|(n, l, _)| n == name && want.iter().all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v)))
+                .find(|(n, l, _)| {
+                    n == name
+                        && want
+                            .iter()
+                            .all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))
+                })
                 .map(|s| s.2)
         };
         assert_eq!(
-            find("passthrough_decisions_total", &[("path", "kernel"), ("workload", "web"), ("reason", "deny_mode_none")]),
+            find(
+                "passthrough_decisions_total",
+                &[
+                    ("path", "kernel"),
+                    ("workload", "web"),
+                    ("reason", "deny_mode_none")
+                ]
+            ),
             Some(5.0)
         );
-        assert_eq!(find("passthrough_deny_events_suppressed_total", &[("path", "kernel")]), Some(3.0));
+        assert_eq!(
+            find(
+                "passthrough_deny_events_suppressed_total",
+                &[("path", "kernel")]
+            ),
+            Some(3.0)
+        );
         assert_eq!(r.pending[0].load(Ordering::Relaxed), 3);
         r.log_suppressed();
         assert_eq!(r.pending[0].load(Ordering::Relaxed), 0);

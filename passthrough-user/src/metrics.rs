@@ -89,7 +89,15 @@ impl CounterSource for KernelCounters {
         passthrough_common::counter::NAMES
             .iter()
             .enumerate()
-            .map(|(i, name)| (*name, self.0.get(&(i as u32), 0).map(|v| v.iter().sum()).unwrap_or(0)))
+            .map(|(i, name)| {
+                (
+                    *name,
+                    self.0
+                        .get(&(i as u32), 0)
+                        .map(|v| v.iter().sum())
+                        .unwrap_or(0),
+                )
+            })
             .collect()
     }
 }
@@ -167,7 +175,11 @@ impl MapUsage {
     /// What `plan` puts in the maps (call before `Kernel::apply`, which takes the plan).
     pub fn of(plan: &KernelPlan) -> Self {
         let (rules_v4, rules_v6) = plan.entry_counts();
-        Self { rules_v4, rules_v6, workloads: plan.workloads.len() }
+        Self {
+            rules_v4,
+            rules_v6,
+            workloads: plan.workloads.len(),
+        }
     }
 }
 
@@ -184,7 +196,8 @@ impl std::fmt::Debug for KernelCollector {
 }
 
 /// Name of the kernel counter that counts lost deny events.
-const EVENTS_DROPPED: &str = passthrough_common::counter::NAMES[passthrough_common::counter::EVENTS_DROPPED as usize];
+const EVENTS_DROPPED: &str =
+    passthrough_common::counter::NAMES[passthrough_common::counter::EVENTS_DROPPED as usize];
 
 impl Collector for KernelCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
@@ -279,7 +292,11 @@ impl Metrics {
             proxy_connections.clone(),
         );
         let proxy_active = Gauge::default();
-        registry.register("proxy_connections_active", "Connections the proxy holds open", proxy_active.clone());
+        registry.register(
+            "proxy_connections_active",
+            "Connections the proxy holds open",
+            proxy_active.clone(),
+        );
         let proxy_decisions = Family::<ProxyDecisionLabels, Counter>::default();
         registry.register(
             "proxy_decisions",
@@ -305,9 +322,17 @@ impl Metrics {
             connect_errors.clone(),
         );
         let generation = Gauge::default();
-        registry.register("policy_generation", "Policy generation in force (applies since start)", generation.clone());
+        registry.register(
+            "policy_generation",
+            "Policy generation in force (applies since start)",
+            generation.clone(),
+        );
         let reloads = Family::<ResultLabels, Counter>::default();
-        registry.register("policy_reloads", "Policy reloads by result", reloads.clone());
+        registry.register(
+            "policy_reloads",
+            "Policy reloads by result",
+            reloads.clone(),
+        );
         for result in ["success", "failure"] {
             let _ = reloads.get_or_create(&ResultLabels { result });
         }
@@ -354,7 +379,11 @@ impl Metrics {
 
     /// Where `passthrough_kernel_decisions_total` comes from (replaces any earlier source).
     pub fn set_kernel_counters(&self, source: impl CounterSource) {
-        *self.kernel.source.write().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(source));
+        *self
+            .kernel
+            .source
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = Some(Box::new(source));
     }
 
     /// The name of workload `id` for labels and logs: `""` for 0 (no workload), `cgroup-<id>`
@@ -364,7 +393,10 @@ impl Metrics {
             return String::new();
         }
         let names = self.names.read().unwrap_or_else(|e| e.into_inner()).clone();
-        names.get(&id).cloned().unwrap_or_else(|| format!("cgroup-{id}"))
+        names
+            .get(&id)
+            .cloned()
+            .unwrap_or_else(|| format!("cgroup-{id}"))
     }
 
     /// Call after every successful `Kernel::apply` (start-up and reloads): the generation now in
@@ -377,30 +409,56 @@ impl Metrics {
         usage: MapUsage,
         caps: Capacities,
     ) {
-        *self.names.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(workloads.into_iter().collect());
+        *self.names.write().unwrap_or_else(|e| e.into_inner()) =
+            Arc::new(workloads.into_iter().collect());
         self.generation.set(generation as i64);
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO);
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or(Duration::ZERO);
         self.last_reload.set(now.as_secs_f64());
-        let previous = self.last_usage.lock().unwrap_or_else(|e| e.into_inner()).replace(usage).unwrap_or_default();
+        let previous = self
+            .last_usage
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .replace(usage)
+            .unwrap_or_default();
         for (map, active, prev, cap) in [
             ("rules_v4", usage.rules_v4, previous.rules_v4, caps.rules),
             ("rules_v6", usage.rules_v6, previous.rules_v6, caps.rules),
-            ("workloads", usage.workloads, previous.workloads, caps.workloads),
+            (
+                "workloads",
+                usage.workloads,
+                previous.workloads,
+                caps.workloads,
+            ),
         ] {
-            self.map_entries.get_or_create(&MapSetLabels { map, set: "active" }).set(active as i64);
-            self.map_entries.get_or_create(&MapSetLabels { map, set: "previous" }).set(prev as i64);
-            self.map_capacity.get_or_create(&MapLabels { map }).set(i64::from(cap));
+            self.map_entries
+                .get_or_create(&MapSetLabels { map, set: "active" })
+                .set(active as i64);
+            self.map_entries
+                .get_or_create(&MapSetLabels {
+                    map,
+                    set: "previous",
+                })
+                .set(prev as i64);
+            self.map_capacity
+                .get_or_create(&MapLabels { map })
+                .set(i64::from(cap));
         }
     }
 
     /// A reload (SIGHUP or file change) was applied.
     pub fn reload_succeeded(&self) {
-        self.reloads.get_or_create(&ResultLabels { result: "success" }).inc();
+        self.reloads
+            .get_or_create(&ResultLabels { result: "success" })
+            .inc();
     }
 
     /// A reload was rejected (the previous policy stays).
     pub fn reload_failed(&self) {
-        self.reloads.get_or_create(&ResultLabels { result: "failure" }).inc();
+        self.reloads
+            .get_or_create(&ResultLabels { result: "failure" })
+            .inc();
     }
 
     /// Counts a reload's outcome.
@@ -412,14 +470,31 @@ impl Metrics {
     }
 
     /// One decision (`verdict`: `allow`, `deny` or `would_deny`).
-    pub fn decision(&self, path: &'static str, verdict: &'static str, reason: &str, workload: &str) {
+    pub fn decision(
+        &self,
+        path: &'static str,
+        verdict: &'static str,
+        reason: &str,
+        workload: &str,
+    ) {
         self.decisions
-            .get_or_create(&DecisionLabels { path, verdict, reason: reason.into(), workload: workload.into() })
+            .get_or_create(&DecisionLabels {
+                path,
+                verdict,
+                reason: reason.into(),
+                workload: workload.into(),
+            })
             .inc();
     }
 
     /// One proxy decision: counted in `proxy_decisions` and `decisions{path="proxy"}`.
-    pub fn proxy_decision(&self, protocol: &str, verdict: &'static str, reason: &str, workload: &str) {
+    pub fn proxy_decision(
+        &self,
+        protocol: &str,
+        verdict: &'static str,
+        reason: &str,
+        workload: &str,
+    ) {
         self.proxy_decisions
             .get_or_create(&ProxyDecisionLabels {
                 protocol: protocol.into(),
@@ -433,12 +508,16 @@ impl Metrics {
 
     /// Deny events not logged (rate limit), by path.
     pub fn suppressed(&self, path: &'static str, n: u64) {
-        self.suppressed.get_or_create(&PathLabels { path }).inc_by(n);
+        self.suppressed
+            .get_or_create(&PathLabels { path })
+            .inc_by(n);
     }
 
     /// The proxy accepted a connection whose first bytes were `protocol`.
     pub fn proxy_connection(&self, protocol: &'static str) {
-        self.proxy_connections.get_or_create(&ProtocolLabels { protocol }).inc();
+        self.proxy_connections
+            .get_or_create(&ProtocolLabels { protocol })
+            .inc();
     }
 
     /// A guard counting one open proxy connection until dropped.
@@ -455,14 +534,21 @@ impl Metrics {
     /// Counters of bytes relayed for `workload`: (up, down).
     pub fn bytes_counters(&self, workload: &str) -> (Counter, Counter) {
         let get = |direction| {
-            self.proxy_bytes.get_or_create_owned(&BytesLabels { direction, workload: workload.into() })
+            self.proxy_bytes.get_or_create_owned(&BytesLabels {
+                direction,
+                workload: workload.into(),
+            })
         };
         (get("up"), get("down"))
     }
 
     /// An upstream connect of the proxy failed.
     pub fn upstream_connect_error(&self, workload: &str) {
-        self.connect_errors.get_or_create(&WorkloadLabels { workload: workload.into() }).inc();
+        self.connect_errors
+            .get_or_create(&WorkloadLabels {
+                workload: workload.into(),
+            })
+            .inc();
     }
 
     /// The Prometheus text format (0.0.4).
@@ -511,7 +597,9 @@ pub fn parse_text(text: &str) -> Vec<(String, BTreeMap<String, String>, f64)> {
             Some(x) => x,
             None => continue,
         };
-        let Ok(value) = value.parse::<f64>() else { continue };
+        let Ok(value) = value.parse::<f64>() else {
+            continue;
+        };
         let (name, labels) = match head.split_once('{') {
             Some((n, rest)) => (n, parse_labels(rest.trim_end_matches('}'))),
             None => (head, BTreeMap::new()),
@@ -582,7 +670,12 @@ mod tests {
     fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         parse_text(text)
             .into_iter()
-            .find(|(n, l, _)| n == name && labels.iter().all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v)))
+            .find(|(n, l, _)| {
+                n == name
+                    && labels
+                        .iter()
+                        .all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))
+            })
             .map(|(_, _, v)| v)
     }
 
@@ -614,10 +707,23 @@ mod tests {
             "passthrough_map_capacity",
         ] {
             let base = name.trim_end_matches("_total");
-            assert!(text.contains(&format!("# TYPE {base}")), "{name} missing:\n{text}");
-            assert!(text.contains(&format!("# HELP {base}")), "{name} has no HELP:\n{text}");
+            assert!(
+                text.contains(&format!("# TYPE {base}")),
+                "{name} missing:\n{text}"
+            );
+            assert!(
+                text.contains(&format!("# HELP {base}")),
+                "{name} has no HELP:\n{text}"
+            );
         }
-        assert_eq!(sample(&text, "passthrough_policy_reloads_total", &[("result", "failure")]), Some(0.0));
+        assert_eq!(
+            sample(
+                &text,
+                "passthrough_policy_reloads_total",
+                &[("result", "failure")]
+            ),
+            Some(0.0)
+        );
     }
 
     #[test]
@@ -626,13 +732,29 @@ mod tests {
         m.policy_applied(
             3,
             [(42, "web".to_string())],
-            MapUsage { rules_v4: 10, rules_v6: 2, workloads: 1 },
-            Capacities { rules: 100, workloads: 8 },
+            MapUsage {
+                rules_v4: 10,
+                rules_v6: 2,
+                workloads: 1,
+            },
+            Capacities {
+                rules: 100,
+                workloads: 8,
+            },
         );
-        m.policy_applied(4, [(42, "web".to_string())], MapUsage { rules_v4: 7, rules_v6: 2, workloads: 1 }, Capacities {
-            rules: 100,
-            workloads: 8,
-        });
+        m.policy_applied(
+            4,
+            [(42, "web".to_string())],
+            MapUsage {
+                rules_v4: 7,
+                rules_v6: 2,
+                workloads: 1,
+            },
+            Capacities {
+                rules: 100,
+                workloads: 8,
+            },
+        );
         m.reload_succeeded();
         m.reload_result::<(), ()>(&Err(()));
         m.reload_failed();
@@ -653,33 +775,101 @@ mod tests {
         let text = m.render();
         let s = |n, l: &[(&str, &str)]| sample(&text, n, l);
         assert_eq!(s("passthrough_policy_generation", &[]), Some(4.0));
-        assert_eq!(s("passthrough_policy_reloads_total", &[("result", "success")]), Some(1.0));
-        assert_eq!(s("passthrough_policy_reloads_total", &[("result", "failure")]), Some(2.0));
-        assert_eq!(s("passthrough_map_entries", &[("map", "rules_v4"), ("set", "active")]), Some(7.0));
-        assert_eq!(s("passthrough_map_entries", &[("map", "rules_v4"), ("set", "previous")]), Some(10.0));
-        assert_eq!(s("passthrough_map_capacity", &[("map", "workloads")]), Some(8.0));
+        assert_eq!(
+            s("passthrough_policy_reloads_total", &[("result", "success")]),
+            Some(1.0)
+        );
+        assert_eq!(
+            s("passthrough_policy_reloads_total", &[("result", "failure")]),
+            Some(2.0)
+        );
+        assert_eq!(
+            s(
+                "passthrough_map_entries",
+                &[("map", "rules_v4"), ("set", "active")]
+            ),
+            Some(7.0)
+        );
+        assert_eq!(
+            s(
+                "passthrough_map_entries",
+                &[("map", "rules_v4"), ("set", "previous")]
+            ),
+            Some(10.0)
+        );
+        assert_eq!(
+            s("passthrough_map_capacity", &[("map", "workloads")]),
+            Some(8.0)
+        );
         assert_eq!(
             s(
                 "passthrough_decisions_total",
-                &[("path", "kernel"), ("verdict", "deny"), ("reason", "deny_no_match"), ("workload", "web")]
+                &[
+                    ("path", "kernel"),
+                    ("verdict", "deny"),
+                    ("reason", "deny_no_match"),
+                    ("workload", "web")
+                ]
             ),
             Some(2.0)
         );
-        assert_eq!(s("passthrough_decisions_total", &[("path", "proxy"), ("verdict", "would_deny")]), Some(1.0));
         assert_eq!(
-            s("passthrough_proxy_decisions_total", &[("protocol", "tls"), ("verdict", "allow"), ("workload", "web")]),
+            s(
+                "passthrough_decisions_total",
+                &[("path", "proxy"), ("verdict", "would_deny")]
+            ),
             Some(1.0)
         );
-        assert_eq!(s("passthrough_deny_events_suppressed_total", &[("path", "kernel")]), Some(5.0));
-        assert_eq!(s("passthrough_proxy_bytes_total", &[("direction", "down"), ("workload", "web")]), Some(2000.0));
-        assert_eq!(s("passthrough_proxy_upstream_connect_errors_total", &[("workload", "web")]), Some(1.0));
+        assert_eq!(
+            s(
+                "passthrough_proxy_decisions_total",
+                &[
+                    ("protocol", "tls"),
+                    ("verdict", "allow"),
+                    ("workload", "web")
+                ]
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            s(
+                "passthrough_deny_events_suppressed_total",
+                &[("path", "kernel")]
+            ),
+            Some(5.0)
+        );
+        assert_eq!(
+            s(
+                "passthrough_proxy_bytes_total",
+                &[("direction", "down"), ("workload", "web")]
+            ),
+            Some(2000.0)
+        );
+        assert_eq!(
+            s(
+                "passthrough_proxy_upstream_connect_errors_total",
+                &[("workload", "web")]
+            ),
+            Some(1.0)
+        );
         assert_eq!(s("passthrough_proxy_peek_seconds_count", &[]), Some(1.0));
-        assert!(s("passthrough_policy_last_reload_success_timestamp_seconds", &[]).unwrap() > 1.7e9);
+        assert!(
+            s(
+                "passthrough_policy_last_reload_success_timestamp_seconds",
+                &[]
+            )
+            .unwrap()
+                > 1.7e9
+        );
         // OpenMetrics flavour: same samples, EOF marker.
         let om = m.render_openmetrics();
         assert!(om.trim_end().ends_with("# EOF"));
         assert_eq!(sample(&om, "passthrough_policy_generation", &[]), Some(4.0));
-        assert_eq!(m.render_for(Some("application/openmetrics-text; version=1.0.0")).0, OPENMETRICS_TEXT);
+        assert_eq!(
+            m.render_for(Some("application/openmetrics-text; version=1.0.0"))
+                .0,
+            OPENMETRICS_TEXT
+        );
         assert_eq!(m.render_for(None).0, PROMETHEUS_TEXT);
     }
 
@@ -692,18 +882,61 @@ mod tests {
         m.set_kernel_counters(move || {
             passthrough_common::counter::NAMES
                 .iter()
-                .map(|name| (*name, if *name == "deny_no_match" { n2.load(Ordering::Relaxed) } else { 0 }))
+                .map(|name| {
+                    (
+                        *name,
+                        if *name == "deny_no_match" {
+                            n2.load(Ordering::Relaxed)
+                        } else {
+                            0
+                        },
+                    )
+                })
                 .collect::<BTreeMap<_, _>>()
         });
         let t1 = m.render();
-        assert_eq!(sample(&t1, "passthrough_kernel_decisions_total", &[("reason", "deny_no_match")]), Some(1.0));
-        assert_eq!(sample(&t1, "passthrough_kernel_decisions_total", &[("reason", "allow_match")]), Some(0.0));
-        assert_eq!(sample(&t1, "passthrough_kernel_decisions_total", &[("reason", "events_dropped")]), None);
-        assert_eq!(sample(&t1, "passthrough_kernel_deny_events_dropped_total", &[]), Some(0.0));
+        assert_eq!(
+            sample(
+                &t1,
+                "passthrough_kernel_decisions_total",
+                &[("reason", "deny_no_match")]
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(
+                &t1,
+                "passthrough_kernel_decisions_total",
+                &[("reason", "allow_match")]
+            ),
+            Some(0.0)
+        );
+        assert_eq!(
+            sample(
+                &t1,
+                "passthrough_kernel_decisions_total",
+                &[("reason", "events_dropped")]
+            ),
+            None
+        );
+        assert_eq!(
+            sample(&t1, "passthrough_kernel_deny_events_dropped_total", &[]),
+            Some(0.0)
+        );
         n.store(5, Ordering::Relaxed);
         let t2 = m.render();
-        assert_eq!(sample(&t2, "passthrough_kernel_decisions_total", &[("reason", "deny_no_match")]), Some(5.0));
-        assert!(t2.contains("# TYPE passthrough_kernel_decisions_total counter"), "{t2}");
+        assert_eq!(
+            sample(
+                &t2,
+                "passthrough_kernel_decisions_total",
+                &[("reason", "deny_no_match")]
+            ),
+            Some(5.0)
+        );
+        assert!(
+            t2.contains("# TYPE passthrough_kernel_decisions_total counter"),
+            "{t2}"
+        );
     }
 
     #[test]
@@ -711,12 +944,22 @@ mod tests {
         let m = Metrics::new();
         m.decision("kernel", "deny", "r", "we\"ird\\name");
         let text = m.render();
-        assert_eq!(sample(&text, "passthrough_decisions_total", &[("workload", "we\"ird\\name")]), Some(1.0));
+        assert_eq!(
+            sample(
+                &text,
+                "passthrough_decisions_total",
+                &[("workload", "we\"ird\\name")]
+            ),
+            Some(1.0)
+        );
     }
 
     #[test]
     fn rfc3339_formats_utc() {
         assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
-        assert_eq!(rfc3339(UNIX_EPOCH + Duration::from_millis(1_709_251_199_123)), "2024-02-29T23:59:59.123Z");
+        assert_eq!(
+            rfc3339(UNIX_EPOCH + Duration::from_millis(1_709_251_199_123)),
+            "2024-02-29T23:59:59.123Z"
+        );
     }
 }

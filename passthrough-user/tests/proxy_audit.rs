@@ -13,7 +13,7 @@ use std::{
 use arc_swap::ArcSwap;
 use passthrough_user::{
     events::{LimiterConfig, Reporter},
-    metrics::{Metrics, MapUsage, parse_text},
+    metrics::{MapUsage, Metrics, parse_text},
     policy::{DecideOptions, MergedConf, Mode},
     proxy::{DomainDestination, OrigDstSource, Proxy, ProxyConfig, ProxyPolicy, Redirected},
 };
@@ -51,8 +51,16 @@ impl Drop for Px {
 
 /// A proxy whose policy denies everything (mode None).
 async fn proxy(audit: bool) -> Px {
-    let none = MergedConf { mode: Mode::None, matches: vec![], policies: vec![] };
-    let policy = ProxyPolicy { workloads: HashMap::new(), unmatched: none, decide: DecideOptions::default() };
+    let none = MergedConf {
+        mode: Mode::None,
+        matches: vec![],
+        policies: vec![],
+    };
+    let policy = ProxyPolicy {
+        workloads: HashMap::new(),
+        unmatched: none,
+        decide: DecideOptions::default(),
+    };
     let cfg = ProxyConfig {
         domain_destination: DomainDestination::Original,
         peek_timeout: Duration::from_secs(2),
@@ -62,30 +70,56 @@ async fn proxy(audit: bool) -> Px {
         ..ProxyConfig::default()
     };
     let metrics = Arc::new(Metrics::new());
-    metrics.policy_applied(1, [(WORKLOAD, "audited".to_string())], MapUsage::default(), Default::default());
+    metrics.policy_applied(
+        1,
+        [(WORKLOAD, "audited".to_string())],
+        MapUsage::default(),
+        Default::default(),
+    );
     let reporter = Arc::new(Reporter::new(metrics.clone(), LimiterConfig::default()));
     let orig = Arc::new(FakeOrig::default());
-    let p = Proxy::new(orig.clone(), Arc::new(ArcSwap::from_pointee(policy)), cfg).unwrap().with_reporter(reporter);
+    let p = Proxy::new(orig.clone(), Arc::new(ArcSwap::from_pointee(policy)), cfg)
+        .unwrap()
+        .with_reporter(reporter);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let stop = CancellationToken::new();
     tokio::spawn(Arc::new(p).serve(listener, stop.clone()));
-    Px { addr, orig, metrics, stop }
+    Px {
+        addr,
+        orig,
+        metrics,
+        stop,
+    }
 }
 
 impl Px {
     /// A client connection whose recorded original destination is `dst`.
     async fn connect(&self, dst: SocketAddr) -> TcpStream {
         let s = TcpStream::connect(self.addr).await.unwrap();
-        let rec = Redirected { dst, workload: WORKLOAD, pid: 4242, comm: "curl".into() };
-        self.orig.0.lock().unwrap().insert(s.local_addr().unwrap(), rec);
+        let rec = Redirected {
+            dst,
+            workload: WORKLOAD,
+            pid: 4242,
+            comm: "curl".into(),
+        };
+        self.orig
+            .0
+            .lock()
+            .unwrap()
+            .insert(s.local_addr().unwrap(), rec);
         s
     }
 
     fn sample(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         parse_text(&self.metrics.render())
             .into_iter()
-            .filter(|(n, l, _)| n == name && labels.iter().all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v)))
+            .filter(|(n, l, _)| {
+                n == name
+                    && labels
+                        .iter()
+                        .all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))
+            })
             .map(|s| s.2)
             .sum()
     }
@@ -101,7 +135,9 @@ async fn upstream(http: bool) -> SocketAddr {
                 let mut buf = vec![0u8; 4096];
                 let mut got = Vec::new();
                 loop {
-                    let Ok(n) = s.read(&mut buf).await else { return };
+                    let Ok(n) = s.read(&mut buf).await else {
+                        return;
+                    };
                     if n == 0 {
                         return;
                     }
@@ -111,7 +147,9 @@ async fn upstream(http: bool) -> SocketAddr {
                     }
                     got.extend_from_slice(&buf[..n]);
                     if got.windows(4).any(|w| w == b"\r\n\r\n") {
-                        let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 8\r\n\r\nupstream").await;
+                        let _ = s
+                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 8\r\n\r\nupstream")
+                            .await;
                         got.clear();
                     }
                 }
@@ -133,24 +171,57 @@ async fn audit_forwards_a_denied_http_request_to_its_original_destination() {
     for audit in [false, true] {
         let px = proxy(audit).await;
         let mut c = px.connect(up).await;
-        c.write_all(b"GET / HTTP/1.1\r\nHost: denied.test\r\nConnection: close\r\n\r\n").await.unwrap();
+        c.write_all(b"GET / HTTP/1.1\r\nHost: denied.test\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
         let resp = read_all(&mut c).await;
         let verdict = if audit { "would_deny" } else { "deny" };
         if audit {
-            assert!(resp.starts_with("HTTP/1.1 200") && resp.ends_with("upstream"), "audit: {resp:?}");
+            assert!(
+                resp.starts_with("HTTP/1.1 200") && resp.ends_with("upstream"),
+                "audit: {resp:?}"
+            );
         } else {
             assert!(resp.starts_with("HTTP/1.1 503"), "enforcing: {resp:?}");
         }
-        let labels = [("protocol", "http1"), ("verdict", verdict), ("reason", "mode_none"), ("workload", "audited")];
+        let labels = [
+            ("protocol", "http1"),
+            ("verdict", verdict),
+            ("reason", "mode_none"),
+            ("workload", "audited"),
+        ];
         assert_eq!(px.sample("passthrough_proxy_decisions_total", &labels), 1.0);
         assert_eq!(
-            px.sample("passthrough_decisions_total", &[("path", "proxy"), ("verdict", verdict), ("workload", "audited")]),
+            px.sample(
+                "passthrough_decisions_total",
+                &[
+                    ("path", "proxy"),
+                    ("verdict", verdict),
+                    ("workload", "audited")
+                ]
+            ),
             1.0
         );
-        assert_eq!(px.sample("passthrough_proxy_connections_total", &[("protocol", "http1")]), 1.0);
+        assert_eq!(
+            px.sample(
+                "passthrough_proxy_connections_total",
+                &[("protocol", "http1")]
+            ),
+            1.0
+        );
         assert_eq!(px.sample("passthrough_proxy_peek_seconds_count", &[]), 1.0);
-        assert!(px.sample("passthrough_proxy_bytes_total", &[("direction", "up"), ("workload", "audited")]) > 40.0);
-        assert!(px.sample("passthrough_proxy_bytes_total", &[("direction", "down"), ("workload", "audited")]) > 20.0);
+        assert!(
+            px.sample(
+                "passthrough_proxy_bytes_total",
+                &[("direction", "up"), ("workload", "audited")]
+            ) > 40.0
+        );
+        assert!(
+            px.sample(
+                "passthrough_proxy_bytes_total",
+                &[("direction", "down"), ("workload", "audited")]
+            ) > 20.0
+        );
     }
 }
 
@@ -162,10 +233,17 @@ async fn audit_relays_an_unknown_protocol_and_counts_bytes() {
         let mut c = px.connect(up).await;
         c.write_all(b"hello, plain bytes\n").await.unwrap();
         let mut buf = vec![0u8; 64];
-        let n = timeout(T, c.read(&mut buf)).await.expect("proxy neither answered nor closed").unwrap_or(0);
+        let n = timeout(T, c.read(&mut buf))
+            .await
+            .expect("proxy neither answered nor closed")
+            .unwrap_or(0);
         let verdict = if audit { "would_deny" } else { "deny" };
         if audit {
-            assert_eq!(&buf[..n], b"hello, plain bytes\n", "audit: the bytes reach the original destination");
+            assert_eq!(
+                &buf[..n],
+                b"hello, plain bytes\n",
+                "audit: the bytes reach the original destination"
+            );
             drop(c);
             // The relay ends when both sides are done; give it a moment to count.
             for _ in 0..50 {
@@ -174,12 +252,28 @@ async fn audit_relays_an_unknown_protocol_and_counts_bytes() {
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            assert_eq!(px.sample("passthrough_proxy_bytes_total", &[("direction", "up"), ("workload", "audited")]), 19.0);
-            assert_eq!(px.sample("passthrough_proxy_bytes_total", &[("direction", "down"), ("workload", "audited")]), 19.0);
+            assert_eq!(
+                px.sample(
+                    "passthrough_proxy_bytes_total",
+                    &[("direction", "up"), ("workload", "audited")]
+                ),
+                19.0
+            );
+            assert_eq!(
+                px.sample(
+                    "passthrough_proxy_bytes_total",
+                    &[("direction", "down"), ("workload", "audited")]
+                ),
+                19.0
+            );
         } else {
             assert_eq!(n, 0, "enforcing: closed without an answer");
         }
-        let labels = [("protocol", "unknown"), ("verdict", verdict), ("reason", "unknown_protocol")];
+        let labels = [
+            ("protocol", "unknown"),
+            ("verdict", verdict),
+            ("reason", "unknown_protocol"),
+        ];
         assert_eq!(px.sample("passthrough_proxy_decisions_total", &labels), 1.0);
     }
 }
@@ -187,11 +281,23 @@ async fn audit_relays_an_unknown_protocol_and_counts_bytes() {
 #[tokio::test]
 async fn upstream_connect_errors_are_counted() {
     // A port nobody listens on (bound, then released).
-    let dead = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+    let dead = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let px = proxy(true).await;
     let mut c = px.connect(dead).await;
-    c.write_all(b"GET / HTTP/1.1\r\nHost: denied.test\r\nConnection: close\r\n\r\n").await.unwrap();
+    c.write_all(b"GET / HTTP/1.1\r\nHost: denied.test\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
     let resp = read_all(&mut c).await;
     assert!(resp.starts_with("HTTP/1.1 503"), "{resp:?}");
-    assert_eq!(px.sample("passthrough_proxy_upstream_connect_errors_total", &[("workload", "audited")]), 1.0);
+    assert_eq!(
+        px.sample(
+            "passthrough_proxy_upstream_connect_errors_total",
+            &[("workload", "audited")]
+        ),
+        1.0
+    );
 }

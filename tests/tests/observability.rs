@@ -14,8 +14,8 @@ use std::{
 };
 
 use passthrough_tests::{
-    Agent, AgentBuilder, Probe, TestCgroup, TestNet, assert_allowed, assert_denied, require_kernel, write_file,
-    write_policy,
+    Agent, AgentBuilder, Probe, TestCgroup, TestNet, assert_allowed, assert_denied, require_kernel,
+    write_file, write_policy,
 };
 use passthrough_user::metrics::parse_text;
 use serde_json::Value;
@@ -53,13 +53,26 @@ impl World {
         let cg = TestCgroup::new().unwrap();
         let net = TestNet::new().unwrap();
         let policy = write_policy(dir.path(), POLICY);
-        let agent = f(Agent::builder().policy(&policy).cgroup(cg.path())).start().unwrap();
-        World { agent, net, cg, policy, _dir: dir }
+        let agent = f(Agent::builder().policy(&policy).cgroup(cg.path()))
+            .start()
+            .unwrap();
+        World {
+            agent,
+            net,
+            cg,
+            policy,
+            _dir: dir,
+        }
     }
 
     /// The workload's name (`--cgroup PATH` → the directory name).
     fn workload(&self) -> String {
-        self.cg.path().file_name().unwrap().to_string_lossy().into_owned()
+        self.cg
+            .path()
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned()
     }
 
     fn scrape(&self) -> Samples {
@@ -70,7 +83,12 @@ impl World {
 
     /// JSON log lines (`--log-format json`).
     fn json_lines(&self) -> Vec<Value> {
-        self.agent.log().lines().filter(|l| l.starts_with('{')).filter_map(|l| serde_json::from_str(l).ok()).collect()
+        self.agent
+            .log()
+            .lines()
+            .filter(|l| l.starts_with('{'))
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
     }
 
     /// Deny events (target `passthrough::deny`, with a `path` field).
@@ -86,7 +104,12 @@ impl World {
 fn value(samples: &Samples, name: &str, labels: &[(&str, &str)]) -> f64 {
     samples
         .iter()
-        .filter(|(n, l, _)| n == name && labels.iter().all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v)))
+        .filter(|(n, l, _)| {
+            n == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))
+        })
         .map(|s| s.2)
         .sum()
 }
@@ -98,7 +121,10 @@ fn wait_for<T>(within: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -
         if let Some(v) = f() {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {within:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {within:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -107,9 +133,14 @@ fn wait_for<T>(within: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -
 /// (redirected to the loopback proxy) and sends bytes that are neither TLS nor HTTP.
 fn proxy_denial(w: &World) -> u32 {
     let mut p = Probe::spawn_in(w.cg.path(), None).unwrap();
-    let c = p.connect(TO_PROXY).unwrap_or_else(|e| panic!("redirected connect to {TO_PROXY} failed: errno {e}"));
+    let c = p
+        .connect(TO_PROXY)
+        .unwrap_or_else(|e| panic!("redirected connect to {TO_PROXY} failed: errno {e}"));
     // The proxy closes without answering.
-    assert!(p.echo(&c, "hello").is_err(), "the proxy should close a non-TLS, non-HTTP connection");
+    assert!(
+        p.echo(&c, "hello").is_err(),
+        "the proxy should close a non-TLS, non-HTTP connection"
+    );
     p.pid()
 }
 
@@ -122,9 +153,25 @@ fn metrics_count_decisions_reloads_generation_and_map_usage() {
     let wl = w.workload();
     let before = w.scrape();
     assert_eq!(value(&before, "passthrough_policy_generation", &[]), 1.0);
-    assert_eq!(value(&before, "passthrough_map_entries", &[("map", "workloads"), ("set", "active")]), 1.0);
-    assert_eq!(value(&before, "passthrough_map_capacity", &[("map", "workloads")]), 65536.0);
-    assert!(value(&before, "passthrough_map_entries", &[("map", "rules_v4"), ("set", "active")]) >= 1.0);
+    assert_eq!(
+        value(
+            &before,
+            "passthrough_map_entries",
+            &[("map", "workloads"), ("set", "active")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(&before, "passthrough_map_capacity", &[("map", "workloads")]),
+        65536.0
+    );
+    assert!(
+        value(
+            &before,
+            "passthrough_map_entries",
+            &[("map", "rules_v4"), ("set", "active")]
+        ) >= 1.0
+    );
     assert!(value(&before, "passthrough_map_capacity", &[("map", "rules_v4")]) > 0.0);
 
     let mut p = Probe::spawn(&w.cg, &w.net).unwrap();
@@ -136,28 +183,94 @@ fn metrics_count_decisions_reloads_generation_and_map_usage() {
     }
     proxy_denial(&w);
 
-    let deny_labels = [("path", "kernel"), ("verdict", "deny"), ("reason", "deny_no_match"), ("workload", wl.as_str())];
-    let after = wait_for(Duration::from_secs(5), "the kernel deny events and the proxy decision in /metrics", || {
-        let s = w.scrape();
-        (value(&s, "passthrough_decisions_total", &deny_labels) >= 2.0
-            && value(&s, "passthrough_proxy_decisions_total", &[("reason", "unknown_protocol")]) >= 1.0)
-            .then_some(s)
-    });
-    let kd = |reason| value(&after, "passthrough_kernel_decisions_total", &[("reason", reason)]) - value(&before, "passthrough_kernel_decisions_total", &[("reason", reason)]);
-    assert_eq!(kd("allow_match"), 3.0, "kernel allow_match moved by the three allowed connects");
-    assert_eq!(kd("deny_no_match"), 2.0, "kernel deny_no_match moved by the two denied connects");
-    assert_eq!(kd("redirect_proxy"), 1.0, "one connection redirected to the proxy");
-    assert_eq!(value(&after, "passthrough_decisions_total", &deny_labels), 2.0);
-    assert_eq!(value(&after, "passthrough_kernel_deny_events_dropped_total", &[]), 0.0);
-    let proxy_labels =
-        [("protocol", "unknown"), ("verdict", "deny"), ("reason", "unknown_protocol"), ("workload", wl.as_str())];
-    assert_eq!(value(&after, "passthrough_proxy_decisions_total", &proxy_labels), 1.0);
+    let deny_labels = [
+        ("path", "kernel"),
+        ("verdict", "deny"),
+        ("reason", "deny_no_match"),
+        ("workload", wl.as_str()),
+    ];
+    let after = wait_for(
+        Duration::from_secs(5),
+        "the kernel deny events and the proxy decision in /metrics",
+        || {
+            let s = w.scrape();
+            (value(&s, "passthrough_decisions_total", &deny_labels) >= 2.0
+                && value(
+                    &s,
+                    "passthrough_proxy_decisions_total",
+                    &[("reason", "unknown_protocol")],
+                ) >= 1.0)
+                .then_some(s)
+        },
+    );
+    let kd = |reason| {
+        value(
+            &after,
+            "passthrough_kernel_decisions_total",
+            &[("reason", reason)],
+        ) - value(
+            &before,
+            "passthrough_kernel_decisions_total",
+            &[("reason", reason)],
+        )
+    };
     assert_eq!(
-        value(&after, "passthrough_decisions_total", &[("path", "proxy"), ("verdict", "deny"), ("workload", wl.as_str())]),
+        kd("allow_match"),
+        3.0,
+        "kernel allow_match moved by the three allowed connects"
+    );
+    assert_eq!(
+        kd("deny_no_match"),
+        2.0,
+        "kernel deny_no_match moved by the two denied connects"
+    );
+    assert_eq!(
+        kd("redirect_proxy"),
+        1.0,
+        "one connection redirected to the proxy"
+    );
+    assert_eq!(
+        value(&after, "passthrough_decisions_total", &deny_labels),
+        2.0
+    );
+    assert_eq!(
+        value(&after, "passthrough_kernel_deny_events_dropped_total", &[]),
+        0.0
+    );
+    let proxy_labels = [
+        ("protocol", "unknown"),
+        ("verdict", "deny"),
+        ("reason", "unknown_protocol"),
+        ("workload", wl.as_str()),
+    ];
+    assert_eq!(
+        value(&after, "passthrough_proxy_decisions_total", &proxy_labels),
         1.0
     );
-    assert_eq!(value(&after, "passthrough_proxy_connections_total", &[("protocol", "unknown")]), 1.0);
-    assert_eq!(value(&after, "passthrough_proxy_peek_seconds_count", &[]), 1.0);
+    assert_eq!(
+        value(
+            &after,
+            "passthrough_decisions_total",
+            &[
+                ("path", "proxy"),
+                ("verdict", "deny"),
+                ("workload", wl.as_str())
+            ]
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &after,
+            "passthrough_proxy_connections_total",
+            &[("protocol", "unknown")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(&after, "passthrough_proxy_peek_seconds_count", &[]),
+        1.0
+    );
 
     // A valid reload: the generation moves, successes are counted (the file watcher and SIGHUP
     // may both apply the change; every apply after the first is a successful reload).
@@ -166,22 +279,63 @@ fn metrics_count_decisions_reloads_generation_and_map_usage() {
     std::thread::sleep(Duration::from_millis(1500));
     let gens = w.agent.applied_generations();
     let s = w.scrape();
-    assert_eq!(value(&s, "passthrough_policy_generation", &[]), *gens.last().unwrap() as f64);
+    assert_eq!(
+        value(&s, "passthrough_policy_generation", &[]),
+        *gens.last().unwrap() as f64
+    );
     assert!(gens.len() >= 2);
-    assert_eq!(value(&s, "passthrough_policy_reloads_total", &[("result", "success")]), (gens.len() - 1) as f64);
-    assert_eq!(value(&s, "passthrough_policy_reloads_total", &[("result", "failure")]), 0.0);
-    assert_eq!(value(&s, "passthrough_map_entries", &[("map", "workloads"), ("set", "previous")]), 1.0);
+    assert_eq!(
+        value(
+            &s,
+            "passthrough_policy_reloads_total",
+            &[("result", "success")]
+        ),
+        (gens.len() - 1) as f64
+    );
+    assert_eq!(
+        value(
+            &s,
+            "passthrough_policy_reloads_total",
+            &[("result", "failure")]
+        ),
+        0.0
+    );
+    assert_eq!(
+        value(
+            &s,
+            "passthrough_map_entries",
+            &[("map", "workloads"), ("set", "previous")]
+        ),
+        1.0
+    );
 
     // An invalid reload: counted as a failure, the generation stays.
-    write_file(&w.policy, "apiVersion: kuma.io/v1alpha1\nkind: MeshPassthrough\nmetadata: {name: obs}\nspec:\n  default:\n    passthroughMode: Sometimes\n");
+    write_file(
+        &w.policy,
+        "apiVersion: kuma.io/v1alpha1\nkind: MeshPassthrough\nmetadata: {name: obs}\nspec:\n  default:\n    passthroughMode: Sometimes\n",
+    );
     w.agent.reload_rejected().unwrap();
     std::thread::sleep(Duration::from_millis(1500));
     let rejected = w.agent.log().matches("reload rejected").count();
     let s2 = w.scrape();
     assert!(rejected >= 1);
-    assert_eq!(value(&s2, "passthrough_policy_reloads_total", &[("result", "failure")]), rejected as f64);
-    assert_eq!(value(&s2, "passthrough_policy_generation", &[]), *gens.last().unwrap() as f64);
-    assert_eq!(w.agent.applied_generations().len(), gens.len(), "nothing applied after the invalid change");
+    assert_eq!(
+        value(
+            &s2,
+            "passthrough_policy_reloads_total",
+            &[("result", "failure")]
+        ),
+        rejected as f64
+    );
+    assert_eq!(
+        value(&s2, "passthrough_policy_generation", &[]),
+        *gens.last().unwrap() as f64
+    );
+    assert_eq!(
+        w.agent.applied_generations().len(),
+        gens.len(),
+        "nothing applied after the invalid change"
+    );
 }
 
 #[test]
@@ -193,13 +347,20 @@ fn denials_are_structured_json_events() {
     let wl = w.workload();
     let mut p = Probe::spawn(&w.cg, &w.net).unwrap();
     assert_denied(&mut p, &w.net, DENIED);
-    assert!(p.connect_udp("[2001:db8:200::5]:5353").is_err(), "UDP to no match is denied");
+    assert!(
+        p.connect_udp("[2001:db8:200::5]:5353").is_err(),
+        "UDP to no match is denied"
+    );
     let proxy_pid = proxy_denial(&w);
 
-    let events = wait_for(Duration::from_secs(5), "three deny events in the JSON log", || {
-        let e = w.deny_events();
-        (e.len() >= 3).then_some(e)
-    });
+    let events = wait_for(
+        Duration::from_secs(5),
+        "three deny events in the JSON log",
+        || {
+            let e = w.deny_events();
+            (e.len() >= 3).then_some(e)
+        },
+    );
     assert_eq!(events.len(), 3, "one event per denial: {events:#?}");
     for e in &events {
         assert_eq!(e["level"], "WARN");
@@ -210,25 +371,45 @@ fn denials_are_structured_json_events() {
         assert_eq!(f["comm"], "pt-probe", "{e}");
         assert!(f["workload_id"].as_u64().unwrap() > 0);
         let t = f["time"].as_str().unwrap();
-        assert!(t.len() == 24 && t.ends_with('Z') && t.contains('T'), "time {t:?}");
+        assert!(
+            t.len() == 24 && t.ends_with('Z') && t.contains('T'),
+            "time {t:?}"
+        );
         assert!(f["detail"].as_str().is_some_and(|d| !d.is_empty()));
     }
-    let kernel: Vec<&Value> = events.iter().filter(|e| e["fields"]["path"] == "kernel").collect();
+    let kernel: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["fields"]["path"] == "kernel")
+        .collect();
     assert_eq!(kernel.len(), 2);
-    let tcp = kernel.iter().find(|e| e["fields"]["protocol"] == "tcp").expect("a TCP kernel denial");
+    let tcp = kernel
+        .iter()
+        .find(|e| e["fields"]["protocol"] == "tcp")
+        .expect("a TCP kernel denial");
     assert_eq!(tcp["fields"]["dst"], DENIED);
     assert_eq!(tcp["fields"]["pid"], p.pid());
     assert_eq!(tcp["fields"]["reason"], "deny_no_match");
     assert!(tcp["fields"]["cgroup_id"].as_u64().is_some());
-    let udp = kernel.iter().find(|e| e["fields"]["protocol"] == "udp").expect("a UDP kernel denial");
+    let udp = kernel
+        .iter()
+        .find(|e| e["fields"]["protocol"] == "udp")
+        .expect("a UDP kernel denial");
     assert_eq!(udp["fields"]["dst"], "[2001:db8:200::5]:5353");
-    let proxy = events.iter().find(|e| e["fields"]["path"] == "proxy").unwrap();
+    let proxy = events
+        .iter()
+        .find(|e| e["fields"]["path"] == "proxy")
+        .unwrap();
     let f = &proxy["fields"];
     assert_eq!(f["dst"], TO_PROXY);
     assert_eq!(f["pid"], proxy_pid);
     assert_eq!(f["reason"], "unknown_protocol");
     assert_eq!(f["protocol"], "unknown");
-    assert!(f["peer"].as_str().is_some_and(|p| p.starts_with("127.0.0.1:")), "{proxy}");
+    assert!(
+        f["peer"]
+            .as_str()
+            .is_some_and(|p| p.starts_with("127.0.0.1:")),
+        "{proxy}"
+    );
 }
 
 #[test]
@@ -240,7 +421,9 @@ fn audit_lets_a_kernel_denial_through_and_reports_it() {
     let wl = w.workload();
     let mut p = Probe::spawn(&w.cg, &w.net).unwrap();
     assert_allowed(&mut p, &w.net, DENIED);
-    let e = wait_for(Duration::from_secs(5), "a would-be denial event", || w.deny_events().into_iter().next());
+    let e = wait_for(Duration::from_secs(5), "a would-be denial event", || {
+        w.deny_events().into_iter().next()
+    });
     let f = &e["fields"];
     assert_eq!(f["audit"], true, "{e}");
     assert_eq!(f["path"], "kernel");
@@ -250,19 +433,41 @@ fn audit_lets_a_kernel_denial_through_and_reports_it() {
     assert!(f["message"].as_str().unwrap().contains("would be denied"));
     let s = w.scrape();
     assert_eq!(
-        value(&s, "passthrough_decisions_total", &[("path", "kernel"), ("verdict", "would_deny"), ("workload", wl.as_str())]),
+        value(
+            &s,
+            "passthrough_decisions_total",
+            &[
+                ("path", "kernel"),
+                ("verdict", "would_deny"),
+                ("workload", wl.as_str())
+            ]
+        ),
         1.0
     );
-    assert_eq!(value(&s, "passthrough_decisions_total", &[("verdict", "deny")]), 0.0);
-    assert_eq!(value(&s, "passthrough_kernel_decisions_total", &[("reason", "audit_would_deny")]), 1.0);
+    assert_eq!(
+        value(&s, "passthrough_decisions_total", &[("verdict", "deny")]),
+        0.0
+    );
+    assert_eq!(
+        value(
+            &s,
+            "passthrough_kernel_decisions_total",
+            &[("reason", "audit_would_deny")]
+        ),
+        1.0
+    );
 }
 
 /// The agent's pid: the process whose command line has our `--admin-addr`.
 fn agent_pid(agent: &Agent) -> i32 {
     let needle = format!("--admin-addr\0{}\0", agent.admin_addr());
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
-        if std::fs::read(e.path().join("cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).contains(&needle)) {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        if std::fs::read(e.path().join("cmdline"))
+            .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&needle))
+        {
             return pid;
         }
     }
@@ -312,7 +517,12 @@ fn a_flood_of_denials_is_rate_limited_and_bounded() {
                 let mut n = 0u64;
                 let end = Instant::now() + flood;
                 while Instant::now() < end {
-                    let r = if i % 2 == 0 { p.connect(format!("203.0.113.{}:80", 10 + n % 200)).map(|_| ()) } else { p.sendto("203.0.113.20:5353", "x") };
+                    let r = if i % 2 == 0 {
+                        p.connect(format!("203.0.113.{}:80", 10 + n % 200))
+                            .map(|_| ())
+                    } else {
+                        p.sendto("203.0.113.20:5353", "x")
+                    };
                     assert!(r.is_err(), "a flood connect was allowed");
                     n += 1;
                 }
@@ -324,22 +534,47 @@ fn a_flood_of_denials_is_rate_limited_and_bounded() {
     let elapsed = t0.elapsed();
 
     // Every denial is counted (events read, or dropped by the kernel when the ring was full).
-    let s = wait_for(Duration::from_secs(10), "every flood denial accounted for in /metrics", || {
-        let s = w.scrape();
-        let counted = value(&s, "passthrough_decisions_total", &[("path", "kernel")])
-            + value(&s, "passthrough_kernel_deny_events_dropped_total", &[]);
-        (counted >= sent as f64).then_some(s)
-    });
-    let kernel_denials = value(&s, "passthrough_kernel_decisions_total", &[("reason", "deny_no_match")]);
-    assert_eq!(kernel_denials, sent as f64, "the kernel counted each flood denial once");
-    let suppressed = value(&s, "passthrough_deny_events_suppressed_total", &[("path", "kernel")]);
+    let s = wait_for(
+        Duration::from_secs(10),
+        "every flood denial accounted for in /metrics",
+        || {
+            let s = w.scrape();
+            let counted = value(&s, "passthrough_decisions_total", &[("path", "kernel")])
+                + value(&s, "passthrough_kernel_deny_events_dropped_total", &[]);
+            (counted >= sent as f64).then_some(s)
+        },
+    );
+    let kernel_denials = value(
+        &s,
+        "passthrough_kernel_decisions_total",
+        &[("reason", "deny_no_match")],
+    );
+    assert_eq!(
+        kernel_denials, sent as f64,
+        "the kernel counted each flood denial once"
+    );
+    let suppressed = value(
+        &s,
+        "passthrough_deny_events_suppressed_total",
+        &[("path", "kernel")],
+    );
     let logged = w.deny_events().len() as f64;
     let read = value(&s, "passthrough_decisions_total", &[("path", "kernel")]);
-    assert_eq!(logged + suppressed, read, "each event read is either logged or counted as suppressed");
+    assert_eq!(
+        logged + suppressed,
+        read,
+        "each event read is either logged or counted as suppressed"
+    );
     // burst 200 + 100/s (+ slack for the measurement window).
     let budget = 200.0 + 100.0 * (elapsed.as_secs_f64() + 3.0);
-    assert!(logged <= budget, "{logged} deny lines for {sent} denials in {elapsed:?}: the rate limit did not hold");
-    assert!(sent > 2000, "the flood was too small to test anything ({sent})");
+    assert!(
+        logged <= budget,
+        "{logged} deny lines for {sent} denials in {elapsed:?}: the rate limit did not hold"
+    );
+    assert!(
+        sent > 2000,
+        "the flood was too small to test anything ({sent})"
+    );
     assert!(suppressed > 0.0);
 
     let rss1 = rss_kib(pid);
@@ -348,16 +583,28 @@ fn a_flood_of_denials_is_rate_limited_and_bounded() {
     eprintln!(
         "flood: {sent} denials in {elapsed:?}, {logged} logged, {suppressed} suppressed; agent RSS {rss0} → {rss1} KiB, CPU {cpu:.2}s over {wall:.1}s"
     );
-    assert!(rss1 < rss0 + 16 * 1024, "agent RSS grew from {rss0} to {rss1} KiB during the flood");
-    assert!(cpu < 0.5 * wall, "agent used {cpu:.2}s CPU in {wall:.1}s during the flood");
+    assert!(
+        rss1 < rss0 + 16 * 1024,
+        "agent RSS grew from {rss0} to {rss1} KiB during the flood"
+    );
+    assert!(
+        cpu < 0.5 * wall,
+        "agent used {cpu:.2}s CPU in {wall:.1}s during the flood"
+    );
 
     // The periodic summary line (every 10 s).
-    let line = wait_for(Duration::from_secs(15), "the \"suppressed N denial events\" line", || {
-        w.json_lines().into_iter().find(|v| {
-            v["target"] == "passthrough::deny"
-                && v["fields"]["message"].as_str().is_some_and(|m| m.starts_with("suppressed "))
-        })
-    });
+    let line = wait_for(
+        Duration::from_secs(15),
+        "the \"suppressed N denial events\" line",
+        || {
+            w.json_lines().into_iter().find(|v| {
+                v["target"] == "passthrough::deny"
+                    && v["fields"]["message"]
+                        .as_str()
+                        .is_some_and(|m| m.starts_with("suppressed "))
+            })
+        },
+    );
     assert!(line["fields"]["suppressed"].as_u64().unwrap() > 0);
 }
 
@@ -370,15 +617,27 @@ fn metrics_endpoint_serves_both_text_formats() {
     let raw = |accept: &str| -> String {
         use std::io::{Read, Write};
         let mut s = std::net::TcpStream::connect(w.agent.admin_addr()).unwrap();
-        write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\nAccept: {accept}\r\nConnection: close\r\n\r\n").unwrap();
+        write!(
+            s,
+            "GET /metrics HTTP/1.1\r\nHost: x\r\nAccept: {accept}\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).unwrap();
         out
     };
     let prom = raw("text/plain");
-    assert!(prom.to_ascii_lowercase().contains("content-type: text/plain; version=0.0.4"), "{prom}");
+    assert!(
+        prom.to_ascii_lowercase()
+            .contains("content-type: text/plain; version=0.0.4"),
+        "{prom}"
+    );
     assert!(prom.contains("passthrough_policy_generation 1"));
     let om = raw("application/openmetrics-text; version=1.0.0,text/plain;q=0.5");
-    assert!(om.to_ascii_lowercase().contains("content-type: application/openmetrics-text"), "{om}");
+    assert!(
+        om.to_ascii_lowercase()
+            .contains("content-type: application/openmetrics-text"),
+        "{om}"
+    );
     assert!(om.trim_end().ends_with("# EOF"));
 }

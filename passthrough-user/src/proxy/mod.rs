@@ -48,13 +48,13 @@ use tracing::{debug, info, warn};
 pub use dns::{DestError, Destinations, DomainDestination};
 pub use orig_dst::{OrigDstSource, Redirected};
 
-use crate::{
-    events::{Denial, Reporter},
-    metrics::Metrics,
-};
 use crate::policy::{
     Connection, DecideOptions, L7, MergedConf, Verdict,
     decision::{decide_at_proxy, normalize_name},
+};
+use crate::{
+    events::{Denial, Reporter},
+    metrics::Metrics,
 };
 
 /// Policy the proxy decides with; swapped atomically on reload.
@@ -230,14 +230,16 @@ impl Proxy {
     /// to its original destination.
     async fn audit_passthrough(&self, mut client: TcpStream, first: Vec<u8>, ctx: &ConnInfo) {
         let target = ctx.rec.dst;
-        let mut upstream = match relay::connect(target, self.cfg.upstream_mark, self.cfg.connect_timeout).await {
-            Ok(u) => u,
-            Err(e) => {
-                self.upstream_failed(ctx, target, &e);
-                return;
-            }
-        };
-        self.relay_counted(&mut client, first, &mut upstream, ctx, target).await;
+        let mut upstream =
+            match relay::connect(target, self.cfg.upstream_mark, self.cfg.connect_timeout).await {
+                Ok(u) => u,
+                Err(e) => {
+                    self.upstream_failed(ctx, target, &e);
+                    return;
+                }
+            };
+        self.relay_counted(&mut client, first, &mut upstream, ctx, target)
+            .await;
     }
 
     fn upstream_failed(&self, ctx: &ConnInfo, target: SocketAddr, e: &dyn Display) {
@@ -261,7 +263,9 @@ impl Proxy {
     ) {
         match relay::relay(client, first, upstream).await {
             Ok(n) => {
-                let (up, down) = self.metrics().bytes_counters(&self.metrics().workload_name(ctx.rec.workload));
+                let (up, down) = self
+                    .metrics()
+                    .bytes_counters(&self.metrics().workload_name(ctx.rec.workload));
                 up.inc_by(n.up);
                 down.inc_by(n.down);
                 debug!(
@@ -320,7 +324,8 @@ impl Proxy {
         };
         let Some(rec) = self.orig.take(peer, local) else {
             self.metrics().proxy_connection("no_original_destination");
-            self.metrics().proxy_decision("unknown", "deny", "no_original_destination", "");
+            self.metrics()
+                .proxy_decision("unknown", "deny", "no_original_destination", "");
             warn!(
                 target: "passthrough::proxy",
                 %peer, %local, verdict = "deny", reason = "no_original_destination",
@@ -355,7 +360,14 @@ impl Proxy {
                 tls_refuse(client).await;
             }
             First::Tls(tls::Parse::NotTls | tls::Parse::NeedMore) | First::Other => {
-                if self.report_deny(&ctx, "unknown", None, None, "unknown_protocol", &"neither TLS nor HTTP") {
+                if self.report_deny(
+                    &ctx,
+                    "unknown",
+                    None,
+                    None,
+                    "unknown_protocol",
+                    &"neither TLS nor HTTP",
+                ) {
                     self.audit_passthrough(client, buf, &ctx).await;
                 }
             }
@@ -366,7 +378,11 @@ impl Proxy {
                 }
             }
             First::Timeout => {
-                let why = format!("no decision within {:?} ({} bytes read)", self.cfg.peek_timeout, buf.len());
+                let why = format!(
+                    "no decision within {:?} ({} bytes read)",
+                    self.cfg.peek_timeout,
+                    buf.len()
+                );
                 if self.report_deny(&ctx, "unknown", None, None, "peek_timeout", &why) {
                     self.audit_passthrough(client, buf, &ctx).await;
                 }
@@ -434,7 +450,8 @@ impl Proxy {
                     return;
                 }
             };
-        self.relay_counted(&mut client, first, &mut upstream, &ctx, target).await;
+        self.relay_counted(&mut client, first, &mut upstream, &ctx, target)
+            .await;
     }
 
     /// Decides `l7` for the connection in `ctx` with the current policy, runs the destination
@@ -486,7 +503,8 @@ impl Proxy {
         match target {
             Some(t) => {
                 let workload = self.metrics().workload_name(ctx.rec.workload);
-                self.metrics().proxy_decision(proto, "allow", code, &workload);
+                self.metrics()
+                    .proxy_decision(proto, "allow", code, &workload);
                 info!(
                     target: "passthrough::proxy",
                     workload = %workload, workload_id = ctx.rec.workload, pid = ctx.rec.pid,
