@@ -22,6 +22,7 @@ pub mod hostnet;
 pub mod l7;
 pub mod netns;
 pub mod probe;
+pub mod sec;
 pub mod sweep;
 
 pub use agent::{Agent, AgentBuilder, AgentFailure, StateDirGuard, write_file, write_policy};

@@ -1,0 +1,72 @@
+//! Shared pieces of the security tests (`tests/tests/bypass.rs`, `tests/tests/udp_quic.rs`):
+//! a host-route [`Slot`] of their own (so they can run beside the proxy kernel tests and the
+//! proxy benchmark, which use other slots), and [`command_in`], which starts any command inside a
+//! workload cgroup and network namespace (the bypass helpers are the test executable itself).
+
+use std::{
+    ffi::CString,
+    fs::File,
+    net::{Ipv4Addr, Ipv6Addr},
+    os::{fd::AsRawFd, unix::process::CommandExt},
+    path::Path,
+    process::Command,
+};
+
+use anyhow::{Context, Result};
+
+use crate::hostnet::Slot;
+
+/// The slot of the security tests: 198.51.100.232/30, 203.0.113.192/27, 2001:db8:f02::/48,
+/// pod 198.51.100.236, proxy 169.254.77.3. Disjoint from `TEST_SLOT` and `BENCH_SLOT`.
+pub const SEC_SLOT: Slot = Slot {
+    host_v4: Ipv4Addr::new(198, 51, 100, 233),
+    srv_v4: Ipv4Addr::new(198, 51, 100, 234),
+    hosts_v4: Ipv4Addr::new(203, 0, 113, 192),
+    host_v6: Ipv6Addr::new(0x2001, 0xdb8, 0xf02, 0, 0, 0, 0, 1),
+    srv_v6: Ipv6Addr::new(0x2001, 0xdb8, 0xf02, 0, 0, 0, 0, 2),
+    hosts_v6: Ipv6Addr::new(0x2001, 0xdb8, 0xf02, 0x100, 0, 0, 0, 0),
+    pod_v4: Ipv4Addr::new(198, 51, 100, 236),
+    pod_v6: Ipv6Addr::new(0x2001, 0xdb8, 0xf02, 0xee, 0, 0, 0, 2),
+    proxy_v4: Ipv4Addr::new(169, 254, 77, 3),
+    proxy_v6: Ipv6Addr::new(0x2001, 0xdb8, 0xf02, 0xff, 0, 0, 0, 1),
+};
+
+/// Makes `cmd` join the cgroup directory `cgroup_dir` and the netns at `netns` (or stay in the
+/// caller's) between fork and exec, like [`crate::Probe`]; it dies with the calling thread.
+/// The returned guard keeps the netns file open: keep it until the command has been spawned.
+pub fn command_in(cmd: &mut Command, cgroup_dir: &Path, netns: Option<&Path>) -> Result<Option<File>> {
+    let procs = CString::new(
+        cgroup_dir
+            .join("cgroup.procs")
+            .into_os_string()
+            .into_encoded_bytes(),
+    )?;
+    let ns_file = match netns {
+        Some(p) => Some(File::open(p).with_context(|| format!("opening netns {}", p.display()))?),
+        None => None,
+    };
+    let ns_fd = ns_file.as_ref().map(|f| f.as_raw_fd());
+    // SAFETY: only async-signal-safe syscalls (prctl/open/write/close/setns) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let rc = libc::write(fd, b"0".as_ptr() as *const libc::c_void, 1);
+            let err = std::io::Error::last_os_error();
+            libc::close(fd);
+            if rc != 1 {
+                return Err(err);
+            }
+            if let Some(ns) = ns_fd
+                && libc::setns(ns, libc::CLONE_NEWNET) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(ns_file)
+}
