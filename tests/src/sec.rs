@@ -34,7 +34,11 @@ pub const SEC_SLOT: Slot = Slot {
 /// Makes `cmd` join the cgroup directory `cgroup_dir` and the netns at `netns` (or stay in the
 /// caller's) between fork and exec, like [`crate::Probe`]; it dies with the calling thread.
 /// The returned guard keeps the netns file open: keep it until the command has been spawned.
-pub fn command_in(cmd: &mut Command, cgroup_dir: &Path, netns: Option<&Path>) -> Result<Option<File>> {
+pub fn command_in(
+    cmd: &mut Command,
+    cgroup_dir: &Path,
+    netns: Option<&Path>,
+) -> Result<Option<File>> {
     let procs = CString::new(
         cgroup_dir
             .join("cgroup.procs")

@@ -83,7 +83,8 @@ fn udp_ok(p: &mut Probe, w: &World, a: &str) {
         .connect_udp(a)
         .unwrap_or_else(|e| panic!("connected UDP to {a} should be allowed, errno {e}"));
     assert_eq!(
-        p.echo(&c, "quic?").unwrap_or_else(|e| panic!("echo over connected UDP to {a}: errno {e}")),
+        p.echo(&c, "quic?")
+            .unwrap_or_else(|e| panic!("echo over connected UDP to {a}: errno {e}")),
         "quic?",
         "{a}"
     );
@@ -170,7 +171,11 @@ fn matched_udp_ip_cidr_dns_and_domain_over_v4_v6_and_mapped() {
     // Loopback is not egress.
     assert_udp_allowed(&mut p, &w.net, &format!("127.0.0.1:{LOOPBACK_PORT}"));
     assert_udp_allowed(&mut p, &w.net, &format!("[::1]:{LOOPBACK_PORT}"));
-    assert_udp_allowed(&mut p, &w.net, &format!("[::ffff:127.0.0.1]:{LOOPBACK_PORT}"));
+    assert_udp_allowed(
+        &mut p,
+        &w.net,
+        &format!("[::ffff:127.0.0.1]:{LOOPBACK_PORT}"),
+    );
 }
 
 #[test]
@@ -304,20 +309,22 @@ fn quic_to_a_domain_only_destination_fails_and_the_tcp_fallback_works() {
     for ip in [a4, a6, mapped] {
         let dst = SocketAddr::new(ip, 443);
         // QUIC: the client's first flight is a UDP datagram to 443, connected or not.
-        assert_eq!(p.sendto(dst, "quic-initial").err(), Some(EPERM), "sendto {dst}");
+        assert_eq!(
+            p.sendto(dst, "quic-initial").err(),
+            Some(EPERM),
+            "sendto {dst}"
+        );
         assert_eq!(p.connect_udp(dst).err(), Some(EPERM), "connect udp {dst}");
         // The TCP fallback: connect is redirected (not EPERM), the proxy allows the SNI and
         // splices to the real host, which answers the handshake.
         let before = servers.accepted(dst);
-        let r = p.json(&json!({"op": "tls", "addr": dst.to_string(), "sni": "quic.test",
-            "ca": ca.display().to_string()}));
+        let r = p.json(
+            &json!({"op": "tls", "addr": dst.to_string(), "sni": "quic.test",
+            "ca": ca.display().to_string()}),
+        );
         assert_eq!(r["ok"], true, "TCP fallback to {dst}: {r}");
         let shown = passthrough_tests::netns::normalize(dst);
-        assert_eq!(
-            r["greeting"],
-            format!("local={shown} sni=quic.test"),
-            "{r}"
-        );
+        assert_eq!(r["greeting"], format!("local={shown} sni=quic.test"), "{r}");
         assert_eq!(r["peer"], dst.to_string(), "{r}");
         assert_eq!(servers.accepted(dst), before + 1);
     }
