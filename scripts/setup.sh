@@ -50,4 +50,11 @@ if ! command -v bpf-linker >/dev/null || ! bpf-linker --version 2>/dev/null | gr
       --no-default-features --features "llvm-${LLVM_MAJOR}"
 fi
 
+# 5. cargo-fuzz: the fuzz targets in fuzz/ (`cargo xtask fuzz`, and a short run at the end of
+#    `cargo xtask test`) build with the eBPF nightly above.
+if ! cargo fuzz --version >/dev/null 2>&1; then
+  log "installing cargo-fuzz"
+  cargo +"$host_tc" install --locked cargo-fuzz
+fi
+
 log "ready: host $host_tc, eBPF $EBPF_TOOLCHAIN, $(bpf-linker --version)"

@@ -6,6 +6,9 @@
 //! - `bench`: benchmarks (`connect` = kernel-path connect() cost and compile+load time).
 //! - `demo`: the out-of-the-box demo (workload cgroup, netns test hosts, example policy).
 //! - `sweep`: remove test namespaces/cgroups left by a crashed run.
+//! - `fuzz`: run every cargo-fuzz target in `fuzz/` for `--seconds N` each (pinned nightly;
+//!   installs cargo-fuzz on first use). `test` ends with a short bounded run of each
+//!   (`PASSTHROUGH_FUZZ_SECONDS`, default 10; 0 skips).
 //!
 //! `--workspace` always excludes `passthrough-ebpf`: it only builds for the BPF target, which
 //! passthrough-user's build.rs does with the pinned nightly.
@@ -55,6 +58,63 @@ enum Cmd {
     Demo,
     /// Remove leftover test namespaces and cgroups (only ours, by name prefix).
     Sweep,
+    /// Run the fuzz targets (cargo-fuzz, pinned nightly), each for --seconds.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Only this target (default: every target in fuzz/).
+        #[arg(long)]
+        target: Option<String>,
+    },
+}
+
+/// The nightly the fuzz build uses (sanitizers need nightly); the eBPF build pins the same one.
+const FUZZ_TOOLCHAIN: &str = "nightly-2026-07-01";
+
+/// Runs every fuzz target (or `only`) for `seconds` each, seeded from `fuzz/seeds/<target>`; the
+/// growing corpus lives in `fuzz/corpus/<target>` and crashes in `fuzz/artifacts/<target>`
+/// (both ignored by git). A crash fails the run: turn its input into a regression unit test.
+fn fuzz(seconds: u64, only: Option<&str>) -> anyhow::Result<()> {
+    let has_cargo_fuzz = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["fuzz", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_cargo_fuzz {
+        run(cargo().args(["install", "cargo-fuzz", "--locked"]))?;
+    }
+    let fuzz_dir = root().join("fuzz");
+    let targets: Vec<String> = match only {
+        Some(t) => vec![t.to_string()],
+        None => std::fs::read_dir(fuzz_dir.join("fuzz_targets"))?
+            .filter_map(|e| e.ok())
+            .filter_map(|e| e.path().file_stem().map(|s| s.to_string_lossy().into_owned()))
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect(),
+    };
+    // `cargo +toolchain` goes through rustup's cargo, not the one running xtask.
+    let nightly = || {
+        let mut c = Command::new("cargo");
+        c.arg(format!("+{FUZZ_TOOLCHAIN}")).env("AYA_BUILD_SKIP", "1").env_remove("RUSTC").env_remove("CARGO");
+        c
+    };
+    run(nightly().args(["fuzz", "build", "--fuzz-dir"]).arg(&fuzz_dir))?;
+    for t in &targets {
+        let corpus = fuzz_dir.join("corpus").join(t);
+        std::fs::create_dir_all(&corpus)?;
+        let seeds = fuzz_dir.join("seeds").join(t);
+        let mut c = nightly();
+        c.args(["fuzz", "run", "--fuzz-dir"]).arg(&fuzz_dir).arg(t).arg(&corpus);
+        if seeds.is_dir() {
+            c.arg(&seeds);
+        }
+        c.args(["--", &format!("-max_total_time={seconds}"), "-rss_limit_mb=2048", "-timeout=10", "-print_final_stats=1"]);
+        run(&mut c).with_context(|| {
+            format!("fuzz target {t} failed: the crashing input is in fuzz/artifacts/{t}/; add it as a regression test")
+        })?;
+    }
+    Ok(())
 }
 
 fn root() -> PathBuf {
@@ -111,7 +171,10 @@ fn main() -> anyhow::Result<()> {
                 .args(&args));
             // Whatever happened, leave no namespaces or cgroups behind.
             let swept = sweep();
-            result.and(swept)
+            // Then each fuzz target for a short bounded time (issue 6: CI fuzzes too).
+            let secs: u64 = std::env::var("PASSTHROUGH_FUZZ_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(10);
+            let fuzzed = if result.is_ok() && secs > 0 { fuzz(secs, None) } else { Ok(()) };
+            result.and(swept).and(fuzzed)
         }
         Cmd::Bench { which, quick } => {
             let all = which == "all";
@@ -147,5 +210,6 @@ fn main() -> anyhow::Result<()> {
             result.and(swept)
         }
         Cmd::Sweep => sweep(),
+        Cmd::Fuzz { seconds, target } => fuzz(seconds, target.as_deref()),
     }
 }
