@@ -14,6 +14,7 @@
 //! | `h2c`       | `addr`, `requests: [{authority, path?}]` (one connection, prior knowledge) | `responses` |
 //! | `grpc`      | `addr`, `authority`, `path`                 | `status`, `grpc_status`, `grpc_message`, `body` |
 //! | `tcp`       | `addr`                                      | `first_read` (`eof` or `data` or `timeout`) within 2 s |
+//! | `parallel`  | `requests: [...]` (no `addr`)               | `results`: each request's answer, all run at once |
 
 use std::{
     io::{self, Read, Write},
@@ -46,7 +47,31 @@ fn fail_io(stage: &str, e: &io::Error) -> Value {
 }
 
 /// Runs one request; never panics on bad input (answers `{"ok": false, "stage": "request"}`).
+/// `{"op": "parallel", "requests": [...]}` runs its requests at the same time, one thread each,
+/// and answers `{"ok": true, "results": [...]}` in request order.
 pub fn run(req: &Value) -> Value {
+    if req["op"] == "parallel" {
+        let reqs = req["requests"].as_array().cloned().unwrap_or_default();
+        let barrier = Arc::new(std::sync::Barrier::new(reqs.len()));
+        let handles: Vec<_> = reqs
+            .into_iter()
+            .map(|r| {
+                let b = barrier.clone();
+                std::thread::spawn(move || {
+                    b.wait();
+                    run(&r)
+                })
+            })
+            .collect();
+        let results: Vec<Value> = handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| fail("request", "client thread panicked"))
+            })
+            .collect();
+        return json!({"ok": true, "results": results});
+    }
     let Some(addr) = req["addr"]
         .as_str()
         .and_then(|a| a.parse::<SocketAddr>().ok())

@@ -127,6 +127,8 @@ enum Workload {
 /// the namespaces, the cgroups, the files, and last the serialization guard.
 struct World {
     probe: Probe,
+    /// With [`Opts::two_workloads`]: a probe in workload `b` (`probe` is in `a`).
+    probe_b: Option<Probe>,
     agent: Agent,
     servers: Servers,
     dns: Dns,
@@ -145,6 +147,9 @@ struct Opts<'a> {
     workload: Workload,
     /// The workload is `cg/w` and the programs attach at `cg` (one attachment, several cgroups).
     nested: bool,
+    /// Two workloads `cg/a` (labels app=a) and `cg/b` (app=b) from a workloads file, attached
+    /// at `cg`; `probe` runs in a, `probe_b` in b.
+    two_workloads: bool,
     agent: &'a dyn Fn(AgentBuilder) -> AgentBuilder,
 }
 
@@ -154,6 +159,7 @@ impl Default for Opts<'_> {
             yaml: policy(&[]),
             workload: Workload::Host,
             nested: false,
+            two_workloads: false,
             agent: &|b| b,
         }
     }
@@ -165,11 +171,14 @@ impl World {
         passthrough_tests::sweep(false);
         let dir = passthrough_tests::test_dir();
         let cg = TestCgroup::new().unwrap();
-        let workload = if o.nested {
+        let workload = if o.two_workloads {
+            cg.child("a").unwrap().path().to_path_buf()
+        } else if o.nested {
             cg.child("w").unwrap().path().to_path_buf()
         } else {
             cg.path().to_path_buf()
         };
+        let workload_b = cg.path().join("b");
         let net = HostNet::new(TEST_SLOT).unwrap();
         let pki = Pki::new(CERT_NAMES).unwrap();
         let ca = pki.write_ca(dir.path()).unwrap();
@@ -183,10 +192,24 @@ impl World {
         let policy = write_policy(dir.path(), &o.yaml);
         let mut b = Agent::builder()
             .policy(&policy)
-            .cgroup(&workload)
             .arg("--resolver")
             .arg(&dns.addr.to_string());
-        if o.nested {
+        if o.two_workloads {
+            cg.child("b").unwrap();
+            let file = dir.path().join("workloads.yaml");
+            passthrough_tests::write_file(
+                &file,
+                &format!(
+                    "- {{name: a, cgroup: {}, labels: {{app: a}}}}\n- {{name: b, cgroup: {}, labels: {{app: b}}}}\n",
+                    workload.display(),
+                    workload_b.display()
+                ),
+            );
+            b = b.workloads(&file);
+        } else {
+            b = b.cgroup(&workload);
+        }
+        if o.nested || o.two_workloads {
             b = b.attach_cgroup(cg.path());
         }
         if let (Some(pod), Workload::Pod { proxy_addr: true }) = (&pod, &o.workload) {
@@ -198,8 +221,12 @@ impl World {
         let agent = (o.agent)(b).start().unwrap();
         let probe =
             Probe::spawn_in(&workload, pod.as_ref().map(|p| p.ns_path()).as_deref()).unwrap();
+        let probe_b = o
+            .two_workloads
+            .then(|| Probe::spawn_in(&workload_b, None).unwrap());
         World {
             probe,
+            probe_b,
             agent,
             servers,
             dns,
@@ -748,6 +775,102 @@ fn pod_without_proxy_addr_gets_eperm_for_domain_only_destinations() {
         workload: Workload::Pod { proxy_addr: false },
         ..Opts::default()
     });
+    for fam in FAMILIES {
+        w.eperm(host(A, fam, 443));
+        w.eperm(host(A, fam, 80));
+    }
+}
+
+// ------------------------------------------------------------------------------ more cases
+
+#[test]
+fn the_proxy_decides_with_the_policy_of_the_connecting_workload() {
+    // Two workloads under one attachment: the Mesh policy for both, and for `b` only one more
+    // Domain match. The proxy must judge each connection with its own workload's merged policy
+    // (the workload recorded by the kernel with the original destination).
+    if !require_kernel() {
+        return;
+    }
+    let for_b = "---\napiVersion: kuma.io/v1alpha1\nkind: MeshPassthrough\nmetadata: {name: for-b, labels: {kuma.io/mesh: default}}\nspec:\n  targetRef: {kind: MeshSubset, tags: {app: b}}\n  default:\n    appendMatch:\n      - {type: Domain, value: evil.test, port: 443, protocol: tls}\n      - {type: Domain, value: evil.test, port: 80, protocol: http}\n";
+    let mut w = World::new(Opts {
+        yaml: policy(&[]) + for_b,
+        two_workloads: true,
+        ..Opts::default()
+    });
+    for fam in FAMILIES {
+        let a443 = host(A, fam, 443);
+        w.tls_ok(a443, "api.test", None);
+        w.tls_denied(a443, Some("evil.test"));
+        let r = w.http1(host(A, fam, 80), &["evil.test"]);
+        denied_503(&r[0], "evil.test");
+
+        let ca = w.ca.display().to_string();
+        let pb = w.probe_b.as_mut().unwrap();
+        for sni in ["api.test", "evil.test"] {
+            let before = w.servers.accepted(a443);
+            let r = pb.json(&json!({"op": "tls", "addr": a443.to_string(), "sni": sni, "ca": ca}));
+            assert_eq!(r["ok"], true, "workload b, {sni}: {r}");
+            assert_eq!(
+                r["greeting"],
+                format!("local={} sni={sni}", normalize(a443)),
+                "{r}"
+            );
+            assert_eq!(w.servers.accepted(a443), before + 1);
+        }
+        let r = pb.json(&json!({"op": "http1", "addr": host(A, fam, 80).to_string(),
+            "requests": [{"host": "evil.test"}, {"host": "web.test"}]}));
+        ok_from(&r["responses"][0], host(A, fam, 80), "evil.test");
+        ok_from(&r["responses"][1], host(A, fam, 80), "web.test");
+    }
+}
+
+#[test]
+fn concurrent_connections_each_reach_their_own_destination() {
+    // Many redirected connections at once, from one process, to different hosts: the proxy must
+    // recover each one's own original destination (`original`: it connects where the client
+    // dialled, so a mix-up shows as a greeting from the wrong host).
+    if !require_kernel() {
+        return;
+    }
+    let mut w = destination_world("original");
+    let ca = w.ca.display().to_string();
+    let mut reqs = Vec::new();
+    let mut dials = Vec::new();
+    for round in 0..2 {
+        for n in 1..=24u8 {
+            let fam = FAMILIES[(n as usize + round) % 3];
+            let d = host(n, fam, 443);
+            dials.push(d);
+            reqs.push(json!({"op": "tls", "addr": d.to_string(), "sni": "api.test", "ca": ca}));
+        }
+    }
+    let r = w.probe.json(&json!({"op": "parallel", "requests": reqs}));
+    let results = r["results"].as_array().unwrap();
+    assert_eq!(results.len(), dials.len());
+    for (d, r) in dials.iter().zip(results) {
+        assert_eq!(r["ok"], true, "{d}: {r}");
+        assert_eq!(
+            r["greeting"],
+            format!("local={} sni=api.test", normalize(*d)),
+            "{d}: {r}"
+        );
+        assert_eq!(r["peer"], d.to_string(), "{r}");
+        assert_eq!(r["echo"], "ping", "{r}");
+    }
+}
+
+#[test]
+fn without_the_proxy_domain_only_destinations_get_eperm() {
+    // `--proxy-port 0`: no proxy, so a connection only a Domain match could allow is denied in
+    // the kernel instead of being redirected to nothing.
+    if !require_kernel() {
+        return;
+    }
+    let mut w = World::new(Opts {
+        agent: &|b: AgentBuilder| b.arg("--proxy-port").arg("0"),
+        ..Opts::default()
+    });
+    assert_eq!(w.agent.proxy_port(), 0);
     for fam in FAMILIES {
         w.eperm(host(A, fam, 443));
         w.eperm(host(A, fam, 80));
