@@ -19,6 +19,7 @@
 //! relayed TLS connection (RSS delta over N connections).
 //!
 //! Output: a markdown section on stdout. `--quick`: a smoke run (one short round).
+//! `--only ka,new,bulk,http,lat,mem`: some measures only (to look into one of them).
 
 use std::{
     collections::HashMap,
@@ -76,6 +77,13 @@ const LAT_CONNS: usize = 4;
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
+    // `--only ka,new,bulk,http,lat,mem`: run some measures only (for investigating one of them).
+    let only: Option<Vec<String>> = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .map(|v| v.split(',').map(str::to_string).collect());
+    let wanted = |k: &str| only.as_ref().is_none_or(|o| o.iter().any(|x| x == k));
     if !require_kernel() {
         bail!("pt-bench-proxy needs root, BPF, cgroup v2 and iproute2");
     }
@@ -150,7 +158,10 @@ fn main() -> anyhow::Result<()> {
         for round in 0..plan.rounds {
             // Each measure runs direct and proxied back to back (order alternating per round),
             // so a load change on the machine hits both sides of a pair alike.
-            for k in ["ka", "new", "bulk", "http", "lat"] {
+            for k in ["ka", "new", "bulk", "http", "lat"]
+                .into_iter()
+                .filter(|k| wanted(k))
+            {
                 for step in 0..2 {
                     let i = if round % 2 == 0 { step } else { 1 - step };
                     let ip = if i == 0 { c } else { a };
@@ -201,21 +212,33 @@ fn main() -> anyhow::Result<()> {
                     .join(", ")
             );
         }
-        let mem = idle_memory(
-            &cfg,
-            SocketAddr::new(a, 443),
-            "rr.test",
-            plan.idle_conns,
-            agent.pid(),
-        )
-        .await?;
+        let mem = if wanted("mem") {
+            idle_memory(
+                &cfg,
+                SocketAddr::new(a, 443),
+                "rr.test",
+                plan.idle_conns,
+                agent.pid(),
+            )
+            .await?
+        } else {
+            Mem {
+                conns: 0,
+                rss_kib_per_conn: f64::NAN,
+                fds_per_conn: f64::NAN,
+            }
+        };
         anyhow::Ok((m, mem))
     })?;
     let (m, mem) = out;
 
-    let med = |k: &str, i: usize| median(m[k][i].clone());
+    let med = |k: &str, i: usize| m.get(k).map_or(f64::NAN, |v| median(v[i].clone()));
     // The ratio is the median of the per-round ratios (each round's pair ran back to back).
-    let ratio = |k: &str| median(m[k][1].iter().zip(&m[k][0]).map(|(p, d)| p / d).collect());
+    let ratio = |k: &str| {
+        m.get(k).map_or(f64::NAN, |v| {
+            median(v[1].iter().zip(&v[0]).map(|(p, d)| p / d).collect())
+        })
+    };
     let profile = agent_bin
         .parent()
         .and_then(|p| p.file_name())
