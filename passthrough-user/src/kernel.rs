@@ -149,6 +149,8 @@ pub struct Kernel {
     flipped_at: Option<Instant>,
     generation_counter: u64,
     attached: Vec<PathBuf>,
+    /// sock_ops is (to be) attached: some plan could redirect.
+    sock_ops_wanted: bool,
     /// Our links: pinned ones stay attached after we exit, owned ones detach on drop.
     links: Vec<LinkHold>,
     flags: u32,
@@ -327,6 +329,7 @@ impl Kernel {
             flipped_at: None,
             generation_counter: 0,
             attached: Vec::new(),
+            sock_ops_wanted: false,
             links: Vec::new(),
             flags,
             agent_mark,
@@ -392,6 +395,9 @@ impl Kernel {
             self.remove_entries(&old);
         } else if self.adopted {
             self.clear_generation_by_scan(g);
+        }
+        if let Err(e) = self.ensure_sock_ops(&plan) {
+            return Err(e);
         }
         if let Err(e) = self.write_entries(&plan) {
             // Roll back what was written; the active generation never pointed at it.
@@ -523,6 +529,40 @@ impl Kernel {
     /// is already pinned there (left by a previous agent) is switched to our program in place
     /// with `BPF_LINK_UPDATE` instead of attaching a second copy.
     pub fn attach(&mut self, cgroup: &Path) -> Result<(), KernelError> {
+        let mut names: Vec<&'static str> = PROGRAMS.to_vec();
+        if self.sock_ops_wanted || self.has_pinned_link(cgroup, SOCK_OPS) {
+            names.push(SOCK_OPS);
+        }
+        self.attach_programs(cgroup, &names)?;
+        self.attached.push(cgroup.to_path_buf());
+        Ok(())
+    }
+
+    fn has_pinned_link(&self, cgroup: &Path, name: &str) -> bool {
+        use std::os::unix::fs::MetadataExt as _;
+        let (Some(state), Ok(meta)) = (self.state_dir.as_deref(), std::fs::metadata(cgroup)) else { return false };
+        crate::pins::link_dir(state, meta.ino()).join(name).exists()
+    }
+
+    /// sock_ops only serves redirected connections (it re-keys their original destination),
+    /// yet runs for several events of *every* TCP connection of the cgroup (~0.6 µs per
+    /// connect measured here). So it is attached only once a plan can redirect: the proxy is
+    /// on and some workload has a Domain match. Called before the flip that makes redirects
+    /// possible.
+    fn ensure_sock_ops(&mut self, plan: &KernelPlan) -> Result<(), KernelError> {
+        if self.sock_ops_wanted || self.proxy.host_port == 0 || plan.domain_ports.is_empty() {
+            return Ok(());
+        }
+        self.sock_ops_wanted = true;
+        for cg in self.attached.clone() {
+            if !self.has_pinned_link(&cg, SOCK_OPS) {
+                self.attach_programs(&cg, &[SOCK_OPS])?;
+            }
+        }
+        Ok(())
+    }
+
+    fn attach_programs(&mut self, cgroup: &Path, names: &[&'static str]) -> Result<(), KernelError> {
         use std::os::unix::fs::MetadataExt as _;
         let file = File::open(cgroup).map_err(|source| KernelError::Cgroup { path: cgroup.into(), source })?;
         let cgroup_id = file.metadata().map_err(|source| KernelError::Cgroup { path: cgroup.into(), source })?.ino();
@@ -530,7 +570,7 @@ impl Kernel {
         if let Some(dir) = &link_dir {
             std::fs::create_dir_all(dir).map_err(|source| KernelError::Pin { path: dir.clone(), source })?;
         }
-        for name in PROGRAMS.iter().copied().chain([SOCK_OPS]) {
+        for &name in names {
             let pin = link_dir.as_ref().map(|d| d.join(name));
             let program = self.ebpf.program_mut(name).ok_or(KernelError::MissingProgram(name))?;
             if let Some(pin) = pin.as_ref().filter(|p| p.exists()) {
@@ -559,7 +599,6 @@ impl Kernel {
                 None => self.links.push(LinkHold::Owned(fd_link)),
             }
         }
-        self.attached.push(cgroup.to_path_buf());
         Ok(())
     }
 
@@ -620,6 +659,13 @@ impl Kernel {
             std::thread::sleep(Duration::from_millis(10));
         }
         Ok(())
+    }
+
+    /// Cumulative run time and run count of one program (kernel BPF statistics; they only
+    /// advance while statistics are enabled, e.g. by `aya::sys::enable_stats`).
+    pub fn program_stats(&self, name: &str) -> Option<(Duration, u64)> {
+        let info = self.ebpf.program(name)?.info().ok()?;
+        Some((info.run_time(), info.run_count()))
     }
 
     /// The cgroups the programs are attached to.
