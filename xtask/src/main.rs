@@ -47,7 +47,8 @@ enum Cmd {
     /// Run benchmarks.
     Bench {
         /// Which: `connect` (kernel path: connect() cost, compile + load), `policy` (parse,
-        /// validate, merge, compile of 100,000 matches). Default: all.
+        /// validate, merge, compile of 100,000 matches), `proxy` (proxy path vs direct).
+        /// Default: all.
         #[arg(default_value = "all")]
         which: String,
         /// Shorter runs (smoke check of the bench itself).
@@ -178,8 +179,8 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Bench { which, quick } => {
             let all = which == "all";
-            if !all && !["connect", "policy"].contains(&which.as_str()) {
-                bail!("unknown bench {which:?}: one of connect, policy, all");
+            if !all && !["connect", "policy", "proxy"].contains(&which.as_str()) {
+                bail!("unknown bench {which:?}: one of connect, policy, proxy, all");
             }
             let mut result = Ok(());
             if all || which == "policy" {
@@ -193,6 +194,18 @@ fn main() -> anyhow::Result<()> {
                 run(cargo().args(["build", "--release", "--workspace", "--exclude", "passthrough-ebpf", "--bins"]))?;
                 let mut c = Command::new(target_dir().join("release").join("pt-bench"));
                 c.arg("connect");
+                if quick {
+                    c.arg("--quick");
+                }
+                result = run(&mut c);
+                let swept = sweep();
+                result = result.and(swept);
+            }
+            if result.is_ok() && (all || which == "proxy") {
+                // Proxy path vs direct: TLS keep-alive, new connection per request, bulk,
+                // HTTP/1.1, open-loop latency, memory per idle relayed connection.
+                run(cargo().args(["build", "--release", "--workspace", "--exclude", "passthrough-ebpf", "--bins"]))?;
+                let mut c = Command::new(target_dir().join("release").join("pt-bench-proxy"));
                 if quick {
                     c.arg("--quick");
                 }
