@@ -247,7 +247,7 @@ fn main() -> anyhow::Result<()> {
     let _ = base99;
     writeln!(out, "\n## 100,000 CIDR matches: compile and load (median of {rounds})\n")?;
     writeln!(out, "| step | ms |\n|---|---:|")?;
-    writeln!(out, "| load + verify the 4 programs | {:.1} |", median(prog_load_ms.clone()))?;
+    writeln!(out, "| load + verify the programs | {:.1} |", median(prog_load_ms.clone()))?;
     writeln!(out, "| compile the plan (pure) | {:.1} |", median(compile_ms.clone()))?;
     writeln!(out, "| write the maps (bpf syscalls) | {:.1} |", median(load_ms.clone()))?;
     writeln!(out, "| compile + load total | {:.1} |", median(compile_ms.iter().zip(&load_ms).map(|(a, b)| a + b).collect()))?;
