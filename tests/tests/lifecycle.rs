@@ -222,3 +222,56 @@ fn incompatible_pinned_state_is_replaced_not_reused() {
         eprintln!("bpftool map create unavailable; wrong-shape case not exercised");
     }
 }
+
+/// Issue 5 point 1: editing the policy file under a running agent (no signal) is applied
+/// within a second; an invalid edit is rejected, counted, logged, and the previous policy stays
+/// in force with `/readyz` still ready; established connections are untouched throughout.
+#[test]
+fn policy_file_edits_are_applied_atomically_without_a_signal() {
+    if !require_kernel() {
+        return;
+    }
+    let dir = passthrough_tests::test_dir();
+    let cg = TestCgroup::new().unwrap();
+    let net = TestNet::new().unwrap();
+    let policy = write_policy(dir.path(), POLICY);
+    let mut agent = Agent::builder().policy(&policy).cgroup(cg.path()).start().unwrap();
+    let mut probe = Probe::spawn(&cg, &net).unwrap();
+    assert_allowed(&mut probe, &net, "198.51.100.9:8080");
+    assert_denied(&mut probe, &net, "203.0.113.9:80");
+    let established = probe.connect("198.51.100.10:8080").unwrap();
+
+    // A valid edit: now 203.0.113.0/24 port 80 is allowed, 198.51.100.0/24 no longer.
+    let seen = agent.applied_generations().len();
+    let started = std::time::Instant::now();
+    passthrough_tests::write_file(&policy, &POLICY.replace("198.51.100.0/24, port: 8080", "203.0.113.0/24, port: 80"));
+    let generation = agent.wait_applied_after(seen).unwrap();
+    assert!(started.elapsed() < std::time::Duration::from_secs(1), "applied after {:?}", started.elapsed());
+    assert!(generation >= 2);
+    assert_allowed(&mut probe, &net, "203.0.113.9:80");
+    assert_denied(&mut probe, &net, "198.51.100.9:8080");
+    assert_eq!(probe.echo(&established, "kept").unwrap(), "kept", "an established connection survives the swap");
+
+    // An invalid edit: rejected whole, the previous policy keeps running, still ready.
+    let seen = agent.applied_generations().len();
+    let log_len = agent.log().len();
+    passthrough_tests::write_file(&policy, &POLICY.replace("198.51.100.0/24", "198.51.100.0/33"));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !agent.log()[log_len..].contains("reload rejected") {
+        assert!(std::time::Instant::now() < deadline, "no rejection logged\n{}", agent.describe());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let rejection = agent.log()[log_len..].to_string();
+    assert!(rejection.contains(&policy.display().to_string()) && rejection.contains("provided CIDR has incorrect value"), "{rejection}");
+    assert_eq!(agent.applied_generations().len(), seen, "an invalid policy must not be applied");
+    assert_eq!(agent.get("/readyz").unwrap().0, 200);
+    let (_, metrics) = agent.get("/metrics").unwrap();
+    assert!(
+        metrics.lines().any(|l| l.starts_with("passthrough_policy_reloads_total{result=\"failure\"}") && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+    assert_allowed(&mut probe, &net, "203.0.113.9:80");
+    assert_denied(&mut probe, &net, "198.51.100.9:8080");
+    assert_eq!(probe.echo(&established, "still").unwrap(), "still");
+    agent.stop().unwrap();
+}
