@@ -1047,6 +1047,65 @@ fn scm_rights_socket_passed_out_of_the_workload_is_judged_by_the_caller() {
     assert_eq!(w.accepted(DENIED4), 0);
 }
 
+#[test]
+fn scm_rights_with_an_ancestor_attachment_the_calling_workload_decides() {
+    if !require_kernel() {
+        return;
+    }
+    // The mitigation of the hole above: attach at a common ancestor. A socket created in a
+    // sibling cgroup that is no workload (so below the attachment: the hooks run) and passed
+    // into the workload is judged by the workload's policy when the workload connects it.
+    let dir = passthrough_tests::test_dir();
+    let parent = TestCgroup::new().unwrap();
+    let workload = parent.child("w").unwrap();
+    let other = parent.child("o").unwrap();
+    let net = TestNet::new().unwrap();
+    let policy = write_policy(dir.path(), &kernel_policy());
+    let _agent = Agent::builder()
+        .policy(&policy)
+        .cgroup(workload.path())
+        .attach_cgroup(parent.path())
+        .start()
+        .unwrap();
+    let (p1, p2) = (dir.path().join("in.sock"), dir.path().join("out.sock"));
+    let (l1, l2) = (
+        UnixListener::bind(&p1).unwrap(),
+        UnixListener::bind(&p2).unwrap(),
+    );
+    let relay = std::thread::spawn(move || {
+        use std::os::fd::AsRawFd;
+        let (u1, _) = l1.accept().unwrap();
+        let fd = ops::recv_fd(&u1).unwrap();
+        drop(u1);
+        let (u2, _) = l2.accept().unwrap();
+        send_fd(&u2, fd.as_raw_fd()).unwrap();
+        let mut b = [0u8; 1];
+        let _ = (&u2).read(&mut b);
+    });
+    let ns = net.client_ns_path();
+    let (o, ns2, p1s) = (
+        other.path().to_path_buf(),
+        ns.clone(),
+        p1.to_str().unwrap().to_string(),
+    );
+    let maker = std::thread::spawn(move || {
+        helper(
+            &o,
+            Some(&ns2),
+            json!({"op": "sendfd", "path": p1s, "addr": DENIED4}),
+        )
+    });
+    let r = helper(
+        workload.path(),
+        Some(&ns),
+        json!({"op": "recvfd_connect", "path": p2.to_str().unwrap(), "addr": DENIED4}),
+    );
+    assert_eq!(maker.join().unwrap()["ok"], true);
+    relay.join().unwrap();
+    eperm(&r, "connect");
+    assert_eq!(net.accepted(DENIED4.parse().unwrap()), 0);
+}
+
 // ---------------------------------------------------------------------- raw and ICMP
 
 #[test]

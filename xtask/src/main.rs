@@ -67,6 +67,10 @@ enum Cmd {
         /// Only this target (default: every target in fuzz/).
         #[arg(long)]
         target: Option<String>,
+        /// cargo-fuzz sanitizer: `none` (default: the code under test is safe Rust, and the
+        /// build is several times faster) or `address`.
+        #[arg(long, default_value = "none")]
+        sanitizer: String,
     },
 }
 
@@ -76,7 +80,7 @@ const FUZZ_TOOLCHAIN: &str = "nightly-2026-07-01";
 /// Runs every fuzz target (or `only`) for `seconds` each, seeded from `fuzz/seeds/<target>`; the
 /// growing corpus lives in `fuzz/corpus/<target>` and crashes in `fuzz/artifacts/<target>`
 /// (both ignored by git). A crash fails the run: turn its input into a regression unit test.
-fn fuzz(seconds: u64, only: Option<&str>) -> anyhow::Result<()> {
+fn fuzz(seconds: u64, only: Option<&str>, sanitizer: &str) -> anyhow::Result<()> {
     let has_cargo_fuzz = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .args(["fuzz", "--version"])
         .output()
@@ -100,13 +104,13 @@ fn fuzz(seconds: u64, only: Option<&str>) -> anyhow::Result<()> {
         c.arg(format!("+{FUZZ_TOOLCHAIN}")).env("AYA_BUILD_SKIP", "1").env_remove("RUSTC").env_remove("CARGO");
         c
     };
-    run(nightly().args(["fuzz", "build", "--fuzz-dir"]).arg(&fuzz_dir))?;
+    run(nightly().args(["fuzz", "build", "--sanitizer", sanitizer, "--fuzz-dir"]).arg(&fuzz_dir))?;
     for t in &targets {
         let corpus = fuzz_dir.join("corpus").join(t);
         std::fs::create_dir_all(&corpus)?;
         let seeds = fuzz_dir.join("seeds").join(t);
         let mut c = nightly();
-        c.args(["fuzz", "run", "--fuzz-dir"]).arg(&fuzz_dir).arg(t).arg(&corpus);
+        c.args(["fuzz", "run", "--sanitizer", sanitizer, "--fuzz-dir"]).arg(&fuzz_dir).arg(t).arg(&corpus);
         if seeds.is_dir() {
             c.arg(&seeds);
         }
@@ -174,7 +178,7 @@ fn main() -> anyhow::Result<()> {
             let swept = sweep();
             // Then each fuzz target for a short bounded time (issue 6: CI fuzzes too).
             let secs: u64 = std::env::var("PASSTHROUGH_FUZZ_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(10);
-            let fuzzed = if result.is_ok() && secs > 0 { fuzz(secs, None) } else { Ok(()) };
+            let fuzzed = if result.is_ok() && secs > 0 { fuzz(secs, None, "none") } else { Ok(()) };
             result.and(swept).and(fuzzed)
         }
         Cmd::Bench { which, quick } => {
@@ -223,6 +227,6 @@ fn main() -> anyhow::Result<()> {
             result.and(swept)
         }
         Cmd::Sweep => sweep(),
-        Cmd::Fuzz { seconds, target } => fuzz(seconds, target.as_deref()),
+        Cmd::Fuzz { seconds, target, sanitizer } => fuzz(seconds, target.as_deref(), &sanitizer),
     }
 }
