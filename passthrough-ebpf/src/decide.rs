@@ -166,11 +166,6 @@ pub fn decide<D: Dest>(dst: D, port_be: u16, transport: Transport, socket_mark: 
         return Verdict::Deny;
     };
     let cfg: GlobalConfig = *cfg;
-    // Rule 1: the agent's own sockets (proxy upstreams, DNS) carry its SO_MARK.
-    if cfg.agent_mark != 0 && socket_mark == cfg.agent_mark {
-        count(counter::ALLOW_AGENT);
-        return Verdict::Allow;
-    }
     // Read the generation once: every lookup below uses the same one, so a concurrent policy
     // swap is seen either entirely or not at all.
     let generation = cfg.active_generation & 1;
@@ -188,7 +183,16 @@ pub fn decide<D: Dest>(dst: D, port_be: u16, transport: Transport, socket_mark: 
         return Verdict::Allow;
     }
 
-    let (rs, wl_mode, workload) = match find_workload(generation) {
+    let found = find_workload(generation);
+    // Rule 1: the agent's own sockets (proxy upstreams, DNS) carry its SO_MARK. The mark is
+    // honoured only for callers that belong to no workload: a workload process with
+    // CAP_NET_ADMIN could set the same mark on its own sockets, and must not escape its policy
+    // that way (the agent is never a workload; see docs/security.md).
+    if found.is_none() && cfg.agent_mark != 0 && socket_mark == cfg.agent_mark {
+        count(counter::ALLOW_AGENT);
+        return Verdict::Allow;
+    }
+    let (rs, wl_mode, workload) = match found {
         Some((w, id)) => (w.ruleset, w.mode, id),
         None => (
             ruleset::id(generation, u32::MAX >> 1),

@@ -599,19 +599,26 @@ fn straight_to_the_proxy_port_without_a_recorded_destination_is_closed() {
 // ------------------------------------------------------------ agent inside the filtered cgroup
 
 #[test]
-fn agent_inside_the_attached_workload_cgroup_is_not_redirected_thanks_to_so_mark() {
+fn agent_below_the_attachment_is_not_redirected_thanks_to_so_mark() {
     if !require_kernel() {
         return;
     }
+    // Unselected mode None: below the attachment, outside every workload, only the agent's
+    // mark lets its upstream connections out.
     let mut w = World::new(Opts {
         nested: true,
+        agent: &|b| b.unselected_mode("None"),
         ..Opts::default()
     });
-    // Attached at the parent; the agent joins the very workload cgroup it filters, whose policy
-    // would redirect (or deny) its upstream connections if they were not marked.
+    // Attached at the parent; the agent joins the attached parent cgroup itself (below the
+    // attachment, in no workload), where the programs run for its upstream connections and
+    // would deny or redirect them under the unselected mode if they were not marked. (The agent
+    // must not be *in* a workload: there the mark is ignored, so a workload with CAP_NET_ADMIN
+    // cannot spoof it — see bypass.rs `agent_mark_spoofing_needs_cap_net_admin`.)
     let pid = w.agent.pid();
-    std::fs::write(w.workload.join("cgroup.procs"), pid.to_string()).unwrap();
-    let procs = std::fs::read_to_string(w.workload.join("cgroup.procs")).unwrap();
+    let parent = w.workload.parent().unwrap().to_path_buf();
+    std::fs::write(parent.join("cgroup.procs"), pid.to_string()).unwrap();
+    let procs = std::fs::read_to_string(parent.join("cgroup.procs")).unwrap();
     assert!(
         procs.lines().any(|l| l.trim() == pid.to_string()),
         "{procs}"
