@@ -302,7 +302,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let usage = crate::metrics::MapUsage::of(&plan); // obs
     let generation = kernel.apply(plan)?;
     let names = inputs.workloads.iter().map(|(w, d)| (d.id, w.name.clone())); // obs
-    metrics.policy_applied(generation, names, usage, Capacities::default()); // obs
+    metrics.policy_applied(generation, names, usage, kernel.capacities()); // obs
     for p in &points {
         kernel.attach(p)?;
         info!(cgroup = %p.display(), "attached");
@@ -384,7 +384,7 @@ fn reload(
     let usage = crate::metrics::MapUsage::of(&plan); // obs
     let generation = kernel.apply(plan)?;
     let names = inputs.workloads.iter().map(|(w, d)| (d.id, w.name.clone())); // obs
-    metrics.policy_applied(generation, names, usage, Capacities::default()); // obs
+    metrics.policy_applied(generation, names, usage, kernel.capacities()); // obs
     // The proxy follows right after the kernel flip: a connection redirected under the new
     // plan is judged by the new policy.
     proxy_state.store(Arc::new(proxy_policy(&merged, opts, args.unselected_mode)));

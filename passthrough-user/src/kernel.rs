@@ -351,6 +351,11 @@ impl Kernel {
         })
     }
 
+    /// The capacities of the maps in use (those of adopted maps after a restart).
+    pub fn capacities(&self) -> Capacities {
+        self.caps
+    }
+
     /// True when this agent took over pinned state left by a previous one.
     pub fn adopted(&self) -> bool {
         self.adopted
