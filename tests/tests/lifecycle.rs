@@ -113,9 +113,46 @@ fn sigkill_keeps_enforcing_restart_adopts_and_uninstall_removes_everything() {
     assert_eq!(probe.echo(&established, "after restart").unwrap(), "after restart");
     second.kill9();
 
+    // What the kernel holds for us right now: program ids (from the cgroup) and map ids (from
+    // the pins). After uninstall none of them may exist any more.
+    let prog_ids: Vec<String> = attached_programs(cg.path())
+        .expect("bpftool")
+        .iter()
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .collect();
+    assert_eq!(prog_ids.len(), 7);
+    let maps_dir = state.path().join(format!("v{}", passthrough_common::LAYOUT_VERSION)).join("maps");
+    let map_ids: Vec<String> = std::fs::read_dir(&maps_dir)
+        .unwrap()
+        .flatten()
+        .map(|e| {
+            let out = Command::new("bpftool").args(["-j", "map", "show", "pinned"]).arg(e.path()).output().unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            v["id"].to_string()
+        })
+        .collect();
+    assert_eq!(map_ids.len(), 9);
+
     let (ok, text) = passthrough(&["uninstall", "--state-dir", &state.path().display().to_string()]);
     assert!(ok, "{text}");
     assert!(text.contains("removed 7 link(s) and 9 map(s)"), "{text}");
+    let gone = |kind: &str, id: &str| {
+        !Command::new("bpftool").args([kind, "show", "id", id]).output().map(|o| o.status.success()).unwrap_or(true)
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let left: Vec<String> = prog_ids
+            .iter()
+            .filter(|id| !gone("prog", id))
+            .map(|id| format!("prog {id}"))
+            .chain(map_ids.iter().filter(|id| !gone("map", id)).map(|id| format!("map {id}")))
+            .collect();
+        if left.is_empty() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "still in the kernel after uninstall: {left:?}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
     // The kernel releases an unpinned link from a work queue: give it a moment.
     assert!(eventually_detached(cg.path()), "uninstall must detach everything: {:?}", attached_programs(cg.path()));
     assert!(!state.path().exists(), "uninstall must remove the state dir");
