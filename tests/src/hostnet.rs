@@ -83,6 +83,22 @@ pub const BENCH_SLOT: Slot = Slot {
     proxy_v6: Ipv6Addr::new(0x2001, 0xdb8, 0xf01, 0xff, 0, 0, 0, 1),
 };
 
+/// The slot of the load and fault tests (`tests/tests/load_faults.rs`): 198.51.100.228/30,
+/// 203.0.113.128/27, 2001:db8:f03::/48, pod 198.51.100.226, proxy 169.254.77.4. Disjoint from
+/// `TEST_SLOT`, `BENCH_SLOT` and `SEC_SLOT`.
+pub const LOAD_SLOT: Slot = Slot {
+    host_v4: Ipv4Addr::new(198, 51, 100, 229),
+    srv_v4: Ipv4Addr::new(198, 51, 100, 230),
+    hosts_v4: Ipv4Addr::new(203, 0, 113, 128),
+    host_v6: Ipv6Addr::new(0x2001, 0xdb8, 0xf03, 0, 0, 0, 0, 1),
+    srv_v6: Ipv6Addr::new(0x2001, 0xdb8, 0xf03, 0, 0, 0, 0, 2),
+    hosts_v6: Ipv6Addr::new(0x2001, 0xdb8, 0xf03, 0x100, 0, 0, 0, 0),
+    pod_v4: Ipv4Addr::new(198, 51, 100, 226),
+    pod_v6: Ipv6Addr::new(0x2001, 0xdb8, 0xf03, 0xee, 0, 0, 0, 2),
+    proxy_v4: Ipv4Addr::new(169, 254, 77, 4),
+    proxy_v6: Ipv6Addr::new(0x2001, 0xdb8, 0xf03, 0xff, 0, 0, 0, 1),
+};
+
 impl Slot {
     /// Test host number `n` (1..=30) of the slot, IPv4.
     pub fn host4(&self, n: u8) -> IpAddr {
@@ -231,6 +247,12 @@ impl HostNet {
     /// The slot.
     pub fn slot(&self) -> &Slot {
         &self.slot
+    }
+
+    /// The host side of the server veth (in the host netns). Routes and neighbour entries a
+    /// test adds on it go away with the link when this `HostNet` is dropped.
+    pub fn host_link(&self) -> &str {
+        &self.link
     }
 }
 
