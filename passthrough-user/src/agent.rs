@@ -190,10 +190,10 @@ fn proxy_settings(args: &RunArgs) -> anyhow::Result<ProxySettings> {
             SocketAddr::V6(v6) => s.pod_v6 = Some(*v6),
         }
     }
-    if let (Some(v4), Some(v6)) = (s.pod_v4, s.pod_v6) {
-        if v4.port() != v6.port() {
-            bail!("--proxy-addr: the IPv4 and IPv6 addresses must use the same port");
-        }
+    if let (Some(v4), Some(v6)) = (s.pod_v4, s.pod_v6)
+        && v4.port() != v6.port()
+    {
+        bail!("--proxy-addr: the IPv4 and IPv6 addresses must use the same port");
     }
     if args.proxy_port == 0 && !args.proxy_addr.is_empty() {
         bail!("--proxy-addr needs the proxy (--proxy-port must not be 0)");

@@ -339,13 +339,13 @@ impl Kernel {
             retire_after_attach,
         })
         .map(|mut k| {
-            if k.adopted {
-                if let Ok(cfg) = k.config.get(&0, 0) {
-                    k.active = Some(cfg.active_generation & 1);
-                    k.generation_counter = cfg.policy_generation;
-                    // The inactive generation was retired at least one apply ago.
-                    k.flipped_at = None;
-                }
+            if k.adopted
+                && let Ok(cfg) = k.config.get(&0, 0)
+            {
+                k.active = Some(cfg.active_generation & 1);
+                k.generation_counter = cfg.policy_generation;
+                // The inactive generation was retired at least one apply ago.
+                k.flipped_at = None;
             }
             k
         })
@@ -401,9 +401,7 @@ impl Kernel {
         } else if self.adopted {
             self.clear_generation_by_scan(g);
         }
-        if let Err(e) = self.ensure_sock_ops(&plan) {
-            return Err(e);
-        }
+        self.ensure_sock_ops(&plan)?;
         if let Err(e) = self.write_entries(&plan) {
             // Roll back what was written; the active generation never pointed at it.
             self.remove_entries(&plan);

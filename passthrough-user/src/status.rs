@@ -54,10 +54,10 @@ fn cgroup_path(mount: &Path, id: u64) -> Option<PathBuf> {
         if std::fs::metadata(&dir).ok()?.ino() == id {
             return Some(dir);
         }
-        if depth < 16 {
-            if let Ok(rd) = std::fs::read_dir(&dir) {
-                stack.extend(rd.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_dir())).map(|e| (e.path(), depth + 1)));
-            }
+        if depth < 16
+            && let Ok(rd) = std::fs::read_dir(&dir)
+        {
+            stack.extend(rd.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_dir())).map(|e| (e.path(), depth + 1)));
         }
     }
     None
