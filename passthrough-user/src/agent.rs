@@ -251,7 +251,28 @@ fn attach_points(args: &RunArgs, mount: &Path, inputs: &Inputs) -> anyhow::Resul
 }
 
 /// Runs the agent until SIGTERM/SIGINT. SIGHUP re-reads policies and workloads.
+/// Raises the soft open-files limit to the hard one: every relayed connection holds six
+/// descriptors (two sockets, two splice pipes), so the usual soft limit of 1,024 would cap the
+/// proxy at ~170 connections. Returns the limit now in force.
+fn raise_nofile_limit() -> u64 {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: valid out-pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return 0;
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let raised = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+        // SAFETY: valid in-pointer; raising the soft limit up to the hard one needs no privilege.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            return raised.rlim_cur;
+        }
+    }
+    lim.rlim_cur
+}
+
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let nofile = raise_nofile_limit();
+    info!(nofile, "open-files limit");
     let mount = cgroup::cgroup2_mount()?;
     let inputs = read_inputs(&args, &mount)?;
     let points = attach_points(&args, &mount, &inputs)?;
