@@ -120,10 +120,25 @@ fn read_inputs(args: &RunArgs, mount: &Path) -> anyhow::Result<Inputs> {
     if workloads.is_empty() {
         bail!("no workloads: give --cgroup PATH or --workloads FILE");
     }
+    let from_flags = args.cgroup.len();
     let mut resolved = Vec::with_capacity(workloads.len());
-    for w in workloads {
-        let dir = cgroup::resolve(&w.cgroup, mount).with_context(|| format!("workload {:?}", w.name))?;
-        resolved.push((w, dir));
+    for (i, w) in workloads.into_iter().enumerate() {
+        match cgroup::resolve(&w.cgroup, mount) {
+            Ok(dir) => resolved.push((w, dir)),
+            // A workloads-file entry whose cgroup does not exist (a pod that is gone, or not yet
+            // started): no socket can be in it, so it is skipped rather than failing the whole
+            // apply — the file is regenerated from the node's pods and is often a step behind.
+            // A `--cgroup` flag that names nothing is an operator error and stays one.
+            Err(cgroup::CgroupError::Io { path, source })
+                if i >= from_flags && source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                warn!(workload = %w.name, cgroup = %path.display(), "workload cgroup does not exist; skipped");
+            }
+            Err(e) => return Err(anyhow::Error::new(e).context(format!("workload {:?}", w.name))),
+        }
+    }
+    if resolved.is_empty() {
+        bail!("no workload cgroup exists (every workloads-file entry names a missing cgroup)");
     }
     Ok(Inputs { policies, workloads: resolved })
 }

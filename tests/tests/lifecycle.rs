@@ -312,3 +312,48 @@ fn policy_file_edits_are_applied_atomically_without_a_signal() {
     assert_eq!(probe.echo(&established, "still").unwrap(), "still");
     agent.stop().unwrap();
 }
+
+/// A workloads-file entry whose cgroup does not exist yet (a pod not started, or gone) is
+/// skipped with a warning instead of failing the apply; once the cgroup exists, a reload picks it
+/// up. A `--cgroup` flag naming nothing stays an error (kernel_filter's bad-input tests).
+#[test]
+fn workloads_file_entries_without_a_cgroup_are_skipped_until_it_exists() {
+    if !require_kernel() {
+        return;
+    }
+    let dir = passthrough_tests::test_dir();
+    let parent = TestCgroup::new().unwrap();
+    let present = parent.child("present").unwrap();
+    let later = parent.path().join("later");
+    let net = TestNet::new().unwrap();
+    let policy = write_policy(dir.path(), POLICY);
+    let workloads = dir.path().join("workloads.yaml");
+    passthrough_tests::write_file(
+        &workloads,
+        &format!(
+            "- {{name: present, cgroup: {}}}\n- {{name: later, cgroup: {}}}\n",
+            present.path().display(),
+            later.display()
+        ),
+    );
+    let mut agent = Agent::builder()
+        .policy(&policy)
+        .workloads(&workloads)
+        .attach_cgroup(parent.path())
+        .unselected_mode("All")
+        .start()
+        .unwrap();
+    assert!(agent.log().contains("workload cgroup does not exist; skipped"), "{}", agent.describe());
+    let mut p = Probe::spawn(&present, &net).unwrap();
+    assert_denied(&mut p, &net, "198.51.100.9:80");
+
+    // The pod starts: its cgroup appears; the next reload (here: the file is touched) selects it.
+    let later_cg = parent.child("later").unwrap();
+    let seen = agent.applied_generations().len();
+    passthrough_tests::write_file(&workloads, &std::fs::read_to_string(&workloads).unwrap());
+    agent.wait_applied_after(seen).unwrap();
+    let mut q = Probe::spawn(&later_cg, &net).unwrap();
+    assert_denied(&mut q, &net, "198.51.100.9:80");
+    assert_allowed(&mut q, &net, "198.51.100.9:8080");
+    agent.stop().unwrap();
+}
