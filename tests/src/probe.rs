@@ -5,7 +5,10 @@ use std::{
     fmt::Display,
     fs::File,
     io::{BufRead, BufReader, Write},
-    os::{fd::AsRawFd, unix::process::CommandExt},
+    os::{
+        fd::{AsRawFd, RawFd},
+        unix::process::CommandExt,
+    },
     path::{Path, PathBuf},
     process::{Child, ChildStdin, ChildStdout, Command, Stdio},
 };
@@ -60,29 +63,7 @@ impl Probe {
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
-        // SAFETY: only async-signal-safe syscalls (open/write/close/setns/prctl) between fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-                if fd < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                // "0" = the writing process.
-                let rc = libc::write(fd, b"0".as_ptr() as *const libc::c_void, 1);
-                let err = std::io::Error::last_os_error();
-                libc::close(fd);
-                if rc != 1 {
-                    return Err(err);
-                }
-                if let Some(ns) = ns_fd
-                    && libc::setns(ns, libc::CLONE_NEWNET) != 0
-                {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        join_in_child(&mut cmd, procs, ns_fd);
         let mut child = cmd.spawn().with_context(|| {
             format!(
                 "spawning {} in cgroup {}",
@@ -219,28 +200,7 @@ pub fn output_in(
     let ns_fd = ns_file.as_ref().map(|f| f.as_raw_fd());
     let mut cmd = Command::new(program);
     cmd.args(args).stdin(Stdio::null());
-    // SAFETY: only async-signal-safe syscalls between fork and exec (as in `Probe::spawn_in`).
-    unsafe {
-        cmd.pre_exec(move || {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-            if fd < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            let rc = libc::write(fd, b"0".as_ptr() as *const libc::c_void, 1);
-            let err = std::io::Error::last_os_error();
-            libc::close(fd);
-            if rc != 1 {
-                return Err(err);
-            }
-            if let Some(ns) = ns_fd
-                && libc::setns(ns, libc::CLONE_NEWNET) != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    join_in_child(&mut cmd, procs, ns_fd);
     let out = cmd
         .output()
         .with_context(|| format!("running {program} in {}", cgroup_dir.display()))?;
@@ -253,5 +213,34 @@ impl Drop for Probe {
         let _ = writeln!(self.stdin, "exit");
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Makes the child `cmd` will spawn join a cgroup (`procs` = its `cgroup.procs` path) and,
+/// with `ns_fd`, a network namespace before exec; it also dies with its parent. `ns_fd` must stay
+/// open until the spawn. Used by every helper that starts a workload process.
+pub fn join_in_child(cmd: &mut Command, procs: CString, ns_fd: Option<RawFd>) {
+    // SAFETY: only async-signal-safe syscalls (prctl/open/write/close/setns) between fork and exec.
+    unsafe {
+            cmd.pre_exec(move || {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // "0" = the writing process.
+                let rc = libc::write(fd, b"0".as_ptr() as *const libc::c_void, 1);
+                let err = std::io::Error::last_os_error();
+                libc::close(fd);
+                if rc != 1 {
+                    return Err(err);
+                }
+                if let Some(ns) = ns_fd
+                    && libc::setns(ns, libc::CLONE_NEWNET) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
     }
 }

@@ -7,7 +7,7 @@ use std::{
     ffi::CString,
     fs::File,
     net::{Ipv4Addr, Ipv6Addr},
-    os::{fd::AsRawFd, unix::process::CommandExt},
+    os::fd::AsRawFd,
     path::Path,
     process::Command,
 };
@@ -50,27 +50,6 @@ pub fn command_in(
         None => None,
     };
     let ns_fd = ns_file.as_ref().map(|f| f.as_raw_fd());
-    // SAFETY: only async-signal-safe syscalls (prctl/open/write/close/setns) between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-            if fd < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            let rc = libc::write(fd, b"0".as_ptr() as *const libc::c_void, 1);
-            let err = std::io::Error::last_os_error();
-            libc::close(fd);
-            if rc != 1 {
-                return Err(err);
-            }
-            if let Some(ns) = ns_fd
-                && libc::setns(ns, libc::CLONE_NEWNET) != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    crate::probe::join_in_child(cmd, procs, ns_fd);
     Ok(ns_file)
 }
