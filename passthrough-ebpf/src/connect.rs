@@ -11,6 +11,7 @@ use aya_ebpf::{
 use passthrough_common::{GlobalConfig, OrigDst, flags};
 
 use crate::{
+    addr::{bytes_to_words, words_to_bytes},
     decide::{PROCEED, REJECT, Transport, V4, Verdict, decide, v4_mapped, v6},
     maps::{CONFIG, ORIG_BY_COOKIE},
 };
@@ -91,12 +92,6 @@ pub(crate) fn mapped_words(v4: [u8; 4]) -> [u32; 4] {
     [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), u32::from_ne_bytes(v4)]
 }
 
-#[inline(always)]
-fn words_to_bytes(w: [u32; 4]) -> [u8; 16] {
-    let (a, b, c, d) = (w[0].to_ne_bytes(), w[1].to_ne_bytes(), w[2].to_ne_bytes(), w[3].to_ne_bytes());
-    [a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2], d[3]]
-}
-
 /// Where a redirected connection goes, by the socket's family as written by the client.
 enum ProxyTarget {
     V4([u8; 4], u16),
@@ -133,16 +128,7 @@ fn proxy_target(ctx: &SockAddrContext, cfg: &GlobalConfig, v6_socket: bool, v4_d
         if cfg.flags & flags::POD_PROXY_V6 == 0 {
             return None;
         }
-        let a = cfg.pod_proxy_v6;
-        Some(ProxyTarget::V6(
-            [
-                u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
-                u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
-                u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
-                u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
-            ],
-            cfg.pod_proxy_port_be,
-        ))
+        Some(ProxyTarget::V6(bytes_to_words(&cfg.pod_proxy_v6), cfg.pod_proxy_port_be))
     }
 }
 

@@ -95,8 +95,7 @@ pub fn v4_mapped(words: [u32; 4]) -> Option<V4> {
 /// The IPv6 address bytes of `user_ip6` words.
 #[inline(always)]
 pub fn v6(words: [u32; 4]) -> V6 {
-    let (a, b, c, d) = (words[0].to_ne_bytes(), words[1].to_ne_bytes(), words[2].to_ne_bytes(), words[3].to_ne_bytes());
-    V6([a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2], d[3]])
+    V6(crate::addr::words_to_bytes(words))
 }
 
 /// Transport of the socket being checked.

@@ -4,20 +4,11 @@
 use aya_ebpf::{EbpfContext as _, helpers::bpf_get_socket_cookie, macros::cgroup_sock_addr, programs::SockAddrContext};
 
 use crate::{
+    addr::bytes_to_words,
     connect::{set_port_be, set_user_ip4, set_user_ip6},
     decide::PROCEED,
     maps::ORIG_BY_COOKIE,
 };
-
-#[inline(always)]
-fn words(a: &[u8; 16]) -> [u32; 4] {
-    [
-        u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
-        u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
-        u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
-        u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
-    ]
-}
 
 #[cgroup_sock_addr(getpeername4)]
 pub fn passthrough_getpeername4(ctx: SockAddrContext) -> i32 {
@@ -34,7 +25,7 @@ pub fn passthrough_getpeername4(ctx: SockAddrContext) -> i32 {
 pub fn passthrough_getpeername6(ctx: SockAddrContext) -> i32 {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     if let Some(orig) = unsafe { ORIG_BY_COOKIE.get(&cookie) } {
-        set_user_ip6(&ctx, words(&orig.addr));
+        set_user_ip6(&ctx, bytes_to_words(&orig.addr));
         set_port_be(&ctx, orig.port_be);
     }
     PROCEED

@@ -6,6 +6,7 @@
 #![no_std]
 #![no_main]
 
+mod addr;
 mod connect;
 mod decide;
 mod getpeername;

@@ -47,8 +47,7 @@ pub fn passthrough_sock_ops(ctx: SockOpsContext) -> u32 {
         let b = ip4.to_ne_bytes();
         [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, b[0], b[1], b[2], b[3]]
     } else {
-        let (a, b, c, d) = (w[0].to_ne_bytes(), w[1].to_ne_bytes(), w[2].to_ne_bytes(), w[3].to_ne_bytes());
-        [a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2], d[3]]
+        crate::addr::words_to_bytes(w)
     };
     let key = PeerKey { addr, port };
     let _ = ORIG_BY_PEER.insert(&key, &orig, 0);
