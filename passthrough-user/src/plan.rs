@@ -6,7 +6,9 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    fmt,
     net::{IpAddr, Ipv6Addr},
+    sync::Arc,
 };
 
 use ipnet::{IpNet, Ipv4Net};
@@ -70,6 +72,47 @@ impl RuleEntry {
     }
 }
 
+/// What a match id (the value of a trie entry) stands for: explanations, logs and metrics
+/// print it. Cheap to build (shared strings, no formatting until displayed), because a plan of
+/// 100,000 matches builds 100,000 of them on every reload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MatchLabel {
+    /// An `--internal-cidr` range.
+    Internal(IpNet),
+    /// A DNS resolver (UDP port 53 allowed in every mode).
+    Resolver(IpAddr),
+    /// A policy's `appendMatch` entry.
+    Match {
+        /// The policy's name.
+        policy: Arc<str>,
+        /// The index in its `appendMatch`.
+        index: usize,
+        /// IP or CIDR.
+        kind: MatchKind,
+        /// The value as written.
+        value: Arc<str>,
+        /// The port, if any.
+        port: Option<u16>,
+    },
+}
+
+impl fmt::Display for MatchLabel {
+    /// `internal-cidr 10.0.0.0/8`, `resolver 10.96.0.10`, `egress[3] Cidr 10.0.0.0/8:443`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MatchLabel::Internal(net) => write!(f, "internal-cidr {net}"),
+            MatchLabel::Resolver(ip) => write!(f, "resolver {ip}"),
+            MatchLabel::Match { policy, index, kind, value, port } => {
+                write!(f, "{policy}[{index}] {kind:?} {value}")?;
+                match port {
+                    Some(p) => write!(f, ":{p}"),
+                    None => Ok(()),
+                }
+            }
+        }
+    }
+}
+
 /// Everything one generation puts into the maps.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct KernelPlan {
@@ -81,8 +124,8 @@ pub struct KernelPlan {
     pub rules: BTreeMap<RuleEntry, u32>,
     /// Mode code for sockets below an attachment but in no workload.
     pub unmatched_mode: u32,
-    /// Human-readable description of each match id (for explanations and metrics).
-    pub match_labels: Vec<String>,
+    /// What each match id stands for (for explanations and metrics).
+    pub match_labels: Vec<MatchLabel>,
     /// `(rule set, port)` pairs with a Domain match (port 0 = every port): SPEC §3 rule 4
     /// candidates, redirected to the proxy when no IP/CIDR match allows.
     pub domain_ports: BTreeSet<(u32, u16)>,
@@ -103,11 +146,11 @@ pub struct PlanOptions {
 /// entries and their Domain ports, both sorted and deduplicated.
 type RuleSetShape = (Vec<(IpNet, u16)>, Vec<u16>);
 
-/// Identifies one match for its label: policy, file, index, value, port.
-type LabelKey<'a> = (&'a str, &'a std::path::Path, usize, &'a str, Option<u16>);
-
 /// Builds the plan of one generation. Workloads with identical IP/CIDR match sets share one
 /// rule set, so a thousand pods of one deployment cost one set of trie entries.
+///
+/// Where the same (rule set, port, network) comes from several matches, the first match of the
+/// workload's configuration (least specific policy first) labels it.
 pub fn compile(generation: u32, workloads: &[(u64, &MergedConf)], opts: &PlanOptions) -> KernelPlan {
     let generation = generation & 1;
     let mut plan = KernelPlan {
@@ -115,16 +158,18 @@ pub fn compile(generation: u32, workloads: &[(u64, &MergedConf)], opts: &PlanOpt
         unmatched_mode: mode_code(opts.unmatched_mode.unwrap_or(Mode::All)),
         ..KernelPlan::default()
     };
+    // Entries are collected in a vector and turned into the ordered map once at the end (a
+    // bulk build from sorted input), instead of hundreds of thousands of tree inserts.
+    let mut rules: Vec<(RuleEntry, u32)> = Vec::new();
     let internal_rs = ruleset::id(generation, ruleset::INTERNAL);
     for net in &opts.internal {
-        let id = plan.label(format!("internal-cidr {net}"));
-        plan.rules.entry(RuleEntry { ruleset: internal_rs, port: 0, net: canonical_net(*net) }).or_insert(id);
+        let id = plan.label(MatchLabel::Internal(*net));
+        rules.push((RuleEntry { ruleset: internal_rs, port: 0, net: canonical_net(*net) }, id));
     }
     let resolvers_rs = ruleset::id(generation, ruleset::RESOLVERS);
     for ip in &opts.resolvers {
-        let id = plan.label(format!("resolver {ip}"));
-        let net = canonical_net(IpNet::from(*ip));
-        plan.rules.entry(RuleEntry { ruleset: resolvers_rs, port: 53, net }).or_insert(id);
+        let id = plan.label(MatchLabel::Resolver(*ip));
+        rules.push((RuleEntry { ruleset: resolvers_rs, port: 53, net: canonical_net(IpNet::from(*ip)) }, id));
     }
 
     // Workloads share a rule set when their kernel-relevant content (IP/CIDR entries and
@@ -132,8 +177,9 @@ pub fn compile(generation: u32, workloads: &[(u64, &MergedConf)], opts: &PlanOpt
     // `PolicySet::merge_all`) are recognised by address first, without building the shape.
     let mut rulesets: FxHashMap<RuleSetShape, u32> = FxHashMap::default();
     let mut by_conf: FxHashMap<*const MergedConf, u32> = FxHashMap::default();
-    // One label (match id) per match, however many rule sets it appears in.
-    let mut labels: FxHashMap<LabelKey<'_>, u32> = FxHashMap::default();
+    // One label (match id) per match, however many rule sets it appears in. A match is known by
+    // its policy (the name is one shared allocation per policy) and its index there.
+    let mut labels: FxHashMap<(*const u8, usize), u32> = FxHashMap::default();
     let mut next_index = ruleset::FIRST_WORKLOAD;
     for (cgroup_id, conf) in workloads {
         let conf: &MergedConf = conf;
@@ -141,14 +187,17 @@ pub fn compile(generation: u32, workloads: &[(u64, &MergedConf)], opts: &PlanOpt
             plan.workloads.insert(*cgroup_id, (*rs, mode_code(conf.mode)));
             continue;
         }
-        let mut kernel_matches: Vec<(IpNet, u16)> = conf
+        // (network, port, position in the configuration): sorted with the position as the last
+        // key, so deduplication keeps the first match that wrote each (network, port).
+        let mut kernel: Vec<(IpNet, u16, u32)> = conf
             .matches
             .iter()
-            .filter(|m| matches!(m.kind, MatchKind::Ip | MatchKind::Cidr))
-            .filter_map(|m| m.net.map(|n| (canonical_net(n), m.port.unwrap_or(0))))
+            .enumerate()
+            .filter(|(_, m)| matches!(m.kind, MatchKind::Ip | MatchKind::Cidr))
+            .filter_map(|(i, m)| m.net.map(|n| (canonical_net(n), m.port.unwrap_or(0), i as u32)))
             .collect();
-        kernel_matches.sort_unstable();
-        kernel_matches.dedup();
+        kernel.sort_unstable();
+        kernel.dedup_by(|b, a| (a.0, a.1) == (b.0, b.1));
         let mut domain_ports: Vec<u16> = conf
             .matches
             .iter()
@@ -157,36 +206,31 @@ pub fn compile(generation: u32, workloads: &[(u64, &MergedConf)], opts: &PlanOpt
             .collect();
         domain_ports.sort_unstable();
         domain_ports.dedup();
-        let shape = (kernel_matches, domain_ports);
+        let shape = (kernel.iter().map(|&(n, p, _)| (n, p)).collect::<Vec<_>>(), domain_ports);
         let rs = match rulesets.get(&shape) {
             Some(rs) => *rs,
             None => {
                 let rs = ruleset::id(generation, next_index);
                 next_index += 1;
-                for m in conf.matches.iter().filter(|m| matches!(m.kind, MatchKind::Ip | MatchKind::Cidr)) {
-                    let Some(net) = m.net else { continue };
-                    let entry = RuleEntry { ruleset: rs, port: m.port.unwrap_or(0), net: canonical_net(net) };
-                    if let std::collections::btree_map::Entry::Vacant(v) = plan.rules.entry(entry) {
-                        let key = (m.origin.policy.as_str(), m.origin.file.as_path(), m.origin.index, m.value.as_str(), m.port);
-                        let id = match labels.get(&key) {
-                            Some(id) => *id,
-                            None => {
-                                let label = format!(
-                                    "{}[{}] {:?} {}{}",
-                                    m.origin.policy,
-                                    m.origin.index,
-                                    m.kind,
-                                    m.value,
-                                    m.port.map(|p| format!(":{p}")).unwrap_or_default()
-                                );
-                                plan.match_labels.push(label);
-                                let id = (plan.match_labels.len() - 1) as u32;
-                                labels.insert(key, id);
-                                id
-                            }
-                        };
-                        v.insert(id);
-                    }
+                rules.reserve(kernel.len());
+                for &(net, port, i) in &kernel {
+                    let m = &conf.matches[i as usize];
+                    let key = (Arc::as_ptr(&m.origin.policy) as *const u8, m.origin.index);
+                    let id = match labels.get(&key) {
+                        Some(id) => *id,
+                        None => {
+                            let id = plan.label(MatchLabel::Match {
+                                policy: Arc::clone(&m.origin.policy),
+                                index: m.origin.index,
+                                kind: m.kind,
+                                value: Arc::clone(&m.value),
+                                port: m.port,
+                            });
+                            labels.insert(key, id);
+                            id
+                        }
+                    };
+                    rules.push((RuleEntry { ruleset: rs, port, net }, id));
                 }
                 for port in &shape.1 {
                     plan.domain_ports.insert((rs, *port));
@@ -198,12 +242,16 @@ pub fn compile(generation: u32, workloads: &[(u64, &MergedConf)], opts: &PlanOpt
         by_conf.insert(conf as *const MergedConf, rs);
         plan.workloads.insert(*cgroup_id, (rs, mode_code(conf.mode)));
     }
+    // Stable sort: of equal entries (a repeated --internal-cidr) the first keeps its label.
+    rules.sort_by_key(|(e, _)| *e);
+    rules.dedup_by_key(|(e, _)| *e);
+    plan.rules = rules.into_iter().collect();
     plan
 }
 
 impl KernelPlan {
-    fn label(&mut self, s: String) -> u32 {
-        self.match_labels.push(s);
+    fn label(&mut self, l: MatchLabel) -> u32 {
+        self.match_labels.push(l);
         (self.match_labels.len() - 1) as u32
     }
 

@@ -403,7 +403,7 @@ fn check(c: &Case) -> Result<(), TestCaseError> {
                 got.map(|id| plan
                     .match_labels
                     .get(id as usize)
-                    .cloned()
+                    .map(|l| l.to_string())
                     .unwrap_or_else(|| "builtin".into())),
                 conf.mode,
                 conf.matches

@@ -155,7 +155,7 @@ fn valid_policies_are_canonicalised() {
     let set = load_policies(std::slice::from_ref(&f), "default").unwrap();
     assert_eq!((set.len(), set.match_count()), (1, 6));
     let m = &set.policies()[0].matches;
-    assert_eq!(m[2].value, "1.2.3.4/24");
+    assert_eq!(&*m[2].value, "1.2.3.4/24");
     assert_eq!(m[2].net.unwrap().to_string(), "1.2.3.0/24");
     assert_eq!(m[0].net.unwrap().to_string(), "192.168.1.1/32");
     assert_eq!(m[1].port, None);
@@ -262,7 +262,7 @@ fn merged(set: &PolicySet, w: &Workload) -> (Mode, Vec<String>, Vec<String>) {
     (
         c.mode,
         c.policies,
-        c.matches.iter().map(|m| m.value.clone()).collect(),
+        c.matches.iter().map(|m| m.value.to_string()).collect(),
     )
 }
 
@@ -944,7 +944,7 @@ fn decision_table() {
             .matched
             .map(|m| match m.port {
                 Some(p) => format!("{}:{p}", m.value),
-                None => m.value.clone(),
+                None => m.value.to_string(),
             })
             .unwrap_or_default();
         if d.verdict != r.verdict || matched != r.matched {

@@ -1,7 +1,12 @@
 //! The validated, source-independent policy model shared by the merge step, the decision
 //! core and the kernel-plan compiler. Nothing here does IO.
 
-use std::{collections::BTreeMap, fmt, path::PathBuf};
+use std::{
+    collections::BTreeMap,
+    fmt,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
 /// `spec.default.passthroughMode`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -43,12 +48,16 @@ pub enum Protocol {
 }
 
 /// Where a match came from, for explanations, logs and error messages.
+///
+/// The file and policy name are shared (`Arc`) by every match of a policy: merging copies
+/// matches into each workload's configuration, and 100,000 matches × several configurations
+/// would otherwise copy the same two strings hundreds of thousands of times.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize)]
 pub struct MatchOrigin {
     /// The file the policy was read from.
-    pub file: PathBuf,
+    pub file: Arc<Path>,
     /// The policy's name (`metadata.name` or `name`).
-    pub policy: String,
+    pub policy: Arc<str>,
     /// The index in `spec.default.appendMatch`.
     pub index: usize,
 }
@@ -59,8 +68,8 @@ pub struct MatchOrigin {
 pub struct Match {
     /// Domain, IP or CIDR.
     pub kind: MatchKind,
-    /// The value as written in the policy.
-    pub value: String,
+    /// The value as written in the policy (shared by the copies merging makes).
+    pub value: Arc<str>,
     /// The parsed network of an IP (`/32`, `/128`) or CIDR match; `None` for domains.
     /// Host bits are cleared (Kuma accepts `1.2.3.4/24` and means `1.2.3.0/24`).
     #[serde(skip)]

@@ -11,7 +11,11 @@
 //! - `passthroughMode` must be `All`, `Matched`, `None` or empty (Kuma leaves this to the CRD
 //!   enum); the violation is on `spec.default.passthroughMode`.
 
-use std::{collections::BTreeMap, path::PathBuf};
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
 use super::{
     FxHashMap, FxHashSet, ip,
@@ -311,7 +315,9 @@ fn validate_matches(
         }
     }
     let mut seen_values: FxHashMap<(u32, &str), FxHashSet<&str>> = FxHashMap::default();
-    let mut out = Vec::new();
+    let mut out = Vec::with_capacity(list.len());
+    let file: Arc<Path> = Arc::from(p.file.as_path());
+    let policy: Arc<str> = Arc::from(p.name.as_str());
     for (i, m) in list.iter().enumerate() {
         let before = v.len();
         let at = |field: &str| format!("spec.default.appendMatch[{i}].{field}");
@@ -414,13 +420,13 @@ fn validate_matches(
         {
             out.push(Match {
                 kind,
-                value: value.to_string(),
+                value: value.into(),
                 net,
                 port: m.port.and_then(|p| u16::try_from(p).ok()),
                 protocol,
                 origin: MatchOrigin {
-                    file: p.file.clone(),
-                    policy: p.name.clone(),
+                    file: Arc::clone(&file),
+                    policy: Arc::clone(&policy),
                     index: i,
                 },
             });

@@ -62,11 +62,11 @@ fn destinations() -> Vec<SocketAddr> {
 fn m(value: String, net: ipnet::IpNet, port: Option<u16>, index: usize) -> Match {
     Match {
         kind: MatchKind::Cidr,
-        value,
+        value: value.into(),
         net: Some(net),
         port,
         protocol: Protocol::Tcp,
-        origin: MatchOrigin { file: PathBuf::from("bench"), policy: "bench".into(), index },
+        origin: MatchOrigin { file: PathBuf::from("bench").into(), policy: "bench".into(), index },
     }
 }
 
@@ -178,7 +178,7 @@ fn main() -> anyhow::Result<()> {
         net: None,
         port: Some(443),
         protocol: Protocol::Tls,
-        origin: MatchOrigin { file: PathBuf::from("bench"), policy: "bench".into(), index: 100_000 },
+        origin: MatchOrigin { file: PathBuf::from("bench").into(), policy: "bench".into(), index: 100_000 },
     });
     confs.push(with_domain);
     for round in 0..rounds {
