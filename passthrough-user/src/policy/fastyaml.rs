@@ -15,9 +15,110 @@
 //! - `#` comments, `---` document separators.
 //!
 //! Everything else (anchors, aliases, tags, block scalars, multi-line scalars or flow
-//! collections, duplicate keys, tabs, CR, BOM, directives, `...`) makes it give up.
+//! collections, duplicate keys, tabs, CR, BOM, directives, `...`, mappings of more than
+//! [`MAX_KEYS`] keys) makes it give up.
+//!
+//! The tree it builds ([`Node`]) borrows every key and scalar from the text, and [`NodeDe`]
+//! deserializes the policy types straight from it: no string is copied until the policy type
+//! itself owns it.
 
-use serde_json::{Map, Number, Value};
+use serde::de::{
+    Deserializer, IntoDeserializer, Visitor,
+    value::{BorrowedStrDeserializer, Error as DeError, MapDeserializer, SeqDeserializer},
+};
+
+/// Mappings with more keys than this are left to `serde_yaml` (duplicate keys are found by a
+/// linear scan, which must stay cheap).
+pub const MAX_KEYS: usize = 64;
+
+/// A document tree whose keys and scalars borrow from the text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Node<'a> {
+    /// An empty value.
+    Null,
+    /// A decimal integer.
+    Int(u64),
+    /// A string (plain or quoted, without escapes: the text between the quotes).
+    Str(&'a str),
+    /// A sequence.
+    Seq(Vec<Node<'a>>),
+    /// A mapping, keys in the order written (no duplicates).
+    Map(Vec<(&'a str, Node<'a>)>),
+}
+
+impl<'a> Node<'a> {
+    /// The same tree as a `serde_json::Value` (what `serde_yaml` produces), for tests.
+    pub fn to_json(&self) -> serde_json::Value {
+        use serde_json::Value;
+        match self {
+            Node::Null => Value::Null,
+            Node::Int(n) => Value::Number((*n).into()),
+            Node::Str(s) => Value::String((*s).to_string()),
+            Node::Seq(items) => Value::Array(items.iter().map(Node::to_json).collect()),
+            Node::Map(pairs) => Value::Object(pairs.iter().map(|(k, v)| ((*k).to_string(), v.to_json())).collect()),
+        }
+    }
+}
+
+fn insert_key<'a>(map: &mut Vec<(&'a str, Node<'a>)>, key: &'a str, value: Node<'a>) -> Option<()> {
+    // A duplicate key: let serde_yaml report it. Too many keys: give up rather than scan.
+    if map.len() >= MAX_KEYS || map.iter().any(|(k, _)| *k == key) {
+        return None;
+    }
+    map.push((key, value));
+    Some(())
+}
+
+/// A serde `Deserializer` over a [`Node`], as `serde_json::Value`'s would read the same tree:
+/// `Null` is `None` for options and unit otherwise, integers are `u64`, strings are borrowed.
+#[derive(Debug, Clone, Copy)]
+pub struct NodeDe<'a>(pub &'a Node<'a>);
+
+impl<'de> IntoDeserializer<'de, DeError> for NodeDe<'de> {
+    type Deserializer = Self;
+    fn into_deserializer(self) -> Self {
+        self
+    }
+}
+
+impl<'de> Deserializer<'de> for NodeDe<'de> {
+    type Error = DeError;
+
+    fn deserialize_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, DeError> {
+        match self.0 {
+            Node::Null => visitor.visit_unit(),
+            Node::Int(n) => visitor.visit_u64(*n),
+            Node::Str(s) => visitor.visit_borrowed_str(s),
+            Node::Seq(items) => {
+                let mut seq = SeqDeserializer::new(items.iter().map(NodeDe));
+                let v = visitor.visit_seq(&mut seq)?;
+                seq.end()?;
+                Ok(v)
+            }
+            Node::Map(pairs) => {
+                let mut map = MapDeserializer::new(
+                    pairs.iter().map(|(k, v)| (BorrowedStrDeserializer::<DeError>::new(k), NodeDe(v))),
+                );
+                let v = visitor.visit_map(&mut map)?;
+                map.end()?;
+                Ok(v)
+            }
+        }
+    }
+
+    fn deserialize_option<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, DeError> {
+        match self.0 {
+            Node::Null => visitor.visit_none(),
+            _ => visitor.visit_some(self),
+        }
+    }
+
+    serde::forward_to_deserialize_any! {
+        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string
+        bytes byte_buf unit unit_struct newtype_struct seq tuple
+        tuple_struct map struct enum identifier ignored_any
+    }
+}
 
 /// The documents of `text`, or `None` when the text is outside the subset.
 pub fn documents(text: &str) -> Option<Vec<Vec<Line<'_>>>> {
@@ -72,9 +173,9 @@ pub struct Line<'a> {
 }
 
 /// The value of one document (`Null` when it is empty), or `None` outside the subset.
-pub fn document_value(lines: &[Line<'_>]) -> Option<Value> {
+pub fn document_value<'a>(lines: &[Line<'a>]) -> Option<Node<'a>> {
     if lines.is_empty() {
-        return Some(Value::Null);
+        return Some(Node::Null);
     }
     let mut lines = lines.to_vec();
     let mut p = Parser {
@@ -120,7 +221,7 @@ impl<'a> Parser<'_, 'a> {
         self.lines.get(self.pos).copied()
     }
 
-    fn node(&mut self, indent: usize) -> Option<Value> {
+    fn node(&mut self, indent: usize) -> Option<Node<'a>> {
         let line = self.peek()?;
         if line.indent != indent {
             return None;
@@ -146,8 +247,8 @@ impl<'a> Parser<'_, 'a> {
         }
     }
 
-    fn mapping(&mut self, indent: usize) -> Option<Value> {
-        let mut map = Map::new();
+    fn mapping(&mut self, indent: usize) -> Option<Node<'a>> {
+        let mut map = Vec::new();
         while let Some(line) = self.peek() {
             if line.indent < indent {
                 break;
@@ -163,21 +264,19 @@ impl<'a> Parser<'_, 'a> {
                     Some(l) if l.indent == indent && is_seq_item(l.text) => {
                         self.sequence(indent)?
                     }
-                    _ => Value::Null,
+                    _ => Node::Null,
                 }
             } else {
                 let v = inline(rest)?;
                 self.no_continuation(indent)?;
                 v
             };
-            if map.insert(key, value).is_some() {
-                return None; // duplicate key: let serde_yaml report it
-            }
+            insert_key(&mut map, key, value)?;
         }
-        Some(Value::Object(map))
+        Some(Node::Map(map))
     }
 
-    fn sequence(&mut self, indent: usize) -> Option<Value> {
+    fn sequence(&mut self, indent: usize) -> Option<Node<'a>> {
         let mut items = Vec::new();
         while let Some(line) = self.peek() {
             if line.indent != indent || !is_seq_item(line.text) {
@@ -191,7 +290,7 @@ impl<'a> Parser<'_, 'a> {
                 self.pos += 1;
                 match self.peek() {
                     Some(l) if l.indent > indent => items.push(self.node(l.indent)?),
-                    _ => items.push(Value::Null),
+                    _ => items.push(Node::Null),
                 }
                 continue;
             }
@@ -212,12 +311,12 @@ impl<'a> Parser<'_, 'a> {
                 self.no_continuation(indent)?;
             }
         }
-        Some(Value::Array(items))
+        Some(Node::Seq(items))
     }
 }
 
 /// `key: rest` or `key:` with a plain or quoted key that is a string.
-fn split_key(t: &str) -> Option<(String, &str)> {
+fn split_key(t: &str) -> Option<(&str, &str)> {
     let (key, rest) = if let Some(q @ ('\'' | '"')) = t.chars().next() {
         let end = t[1..].find(q)? + 1;
         let rest = t[end + 1..].strip_prefix(':')?;
@@ -228,7 +327,7 @@ fn split_key(t: &str) -> Option<(String, &str)> {
             .or_else(|| t.ends_with(':').then(|| t.len() - 1))?;
         let k = &t[..i];
         match plain(k)? {
-            Value::String(s) => (s, &t[i + 1..]),
+            Node::Str(s) => (s, &t[i + 1..]),
             _ => return None,
         }
     };
@@ -239,7 +338,7 @@ fn split_key(t: &str) -> Option<(String, &str)> {
 }
 
 /// A scalar or a flow collection that makes up all of `s`.
-fn inline(s: &str) -> Option<Value> {
+fn inline(s: &str) -> Option<Node<'_>> {
     let s = s.trim();
     if s.starts_with(['{', '[']) {
         let mut f = Flow {
@@ -252,13 +351,13 @@ fn inline(s: &str) -> Option<Value> {
         return (f.i == s.len()).then_some(v);
     }
     if s.starts_with(['\'', '"']) {
-        return quoted(s).map(Value::String);
+        return quoted(s).map(Node::Str);
     }
     plain(s)
 }
 
-/// A whole quoted scalar without escapes.
-fn quoted(s: &str) -> Option<String> {
+/// A whole quoted scalar without escapes: the text between the quotes.
+fn quoted(s: &str) -> Option<&str> {
     let q = s.chars().next()?;
     let inner = s.strip_prefix(q)?.strip_suffix(q)?;
     if s.len() < 2 || inner.contains(q) || inner.chars().any(|c| c.is_control()) {
@@ -267,11 +366,11 @@ fn quoted(s: &str) -> Option<String> {
     if q == '"' && inner.contains('\\') {
         return None;
     }
-    Some(inner.to_string())
+    Some(inner)
 }
 
 /// A plain scalar, resolved as YAML 1.2 (serde_yaml) would, or `None` when ambiguous.
-fn plain(s: &str) -> Option<Value> {
+fn plain(s: &str) -> Option<Node<'_>> {
     let first = *s.as_bytes().first()?;
     if !s
         .bytes()
@@ -282,32 +381,15 @@ fn plain(s: &str) -> Option<Value> {
     {
         return None;
     }
-    let lower = s.to_ascii_lowercase();
-    if matches!(
-        lower.as_str(),
-        "null"
-            | "true"
-            | "false"
-            | "yes"
-            | "no"
-            | "on"
-            | "off"
-            | "y"
-            | "n"
-            | "inf"
-            | "nan"
-            | "infinity"
-    ) {
+    const NOT_STRINGS: [&str; 12] = ["null", "true", "false", "yes", "no", "on", "off", "y", "n", "inf", "nan", "infinity"];
+    if s.len() <= 8 && NOT_STRINGS.iter().any(|w| s.eq_ignore_ascii_case(w)) {
         return None;
     }
     if s.bytes().all(|b| b.is_ascii_digit()) {
         if s.len() > 1 && first == b'0' {
             return None;
         }
-        return s
-            .parse::<u64>()
-            .ok()
-            .map(|n| Value::Number(Number::from(n)));
+        return s.parse::<u64>().ok().map(Node::Int);
     }
     if first.is_ascii_digit() || first == b'.' {
         let dotted = s.bytes().all(|b| b.is_ascii_digit() || b == b'.')
@@ -321,7 +403,7 @@ fn plain(s: &str) -> Option<Value> {
             return None;
         }
     }
-    Some(Value::String(s.to_string()))
+    Some(Node::Str(s))
 }
 
 /// A single-line flow collection.
@@ -331,14 +413,14 @@ struct Flow<'a> {
     i: usize,
 }
 
-impl Flow<'_> {
+impl<'a> Flow<'a> {
     fn ws(&mut self) {
         while self.s.get(self.i) == Some(&b' ') {
             self.i += 1;
         }
     }
 
-    fn value(&mut self) -> Option<Value> {
+    fn value(&mut self) -> Option<Node<'a>> {
         self.ws();
         match *self.s.get(self.i)? {
             b'{' => self.map(),
@@ -348,7 +430,7 @@ impl Flow<'_> {
                 let end = self.s[self.i + 1..].iter().position(|&c| c == q)? + self.i + 1;
                 let v = quoted(&self.text[self.i..=end])?;
                 self.i = end + 1;
-                Some(Value::String(v))
+                Some(Node::Str(v))
             }
             _ => {
                 let start = self.i;
@@ -381,13 +463,13 @@ impl Flow<'_> {
         }
     }
 
-    fn seq(&mut self) -> Option<Value> {
+    fn seq(&mut self) -> Option<Node<'a>> {
         self.i += 1;
         self.ws();
         let mut items = Vec::new();
         if self.s.get(self.i) == Some(&b']') {
             self.i += 1;
-            return Some(Value::Array(items));
+            return Some(Node::Seq(items));
         }
         loop {
             let start = self.i;
@@ -398,23 +480,23 @@ impl Flow<'_> {
             }
             items.push(v);
             if !self.next(b']')? {
-                return Some(Value::Array(items));
+                return Some(Node::Seq(items));
             }
         }
     }
 
-    fn map(&mut self) -> Option<Value> {
+    fn map(&mut self) -> Option<Node<'a>> {
         self.i += 1;
         self.ws();
-        let mut map = Map::new();
+        let mut map = Vec::new();
         if self.s.get(self.i) == Some(&b'}') {
             self.i += 1;
-            return Some(Value::Object(map));
+            return Some(Node::Map(map));
         }
         loop {
             let key = match *self.s.get(self.i)? {
                 b'\'' | b'"' => match self.value()? {
-                    Value::String(k) => k,
+                    Node::Str(k) => k,
                     _ => return None,
                 },
                 _ => {
@@ -426,7 +508,7 @@ impl Flow<'_> {
                     }
                     self.i = end;
                     match plain(k.trim_end())? {
-                        Value::String(k) => k,
+                        Node::Str(k) => k,
                         _ => return None,
                     }
                 }
@@ -441,11 +523,9 @@ impl Flow<'_> {
                 return None; // empty value: leave to serde_yaml
             }
             let v = self.value()?;
-            if map.insert(key, v).is_some() {
-                return None;
-            }
+            insert_key(&mut map, key, v)?;
             if !self.next(b'}')? {
-                return Some(Value::Object(map));
+                return Some(Node::Map(map));
             }
         }
     }
@@ -455,6 +535,7 @@ impl Flow<'_> {
 mod tests {
     use super::*;
     use serde::Deserialize;
+    use serde_json::Value;
 
     /// What serde_yaml makes of `text`, as JSON values (documents in order).
     fn slow(text: &str) -> Option<Vec<Value>> {
@@ -463,8 +544,18 @@ mod tests {
             .collect()
     }
 
+    /// What the fast path makes of `text`, read through [`NodeDe`] (so the deserializer is
+    /// checked too) and through [`Node::to_json`]; both must agree.
     fn fast(text: &str) -> Option<Vec<Value>> {
-        documents(text)?.iter().map(|d| document_value(d)).collect()
+        documents(text)?
+            .iter()
+            .map(|d| {
+                let node = document_value(d)?;
+                let via_de = Value::deserialize(NodeDe(&node)).expect("a Value reads any node");
+                assert_eq!(via_de, node.to_json(), "{text:?}");
+                Some(via_de)
+            })
+            .collect()
     }
 
     #[track_caller]

@@ -449,8 +449,8 @@ fn parse_yaml(file: &Path, text: &str, problems: &mut Vec<Problem>) -> Vec<Docum
 fn fast_yaml(text: &str) -> Option<Vec<Document>> {
     let mut docs = Vec::new();
     for lines in super::fastyaml::documents(text)? {
-        let value = super::fastyaml::document_value(&lines)?;
-        if let Some(d) = Option::<Document>::deserialize(value).ok()? {
+        let node = super::fastyaml::document_value(&lines)?;
+        if let Some(d) = Option::<Document>::deserialize(super::fastyaml::NodeDe(&node)).ok()? {
             docs.push(d);
         }
     }
