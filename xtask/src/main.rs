@@ -21,6 +21,8 @@ use std::{
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 
+mod report;
+
 #[derive(Parser)]
 #[command(name = "xtask")]
 struct Cli {
@@ -54,6 +56,17 @@ enum Cmd {
         /// Shorter runs (smoke check of the bench itself).
         #[arg(long)]
         quick: bool,
+        /// Side by side with the peers (issue 7): installs them (`scripts/setup-peers.sh`), runs
+        /// the kernel-path, proxy-path and scaling comparisons and writes their tables and plots
+        /// into BENCHMARKS.md and docs/bench/. `which` picks one: `l4`, `proxy`, `scale`, `all`.
+        #[arg(long)]
+        compare: bool,
+        /// Interleaved rounds for `--compare` (default: each bench's own, at least 3).
+        #[arg(long)]
+        rounds: Option<u32>,
+        /// Only re-render BENCHMARKS.md and the plots from the last `--compare` measurements.
+        #[arg(long)]
+        report_only: bool,
     },
     /// Run the demo: a workload cgroup, netns test hosts, an example policy.
     Demo,
@@ -153,6 +166,52 @@ fn sweep() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The comparison benchmarks: (name, binary, output file).
+const COMPARE_PARTS: [(&str, &str, &str); 3] = [
+    ("l4", "pt-bench-compare-l4", "compare-l4.jsonl"),
+    ("proxy", "pt-bench-compare-proxy", "compare-proxy.jsonl"),
+    ("scale", "pt-bench-scale", "compare-scale.jsonl"),
+];
+
+/// `bench --compare`: install the peers, run each comparison (a failing one does not stop the
+/// others), then render whatever was measured into BENCHMARKS.md and docs/bench/*.svg.
+fn compare(which: &str, quick: bool, rounds: Option<u32>, report_only: bool) -> anyhow::Result<()> {
+    let parts: Vec<_> = COMPARE_PARTS.iter().filter(|(n, ..)| which == "all" || which == *n).collect();
+    if parts.is_empty() {
+        bail!("unknown comparison {which:?}: one of l4, proxy, scale, all");
+    }
+    let out_dir = target_dir().join("bench");
+    std::fs::create_dir_all(&out_dir)?;
+    let mut result = Ok(());
+    if !report_only {
+        run(Command::new("bash").arg("scripts/setup-peers.sh"))?;
+        run(cargo().args(["build", "--release", "--workspace", "--exclude", "passthrough-ebpf", "--bins"]))?;
+        for (name, bin, file) in &parts {
+            let mut c = Command::new(target_dir().join("release").join(bin));
+            c.arg("--out").arg(out_dir.join(file));
+            if quick {
+                c.arg("--quick");
+            }
+            if let Some(r) = rounds {
+                c.args(["--rounds", &r.to_string()]);
+            }
+            let r = run(&mut c).with_context(|| format!("comparison {name}"));
+            if let Err(e) = &r {
+                eprintln!("[xtask] {e:#}");
+            }
+            result = result.and(r);
+            sweep()?;
+        }
+    }
+    // Render every part measured so far (not only the ones just run), so one part can be re-run.
+    let files: Vec<PathBuf> = COMPARE_PARTS.iter().map(|(_, _, f)| out_dir.join(f)).collect();
+    let samples = report::load(&files)?;
+    let section = report::render(&samples, &root().join("docs/bench"), "docs/bench")?;
+    report::splice(&root().join("BENCHMARKS.md"), &section)?;
+    eprintln!("[xtask] wrote BENCHMARKS.md (comparison section) and docs/bench/*.svg from {} measurements", samples.len());
+    result
+}
+
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Setup => run(Command::new("bash").arg("scripts/setup.sh")),
@@ -181,7 +240,8 @@ fn main() -> anyhow::Result<()> {
             let fuzzed = if result.is_ok() && secs > 0 { fuzz(secs, None, "none") } else { Ok(()) };
             result.and(swept).and(fuzzed)
         }
-        Cmd::Bench { which, quick } => {
+        Cmd::Bench { which, quick, compare: true, rounds, report_only } => compare(&which, quick, rounds, report_only),
+        Cmd::Bench { which, quick, .. } => {
             let all = which == "all";
             if !all && !["connect", "policy", "proxy"].contains(&which.as_str()) {
                 bail!("unknown bench {which:?}: one of connect, policy, proxy, all");

@@ -1,0 +1,540 @@
+//! `cargo xtask bench --compare`: turns the measurements of the comparison benchmarks into the
+//! tables and SVG plots of `BENCHMARKS.md`.
+//!
+//! The benchmark binaries write JSON lines, one measurement each:
+//! `{"part", "table", "row", "size", "round", "metric", "value"}`. Rows named `none` (kernel
+//! path) or `direct` (proxy path) are the baseline of their table and are measured in every
+//! round; every other row is reported as its median over the rounds and as the **median of its
+//! per-round ratios to the baseline of the same round**, with the min–max spread of those ratios
+//! (the machine is shared and noisy: only same-round ratios are comparable).
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    path::{Path, PathBuf},
+};
+
+use anyhow::Context as _;
+use plotters::prelude::*;
+
+/// One measurement, as the benchmark binaries write it.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct Sample {
+    /// `l4`, `proxy`, `scale`.
+    pub part: String,
+    /// The table (scenario) id, e.g. `connect-rotating`, `tls-keepalive`.
+    pub table: String,
+    /// The configuration measured (`none`, `ours`, `nft-set`, `direct`, `nginx`, ...).
+    pub row: String,
+    /// Rule count, workload count or connection count, when the table has sizes.
+    pub size: Option<u64>,
+    /// The interleaved round.
+    pub round: u32,
+    /// The metric name; its suffix gives the unit (`_ns`, `_us`, `_ms`, `_per_s`, `bytes`).
+    pub metric: String,
+    /// The value.
+    pub value: f64,
+}
+
+/// Reads every JSON-lines file given (missing files are skipped with a note).
+pub fn load(paths: &[PathBuf]) -> anyhow::Result<Vec<Sample>> {
+    let mut out = Vec::new();
+    for p in paths {
+        let text = match std::fs::read_to_string(p) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                eprintln!("[xtask] {}: not found, skipped", p.display());
+                continue;
+            }
+            Err(e) => return Err(e).with_context(|| format!("reading {}", p.display())),
+        };
+        for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+            let s: Sample = serde_json::from_str(line).with_context(|| format!("{}:{}: not a measurement", p.display(), i + 1))?;
+            out.push(s);
+        }
+    }
+    Ok(out)
+}
+
+fn is_baseline(row: &str) -> bool {
+    row == "none" || row == "direct"
+}
+
+/// Whether a larger value is better (rates); otherwise smaller is (times, CPU, bytes).
+fn higher_is_better(metric: &str) -> bool {
+    metric.ends_with("_per_s")
+}
+
+fn median(v: &mut [f64]) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    Some(if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 })
+}
+
+/// Median and spread of one (row, size, metric) cell.
+#[derive(Debug, Clone, Copy)]
+struct Cell {
+    value: f64,
+    ratio: Option<(f64, f64, f64)>,
+    added: Option<f64>,
+    rounds: usize,
+}
+
+type Key = (String, Option<u64>);
+
+/// One table: metrics in first-seen order, rows in first-seen order, cells.
+struct Table {
+    metrics: Vec<String>,
+    rows: Vec<Key>,
+    cells: BTreeMap<(Key, String), Cell>,
+}
+
+fn table(samples: &[&Sample]) -> Table {
+    let mut metrics: Vec<String> = Vec::new();
+    let mut rows: Vec<Key> = Vec::new();
+    for s in samples {
+        if !metrics.contains(&s.metric) {
+            metrics.push(s.metric.clone());
+        }
+        let k = (s.row.clone(), s.size);
+        if !rows.contains(&k) {
+            rows.push(k);
+        }
+    }
+    // Baseline rows first, then by row name's first appearance, sizes ascending.
+    let order: Vec<String> = rows.iter().map(|(r, _)| r.clone()).fold(Vec::new(), |mut v, r| {
+        if !v.contains(&r) {
+            v.push(r);
+        }
+        v
+    });
+    rows.sort_by_key(|(r, s)| (!is_baseline(r), order.iter().position(|o| o == r), *s));
+    // Baseline value of each (metric, round).
+    let mut base: BTreeMap<(String, u32), f64> = BTreeMap::new();
+    for s in samples.iter().filter(|s| is_baseline(&s.row)) {
+        base.insert((s.metric.clone(), s.round), s.value);
+    }
+    let mut cells = BTreeMap::new();
+    for k in &rows {
+        for m in &metrics {
+            let mine: Vec<&&Sample> = samples.iter().filter(|s| s.row == k.0 && s.size == k.1 && &s.metric == m).collect();
+            if mine.is_empty() {
+                continue;
+            }
+            let mut values: Vec<f64> = mine.iter().map(|s| s.value).collect();
+            let mut ratios: Vec<f64> = Vec::new();
+            let mut added: Vec<f64> = Vec::new();
+            if !is_baseline(&k.0) {
+                for s in &mine {
+                    if let Some(b) = base.get(&(m.clone(), s.round)) {
+                        if *b != 0.0 {
+                            ratios.push(s.value / b);
+                        }
+                        added.push(s.value - b);
+                    }
+                }
+            }
+            let rounds = values.len();
+            let value = median(&mut values).unwrap_or(f64::NAN);
+            let ratio = median(&mut ratios.clone()).map(|r| {
+                let min = ratios.iter().copied().fold(f64::INFINITY, f64::min);
+                let max = ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                (r, min, max)
+            });
+            let added = median(&mut added);
+            cells.insert((k.clone(), m.clone()), Cell { value, ratio, added, rounds });
+        }
+    }
+    Table { metrics, rows, cells }
+}
+
+/// A number with a sensible precision for its size.
+fn num(v: f64) -> String {
+    if !v.is_finite() {
+        return "–".into();
+    }
+    let a = v.abs();
+    if a >= 100.0 {
+        format!("{v:.0}")
+    } else if a >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+/// A human title for known table ids.
+fn title(part: &str, id: &str) -> String {
+    let t = match id {
+        "connect-fixed" => "connect(): one fixed destination",
+        "connect-rotating" => "connect(): destinations rotating",
+        "deny" => "connect() to a denied destination",
+        "load" => "loading and replacing the full rule set",
+        "memory" => "memory of the rule set",
+        "bpf" => "in-kernel program cost (BPF_ENABLE_STATS)",
+        "tls-keepalive" => "TLS, keep-alive",
+        "tls-newconn" => "TLS, new connection per request",
+        "tls-bulk" => "TLS, one-stream bulk",
+        "http-keepalive" => "HTTP/1.1, keep-alive",
+        "http-close" => "HTTP/1.1, Connection: close",
+        "h2c" => "h2c (HTTP/2 prior knowledge)",
+        "latency-tls" => "added latency at a fixed rate, TLS",
+        "latency-http" => "added latency at a fixed rate, HTTP/1.1",
+        "workloads" => "connect() cost vs workload cgroups under one attachment",
+        "connections" => "cost vs concurrent connections",
+        other => other,
+    };
+    format!("{t} (`{part}/{id}`)")
+}
+
+/// The markdown of every table, and the plots written to `plots_dir` (linked as `plots_rel/…`).
+pub fn render(samples: &[Sample], plots_dir: &Path, plots_rel: &str) -> anyhow::Result<String> {
+    std::fs::create_dir_all(plots_dir).with_context(|| format!("creating {}", plots_dir.display()))?;
+    let mut md = String::new();
+    let mut parts: Vec<&str> = Vec::new();
+    for s in samples {
+        if !parts.contains(&s.part.as_str()) {
+            parts.push(&s.part);
+        }
+    }
+    for part in parts {
+        let mut ids: Vec<&str> = Vec::new();
+        for s in samples.iter().filter(|s| s.part == part) {
+            if !ids.contains(&s.table.as_str()) {
+                ids.push(&s.table);
+            }
+        }
+        // Tables without sizes are summarised across tables in one bar chart per metric.
+        let mut unsized_tables: Vec<(&str, Table)> = Vec::new();
+        for id in ids {
+            let rows: Vec<&Sample> = samples.iter().filter(|s| s.part == part && s.table == id).collect();
+            let t = table(&rows);
+            writeln!(md, "\n#### {}\n", title(part, id))?;
+            md_table(&mut md, &t)?;
+            let sized = t.rows.iter().any(|(_, s)| s.is_some());
+            if sized {
+                for m in &t.metrics {
+                    let file = format!("{part}-{id}-{m}.svg");
+                    if line_plot(&plots_dir.join(&file), &format!("{part}/{id}: {m}"), m, &t)? {
+                        writeln!(md, "\n![{part}/{id} {m}]({plots_rel}/{file})")?;
+                    }
+                }
+            } else {
+                unsized_tables.push((id, t));
+            }
+        }
+        if !unsized_tables.is_empty() {
+            let mut metrics: Vec<String> = Vec::new();
+            for (_, t) in &unsized_tables {
+                for m in &t.metrics {
+                    if !metrics.contains(m) {
+                        metrics.push(m.clone());
+                    }
+                }
+            }
+            writeln!(md)?;
+            for m in metrics {
+                let file = format!("{part}-{m}.svg");
+                if bar_plot(&plots_dir.join(&file), part, &m, &unsized_tables)? {
+                    writeln!(md, "![{part} {m}]({plots_rel}/{file})")?;
+                }
+            }
+        }
+    }
+    Ok(md)
+}
+
+fn md_table(md: &mut String, t: &Table) -> anyhow::Result<()> {
+    let sized = t.rows.iter().any(|(_, s)| s.is_some());
+    let has_base = t.rows.iter().any(|(r, _)| is_baseline(r));
+    let mut head = String::from("| configuration |");
+    let mut rule = String::from("|---|");
+    if sized {
+        head.push_str(" size |");
+        rule.push_str("---:|");
+    }
+    for m in &t.metrics {
+        write!(head, " {m} |")?;
+        rule.push_str("---:|");
+        if has_base {
+            write!(head, " {m} vs baseline |")?;
+            rule.push_str("---:|");
+        }
+    }
+    head.push_str(" rounds |");
+    rule.push_str("---:|");
+    writeln!(md, "{head}\n{rule}")?;
+    for k in &t.rows {
+        let mut line = format!("| {} |", k.0);
+        if sized {
+            match k.1 {
+                Some(s) => write!(line, " {s} |")?,
+                None => line.push_str(" – |"),
+            }
+        }
+        let mut rounds = 0;
+        for m in &t.metrics {
+            match t.cells.get(&(k.clone(), m.clone())) {
+                Some(c) => {
+                    rounds = rounds.max(c.rounds);
+                    write!(line, " {} |", num(c.value))?;
+                    if has_base {
+                        match (c.ratio, c.added) {
+                            (Some((r, lo, hi)), added) => {
+                                let add = match added {
+                                    Some(a) if !higher_is_better(m) && (m.contains("p50") || m.contains("p99")) => {
+                                        format!(", {}{}", if a >= 0.0 { "+" } else { "" }, num(a))
+                                    }
+                                    _ => String::new(),
+                                };
+                                write!(line, " {r:.2} [{lo:.2}–{hi:.2}]{add} |")?
+                            }
+                            _ if is_baseline(&k.0) => line.push_str(" 1 |"),
+                            _ => line.push_str(" – |"),
+                        }
+                    }
+                }
+                None => {
+                    line.push_str(" – |");
+                    if has_base {
+                        line.push_str(" – |");
+                    }
+                }
+            }
+        }
+        write!(line, " {rounds} |")?;
+        writeln!(md, "{line}")?;
+    }
+    Ok(())
+}
+
+/// Medians of `metric` against size, one line per configuration, log–log; the baseline (no size)
+/// as a flat line. Returns false when there is nothing positive to plot.
+fn line_plot(path: &Path, caption: &str, metric: &str, t: &Table) -> anyhow::Result<bool> {
+    let mut series: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
+    let mut baseline: Option<f64> = None;
+    for k in &t.rows {
+        let Some(c) = t.cells.get(&(k.clone(), metric.to_string())) else { continue };
+        if !(c.value.is_finite() && c.value > 0.0) {
+            continue;
+        }
+        match k.1 {
+            None if is_baseline(&k.0) => baseline = Some(c.value),
+            None => {}
+            Some(size) => match series.iter_mut().find(|(n, _)| *n == k.0) {
+                Some((_, pts)) => pts.push((size.max(1) as f64, c.value)),
+                None => series.push((k.0.clone(), vec![(size.max(1) as f64, c.value)])),
+            },
+        }
+    }
+    if series.is_empty() {
+        return Ok(false);
+    }
+    let xs = series.iter().flat_map(|(_, p)| p.iter().map(|(x, _)| *x));
+    let (xmin, xmax) = xs.fold((f64::INFINITY, 0f64), |(a, b), x| (a.min(x), b.max(x)));
+    let ys = series.iter().flat_map(|(_, p)| p.iter().map(|(_, y)| *y)).chain(baseline);
+    let (ymin, ymax) = ys.fold((f64::INFINITY, 0f64), |(a, b), y| (a.min(y), b.max(y)));
+    let (xmin, xmax) = (xmin / 1.5, (xmax * 1.5).max(xmin * 3.0));
+    let root = SVGBackend::new(path, (860, 480)).into_drawing_area();
+    root.fill(&WHITE).map_err(plot_err)?;
+    let mut builder = ChartBuilder::on(&root);
+    builder.caption(caption, ("sans-serif", 18)).margin(12).x_label_area_size(40).y_label_area_size(70);
+    // The same drawing for a linear or a logarithmic value axis (their coordinate types differ).
+    macro_rules! draw {
+        ($chart:expr, $ydesc:expr) => {{
+            let mut chart = $chart;
+            chart
+                .configure_mesh()
+                .x_desc("size (log)")
+                .y_desc($ydesc)
+                .x_label_formatter(&|x| num(*x))
+                .y_label_formatter(&|y| num(*y))
+                .draw()
+                .map_err(plot_err)?;
+            if let Some(b) = baseline {
+                chart
+                    .draw_series(LineSeries::new(vec![(xmin, b), (xmax, b)], BLACK.stroke_width(1)))
+                    .map_err(plot_err)?
+                    .label("baseline")
+                    .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK));
+            }
+            for (i, (name, mut pts)) in series.into_iter().enumerate() {
+                pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+                let color = Palette99::pick(i).to_rgba();
+                chart
+                    .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
+                    .map_err(plot_err)?
+                    .label(name)
+                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+                chart.draw_series(pts.into_iter().map(|p| Circle::new(p, 3, color.filled()))).map_err(plot_err)?;
+            }
+            chart
+                .configure_series_labels()
+                .background_style(WHITE.mix(0.85))
+                .border_style(BLACK)
+                .position(SeriesLabelPosition::UpperLeft)
+                .draw()
+                .map_err(plot_err)?;
+        }};
+    }
+    // A log value axis only when the values span more than ~1.5 decades (plotters labels a log
+    // axis at powers of ten, so a narrow log axis would have no labels).
+    if ymax / ymin > 30.0 {
+        let chart = builder
+            .build_cartesian_2d((xmin..xmax).log_scale(), (ymin / 1.5..ymax * 1.5).log_scale())
+            .map_err(plot_err)?;
+        draw!(chart, format!("{metric} (log)"));
+    } else {
+        let chart = builder.build_cartesian_2d((xmin..xmax).log_scale(), 0f64..ymax * 1.15).map_err(plot_err)?;
+        draw!(chart, metric.to_string());
+    }
+    root.present().map_err(plot_err)?;
+    Ok(true)
+}
+
+/// One bar per (table, configuration) of `metric`: the median ratio to the baseline where the
+/// table has one (1.0 = as fast as direct), else the median value.
+fn bar_plot(path: &Path, part: &str, metric: &str, tables: &[(&str, Table)]) -> anyhow::Result<bool> {
+    let mut rows: Vec<String> = Vec::new();
+    let mut groups: Vec<(&str, Vec<(String, f64)>)> = Vec::new();
+    let mut as_ratio = false;
+    for (id, t) in tables {
+        let mut bars = Vec::new();
+        for k in &t.rows {
+            let Some(c) = t.cells.get(&(k.clone(), metric.to_string())) else { continue };
+            let v = match c.ratio {
+                Some((r, _, _)) => {
+                    as_ratio = true;
+                    r
+                }
+                None if is_baseline(&k.0) => 1.0,
+                None => c.value,
+            };
+            if !rows.contains(&k.0) {
+                rows.push(k.0.clone());
+            }
+            bars.push((k.0.clone(), v));
+        }
+        if !bars.is_empty() {
+            groups.push((id, bars));
+        }
+    }
+    if groups.is_empty() {
+        return Ok(false);
+    }
+    let ymax = groups.iter().flat_map(|(_, b)| b.iter().map(|(_, v)| *v)).fold(0f64, f64::max) * 1.15;
+    let n = groups.len();
+    let names: Vec<String> = groups.iter().map(|(id, _)| id.to_string()).collect();
+    let root = SVGBackend::new(path, (960, 500)).into_drawing_area();
+    root.fill(&WHITE).map_err(plot_err)?;
+    let caption = if as_ratio { format!("{part}: {metric}, ratio to direct (1.0 = direct)") } else { format!("{part}: {metric}") };
+    let mut chart = ChartBuilder::on(&root)
+        .caption(caption, ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(-0.5f64..(n as f64 - 0.5), 0f64..ymax.max(1e-9))
+        .map_err(plot_err)?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(n)
+        .x_label_formatter(&|x| {
+            let i = x.round();
+            if (x - i).abs() < 0.01 && i >= 0.0 { names.get(i as usize).cloned().unwrap_or_default() } else { String::new() }
+        })
+        .y_desc(if as_ratio { "ratio to direct" } else { metric })
+        .draw()
+        .map_err(plot_err)?;
+    let width = 0.8 / rows.len().max(1) as f64;
+    for (ri, row) in rows.iter().enumerate() {
+        let color = Palette99::pick(ri).to_rgba();
+        let bars: Vec<Rectangle<(f64, f64)>> = groups
+            .iter()
+            .enumerate()
+            .filter_map(|(gi, (_, b))| b.iter().find(|(r, _)| r == row).map(|(_, v)| (gi, *v)))
+            .map(|(gi, v)| {
+                let x0 = gi as f64 - 0.4 + ri as f64 * width;
+                Rectangle::new([(x0, 0.0), (x0 + width * 0.9, v)], color.filled())
+            })
+            .collect();
+        chart
+            .draw_series(bars)
+            .map_err(plot_err)?
+            .label(row.clone())
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled()));
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::UpperRight)
+        .draw()
+        .map_err(plot_err)?;
+    root.present().map_err(plot_err)?;
+    Ok(true)
+}
+
+fn plot_err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
+    anyhow::anyhow!("plotting: {e:?}")
+}
+
+/// Replaces the text between `<!-- compare:begin -->` and `<!-- compare:end -->` in `file`
+/// (appending the markers and the section when they are missing).
+pub fn splice(file: &Path, section: &str) -> anyhow::Result<()> {
+    const BEGIN: &str = "<!-- compare:begin (generated by `cargo xtask bench --compare`; edits here are overwritten) -->";
+    const END: &str = "<!-- compare:end -->";
+    let text = std::fs::read_to_string(file).unwrap_or_default();
+    let begin_at = text.find("<!-- compare:begin");
+    let end_at = text.find(END);
+    let new = match (begin_at, end_at) {
+        (Some(b), Some(e)) if e > b => format!("{}{BEGIN}\n{section}\n{END}{}", &text[..b], &text[e + END.len()..]),
+        _ => format!("{text}\n{BEGIN}\n{section}\n{END}\n"),
+    };
+    std::fs::write(file, new).with_context(|| format!("writing {}", file.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(table: &str, row: &str, size: Option<u64>, round: u32, metric: &str, value: f64) -> Sample {
+        Sample { part: "l4".into(), table: table.into(), row: row.into(), size, round, metric: metric.into(), value }
+    }
+
+    #[test]
+    fn ratios_are_per_round_and_medians() {
+        let samples = vec![
+            s("t", "none", None, 0, "p50_ns", 100.0),
+            s("t", "none", None, 1, "p50_ns", 200.0),
+            s("t", "none", None, 2, "p50_ns", 100.0),
+            s("t", "ours", Some(10), 0, "p50_ns", 110.0),
+            s("t", "ours", Some(10), 1, "p50_ns", 240.0),
+            s("t", "ours", Some(10), 2, "p50_ns", 150.0),
+        ];
+        let refs: Vec<&Sample> = samples.iter().collect();
+        let t = table(&refs);
+        let c = t.cells[&(("ours".to_string(), Some(10)), "p50_ns".to_string())];
+        assert_eq!(c.value, 150.0);
+        let (r, lo, hi) = c.ratio.unwrap();
+        assert!((r - 1.2).abs() < 1e-9 && (lo - 1.1).abs() < 1e-9 && (hi - 1.5).abs() < 1e-9, "{r} {lo} {hi}");
+        assert_eq!(c.added, Some(40.0));
+        assert_eq!(t.rows[0].0, "none");
+    }
+
+    #[test]
+    fn splice_replaces_only_the_section() {
+        let dir = std::env::temp_dir().join(format!("xtask-report-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("B.md");
+        std::fs::write(&f, "# B\nkeep\n").unwrap();
+        splice(&f, "one").unwrap();
+        splice(&f, "two").unwrap();
+        let t = std::fs::read_to_string(&f).unwrap();
+        assert!(t.starts_with("# B\nkeep\n") && t.contains("\ntwo\n") && !t.contains("one"), "{t}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
