@@ -15,6 +15,7 @@
 //! `203.0.113.0/24`, `2001:db8:100::/40` and `2001:db8:200::/40` (AnyIP local routes).
 
 pub mod agent;
+pub mod bench;
 pub mod cgroup;
 pub mod check;
 pub mod clients;
