@@ -16,13 +16,16 @@
 
 use std::{
     io::Write as _,
-    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener},
     path::PathBuf,
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use anyhow::Context as _;
-use passthrough_tests::{CLIENT_NS_PREFIX, TestCgroup, cgroup::cgroup2_mount, netns::netns_path, run, unique_suffix};
+use passthrough_tests::{
+    TestCgroup,
+    bench::{BenchNs, MoveBack, percentile, timed_connect},
+};
 use passthrough_user::{
     kernel::{Capacities, Kernel},
     plan::{self, PlanOptions},
@@ -97,10 +100,6 @@ fn conf(n: usize) -> MergedConf {
     MergedConf { mode: Mode::Matched, matches, policies: vec!["bench".into()] }
 }
 
-fn percentile(sorted: &[u64], p: f64) -> u64 {
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
-}
-
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -108,16 +107,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// Times `count` connect() calls (only the syscall) to rotating destinations.
 fn measure(dsts: &[SocketAddr], count: usize) -> anyhow::Result<Vec<u64>> {
-    let mut out = Vec::with_capacity(count);
-    for i in 0..count {
-        let dst = dsts[i % dsts.len()];
-        let t = Instant::now();
-        let s = TcpStream::connect_timeout(&dst, Duration::from_secs(2)).with_context(|| format!("connect {dst}"))?;
-        out.push(t.elapsed().as_nanos() as u64);
-        // RST on close: no TIME_WAIT pile-up across hundreds of thousands of connects.
-        socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO))?;
-        drop(s);
-    }
+    let mut out = (0..count).map(|i| timed_connect(dsts[i % dsts.len()])).collect::<anyhow::Result<Vec<u64>>>()?;
     out.sort_unstable();
     Ok(out)
 }
@@ -144,7 +134,7 @@ fn main() -> anyhow::Result<()> {
 
     // A private netns with the destinations routed to lo, and this process inside it and
     // inside a test cgroup (the attachment point). The guards clean up on every exit path.
-    let ns = BenchNs::new()?;
+    let ns = BenchNs::new(&["198.51.100.0/24", "203.0.113.0/24"])?;
     ns.enter_current_thread()?;
     let listener = TcpListener::bind(("0.0.0.0", PORT))?;
     std::thread::spawn(move || {
@@ -253,55 +243,4 @@ fn main() -> anyhow::Result<()> {
     writeln!(out, "| compile + load total | {:.1} |", median(compile_ms.iter().zip(&load_ms).map(|(a, b)| a + b).collect()))?;
     drop(ns);
     Ok(())
-}
-
-/// A network namespace with 198.51.100.0/24 and 203.0.113.0/24 routed to its `lo` (AnyIP).
-struct BenchNs(String);
-
-impl BenchNs {
-    fn new() -> anyhow::Result<Self> {
-        let name = format!("{CLIENT_NS_PREFIX}{}", unique_suffix());
-        run("ip", &["netns", "add", &name])?;
-        let ns = BenchNs(name);
-        run("ip", &["-n", &ns.0, "link", "set", "lo", "up"])?;
-        run("ip", &["-n", &ns.0, "route", "add", "local", "198.51.100.0/24", "dev", "lo"])?;
-        run("ip", &["-n", &ns.0, "route", "add", "local", "203.0.113.0/24", "dev", "lo"])?;
-        Ok(ns)
-    }
-
-    fn enter_current_thread(&self) -> anyhow::Result<()> {
-        use std::os::fd::AsRawFd as _;
-        let f = std::fs::File::open(netns_path(&self.0))?;
-        // SAFETY: valid netns fd; affects this (main) thread, where all connects run.
-        if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            return Err(std::io::Error::last_os_error()).context("setns");
-        }
-        Ok(())
-    }
-}
-
-impl Drop for BenchNs {
-    fn drop(&mut self) {
-        let _ = run("ip", &["netns", "del", &self.0]);
-    }
-}
-
-/// Moves this process into a cgroup and, on drop, back to where it was (the test cgroup's
-/// own drop kills whatever is still inside, which must not be us).
-struct MoveBack(PathBuf);
-
-impl MoveBack {
-    fn into(cg: &TestCgroup) -> anyhow::Result<Self> {
-        let own = std::fs::read_to_string("/proc/self/cgroup")?;
-        let rel = own.lines().find_map(|l| l.strip_prefix("0::")).context("no cgroup v2 line")?.trim().to_string();
-        let back = cgroup2_mount()?.join(rel.trim_start_matches('/'));
-        cg.add_pid(std::process::id())?;
-        Ok(MoveBack(back))
-    }
-}
-
-impl Drop for MoveBack {
-    fn drop(&mut self) {
-        let _ = std::fs::write(self.0.join("cgroup.procs"), std::process::id().to_string());
-    }
 }
