@@ -27,7 +27,7 @@ use passthrough_common::{
     WorkloadKey, counter,
 };
 
-use crate::plan::{KernelPlan, RuleEntry};
+use crate::plan::KernelPlan;
 
 /// The eBPF object built by `build.rs` (aya-build), embedded in the binary.
 #[cfg(not(ebpf_skipped))]
@@ -424,6 +424,27 @@ impl Kernel {
         Ok(self.generation_counter)
     }
 
+    /// Removes the retired generation now (waiting out what is left of [`MIN_GRACE`] since the
+    /// flip) instead of at the start of the next [`Kernel::apply`]. Returns how many rule
+    /// entries were removed.
+    ///
+    /// Deleting a large retired plan takes about as long as writing it (a million trie entries:
+    /// about a second here), so doing it right after a flip takes it off the critical path of the next
+    /// policy change and halves the trie's steady-state memory. Connects are not stalled by it:
+    /// lookups run lock-free under RCU while entries are deleted.
+    pub fn retire(&mut self) -> usize {
+        let Some(active) = self.active else { return 0 };
+        let Some(old) = self.written[(active ^ 1) as usize].take() else { return 0 };
+        if let Some(at) = self.flipped_at {
+            let since = at.elapsed();
+            if since < MIN_GRACE {
+                std::thread::sleep(MIN_GRACE - since);
+            }
+        }
+        self.remove_entries(&old);
+        old.rules.len()
+    }
+
     /// Removes every entry of generation `g`, found by iterating the maps (used after adopting
     /// pins, when we do not know what the previous agent wrote).
     fn clear_generation_by_scan(&mut self, g: u32) {
@@ -468,14 +489,9 @@ impl Kernel {
     }
 
     fn write_entries(&mut self, plan: &KernelPlan) -> Result<(), KernelError> {
-        for (entry, id) in &plan.rules {
-            let value = RuleValue { match_id: *id };
-            if let Some((len, data)) = entry.v4_key() {
-                self.rules_v4.insert(&Key::new(len, data), value, 0).map_err(|e| KernelError::Map("RULES_V4", e))?;
-            } else if let Some((len, data)) = entry.v6_key() {
-                self.rules_v6.insert(&Key::new(len, data), value, 0).map_err(|e| KernelError::Map("RULES_V6", e))?;
-            }
-        }
+        let (v4, v6) = rule_keys(plan);
+        write_rules(&mut self.rules_v4, "RULES_V4", &v4)?;
+        write_rules(&mut self.rules_v6, "RULES_V6", &v6)?;
         for (ruleset, port) in &plan.domain_ports {
             let key = DomainPortKey { ruleset: *ruleset, port: u32::from(*port) };
             self.domain_ports.insert(key, 1, 0).map_err(|e| KernelError::Map("DOMAIN_PORTS", e))?;
@@ -513,9 +529,9 @@ impl Kernel {
 
     fn remove_entries(&mut self, plan: &KernelPlan) {
         // Best effort: an entry that is already gone is fine.
-        for entry in plan.rules.keys() {
-            remove_rule(&mut self.rules_v4, &mut self.rules_v6, entry);
-        }
+        let (v4, v6) = rule_keys(plan);
+        remove_rules(&mut self.rules_v4, &v4.0);
+        remove_rules(&mut self.rules_v6, &v6.0);
         for (ruleset, port) in &plan.domain_ports {
             let _ = self.domain_ports.remove(&DomainPortKey { ruleset: *ruleset, port: u32::from(*port) });
         }
@@ -671,6 +687,20 @@ impl Kernel {
         Some((info.run_time(), info.run_count()))
     }
 
+    /// Id and kernel-reported memory (`memlock` in the map's fdinfo: for tries the nodes
+    /// actually allocated) of each rule trie, for benchmarks and capacity planning.
+    pub fn rule_maps_memory(&self) -> Vec<RuleMapMemory> {
+        use aya::maps::IterableMap as _;
+        [("RULES_V4", self.rules_v4.map()), ("RULES_V6", self.rules_v6.map())]
+            .into_iter()
+            .map(|(name, map)| RuleMapMemory {
+                name,
+                id: map.info().map(|i| i.id()).unwrap_or(0),
+                bytes: fdinfo_memlock(map).unwrap_or(0),
+            })
+            .collect()
+    }
+
     /// The cgroups the programs are attached to.
     pub fn attached(&self) -> &[PathBuf] {
         &self.attached
@@ -689,6 +719,25 @@ impl Kernel {
 
 }
 
+/// One rule trie's id and memory, see [`Kernel::rule_maps_memory`].
+#[derive(Debug, Clone, Copy)]
+pub struct RuleMapMemory {
+    /// Map name in the object.
+    pub name: &'static str,
+    /// Kernel map id (0 if unknown); the map is freed when no id lookup finds it any more.
+    pub id: u32,
+    /// Bytes the kernel accounts to the map (`memlock:` in fdinfo).
+    pub bytes: u64,
+}
+
+/// The `memlock:` line of a map fd's fdinfo.
+fn fdinfo_memlock(map: &MapData) -> Option<u64> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    let fd = map.fd().as_fd().as_raw_fd();
+    let text = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
+    text.lines().find_map(|l| l.strip_prefix("memlock:")).and_then(|v| v.trim().parse().ok())
+}
+
 /// A link this process created.
 #[derive(Debug)]
 enum LinkHold {
@@ -698,15 +747,149 @@ enum LinkHold {
     Owned(#[allow(dead_code, reason = "held for its lifetime")] aya::programs::links::FdLink),
 }
 
-fn remove_rule(
-    v4: &mut LpmTrie<MapData, RuleKeyV4, RuleValue>,
-    v6: &mut LpmTrie<MapData, RuleKeyV6, RuleValue>,
-    entry: &RuleEntry,
-) {
-    if let Some((len, data)) = entry.v4_key() {
-        let _ = v4.remove(&Key::new(len, data));
-    } else if let Some((len, data)) = entry.v6_key() {
-        let _ = v6.remove(&Key::new(len, data));
+/// The trie keys and values of a plan, per family, in the plan's (sorted) order.
+type RuleKeys<K> = (Vec<Key<K>>, Vec<RuleValue>);
+
+fn rule_keys(plan: &KernelPlan) -> (RuleKeys<RuleKeyV4>, RuleKeys<RuleKeyV6>) {
+    let (mut v4, mut v6): (RuleKeys<RuleKeyV4>, RuleKeys<RuleKeyV6>) = Default::default();
+    for (entry, id) in &plan.rules {
+        let value = RuleValue { match_id: *id };
+        if let Some((len, data)) = entry.v4_key() {
+            v4.0.push(Key::new(len, data));
+            v4.1.push(value);
+        } else if let Some((len, data)) = entry.v6_key() {
+            v6.0.push(Key::new(len, data));
+            v6.1.push(value);
+        }
+    }
+    (v4, v6)
+}
+
+/// Writes rule entries: `BPF_MAP_UPDATE_BATCH` where the kernel has it for LPM tries (one
+/// syscall per [`batch::CHUNK`] entries instead of one per entry: at a million entries the
+/// syscalls were most of the write time), else one update per entry.
+fn write_rules<K: aya::Pod>(
+    map: &mut LpmTrie<MapData, K, RuleValue>,
+    name: &'static str,
+    (keys, values): &RuleKeys<K>,
+) -> Result<(), KernelError> {
+    use aya::maps::IterableMap as _;
+    match batch::update(map.map(), keys, values) {
+        Ok(()) => Ok(()),
+        Err(batch::Error::Unsupported) => {
+            for (key, value) in keys.iter().zip(values) {
+                map.insert(key, *value, 0).map_err(|e| KernelError::Map(name, e))?;
+            }
+            Ok(())
+        }
+        Err(batch::Error::Io(e)) => Err(KernelError::Map(
+            name,
+            aya::maps::MapError::SyscallError(aya::sys::SyscallError { call: "bpf_map_update_batch", io_error: e }),
+        )),
+    }
+}
+
+/// Removes rule entries, best effort (entries already gone are skipped).
+fn remove_rules<K: aya::Pod>(map: &mut LpmTrie<MapData, K, RuleValue>, keys: &[Key<K>]) {
+    use aya::maps::IterableMap as _;
+    if matches!(batch::delete(map.map(), keys), Err(batch::Error::Unsupported)) {
+        for key in keys {
+            let _ = map.remove(key);
+        }
+    }
+}
+
+/// Raw `BPF_MAP_UPDATE_BATCH` / `BPF_MAP_DELETE_BATCH` (aya has no wrapper). The kernel's
+/// generic batch ops (which LPM tries use) run the per-element update/delete in a loop with
+/// `cond_resched()` between elements, so a large batch neither holds a lock for long nor
+/// stalls other CPUs: readers (the programs) keep running lock-free under RCU throughout.
+mod batch {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+
+    use aya::maps::MapData;
+
+    /// Entries per syscall: large enough that syscall overhead vanishes, small enough that a
+    /// signal or an error is noticed soon.
+    pub(super) const CHUNK: usize = 16_384;
+
+    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+    const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
+    /// The kernel's internal ENOTSUPP (no batch op for this map type).
+    const ENOTSUPP: i32 = 524;
+
+    /// `union bpf_attr`, batch variant.
+    #[repr(C)]
+    #[derive(Default)]
+    struct BatchAttr {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+
+    pub(super) enum Error {
+        /// The kernel has no batch op for this map: use the per-element path.
+        Unsupported,
+        Io(std::io::Error),
+    }
+
+    /// One batch syscall; returns how many elements the kernel processed and the error, if any.
+    fn call<K, V>(cmd: libc::c_long, map: &MapData, keys: &[K], values: Option<&[V]>) -> (usize, Option<std::io::Error>) {
+        let mut attr = BatchAttr {
+            keys: keys.as_ptr() as u64,
+            values: values.map_or(0, |v| v.as_ptr() as u64),
+            count: keys.len() as u32,
+            map_fd: map.fd().as_fd().as_raw_fd() as u32,
+            ..Default::default()
+        };
+        // SAFETY: `attr` is a valid bpf_attr prefix of the advertised size; `keys`/`values`
+        // point at `count` initialised Pod elements of the map's key/value size and outlive
+        // the call; the kernel writes back only `attr.count`.
+        let rc = unsafe {
+            libc::syscall(libc::SYS_bpf, cmd, &mut attr as *mut BatchAttr, std::mem::size_of::<BatchAttr>() as u32)
+        };
+        let done = (attr.count as usize).min(keys.len());
+        if rc == 0 { (keys.len(), None) } else { (done, Some(std::io::Error::last_os_error())) }
+    }
+
+    fn unsupported(e: &std::io::Error) -> bool {
+        matches!(e.raw_os_error(), Some(ENOTSUPP) | Some(libc::EOPNOTSUPP) | Some(libc::EINVAL))
+    }
+
+    /// Inserts or overwrites every `keys[i] → values[i]`.
+    pub(super) fn update<K, V>(map: &MapData, keys: &[K], values: &[V]) -> Result<(), Error> {
+        for (k, v) in keys.chunks(CHUNK).zip(values.chunks(CHUNK)) {
+            if let (done, Some(e)) = call(BPF_MAP_UPDATE_BATCH, map, k, Some(v)) {
+                if done == 0 && unsupported(&e) {
+                    return Err(Error::Unsupported);
+                }
+                return Err(Error::Io(e));
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes `keys`, skipping those that are not there.
+    pub(super) fn delete<K>(map: &MapData, keys: &[K]) -> Result<(), Error> {
+        let mut rest = keys;
+        let mut first = true;
+        while !rest.is_empty() {
+            let n = rest.len().min(CHUNK);
+            let (done, err) = call::<K, u8>(BPF_MAP_DELETE_BATCH, map, &rest[..n], None);
+            match err {
+                None => rest = &rest[n..],
+                Some(e) if first && done == 0 && unsupported(&e) => return Err(Error::Unsupported),
+                // The batch stops at the first missing key: skip it and go on.
+                Some(e) if e.raw_os_error() == Some(libc::ENOENT) => rest = &rest[done + 1..],
+                Some(e) => return Err(Error::Io(e)),
+            }
+            first = false;
+        }
+        Ok(())
     }
 }
 
