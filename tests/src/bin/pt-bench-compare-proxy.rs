@@ -1,0 +1,1326 @@
+//! `pt-bench-compare-proxy` (issue 7 point 3): the proxy path side by side with nginx stream
+//! `ssl_preread`, HAProxy `mode tcp` (copy and forced splice) and Envoy `tls_inspector`, all
+//! against a direct connection, in the same run.
+//!
+//! # Method
+//!
+//! **Origin.** One nginx (`worker_processes 1`, sendfile, access log off) in a server network
+//! namespace behind a veth (`passthrough_tests::hostnet`, slot `BENCH_SLOT`), listening on
+//! `0.0.0.0` so it answers on every AnyIP test host of the slot: `:443` TLS (an rcgen CA and a
+//! certificate for `bench.test`), `:80` plain HTTP/1.1, `:8080` h2c (prior knowledge). It serves
+//! `1k.bin` (1 KiB) and `16m.bin` (16 MiB). Every path reaches this same origin.
+//!
+//! **Paths (rows).** `direct`: the origin's test host C, allowed in the kernel by an `IP` match.
+//! `ours`: the real agent (`passthrough run`, the binary beside this one) with `Domain` matches
+//! for `bench.test` (tls :443, http :80, http2 :8080); the client dials test host A, the kernel
+//! redirects to the proxy, which peeks SNI / Host / `:authority`, verifies the destination against
+//! a loopback DNS server (`bench.test` → A, answers cached) and splices (TLS) or proxies per request
+//! (HTTP). The agent runs with `TOKIO_WORKER_THREADS=1` (one tokio worker; its default is one per
+//! CPU). `nginx`, `haproxy`, `haproxy-splice`, `envoy`: peers on fixed `127.0.0.1` ports
+//! (loopback is never redirected, SPEC §3 rule 1) routing `bench.test` to C and refusing every
+//! other name: nginx stream `ssl_preread` + `map` (others → a closed port, the client sees a
+//! reset); HAProxy `nbthread 1`, `mode tcp`, `req.ssl_sni` / `req.hdr(host)` with
+//! `tcp-request inspect-delay`, others → a backend that rejects; `haproxy-splice` the same with
+//! `option splice-request` + `option splice-response` forced on both backends; Envoy
+//! `--concurrency 1`, `tls_inspector` + a filter chain matching `server_names: [bench.test]` into
+//! `tcp_proxy` (no chain for other names: closed). nginx stream cannot route on Host (its plain
+//! port is L4 only) and Envoy has no Host-peeking L4 mode, so they take part in the TLS tables
+//! only; no peer peeks h2c in `mode tcp` (HAProxy's `req.hdr` parses HTTP/1 only; HAProxy
+//! `mode http` with `proto h2` would terminate HTTP/2, a full L7 proxy), so `h2c` has `direct` and
+//! `ours` only.
+//!
+//! **Same names on every path.** Every load generator is started in a private mount namespace in
+//! which a per-path hosts file is bind-mounted on `/etc/hosts` (`bench.test` → C for direct, A for
+//! ours, 127.0.0.1 for the peers), so SNI, Host and `:authority` are `bench.test` everywhere (with
+//! the path's port in Host). The in-process latency client and the deny checks dial the address
+//! and set SNI / Host themselves.
+//!
+//! **Pinning.** Origin, agent (all threads), nginx, HAProxy and Envoy on CPU0; this process (and
+//! so every load generator it starts) on CPU1, inside the workload cgroup (for the peers and
+//! direct that changes nothing: loopback is exempt and C is IP-allowed).
+//!
+//! **Tools and scenarios (tables).** `wrk -t1` (requests/s and MB/s from a `done()` script: exact
+//! counts): `tls-keepalive` (c16, 1 KiB), `tls-newconn` (c16, `Connection: close`: a new TCP + TLS
+//! handshake per request), `tls-bulk` (one connection, 16 MiB bodies, MB/s), `http-keepalive`
+//! (c16), `http-close` (c16, `Connection: close`); `h2load` for `h2c` (c16, m10, prior knowledge).
+//! `latency-tls` / `latency-http`: an open-loop client in this process sends `GET /1k.bin` at a
+//! fixed rate over keep-alive connections; each request's latency counts from its scheduled send
+//! time (no coordinated omission), p50/p99 over the run.
+//!
+//! **CPU.** utime+stime of the proxy's processes (the process and its children: nginx master and
+//! worker) from `/proc/PID/stat` before and after each measurement, ÷ requests and ÷ MB (10^6
+//! bytes). `direct` has no proxy and gets no CPU metrics. For `ours` this is the whole agent.
+//!
+//! **Rounds.** `--rounds N` (default 3) interleaved rounds; in every round every table runs every
+//! path back to back, the order rotating by round, `direct` included every time. Deny checks run
+//! in the same run before the rounds (a denied SNI and a denied Host must fail on every path that
+//! routes on them) and the run fails if one passes.
+//!
+//! **Output.** JSON lines in `--out` (default `target/bench/compare-proxy.jsonl`, truncated at
+//! start): `{"part":"proxy","table":…,"row":…,"size":null,"round":…,"metric":…,"value":…}` with
+//! metrics `req_per_s`, `mb_per_s`, `p50_us`, `p99_us`, `cpu_us_per_req`, `cpu_us_per_mb`; a
+//! summary (medians, median of per-round ratios to direct) on stderr. `--quick`: a smoke run
+//! (one round, 1 s measurements, < 90 s). Needs root, BPF, cgroup v2, iproute2 and the peers of
+//! `scripts/setup-peers.sh`; every peer runs from a config in a temp dir and is killed on exit.
+
+use std::{
+    collections::HashMap,
+    ffi::CString,
+    fs::File,
+    io::Write as _,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use passthrough_tests::{
+    Agent, TestCgroup, cgroup2_mount,
+    hostnet::{BENCH_SLOT, HostNet},
+    l7::{Dns, provider},
+    require_kernel, test_dir, write_policy,
+};
+use rustls::{ClientConfig, RootCertStore, pki_types::ServerName};
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    net::TcpStream,
+};
+use tokio_rustls::TlsConnector;
+
+/// The allowed name on every path.
+const NAME: &str = "bench.test";
+/// A name no path may let through.
+const DENIED: &str = "evil.test";
+/// Origin ports in the server netns.
+const ORIGIN_TLS: u16 = 443;
+const ORIGIN_HTTP: u16 = 80;
+const ORIGIN_H2C: u16 = 8080;
+/// Body size of the bulk scenario's file (`16m.bin`).
+const BULK_BYTES: usize = 16 << 20;
+
+/// Durations and rates of one run.
+struct Plan {
+    rounds: usize,
+    /// One wrk / h2load measurement.
+    dur_s: u32,
+    /// One fixed-rate latency measurement.
+    lat_dur: Duration,
+    /// Fixed request rate of the latency tables (requests/s, all connections together).
+    lat_rate: u32,
+    /// Keep-alive connections of the latency client.
+    lat_conns: usize,
+}
+
+/// The paths (rows), in the order of round 0.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Row {
+    Direct,
+    Ours,
+    Nginx,
+    Haproxy,
+    HaproxySplice,
+    Envoy,
+}
+
+const ROWS: [Row; 6] = [
+    Row::Direct,
+    Row::Ours,
+    Row::Nginx,
+    Row::Haproxy,
+    Row::HaproxySplice,
+    Row::Envoy,
+];
+
+impl Row {
+    fn id(self) -> &'static str {
+        match self {
+            Row::Direct => "direct",
+            Row::Ours => "ours",
+            Row::Nginx => "nginx",
+            Row::Haproxy => "haproxy",
+            Row::HaproxySplice => "haproxy-splice",
+            Row::Envoy => "envoy",
+        }
+    }
+}
+
+/// The scenarios (tables).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Table {
+    TlsKeepalive,
+    TlsNewconn,
+    TlsBulk,
+    HttpKeepalive,
+    HttpClose,
+    H2c,
+    LatencyTls,
+    LatencyHttp,
+}
+
+const TABLES: [Table; 8] = [
+    Table::TlsKeepalive,
+    Table::TlsNewconn,
+    Table::TlsBulk,
+    Table::HttpKeepalive,
+    Table::HttpClose,
+    Table::H2c,
+    Table::LatencyTls,
+    Table::LatencyHttp,
+];
+
+/// Which listener of a path a table uses.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Proto {
+    Tls,
+    Http,
+    H2c,
+}
+
+impl Table {
+    fn id(self) -> &'static str {
+        match self {
+            Table::TlsKeepalive => "tls-keepalive",
+            Table::TlsNewconn => "tls-newconn",
+            Table::TlsBulk => "tls-bulk",
+            Table::HttpKeepalive => "http-keepalive",
+            Table::HttpClose => "http-close",
+            Table::H2c => "h2c",
+            Table::LatencyTls => "latency-tls",
+            Table::LatencyHttp => "latency-http",
+        }
+    }
+
+    fn proto(self) -> Proto {
+        match self {
+            Table::TlsKeepalive | Table::TlsNewconn | Table::TlsBulk | Table::LatencyTls => {
+                Proto::Tls
+            }
+            Table::HttpKeepalive | Table::HttpClose | Table::LatencyHttp => Proto::Http,
+            Table::H2c => Proto::H2c,
+        }
+    }
+}
+
+/// Where a path listens, per protocol, and whose CPU it costs.
+struct Endpoints {
+    tls: SocketAddr,
+    http: Option<SocketAddr>,
+    h2c: Option<SocketAddr>,
+    /// The proxy process (`None` for direct).
+    cpu_pid: Option<u32>,
+    /// The hosts file that makes `bench.test` this path's address.
+    hosts: PathBuf,
+}
+
+impl Endpoints {
+    fn addr(&self, p: Proto) -> Option<SocketAddr> {
+        match p {
+            Proto::Tls => Some(self.tls),
+            Proto::Http => self.http,
+            Proto::H2c => self.h2c,
+        }
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut quick = false;
+    let mut rounds = None;
+    let mut out = PathBuf::from("target/bench/compare-proxy.jsonl");
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--quick" => quick = true,
+            "--rounds" => {
+                rounds = Some(
+                    it.next()
+                        .context("--rounds needs a number")?
+                        .parse::<usize>()
+                        .context("--rounds")?,
+                )
+            }
+            "--out" => out = PathBuf::from(it.next().context("--out needs a path")?),
+            other => bail!("unknown argument {other:?} (--quick, --rounds N, --out PATH)"),
+        }
+    }
+    let plan = if quick {
+        Plan {
+            rounds: rounds.unwrap_or(1),
+            dur_s: 1,
+            lat_dur: Duration::from_millis(800),
+            lat_rate: 500,
+            lat_conns: 4,
+        }
+    } else {
+        Plan {
+            rounds: rounds.unwrap_or(3),
+            dur_s: 5,
+            lat_dur: Duration::from_secs(4),
+            lat_rate: 1000,
+            lat_conns: 8,
+        }
+    };
+    if plan.rounds == 0 {
+        bail!("--rounds must be at least 1");
+    }
+    if !require_kernel() {
+        bail!("pt-bench-compare-proxy needs root, BPF, cgroup v2 and iproute2");
+    }
+    for tool in ["wrk", "h2load", "nginx", "haproxy"] {
+        which(tool)?;
+    }
+    let envoy = envoy_binary()?;
+    raise_nofile()?;
+    let t_start = Instant::now();
+
+    let slot = BENCH_SLOT;
+    let (host_a, host_c) = (slot.host4(1), slot.host4(3));
+    let dir = test_dir();
+    let pki = BenchPki::new(dir.path())?;
+    let net = HostNet::new(slot)?;
+    let origin = start_origin(dir.path(), net.server_ns(), &pki)?;
+    wait_listening(&origin, SocketAddr::new(host_c, ORIGIN_HTTP))?;
+
+    // The agent: host A through Domain matches, host C allowed by IP (direct).
+    let dns = Dns::start(HashMap::from([(NAME.to_string(), vec![host_a])]), 3600)?;
+    let yaml = format!(
+        "type: MeshPassthrough\nname: bench\nmesh: default\nspec:\n  default:\n    passthroughMode: Matched\n    appendMatch:\n      - {{type: Domain, value: {NAME}, port: {ORIGIN_TLS}, protocol: tls}}\n      - {{type: Domain, value: {NAME}, port: {ORIGIN_HTTP}, protocol: http}}\n      - {{type: Domain, value: {NAME}, port: {ORIGIN_H2C}, protocol: http2}}\n      - {{type: IP, value: {host_c}}}\n"
+    );
+    let policy = write_policy(dir.path(), &yaml);
+    let cg = TestCgroup::new()?;
+    // SAFETY: no other thread of this process reads the environment while this runs (the DNS
+    // server's runtime only answers queries); the agent inherits the variable.
+    unsafe { std::env::set_var("TOKIO_WORKER_THREADS", "1") };
+    let agent = Agent::builder()
+        .policy(&policy)
+        .cgroup(cg.path())
+        .arg("--resolver")
+        .arg(&dns.addr.to_string())
+        .start()?;
+    pin_process(agent.pid(), 0)?;
+
+    let peers = Peers::start(dir.path(), &envoy, host_c)?;
+    let hosts = |name: &str, ip: IpAddr| -> anyhow::Result<PathBuf> {
+        let p = dir.path().join(format!("hosts-{name}"));
+        std::fs::write(
+            &p,
+            format!("127.0.0.1 localhost\n{ip} {NAME}\n{ip} {DENIED}\n"),
+        )?;
+        Ok(p)
+    };
+    let lo = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    let at = |ip: IpAddr, p: u16| SocketAddr::new(ip, p);
+    let mut paths: Vec<(Row, Endpoints)> = Vec::new();
+    for row in ROWS {
+        let e = match row {
+            Row::Direct => Endpoints {
+                tls: at(host_c, ORIGIN_TLS),
+                http: Some(at(host_c, ORIGIN_HTTP)),
+                h2c: Some(at(host_c, ORIGIN_H2C)),
+                cpu_pid: None,
+                hosts: hosts("direct", host_c)?,
+            },
+            Row::Ours => Endpoints {
+                tls: at(host_a, ORIGIN_TLS),
+                http: Some(at(host_a, ORIGIN_HTTP)),
+                h2c: Some(at(host_a, ORIGIN_H2C)),
+                cpu_pid: Some(agent.pid()),
+                hosts: hosts("ours", host_a)?,
+            },
+            Row::Nginx => Endpoints {
+                tls: at(lo, NGINX_TLS),
+                http: None,
+                h2c: None,
+                cpu_pid: Some(peers.nginx.pid()),
+                hosts: hosts("peer", lo)?,
+            },
+            Row::Haproxy | Row::HaproxySplice => {
+                let (p, tls, http) = if row == Row::Haproxy {
+                    (&peers.haproxy, HAPROXY_TLS, HAPROXY_HTTP)
+                } else {
+                    (&peers.haproxy_splice, HAPROXY_SPLICE_TLS, HAPROXY_SPLICE_HTTP)
+                };
+                Endpoints {
+                    tls: at(lo, tls),
+                    http: Some(at(lo, http)),
+                    h2c: None,
+                    cpu_pid: Some(p.pid()),
+                    hosts: hosts("peer", lo)?,
+                }
+            }
+            Row::Envoy => Endpoints {
+                tls: at(lo, ENVOY_TLS),
+                http: None,
+                h2c: None,
+                cpu_pid: Some(peers.envoy.pid()),
+                hosts: hosts("peer", lo)?,
+            },
+        };
+        paths.push((row, e));
+    }
+    // From here on this process and everything it starts is a pinned client in the workload.
+    pin_process(std::process::id(), 1)?;
+    let _inside = MoveBack::into(&cg)?;
+    let wrk_script = dir.path().join("report.lua");
+    std::fs::write(&wrk_script, WRK_SCRIPT)?;
+    if let Some(parent) = out.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let mut sink = Sink::create(&out)?;
+    let tls_cfg = Arc::new(pki.client_config()?);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+
+    rt.block_on(checks(&tls_cfg, &paths))?;
+    eprintln!(
+        "[compare-proxy] checks passed after {:.0} s; {} round(s) of {} s measurements",
+        t_start.elapsed().as_secs_f64(),
+        plan.rounds,
+        plan.dur_s
+    );
+
+    let bench = Bench {
+        plan: &plan,
+        wrk_script: &wrk_script,
+        tls_cfg: &tls_cfg,
+    };
+    for round in 0..plan.rounds {
+        for table in TABLES {
+            let n = paths.len();
+            for k in 0..n {
+                let (row, e) = &paths[(k + round) % n];
+                let Some(addr) = e.addr(table.proto()) else {
+                    continue;
+                };
+                let cpu0 = e.cpu_pid.map(cpu_ticks).transpose()?;
+                let m = bench.measure(&rt, table, addr, &e.hosts).with_context(|| {
+                    format!("{} via {} (round {round})", table.id(), row.id())
+                })?;
+                let cpu = match (e.cpu_pid, cpu0) {
+                    (Some(pid), Some(c0)) => {
+                        Some((cpu_ticks(pid)? - c0) as f64 * 1e6 / clock_ticks())
+                    }
+                    _ => None,
+                };
+                let emit = |s: &mut Sink, metric: &str, v: f64| {
+                    s.emit(table.id(), row.id(), round, metric, v)
+                };
+                match table {
+                    Table::TlsBulk => emit(&mut sink, "mb_per_s", m.mb_per_s)?,
+                    Table::LatencyTls | Table::LatencyHttp => {
+                        emit(&mut sink, "req_per_s", m.req_per_s)?;
+                        emit(&mut sink, "p50_us", m.p50_us)?;
+                        emit(&mut sink, "p99_us", m.p99_us)?;
+                    }
+                    _ => {
+                        emit(&mut sink, "req_per_s", m.req_per_s)?;
+                        emit(&mut sink, "mb_per_s", m.mb_per_s)?;
+                    }
+                }
+                if let Some(cpu_us) = cpu {
+                    // A bulk "request" is a 16 MiB body: per MB is its figure.
+                    if m.requests > 0 && table != Table::TlsBulk {
+                        emit(&mut sink, "cpu_us_per_req", cpu_us / m.requests as f64)?;
+                    }
+                    if m.bytes > 0 {
+                        emit(&mut sink, "cpu_us_per_mb", cpu_us / (m.bytes as f64 / 1e6))?;
+                    }
+                }
+                if m.errors > 0 {
+                    eprintln!(
+                        "[compare-proxy] warning: {} via {}: {} errors",
+                        table.id(),
+                        row.id(),
+                        m.errors
+                    );
+                }
+            }
+        }
+        eprintln!(
+            "[compare-proxy] round {}/{} done at {:.0} s",
+            round + 1,
+            plan.rounds,
+            t_start.elapsed().as_secs_f64()
+        );
+    }
+    sink.summary(plan.rounds);
+    eprintln!(
+        "[compare-proxy] {} measurements in {} ({:.0} s)",
+        sink.lines,
+        out.display(),
+        t_start.elapsed().as_secs_f64()
+    );
+    drop(_inside);
+    drop(peers);
+    drop(agent);
+    drop(origin);
+    drop(dns);
+    drop(net);
+    drop(cg);
+    Ok(())
+}
+
+/// One measurement's result; fields a tool does not give stay 0 / NaN.
+#[derive(Default)]
+struct Measured {
+    req_per_s: f64,
+    mb_per_s: f64,
+    p50_us: f64,
+    p99_us: f64,
+    requests: u64,
+    bytes: u64,
+    errors: u64,
+}
+
+struct Bench<'a> {
+    plan: &'a Plan,
+    wrk_script: &'a Path,
+    tls_cfg: &'a Arc<ClientConfig>,
+}
+
+impl Bench<'_> {
+    fn measure(
+        &self,
+        rt: &tokio::runtime::Runtime,
+        table: Table,
+        addr: SocketAddr,
+        hosts: &Path,
+    ) -> anyhow::Result<Measured> {
+        let port = addr.port();
+        let (c, close, file, scheme) = match table {
+            Table::TlsKeepalive => (16, false, "1k.bin", "https"),
+            Table::TlsNewconn => (16, true, "1k.bin", "https"),
+            Table::TlsBulk => (1, false, "16m.bin", "https"),
+            Table::HttpKeepalive => (16, false, "1k.bin", "http"),
+            Table::HttpClose => (16, true, "1k.bin", "http"),
+            Table::H2c => return self.h2load(&format!("http://{NAME}:{port}/1k.bin"), hosts),
+            Table::LatencyTls | Table::LatencyHttp => {
+                let tls = (table == Table::LatencyTls).then_some(self.tls_cfg);
+                return rt.block_on(open_loop(
+                    tls,
+                    addr,
+                    self.plan.lat_rate,
+                    self.plan.lat_conns,
+                    self.plan.lat_dur,
+                ));
+            }
+        };
+        let url = format!("{scheme}://{NAME}:{port}/{file}");
+        let c = c.to_string();
+        let d = format!("{}s", self.plan.dur_s);
+        let mut args = vec!["-t1", "-c", &c, "-d", &d, "--timeout", "5s", "-s"];
+        let script = self.wrk_script.to_string_lossy().into_owned();
+        args.push(&script);
+        if close {
+            args.extend(["-H", "Connection: close"]);
+        }
+        args.push(&url);
+        let out = run_client("wrk", &args, hosts)?;
+        let line = out
+            .lines()
+            .find_map(|l| l.strip_prefix("PTBENCH "))
+            .with_context(|| format!("no result from wrk: {out}"))?;
+        let v: Vec<u64> = line
+            .split_whitespace()
+            .map(str::parse)
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("wrk result {line:?}"))?;
+        let [requests, bytes, dur_us, errors] = v[..] else {
+            bail!("wrk result {line:?}");
+        };
+        if requests == 0 {
+            bail!("wrk made no request: {out}");
+        }
+        let secs = dur_us as f64 / 1e6;
+        Ok(Measured {
+            req_per_s: requests as f64 / secs,
+            mb_per_s: bytes as f64 / 1e6 / secs,
+            requests,
+            bytes,
+            errors,
+            ..Measured::default()
+        })
+    }
+
+    fn h2load(&self, url: &str, hosts: &Path) -> anyhow::Result<Measured> {
+        let d = self.plan.dur_s.to_string();
+        let out = run_client("h2load", &["-c", "16", "-m", "10", "-D", &d, url], hosts)?;
+        // "finished in 5.00s, 12345.67 req/s, 14.2MB/s"
+        let (secs, _) = out
+            .lines()
+            .find_map(|l| l.strip_prefix("finished in "))
+            .and_then(|l| l.split_once("s,"))
+            .with_context(|| format!("h2load output: {out}"))?;
+        let secs: f64 = secs.trim().parse()?;
+        // "requests: 100 total, 100 started, 100 done, 100 succeeded, 0 failed, 0 errored, …"
+        let req_line = out
+            .lines()
+            .find(|l| l.starts_with("requests:"))
+            .context("h2load: no requests line")?;
+        let count = |what: &str| -> u64 {
+            req_line
+                .split(',')
+                .find_map(|f| f.trim().strip_suffix(what))
+                .and_then(|n| n.trim().rsplit(' ').next()?.parse().ok())
+                .unwrap_or(0)
+        };
+        let (ok, failed) = (count(" succeeded"), count(" failed") + count(" errored"));
+        // "traffic: 14.30MB (14994880) total, …"
+        let bytes: u64 = out
+            .lines()
+            .find_map(|l| l.strip_prefix("traffic:"))
+            .and_then(|l| l.split_once('(')?.1.split_once(')').map(|(n, _)| n.parse().ok()))
+            .flatten()
+            .context("h2load: no traffic line")?;
+        if ok == 0 {
+            bail!("h2load: no request succeeded: {out}");
+        }
+        Ok(Measured {
+            req_per_s: ok as f64 / secs,
+            mb_per_s: bytes as f64 / 1e6 / secs,
+            requests: ok,
+            bytes,
+            errors: failed,
+            ..Measured::default()
+        })
+    }
+}
+
+/// wrk's `done()` hook: exact counts instead of its rounded summary.
+const WRK_SCRIPT: &str = r#"done = function(s, latency, requests)
+  local e = s.errors
+  io.write(string.format("PTBENCH %d %d %d %d\n", s.requests, s.bytes, s.duration,
+    e.connect + e.read + e.write + e.status + e.timeout))
+end
+"#;
+
+/// Runs a load generator (inherits this process's cgroup and CPU) in a private mount namespace
+/// whose `/etc/hosts` is `hosts`; returns its stdout. Fails on a non-zero exit.
+fn run_client(tool: &str, args: &[&str], hosts: &Path) -> anyhow::Result<String> {
+    let src = CString::new(hosts.as_os_str().as_encoded_bytes())?;
+    let mut cmd = Command::new(tool);
+    cmd.args(args).stdin(Stdio::null());
+    // SAFETY: only async-signal-safe syscalls (unshare, mount) on data prepared before fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::unshare(libc::CLONE_NEWNS) != 0
+                || libc::mount(
+                    std::ptr::null(),
+                    c"/".as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    std::ptr::null(),
+                ) != 0
+                || libc::mount(
+                    src.as_ptr(),
+                    c"/etc/hosts".as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_BIND,
+                    std::ptr::null(),
+                ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = cmd.output().with_context(|| format!("running {tool}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        bail!(
+            "{tool} {}: {}\n{stdout}{}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(stdout)
+}
+
+/// Open loop: `rate` GETs of `/1k.bin` per second spread over `conns` keep-alive connections for
+/// `dur`. A request's latency runs from its scheduled time, or from when the timer actually woke
+/// us if that was later and the connection was idle (timer slack is not the system's latency).
+async fn open_loop(
+    tls: Option<&Arc<ClientConfig>>,
+    addr: SocketAddr,
+    rate: u32,
+    conns: usize,
+    dur: Duration,
+) -> anyhow::Result<Measured> {
+    let mut tasks = Vec::new();
+    let interval = Duration::from_secs_f64(1.0 / f64::from(rate));
+    let total = (dur.as_secs_f64() * f64::from(rate)) as usize;
+    let start = tokio::time::Instant::now() + Duration::from_millis(50);
+    for k in 0..conns {
+        let mut s = dial(tls, addr, NAME).await?;
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::with_capacity(total / conns + 1);
+            let mut buf = Vec::with_capacity(4096);
+            let mut bytes = 0u64;
+            let mut i = k;
+            while i < total {
+                let at = start + interval * i as u32;
+                let now = tokio::time::Instant::now();
+                let from = if now >= at {
+                    at
+                } else {
+                    tokio::time::sleep_until(at).await;
+                    tokio::time::Instant::now()
+                };
+                let (status, n) = s.get(NAME, &mut buf).await?;
+                if status != 200 {
+                    bail!("status {status}");
+                }
+                bytes += n as u64;
+                lat.push(from.elapsed().as_secs_f64() * 1e6);
+                i += conns;
+            }
+            anyhow::Ok((lat, bytes))
+        }));
+    }
+    let t0 = Instant::now();
+    let mut all = Vec::with_capacity(total);
+    let mut bytes = 0;
+    for t in tasks {
+        let (lat, b) = t.await??;
+        all.extend(lat);
+        bytes += b;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    all.sort_by(f64::total_cmp);
+    let p = |q: f64| all[((all.len() as f64 * q) as usize).min(all.len() - 1)];
+    if all.is_empty() {
+        bail!("no request completed");
+    }
+    Ok(Measured {
+        req_per_s: all.len() as f64 / secs,
+        mb_per_s: bytes as f64 / 1e6 / secs,
+        p50_us: p(0.50),
+        p99_us: p(0.99),
+        requests: all.len() as u64,
+        bytes,
+        errors: 0,
+    })
+}
+
+/// A client connection, TLS or plain.
+enum Conn {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+async fn dial(
+    tls: Option<&Arc<ClientConfig>>,
+    addr: SocketAddr,
+    sni: &str,
+) -> anyhow::Result<Conn> {
+    let s = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr))
+        .await
+        .with_context(|| format!("connect {addr}: timeout"))?
+        .with_context(|| format!("connect {addr}"))?;
+    s.set_nodelay(true)?;
+    match tls {
+        None => Ok(Conn::Plain(s)),
+        Some(cfg) => {
+            let name = ServerName::try_from(sni.to_string())?;
+            let t = tokio::time::timeout(
+                Duration::from_secs(5),
+                TlsConnector::from(cfg.clone()).connect(name, s),
+            )
+            .await
+            .context("TLS handshake: timeout")??;
+            Ok(Conn::Tls(Box::new(t)))
+        }
+    }
+}
+
+impl Conn {
+    /// `GET /1k.bin` with `Host: host` on this keep-alive connection; returns the status and the
+    /// bytes read (head and body).
+    async fn get(&mut self, host: &str, buf: &mut Vec<u8>) -> anyhow::Result<(u16, usize)> {
+        let req = format!("GET /1k.bin HTTP/1.1\r\nHost: {host}\r\n\r\n");
+        match self {
+            Conn::Plain(s) => http_get(s, req.as_bytes(), buf).await,
+            Conn::Tls(s) => http_get(s.as_mut(), req.as_bytes(), buf).await,
+        }
+    }
+}
+
+/// Writes `req`, reads one response with a `Content-Length` body.
+async fn http_get<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    req: &[u8],
+    buf: &mut Vec<u8>,
+) -> anyhow::Result<(u16, usize)> {
+    s.write_all(req).await?;
+    buf.clear();
+    let mut chunk = [0u8; 8192];
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        if buf.len() > 64 * 1024 {
+            bail!("response head over 64 KiB");
+        }
+        let n = s.read(&mut chunk).await?;
+        if n == 0 {
+            bail!("connection closed before a response");
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = std::str::from_utf8(&buf[..head_end]).context("response head is not UTF-8")?;
+    let status: u16 = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .context("no status code")?;
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().ok())
+                .flatten()
+        })
+        .unwrap_or(0);
+    let mut have = buf.len() - head_end;
+    while have < len {
+        let n = s.read(&mut chunk).await?;
+        if n == 0 {
+            bail!("connection closed in the body");
+        }
+        have += n;
+    }
+    Ok((status, head_end + len))
+}
+
+/// Before any measurement: every path answers `bench.test`, and refuses `evil.test` in SNI and
+/// in Host where it routes on them. Also reports (without failing) whether a second request
+/// with another Host on an allowed keep-alive connection gets through.
+async fn checks(tls: &Arc<ClientConfig>, paths: &[(Row, Endpoints)]) -> anyhow::Result<()> {
+    let mut buf = Vec::new();
+    for (row, e) in paths {
+        let r = row.id();
+        let (st, _) = dial(Some(tls), e.tls, NAME)
+            .await
+            .with_context(|| format!("{r}: TLS {NAME}"))?
+            .get(NAME, &mut buf)
+            .await
+            .with_context(|| format!("{r}: TLS GET"))?;
+        if st != 200 {
+            bail!("{r}: TLS GET {NAME}: status {st}");
+        }
+        if let Some(a) = e.http {
+            let mut c = dial(None, a, NAME).await?;
+            let (st, _) = c.get(NAME, &mut buf).await.with_context(|| format!("{r}: HTTP GET"))?;
+            if st != 200 {
+                bail!("{r}: HTTP GET {NAME}: status {st}");
+            }
+            if *row != Row::Direct {
+                let second = match c.get(DENIED, &mut buf).await {
+                    Ok((200, _)) => "answered 200 (only the first request's Host is checked)",
+                    Ok(_) | Err(_) => "refused",
+                };
+                eprintln!("[compare-proxy] {r}: 2nd request with Host {DENIED} on an allowed keep-alive connection: {second}");
+            }
+        }
+        if *row == Row::Direct {
+            continue;
+        }
+        let denied_sni = match dial(Some(tls), e.tls, DENIED).await {
+            Err(_) => true,
+            Ok(mut c) => c.get(DENIED, &mut buf).await.is_err(),
+        };
+        if !denied_sni {
+            bail!("{r}: SNI {DENIED} was let through");
+        }
+        if let Some(a) = e.http {
+            let denied_host = match dial(None, a, NAME).await {
+                Err(_) => true,
+                Ok(mut c) => !matches!(c.get(DENIED, &mut buf).await, Ok((200, _))),
+            };
+            if !denied_host {
+                bail!("{r}: Host {DENIED} was let through");
+            }
+        }
+        eprintln!(
+            "[compare-proxy] {r}: SNI {DENIED} refused{}",
+            if e.http.is_some() { format!(", Host {DENIED} refused") } else { String::new() }
+        );
+    }
+    Ok(())
+}
+
+/// Collects the JSON lines and the figures for the summary.
+struct Sink {
+    file: File,
+    lines: usize,
+    rows: Vec<(String, String, usize, String, f64)>,
+}
+
+impl Sink {
+    fn create(path: &Path) -> anyhow::Result<Sink> {
+        Ok(Sink {
+            file: File::create(path).with_context(|| format!("creating {}", path.display()))?,
+            lines: 0,
+            rows: Vec::new(),
+        })
+    }
+
+    fn emit(
+        &mut self,
+        table: &str,
+        row: &str,
+        round: usize,
+        metric: &str,
+        value: f64,
+    ) -> anyhow::Result<()> {
+        let line = serde_json::json!({
+            "part": "proxy", "table": table, "row": row, "size": null,
+            "round": round, "metric": metric, "value": value,
+        });
+        writeln!(self.file, "{line}")?;
+        self.lines += 1;
+        self.rows.push((
+            table.to_string(),
+            row.to_string(),
+            round,
+            metric.to_string(),
+            value,
+        ));
+        Ok(())
+    }
+
+    fn values(&self, table: &str, row: &str, metric: &str) -> Vec<(usize, f64)> {
+        self.rows
+            .iter()
+            .filter(|r| r.0 == table && r.1 == row && r.3 == metric)
+            .map(|r| (r.2, r.4))
+            .collect()
+    }
+
+    /// Per table and path: median of the rounds and median of the per-round ratios to direct
+    /// (latency: added µs over direct).
+    fn summary(&self, rounds: usize) {
+        eprintln!("\n[compare-proxy] medians of {rounds} round(s); (×) = median of per-round ratios to direct");
+        for table in TABLES {
+            let main = match table {
+                Table::TlsBulk => "mb_per_s",
+                _ => "req_per_s",
+            };
+            eprintln!("  {}", table.id());
+            for row in ROWS {
+                let v = self.values(table.id(), row.id(), main);
+                if v.is_empty() {
+                    continue;
+                }
+                let base = self.values(table.id(), "direct", main);
+                let ratio = median(
+                    v.iter()
+                        .filter_map(|(r, x)| {
+                            base.iter().find(|(b, _)| b == r).map(|(_, d)| x / d)
+                        })
+                        .collect(),
+                );
+                let med = |m: &str| median(self.values(table.id(), row.id(), m).into_iter().map(|x| x.1).collect());
+                let mut line = format!(
+                    "    {:<15} {main} {:>10.1} (×{ratio:.2})",
+                    row.id(),
+                    med(main)
+                );
+                if matches!(table, Table::LatencyTls | Table::LatencyHttp) {
+                    let d = |m: &str| {
+                        median(self.values(table.id(), "direct", m).into_iter().map(|x| x.1).collect())
+                    };
+                    line += &format!(
+                        "  p50 {:.0} µs ({:+.0})  p99 {:.0} µs ({:+.0})",
+                        med("p50_us"),
+                        med("p50_us") - d("p50_us"),
+                        med("p99_us"),
+                        med("p99_us") - d("p99_us")
+                    );
+                }
+                let (cpu_req, cpu_mb) = (med("cpu_us_per_req"), med("cpu_us_per_mb"));
+                if !cpu_req.is_nan() {
+                    line += &format!("  cpu {cpu_req:.1} µs/req");
+                }
+                if !cpu_mb.is_nan() {
+                    line += &format!("  cpu {cpu_mb:.0} µs/MB");
+                }
+                eprintln!("{line}");
+            }
+        }
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() { f64::NAN } else { v[v.len() / 2] }
+}
+
+/// The CA and the origin's certificate for `bench.test` and `evil.test` (so a refused name is
+/// refused by the path, not by certificate checks), written as PEM for nginx.
+struct BenchPki {
+    ca_der: rustls::pki_types::CertificateDer<'static>,
+    cert_pem: PathBuf,
+    key_pem: PathBuf,
+}
+
+impl BenchPki {
+    fn new(dir: &Path) -> anyhow::Result<BenchPki> {
+        let ca_key = rcgen::KeyPair::generate()?;
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "pt-bench-compare-proxy CA");
+        let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key)?;
+        let key = rcgen::KeyPair::generate()?;
+        let cert = rcgen::CertificateParams::new(vec![NAME.to_string(), DENIED.to_string()])?
+            .signed_by(&key, &ca)?;
+        let (cert_pem, key_pem) = (dir.join("origin.crt"), dir.join("origin.key"));
+        std::fs::write(&cert_pem, cert.pem())?;
+        std::fs::write(&key_pem, key.serialize_pem())?;
+        Ok(BenchPki {
+            ca_der: ca.der().clone(),
+            cert_pem,
+            key_pem,
+        })
+    }
+
+    fn client_config(&self) -> anyhow::Result<ClientConfig> {
+        let mut roots = RootCertStore::empty();
+        roots.add(self.ca_der.clone())?;
+        Ok(ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth())
+    }
+}
+
+/// A process started for the run (origin or peer), in its own process group, pinned to CPU0.
+/// Dropping it terminates the group (SIGTERM, then SIGKILL after 2 s).
+struct Proc {
+    name: &'static str,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(name: &'static str, mut cmd: Command, dir: &Path) -> anyhow::Result<Proc> {
+        let log = dir.join(format!("{name}.log"));
+        let f = File::create(&log)?;
+        cmd.stdin(Stdio::null())
+            .stdout(f.try_clone()?)
+            .stderr(f)
+            .process_group(0);
+        // SAFETY: sched_setaffinity on the child itself, with a set built on its own stack.
+        unsafe {
+            cmd.pre_exec(|| {
+                let mut set: libc::cpu_set_t = std::mem::zeroed();
+                libc::CPU_SET(0, &mut set);
+                if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().with_context(|| format!("starting {name}"))?;
+        Ok(Proc { name, child, log })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let pg = -(self.child.id() as i32);
+        // SAFETY: signals to the process group this struct created.
+        unsafe { libc::kill(pg, libc::SIGTERM) };
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(2) {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // SAFETY: as above; also reaps stragglers (nginx workers) of the group.
+        unsafe { libc::kill(pg, libc::SIGKILL) };
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits until `addr` accepts a connection (from this process's netns), up to 10 s.
+fn wait_listening(p: &Proc, addr: SocketAddr) -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    loop {
+        if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return Ok(());
+        }
+        if t0.elapsed() > Duration::from_secs(10) {
+            bail!(
+                "{} not listening on {addr} after 10 s: {}",
+                p.name,
+                std::fs::read_to_string(&p.log).unwrap_or_default()
+            );
+        }
+        if !Path::new(&format!("/proc/{}", p.pid())).exists() {
+            bail!("{} exited: {}", p.name, std::fs::read_to_string(&p.log).unwrap_or_default());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+const NGINX_TLS: u16 = 18443;
+const HAPROXY_TLS: u16 = 28443;
+const HAPROXY_HTTP: u16 = 28080;
+const HAPROXY_SPLICE_TLS: u16 = 38443;
+const HAPROXY_SPLICE_HTTP: u16 = 38080;
+const ENVOY_TLS: u16 = 48443;
+
+/// The origin nginx in the server netns.
+fn start_origin(dir: &Path, ns: &str, pki: &BenchPki) -> anyhow::Result<Proc> {
+    let www = dir.join("www");
+    std::fs::create_dir_all(&www)?;
+    std::fs::write(www.join("1k.bin"), vec![b'x'; 1024])?;
+    std::fs::write(www.join("16m.bin"), vec![b'x'; BULK_BYTES])?;
+    let d = dir.display();
+    let conf = format!(
+        "worker_processes 1;\ndaemon off;\npid {d}/origin.pid;\nerror_log {d}/origin-error.log;\nworker_rlimit_nofile 16384;\n\
+         events {{ worker_connections 8192; }}\n\
+         http {{\n  access_log off;\n  default_type application/octet-stream;\n  sendfile on; tcp_nopush on; tcp_nodelay on;\n\
+           keepalive_requests 10000000; keepalive_timeout 60s;\n\
+           client_body_temp_path {d}/tmp-body; proxy_temp_path {d}/tmp-proxy; fastcgi_temp_path {d}/tmp-fcgi;\n\
+           uwsgi_temp_path {d}/tmp-uwsgi; scgi_temp_path {d}/tmp-scgi;\n\
+           ssl_certificate {}; ssl_certificate_key {};\n\
+           server {{ listen {ORIGIN_TLS} ssl; listen {ORIGIN_HTTP}; root {d}/www; }}\n\
+           server {{ listen {ORIGIN_H2C} http2; root {d}/www; }}\n}}\n",
+        pki.cert_pem.display(),
+        pki.key_pem.display()
+    );
+    let path = dir.join("origin.conf");
+    std::fs::write(&path, conf)?;
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns, "nginx", "-e"])
+        .arg(dir.join("origin-error.log"))
+        .arg("-p")
+        .arg(dir)
+        .arg("-c")
+        .arg(&path);
+    Proc::spawn("origin-nginx", cmd, dir)
+}
+
+/// The peers, each with one worker, routing `bench.test` to `origin` (test host C).
+struct Peers {
+    nginx: Proc,
+    haproxy: Proc,
+    haproxy_splice: Proc,
+    envoy: Proc,
+}
+
+impl Peers {
+    fn start(dir: &Path, envoy: &Path, origin: IpAddr) -> anyhow::Result<Peers> {
+        let d = dir.display();
+        let nginx_conf = dir.join("nginx-stream.conf");
+        std::fs::write(
+            &nginx_conf,
+            format!(
+                "load_module /usr/lib/nginx/modules/ngx_stream_module.so;\nworker_processes 1;\ndaemon off;\n\
+                 pid {d}/nginx-stream.pid;\nerror_log {d}/nginx-stream-error.log;\nworker_rlimit_nofile 16384;\n\
+                 events {{ worker_connections 8192; }}\n\
+                 stream {{\n  map $ssl_preread_server_name $up {{ {NAME} {origin}:{ORIGIN_TLS}; default 127.0.0.1:1; }}\n\
+                   server {{ listen 127.0.0.1:{NGINX_TLS}; ssl_preread on; proxy_pass $up; }}\n}}\n"
+            ),
+        )?;
+        let mut cmd = Command::new("nginx");
+        cmd.arg("-e")
+            .arg(dir.join("nginx-stream-error.log"))
+            .arg("-p")
+            .arg(dir)
+            .arg("-c")
+            .arg(&nginx_conf);
+        let nginx = Proc::spawn("nginx-stream", cmd, dir)?;
+
+        let haproxy_conf = |splice: bool, tls: u16, http: u16| {
+            let sp = if splice {
+                "    option splice-request\n    option splice-response\n"
+            } else {
+                ""
+            };
+            format!(
+                "global\n    nbthread 1\n    maxconn 4000\n\
+                 defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 30s\n    timeout server 30s\n\
+                 frontend fe_tls\n    bind 127.0.0.1:{tls}\n    tcp-request inspect-delay 5s\n\
+                 \x20   tcp-request content accept if {{ req.ssl_hello_type 1 }}\n\
+                 \x20   use_backend be_tls if {{ req.ssl_sni -i {NAME} }}\n    default_backend be_deny\n\
+                 frontend fe_http\n    bind 127.0.0.1:{http}\n    tcp-request inspect-delay 5s\n\
+                 \x20   tcp-request content accept if HTTP\n\
+                 \x20   use_backend be_http if {{ req.hdr(host),field(1,:) -i {NAME} }}\n    default_backend be_deny\n\
+                 backend be_tls\n{sp}    server origin {origin}:{ORIGIN_TLS}\n\
+                 backend be_http\n{sp}    server origin {origin}:{ORIGIN_HTTP}\n\
+                 backend be_deny\n    tcp-request content reject\n"
+            )
+        };
+        let haproxy = |name: &'static str, splice: bool, tls: u16, http: u16| {
+            let conf = dir.join(format!("{name}.cfg"));
+            std::fs::write(&conf, haproxy_conf(splice, tls, http))?;
+            let mut cmd = Command::new("haproxy");
+            cmd.arg("-db").arg("-f").arg(&conf);
+            Proc::spawn(name, cmd, dir)
+        };
+        let haproxy_copy = haproxy("haproxy", false, HAPROXY_TLS, HAPROXY_HTTP)?;
+        let haproxy_splice = haproxy(
+            "haproxy-splice",
+            true,
+            HAPROXY_SPLICE_TLS,
+            HAPROXY_SPLICE_HTTP,
+        )?;
+
+        let envoy_conf = dir.join("envoy.yaml");
+        std::fs::write(
+            &envoy_conf,
+            format!(
+                "static_resources:\n  listeners:\n  - name: sni_tls\n    address: {{socket_address: {{address: 127.0.0.1, port_value: {ENVOY_TLS}}}}}\n\
+                 \x20   listener_filters:\n    - name: envoy.filters.listener.tls_inspector\n\
+                 \x20     typed_config: {{\"@type\": type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector}}\n\
+                 \x20   filter_chains:\n    - filter_chain_match: {{server_names: [{NAME}]}}\n      filters:\n\
+                 \x20     - name: envoy.filters.network.tcp_proxy\n        typed_config:\n\
+                 \x20         \"@type\": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy\n\
+                 \x20         stat_prefix: sni_tls\n          cluster: origin_tls\n\
+                 \x20 clusters:\n  - name: origin_tls\n    type: STATIC\n    connect_timeout: 5s\n\
+                 \x20   load_assignment:\n      cluster_name: origin_tls\n      endpoints:\n      - lb_endpoints:\n\
+                 \x20       - endpoint: {{address: {{socket_address: {{address: {origin}, port_value: {ORIGIN_TLS}}}}}}}\n"
+            ),
+        )?;
+        let mut cmd = Command::new(envoy);
+        cmd.arg("-c")
+            .arg(&envoy_conf)
+            .args(["--concurrency", "1", "--disable-hot-restart", "-l", "warning"]);
+        let envoy = Proc::spawn("envoy", cmd, dir)?;
+        let peers = Peers {
+            nginx,
+            haproxy: haproxy_copy,
+            haproxy_splice,
+            envoy,
+        };
+        let lo = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        for (p, port) in [
+            (&peers.nginx, NGINX_TLS),
+            (&peers.haproxy, HAPROXY_TLS),
+            (&peers.haproxy_splice, HAPROXY_SPLICE_TLS),
+            (&peers.envoy, ENVOY_TLS),
+        ] {
+            wait_listening(p, SocketAddr::new(lo, port))?;
+        }
+        Ok(peers)
+    }
+}
+
+/// Envoy from `scripts/setup-peers.sh` (`target/peers-venv/bin/envoy`), or `$ENVOY`.
+fn envoy_binary() -> anyhow::Result<PathBuf> {
+    if let Ok(p) = std::env::var("ENVOY") {
+        return Ok(PathBuf::from(p));
+    }
+    let mut dir = std::env::current_exe()?;
+    while dir.pop() {
+        let p = dir.join("peers-venv/bin/envoy");
+        if p.exists() {
+            return Ok(p);
+        }
+    }
+    bail!("no envoy: run scripts/setup-peers.sh or set ENVOY")
+}
+
+fn which(tool: &str) -> anyhow::Result<()> {
+    let found = std::env::var_os("PATH").is_some_and(|p| {
+        std::env::split_paths(&p).any(|d| d.join(tool).exists())
+    });
+    if !found {
+        bail!("{tool} not found: run scripts/setup-peers.sh");
+    }
+    Ok(())
+}
+
+/// Pins every thread of `pid` to `cpu` (threads created later inherit it).
+fn pin_process(pid: u32, cpu: usize) -> anyhow::Result<()> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; `cpu` is below CPU_SETSIZE.
+    let set = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        set
+    };
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let tid: i32 = t?.file_name().to_string_lossy().parse()?;
+        // SAFETY: plain syscall with a valid set.
+        if unsafe { libc::sched_setaffinity(tid, size_of::<libc::cpu_set_t>(), &set) } != 0 {
+            bail!("sched_setaffinity({tid}): {}", std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// utime + stime (clock ticks) of `pid` and its children.
+fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("/proc/{pid}/stat"))?;
+    // Fields after the comm's closing parenthesis: state is field 3, utime 14, stime 15.
+    let rest = stat.rsplit_once(')').context("stat format")?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let mut ticks: u64 = f.get(11).context("utime")?.parse::<u64>()? + f.get(12).context("stime")?.parse::<u64>()?;
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    for c in children.split_whitespace().filter_map(|c| c.parse::<u32>().ok()) {
+        ticks += cpu_ticks(c).unwrap_or(0);
+    }
+    Ok(ticks)
+}
+
+fn clock_ticks() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).max(1) as f64
+}
+
+fn raise_nofile() -> anyhow::Result<()> {
+    // SAFETY: plain getrlimit/setrlimit on this process (children inherit the soft limit).
+    unsafe {
+        let mut r: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
+            bail!("getrlimit: {}", std::io::Error::last_os_error());
+        }
+        r.rlim_cur = r.rlim_max;
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &r) != 0 {
+            bail!("setrlimit: {}", std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Moves this process into a cgroup and, on drop, back to where it was (the test cgroup's own
+/// drop kills whatever is still inside, which must not be us).
+struct MoveBack(PathBuf);
+
+impl MoveBack {
+    fn into(cg: &TestCgroup) -> anyhow::Result<Self> {
+        let own = std::fs::read_to_string("/proc/self/cgroup")?;
+        let rel = own
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .context("no cgroup v2 line")?
+            .trim()
+            .to_string();
+        let back = cgroup2_mount()?.join(rel.trim_start_matches('/'));
+        cg.add_pid(std::process::id())?;
+        Ok(MoveBack(back))
+    }
+}
+
+impl Drop for MoveBack {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.0.join("cgroup.procs"), std::process::id().to_string());
+    }
+}
