@@ -225,16 +225,33 @@ async fn bind_proxy(args: &RunArgs) -> anyhow::Result<Vec<TcpListener>> {
         return Ok(out);
     }
     let v4 = SocketAddr::from(([127, 0, 0, 1], args.proxy_port));
-    out.push(TcpListener::bind(v4).await.with_context(|| format!("proxy listener {v4}"))?);
+    out.push(proxy_listener(v4).with_context(|| format!("proxy listener {v4}"))?);
     let v6 = SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, args.proxy_port));
-    match TcpListener::bind(v6).await {
+    match proxy_listener(v6) {
         Ok(l) => out.push(l),
         Err(e) => warn!(addr = %v6, error = %e, "no IPv6 loopback proxy listener"),
     }
     for a in &args.proxy_addr {
-        out.push(TcpListener::bind(a).await.with_context(|| format!("--proxy-addr {a}"))?);
+        out.push(proxy_listener(*a).with_context(|| format!("--proxy-addr {a}"))?);
     }
     Ok(out)
+}
+
+/// Accept queue length of the proxy listeners (the kernel caps it at `net.core.somaxconn`,
+/// 4096 by default). tokio's `TcpListener::bind` asks for 1024, which a burst of new
+/// connections fills; a SYN dropped by a full queue waits the 1 s retransmission timeout.
+const PROXY_BACKLOG: i32 = 4096;
+
+/// A non-blocking listener on `addr` with [`PROXY_BACKLOG`], otherwise as
+/// `TcpListener::bind` makes it (`SO_REUSEADDR`, the system's `IPV6_V6ONLY` default).
+fn proxy_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    s.listen(PROXY_BACKLOG)?;
+    TcpListener::from_std(s.into())
 }
 
 /// Picks attachment points: explicit ones, or the workload cgroups that have no workload

@@ -8,6 +8,10 @@
 //! - h2c: `:authority`, else `Host`; judged against `http2` and `grpc` matches.
 //! - `CONNECT` and `Upgrade` (`h2c`, WebSocket, …) are denied: the tunnelled bytes could not be
 //!   judged per request.
+//! - Repeats are cheap: a request whose authority is identical to the connection's last allowed
+//!   one, under the same policy and within [`REUSE_JUDGEMENT_FOR`], reuses that judgement's
+//!   target (no policy lookup, destination check or decision event). Any other authority, a
+//!   reload, or an older judgement is judged in full. Not under `--audit`.
 //!
 //! A denied request gets `503` with a plain-text body naming the host and saying no
 //! MeshPassthrough match allowed it; on HTTP/1 the connection is then closed. A denied gRPC call
@@ -144,6 +148,45 @@ struct Ctx {
     conn: ConnInfo,
     h2: bool,
     upstreams: Mutex<Upstreams>,
+    /// The last allowed judgement of this connection (see [`Allowed`]).
+    allowed: std::sync::Mutex<Option<Allowed>>,
+}
+
+/// How long an allowed judgement of a connection is reused for later requests to the same
+/// authority: bounds how stale its destination check (DNS) can get.
+const REUSE_JUDGEMENT_FOR: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// An allowed judgement, reused for later requests of the same connection whose authority is
+/// byte-for-byte the same, under the same policy (pointer-equal), within
+/// [`REUSE_JUDGEMENT_FOR`]. Every request's authority is still compared; only the policy
+/// lookup, the destination check and the decision event are skipped for repeats (one event
+/// per judgement, not per request).
+struct Allowed {
+    policy: Arc<super::ProxyPolicy>,
+    authority: String,
+    target: SocketAddr,
+    at: std::time::Instant,
+}
+
+impl Ctx {
+    /// The target of an earlier allowed judgement that still applies to `authority`.
+    fn allowed_again(&self, authority: &str) -> Option<SocketAddr> {
+        let memo = self.allowed.lock().unwrap_or_else(|e| e.into_inner());
+        let a = memo.as_ref()?;
+        (a.authority == authority
+            && a.at.elapsed() < REUSE_JUDGEMENT_FOR
+            && Arc::ptr_eq(&a.policy, &self.proxy.policy.load()))
+        .then_some(a.target)
+    }
+
+    fn remember(&self, policy: Arc<super::ProxyPolicy>, authority: &str, target: SocketAddr) {
+        *self.allowed.lock().unwrap_or_else(|e| e.into_inner()) = Some(Allowed {
+            policy,
+            authority: authority.to_string(),
+            target,
+            at: std::time::Instant::now(),
+        });
+    }
 }
 
 /// Serves one plaintext client connection (`h2` = prior-knowledge HTTP/2), `first` being the
@@ -164,6 +207,7 @@ pub(crate) async fn serve(
         conn,
         h2,
         upstreams: Mutex::new(Upstreams::default()),
+        allowed: std::sync::Mutex::new(None),
     });
     let io = TokioIo::new(Rewind::new(first, client).counted(up, down));
     let svc = service_fn(move |req| {
@@ -257,14 +301,27 @@ async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body> {
             .report_deny_with(&ctx.conn, proto, None, Some(&auth), "upgrade", &why, false);
         return deny(&ctx, grpc, &auth, &why);
     }
-    let l7 = if ctx.h2 {
-        L7::H2c(auth.clone())
-    } else {
-        L7::Http1(auth.clone())
-    };
-    let target = match ctx.proxy.judge(&ctx.conn, l7, proto, false).await {
-        Judgement::Allow(t) => t,
-        Judgement::Deny(why) => return deny(&ctx, grpc, &auth, &why),
+    let target = match ctx.allowed_again(&auth) {
+        Some(t) => t,
+        None => {
+            let l7 = if ctx.h2 {
+                L7::H2c(auth.clone())
+            } else {
+                L7::Http1(auth.clone())
+            };
+            // Loaded before judging: a reload during the judgement makes the memo stale at once.
+            let policy = ctx.proxy.policy.load_full();
+            match ctx.proxy.judge(&ctx.conn, l7, proto, false).await {
+                Judgement::Allow(t) => {
+                    // Under --audit an Allow may be a reported would-be denial: judge each one.
+                    if !ctx.proxy.cfg.audit {
+                        ctx.remember(policy, &auth, t);
+                    }
+                    t
+                }
+                Judgement::Deny(why) => return deny(&ctx, grpc, &auth, &why),
+            }
+        }
     };
     match forward(&ctx, req, &auth, target).await {
         Ok(resp) => resp,
@@ -327,7 +384,17 @@ async fn forward(
     target: SocketAddr,
 ) -> Result<Response<Body>, String> {
     let (mut parts, body) = req.into_parts();
+    let close = !ctx.h2 && client_closes(&parts);
     strip_hop_by_hop(&mut parts.headers, ctx.h2);
+    if close {
+        // The client connection ends after this answer, and with it the upstream one: let the
+        // origin close first, so the TIME_WAIT state stays there. Closing first here would leave
+        // one TIME_WAIT per request on the proxy's upstream address, whose ephemeral ports to
+        // one destination then run short (tcp_tw_reuse does not cover non-loopback peers).
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     let resp = if ctx.h2 {
         let mut sender = h2_sender(ctx, target).await?;
         sender
@@ -371,6 +438,21 @@ async fn forward(
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers, false);
     Ok(Response::from_parts(parts, body.boxed()))
+}
+
+/// Whether an HTTP/1 client ends its connection after this request: `Connection: close`, or
+/// HTTP/1.0 without `Connection: keep-alive` (RFC 9112 §9.3).
+fn client_closes(parts: &hyper::http::request::Parts) -> bool {
+    let has = |token: &str| {
+        parts
+            .headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    };
+    has("close") || (parts.version == hyper::Version::HTTP_10 && !has("keep-alive"))
 }
 
 async fn h2_sender(
@@ -490,6 +572,23 @@ mod tests {
     fn grpc_message_encoding() {
         assert_eq!(grpc_message("a b%c\n").to_str().unwrap(), "a b%25c%0A");
         assert_eq!(grpc_message("é").to_str().unwrap(), "%C3%A9");
+    }
+
+    #[test]
+    fn client_closes_on_close_token_or_plain_http10() {
+        let parts = |version, conn: Option<&'static str>| {
+            let mut b = Request::get("/").version(version);
+            if let Some(c) = conn {
+                b = b.header(header::CONNECTION, c);
+            }
+            b.body(()).unwrap().into_parts().0
+        };
+        assert!(client_closes(&parts(hyper::Version::HTTP_11, Some("Close"))));
+        assert!(client_closes(&parts(hyper::Version::HTTP_11, Some("x-foo, close"))));
+        assert!(!client_closes(&parts(hyper::Version::HTTP_11, None)));
+        assert!(!client_closes(&parts(hyper::Version::HTTP_11, Some("keep-alive"))));
+        assert!(client_closes(&parts(hyper::Version::HTTP_10, None)));
+        assert!(!client_closes(&parts(hyper::Version::HTTP_10, Some("keep-alive"))));
     }
 
     #[test]
