@@ -428,10 +428,10 @@ impl Kernel {
     /// flip) instead of at the start of the next [`Kernel::apply`]. Returns how many rule
     /// entries were removed.
     ///
-    /// Deleting a large retired plan takes about as long as writing it (a million trie entries:
-    /// about a second here), so doing it right after a flip takes it off the critical path of the next
-    /// policy change and halves the trie's steady-state memory. Connects are not stalled by it:
-    /// lookups run lock-free under RCU while entries are deleted.
+    /// Deleting a large retired plan takes about as long as writing it (a million trie
+    /// entries: about a second here), so doing it right after a flip takes it off the critical
+    /// path of the next policy change and halves the trie's steady-state memory. Connects are
+    /// not stalled by it: lookups run lock-free under RCU while entries are deleted.
     pub fn retire(&mut self) -> usize {
         let Some(active) = self.active else { return 0 };
         let Some(old) = self.written[(active ^ 1) as usize].take() else { return 0 };
