@@ -37,6 +37,21 @@ impl BenchNs {
         &self.0
     }
 
+    /// Runs `cmd args` inside the namespace (`ip netns exec`), optionally feeding `stdin` from
+    /// a file; returns its stdout, or an error with its stderr.
+    pub fn exec(&self, cmd: &str, args: &[&str], stdin: Option<&Path>) -> anyhow::Result<String> {
+        let mut c = std::process::Command::new("ip");
+        c.args(["netns", "exec", &self.0, cmd]).args(args);
+        if let Some(p) = stdin {
+            c.stdin(File::open(p).with_context(|| format!("opening {}", p.display()))?);
+        }
+        let out = c.output().with_context(|| format!("running {cmd}"))?;
+        if !out.status.success() {
+            anyhow::bail!("{cmd} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     /// Moves the calling thread into the namespace (threads and processes it creates later
     /// start there too).
     pub fn enter_current_thread(&self) -> anyhow::Result<()> {
@@ -80,6 +95,28 @@ impl MoveBack {
 impl Drop for MoveBack {
     fn drop(&mut self) {
         let _ = std::fs::write(self.0.join("cgroup.procs"), std::process::id().to_string());
+    }
+}
+
+/// A tiny deterministic PRNG (xorshift64*): rule sets and destination orders are the same in
+/// every run.
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// The next value.
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// Fisher–Yates shuffle.
+    pub fn shuffle<T>(&mut self, v: &mut [T]) {
+        for i in (1..v.len()).rev() {
+            let j = (self.next() % (i as u64 + 1)) as usize;
+            v.swap(i, j);
+        }
     }
 }
 

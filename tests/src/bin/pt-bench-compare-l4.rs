@@ -44,8 +44,6 @@
 
 use std::{
     collections::HashMap,
-    fs::File,
-    io::{BufWriter, Write as _},
     net::{Ipv4Addr, SocketAddr, TcpListener},
     path::{Path, PathBuf},
     sync::{
@@ -57,7 +55,11 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use ipnet::Ipv4Net;
-use passthrough_tests::{CLIENT_NS_PREFIX, TestCgroup, cgroup::cgroup2_mount, netns::netns_path, unique_suffix};
+use passthrough_tests::{
+    TestCgroup,
+    bench::{BenchNs, JsonOut, MoveBack, Rng, pin_to_cpu, thread_cpu_ns},
+    unique_suffix,
+};
 use passthrough_user::{
     kernel::{Capacities, Kernel},
     plan::{self, PlanOptions},
@@ -179,44 +181,16 @@ impl Args {
     }
 }
 
-/// JSON-lines writer for the renderer.
-struct Output(BufWriter<File>);
+/// JSON-lines writer for the renderer (rows are modes).
+struct Output(JsonOut);
 
 impl Output {
     fn create(path: &Path) -> anyhow::Result<Self> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        }
-        let f = File::create(path).with_context(|| format!("creating {}", path.display()))?;
-        Ok(Output(BufWriter::new(f)))
+        Ok(Output(JsonOut::create("l4", path)?))
     }
 
     fn record(&mut self, table: &str, mode: Mode, size: Option<usize>, round: usize, metric: &str, value: f64) -> anyhow::Result<()> {
-        let line = serde_json::json!({
-            "part": "l4", "table": table, "row": mode.name(), "size": size, "round": round, "metric": metric, "value": value,
-        });
-        writeln!(self.0, "{line}")?;
-        self.0.flush()?;
-        Ok(())
-    }
-}
-
-/// A tiny deterministic PRNG (xorshift64*): the sets are the same in every run.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn shuffle<T>(&mut self, v: &mut [T]) {
-        for i in (1..v.len()).rev() {
-            let j = (self.next() % (i as u64 + 1)) as usize;
-            v.swap(i, j);
-        }
+        self.0.record(table, mode.name(), size.map(|s| s as u64), round, metric, value)
     }
 }
 
@@ -291,25 +265,6 @@ impl Workload {
     fn replacement(&self, seed: u64) -> Vec<Ipv4Net> {
         prefixes(self.nets.len(), seed, &self.dest_nets)
     }
-}
-
-/// Pins the calling thread to one CPU.
-fn pin_to_cpu(cpu: usize) -> anyhow::Result<()> {
-    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET writes within it.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    unsafe { libc::CPU_SET(cpu, &mut set) };
-    // SAFETY: pid 0 = the calling thread; valid pointer and size.
-    if unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) } != 0 {
-        return Err(std::io::Error::last_os_error()).with_context(|| format!("sched_setaffinity CPU{cpu}"));
-    }
-    Ok(())
-}
-
-fn thread_cpu_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: valid out-pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// One timed `connect()`: Ok(ns) if it connected, Err((ns, errno)) if it failed.
@@ -406,77 +361,6 @@ fn connecting_during<T>(dst: SocketAddr, f: impl FnOnce() -> anyhow::Result<T>) 
     let mut lat = lat?;
     lat.sort_unstable();
     Ok((r?, lat))
-}
-
-/// The private namespace: `0.0.0.0/1` routed to its `lo` (AnyIP), removed on drop.
-struct BenchNs(String);
-
-impl BenchNs {
-    fn new() -> anyhow::Result<Self> {
-        let name = format!("{CLIENT_NS_PREFIX}l4-{}", unique_suffix());
-        sh("ip", &["netns", "add", &name])?;
-        let ns = BenchNs(name);
-        sh("ip", &["-n", &ns.0, "link", "set", "lo", "up"])?;
-        sh("ip", &["-n", &ns.0, "route", "add", "local", "0.0.0.0/1", "dev", "lo"])?;
-        Ok(ns)
-    }
-
-    fn enter_current_thread(&self) -> anyhow::Result<()> {
-        use std::os::fd::AsRawFd as _;
-        let f = File::open(netns_path(&self.0))?;
-        // SAFETY: valid netns fd; affects the calling thread (and threads it spawns later).
-        if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            return Err(std::io::Error::last_os_error()).context("setns");
-        }
-        Ok(())
-    }
-
-    /// Runs `cmd args` inside the namespace, optionally feeding `stdin`.
-    fn exec(&self, cmd: &str, args: &[&str], stdin: Option<&Path>) -> anyhow::Result<String> {
-        let mut c = std::process::Command::new("ip");
-        c.args(["netns", "exec", &self.0, cmd]).args(args);
-        if let Some(p) = stdin {
-            c.stdin(File::open(p).with_context(|| format!("opening {}", p.display()))?);
-        }
-        let out = c.output().with_context(|| format!("running {cmd}"))?;
-        if !out.status.success() {
-            bail!("{cmd} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    }
-}
-
-impl Drop for BenchNs {
-    fn drop(&mut self) {
-        let _ = sh("ip", &["netns", "del", &self.0]);
-    }
-}
-
-fn sh(cmd: &str, args: &[&str]) -> anyhow::Result<()> {
-    let out = std::process::Command::new(cmd).args(args).output().with_context(|| format!("running {cmd}"))?;
-    if !out.status.success() {
-        bail!("{cmd} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
-    }
-    Ok(())
-}
-
-/// Moves this process into a cgroup and, on drop, back to where it was.
-struct MoveBack(PathBuf);
-
-impl MoveBack {
-    fn into(cg: &TestCgroup) -> anyhow::Result<Self> {
-        let own = std::fs::read_to_string("/proc/self/cgroup")?;
-        let rel = own.lines().find_map(|l| l.strip_prefix("0::")).context("no cgroup v2 line")?.trim().to_string();
-        let back = cgroup2_mount()?.join(rel.trim_start_matches('/'));
-        cg.add_pid(std::process::id())?;
-        Ok(MoveBack(back))
-    }
-}
-
-impl Drop for MoveBack {
-    fn drop(&mut self) {
-        let _ = std::fs::write(self.0.join("cgroup.procs"), std::process::id().to_string());
-    }
 }
 
 fn merged_conf(nets: &[Ipv4Net]) -> MergedConf {
@@ -774,7 +658,7 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse()?;
     let started = Instant::now();
     let mut out = Output::create(&args.out)?;
-    let ns = BenchNs::new()?;
+    let ns = BenchNs::new(&["0.0.0.0/1"])?;
     ns.enter_current_thread()?;
     // Backlog 4096: a full accept queue drops SYNs (1 s retransmit) whenever the server
     // thread is briefly starved, which would show up as a filter stall.

@@ -32,7 +32,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use passthrough_tests::{
     TestCgroup,
-    bench::{BenchNs, JsonOut, MoveBack, percentile, pin_to_cpu, raise_nofile, timed_connect},
+    bench::{BenchNs, JsonOut, MoveBack, Rng, percentile, pin_to_cpu, raise_nofile, timed_connect},
     require_kernel,
 };
 use passthrough_user::{
@@ -63,17 +63,6 @@ const FULL: Plan = Plan {
 
 const QUICK: Plan = Plan { rounds: 1, count: 2_000, rules: &[1, 1_000, 100_000], workloads: &[1, 100], connections: &[1, 1_000] };
 
-/// A tiny deterministic PRNG (xorshift64*): the same rule sets in every run.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-}
-
 /// The 512 destinations, shuffled so neighbours in time are apart in the trie.
 fn destinations() -> Vec<SocketAddr> {
     let mut v = Vec::new();
@@ -82,11 +71,7 @@ fn destinations() -> Vec<SocketAddr> {
             v.push(SocketAddr::new(IpAddr::V4(Ipv4Addr::new(base[0], base[1], base[2], last)), PORT));
         }
     }
-    let mut rng = Rng(7);
-    for i in (1..v.len()).rev() {
-        let j = (rng.next() % (i as u64 + 1)) as usize;
-        v.swap(i, j);
-    }
+    Rng(7).shuffle(&mut v);
     v
 }
 

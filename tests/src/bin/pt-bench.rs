@@ -24,7 +24,7 @@ use std::{
 use anyhow::Context as _;
 use passthrough_tests::{
     TestCgroup,
-    bench::{BenchNs, MoveBack, percentile, timed_connect},
+    bench::{BenchNs, MoveBack, Rng, percentile, timed_connect},
 };
 use passthrough_user::{
     kernel::{Capacities, Kernel},
@@ -35,17 +35,6 @@ use passthrough_user::{
 const PORT: u16 = 9000;
 const SIZES: [usize; 3] = [10, 1_000, 100_000];
 
-/// A tiny deterministic PRNG (xorshift64*): the rule sets are the same in every run.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-}
-
 fn destinations() -> Vec<SocketAddr> {
     let mut v = Vec::new();
     for base in [[198, 51, 100], [203, 0, 113]] {
@@ -54,11 +43,7 @@ fn destinations() -> Vec<SocketAddr> {
         }
     }
     // Interleave the two /24s and spread neighbours apart.
-    let mut rng = Rng(7);
-    for i in (1..v.len()).rev() {
-        let j = (rng.next() % (i as u64 + 1)) as usize;
-        v.swap(i, j);
-    }
+    Rng(7).shuffle(&mut v);
     v
 }
 
