@@ -576,19 +576,20 @@ mod tests {
 
     #[test]
     fn client_closes_on_close_token_or_plain_http10() {
-        let parts = |version, conn: Option<&'static str>| {
+        use hyper::Version;
+        let closes = |version, conn: Option<&'static str>| {
             let mut b = Request::get("/").version(version);
             if let Some(c) = conn {
                 b = b.header(header::CONNECTION, c);
             }
-            b.body(()).unwrap().into_parts().0
+            client_closes(&b.body(()).unwrap().into_parts().0)
         };
-        assert!(client_closes(&parts(hyper::Version::HTTP_11, Some("Close"))));
-        assert!(client_closes(&parts(hyper::Version::HTTP_11, Some("x-foo, close"))));
-        assert!(!client_closes(&parts(hyper::Version::HTTP_11, None)));
-        assert!(!client_closes(&parts(hyper::Version::HTTP_11, Some("keep-alive"))));
-        assert!(client_closes(&parts(hyper::Version::HTTP_10, None)));
-        assert!(!client_closes(&parts(hyper::Version::HTTP_10, Some("keep-alive"))));
+        assert!(closes(Version::HTTP_11, Some("Close")));
+        assert!(closes(Version::HTTP_11, Some("x-foo, close")));
+        assert!(!closes(Version::HTTP_11, None));
+        assert!(!closes(Version::HTTP_11, Some("keep-alive")));
+        assert!(closes(Version::HTTP_10, None));
+        assert!(!closes(Version::HTTP_10, Some("keep-alive")));
     }
 
     #[test]

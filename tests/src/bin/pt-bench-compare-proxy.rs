@@ -341,7 +341,11 @@ fn main() -> anyhow::Result<()> {
                 let (p, tls, http) = if row == Row::Haproxy {
                     (&peers.haproxy, HAPROXY_TLS, HAPROXY_HTTP)
                 } else {
-                    (&peers.haproxy_splice, HAPROXY_SPLICE_TLS, HAPROXY_SPLICE_HTTP)
+                    (
+                        &peers.haproxy_splice,
+                        HAPROXY_SPLICE_TLS,
+                        HAPROXY_SPLICE_HTTP,
+                    )
                 };
                 Endpoints {
                     tls: at(lo, tls),
@@ -397,9 +401,9 @@ fn main() -> anyhow::Result<()> {
                     continue;
                 };
                 let cpu0 = e.cpu_pid.map(cpu_ticks).transpose()?;
-                let m = bench.measure(&rt, table, addr, &e.hosts).with_context(|| {
-                    format!("{} via {} (round {round})", table.id(), row.id())
-                })?;
+                let m = bench
+                    .measure(&rt, table, addr, &e.hosts)
+                    .with_context(|| format!("{} via {} (round {round})", table.id(), row.id()))?;
                 let cpu = match (e.cpu_pid, cpu0) {
                     (Some(pid), Some(c0)) => {
                         Some((cpu_ticks(pid)? - c0) as f64 * 1e6 / clock_ticks())
@@ -573,7 +577,12 @@ impl Bench<'_> {
         let bytes: u64 = out
             .lines()
             .find_map(|l| l.strip_prefix("traffic:"))
-            .and_then(|l| l.split_once('(')?.1.split_once(')').map(|(n, _)| n.parse().ok()))
+            .and_then(|l| {
+                l.split_once('(')?
+                    .1
+                    .split_once(')')
+                    .map(|(n, _)| n.parse().ok())
+            })
             .flatten()
             .context("h2load: no traffic line")?;
         if ok == 0 {
@@ -816,7 +825,10 @@ async fn checks(tls: &Arc<ClientConfig>, paths: &[(Row, Endpoints)]) -> anyhow::
         }
         if let Some(a) = e.http {
             let mut c = dial(None, a, NAME).await?;
-            let (st, _) = c.get(NAME, &mut buf).await.with_context(|| format!("{r}: HTTP GET"))?;
+            let (st, _) = c
+                .get(NAME, &mut buf)
+                .await
+                .with_context(|| format!("{r}: HTTP GET"))?;
             if st != 200 {
                 bail!("{r}: HTTP GET {NAME}: status {st}");
             }
@@ -825,7 +837,9 @@ async fn checks(tls: &Arc<ClientConfig>, paths: &[(Row, Endpoints)]) -> anyhow::
                     Ok((200, _)) => "answered 200 (only the first request's Host is checked)",
                     Ok(_) | Err(_) => "refused",
                 };
-                eprintln!("[compare-proxy] {r}: 2nd request with Host {DENIED} on an allowed keep-alive connection: {second}");
+                eprintln!(
+                    "[compare-proxy] {r}: 2nd request with Host {DENIED} on an allowed keep-alive connection: {second}"
+                );
             }
         }
         if *row == Row::Direct {
@@ -849,7 +863,11 @@ async fn checks(tls: &Arc<ClientConfig>, paths: &[(Row, Endpoints)]) -> anyhow::
         }
         eprintln!(
             "[compare-proxy] {r}: SNI {DENIED} refused{}",
-            if e.http.is_some() { format!(", Host {DENIED} refused") } else { String::new() }
+            if e.http.is_some() {
+                format!(", Host {DENIED} refused")
+            } else {
+                String::new()
+            }
         );
     }
     Ok(())
@@ -906,7 +924,9 @@ impl Sink {
     /// Per table and path: median of the rounds and median of the per-round ratios to direct
     /// (latency: added µs over direct).
     fn summary(&self, rounds: usize) {
-        eprintln!("\n[compare-proxy] medians of {rounds} round(s); (×) = median of per-round ratios to direct");
+        eprintln!(
+            "\n[compare-proxy] medians of {rounds} round(s); (×) = median of per-round ratios to direct"
+        );
         for table in TABLES {
             let main = match table {
                 Table::TlsBulk => "mb_per_s",
@@ -921,12 +941,17 @@ impl Sink {
                 let base = self.values(table.id(), "direct", main);
                 let ratio = median(
                     v.iter()
-                        .filter_map(|(r, x)| {
-                            base.iter().find(|(b, _)| b == r).map(|(_, d)| x / d)
-                        })
+                        .filter_map(|(r, x)| base.iter().find(|(b, _)| b == r).map(|(_, d)| x / d))
                         .collect(),
                 );
-                let med = |m: &str| median(self.values(table.id(), row.id(), m).into_iter().map(|x| x.1).collect());
+                let med = |m: &str| {
+                    median(
+                        self.values(table.id(), row.id(), m)
+                            .into_iter()
+                            .map(|x| x.1)
+                            .collect(),
+                    )
+                };
                 let mut line = format!(
                     "    {:<15} {main} {:>10.1} (×{ratio:.2})",
                     row.id(),
@@ -934,7 +959,12 @@ impl Sink {
                 );
                 if matches!(table, Table::LatencyTls | Table::LatencyHttp) {
                     let d = |m: &str| {
-                        median(self.values(table.id(), "direct", m).into_iter().map(|x| x.1).collect())
+                        median(
+                            self.values(table.id(), "direct", m)
+                                .into_iter()
+                                .map(|x| x.1)
+                                .collect(),
+                        )
                     };
                     line += &format!(
                         "  p50 {:.0} µs ({:+.0})  p99 {:.0} µs ({:+.0})",
@@ -959,7 +989,11 @@ impl Sink {
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
-    if v.is_empty() { f64::NAN } else { v[v.len() / 2] }
+    if v.is_empty() {
+        f64::NAN
+    } else {
+        v[v.len() / 2]
+    }
 }
 
 /// The CA and the origin's certificate for `bench.test` and `evil.test` (so a refused name is
@@ -1071,7 +1105,11 @@ fn wait_listening(p: &Proc, addr: SocketAddr) -> anyhow::Result<()> {
             );
         }
         if !Path::new(&format!("/proc/{}", p.pid())).exists() {
-            bail!("{} exited: {}", p.name, std::fs::read_to_string(&p.log).unwrap_or_default());
+            bail!(
+                "{} exited: {}",
+                p.name,
+                std::fs::read_to_string(&p.log).unwrap_or_default()
+            );
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -1199,9 +1237,13 @@ impl Peers {
             ),
         )?;
         let mut cmd = Command::new(envoy);
-        cmd.arg("-c")
-            .arg(&envoy_conf)
-            .args(["--concurrency", "1", "--disable-hot-restart", "-l", "warning"]);
+        cmd.arg("-c").arg(&envoy_conf).args([
+            "--concurrency",
+            "1",
+            "--disable-hot-restart",
+            "-l",
+            "warning",
+        ]);
         let envoy = Proc::spawn("envoy", cmd, dir)?;
         let peers = Peers {
             nginx,
@@ -1238,9 +1280,8 @@ fn envoy_binary() -> anyhow::Result<PathBuf> {
 }
 
 fn which(tool: &str) -> anyhow::Result<()> {
-    let found = std::env::var_os("PATH").is_some_and(|p| {
-        std::env::split_paths(&p).any(|d| d.join(tool).exists())
-    });
+    let found = std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).exists()));
     if !found {
         bail!("{tool} not found: run scripts/setup-peers.sh");
     }
@@ -1259,7 +1300,10 @@ fn pin_process(pid: u32, cpu: usize) -> anyhow::Result<()> {
         let tid: i32 = t?.file_name().to_string_lossy().parse()?;
         // SAFETY: plain syscall with a valid set.
         if unsafe { libc::sched_setaffinity(tid, size_of::<libc::cpu_set_t>(), &set) } != 0 {
-            bail!("sched_setaffinity({tid}): {}", std::io::Error::last_os_error());
+            bail!(
+                "sched_setaffinity({tid}): {}",
+                std::io::Error::last_os_error()
+            );
         }
     }
     Ok(())
@@ -1272,9 +1316,14 @@ fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
     // Fields after the comm's closing parenthesis: state is field 3, utime 14, stime 15.
     let rest = stat.rsplit_once(')').context("stat format")?.1;
     let f: Vec<&str> = rest.split_whitespace().collect();
-    let mut ticks: u64 = f.get(11).context("utime")?.parse::<u64>()? + f.get(12).context("stime")?.parse::<u64>()?;
-    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
-    for c in children.split_whitespace().filter_map(|c| c.parse::<u32>().ok()) {
+    let mut ticks: u64 =
+        f.get(11).context("utime")?.parse::<u64>()? + f.get(12).context("stime")?.parse::<u64>()?;
+    let children =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    for c in children
+        .split_whitespace()
+        .filter_map(|c| c.parse::<u32>().ok())
+    {
         ticks += cpu_ticks(c).unwrap_or(0);
     }
     Ok(ticks)
