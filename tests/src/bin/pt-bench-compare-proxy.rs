@@ -78,7 +78,8 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use passthrough_tests::{
-    Agent, TestCgroup, cgroup2_mount,
+    Agent, TestCgroup,
+    bench::{MoveBack, raise_nofile},
     hostnet::{BENCH_SLOT, HostNet},
     l7::{Dns, provider},
     require_kernel, test_dir, write_policy,
@@ -1332,44 +1333,4 @@ fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
 fn clock_ticks() -> f64 {
     // SAFETY: sysconf has no preconditions.
     (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).max(1) as f64
-}
-
-fn raise_nofile() -> anyhow::Result<()> {
-    // SAFETY: plain getrlimit/setrlimit on this process (children inherit the soft limit).
-    unsafe {
-        let mut r: libc::rlimit = std::mem::zeroed();
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
-            bail!("getrlimit: {}", std::io::Error::last_os_error());
-        }
-        r.rlim_cur = r.rlim_max;
-        if libc::setrlimit(libc::RLIMIT_NOFILE, &r) != 0 {
-            bail!("setrlimit: {}", std::io::Error::last_os_error());
-        }
-    }
-    Ok(())
-}
-
-/// Moves this process into a cgroup and, on drop, back to where it was (the test cgroup's own
-/// drop kills whatever is still inside, which must not be us).
-struct MoveBack(PathBuf);
-
-impl MoveBack {
-    fn into(cg: &TestCgroup) -> anyhow::Result<Self> {
-        let own = std::fs::read_to_string("/proc/self/cgroup")?;
-        let rel = own
-            .lines()
-            .find_map(|l| l.strip_prefix("0::"))
-            .context("no cgroup v2 line")?
-            .trim()
-            .to_string();
-        let back = cgroup2_mount()?.join(rel.trim_start_matches('/'));
-        cg.add_pid(std::process::id())?;
-        Ok(MoveBack(back))
-    }
-}
-
-impl Drop for MoveBack {
-    fn drop(&mut self) {
-        let _ = std::fs::write(self.0.join("cgroup.procs"), std::process::id().to_string());
-    }
 }
