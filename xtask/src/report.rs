@@ -151,6 +151,13 @@ fn table(samples: &[&Sample]) -> Table {
     Table { metrics, rows, cells }
 }
 
+/// Whether a metric gets a plot (the tables keep every metric; plots only the telling ones).
+fn plotted(metric: &str) -> bool {
+    let table_only = ["conn_per_s", "retire_ms", "free_ms", "replace_compile_ms", "replace_p99_connect_us"].contains(&metric);
+    let kernel_p99 = metric.starts_with("p99") && metric.ends_with("_ns");
+    !(table_only || kernel_p99)
+}
+
 /// A number with a sensible precision for its size.
 fn num(v: f64) -> String {
     if !v.is_finite() {
@@ -216,7 +223,7 @@ pub fn render(samples: &[Sample], plots_dir: &Path, plots_rel: &str) -> anyhow::
             md_table(&mut md, &t)?;
             let sized = t.rows.iter().any(|(_, s)| s.is_some());
             if sized {
-                for m in &t.metrics {
+                for m in t.metrics.iter().filter(|m| plotted(m)) {
                     let file = format!("{part}-{id}-{m}.svg");
                     if line_plot(&plots_dir.join(&file), &format!("{part}/{id}: {m}"), m, &t)? {
                         writeln!(md, "\n![{part}/{id} {m}]({plots_rel}/{file})")?;
@@ -236,7 +243,7 @@ pub fn render(samples: &[Sample], plots_dir: &Path, plots_rel: &str) -> anyhow::
                 }
             }
             writeln!(md)?;
-            for m in metrics {
+            for m in metrics.into_iter().filter(|m| plotted(m)) {
                 let file = format!("{part}-{m}.svg");
                 if bar_plot(&plots_dir.join(&file), part, &m, &unsized_tables)? {
                     writeln!(md, "![{part} {m}]({plots_rel}/{file})")?;
@@ -249,7 +256,9 @@ pub fn render(samples: &[Sample], plots_dir: &Path, plots_rel: &str) -> anyhow::
 
 fn md_table(md: &mut String, t: &Table) -> anyhow::Result<()> {
     let sized = t.rows.iter().any(|(_, s)| s.is_some());
-    let has_base = t.rows.iter().any(|(r, _)| is_baseline(r));
+    // A "vs baseline" column only for metrics the baseline has (a proxy's CPU has no direct
+    // counterpart).
+    let base_has = |m: &String| t.rows.iter().any(|k| is_baseline(&k.0) && t.cells.contains_key(&(k.clone(), m.clone())));
     let mut head = String::from("| configuration |");
     let mut rule = String::from("|---|");
     if sized {
@@ -257,6 +266,7 @@ fn md_table(md: &mut String, t: &Table) -> anyhow::Result<()> {
         rule.push_str("---:|");
     }
     for m in &t.metrics {
+        let has_base = base_has(m);
         write!(head, " {m} |")?;
         rule.push_str("---:|");
         if has_base {
@@ -277,6 +287,7 @@ fn md_table(md: &mut String, t: &Table) -> anyhow::Result<()> {
         }
         let mut rounds = 0;
         for m in &t.metrics {
+            let has_base = base_has(m);
             match t.cells.get(&(k.clone(), m.clone())) {
                 Some(c) => {
                     rounds = rounds.max(c.rounds);
@@ -402,6 +413,10 @@ fn bar_plot(path: &Path, part: &str, metric: &str, tables: &[(&str, Table)]) -> 
     let mut groups: Vec<(&str, Vec<(String, f64)>)> = Vec::new();
     let mut as_ratio = false;
     for (id, t) in tables {
+        // A fixed-rate latency scenario's rate is its input, not a result.
+        if id.starts_with("latency") && metric.ends_with("_per_s") {
+            continue;
+        }
         let mut bars = Vec::new();
         for k in &t.rows {
             let Some(c) = t.cells.get(&(k.clone(), metric.to_string())) else { continue };
@@ -425,7 +440,8 @@ fn bar_plot(path: &Path, part: &str, metric: &str, tables: &[(&str, Table)]) -> 
     if groups.is_empty() {
         return Ok(false);
     }
-    let ymax = groups.iter().flat_map(|(_, b)| b.iter().map(|(_, v)| *v)).fold(0f64, f64::max) * 1.15;
+    // Head room for the legend.
+    let ymax = groups.iter().flat_map(|(_, b)| b.iter().map(|(_, v)| *v)).fold(0f64, f64::max) * 1.35;
     let n = groups.len();
     let names: Vec<String> = groups.iter().map(|(id, _)| id.to_string()).collect();
     let root = SVGBackend::new(path, (960, 500)).into_drawing_area();
