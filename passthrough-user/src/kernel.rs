@@ -432,17 +432,36 @@ impl Kernel {
     /// entries: about a second here), so doing it right after a flip takes it off the critical
     /// path of the next policy change and halves the trie's steady-state memory. Connects are
     /// not stalled by it: lookups run lock-free under RCU while entries are deleted.
+    ///
+    /// After adopting pinned state the retired generation is the previous agent's plan, which
+    /// this agent never saw: it is found by scanning the maps, once.
     pub fn retire(&mut self) -> usize {
         let Some(active) = self.active else { return 0 };
-        let Some(old) = self.written[(active ^ 1) as usize].take() else { return 0 };
+        let retired = (active ^ 1) as usize;
+        let old = self.written[retired].take();
+        if old.is_none() && !self.adopted {
+            return 0;
+        }
         if let Some(at) = self.flipped_at {
             let since = at.elapsed();
             if since < MIN_GRACE {
                 std::thread::sleep(MIN_GRACE - since);
             }
         }
-        self.remove_entries(&old);
-        old.rules.len()
+        let removed = match old {
+            Some(old) => {
+                self.remove_entries(&old);
+                old.rules.len()
+            }
+            None => {
+                self.clear_generation_by_scan(retired as u32);
+                0
+            }
+        };
+        // Known empty now: the next apply into this generation has nothing to remove (and an
+        // agent that adopted pins does not scan the maps for leftovers again).
+        self.written[retired] = Some(KernelPlan { generation: retired as u32, ..KernelPlan::default() });
+        removed
     }
 
     /// Removes every entry of generation `g`, found by iterating the maps (used after adopting

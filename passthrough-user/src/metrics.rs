@@ -345,7 +345,7 @@ impl Metrics {
         let map_entries = Family::<MapSetLabels, Gauge>::default();
         registry.register(
             "map_entries",
-            "Kernel map entries: set=active is the plan in force, set=previous the retired plan still in the maps until the next apply",
+            "Kernel map entries: set=active is the plan in force, set=previous the retired plan while it is still in the maps (the agent removes it right after each flip: 0 in steady state)",
             map_entries.clone(),
         );
         let map_capacity = Family::<MapLabels, Gauge>::default();
@@ -452,6 +452,13 @@ impl Metrics {
         self.reloads
             .get_or_create(&ResultLabels { result: "success" })
             .inc();
+    }
+
+    /// Call after `Kernel::retire`: the retired plan's entries are gone from the maps.
+    pub fn previous_retired(&self) {
+        for map in ["rules_v4", "rules_v6", "workloads"] {
+            self.map_entries.get_or_create(&MapSetLabels { map, set: "previous" }).set(0);
+        }
     }
 
     /// A reload was rejected (the previous policy stays).

@@ -85,10 +85,17 @@ pub fn status_json(state: &Path) -> anyhow::Result<serde_json::Value> {
     let rules_v4: LpmTrie<MapData, RuleKeyV4, RuleValue> = LpmTrie::try_from(Map::LpmTrie(open(state, "RULES_V4")?))?;
     let rules_v6: LpmTrie<MapData, RuleKeyV6, RuleValue> = LpmTrie::try_from(Map::LpmTrie(open(state, "RULES_V6")?))?;
     let domain: HashMap<MapData, DomainPortKey, u8> = HashMap::try_from(Map::HashMap(open(state, "DOMAIN_PORTS")?))?;
-    let n_workloads = workloads.keys().flatten().filter(|k| k.generation == g).count();
-    let n_v4 = rules_v4.keys().flatten().filter(|k| gen_of(u32::from_be(k.data().ruleset_be)) == g).count();
-    let n_v6 = rules_v6.keys().flatten().filter(|k| gen_of(u32::from_be(k.data().ruleset_be)) == g).count();
-    let n_domain = domain.keys().flatten().filter(|k| gen_of(k.ruleset) == g).count();
+    // Entries per generation: [active, inactive]. The agent removes the retired plan right
+    // after each flip, so inactive entries are normally 0 (non-zero only during an apply, or
+    // when the agent died between a flip and the removal).
+    let split = |gens: Vec<u32>| {
+        let active = gens.iter().filter(|x| **x == g).count();
+        (active, gens.len() - active)
+    };
+    let (n_workloads, old_workloads) = split(workloads.keys().flatten().map(|k| k.generation).collect());
+    let (n_v4, old_v4) = split(rules_v4.keys().flatten().map(|k| gen_of(u32::from_be(k.data().ruleset_be))).collect());
+    let (n_v6, old_v6) = split(rules_v6.keys().flatten().map(|k| gen_of(u32::from_be(k.data().ruleset_be))).collect());
+    let (n_domain, old_domain) = split(domain.keys().flatten().map(|k| gen_of(k.ruleset)).collect());
 
     let mount = cgroup::cgroup2_mount().ok();
     let mut attachments = Vec::new();
@@ -110,6 +117,7 @@ pub fn status_json(state: &Path) -> anyhow::Result<serde_json::Value> {
         "proxy_port": u16::from_be(cfg.proxy_port_be),
         "attachments": attachments,
         "entries": { "workloads": n_workloads, "rules_v4": n_v4, "rules_v6": n_v6, "domain_ports": n_domain },
+        "inactive_entries": { "workloads": old_workloads, "rules_v4": old_v4, "rules_v6": old_v6, "domain_ports": old_domain },
         "counters": counts,
         "other_layouts": pins::other_layouts(state),
     }))
@@ -134,6 +142,14 @@ pub fn run_status(args: &StatusArgs, out: &mut impl Write) -> anyhow::Result<()>
         "entries:           {} workloads, {} IPv4 rules, {} IPv6 rules, {} domain ports",
         s["entries"]["workloads"], s["entries"]["rules_v4"], s["entries"]["rules_v6"], s["entries"]["domain_ports"]
     )?;
+    let old = &s["inactive_entries"];
+    if [&old["workloads"], &old["rules_v4"], &old["rules_v6"], &old["domain_ports"]].iter().any(|v| v.as_u64() != Some(0)) {
+        writeln!(
+            out,
+            "retired plan:      {} workloads, {} IPv4 rules, {} IPv6 rules, {} domain ports still in the maps",
+            old["workloads"], old["rules_v4"], old["rules_v6"], old["domain_ports"]
+        )?;
+    }
     for a in s["attachments"].as_array().into_iter().flatten() {
         let path = a["cgroup"].as_str().map_or_else(|| format!("cgroup id {}", a["cgroup_id"]), str::to_string);
         let progs: Vec<&str> = a["programs"].as_array().into_iter().flatten().filter_map(|p| p.as_str()).collect();

@@ -111,6 +111,16 @@ fn sigkill_keeps_enforcing_restart_adopts_and_uninstall_removes_everything() {
     assert_allowed(&mut probe, &net, "198.51.100.9:8080");
     assert_denied(&mut probe, &net, "198.51.100.9:80");
     assert_eq!(probe.echo(&established, "after restart").unwrap(), "after restart");
+    // The first agent's plan (the generation the adopting apply retired) was found by scanning
+    // the maps and removed right after the flip: only the plan in force is left.
+    let (ok, text) = passthrough(&["status", "--state-dir", &state.path().display().to_string(), "--json"]);
+    assert!(ok, "{text}");
+    let status: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+    assert_eq!(status["policy_generation"], 2, "{status}");
+    assert!(status["entries"]["rules_v4"].as_u64().unwrap() >= 1, "{status}");
+    for map in ["workloads", "rules_v4", "rules_v6", "domain_ports"] {
+        assert_eq!(status["inactive_entries"][map], 0, "{map}: {status}");
+    }
     second.kill9();
 
     // What the kernel holds for us right now: program ids (from the cgroup) and map ids (from
