@@ -249,10 +249,10 @@ fn main() -> anyhow::Result<()> {
             let mut result = Ok(());
             if all || which == "policy" {
                 // parse + validate + merge + compile of 100,000 matches (criterion; --figures
-                // prints medians and peak RSS). No kernel needed.
-                result = run(cargo()
-                    .args(["bench", "-p", "passthrough-user", "--bench", "policy_pipeline", "--", "--figures"])
-                    .env("AYA_BUILD_SKIP", "1"));
+                // prints medians and peak RSS). No kernel needed, but the eBPF object is built
+                // anyway (cached): skipping it would leave an agent without programs in
+                // target/release, which the kernel benches then run.
+                result = run(cargo().args(["bench", "-p", "passthrough-user", "--bench", "policy_pipeline", "--", "--figures"]));
             }
             if result.is_ok() && (all || which == "connect") {
                 run(cargo().args(["build", "--release", "--workspace", "--exclude", "passthrough-ebpf", "--bins"]))?;
