@@ -46,24 +46,11 @@ impl Probe {
     /// A probe in the cgroup directory `cgroup_dir`, in the netns at `netns` (or the caller's).
     pub fn spawn_in(cgroup_dir: &Path, netns: Option<&Path>) -> Result<Probe> {
         let bin = probe_binary()?;
-        let procs = CString::new(
-            cgroup_dir
-                .join("cgroup.procs")
-                .into_os_string()
-                .into_encoded_bytes(),
-        )?;
-        let ns_file = match netns {
-            Some(p) => {
-                Some(File::open(p).with_context(|| format!("opening netns {}", p.display()))?)
-            }
-            None => None,
-        };
-        let ns_fd = ns_file.as_ref().map(|f| f.as_raw_fd());
         let mut cmd = Command::new(&bin);
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
-        join_in_child(&mut cmd, procs, ns_fd);
+        let ns_file = command_in(&mut cmd, cgroup_dir, netns)?;
         let mut child = cmd.spawn().with_context(|| {
             format!(
                 "spawning {} in cgroup {}",
@@ -187,20 +174,9 @@ pub fn output_in(
     program: &str,
     args: &[&str],
 ) -> Result<std::process::Output> {
-    let procs = CString::new(
-        cgroup_dir
-            .join("cgroup.procs")
-            .into_os_string()
-            .into_encoded_bytes(),
-    )?;
-    let ns_file = match netns {
-        Some(p) => Some(File::open(p).with_context(|| format!("opening netns {}", p.display()))?),
-        None => None,
-    };
-    let ns_fd = ns_file.as_ref().map(|f| f.as_raw_fd());
     let mut cmd = Command::new(program);
     cmd.args(args).stdin(Stdio::null());
-    join_in_child(&mut cmd, procs, ns_fd);
+    let ns_file = command_in(&mut cmd, cgroup_dir, netns)?;
     let out = cmd
         .output()
         .with_context(|| format!("running {program} in {}", cgroup_dir.display()))?;
@@ -214,6 +190,19 @@ impl Drop for Probe {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Makes `cmd` join the cgroup directory `cgroup_dir` and the netns at `netns` (or stay in the
+/// caller's) between fork and exec, like a [`Probe`]; it dies with the calling thread. The
+/// returned guard keeps the netns file open: keep it until the command has been spawned.
+pub fn command_in(cmd: &mut Command, cgroup_dir: &Path, netns: Option<&Path>) -> Result<Option<File>> {
+    let procs = CString::new(cgroup_dir.join("cgroup.procs").into_os_string().into_encoded_bytes())?;
+    let ns_file = match netns {
+        Some(p) => Some(File::open(p).with_context(|| format!("opening netns {}", p.display()))?),
+        None => None,
+    };
+    join_in_child(cmd, procs, ns_file.as_ref().map(|f| f.as_raw_fd()));
+    Ok(ns_file)
 }
 
 /// Makes the child `cmd` will spawn join a cgroup (`procs` = its `cgroup.procs` path) and,

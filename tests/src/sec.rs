@@ -1,18 +1,10 @@
 //! Shared pieces of the security tests (`tests/tests/bypass.rs`, `tests/tests/udp_quic.rs`):
 //! a host-route [`Slot`] of their own (so they can run beside the proxy kernel tests and the
-//! proxy benchmark, which use other slots), and [`command_in`], which starts any command inside a
-//! workload cgroup and network namespace (the bypass helpers are the test executable itself).
+//! proxy benchmark, which use other slots), and [`command_in`] (from [`crate::probe`]), which starts any
+//! command inside a workload cgroup and network namespace (the bypass helpers are the test
+//! executable itself).
 
-use std::{
-    ffi::CString,
-    fs::File,
-    net::{Ipv4Addr, Ipv6Addr},
-    os::fd::AsRawFd,
-    path::Path,
-    process::Command,
-};
-
-use anyhow::{Context, Result};
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use crate::hostnet::Slot;
 
@@ -31,25 +23,4 @@ pub const SEC_SLOT: Slot = Slot {
     proxy_v6: Ipv6Addr::new(0x2001, 0xdb8, 0xf02, 0xff, 0, 0, 0, 1),
 };
 
-/// Makes `cmd` join the cgroup directory `cgroup_dir` and the netns at `netns` (or stay in the
-/// caller's) between fork and exec, like [`crate::Probe`]; it dies with the calling thread.
-/// The returned guard keeps the netns file open: keep it until the command has been spawned.
-pub fn command_in(
-    cmd: &mut Command,
-    cgroup_dir: &Path,
-    netns: Option<&Path>,
-) -> Result<Option<File>> {
-    let procs = CString::new(
-        cgroup_dir
-            .join("cgroup.procs")
-            .into_os_string()
-            .into_encoded_bytes(),
-    )?;
-    let ns_file = match netns {
-        Some(p) => Some(File::open(p).with_context(|| format!("opening netns {}", p.display()))?),
-        None => None,
-    };
-    let ns_fd = ns_file.as_ref().map(|f| f.as_raw_fd());
-    crate::probe::join_in_child(cmd, procs, ns_fd);
-    Ok(ns_file)
-}
+pub use crate::probe::command_in;
