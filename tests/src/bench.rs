@@ -104,17 +104,30 @@ pub struct Rng(pub u64);
 
 impl Rng {
     /// The next value.
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
         self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
     }
 
+    /// A random IPv4 prefix (/8–/32) for rule sets, a third of them inside 198.0.0.0/8 and
+    /// 203.0.0.0/8 so lookups walk deep trie paths next to the benchmarks' destinations; with
+    /// the random word it came from (for deriving more, such as a port).
+    pub fn rule_net(&mut self) -> (ipnet::Ipv4Net, u64) {
+        let r = self.next_u64();
+        let len = 8 + (r % 25) as u8;
+        let mut addr = (r >> 16) as u32;
+        if r.is_multiple_of(3) {
+            addr = (addr & 0x00ff_ffff) | if r & 8 == 0 { 198 << 24 } else { 203 << 24 };
+        }
+        (ipnet::Ipv4Net::new(std::net::Ipv4Addr::from(addr), len).expect("len <= 32").trunc(), r)
+    }
+
     /// Fisher–Yates shuffle.
     pub fn shuffle<T>(&mut self, v: &mut [T]) {
         for i in (1..v.len()).rev() {
-            let j = (self.next() % (i as u64 + 1)) as usize;
+            let j = (self.next_u64() % (i as u64 + 1)) as usize;
             v.swap(i, j);
         }
     }

@@ -212,7 +212,7 @@ fn prefixes(n: usize, seed: u64, keep: &[Ipv4Net]) -> Vec<Ipv4Net> {
         out.push(*p);
     }
     while out.len() < n {
-        let r = rng.next();
+        let r = rng.next_u64();
         let slot = (r >> 40) as u32 & 0x00ff_ffff;
         if !slot_ok(slot) || used[slot as usize / 64] & (1 << (slot % 64)) != 0 {
             continue;

@@ -97,14 +97,8 @@ fn conf(n: usize, seed: u64) -> MergedConf {
         }
     }
     while matches.len() < n {
-        let r = rng.next();
-        let len = 8 + (r % 25) as u8;
-        let mut addr = (r >> 16) as u32;
-        if r % 3 == 0 {
-            addr = (addr & 0x00ff_ffff) | if r & 8 == 0 { 198 << 24 } else { 203 << 24 };
-        }
-        let net = ipnet::IpNet::V4(ipnet::Ipv4Net::new(Ipv4Addr::from(addr), len).expect("len <= 32").trunc());
-        matches.push(cidr(net, matches.len()));
+        let (net, _) = rng.rule_net();
+        matches.push(cidr(ipnet::IpNet::V4(net), matches.len()));
     }
     MergedConf { mode: Mode::Matched, matches, policies: vec!["bench".into()] }
 }
@@ -161,7 +155,7 @@ fn serve() -> anyhow::Result<()> {
             held.push(s);
             // Let go of connections the client has closed (rounds reopen them), so descriptors
             // do not pile up across rounds.
-            if held.len() % 1024 == 0 {
+            if held.len().is_multiple_of(1024) {
                 held.retain(|c| {
                     c.set_nonblocking(true).is_ok() && matches!(c.peek(&mut [0u8; 1]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
                 });

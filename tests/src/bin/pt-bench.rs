@@ -67,19 +67,14 @@ fn conf(n: usize) -> MergedConf {
     for (i, base) in [[198u8, 51, 100], [203, 0, 113]].iter().enumerate() {
         for k in 0..2u8 {
             let net: ipnet::IpNet = format!("{}.{}.{}.{}/25", base[0], base[1], base[2], k * 128).parse().expect("valid");
-            let port = if (k + i as u8) % 2 == 0 { Some(PORT) } else { None };
+            let port = if (k + i as u8).is_multiple_of(2) { Some(PORT) } else { None };
             matches.push(m(net.to_string(), net, port, matches.len()));
         }
     }
     while matches.len() < n {
-        let r = rng.next();
-        let len = 8 + (r % 25) as u8;
-        let mut addr = (r >> 16) as u32;
-        if r % 3 == 0 {
-            addr = (addr & 0x00ff_ffff) | if r & 8 == 0 { 198 << 24 } else { 203 << 24 };
-        }
-        let net = ipnet::IpNet::V4(ipnet::Ipv4Net::new(Ipv4Addr::from(addr), len).expect("len <= 32").trunc());
-        let port = if r % 5 == 0 { Some(1 + (r % 65535) as u16) } else { None };
+        let (net, r) = rng.rule_net();
+        let net = ipnet::IpNet::V4(net);
+        let port = if r.is_multiple_of(5) { Some(1 + (r % 65535) as u16) } else { None };
         matches.push(m(net.to_string(), net, port, matches.len()));
     }
     MergedConf { mode: Mode::Matched, matches, policies: vec!["bench".into()] }
@@ -188,10 +183,10 @@ fn main() -> anyhow::Result<()> {
             let before_ops = _kernel.as_ref().and_then(|k| k.program_stats("passthrough_sock_ops"));
             let samples = measure(&dsts, count)?;
             if let (Some(k), Some((t0, n0))) = (_kernel.as_ref(), before) {
-                if let Some((t1, n1)) = k.program_stats("passthrough_connect4") {
-                    if n1 > n0 {
-                        row.prog_ns.push((t1 - t0).as_nanos() as f64 / (n1 - n0) as f64);
-                    }
+                if let Some((t1, n1)) = k.program_stats("passthrough_connect4")
+                    && n1 > n0
+                {
+                    row.prog_ns.push((t1 - t0).as_nanos() as f64 / (n1 - n0) as f64);
                 }
                 if let (Some((o0, _)), Some((o1, _))) = (before_ops, k.program_stats("passthrough_sock_ops")) {
                     row.sockops_ns.push((o1 - o0).as_nanos() as f64 / count as f64);
