@@ -170,6 +170,24 @@ pub fn raise_nofile() -> anyhow::Result<u64> {
     Ok(r.rlim_cur)
 }
 
+/// The median of per-round figures (the upper one of an even count; NaN when there is none).
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// Open-loop pacing: waits for request `i`'s slot (`start + i × interval`) and returns the
+/// instant its latency counts from — the slot itself when it is already due (a late start is
+/// the system's latency, not the client's), else the actual wake-up (timer slack is not).
+pub async fn open_loop_slot(start: tokio::time::Instant, interval: Duration, i: usize) -> tokio::time::Instant {
+    let at = start + interval * i as u32;
+    if tokio::time::Instant::now() >= at {
+        return at;
+    }
+    tokio::time::sleep_until(at).await;
+    tokio::time::Instant::now()
+}
+
 /// The value at quantile `q` (0..=1) of sorted samples.
 pub fn percentile(sorted: &[u64], q: f64) -> u64 {
     if sorted.is_empty() {

@@ -57,7 +57,7 @@ use anyhow::{Context as _, bail};
 use ipnet::Ipv4Net;
 use passthrough_tests::{
     TestCgroup,
-    bench::{BenchNs, JsonOut, MoveBack, Rng, pin_to_cpu, thread_cpu_ns},
+    bench::{BenchNs, JsonOut, MoveBack, Rng, median, pin_to_cpu, thread_cpu_ns},
     unique_suffix,
 };
 use passthrough_user::{
@@ -632,11 +632,6 @@ impl Summary {
             }
         }
     }
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }
 
 fn record_batch(out: &mut Output, table: &str, mode: Mode, size: Option<usize>, round: usize, b: &Batch) -> anyhow::Result<()> {

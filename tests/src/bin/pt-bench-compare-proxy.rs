@@ -79,7 +79,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use passthrough_tests::{
     Agent, TestCgroup,
-    bench::{MoveBack, raise_nofile},
+    bench::{MoveBack, median, open_loop_slot, raise_nofile},
     hostnet::{BENCH_SLOT, HostNet},
     l7::{Dns, provider},
     require_kernel, test_dir, write_policy,
@@ -673,14 +673,7 @@ async fn open_loop(
             let mut bytes = 0u64;
             let mut i = k;
             while i < total {
-                let at = start + interval * i as u32;
-                let now = tokio::time::Instant::now();
-                let from = if now >= at {
-                    at
-                } else {
-                    tokio::time::sleep_until(at).await;
-                    tokio::time::Instant::now()
-                };
+                let from = open_loop_slot(start, interval, i).await;
                 let (status, n) = s.get(NAME, &mut buf).await?;
                 if status != 200 {
                     bail!("status {status}");
@@ -985,15 +978,6 @@ impl Sink {
                 eprintln!("{line}");
             }
         }
-    }
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    if v.is_empty() {
-        f64::NAN
-    } else {
-        v[v.len() / 2]
     }
 }
 

@@ -24,7 +24,6 @@
 use std::{
     collections::HashMap,
     net::SocketAddr,
-    path::PathBuf,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -33,7 +32,8 @@ use anyhow::{Context as _, bail};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use passthrough_tests::{
-    Agent, TestCgroup, cgroup2_mount,
+    Agent, TestCgroup,
+    bench::{MoveBack, median, open_loop_slot, raise_nofile},
     hostnet::{BENCH_SLOT, HostNet},
     l7::{Dns, Pki, RR_SIZE, Servers, Service},
     require_kernel, test_dir, write_policy,
@@ -308,30 +308,6 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    if v.is_empty() {
-        f64::NAN
-    } else {
-        v[v.len() / 2]
-    }
-}
-
-fn raise_nofile() -> anyhow::Result<()> {
-    // SAFETY: plain getrlimit/setrlimit on this process (the agent inherits the soft limit).
-    unsafe {
-        let mut r: libc::rlimit = std::mem::zeroed();
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
-            bail!("getrlimit: {}", std::io::Error::last_os_error());
-        }
-        r.rlim_cur = r.rlim_max;
-        if libc::setrlimit(libc::RLIMIT_NOFILE, &r) != 0 {
-            bail!("setrlimit: {}", std::io::Error::last_os_error());
-        }
-    }
-    Ok(())
-}
-
 async fn tls(
     cfg: &Arc<ClientConfig>,
     addr: SocketAddr,
@@ -469,14 +445,7 @@ async fn latency(
             let mut buf = [7u8; RR_SIZE];
             let mut i = k;
             while i < total {
-                let at = start + interval * i as u32;
-                let now = tokio::time::Instant::now();
-                let from = if now >= at {
-                    at
-                } else {
-                    tokio::time::sleep_until(at).await;
-                    tokio::time::Instant::now()
-                };
+                let from = open_loop_slot(start, interval, i).await;
                 rr_once(&mut t, &mut buf).await?;
                 lat.push(from.elapsed().as_secs_f64() * 1e6);
                 i += LAT_CONNS;
@@ -549,29 +518,4 @@ async fn idle_memory(
         rss_kib_per_conn: (rss1 - rss0) / n as f64,
         fds_per_conn: (fd1 as f64 - fd0 as f64) / n as f64,
     })
-}
-
-/// Moves this process into a cgroup and, on drop, back to where it was (the test cgroup's own
-/// drop kills whatever is still inside, which must not be us).
-struct MoveBack(PathBuf);
-
-impl MoveBack {
-    fn into(cg: &TestCgroup) -> anyhow::Result<Self> {
-        let own = std::fs::read_to_string("/proc/self/cgroup")?;
-        let rel = own
-            .lines()
-            .find_map(|l| l.strip_prefix("0::"))
-            .context("no cgroup v2 line")?
-            .trim()
-            .to_string();
-        let back = cgroup2_mount()?.join(rel.trim_start_matches('/'));
-        cg.add_pid(std::process::id())?;
-        Ok(MoveBack(back))
-    }
-}
-
-impl Drop for MoveBack {
-    fn drop(&mut self) {
-        let _ = std::fs::write(self.0.join("cgroup.procs"), std::process::id().to_string());
-    }
 }

@@ -24,7 +24,7 @@ use std::{
 use anyhow::Context as _;
 use passthrough_tests::{
     TestCgroup,
-    bench::{BenchNs, MoveBack, Rng, percentile, timed_connect},
+    bench::{BenchNs, MoveBack, Rng, median, percentile, timed_connect},
 };
 use passthrough_user::{
     kernel::{Capacities, Kernel},
@@ -78,11 +78,6 @@ fn conf(n: usize) -> MergedConf {
         matches.push(m(net.to_string(), net, port, matches.len()));
     }
     MergedConf { mode: Mode::Matched, matches, policies: vec!["bench".into()] }
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }
 
 /// Times `count` connect() calls (only the syscall) to rotating destinations.
