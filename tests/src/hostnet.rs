@@ -124,31 +124,20 @@ fn ifname(prefix: &str) -> String {
 
 /// A server netns whose AnyIP test hosts the host network namespace reaches through a veth.
 pub struct HostNet {
-    ns: String,
-    link: String,
+    veth: VethNs,
     slot: Slot,
 }
 
 impl HostNet {
     /// Creates the server netns `pts-<pid>-<n>`, the veth and the host routes of `slot`.
     pub fn new(slot: Slot) -> Result<HostNet> {
-        let net = HostNet {
-            ns: format!("{}{}", crate::SERVER_NS_PREFIX, unique_suffix()),
-            link: ifname("ptv"),
-            slot,
-        };
-        run("ip", &["netns", "add", &net.ns])?;
-        // From here on, Drop removes whatever was created.
-        let (ns, link) = (net.ns.as_str(), net.link.as_str());
+        let net = HostNet { veth: VethNs::new(crate::SERVER_NS_PREFIX, "ptv")?, slot };
+        let veth = &net.veth;
+        let (ns, link) = (veth.ns.as_str(), veth.link.as_str());
         let s = slot;
         let v4 = |a: Ipv4Addr, len: u8| format!("{a}/{len}");
         let v6 = |a: Ipv6Addr, len: u8| format!("{a}/{len}");
         let cmds: Vec<Vec<String>> = vec![
-            args(&[
-                "link", "add", link, "type", "veth", "peer", "name", "eth0", "netns", ns,
-            ]),
-            args(&["-n", ns, "link", "set", "lo", "up"]),
-            args(&["-n", ns, "link", "set", "eth0", "up"]),
             args(&["-n", ns, "addr", "add", &v4(s.srv_v4, 30), "dev", "eth0"]),
             args(&[
                 "-n",
@@ -232,16 +221,13 @@ impl HostNet {
                 link,
             ]),
         ];
-        for c in &cmds {
-            let c: Vec<&str> = c.iter().map(String::as_str).collect();
-            run("ip", &c)?;
-        }
+        veth.configure(&cmds)?;
         Ok(net)
     }
 
     /// The server netns name (where [`crate::l7::Servers`] bind).
     pub fn server_ns(&self) -> &str {
-        &self.ns
+        &self.veth.ns
     }
 
     /// The slot.
@@ -252,11 +238,42 @@ impl HostNet {
     /// The host side of the server veth (in the host netns). Routes and neighbour entries a
     /// test adds on it go away with the link when this `HostNet` is dropped.
     pub fn host_link(&self) -> &str {
-        &self.link
+        &self.veth.link
     }
 }
 
-impl Drop for HostNet {
+/// A network namespace joined to the host netns by a veth (`eth0` inside, `link` outside),
+/// both ends and `lo` up. Dropping it deletes the link (and with it every route and address a
+/// test put on it) and the namespace.
+struct VethNs {
+    ns: String,
+    link: String,
+}
+
+impl VethNs {
+    /// Creates `<ns_prefix><pid>-<n>` and the veth `<link_prefix>…`.
+    fn new(ns_prefix: &str, link_prefix: &str) -> Result<VethNs> {
+        let v = VethNs { ns: format!("{ns_prefix}{}", unique_suffix()), link: ifname(link_prefix) };
+        run("ip", &["netns", "add", &v.ns])?;
+        // From here on, Drop removes whatever was created.
+        let (ns, link) = (v.ns.as_str(), v.link.as_str());
+        run("ip", &["link", "add", link, "type", "veth", "peer", "name", "eth0", "netns", ns])?;
+        run("ip", &["-n", ns, "link", "set", "lo", "up"])?;
+        run("ip", &["-n", ns, "link", "set", "eth0", "up"])?;
+        Ok(v)
+    }
+
+    /// Runs each `ip` command (addresses and routes on both sides).
+    fn configure(&self, cmds: &[Vec<String>]) -> Result<()> {
+        for c in cmds {
+            let c: Vec<&str> = c.iter().map(String::as_str).collect();
+            run("ip", &c)?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for VethNs {
     fn drop(&mut self) {
         let _ = run("ip", &["link", "del", &self.link]);
         if crate::netns::netns_path(&self.ns).exists()
@@ -275,28 +292,18 @@ fn args(a: &[&str]) -> Vec<String> {
 /// side carries the proxy's link-local address (and an IPv6 one from 2001:db8::/32). The pod
 /// reaches nothing but those two addresses.
 pub struct PodNet {
-    ns: String,
-    link: String,
+    veth: VethNs,
     slot: Slot,
 }
 
 impl PodNet {
     /// Creates the pod netns, the veth, the proxy addresses on the host side and the routes.
     pub fn new(slot: Slot) -> Result<PodNet> {
-        let pod = PodNet {
-            ns: format!("{}{}", crate::CLIENT_NS_PREFIX, unique_suffix()),
-            link: ifname("ptp"),
-            slot,
-        };
-        run("ip", &["netns", "add", &pod.ns])?;
-        let (ns, link) = (pod.ns.as_str(), pod.link.as_str());
+        let pod = PodNet { veth: VethNs::new(crate::CLIENT_NS_PREFIX, "ptp")?, slot };
+        let veth = &pod.veth;
+        let (ns, link) = (veth.ns.as_str(), veth.link.as_str());
         let s = slot;
         let cmds: Vec<Vec<String>> = vec![
-            args(&[
-                "link", "add", link, "type", "veth", "peer", "name", "eth0", "netns", ns,
-            ]),
-            args(&["-n", ns, "link", "set", "lo", "up"]),
-            args(&["-n", ns, "link", "set", "eth0", "up"]),
             args(&[
                 "-n",
                 ns,
@@ -357,21 +364,18 @@ impl PodNet {
                 link,
             ]),
         ];
-        for c in &cmds {
-            let c: Vec<&str> = c.iter().map(String::as_str).collect();
-            run("ip", &c)?;
-        }
+        veth.configure(&cmds)?;
         Ok(pod)
     }
 
     /// The pod netns name.
     pub fn ns(&self) -> &str {
-        &self.ns
+        &self.veth.ns
     }
 
     /// `/run/netns/<pod>`.
     pub fn ns_path(&self) -> std::path::PathBuf {
-        crate::netns::netns_path(&self.ns)
+        crate::netns::netns_path(&self.veth.ns)
     }
 
     /// A port free on both proxy addresses right now (for `--proxy-addr`).
@@ -398,13 +402,3 @@ impl PodNet {
     }
 }
 
-impl Drop for PodNet {
-    fn drop(&mut self) {
-        let _ = run("ip", &["link", "del", &self.link]);
-        if crate::netns::netns_path(&self.ns).exists()
-            && let Err(e) = run("ip", &["netns", "del", &self.ns])
-        {
-            eprintln!("warning: deleting netns {}: {e:#}", self.ns);
-        }
-    }
-}
