@@ -25,6 +25,7 @@ pub mod netns;
 pub mod probe;
 pub mod sec;
 pub mod sweep;
+pub mod world;
 
 pub use agent::{Agent, AgentBuilder, AgentFailure, StateDirGuard, write_file, write_policy};
 pub use cgroup::{TestCgroup, cgroup2_mount};
@@ -32,6 +33,7 @@ pub use check::{assert_allowed, assert_denied, assert_udp_allowed, assert_udp_de
 pub use netns::{LOOPBACK_PORT, TestNet};
 pub use probe::{ConnId, Probe};
 pub use sweep::{SweepReport, sweep};
+pub use world::World;
 
 use std::{
     path::PathBuf,

@@ -7,14 +7,13 @@
 //! `198.51.100.0/24`, `203.0.113.0/24`, `2001:db8:100::/40`, `2001:db8:200::/40` on ports
 //! 53, 80, 443, 5432, 8080, 8443; the client netns has an echo listener on loopback port 7777.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use passthrough_tests::{
     Agent, EPERM, LOOPBACK_PORT, Probe, TestCgroup, TestNet, assert_allowed, assert_denied,
     assert_udp_allowed, assert_udp_denied, cgroup::attached_programs, require_kernel, write_file,
-    write_policy,
+    write_policy, World,
 };
-use tempfile::TempDir;
 
 /// One MeshPassthrough document (Kubernetes spelling). `target` is a YAML flow map, `mode` may be
 /// omitted, `matches` are YAML flow maps such as `{type: CIDR, value: 198.51.100.0/24, port: 80}`.
@@ -36,46 +35,6 @@ fn policy(name: &str, target: &str, mode: Option<&str>, matches: &[&str]) -> Str
 
 fn mesh_policy(mode: &str, matches: &[&str]) -> String {
     policy("test-policy", "{kind: Mesh}", Some(mode), matches)
-}
-
-/// A test's world: a temp dir for files, a workload cgroup, test hosts, and the agent enforcing
-/// `yaml` on the cgroup. Field order = drop order: agent first, then probes' hosts, then cgroup.
-struct World {
-    agent: Agent,
-    net: TestNet,
-    cg: TestCgroup,
-    policy: PathBuf,
-    _dir: TempDir,
-}
-
-impl World {
-    fn new(yaml: &str) -> World {
-        Self::with(yaml, |b| b)
-    }
-
-    fn with(
-        yaml: &str,
-        f: impl FnOnce(passthrough_tests::AgentBuilder) -> passthrough_tests::AgentBuilder,
-    ) -> World {
-        let dir = passthrough_tests::test_dir();
-        let cg = TestCgroup::new().unwrap();
-        let net = TestNet::new().unwrap();
-        let policy = write_policy(dir.path(), yaml);
-        let agent = f(Agent::builder().policy(&policy).cgroup(cg.path()))
-            .start()
-            .unwrap();
-        World {
-            agent,
-            net,
-            cg,
-            policy,
-            _dir: dir,
-        }
-    }
-
-    fn probe(&self) -> Probe {
-        Probe::spawn(&self.cg, &self.net).unwrap()
-    }
 }
 
 fn allowed(w: &World, p: &mut Probe, addrs: &[&str]) {

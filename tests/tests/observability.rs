@@ -14,8 +14,8 @@ use std::{
 };
 
 use passthrough_tests::{
-    Agent, AgentBuilder, Probe, TestCgroup, TestNet, assert_allowed, assert_denied, require_kernel,
-    write_file, write_policy,
+    World,
+    Agent, Probe, assert_allowed, assert_denied, require_kernel, write_file,
 };
 use passthrough_user::metrics::parse_text;
 use serde_json::Value;
@@ -39,49 +39,23 @@ const TO_PROXY: &str = "203.0.113.9:443";
 
 type Samples = Vec<(String, BTreeMap<String, String>, f64)>;
 
-struct World {
-    agent: Agent,
-    net: TestNet,
-    cg: TestCgroup,
-    policy: std::path::PathBuf,
-    _dir: tempfile::TempDir,
+/// What these tests read from a running agent.
+trait Observe {
+    /// `/metrics`, parsed.
+    fn scrape(&self) -> Samples;
+    /// JSON log lines (`--log-format json`).
+    fn json_lines(&self) -> Vec<Value>;
+    /// Deny events (target `passthrough::deny`, with a `path` field).
+    fn deny_events(&self) -> Vec<Value>;
 }
 
-impl World {
-    fn new(f: impl FnOnce(AgentBuilder) -> AgentBuilder) -> World {
-        let dir = passthrough_tests::test_dir();
-        let cg = TestCgroup::new().unwrap();
-        let net = TestNet::new().unwrap();
-        let policy = write_policy(dir.path(), POLICY);
-        let agent = f(Agent::builder().policy(&policy).cgroup(cg.path()))
-            .start()
-            .unwrap();
-        World {
-            agent,
-            net,
-            cg,
-            policy,
-            _dir: dir,
-        }
-    }
-
-    /// The workload's name (`--cgroup PATH` → the directory name).
-    fn workload(&self) -> String {
-        self.cg
-            .path()
-            .file_name()
-            .unwrap()
-            .to_string_lossy()
-            .into_owned()
-    }
-
+impl Observe for World {
     fn scrape(&self) -> Samples {
         let (status, body) = self.agent.get("/metrics").unwrap();
         assert_eq!(status, 200, "GET /metrics: {body}");
         parse_text(&body)
     }
 
-    /// JSON log lines (`--log-format json`).
     fn json_lines(&self) -> Vec<Value> {
         self.agent
             .log()
@@ -91,7 +65,6 @@ impl World {
             .collect()
     }
 
-    /// Deny events (target `passthrough::deny`, with a `path` field).
     fn deny_events(&self) -> Vec<Value> {
         self.json_lines()
             .into_iter()
@@ -149,7 +122,7 @@ fn metrics_count_decisions_reloads_generation_and_map_usage() {
     if !require_kernel() {
         return;
     }
-    let mut w = World::new(|b| b);
+    let mut w = World::with(POLICY, |b| b);
     let wl = w.workload();
     let before = w.scrape();
     assert_eq!(value(&before, "passthrough_policy_generation", &[]), 1.0);
@@ -344,7 +317,7 @@ fn denials_are_structured_json_events() {
     if !require_kernel() {
         return;
     }
-    let w = World::new(|b| b.arg("--log-format").arg("json"));
+    let w = World::with(POLICY, |b| b.arg("--log-format").arg("json"));
     let wl = w.workload();
     let mut p = Probe::spawn(&w.cg, &w.net).unwrap();
     assert_denied(&mut p, &w.net, DENIED);
@@ -418,7 +391,7 @@ fn audit_lets_a_kernel_denial_through_and_reports_it() {
     if !require_kernel() {
         return;
     }
-    let w = World::new(|b| b.arg("--audit").arg("--log-format").arg("json"));
+    let w = World::with(POLICY, |b| b.arg("--audit").arg("--log-format").arg("json"));
     let wl = w.workload();
     let mut p = Probe::spawn(&w.cg, &w.net).unwrap();
     assert_allowed(&mut p, &w.net, DENIED);
@@ -499,7 +472,7 @@ fn a_flood_of_denials_is_rate_limited_and_bounded() {
     if !require_kernel() {
         return;
     }
-    let w = World::new(|b| b.arg("--log-format").arg("json"));
+    let w = World::with(POLICY, |b| b.arg("--log-format").arg("json"));
     let pid = agent_pid(&w.agent);
     // Warm up (first events, first metric families) before measuring.
     let mut warm = Probe::spawn(&w.cg, &w.net).unwrap();
@@ -614,7 +587,7 @@ fn metrics_endpoint_serves_both_text_formats() {
     if !require_kernel() {
         return;
     }
-    let w = World::new(|b| b);
+    let w = World::with(POLICY, |b| b);
     let raw = |accept: &str| -> String {
         use std::io::{Read, Write};
         let mut s = std::net::TcpStream::connect(w.agent.admin_addr()).unwrap();

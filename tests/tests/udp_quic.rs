@@ -21,7 +21,8 @@ use std::{
 };
 
 use passthrough_tests::{
-    Agent, AgentBuilder, EPERM, LOOPBACK_PORT, Probe, TestCgroup, TestNet, assert_udp_allowed,
+    World,
+    Agent, AgentBuilder, EPERM, LOOPBACK_PORT, Probe, TestCgroup, assert_udp_allowed,
     assert_udp_denied,
     hostnet::HostNet,
     l7::{Dns, Pki, Servers, Service},
@@ -31,7 +32,6 @@ use passthrough_tests::{
     write_policy,
 };
 use serde_json::json;
-use tempfile::TempDir;
 
 fn mesh_policy(mode: &str, matches: &[&str]) -> String {
     let mut y = format!(
@@ -47,35 +47,6 @@ fn mesh_policy(mode: &str, matches: &[&str]) -> String {
 }
 
 /// Field order = drop order.
-struct World {
-    _agent: Agent,
-    net: TestNet,
-    cg: TestCgroup,
-    _dir: TempDir,
-}
-
-impl World {
-    fn new(yaml: &str, f: impl FnOnce(AgentBuilder) -> AgentBuilder) -> World {
-        let dir = passthrough_tests::test_dir();
-        let cg = TestCgroup::new().unwrap();
-        let net = TestNet::new().unwrap();
-        let policy = write_policy(dir.path(), yaml);
-        let agent = f(Agent::builder().policy(&policy).cgroup(cg.path()))
-            .start()
-            .unwrap();
-        World {
-            _agent: agent,
-            net,
-            cg,
-            _dir: dir,
-        }
-    }
-
-    fn probe(&self) -> Probe {
-        Probe::spawn(&self.cg, &self.net).unwrap()
-    }
-}
-
 /// Allowed both ways: `sendto` arrives, and a connected UDP socket round-trips.
 fn udp_ok(p: &mut Probe, w: &World, a: &str) {
     assert_udp_allowed(p, &w.net, a);
@@ -117,7 +88,7 @@ fn matched_udp_ip_cidr_dns_and_domain_over_v4_v6_and_mapped() {
     if !require_kernel() {
         return;
     }
-    let w = World::new(
+    let w = World::with(
         &mesh_policy(
             "Matched",
             &[
@@ -183,7 +154,7 @@ fn none_mode_allows_only_dns_to_resolvers_and_all_mode_everything() {
     if !require_kernel() {
         return;
     }
-    let w = World::new(
+    let w = World::with(
         &mesh_policy("None", &["{type: CIDR, value: 198.51.100.0/24}"]),
         with_resolvers,
     );
@@ -207,7 +178,7 @@ fn none_mode_allows_only_dns_to_resolvers_and_all_mode_everything() {
     }
     drop(p);
     drop(w);
-    let w = World::new(&mesh_policy("All", &[]), |b| b);
+    let w = World::with(&mesh_policy("All", &[]), |b| b);
     let mut p = w.probe();
     for a in [
         "203.0.113.9:443",
