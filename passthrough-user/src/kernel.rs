@@ -390,12 +390,7 @@ impl Kernel {
         self.check_capacity(&plan)?;
         // The inactive generation's old entries were retired by the previous flip; give any
         // program that read the old index right before that flip time to finish.
-        if let Some(at) = self.flipped_at {
-            let since = at.elapsed();
-            if since < MIN_GRACE {
-                std::thread::sleep(MIN_GRACE - since);
-            }
-        }
+        self.wait_out_grace();
         if let Some(old) = self.written[g as usize].take() {
             self.remove_entries(&old);
         } else if self.adopted {
@@ -442,12 +437,7 @@ impl Kernel {
         if old.is_none() && !self.adopted {
             return 0;
         }
-        if let Some(at) = self.flipped_at {
-            let since = at.elapsed();
-            if since < MIN_GRACE {
-                std::thread::sleep(MIN_GRACE - since);
-            }
-        }
+        self.wait_out_grace();
         let removed = match old {
             Some(old) => {
                 self.remove_entries(&old);
@@ -462,6 +452,16 @@ impl Kernel {
         // agent that adopted pins does not scan the maps for leftovers again).
         self.written[retired] = Some(KernelPlan { generation: retired as u32, ..KernelPlan::default() });
         removed
+    }
+
+    /// Sleeps out what is left of [`MIN_GRACE`] since the last flip, so no program that read
+    /// the old generation index is still using the retired entries about to be removed.
+    fn wait_out_grace(&self) {
+        if let Some(since) = self.flipped_at.map(|at| at.elapsed())
+            && since < MIN_GRACE
+        {
+            std::thread::sleep(MIN_GRACE - since);
+        }
     }
 
     /// Removes every entry of generation `g`, found by iterating the maps (used after adopting
