@@ -27,7 +27,8 @@ use std::{
 };
 
 use passthrough_tests::{
-    Agent, AgentBuilder, EPERM, LOOPBACK_PORT, Probe, TestCgroup, TestNet, assert_allowed,
+    World,
+    Agent, AgentBuilder, EPERM, LOOPBACK_PORT, TestCgroup, TestNet, assert_allowed,
     assert_denied, assert_udp_allowed, assert_udp_denied,
     hostnet::HostNet,
     l7::{Dns, Pki, Servers, Service},
@@ -781,39 +782,25 @@ const ALLOWED4: &str = "198.51.100.9:8080";
 const DENIED4: &str = "203.0.113.9:8080";
 const DENIED6: &str = "[2001:db8:200::9]:8080";
 
-/// Field order = drop order.
-struct KWorld {
-    _agent: Agent,
-    net: TestNet,
-    cg: TestCgroup,
-    _dir: TempDir,
+/// The kernel bypass tests' world: [`kernel_policy`] on a workload cgroup, DNS allowed to one
+/// resolver.
+fn kernel_world(f: impl FnOnce(AgentBuilder) -> AgentBuilder) -> World {
+    World::with(&kernel_policy(), |b| f(b.arg("--resolver").arg("203.0.113.53")))
 }
 
-impl KWorld {
-    fn new(f: impl FnOnce(AgentBuilder) -> AgentBuilder) -> KWorld {
-        let dir = passthrough_tests::test_dir();
-        let cg = TestCgroup::new().unwrap();
-        let net = TestNet::new().unwrap();
-        let policy = write_policy(dir.path(), &kernel_policy());
-        let agent = f(Agent::builder()
-            .policy(&policy)
-            .cgroup(cg.path())
-            .arg("--resolver")
-            .arg("203.0.113.53"))
-        .start()
-        .unwrap();
-        KWorld {
-            _agent: agent,
-            net,
-            cg,
-            _dir: dir,
-        }
-    }
+/// What the kernel bypass tests do in their world.
+trait KernelWorld {
+    /// Runs a bypass helper in the workload (cgroup and client netns).
+    fn helper(&self, req: Value) -> Value;
+    /// Connections the test host at `a` accepted.
+    fn accepted(&self, a: &str) -> u64;
+    /// Datagrams the test host at `a` received.
+    fn datagrams(&self, a: &str) -> u64;
+    /// Datagrams at `a` once `want` arrived or 2 s passed (and 50 ms more for stragglers).
+    fn wait_datagrams(&self, a: &str, want: u64) -> u64;
+}
 
-    fn probe(&self) -> Probe {
-        Probe::spawn(&self.cg, &self.net).unwrap()
-    }
-
+impl KernelWorld for World {
     fn helper(&self, req: Value) -> Value {
         helper(self.cg.path(), Some(&self.net.client_ns_path()), req)
     }
@@ -855,7 +842,7 @@ fn ipv4_mapped_compatible_and_nat64_forms() {
     if !require_kernel() {
         return;
     }
-    let w = KWorld::new(|b| b);
+    let w = kernel_world(|b| b);
     let mut p = w.probe();
     // IPv4-mapped: judged by the IPv4 rules (allowed exactly where the IPv4 address is).
     assert_allowed(&mut p, &w.net, "[::ffff:198.51.100.9]:8080");
@@ -892,7 +879,7 @@ fn tcp_fast_open_sendto_runs_the_connect_hook() {
     if !require_kernel() {
         return;
     }
-    let w = KWorld::new(|b| b);
+    let w = kernel_world(|b| b);
     // Denied: sendto(MSG_FASTOPEN) fails with EPERM, nothing reaches the host.
     for a in [DENIED4, DENIED6, "[::ffff:203.0.113.9]:8080"] {
         let before = w.accepted(a);
@@ -917,7 +904,7 @@ fn udp_sendmmsg_connected_switch_af_unspec_and_v4_sockaddr_on_v6_socket() {
     if !require_kernel() {
         return;
     }
-    let w = KWorld::new(|b| b);
+    let w = kernel_world(|b| b);
     let ok = "198.51.100.9:53";
     let bad = "203.0.113.9:53";
     let bad2 = "203.0.113.10:53";
@@ -969,7 +956,7 @@ fn scm_rights_socket_passed_in_from_an_unfiltered_process_is_not_filtered() {
     // The hooks run only for sockets whose cgroup (fixed when the socket is created) is below an
     // attachment. A socket made by this test process (not in any attached cgroup), in the
     // client netns, and passed into the workload is therefore not filtered at all.
-    let w = KWorld::new(|b| b);
+    let w = kernel_world(|b| b);
     let dir = passthrough_tests::test_dir();
     let path = dir.path().join("fd.sock");
     let listener = UnixListener::bind(&path).unwrap();
@@ -1012,7 +999,7 @@ fn scm_rights_socket_passed_out_of_the_workload_is_judged_by_the_caller() {
     }
     // The reverse: a socket made inside the workload (so below the attachment: the hooks run)
     // and connected by a process that is no workload gets --unselected-mode (None here).
-    let w = KWorld::new(|b| b.unselected_mode("None"));
+    let w = kernel_world(|b| b.unselected_mode("None"));
     let dir = passthrough_tests::test_dir();
     let path = dir.path().join("fd.sock");
     let listener = UnixListener::bind(&path).unwrap();
@@ -1113,7 +1100,7 @@ fn raw_sockets_bypass_the_hooks_and_need_cap_net_raw() {
     if !require_kernel() {
         return;
     }
-    let w = KWorld::new(|b| b);
+    let w = kernel_world(|b| b);
     // Ping sockets are off by default (net.ipv4.ping_group_range = "1 0"); open them for every
     // group in the test's own client netns to see what the hooks do with them.
     passthrough_tests::run(
@@ -1177,7 +1164,7 @@ fn io_uring_connect_runs_the_connect_hook() {
     if !require_kernel() {
         return;
     }
-    let w = KWorld::new(|b| b);
+    let w = kernel_world(|b| b);
     for a in [DENIED4, DENIED6] {
         let r = w.helper(json!({"op": "uring_connect", "addr": a}));
         eperm(&r, "connect");
@@ -1195,7 +1182,7 @@ fn agent_mark_spoofing_needs_cap_net_admin() {
     if !require_kernel() {
         return;
     }
-    let w = KWorld::new(|b| b);
+    let w = kernel_world(|b| b);
     // Without CAP_NET_ADMIN the mark cannot be set: setsockopt fails with EPERM.
     let r = w.helper(json!({"op": "mark", "addr": DENIED4, "as_nobody": true}));
     eperm(&r, "setsockopt");
@@ -1229,7 +1216,7 @@ fn bind_tricks_do_not_change_the_decision() {
     if !require_kernel() {
         return;
     }
-    let w = KWorld::new(|b| b);
+    let w = kernel_world(|b| b);
     // The decision is on the destination; what the socket is bound to does not matter:
     // the client's own address, a loopback address, a non-local address (IP_FREEBIND and,
     // with CAP_NET_ADMIN, IP_TRANSPARENT), or an allowed destination's address.
