@@ -4,7 +4,7 @@
 #![no_std]
 
 /// Version of the map layout; part of the pin directory name (`/sys/fs/bpf/passthrough/v<N>`).
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// How many cgroup levels the programs walk up from the caller's cgroup to find its workload.
 pub const MAX_CGROUP_DEPTH: u32 = 32;
@@ -106,23 +106,12 @@ pub struct WorkloadEntry {
     pub mode: u32,
 }
 
-/// LPM-trie key data for IPv4: rule set, port, address, all in network byte order so that the
+/// LPM-trie key data for IPv6: rule set, port, address, all in network byte order so that the
 /// trie's bit prefix is `ruleset ‖ port ‖ address`. Port 0 means "every port".
 ///
 /// Putting the rule set and port *before* the address means one trie serves every workload and
 /// both generations, and a lookup can only ever hit entries of its own rule set and port.
-#[repr(C, packed)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct RuleKeyV4 {
-    /// Rule set id, big-endian.
-    pub ruleset_be: u32,
-    /// Destination port, big-endian; 0 = any.
-    pub port_be: u16,
-    /// IPv4 address bytes (network order).
-    pub addr: [u8; 4],
-}
-
-/// LPM-trie key data for IPv6 (see [`RuleKeyV4`]).
+/// (IPv4 uses the range index instead, see [`RangeTable`].)
 #[repr(C, packed)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RuleKeyV6 {
@@ -136,6 +125,108 @@ pub struct RuleKeyV6 {
 
 /// Bits of the trie prefix taken by rule set and port; add the CIDR prefix length.
 pub const RULE_KEY_FIXED_BITS: u32 = 48;
+
+/// Keys per block of the IPv4 range index: 16 × 4 bytes = one 64-byte cache line.
+pub const RANGE_FANOUT: usize = 16;
+
+/// Levels of a range index, leaves included: 16^6 ≈ 16.7 million intervals per table.
+pub const RANGE_MAX_LEVELS: usize = 6;
+
+/// One block of the `RANGES_V4` array: sorted keys (interval starts, or the first start of each
+/// block one level down), or the interval ends that go with a leaf block. Unused slots of a
+/// level's last block hold `u32::MAX` (starts) and are never selected (see [`range_covers`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RangeBlock {
+    /// Keys or ends, in host byte order.
+    pub keys: [u32; RANGE_FANOUT],
+}
+
+/// Key of the `RANGE_INDEX_V4` hash: one IPv4 table per rule set and port (0 = every port).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RangeTableKey {
+    /// Rule set id (with generation bit).
+    pub ruleset: u32,
+    /// Destination port in host order; 0 = every port.
+    pub port: u32,
+}
+
+/// Where one IPv4 table lives in `RANGES_V4`: a static search tree (B+-tree with fan-out
+/// [`RANGE_FANOUT`]) over the sorted, disjoint intervals `[start, end]` that the table's CIDRs
+/// cover. Level 0 is a single block; each key of level `l` is the first key of one block of
+/// level `l + 1`; the last level holds every interval start, and `ends` the matching ends.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RangeTable {
+    /// Number of levels in use (1 ..= [`RANGE_MAX_LEVELS`]); the last one is the leaves.
+    pub levels: u32,
+    /// First block of the interval ends (same order as the leaves).
+    pub ends: u32,
+    /// First block of each level, top first.
+    pub base: [u32; RANGE_MAX_LEVELS],
+    /// Number of keys in each level (the leaves: number of intervals).
+    pub len: [u32; RANGE_MAX_LEVELS],
+}
+
+/// True when `addr` (host order) lies in one of the table's intervals. `block(i)` returns block
+/// `i` of the range array. Shared by the eBPF programs and the loader's plan emulation, so the
+/// kernel and the tests run the very same search.
+///
+/// Why a search tree and not the kernel's LPM trie: a trie lookup walks about 20 nodes for a
+/// million prefixes, each a cache miss for a destination not seen recently, and a trie takes one
+/// allocation per inserted prefix. Here a lookup reads at most [`RANGE_MAX_LEVELS`] + 1 cache
+/// lines (the top levels stay cached), and a whole table is one `memcpy` into a mmapped array.
+/// CIDR coverage needs no longest-prefix match: the programs only ask "is it covered".
+#[inline(always)]
+pub fn range_covers<'a>(table: &RangeTable, addr: u32, block: impl Fn(u32) -> Option<&'a RangeBlock>) -> bool {
+    // Index of the chosen key within the current level; level 0 has one block.
+    let mut chosen = 0u32;
+    let mut level = 0usize;
+    while level < RANGE_MAX_LEVELS {
+        if level as u32 >= table.levels {
+            break;
+        }
+        let len = table.len[level];
+        let block_no = if level == 0 { 0 } else { chosen };
+        let Some(b) = block(table.base[level].wrapping_add(block_no)) else {
+            return false;
+        };
+        // Keys are sorted: the number of keys <= addr is the position after the last one.
+        // Counted without branches. A compare-and-branch per key gives the verifier 2^16 paths
+        // per block, each with a different precise index, and it gives up ("too many insns");
+        // LLVM turns any plain comparison (even `(a - b) >> 63` on widened values) back into
+        // one, and BPF has no set-on-condition instruction. So: the borrow of `addr - key`,
+        // bit by bit (Hacker's Delight 2-12), which is 1 exactly when addr < key.
+        // (Summing the borrows and subtracting once also keeps LLVM from turning `1 - borrow`
+        // into a select, which it lowers to a branch.)
+        let mut above = 0u32;
+        let mut k = 0;
+        while k < RANGE_FANOUT {
+            let key = b.keys[k];
+            above += ((!addr & key) | ((!addr | key) & addr.wrapping_sub(key))) >> 31;
+            k += 1;
+        }
+        let n = RANGE_FANOUT as u32 - above;
+        if n == 0 || len == 0 {
+            // Below the first start of the table (or an empty level): nothing covers it.
+            return false;
+        }
+        // Padding keys are u32::MAX, so for addr == u32::MAX they count too: clamp to the
+        // level's last real key, which is then the right one.
+        let index = block_no * RANGE_FANOUT as u32 + n - 1;
+        chosen = if index < len { index } else { len - 1 };
+        level += 1;
+    }
+    if level == 0 {
+        return false;
+    }
+    let Some(ends) = block(table.ends.wrapping_add(chosen / RANGE_FANOUT as u32)) else {
+        return false;
+    };
+    let slot = (chosen % RANGE_FANOUT as u32) as usize;
+    slot < RANGE_FANOUT && addr <= ends.keys[slot]
+}
 
 /// Key of the `DOMAIN_PORTS` hash: a rule set has a Domain match at this port (0 = every port),
 /// so a TCP connection that no IP/CIDR match allows goes to the proxy (SPEC §3 rule 4).
@@ -270,7 +361,9 @@ mod pod {
     unsafe impl aya::Pod for super::GlobalConfig {}
     unsafe impl aya::Pod for super::WorkloadKey {}
     unsafe impl aya::Pod for super::WorkloadEntry {}
-    unsafe impl aya::Pod for super::RuleKeyV4 {}
+    unsafe impl aya::Pod for super::RangeBlock {}
+    unsafe impl aya::Pod for super::RangeTableKey {}
+    unsafe impl aya::Pod for super::RangeTable {}
     unsafe impl aya::Pod for super::RuleKeyV6 {}
     unsafe impl aya::Pod for super::RuleValue {}
     unsafe impl aya::Pod for super::DomainPortKey {}
@@ -293,7 +386,9 @@ mod tests {
         assert_eq!(size_of::<DenyEvent>(), 72);
         assert_eq!(size_of::<WorkloadKey>(), 16);
         assert_eq!(size_of::<WorkloadEntry>(), 8);
-        assert_eq!(size_of::<RuleKeyV4>(), 10);
+        assert_eq!(size_of::<RangeBlock>(), 64);
+        assert_eq!(size_of::<RangeTableKey>(), 8);
+        assert_eq!(size_of::<RangeTable>(), 56);
         assert_eq!(size_of::<RuleKeyV6>(), 22);
         assert_eq!(size_of::<RuleValue>(), 4);
     }

@@ -10,11 +10,11 @@ use aya_ebpf::{
     maps::lpm_trie::Key,
 };
 use passthrough_common::{
-    DenyEvent, DomainPortKey, GlobalConfig, MAX_CGROUP_DEPTH, RULE_KEY_FIXED_BITS, RuleKeyV4, RuleKeyV6, WorkloadEntry,
+    DenyEvent, DomainPortKey, GlobalConfig, MAX_CGROUP_DEPTH, RULE_KEY_FIXED_BITS, RangeTableKey, RuleKeyV6, WorkloadEntry,
     WorkloadKey, counter, flags, mode, ruleset,
 };
 
-use crate::maps::{CONFIG, DENY_EVENTS, DOMAIN_PORTS, RULES_V4, RULES_V6, WORKLOADS, count};
+use crate::maps::{CONFIG, DENY_EVENTS, DOMAIN_PORTS, RANGE_INDEX_V4, RANGES_V4, RULES_V6, WORKLOADS, count};
 
 /// A destination address of one family. The decision is generic over it, so each program is
 /// monomorphised per family: an enum holding either a 4- or a 16-byte address made LLVM copy
@@ -24,7 +24,7 @@ pub trait Dest: Copy {
     fn bytes16(&self) -> [u8; 16];
     /// Rule 1: loopback never leaves the host.
     fn is_loopback(&self) -> bool;
-    /// Longest-prefix lookup in one rule set at one port (0 = the port-less entries).
+    /// Whether one rule set's entries at one port (0 = the port-less entries) cover the address.
     fn rule_hit(&self, rs: u32, port_be: u16) -> bool;
 }
 
@@ -50,8 +50,13 @@ impl Dest for V4 {
 
     #[inline(always)]
     fn rule_hit(&self, rs: u32, port_be: u16) -> bool {
-        let key = Key::new(RULE_KEY_FIXED_BITS + 32, RuleKeyV4 { ruleset_be: rs.to_be(), port_be, addr: self.0 });
-        RULES_V4.get(&key).is_some()
+        // A table exists only for (rule set, port) pairs with IPv4 entries: most lookups end
+        // at this one hash probe.
+        let key = RangeTableKey { ruleset: rs, port: u32::from(u16::from_be(port_be)) };
+        let Some(table) = (unsafe { RANGE_INDEX_V4.get(&key) }) else {
+            return false;
+        };
+        passthrough_common::range_covers(table, u32::from_be_bytes(self.0), |i| RANGES_V4.get(i))
     }
 }
 

@@ -5,7 +5,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use passthrough_common::{
-    DomainPortKey, GlobalConfig, OrigDst, PeerKey, RuleKeyV4, RuleKeyV6, RuleValue, WorkloadEntry,
+    DomainPortKey, GlobalConfig, OrigDst, PeerKey, RangeBlock, RangeTable, RangeTableKey, RuleKeyV6, RuleValue, WorkloadEntry,
     WorkloadKey, counter,
 };
 
@@ -17,9 +17,19 @@ pub static CONFIG: Array<GlobalConfig> = Array::with_max_entries(1, 0);
 #[map]
 pub static WORKLOADS: HashMap<WorkloadKey, WorkloadEntry> = HashMap::with_max_entries(16_384, 0);
 
-/// IPv4 allow rules: `ruleset ‖ port ‖ addr/len` → match id.
+/// `BPF_F_MMAPABLE`: the loader writes whole tables with one `memcpy` into the mapping.
+const BPF_F_MMAPABLE: u32 = 1 << 10;
+/// `BPF_F_NO_PREALLOC`: entries are allocated as written (a table per rule set and port).
+const BPF_F_NO_PREALLOC: u32 = 1;
+
+/// IPv4 allow rules: the blocks of every table's search tree; generation `g` owns the half
+/// `[g * len/2, (g + 1) * len/2)`. See `passthrough_common::range_covers`.
 #[map]
-pub static RULES_V4: LpmTrie<RuleKeyV4, RuleValue> = LpmTrie::with_max_entries(1_048_576, 0);
+pub static RANGES_V4: Array<RangeBlock> = Array::with_max_entries(139_264 * 2, BPF_F_MMAPABLE);
+
+/// `{rule set, port}` → where its IPv4 table lives in [`RANGES_V4`].
+#[map]
+pub static RANGE_INDEX_V4: HashMap<RangeTableKey, RangeTable> = HashMap::with_max_entries(65_536, BPF_F_NO_PREALLOC);
 
 /// IPv6 allow rules: `ruleset ‖ port ‖ addr/len` → match id.
 #[map]

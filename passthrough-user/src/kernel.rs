@@ -2,8 +2,9 @@
 //! writes [`KernelPlan`]s into the maps with an atomic generation flip.
 //!
 //! # Atomic policy swap
-//! Every map entry carries a generation (0 or 1): the workload key has it, and the trie keys
-//! carry it in the high bit of the rule-set id. A program reads `CONFIG.active_generation` once
+//! Every map entry carries a generation (0 or 1): the workload key has it, the IPv6 trie keys
+//! and the IPv4 range-table keys carry it in the high bit of the rule-set id, and each
+//! generation's IPv4 range blocks live in their own half of `RANGES_V4`. A program reads `CONFIG.active_generation` once
 //! and only looks at entries of that generation. [`Kernel::apply`] therefore writes the whole
 //! new plan under the *inactive* generation, then flips the index with one map update. The
 //! entries of the old generation stay in place until the next apply (at least
@@ -23,8 +24,8 @@ use aya::{
     programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps},
 };
 use passthrough_common::{
-    DomainPortKey, GlobalConfig, OrigDst, PeerKey, RuleKeyV4, RuleKeyV6, RuleValue, WorkloadEntry,
-    WorkloadKey, counter,
+    DomainPortKey, GlobalConfig, OrigDst, PeerKey, RangeBlock, RangeTable, RangeTableKey, RuleKeyV6, RuleValue,
+    WorkloadEntry, WorkloadKey, counter,
 };
 
 use crate::plan::KernelPlan;
@@ -119,7 +120,8 @@ pub enum KernelError {
 /// Map capacities (set at load time).
 #[derive(Debug, Clone, Copy)]
 pub struct Capacities {
-    /// Entries of each rule trie (IPv4 and IPv6), across both generations.
+    /// Rule entries of each family across both generations: the IPv6 trie's max_entries, and
+    /// the size of the IPv4 range array (see [`Capacities::range_blocks`]).
     pub rules: u32,
     /// Workload entries across both generations.
     pub workloads: u32,
@@ -131,12 +133,25 @@ impl Default for Capacities {
     }
 }
 
+impl Capacities {
+    /// Blocks of the IPv4 range array (both halves). A table of n disjoint intervals takes
+    /// about n/8 blocks (starts and ends, 16 per block) plus a few for its upper levels and
+    /// padding: `rules / 2` intervals per generation, plus room for 8,192 small tables.
+    pub fn range_blocks(&self) -> u32 {
+        2 * ((self.rules / 2).div_ceil(8) + 8_192)
+    }
+}
+
+/// Tables the IPv4 range index holds, across both generations.
+pub const RANGE_TABLES: u32 = 65_536;
+
 /// Loaded programs and their maps.
 pub struct Kernel {
     ebpf: Ebpf,
     config: Array<MapData, GlobalConfig>,
     workloads: HashMap<MapData, WorkloadKey, WorkloadEntry>,
-    rules_v4: LpmTrie<MapData, RuleKeyV4, RuleValue>,
+    ranges_v4: RangeArray,
+    range_index_v4: HashMap<MapData, RangeTableKey, RangeTable>,
     rules_v6: LpmTrie<MapData, RuleKeyV6, RuleValue>,
     counters: PerCpuArray<MapData, u64>,
     domain_ports: HashMap<MapData, DomainPortKey, u8>,
@@ -166,10 +181,11 @@ pub struct Kernel {
 }
 
 /// Names of every map, in the object and under `<layout>/maps/`.
-pub const MAPS: [&str; 9] = [
+pub const MAPS: [&str; 10] = [
     "CONFIG",
     "WORKLOADS",
-    "RULES_V4",
+    "RANGES_V4",
+    "RANGE_INDEX_V4",
     "RULES_V6",
     "COUNTERS",
     "DOMAIN_PORTS",
@@ -186,7 +202,8 @@ fn expected_shape(name: &str) -> (u32, u32) {
     match name {
         "CONFIG" => (4, size_of::<GlobalConfig>() as u32),
         "WORKLOADS" => (size_of::<WorkloadKey>() as u32, size_of::<WorkloadEntry>() as u32),
-        "RULES_V4" => (lpm(size_of::<RuleKeyV4>()), size_of::<RuleValue>() as u32),
+        "RANGES_V4" => (4, size_of::<RangeBlock>() as u32),
+        "RANGE_INDEX_V4" => (size_of::<RangeTableKey>() as u32, size_of::<RangeTable>() as u32),
         "RULES_V6" => (lpm(size_of::<RuleKeyV6>()), size_of::<RuleValue>() as u32),
         "COUNTERS" => (4, 8),
         "DOMAIN_PORTS" => (size_of::<DomainPortKey>() as u32, 1),
@@ -252,7 +269,8 @@ impl Kernel {
         let object = EBPF_OBJECT.ok_or(KernelError::NoObject)?;
         let mut loader = EbpfLoader::new();
         loader
-            .map_max_entries("RULES_V4", caps.rules)
+            .map_max_entries("RANGES_V4", caps.range_blocks())
+            .map_max_entries("RANGE_INDEX_V4", RANGE_TABLES)
             .map_max_entries("RULES_V6", caps.rules)
             .map_max_entries("WORKLOADS", caps.workloads);
         let mut adopted = false;
@@ -277,7 +295,7 @@ impl Kernel {
                 std::fs::create_dir_all(&maps_dir).map_err(|source| KernelError::Pin { path: maps_dir.clone(), source })?;
                 if adopted {
                     // Capacities are those of the adopted maps.
-                    for (name, slot) in [("RULES_V4", &mut caps.rules), ("WORKLOADS", &mut caps.workloads)] {
+                    for (name, slot) in [("RULES_V6", &mut caps.rules), ("WORKLOADS", &mut caps.workloads)] {
                         let pin = crate::pins::map_pin(dir, name);
                         if let Ok(info) = aya::maps::MapData::from_pin(&pin).and_then(|m| m.info()) {
                             *slot = info.max_entries();
@@ -307,7 +325,11 @@ impl Kernel {
         sock_ops.load().map_err(|source| KernelError::Program { name: SOCK_OPS, source })?;
         let config = take(&mut ebpf, "CONFIG")?;
         let workloads = take(&mut ebpf, "WORKLOADS")?;
-        let rules_v4 = take(&mut ebpf, "RULES_V4")?;
+        let ranges_v4 = RangeArray::map(
+            ebpf.take_map("RANGES_V4")
+                .ok_or(KernelError::Map("RANGES_V4", aya::maps::MapError::InvalidName { name: "RANGES_V4".into() }))?,
+        )?;
+        let range_index_v4 = take(&mut ebpf, "RANGE_INDEX_V4")?;
         let rules_v6 = take(&mut ebpf, "RULES_V6")?;
         let counters = take(&mut ebpf, "COUNTERS")?;
         let domain_ports = take(&mut ebpf, "DOMAIN_PORTS")?;
@@ -317,7 +339,8 @@ impl Kernel {
             ebpf,
             config,
             workloads,
-            rules_v4,
+            ranges_v4,
+            range_index_v4,
             rules_v6,
             counters,
             domain_ports,
@@ -468,9 +491,14 @@ impl Kernel {
     /// pins, when we do not know what the previous agent wrote).
     fn clear_generation_by_scan(&mut self, g: u32) {
         let rs_gen = |rs_be: u32| (u32::from_be(rs_be) >> passthrough_common::ruleset::GENERATION_SHIFT) & 1;
-        let v4: Vec<_> = self.rules_v4.keys().flatten().filter(|k| rs_gen(k.data().ruleset_be) == g).collect();
+        let v4: Vec<_> = self
+            .range_index_v4
+            .keys()
+            .flatten()
+            .filter(|k| (k.ruleset >> passthrough_common::ruleset::GENERATION_SHIFT) & 1 == g)
+            .collect();
         for k in v4 {
-            let _ = self.rules_v4.remove(&k);
+            let _ = self.range_index_v4.remove(&k);
         }
         let v6: Vec<_> = self.rules_v6.keys().flatten().filter(|k| rs_gen(k.data().ruleset_be) == g).collect();
         for k in v6 {
@@ -492,13 +520,21 @@ impl Kernel {
     }
 
     fn check_capacity(&self, plan: &KernelPlan) -> Result<(), KernelError> {
-        let (v4, v6) = plan.entry_counts();
+        let (_, v6) = plan.entry_counts();
         let active = self.active.and_then(|g| self.written[g as usize].as_ref());
-        let (av4, av6) = active.map_or((0, 0), |p| p.entry_counts());
-        for (what, needed) in [("RULES_V4", v4 + av4), ("RULES_V6", v6 + av6)] {
-            if needed > self.caps.rules as usize {
-                return Err(KernelError::Capacity { what, needed, capacity: self.caps.rules });
-            }
+        let (_, av6) = active.map_or((0, 0), |p| p.entry_counts());
+        if v6 + av6 > self.caps.rules as usize {
+            return Err(KernelError::Capacity { what: "RULES_V6", needed: v6 + av6, capacity: self.caps.rules });
+        }
+        let half = self.ranges_v4.half_blocks();
+        if plan.ranges_v4.overflow || plan.ranges_v4.blocks.len() > half as usize {
+            // An overflowing table alone would need more blocks than any half has.
+            let needed = if plan.ranges_v4.overflow { usize::MAX } else { plan.ranges_v4.blocks.len() };
+            return Err(KernelError::Capacity { what: "RANGES_V4 (blocks per generation)", needed, capacity: half });
+        }
+        let tables = plan.ranges_v4.tables.len() + active.map_or(0, |p| p.ranges_v4.tables.len());
+        if tables > RANGE_TABLES as usize {
+            return Err(KernelError::Capacity { what: "RANGE_INDEX_V4", needed: tables, capacity: RANGE_TABLES });
         }
         let needed = plan.workloads.len() + active.map_or(0, |p| p.workloads.len());
         if needed > self.caps.workloads as usize {
@@ -508,8 +544,12 @@ impl Kernel {
     }
 
     fn write_entries(&mut self, plan: &KernelPlan) -> Result<(), KernelError> {
-        let (v4, v6) = rule_keys(plan);
-        write_rules(&mut self.rules_v4, "RULES_V4", &v4)?;
+        // Blocks first, into this generation's half (no descriptor points there yet), then the
+        // descriptors: a program finds a table only once its blocks are complete.
+        let offset = self.ranges_v4.write_half(plan.generation, &plan.ranges_v4.blocks);
+        let (keys, tables): (Vec<RangeTableKey>, Vec<RangeTable>) = plan.ranges_v4.rebased(offset).unzip();
+        write_batch(&mut self.range_index_v4, "RANGE_INDEX_V4", &keys, &tables)?;
+        let v6 = rule_keys(plan);
         write_rules(&mut self.rules_v6, "RULES_V6", &v6)?;
         for (ruleset, port) in &plan.domain_ports {
             let key = DomainPortKey { ruleset: *ruleset, port: u32::from(*port) };
@@ -548,8 +588,14 @@ impl Kernel {
 
     fn remove_entries(&mut self, plan: &KernelPlan) {
         // Best effort: an entry that is already gone is fine.
-        let (v4, v6) = rule_keys(plan);
-        remove_rules(&mut self.rules_v4, &v4.0);
+        use aya::maps::IterableMap as _;
+        let keys: Vec<RangeTableKey> = plan.ranges_v4.tables.iter().map(|(k, _)| *k).collect();
+        if matches!(batch::delete(self.range_index_v4.map(), &keys), Err(batch::Error::Unsupported)) {
+            for k in &keys {
+                let _ = self.range_index_v4.remove(k);
+            }
+        }
+        let v6 = rule_keys(plan);
         remove_rules(&mut self.rules_v6, &v6.0);
         for (ruleset, port) in &plan.domain_ports {
             let _ = self.domain_ports.remove(&DomainPortKey { ruleset: *ruleset, port: u32::from(*port) });
@@ -706,11 +752,12 @@ impl Kernel {
         Some((info.run_time(), info.run_count()))
     }
 
-    /// Id and kernel-reported memory (`memlock` in the map's fdinfo: for tries the nodes
-    /// actually allocated) of each rule trie, for benchmarks and capacity planning.
+    /// Id and kernel-reported memory (`memlock` in the map's fdinfo: for the trie the nodes
+    /// actually allocated, for the range array its whole preallocated size) of each rule map,
+    /// for benchmarks and capacity planning.
     pub fn rule_maps_memory(&self) -> Vec<RuleMapMemory> {
         use aya::maps::IterableMap as _;
-        [("RULES_V4", self.rules_v4.map()), ("RULES_V6", self.rules_v6.map())]
+        [("RANGES_V4", &self.ranges_v4.map), ("RANGE_INDEX_V4", self.range_index_v4.map()), ("RULES_V6", self.rules_v6.map())]
             .into_iter()
             .map(|(name, map)| RuleMapMemory {
                 name,
@@ -766,22 +813,107 @@ enum LinkHold {
     Owned(#[allow(dead_code, reason = "held for its lifetime")] aya::programs::links::FdLink),
 }
 
-/// The trie keys and values of a plan, per family, in the plan's (sorted) order.
+/// The trie keys and values of a plan's IPv6 entries, in the plan's (sorted) order.
 type RuleKeys<K> = (Vec<Key<K>>, Vec<RuleValue>);
 
-fn rule_keys(plan: &KernelPlan) -> (RuleKeys<RuleKeyV4>, RuleKeys<RuleKeyV6>) {
-    let (mut v4, mut v6): (RuleKeys<RuleKeyV4>, RuleKeys<RuleKeyV6>) = Default::default();
+fn rule_keys(plan: &KernelPlan) -> RuleKeys<RuleKeyV6> {
+    let mut v6: RuleKeys<RuleKeyV6> = Default::default();
     for (entry, id) in &plan.rules {
-        let value = RuleValue { match_id: *id };
-        if let Some((len, data)) = entry.v4_key() {
-            v4.0.push(Key::new(len, data));
-            v4.1.push(value);
-        } else if let Some((len, data)) = entry.v6_key() {
+        if let Some((len, data)) = entry.v6_key() {
             v6.0.push(Key::new(len, data));
-            v6.1.push(value);
+            v6.1.push(RuleValue { match_id: *id });
         }
     }
-    (v4, v6)
+    v6
+}
+
+/// The `RANGES_V4` array, mapped into our address space (`BPF_F_MMAPABLE`): a generation's
+/// blocks are written with one copy instead of one syscall or one trie node per entry.
+struct RangeArray {
+    map: MapData,
+    ptr: std::ptr::NonNull<RangeBlock>,
+    blocks: u32,
+}
+
+// SAFETY: the mapping is owned by this value and only written through `&mut self`.
+unsafe impl Send for RangeArray {}
+unsafe impl Sync for RangeArray {}
+
+impl RangeArray {
+    fn map(map: aya::maps::Map) -> Result<Self, KernelError> {
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        let aya::maps::Map::Array(map) = map else {
+            return Err(KernelError::Map("RANGES_V4", aya::maps::MapError::InvalidName { name: "RANGES_V4 (not an array)".into() }));
+        };
+        let io = |e: std::io::Error| {
+            KernelError::Map("RANGES_V4", aya::maps::MapError::SyscallError(aya::sys::SyscallError { call: "mmap", io_error: e }))
+        };
+        let blocks = map.info().map_err(|e| KernelError::Map("RANGES_V4", e))?.max_entries();
+        let len = blocks as usize * std::mem::size_of::<RangeBlock>();
+        // SAFETY: a shared read-write mapping of a BPF_F_MMAPABLE array of exactly `len` bytes;
+        // the kernel keeps the map alive while it is mapped.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                map.fd().as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io(std::io::Error::last_os_error()));
+        }
+        let ptr = std::ptr::NonNull::new(ptr.cast::<RangeBlock>()).ok_or_else(|| io(std::io::Error::other("mmap returned null")))?;
+        Ok(Self { map, ptr, blocks })
+    }
+
+    /// Blocks each generation owns.
+    fn half_blocks(&self) -> u32 {
+        self.blocks / 2
+    }
+
+    /// Copies `blocks` to the start of generation `g`'s half; returns the half's first block.
+    /// The caller has checked they fit and that no program still reads that half.
+    fn write_half(&mut self, g: u32, blocks: &[RangeBlock]) -> u32 {
+        let offset = (g & 1) * self.half_blocks();
+        assert!(blocks.len() <= self.half_blocks() as usize, "range blocks exceed the half (capacity is checked first)");
+        // SAFETY: in bounds (asserted); the region is plain data shared with the programs, which
+        // read this half only after the descriptors written next point at it.
+        unsafe { std::ptr::copy_nonoverlapping(blocks.as_ptr(), self.ptr.as_ptr().add(offset as usize), blocks.len()) };
+        offset
+    }
+}
+
+impl Drop for RangeArray {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly what `map` mapped.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.blocks as usize * std::mem::size_of::<RangeBlock>()) };
+    }
+}
+
+/// Writes hash entries with `BPF_MAP_UPDATE_BATCH`, or one by one where it is unsupported.
+fn write_batch<K: aya::Pod, V: aya::Pod>(
+    map: &mut HashMap<MapData, K, V>,
+    name: &'static str,
+    keys: &[K],
+    values: &[V],
+) -> Result<(), KernelError> {
+    use aya::maps::IterableMap as _;
+    match batch::update(map.map(), keys, values) {
+        Ok(()) => Ok(()),
+        Err(batch::Error::Unsupported) => {
+            for (k, v) in keys.iter().zip(values) {
+                map.insert(k, v, 0).map_err(|e| KernelError::Map(name, e))?;
+            }
+            Ok(())
+        }
+        Err(batch::Error::Io(e)) => Err(KernelError::Map(
+            name,
+            aya::maps::MapError::SyscallError(aya::sys::SyscallError { call: "bpf_map_update_batch", io_error: e }),
+        )),
+    }
 }
 
 /// Writes rule entries: `BPF_MAP_UPDATE_BATCH` where the kernel has it for LPM tries (one

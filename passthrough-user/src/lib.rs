@@ -10,6 +10,7 @@ pub mod kernel;
 pub mod metrics;
 pub mod pins;
 pub mod plan;
+pub mod ranges;
 pub mod status;
 pub mod policy;
 pub mod proxy;

@@ -12,9 +12,12 @@ use std::{
 };
 
 use ipnet::{IpNet, Ipv4Net};
-use passthrough_common::{RULE_KEY_FIXED_BITS, RuleKeyV4, RuleKeyV6, mode, ruleset};
+use passthrough_common::{RULE_KEY_FIXED_BITS, RangeTableKey, RuleKeyV6, mode, ruleset};
 
-use crate::policy::{FxHashMap, MatchKind, MergedConf, Mode};
+use crate::{
+    policy::{FxHashMap, MatchKind, MergedConf, Mode},
+    ranges::RangeImage,
+};
 
 /// The kernel's number for a [`Mode`].
 pub fn mode_code(m: Mode) -> u32 {
@@ -37,7 +40,8 @@ pub fn canonical_net(net: IpNet) -> IpNet {
     }
 }
 
-/// One trie entry: rule set, port (0 = any) and network.
+/// One rule entry: rule set, port (0 = any) and network (IPv4 entries become range tables,
+/// IPv6 entries trie entries).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RuleEntry {
     /// Rule set id including the generation bit.
@@ -49,17 +53,6 @@ pub struct RuleEntry {
 }
 
 impl RuleEntry {
-    /// The IPv4 trie key (prefix length, data), if this is an IPv4 entry.
-    pub fn v4_key(&self) -> Option<(u32, RuleKeyV4)> {
-        match self.net {
-            IpNet::V4(n) => Some((
-                RULE_KEY_FIXED_BITS + u32::from(n.prefix_len()),
-                RuleKeyV4 { ruleset_be: self.ruleset.to_be(), port_be: self.port.to_be(), addr: n.addr().octets() },
-            )),
-            IpNet::V6(_) => None,
-        }
-    }
-
     /// The IPv6 trie key (prefix length, data), if this is an IPv6 entry.
     pub fn v6_key(&self) -> Option<(u32, RuleKeyV6)> {
         match self.net {
@@ -120,8 +113,10 @@ pub struct KernelPlan {
     pub generation: u32,
     /// cgroup id → (rule set, mode code).
     pub workloads: BTreeMap<u64, (u32, u32)>,
-    /// Trie entries → match id (index into `match_labels`).
+    /// Rule entries → match id (index into `match_labels`).
     pub rules: BTreeMap<RuleEntry, u32>,
+    /// The IPv4 entries as range tables, one per (rule set, port), as the programs search them.
+    pub ranges_v4: RangeImage,
     /// Mode code for sockets below an attachment but in no workload.
     pub unmatched_mode: u32,
     /// What each match id stands for (for explanations and metrics).
@@ -245,8 +240,33 @@ pub fn compile(generation: u32, workloads: &[(u64, &MergedConf)], opts: &PlanOpt
     // Stable sort: of equal entries (a repeated --internal-cidr) the first keeps its label.
     rules.sort_by_key(|(e, _)| *e);
     rules.dedup_by_key(|(e, _)| *e);
+    plan.ranges_v4 = ranges_v4(&rules);
     plan.rules = rules.into_iter().collect();
     plan
+}
+
+/// The IPv4 range tables of sorted rule entries: entries of one (rule set, port) are adjacent,
+/// IPv4 networks first.
+fn ranges_v4(rules: &[(RuleEntry, u32)]) -> RangeImage {
+    let mut image = RangeImage::default();
+    let v4 = |e: &RuleEntry| match e.net {
+        IpNet::V4(n) => Some(n),
+        IpNet::V6(_) => None,
+    };
+    let mut i = 0;
+    while i < rules.len() {
+        let (rs, port) = (rules[i].0.ruleset, rules[i].0.port);
+        let mut j = i;
+        while j < rules.len() && rules[j].0.ruleset == rs && rules[j].0.port == port {
+            j += 1;
+        }
+        image.push_table(
+            RangeTableKey { ruleset: rs, port: u32::from(port) },
+            rules[i..j].iter().filter_map(|(e, _)| v4(e)),
+        );
+        i = j;
+    }
+    image
 }
 
 impl KernelPlan {
@@ -277,8 +297,21 @@ impl KernelPlan {
         }
     }
 
-    fn lpm_hit(&self, rs: u32, port: u16, ip: IpAddr) -> Option<u32> {
-        // Longest prefix within (rule set, port), like the kernel trie. Linear: tests only.
+    /// The programs' `rule_hit`, plus the match that explains it: IPv4 through the range tables
+    /// (the very search the programs run), IPv6 by longest prefix like the kernel trie.
+    fn rule_hit(&self, rs: u32, port: u16, ip: IpAddr) -> Option<u32> {
+        if let IpAddr::V4(v4) = ip {
+            if !self.ranges_v4.covers(RangeTableKey { ruleset: rs, port: u32::from(port) }, v4) {
+                return None;
+            }
+            // Covered: some entry contains the address (the range property test checks it).
+            return Some(self.longest_prefix(rs, port, ip).unwrap_or(u32::MAX));
+        }
+        self.longest_prefix(rs, port, ip)
+    }
+
+    fn longest_prefix(&self, rs: u32, port: u16, ip: IpAddr) -> Option<u32> {
+        // Longest prefix within (rule set, port). Linear: tests and explanations only.
         self.rules
             .iter()
             .filter(|(e, _)| e.ruleset == rs && e.port == port && e.net.contains(&ip))
@@ -298,7 +331,7 @@ impl KernelPlan {
             return Some(u32::MAX);
         }
         let g = self.generation;
-        if let Some(id) = self.lpm_hit(ruleset::id(g, ruleset::INTERNAL), 0, dst) {
+        if let Some(id) = self.rule_hit(ruleset::id(g, ruleset::INTERNAL), 0, dst) {
             return Some(id);
         }
         // UDP to a configured resolver's port 53 is DNS, allowed in every mode (SPEC §3 "UDP:
@@ -306,7 +339,7 @@ impl KernelPlan {
         // resolvers"), so it is checked before the mode, like the internal ranges.
         if udp
             && port == 53
-            && let Some(id) = self.lpm_hit(ruleset::id(g, ruleset::RESOLVERS), 53, dst)
+            && let Some(id) = self.rule_hit(ruleset::id(g, ruleset::RESOLVERS), 53, dst)
         {
             return Some(id);
         }
@@ -320,6 +353,6 @@ impl KernelPlan {
         if m != mode::MATCHED {
             return None;
         }
-        self.lpm_hit(rs, port, dst).or_else(|| self.lpm_hit(rs, 0, dst))
+        self.rule_hit(rs, port, dst).or_else(|| self.rule_hit(rs, 0, dst))
     }
 }

@@ -11,7 +11,7 @@ use std::{
 use anyhow::Context as _;
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, lpm_trie::LpmTrie};
 use passthrough_common::{
-    DomainPortKey, GlobalConfig, LAYOUT_VERSION, RuleKeyV4, RuleKeyV6, RuleValue, WorkloadEntry, WorkloadKey,
+    DomainPortKey, GlobalConfig, LAYOUT_VERSION, RangeTable, RangeTableKey, RuleKeyV6, RuleValue, WorkloadEntry, WorkloadKey,
     counter, flags,
 };
 use serde_json::json;
@@ -82,7 +82,7 @@ pub fn status_json(state: &Path) -> anyhow::Result<serde_json::Value> {
     }
     let gen_of = |rs: u32| (rs >> passthrough_common::ruleset::GENERATION_SHIFT) & 1;
     let workloads: HashMap<MapData, WorkloadKey, WorkloadEntry> = HashMap::try_from(Map::HashMap(open(state, "WORKLOADS")?))?;
-    let rules_v4: LpmTrie<MapData, RuleKeyV4, RuleValue> = LpmTrie::try_from(Map::LpmTrie(open(state, "RULES_V4")?))?;
+    let tables_v4: HashMap<MapData, RangeTableKey, RangeTable> = HashMap::try_from(Map::HashMap(open(state, "RANGE_INDEX_V4")?))?;
     let rules_v6: LpmTrie<MapData, RuleKeyV6, RuleValue> = LpmTrie::try_from(Map::LpmTrie(open(state, "RULES_V6")?))?;
     let domain: HashMap<MapData, DomainPortKey, u8> = HashMap::try_from(Map::HashMap(open(state, "DOMAIN_PORTS")?))?;
     // Entries per generation: [active, inactive]. The agent removes the retired plan right
@@ -93,7 +93,7 @@ pub fn status_json(state: &Path) -> anyhow::Result<serde_json::Value> {
         (active, gens.len() - active)
     };
     let (n_workloads, old_workloads) = split(workloads.keys().flatten().map(|k| k.generation).collect());
-    let (n_v4, old_v4) = split(rules_v4.keys().flatten().map(|k| gen_of(u32::from_be(k.data().ruleset_be))).collect());
+    let (n_v4, old_v4) = split(tables_v4.keys().flatten().map(|k| gen_of(k.ruleset)).collect());
     let (n_v6, old_v6) = split(rules_v6.keys().flatten().map(|k| gen_of(u32::from_be(k.data().ruleset_be))).collect());
     let (n_domain, old_domain) = split(domain.keys().flatten().map(|k| gen_of(k.ruleset)).collect());
 
@@ -116,8 +116,8 @@ pub fn status_json(state: &Path) -> anyhow::Result<serde_json::Value> {
         "proxy": cfg.flags & flags::PROXY != 0,
         "proxy_port": u16::from_be(cfg.proxy_port_be),
         "attachments": attachments,
-        "entries": { "workloads": n_workloads, "rules_v4": n_v4, "rules_v6": n_v6, "domain_ports": n_domain },
-        "inactive_entries": { "workloads": old_workloads, "rules_v4": old_v4, "rules_v6": old_v6, "domain_ports": old_domain },
+        "entries": { "workloads": n_workloads, "range_tables_v4": n_v4, "rules_v6": n_v6, "domain_ports": n_domain },
+        "inactive_entries": { "workloads": old_workloads, "range_tables_v4": old_v4, "rules_v6": old_v6, "domain_ports": old_domain },
         "counters": counts,
         "other_layouts": pins::other_layouts(state),
     }))
@@ -139,15 +139,15 @@ pub fn run_status(args: &StatusArgs, out: &mut impl Write) -> anyhow::Result<()>
     writeln!(out, "audit: {}   proxy: {} (port {})", s["audit"], s["proxy"], s["proxy_port"])?;
     writeln!(
         out,
-        "entries:           {} workloads, {} IPv4 rules, {} IPv6 rules, {} domain ports",
-        s["entries"]["workloads"], s["entries"]["rules_v4"], s["entries"]["rules_v6"], s["entries"]["domain_ports"]
+        "entries:           {} workloads, {} IPv4 range tables, {} IPv6 rules, {} domain ports",
+        s["entries"]["workloads"], s["entries"]["range_tables_v4"], s["entries"]["rules_v6"], s["entries"]["domain_ports"]
     )?;
     let old = &s["inactive_entries"];
-    if [&old["workloads"], &old["rules_v4"], &old["rules_v6"], &old["domain_ports"]].iter().any(|v| v.as_u64() != Some(0)) {
+    if [&old["workloads"], &old["range_tables_v4"], &old["rules_v6"], &old["domain_ports"]].iter().any(|v| v.as_u64() != Some(0)) {
         writeln!(
             out,
-            "retired plan:      {} workloads, {} IPv4 rules, {} IPv6 rules, {} domain ports still in the maps",
-            old["workloads"], old["rules_v4"], old["rules_v6"], old["domain_ports"]
+            "retired plan:      {} workloads, {} IPv4 range tables, {} IPv6 rules, {} domain ports still in the maps",
+            old["workloads"], old["range_tables_v4"], old["rules_v6"], old["domain_ports"]
         )?;
     }
     for a in s["attachments"].as_array().into_iter().flatten() {

@@ -235,3 +235,25 @@ impl JsonOut {
         Ok(())
     }
 }
+
+/// A `Matched` configuration of one CIDR match per `(network, port)` (port `None` = every
+/// port), as the policy layer would produce it, for driving [`passthrough_user::plan::compile`]
+/// directly.
+pub fn cidr_conf(nets: impl IntoIterator<Item = (ipnet::Ipv4Net, Option<u16>)>) -> passthrough_user::policy::MergedConf {
+    use passthrough_user::policy::{Match, MatchKind, MatchOrigin, MergedConf, Mode, Protocol};
+    let file: std::sync::Arc<Path> = Path::new("bench").into();
+    let policy: std::sync::Arc<str> = "bench".into();
+    let matches = nets
+        .into_iter()
+        .enumerate()
+        .map(|(index, (net, port))| Match {
+            kind: MatchKind::Cidr,
+            value: net.to_string().into(),
+            net: Some(ipnet::IpNet::V4(net)),
+            port,
+            protocol: Protocol::Tcp,
+            origin: MatchOrigin { file: file.clone(), policy: policy.clone(), index },
+        })
+        .collect();
+    MergedConf { mode: Mode::Matched, matches, policies: vec![policy.to_string()] }
+}

@@ -117,8 +117,8 @@ fn sigkill_keeps_enforcing_restart_adopts_and_uninstall_removes_everything() {
     assert!(ok, "{text}");
     let status: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
     assert_eq!(status["policy_generation"], 2, "{status}");
-    assert!(status["entries"]["rules_v4"].as_u64().unwrap() >= 1, "{status}");
-    for map in ["workloads", "rules_v4", "rules_v6", "domain_ports"] {
+    assert!(status["entries"]["range_tables_v4"].as_u64().unwrap() >= 1, "{status}");
+    for map in ["workloads", "range_tables_v4", "rules_v6", "domain_ports"] {
         assert_eq!(status["inactive_entries"][map], 0, "{map}: {status}");
     }
     second.kill9();

@@ -57,13 +57,12 @@ use anyhow::{Context as _, bail};
 use ipnet::Ipv4Net;
 use passthrough_tests::{
     TestCgroup,
-    bench::{BenchNs, JsonOut, MoveBack, Rng, median, pin_to_cpu, thread_cpu_ns},
+    bench::{BenchNs, JsonOut, MoveBack, Rng, cidr_conf, median, pin_to_cpu, thread_cpu_ns},
     unique_suffix,
 };
 use passthrough_user::{
     kernel::{Capacities, Kernel},
     plan::{self, PlanOptions},
-    policy::{Match, MatchKind, MatchOrigin, MergedConf, Mode as PolicyMode, Protocol},
 };
 
 const PORT: u16 = 9000;
@@ -363,22 +362,6 @@ fn connecting_during<T>(dst: SocketAddr, f: impl FnOnce() -> anyhow::Result<T>) 
     Ok((r?, lat))
 }
 
-fn merged_conf(nets: &[Ipv4Net]) -> MergedConf {
-    let matches = nets
-        .iter()
-        .enumerate()
-        .map(|(index, net)| Match {
-            kind: MatchKind::Cidr,
-            value: net.to_string().into(),
-            net: Some(ipnet::IpNet::V4(*net)),
-            port: None,
-            protocol: Protocol::Tcp,
-            origin: MatchOrigin { file: PathBuf::from("bench").into(), policy: "bench".into(), index },
-        })
-        .collect();
-    MergedConf { mode: PolicyMode::Matched, matches, policies: vec!["bench".into()] }
-}
-
 /// A loaded filter.
 enum Loaded {
     Ours(Box<Kernel>),
@@ -415,7 +398,7 @@ impl Bench {
     }
 
     fn ours_plan(&self, k: &Kernel, nets: &[Ipv4Net]) -> plan::KernelPlan {
-        let conf = merged_conf(nets);
+        let conf = cidr_conf(nets.iter().map(|n| (*n, None)));
         plan::compile(k.next_generation(), &[(self.cg.id(), &conf)], &PlanOptions::default())
     }
 
