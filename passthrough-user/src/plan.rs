@@ -139,7 +139,7 @@ pub struct PlanOptions {
 
 /// What makes two workloads' rule sets identical: their canonical (network, port) IP/CIDR
 /// entries and their Domain ports, both sorted and deduplicated.
-type RuleSetShape = (Vec<(IpNet, u16)>, Vec<u16>);
+type RuleSetShape = (Vec<(u16, IpNet)>, Vec<u16>);
 
 /// Builds the plan of one generation. Workloads with identical IP/CIDR match sets share one
 /// rule set, so a thousand pods of one deployment cost one set of trie entries.
@@ -182,14 +182,16 @@ pub fn compile(generation: u32, workloads: &[(u64, &MergedConf)], opts: &PlanOpt
             plan.workloads.insert(*cgroup_id, (*rs, mode_code(conf.mode)));
             continue;
         }
-        // (network, port, position in the configuration): sorted with the position as the last
-        // key, so deduplication keeps the first match that wrote each (network, port).
-        let mut kernel: Vec<(IpNet, u16, u32)> = conf
+        // (port, network, position in the configuration): sorted with the position as the last
+        // key, so deduplication keeps the first match that wrote each (port, network). Port
+        // before network is `RuleEntry`'s order within a rule set, so the entries of the rule
+        // sets, numbered in push order, come out already sorted for the final sort.
+        let mut kernel: Vec<(u16, IpNet, u32)> = conf
             .matches
             .iter()
             .enumerate()
             .filter(|(_, m)| matches!(m.kind, MatchKind::Ip | MatchKind::Cidr))
-            .filter_map(|(i, m)| m.net.map(|n| (canonical_net(n), m.port.unwrap_or(0), i as u32)))
+            .filter_map(|(i, m)| m.net.map(|n| (m.port.unwrap_or(0), canonical_net(n), i as u32)))
             .collect();
         kernel.sort_unstable();
         kernel.dedup_by(|b, a| (a.0, a.1) == (b.0, b.1));
@@ -201,14 +203,14 @@ pub fn compile(generation: u32, workloads: &[(u64, &MergedConf)], opts: &PlanOpt
             .collect();
         domain_ports.sort_unstable();
         domain_ports.dedup();
-        let shape = (kernel.iter().map(|&(n, p, _)| (n, p)).collect::<Vec<_>>(), domain_ports);
+        let shape = (kernel.iter().map(|&(p, n, _)| (p, n)).collect::<Vec<_>>(), domain_ports);
         let rs = match rulesets.get(&shape) {
             Some(rs) => *rs,
             None => {
                 let rs = ruleset::id(generation, next_index);
                 next_index += 1;
                 rules.reserve(kernel.len());
-                for &(net, port, i) in &kernel {
+                for &(port, net, i) in &kernel {
                     let m = &conf.matches[i as usize];
                     let key = (Arc::as_ptr(&m.origin.policy) as *const u8, m.origin.index);
                     let id = match labels.get(&key) {
@@ -238,6 +240,7 @@ pub fn compile(generation: u32, workloads: &[(u64, &MergedConf)], opts: &PlanOpt
         plan.workloads.insert(*cgroup_id, (rs, mode_code(conf.mode)));
     }
     // Stable sort: of equal entries (a repeated --internal-cidr) the first keeps its label.
+    // Nearly sorted already (see above), which the standard sort handles in about linear time.
     rules.sort_by_key(|(e, _)| *e);
     rules.dedup_by_key(|(e, _)| *e);
     plan.ranges_v4 = ranges_v4(&rules);

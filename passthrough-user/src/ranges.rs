@@ -69,7 +69,10 @@ impl RangeImage {
 fn merged_intervals(nets: impl IntoIterator<Item = Ipv4Net>) -> Vec<(u32, u32)> {
     let mut v: Vec<(u32, u32)> =
         nets.into_iter().map(|n| (u32::from(n.network()), u32::from(n.broadcast()))).collect();
-    v.sort_unstable();
+    // Plans push each table's networks in order already (a cheap check then); sort otherwise.
+    if !v.is_sorted() {
+        v.sort_unstable();
+    }
     let mut out: Vec<(u32, u32)> = Vec::with_capacity(v.len());
     for (start, end) in v {
         match out.last_mut() {
