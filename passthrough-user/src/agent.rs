@@ -85,6 +85,12 @@ pub struct RunArgs {
     /// next agent adopts them with no window). Default: detach and unpin everything.
     #[arg(long)]
     pub keep_on_exit: bool,
+    /// Rule entries per address family the maps hold, across both generations (a policy
+    /// change needs room for the old and the new plan side by side). The IPv4 range array is
+    /// preallocated for it: about 8 bytes per rule plus 1 MiB, 18 MiB at the default. Pinned maps keep
+    /// the capacity they were created with.
+    #[arg(long, default_value_t = Capacities::default().rules, value_parser = clap::value_parser!(u32).range(1_024..=1 << 26))]
+    pub rule_capacity: u32,
 }
 
 /// Parses `All | Matched | None` (case as Kuma writes them).
@@ -323,7 +329,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         admin::bind(args.admin_addr).await.with_context(|| format!("--admin-addr {}", args.admin_addr))?;
     let flags = if args.audit { passthrough_common::flags::AUDIT } else { 0 };
     let proxy_listeners = bind_proxy(&args).await?;
-    let mut kernel = Kernel::load(Capacities::default(), flags, AGENT_MARK, proxy_settings(&args)?, Some(&args.state_dir))?;
+    let mut kernel = Kernel::load(Capacities { rules: args.rule_capacity, ..Capacities::default() }, flags, AGENT_MARK, proxy_settings(&args)?, Some(&args.state_dir))?;
     if kernel.adopted() {
         info!(state = %args.state_dir.display(), generation = kernel.policy_generation(), "adopted pinned state of a previous agent");
     }

@@ -136,9 +136,10 @@ impl Default for Capacities {
 impl Capacities {
     /// Blocks of the IPv4 range array (both halves). A table of n disjoint intervals takes
     /// about n/8 blocks (starts and ends, 16 per block) plus a few for its upper levels and
-    /// padding: `rules / 2` intervals per generation, plus room for 8,192 small tables.
+    /// padding: `rules / 2` intervals per generation, plus 1/256 of `rules` (at least 64)
+    /// for upper levels and small tables (each at least 2 blocks).
     pub fn range_blocks(&self) -> u32 {
-        2 * ((self.rules / 2).div_ceil(8) + 8_192)
+        2 * ((self.rules / 2).div_ceil(8) + (self.rules / 256).max(64))
     }
 }
 

@@ -141,11 +141,11 @@ fn sigkill_keeps_enforcing_restart_adopts_and_uninstall_removes_everything() {
             v["id"].to_string()
         })
         .collect();
-    assert_eq!(map_ids.len(), 9);
+    assert_eq!(map_ids.len(), passthrough_user::kernel::MAPS.len());
 
     let (ok, text) = passthrough(&["uninstall", "--state-dir", &state.path().display().to_string()]);
     assert!(ok, "{text}");
-    assert!(text.contains("removed 7 link(s) and 9 map(s)"), "{text}");
+    assert!(text.contains(&format!("removed 7 link(s) and {} map(s)", passthrough_user::kernel::MAPS.len())), "{text}");
     let gone = |kind: &str, id: &str| {
         !Command::new("bpftool").args([kind, "show", "id", id]).output().map(|o| o.status.success()).unwrap_or(true)
     };
@@ -320,6 +320,39 @@ fn policy_file_edits_are_applied_atomically_without_a_signal() {
     assert_allowed(&mut probe, &net, "203.0.113.9:80");
     assert_denied(&mut probe, &net, "198.51.100.9:8080");
     assert_eq!(probe.echo(&established, "still").unwrap(), "still");
+    agent.stop().unwrap();
+}
+
+/// A policy that does not fit the maps (`--rule-capacity`) is refused whole with an error that
+/// names the map and the sizes; the previous policy keeps being enforced and nothing of the
+/// refused one is reachable.
+#[test]
+fn a_policy_over_capacity_is_refused_and_the_previous_one_stays() {
+    if !require_kernel() {
+        return;
+    }
+    let dir = passthrough_tests::test_dir();
+    let cg = TestCgroup::new().unwrap();
+    let net = TestNet::new().unwrap();
+    let policy = write_policy(dir.path(), POLICY);
+    let mut agent = Agent::builder().policy(&policy).cgroup(cg.path()).arg("--rule-capacity").arg("1024").start().unwrap();
+    let mut probe = Probe::spawn(&cg, &net).unwrap();
+    assert_allowed(&mut probe, &net, "198.51.100.9:8080");
+    assert_denied(&mut probe, &net, "203.0.113.9:80");
+
+    // 3,000 disjoint /32s (every other address of 100.64.0.0/18) plus the test host at port 80:
+    // about 380 blocks of range index, where a capacity of 1,024 rules gives 128 per generation.
+    let mut big = POLICY.replace("198.51.100.0/24, port: 8080", "203.0.113.0/24, port: 80");
+    for i in 0..3_000u32 {
+        let a = std::net::Ipv4Addr::from(0x6440_0000 + 2 * i);
+        big.push_str(&format!("      - {{type: IP, value: {a}}}\n"));
+    }
+    passthrough_tests::write_file(&policy, &big);
+    let rejection = agent.reload_rejected().unwrap();
+    assert!(rejection.contains("RANGES_V4") && rejection.contains("capacity"), "{rejection}");
+    assert_eq!(agent.get("/readyz").unwrap().0, 200);
+    assert_allowed(&mut probe, &net, "198.51.100.9:8080");
+    assert_denied(&mut probe, &net, "203.0.113.9:80");
     agent.stop().unwrap();
 }
 

@@ -1,8 +1,11 @@
 //! Upstream connections (marked so the kernel lets them through) and the byte relay.
 //!
-//! The relay moves bytes with `splice(2)` through a pipe per direction (socket → pipe → socket,
-//! no copy to userspace); where a pipe cannot be made it falls back to
-//! `tokio::io::copy_bidirectional`. Either way EOF in one direction becomes a write shutdown
+//! Each direction starts by copying through a per-thread scratch buffer (`read` + `write` in one
+//! step, so an idle connection holds no buffer): for the small records of request/response
+//! traffic that is cheaper than splicing. The first read that fills the scratch buffer shows a
+//! bulk transfer, and the direction switches to `splice(2)` through a pipe (socket → pipe →
+//! socket, no copy to userspace) for the rest of the connection. Where a pipe cannot be made the
+//! relay falls back to `tokio::io::copy_bidirectional`. Either way EOF in one direction becomes a write shutdown
 //! (half-close) toward the other side, and the relay ends when both directions are done.
 
 use std::{
@@ -178,9 +181,96 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     }
 }
 
-/// Moves `src` → `pipe` → `dst` until EOF on `src`, then shuts down `dst`'s write side.
+/// Bytes one copy step moves; a read that fills it switches the direction to splicing.
+const COPY_CHUNK: usize = 16 * 1024;
+
+thread_local! {
+    /// The copy steps' scratch buffer: one per worker thread, never held across an await.
+    static SCRATCH: std::cell::RefCell<Box<[u8]>> = std::cell::RefCell::new(vec![0; COPY_CHUNK].into_boxed_slice());
+}
+
+/// What one copy step did.
+enum Copied {
+    /// EOF on the source.
+    Eof,
+    /// `n` bytes read and all written.
+    Done(usize),
+    /// `n` bytes read, of which the tail in `rest` could not be written yet.
+    Partial(usize, Vec<u8>),
+}
+
+/// One synchronous `read` from `src` into the scratch buffer and `write` of it to `dst`.
+fn copy_step(src: RawFd, dst: RawFd) -> io::Result<Copied> {
+    SCRATCH.with_borrow_mut(|buf| {
+        // SAFETY: reads into our own buffer of `buf.len()` bytes.
+        let n = unsafe { libc::read(src, buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let n = n as usize;
+        if n == 0 {
+            return Ok(Copied::Eof);
+        }
+        let mut off = 0;
+        while off < n {
+            // SAFETY: writes bytes of our own buffer.
+            let m = unsafe { libc::write(dst, buf[off..n].as_ptr().cast(), n - off) };
+            if m < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::WouldBlock {
+                    return Ok(Copied::Partial(n, buf[off..n].to_vec()));
+                }
+                return Err(e);
+            }
+            off += m as usize;
+        }
+        Ok(Copied::Done(n))
+    })
+}
+
+/// Writes `rest` to `dst`, waiting for it to become writable.
+async fn write_rest(dst: &TcpStream, mut rest: &[u8]) -> io::Result<()> {
+    while !rest.is_empty() {
+        dst.writable().await?;
+        match dst.try_write(rest) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(m) => rest = &rest[m..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Moves `src` → `dst` until EOF on `src`, then shuts down `dst`'s write side: copy steps
+/// while the reads are small, then `src` → `pipe` → `dst` (see the module doc).
 async fn splice_one_way(src: &TcpStream, pipe: &Pipe, dst: &TcpStream) -> io::Result<u64> {
     let mut total = 0u64;
+    loop {
+        src.readable().await?;
+        let step = src.try_io(Interest::READABLE, || copy_step(src.as_raw_fd(), dst.as_raw_fd()));
+        match step {
+            Ok(Copied::Eof) => {
+                let _ = socket2::SockRef::from(dst).shutdown(std::net::Shutdown::Write);
+                return Ok(total);
+            }
+            Ok(Copied::Done(n)) => {
+                total += n as u64;
+                if n == COPY_CHUNK {
+                    break;
+                }
+            }
+            Ok(Copied::Partial(n, rest)) => {
+                total += n as u64;
+                write_rest(dst, &rest).await?;
+                if n == COPY_CHUNK {
+                    break;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
     loop {
         // Socket → pipe (the pipe is empty here, so only the socket can block).
         let n = loop {
@@ -211,5 +301,79 @@ async fn splice_one_way(src: &TcpStream, pipe: &Pipe, dst: &TcpStream) -> io::Re
             }
         }
         total += n as u64;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::{
+        io::{AsyncReadExt as _, AsyncWriteExt as _},
+        net::TcpListener,
+    };
+
+    use super::*;
+
+    /// Deterministic bytes that differ at every offset of a few MiB (catches reordering).
+    fn pattern(len: usize, seed: u8) -> Vec<u8> {
+        (0..len).map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[(i % 4)] ^ seed).collect()
+    }
+
+    /// `(client app, relay's client side)` and `(relay's upstream side, server app)`.
+    async fn sockets() -> ((TcpStream, TcpStream), (TcpStream, TcpStream)) {
+        let l1 = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let l2 = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let app = TcpStream::connect(l1.local_addr().unwrap()).await.unwrap();
+        let (client, _) = l1.accept().await.unwrap();
+        let upstream = TcpStream::connect(l2.local_addr().unwrap()).await.unwrap();
+        let (server, _) = l2.accept().await.unwrap();
+        ((app, client), (upstream, server))
+    }
+
+    /// Small request/response exchanges (copy steps), then bulk both ways at once (the switch
+    /// to splicing mid-stream), then half-closes: every byte arrives once, in order.
+    #[tokio::test]
+    async fn small_exchanges_then_bulk_both_ways_arrive_intact() {
+        let ((mut app, mut client), (mut upstream, mut server)) = sockets().await;
+        let relay = tokio::spawn(async move { relay(&mut client, b"hello".to_vec(), &mut upstream).await });
+        let mut buf = [0u8; 5];
+        server.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"hello");
+        for i in 0..200u32 {
+            app.write_all(&i.to_le_bytes()).await.unwrap();
+            let mut got = [0u8; 4];
+            server.read_exact(&mut got).await.unwrap();
+            assert_eq!(u32::from_le_bytes(got), i);
+            server.write_all(&(i ^ 0xffff).to_le_bytes()).await.unwrap();
+            app.read_exact(&mut got).await.unwrap();
+            assert_eq!(u32::from_le_bytes(got), i ^ 0xffff);
+        }
+        let (up_bytes, down_bytes) = (pattern(3 << 20, 1), pattern(5 << 20, 2));
+        let (mut app_r, mut app_w) = app.into_split();
+        let (mut server_r, mut server_w) = server.into_split();
+        let (up_sent, down_sent) = (up_bytes.clone(), down_bytes.clone());
+        let w1 = tokio::spawn(async move {
+            app_w.write_all(&up_sent).await.unwrap();
+            app_w.shutdown().await.unwrap();
+        });
+        let w2 = tokio::spawn(async move {
+            server_w.write_all(&down_sent).await.unwrap();
+            server_w.shutdown().await.unwrap();
+        });
+        let r1 = tokio::spawn(async move {
+            let mut v = Vec::new();
+            server_r.read_to_end(&mut v).await.unwrap();
+            v
+        });
+        let r2 = tokio::spawn(async move {
+            let mut v = Vec::new();
+            app_r.read_to_end(&mut v).await.unwrap();
+            v
+        });
+        w1.await.unwrap();
+        w2.await.unwrap();
+        assert!(r1.await.unwrap() == up_bytes, "client → upstream bytes differ");
+        assert!(r2.await.unwrap() == down_bytes, "upstream → client bytes differ");
+        let relayed = relay.await.unwrap().unwrap();
+        assert_eq!(relayed, Relayed { up: 5 + 800 + (3 << 20), down: 800 + (5 << 20) });
     }
 }
