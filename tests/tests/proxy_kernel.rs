@@ -744,11 +744,11 @@ fn pod_reaches_the_proxy_at_proxy_addr() {
     });
     assert!(w.pod.is_some());
     // The decisions were made on connections that came from the pod's addresses, to the proxy
-    // at --proxy-addr.
+    // at --proxy-addr (the proxy's denial lines name the peer; allowed ones log at debug only).
     let pod_peers = |log: &str| {
         (
-            log.contains(&format!("peer={}:", TEST_SLOT.pod_v4)),
-            log.contains(&format!("peer=[{}]:", TEST_SLOT.pod_v6)),
+            log.contains(&format!("peer=\"{}:", TEST_SLOT.pod_v4)),
+            log.contains(&format!("peer=\"[{}]:", TEST_SLOT.pod_v6)),
         )
     };
     for fam in FAMILIES {

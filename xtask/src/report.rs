@@ -523,7 +523,7 @@ mod tests {
 
     #[test]
     fn ratios_are_per_round_and_medians() {
-        let samples = vec![
+        let samples = [
             s("t", "none", None, 0, "p50_ns", 100.0),
             s("t", "none", None, 1, "p50_ns", 200.0),
             s("t", "none", None, 2, "p50_ns", 100.0),

@@ -43,7 +43,7 @@ use tokio::{
     time::Instant,
 };
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 pub use dns::{DestError, Destinations, DomainDestination};
 pub use orig_dst::{OrigDstSource, Redirected};
@@ -505,7 +505,10 @@ impl Proxy {
                 let workload = self.metrics().workload_name(ctx.rec.workload);
                 self.metrics()
                     .proxy_decision(proto, "allow", code, &workload);
-                info!(
+                // Allowed connections are counted in the metrics and logged at debug only: a line
+                // per allowed connection costs ~9 µs of a ~140 µs relayed TLS connection here, and
+                // an access log is opt-in on the peers too (`RUST_LOG=passthrough::proxy=debug`).
+                debug!(
                     target: "passthrough::proxy",
                     workload = %workload, workload_id = ctx.rec.workload, pid = ctx.rec.pid,
                     comm = %ctx.rec.comm, peer = %ctx.peer, dst = %ctx.rec.dst, protocol = proto,

@@ -2,11 +2,13 @@
 //!
 //! Each direction starts by copying through a per-thread scratch buffer (`read` + `write` in one
 //! step, so an idle connection holds no buffer): for the small records of request/response
-//! traffic that is cheaper than splicing. The first read that fills the scratch buffer shows a
-//! bulk transfer, and the direction switches to `splice(2)` through a pipe (socket → pipe →
-//! socket, no copy to userspace) for the rest of the connection. Where a pipe cannot be made the
-//! relay falls back to `tokio::io::copy_bidirectional`. Either way EOF in one direction becomes a write shutdown
-//! (half-close) toward the other side, and the relay ends when both directions are done.
+//! traffic that is cheaper than splicing. A read that fills the scratch buffer, or the
+//! [`BULK_READS`]th read of at least a quarter of it, shows a bulk transfer (a stream arriving in
+//! MSS-sized segments rarely fills 16 KiB per wake-up), and the direction switches to `splice(2)`
+//! through a pipe (socket → pipe → socket, no copy to userspace) for the rest of the
+//! connection; the pipe is taken only then, and where none can be made the direction keeps
+//! copying. Either way EOF in one direction becomes a write shutdown (half-close) toward the
+//! other side, and the relay ends when both directions are done.
 
 use std::{
     io,
@@ -20,7 +22,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use thiserror::Error;
 use tokio::{
     io::Interest,
-    io::{AsyncWriteExt, copy_bidirectional},
+    io::AsyncWriteExt,
     net::{TcpSocket, TcpStream},
 };
 
@@ -56,12 +58,12 @@ pub async fn connect(
     mark: u32,
     timeout: Duration,
 ) -> Result<TcpStream, ConnectError> {
-    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+    // Non-blocking from the start (SOCK_NONBLOCK): two fcntl calls fewer per connection.
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking(), Some(Protocol::TCP))
         .map_err(ConnectError::Socket)?;
     if mark != 0 {
         sock.set_mark(mark).map_err(ConnectError::Socket)?;
     }
-    sock.set_nonblocking(true).map_err(ConnectError::Socket)?;
     sock.set_tcp_nodelay(true).map_err(ConnectError::Socket)?;
     let sock = TcpSocket::from_std_stream(sock.into());
     match tokio::time::timeout(timeout, sock.connect(addr)).await {
@@ -90,21 +92,7 @@ pub async fn relay(
     upstream.write_all(&first).await?;
     let first_len = first.len() as u64;
     drop(first); // an idle relayed connection keeps no userspace buffer
-    if let (Ok(p1), Ok(p2)) = (Pipe::take(), Pipe::take()) {
-        let (up, down) = tokio::try_join!(
-            splice_one_way(client, &p1, upstream),
-            splice_one_way(upstream, &p2, client),
-        )?;
-        // Both directions reached EOF with their pipe drained: the pipes can serve another
-        // connection. (On an error or a cancelled relay they are dropped: they may hold bytes.)
-        p1.give_back();
-        p2.give_back();
-        return Ok(Relayed {
-            up: up + first_len,
-            down,
-        });
-    }
-    let (up, down) = copy_bidirectional(client, upstream).await?;
+    let (up, down) = tokio::try_join!(one_way(client, upstream), one_way(upstream, client))?;
     Ok(Relayed {
         up: up + first_len,
         down,
@@ -184,6 +172,9 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
 /// Bytes one copy step moves; a read that fills it switches the direction to splicing.
 const COPY_CHUNK: usize = 16 * 1024;
 
+/// Reads of at least `COPY_CHUNK / 4` after which a direction switches to splicing.
+const BULK_READS: u32 = 32;
+
 thread_local! {
     /// The copy steps' scratch buffer: one per worker thread, never held across an await.
     static SCRATCH: std::cell::RefCell<Box<[u8]>> = std::cell::RefCell::new(vec![0; COPY_CHUNK].into_boxed_slice());
@@ -243,34 +234,62 @@ async fn write_rest(dst: &TcpStream, mut rest: &[u8]) -> io::Result<()> {
 }
 
 /// Moves `src` → `dst` until EOF on `src`, then shuts down `dst`'s write side: copy steps
-/// while the reads are small, then `src` → `pipe` → `dst` (see the module doc).
-async fn splice_one_way(src: &TcpStream, pipe: &Pipe, dst: &TcpStream) -> io::Result<u64> {
+/// while the reads are small, then `src` → pipe → `dst` (see the module doc).
+async fn one_way(src: &TcpStream, dst: &TcpStream) -> io::Result<u64> {
     let mut total = 0u64;
+    let mut large_reads = 0u32;
+    let mut bulk = |n: usize| {
+        large_reads += u32::from(n >= COPY_CHUNK / 4);
+        n == COPY_CHUNK || large_reads >= BULK_READS
+    };
     loop {
         src.readable().await?;
-        let step = src.try_io(Interest::READABLE, || copy_step(src.as_raw_fd(), dst.as_raw_fd()));
-        match step {
+        // A short read means the receive queue was empty at that instant: report WouldBlock to
+        // tokio so it clears the readiness now, instead of paying one more read() that fails
+        // with EAGAIN per message. Safe with edge-triggered epoll: tokio clears only the
+        // readiness event it saw, and bytes arriving later raise a new one.
+        let mut done = None;
+        let step = src.try_io(Interest::READABLE, || {
+            let c = copy_step(src.as_raw_fd(), dst.as_raw_fd())?;
+            let drained = matches!(c, Copied::Done(n) | Copied::Partial(n, _) if n < COPY_CHUNK);
+            done = Some(c);
+            if drained { Err(io::ErrorKind::WouldBlock.into()) } else { Ok(()) }
+        });
+        let step = match (step, done) {
+            (_, Some(c)) => Ok(c),
+            (Err(e), None) => Err(e),
+            // Not reached (Ok comes only with a result); read again rather than panic.
+            (Ok(()), None) => continue,
+        };
+        let n = match step {
             Ok(Copied::Eof) => {
                 let _ = socket2::SockRef::from(dst).shutdown(std::net::Shutdown::Write);
                 return Ok(total);
             }
-            Ok(Copied::Done(n)) => {
-                total += n as u64;
-                if n == COPY_CHUNK {
-                    break;
-                }
-            }
+            Ok(Copied::Done(n)) => n,
             Ok(Copied::Partial(n, rest)) => {
-                total += n as u64;
                 write_rest(dst, &rest).await?;
-                if n == COPY_CHUNK {
-                    break;
-                }
+                n
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e),
+        };
+        total += n as u64;
+        if bulk(n)
+            && let Ok(pipe) = Pipe::take()
+        {
+            let spliced = splice_until_eof(src, &pipe, dst).await?;
+            // EOF with the pipe drained: it can serve another connection. (On an error or a
+            // cancelled relay it is dropped instead: it may hold bytes.)
+            pipe.give_back();
+            return Ok(total + spliced);
         }
     }
+}
+
+/// Moves `src` → `pipe` → `dst` until EOF on `src`, then shuts down `dst`'s write side.
+async fn splice_until_eof(src: &TcpStream, pipe: &Pipe, dst: &TcpStream) -> io::Result<u64> {
+    let mut total = 0u64;
     loop {
         // Socket → pipe (the pipe is empty here, so only the socket can block).
         let n = loop {
@@ -315,7 +334,7 @@ mod tests {
 
     /// Deterministic bytes that differ at every offset of a few MiB (catches reordering).
     fn pattern(len: usize, seed: u8) -> Vec<u8> {
-        (0..len).map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[(i % 4)] ^ seed).collect()
+        (0..len).map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[i % 4] ^ seed).collect()
     }
 
     /// `(client app, relay's client side)` and `(relay's upstream side, server app)`.

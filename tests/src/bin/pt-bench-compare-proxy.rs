@@ -59,7 +59,8 @@
 //! **Output.** JSON lines in `--out` (default `target/bench/compare-proxy.jsonl`, truncated at
 //! start): `{"part":"proxy","table":…,"row":…,"size":null,"round":…,"metric":…,"value":…}` with
 //! metrics `req_per_s`, `mb_per_s`, `p50_us`, `p99_us`, `cpu_us_per_req`, `cpu_us_per_mb`; a
-//! summary (medians, median of per-round ratios to direct) on stderr. `--quick`: a smoke run
+//! summary (medians, median of per-round ratios to direct) on stderr. `--tables a,b`: only those
+//! tables (e.g. to profile one scenario). `--quick`: a smoke run
 //! (one round, 1 s measurements, < 90 s). Needs root, BPF, cgroup v2, iproute2 and the peers of
 //! `scripts/setup-peers.sh`; every peer runs from a config in a temp dir and is killed on exit.
 
@@ -231,6 +232,7 @@ fn main() -> anyhow::Result<()> {
     let mut quick = false;
     let mut rounds = None;
     let mut out = PathBuf::from("target/bench/compare-proxy.jsonl");
+    let mut only: Option<Vec<String>> = None;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -244,7 +246,15 @@ fn main() -> anyhow::Result<()> {
                 )
             }
             "--out" => out = PathBuf::from(it.next().context("--out needs a path")?),
-            other => bail!("unknown argument {other:?} (--quick, --rounds N, --out PATH)"),
+            "--tables" => {
+                let list = it.next().context("--tables needs a list")?;
+                let wanted: Vec<String> = list.split(',').map(str::to_string).collect();
+                if let Some(bad) = wanted.iter().find(|w| !TABLES.iter().any(|t| t.id() == w.as_str())) {
+                    bail!("unknown table {bad:?}");
+                }
+                only = Some(wanted);
+            }
+            other => bail!("unknown argument {other:?} (--quick, --rounds N, --out PATH, --tables a,b)"),
         }
     }
     let plan = if quick {
@@ -393,8 +403,9 @@ fn main() -> anyhow::Result<()> {
         wrk_script: &wrk_script,
         tls_cfg: &tls_cfg,
     };
+    let wanted = |t: &Table| only.as_ref().is_none_or(|o| o.iter().any(|w| w == t.id()));
     for round in 0..plan.rounds {
-        for table in TABLES {
+        for table in TABLES.into_iter().filter(wanted) {
             let n = paths.len();
             for k in 0..n {
                 let (row, e) = &paths[(k + round) % n];
