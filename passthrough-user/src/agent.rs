@@ -87,7 +87,7 @@ pub struct RunArgs {
     pub keep_on_exit: bool,
     /// Rule entries per address family the maps hold, across both generations (a policy
     /// change needs room for the old and the new plan side by side). The IPv4 range array is
-    /// preallocated for it: about 8 bytes per rule plus 1 MiB, 18 MiB at the default. Pinned maps keep
+    /// preallocated for it: about 8.5 bytes per rule, 18 MiB at the default. Pinned maps keep
     /// the capacity they were created with.
     #[arg(long, default_value_t = Capacities::default().rules, value_parser = clap::value_parser!(u32).range(1_024..=1 << 26))]
     pub rule_capacity: u32,
