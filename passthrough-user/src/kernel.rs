@@ -1012,6 +1012,46 @@ mod batch {
         matches!(e.raw_os_error(), Some(ENOTSUPP) | Some(libc::EOPNOTSUPP) | Some(libc::EINVAL))
     }
 
+    const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
+
+    /// `union bpf_attr`, element variant.
+    #[repr(C)]
+    struct ElemAttr {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        value: u64,
+        flags: u64,
+    }
+
+    /// `BPF_MAP_LOOKUP_AND_DELETE_ELEM` (hash maps, Linux 5.14+): one syscall where a lookup
+    /// and a delete take two. `Ok(None)`: no such key; `Err(Unsupported)`: use the two calls.
+    pub(super) fn lookup_and_delete<K: aya::Pod, V: aya::Pod>(map: &MapData, key: &K) -> Result<Option<V>, Error> {
+        let mut value = std::mem::MaybeUninit::<V>::zeroed();
+        let mut attr = ElemAttr {
+            map_fd: map.fd().as_fd().as_raw_fd() as u32,
+            _pad: 0,
+            key: key as *const K as u64,
+            value: value.as_mut_ptr() as u64,
+            flags: 0,
+        };
+        // SAFETY: `attr` is a valid bpf_attr prefix; `key` and `value` point at the map's key
+        // and value sizes (Pod types of the map) and outlive the call.
+        let rc = unsafe {
+            libc::syscall(libc::SYS_bpf, BPF_MAP_LOOKUP_AND_DELETE_ELEM, &mut attr as *mut ElemAttr, std::mem::size_of::<ElemAttr>() as u32)
+        };
+        if rc == 0 {
+            // SAFETY: the kernel filled the value (Pod: every bit pattern is valid).
+            return Ok(Some(unsafe { value.assume_init() }));
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::ENOENT) => Ok(None),
+            _ if unsupported(&e) => Err(Error::Unsupported),
+            _ => Err(Error::Io(e)),
+        }
+    }
+
     /// Inserts or overwrites every `keys[i] → values[i]`.
     pub(super) fn update<K, V>(map: &MapData, keys: &[K], values: &[V]) -> Result<(), Error> {
         for (k, v) in keys.chunks(CHUNK).zip(values.chunks(CHUNK)) {
@@ -1081,6 +1121,14 @@ impl OrigDstMap {
         };
         let key = PeerKey { addr, port: u32::from(peer.port()) };
         let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        {
+            use aya::maps::IterableMap as _;
+            match batch::lookup_and_delete::<PeerKey, OrigDst>(map.map(), &key) {
+                Ok(found) => return found,
+                Err(batch::Error::Io(_)) => return None,
+                Err(batch::Error::Unsupported) => {}
+            }
+        }
         let found = map.get(&key, 0).ok()?;
         let _ = map.remove(&key);
         Some(found)
