@@ -32,13 +32,13 @@ use std::{
 use anyhow::{Context as _, bail};
 use passthrough_tests::{
     TestCgroup,
-    bench::{BenchNs, JsonOut, MoveBack, Rng, percentile, pin_to_cpu, raise_nofile, timed_connect},
+    bench::{BenchNs, JsonOut, MoveBack, Rng, cidr_conf, percentile, pin_to_cpu, raise_nofile, timed_connect},
     require_kernel,
 };
 use passthrough_user::{
     kernel::{Capacities, Kernel},
     plan::{self, PlanOptions},
-    policy::{Match, MatchKind, MatchOrigin, MergedConf, Mode, Protocol},
+    policy::MergedConf,
 };
 
 /// Accept-and-close port (timed connects) and accept-and-hold port (held connections).
@@ -75,32 +75,25 @@ fn destinations() -> Vec<SocketAddr> {
     v
 }
 
-fn cidr(net: ipnet::IpNet, index: usize) -> Match {
-    Match {
-        kind: MatchKind::Cidr,
-        value: net.to_string().into(),
-        net: Some(net),
-        port: None,
-        protocol: Protocol::Tcp,
-        origin: MatchOrigin { file: PathBuf::from("bench").into(), policy: "bench".into(), index },
-    }
-}
-
 /// `n` CIDR matches (at least the four /25s covering the destinations, both ports allowed).
 fn conf(n: usize, seed: u64) -> MergedConf {
+    cidr_conf(nets(n, seed))
+}
+
+/// The networks of [`conf`].
+fn nets(n: usize, seed: u64) -> Vec<(ipnet::Ipv4Net, Option<u16>)> {
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ seed);
-    let mut matches = Vec::with_capacity(n.max(4));
+    let mut nets: Vec<(ipnet::Ipv4Net, Option<u16>)> = Vec::with_capacity(n.max(4));
     for base in [[198u8, 51, 100], [203, 0, 113]] {
         for k in 0..2u8 {
-            let net: ipnet::IpNet = format!("{}.{}.{}.{}/25", base[0], base[1], base[2], k * 128).parse().expect("valid");
-            matches.push(cidr(net, matches.len()));
+            let net = ipnet::Ipv4Net::new(Ipv4Addr::new(base[0], base[1], base[2], k * 128), 25).expect("valid");
+            nets.push((net, None));
         }
     }
-    while matches.len() < n {
-        let (net, _) = rng.rule_net();
-        matches.push(cidr(ipnet::IpNet::V4(net), matches.len()));
+    while nets.len() < n {
+        nets.push((rng.rule_net().0, None));
     }
-    MergedConf { mode: Mode::Matched, matches, policies: vec!["bench".into()] }
+    nets
 }
 
 /// One timed batch: sorted connect() nanoseconds and connect4's ns per run over the batch.
@@ -248,11 +241,10 @@ fn main() -> anyhow::Result<()> {
             let children: Vec<TestCgroup> = (0..w).map(|i| cg.child(&format!("w{i}"))).collect::<Result<_, _>>()?;
             let per: Vec<MergedConf> = (0..w)
                 .map(|i| {
-                    let mut c = conf(100, 7);
+                    let mut v = nets(100, 7);
                     // One CIDR of its own, so no two workloads share a rule set.
-                    let own = ipnet::IpNet::V4(ipnet::Ipv4Net::new(Ipv4Addr::from(0x0a00_0000 + i as u32 * 256), 24).expect("/24"));
-                    c.matches.push(cidr(own, c.matches.len()));
-                    c
+                    v.push((ipnet::Ipv4Net::new(Ipv4Addr::from(0x0a00_0000 + i as u32 * 256), 24).expect("/24"), None));
+                    cidr_conf(v)
                 })
                 .collect();
             let ws: Vec<(u64, &MergedConf)> = children.iter().zip(&per).map(|(c, m)| (c.id(), m)).collect();

@@ -24,12 +24,12 @@ use std::{
 use anyhow::Context as _;
 use passthrough_tests::{
     TestCgroup,
-    bench::{BenchNs, MoveBack, Rng, median, percentile, timed_connect},
+    bench::{BenchNs, MoveBack, Rng, cidr_conf, median, percentile, timed_connect},
 };
 use passthrough_user::{
     kernel::{Capacities, Kernel},
     plan::{self, PlanOptions},
-    policy::{Match, MatchKind, MatchOrigin, MergedConf, Mode, Protocol},
+    policy::{Match, MatchKind, MatchOrigin, MergedConf, Protocol},
 };
 
 const PORT: u16 = 9000;
@@ -47,37 +47,25 @@ fn destinations() -> Vec<SocketAddr> {
     v
 }
 
-fn m(value: String, net: ipnet::IpNet, port: Option<u16>, index: usize) -> Match {
-    Match {
-        kind: MatchKind::Cidr,
-        value: value.into(),
-        net: Some(net),
-        port,
-        protocol: Protocol::Tcp,
-        origin: MatchOrigin { file: PathBuf::from("bench").into(), policy: "bench".into(), index },
-    }
-}
-
 /// `n` CIDR matches: the 512 destinations are covered by four /25s (two with the port, two
 /// port-less); the rest are random prefixes (/8–/32) across the IPv4 space, a third of them
 /// inside 198.0.0.0/8 and 203.0.0.0/8 so lookups walk deep paths next to the destinations.
 fn conf(n: usize) -> MergedConf {
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ n as u64);
-    let mut matches = Vec::with_capacity(n);
+    let mut nets: Vec<(ipnet::Ipv4Net, Option<u16>)> = Vec::with_capacity(n);
     for (i, base) in [[198u8, 51, 100], [203, 0, 113]].iter().enumerate() {
         for k in 0..2u8 {
-            let net: ipnet::IpNet = format!("{}.{}.{}.{}/25", base[0], base[1], base[2], k * 128).parse().expect("valid");
+            let net = ipnet::Ipv4Net::new(Ipv4Addr::new(base[0], base[1], base[2], k * 128), 25).expect("valid");
             let port = if (k + i as u8).is_multiple_of(2) { Some(PORT) } else { None };
-            matches.push(m(net.to_string(), net, port, matches.len()));
+            nets.push((net, port));
         }
     }
-    while matches.len() < n {
+    while nets.len() < n {
         let (net, r) = rng.rule_net();
-        let net = ipnet::IpNet::V4(net);
         let port = if r.is_multiple_of(5) { Some(1 + (r % 65535) as u16) } else { None };
-        matches.push(m(net.to_string(), net, port, matches.len()));
+        nets.push((net, port));
     }
-    MergedConf { mode: Mode::Matched, matches, policies: vec!["bench".into()] }
+    cidr_conf(nets)
 }
 
 /// Times `count` connect() calls (only the syscall) to rotating destinations.
