@@ -21,8 +21,8 @@
 //! | `passthrough_policy_generation` | gauge | — |
 //! | `passthrough_policy_reloads_total` | counter | `result` (success/failure) |
 //! | `passthrough_policy_last_reload_success_timestamp_seconds` | gauge | — |
-//! | `passthrough_map_entries` | gauge | `map` (rules_v4/rules_v6/workloads), `set` (active/previous) |
-//! | `passthrough_map_capacity` | gauge | `map` |
+//! | `passthrough_map_entries` | gauge | `map` (rules_v4/rules_v6/workloads/range_blocks_v4), `set` (active/previous) |
+//! | `passthrough_map_capacity` | gauge | `map` (range_blocks_v4: blocks per generation) |
 //!
 //! `passthrough_decisions_total{path="kernel"}` only has denials (and audit would-be denials):
 //! the kernel counts allows globally, not per workload, and reports each denial as an event;
@@ -163,8 +163,10 @@ struct MapSetLabels {
 /// Map entries of one plan ([`MapUsage::of`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct MapUsage {
-    /// `RULES_V4` entries.
+    /// IPv4 rule entries (compiled into the range tables).
     pub rules_v4: usize,
+    /// `RANGES_V4` blocks the plan's range tables take (of one generation's half).
+    pub range_blocks_v4: usize,
     /// `RULES_V6` entries.
     pub rules_v6: usize,
     /// `WORKLOADS` entries.
@@ -177,6 +179,7 @@ impl MapUsage {
         let (rules_v4, rules_v6) = plan.entry_counts();
         Self {
             rules_v4,
+            range_blocks_v4: plan.ranges_v4.blocks.len(),
             rules_v6,
             workloads: plan.workloads.len(),
         }
@@ -426,6 +429,12 @@ impl Metrics {
             ("rules_v4", usage.rules_v4, previous.rules_v4, caps.rules),
             ("rules_v6", usage.rules_v6, previous.rules_v6, caps.rules),
             (
+                "range_blocks_v4",
+                usage.range_blocks_v4,
+                previous.range_blocks_v4,
+                caps.range_blocks() / 2,
+            ),
+            (
                 "workloads",
                 usage.workloads,
                 previous.workloads,
@@ -456,7 +465,7 @@ impl Metrics {
 
     /// Call after `Kernel::retire`: the retired plan's entries are gone from the maps.
     pub fn previous_retired(&self) {
-        for map in ["rules_v4", "rules_v6", "workloads"] {
+        for map in ["rules_v4", "rules_v6", "workloads", "range_blocks_v4"] {
             self.map_entries.get_or_create(&MapSetLabels { map, set: "previous" }).set(0);
         }
     }
@@ -741,6 +750,7 @@ mod tests {
             [(42, "web".to_string())],
             MapUsage {
                 rules_v4: 10,
+                range_blocks_v4: 4,
                 rules_v6: 2,
                 workloads: 1,
             },
@@ -754,6 +764,7 @@ mod tests {
             [(42, "web".to_string())],
             MapUsage {
                 rules_v4: 7,
+                range_blocks_v4: 3,
                 rules_v6: 2,
                 workloads: 1,
             },
@@ -807,6 +818,18 @@ mod tests {
         assert_eq!(
             s("passthrough_map_capacity", &[("map", "workloads")]),
             Some(8.0)
+        );
+        assert_eq!(
+            s(
+                "passthrough_map_entries",
+                &[("map", "range_blocks_v4"), ("set", "active")]
+            ),
+            Some(3.0)
+        );
+        // 100 rules: 50 per generation / 8 per block, plus the minimum slack of 64 blocks.
+        assert_eq!(
+            s("passthrough_map_capacity", &[("map", "range_blocks_v4")]),
+            Some(71.0)
         );
         assert_eq!(
             s(

@@ -146,6 +146,10 @@ fn metrics_count_decisions_reloads_generation_and_map_usage() {
         ) >= 1.0
     );
     assert!(value(&before, "passthrough_map_capacity", &[("map", "rules_v4")]) > 0.0);
+    // The IPv4 matches take range blocks, against the blocks of one generation's half.
+    let blocks = value(&before, "passthrough_map_entries", &[("map", "range_blocks_v4"), ("set", "active")]);
+    let half = value(&before, "passthrough_map_capacity", &[("map", "range_blocks_v4")]);
+    assert!(blocks >= 2.0 && blocks < half, "{blocks} of {half}");
 
     let mut p = Probe::spawn(&w.cg, &w.net).unwrap();
     for _ in 0..3 {
