@@ -39,6 +39,12 @@ pub mod ruleset {
     pub const fn id(generation: u32, index: u32) -> u32 {
         (generation << GENERATION_SHIFT) | index
     }
+
+    /// The generation (0 or 1) a rule-set id belongs to; the inverse of [`id`]'s first part.
+    #[inline(always)]
+    pub const fn generation(ruleset: u32) -> u32 {
+        (ruleset >> GENERATION_SHIFT) & 1
+    }
 }
 
 /// Bits of [`GlobalConfig::flags`].
@@ -397,5 +403,6 @@ mod tests {
     fn generation_bit_separates_rulesets() {
         assert_ne!(ruleset::id(0, 5), ruleset::id(1, 5));
         assert_eq!(ruleset::id(1, 0) >> ruleset::GENERATION_SHIFT, 1);
+        assert_eq!((ruleset::generation(ruleset::id(1, 7)), ruleset::generation(ruleset::id(0, 7))), (1, 0));
     }
 }

@@ -491,17 +491,13 @@ impl Kernel {
     /// Removes every entry of generation `g`, found by iterating the maps (used after adopting
     /// pins, when we do not know what the previous agent wrote).
     fn clear_generation_by_scan(&mut self, g: u32) {
-        let rs_gen = |rs_be: u32| (u32::from_be(rs_be) >> passthrough_common::ruleset::GENERATION_SHIFT) & 1;
-        let v4: Vec<_> = self
-            .range_index_v4
-            .keys()
-            .flatten()
-            .filter(|k| (k.ruleset >> passthrough_common::ruleset::GENERATION_SHIFT) & 1 == g)
-            .collect();
+        use passthrough_common::ruleset::generation;
+        let v4: Vec<_> = self.range_index_v4.keys().flatten().filter(|k| generation(k.ruleset) == g).collect();
         for k in v4 {
             let _ = self.range_index_v4.remove(&k);
         }
-        let v6: Vec<_> = self.rules_v6.keys().flatten().filter(|k| rs_gen(k.data().ruleset_be) == g).collect();
+        let v6: Vec<_> =
+            self.rules_v6.keys().flatten().filter(|k| generation(u32::from_be(k.data().ruleset_be)) == g).collect();
         for k in v6 {
             let _ = self.rules_v6.remove(&k);
         }
@@ -509,12 +505,7 @@ impl Kernel {
         for k in wl {
             let _ = self.workloads.remove(&k);
         }
-        let dp: Vec<_> = self
-            .domain_ports
-            .keys()
-            .flatten()
-            .filter(|k| (k.ruleset >> passthrough_common::ruleset::GENERATION_SHIFT) & 1 == g)
-            .collect();
+        let dp: Vec<_> = self.domain_ports.keys().flatten().filter(|k| generation(k.ruleset) == g).collect();
         for k in dp {
             let _ = self.domain_ports.remove(&k);
         }

@@ -80,7 +80,7 @@ pub fn status_json(state: &Path) -> anyhow::Result<serde_json::Value> {
     for (i, name) in counter::NAMES.iter().enumerate() {
         counts.insert(*name, counters.get(&(i as u32), 0).map(|v| v.iter().sum::<u64>()).unwrap_or(0));
     }
-    let gen_of = |rs: u32| (rs >> passthrough_common::ruleset::GENERATION_SHIFT) & 1;
+    let gen_of = passthrough_common::ruleset::generation;
     let workloads: HashMap<MapData, WorkloadKey, WorkloadEntry> = HashMap::try_from(Map::HashMap(open(state, "WORKLOADS")?))?;
     let tables_v4: HashMap<MapData, RangeTableKey, RangeTable> = HashMap::try_from(Map::HashMap(open(state, "RANGE_INDEX_V4")?))?;
     let rules_v6: LpmTrie<MapData, RuleKeyV6, RuleValue> = LpmTrie::try_from(Map::LpmTrie(open(state, "RULES_V6")?))?;
