@@ -12,7 +12,7 @@ use std::{
 
 use passthrough_tests::{
     Agent, EPERM, Probe, StateDirGuard, TestCgroup, TestNet, agent::agent_binary, assert_allowed, assert_denied,
-    cgroup::attached_programs, require_kernel, write_policy,
+    World, cgroup::attached_programs, require_kernel, write_policy,
 };
 
 const POLICY: &str = "apiVersion: kuma.io/v1alpha1
@@ -278,31 +278,28 @@ fn policy_file_edits_are_applied_atomically_without_a_signal() {
     if !require_kernel() {
         return;
     }
-    let dir = passthrough_tests::test_dir();
-    let cg = TestCgroup::new().unwrap();
-    let net = TestNet::new().unwrap();
-    let policy = write_policy(dir.path(), POLICY);
-    let mut agent = Agent::builder().policy(&policy).cgroup(cg.path()).start().unwrap();
-    let mut probe = Probe::spawn(&cg, &net).unwrap();
-    assert_allowed(&mut probe, &net, "198.51.100.9:8080");
-    assert_denied(&mut probe, &net, "203.0.113.9:80");
+    let mut w = World::new(POLICY);
+    let mut probe = w.probe();
+    let (agent, net, policy) = (&mut w.agent, &w.net, &w.policy);
+    assert_allowed(&mut probe, net, "198.51.100.9:8080");
+    assert_denied(&mut probe, net, "203.0.113.9:80");
     let established = probe.connect("198.51.100.10:8080").unwrap();
 
     // A valid edit: now 203.0.113.0/24 port 80 is allowed, 198.51.100.0/24 no longer.
     let seen = agent.applied_generations().len();
     let started = std::time::Instant::now();
-    passthrough_tests::write_file(&policy, &POLICY.replace("198.51.100.0/24, port: 8080", "203.0.113.0/24, port: 80"));
+    passthrough_tests::write_file(policy, &POLICY.replace("198.51.100.0/24, port: 8080", "203.0.113.0/24, port: 80"));
     let generation = agent.wait_applied_after(seen).unwrap();
     assert!(started.elapsed() < std::time::Duration::from_secs(1), "applied after {:?}", started.elapsed());
     assert!(generation >= 2);
-    assert_allowed(&mut probe, &net, "203.0.113.9:80");
-    assert_denied(&mut probe, &net, "198.51.100.9:8080");
+    assert_allowed(&mut probe, net, "203.0.113.9:80");
+    assert_denied(&mut probe, net, "198.51.100.9:8080");
     assert_eq!(probe.echo(&established, "kept").unwrap(), "kept", "an established connection survives the swap");
 
     // An invalid edit: rejected whole, the previous policy keeps running, still ready.
     let seen = agent.applied_generations().len();
     let log_len = agent.log().len();
-    passthrough_tests::write_file(&policy, &POLICY.replace("198.51.100.0/24", "198.51.100.0/33"));
+    passthrough_tests::write_file(policy, &POLICY.replace("198.51.100.0/24", "198.51.100.0/33"));
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     while !agent.log()[log_len..].contains("reload rejected") {
         assert!(std::time::Instant::now() < deadline, "no rejection logged\n{}", agent.describe());
@@ -317,8 +314,8 @@ fn policy_file_edits_are_applied_atomically_without_a_signal() {
         metrics.lines().any(|l| l.starts_with("passthrough_policy_reloads_total{result=\"failure\"}") && !l.ends_with(" 0")),
         "{metrics}"
     );
-    assert_allowed(&mut probe, &net, "203.0.113.9:80");
-    assert_denied(&mut probe, &net, "198.51.100.9:8080");
+    assert_allowed(&mut probe, net, "203.0.113.9:80");
+    assert_denied(&mut probe, net, "198.51.100.9:8080");
     assert_eq!(probe.echo(&established, "still").unwrap(), "still");
     agent.stop().unwrap();
 }
@@ -331,14 +328,11 @@ fn a_policy_over_capacity_is_refused_and_the_previous_one_stays() {
     if !require_kernel() {
         return;
     }
-    let dir = passthrough_tests::test_dir();
-    let cg = TestCgroup::new().unwrap();
-    let net = TestNet::new().unwrap();
-    let policy = write_policy(dir.path(), POLICY);
-    let mut agent = Agent::builder().policy(&policy).cgroup(cg.path()).arg("--rule-capacity").arg("1024").start().unwrap();
-    let mut probe = Probe::spawn(&cg, &net).unwrap();
-    assert_allowed(&mut probe, &net, "198.51.100.9:8080");
-    assert_denied(&mut probe, &net, "203.0.113.9:80");
+    let mut w = World::with(POLICY, |b| b.arg("--rule-capacity").arg("1024"));
+    let mut probe = w.probe();
+    let (agent, net, policy) = (&mut w.agent, &w.net, &w.policy);
+    assert_allowed(&mut probe, net, "198.51.100.9:8080");
+    assert_denied(&mut probe, net, "203.0.113.9:80");
 
     // 3,000 disjoint /32s (every other address of 100.64.0.0/18) plus the test host at port 80:
     // about 380 blocks of range index, where a capacity of 1,024 rules gives 128 per generation.
@@ -347,12 +341,12 @@ fn a_policy_over_capacity_is_refused_and_the_previous_one_stays() {
         let a = std::net::Ipv4Addr::from(0x6440_0000 + 2 * i);
         big.push_str(&format!("      - {{type: IP, value: {a}}}\n"));
     }
-    passthrough_tests::write_file(&policy, &big);
+    passthrough_tests::write_file(policy, &big);
     let rejection = agent.reload_rejected().unwrap();
     assert!(rejection.contains("RANGES_V4") && rejection.contains("capacity"), "{rejection}");
     assert_eq!(agent.get("/readyz").unwrap().0, 200);
-    assert_allowed(&mut probe, &net, "198.51.100.9:8080");
-    assert_denied(&mut probe, &net, "203.0.113.9:80");
+    assert_allowed(&mut probe, net, "198.51.100.9:8080");
+    assert_denied(&mut probe, net, "203.0.113.9:80");
     agent.stop().unwrap();
 }
 
