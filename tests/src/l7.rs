@@ -47,6 +47,8 @@ pub struct Pki {
     pub ca_pem: String,
     /// The server configuration (one certificate for every name).
     pub server: Arc<ServerConfig>,
+    /// The server certificate and its key, PEM (for servers configured from files).
+    pub server_pem: (String, String),
 }
 
 impl Pki {
@@ -74,7 +76,18 @@ impl Pki {
             ca_der: ca.der().clone(),
             ca_pem: ca.pem(),
             server: Arc::new(server),
+            server_pem: (cert.pem(), key.serialize_pem()),
         })
+    }
+
+    /// Writes the server certificate and key to `dir/server.crt` and `dir/server.key`; returns
+    /// both paths.
+    pub fn write_server(&self, dir: &Path) -> Result<(PathBuf, PathBuf)> {
+        let (crt, key) = (dir.join("server.crt"), dir.join("server.key"));
+        for (p, pem) in [(&crt, &self.server_pem.0), (&key, &self.server_pem.1)] {
+            std::fs::write(p, pem).with_context(|| format!("writing {}", p.display()))?;
+        }
+        Ok((crt, key))
     }
 
     /// Writes the CA PEM to `dir/ca.pem` and returns the path.

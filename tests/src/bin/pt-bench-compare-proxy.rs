@@ -82,10 +82,10 @@ use passthrough_tests::{
     Agent, TestCgroup,
     bench::{MoveBack, median, open_loop_slot, raise_nofile},
     hostnet::{BENCH_SLOT, HostNet},
-    l7::{Dns, provider},
+    l7::{Dns, Pki, provider},
     require_kernel, test_dir, write_policy,
 };
-use rustls::{ClientConfig, RootCertStore, pki_types::ServerName};
+use rustls::{ClientConfig, pki_types::ServerName};
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::TcpStream,
@@ -290,7 +290,9 @@ fn main() -> anyhow::Result<()> {
     let slot = BENCH_SLOT;
     let (host_a, host_c) = (slot.host4(1), slot.host4(3));
     let dir = test_dir();
-    let pki = BenchPki::new(dir.path())?;
+    // The origin's certificate covers the denied name too, so a refused name is refused by the
+    // path, not by certificate checks.
+    let pki = Pki::new(&[NAME, DENIED])?;
     let net = HostNet::new(slot)?;
     let origin = start_origin(dir.path(), net.server_ns(), &pki)?;
     wait_listening(&origin, SocketAddr::new(host_c, ORIGIN_HTTP))?;
@@ -385,7 +387,12 @@ fn main() -> anyhow::Result<()> {
         std::fs::create_dir_all(parent)?;
     }
     let mut sink = Sink::create(&out)?;
-    let tls_cfg = Arc::new(pki.client_config()?);
+    let tls_cfg = Arc::new(
+        ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(pki.roots())
+            .with_no_client_auth(),
+    );
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -992,46 +999,6 @@ impl Sink {
     }
 }
 
-/// The CA and the origin's certificate for `bench.test` and `evil.test` (so a refused name is
-/// refused by the path, not by certificate checks), written as PEM for nginx.
-struct BenchPki {
-    ca_der: rustls::pki_types::CertificateDer<'static>,
-    cert_pem: PathBuf,
-    key_pem: PathBuf,
-}
-
-impl BenchPki {
-    fn new(dir: &Path) -> anyhow::Result<BenchPki> {
-        let ca_key = rcgen::KeyPair::generate()?;
-        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
-        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        ca_params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "pt-bench-compare-proxy CA");
-        let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key)?;
-        let key = rcgen::KeyPair::generate()?;
-        let cert = rcgen::CertificateParams::new(vec![NAME.to_string(), DENIED.to_string()])?
-            .signed_by(&key, &ca)?;
-        let (cert_pem, key_pem) = (dir.join("origin.crt"), dir.join("origin.key"));
-        std::fs::write(&cert_pem, cert.pem())?;
-        std::fs::write(&key_pem, key.serialize_pem())?;
-        Ok(BenchPki {
-            ca_der: ca.der().clone(),
-            cert_pem,
-            key_pem,
-        })
-    }
-
-    fn client_config(&self) -> anyhow::Result<ClientConfig> {
-        let mut roots = RootCertStore::empty();
-        roots.add(self.ca_der.clone())?;
-        Ok(ClientConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()?
-            .with_root_certificates(roots)
-            .with_no_client_auth())
-    }
-}
-
 /// A process started for the run (origin or peer), in its own process group, pinned to CPU0.
 /// Dropping it terminates the group (SIGTERM, then SIGKILL after 2 s).
 struct Proc {
@@ -1119,11 +1086,12 @@ const HAPROXY_SPLICE_HTTP: u16 = 38080;
 const ENVOY_TLS: u16 = 48443;
 
 /// The origin nginx in the server netns.
-fn start_origin(dir: &Path, ns: &str, pki: &BenchPki) -> anyhow::Result<Proc> {
+fn start_origin(dir: &Path, ns: &str, pki: &Pki) -> anyhow::Result<Proc> {
     let www = dir.join("www");
     std::fs::create_dir_all(&www)?;
     std::fs::write(www.join("1k.bin"), vec![b'x'; 1024])?;
     std::fs::write(www.join("16m.bin"), vec![b'x'; BULK_BYTES])?;
+    let (crt, key) = pki.write_server(dir)?;
     let d = dir.display();
     let conf = format!(
         "worker_processes 1;\ndaemon off;\npid {d}/origin.pid;\nerror_log {d}/origin-error.log;\nworker_rlimit_nofile 16384;\n\
@@ -1135,8 +1103,8 @@ fn start_origin(dir: &Path, ns: &str, pki: &BenchPki) -> anyhow::Result<Proc> {
            ssl_certificate {}; ssl_certificate_key {};\n\
            server {{ listen {ORIGIN_TLS} ssl; listen {ORIGIN_HTTP}; root {d}/www; }}\n\
            server {{ listen {ORIGIN_H2C} http2; root {d}/www; }}\n}}\n",
-        pki.cert_pem.display(),
-        pki.key_pem.display()
+        crt.display(),
+        key.display()
     );
     let path = dir.join("origin.conf");
     std::fs::write(&path, conf)?;
