@@ -540,9 +540,9 @@ impl Kernel {
         // descriptors: a program finds a table only once its blocks are complete.
         let offset = self.ranges_v4.write_half(plan.generation, &plan.ranges_v4.blocks);
         let (keys, tables): (Vec<RangeTableKey>, Vec<RangeTable>) = plan.ranges_v4.rebased(offset).unzip();
-        write_batch(&mut self.range_index_v4, "RANGE_INDEX_V4", &keys, &tables)?;
-        let v6 = rule_keys(plan);
-        write_rules(&mut self.rules_v6, "RULES_V6", &v6)?;
+        write_batched(&mut self.range_index_v4, "RANGE_INDEX_V4", &keys, &tables)?;
+        let (keys, values) = rule_keys(plan);
+        write_batched(&mut self.rules_v6, "RULES_V6", &keys, &values)?;
         for (ruleset, port) in &plan.domain_ports {
             let key = DomainPortKey { ruleset: *ruleset, port: u32::from(*port) };
             self.domain_ports.insert(key, 1, 0).map_err(|e| KernelError::Map("DOMAIN_PORTS", e))?;
@@ -580,15 +580,9 @@ impl Kernel {
 
     fn remove_entries(&mut self, plan: &KernelPlan) {
         // Best effort: an entry that is already gone is fine.
-        use aya::maps::IterableMap as _;
         let keys: Vec<RangeTableKey> = plan.ranges_v4.tables.iter().map(|(k, _)| *k).collect();
-        if matches!(batch::delete(self.range_index_v4.map(), &keys), Err(batch::Error::Unsupported)) {
-            for k in &keys {
-                let _ = self.range_index_v4.remove(k);
-            }
-        }
-        let v6 = rule_keys(plan);
-        remove_rules(&mut self.rules_v6, &v6.0);
+        remove_batched(&mut self.range_index_v4, &keys);
+        remove_batched(&mut self.rules_v6, &rule_keys(plan).0);
         for (ruleset, port) in &plan.domain_ports {
             let _ = self.domain_ports.remove(&DomainPortKey { ruleset: *ruleset, port: u32::from(*port) });
         }
@@ -885,43 +879,50 @@ impl Drop for RangeArray {
     }
 }
 
-/// Writes hash entries with `BPF_MAP_UPDATE_BATCH`, or one by one where it is unsupported.
-fn write_batch<K: aya::Pod, V: aya::Pod>(
-    map: &mut HashMap<MapData, K, V>,
-    name: &'static str,
-    keys: &[K],
-    values: &[V],
-) -> Result<(), KernelError> {
-    use aya::maps::IterableMap as _;
-    match batch::update(map.map(), keys, values) {
-        Ok(()) => Ok(()),
-        Err(batch::Error::Unsupported) => {
-            for (k, v) in keys.iter().zip(values) {
-                map.insert(k, v, 0).map_err(|e| KernelError::Map(name, e))?;
-            }
-            Ok(())
-        }
-        Err(batch::Error::Io(e)) => Err(KernelError::Map(
-            name,
-            aya::maps::MapError::SyscallError(aya::sys::SyscallError { call: "bpf_map_update_batch", io_error: e }),
-        )),
+/// A typed map the batched writes fall back to, element by element, on kernels without batch
+/// ops for its type.
+trait ElementMap<K, V> {
+    /// The map itself, for the batch syscalls.
+    fn data(&self) -> &MapData;
+    /// One update.
+    fn put(&mut self, key: &K, value: &V) -> Result<(), aya::maps::MapError>;
+    /// One delete; an entry already gone is fine.
+    fn delete(&mut self, key: &K);
+}
+
+impl<K: aya::Pod> ElementMap<Key<K>, RuleValue> for LpmTrie<MapData, K, RuleValue> {
+    fn data(&self) -> &MapData {
+        aya::maps::IterableMap::map(self)
+    }
+    fn put(&mut self, key: &Key<K>, value: &RuleValue) -> Result<(), aya::maps::MapError> {
+        self.insert(key, *value, 0)
+    }
+    fn delete(&mut self, key: &Key<K>) {
+        let _ = self.remove(key);
     }
 }
 
-/// Writes rule entries: `BPF_MAP_UPDATE_BATCH` where the kernel has it for LPM tries (one
+impl<K: aya::Pod, V: aya::Pod> ElementMap<K, V> for HashMap<MapData, K, V> {
+    fn data(&self) -> &MapData {
+        aya::maps::IterableMap::map(self)
+    }
+    fn put(&mut self, key: &K, value: &V) -> Result<(), aya::maps::MapError> {
+        self.insert(key, value, 0)
+    }
+    fn delete(&mut self, key: &K) {
+        let _ = self.remove(key);
+    }
+}
+
+/// Writes entries with `BPF_MAP_UPDATE_BATCH` where the kernel has it for the map's type (one
 /// syscall per [`batch::CHUNK`] entries instead of one per entry: at a million entries the
 /// syscalls were most of the write time), else one update per entry.
-fn write_rules<K: aya::Pod>(
-    map: &mut LpmTrie<MapData, K, RuleValue>,
-    name: &'static str,
-    (keys, values): &RuleKeys<K>,
-) -> Result<(), KernelError> {
-    use aya::maps::IterableMap as _;
-    match batch::update(map.map(), keys, values) {
+fn write_batched<K, V>(map: &mut impl ElementMap<K, V>, name: &'static str, keys: &[K], values: &[V]) -> Result<(), KernelError> {
+    match batch::update(map.data(), keys, values) {
         Ok(()) => Ok(()),
         Err(batch::Error::Unsupported) => {
             for (key, value) in keys.iter().zip(values) {
-                map.insert(key, *value, 0).map_err(|e| KernelError::Map(name, e))?;
+                map.put(key, value).map_err(|e| KernelError::Map(name, e))?;
             }
             Ok(())
         }
@@ -932,12 +933,12 @@ fn write_rules<K: aya::Pod>(
     }
 }
 
-/// Removes rule entries, best effort (entries already gone are skipped).
-fn remove_rules<K: aya::Pod>(map: &mut LpmTrie<MapData, K, RuleValue>, keys: &[Key<K>]) {
-    use aya::maps::IterableMap as _;
-    if matches!(batch::delete(map.map(), keys), Err(batch::Error::Unsupported)) {
+/// Removes entries, best effort (entries already gone are skipped): `BPF_MAP_DELETE_BATCH`, or
+/// one delete per entry.
+fn remove_batched<K, V>(map: &mut impl ElementMap<K, V>, keys: &[K]) {
+    if matches!(batch::delete(map.data(), keys), Err(batch::Error::Unsupported)) {
         for key in keys {
-            let _ = map.remove(key);
+            map.delete(key);
         }
     }
 }

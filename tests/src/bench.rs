@@ -207,6 +207,25 @@ pub fn timed_connect(dst: SocketAddr) -> anyhow::Result<u64> {
     Ok(ns)
 }
 
+/// One timed `connect()`: Ok(ns) if it connected, Err((ns, errno)) if it failed.
+pub fn connect_once(dst: SocketAddr) -> anyhow::Result<Result<u64, (u64, i32)>> {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).context("socket")?;
+    // A lost SYN would otherwise block for two minutes of retransmissions.
+    sock.set_write_timeout(Some(Duration::from_secs(3))).context("SO_SNDTIMEO")?;
+    let addr = socket2::SockAddr::from(dst);
+    let t = std::time::Instant::now();
+    let r = sock.connect(&addr);
+    let ns = t.elapsed().as_nanos() as u64;
+    match r {
+        Ok(()) => {
+            // RST on close: no TIME_WAIT pile-up across millions of connects.
+            sock.set_linger(Some(Duration::ZERO)).context("SO_LINGER")?;
+            Ok(Ok(ns))
+        }
+        Err(e) => Ok(Err((ns, e.raw_os_error().unwrap_or(0)))),
+    }
+}
+
 /// Writes measurements as JSON lines: `{"part","table","row","size","round","metric","value"}`,
 /// the input of `cargo xtask bench --compare`'s report.
 pub struct JsonOut {

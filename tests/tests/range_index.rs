@@ -15,13 +15,12 @@
 use std::{
     collections::HashSet,
     net::{Ipv4Addr, SocketAddr},
-    time::Duration,
 };
 
 use ipnet::Ipv4Net;
 use passthrough_tests::{
     EPERM, TestCgroup,
-    bench::{BenchNs, MoveBack, Rng, cidr_conf},
+    bench::{BenchNs, MoveBack, Rng, cidr_conf, connect_once},
     require_kernel,
 };
 use passthrough_user::{
@@ -59,16 +58,6 @@ fn covered(set: &HashSet<(Ipv4Net, Option<u16>)>, addr: Ipv4Addr, port: u16) -> 
         let net = Ipv4Net::new(addr, len).expect("len <= 32").trunc();
         set.contains(&(net, None)) || set.contains(&(net, Some(port)))
     })
-}
-
-/// The errno of a TCP connect to `addr:port` (0 = connected).
-fn connect_errno(addr: Ipv4Addr, port: u16) -> i32 {
-    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
-    sock.set_write_timeout(Some(Duration::from_secs(3))).expect("SO_SNDTIMEO");
-    match sock.connect(&SocketAddr::from((addr, port)).into()) {
-        Ok(()) => 0,
-        Err(e) => e.raw_os_error().unwrap_or(-1),
-    }
 }
 
 /// Every edge of a sample of networks (first, last, one before, one after) plus random
@@ -119,7 +108,10 @@ fn large_overlapping_rule_sets_are_enforced_at_every_edge_across_replaces() {
         let mut checked = [0usize; 2];
         for addr in &addrs {
             for port in [PORT_SPECIFIC, 80] {
-                let errno = connect_errno(*addr, port);
+                let errno = match connect_once(SocketAddr::from((*addr, port))).expect("socket") {
+                    Ok(_) => 0,
+                    Err((_, errno)) => errno,
+                };
                 let allowed = covered(&set, *addr, port);
                 if allowed {
                     assert_ne!(errno, EPERM, "round {round}: {addr}:{port} is covered but was denied");

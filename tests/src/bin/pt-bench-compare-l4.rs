@@ -57,7 +57,7 @@ use anyhow::{Context as _, bail};
 use ipnet::Ipv4Net;
 use passthrough_tests::{
     TestCgroup,
-    bench::{BenchNs, JsonOut, MoveBack, Rng, cidr_conf, median, pin_to_cpu, thread_cpu_ns},
+    bench::{BenchNs, JsonOut, MoveBack, Rng, cidr_conf, connect_once, median, pin_to_cpu, thread_cpu_ns},
     unique_suffix,
 };
 use passthrough_user::{
@@ -263,25 +263,6 @@ impl Workload {
     /// A different set of the same size that still allows every destination.
     fn replacement(&self, seed: u64) -> Vec<Ipv4Net> {
         prefixes(self.nets.len(), seed, &self.dest_nets)
-    }
-}
-
-/// One timed `connect()`: Ok(ns) if it connected, Err((ns, errno)) if it failed.
-fn connect_once(dst: SocketAddr) -> anyhow::Result<Result<u64, (u64, i32)>> {
-    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).context("socket")?;
-    // A lost SYN would otherwise block for two minutes of retransmissions.
-    sock.set_write_timeout(Some(Duration::from_secs(3))).context("SO_SNDTIMEO")?;
-    let addr = socket2::SockAddr::from(dst);
-    let t = Instant::now();
-    let r = sock.connect(&addr);
-    let ns = t.elapsed().as_nanos() as u64;
-    match r {
-        Ok(()) => {
-            // RST on close: no TIME_WAIT pile-up across millions of connects.
-            sock.set_linger(Some(Duration::ZERO)).context("SO_LINGER")?;
-            Ok(Ok(ns))
-        }
-        Err(e) => Ok(Err((ns, e.raw_os_error().unwrap_or(0)))),
     }
 }
 
