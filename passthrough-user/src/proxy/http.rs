@@ -1,23 +1,20 @@
-//! Plaintext HTTP/1.x and h2c (prior knowledge), proxied per request with hyper.
+//! h2c (HTTP/2 with prior knowledge), proxied per stream with hyper; plaintext HTTP/1.x is
+//! [`super::http1`].
 //!
-//! Every request (HTTP/1, keep-alive included) and every stream (h2c) is judged on its own
-//! authority, so a keep-alive connection cannot smuggle a second host:
-//! - HTTP/1: the absolute-form URI's authority when there is one (RFC 9112 §3.2.2: it wins over
-//!   `Host`), else the `Host` header; none (e.g. HTTP/1.0 without `Host`) or several `Host`
-//!   headers → denied. Upstream gets an origin-form request whose `Host` is the judged authority.
-//! - h2c: `:authority`, else `Host`; judged against `http2` and `grpc` matches.
-//! - `CONNECT` and `Upgrade` (`h2c`, WebSocket, …) are denied: the tunnelled bytes could not be
-//!   judged per request.
-//! - Repeats are cheap: a request whose authority is identical to the connection's last allowed
+//! Every stream is judged on its own authority (`:authority`, else `Host`) against `http2`
+//! and `grpc` matches, so one connection cannot smuggle a second host. Upstream connections
+//! are HTTP/2 too, one per target and client connection.
+//! - `CONNECT` and `Upgrade` are denied: the tunnelled bytes could not be judged per request.
+//! - Repeats are cheap: a stream whose authority is identical to the connection's last allowed
 //!   one, under the same policy and within [`REUSE_JUDGEMENT_FOR`], reuses that judgement's
-//!   target (no policy lookup, destination check or decision event). Any other authority, a
-//!   reload, or an older judgement is judged in full. Not under `--audit`.
+//!   target ([`Allowed`]: no policy lookup, destination check or decision event). Any other
+//!   authority, a reload, or an older judgement is judged in full. Not under `--audit`.
 //!
-//! A denied request gets `503` with a plain-text body naming the host and saying no
-//! MeshPassthrough match allowed it; on HTTP/1 the connection is then closed. A denied gRPC call
-//! (h2c, `content-type: application/grpc…`) gets a trailers-only response: HTTP 200,
-//! `grpc-status: 7` (PERMISSION_DENIED) and a `grpc-message`. Other streams of the same h2c
-//! connection go on. An unreachable upstream is `503` (gRPC: `grpc-status: 14`, UNAVAILABLE).
+//! A denied stream gets `503` with a plain-text body naming the host and saying no
+//! MeshPassthrough match allowed it. A denied gRPC call (`content-type: application/grpc…`)
+//! gets a trailers-only response: HTTP 200, `grpc-status: 7` (PERMISSION_DENIED) and a
+//! `grpc-message`. Other streams of the same connection go on. An unreachable upstream is `503`
+//! (gRPC: `grpc-status: 14`, UNAVAILABLE).
 
 use std::{
     collections::HashMap,
@@ -32,11 +29,11 @@ use std::{
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::{
-    Method, Request, Response, StatusCode, Uri,
+    Method, Request, Response, StatusCode,
     body::Incoming,
-    client::conn::{http1 as client1, http2 as client2},
+    client::conn::http2 as client2,
     header::{self, HeaderMap, HeaderName, HeaderValue},
-    server::conn::{http1 as server1, http2 as server2},
+    server::conn::http2 as server2,
     service::service_fn,
 };
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -136,18 +133,11 @@ impl AsyncWrite for Rewind {
     }
 }
 
-/// Upstream connections of one client connection.
-#[derive(Default)]
-struct Upstreams {
-    h1: Option<(SocketAddr, client1::SendRequest<Incoming>)>,
-    h2: HashMap<SocketAddr, client2::SendRequest<Incoming>>,
-}
-
 struct Ctx {
     proxy: Arc<Proxy>,
     conn: ConnInfo,
-    h2: bool,
-    upstreams: Mutex<Upstreams>,
+    /// HTTP/2 connections to upstream targets.
+    upstreams: Mutex<HashMap<SocketAddr, client2::SendRequest<Incoming>>>,
     /// The last allowed judgement of this connection (see [`Allowed`]).
     allowed: std::sync::Mutex<Option<Allowed>>,
 }
@@ -156,48 +146,53 @@ struct Ctx {
 /// authority: bounds how stale its destination check (DNS) can get.
 const REUSE_JUDGEMENT_FOR: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// An allowed judgement, reused for later requests of the same connection whose authority is
-/// byte-for-byte the same, under the same policy (pointer-equal), within
+/// An allowed judgement, reused for later requests of the same connection (HTTP/1 and h2c)
+/// whose authority is byte-for-byte the same, under the same policy (pointer-equal), within
 /// [`REUSE_JUDGEMENT_FOR`]. Every request's authority is still compared; only the policy
 /// lookup, the destination check and the decision event are skipped for repeats (one event
 /// per judgement, not per request).
-struct Allowed {
+pub(crate) struct Allowed {
     policy: Arc<super::ProxyPolicy>,
     authority: String,
     target: SocketAddr,
     at: std::time::Instant,
 }
 
-impl Ctx {
-    /// The target of an earlier allowed judgement that still applies to `authority`.
-    fn allowed_again(&self, authority: &str) -> Option<SocketAddr> {
-        let memo = self.allowed.lock().unwrap_or_else(|e| e.into_inner());
-        let a = memo.as_ref()?;
-        (a.authority == authority
-            && a.at.elapsed() < REUSE_JUDGEMENT_FOR
-            && Arc::ptr_eq(&a.policy, &self.proxy.policy.load()))
-        .then_some(a.target)
-    }
-
-    fn remember(&self, policy: Arc<super::ProxyPolicy>, authority: &str, target: SocketAddr) {
-        *self.allowed.lock().unwrap_or_else(|e| e.into_inner()) = Some(Allowed {
+impl Allowed {
+    /// `authority` was allowed to `target` under `policy` (loaded before judging).
+    pub(crate) fn new(policy: Arc<super::ProxyPolicy>, authority: &str, target: SocketAddr) -> Self {
+        Allowed {
             policy,
             authority: authority.to_string(),
             target,
             at: std::time::Instant::now(),
-        });
+        }
+    }
+
+    /// The target, when this judgement still applies to `authority` under `proxy`'s policy.
+    pub(crate) fn target_for(&self, authority: &str, proxy: &Proxy) -> Option<SocketAddr> {
+        (self.authority == authority
+            && self.at.elapsed() < REUSE_JUDGEMENT_FOR
+            && Arc::ptr_eq(&self.policy, &proxy.policy.load()))
+        .then_some(self.target)
     }
 }
 
-/// Serves one plaintext client connection (`h2` = prior-knowledge HTTP/2), `first` being the
-/// bytes already read.
-pub(crate) async fn serve(
-    proxy: Arc<Proxy>,
-    client: TcpStream,
-    first: Vec<u8>,
-    conn: ConnInfo,
-    h2: bool,
-) {
+impl Ctx {
+    /// The target of an earlier allowed judgement that still applies to `authority`.
+    fn allowed_again(&self, authority: &str) -> Option<SocketAddr> {
+        let memo = self.allowed.lock().unwrap_or_else(|e| e.into_inner());
+        memo.as_ref()?.target_for(authority, &self.proxy)
+    }
+
+    fn remember(&self, policy: Arc<super::ProxyPolicy>, authority: &str, target: SocketAddr) {
+        *self.allowed.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(Allowed::new(policy, authority, target));
+    }
+}
+
+/// Serves one prior-knowledge HTTP/2 client connection, `first` being the bytes already read.
+pub(crate) async fn serve(proxy: Arc<Proxy>, client: TcpStream, first: Vec<u8>, conn: ConnInfo) {
     let peer = conn.peer;
     let (up, down) = proxy
         .metrics()
@@ -205,8 +200,7 @@ pub(crate) async fn serve(
     let ctx = Arc::new(Ctx {
         proxy,
         conn,
-        h2,
-        upstreams: Mutex::new(Upstreams::default()),
+        upstreams: Mutex::new(HashMap::new()),
         allowed: std::sync::Mutex::new(None),
     });
     let io = TokioIo::new(Rewind::new(first, client).counted(up, down));
@@ -214,13 +208,9 @@ pub(crate) async fn serve(
         let ctx = ctx.clone();
         async move { Ok::<_, Infallible>(handle(ctx, req).await) }
     });
-    let r = if h2 {
-        server2::Builder::new(TokioExecutor::new())
-            .serve_connection(io, svc)
-            .await
-    } else {
-        server1::Builder::new().serve_connection(io, svc).await
-    };
+    let r = server2::Builder::new(TokioExecutor::new())
+        .serve_connection(io, svc)
+        .await;
     if let Err(e) = r {
         debug!(target: "passthrough::proxy", %peer, error = %e, "client connection ended with an error");
     }
@@ -258,12 +248,8 @@ fn authority(req: &Request<Incoming>) -> Result<String, &'static str> {
 }
 
 async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body> {
-    let grpc = ctx.h2 && is_grpc(req.headers());
-    let proto = match (ctx.h2, grpc) {
-        (true, true) => "grpc",
-        (true, false) => "h2c",
-        _ => "http1",
-    };
+    let grpc = is_grpc(req.headers());
+    let proto = if grpc { "grpc" } else { "h2c" };
     let auth = match authority(&req) {
         Ok(a) => a,
         Err(why) => {
@@ -304,11 +290,7 @@ async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body> {
     let target = match ctx.allowed_again(&auth) {
         Some(t) => t,
         None => {
-            let l7 = if ctx.h2 {
-                L7::H2c(auth.clone())
-            } else {
-                L7::Http1(auth.clone())
-            };
+            let l7 = L7::H2c(auth.clone());
             // Loaded before judging: a reload during the judgement makes the memo stale at once.
             let policy = ctx.proxy.policy.load_full();
             match ctx.proxy.judge(&ctx.conn, l7, proto, false).await {
@@ -380,79 +362,19 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
 async fn forward(
     ctx: &Ctx,
     req: Request<Incoming>,
-    auth: &str,
+    _auth: &str,
     target: SocketAddr,
 ) -> Result<Response<Body>, String> {
     let (mut parts, body) = req.into_parts();
-    let close = !ctx.h2 && client_closes(&parts);
-    strip_hop_by_hop(&mut parts.headers, ctx.h2);
-    if close {
-        // The client connection ends after this answer, and with it the upstream one: let the
-        // origin close first, so the TIME_WAIT state stays there. Closing first here would leave
-        // one TIME_WAIT per request on the proxy's upstream address, whose ephemeral ports to
-        // one destination then run short (tcp_tw_reuse does not cover non-loopback peers).
-        parts
-            .headers
-            .insert(header::CONNECTION, HeaderValue::from_static("close"));
-    }
-    let resp = if ctx.h2 {
-        let mut sender = h2_sender(ctx, target).await?;
-        sender
-            .send_request(Request::from_parts(parts, body))
-            .await
-            .map_err(|e| format!("request to {target}: {e}"))?
-    } else {
-        // Origin-form toward upstream, with the judged authority as Host.
-        let pq = parts
-            .uri
-            .path_and_query()
-            .map(|p| p.as_str())
-            .unwrap_or("/");
-        parts.uri = pq.parse::<Uri>().map_err(|e| e.to_string())?;
-        let host = HeaderValue::from_str(auth).map_err(|e| e.to_string())?;
-        parts.headers.insert(header::HOST, host);
-        let mut ups = ctx.upstreams.lock().await;
-        let reuse = matches!(&ups.h1, Some((t, s)) if *t == target && !s.is_closed());
-        if !reuse {
-            let io = connect(ctx, target).await?;
-            let (sender, conn) = client1::handshake(TokioIo::new(io))
-                .await
-                .map_err(|e| format!("HTTP/1 handshake with {target}: {e}"))?;
-            tokio::spawn(async move {
-                let _ = conn.await;
-            });
-            ups.h1 = Some((target, sender));
-        }
-        let Some((_, sender)) = ups.h1.as_mut() else {
-            return Err("no upstream connection".into());
-        };
-        sender
-            .ready()
-            .await
-            .map_err(|e| format!("upstream {target}: {e}"))?;
-        sender
-            .send_request(Request::from_parts(parts, body))
-            .await
-            .map_err(|e| format!("request to {target}: {e}"))?
-    };
+    strip_hop_by_hop(&mut parts.headers, true);
+    let mut sender = h2_sender(ctx, target).await?;
+    let resp = sender
+        .send_request(Request::from_parts(parts, body))
+        .await
+        .map_err(|e| format!("request to {target}: {e}"))?;
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers, false);
     Ok(Response::from_parts(parts, body.boxed()))
-}
-
-/// Whether an HTTP/1 client ends its connection after this request: `Connection: close`, or
-/// HTTP/1.0 without `Connection: keep-alive` (RFC 9112 §9.3).
-fn client_closes(parts: &hyper::http::request::Parts) -> bool {
-    let has = |token: &str| {
-        parts
-            .headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case(token))
-    };
-    has("close") || (parts.version == hyper::Version::HTTP_10 && !has("keep-alive"))
 }
 
 async fn h2_sender(
@@ -460,7 +382,7 @@ async fn h2_sender(
     target: SocketAddr,
 ) -> Result<client2::SendRequest<Incoming>, String> {
     let mut ups = ctx.upstreams.lock().await;
-    if let Some(s) = ups.h2.get(&target)
+    if let Some(s) = ups.get(&target)
         && !s.is_closed()
     {
         return Ok(s.clone());
@@ -472,7 +394,7 @@ async fn h2_sender(
     tokio::spawn(async move {
         let _ = conn.await;
     });
-    ups.h2.insert(target, sender.clone());
+    ups.insert(target, sender.clone());
     Ok(sender)
 }
 
@@ -518,22 +440,18 @@ fn grpc_status(code: u8, message: &str) -> Response<Body> {
     r
 }
 
-fn plain(ctx: &Ctx, status: StatusCode, body: String) -> Response<Body> {
+fn plain(status: StatusCode, body: String) -> Response<Body> {
     let mut r = Response::new(full(body));
     *r.status_mut() = status;
-    let h = r.headers_mut();
-    h.insert(
+    r.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
-    if !ctx.h2 {
-        h.insert(header::CONNECTION, HeaderValue::from_static("close"));
-    }
     r
 }
 
 /// The answer to a denied request.
-fn deny(ctx: &Ctx, grpc: bool, host: &str, why: &str) -> Response<Body> {
+fn deny(_ctx: &Ctx, grpc: bool, host: &str, why: &str) -> Response<Body> {
     if grpc {
         return grpc_status(
             7,
@@ -541,7 +459,6 @@ fn deny(ctx: &Ctx, grpc: bool, host: &str, why: &str) -> Response<Body> {
         );
     }
     plain(
-        ctx,
         StatusCode::SERVICE_UNAVAILABLE,
         format!(
             "passthrough: no MeshPassthrough match allowed the request to host {host}\nreason: {why}\n"
@@ -550,7 +467,7 @@ fn deny(ctx: &Ctx, grpc: bool, host: &str, why: &str) -> Response<Body> {
 }
 
 /// The answer when the upstream cannot be reached.
-fn unavailable(ctx: &Ctx, grpc: bool, host: &str, why: &str) -> Response<Body> {
+fn unavailable(_ctx: &Ctx, grpc: bool, host: &str, why: &str) -> Response<Body> {
     if grpc {
         return grpc_status(
             14,
@@ -558,7 +475,6 @@ fn unavailable(ctx: &Ctx, grpc: bool, host: &str, why: &str) -> Response<Body> {
         );
     }
     plain(
-        ctx,
         StatusCode::SERVICE_UNAVAILABLE,
         format!("passthrough: the upstream for host {host} is unreachable: {why}\n"),
     )
@@ -572,24 +488,6 @@ mod tests {
     fn grpc_message_encoding() {
         assert_eq!(grpc_message("a b%c\n").to_str().unwrap(), "a b%25c%0A");
         assert_eq!(grpc_message("é").to_str().unwrap(), "%C3%A9");
-    }
-
-    #[test]
-    fn client_closes_on_close_token_or_plain_http10() {
-        use hyper::Version;
-        let closes = |version, conn: Option<&'static str>| {
-            let mut b = Request::get("/").version(version);
-            if let Some(c) = conn {
-                b = b.header(header::CONNECTION, c);
-            }
-            client_closes(&b.body(()).unwrap().into_parts().0)
-        };
-        assert!(closes(Version::HTTP_11, Some("Close")));
-        assert!(closes(Version::HTTP_11, Some("x-foo, close")));
-        assert!(!closes(Version::HTTP_11, None));
-        assert!(!closes(Version::HTTP_11, Some("keep-alive")));
-        assert!(closes(Version::HTTP_10, None));
-        assert!(!closes(Version::HTTP_10, Some("keep-alive")));
     }
 
     #[test]

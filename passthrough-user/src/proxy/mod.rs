@@ -28,7 +28,9 @@
 //! HTTP requests are judged with the policy current when each request arrives.
 
 pub mod dns;
+pub mod h1;
 pub mod http;
+pub mod http1;
 pub mod orig_dst;
 pub mod peek;
 pub mod relay;
@@ -351,8 +353,8 @@ impl Proxy {
         let ctx = ConnInfo { peer, rec };
         match first {
             First::Tls(tls::Parse::Hello(hello)) => self.tls(client, buf, ctx, hello).await,
-            First::Http1 => http::serve(self, client, buf, ctx, false).await,
-            First::H2c => http::serve(self, client, buf, ctx, true).await,
+            First::Http1 => http1::serve(self, client, buf, ctx).await,
+            First::H2c => http::serve(self, client, buf, ctx).await,
             First::Tls(tls::Parse::Invalid(e)) => {
                 if self.report_deny(&ctx, "tls", None, None, "bad_client_hello", &e) {
                     return self.audit_passthrough(client, buf, &ctx).await;
@@ -555,12 +557,12 @@ async fn tls_refuse(mut client: TcpStream) {
     let _ = client
         .write_all(&tls::alert(tls::ALERT_ACCESS_DENIED))
         .await;
-    close_gently(client).await;
+    close_gently(&mut client).await;
 }
 
 /// Shuts down the write side, then drains what the client still sends for a moment so that
 /// closing does not turn into a reset that could destroy the last bytes we wrote.
-pub(crate) async fn close_gently(mut client: TcpStream) {
+pub(crate) async fn close_gently(client: &mut TcpStream) {
     let _ = client.shutdown().await;
     let mut sink = [0u8; 4096];
     let drain = async {
