@@ -226,7 +226,10 @@ impl Session {
                     if !end.persistent {
                         self.close_upstream(req.closes).await;
                     }
-                    if !keep {
+                    // A client that asked to close and sent nothing more is simply closed; one
+                    // that may have sent more (the origin ended the connection, or bytes are
+                    // buffered) is closed gently, so that a reset cannot destroy the answer.
+                    if !keep && !(req.closes && self.cbuf.is_empty()) {
                         super::close_gently(&mut self.client).await;
                     }
                     return keep;
@@ -288,8 +291,9 @@ impl Session {
     /// (`tcp_tw_reuse` does not cover non-loopback peers).
     async fn close_upstream(&mut self, origin_closes: bool) {
         let Some(mut up) = self.upstream.take() else { return };
-        if origin_closes {
-            let mut sink = [0u8; 512];
+        let mut sink = [0u8; 512];
+        // Usually the FIN is already here: no timer for that.
+        if origin_closes && !matches!(up.stream.try_read(&mut sink), Ok(0)) {
             let _ = tokio::time::timeout(ORIGIN_CLOSE_WAIT, async {
                 while let Ok(n) = up.stream.read(&mut sink).await {
                     if n == 0 {

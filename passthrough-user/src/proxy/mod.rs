@@ -289,6 +289,15 @@ impl Proxy {
 
     /// Serves one listener until `shutdown` fires; connections still open then are closed.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) {
+        // The listening address, once: a `getsockname` per connection would cost a syscall for
+        // what no source needs beyond the listener.
+        let local = match listener.local_addr() {
+            Ok(l) => l,
+            Err(e) => {
+                warn!(target: "passthrough::proxy", error = %e, "listener has no local address");
+                return;
+            }
+        };
         loop {
             let accepted = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -303,7 +312,7 @@ impl Proxy {
                         let _active = active;
                         tokio::select! {
                             _ = stop.cancelled() => {}
-                            _ = me.handle(stream, peer) => {}
+                            _ = me.handle(stream, peer, local) => {}
                         }
                     });
                 }
@@ -316,14 +325,7 @@ impl Proxy {
         }
     }
 
-    async fn handle(self: Arc<Self>, mut client: TcpStream, peer: SocketAddr) {
-        let local = match client.local_addr() {
-            Ok(l) => l,
-            Err(e) => {
-                debug!(target: "passthrough::proxy", %peer, error = %e, "local_addr failed");
-                return;
-            }
-        };
+    async fn handle(self: Arc<Self>, mut client: TcpStream, peer: SocketAddr, local: SocketAddr) {
         let Some(rec) = self.orig.take(peer, local) else {
             self.metrics().proxy_connection("no_original_destination");
             self.metrics()

@@ -16,9 +16,10 @@ pub struct Redirected {
 }
 
 /// Looks up (and consumes) the original destination of an accepted connection by its peer
-/// (client) address and the local address it arrived at.
+/// (client) address and the address of the listener that accepted it.
 pub trait OrigDstSource: Send + Sync + 'static {
-    /// The record for the connection from `peer` accepted at `local`, removed from the source;
-    /// `None` when there is none (the proxy then refuses the connection).
+    /// The record for the connection from `peer` accepted by the listener bound to `local`
+    /// (as bound: `0.0.0.0:port` for a wildcard listener), removed from the source; `None` when
+    /// there is none (the proxy then refuses the connection).
     fn take(&self, peer: SocketAddr, local: SocketAddr) -> Option<Redirected>;
 }
