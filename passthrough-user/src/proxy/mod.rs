@@ -7,9 +7,12 @@
 //!
 //! - **TLS** ([`tls`]): decides on the ClientHello's SNI; an allowed connection is relayed byte
 //!   for byte ([`relay`]), a denied one gets a fatal `access_denied` alert and is closed.
-//! - **HTTP/1.x** and **h2c** with prior knowledge ([`http`]): every request / stream is decided
-//!   on its authority and proxied with hyper; denials are `503` (HTTP/1: and the connection is
-//!   closed) or, for gRPC, `grpc-status: 7`.
+//! - **HTTP/1.x** ([`http1`], framing in [`h1`]): every request is decided on its authority;
+//!   the upstream gets a head the proxy wrote (origin-form, judged `Host`, one framing field)
+//!   and the body as it came; responses are relayed as the origin sent them. Denials are `503`
+//!   and the connection is closed; ambiguous framing is refused (`400`/`501`).
+//! - **h2c** with prior knowledge ([`http`]): every stream is decided on its authority and
+//!   proxied with hyper; denials are `503` or, for gRPC, `grpc-status: 7`.
 //! - anything else, a timeout, or too many bytes without a decision → closed.
 //!
 //! Decisions use [`crate::policy::decision::decide_at_proxy`], then the destination check
