@@ -300,8 +300,9 @@ pub struct DenyEvent {
     pub reason: u32,
     /// Thread-group id of the caller.
     pub pid: u32,
-    /// Explicit padding.
-    pub _pad: u32,
+    /// Which hook denied: 0 = a sock_addr hook (connect/sendmsg); otherwise the raw/ping
+    /// backstop, holding the socket type (2 = ping socket, 3 = raw socket).
+    pub socket_type: u32,
     /// The caller's command name.
     pub comm: [u8; 16],
 }

@@ -3,9 +3,10 @@
 //! code.
 
 use aya_ebpf::{
+    bindings::bpf_sock,
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_comm,
-        bpf_get_current_pid_tgid, bpf_ktime_get_ns,
+        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_sk_ancestor_cgroup_id, bpf_sk_cgroup_id,
     },
     maps::lpm_trie::Key,
 };
@@ -108,6 +109,61 @@ pub fn v6(words: [u32; 4]) -> V6 {
 pub enum Transport {
     Tcp,
     Udp,
+    /// A raw or ping socket's packet (its IP protocol, the socket type): no ports, never
+    /// redirected; only port-less matches can allow it (`skb.rs`).
+    Raw(u8, u8),
+}
+
+/// Whose policy applies and who is reported: the calling task (sock_addr programs) or the
+/// sending socket (cgroup_skb, where the task is not a helper's business).
+pub trait Caller: Copy {
+    /// The caller's own cgroup id.
+    fn cgroup_id(&self) -> u64;
+    /// Its ancestor cgroup id at `level` (1 = the root's child, …); 0 past the leaf.
+    fn ancestor_cgroup_id(&self, level: i32) -> u64;
+    /// Thread-group id and command of the caller, for the denial event (0 / empty if unknown).
+    fn process(&self) -> (u32, [u8; 16]);
+}
+
+/// The task calling `connect()`/`sendmsg()`.
+#[derive(Clone, Copy)]
+pub struct Task;
+
+impl Caller for Task {
+    #[inline(always)]
+    fn cgroup_id(&self) -> u64 {
+        unsafe { bpf_get_current_cgroup_id() }
+    }
+    #[inline(always)]
+    fn ancestor_cgroup_id(&self, level: i32) -> u64 {
+        unsafe { bpf_get_current_ancestor_cgroup_id(level) }
+    }
+    #[inline(always)]
+    fn process(&self) -> (u32, [u8; 16]) {
+        ((bpf_get_current_pid_tgid() >> 32) as u32, bpf_get_current_comm().unwrap_or([0; 16]))
+    }
+}
+
+/// The socket a packet leaves from (a full socket from `bpf_sk_fullsock`): its cgroup is the
+/// one of the task that created it.
+#[derive(Clone, Copy)]
+pub struct Socket(pub *mut bpf_sock);
+
+impl Caller for Socket {
+    #[inline(always)]
+    fn cgroup_id(&self) -> u64 {
+        unsafe { bpf_sk_cgroup_id(self.0 as *mut _) }
+    }
+    #[inline(always)]
+    fn ancestor_cgroup_id(&self, level: i32) -> u64 {
+        unsafe { bpf_sk_ancestor_cgroup_id(self.0 as *mut _, level) }
+    }
+    #[inline(always)]
+    fn process(&self) -> (u32, [u8; 16]) {
+        // Raw and ping sends run in the sender's context, but the pid/comm helpers are not
+        // offered to cgroup_skb programs: the event names the cgroup only.
+        (0, [0; 16])
+    }
 }
 
 /// Return codes of `cgroup/*` sock_addr programs.
@@ -136,15 +192,15 @@ pub enum Verdict {
 /// is the one whose policy should apply. A socket handed over by SCM_RIGHTS to a task outside
 /// every workload is judged by `unmatched_mode` (see docs/security.md).
 #[inline(always)]
-fn find_workload(generation: u32) -> Option<(WorkloadEntry, u64)> {
-    let own = WorkloadKey { generation, _pad: 0, cgroup_id: unsafe { bpf_get_current_cgroup_id() } };
+fn find_workload<C: Caller>(caller: C, generation: u32) -> Option<(WorkloadEntry, u64)> {
+    let own = WorkloadKey { generation, _pad: 0, cgroup_id: caller.cgroup_id() };
     if let Some(entry) = unsafe { WORKLOADS.get(&own) } {
         return Some((*entry, own.cgroup_id));
     }
     let mut found = None;
     let mut level = 1;
     while level < MAX_CGROUP_DEPTH {
-        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
+        let id = caller.ancestor_cgroup_id(level as i32);
         if id == 0 {
             break;
         }
@@ -157,9 +213,15 @@ fn find_workload(generation: u32) -> Option<(WorkloadEntry, u64)> {
     found
 }
 
-/// Decides one connection or datagram and bumps a counter.
+/// Decides one connection or datagram of the calling task and bumps a counter.
 #[inline(always)]
 pub fn decide<D: Dest>(dst: D, port_be: u16, transport: Transport, socket_mark: u32) -> Verdict {
+    decide_for(Task, dst, port_be, transport, socket_mark)
+}
+
+/// [`decide`] for `caller`'s policy.
+#[inline(always)]
+pub fn decide_for<C: Caller, D: Dest>(caller: C, dst: D, port_be: u16, transport: Transport, socket_mark: u32) -> Verdict {
     // Rule 1: loopback never leaves the host.
     if dst.is_loopback() {
         count(counter::ALLOW_LOOPBACK);
@@ -187,7 +249,7 @@ pub fn decide<D: Dest>(dst: D, port_be: u16, transport: Transport, socket_mark: 
         return Verdict::Allow;
     }
 
-    let found = find_workload(generation);
+    let found = find_workload(caller, generation);
     // Rule 1: the agent's own sockets (proxy upstreams, DNS) carry its SO_MARK. The mark is
     // honoured only for callers that belong to no workload: a workload process with
     // CAP_NET_ADMIN could set the same mark on its own sockets, and must not escape its policy
@@ -220,7 +282,10 @@ pub fn decide<D: Dest>(dst: D, port_be: u16, transport: Transport, socket_mark: 
         // Rule 4: a Domain match could apply at this port → the proxy decides on SNI/Host.
         // Domain matches never cover UDP (QUIC clients fall back to TCP).
         let port = u16::from_be(port_be) as u32;
-        if has_domain_port(rs, port) {
+        if matches!(transport, Transport::Raw(..)) {
+            // No port, no name: nothing for the proxy to judge.
+            counter::DENY_NO_MATCH
+        } else if has_domain_port(rs, port) {
             if transport == Transport::Tcp && cfg.flags & flags::PROXY != 0 {
                 count(counter::REDIRECT_PROXY);
                 return Verdict::Redirect { workload };
@@ -236,7 +301,7 @@ pub fn decide<D: Dest>(dst: D, port_be: u16, transport: Transport, socket_mark: 
     // Rule 5.
     count(reason);
     let audit = cfg.flags & flags::AUDIT != 0;
-    report_denial(&dst, port_be, transport, reason, workload, audit);
+    report_denial(caller, &dst, port_be, transport, reason, workload, audit);
     if audit {
         count(counter::AUDIT_WOULD_DENY);
         return Verdict::Allow;
@@ -247,7 +312,16 @@ pub fn decide<D: Dest>(dst: D, port_be: u16, transport: Transport, socket_mark: 
 /// One event per denial for the agent's log. Reserve-in-place (no copy through the stack);
 /// a full ring buffer drops the event and counts it instead of blocking or allocating.
 #[inline(always)]
-fn report_denial<D: Dest>(dst: &D, port_be: u16, transport: Transport, reason: u32, workload: u64, audit: bool) {
+fn report_denial<C: Caller, D: Dest>(
+    caller: C,
+    dst: &D,
+    port_be: u16,
+    transport: Transport,
+    reason: u32,
+    workload: u64,
+    audit: bool,
+) {
+    let (pid, comm) = caller.process();
     let Some(mut slot) = DENY_EVENTS.reserve::<DenyEvent>(0) else {
         count(counter::EVENTS_DROPPED);
         return;
@@ -255,15 +329,22 @@ fn report_denial<D: Dest>(dst: &D, port_be: u16, transport: Transport, reason: u
     let ev = DenyEvent {
         ktime_ns: unsafe { bpf_ktime_get_ns() },
         workload,
-        cgroup: unsafe { bpf_get_current_cgroup_id() },
+        cgroup: caller.cgroup_id(),
         addr: dst.bytes16(),
         port: u16::from_be(port_be),
-        protocol: if transport == Transport::Udp { 17 } else { 6 },
+        protocol: match transport {
+            Transport::Tcp => 6,
+            Transport::Udp => 17,
+            Transport::Raw(p, _) => p,
+        },
         audit: audit as u8,
         reason,
-        pid: (bpf_get_current_pid_tgid() >> 32) as u32,
-        _pad: 0,
-        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+        pid,
+        socket_type: match transport {
+            Transport::Raw(_, ty) => ty as u32,
+            _ => 0,
+        },
+        comm,
     };
     slot.write(ev);
     slot.submit(0);

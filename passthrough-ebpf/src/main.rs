@@ -1,7 +1,7 @@
 //! passthrough's kernel side: cgroup `sock_addr` programs that decide MeshPassthrough egress at
 //! `connect()` / `sendmsg()` time.
 //!
-//! One module per program type (`connect`, `sendmsg`, `getpeername`, `sock_ops`); the shared decision lives in `decide`,
+//! One module per program type (`connect`, `sendmsg`, `getpeername`, `sock_ops`, `skb`); the shared decision lives in `decide`,
 //! the maps in `maps`. The user side compiles policies into the maps; nothing here knows YAML.
 #![no_std]
 #![no_main]
@@ -12,6 +12,7 @@ mod decide;
 mod getpeername;
 mod maps;
 mod sendmsg;
+mod skb;
 mod sock_ops;
 
 #[cfg(not(test))]

@@ -10,7 +10,7 @@
 //! | `cgroup_id` | kernel only: the cgroup of the calling task |
 //! | `pid`, `comm` | the process that called `connect()`/`sendmsg()` |
 //! | `dst` | the destination it dialled (`ip:port`, IPv4-mapped shown as IPv4) |
-//! | `protocol` | kernel: `tcp`/`udp`; proxy: `tls`, `http1`, `h2c`, `grpc`, `unknown` |
+//! | `protocol` | kernel: `tcp`/`udp`; from the raw/ping backstop `ping` or `raw:<IP protocol>` (`raw:udp`, `raw:icmp`, `raw:47`); proxy: `tls`, `http1`, `h2c`, `grpc`, `unknown` |
 //! | `sni` / `host` | proxy only, when known: the TLS SNI or the HTTP authority |
 //! | `peer` | proxy only: the client address as the proxy saw it |
 //! | `reason`, `detail` | reason code (kernel: the counter name, e.g. `deny_no_match`) and text |
@@ -380,11 +380,7 @@ impl Reporter {
             pid: ev.pid,
             comm: comm_str(&ev.comm),
             dst: event_dst(ev),
-            protocol: if ev.protocol == 17 {
-                "udp".into()
-            } else {
-                "tcp".into()
-            },
+            protocol: event_protocol(ev),
             sni: None,
             host: None,
             peer: None,
@@ -406,6 +402,21 @@ fn monotonic_ns() -> u64 {
     (ts.tv_sec as u64)
         .saturating_mul(1_000_000_000)
         .saturating_add(ts.tv_nsec as u64)
+}
+
+/// The `protocol` field of a kernel denial.
+fn event_protocol(ev: &DenyEvent) -> String {
+    let name = match ev.protocol {
+        1 | 58 => "icmp".to_string(),
+        6 => "tcp".to_string(),
+        17 => "udp".to_string(),
+        p => p.to_string(),
+    };
+    match ev.socket_type {
+        0 => name,
+        2 => "ping".into(),
+        _ => format!("raw:{name}"),
+    }
 }
 
 /// Reads the kernel's deny events until the task is dropped, reporting each; also logs the

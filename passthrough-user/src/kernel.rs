@@ -21,7 +21,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf, lpm_trie::{Key, LpmTrie}},
-    programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps},
+    programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, ProgramError, SockOps},
 };
 use passthrough_common::{
     DomainPortKey, GlobalConfig, OrigDst, PeerKey, RangeBlock, RangeTable, RangeTableKey, RuleKeyV6, RuleValue,
@@ -53,6 +53,10 @@ pub const PROGRAMS: [&str; 6] = [
 
 /// The sock_ops program (re-keys redirected connections for the proxy).
 pub const SOCK_OPS: &str = "passthrough_sock_ops";
+
+/// The `cgroup_skb/egress` backstop for raw and ping sockets, which no sock_addr hook sees
+/// (docs/security.md L1/L2).
+pub const SKB_EGRESS: &str = "passthrough_skb_egress";
 
 /// Where the proxy listens, as the programs must know it.
 #[derive(Debug, Clone, Copy, Default)]
@@ -324,6 +328,12 @@ impl Kernel {
             .try_into()
             .map_err(|source| KernelError::Program { name: SOCK_OPS, source })?;
         sock_ops.load().map_err(|source| KernelError::Program { name: SOCK_OPS, source })?;
+        let skb: &mut CgroupSkb = ebpf
+            .program_mut(SKB_EGRESS)
+            .ok_or(KernelError::MissingProgram(SKB_EGRESS))?
+            .try_into()
+            .map_err(|source| KernelError::Program { name: SKB_EGRESS, source })?;
+        skb.load().map_err(|source| KernelError::Program { name: SKB_EGRESS, source })?;
         let config = take(&mut ebpf, "CONFIG")?;
         let workloads = take(&mut ebpf, "WORKLOADS")?;
         let ranges_v4 = RangeArray::map(
@@ -600,6 +610,7 @@ impl Kernel {
     /// with `BPF_LINK_UPDATE` instead of attaching a second copy.
     pub fn attach(&mut self, cgroup: &Path) -> Result<(), KernelError> {
         let mut names: Vec<&'static str> = PROGRAMS.to_vec();
+        names.push(SKB_EGRESS);
         if self.sock_ops_wanted || self.has_pinned_link(cgroup, SOCK_OPS) {
             names.push(SOCK_OPS);
         }
@@ -655,6 +666,13 @@ impl Kernel {
                 let id = p.attach(&file, CgroupAttachMode::Single).map_err(|source| KernelError::Program { name, source })?;
                 let link = p.take_link(id).map_err(|source| KernelError::Program { name, source })?;
                 link.try_into().map_err(|e: aya::programs::links::LinkError| KernelError::Pin { path: cgroup.into(), source: std::io::Error::other(e) })?
+            } else if name == SKB_EGRESS {
+                let p: &mut CgroupSkb = program.try_into().map_err(|source| KernelError::Program { name, source })?;
+                let id = p
+                    .attach(&file, CgroupSkbAttachType::Egress, CgroupAttachMode::Single)
+                    .map_err(|source| KernelError::Program { name, source })?;
+                let link = p.take_link(id).map_err(|source| KernelError::Program { name, source })?;
+                link.try_into().map_err(|e: aya::programs::links::LinkError| KernelError::Pin { path: cgroup.into(), source: std::io::Error::other(e) })?
             } else {
                 let p: &mut CgroupSockAddr = program.try_into().map_err(|source| KernelError::Program { name, source })?;
                 let id = p.attach(&file, CgroupAttachMode::Single).map_err(|source| KernelError::Program { name, source })?;
@@ -702,7 +720,7 @@ impl Kernel {
         }
         let ours: Vec<u32> = PROGRAMS
             .iter()
-            .chain([&SOCK_OPS])
+            .chain([&SOCK_OPS, &SKB_EGRESS])
             .filter_map(|n| self.ebpf.program(n)?.info().ok().map(|i| i.id()))
             .collect();
         let attached = self.attached.clone();

@@ -147,9 +147,9 @@ struct ProgQueryAttr {
 
 const BPF_PROG_QUERY: libc::c_long = 16;
 
-/// Attach types of our programs (`enum bpf_attach_type`): sock_ops, inet4/6 connect,
-/// udp4/6 sendmsg, inet4/6 getpeername.
-pub const OUR_ATTACH_TYPES: [u32; 7] = [3, 10, 11, 14, 15, 29, 30];
+/// Attach types of our programs (`enum bpf_attach_type`): inet egress (skb), sock_ops, inet4/6
+/// connect, udp4/6 sendmsg, inet4/6 getpeername.
+pub const OUR_ATTACH_TYPES: [u32; 8] = [1, 3, 10, 11, 14, 15, 29, 30];
 
 /// Program ids attached to `cgroup` for `attach_type` (`BPF_PROG_QUERY`).
 pub fn attached_prog_ids(cgroup: &Path, attach_type: u32) -> io::Result<Vec<u32>> {

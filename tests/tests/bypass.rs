@@ -1096,11 +1096,19 @@ fn scm_rights_with_an_ancestor_attachment_the_calling_workload_decides() {
 // ---------------------------------------------------------------------- raw and ICMP
 
 #[test]
-fn raw_sockets_bypass_the_hooks_and_need_cap_net_raw() {
+fn raw_and_ping_sockets_are_judged_by_the_egress_backstop() {
     if !require_kernel() {
         return;
     }
-    let w = kernel_world(|b| b);
+    // The kernel policy plus one port-less IP match: the only kind of match that can allow a
+    // packet without ports.
+    let mut matches: Vec<&str> = vec![
+        "{type: CIDR, value: 198.51.100.0/24, port: 8080}",
+        "{type: CIDR, value: 198.51.100.0/24, port: 53}",
+        "{type: IP, value: 198.51.100.10}",
+    ];
+    matches.push("{type: CIDR, value: \"2001:db8:100::/40\", port: 8080}");
+    let w = World::with(&mesh_policy("Matched", &matches), |b| b.arg("--resolver").arg("203.0.113.53"));
     // Ping sockets are off by default (net.ipv4.ping_group_range = "1 0"); open them for every
     // group in the test's own client netns to see what the hooks do with them.
     passthrough_tests::run(
@@ -1116,45 +1124,57 @@ fn raw_sockets_bypass_the_hooks_and_need_cap_net_raw() {
     )
     .unwrap();
     let bad = "203.0.113.9:53";
-    // With CAP_NET_RAW (the helper runs as root): a hand-made UDP datagram on a raw socket
-    // reaches a destination the filter denies. This is the documented hole; the deployment
-    // drops CAP_NET_RAW from workloads.
-    let before = w.datagrams(bad);
+    // CIDR 198.51.100.0/24 allows port 53, but a raw packet has no port the filter could
+    // trust: only the port-less match allows it.
+    let port_only = "198.51.100.9:53";
+    let good = "198.51.100.10:53";
+    // With CAP_NET_RAW (the helper runs as root): hand-made UDP datagrams on a raw socket. No
+    // sock_addr hook sees them; the cgroup_skb backstop drops them unless allowed.
+    let (before_bad, before_port_only, before_good) = (w.datagrams(bad), w.datagrams(port_only), w.datagrams(good));
     let r = w.helper(json!({"op": "raw_udp", "addr": bad}));
+    eperm(&r, "sendto");
+    let r = w.helper(json!({"op": "raw_udp", "addr": port_only}));
+    eperm(&r, "sendto");
+    let r = w.helper(json!({"op": "raw_udp", "addr": good}));
     assert_eq!(r["ok"], true, "{r}");
-    assert_eq!(
-        w.wait_datagrams(bad, before + 1),
-        before + 1,
-        "documented hole: raw sockets are not seen by the sock_addr hooks"
-    );
-    // Raw ICMP reaches the host too (an echo reply comes back); ping sockets (SOCK_DGRAM,
-    // IPPROTO_ICMP) go through the connect/sendmsg hooks: denied.
+    assert_eq!(w.wait_datagrams(good, before_good + 1), before_good + 1, "allowed raw datagram delivered");
+    assert_eq!(w.datagrams(bad), before_bad, "denied raw datagram dropped");
+    assert_eq!(w.datagrams(port_only), before_port_only, "a port-specific match does not allow raw packets");
+
+    // ICMP: raw sockets and ping sockets (SOCK_DGRAM/IPPROTO_ICMP) to a denied host: connect is
+    // judged by connect4, and the unconnected sendto() (ping_v4_sendmsg runs no sock_addr hook)
+    // and the raw socket's sendto() by the backstop.
     let r = w.helper(json!({"op": "ping", "addr": "203.0.113.9:0"}));
-    assert_eq!(r["raw_socket_errno"], 0, "{r}");
-    assert_eq!(
-        r["raw_echo_reply"], true,
-        "documented hole: raw ICMP is not filtered: {r}"
-    );
-    assert_eq!(r["ping_socket_errno"], 0, "{r}");
-    assert_eq!(
-        r["ping_connect_errno"], EPERM,
-        "ping socket connect is judged: {r}"
-    );
-    // Unconnected ping-socket sends are NOT judged: ping_v4_sendmsg runs no sock_addr hook.
-    // Documented hole (where net.ipv4.ping_group_range lets the workload's group open them).
-    assert_eq!(
-        r["ping_sendto_errno"],
-        Value::Null,
-        "documented hole: ping socket sendto is not judged: {r}"
-    );
+    assert_eq!((r["raw_socket_errno"].clone(), r["ping_socket_errno"].clone()), (json!(0), json!(0)), "{r}");
+    assert_eq!(r["raw_sendto_errno"], EPERM, "raw ICMP to a denied host: {r}");
+    assert_eq!(r["raw_echo_reply"], false, "{r}");
+    assert_eq!(r["ping_sendto_errno"], EPERM, "ping socket sendto to a denied host: {r}");
+    assert_eq!(r["ping_connect_errno"], EPERM, "ping socket connect is judged: {r}");
+    // Each drop is a denial event naming the packet's protocol.
+    let logged = |what: &str| {
+        (0..100).any(|_| {
+            let hit = w.agent.log().lines().any(|l| l.contains("203.0.113.9") && l.contains(what));
+            if !hit {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            hit
+        })
+    };
+    assert!(logged("protocol=raw:udp") && logged("protocol=raw:icmp") && logged("protocol=ping"), "denial events for raw UDP, raw ICMP and ping:\n{}", w.agent.log());
+    // The same to the allowed host goes through, and the echo reply comes back.
+    let r = w.helper(json!({"op": "ping", "addr": "198.51.100.10:0"}));
+    assert_eq!(r["raw_sendto_errno"], Value::Null, "{r}");
+    assert_eq!(r["raw_echo_reply"], true, "{r}");
+    assert_eq!(r["ping_sendto_errno"], Value::Null, "{r}");
+    assert_eq!(r["ping_connect_errno"], 0, "{r}");
 
     // Without CAP_NET_RAW (uid 65534, no capabilities): no raw socket at all.
-    let r = w.helper(json!({"op": "raw_udp", "addr": bad, "as_nobody": true}));
+    let r = w.helper(json!({"op": "raw_udp", "addr": good, "as_nobody": true}));
     eperm(&r, "socket");
     let r = w.helper(json!({"op": "ping", "addr": "203.0.113.9:0", "as_nobody": true}));
     assert_eq!(r["raw_socket_errno"], EPERM, "{r}");
     assert_eq!(r["ping_connect_errno"], EPERM, "{r}");
-    assert_eq!(w.datagrams(bad), before + 1);
+    assert_eq!(w.datagrams(bad), before_bad);
 }
 
 // ---------------------------------------------------------------------------- io_uring

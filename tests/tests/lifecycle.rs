@@ -84,7 +84,7 @@ fn sigkill_keeps_enforcing_restart_adopts_and_uninstall_removes_everything() {
 
     // The agent dies without cleaning up: the kernel keeps enforcing from the pins.
     first.kill9();
-    assert_eq!(attached_programs(cg.path()).expect("bpftool").len(), 7, "programs stay attached after SIGKILL");
+    assert_eq!(attached_programs(cg.path()).expect("bpftool").len(), 8, "programs stay attached after SIGKILL");
     assert_allowed(&mut probe, &net, "198.51.100.9:8080");
     assert_denied(&mut probe, &net, "198.51.100.9:80");
     assert_eq!(probe.echo(&established, "still there").unwrap(), "still there");
@@ -100,13 +100,13 @@ fn sigkill_keeps_enforcing_restart_adopts_and_uninstall_removes_everything() {
     let status: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
     assert_eq!(status["installed"], true, "{status}");
     assert_eq!(status["policy_generation"], 1, "{status}");
-    assert_eq!(status["attachments"][0]["programs"].as_array().unwrap().len(), 7, "{status}");
+    assert_eq!(status["attachments"][0]["programs"].as_array().unwrap().len(), 8, "{status}");
     assert!(status["counters"]["deny_no_match"].as_u64().unwrap() >= 1, "{status}");
 
     // The restarted agent adopts: still exactly one set of programs, generation continues.
     let mut second = builder().start().unwrap();
     assert!(second.log().contains("adopted pinned state"), "{}", second.describe());
-    assert_eq!(attached_programs(cg.path()).expect("bpftool").len(), 7, "adoption must not attach a second copy");
+    assert_eq!(attached_programs(cg.path()).expect("bpftool").len(), 8, "adoption must not attach a second copy");
     assert_eq!(second.applied_generations().last().copied(), Some(2), "{}", second.describe());
     assert_allowed(&mut probe, &net, "198.51.100.9:8080");
     assert_denied(&mut probe, &net, "198.51.100.9:80");
@@ -130,7 +130,7 @@ fn sigkill_keeps_enforcing_restart_adopts_and_uninstall_removes_everything() {
         .iter()
         .filter_map(|l| l.split_whitespace().next().map(str::to_string))
         .collect();
-    assert_eq!(prog_ids.len(), 7);
+    assert_eq!(prog_ids.len(), 8);
     let maps_dir = state.path().join(format!("v{}", passthrough_common::LAYOUT_VERSION)).join("maps");
     let map_ids: Vec<String> = std::fs::read_dir(&maps_dir)
         .unwrap()
@@ -145,7 +145,7 @@ fn sigkill_keeps_enforcing_restart_adopts_and_uninstall_removes_everything() {
 
     let (ok, text) = passthrough(&["uninstall", "--state-dir", &state.path().display().to_string()]);
     assert!(ok, "{text}");
-    assert!(text.contains(&format!("removed 7 link(s) and {} map(s)", passthrough_user::kernel::MAPS.len())), "{text}");
+    assert!(text.contains(&format!("removed 8 link(s) and {} map(s)", passthrough_user::kernel::MAPS.len())), "{text}");
     let gone = |kind: &str, id: &str| {
         !Command::new("bpftool").args([kind, "show", "id", id]).output().map(|o| o.status.success()).unwrap_or(true)
     };
@@ -239,12 +239,12 @@ fn incompatible_pinned_state_is_replaced_not_reused() {
     let v1 = state.path().join(format!("v{}", passthrough_common::LAYOUT_VERSION));
     let v0 = state.path().join("v0");
     std::fs::rename(&v1, &v0).unwrap();
-    assert_eq!(attached_programs(cg.path()).expect("bpftool").len(), 7);
+    assert_eq!(attached_programs(cg.path()).expect("bpftool").len(), 8);
 
     let mut second = builder().start().unwrap();
     assert!(!second.log().contains("adopted pinned state"), "another layout must not be adopted\n{}", second.describe());
     assert!(!v0.exists(), "the old layout's pins are removed once the new programs are attached");
-    assert_eq!(attached_programs(cg.path()).expect("bpftool").len(), 7, "exactly one set of programs");
+    assert_eq!(attached_programs(cg.path()).expect("bpftool").len(), 8, "exactly one set of programs");
     let mut probe = Probe::spawn(&cg, &net).unwrap();
     assert_allowed(&mut probe, &net, "198.51.100.9:8080");
     assert_denied(&mut probe, &net, "198.51.100.9:80");
@@ -261,7 +261,7 @@ fn incompatible_pinned_state_is_replaced_not_reused() {
     if status.map(|s| s.success()).unwrap_or(false) {
         let mut third = builder().start().unwrap();
         assert!(third.log().contains("incompatible"), "{}", third.describe());
-        assert_eq!(attached_programs(cg.path()).expect("bpftool").len(), 7, "exactly one set of programs");
+        assert_eq!(attached_programs(cg.path()).expect("bpftool").len(), 8, "exactly one set of programs");
         assert_allowed(&mut probe, &net, "198.51.100.9:8080");
         assert_denied(&mut probe, &net, "198.51.100.9:80");
         third.stop().unwrap();
