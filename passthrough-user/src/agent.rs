@@ -91,6 +91,12 @@ pub struct RunArgs {
     /// the capacity they were created with.
     #[arg(long, default_value_t = Capacities::default().rules, value_parser = clap::value_parser!(u32).range(1_024..=1 << 26))]
     pub rule_capacity: u32,
+    /// Do not attach the raw/ping socket backstop (`cgroup_skb/egress`, ~0.05–0.08 µs per
+    /// packet of every workload): raw-socket packets and unconnected ping-socket sends are then
+    /// not judged. Only for nodes whose workloads have no `CAP_NET_RAW` and no ping sockets
+    /// (docs/security.md L1, L2).
+    #[arg(long)]
+    pub no_raw_socket_backstop: bool,
 }
 
 /// Parses `All | Matched | None` (case as Kuma writes them).
@@ -330,6 +336,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let flags = if args.audit { passthrough_common::flags::AUDIT } else { 0 };
     let proxy_listeners = bind_proxy(&args).await?;
     let mut kernel = Kernel::load(Capacities { rules: args.rule_capacity, ..Capacities::default() }, flags, AGENT_MARK, proxy_settings(&args)?, Some(&args.state_dir))?;
+    kernel.set_raw_socket_backstop(!args.no_raw_socket_backstop);
     if kernel.adopted() {
         info!(state = %args.state_dir.display(), generation = kernel.policy_generation(), "adopted pinned state of a previous agent");
     }

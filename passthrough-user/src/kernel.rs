@@ -171,6 +171,8 @@ pub struct Kernel {
     attached: Vec<PathBuf>,
     /// sock_ops is (to be) attached: some plan could redirect.
     sock_ops_wanted: bool,
+    /// Attach [`SKB_EGRESS`] (default true).
+    raw_backstop: bool,
     /// Our links: pinned ones stay attached after we exit, owned ones detach on drop.
     links: Vec<LinkHold>,
     flags: u32,
@@ -364,6 +366,7 @@ impl Kernel {
             generation_counter: 0,
             attached: Vec::new(),
             sock_ops_wanted: false,
+            raw_backstop: true,
             links: Vec::new(),
             flags,
             agent_mark,
@@ -610,13 +613,35 @@ impl Kernel {
     /// with `BPF_LINK_UPDATE` instead of attaching a second copy.
     pub fn attach(&mut self, cgroup: &Path) -> Result<(), KernelError> {
         let mut names: Vec<&'static str> = PROGRAMS.to_vec();
-        names.push(SKB_EGRESS);
+        if self.raw_backstop {
+            names.push(SKB_EGRESS);
+        } else {
+            self.unpin_link(cgroup, SKB_EGRESS)?;
+        }
         if self.sock_ops_wanted || self.has_pinned_link(cgroup, SOCK_OPS) {
             names.push(SOCK_OPS);
         }
         self.attach_programs(cgroup, &names)?;
         self.attached.push(cgroup.to_path_buf());
         Ok(())
+    }
+
+    /// Whether [`Kernel::attach`] attaches the raw/ping socket backstop ([`SKB_EGRESS`]);
+    /// default true. Off, a backstop link a previous agent pinned is removed at attach.
+    pub fn set_raw_socket_backstop(&mut self, on: bool) {
+        self.raw_backstop = on;
+    }
+
+    /// Removes the pinned link of `name` at `cgroup`, if a previous agent left one (nothing
+    /// else holds it, so the program is detached).
+    fn unpin_link(&self, cgroup: &Path, name: &str) -> Result<(), KernelError> {
+        use std::os::unix::fs::MetadataExt as _;
+        let (Some(state), Ok(meta)) = (self.state_dir.as_deref(), std::fs::metadata(cgroup)) else { return Ok(()) };
+        let pin = crate::pins::link_dir(state, meta.ino()).join(name);
+        match std::fs::remove_file(&pin) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(KernelError::Pin { path: pin, source: e }),
+            _ => Ok(()),
+        }
     }
 
     fn has_pinned_link(&self, cgroup: &Path, name: &str) -> bool {

@@ -394,3 +394,31 @@ fn workloads_file_entries_without_a_cgroup_are_skipped_until_it_exists() {
     assert_allowed(&mut q, &net, "198.51.100.9:8080");
     agent.stop().unwrap();
 }
+
+#[test]
+fn restart_without_the_raw_socket_backstop_detaches_it() {
+    if !require_kernel() {
+        return;
+    }
+    let dir = passthrough_tests::test_dir();
+    let cg = TestCgroup::new().unwrap();
+    let state = StateDirGuard::new().unwrap();
+    let policy = write_policy(dir.path(), POLICY);
+    let builder = || Agent::builder().policy(&policy).cgroup(cg.path()).state_dir(state.path());
+    let has_backstop = || {
+        // bpftool: `<id> cgroup_inet_egress <flags> <name>`.
+        attached_programs(cg.path()).expect("bpftool").iter().any(|l| l.contains("egress"))
+    };
+    let mut first = builder().start().unwrap();
+    assert_eq!(attached_programs(cg.path()).expect("bpftool").len(), 8);
+    assert!(has_backstop(), "{:?}", attached_programs(cg.path()));
+    first.kill9();
+    // The next agent is told to go without it: its pinned link from the first one goes too.
+    let mut second = builder().arg("--no-raw-socket-backstop").start().unwrap();
+    assert!(second.log().contains("adopted pinned state"), "{}", second.describe());
+    let progs = attached_programs(cg.path()).expect("bpftool");
+    assert_eq!(progs.len(), 7, "{progs:?}");
+    assert!(!has_backstop(), "{progs:?}");
+    second.stop().unwrap();
+    assert!(attached_programs(cg.path()).expect("bpftool").is_empty());
+}
