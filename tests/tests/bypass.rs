@@ -451,8 +451,53 @@ mod ops {
     }
 
     /// A UDP datagram built by hand on a raw `IPPROTO_UDP` socket (needs CAP_NET_RAW).
+    /// A hand-made UDP datagram on an `AF_INET6` raw socket (the kernel fills the checksum,
+    /// `IPV6_CHECKSUM`).
+    fn raw_udp6(a: &SocketAddr) -> Value {
+        let SocketAddr::V6(v6) = a else { unreachable!() };
+        // SAFETY: plain syscalls on an fd we own; live buffers of the given sizes.
+        unsafe {
+            let fd = libc::socket(libc::AF_INET6, libc::SOCK_RAW, libc::IPPROTO_UDP);
+            if fd < 0 {
+                return fail("socket", &last());
+            }
+            let _own = OwnedFd::from_raw_fd(fd);
+            let offset: libc::c_int = 6;
+            libc::setsockopt(
+                fd,
+                libc::IPPROTO_IPV6,
+                libc::IPV6_CHECKSUM,
+                &offset as *const libc::c_int as *const libc::c_void,
+                mem::size_of::<libc::c_int>() as u32,
+            );
+            let payload = b"raw";
+            let len = (8 + payload.len()) as u16;
+            let mut pkt = Vec::new();
+            pkt.extend_from_slice(&40000u16.to_be_bytes());
+            pkt.extend_from_slice(&a.port().to_be_bytes());
+            pkt.extend_from_slice(&len.to_be_bytes());
+            pkt.extend_from_slice(&0u16.to_be_bytes());
+            pkt.extend_from_slice(payload);
+            let mut sin6: libc::sockaddr_in6 = mem::zeroed();
+            sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+            sin6.sin6_addr.s6_addr = v6.ip().octets();
+            let n = libc::sendto(
+                fd,
+                pkt.as_ptr() as *const libc::c_void,
+                pkt.len(),
+                0,
+                &sin6 as *const libc::sockaddr_in6 as *const libc::sockaddr,
+                mem::size_of::<libc::sockaddr_in6>() as u32,
+            );
+            if n < 0 { fail("sendto", &last()) } else { json!({"ok": true}) }
+        }
+    }
+
     fn raw_udp(req: &Value) -> Value {
         let a = addr(req, "addr");
+        if a.is_ipv6() {
+            return raw_udp6(&a);
+        }
         // SAFETY: plain syscall.
         let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_UDP) };
         if fd < 0 {
@@ -1106,6 +1151,7 @@ fn raw_and_ping_sockets_are_judged_by_the_egress_backstop() {
         "{type: CIDR, value: 198.51.100.0/24, port: 8080}",
         "{type: CIDR, value: 198.51.100.0/24, port: 53}",
         "{type: IP, value: 198.51.100.10}",
+        "{type: IP, value: \"2001:db8:100::10\"}",
     ];
     matches.push("{type: CIDR, value: \"2001:db8:100::/40\", port: 8080}");
     let w = World::with(&mesh_policy("Matched", &matches), |b| b.arg("--resolver").arg("203.0.113.53"));
@@ -1140,6 +1186,15 @@ fn raw_and_ping_sockets_are_judged_by_the_egress_backstop() {
     assert_eq!(w.wait_datagrams(good, before_good + 1), before_good + 1, "allowed raw datagram delivered");
     assert_eq!(w.datagrams(bad), before_bad, "denied raw datagram dropped");
     assert_eq!(w.datagrams(port_only), before_port_only, "a port-specific match does not allow raw packets");
+    // The same over IPv6.
+    let (bad6, good6) = ("[2001:db8:200::9]:53", "[2001:db8:100::10]:53");
+    let (before_bad6, before_good6) = (w.datagrams(bad6), w.datagrams(good6));
+    let r = w.helper(json!({"op": "raw_udp", "addr": bad6}));
+    eperm(&r, "sendto");
+    let r = w.helper(json!({"op": "raw_udp", "addr": good6}));
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(w.wait_datagrams(good6, before_good6 + 1), before_good6 + 1, "allowed raw IPv6 datagram delivered");
+    assert_eq!(w.datagrams(bad6), before_bad6, "denied raw IPv6 datagram dropped");
 
     // ICMP: raw sockets and ping sockets (SOCK_DGRAM/IPPROTO_ICMP) to a denied host: connect is
     // judged by connect4, and the unconnected sendto() (ping_v4_sendmsg runs no sock_addr hook)
