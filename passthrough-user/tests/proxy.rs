@@ -20,7 +20,7 @@ use hyper::{Request, Response, StatusCode, body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use passthrough_user::{
     policy::{DecideOptions, MergedConf, Mode, Workload, load_policy_bytes},
-    proxy::{DomainDestination, OrigDstSource, Proxy, ProxyConfig, ProxyPolicy, Redirected},
+    proxy::{DomainDestination, OrigDstSource, Proxy, ProxyConfig, ProxyPolicy, Redirected, h1},
 };
 use rustls::{
     ClientConfig, RootCertStore, ServerConfig,
@@ -1158,4 +1158,250 @@ async fn reload_applies_to_the_next_request_of_a_live_connection() {
         .await
         .unwrap();
     assert_eq!(body_text(r).await.0, StatusCode::SERVICE_UNAVAILABLE);
+}
+
+// ---------------------------------------------------------------- HTTP/1 framing
+
+/// A proxy allowing HTTP to `web.test` at `origin`'s port, connecting where the client dialled.
+async fn web_proxy(origin: SocketAddr) -> Px {
+    init_tracing();
+    start(conf(&[dom("web.test", origin.port(), "http")]), DomainDestination::Original, None).await
+}
+
+/// A hyper origin answering each request's body back, with the `Host` and `Connection` it
+/// saw in `x-host` / `x-connection`; `/empty` is a 204. Counts its connections.
+async fn hyper_origin() -> (SocketAddr, Arc<AtomicUsize>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let conns = Arc::new(AtomicUsize::new(0));
+    let c = conns.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            c.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let svc = service_fn(|req: Request<hyper::body::Incoming>| async move {
+                    let h = |n| {
+                        req.headers().get(n).map(|v| v.to_str().unwrap_or("?").to_string()).unwrap_or_default()
+                    };
+                    let (host, conn) = (h("host"), h("connection"));
+                    if req.uri().path() == "/empty" {
+                        return Ok::<_, std::io::Error>(Response::builder().status(204).body(Full::new(Bytes::new())).unwrap());
+                    }
+                    let body = req.into_body().collect().await.unwrap().to_bytes();
+                    Ok(Response::builder()
+                        .header("x-host", host)
+                        .header("x-connection", conn)
+                        .body(Full::new(body))
+                        .unwrap())
+                });
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(s), svc).await;
+            });
+        }
+    });
+    (addr, conns)
+}
+
+/// A scripted origin: reads a request (head and body), records it, and writes the next
+/// scripted reply (a leading `100 Continue` before reading the body); a `None` reply closes
+/// the connection instead of answering, and so does the end of a close-delimited reply.
+async fn raw_origin(
+    replies: Vec<Option<&'static [u8]>>,
+) -> (SocketAddr, Arc<std::sync::Mutex<Vec<String>>>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    tokio::spawn(async move {
+        let mut replies = replies.into_iter();
+        while let Ok((mut s, _)) = l.accept().await {
+            let mut buf = Vec::new();
+            loop {
+                let mut fields = Vec::new();
+                let head = loop {
+                    if let Ok(Some(h)) = h1::parse_request(&buf, &mut fields) {
+                        break Some(h);
+                    }
+                    let mut b = [0u8; 4096];
+                    match s.read(&mut b).await {
+                        Ok(0) | Err(_) => break None,
+                        Ok(n) => buf.extend_from_slice(&b[..n]),
+                    }
+                };
+                let Some(head) = head else { break };
+                let mut reply = replies.next().flatten();
+                // An interim answer goes out before the body is read (Expect: 100-continue).
+                const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+                if let Some(r) = reply.filter(|r| r.starts_with(CONTINUE)) {
+                    s.write_all(CONTINUE).await.unwrap();
+                    reply = Some(&r[CONTINUE.len()..]);
+                }
+                let mut body = h1::BodyReader::new(head.body);
+                let mut end = head.head_len;
+                while !body.done() {
+                    end += body.advance(&buf[end..]).unwrap();
+                    if !body.done() {
+                        let mut b = [0u8; 4096];
+                        let n = s.read(&mut b).await.unwrap();
+                        buf.extend_from_slice(&b[..n]);
+                    }
+                }
+                log.lock().unwrap().push(String::from_utf8_lossy(&buf[..end]).into_owned());
+                buf.drain(..end);
+                let Some(r) = reply else { break };
+                s.write_all(r).await.unwrap();
+                // A close-delimited answer ends with the connection.
+                if h1::parse_response(r, false).is_ok_and(|h| h.is_some_and(|h| h.body == h1::BodyFraming::UntilClose)) {
+                    break;
+                }
+            }
+        }
+    });
+    (addr, seen)
+}
+
+/// Sends `req` raw through the proxy to `dst` and reads until the proxy closes (or `until`
+/// appears).
+async fn raw(px: &Px, dst: SocketAddr, req: &[u8], until: Option<&str>) -> String {
+    let mut s = px.dial(dst).await;
+    s.write_all(req).await.unwrap();
+    let mut out = Vec::new();
+    let mut b = [0u8; 4096];
+    let read = async {
+        loop {
+            match s.read(&mut b).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&b[..n]),
+            }
+            if until.is_some_and(|u| String::from_utf8_lossy(&out).contains(u)) {
+                break;
+            }
+        }
+    };
+    tokio::time::timeout(T, read).await.expect("reply within 5 s");
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn http1_hyper_client_keep_alive_bodies_and_a_denied_second_host() {
+    let (origin, conns) = hyper_origin().await;
+    let px = web_proxy(origin).await;
+    let io = TokioIo::new(px.dial(origin).await);
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+    tokio::spawn(conn);
+    // Content-Length bodies of several sizes, then a streamed (chunked) one.
+    for size in [0usize, 1, 70_000, 3] {
+        let body = vec![b'a' + (size % 26) as u8; size];
+        let req = Request::post("/echo").header("host", "web.test").body(Full::new(Bytes::from(body.clone()))).unwrap();
+        let resp = tx.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["x-host"], "web.test");
+        let got = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(got.len(), body.len());
+        assert!(got == body);
+    }
+    let req = Request::get("/empty").header("host", "web.test").body(Full::new(Bytes::new())).unwrap();
+    assert_eq!(tx.send_request(req).await.unwrap().status(), 204);
+    let req = Request::head("/echo").header("host", "web.test").body(Full::new(Bytes::new())).unwrap();
+    assert_eq!(tx.send_request(req).await.unwrap().status(), 200);
+    // One upstream connection carried all of it.
+    assert_eq!(conns.load(Ordering::SeqCst), 1);
+    // A second host on the same connection is judged on its own.
+    let req = Request::get("/echo").header("host", "evil.test").body(Full::new(Bytes::new())).unwrap();
+    let resp = tx.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 503);
+    let text = resp.into_body().collect().await.unwrap().to_bytes();
+    assert!(String::from_utf8_lossy(&text).contains("evil.test"));
+}
+
+#[tokio::test]
+async fn http1_chunked_both_ways_pipelining_and_connection_close() {
+    let (origin, _) = hyper_origin().await;
+    let px = web_proxy(origin).await;
+    // A chunked request (with an extension and a trailer) pipelined with a second request
+    // that asks to close: both answered in order, the origin saw `Connection: close`.
+    let reply = raw(
+        &px,
+        origin,
+        b"POST /echo HTTP/1.1\r\nHost: web.test\r\nTransfer-Encoding: chunked\r\n\r\n5;x=y\r\nhello\r\n6\r\n world\r\n0\r\nX-T: 1\r\n\r\nPOST /echo HTTP/1.1\r\nHost: web.test\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi",
+        None,
+    )
+    .await;
+    let first = reply.find("hello world").expect(&reply);
+    let second = reply.rfind("\r\n\r\nhi").expect(&reply);
+    assert!(first < second, "{reply}");
+    assert!(reply.contains("x-connection: close"), "{reply}");
+    assert_eq!(reply.matches("HTTP/1.1 200 OK").count(), 2, "{reply}");
+}
+
+#[tokio::test]
+async fn http1_framing_edges_from_the_origin() {
+    let (origin, seen) = raw_origin(vec![
+        // 100 Continue, then a chunked answer with a trailer.
+        Some(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nX-Sum: 1\r\n\r\n"),
+        // Keep-alive, then the origin goes away without saying so (idle timeout).
+        Some(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"),
+        None,
+        // The retry on a fresh connection, close-delimited.
+        Some(b"HTTP/1.1 200 OK\r\n\r\nuntil close"),
+    ])
+    .await;
+    let px = web_proxy(origin).await;
+    let mut s = px.dial(origin).await;
+    let mut got = Vec::new();
+    let read_until = async |s: &mut TcpStream, got: &mut Vec<u8>, end: &str| {
+        let mut b = [0u8; 4096];
+        while !String::from_utf8_lossy(got).contains(end) {
+            let n = tokio::time::timeout(T, s.read(&mut b)).await.unwrap().unwrap();
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&b[..n]);
+        }
+    };
+    s.write_all(b"POST /a HTTP/1.1\r\nHost: web.test\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n").await.unwrap();
+    read_until(&mut s, &mut got, "100 Continue\r\n\r\n").await;
+    s.write_all(b"xyz").await.unwrap();
+    read_until(&mut s, &mut got, "X-Sum: 1\r\n\r\n").await;
+    s.write_all(b"GET /b HTTP/1.1\r\nHost: web.test\r\n\r\n").await.unwrap();
+    read_until(&mut s, &mut got, "\r\n\r\nok").await;
+    // Give the origin's close time to land: the next request must still be answered.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    s.write_all(b"GET /c HTTP/1.1\r\nHost: web.test\r\n\r\n").await.unwrap();
+    let mut b = [0u8; 4096];
+    loop {
+        let n = tokio::time::timeout(T, s.read(&mut b)).await.unwrap().unwrap_or(0);
+        if n == 0 {
+            break; // the close-delimited answer ends with the connection
+        }
+        got.extend_from_slice(&b[..n]);
+    }
+    let got = String::from_utf8_lossy(&got).into_owned();
+    assert!(got.ends_with("HTTP/1.1 200 OK\r\n\r\nuntil close"), "{got}");
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 4, "{seen:?}");
+    assert!(seen[0].starts_with("POST /a HTTP/1.1\r\nHost: web.test\r\n") && seen[0].ends_with("\r\n\r\nxyz"), "{seen:?}");
+    assert_eq!(seen[2], seen[3], "the retried request is the same bytes");
+}
+
+#[tokio::test]
+async fn http1_refusals() {
+    let (origin, seen) = raw_origin(vec![Some(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")]).await;
+    let px = web_proxy(origin).await;
+    for (req, status) in [
+        (&b"POST / HTTP/1.1\r\nHost: web.test\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"[..], "400"),
+        (b"POST / HTTP/1.1\r\nHost: web.test\r\nTransfer-Encoding: xchunked\r\n\r\n", "501"),
+        (b"GET / HTTP/1.1\r\nHost: evil.test\r\n\r\n", "503"),
+        (b"GET / HTTP/1.1\r\n\r\n", "503"),
+        (b"CONNECT web.test:80 HTTP/1.1\r\nHost: web.test:80\r\n\r\n", "503"),
+        (b"GET / HTTP/1.1\r\nHost: web.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n", "503"),
+        (b"GET / HTTP/1.1\r\nHost: web.test\r\n", "408"),
+    ] {
+        let reply = raw(&px, origin, req, None).await;
+        assert!(reply.starts_with(&format!("HTTP/1.1 {status} ")), "{:?} → {reply}", String::from_utf8_lossy(req));
+    }
+    // A bad chunk after an allowed head: the connection ends, nothing past the bad line
+    // reaches the origin as a request.
+    let reply = raw(&px, origin, b"POST / HTTP/1.1\r\nHost: web.test\r\nTransfer-Encoding: chunked\r\n\r\n5\nhello\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: evil.test\r\n\r\n", None).await;
+    assert!(!reply.contains("200 OK"), "{reply}");
+    assert!(seen.lock().unwrap().iter().all(|r| !r.contains("smuggled")));
 }

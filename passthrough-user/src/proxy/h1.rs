@@ -263,13 +263,12 @@ pub fn parse_request(buf: &[u8], fields: &mut Vec<Field>) -> Result<Option<Reque
         let Some(a) = uri.authority() else {
             return Err(H1Error::Target);
         };
-        origin_form = Some(
-            uri.path_and_query()
-                .map(|p| p.as_str())
-                .filter(|p| p.starts_with('/'))
-                .unwrap_or("/")
-                .to_string(),
-        );
+        origin_form = Some(match uri.path_and_query().map(|p| p.as_str()) {
+            Some(p) if p.starts_with('/') => p.to_string(),
+            // `http://host?q`: the path is empty, the query stays.
+            Some(p) => format!("/{p}"),
+            None => "/".to_string(),
+        });
         if several_hosts {
             Err("several Host headers")
         } else {
@@ -739,6 +738,8 @@ mod tests {
             false,
         );
         assert_eq!(h, "POST /p HTTP/1.1\r\nHost: web.test\r\nTransfer-Encoding: chunked\r\n\r\n");
+        let h = upstream_head("GET http://web.test?q=1 HTTP/1.1\r\n\r\n", false);
+        assert!(h.starts_with("GET /?q=1 HTTP/1.1\r\nHost: web.test\r\n"), "{h}");
         let h = upstream_head("OPTIONS * HTTP/1.0\r\nHost: web.test\r\n\r\n", true);
         assert_eq!(h, "OPTIONS * HTTP/1.0\r\nHost: web.test\r\nConnection: close\r\n\r\n");
     }
