@@ -32,7 +32,9 @@ fuzz_target!(|data: &[u8]| {
         let mut pos = 0;
         while pos < data.len() && !split.done() {
             let cut = (pos + step).min(data.len());
-            pos += split.advance(&data[pos..cut]).expect("a prefix of a valid body is valid");
+            pos += split
+                .advance(&data[pos..cut])
+                .expect("a prefix of a valid body is valid");
         }
         assert_eq!(split.done(), whole.done());
         if whole.done() {

@@ -45,7 +45,9 @@ pub fn passthrough_skb_egress(ctx: SkBuffContext) -> i32 {
     // SAFETY: non-null result of bpf_sk_fullsock.
     let (ty, protocol, mark) = unsafe { ((*full).type_, (*full).protocol, (*full).mark) };
     // The common case first and cheapest: TCP, and UDP (not ICMP) datagram sockets.
-    if ty == SOCK_STREAM || (ty == SOCK_DGRAM && protocol != IPPROTO_ICMP && protocol != IPPROTO_ICMPV6) {
+    if ty == SOCK_STREAM
+        || (ty == SOCK_DGRAM && protocol != IPPROTO_ICMP && protocol != IPPROTO_ICMPV6)
+    {
         return PASS;
     }
     judge(&ctx, Socket(full), ty as u8, mark)
@@ -55,18 +57,28 @@ pub fn passthrough_skb_egress(ctx: SkBuffContext) -> i32 {
 #[inline(always)]
 fn judge(ctx: &SkBuffContext, sock: Socket, ty: u8, mark: u32) -> i32 {
     // cgroup_skb data starts at the network header.
-    let Ok(first) = ctx.load::<u8>(0) else { return DROP };
+    let Ok(first) = ctx.load::<u8>(0) else {
+        return DROP;
+    };
     let verdict = match first >> 4 {
         4 => {
-            let (Ok(proto), Ok(dst)) = (ctx.load::<u8>(9), ctx.load::<[u8; 4]>(16)) else { return DROP };
+            let (Ok(proto), Ok(dst)) = (ctx.load::<u8>(9), ctx.load::<[u8; 4]>(16)) else {
+                return DROP;
+            };
             decide_for(sock, V4(dst), 0, Transport::Raw(proto, ty), mark)
         }
         6 => {
-            let (Ok(proto), Ok(dst)) = (ctx.load::<u8>(6), ctx.load::<[u8; 16]>(24)) else { return DROP };
+            let (Ok(proto), Ok(dst)) = (ctx.load::<u8>(6), ctx.load::<[u8; 16]>(24)) else {
+                return DROP;
+            };
             decide_for(sock, V6(dst), 0, Transport::Raw(proto, ty), mark)
         }
         // Neither IPv4 nor IPv6 from an IP socket: nothing we can judge, so nothing leaves.
         _ => return DROP,
     };
-    if verdict == Verdict::Allow { PASS } else { DROP }
+    if verdict == Verdict::Allow {
+        PASS
+    } else {
+        DROP
+    }
 }

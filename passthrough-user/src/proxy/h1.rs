@@ -165,15 +165,17 @@ fn content_length(acc: &mut Option<u64>, value: &[u8]) -> Result<(), H1Error> {
         if el.len() > 19 || !el.iter().all(u8::is_ascii_digit) {
             return Err(H1Error::ContentLength);
         }
-        let n = el
-            .iter()
-            .fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+        let n = el.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
         match acc {
             Some(prev) if *prev != n => return Err(H1Error::ContentLength),
             _ => *acc = Some(n),
         }
     }
-    if any { Ok(()) } else { Err(H1Error::ContentLength) }
+    if any {
+        Ok(())
+    } else {
+        Err(H1Error::ContentLength)
+    }
 }
 
 /// The connection options of the `Connection` fields.
@@ -240,7 +242,9 @@ pub fn parse_request(buf: &[u8], fields: &mut Vec<Field>) -> Result<Option<Reque
         } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
             let mut codings = list(h.value);
             let only_chunked = te.is_none()
-                && codings.next().is_some_and(|c| c.eq_ignore_ascii_case(b"chunked"))
+                && codings
+                    .next()
+                    .is_some_and(|c| c.eq_ignore_ascii_case(b"chunked"))
                 && codings.next().is_none();
             te = Some(only_chunked);
         } else if h.name.eq_ignore_ascii_case("upgrade") {
@@ -402,8 +406,7 @@ pub fn parse_response(buf: &[u8], head_request: bool) -> Result<Option<ResponseH
     } else {
         !conn.close
     };
-    let body = if head_request || (100..200).contains(&status) || status == 204 || status == 304
-    {
+    let body = if head_request || (100..200).contains(&status) || status == 204 || status == 304 {
         BodyFraming::None
     } else {
         match te {
@@ -513,7 +516,8 @@ impl Chunked {
                         }
                         self.digits += 1;
                         // One hex digit: the shift cannot overflow with at most 16 digits.
-                        self.size = (self.size << 4) | u64::from((b as char).to_digit(16).unwrap_or(0));
+                        self.size =
+                            (self.size << 4) | u64::from((b as char).to_digit(16).unwrap_or(0));
                         Size
                     }
                     b';' | b' ' | b'\t' if self.digits > 0 => {
@@ -656,7 +660,9 @@ mod tests {
 
     #[test]
     fn request_heads() {
-        let r = req("GET /a?b HTTP/1.1\r\nHost: web.test\r\n\r\n").unwrap().unwrap();
+        let r = req("GET /a?b HTTP/1.1\r\nHost: web.test\r\n\r\n")
+            .unwrap()
+            .unwrap();
         assert_eq!(r.authority.as_deref(), Ok("web.test"));
         assert_eq!(r.body, BodyFraming::None);
         assert!(!r.closes && !r.is_head && r.upgrade.is_none());
@@ -664,16 +670,36 @@ mod tests {
         assert_eq!(req("GET / HTTP/1.1\r\nHost: web").unwrap(), None);
         // Absolute-form wins; userinfo dropped; several Hosts and none refused.
         let r = req("GET http://u@web.test:8080/x?y HTTP/1.1\r\nHost: evil.test\r\n\r\n");
-        assert_eq!(r.unwrap().unwrap().authority.as_deref(), Ok("web.test:8080"));
-        let r = req("GET / HTTP/1.1\r\nHost: a\r\nhost: b\r\n\r\n").unwrap().unwrap();
+        assert_eq!(
+            r.unwrap().unwrap().authority.as_deref(),
+            Ok("web.test:8080")
+        );
+        let r = req("GET / HTTP/1.1\r\nHost: a\r\nhost: b\r\n\r\n")
+            .unwrap()
+            .unwrap();
         assert_eq!(r.authority, Err("several Host headers"));
         let r = req("GET / HTTP/1.0\r\n\r\n").unwrap().unwrap();
         assert!(r.authority.is_err() && r.closes);
-        let r = parse_request("GET / HTTP/1.1\r\nHost: wéb\r\n\r\n".as_bytes(), &mut Vec::new()).unwrap().unwrap();
+        let r = parse_request(
+            "GET / HTTP/1.1\r\nHost: wéb\r\n\r\n".as_bytes(),
+            &mut Vec::new(),
+        )
+        .unwrap()
+        .unwrap();
         assert_eq!(r.authority, Err("the Host header is not ASCII"));
         // Connection options.
-        assert!(req("GET / HTTP/1.1\r\nHost: a\r\nConnection: x, Close\r\n\r\n").unwrap().unwrap().closes);
-        assert!(!req("GET / HTTP/1.0\r\nHost: a\r\nConnection: keep-alive\r\n\r\n").unwrap().unwrap().closes);
+        assert!(
+            req("GET / HTTP/1.1\r\nHost: a\r\nConnection: x, Close\r\n\r\n")
+                .unwrap()
+                .unwrap()
+                .closes
+        );
+        assert!(
+            !req("GET / HTTP/1.0\r\nHost: a\r\nConnection: keep-alive\r\n\r\n")
+                .unwrap()
+                .unwrap()
+                .closes
+        );
         // Not HTTP, or not strict HTTP.
         assert!(req("GET  / HTTP/1.1\r\nHost: a\r\n\r\n").is_err());
         assert!(req("GET / HTTP/1.1\r\nHost : a\r\n\r\n").is_err());
@@ -692,9 +718,20 @@ mod tests {
     fn request_framing_refuses_what_parsers_could_read_differently() {
         let f = |s: &str| req(s).map(|r| r.unwrap().body);
         let p = "POST / HTTP/1.1\r\nHost: a\r\n";
-        assert_eq!(f(&format!("{p}Content-Length: 5\r\n\r\n")), Ok(BodyFraming::Length(5)));
-        assert_eq!(f(&format!("{p}Content-Length: 5\r\nContent-Length: 5, 5\r\n\r\n")), Ok(BodyFraming::Length(5)));
-        assert_eq!(f(&format!("{p}Transfer-Encoding: Chunked\r\n\r\n")), Ok(BodyFraming::Chunked));
+        assert_eq!(
+            f(&format!("{p}Content-Length: 5\r\n\r\n")),
+            Ok(BodyFraming::Length(5))
+        );
+        assert_eq!(
+            f(&format!(
+                "{p}Content-Length: 5\r\nContent-Length: 5, 5\r\n\r\n"
+            )),
+            Ok(BodyFraming::Length(5))
+        );
+        assert_eq!(
+            f(&format!("{p}Transfer-Encoding: Chunked\r\n\r\n")),
+            Ok(BodyFraming::Chunked)
+        );
         for bad in [
             "Content-Length: 0\r\nContent-Length: 5",
             "Content-Length: 5, 6",
@@ -703,17 +740,35 @@ mod tests {
             "Content-Length: ",
             "Content-Length: 99999999999999999999",
         ] {
-            assert_eq!(f(&format!("{p}{bad}\r\n\r\n")), Err(H1Error::ContentLength), "{bad}");
+            assert_eq!(
+                f(&format!("{p}{bad}\r\n\r\n")),
+                Err(H1Error::ContentLength),
+                "{bad}"
+            );
         }
         assert_eq!(
-            f(&format!("{p}Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n")),
+            f(&format!(
+                "{p}Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+            )),
             Err(H1Error::BothFramings)
         );
-        for te in ["xchunked", "gzip, chunked", "chunked, chunked", "chunked;q=1", "identity"] {
-            assert_eq!(f(&format!("{p}Transfer-Encoding: {te}\r\n\r\n")), Err(H1Error::TransferCoding), "{te}");
+        for te in [
+            "xchunked",
+            "gzip, chunked",
+            "chunked, chunked",
+            "chunked;q=1",
+            "identity",
+        ] {
+            assert_eq!(
+                f(&format!("{p}Transfer-Encoding: {te}\r\n\r\n")),
+                Err(H1Error::TransferCoding),
+                "{te}"
+            );
         }
         assert_eq!(
-            f(&format!("{p}Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n")),
+            f(&format!(
+                "{p}Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n"
+            )),
             Err(H1Error::TransferCoding)
         );
         assert_eq!(
@@ -737,32 +792,102 @@ mod tests {
             "POST /p HTTP/1.1\r\nhost: web.test\r\ntransfer-encoding: chunked\r\n\r\n",
             false,
         );
-        assert_eq!(h, "POST /p HTTP/1.1\r\nHost: web.test\r\nTransfer-Encoding: chunked\r\n\r\n");
+        assert_eq!(
+            h,
+            "POST /p HTTP/1.1\r\nHost: web.test\r\nTransfer-Encoding: chunked\r\n\r\n"
+        );
         let h = upstream_head("GET http://web.test?q=1 HTTP/1.1\r\n\r\n", false);
-        assert!(h.starts_with("GET /?q=1 HTTP/1.1\r\nHost: web.test\r\n"), "{h}");
+        assert!(
+            h.starts_with("GET /?q=1 HTTP/1.1\r\nHost: web.test\r\n"),
+            "{h}"
+        );
         let h = upstream_head("OPTIONS * HTTP/1.0\r\nHost: web.test\r\n\r\n", true);
-        assert_eq!(h, "OPTIONS * HTTP/1.0\r\nHost: web.test\r\nConnection: close\r\n\r\n");
+        assert_eq!(
+            h,
+            "OPTIONS * HTTP/1.0\r\nHost: web.test\r\nConnection: close\r\n\r\n"
+        );
     }
 
     #[test]
     fn response_framing() {
-        let f = |s: &str, head: bool| parse_response(s.as_bytes(), head).map(|r| r.map(|r| (r.body, r.persistent)));
+        let f = |s: &str, head: bool| {
+            parse_response(s.as_bytes(), head).map(|r| r.map(|r| (r.body, r.persistent)))
+        };
         use BodyFraming::*;
-        assert_eq!(f("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", false), Ok(Some((Length(2), true))));
-        assert_eq!(f("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n", true), Ok(Some((None, true))));
-        assert_eq!(f("HTTP/1.1 204 No Content\r\n\r\n", false), Ok(Some((None, true))));
-        assert_eq!(f("HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n", false), Ok(Some((None, true))));
-        assert_eq!(f("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", false), Ok(Some((Chunked, true))));
-        assert_eq!(f("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n", false), Ok(Some((Chunked, false))));
-        assert_eq!(f("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n", false), Ok(Some((UntilClose, false))));
-        assert_eq!(f("HTTP/1.1 200 OK\r\n\r\n", false), Ok(Some((UntilClose, false))));
-        assert_eq!(f("HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n", false), Ok(Some((Length(0), false))));
-        assert_eq!(f("HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n", false), Ok(Some((Length(0), false))));
-        assert_eq!(f("HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n", false), Ok(Some((Length(0), true))));
-        assert_eq!(f("HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", false), Err(H1Error::ContentLength));
-        assert_eq!(f("HTTP/1.1 101 Switching Protocols\r\n\r\n", false), Err(H1Error::UnexpectedSwitch));
+        assert_eq!(
+            f("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", false),
+            Ok(Some((Length(2), true)))
+        );
+        assert_eq!(
+            f("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n", true),
+            Ok(Some((None, true)))
+        );
+        assert_eq!(
+            f("HTTP/1.1 204 No Content\r\n\r\n", false),
+            Ok(Some((None, true)))
+        );
+        assert_eq!(
+            f(
+                "HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n",
+                false
+            ),
+            Ok(Some((None, true)))
+        );
+        assert_eq!(
+            f(
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+                false
+            ),
+            Ok(Some((Chunked, true)))
+        );
+        assert_eq!(
+            f(
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
+                false
+            ),
+            Ok(Some((Chunked, false)))
+        );
+        assert_eq!(
+            f("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n", false),
+            Ok(Some((UntilClose, false)))
+        );
+        assert_eq!(
+            f("HTTP/1.1 200 OK\r\n\r\n", false),
+            Ok(Some((UntilClose, false)))
+        );
+        assert_eq!(
+            f(
+                "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+                false
+            ),
+            Ok(Some((Length(0), false)))
+        );
+        assert_eq!(
+            f("HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n", false),
+            Ok(Some((Length(0), false)))
+        );
+        assert_eq!(
+            f(
+                "HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n",
+                false
+            ),
+            Ok(Some((Length(0), true)))
+        );
+        assert_eq!(
+            f(
+                "HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+                false
+            ),
+            Err(H1Error::ContentLength)
+        );
+        assert_eq!(
+            f("HTTP/1.1 101 Switching Protocols\r\n\r\n", false),
+            Err(H1Error::UnexpectedSwitch)
+        );
         assert_eq!(f("HTTP/1.1 200 OK\r\nContent-Le", false), Ok(Option::None));
-        let r = parse_response(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n", false).unwrap().unwrap();
+        let r = parse_response(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n", false)
+            .unwrap()
+            .unwrap();
         assert!(r.is_interim() && r.head_len == 25);
     }
 
@@ -774,7 +899,8 @@ mod tests {
 
     #[test]
     fn chunked_framing() {
-        let ok = b"5\r\nhello\r\n1a;ext=v ; e2\r\nabcdefghijklmnopqrstuvwxyz\r\n0\r\nX-T: v\r\n\r\nGET";
+        let ok =
+            b"5\r\nhello\r\n1a;ext=v ; e2\r\nabcdefghijklmnopqrstuvwxyz\r\n0\r\nX-T: v\r\n\r\nGET";
         assert_eq!(chunked_end(ok), Ok(Some(ok.len() - 3)));
         assert_eq!(chunked_end(b"0\r\n\r\n"), Ok(Some(5)));
         assert_eq!(chunked_end(b"5\r\nhel"), Ok(None));
@@ -793,7 +919,11 @@ mod tests {
             b"0\r\n\n",
             b"0\r\nGET / HTTP/1.1\r\n\r\n",
         ] {
-            assert!(chunked_end(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
+            assert!(
+                chunked_end(bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
         }
         // Sixteen hex digits are the most.
         assert!(chunked_end(b"ffffffffffffffff\r\n").is_ok());

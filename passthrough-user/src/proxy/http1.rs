@@ -126,13 +126,18 @@ impl Session {
                     Err(e) => {
                         let (code, reason) = e.status();
                         debug!(target: "passthrough::proxy", peer = %self.conn.peer, error = %e, "bad request");
-                        self.refuse(code, reason, &format!("passthrough: {e}\n")).await;
+                        self.refuse(code, reason, &format!("passthrough: {e}\n"))
+                            .await;
                         return None;
                     }
                 }
                 if self.cbuf.len() >= cfg.max_peek {
-                    let why = format!("passthrough: request head larger than {} bytes\n", cfg.max_peek);
-                    self.refuse(431, "Request Header Fields Too Large", &why).await;
+                    let why = format!(
+                        "passthrough: request head larger than {} bytes\n",
+                        cfg.max_peek
+                    );
+                    self.refuse(431, "Request Header Fields Too Large", &why)
+                        .await;
                     return None;
                 }
             }
@@ -147,7 +152,10 @@ impl Session {
                 Some(d) => match tokio::time::timeout_at(d, read).await {
                     Ok(r) => r,
                     Err(_) => {
-                        let why = format!("passthrough: no complete request head within {:?}\n", cfg.peek_timeout);
+                        let why = format!(
+                            "passthrough: no complete request head within {:?}\n",
+                            cfg.peek_timeout
+                        );
                         self.refuse(408, "Request Timeout", &why).await;
                         return None;
                     }
@@ -168,14 +176,22 @@ impl Session {
             return false;
         };
         self.out.clear();
-        h1::write_request_head(&self.cbuf, &req, &self.fields, &host, req.closes, &mut self.out);
+        h1::write_request_head(
+            &self.cbuf,
+            &req,
+            &self.fields,
+            &host,
+            req.closes,
+            &mut self.out,
+        );
         self.cbuf.drain(..req.head_len);
         // Body bytes that came with the head go in the same write.
         let mut body = BodyReader::new(req.body);
         let k = match body.advance(&self.cbuf) {
             Ok(k) => k,
             Err(e) => {
-                self.refuse(400, "Bad Request", &format!("passthrough: {e}\n")).await;
+                self.refuse(400, "Bad Request", &format!("passthrough: {e}\n"))
+                    .await;
                 return false;
             }
         };
@@ -187,7 +203,8 @@ impl Session {
         loop {
             if let Err(why) = self.ensure_upstream(target).await {
                 self.upstream_failed(&host, target, &why);
-                let text = format!("passthrough: the upstream for host {host} is unreachable: {why}\n");
+                let text =
+                    format!("passthrough: the upstream for host {host} is unreachable: {why}\n");
                 self.refuse(503, "Service Unavailable", &text).await;
                 return false;
             }
@@ -204,8 +221,16 @@ impl Session {
                 Err(_) => Err(RelayError::Stale),
                 Ok(()) => {
                     let mut body_ok = body.done();
-                    let forward = forward_body(&mut cr, &mut uw, &mut self.cbuf, &mut body, &mut up_count);
-                    let respond = relay_response(&mut ur, &mut cw, &mut up.buf, req.is_head, self.proxy.cfg().max_peek, &mut down_count);
+                    let forward =
+                        forward_body(&mut cr, &mut uw, &mut self.cbuf, &mut body, &mut up_count);
+                    let respond = relay_response(
+                        &mut ur,
+                        &mut cw,
+                        &mut up.buf,
+                        req.is_head,
+                        self.proxy.cfg().max_peek,
+                        &mut down_count,
+                    );
                     tokio::pin!(forward, respond);
                     loop {
                         tokio::select! {
@@ -266,7 +291,11 @@ impl Session {
     /// Makes [`Session::upstream`] a connection to `target`: the current one when it goes
     /// there, else a new one.
     async fn ensure_upstream(&mut self, target: SocketAddr) -> Result<(), String> {
-        if self.upstream.as_ref().is_some_and(|u| u.target != target || !u.buf.is_empty()) {
+        if self
+            .upstream
+            .as_ref()
+            .is_some_and(|u| u.target != target || !u.buf.is_empty())
+        {
             self.upstream = None;
         }
         if self.upstream.is_none() {
@@ -290,7 +319,9 @@ impl Session {
     /// upstream address, whose ephemeral ports to one destination then run short
     /// (`tcp_tw_reuse` does not cover non-loopback peers).
     async fn close_upstream(&mut self, origin_closes: bool) {
-        let Some(mut up) = self.upstream.take() else { return };
+        let Some(mut up) = self.upstream.take() else {
+            return;
+        };
         let mut sink = [0u8; 512];
         // Usually the FIN is already here: no timer for that.
         if origin_closes && !matches!(up.stream.try_read(&mut sink), Ok(0)) {
@@ -313,7 +344,9 @@ impl Session {
         if req.is_connect || req.upgrade.is_some() {
             let host = req.authority.as_deref().ok();
             let (code, why) = match &req.upgrade {
-                Some(up) if !req.is_connect => ("upgrade", format!("protocol upgrade ({up}) is not proxied")),
+                Some(up) if !req.is_connect => {
+                    ("upgrade", format!("protocol upgrade ({up}) is not proxied"))
+                }
                 _ => ("connect", "CONNECT tunnels are not proxied".to_string()),
             };
             self.proxy
@@ -336,7 +369,11 @@ impl Session {
                 return None;
             }
         };
-        if let Some(t) = self.allowed.as_ref().and_then(|a| a.target_for(&auth, &self.proxy)) {
+        if let Some(t) = self
+            .allowed
+            .as_ref()
+            .and_then(|a| a.target_for(&auth, &self.proxy))
+        {
             return Some((auth, t));
         }
         // Loaded before judging: a reload during the judgement makes the memo stale at once.
@@ -452,7 +489,10 @@ async fn relay_response(
                 Err(e) => return Err(early(forwarded, e.to_string())),
             }
             if ubuf.len() >= max_head {
-                return Err(early(forwarded, format!("response head larger than {max_head} bytes")));
+                return Err(early(
+                    forwarded,
+                    format!("response head larger than {max_head} bytes"),
+                ));
             }
             ubuf.reserve(CHUNK);
             match ur.read_buf(ubuf).await {
