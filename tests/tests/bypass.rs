@@ -451,6 +451,19 @@ mod ops {
     }
 
     /// A UDP datagram built by hand on a raw `IPPROTO_UDP` socket (needs CAP_NET_RAW).
+    /// A UDP header and the payload `raw`, checksum 0 (none for IPv4; the kernel fills it for
+    /// IPv6 raw sockets with `IPV6_CHECKSUM`).
+    fn udp_datagram(port: u16) -> Vec<u8> {
+        let payload = b"raw";
+        let mut pkt = Vec::new();
+        pkt.extend_from_slice(&40000u16.to_be_bytes());
+        pkt.extend_from_slice(&port.to_be_bytes());
+        pkt.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+        pkt.extend_from_slice(&0u16.to_be_bytes());
+        pkt.extend_from_slice(payload);
+        pkt
+    }
+
     /// A hand-made UDP datagram on an `AF_INET6` raw socket (the kernel fills the checksum,
     /// `IPV6_CHECKSUM`).
     fn raw_udp6(a: &SocketAddr) -> Value {
@@ -470,14 +483,7 @@ mod ops {
                 &offset as *const libc::c_int as *const libc::c_void,
                 mem::size_of::<libc::c_int>() as u32,
             );
-            let payload = b"raw";
-            let len = (8 + payload.len()) as u16;
-            let mut pkt = Vec::new();
-            pkt.extend_from_slice(&40000u16.to_be_bytes());
-            pkt.extend_from_slice(&a.port().to_be_bytes());
-            pkt.extend_from_slice(&len.to_be_bytes());
-            pkt.extend_from_slice(&0u16.to_be_bytes());
-            pkt.extend_from_slice(payload);
+            let pkt = udp_datagram(a.port());
             let mut sin6: libc::sockaddr_in6 = mem::zeroed();
             sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
             sin6.sin6_addr.s6_addr = v6.ip().octets();
@@ -505,14 +511,7 @@ mod ops {
         }
         // SAFETY: fd is ours.
         let _own = unsafe { OwnedFd::from_raw_fd(fd) };
-        let payload = b"raw";
-        let len = (8 + payload.len()) as u16;
-        let mut pkt = Vec::new();
-        pkt.extend_from_slice(&40000u16.to_be_bytes());
-        pkt.extend_from_slice(&a.port().to_be_bytes());
-        pkt.extend_from_slice(&len.to_be_bytes());
-        pkt.extend_from_slice(&0u16.to_be_bytes()); // no checksum (IPv4)
-        pkt.extend_from_slice(payload);
+        let pkt = udp_datagram(a.port());
         let mut sin = sockaddr_in(&a, libc::AF_INET);
         sin.sin_port = 0;
         sendto_raw(fd, &pkt, &sin)

@@ -200,8 +200,8 @@ fn connection_options(fields: &[httparse::Header<'_>]) -> ConnectionOptions {
     }
 }
 
-/// Fields that belong to one hop (RFC 9110 §7.6.1) or that the proxy writes itself.
-const NOT_FORWARDED: [&str; 11] = [
+/// Fields that belong to one hop (RFC 9110 §7.6.1): never forwarded as they came.
+pub const HOP_BY_HOP: [&str; 8] = [
     "connection",
     "keep-alive",
     "proxy-connection",
@@ -210,10 +210,10 @@ const NOT_FORWARDED: [&str; 11] = [
     "te",
     "trailer",
     "transfer-encoding",
-    "upgrade",
-    "host",
-    "content-length",
 ];
+
+/// Fields the proxy writes itself (or refuses: `upgrade`) instead of forwarding them.
+const WRITTEN_HERE: [&str; 3] = ["upgrade", "host", "content-length"];
 
 /// Parses a request head at the start of `buf`. `Ok(None)`: need more bytes. On success the
 /// fields to forward are in `fields` (cleared first).
@@ -296,7 +296,10 @@ pub fn parse_request(buf: &[u8], fields: &mut Vec<Field>) -> Result<Option<Reque
     let conn = connection_options(hs);
     fields.clear();
     for h in hs {
-        if NOT_FORWARDED.iter().any(|n| h.name.eq_ignore_ascii_case(n))
+        if HOP_BY_HOP
+            .iter()
+            .chain(&WRITTEN_HERE)
+            .any(|n| h.name.eq_ignore_ascii_case(n))
             || has_token(hs, "connection", h.name.as_bytes())
         {
             continue;

@@ -43,7 +43,7 @@ use tokio::{
     net::TcpStream,
     sync::Mutex,
 };
-use tracing::{debug, warn};
+use tracing::debug;
 
 use super::{ConnInfo, Judgement, Proxy, relay};
 use crate::policy::L7;
@@ -308,29 +308,12 @@ async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body> {
     match forward(&ctx, req, &auth, target).await {
         Ok(resp) => resp,
         Err(why) => {
-            warn!(
-                target: "passthrough::proxy",
-                workload = %ctx.proxy.metrics().workload_name(ctx.conn.rec.workload),
-                workload_id = ctx.conn.rec.workload, pid = ctx.conn.rec.pid,
-                comm = %ctx.conn.rec.comm, peer = %ctx.conn.peer, dst = %ctx.conn.rec.dst,
-                %target, host = %auth, error = %why, "upstream failed"
-            );
+            ctx.proxy.upstream_request_failed(&ctx.conn, target, &auth, &why);
             unavailable(&ctx, grpc, &auth, &why)
         }
     }
 }
 
-/// Headers that belong to one hop (RFC 9110 §7.6.1).
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-];
 
 fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
     let named: Vec<HeaderName> = headers
@@ -350,7 +333,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
             v.split(',')
                 .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
         });
-    for h in HOP_BY_HOP {
+    for h in super::h1::HOP_BY_HOP {
         headers.remove(h);
     }
     headers.remove(header::UPGRADE);

@@ -31,7 +31,7 @@ use tokio::{
     },
     time::Instant,
 };
-use tracing::{debug, warn};
+use tracing::debug;
 
 use super::{
     ConnInfo, Judgement, Proxy,
@@ -202,7 +202,7 @@ impl Session {
         let mut retried = false;
         loop {
             if let Err(why) = self.ensure_upstream(target).await {
-                self.upstream_failed(&host, target, &why);
+                self.proxy.upstream_failed(&self.conn, target, &why);
                 let text =
                     format!("passthrough: the upstream for host {host} is unreachable: {why}\n");
                 self.refuse(503, "Service Unavailable", &text).await;
@@ -254,7 +254,8 @@ impl Session {
                     // A client that asked to close and sent nothing more is simply closed; one
                     // that may have sent more (the origin ended the connection, or bytes are
                     // buffered) is closed gently, so that a reset cannot destroy the answer.
-                    if !keep && !(req.closes && self.cbuf.is_empty()) {
+                    let asked_and_done = req.closes && self.cbuf.is_empty();
+                    if !(keep || asked_and_done) {
                         super::close_gently(&mut self.client).await;
                     }
                     return keep;
@@ -405,27 +406,10 @@ impl Session {
     }
 
     async fn bad_gateway(&mut self, host: &str, target: SocketAddr, why: &str) {
-        warn!(
-            target: "passthrough::proxy",
-            workload = %self.proxy.metrics().workload_name(self.conn.rec.workload),
-            workload_id = self.conn.rec.workload, pid = self.conn.rec.pid,
-            comm = %self.conn.rec.comm, peer = %self.conn.peer, dst = %self.conn.rec.dst,
-            %target, host = %host, error = %why, "upstream failed"
-        );
+        self.proxy
+            .upstream_request_failed(&self.conn, target, host, &why);
         let text = format!("passthrough: the upstream for host {host} failed: {why}\n");
         self.refuse(502, "Bad Gateway", &text).await;
-    }
-
-    fn upstream_failed(&self, host: &str, target: SocketAddr, why: &str) {
-        let m = self.proxy.metrics();
-        m.upstream_connect_error(&m.workload_name(self.conn.rec.workload));
-        warn!(
-            target: "passthrough::proxy",
-            workload = %m.workload_name(self.conn.rec.workload),
-            workload_id = self.conn.rec.workload, pid = self.conn.rec.pid,
-            comm = %self.conn.rec.comm, peer = %self.conn.peer, dst = %self.conn.rec.dst,
-            %target, host = %host, error = %why, "upstream unreachable"
-        );
     }
 
     /// Answers with `status` and a plain-text `body`, then closes the connection.

@@ -247,7 +247,7 @@ impl Proxy {
             .await;
     }
 
-    fn upstream_failed(&self, ctx: &ConnInfo, target: SocketAddr, e: &dyn Display) {
+    pub(crate) fn upstream_failed(&self, ctx: &ConnInfo, target: SocketAddr, e: &dyn Display) {
         let workload = self.metrics().workload_name(ctx.rec.workload);
         self.metrics().upstream_connect_error(&workload);
         warn!(
@@ -255,6 +255,16 @@ impl Proxy {
             workload = %workload, workload_id = ctx.rec.workload, pid = ctx.rec.pid, comm = %ctx.rec.comm,
             peer = %ctx.peer, dst = %ctx.rec.dst, %target, error = %e,
             "upstream unreachable; closing the client connection"
+        );
+    }
+
+    /// Logs an upstream that failed mid-request (HTTP): the request's host and the error.
+    pub(crate) fn upstream_request_failed(&self, ctx: &ConnInfo, target: SocketAddr, host: &str, e: &dyn Display) {
+        warn!(
+            target: "passthrough::proxy",
+            workload = %self.metrics().workload_name(ctx.rec.workload),
+            workload_id = ctx.rec.workload, pid = ctx.rec.pid, comm = %ctx.rec.comm,
+            peer = %ctx.peer, dst = %ctx.rec.dst, %target, host = %host, error = %e, "upstream failed"
         );
     }
 
