@@ -579,7 +579,8 @@ async fn tls_refuse(mut client: TcpStream) {
 /// closing does not turn into a reset that could destroy the last bytes we wrote.
 pub(crate) async fn close_gently(client: &mut TcpStream) {
     let _ = client.shutdown().await;
-    let mut sink = [0u8; 4096];
+    // On the heap: as an array it made every connection task's future 4 KiB larger.
+    let mut sink = vec![0u8; 4096];
     let drain = async {
         let mut total = 0usize;
         while let Ok(n) = client.read(&mut sink).await {
@@ -590,4 +591,38 @@ pub(crate) async fn close_gently(client: &mut TcpStream) {
         }
     };
     let _ = tokio::time::timeout(Duration::from_millis(500), drain).await;
+}
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct NoOrig;
+    impl OrigDstSource for NoOrig {
+        fn take(&self, _: SocketAddr, _: SocketAddr) -> Option<Redirected> {
+            None
+        }
+    }
+
+    /// Every accepted connection's task holds this future from accept on, relayed or idle:
+    /// it was 6.3 KiB while the refusal's 4 KiB drain buffer lived in it, 3.3 KiB since that
+    /// buffer is on the heap (only refusals allocate it). Boxing the protocol paths brought it
+    /// to 0.7 KiB but made no measurable difference to CPU per connection, so they are not.
+    #[tokio::test]
+    async fn the_connection_future_stays_small() {
+        fn size<F: std::future::Future>(_: &F) -> usize {
+            std::mem::size_of::<F>()
+        }
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = l.local_addr().unwrap();
+        let c = TcpStream::connect(a).await.unwrap();
+        let policy = ProxyPolicy {
+            workloads: HashMap::new(),
+            unmatched: MergedConf { mode: crate::policy::Mode::All, matches: vec![], policies: vec![] },
+            decide: DecideOptions::default(),
+        };
+        let cfg = ProxyConfig { domain_destination: DomainDestination::Original, ..Default::default() };
+        let p = Arc::new(Proxy::new(Arc::new(NoOrig), Arc::new(ArcSwap::from_pointee(policy)), cfg).unwrap());
+        let f = p.clone().handle(c, a, a);
+        assert!(size(&f) <= 4096, "{} bytes", size(&f));
+    }
 }
