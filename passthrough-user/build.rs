@@ -15,13 +15,18 @@ fn main() -> anyhow::Result<()> {
         .join("passthrough-ebpf");
     let root_dir = ebpf_dir.to_str().context("non-UTF-8 path")?;
     println!("cargo:rerun-if-env-changed=AYA_BUILD_SKIP");
-    let skip = std::env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
+    let skip =
+        std::env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
     if skip {
         println!("cargo:rustc-cfg=ebpf_skipped");
     }
     println!("cargo::rustc-check-cfg=cfg(ebpf_skipped)");
     aya_build::build_ebpf(
-        [Package { name: "passthrough-ebpf", root_dir, ..Default::default() }],
+        [Package {
+            name: "passthrough-ebpf",
+            root_dir,
+            ..Default::default()
+        }],
         Toolchain::Custom(EBPF_TOOLCHAIN),
     )
 }

@@ -185,7 +185,11 @@ pub struct RangeTable {
 /// lines (the top levels stay cached), and a whole table is one `memcpy` into a mmapped array.
 /// CIDR coverage needs no longest-prefix match: the programs only ask "is it covered".
 #[inline(always)]
-pub fn range_covers<'a>(table: &RangeTable, addr: u32, block: impl Fn(u32) -> Option<&'a RangeBlock>) -> bool {
+pub fn range_covers<'a>(
+    table: &RangeTable,
+    addr: u32,
+    block: impl Fn(u32) -> Option<&'a RangeBlock>,
+) -> bool {
     // Index of the chosen key within the current level; level 0 has one block.
     let mut chosen = 0u32;
     let mut level = 0usize;
@@ -404,6 +408,12 @@ mod tests {
     fn generation_bit_separates_rulesets() {
         assert_ne!(ruleset::id(0, 5), ruleset::id(1, 5));
         assert_eq!(ruleset::id(1, 0) >> ruleset::GENERATION_SHIFT, 1);
-        assert_eq!((ruleset::generation(ruleset::id(1, 7)), ruleset::generation(ruleset::id(0, 7))), (1, 0));
+        assert_eq!(
+            (
+                ruleset::generation(ruleset::id(1, 7)),
+                ruleset::generation(ruleset::id(0, 7))
+            ),
+            (1, 0)
+        );
     }
 }

@@ -4,7 +4,9 @@
 
 use aya_ebpf::{
     EbpfContext as _,
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_netns_cookie, bpf_get_socket_cookie},
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_netns_cookie, bpf_get_socket_cookie,
+    },
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
@@ -29,7 +31,13 @@ pub(crate) fn port_be(ctx: &SockAddrContext) -> u16 {
 #[inline(always)]
 fn transport(ctx: &SockAddrContext) -> Transport {
     let ty = unsafe { core::ptr::read_volatile(&(*ctx.sock_addr).type_) };
-    if ty == 2 /* SOCK_DGRAM */ { Transport::Udp } else { Transport::Tcp }
+    if ty == 2
+    /* SOCK_DGRAM */
+    {
+        Transport::Udp
+    } else {
+        Transport::Tcp
+    }
 }
 
 /// The socket's `SO_MARK`, through `ctx->sk` (always set for sock_addr programs).
@@ -89,7 +97,12 @@ pub(crate) fn user_ip4(ctx: &SockAddrContext) -> [u8; 4] {
 /// `::ffff:a.b.c.d` as `user_ip6` words.
 #[inline(always)]
 pub(crate) fn mapped_words(v4: [u8; 4]) -> [u32; 4] {
-    [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), u32::from_ne_bytes(v4)]
+    [
+        0,
+        0,
+        u32::from_ne_bytes([0, 0, 0xff, 0xff]),
+        u32::from_ne_bytes(v4),
+    ]
 }
 
 /// Where a redirected connection goes, by the socket's family as written by the client.
@@ -104,7 +117,12 @@ enum ProxyTarget {
 /// `v6_socket` with a v4 `dest_v4` means a v4-mapped dial: the target must be v4-mapped too
 /// (the family of a socket cannot change under connect).
 #[inline(always)]
-fn proxy_target(ctx: &SockAddrContext, cfg: &GlobalConfig, v6_socket: bool, v4_dest: bool) -> Option<ProxyTarget> {
+fn proxy_target(
+    ctx: &SockAddrContext,
+    cfg: &GlobalConfig,
+    v6_socket: bool,
+    v4_dest: bool,
+) -> Option<ProxyTarget> {
     let in_host = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } == cfg.host_netns_cookie;
     if in_host {
         return Some(if !v6_socket {
@@ -112,7 +130,10 @@ fn proxy_target(ctx: &SockAddrContext, cfg: &GlobalConfig, v6_socket: bool, v4_d
         } else if v4_dest {
             ProxyTarget::V6(mapped_words([127, 0, 0, 1]), cfg.proxy_port_be)
         } else {
-            ProxyTarget::V6([0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])], cfg.proxy_port_be)
+            ProxyTarget::V6(
+                [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])],
+                cfg.proxy_port_be,
+            )
         });
     }
     if v4_dest {
@@ -128,7 +149,10 @@ fn proxy_target(ctx: &SockAddrContext, cfg: &GlobalConfig, v6_socket: bool, v4_d
         if cfg.flags & flags::POD_PROXY_V6 == 0 {
             return None;
         }
-        Some(ProxyTarget::V6(bytes_to_words(&cfg.pod_proxy_v6), cfg.pod_proxy_port_be))
+        Some(ProxyTarget::V6(
+            bytes_to_words(&cfg.pod_proxy_v6),
+            cfg.pod_proxy_port_be,
+        ))
     }
 }
 
@@ -136,9 +160,21 @@ fn proxy_target(ctx: &SockAddrContext, cfg: &GlobalConfig, v6_socket: bool, v4_d
 /// destination to the proxy. Recording first means the proxy can never accept a redirected
 /// connection it cannot attribute.
 #[inline(always)]
-fn redirect(ctx: &SockAddrContext, orig_words: [u32; 4], port_be: u16, family: u16, workload: u64, v6_socket: bool, v4_dest: bool) -> i32 {
-    let Some(cfg) = CONFIG.get(0) else { return REJECT };
-    let Some(target) = proxy_target(ctx, cfg, v6_socket, v4_dest) else { return REJECT };
+fn redirect(
+    ctx: &SockAddrContext,
+    orig_words: [u32; 4],
+    port_be: u16,
+    family: u16,
+    workload: u64,
+    v6_socket: bool,
+    v4_dest: bool,
+) -> i32 {
+    let Some(cfg) = CONFIG.get(0) else {
+        return REJECT;
+    };
+    let Some(target) = proxy_target(ctx, cfg, v6_socket, v4_dest) else {
+        return REJECT;
+    };
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let orig = OrigDst {
         addr: words_to_bytes(orig_words),
@@ -171,7 +207,9 @@ pub fn passthrough_connect4(ctx: SockAddrContext) -> i32 {
     match decide(V4(addr), port, transport(&ctx), socket_mark(&ctx)) {
         Verdict::Allow => PROCEED,
         Verdict::Deny => REJECT,
-        Verdict::Redirect { workload } => redirect(&ctx, mapped_words(addr), port, 4, workload, false, true),
+        Verdict::Redirect { workload } => {
+            redirect(&ctx, mapped_words(addr), port, 4, workload, false, true)
+        }
     }
 }
 
@@ -181,7 +219,10 @@ pub fn passthrough_connect6(ctx: SockAddrContext) -> i32 {
     let port = port_be(&ctx);
     let (verdict, v4_dest) = match v4_mapped(words) {
         Some(v4) => (decide(v4, port, transport(&ctx), socket_mark(&ctx)), true),
-        None => (decide(v6(words), port, transport(&ctx), socket_mark(&ctx)), false),
+        None => (
+            decide(v6(words), port, transport(&ctx), socket_mark(&ctx)),
+            false,
+        ),
     };
     match verdict {
         Verdict::Allow => PROCEED,

@@ -11,11 +11,13 @@ use aya_ebpf::{
     maps::lpm_trie::Key,
 };
 use passthrough_common::{
-    DenyEvent, DomainPortKey, GlobalConfig, MAX_CGROUP_DEPTH, RULE_KEY_FIXED_BITS, RangeTableKey, RuleKeyV6, WorkloadEntry,
-    WorkloadKey, counter, flags, mode, ruleset,
+    DenyEvent, DomainPortKey, GlobalConfig, MAX_CGROUP_DEPTH, RULE_KEY_FIXED_BITS, RangeTableKey,
+    RuleKeyV6, WorkloadEntry, WorkloadKey, counter, flags, mode, ruleset,
 };
 
-use crate::maps::{CONFIG, DENY_EVENTS, DOMAIN_PORTS, RANGE_INDEX_V4, RANGES_V4, RULES_V6, WORKLOADS, count};
+use crate::maps::{
+    CONFIG, DENY_EVENTS, DOMAIN_PORTS, RANGE_INDEX_V4, RANGES_V4, RULES_V6, WORKLOADS, count,
+};
 
 /// A destination address of one family. The decision is generic over it, so each program is
 /// monomorphised per family: an enum holding either a 4- or a 16-byte address made LLVM copy
@@ -41,7 +43,9 @@ impl Dest for V4 {
     #[inline(always)]
     fn bytes16(&self) -> [u8; 16] {
         let a = self.0;
-        [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3]]
+        [
+            0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3],
+        ]
     }
 
     #[inline(always)]
@@ -53,7 +57,10 @@ impl Dest for V4 {
     fn rule_hit(&self, rs: u32, port_be: u16) -> bool {
         // A table exists only for (rule set, port) pairs with IPv4 entries: most lookups end
         // at this one hash probe.
-        let key = RangeTableKey { ruleset: rs, port: u32::from(u16::from_be(port_be)) };
+        let key = RangeTableKey {
+            ruleset: rs,
+            port: u32::from(u16::from_be(port_be)),
+        };
         let Some(table) = (unsafe { RANGE_INDEX_V4.get(&key) }) else {
             return false;
         };
@@ -81,7 +88,14 @@ impl Dest for V6 {
 
     #[inline(always)]
     fn rule_hit(&self, rs: u32, port_be: u16) -> bool {
-        let key = Key::new(RULE_KEY_FIXED_BITS + 128, RuleKeyV6 { ruleset_be: rs.to_be(), port_be, addr: self.0 });
+        let key = Key::new(
+            RULE_KEY_FIXED_BITS + 128,
+            RuleKeyV6 {
+                ruleset_be: rs.to_be(),
+                port_be,
+                addr: self.0,
+            },
+        );
         RULES_V6.get(&key).is_some()
     }
 }
@@ -140,7 +154,10 @@ impl Caller for Task {
     }
     #[inline(always)]
     fn process(&self) -> (u32, [u8; 16]) {
-        ((bpf_get_current_pid_tgid() >> 32) as u32, bpf_get_current_comm().unwrap_or([0; 16]))
+        (
+            (bpf_get_current_pid_tgid() >> 32) as u32,
+            bpf_get_current_comm().unwrap_or([0; 16]),
+        )
     }
 }
 
@@ -193,7 +210,11 @@ pub enum Verdict {
 /// every workload is judged by `unmatched_mode` (see docs/security.md).
 #[inline(always)]
 fn find_workload<C: Caller>(caller: C, generation: u32) -> Option<(WorkloadEntry, u64)> {
-    let own = WorkloadKey { generation, _pad: 0, cgroup_id: caller.cgroup_id() };
+    let own = WorkloadKey {
+        generation,
+        _pad: 0,
+        cgroup_id: caller.cgroup_id(),
+    };
     if let Some(entry) = unsafe { WORKLOADS.get(&own) } {
         return Some((*entry, own.cgroup_id));
     }
@@ -204,7 +225,11 @@ fn find_workload<C: Caller>(caller: C, generation: u32) -> Option<(WorkloadEntry
         if id == 0 {
             break;
         }
-        let key = WorkloadKey { generation, _pad: 0, cgroup_id: id };
+        let key = WorkloadKey {
+            generation,
+            _pad: 0,
+            cgroup_id: id,
+        };
         if let Some(entry) = unsafe { WORKLOADS.get(&key) } {
             found = Some((*entry, id));
         }
@@ -221,7 +246,13 @@ pub fn decide<D: Dest>(dst: D, port_be: u16, transport: Transport, socket_mark: 
 
 /// [`decide`] for `caller`'s policy.
 #[inline(always)]
-pub fn decide_for<C: Caller, D: Dest>(caller: C, dst: D, port_be: u16, transport: Transport, socket_mark: u32) -> Verdict {
+pub fn decide_for<C: Caller, D: Dest>(
+    caller: C,
+    dst: D,
+    port_be: u16,
+    transport: Transport,
+    socket_mark: u32,
+) -> Verdict {
     // Rule 1: loopback never leaves the host.
     if dst.is_loopback() {
         count(counter::ALLOW_LOOPBACK);
@@ -262,7 +293,11 @@ pub fn decide_for<C: Caller, D: Dest>(caller: C, dst: D, port_be: u16, transport
         Some((w, id)) => (w.ruleset, w.mode, id),
         None => (
             ruleset::id(generation, u32::MAX >> 1),
-            if generation == 0 { cfg.unmatched_mode[0] } else { cfg.unmatched_mode[1] },
+            if generation == 0 {
+                cfg.unmatched_mode[0]
+            } else {
+                cfg.unmatched_mode[1]
+            },
             0,
         ),
     };
@@ -353,7 +388,14 @@ fn report_denial<C: Caller, D: Dest>(
 #[inline(always)]
 fn has_domain_port(rs: u32, port: u32) -> bool {
     unsafe {
-        DOMAIN_PORTS.get(&DomainPortKey { ruleset: rs, port }).is_some()
-            || DOMAIN_PORTS.get(&DomainPortKey { ruleset: rs, port: 0 }).is_some()
+        DOMAIN_PORTS
+            .get(&DomainPortKey { ruleset: rs, port })
+            .is_some()
+            || DOMAIN_PORTS
+                .get(&DomainPortKey {
+                    ruleset: rs,
+                    port: 0,
+                })
+                .is_some()
     }
 }

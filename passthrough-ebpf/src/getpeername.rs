@@ -1,7 +1,10 @@
 //! `cgroup/getpeername4` and `cgroup/getpeername6`: a redirected client asking for its peer
 //! gets the destination it dialled, not the proxy's address (apps log and verify peers).
 
-use aya_ebpf::{EbpfContext as _, helpers::bpf_get_socket_cookie, macros::cgroup_sock_addr, programs::SockAddrContext};
+use aya_ebpf::{
+    EbpfContext as _, helpers::bpf_get_socket_cookie, macros::cgroup_sock_addr,
+    programs::SockAddrContext,
+};
 
 use crate::{
     addr::bytes_to_words,

@@ -5,8 +5,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use passthrough_common::{
-    DomainPortKey, GlobalConfig, OrigDst, PeerKey, RangeBlock, RangeTable, RangeTableKey, RuleKeyV6, RuleValue, WorkloadEntry,
-    WorkloadKey, counter,
+    DomainPortKey, GlobalConfig, OrigDst, PeerKey, RangeBlock, RangeTable, RangeTableKey,
+    RuleKeyV6, RuleValue, WorkloadEntry, WorkloadKey, counter,
 };
 
 /// Index 0: [`GlobalConfig`] (active generation, flags).
@@ -29,7 +29,8 @@ pub static RANGES_V4: Array<RangeBlock> = Array::with_max_entries(139_264 * 2, B
 
 /// `{rule set, port}` → where its IPv4 table lives in [`RANGES_V4`].
 #[map]
-pub static RANGE_INDEX_V4: HashMap<RangeTableKey, RangeTable> = HashMap::with_max_entries(65_536, BPF_F_NO_PREALLOC);
+pub static RANGE_INDEX_V4: HashMap<RangeTableKey, RangeTable> =
+    HashMap::with_max_entries(65_536, BPF_F_NO_PREALLOC);
 
 /// IPv6 allow rules: `ruleset ‖ port ‖ addr/len` → match id.
 #[map]

@@ -16,7 +16,12 @@ fn code(v: Verdict) -> i32 {
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn passthrough_sendmsg4(ctx: SockAddrContext) -> i32 {
-    code(decide(V4(user_ip4(&ctx)), port_be(&ctx), Transport::Udp, socket_mark(&ctx)))
+    code(decide(
+        V4(user_ip4(&ctx)),
+        port_be(&ctx),
+        Transport::Udp,
+        socket_mark(&ctx),
+    ))
 }
 
 #[cgroup_sock_addr(sendmsg6)]

@@ -6,11 +6,8 @@
 //! bound and before the SYN leaves, so the entry exists before the proxy can accept.
 
 use aya_ebpf::{
-    EbpfContext as _,
-    bindings::BPF_SOCK_OPS_TCP_CONNECT_CB,
-    helpers::bpf_get_socket_cookie,
-    macros::sock_ops,
-    programs::SockOpsContext,
+    EbpfContext as _, bindings::BPF_SOCK_OPS_TCP_CONNECT_CB, helpers::bpf_get_socket_cookie,
+    macros::sock_ops, programs::SockOpsContext,
 };
 use passthrough_common::PeerKey;
 
@@ -24,7 +21,9 @@ pub fn passthrough_sock_ops(ctx: SockOpsContext) -> u32 {
         return 1;
     }
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let Some(orig) = (unsafe { ORIG_BY_COOKIE.get(&cookie) }) else { return 1 };
+    let Some(orig) = (unsafe { ORIG_BY_COOKIE.get(&cookie) }) else {
+        return 1;
+    };
     let orig = *orig;
     // Keys are IPv6-shaped; an IPv4 client is `::ffff:a.b.c.d`, as the proxy normalises too.
     // Every context field is read up front, unconditionally, one 32-bit volatile load each:
@@ -45,7 +44,9 @@ pub fn passthrough_sock_ops(ctx: SockOpsContext) -> u32 {
     };
     let addr = if ctx.family() == AF_INET {
         let b = ip4.to_ne_bytes();
-        [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, b[0], b[1], b[2], b[3]]
+        [
+            0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, b[0], b[1], b[2], b[3],
+        ]
     } else {
         crate::addr::words_to_bytes(w)
     };

@@ -23,9 +23,9 @@ use crate::{
     admin::{self, AdminState},
     bpffs, cgroup,
     kernel::{Capacities, Kernel, ProxySettings},
-    proxy::{Proxy, ProxyConfig, ProxyPolicy},
     plan::{self, PlanOptions},
     policy::{self, Mode, Workload},
+    proxy::{Proxy, ProxyConfig, ProxyPolicy},
 };
 
 /// `SO_MARK` the agent's own sockets carry; the programs let them through (SPEC §3 rule 1).
@@ -116,12 +116,16 @@ struct Inputs {
 }
 
 fn read_inputs(args: &RunArgs, mount: &Path) -> anyhow::Result<Inputs> {
-    let policies = policy::load_policies(&args.policy, &args.mesh).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let policies =
+        policy::load_policies(&args.policy, &args.mesh).map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut workloads: Vec<Workload> = args
         .cgroup
         .iter()
         .map(|p| Workload {
-            name: p.file_name().map_or_else(|| p.display().to_string(), |n| n.to_string_lossy().into_owned()),
+            name: p.file_name().map_or_else(
+                || p.display().to_string(),
+                |n| n.to_string_lossy().into_owned(),
+            ),
             cgroup: p.clone(),
             labels: Default::default(),
         })
@@ -152,7 +156,10 @@ fn read_inputs(args: &RunArgs, mount: &Path) -> anyhow::Result<Inputs> {
     if resolved.is_empty() {
         bail!("no workload cgroup exists (every workloads-file entry names a missing cgroup)");
     }
-    Ok(Inputs { policies, workloads: resolved })
+    Ok(Inputs {
+        policies,
+        workloads: resolved,
+    })
 }
 
 fn resolvers(args: &RunArgs) -> anyhow::Result<Vec<IpAddr>> {
@@ -181,8 +188,18 @@ fn resolvers(args: &RunArgs) -> anyhow::Result<Vec<IpAddr>> {
 ///
 /// Workloads selected by the same policies share one merged configuration (computed once).
 fn merge_all(inputs: &Inputs, unselected: Mode) -> Merged {
-    let (confs, of) = inputs.policies.merge_all(inputs.workloads.iter().map(|(w, _)| w), unselected);
-    Merged { confs, of: inputs.workloads.iter().map(|(_, dir)| dir.id).zip(of).collect() }
+    let (confs, of) = inputs
+        .policies
+        .merge_all(inputs.workloads.iter().map(|(w, _)| w), unselected);
+    Merged {
+        confs,
+        of: inputs
+            .workloads
+            .iter()
+            .map(|(_, dir)| dir.id)
+            .zip(of)
+            .collect(),
+    }
 }
 
 /// Merged configurations and, per workload cgroup id, the index of its configuration.
@@ -193,24 +210,43 @@ struct Merged {
 
 /// Compiles the plan for the kernel's next generation.
 fn compile(kernel: &Kernel, merged: &Merged, opts: &PlanOptions) -> plan::KernelPlan {
-    let refs: Vec<(u64, &policy::MergedConf)> = merged.of.iter().map(|(id, i)| (*id, &merged.confs[*i])).collect();
+    let refs: Vec<(u64, &policy::MergedConf)> = merged
+        .of
+        .iter()
+        .map(|(id, i)| (*id, &merged.confs[*i]))
+        .collect();
     plan::compile(kernel.next_generation(), &refs, opts)
 }
 
 /// The proxy's view of the same merged configuration.
 fn proxy_policy(merged: &Merged, opts: &PlanOptions, unselected: Mode) -> ProxyPolicy {
     ProxyPolicy {
-        workloads: merged.of.iter().map(|(id, i)| (*id, merged.confs[*i].clone())).collect(),
-        unmatched: policy::MergedConf { mode: unselected, matches: Vec::new(), policies: Vec::new() },
+        workloads: merged
+            .of
+            .iter()
+            .map(|(id, i)| (*id, merged.confs[*i].clone()))
+            .collect(),
+        unmatched: policy::MergedConf {
+            mode: unselected,
+            matches: Vec::new(),
+            policies: Vec::new(),
+        },
         decide: policy::DecideOptions {
             internal: opts.internal.clone(),
-            resolvers: opts.resolvers.iter().map(|ip| SocketAddr::new(*ip, 53)).collect(),
+            resolvers: opts
+                .resolvers
+                .iter()
+                .map(|ip| SocketAddr::new(*ip, 53))
+                .collect(),
         },
     }
 }
 
 fn proxy_settings(args: &RunArgs) -> anyhow::Result<ProxySettings> {
-    let mut s = ProxySettings { host_port: args.proxy_port, ..Default::default() };
+    let mut s = ProxySettings {
+        host_port: args.proxy_port,
+        ..Default::default()
+    };
     for a in &args.proxy_addr {
         match a {
             SocketAddr::V4(v4) => s.pod_v4 = Some(*v4),
@@ -282,13 +318,21 @@ fn attach_points(args: &RunArgs, mount: &Path, inputs: &Inputs) -> anyhow::Resul
     } else {
         let mut pts = Vec::new();
         for p in &args.attach_cgroup {
-            pts.push(cgroup::resolve(p, mount).with_context(|| "--attach-cgroup")?.path);
+            pts.push(
+                cgroup::resolve(p, mount)
+                    .with_context(|| "--attach-cgroup")?
+                    .path,
+            );
         }
         pts
     };
     for (w, dir) in &inputs.workloads {
         if !points.iter().any(|p| dir.path.starts_with(p)) {
-            bail!("workload {:?} ({}) is not at or below any --attach-cgroup", w.name, dir.path.display());
+            bail!(
+                "workload {:?} ({}) is not at or below any --attach-cgroup",
+                w.name,
+                dir.path.display()
+            );
         }
     }
     Ok(points)
@@ -299,13 +343,19 @@ fn attach_points(args: &RunArgs, mount: &Path, inputs: &Inputs) -> anyhow::Resul
 /// descriptors (two sockets, two splice pipes), so the usual soft limit of 1,024 would cap the
 /// proxy at ~170 connections. Returns the limit now in force.
 fn raise_nofile_limit() -> u64 {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: valid out-pointer.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
         return 0;
     }
     if lim.rlim_cur < lim.rlim_max {
-        let raised = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+        let raised = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
         // SAFETY: valid in-pointer; raising the soft limit up to the hard one needs no privilege.
         if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
             return raised.rlim_cur;
@@ -331,33 +381,66 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         info!(path = %bpf_root.display(), "mounted bpffs");
     }
 
-    let admin_listener =
-        admin::bind(args.admin_addr).await.with_context(|| format!("--admin-addr {}", args.admin_addr))?;
-    let flags = if args.audit { passthrough_common::flags::AUDIT } else { 0 };
+    let admin_listener = admin::bind(args.admin_addr)
+        .await
+        .with_context(|| format!("--admin-addr {}", args.admin_addr))?;
+    let flags = if args.audit {
+        passthrough_common::flags::AUDIT
+    } else {
+        0
+    };
     let proxy_listeners = bind_proxy(&args).await?;
-    let mut kernel = Kernel::load(Capacities { rules: args.rule_capacity, ..Capacities::default() }, flags, AGENT_MARK, proxy_settings(&args)?, Some(&args.state_dir))?;
+    let mut kernel = Kernel::load(
+        Capacities {
+            rules: args.rule_capacity,
+            ..Capacities::default()
+        },
+        flags,
+        AGENT_MARK,
+        proxy_settings(&args)?,
+        Some(&args.state_dir),
+    )?;
     kernel.set_raw_socket_backstop(!args.no_raw_socket_backstop);
     if kernel.adopted() {
         info!(state = %args.state_dir.display(), generation = kernel.policy_generation(), "adopted pinned state of a previous agent");
     }
     // obs: metrics and deny events (metrics.rs, events.rs).
     let metrics = Arc::new(crate::metrics::Metrics::new());
-    let reporter = Arc::new(crate::events::Reporter::new(metrics.clone(), Default::default()));
+    let reporter = Arc::new(crate::events::Reporter::new(
+        metrics.clone(),
+        Default::default(),
+    ));
     let events_task = crate::events::start(&mut kernel, &args.state_dir, &reporter);
     let merged = merge_all(&inputs, args.unselected_mode);
-    let proxy_state = Arc::new(ArcSwap::from_pointee(proxy_policy(&merged, &opts, args.unselected_mode)));
+    let proxy_state = Arc::new(ArcSwap::from_pointee(proxy_policy(
+        &merged,
+        &opts,
+        args.unselected_mode,
+    )));
     let shutdown = CancellationToken::new();
     let mut proxy_tasks = Vec::new();
     if !proxy_listeners.is_empty() {
-        let orig = kernel.take_orig_dst_map().context("orig-dst map already taken")?;
+        let orig = kernel
+            .take_orig_dst_map()
+            .context("orig-dst map already taken")?;
         let resolver = args
             .resolver
             .first()
-            .map(|r| r.parse::<SocketAddr>().or_else(|_| r.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53))))
+            .map(|r| {
+                r.parse::<SocketAddr>()
+                    .or_else(|_| r.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+            })
             .transpose()
             .context("--resolver")?;
-        let cfg = ProxyConfig { domain_destination: args.domain_destination, resolver, audit: args.audit, ..ProxyConfig::default() };
-        let proxy = Arc::new(Proxy::new(Arc::new(orig), proxy_state.clone(), cfg)?.with_reporter(reporter.clone()));
+        let cfg = ProxyConfig {
+            domain_destination: args.domain_destination,
+            resolver,
+            audit: args.audit,
+            ..ProxyConfig::default()
+        };
+        let proxy = Arc::new(
+            Proxy::new(Arc::new(orig), proxy_state.clone(), cfg)?.with_reporter(reporter.clone()),
+        );
         for l in proxy_listeners {
             info!(addr = %l.local_addr()?, "proxy listening");
             proxy_tasks.push(tokio::spawn(proxy.clone().serve(l, shutdown.clone())));
@@ -387,7 +470,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         "policy applied"
     );
 
-    let admin_state = Arc::new(AdminState { metrics: Some(metrics.clone()), ..AdminState::default() }); // obs
+    let admin_state = Arc::new(AdminState {
+        metrics: Some(metrics.clone()),
+        ..AdminState::default()
+    }); // obs
     admin_state.generation.store(generation, Ordering::Release);
     admin_state.ready.store(true, Ordering::Release);
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state.clone()));
@@ -442,7 +528,11 @@ fn reload(
     let inputs = read_inputs(args, mount)?;
     for (w, dir) in &inputs.workloads {
         if !points.iter().any(|p| dir.path.starts_with(p)) {
-            bail!("workload {:?} ({}) is not below an attached cgroup; restart the agent to attach there", w.name, dir.path.display());
+            bail!(
+                "workload {:?} ({}) is not below an attached cgroup; restart the agent to attach there",
+                w.name,
+                dir.path.display()
+            );
         }
     }
     let merged = merge_all(&inputs, args.unselected_mode);
@@ -455,7 +545,14 @@ fn reload(
     // The proxy follows right after the kernel flip: a connection redirected under the new
     // plan is judged by the new policy.
     proxy_state.store(Arc::new(proxy_policy(&merged, opts, args.unselected_mode)));
-    info!(generation, policies = inputs.policies.len(), workloads = inputs.workloads.len(), rules_v4 = v4, rules_v6 = v6, "policy applied");
+    info!(
+        generation,
+        policies = inputs.policies.len(),
+        workloads = inputs.workloads.len(),
+        rules_v4 = v4,
+        rules_v6 = v6,
+        "policy applied"
+    );
     retire_previous(kernel, metrics);
     Ok(generation)
 }
@@ -469,5 +566,9 @@ fn retire_previous(kernel: &mut Kernel, metrics: &crate::metrics::Metrics) {
     let t = std::time::Instant::now();
     let removed = kernel.retire();
     metrics.previous_retired(); // obs
-    tracing::debug!(removed, ms = t.elapsed().as_millis() as u64, "retired the previous plan");
+    tracing::debug!(
+        removed,
+        ms = t.elapsed().as_millis() as u64,
+        "retired the previous plan"
+    );
 }

@@ -26,7 +26,13 @@ pub fn ensure_mounted(root: &Path) -> io::Result<bool> {
     let target = CString::new(root.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
     // SAFETY: static NUL-terminated strings and a valid target path.
     let rc = unsafe {
-        libc::mount(c"bpf".as_ptr(), target.as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null())
+        libc::mount(
+            c"bpf".as_ptr(),
+            target.as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
     };
     if rc != 0 {
         return Err(io::Error::last_os_error());

@@ -36,8 +36,10 @@ pub enum CgroupError {
 
 /// Finds the first cgroup2 mount point in `/proc/self/mountinfo`.
 pub fn cgroup2_mount() -> Result<PathBuf, CgroupError> {
-    let info = fs::read_to_string("/proc/self/mountinfo")
-        .map_err(|source| CgroupError::Io { path: "/proc/self/mountinfo".into(), source })?;
+    let info = fs::read_to_string("/proc/self/mountinfo").map_err(|source| CgroupError::Io {
+        path: "/proc/self/mountinfo".into(),
+        source,
+    })?;
     parse_cgroup2_mount(&info).ok_or(CgroupError::NoCgroup2Mount)
 }
 
@@ -59,7 +61,12 @@ fn unescape_octal(s: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        if bytes[i] == b'\\' && i + 3 < bytes.len() && bytes[i + 1..i + 4].iter().all(|b| (b'0'..=b'7').contains(b)) {
+        if bytes[i] == b'\\'
+            && i + 3 < bytes.len()
+            && bytes[i + 1..i + 4]
+                .iter()
+                .all(|b| (b'0'..=b'7').contains(b))
+        {
             let v = (bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0');
             out.push(v);
             i += 4;
@@ -83,22 +90,45 @@ pub struct CgroupDir {
 /// Resolves `path` (absolute, or relative to the cgroup2 mount) and checks that it is a
 /// directory of the cgroup v2 hierarchy.
 pub fn resolve(path: &Path, mount: &Path) -> Result<CgroupDir, CgroupError> {
-    let abs = if path.is_absolute() { path.to_path_buf() } else { mount.join(path) };
-    let meta = fs::metadata(&abs).map_err(|source| CgroupError::Io { path: abs.clone(), source })?;
+    let abs = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        mount.join(path)
+    };
+    let meta = fs::metadata(&abs).map_err(|source| CgroupError::Io {
+        path: abs.clone(),
+        source,
+    })?;
     if !meta.is_dir() || !is_cgroup2(&abs)? {
-        return Err(CgroupError::NotCgroup2 { path: abs, mount: mount.to_path_buf() });
+        return Err(CgroupError::NotCgroup2 {
+            path: abs,
+            mount: mount.to_path_buf(),
+        });
     }
-    let path = fs::canonicalize(&abs).map_err(|source| CgroupError::Io { path: abs.clone(), source })?;
-    Ok(CgroupDir { id: meta.ino(), path })
+    let path = fs::canonicalize(&abs).map_err(|source| CgroupError::Io {
+        path: abs.clone(),
+        source,
+    })?;
+    Ok(CgroupDir {
+        id: meta.ino(),
+        path,
+    })
 }
 
 fn is_cgroup2(path: &Path) -> Result<bool, CgroupError> {
-    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
-        .map_err(|e| CgroupError::Io { path: path.into(), source: std::io::Error::other(e) })?;
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|e| {
+        CgroupError::Io {
+            path: path.into(),
+            source: std::io::Error::other(e),
+        }
+    })?;
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: valid NUL-terminated path and a zeroed out-struct.
     if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
-        return Err(CgroupError::Io { path: path.into(), source: std::io::Error::last_os_error() });
+        return Err(CgroupError::Io {
+            path: path.into(),
+            source: std::io::Error::last_os_error(),
+        });
     }
     Ok(st.f_type as i64 == CGROUP2_SUPER_MAGIC)
 }
@@ -112,7 +142,10 @@ mod tests {
         let info = "25 30 0:22 / /sys/fs/cgroup ro,nosuid - tmpfs tmpfs ro,mode=755\n\
                     26 25 0:23 / /sys/fs/cgroup/unified rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n\
                     27 25 0:24 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu\n";
-        assert_eq!(parse_cgroup2_mount(info), Some(PathBuf::from("/sys/fs/cgroup/unified")));
+        assert_eq!(
+            parse_cgroup2_mount(info),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
     }
 
     #[test]
@@ -120,7 +153,10 @@ mod tests {
         let info = "27 25 0:24 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu\n\
                     28 25 0:25 / /run/my\\040cg rw - cgroup2 cgroup2 rw\n";
         assert_eq!(parse_cgroup2_mount(info), Some(PathBuf::from("/run/my cg")));
-        assert_eq!(parse_cgroup2_mount("27 25 0:24 / /x rw - cgroup cgroup rw\n"), None);
+        assert_eq!(
+            parse_cgroup2_mount("27 25 0:24 / /x rw - cgroup cgroup rw\n"),
+            None
+        );
     }
 
     #[test]

@@ -20,20 +20,27 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf, lpm_trie::{Key, LpmTrie}},
-    programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, ProgramError, SockOps},
+    maps::{
+        Array, HashMap, MapData, PerCpuArray, RingBuf,
+        lpm_trie::{Key, LpmTrie},
+    },
+    programs::{
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, ProgramError, SockOps,
+    },
 };
 use passthrough_common::{
-    DomainPortKey, GlobalConfig, OrigDst, PeerKey, RangeBlock, RangeTable, RangeTableKey, RuleKeyV6, RuleValue,
-    WorkloadEntry, WorkloadKey, counter,
+    DomainPortKey, GlobalConfig, OrigDst, PeerKey, RangeBlock, RangeTable, RangeTableKey,
+    RuleKeyV6, RuleValue, WorkloadEntry, WorkloadKey, counter,
 };
 
 use crate::plan::KernelPlan;
 
 /// The eBPF object built by `build.rs` (aya-build), embedded in the binary.
 #[cfg(not(ebpf_skipped))]
-pub static EBPF_OBJECT: Option<&[u8]> =
-    Some(aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/passthrough")));
+pub static EBPF_OBJECT: Option<&[u8]> = Some(aya::include_bytes_aligned!(concat!(
+    env!("OUT_DIR"),
+    "/passthrough"
+)));
 /// Built with `AYA_BUILD_SKIP=1`: no programs in this binary.
 #[cfg(ebpf_skipped)]
 pub static EBPF_OBJECT: Option<&[u8]> = None;
@@ -133,7 +140,10 @@ pub struct Capacities {
 
 impl Default for Capacities {
     fn default() -> Self {
-        Self { rules: 1 << 21, workloads: 1 << 16 }
+        Self {
+            rules: 1 << 21,
+            workloads: 1 << 16,
+        }
     }
 }
 
@@ -208,9 +218,15 @@ fn expected_shape(name: &str) -> (u32, u32) {
     let lpm = |k: usize| (4 + k) as u32;
     match name {
         "CONFIG" => (4, size_of::<GlobalConfig>() as u32),
-        "WORKLOADS" => (size_of::<WorkloadKey>() as u32, size_of::<WorkloadEntry>() as u32),
+        "WORKLOADS" => (
+            size_of::<WorkloadKey>() as u32,
+            size_of::<WorkloadEntry>() as u32,
+        ),
         "RANGES_V4" => (4, size_of::<RangeBlock>() as u32),
-        "RANGE_INDEX_V4" => (size_of::<RangeTableKey>() as u32, size_of::<RangeTable>() as u32),
+        "RANGE_INDEX_V4" => (
+            size_of::<RangeTableKey>() as u32,
+            size_of::<RangeTable>() as u32,
+        ),
         "RULES_V6" => (lpm(size_of::<RuleKeyV6>()), size_of::<RuleValue>() as u32),
         "COUNTERS" => (4, 8),
         "DOMAIN_PORTS" => (size_of::<DomainPortKey>() as u32, 1),
@@ -230,7 +246,8 @@ pub fn check_pinned_layout(state_dir: &Path) -> Result<bool, String> {
             continue;
         }
         present += 1;
-        let map = aya::maps::MapData::from_pin(&pin).map_err(|e| format!("{}: {e}", pin.display()))?;
+        let map =
+            aya::maps::MapData::from_pin(&pin).map_err(|e| format!("{}: {e}", pin.display()))?;
         let info = map.info().map_err(|e| format!("{}: {e}", pin.display()))?;
         let (k, v) = expected_shape(name);
         if (k, v) != (0, 0) && (info.key_size(), info.value_size()) != (k, v) {
@@ -253,9 +270,10 @@ fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, KernelError>
 where
     T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
 {
-    let map = ebpf
-        .take_map(name)
-        .ok_or(KernelError::Map(name, aya::maps::MapError::InvalidName { name: name.into() }))?;
+    let map = ebpf.take_map(name).ok_or(KernelError::Map(
+        name,
+        aya::maps::MapError::InvalidName { name: name.into() },
+    ))?;
     T::try_from(map).map_err(|e| KernelError::Map(name, e))
 }
 
@@ -292,24 +310,40 @@ impl Kernel {
                     Err(reason) => {
                         // Set the incompatible pins aside (a rename keeps them attached and
                         // enforcing) and start fresh beside them.
-                        let aside = dir.join(format!("stale-{}-{}", std::process::id(), passthrough_common::LAYOUT_VERSION));
+                        let aside = dir.join(format!(
+                            "stale-{}-{}",
+                            std::process::id(),
+                            passthrough_common::LAYOUT_VERSION
+                        ));
                         tracing::warn!(%reason, aside = %aside.display(), "pinned state is incompatible; replacing it");
-                        std::fs::rename(&layout, &aside).map_err(|source| KernelError::Pin { path: layout.clone(), source })?;
+                        std::fs::rename(&layout, &aside).map_err(|source| KernelError::Pin {
+                            path: layout.clone(),
+                            source,
+                        })?;
                         retire_after_attach.push(aside);
                     }
                 }
                 let maps_dir = layout.join("maps");
-                std::fs::create_dir_all(&maps_dir).map_err(|source| KernelError::Pin { path: maps_dir.clone(), source })?;
+                std::fs::create_dir_all(&maps_dir).map_err(|source| KernelError::Pin {
+                    path: maps_dir.clone(),
+                    source,
+                })?;
                 if adopted {
                     // Capacities are those of the adopted maps.
-                    for (name, slot) in [("RULES_V6", &mut caps.rules), ("WORKLOADS", &mut caps.workloads)] {
+                    for (name, slot) in [
+                        ("RULES_V6", &mut caps.rules),
+                        ("WORKLOADS", &mut caps.workloads),
+                    ] {
                         let pin = crate::pins::map_pin(dir, name);
-                        if let Ok(info) = aya::maps::MapData::from_pin(&pin).and_then(|m| m.info()) {
+                        if let Ok(info) = aya::maps::MapData::from_pin(&pin).and_then(|m| m.info())
+                        {
                             *slot = info.max_entries();
                         }
                     }
                 }
-                MAPS.iter().map(|n| (*n, crate::pins::map_pin(dir, n))).collect()
+                MAPS.iter()
+                    .map(|n| (*n, crate::pins::map_pin(dir, n)))
+                    .collect()
             }
         };
         for (name, path) in &pin_paths {
@@ -322,26 +356,41 @@ impl Kernel {
                 .ok_or(KernelError::MissingProgram(name))?
                 .try_into()
                 .map_err(|source| KernelError::Program { name, source })?;
-            prog.load().map_err(|source| KernelError::Program { name, source })?;
+            prog.load()
+                .map_err(|source| KernelError::Program { name, source })?;
         }
         let sock_ops: &mut SockOps = ebpf
             .program_mut(SOCK_OPS)
             .ok_or(KernelError::MissingProgram(SOCK_OPS))?
             .try_into()
-            .map_err(|source| KernelError::Program { name: SOCK_OPS, source })?;
-        sock_ops.load().map_err(|source| KernelError::Program { name: SOCK_OPS, source })?;
+            .map_err(|source| KernelError::Program {
+                name: SOCK_OPS,
+                source,
+            })?;
+        sock_ops.load().map_err(|source| KernelError::Program {
+            name: SOCK_OPS,
+            source,
+        })?;
         let skb: &mut CgroupSkb = ebpf
             .program_mut(SKB_EGRESS)
             .ok_or(KernelError::MissingProgram(SKB_EGRESS))?
             .try_into()
-            .map_err(|source| KernelError::Program { name: SKB_EGRESS, source })?;
-        skb.load().map_err(|source| KernelError::Program { name: SKB_EGRESS, source })?;
+            .map_err(|source| KernelError::Program {
+                name: SKB_EGRESS,
+                source,
+            })?;
+        skb.load().map_err(|source| KernelError::Program {
+            name: SKB_EGRESS,
+            source,
+        })?;
         let config = take(&mut ebpf, "CONFIG")?;
         let workloads = take(&mut ebpf, "WORKLOADS")?;
-        let ranges_v4 = RangeArray::map(
-            ebpf.take_map("RANGES_V4")
-                .ok_or(KernelError::Map("RANGES_V4", aya::maps::MapError::InvalidName { name: "RANGES_V4".into() }))?,
-        )?;
+        let ranges_v4 = RangeArray::map(ebpf.take_map("RANGES_V4").ok_or(KernelError::Map(
+            "RANGES_V4",
+            aya::maps::MapError::InvalidName {
+                name: "RANGES_V4".into(),
+            },
+        ))?)?;
         let range_index_v4 = take(&mut ebpf, "RANGE_INDEX_V4")?;
         let rules_v6 = take(&mut ebpf, "RULES_V6")?;
         let counters = take(&mut ebpf, "COUNTERS")?;
@@ -406,7 +455,9 @@ impl Kernel {
 
     /// The map the proxy looks accepted connections up in. Taken once (the proxy owns it).
     pub fn take_orig_dst_map(&mut self) -> Option<OrigDstMap> {
-        self.orig_by_peer.take().map(|m| OrigDstMap(std::sync::Mutex::new(m)))
+        self.orig_by_peer
+            .take()
+            .map(|m| OrigDstMap(std::sync::Mutex::new(m)))
     }
 
     /// The generation a new plan must be compiled for (the inactive one).
@@ -439,16 +490,23 @@ impl Kernel {
             self.remove_entries(&plan);
             return Err(e);
         }
-        let mut cfg = self.config.get(&0, 0).map_err(|e| KernelError::Map("CONFIG", e))?;
+        let mut cfg = self
+            .config
+            .get(&0, 0)
+            .map_err(|e| KernelError::Map("CONFIG", e))?;
         cfg.unmatched_mode[g as usize] = plan.unmatched_mode;
         cfg.flags = self.flags;
         cfg.agent_mark = self.agent_mark;
         self.fill_proxy_config(&mut cfg);
         cfg.policy_generation = self.generation_counter + 1;
         // Write the new generation's settings first (no reader uses them yet), then flip.
-        self.config.set(0, cfg, 0).map_err(|e| KernelError::Map("CONFIG", e))?;
+        self.config
+            .set(0, cfg, 0)
+            .map_err(|e| KernelError::Map("CONFIG", e))?;
         cfg.active_generation = g;
-        self.config.set(0, cfg, 0).map_err(|e| KernelError::Map("CONFIG", e))?;
+        self.config
+            .set(0, cfg, 0)
+            .map_err(|e| KernelError::Map("CONFIG", e))?;
         self.active = Some(g);
         self.flipped_at = Some(Instant::now());
         self.written[g as usize] = Some(plan);
@@ -487,7 +545,10 @@ impl Kernel {
         };
         // Known empty now: the next apply into this generation has nothing to remove (and an
         // agent that adopted pins does not scan the maps for leftovers again).
-        self.written[retired] = Some(KernelPlan { generation: retired as u32, ..KernelPlan::default() });
+        self.written[retired] = Some(KernelPlan {
+            generation: retired as u32,
+            ..KernelPlan::default()
+        });
         removed
     }
 
@@ -505,20 +566,39 @@ impl Kernel {
     /// pins, when we do not know what the previous agent wrote).
     fn clear_generation_by_scan(&mut self, g: u32) {
         use passthrough_common::ruleset::generation;
-        let v4: Vec<_> = self.range_index_v4.keys().flatten().filter(|k| generation(k.ruleset) == g).collect();
+        let v4: Vec<_> = self
+            .range_index_v4
+            .keys()
+            .flatten()
+            .filter(|k| generation(k.ruleset) == g)
+            .collect();
         for k in v4 {
             let _ = self.range_index_v4.remove(&k);
         }
-        let v6: Vec<_> =
-            self.rules_v6.keys().flatten().filter(|k| generation(u32::from_be(k.data().ruleset_be)) == g).collect();
+        let v6: Vec<_> = self
+            .rules_v6
+            .keys()
+            .flatten()
+            .filter(|k| generation(u32::from_be(k.data().ruleset_be)) == g)
+            .collect();
         for k in v6 {
             let _ = self.rules_v6.remove(&k);
         }
-        let wl: Vec<_> = self.workloads.keys().flatten().filter(|k| k.generation == g).collect();
+        let wl: Vec<_> = self
+            .workloads
+            .keys()
+            .flatten()
+            .filter(|k| k.generation == g)
+            .collect();
         for k in wl {
             let _ = self.workloads.remove(&k);
         }
-        let dp: Vec<_> = self.domain_ports.keys().flatten().filter(|k| generation(k.ruleset) == g).collect();
+        let dp: Vec<_> = self
+            .domain_ports
+            .keys()
+            .flatten()
+            .filter(|k| generation(k.ruleset) == g)
+            .collect();
         for k in dp {
             let _ = self.domain_ports.remove(&k);
         }
@@ -529,21 +609,41 @@ impl Kernel {
         let active = self.active.and_then(|g| self.written[g as usize].as_ref());
         let (_, av6) = active.map_or((0, 0), |p| p.entry_counts());
         if v6 + av6 > self.caps.rules as usize {
-            return Err(KernelError::Capacity { what: "RULES_V6", needed: v6 + av6, capacity: self.caps.rules });
+            return Err(KernelError::Capacity {
+                what: "RULES_V6",
+                needed: v6 + av6,
+                capacity: self.caps.rules,
+            });
         }
         let half = self.ranges_v4.half_blocks();
         if plan.ranges_v4.overflow || plan.ranges_v4.blocks.len() > half as usize {
             // An overflowing table alone would need more blocks than any half has.
-            let needed = if plan.ranges_v4.overflow { usize::MAX } else { plan.ranges_v4.blocks.len() };
-            return Err(KernelError::Capacity { what: "RANGES_V4 (blocks per generation)", needed, capacity: half });
+            let needed = if plan.ranges_v4.overflow {
+                usize::MAX
+            } else {
+                plan.ranges_v4.blocks.len()
+            };
+            return Err(KernelError::Capacity {
+                what: "RANGES_V4 (blocks per generation)",
+                needed,
+                capacity: half,
+            });
         }
         let tables = plan.ranges_v4.tables.len() + active.map_or(0, |p| p.ranges_v4.tables.len());
         if tables > RANGE_TABLES as usize {
-            return Err(KernelError::Capacity { what: "RANGE_INDEX_V4", needed: tables, capacity: RANGE_TABLES });
+            return Err(KernelError::Capacity {
+                what: "RANGE_INDEX_V4",
+                needed: tables,
+                capacity: RANGE_TABLES,
+            });
         }
         let needed = plan.workloads.len() + active.map_or(0, |p| p.workloads.len());
         if needed > self.caps.workloads as usize {
-            return Err(KernelError::Capacity { what: "WORKLOADS", needed, capacity: self.caps.workloads });
+            return Err(KernelError::Capacity {
+                what: "WORKLOADS",
+                needed,
+                capacity: self.caps.workloads,
+            });
         }
         Ok(())
     }
@@ -551,19 +651,38 @@ impl Kernel {
     fn write_entries(&mut self, plan: &KernelPlan) -> Result<(), KernelError> {
         // Blocks first, into this generation's half (no descriptor points there yet), then the
         // descriptors: a program finds a table only once its blocks are complete.
-        let offset = self.ranges_v4.write_half(plan.generation, &plan.ranges_v4.blocks);
-        let (keys, tables): (Vec<RangeTableKey>, Vec<RangeTable>) = plan.ranges_v4.rebased(offset).unzip();
+        let offset = self
+            .ranges_v4
+            .write_half(plan.generation, &plan.ranges_v4.blocks);
+        let (keys, tables): (Vec<RangeTableKey>, Vec<RangeTable>) =
+            plan.ranges_v4.rebased(offset).unzip();
         write_batched(&mut self.range_index_v4, "RANGE_INDEX_V4", &keys, &tables)?;
         let (keys, values) = rule_keys(plan);
         write_batched(&mut self.rules_v6, "RULES_V6", &keys, &values)?;
         for (ruleset, port) in &plan.domain_ports {
-            let key = DomainPortKey { ruleset: *ruleset, port: u32::from(*port) };
-            self.domain_ports.insert(key, 1, 0).map_err(|e| KernelError::Map("DOMAIN_PORTS", e))?;
+            let key = DomainPortKey {
+                ruleset: *ruleset,
+                port: u32::from(*port),
+            };
+            self.domain_ports
+                .insert(key, 1, 0)
+                .map_err(|e| KernelError::Map("DOMAIN_PORTS", e))?;
         }
         for (cgroup_id, (ruleset, mode)) in &plan.workloads {
-            let key = WorkloadKey { generation: plan.generation, _pad: 0, cgroup_id: *cgroup_id };
+            let key = WorkloadKey {
+                generation: plan.generation,
+                _pad: 0,
+                cgroup_id: *cgroup_id,
+            };
             self.workloads
-                .insert(key, WorkloadEntry { ruleset: *ruleset, mode: *mode }, 0)
+                .insert(
+                    key,
+                    WorkloadEntry {
+                        ruleset: *ruleset,
+                        mode: *mode,
+                    },
+                    0,
+                )
                 .map_err(|e| KernelError::Map("WORKLOADS", e))?;
         }
         Ok(())
@@ -597,10 +716,17 @@ impl Kernel {
         remove_batched(&mut self.range_index_v4, &keys);
         remove_batched(&mut self.rules_v6, &rule_keys(plan).0);
         for (ruleset, port) in &plan.domain_ports {
-            let _ = self.domain_ports.remove(&DomainPortKey { ruleset: *ruleset, port: u32::from(*port) });
+            let _ = self.domain_ports.remove(&DomainPortKey {
+                ruleset: *ruleset,
+                port: u32::from(*port),
+            });
         }
         for cgroup_id in plan.workloads.keys() {
-            let key = WorkloadKey { generation: plan.generation, _pad: 0, cgroup_id: *cgroup_id };
+            let key = WorkloadKey {
+                generation: plan.generation,
+                _pad: 0,
+                cgroup_id: *cgroup_id,
+            };
             let _ = self.workloads.remove(&key);
         }
     }
@@ -636,17 +762,24 @@ impl Kernel {
     /// else holds it, so the program is detached).
     fn unpin_link(&self, cgroup: &Path, name: &str) -> Result<(), KernelError> {
         use std::os::unix::fs::MetadataExt as _;
-        let (Some(state), Ok(meta)) = (self.state_dir.as_deref(), std::fs::metadata(cgroup)) else { return Ok(()) };
+        let (Some(state), Ok(meta)) = (self.state_dir.as_deref(), std::fs::metadata(cgroup)) else {
+            return Ok(());
+        };
         let pin = crate::pins::link_dir(state, meta.ino()).join(name);
         match std::fs::remove_file(&pin) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(KernelError::Pin { path: pin, source: e }),
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(KernelError::Pin {
+                path: pin,
+                source: e,
+            }),
             _ => Ok(()),
         }
     }
 
     fn has_pinned_link(&self, cgroup: &Path, name: &str) -> bool {
         use std::os::unix::fs::MetadataExt as _;
-        let (Some(state), Ok(meta)) = (self.state_dir.as_deref(), std::fs::metadata(cgroup)) else { return false };
+        let (Some(state), Ok(meta)) = (self.state_dir.as_deref(), std::fs::metadata(cgroup)) else {
+            return false;
+        };
         crate::pins::link_dir(state, meta.ino()).join(name).exists()
     }
 
@@ -668,45 +801,104 @@ impl Kernel {
         Ok(())
     }
 
-    fn attach_programs(&mut self, cgroup: &Path, names: &[&'static str]) -> Result<(), KernelError> {
+    fn attach_programs(
+        &mut self,
+        cgroup: &Path,
+        names: &[&'static str],
+    ) -> Result<(), KernelError> {
         use std::os::unix::fs::MetadataExt as _;
-        let file = File::open(cgroup).map_err(|source| KernelError::Cgroup { path: cgroup.into(), source })?;
-        let cgroup_id = file.metadata().map_err(|source| KernelError::Cgroup { path: cgroup.into(), source })?.ino();
-        let link_dir = self.state_dir.as_deref().map(|d| crate::pins::link_dir(d, cgroup_id));
+        let file = File::open(cgroup).map_err(|source| KernelError::Cgroup {
+            path: cgroup.into(),
+            source,
+        })?;
+        let cgroup_id = file
+            .metadata()
+            .map_err(|source| KernelError::Cgroup {
+                path: cgroup.into(),
+                source,
+            })?
+            .ino();
+        let link_dir = self
+            .state_dir
+            .as_deref()
+            .map(|d| crate::pins::link_dir(d, cgroup_id));
         if let Some(dir) = &link_dir {
-            std::fs::create_dir_all(dir).map_err(|source| KernelError::Pin { path: dir.clone(), source })?;
+            std::fs::create_dir_all(dir).map_err(|source| KernelError::Pin {
+                path: dir.clone(),
+                source,
+            })?;
         }
         for &name in names {
             let pin = link_dir.as_ref().map(|d| d.join(name));
-            let program = self.ebpf.program_mut(name).ok_or(KernelError::MissingProgram(name))?;
+            let program = self
+                .ebpf
+                .program_mut(name)
+                .ok_or(KernelError::MissingProgram(name))?;
             if let Some(pin) = pin.as_ref().filter(|p| p.exists()) {
-                let fd = program.fd().map_err(|source| KernelError::Program { name, source })?;
-                crate::pins::link_update(pin, std::os::fd::AsFd::as_fd(fd))
-                    .map_err(|source| KernelError::Pin { path: pin.clone(), source })?;
+                let fd = program
+                    .fd()
+                    .map_err(|source| KernelError::Program { name, source })?;
+                crate::pins::link_update(pin, std::os::fd::AsFd::as_fd(fd)).map_err(|source| {
+                    KernelError::Pin {
+                        path: pin.clone(),
+                        source,
+                    }
+                })?;
                 continue;
             }
             // Single is the only mode the bpf_link path accepts (links are always multi).
             let fd_link: aya::programs::links::FdLink = if name == SOCK_OPS {
-                let p: &mut SockOps = program.try_into().map_err(|source| KernelError::Program { name, source })?;
-                let id = p.attach(&file, CgroupAttachMode::Single).map_err(|source| KernelError::Program { name, source })?;
-                let link = p.take_link(id).map_err(|source| KernelError::Program { name, source })?;
-                link.try_into().map_err(|e: aya::programs::links::LinkError| KernelError::Pin { path: cgroup.into(), source: std::io::Error::other(e) })?
+                let p: &mut SockOps = program
+                    .try_into()
+                    .map_err(|source| KernelError::Program { name, source })?;
+                let id = p
+                    .attach(&file, CgroupAttachMode::Single)
+                    .map_err(|source| KernelError::Program { name, source })?;
+                let link = p
+                    .take_link(id)
+                    .map_err(|source| KernelError::Program { name, source })?;
+                link.try_into()
+                    .map_err(|e: aya::programs::links::LinkError| KernelError::Pin {
+                        path: cgroup.into(),
+                        source: std::io::Error::other(e),
+                    })?
             } else if name == SKB_EGRESS {
-                let p: &mut CgroupSkb = program.try_into().map_err(|source| KernelError::Program { name, source })?;
+                let p: &mut CgroupSkb = program
+                    .try_into()
+                    .map_err(|source| KernelError::Program { name, source })?;
                 let id = p
                     .attach(&file, CgroupSkbAttachType::Egress, CgroupAttachMode::Single)
                     .map_err(|source| KernelError::Program { name, source })?;
-                let link = p.take_link(id).map_err(|source| KernelError::Program { name, source })?;
-                link.try_into().map_err(|e: aya::programs::links::LinkError| KernelError::Pin { path: cgroup.into(), source: std::io::Error::other(e) })?
+                let link = p
+                    .take_link(id)
+                    .map_err(|source| KernelError::Program { name, source })?;
+                link.try_into()
+                    .map_err(|e: aya::programs::links::LinkError| KernelError::Pin {
+                        path: cgroup.into(),
+                        source: std::io::Error::other(e),
+                    })?
             } else {
-                let p: &mut CgroupSockAddr = program.try_into().map_err(|source| KernelError::Program { name, source })?;
-                let id = p.attach(&file, CgroupAttachMode::Single).map_err(|source| KernelError::Program { name, source })?;
-                let link = p.take_link(id).map_err(|source| KernelError::Program { name, source })?;
-                link.try_into().map_err(|e: aya::programs::links::LinkError| KernelError::Pin { path: cgroup.into(), source: std::io::Error::other(e) })?
+                let p: &mut CgroupSockAddr = program
+                    .try_into()
+                    .map_err(|source| KernelError::Program { name, source })?;
+                let id = p
+                    .attach(&file, CgroupAttachMode::Single)
+                    .map_err(|source| KernelError::Program { name, source })?;
+                let link = p
+                    .take_link(id)
+                    .map_err(|source| KernelError::Program { name, source })?;
+                link.try_into()
+                    .map_err(|e: aya::programs::links::LinkError| KernelError::Pin {
+                        path: cgroup.into(),
+                        source: std::io::Error::other(e),
+                    })?
             };
             match pin {
                 Some(pin) => {
-                    let pinned = fd_link.pin(&pin).map_err(|e| KernelError::Pin { path: pin.clone(), source: std::io::Error::other(e) })?;
+                    let pinned = fd_link.pin(&pin).map_err(|e| KernelError::Pin {
+                        path: pin.clone(),
+                        source: std::io::Error::other(e),
+                    })?;
                     self.links.push(LinkHold::Pinned(pinned));
                 }
                 None => self.links.push(LinkHold::Owned(fd_link)),
@@ -721,8 +913,14 @@ impl Kernel {
     pub fn retire_stale(&mut self) -> Vec<PathBuf> {
         use std::os::unix::fs::MetadataExt as _;
         let mut removed = Vec::new();
-        let Some(state) = self.state_dir.clone() else { return removed };
-        let wanted: Vec<u64> = self.attached.iter().filter_map(|p| std::fs::metadata(p).ok().map(|m| m.ino())).collect();
+        let Some(state) = self.state_dir.clone() else {
+            return removed;
+        };
+        let wanted: Vec<u64> = self
+            .attached
+            .iter()
+            .filter_map(|p| std::fs::metadata(p).ok().map(|m| m.ino()))
+            .collect();
         for (id, dir) in crate::pins::pinned_attachments(&state) {
             if !wanted.contains(&id) {
                 removed.extend(crate::pins::remove_tree(&dir).unwrap_or_default());
@@ -731,7 +929,9 @@ impl Kernel {
         for dir in std::mem::take(&mut self.retire_after_attach) {
             match crate::pins::remove_tree(&dir) {
                 Ok(r) => removed.extend(r),
-                Err(e) => tracing::warn!(dir = %dir.display(), error = %e, "could not remove old pinned state"),
+                Err(e) => {
+                    tracing::warn!(dir = %dir.display(), error = %e, "could not remove old pinned state")
+                }
             }
         }
         removed
@@ -752,7 +952,10 @@ impl Kernel {
         let links = std::mem::take(&mut self.links);
         if let Some(state) = self.state_dir.clone() {
             let layout = crate::pins::layout_dir(&state);
-            crate::pins::remove_tree(&layout).map_err(|source| KernelError::Pin { path: layout.clone(), source })?;
+            crate::pins::remove_tree(&layout).map_err(|source| KernelError::Pin {
+                path: layout.clone(),
+                source,
+            })?;
             let _ = std::fs::remove_dir(&state);
         }
         drop(links);
@@ -763,7 +966,8 @@ impl Kernel {
         while Instant::now() < deadline {
             let still = attached.iter().any(|cg| {
                 crate::pins::OUR_ATTACH_TYPES.iter().any(|t| {
-                    crate::pins::attached_prog_ids(cg, *t).is_ok_and(|ids| ids.iter().any(|id| ours.contains(id)))
+                    crate::pins::attached_prog_ids(cg, *t)
+                        .is_ok_and(|ids| ids.iter().any(|id| ours.contains(id)))
                 })
             });
             if !still {
@@ -786,14 +990,18 @@ impl Kernel {
     /// for benchmarks and capacity planning.
     pub fn rule_maps_memory(&self) -> Vec<RuleMapMemory> {
         use aya::maps::IterableMap as _;
-        [("RANGES_V4", &self.ranges_v4.map), ("RANGE_INDEX_V4", self.range_index_v4.map()), ("RULES_V6", self.rules_v6.map())]
-            .into_iter()
-            .map(|(name, map)| RuleMapMemory {
-                name,
-                id: map.info().map(|i| i.id()).unwrap_or(0),
-                bytes: fdinfo_memlock(map).unwrap_or(0),
-            })
-            .collect()
+        [
+            ("RANGES_V4", &self.ranges_v4.map),
+            ("RANGE_INDEX_V4", self.range_index_v4.map()),
+            ("RULES_V6", self.rules_v6.map()),
+        ]
+        .into_iter()
+        .map(|(name, map)| RuleMapMemory {
+            name,
+            id: map.info().map(|i| i.id()).unwrap_or(0),
+            bytes: fdinfo_memlock(map).unwrap_or(0),
+        })
+        .collect()
     }
 
     /// The cgroups the programs are attached to.
@@ -805,13 +1013,15 @@ impl Kernel {
     pub fn counters(&self) -> BTreeMap<&'static str, u64> {
         let mut out = BTreeMap::new();
         for (i, name) in counter::NAMES.iter().enumerate() {
-            let total = self.counters.get(&(i as u32), 0).map(|v| v.iter().sum()).unwrap_or(0);
+            let total = self
+                .counters
+                .get(&(i as u32), 0)
+                .map(|v| v.iter().sum())
+                .unwrap_or(0);
             out.insert(*name, total);
         }
         out
     }
-
-
 }
 
 /// One rule trie's id and memory, see [`Kernel::rule_maps_memory`].
@@ -830,7 +1040,9 @@ fn fdinfo_memlock(map: &MapData) -> Option<u64> {
     use std::os::fd::{AsFd as _, AsRawFd as _};
     let fd = map.fd().as_fd().as_raw_fd();
     let text = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
-    text.lines().find_map(|l| l.strip_prefix("memlock:")).and_then(|v| v.trim().parse().ok())
+    text.lines()
+        .find_map(|l| l.strip_prefix("memlock:"))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// A link this process created.
@@ -872,12 +1084,26 @@ impl RangeArray {
     fn map(map: aya::maps::Map) -> Result<Self, KernelError> {
         use std::os::fd::{AsFd as _, AsRawFd as _};
         let aya::maps::Map::Array(map) = map else {
-            return Err(KernelError::Map("RANGES_V4", aya::maps::MapError::InvalidName { name: "RANGES_V4 (not an array)".into() }));
+            return Err(KernelError::Map(
+                "RANGES_V4",
+                aya::maps::MapError::InvalidName {
+                    name: "RANGES_V4 (not an array)".into(),
+                },
+            ));
         };
         let io = |e: std::io::Error| {
-            KernelError::Map("RANGES_V4", aya::maps::MapError::SyscallError(aya::sys::SyscallError { call: "mmap", io_error: e }))
+            KernelError::Map(
+                "RANGES_V4",
+                aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+                    call: "mmap",
+                    io_error: e,
+                }),
+            )
         };
-        let blocks = map.info().map_err(|e| KernelError::Map("RANGES_V4", e))?.max_entries();
+        let blocks = map
+            .info()
+            .map_err(|e| KernelError::Map("RANGES_V4", e))?
+            .max_entries();
         let len = blocks as usize * std::mem::size_of::<RangeBlock>();
         // SAFETY: a shared read-write mapping of a BPF_F_MMAPABLE array of exactly `len` bytes;
         // the kernel keeps the map alive while it is mapped.
@@ -894,7 +1120,8 @@ impl RangeArray {
         if ptr == libc::MAP_FAILED {
             return Err(io(std::io::Error::last_os_error()));
         }
-        let ptr = std::ptr::NonNull::new(ptr.cast::<RangeBlock>()).ok_or_else(|| io(std::io::Error::other("mmap returned null")))?;
+        let ptr = std::ptr::NonNull::new(ptr.cast::<RangeBlock>())
+            .ok_or_else(|| io(std::io::Error::other("mmap returned null")))?;
         Ok(Self { map, ptr, blocks })
     }
 
@@ -907,10 +1134,19 @@ impl RangeArray {
     /// The caller has checked they fit and that no program still reads that half.
     fn write_half(&mut self, g: u32, blocks: &[RangeBlock]) -> u32 {
         let offset = (g & 1) * self.half_blocks();
-        assert!(blocks.len() <= self.half_blocks() as usize, "range blocks exceed the half (capacity is checked first)");
+        assert!(
+            blocks.len() <= self.half_blocks() as usize,
+            "range blocks exceed the half (capacity is checked first)"
+        );
         // SAFETY: in bounds (asserted); the region is plain data shared with the programs, which
         // read this half only after the descriptors written next point at it.
-        unsafe { std::ptr::copy_nonoverlapping(blocks.as_ptr(), self.ptr.as_ptr().add(offset as usize), blocks.len()) };
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                blocks.as_ptr(),
+                self.ptr.as_ptr().add(offset as usize),
+                blocks.len(),
+            )
+        };
         offset
     }
 }
@@ -918,7 +1154,12 @@ impl RangeArray {
 impl Drop for RangeArray {
     fn drop(&mut self) {
         // SAFETY: unmaps exactly what `map` mapped.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.blocks as usize * std::mem::size_of::<RangeBlock>()) };
+        unsafe {
+            libc::munmap(
+                self.ptr.as_ptr().cast(),
+                self.blocks as usize * std::mem::size_of::<RangeBlock>(),
+            )
+        };
     }
 }
 
@@ -960,7 +1201,12 @@ impl<K: aya::Pod, V: aya::Pod> ElementMap<K, V> for HashMap<MapData, K, V> {
 /// Writes entries with `BPF_MAP_UPDATE_BATCH` where the kernel has it for the map's type (one
 /// syscall per [`batch::CHUNK`] entries instead of one per entry: at a million entries the
 /// syscalls were most of the write time), else one update per entry.
-fn write_batched<K, V>(map: &mut impl ElementMap<K, V>, name: &'static str, keys: &[K], values: &[V]) -> Result<(), KernelError> {
+fn write_batched<K, V>(
+    map: &mut impl ElementMap<K, V>,
+    name: &'static str,
+    keys: &[K],
+    values: &[V],
+) -> Result<(), KernelError> {
     match batch::update(map.data(), keys, values) {
         Ok(()) => Ok(()),
         Err(batch::Error::Unsupported) => {
@@ -971,7 +1217,10 @@ fn write_batched<K, V>(map: &mut impl ElementMap<K, V>, name: &'static str, keys
         }
         Err(batch::Error::Io(e)) => Err(KernelError::Map(
             name,
-            aya::maps::MapError::SyscallError(aya::sys::SyscallError { call: "bpf_map_update_batch", io_error: e }),
+            aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+                call: "bpf_map_update_batch",
+                io_error: e,
+            }),
         )),
     }
 }
@@ -979,7 +1228,10 @@ fn write_batched<K, V>(map: &mut impl ElementMap<K, V>, name: &'static str, keys
 /// Removes entries, best effort (entries already gone are skipped): `BPF_MAP_DELETE_BATCH`, or
 /// one delete per entry.
 fn remove_batched<K, V>(map: &mut impl ElementMap<K, V>, keys: &[K]) {
-    if matches!(batch::delete(map.data(), keys), Err(batch::Error::Unsupported)) {
+    if matches!(
+        batch::delete(map.data(), keys),
+        Err(batch::Error::Unsupported)
+    ) {
         for key in keys {
             map.delete(key);
         }
@@ -1025,7 +1277,12 @@ mod batch {
     }
 
     /// One batch syscall; returns how many elements the kernel processed and the error, if any.
-    fn call<K, V>(cmd: libc::c_long, map: &MapData, keys: &[K], values: Option<&[V]>) -> (usize, Option<std::io::Error>) {
+    fn call<K, V>(
+        cmd: libc::c_long,
+        map: &MapData,
+        keys: &[K],
+        values: Option<&[V]>,
+    ) -> (usize, Option<std::io::Error>) {
         let mut attr = BatchAttr {
             keys: keys.as_ptr() as u64,
             values: values.map_or(0, |v| v.as_ptr() as u64),
@@ -1037,14 +1294,26 @@ mod batch {
         // point at `count` initialised Pod elements of the map's key/value size and outlive
         // the call; the kernel writes back only `attr.count`.
         let rc = unsafe {
-            libc::syscall(libc::SYS_bpf, cmd, &mut attr as *mut BatchAttr, std::mem::size_of::<BatchAttr>() as u32)
+            libc::syscall(
+                libc::SYS_bpf,
+                cmd,
+                &mut attr as *mut BatchAttr,
+                std::mem::size_of::<BatchAttr>() as u32,
+            )
         };
         let done = (attr.count as usize).min(keys.len());
-        if rc == 0 { (keys.len(), None) } else { (done, Some(std::io::Error::last_os_error())) }
+        if rc == 0 {
+            (keys.len(), None)
+        } else {
+            (done, Some(std::io::Error::last_os_error()))
+        }
     }
 
     fn unsupported(e: &std::io::Error) -> bool {
-        matches!(e.raw_os_error(), Some(ENOTSUPP) | Some(libc::EOPNOTSUPP) | Some(libc::EINVAL))
+        matches!(
+            e.raw_os_error(),
+            Some(ENOTSUPP) | Some(libc::EOPNOTSUPP) | Some(libc::EINVAL)
+        )
     }
 
     const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
@@ -1061,7 +1330,10 @@ mod batch {
 
     /// `BPF_MAP_LOOKUP_AND_DELETE_ELEM` (hash maps, Linux 5.14+): one syscall where a lookup
     /// and a delete take two. `Ok(None)`: no such key; `Err(Unsupported)`: use the two calls.
-    pub(super) fn lookup_and_delete<K: aya::Pod, V: aya::Pod>(map: &MapData, key: &K) -> Result<Option<V>, Error> {
+    pub(super) fn lookup_and_delete<K: aya::Pod, V: aya::Pod>(
+        map: &MapData,
+        key: &K,
+    ) -> Result<Option<V>, Error> {
         let mut value = std::mem::MaybeUninit::<V>::zeroed();
         let mut attr = ElemAttr {
             map_fd: map.fd().as_fd().as_raw_fd() as u32,
@@ -1073,7 +1345,12 @@ mod batch {
         // SAFETY: `attr` is a valid bpf_attr prefix; `key` and `value` point at the map's key
         // and value sizes (Pod types of the map) and outlive the call.
         let rc = unsafe {
-            libc::syscall(libc::SYS_bpf, BPF_MAP_LOOKUP_AND_DELETE_ELEM, &mut attr as *mut ElemAttr, std::mem::size_of::<ElemAttr>() as u32)
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_AND_DELETE_ELEM,
+                &mut attr as *mut ElemAttr,
+                std::mem::size_of::<ElemAttr>() as u32,
+            )
         };
         if rc == 0 {
             // SAFETY: the kernel filled the value (Pod: every bit pattern is valid).
@@ -1154,7 +1431,10 @@ impl OrigDstMap {
             std::net::IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
             std::net::IpAddr::V6(v6) => v6.octets(),
         };
-        let key = PeerKey { addr, port: u32::from(peer.port()) };
+        let key = PeerKey {
+            addr,
+            port: u32::from(peer.port()),
+        };
         let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
         {
             use aya::maps::IterableMap as _;
@@ -1171,7 +1451,11 @@ impl OrigDstMap {
 }
 
 impl crate::proxy::OrigDstSource for OrigDstMap {
-    fn take(&self, peer: std::net::SocketAddr, _local: std::net::SocketAddr) -> Option<crate::proxy::Redirected> {
+    fn take(
+        &self,
+        peer: std::net::SocketAddr,
+        _local: std::net::SocketAddr,
+    ) -> Option<crate::proxy::Redirected> {
         let o = OrigDstMap::take(self, peer)?;
         let v6 = std::net::Ipv6Addr::from(o.addr);
         let ip = match v6.to_ipv4_mapped() {

@@ -6,7 +6,11 @@ use clap::{Parser, Subcommand};
 use passthrough_user::{agent, policy, status};
 
 #[derive(Debug, Parser)]
-#[command(name = "passthrough", version, about = "Enforce Kuma MeshPassthrough egress policy with eBPF")]
+#[command(
+    name = "passthrough",
+    version,
+    about = "Enforce Kuma MeshPassthrough egress policy with eBPF"
+)]
 struct Cli {
     /// Log format: `text` (human) or `json`.
     #[arg(long, global = true, default_value = "text")]

@@ -466,7 +466,12 @@ impl Metrics {
     /// Call after `Kernel::retire`: the retired plan's entries are gone from the maps.
     pub fn previous_retired(&self) {
         for map in ["rules_v4", "rules_v6", "workloads", "range_blocks_v4"] {
-            self.map_entries.get_or_create(&MapSetLabels { map, set: "previous" }).set(0);
+            self.map_entries
+                .get_or_create(&MapSetLabels {
+                    map,
+                    set: "previous",
+                })
+                .set(0);
         }
     }
 

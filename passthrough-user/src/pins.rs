@@ -31,24 +31,32 @@ pub fn map_pin(state_dir: &Path, name: &str) -> PathBuf {
 
 /// Directory of the link pins of one attachment point.
 pub fn link_dir(state_dir: &Path, cgroup_id: u64) -> PathBuf {
-    layout_dir(state_dir).join("links").join(cgroup_id.to_string())
+    layout_dir(state_dir)
+        .join("links")
+        .join(cgroup_id.to_string())
 }
 
 /// Layout directories under `state_dir` other than the current one (`v<N>` with N ≠ ours).
 pub fn other_layouts(state_dir: &Path) -> Vec<PathBuf> {
-    let Ok(rd) = std::fs::read_dir(state_dir) else { return Vec::new() };
+    let Ok(rd) = std::fs::read_dir(state_dir) else {
+        return Vec::new();
+    };
     let ours = format!("v{LAYOUT_VERSION}");
     rd.flatten()
         .map(|e| e.path())
         .filter(|p| {
-            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('v') && n != ours)
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with('v') && n != ours)
         })
         .collect()
 }
 
 /// Pinned attachment points of the current layout: `(cgroup id, link dir)`.
 pub fn pinned_attachments(state_dir: &Path) -> Vec<(u64, PathBuf)> {
-    let Ok(rd) = std::fs::read_dir(layout_dir(state_dir).join("links")) else { return Vec::new() };
+    let Ok(rd) = std::fs::read_dir(layout_dir(state_dir).join("links")) else {
+        return Vec::new();
+    };
     rd.flatten()
         .filter_map(|e| Some((e.file_name().to_str()?.parse().ok()?, e.path())))
         .collect()
@@ -80,13 +88,20 @@ const BPF_LINK_UPDATE: libc::c_long = 29;
 fn sys_bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
     // SAFETY: `attr` is a zero-padded bpf_attr prefix of the right shape for `cmd`.
     let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, std::mem::size_of::<T>()) };
-    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(rc) }
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
 }
 
 /// Opens a pinned object (map, program or link).
 pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
     let c = CString::new(path.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
-    let mut attr = ObjGetAttr { pathname: c.as_ptr() as u64, ..Default::default() };
+    let mut attr = ObjGetAttr {
+        pathname: c.as_ptr() as u64,
+        ..Default::default()
+    };
     let fd = sys_bpf(BPF_OBJ_GET, &mut attr)?;
     // SAFETY: the kernel returned a new fd that we own.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
@@ -120,7 +135,10 @@ fn remove_tree_into(dir: &Path, removed: &mut Vec<PathBuf>) -> io::Result<()> {
     };
     if meta.is_dir() {
         // Links before maps: detach programs before freeing what they read.
-        let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)?.flatten().map(|e| e.path()).collect();
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)?
+            .flatten()
+            .map(|e| e.path())
+            .collect();
         entries.sort_by_key(|p| p.file_name().is_some_and(|n| n == "maps"));
         for e in entries {
             remove_tree_into(&e, removed)?;

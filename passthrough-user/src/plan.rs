@@ -33,7 +33,11 @@ pub fn mode_code(m: Mode) -> u32 {
 pub fn canonical_net(net: IpNet) -> IpNet {
     match net {
         IpNet::V6(n) if n.prefix_len() >= 96 => match n.addr().to_ipv4_mapped() {
-            Some(v4) => IpNet::V4(Ipv4Net::new(v4, n.prefix_len() - 96).expect("<= 32").trunc()),
+            Some(v4) => IpNet::V4(
+                Ipv4Net::new(v4, n.prefix_len() - 96)
+                    .expect("<= 32")
+                    .trunc(),
+            ),
             None => IpNet::V6(n.trunc()),
         },
         other => other.trunc(),
@@ -58,7 +62,11 @@ impl RuleEntry {
         match self.net {
             IpNet::V6(n) => Some((
                 RULE_KEY_FIXED_BITS + u32::from(n.prefix_len()),
-                RuleKeyV6 { ruleset_be: self.ruleset.to_be(), port_be: self.port.to_be(), addr: n.addr().octets() },
+                RuleKeyV6 {
+                    ruleset_be: self.ruleset.to_be(),
+                    port_be: self.port.to_be(),
+                    addr: n.addr().octets(),
+                },
             )),
             IpNet::V4(_) => None,
         }
@@ -95,7 +103,13 @@ impl fmt::Display for MatchLabel {
         match self {
             MatchLabel::Internal(net) => write!(f, "internal-cidr {net}"),
             MatchLabel::Resolver(ip) => write!(f, "resolver {ip}"),
-            MatchLabel::Match { policy, index, kind, value, port } => {
+            MatchLabel::Match {
+                policy,
+                index,
+                kind,
+                value,
+                port,
+            } => {
                 write!(f, "{policy}[{index}] {kind:?} {value}")?;
                 match port {
                     Some(p) => write!(f, ":{p}"),
@@ -146,7 +160,11 @@ type RuleSetShape = (Vec<(u16, IpNet)>, Vec<u16>);
 ///
 /// Where the same (rule set, port, network) comes from several matches, the first match of the
 /// workload's configuration (least specific policy first) labels it.
-pub fn compile(generation: u32, workloads: &[(u64, &MergedConf)], opts: &PlanOptions) -> KernelPlan {
+pub fn compile(
+    generation: u32,
+    workloads: &[(u64, &MergedConf)],
+    opts: &PlanOptions,
+) -> KernelPlan {
     let generation = generation & 1;
     let mut plan = KernelPlan {
         generation,
@@ -159,12 +177,26 @@ pub fn compile(generation: u32, workloads: &[(u64, &MergedConf)], opts: &PlanOpt
     let internal_rs = ruleset::id(generation, ruleset::INTERNAL);
     for net in &opts.internal {
         let id = plan.label(MatchLabel::Internal(*net));
-        rules.push((RuleEntry { ruleset: internal_rs, port: 0, net: canonical_net(*net) }, id));
+        rules.push((
+            RuleEntry {
+                ruleset: internal_rs,
+                port: 0,
+                net: canonical_net(*net),
+            },
+            id,
+        ));
     }
     let resolvers_rs = ruleset::id(generation, ruleset::RESOLVERS);
     for ip in &opts.resolvers {
         let id = plan.label(MatchLabel::Resolver(*ip));
-        rules.push((RuleEntry { ruleset: resolvers_rs, port: 53, net: canonical_net(IpNet::from(*ip)) }, id));
+        rules.push((
+            RuleEntry {
+                ruleset: resolvers_rs,
+                port: 53,
+                net: canonical_net(IpNet::from(*ip)),
+            },
+            id,
+        ));
     }
 
     // Workloads share a rule set when their kernel-relevant content (IP/CIDR entries and
@@ -179,7 +211,8 @@ pub fn compile(generation: u32, workloads: &[(u64, &MergedConf)], opts: &PlanOpt
     for (cgroup_id, conf) in workloads {
         let conf: &MergedConf = conf;
         if let Some(rs) = by_conf.get(&(conf as *const MergedConf)) {
-            plan.workloads.insert(*cgroup_id, (*rs, mode_code(conf.mode)));
+            plan.workloads
+                .insert(*cgroup_id, (*rs, mode_code(conf.mode)));
             continue;
         }
         // (port, network, position in the configuration): sorted with the position as the last
@@ -191,7 +224,10 @@ pub fn compile(generation: u32, workloads: &[(u64, &MergedConf)], opts: &PlanOpt
             .iter()
             .enumerate()
             .filter(|(_, m)| matches!(m.kind, MatchKind::Ip | MatchKind::Cidr))
-            .filter_map(|(i, m)| m.net.map(|n| (m.port.unwrap_or(0), canonical_net(n), i as u32)))
+            .filter_map(|(i, m)| {
+                m.net
+                    .map(|n| (m.port.unwrap_or(0), canonical_net(n), i as u32))
+            })
             .collect();
         kernel.sort_unstable();
         kernel.dedup_by(|b, a| (a.0, a.1) == (b.0, b.1));
@@ -203,7 +239,10 @@ pub fn compile(generation: u32, workloads: &[(u64, &MergedConf)], opts: &PlanOpt
             .collect();
         domain_ports.sort_unstable();
         domain_ports.dedup();
-        let shape = (kernel.iter().map(|&(p, n, _)| (p, n)).collect::<Vec<_>>(), domain_ports);
+        let shape = (
+            kernel.iter().map(|&(p, n, _)| (p, n)).collect::<Vec<_>>(),
+            domain_ports,
+        );
         let rs = match rulesets.get(&shape) {
             Some(rs) => *rs,
             None => {
@@ -227,7 +266,14 @@ pub fn compile(generation: u32, workloads: &[(u64, &MergedConf)], opts: &PlanOpt
                             id
                         }
                     };
-                    rules.push((RuleEntry { ruleset: rs, port, net }, id));
+                    rules.push((
+                        RuleEntry {
+                            ruleset: rs,
+                            port,
+                            net,
+                        },
+                        id,
+                    ));
                 }
                 for port in &shape.1 {
                     plan.domain_ports.insert((rs, *port));
@@ -237,7 +283,8 @@ pub fn compile(generation: u32, workloads: &[(u64, &MergedConf)], opts: &PlanOpt
             }
         };
         by_conf.insert(conf as *const MergedConf, rs);
-        plan.workloads.insert(*cgroup_id, (rs, mode_code(conf.mode)));
+        plan.workloads
+            .insert(*cgroup_id, (rs, mode_code(conf.mode)));
     }
     // Stable sort: of equal entries (a repeated --internal-cidr) the first keeps its label.
     // Nearly sorted already (see above), which the standard sort handles in about linear time.
@@ -264,7 +311,10 @@ fn ranges_v4(rules: &[(RuleEntry, u32)]) -> RangeImage {
             j += 1;
         }
         image.push_table(
-            RangeTableKey { ruleset: rs, port: u32::from(port) },
+            RangeTableKey {
+                ruleset: rs,
+                port: u32::from(port),
+            },
             rules[i..j].iter().filter_map(|(e, _)| v4(e)),
         );
         i = j;
@@ -295,7 +345,9 @@ impl KernelPlan {
             .find_map(|c| self.workloads.get(c).copied())
             .map(|(rs, m)| (rs, m == mode::MATCHED));
         match rs {
-            Some((rs, true)) => self.domain_ports.contains(&(rs, port)) || self.domain_ports.contains(&(rs, 0)),
+            Some((rs, true)) => {
+                self.domain_ports.contains(&(rs, port)) || self.domain_ports.contains(&(rs, 0))
+            }
             _ => false,
         }
     }
@@ -304,7 +356,13 @@ impl KernelPlan {
     /// (the very search the programs run), IPv6 by longest prefix like the kernel trie.
     fn rule_hit(&self, rs: u32, port: u16, ip: IpAddr) -> Option<u32> {
         if let IpAddr::V4(v4) = ip {
-            if !self.ranges_v4.covers(RangeTableKey { ruleset: rs, port: u32::from(port) }, v4) {
+            if !self.ranges_v4.covers(
+                RangeTableKey {
+                    ruleset: rs,
+                    port: u32::from(port),
+                },
+                v4,
+            ) {
                 return None;
             }
             // Covered: some entry contains the address (the range property test checks it).
@@ -327,7 +385,10 @@ impl KernelPlan {
     /// allowed, `None` when denied.
     pub fn lookup(&self, cgroup_chain: &[u64], dst: IpAddr, port: u16, udp: bool) -> Option<u32> {
         let dst = match dst {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
+            IpAddr::V6(v6) => v6
+                .to_ipv4_mapped()
+                .map(IpAddr::V4)
+                .unwrap_or(IpAddr::V6(v6)),
             v4 => v4,
         };
         if dst.is_loopback() || dst == IpAddr::V6(Ipv6Addr::LOCALHOST) {
@@ -356,6 +417,7 @@ impl KernelPlan {
         if m != mode::MATCHED {
             return None;
         }
-        self.rule_hit(rs, port, dst).or_else(|| self.rule_hit(rs, 0, dst))
+        self.rule_hit(rs, port, dst)
+            .or_else(|| self.rule_hit(rs, 0, dst))
     }
 }

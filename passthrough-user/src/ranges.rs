@@ -8,7 +8,9 @@
 use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
-use passthrough_common::{RANGE_FANOUT, RANGE_MAX_LEVELS, RangeBlock, RangeTable, RangeTableKey, range_covers};
+use passthrough_common::{
+    RANGE_FANOUT, RANGE_MAX_LEVELS, RangeBlock, RangeTable, RangeTableKey, range_covers,
+};
 
 /// Intervals one table can hold: the search tree has at most [`RANGE_MAX_LEVELS`] levels.
 pub const MAX_INTERVALS: usize = RANGE_FANOUT.pow(RANGE_MAX_LEVELS as u32);
@@ -29,7 +31,10 @@ impl RangeImage {
     /// Adds the table of `key` covering `nets`. Keys must be pushed in ascending order; a table
     /// with no networks is not stored (no descriptor = nothing covered).
     pub fn push_table(&mut self, key: RangeTableKey, nets: impl IntoIterator<Item = Ipv4Net>) {
-        debug_assert!(self.tables.last().is_none_or(|(k, _)| *k < key), "tables pushed out of order");
+        debug_assert!(
+            self.tables.last().is_none_or(|(k, _)| *k < key),
+            "tables pushed out of order"
+        );
         let intervals = merged_intervals(nets);
         if intervals.is_empty() {
             return;
@@ -44,12 +49,16 @@ impl RangeImage {
 
     /// The descriptor of one table.
     pub fn table(&self, key: RangeTableKey) -> Option<&RangeTable> {
-        self.tables.binary_search_by_key(&key, |(k, _)| *k).ok().map(|i| &self.tables[i].1)
+        self.tables
+            .binary_search_by_key(&key, |(k, _)| *k)
+            .ok()
+            .map(|i| &self.tables[i].1)
     }
 
     /// Whether the table of `key` covers `addr`, searched exactly as the programs search it.
     pub fn covers(&self, key: RangeTableKey, addr: Ipv4Addr) -> bool {
-        self.table(key).is_some_and(|t| range_covers(t, u32::from(addr), |i| self.blocks.get(i as usize)))
+        self.table(key)
+            .is_some_and(|t| range_covers(t, u32::from(addr), |i| self.blocks.get(i as usize)))
     }
 
     /// The descriptors with every block offset moved by `offset` (the generation's half).
@@ -67,8 +76,10 @@ impl RangeImage {
 
 /// The sorted, disjoint, non-adjacent intervals `[start, end]` the networks cover.
 fn merged_intervals(nets: impl IntoIterator<Item = Ipv4Net>) -> Vec<(u32, u32)> {
-    let mut v: Vec<(u32, u32)> =
-        nets.into_iter().map(|n| (u32::from(n.network()), u32::from(n.broadcast()))).collect();
+    let mut v: Vec<(u32, u32)> = nets
+        .into_iter()
+        .map(|n| (u32::from(n.network()), u32::from(n.broadcast())))
+        .collect();
     // Plans push each table's networks in order already (a cheap check then); sort otherwise.
     if !v.is_sorted() {
         v.sort_unstable();
@@ -91,11 +102,20 @@ fn build_table(intervals: &[(u32, u32)], blocks: &mut Vec<RangeBlock>) -> RangeT
     // block of the level below.
     let mut levels: Vec<Vec<u32>> = vec![intervals.iter().map(|i| i.0).collect()];
     while levels.last().expect("one level").len() > RANGE_FANOUT {
-        let up = levels.last().expect("one level").iter().step_by(RANGE_FANOUT).copied().collect();
+        let up = levels
+            .last()
+            .expect("one level")
+            .iter()
+            .step_by(RANGE_FANOUT)
+            .copied()
+            .collect();
         levels.push(up);
     }
     levels.reverse();
-    let mut table = RangeTable { levels: levels.len() as u32, ..RangeTable::default() };
+    let mut table = RangeTable {
+        levels: levels.len() as u32,
+        ..RangeTable::default()
+    };
     for (l, keys) in levels.iter().enumerate() {
         table.base[l] = blocks.len() as u32;
         table.len[l] = keys.len() as u32;
@@ -109,7 +129,9 @@ fn build_table(intervals: &[(u32, u32)], blocks: &mut Vec<RangeBlock>) -> RangeT
 
 fn push_blocks(blocks: &mut Vec<RangeBlock>, keys: &[u32], pad: u32) {
     for chunk in keys.chunks(RANGE_FANOUT) {
-        let mut b = RangeBlock { keys: [pad; RANGE_FANOUT] };
+        let mut b = RangeBlock {
+            keys: [pad; RANGE_FANOUT],
+        };
         b.keys[..chunk.len()].copy_from_slice(chunk);
         blocks.push(b);
     }
@@ -143,14 +165,27 @@ mod tests {
         assert!(!img.covers(key(0), Ipv4Addr::new(255, 255, 255, 254)));
         assert!(img.covers(key(0), Ipv4Addr::BROADCAST));
         let all = image(&[net("0.0.0.0/0")]);
-        assert!(all.covers(key(0), Ipv4Addr::BROADCAST) && all.covers(key(0), Ipv4Addr::UNSPECIFIED));
-        assert!(!all.covers(key(1), Ipv4Addr::UNSPECIFIED), "another port's table does not exist");
+        assert!(
+            all.covers(key(0), Ipv4Addr::BROADCAST) && all.covers(key(0), Ipv4Addr::UNSPECIFIED)
+        );
+        assert!(
+            !all.covers(key(1), Ipv4Addr::UNSPECIFIED),
+            "another port's table does not exist"
+        );
     }
 
     #[test]
     fn overlapping_and_adjacent_networks_merge() {
-        let img = image(&[net("10.0.0.0/8"), net("10.1.0.0/16"), net("11.0.0.0/8"), net("13.0.0.0/8")]);
-        assert_eq!(img.tables[0].1.len[0], 2, "10/8 + 11/8 are one interval, 13/8 another");
+        let img = image(&[
+            net("10.0.0.0/8"),
+            net("10.1.0.0/16"),
+            net("11.0.0.0/8"),
+            net("13.0.0.0/8"),
+        ]);
+        assert_eq!(
+            img.tables[0].1.len[0], 2,
+            "10/8 + 11/8 are one interval, 13/8 another"
+        );
         assert!(img.covers(key(0), Ipv4Addr::new(11, 255, 255, 255)));
         assert!(!img.covers(key(0), Ipv4Addr::new(12, 0, 0, 0)));
     }
@@ -158,7 +193,9 @@ mod tests {
     #[test]
     fn broadcast_with_padded_levels_picks_the_last_interval() {
         // 17 intervals: two levels, the last blocks padded with u32::MAX.
-        let nets: Vec<Ipv4Net> = (0..17u32).map(|i| Ipv4Net::new(Ipv4Addr::from(i << 9), 24).unwrap()).collect();
+        let nets: Vec<Ipv4Net> = (0..17u32)
+            .map(|i| Ipv4Net::new(Ipv4Addr::from(i << 9), 24).unwrap())
+            .collect();
         let img = image(&nets);
         assert_eq!(img.tables[0].1.levels, 2);
         assert!(!img.covers(key(0), Ipv4Addr::BROADCAST));
@@ -169,7 +206,9 @@ mod tests {
 
     #[test]
     fn a_million_intervals_take_five_levels() {
-        let nets: Vec<Ipv4Net> = (0..1_000_000u32).map(|i| Ipv4Net::new(Ipv4Addr::from(i << 4), 30).unwrap()).collect();
+        let nets: Vec<Ipv4Net> = (0..1_000_000u32)
+            .map(|i| Ipv4Net::new(Ipv4Addr::from(i << 4), 30).unwrap())
+            .collect();
         let img = image(&nets);
         let t = img.tables[0].1;
         assert_eq!(t.levels, 5);
@@ -185,7 +224,9 @@ mod tests {
         // Clustered addresses so that networks overlap, nest and touch often.
         (0u32..64, 0u32..=0xffff, 0u8..=32).prop_map(|(hi, lo, len)| {
             let addr = (hi << 26) | (lo << 4) | (lo & 0xf);
-            Ipv4Net::new(Ipv4Addr::from(addr), len.max(if hi == 0 { 0 } else { 4 })).unwrap().trunc()
+            Ipv4Net::new(Ipv4Addr::from(addr), len.max(if hi == 0 { 0 } else { 4 }))
+                .unwrap()
+                .trunc()
         })
     }
 

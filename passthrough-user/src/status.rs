@@ -11,8 +11,8 @@ use std::{
 use anyhow::Context as _;
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, lpm_trie::LpmTrie};
 use passthrough_common::{
-    DomainPortKey, GlobalConfig, LAYOUT_VERSION, RangeTable, RangeTableKey, RuleKeyV6, RuleValue, WorkloadEntry, WorkloadKey,
-    counter, flags,
+    DomainPortKey, GlobalConfig, LAYOUT_VERSION, RangeTable, RangeTableKey, RuleKeyV6, RuleValue,
+    WorkloadEntry, WorkloadKey, counter, flags,
 };
 use serde_json::json;
 
@@ -57,7 +57,11 @@ fn cgroup_path(mount: &Path, id: u64) -> Option<PathBuf> {
         if depth < 16
             && let Ok(rd) = std::fs::read_dir(&dir)
         {
-            stack.extend(rd.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_dir())).map(|e| (e.path(), depth + 1)));
+            stack.extend(
+                rd.flatten()
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| (e.path(), depth + 1)),
+            );
         }
     }
     None
@@ -75,16 +79,27 @@ pub fn status_json(state: &Path) -> anyhow::Result<serde_json::Value> {
     let config: Array<MapData, GlobalConfig> = Array::try_from(Map::Array(open(state, "CONFIG")?))?;
     let cfg = config.get(&0, 0)?;
     let g = cfg.active_generation & 1;
-    let counters: PerCpuArray<MapData, u64> = PerCpuArray::try_from(Map::PerCpuArray(open(state, "COUNTERS")?))?;
+    let counters: PerCpuArray<MapData, u64> =
+        PerCpuArray::try_from(Map::PerCpuArray(open(state, "COUNTERS")?))?;
     let mut counts = BTreeMap::new();
     for (i, name) in counter::NAMES.iter().enumerate() {
-        counts.insert(*name, counters.get(&(i as u32), 0).map(|v| v.iter().sum::<u64>()).unwrap_or(0));
+        counts.insert(
+            *name,
+            counters
+                .get(&(i as u32), 0)
+                .map(|v| v.iter().sum::<u64>())
+                .unwrap_or(0),
+        );
     }
     let gen_of = passthrough_common::ruleset::generation;
-    let workloads: HashMap<MapData, WorkloadKey, WorkloadEntry> = HashMap::try_from(Map::HashMap(open(state, "WORKLOADS")?))?;
-    let tables_v4: HashMap<MapData, RangeTableKey, RangeTable> = HashMap::try_from(Map::HashMap(open(state, "RANGE_INDEX_V4")?))?;
-    let rules_v6: LpmTrie<MapData, RuleKeyV6, RuleValue> = LpmTrie::try_from(Map::LpmTrie(open(state, "RULES_V6")?))?;
-    let domain: HashMap<MapData, DomainPortKey, u8> = HashMap::try_from(Map::HashMap(open(state, "DOMAIN_PORTS")?))?;
+    let workloads: HashMap<MapData, WorkloadKey, WorkloadEntry> =
+        HashMap::try_from(Map::HashMap(open(state, "WORKLOADS")?))?;
+    let tables_v4: HashMap<MapData, RangeTableKey, RangeTable> =
+        HashMap::try_from(Map::HashMap(open(state, "RANGE_INDEX_V4")?))?;
+    let rules_v6: LpmTrie<MapData, RuleKeyV6, RuleValue> =
+        LpmTrie::try_from(Map::LpmTrie(open(state, "RULES_V6")?))?;
+    let domain: HashMap<MapData, DomainPortKey, u8> =
+        HashMap::try_from(Map::HashMap(open(state, "DOMAIN_PORTS")?))?;
     // Entries per generation: [active, inactive]. The agent removes the retired plan right
     // after each flip, so inactive entries are normally 0 (non-zero only during an apply, or
     // when the agent died between a flip and the removal).
@@ -92,16 +107,35 @@ pub fn status_json(state: &Path) -> anyhow::Result<serde_json::Value> {
         let active = gens.iter().filter(|x| **x == g).count();
         (active, gens.len() - active)
     };
-    let (n_workloads, old_workloads) = split(workloads.keys().flatten().map(|k| k.generation).collect());
-    let (n_v4, old_v4) = split(tables_v4.keys().flatten().map(|k| gen_of(k.ruleset)).collect());
-    let (n_v6, old_v6) = split(rules_v6.keys().flatten().map(|k| gen_of(u32::from_be(k.data().ruleset_be))).collect());
-    let (n_domain, old_domain) = split(domain.keys().flatten().map(|k| gen_of(k.ruleset)).collect());
+    let (n_workloads, old_workloads) =
+        split(workloads.keys().flatten().map(|k| k.generation).collect());
+    let (n_v4, old_v4) = split(
+        tables_v4
+            .keys()
+            .flatten()
+            .map(|k| gen_of(k.ruleset))
+            .collect(),
+    );
+    let (n_v6, old_v6) = split(
+        rules_v6
+            .keys()
+            .flatten()
+            .map(|k| gen_of(u32::from_be(k.data().ruleset_be)))
+            .collect(),
+    );
+    let (n_domain, old_domain) =
+        split(domain.keys().flatten().map(|k| gen_of(k.ruleset)).collect());
 
     let mount = cgroup::cgroup2_mount().ok();
     let mut attachments = Vec::new();
     for (id, dir) in pins::pinned_attachments(state) {
-        let mut programs: Vec<String> =
-            std::fs::read_dir(&dir).map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect()).unwrap_or_default();
+        let mut programs: Vec<String> = std::fs::read_dir(&dir)
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
         programs.sort();
         let path = mount.as_deref().and_then(|m| cgroup_path(m, id));
         attachments.push(json!({ "cgroup_id": id, "cgroup": path, "programs": programs }));
@@ -131,19 +165,43 @@ pub fn run_status(args: &StatusArgs, out: &mut impl Write) -> anyhow::Result<()>
         return Ok(());
     }
     if s["installed"] != true {
-        writeln!(out, "not installed: nothing pinned under {}", args.state_dir.display())?;
+        writeln!(
+            out,
+            "not installed: nothing pinned under {}",
+            args.state_dir.display()
+        )?;
         return Ok(());
     }
-    writeln!(out, "state:             {} (layout v{})", args.state_dir.display(), LAYOUT_VERSION)?;
+    writeln!(
+        out,
+        "state:             {} (layout v{})",
+        args.state_dir.display(),
+        LAYOUT_VERSION
+    )?;
     writeln!(out, "policy generation: {}", s["policy_generation"])?;
-    writeln!(out, "audit: {}   proxy: {} (port {})", s["audit"], s["proxy"], s["proxy_port"])?;
+    writeln!(
+        out,
+        "audit: {}   proxy: {} (port {})",
+        s["audit"], s["proxy"], s["proxy_port"]
+    )?;
     writeln!(
         out,
         "entries:           {} workloads, {} IPv4 range tables, {} IPv6 rules, {} domain ports",
-        s["entries"]["workloads"], s["entries"]["range_tables_v4"], s["entries"]["rules_v6"], s["entries"]["domain_ports"]
+        s["entries"]["workloads"],
+        s["entries"]["range_tables_v4"],
+        s["entries"]["rules_v6"],
+        s["entries"]["domain_ports"]
     )?;
     let old = &s["inactive_entries"];
-    if [&old["workloads"], &old["range_tables_v4"], &old["rules_v6"], &old["domain_ports"]].iter().any(|v| v.as_u64() != Some(0)) {
+    if [
+        &old["workloads"],
+        &old["range_tables_v4"],
+        &old["rules_v6"],
+        &old["domain_ports"],
+    ]
+    .iter()
+    .any(|v| v.as_u64() != Some(0))
+    {
         writeln!(
             out,
             "retired plan:      {} workloads, {} IPv4 range tables, {} IPv6 rules, {} domain ports still in the maps",
@@ -151,8 +209,15 @@ pub fn run_status(args: &StatusArgs, out: &mut impl Write) -> anyhow::Result<()>
         )?;
     }
     for a in s["attachments"].as_array().into_iter().flatten() {
-        let path = a["cgroup"].as_str().map_or_else(|| format!("cgroup id {}", a["cgroup_id"]), str::to_string);
-        let progs: Vec<&str> = a["programs"].as_array().into_iter().flatten().filter_map(|p| p.as_str()).collect();
+        let path = a["cgroup"]
+            .as_str()
+            .map_or_else(|| format!("cgroup id {}", a["cgroup_id"]), str::to_string);
+        let progs: Vec<&str> = a["programs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p.as_str())
+            .collect();
         writeln!(out, "attached:          {path}: {}", progs.join(", "))?;
     }
     writeln!(out, "counters:")?;
@@ -166,13 +231,35 @@ pub fn run_status(args: &StatusArgs, out: &mut impl Write) -> anyhow::Result<()>
 /// them) and every map, of every layout version, and removes the state directory.
 pub fn run_uninstall(args: &UninstallArgs, out: &mut impl Write) -> anyhow::Result<()> {
     if !args.state_dir.exists() {
-        writeln!(out, "nothing to remove: {} does not exist", args.state_dir.display())?;
+        writeln!(
+            out,
+            "nothing to remove: {} does not exist",
+            args.state_dir.display()
+        )?;
         return Ok(());
     }
-    let removed = pins::remove_tree(&args.state_dir).with_context(|| format!("removing {}", args.state_dir.display()))?;
-    let links = removed.iter().filter(|p| p.components().any(|c| c.as_os_str() == "links") && p.parent().is_some_and(|d| d.parent().is_some_and(|l| l.ends_with("links")))).count();
-    let maps = removed.iter().filter(|p| p.parent().is_some_and(|d| d.ends_with("maps"))).count();
-    writeln!(out, "removed {links} link(s) and {maps} map(s) under {}", args.state_dir.display())?;
-    writeln!(out, "(a running agent keeps its programs attached until it exits; stop it first)")?;
+    let removed = pins::remove_tree(&args.state_dir)
+        .with_context(|| format!("removing {}", args.state_dir.display()))?;
+    let links = removed
+        .iter()
+        .filter(|p| {
+            p.components().any(|c| c.as_os_str() == "links")
+                && p.parent()
+                    .is_some_and(|d| d.parent().is_some_and(|l| l.ends_with("links")))
+        })
+        .count();
+    let maps = removed
+        .iter()
+        .filter(|p| p.parent().is_some_and(|d| d.ends_with("maps")))
+        .count();
+    writeln!(
+        out,
+        "removed {links} link(s) and {maps} map(s) under {}",
+        args.state_dir.display()
+    )?;
+    writeln!(
+        out,
+        "(a running agent keeps its programs attached until it exits; stop it first)"
+    )?;
     Ok(())
 }

@@ -26,19 +26,27 @@ pub struct PolicyWatcher {
 /// channel.
 pub fn watch(paths: &[PathBuf]) -> notify::Result<(PolicyWatcher, mpsc::Receiver<()>)> {
     let (raw_tx, mut raw_rx) = mpsc::unbounded_channel::<()>();
-    let targets: Vec<PathBuf> = paths.iter().map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone())).collect();
+    let targets: Vec<PathBuf> = paths
+        .iter()
+        .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone()))
+        .collect();
     let relevant = targets.clone();
-    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
-        Ok(ev) => {
-            if ev.kind.is_access() {
-                return;
+    let mut watcher =
+        notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
+            Ok(ev) => {
+                if ev.kind.is_access() {
+                    return;
+                }
+                if ev.paths.iter().any(|p| {
+                    relevant
+                        .iter()
+                        .any(|t| p.starts_with(t) || t.starts_with(p) || same_parent_entry(p, t))
+                }) {
+                    let _ = raw_tx.send(());
+                }
             }
-            if ev.paths.iter().any(|p| relevant.iter().any(|t| p.starts_with(t) || t.starts_with(p) || same_parent_entry(p, t))) {
-                let _ = raw_tx.send(());
-            }
-        }
-        Err(e) => warn!(error = %e, "policy watch error"),
-    })?;
+            Err(e) => warn!(error = %e, "policy watch error"),
+        })?;
     for t in &targets {
         if t.is_dir() {
             watcher.watch(t, RecursiveMode::Recursive)?;
@@ -88,13 +96,21 @@ mod tests {
         let tmp = dir.path().join(".p.yaml.tmp");
         std::fs::write(&tmp, "b").unwrap();
         std::fs::rename(&tmp, &file).unwrap();
-        tokio::time::timeout(Duration::from_secs(2), rx.recv()).await.expect("reload after replace");
+        tokio::time::timeout(Duration::from_secs(2), rx.recv())
+            .await
+            .expect("reload after replace");
 
         std::fs::write(sub.join("new.yaml"), "c").unwrap();
-        tokio::time::timeout(Duration::from_secs(2), rx.recv()).await.expect("reload after a new file in a dir");
+        tokio::time::timeout(Duration::from_secs(2), rx.recv())
+            .await
+            .expect("reload after a new file in a dir");
 
         // An unrelated file next to the watched one does not trigger.
         std::fs::write(dir.path().join("unrelated.txt"), "x").unwrap();
-        assert!(tokio::time::timeout(Duration::from_millis(500), rx.recv()).await.is_err());
+        assert!(
+            tokio::time::timeout(Duration::from_millis(500), rx.recv())
+                .await
+                .is_err()
+        );
     }
 }

@@ -1165,7 +1165,12 @@ async fn reload_applies_to_the_next_request_of_a_live_connection() {
 /// A proxy allowing HTTP to `web.test` at `origin`'s port, connecting where the client dialled.
 async fn web_proxy(origin: SocketAddr) -> Px {
     init_tracing();
-    start(conf(&[dom("web.test", origin.port(), "http")]), DomainDestination::Original, None).await
+    start(
+        conf(&[dom("web.test", origin.port(), "http")]),
+        DomainDestination::Original,
+        None,
+    )
+    .await
 }
 
 /// A hyper origin answering each request's body back, with the `Host` and `Connection` it
@@ -1181,11 +1186,19 @@ async fn hyper_origin() -> (SocketAddr, Arc<AtomicUsize>) {
             tokio::spawn(async move {
                 let svc = service_fn(|req: Request<hyper::body::Incoming>| async move {
                     let h = |n| {
-                        req.headers().get(n).map(|v| v.to_str().unwrap_or("?").to_string()).unwrap_or_default()
+                        req.headers()
+                            .get(n)
+                            .map(|v| v.to_str().unwrap_or("?").to_string())
+                            .unwrap_or_default()
                     };
                     let (host, conn) = (h("host"), h("connection"));
                     if req.uri().path() == "/empty" {
-                        return Ok::<_, std::io::Error>(Response::builder().status(204).body(Full::new(Bytes::new())).unwrap());
+                        return Ok::<_, std::io::Error>(
+                            Response::builder()
+                                .status(204)
+                                .body(Full::new(Bytes::new()))
+                                .unwrap(),
+                        );
                     }
                     let body = req.into_body().collect().await.unwrap().to_bytes();
                     Ok(Response::builder()
@@ -1194,7 +1207,9 @@ async fn hyper_origin() -> (SocketAddr, Arc<AtomicUsize>) {
                         .body(Full::new(body))
                         .unwrap())
                 });
-                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(s), svc).await;
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
             });
         }
     });
@@ -1245,12 +1260,16 @@ async fn raw_origin(
                         buf.extend_from_slice(&b[..n]);
                     }
                 }
-                log.lock().unwrap().push(String::from_utf8_lossy(&buf[..end]).into_owned());
+                log.lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(&buf[..end]).into_owned());
                 buf.drain(..end);
                 let Some(r) = reply else { break };
                 s.write_all(r).await.unwrap();
                 // A close-delimited answer ends with the connection.
-                if h1::parse_response(r, false).is_ok_and(|h| h.is_some_and(|h| h.body == h1::BodyFraming::UntilClose)) {
+                if h1::parse_response(r, false)
+                    .is_ok_and(|h| h.is_some_and(|h| h.body == h1::BodyFraming::UntilClose))
+                {
                     break;
                 }
             }
@@ -1277,7 +1296,9 @@ async fn raw(px: &Px, dst: SocketAddr, req: &[u8], until: Option<&str>) -> Strin
             }
         }
     };
-    tokio::time::timeout(T, read).await.expect("reply within 5 s");
+    tokio::time::timeout(T, read)
+        .await
+        .expect("reply within 5 s");
     String::from_utf8_lossy(&out).into_owned()
 }
 
@@ -1291,7 +1312,10 @@ async fn http1_hyper_client_keep_alive_bodies_and_a_denied_second_host() {
     // Content-Length bodies of several sizes, then a streamed (chunked) one.
     for size in [0usize, 1, 70_000, 3] {
         let body = vec![b'a' + (size % 26) as u8; size];
-        let req = Request::post("/echo").header("host", "web.test").body(Full::new(Bytes::from(body.clone()))).unwrap();
+        let req = Request::post("/echo")
+            .header("host", "web.test")
+            .body(Full::new(Bytes::from(body.clone())))
+            .unwrap();
         let resp = tx.send_request(req).await.unwrap();
         assert_eq!(resp.status(), 200);
         assert_eq!(resp.headers()["x-host"], "web.test");
@@ -1299,14 +1323,23 @@ async fn http1_hyper_client_keep_alive_bodies_and_a_denied_second_host() {
         assert_eq!(got.len(), body.len());
         assert!(got == body);
     }
-    let req = Request::get("/empty").header("host", "web.test").body(Full::new(Bytes::new())).unwrap();
+    let req = Request::get("/empty")
+        .header("host", "web.test")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
     assert_eq!(tx.send_request(req).await.unwrap().status(), 204);
-    let req = Request::head("/echo").header("host", "web.test").body(Full::new(Bytes::new())).unwrap();
+    let req = Request::head("/echo")
+        .header("host", "web.test")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
     assert_eq!(tx.send_request(req).await.unwrap().status(), 200);
     // One upstream connection carried all of it.
     assert_eq!(conns.load(Ordering::SeqCst), 1);
     // A second host on the same connection is judged on its own.
-    let req = Request::get("/echo").header("host", "evil.test").body(Full::new(Bytes::new())).unwrap();
+    let req = Request::get("/echo")
+        .header("host", "evil.test")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
     let resp = tx.send_request(req).await.unwrap();
     assert_eq!(resp.status(), 503);
     let text = resp.into_body().collect().await.unwrap().to_bytes();
@@ -1351,25 +1384,39 @@ async fn http1_framing_edges_from_the_origin() {
     let read_until = async |s: &mut TcpStream, got: &mut Vec<u8>, end: &str| {
         let mut b = [0u8; 4096];
         while !String::from_utf8_lossy(got).contains(end) {
-            let n = tokio::time::timeout(T, s.read(&mut b)).await.unwrap().unwrap();
+            let n = tokio::time::timeout(T, s.read(&mut b))
+                .await
+                .unwrap()
+                .unwrap();
             if n == 0 {
                 break;
             }
             got.extend_from_slice(&b[..n]);
         }
     };
-    s.write_all(b"POST /a HTTP/1.1\r\nHost: web.test\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n").await.unwrap();
+    s.write_all(
+        b"POST /a HTTP/1.1\r\nHost: web.test\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n",
+    )
+    .await
+    .unwrap();
     read_until(&mut s, &mut got, "100 Continue\r\n\r\n").await;
     s.write_all(b"xyz").await.unwrap();
     read_until(&mut s, &mut got, "X-Sum: 1\r\n\r\n").await;
-    s.write_all(b"GET /b HTTP/1.1\r\nHost: web.test\r\n\r\n").await.unwrap();
+    s.write_all(b"GET /b HTTP/1.1\r\nHost: web.test\r\n\r\n")
+        .await
+        .unwrap();
     read_until(&mut s, &mut got, "\r\n\r\nok").await;
     // Give the origin's close time to land: the next request must still be answered.
     tokio::time::sleep(Duration::from_millis(100)).await;
-    s.write_all(b"GET /c HTTP/1.1\r\nHost: web.test\r\n\r\n").await.unwrap();
+    s.write_all(b"GET /c HTTP/1.1\r\nHost: web.test\r\n\r\n")
+        .await
+        .unwrap();
     let mut b = [0u8; 4096];
     loop {
-        let n = tokio::time::timeout(T, s.read(&mut b)).await.unwrap().unwrap_or(0);
+        let n = tokio::time::timeout(T, s.read(&mut b))
+            .await
+            .unwrap()
+            .unwrap_or(0);
         if n == 0 {
             break; // the close-delimited answer ends with the connection
         }
@@ -1379,13 +1426,20 @@ async fn http1_framing_edges_from_the_origin() {
     assert!(got.ends_with("HTTP/1.1 200 OK\r\n\r\nuntil close"), "{got}");
     let seen = seen.lock().unwrap().clone();
     assert_eq!(seen.len(), 4, "{seen:?}");
-    assert!(seen[0].starts_with("POST /a HTTP/1.1\r\nHost: web.test\r\n") && seen[0].ends_with("\r\n\r\nxyz"), "{seen:?}");
+    assert!(
+        seen[0].starts_with("POST /a HTTP/1.1\r\nHost: web.test\r\n")
+            && seen[0].ends_with("\r\n\r\nxyz"),
+        "{seen:?}"
+    );
     assert_eq!(seen[2], seen[3], "the retried request is the same bytes");
 }
 
 #[tokio::test]
 async fn http1_refusals() {
-    let (origin, seen) = raw_origin(vec![Some(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")]).await;
+    let (origin, seen) = raw_origin(vec![Some(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+    )])
+    .await;
     let px = web_proxy(origin).await;
     for (req, status) in [
         (&b"POST / HTTP/1.1\r\nHost: web.test\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"[..], "400"),

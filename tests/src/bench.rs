@@ -12,7 +12,9 @@ use std::{
 
 use anyhow::Context as _;
 
-use crate::{CLIENT_NS_PREFIX, TestCgroup, cgroup::cgroup2_mount, netns::netns_path, run, unique_suffix};
+use crate::{
+    CLIENT_NS_PREFIX, TestCgroup, cgroup::cgroup2_mount, netns::netns_path, run, unique_suffix,
+};
 
 /// A network namespace whose `lo` is up and has the given prefixes routed to it as local
 /// (AnyIP): every address in them is a local destination, so connections never leave the
@@ -27,7 +29,10 @@ impl BenchNs {
         let ns = BenchNs(name);
         run("ip", &["-n", &ns.0, "link", "set", "lo", "up"])?;
         for r in local_routes {
-            run("ip", &["-n", &ns.0, "route", "add", "local", r, "dev", "lo"])?;
+            run(
+                "ip",
+                &["-n", &ns.0, "route", "add", "local", r, "dev", "lo"],
+            )?;
         }
         Ok(ns)
     }
@@ -47,7 +52,11 @@ impl BenchNs {
         }
         let out = c.output().with_context(|| format!("running {cmd}"))?;
         if !out.status.success() {
-            anyhow::bail!("{cmd} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+            anyhow::bail!(
+                "{cmd} {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
@@ -84,7 +93,12 @@ impl MoveBack {
     /// Moves this process into the cgroup directory `dir`.
     pub fn into_path(dir: &Path) -> anyhow::Result<Self> {
         let own = std::fs::read_to_string("/proc/self/cgroup")?;
-        let rel = own.lines().find_map(|l| l.strip_prefix("0::")).context("no cgroup v2 line")?.trim().to_string();
+        let rel = own
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .context("no cgroup v2 line")?
+            .trim()
+            .to_string();
         let back = cgroup2_mount()?.join(rel.trim_start_matches('/'));
         std::fs::write(dir.join("cgroup.procs"), std::process::id().to_string())
             .with_context(|| format!("moving into {}", dir.display()))?;
@@ -121,7 +135,12 @@ impl Rng {
         if r.is_multiple_of(3) {
             addr = (addr & 0x00ff_ffff) | if r & 8 == 0 { 198 << 24 } else { 203 << 24 };
         }
-        (ipnet::Ipv4Net::new(std::net::Ipv4Addr::from(addr), len).expect("len <= 32").trunc(), r)
+        (
+            ipnet::Ipv4Net::new(std::net::Ipv4Addr::from(addr), len)
+                .expect("len <= 32")
+                .trunc(),
+            r,
+        )
     }
 
     /// Fisher–Yates shuffle.
@@ -148,7 +167,10 @@ pub fn pin_to_cpu(cpu: usize) -> anyhow::Result<()> {
 
 /// CPU time of the calling thread, in nanoseconds.
 pub fn thread_cpu_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: a valid timespec pointer; CLOCK_THREAD_CPUTIME_ID always exists on Linux.
     unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
@@ -156,7 +178,10 @@ pub fn thread_cpu_ns() -> u64 {
 
 /// Raises the soft open-files limit to the hard one (held connections need descriptors).
 pub fn raise_nofile() -> anyhow::Result<u64> {
-    let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: valid rlimit pointers.
     unsafe {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
@@ -179,7 +204,11 @@ pub fn median(mut v: Vec<f64>) -> f64 {
 /// Open-loop pacing: waits for request `i`'s slot (`start + i × interval`) and returns the
 /// instant its latency counts from — the slot itself when it is already due (a late start is
 /// the system's latency, not the client's), else the actual wake-up (timer slack is not).
-pub async fn open_loop_slot(start: tokio::time::Instant, interval: Duration, i: usize) -> tokio::time::Instant {
+pub async fn open_loop_slot(
+    start: tokio::time::Instant,
+    interval: Duration,
+    i: usize,
+) -> tokio::time::Instant {
     let at = start + interval * i as u32;
     if tokio::time::Instant::now() >= at {
         return at;
@@ -200,7 +229,8 @@ pub fn percentile(sorted: &[u64], q: f64) -> u64 {
 /// TIME_WAIT pile-up over hundreds of thousands of connects). Returns the nanoseconds.
 pub fn timed_connect(dst: SocketAddr) -> anyhow::Result<u64> {
     let t = std::time::Instant::now();
-    let s = std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(2)).with_context(|| format!("connect {dst}"))?;
+    let s = std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(2))
+        .with_context(|| format!("connect {dst}"))?;
     let ns = t.elapsed().as_nanos() as u64;
     socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO))?;
     drop(s);
@@ -209,9 +239,11 @@ pub fn timed_connect(dst: SocketAddr) -> anyhow::Result<u64> {
 
 /// One timed `connect()`: Ok(ns) if it connected, Err((ns, errno)) if it failed.
 pub fn connect_once(dst: SocketAddr) -> anyhow::Result<Result<u64, (u64, i32)>> {
-    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).context("socket")?;
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+        .context("socket")?;
     // A lost SYN would otherwise block for two minutes of retransmissions.
-    sock.set_write_timeout(Some(Duration::from_secs(3))).context("SO_SNDTIMEO")?;
+    sock.set_write_timeout(Some(Duration::from_secs(3)))
+        .context("SO_SNDTIMEO")?;
     let addr = socket2::SockAddr::from(dst);
     let t = std::time::Instant::now();
     let r = sock.connect(&addr);
@@ -240,11 +272,22 @@ impl JsonOut {
             std::fs::create_dir_all(dir)?;
         }
         let f = File::create(path).with_context(|| format!("creating {}", path.display()))?;
-        Ok(JsonOut { part, out: BufWriter::new(f) })
+        Ok(JsonOut {
+            part,
+            out: BufWriter::new(f),
+        })
     }
 
     /// Records one measurement (flushed at once, so a crash keeps what was measured).
-    pub fn record(&mut self, table: &str, row: &str, size: Option<u64>, round: usize, metric: &str, value: f64) -> anyhow::Result<()> {
+    pub fn record(
+        &mut self,
+        table: &str,
+        row: &str,
+        size: Option<u64>,
+        round: usize,
+        metric: &str,
+        value: f64,
+    ) -> anyhow::Result<()> {
         let line = serde_json::json!({
             "part": self.part, "table": table, "row": row, "size": size,
             "round": round, "metric": metric, "value": value,
@@ -258,7 +301,9 @@ impl JsonOut {
 /// A `Matched` configuration of one CIDR match per `(network, port)` (port `None` = every
 /// port), as the policy layer would produce it, for driving [`passthrough_user::plan::compile`]
 /// directly.
-pub fn cidr_conf(nets: impl IntoIterator<Item = (ipnet::Ipv4Net, Option<u16>)>) -> passthrough_user::policy::MergedConf {
+pub fn cidr_conf(
+    nets: impl IntoIterator<Item = (ipnet::Ipv4Net, Option<u16>)>,
+) -> passthrough_user::policy::MergedConf {
     use passthrough_user::policy::{Match, MatchKind, MatchOrigin, MergedConf, Mode, Protocol};
     let file: std::sync::Arc<Path> = Path::new("bench").into();
     let policy: std::sync::Arc<str> = "bench".into();
@@ -271,8 +316,16 @@ pub fn cidr_conf(nets: impl IntoIterator<Item = (ipnet::Ipv4Net, Option<u16>)>) 
             net: Some(ipnet::IpNet::V4(net)),
             port,
             protocol: Protocol::Tcp,
-            origin: MatchOrigin { file: file.clone(), policy: policy.clone(), index },
+            origin: MatchOrigin {
+                file: file.clone(),
+                policy: policy.clone(),
+                index,
+            },
         })
         .collect();
-    MergedConf { mode: Mode::Matched, matches, policies: vec![policy.to_string()] }
+    MergedConf {
+        mode: Mode::Matched,
+        matches,
+        policies: vec![policy.to_string()],
+    }
 }

@@ -131,7 +131,10 @@ pub struct HostNet {
 impl HostNet {
     /// Creates the server netns `pts-<pid>-<n>`, the veth and the host routes of `slot`.
     pub fn new(slot: Slot) -> Result<HostNet> {
-        let net = HostNet { veth: VethNs::new(crate::SERVER_NS_PREFIX, "ptv")?, slot };
+        let net = HostNet {
+            veth: VethNs::new(crate::SERVER_NS_PREFIX, "ptv")?,
+            slot,
+        };
         let veth = &net.veth;
         let (ns, link) = (veth.ns.as_str(), veth.link.as_str());
         let s = slot;
@@ -253,11 +256,19 @@ struct VethNs {
 impl VethNs {
     /// Creates `<ns_prefix><pid>-<n>` and the veth `<link_prefix>…`.
     fn new(ns_prefix: &str, link_prefix: &str) -> Result<VethNs> {
-        let v = VethNs { ns: format!("{ns_prefix}{}", unique_suffix()), link: ifname(link_prefix) };
+        let v = VethNs {
+            ns: format!("{ns_prefix}{}", unique_suffix()),
+            link: ifname(link_prefix),
+        };
         run("ip", &["netns", "add", &v.ns])?;
         // From here on, Drop removes whatever was created.
         let (ns, link) = (v.ns.as_str(), v.link.as_str());
-        run("ip", &["link", "add", link, "type", "veth", "peer", "name", "eth0", "netns", ns])?;
+        run(
+            "ip",
+            &[
+                "link", "add", link, "type", "veth", "peer", "name", "eth0", "netns", ns,
+            ],
+        )?;
         run("ip", &["-n", ns, "link", "set", "lo", "up"])?;
         run("ip", &["-n", ns, "link", "set", "eth0", "up"])?;
         Ok(v)
@@ -299,7 +310,10 @@ pub struct PodNet {
 impl PodNet {
     /// Creates the pod netns, the veth, the proxy addresses on the host side and the routes.
     pub fn new(slot: Slot) -> Result<PodNet> {
-        let pod = PodNet { veth: VethNs::new(crate::CLIENT_NS_PREFIX, "ptp")?, slot };
+        let pod = PodNet {
+            veth: VethNs::new(crate::CLIENT_NS_PREFIX, "ptp")?,
+            slot,
+        };
         let veth = &pod.veth;
         let (ns, link) = (veth.ns.as_str(), veth.link.as_str());
         let s = slot;
@@ -401,4 +415,3 @@ impl PodNet {
         ]
     }
 }
-

@@ -195,8 +195,17 @@ impl Drop for Probe {
 /// Makes `cmd` join the cgroup directory `cgroup_dir` and the netns at `netns` (or stay in the
 /// caller's) between fork and exec, like a [`Probe`]; it dies with the calling thread. The
 /// returned guard keeps the netns file open: keep it until the command has been spawned.
-pub fn command_in(cmd: &mut Command, cgroup_dir: &Path, netns: Option<&Path>) -> Result<Option<File>> {
-    let procs = CString::new(cgroup_dir.join("cgroup.procs").into_os_string().into_encoded_bytes())?;
+pub fn command_in(
+    cmd: &mut Command,
+    cgroup_dir: &Path,
+    netns: Option<&Path>,
+) -> Result<Option<File>> {
+    let procs = CString::new(
+        cgroup_dir
+            .join("cgroup.procs")
+            .into_os_string()
+            .into_encoded_bytes(),
+    )?;
     let ns_file = match netns {
         Some(p) => Some(File::open(p).with_context(|| format!("opening netns {}", p.display()))?),
         None => None,
@@ -211,25 +220,25 @@ pub fn command_in(cmd: &mut Command, cgroup_dir: &Path, netns: Option<&Path>) ->
 pub fn join_in_child(cmd: &mut Command, procs: CString, ns_fd: Option<RawFd>) {
     // SAFETY: only async-signal-safe syscalls (prctl/open/write/close/setns) between fork and exec.
     unsafe {
-            cmd.pre_exec(move || {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-                if fd < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                // "0" = the writing process.
-                let rc = libc::write(fd, b"0".as_ptr() as *const libc::c_void, 1);
-                let err = std::io::Error::last_os_error();
-                libc::close(fd);
-                if rc != 1 {
-                    return Err(err);
-                }
-                if let Some(ns) = ns_fd
-                    && libc::setns(ns, libc::CLONE_NEWNET) != 0
-                {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
+        cmd.pre_exec(move || {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // "0" = the writing process.
+            let rc = libc::write(fd, b"0".as_ptr() as *const libc::c_void, 1);
+            let err = std::io::Error::last_os_error();
+            libc::close(fd);
+            if rc != 1 {
+                return Err(err);
+            }
+            if let Some(ns) = ns_fd
+                && libc::setns(ns, libc::CLONE_NEWNET) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
 }

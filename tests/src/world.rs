@@ -34,8 +34,16 @@ impl World {
         let cg = TestCgroup::new().unwrap();
         let net = TestNet::new().unwrap();
         let policy = write_policy(dir.path(), yaml);
-        let agent = f(Agent::builder().policy(&policy).cgroup(cg.path())).start().unwrap();
-        World { agent, net, cg, policy, dir }
+        let agent = f(Agent::builder().policy(&policy).cgroup(cg.path()))
+            .start()
+            .unwrap();
+        World {
+            agent,
+            net,
+            cg,
+            policy,
+            dir,
+        }
     }
 
     /// A probe in the workload cgroup, in the client netns.
@@ -45,6 +53,11 @@ impl World {
 
     /// The workload's name (`--cgroup PATH` → the directory name).
     pub fn workload(&self) -> String {
-        self.cg.path().file_name().unwrap().to_string_lossy().into_owned()
+        self.cg
+            .path()
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned()
     }
 }

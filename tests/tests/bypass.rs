@@ -27,8 +27,7 @@ use std::{
 };
 
 use passthrough_tests::{
-    World,
-    Agent, AgentBuilder, EPERM, LOOPBACK_PORT, TestCgroup, TestNet, assert_allowed,
+    Agent, AgentBuilder, EPERM, LOOPBACK_PORT, TestCgroup, TestNet, World, assert_allowed,
     assert_denied, assert_udp_allowed, assert_udp_denied,
     hostnet::HostNet,
     l7::{Dns, Pki, Servers, Service},
@@ -467,7 +466,9 @@ mod ops {
     /// A hand-made UDP datagram on an `AF_INET6` raw socket (the kernel fills the checksum,
     /// `IPV6_CHECKSUM`).
     fn raw_udp6(a: &SocketAddr) -> Value {
-        let SocketAddr::V6(v6) = a else { unreachable!() };
+        let SocketAddr::V6(v6) = a else {
+            unreachable!()
+        };
         // SAFETY: plain syscalls on an fd we own; live buffers of the given sizes.
         unsafe {
             let fd = libc::socket(libc::AF_INET6, libc::SOCK_RAW, libc::IPPROTO_UDP);
@@ -495,7 +496,11 @@ mod ops {
                 &sin6 as *const libc::sockaddr_in6 as *const libc::sockaddr,
                 mem::size_of::<libc::sockaddr_in6>() as u32,
             );
-            if n < 0 { fail("sendto", &last()) } else { json!({"ok": true}) }
+            if n < 0 {
+                fail("sendto", &last())
+            } else {
+                json!({"ok": true})
+            }
         }
     }
 
@@ -829,7 +834,9 @@ const DENIED6: &str = "[2001:db8:200::9]:8080";
 /// The kernel bypass tests' world: [`kernel_policy`] on a workload cgroup, DNS allowed to one
 /// resolver.
 fn kernel_world(f: impl FnOnce(AgentBuilder) -> AgentBuilder) -> World {
-    World::with(&kernel_policy(), |b| f(b.arg("--resolver").arg("203.0.113.53")))
+    World::with(&kernel_policy(), |b| {
+        f(b.arg("--resolver").arg("203.0.113.53"))
+    })
 }
 
 /// What the kernel bypass tests do in their world.
@@ -1153,7 +1160,9 @@ fn raw_and_ping_sockets_are_judged_by_the_egress_backstop() {
         "{type: IP, value: \"2001:db8:100::10\"}",
     ];
     matches.push("{type: CIDR, value: \"2001:db8:100::/40\", port: 8080}");
-    let w = World::with(&mesh_policy("Matched", &matches), |b| b.arg("--resolver").arg("203.0.113.53"));
+    let w = World::with(&mesh_policy("Matched", &matches), |b| {
+        b.arg("--resolver").arg("203.0.113.53")
+    });
     // Ping sockets are off by default (net.ipv4.ping_group_range = "1 0"); open them for every
     // group in the test's own client netns to see what the hooks do with them.
     passthrough_tests::run(
@@ -1175,16 +1184,25 @@ fn raw_and_ping_sockets_are_judged_by_the_egress_backstop() {
     let good = "198.51.100.10:53";
     // With CAP_NET_RAW (the helper runs as root): hand-made UDP datagrams on a raw socket. No
     // sock_addr hook sees them; the cgroup_skb backstop drops them unless allowed.
-    let (before_bad, before_port_only, before_good) = (w.datagrams(bad), w.datagrams(port_only), w.datagrams(good));
+    let (before_bad, before_port_only, before_good) =
+        (w.datagrams(bad), w.datagrams(port_only), w.datagrams(good));
     let r = w.helper(json!({"op": "raw_udp", "addr": bad}));
     eperm(&r, "sendto");
     let r = w.helper(json!({"op": "raw_udp", "addr": port_only}));
     eperm(&r, "sendto");
     let r = w.helper(json!({"op": "raw_udp", "addr": good}));
     assert_eq!(r["ok"], true, "{r}");
-    assert_eq!(w.wait_datagrams(good, before_good + 1), before_good + 1, "allowed raw datagram delivered");
+    assert_eq!(
+        w.wait_datagrams(good, before_good + 1),
+        before_good + 1,
+        "allowed raw datagram delivered"
+    );
     assert_eq!(w.datagrams(bad), before_bad, "denied raw datagram dropped");
-    assert_eq!(w.datagrams(port_only), before_port_only, "a port-specific match does not allow raw packets");
+    assert_eq!(
+        w.datagrams(port_only),
+        before_port_only,
+        "a port-specific match does not allow raw packets"
+    );
     // The same over IPv6.
     let (bad6, good6) = ("[2001:db8:200::9]:53", "[2001:db8:100::10]:53");
     let (before_bad6, before_good6) = (w.datagrams(bad6), w.datagrams(good6));
@@ -1192,29 +1210,61 @@ fn raw_and_ping_sockets_are_judged_by_the_egress_backstop() {
     eperm(&r, "sendto");
     let r = w.helper(json!({"op": "raw_udp", "addr": good6}));
     assert_eq!(r["ok"], true, "{r}");
-    assert_eq!(w.wait_datagrams(good6, before_good6 + 1), before_good6 + 1, "allowed raw IPv6 datagram delivered");
-    assert_eq!(w.datagrams(bad6), before_bad6, "denied raw IPv6 datagram dropped");
+    assert_eq!(
+        w.wait_datagrams(good6, before_good6 + 1),
+        before_good6 + 1,
+        "allowed raw IPv6 datagram delivered"
+    );
+    assert_eq!(
+        w.datagrams(bad6),
+        before_bad6,
+        "denied raw IPv6 datagram dropped"
+    );
 
     // ICMP: raw sockets and ping sockets (SOCK_DGRAM/IPPROTO_ICMP) to a denied host: connect is
     // judged by connect4, and the unconnected sendto() (ping_v4_sendmsg runs no sock_addr hook)
     // and the raw socket's sendto() by the backstop.
     let r = w.helper(json!({"op": "ping", "addr": "203.0.113.9:0"}));
-    assert_eq!((r["raw_socket_errno"].clone(), r["ping_socket_errno"].clone()), (json!(0), json!(0)), "{r}");
-    assert_eq!(r["raw_sendto_errno"], EPERM, "raw ICMP to a denied host: {r}");
+    assert_eq!(
+        (
+            r["raw_socket_errno"].clone(),
+            r["ping_socket_errno"].clone()
+        ),
+        (json!(0), json!(0)),
+        "{r}"
+    );
+    assert_eq!(
+        r["raw_sendto_errno"], EPERM,
+        "raw ICMP to a denied host: {r}"
+    );
     assert_eq!(r["raw_echo_reply"], false, "{r}");
-    assert_eq!(r["ping_sendto_errno"], EPERM, "ping socket sendto to a denied host: {r}");
-    assert_eq!(r["ping_connect_errno"], EPERM, "ping socket connect is judged: {r}");
+    assert_eq!(
+        r["ping_sendto_errno"], EPERM,
+        "ping socket sendto to a denied host: {r}"
+    );
+    assert_eq!(
+        r["ping_connect_errno"], EPERM,
+        "ping socket connect is judged: {r}"
+    );
     // Each drop is a denial event naming the packet's protocol.
     let logged = |what: &str| {
         (0..100).any(|_| {
-            let hit = w.agent.log().lines().any(|l| l.contains("203.0.113.9") && l.contains(what));
+            let hit = w
+                .agent
+                .log()
+                .lines()
+                .any(|l| l.contains("203.0.113.9") && l.contains(what));
             if !hit {
                 std::thread::sleep(Duration::from_millis(20));
             }
             hit
         })
     };
-    assert!(logged("protocol=raw:udp") && logged("protocol=raw:icmp") && logged("protocol=ping"), "denial events for raw UDP, raw ICMP and ping:\n{}", w.agent.log());
+    assert!(
+        logged("protocol=raw:udp") && logged("protocol=raw:icmp") && logged("protocol=ping"),
+        "denial events for raw UDP, raw ICMP and ping:\n{}",
+        w.agent.log()
+    );
     // The same to the allowed host goes through, and the echo reply comes back.
     let r = w.helper(json!({"op": "ping", "addr": "198.51.100.10:0"}));
     assert_eq!(r["raw_sendto_errno"], Value::Null, "{r}");
@@ -1274,7 +1324,11 @@ fn agent_mark_spoofing_needs_cap_net_admin() {
     let before = w.accepted(DENIED4);
     let r = w.helper(json!({"op": "mark", "addr": DENIED4}));
     eperm(&r, "connect");
-    assert_eq!(w.accepted(DENIED4), before, "a spoofed agent mark must not let a workload out: {r}");
+    assert_eq!(
+        w.accepted(DENIED4),
+        before,
+        "a spoofed agent mark must not let a workload out: {r}"
+    );
     // Any other mark does nothing.
     let r = w.helper(json!({"op": "mark", "addr": DENIED4, "mark": 0x7074_0002}));
     eperm(&r, "connect");

@@ -10,9 +10,9 @@
 use std::path::Path;
 
 use passthrough_tests::{
-    Agent, EPERM, LOOPBACK_PORT, Probe, TestCgroup, TestNet, assert_allowed, assert_denied,
+    Agent, EPERM, LOOPBACK_PORT, Probe, TestCgroup, TestNet, World, assert_allowed, assert_denied,
     assert_udp_allowed, assert_udp_denied, cgroup::attached_programs, require_kernel, write_file,
-    write_policy, World,
+    write_policy,
 };
 
 /// One MeshPassthrough document (Kubernetes spelling). `target` is a YAML flow map, `mode` may be

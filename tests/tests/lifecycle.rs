@@ -11,8 +11,8 @@ use std::{
 };
 
 use passthrough_tests::{
-    Agent, EPERM, Probe, StateDirGuard, TestCgroup, TestNet, agent::agent_binary, assert_allowed, assert_denied,
-    World, cgroup::attached_programs, require_kernel, write_policy,
+    Agent, EPERM, Probe, StateDirGuard, TestCgroup, TestNet, World, agent::agent_binary,
+    assert_allowed, assert_denied, cgroup::attached_programs, require_kernel, write_policy,
 };
 
 const POLICY: &str = "apiVersion: kuma.io/v1alpha1
@@ -28,8 +28,18 @@ spec:
 ";
 
 fn passthrough(args: &[&str]) -> (bool, String) {
-    let out = Command::new(agent_binary().unwrap()).args(args).output().unwrap();
-    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    let out = Command::new(agent_binary().unwrap())
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
 }
 
 /// Waits (≤ 3 s) until nothing is attached to `dir`: link release after the last reference
@@ -74,7 +84,12 @@ fn sigkill_keeps_enforcing_restart_adopts_and_uninstall_removes_everything() {
     let net = TestNet::new().unwrap();
     let state = StateDirGuard::new().unwrap();
     let policy = write_policy(dir.path(), POLICY);
-    let builder = || Agent::builder().policy(&policy).cgroup(cg.path()).state_dir(state.path());
+    let builder = || {
+        Agent::builder()
+            .policy(&policy)
+            .cgroup(cg.path())
+            .state_dir(state.path())
+    };
 
     let mut first = builder().start().unwrap();
     let mut probe = Probe::spawn(&cg, &net).unwrap();
@@ -84,40 +99,90 @@ fn sigkill_keeps_enforcing_restart_adopts_and_uninstall_removes_everything() {
 
     // The agent dies without cleaning up: the kernel keeps enforcing from the pins.
     first.kill9();
-    assert_eq!(attached_programs(cg.path()).expect("bpftool").len(), 8, "programs stay attached after SIGKILL");
+    assert_eq!(
+        attached_programs(cg.path()).expect("bpftool").len(),
+        8,
+        "programs stay attached after SIGKILL"
+    );
     assert_allowed(&mut probe, &net, "198.51.100.9:8080");
     assert_denied(&mut probe, &net, "198.51.100.9:80");
-    assert_eq!(probe.echo(&established, "still there").unwrap(), "still there");
+    assert_eq!(
+        probe.echo(&established, "still there").unwrap(),
+        "still there"
+    );
     // A Domain-only destination is redirected to the proxy port, where nobody listens now:
     // it fails instead of going out unfiltered, and the server never sees it.
     let before = net.accepted_total();
     let err = probe.connect("198.51.100.9:443").unwrap_err();
     assert_ne!(err, 0);
-    assert_eq!(net.accepted_total(), before, "a redirected connection must not reach the host while the proxy is down");
+    assert_eq!(
+        net.accepted_total(),
+        before,
+        "a redirected connection must not reach the host while the proxy is down"
+    );
 
-    let (ok, text) = passthrough(&["status", "--state-dir", &state.path().display().to_string(), "--json"]);
+    let (ok, text) = passthrough(&[
+        "status",
+        "--state-dir",
+        &state.path().display().to_string(),
+        "--json",
+    ]);
     assert!(ok, "{text}");
     let status: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
     assert_eq!(status["installed"], true, "{status}");
     assert_eq!(status["policy_generation"], 1, "{status}");
-    assert_eq!(status["attachments"][0]["programs"].as_array().unwrap().len(), 8, "{status}");
-    assert!(status["counters"]["deny_no_match"].as_u64().unwrap() >= 1, "{status}");
+    assert_eq!(
+        status["attachments"][0]["programs"]
+            .as_array()
+            .unwrap()
+            .len(),
+        8,
+        "{status}"
+    );
+    assert!(
+        status["counters"]["deny_no_match"].as_u64().unwrap() >= 1,
+        "{status}"
+    );
 
     // The restarted agent adopts: still exactly one set of programs, generation continues.
     let mut second = builder().start().unwrap();
-    assert!(second.log().contains("adopted pinned state"), "{}", second.describe());
-    assert_eq!(attached_programs(cg.path()).expect("bpftool").len(), 8, "adoption must not attach a second copy");
-    assert_eq!(second.applied_generations().last().copied(), Some(2), "{}", second.describe());
+    assert!(
+        second.log().contains("adopted pinned state"),
+        "{}",
+        second.describe()
+    );
+    assert_eq!(
+        attached_programs(cg.path()).expect("bpftool").len(),
+        8,
+        "adoption must not attach a second copy"
+    );
+    assert_eq!(
+        second.applied_generations().last().copied(),
+        Some(2),
+        "{}",
+        second.describe()
+    );
     assert_allowed(&mut probe, &net, "198.51.100.9:8080");
     assert_denied(&mut probe, &net, "198.51.100.9:80");
-    assert_eq!(probe.echo(&established, "after restart").unwrap(), "after restart");
+    assert_eq!(
+        probe.echo(&established, "after restart").unwrap(),
+        "after restart"
+    );
     // The first agent's plan (the generation the adopting apply retired) was found by scanning
     // the maps and removed right after the flip: only the plan in force is left.
-    let (ok, text) = passthrough(&["status", "--state-dir", &state.path().display().to_string(), "--json"]);
+    let (ok, text) = passthrough(&[
+        "status",
+        "--state-dir",
+        &state.path().display().to_string(),
+        "--json",
+    ]);
     assert!(ok, "{text}");
     let status: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
     assert_eq!(status["policy_generation"], 2, "{status}");
-    assert!(status["entries"]["range_tables_v4"].as_u64().unwrap() >= 1, "{status}");
+    assert!(
+        status["entries"]["range_tables_v4"].as_u64().unwrap() >= 1,
+        "{status}"
+    );
     for map in ["workloads", "range_tables_v4", "rules_v6", "domain_ports"] {
         assert_eq!(status["inactive_entries"][map], 0, "{map}: {status}");
     }
@@ -131,23 +196,44 @@ fn sigkill_keeps_enforcing_restart_adopts_and_uninstall_removes_everything() {
         .filter_map(|l| l.split_whitespace().next().map(str::to_string))
         .collect();
     assert_eq!(prog_ids.len(), 8);
-    let maps_dir = state.path().join(format!("v{}", passthrough_common::LAYOUT_VERSION)).join("maps");
+    let maps_dir = state
+        .path()
+        .join(format!("v{}", passthrough_common::LAYOUT_VERSION))
+        .join("maps");
     let map_ids: Vec<String> = std::fs::read_dir(&maps_dir)
         .unwrap()
         .flatten()
         .map(|e| {
-            let out = Command::new("bpftool").args(["-j", "map", "show", "pinned"]).arg(e.path()).output().unwrap();
+            let out = Command::new("bpftool")
+                .args(["-j", "map", "show", "pinned"])
+                .arg(e.path())
+                .output()
+                .unwrap();
             let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
             v["id"].to_string()
         })
         .collect();
     assert_eq!(map_ids.len(), passthrough_user::kernel::MAPS.len());
 
-    let (ok, text) = passthrough(&["uninstall", "--state-dir", &state.path().display().to_string()]);
+    let (ok, text) = passthrough(&[
+        "uninstall",
+        "--state-dir",
+        &state.path().display().to_string(),
+    ]);
     assert!(ok, "{text}");
-    assert!(text.contains(&format!("removed 8 link(s) and {} map(s)", passthrough_user::kernel::MAPS.len())), "{text}");
+    assert!(
+        text.contains(&format!(
+            "removed 8 link(s) and {} map(s)",
+            passthrough_user::kernel::MAPS.len()
+        )),
+        "{text}"
+    );
     let gone = |kind: &str, id: &str| {
-        !Command::new("bpftool").args([kind, "show", "id", id]).output().map(|o| o.status.success()).unwrap_or(true)
+        !Command::new("bpftool")
+            .args([kind, "show", "id", id])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(true)
     };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     loop {
@@ -155,17 +241,32 @@ fn sigkill_keeps_enforcing_restart_adopts_and_uninstall_removes_everything() {
             .iter()
             .filter(|id| !gone("prog", id))
             .map(|id| format!("prog {id}"))
-            .chain(map_ids.iter().filter(|id| !gone("map", id)).map(|id| format!("map {id}")))
+            .chain(
+                map_ids
+                    .iter()
+                    .filter(|id| !gone("map", id))
+                    .map(|id| format!("map {id}")),
+            )
             .collect();
         if left.is_empty() {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "still in the kernel after uninstall: {left:?}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still in the kernel after uninstall: {left:?}"
+        );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     // The kernel releases an unpinned link from a work queue: give it a moment.
-    assert!(eventually_detached(cg.path()), "uninstall must detach everything: {:?}", attached_programs(cg.path()));
-    assert!(!state.path().exists(), "uninstall must remove the state dir");
+    assert!(
+        eventually_detached(cg.path()),
+        "uninstall must detach everything: {:?}",
+        attached_programs(cg.path())
+    );
+    assert!(
+        !state.path().exists(),
+        "uninstall must remove the state dir"
+    );
     // Nothing of ours is left in the kernel's view for this cgroup; traffic is unfiltered again.
     assert_allowed(&mut probe, &net, "198.51.100.9:80");
     let (ok, text) = passthrough(&["status", "--state-dir", &state.path().display().to_string()]);
@@ -182,7 +283,12 @@ fn restart_has_no_window_where_egress_is_open() {
     let net = TestNet::new().unwrap();
     let state = StateDirGuard::new().unwrap();
     let policy = write_policy(dir.path(), POLICY);
-    let builder = || Agent::builder().policy(&policy).cgroup(cg.path()).state_dir(state.path());
+    let builder = || {
+        Agent::builder()
+            .policy(&policy)
+            .cgroup(cg.path())
+            .state_dir(state.path())
+    };
     let mut first = builder().start().unwrap();
 
     // A workload hammers a denied destination while the agent is killed and replaced.
@@ -214,11 +320,22 @@ fn restart_has_no_window_where_egress_is_open() {
     stop.store(true, Ordering::Relaxed);
     hammer.join().unwrap();
     assert!(attempts.load(Ordering::Relaxed) > 20, "the hammer ran");
-    assert_eq!(leaks.load(Ordering::Relaxed), 0, "a denied connect succeeded during a restart");
+    assert_eq!(
+        leaks.load(Ordering::Relaxed),
+        0,
+        "a denied connect succeeded during a restart"
+    );
     // SIGTERM (no --keep-on-exit): detach and unpin.
     third.stop().unwrap();
-    assert!(eventually_detached(cg.path()), "SIGTERM must detach: {:?}", attached_programs(cg.path()));
-    assert!(!state.path().exists() || pins_under(state.path()) == 0, "clean shutdown leaves no pins");
+    assert!(
+        eventually_detached(cg.path()),
+        "SIGTERM must detach: {:?}",
+        attached_programs(cg.path())
+    );
+    assert!(
+        !state.path().exists() || pins_under(state.path()) == 0,
+        "clean shutdown leaves no pins"
+    );
 }
 
 #[test]
@@ -231,20 +348,38 @@ fn incompatible_pinned_state_is_replaced_not_reused() {
     let net = TestNet::new().unwrap();
     let state = StateDirGuard::new().unwrap();
     let policy = write_policy(dir.path(), POLICY);
-    let builder = || Agent::builder().policy(&policy).cgroup(cg.path()).state_dir(state.path());
+    let builder = || {
+        Agent::builder()
+            .policy(&policy)
+            .cgroup(cg.path())
+            .state_dir(state.path())
+    };
     let mut first = builder().start().unwrap();
     first.kill9();
     // Pretend the pins were left by an older layout: rename v1 → v0. Its programs stay
     // attached (and enforcing) until the new agent has attached its own.
-    let v1 = state.path().join(format!("v{}", passthrough_common::LAYOUT_VERSION));
+    let v1 = state
+        .path()
+        .join(format!("v{}", passthrough_common::LAYOUT_VERSION));
     let v0 = state.path().join("v0");
     std::fs::rename(&v1, &v0).unwrap();
     assert_eq!(attached_programs(cg.path()).expect("bpftool").len(), 8);
 
     let mut second = builder().start().unwrap();
-    assert!(!second.log().contains("adopted pinned state"), "another layout must not be adopted\n{}", second.describe());
-    assert!(!v0.exists(), "the old layout's pins are removed once the new programs are attached");
-    assert_eq!(attached_programs(cg.path()).expect("bpftool").len(), 8, "exactly one set of programs");
+    assert!(
+        !second.log().contains("adopted pinned state"),
+        "another layout must not be adopted\n{}",
+        second.describe()
+    );
+    assert!(
+        !v0.exists(),
+        "the old layout's pins are removed once the new programs are attached"
+    );
+    assert_eq!(
+        attached_programs(cg.path()).expect("bpftool").len(),
+        8,
+        "exactly one set of programs"
+    );
     let mut probe = Probe::spawn(&cg, &net).unwrap();
     assert_allowed(&mut probe, &net, "198.51.100.9:8080");
     assert_denied(&mut probe, &net, "198.51.100.9:80");
@@ -256,12 +391,27 @@ fn incompatible_pinned_state_is_replaced_not_reused() {
     let status = Command::new("bpftool")
         .args(["map", "create"])
         .arg(maps.join("WORKLOADS"))
-        .args(["type", "hash", "key", "4", "value", "4", "entries", "16", "name", "WORKLOADS"])
+        .args([
+            "type",
+            "hash",
+            "key",
+            "4",
+            "value",
+            "4",
+            "entries",
+            "16",
+            "name",
+            "WORKLOADS",
+        ])
         .status();
     if status.map(|s| s.success()).unwrap_or(false) {
         let mut third = builder().start().unwrap();
         assert!(third.log().contains("incompatible"), "{}", third.describe());
-        assert_eq!(attached_programs(cg.path()).expect("bpftool").len(), 8, "exactly one set of programs");
+        assert_eq!(
+            attached_programs(cg.path()).expect("bpftool").len(),
+            8,
+            "exactly one set of programs"
+        );
         assert_allowed(&mut probe, &net, "198.51.100.9:8080");
         assert_denied(&mut probe, &net, "198.51.100.9:80");
         third.stop().unwrap();
@@ -288,30 +438,58 @@ fn policy_file_edits_are_applied_atomically_without_a_signal() {
     // A valid edit: now 203.0.113.0/24 port 80 is allowed, 198.51.100.0/24 no longer.
     let seen = agent.applied_generations().len();
     let started = std::time::Instant::now();
-    passthrough_tests::write_file(policy, &POLICY.replace("198.51.100.0/24, port: 8080", "203.0.113.0/24, port: 80"));
+    passthrough_tests::write_file(
+        policy,
+        &POLICY.replace("198.51.100.0/24, port: 8080", "203.0.113.0/24, port: 80"),
+    );
     let generation = agent.wait_applied_after(seen).unwrap();
-    assert!(started.elapsed() < std::time::Duration::from_secs(1), "applied after {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(1),
+        "applied after {:?}",
+        started.elapsed()
+    );
     assert!(generation >= 2);
     assert_allowed(&mut probe, net, "203.0.113.9:80");
     assert_denied(&mut probe, net, "198.51.100.9:8080");
-    assert_eq!(probe.echo(&established, "kept").unwrap(), "kept", "an established connection survives the swap");
+    assert_eq!(
+        probe.echo(&established, "kept").unwrap(),
+        "kept",
+        "an established connection survives the swap"
+    );
 
     // An invalid edit: rejected whole, the previous policy keeps running, still ready.
     let seen = agent.applied_generations().len();
     let log_len = agent.log().len();
-    passthrough_tests::write_file(policy, &POLICY.replace("198.51.100.0/24", "198.51.100.0/33"));
+    passthrough_tests::write_file(
+        policy,
+        &POLICY.replace("198.51.100.0/24", "198.51.100.0/33"),
+    );
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     while !agent.log()[log_len..].contains("reload rejected") {
-        assert!(std::time::Instant::now() < deadline, "no rejection logged\n{}", agent.describe());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no rejection logged\n{}",
+            agent.describe()
+        );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     let rejection = agent.log()[log_len..].to_string();
-    assert!(rejection.contains(&policy.display().to_string()) && rejection.contains("provided CIDR has incorrect value"), "{rejection}");
-    assert_eq!(agent.applied_generations().len(), seen, "an invalid policy must not be applied");
+    assert!(
+        rejection.contains(&policy.display().to_string())
+            && rejection.contains("provided CIDR has incorrect value"),
+        "{rejection}"
+    );
+    assert_eq!(
+        agent.applied_generations().len(),
+        seen,
+        "an invalid policy must not be applied"
+    );
     assert_eq!(agent.get("/readyz").unwrap().0, 200);
     let (_, metrics) = agent.get("/metrics").unwrap();
     assert!(
-        metrics.lines().any(|l| l.starts_with("passthrough_policy_reloads_total{result=\"failure\"}") && !l.ends_with(" 0")),
+        metrics.lines().any(|l| l
+            .starts_with("passthrough_policy_reloads_total{result=\"failure\"}")
+            && !l.ends_with(" 0")),
         "{metrics}"
     );
     assert_allowed(&mut probe, net, "203.0.113.9:80");
@@ -343,7 +521,10 @@ fn a_policy_over_capacity_is_refused_and_the_previous_one_stays() {
     }
     passthrough_tests::write_file(policy, &big);
     let rejection = agent.reload_rejected().unwrap();
-    assert!(rejection.contains("RANGES_V4") && rejection.contains("capacity"), "{rejection}");
+    assert!(
+        rejection.contains("RANGES_V4") && rejection.contains("capacity"),
+        "{rejection}"
+    );
     assert_eq!(agent.get("/readyz").unwrap().0, 200);
     assert_allowed(&mut probe, net, "198.51.100.9:8080");
     assert_denied(&mut probe, net, "203.0.113.9:80");
@@ -380,7 +561,13 @@ fn workloads_file_entries_without_a_cgroup_are_skipped_until_it_exists() {
         .unselected_mode("All")
         .start()
         .unwrap();
-    assert!(agent.log().contains("workload cgroup does not exist; skipped"), "{}", agent.describe());
+    assert!(
+        agent
+            .log()
+            .contains("workload cgroup does not exist; skipped"),
+        "{}",
+        agent.describe()
+    );
     let mut p = Probe::spawn(&present, &net).unwrap();
     assert_denied(&mut p, &net, "198.51.100.9:80");
 
@@ -404,10 +591,18 @@ fn restart_without_the_raw_socket_backstop_detaches_it() {
     let cg = TestCgroup::new().unwrap();
     let state = StateDirGuard::new().unwrap();
     let policy = write_policy(dir.path(), POLICY);
-    let builder = || Agent::builder().policy(&policy).cgroup(cg.path()).state_dir(state.path());
+    let builder = || {
+        Agent::builder()
+            .policy(&policy)
+            .cgroup(cg.path())
+            .state_dir(state.path())
+    };
     let has_backstop = || {
         // bpftool: `<id> cgroup_inet_egress <flags> <name>`.
-        attached_programs(cg.path()).expect("bpftool").iter().any(|l| l.contains("egress"))
+        attached_programs(cg.path())
+            .expect("bpftool")
+            .iter()
+            .any(|l| l.contains("egress"))
     };
     let mut first = builder().start().unwrap();
     assert_eq!(attached_programs(cg.path()).expect("bpftool").len(), 8);
@@ -415,7 +610,11 @@ fn restart_without_the_raw_socket_backstop_detaches_it() {
     first.kill9();
     // The next agent is told to go without it: its pinned link from the first one goes too.
     let mut second = builder().arg("--no-raw-socket-backstop").start().unwrap();
-    assert!(second.log().contains("adopted pinned state"), "{}", second.describe());
+    assert!(
+        second.log().contains("adopted pinned state"),
+        "{}",
+        second.describe()
+    );
     let progs = attached_programs(cg.path()).expect("bpftool");
     assert_eq!(progs.len(), 7, "{progs:?}");
     assert!(!has_backstop(), "{progs:?}");

@@ -14,8 +14,7 @@ use std::{
 };
 
 use passthrough_tests::{
-    World,
-    Agent, Probe, assert_allowed, assert_denied, require_kernel, write_file,
+    Agent, Probe, World, assert_allowed, assert_denied, require_kernel, write_file,
 };
 use passthrough_user::metrics::parse_text;
 use serde_json::Value;
@@ -147,8 +146,16 @@ fn metrics_count_decisions_reloads_generation_and_map_usage() {
     );
     assert!(value(&before, "passthrough_map_capacity", &[("map", "rules_v4")]) > 0.0);
     // The IPv4 matches take range blocks, against the blocks of one generation's half.
-    let blocks = value(&before, "passthrough_map_entries", &[("map", "range_blocks_v4"), ("set", "active")]);
-    let half = value(&before, "passthrough_map_capacity", &[("map", "range_blocks_v4")]);
+    let blocks = value(
+        &before,
+        "passthrough_map_entries",
+        &[("map", "range_blocks_v4"), ("set", "active")],
+    );
+    let half = value(
+        &before,
+        "passthrough_map_capacity",
+        &[("map", "range_blocks_v4")],
+    );
     assert!(blocks >= 2.0 && blocks < half, "{blocks} of {half}");
 
     let mut p = Probe::spawn(&w.cg, &w.net).unwrap();

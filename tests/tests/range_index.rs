@@ -45,8 +45,17 @@ fn matches(rng: &mut Rng, n: usize) -> Matches {
             if r.is_multiple_of(3) {
                 addr = (addr & 0x003f_ffff) | 0x6440_0000;
             }
-            let net = Ipv4Net::new(Ipv4Addr::from(addr), len).expect("len <= 32").trunc();
-            (net, if (r >> 8).is_multiple_of(4) { Some(PORT_SPECIFIC) } else { None })
+            let net = Ipv4Net::new(Ipv4Addr::from(addr), len)
+                .expect("len <= 32")
+                .trunc();
+            (
+                net,
+                if (r >> 8).is_multiple_of(4) {
+                    Some(PORT_SPECIFIC)
+                } else {
+                    None
+                },
+            )
         })
         .collect()
 }
@@ -91,8 +100,15 @@ fn large_overlapping_rule_sets_are_enforced_at_every_edge_across_replaces() {
     for (round, size) in [50_000usize, 30_000, 5_000].into_iter().enumerate() {
         let current = matches(&mut rng, size);
         let conf = cidr_conf(current.iter().copied());
-        let p = plan::compile(k.next_generation(), &[(cg.id(), &conf)], &PlanOptions::default());
-        assert!(p.ranges_v4.tables.iter().any(|(_, t)| t.levels >= 3), "round {round}: a multi-level table");
+        let p = plan::compile(
+            k.next_generation(),
+            &[(cg.id(), &conf)],
+            &PlanOptions::default(),
+        );
+        assert!(
+            p.ranges_v4.tables.iter().any(|(_, t)| t.levels >= 3),
+            "round {round}: a multi-level table"
+        );
         k.apply(p).expect("apply");
         if round == 0 {
             k.attach(cg.path()).expect("attach");
@@ -114,16 +130,25 @@ fn large_overlapping_rule_sets_are_enforced_at_every_edge_across_replaces() {
                 };
                 let allowed = covered(&set, *addr, port);
                 if allowed {
-                    assert_ne!(errno, EPERM, "round {round}: {addr}:{port} is covered but was denied");
+                    assert_ne!(
+                        errno, EPERM,
+                        "round {round}: {addr}:{port} is covered but was denied"
+                    );
                 } else {
-                    assert_eq!(errno, EPERM, "round {round}: {addr}:{port} is not covered but was not denied");
+                    assert_eq!(
+                        errno, EPERM,
+                        "round {round}: {addr}:{port} is not covered but was not denied"
+                    );
                 }
                 checked[allowed as usize] += 1;
             }
         }
         drop(back);
         // Both outcomes were exercised in every round.
-        assert!(checked[0] > 100 && checked[1] > 100, "round {round}: denied/allowed probes {checked:?}");
+        assert!(
+            checked[0] > 100 && checked[1] > 100,
+            "round {round}: denied/allowed probes {checked:?}"
+        );
         earlier.push(current);
     }
     k.shutdown(false).expect("detach");

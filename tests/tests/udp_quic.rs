@@ -21,8 +21,7 @@ use std::{
 };
 
 use passthrough_tests::{
-    World,
-    Agent, AgentBuilder, EPERM, LOOPBACK_PORT, Probe, TestCgroup, assert_udp_allowed,
+    Agent, AgentBuilder, EPERM, LOOPBACK_PORT, Probe, TestCgroup, World, assert_udp_allowed,
     assert_udp_denied,
     hostnet::HostNet,
     l7::{Dns, Pki, Servers, Service},

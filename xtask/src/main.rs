@@ -2,7 +2,8 @@
 //!
 //! - `setup`: install toolchains, LLVM and bpf-linker (idempotent; `scripts/setup.sh`).
 //! - `build`: build the agent (the eBPF object is built by passthrough-user's build.rs).
-//! - `test`: every test, kernel tests included (root needed; under `CI=true` they never skip).
+//! - `test`: `cargo fmt --all --check`, then every test, kernel tests included (root needed;
+//!   under `CI=true` they never skip).
 //! - `bench`: benchmarks (`connect` = kernel-path connect() cost and compile+load time).
 //! - `demo`: the out-of-the-box demo (workload cgroup, netns test hosts, example policy).
 //! - `sweep`: remove test namespaces/cgroups left by a crashed run.
@@ -106,7 +107,11 @@ fn fuzz(seconds: u64, only: Option<&str>, sanitizer: &str) -> anyhow::Result<()>
         Some(t) => vec![t.to_string()],
         None => std::fs::read_dir(fuzz_dir.join("fuzz_targets"))?
             .filter_map(|e| e.ok())
-            .filter_map(|e| e.path().file_stem().map(|s| s.to_string_lossy().into_owned()))
+            .filter_map(|e| {
+                e.path()
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+            })
             .collect::<std::collections::BTreeSet<_>>()
             .into_iter()
             .collect(),
@@ -114,20 +119,34 @@ fn fuzz(seconds: u64, only: Option<&str>, sanitizer: &str) -> anyhow::Result<()>
     // `cargo +toolchain` goes through rustup's cargo, not the one running xtask.
     let nightly = || {
         let mut c = Command::new("cargo");
-        c.arg(format!("+{FUZZ_TOOLCHAIN}")).env("AYA_BUILD_SKIP", "1").env_remove("RUSTC").env_remove("CARGO");
+        c.arg(format!("+{FUZZ_TOOLCHAIN}"))
+            .env("AYA_BUILD_SKIP", "1")
+            .env_remove("RUSTC")
+            .env_remove("CARGO");
         c
     };
-    run(nightly().args(["fuzz", "build", "--sanitizer", sanitizer, "--fuzz-dir"]).arg(&fuzz_dir))?;
+    run(nightly()
+        .args(["fuzz", "build", "--sanitizer", sanitizer, "--fuzz-dir"])
+        .arg(&fuzz_dir))?;
     for t in &targets {
         let corpus = fuzz_dir.join("corpus").join(t);
         std::fs::create_dir_all(&corpus)?;
         let seeds = fuzz_dir.join("seeds").join(t);
         let mut c = nightly();
-        c.args(["fuzz", "run", "--sanitizer", sanitizer, "--fuzz-dir"]).arg(&fuzz_dir).arg(t).arg(&corpus);
+        c.args(["fuzz", "run", "--sanitizer", sanitizer, "--fuzz-dir"])
+            .arg(&fuzz_dir)
+            .arg(t)
+            .arg(&corpus);
         if seeds.is_dir() {
             c.arg(&seeds);
         }
-        c.args(["--", &format!("-max_total_time={seconds}"), "-rss_limit_mb=2048", "-timeout=10", "-print_final_stats=1"]);
+        c.args([
+            "--",
+            &format!("-max_total_time={seconds}"),
+            "-rss_limit_mb=2048",
+            "-timeout=10",
+            "-print_final_stats=1",
+        ]);
         run(&mut c).with_context(|| {
             format!("fuzz target {t} failed: the crashing input is in fuzz/artifacts/{t}/; add it as a regression test")
         })?;
@@ -136,12 +155,18 @@ fn fuzz(seconds: u64, only: Option<&str>, sanitizer: &str) -> anyhow::Result<()>
 }
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
 }
 
 fn run(cmd: &mut Command) -> anyhow::Result<()> {
     eprintln!("[xtask] {cmd:?}");
-    let status = cmd.current_dir(root()).status().with_context(|| format!("spawning {cmd:?}"))?;
+    let status = cmd
+        .current_dir(root())
+        .status()
+        .with_context(|| format!("spawning {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed: {status}");
     }
@@ -153,7 +178,9 @@ fn cargo() -> Command {
 }
 
 fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("target"))
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"))
 }
 
 fn sweep() -> anyhow::Result<()> {
@@ -161,7 +188,14 @@ fn sweep() -> anyhow::Result<()> {
     if bin.exists() {
         run(&mut Command::new(bin))?;
     } else {
-        run(cargo().args(["run", "--quiet", "-p", "passthrough-tests", "--bin", "pt-sweep"]))?;
+        run(cargo().args([
+            "run",
+            "--quiet",
+            "-p",
+            "passthrough-tests",
+            "--bin",
+            "pt-sweep",
+        ]))?;
     }
     Ok(())
 }
@@ -176,7 +210,10 @@ const COMPARE_PARTS: [(&str, &str, &str); 3] = [
 /// `bench --compare`: install the peers, run each comparison (a failing one does not stop the
 /// others), then render whatever was measured into BENCHMARKS.md and docs/bench/*.svg.
 fn compare(which: &str, quick: bool, rounds: Option<u32>, report_only: bool) -> anyhow::Result<()> {
-    let parts: Vec<_> = COMPARE_PARTS.iter().filter(|(n, ..)| which == "all" || which == *n).collect();
+    let parts: Vec<_> = COMPARE_PARTS
+        .iter()
+        .filter(|(n, ..)| which == "all" || which == *n)
+        .collect();
     if parts.is_empty() {
         bail!("unknown comparison {which:?}: one of l4, proxy, scale, all");
     }
@@ -185,7 +222,14 @@ fn compare(which: &str, quick: bool, rounds: Option<u32>, report_only: bool) -> 
     let mut result = Ok(());
     if !report_only {
         run(Command::new("bash").arg("scripts/setup-peers.sh"))?;
-        run(cargo().args(["build", "--release", "--workspace", "--exclude", "passthrough-ebpf", "--bins"]))?;
+        run(cargo().args([
+            "build",
+            "--release",
+            "--workspace",
+            "--exclude",
+            "passthrough-ebpf",
+            "--bins",
+        ]))?;
         for (name, bin, file) in &parts {
             let mut c = Command::new(target_dir().join("release").join(bin));
             c.arg("--out").arg(out_dir.join(file));
@@ -204,11 +248,17 @@ fn compare(which: &str, quick: bool, rounds: Option<u32>, report_only: bool) -> 
         }
     }
     // Render every part measured so far (not only the ones just run), so one part can be re-run.
-    let files: Vec<PathBuf> = COMPARE_PARTS.iter().map(|(_, _, f)| out_dir.join(f)).collect();
+    let files: Vec<PathBuf> = COMPARE_PARTS
+        .iter()
+        .map(|(_, _, f)| out_dir.join(f))
+        .collect();
     let samples = report::load(&files)?;
     let section = report::render(&samples, &root().join("docs/bench"), "docs/bench")?;
     report::splice(&root().join("BENCHMARKS.md"), &section)?;
-    eprintln!("[xtask] wrote BENCHMARKS.md (comparison section) and docs/bench/*.svg from {} measurements", samples.len());
+    eprintln!(
+        "[xtask] wrote BENCHMARKS.md (comparison section) and docs/bench/*.svg from {} measurements",
+        samples.len()
+    );
     result
 }
 
@@ -224,8 +274,16 @@ fn main() -> anyhow::Result<()> {
             run(&mut c)
         }
         Cmd::Test { args } => {
+            // Formatting first: cheap, and a failure names the files (`cargo fmt --all` fixes).
+            run(cargo().args(["fmt", "--all", "--check"]))?;
             // Binaries first: kernel tests spawn the real `passthrough` and the probe.
-            run(cargo().args(["build", "--workspace", "--exclude", "passthrough-ebpf", "--bins"]))?;
+            run(cargo().args([
+                "build",
+                "--workspace",
+                "--exclude",
+                "passthrough-ebpf",
+                "--bins",
+            ]))?;
             sweep()?;
             let bin = target_dir().join("debug").join("passthrough");
             let result = run(cargo()
@@ -236,11 +294,24 @@ fn main() -> anyhow::Result<()> {
             // Whatever happened, leave no namespaces or cgroups behind.
             let swept = sweep();
             // Then each fuzz target for a short bounded time (issue 6: CI fuzzes too).
-            let secs: u64 = std::env::var("PASSTHROUGH_FUZZ_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(10);
-            let fuzzed = if result.is_ok() && secs > 0 { fuzz(secs, None, "none") } else { Ok(()) };
+            let secs: u64 = std::env::var("PASSTHROUGH_FUZZ_SECONDS")
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(10);
+            let fuzzed = if result.is_ok() && secs > 0 {
+                fuzz(secs, None, "none")
+            } else {
+                Ok(())
+            };
             result.and(swept).and(fuzzed)
         }
-        Cmd::Bench { which, quick, compare: true, rounds, report_only } => compare(&which, quick, rounds, report_only),
+        Cmd::Bench {
+            which,
+            quick,
+            compare: true,
+            rounds,
+            report_only,
+        } => compare(&which, quick, rounds, report_only),
         Cmd::Bench { which, quick, .. } => {
             let all = which == "all";
             if !all && !["connect", "policy", "proxy"].contains(&which.as_str()) {
@@ -252,10 +323,25 @@ fn main() -> anyhow::Result<()> {
                 // prints medians and peak RSS). No kernel needed, but the eBPF object is built
                 // anyway (cached): skipping it would leave an agent without programs in
                 // target/release, which the kernel benches then run.
-                result = run(cargo().args(["bench", "-p", "passthrough-user", "--bench", "policy_pipeline", "--", "--figures"]));
+                result = run(cargo().args([
+                    "bench",
+                    "-p",
+                    "passthrough-user",
+                    "--bench",
+                    "policy_pipeline",
+                    "--",
+                    "--figures",
+                ]));
             }
             if result.is_ok() && (all || which == "connect") {
-                run(cargo().args(["build", "--release", "--workspace", "--exclude", "passthrough-ebpf", "--bins"]))?;
+                run(cargo().args([
+                    "build",
+                    "--release",
+                    "--workspace",
+                    "--exclude",
+                    "passthrough-ebpf",
+                    "--bins",
+                ]))?;
                 let mut c = Command::new(target_dir().join("release").join("pt-bench"));
                 c.arg("connect");
                 if quick {
@@ -268,7 +354,14 @@ fn main() -> anyhow::Result<()> {
             if result.is_ok() && (all || which == "proxy") {
                 // Proxy path vs direct: TLS keep-alive, new connection per request, bulk,
                 // HTTP/1.1, open-loop latency, memory per idle relayed connection.
-                run(cargo().args(["build", "--release", "--workspace", "--exclude", "passthrough-ebpf", "--bins"]))?;
+                run(cargo().args([
+                    "build",
+                    "--release",
+                    "--workspace",
+                    "--exclude",
+                    "passthrough-ebpf",
+                    "--bins",
+                ]))?;
                 let mut c = Command::new(target_dir().join("release").join("pt-bench-proxy"));
                 if quick {
                     c.arg("--quick");
@@ -280,13 +373,27 @@ fn main() -> anyhow::Result<()> {
             result
         }
         Cmd::Demo => {
-            run(cargo().args(["build", "--workspace", "--exclude", "passthrough-ebpf", "--bins"]))?;
-            let result = run(Command::new(target_dir().join("debug").join("pt-demo"))
-                .env("PASSTHROUGH_BIN", target_dir().join("debug").join("passthrough")));
+            run(cargo().args([
+                "build",
+                "--workspace",
+                "--exclude",
+                "passthrough-ebpf",
+                "--bins",
+            ]))?;
+            let result = run(
+                Command::new(target_dir().join("debug").join("pt-demo")).env(
+                    "PASSTHROUGH_BIN",
+                    target_dir().join("debug").join("passthrough"),
+                ),
+            );
             let swept = sweep();
             result.and(swept)
         }
         Cmd::Sweep => sweep(),
-        Cmd::Fuzz { seconds, target, sanitizer } => fuzz(seconds, target.as_deref(), &sanitizer),
+        Cmd::Fuzz {
+            seconds,
+            target,
+            sanitizer,
+        } => fuzz(seconds, target.as_deref(), &sanitizer),
     }
 }

@@ -48,8 +48,13 @@ pub fn load(paths: &[PathBuf]) -> anyhow::Result<Vec<Sample>> {
             }
             Err(e) => return Err(e).with_context(|| format!("reading {}", p.display())),
         };
-        for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-            let s: Sample = serde_json::from_str(line).with_context(|| format!("{}:{}: not a measurement", p.display(), i + 1))?;
+        for (i, line) in text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+        {
+            let s: Sample = serde_json::from_str(line)
+                .with_context(|| format!("{}:{}: not a measurement", p.display(), i + 1))?;
             out.push(s);
         }
     }
@@ -71,7 +76,11 @@ fn median(v: &mut [f64]) -> Option<f64> {
     }
     v.sort_by(f64::total_cmp);
     let n = v.len();
-    Some(if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 })
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    })
 }
 
 /// Median and spread of one (row, size, metric) cell.
@@ -105,12 +114,15 @@ fn table(samples: &[&Sample]) -> Table {
         }
     }
     // Baseline rows first, then by row name's first appearance, sizes ascending.
-    let order: Vec<String> = rows.iter().map(|(r, _)| r.clone()).fold(Vec::new(), |mut v, r| {
-        if !v.contains(&r) {
-            v.push(r);
-        }
-        v
-    });
+    let order: Vec<String> = rows
+        .iter()
+        .map(|(r, _)| r.clone())
+        .fold(Vec::new(), |mut v, r| {
+            if !v.contains(&r) {
+                v.push(r);
+            }
+            v
+        });
     rows.sort_by_key(|(r, s)| (!is_baseline(r), order.iter().position(|o| o == r), *s));
     // Baseline value of each (metric, round).
     let mut base: BTreeMap<(String, u32), f64> = BTreeMap::new();
@@ -120,7 +132,10 @@ fn table(samples: &[&Sample]) -> Table {
     let mut cells = BTreeMap::new();
     for k in &rows {
         for m in &metrics {
-            let mine: Vec<&&Sample> = samples.iter().filter(|s| s.row == k.0 && s.size == k.1 && &s.metric == m).collect();
+            let mine: Vec<&&Sample> = samples
+                .iter()
+                .filter(|s| s.row == k.0 && s.size == k.1 && &s.metric == m)
+                .collect();
             if mine.is_empty() {
                 continue;
             }
@@ -145,15 +160,34 @@ fn table(samples: &[&Sample]) -> Table {
                 (r, min, max)
             });
             let added = median(&mut added);
-            cells.insert((k.clone(), m.clone()), Cell { value, ratio, added, rounds });
+            cells.insert(
+                (k.clone(), m.clone()),
+                Cell {
+                    value,
+                    ratio,
+                    added,
+                    rounds,
+                },
+            );
         }
     }
-    Table { metrics, rows, cells }
+    Table {
+        metrics,
+        rows,
+        cells,
+    }
 }
 
 /// Whether a metric gets a plot (the tables keep every metric; plots only the telling ones).
 fn plotted(metric: &str) -> bool {
-    let table_only = ["conn_per_s", "retire_ms", "free_ms", "replace_compile_ms", "replace_p99_connect_us"].contains(&metric);
+    let table_only = [
+        "conn_per_s",
+        "retire_ms",
+        "free_ms",
+        "replace_compile_ms",
+        "replace_p99_connect_us",
+    ]
+    .contains(&metric);
     let kernel_p99 = metric.starts_with("p99") && metric.ends_with("_ns");
     !(table_only || kernel_p99)
 }
@@ -199,7 +233,8 @@ fn title(part: &str, id: &str) -> String {
 
 /// The markdown of every table, and the plots written to `plots_dir` (linked as `plots_rel/…`).
 pub fn render(samples: &[Sample], plots_dir: &Path, plots_rel: &str) -> anyhow::Result<String> {
-    std::fs::create_dir_all(plots_dir).with_context(|| format!("creating {}", plots_dir.display()))?;
+    std::fs::create_dir_all(plots_dir)
+        .with_context(|| format!("creating {}", plots_dir.display()))?;
     let mut md = String::new();
     let mut parts: Vec<&str> = Vec::new();
     for s in samples {
@@ -217,7 +252,10 @@ pub fn render(samples: &[Sample], plots_dir: &Path, plots_rel: &str) -> anyhow::
         // Tables without sizes are summarised across tables in one bar chart per metric.
         let mut unsized_tables: Vec<(&str, Table)> = Vec::new();
         for id in ids {
-            let rows: Vec<&Sample> = samples.iter().filter(|s| s.part == part && s.table == id).collect();
+            let rows: Vec<&Sample> = samples
+                .iter()
+                .filter(|s| s.part == part && s.table == id)
+                .collect();
             let t = table(&rows);
             writeln!(md, "\n#### {}\n", title(part, id))?;
             md_table(&mut md, &t)?;
@@ -258,7 +296,11 @@ fn md_table(md: &mut String, t: &Table) -> anyhow::Result<()> {
     let sized = t.rows.iter().any(|(_, s)| s.is_some());
     // A "vs baseline" column only for metrics the baseline has (a proxy's CPU has no direct
     // counterpart).
-    let base_has = |m: &String| t.rows.iter().any(|k| is_baseline(&k.0) && t.cells.contains_key(&(k.clone(), m.clone())));
+    let base_has = |m: &String| {
+        t.rows
+            .iter()
+            .any(|k| is_baseline(&k.0) && t.cells.contains_key(&(k.clone(), m.clone())))
+    };
     let mut head = String::from("| configuration |");
     let mut rule = String::from("|---|");
     if sized {
@@ -296,7 +338,10 @@ fn md_table(md: &mut String, t: &Table) -> anyhow::Result<()> {
                         match (c.ratio, c.added) {
                             (Some((r, lo, hi)), added) => {
                                 let add = match added {
-                                    Some(a) if !higher_is_better(m) && (m.contains("p50") || m.contains("p99")) => {
+                                    Some(a)
+                                        if !higher_is_better(m)
+                                            && (m.contains("p50") || m.contains("p99")) =>
+                                    {
                                         format!(", {}{}", if a >= 0.0 { "+" } else { "" }, num(a))
                                     }
                                     _ => String::new(),
@@ -328,7 +373,9 @@ fn line_plot(path: &Path, caption: &str, metric: &str, t: &Table) -> anyhow::Res
     let mut series: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
     let mut baseline: Option<f64> = None;
     for k in &t.rows {
-        let Some(c) = t.cells.get(&(k.clone(), metric.to_string())) else { continue };
+        let Some(c) = t.cells.get(&(k.clone(), metric.to_string())) else {
+            continue;
+        };
         if !(c.value.is_finite() && c.value > 0.0) {
             continue;
         }
@@ -346,13 +393,20 @@ fn line_plot(path: &Path, caption: &str, metric: &str, t: &Table) -> anyhow::Res
     }
     let xs = series.iter().flat_map(|(_, p)| p.iter().map(|(x, _)| *x));
     let (xmin, xmax) = xs.fold((f64::INFINITY, 0f64), |(a, b), x| (a.min(x), b.max(x)));
-    let ys = series.iter().flat_map(|(_, p)| p.iter().map(|(_, y)| *y)).chain(baseline);
+    let ys = series
+        .iter()
+        .flat_map(|(_, p)| p.iter().map(|(_, y)| *y))
+        .chain(baseline);
     let (ymin, ymax) = ys.fold((f64::INFINITY, 0f64), |(a, b), y| (a.min(y), b.max(y)));
     let (xmin, xmax) = (xmin / 1.5, (xmax * 1.5).max(xmin * 3.0));
     let root = SVGBackend::new(path, (860, 480)).into_drawing_area();
     root.fill(&WHITE).map_err(plot_err)?;
     let mut builder = ChartBuilder::on(&root);
-    builder.caption(caption, ("sans-serif", 18)).margin(12).x_label_area_size(40).y_label_area_size(70);
+    builder
+        .caption(caption, ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(70);
     // The same drawing for a linear or a logarithmic value axis (their coordinate types differ).
     macro_rules! draw {
         ($chart:expr, $ydesc:expr) => {{
@@ -367,7 +421,10 @@ fn line_plot(path: &Path, caption: &str, metric: &str, t: &Table) -> anyhow::Res
                 .map_err(plot_err)?;
             if let Some(b) = baseline {
                 chart
-                    .draw_series(LineSeries::new(vec![(xmin, b), (xmax, b)], BLACK.stroke_width(1)))
+                    .draw_series(LineSeries::new(
+                        vec![(xmin, b), (xmax, b)],
+                        BLACK.stroke_width(1),
+                    ))
                     .map_err(plot_err)?
                     .label("baseline")
                     .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK));
@@ -379,8 +436,12 @@ fn line_plot(path: &Path, caption: &str, metric: &str, t: &Table) -> anyhow::Res
                     .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
                     .map_err(plot_err)?
                     .label(name)
-                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
-                chart.draw_series(pts.into_iter().map(|p| Circle::new(p, 3, color.filled()))).map_err(plot_err)?;
+                    .legend(move |(x, y)| {
+                        PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+                    });
+                chart
+                    .draw_series(pts.into_iter().map(|p| Circle::new(p, 3, color.filled())))
+                    .map_err(plot_err)?;
             }
             chart
                 .configure_series_labels()
@@ -395,11 +456,16 @@ fn line_plot(path: &Path, caption: &str, metric: &str, t: &Table) -> anyhow::Res
     // axis at powers of ten, so a narrow log axis would have no labels).
     if ymax / ymin > 30.0 {
         let chart = builder
-            .build_cartesian_2d((xmin..xmax).log_scale(), (ymin / 1.5..ymax * 1.5).log_scale())
+            .build_cartesian_2d(
+                (xmin..xmax).log_scale(),
+                (ymin / 1.5..ymax * 1.5).log_scale(),
+            )
             .map_err(plot_err)?;
         draw!(chart, format!("{metric} (log)"));
     } else {
-        let chart = builder.build_cartesian_2d((xmin..xmax).log_scale(), 0f64..ymax * 1.15).map_err(plot_err)?;
+        let chart = builder
+            .build_cartesian_2d((xmin..xmax).log_scale(), 0f64..ymax * 1.15)
+            .map_err(plot_err)?;
         draw!(chart, metric.to_string());
     }
     root.present().map_err(plot_err)?;
@@ -408,7 +474,12 @@ fn line_plot(path: &Path, caption: &str, metric: &str, t: &Table) -> anyhow::Res
 
 /// One bar per (table, configuration) of `metric`: the median ratio to the baseline where the
 /// table has one (1.0 = as fast as direct), else the median value.
-fn bar_plot(path: &Path, part: &str, metric: &str, tables: &[(&str, Table)]) -> anyhow::Result<bool> {
+fn bar_plot(
+    path: &Path,
+    part: &str,
+    metric: &str,
+    tables: &[(&str, Table)],
+) -> anyhow::Result<bool> {
     let mut rows: Vec<String> = Vec::new();
     let mut groups: Vec<(&str, Vec<(String, f64)>)> = Vec::new();
     let mut as_ratio = false;
@@ -419,7 +490,9 @@ fn bar_plot(path: &Path, part: &str, metric: &str, tables: &[(&str, Table)]) -> 
         }
         let mut bars = Vec::new();
         for k in &t.rows {
-            let Some(c) = t.cells.get(&(k.clone(), metric.to_string())) else { continue };
+            let Some(c) = t.cells.get(&(k.clone(), metric.to_string())) else {
+                continue;
+            };
             let v = match c.ratio {
                 Some((r, _, _)) => {
                     as_ratio = true;
@@ -441,12 +514,20 @@ fn bar_plot(path: &Path, part: &str, metric: &str, tables: &[(&str, Table)]) -> 
         return Ok(false);
     }
     // Head room for the legend.
-    let ymax = groups.iter().flat_map(|(_, b)| b.iter().map(|(_, v)| *v)).fold(0f64, f64::max) * 1.35;
+    let ymax = groups
+        .iter()
+        .flat_map(|(_, b)| b.iter().map(|(_, v)| *v))
+        .fold(0f64, f64::max)
+        * 1.35;
     let n = groups.len();
     let names: Vec<String> = groups.iter().map(|(id, _)| id.to_string()).collect();
     let root = SVGBackend::new(path, (960, 500)).into_drawing_area();
     root.fill(&WHITE).map_err(plot_err)?;
-    let caption = if as_ratio { format!("{part}: {metric}, ratio to direct (1.0 = direct)") } else { format!("{part}: {metric}") };
+    let caption = if as_ratio {
+        format!("{part}: {metric}, ratio to direct (1.0 = direct)")
+    } else {
+        format!("{part}: {metric}")
+    };
     let mut chart = ChartBuilder::on(&root)
         .caption(caption, ("sans-serif", 18))
         .margin(12)
@@ -460,7 +541,11 @@ fn bar_plot(path: &Path, part: &str, metric: &str, tables: &[(&str, Table)]) -> 
         .x_labels(n)
         .x_label_formatter(&|x| {
             let i = x.round();
-            if (x - i).abs() < 0.01 && i >= 0.0 { names.get(i as usize).cloned().unwrap_or_default() } else { String::new() }
+            if (x - i).abs() < 0.01 && i >= 0.0 {
+                names.get(i as usize).cloned().unwrap_or_default()
+            } else {
+                String::new()
+            }
         })
         .y_desc(if as_ratio { "ratio to direct" } else { metric })
         .draw()
@@ -507,7 +592,11 @@ pub fn splice(file: &Path, section: &str) -> anyhow::Result<()> {
     let begin_at = text.find("<!-- compare:begin");
     let end_at = text.find(END);
     let new = match (begin_at, end_at) {
-        (Some(b), Some(e)) if e > b => format!("{}{BEGIN}\n{section}\n{END}{}", &text[..b], &text[e + END.len()..]),
+        (Some(b), Some(e)) if e > b => format!(
+            "{}{BEGIN}\n{section}\n{END}{}",
+            &text[..b],
+            &text[e + END.len()..]
+        ),
         _ => format!("{text}\n{BEGIN}\n{section}\n{END}\n"),
     };
     std::fs::write(file, new).with_context(|| format!("writing {}", file.display()))
@@ -517,8 +606,23 @@ pub fn splice(file: &Path, section: &str) -> anyhow::Result<()> {
 mod tests {
     use super::*;
 
-    fn s(table: &str, row: &str, size: Option<u64>, round: u32, metric: &str, value: f64) -> Sample {
-        Sample { part: "l4".into(), table: table.into(), row: row.into(), size, round, metric: metric.into(), value }
+    fn s(
+        table: &str,
+        row: &str,
+        size: Option<u64>,
+        round: u32,
+        metric: &str,
+        value: f64,
+    ) -> Sample {
+        Sample {
+            part: "l4".into(),
+            table: table.into(),
+            row: row.into(),
+            size,
+            round,
+            metric: metric.into(),
+            value,
+        }
     }
 
     #[test]
@@ -536,7 +640,10 @@ mod tests {
         let c = t.cells[&(("ours".to_string(), Some(10)), "p50_ns".to_string())];
         assert_eq!(c.value, 150.0);
         let (r, lo, hi) = c.ratio.unwrap();
-        assert!((r - 1.2).abs() < 1e-9 && (lo - 1.1).abs() < 1e-9 && (hi - 1.5).abs() < 1e-9, "{r} {lo} {hi}");
+        assert!(
+            (r - 1.2).abs() < 1e-9 && (lo - 1.1).abs() < 1e-9 && (hi - 1.5).abs() < 1e-9,
+            "{r} {lo} {hi}"
+        );
         assert_eq!(c.added, Some(40.0));
         assert_eq!(t.rows[0].0, "none");
     }
@@ -550,7 +657,10 @@ mod tests {
         splice(&f, "one").unwrap();
         splice(&f, "two").unwrap();
         let t = std::fs::read_to_string(&f).unwrap();
-        assert!(t.starts_with("# B\nkeep\n") && t.contains("\ntwo\n") && !t.contains("one"), "{t}");
+        assert!(
+            t.starts_with("# B\nkeep\n") && t.contains("\ntwo\n") && !t.contains("one"),
+            "{t}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -55,7 +55,12 @@ impl<'a> Node<'a> {
             Node::Int(n) => Value::Number((*n).into()),
             Node::Str(s) => Value::String((*s).to_string()),
             Node::Seq(items) => Value::Array(items.iter().map(Node::to_json).collect()),
-            Node::Map(pairs) => Value::Object(pairs.iter().map(|(k, v)| ((*k).to_string(), v.to_json())).collect()),
+            Node::Map(pairs) => Value::Object(
+                pairs
+                    .iter()
+                    .map(|(k, v)| ((*k).to_string(), v.to_json()))
+                    .collect(),
+            ),
         }
     }
 }
@@ -97,7 +102,9 @@ impl<'de> Deserializer<'de> for NodeDe<'de> {
             }
             Node::Map(pairs) => {
                 let mut map = MapDeserializer::new(
-                    pairs.iter().map(|(k, v)| (BorrowedStrDeserializer::<DeError>::new(k), NodeDe(v))),
+                    pairs
+                        .iter()
+                        .map(|(k, v)| (BorrowedStrDeserializer::<DeError>::new(k), NodeDe(v))),
                 );
                 let v = visitor.visit_map(&mut map)?;
                 map.end()?;
@@ -381,7 +388,9 @@ fn plain(s: &str) -> Option<Node<'_>> {
     {
         return None;
     }
-    const NOT_STRINGS: [&str; 12] = ["null", "true", "false", "yes", "no", "on", "off", "y", "n", "inf", "nan", "infinity"];
+    const NOT_STRINGS: [&str; 12] = [
+        "null", "true", "false", "yes", "no", "on", "off", "y", "n", "inf", "nan", "infinity",
+    ];
     if s.len() <= 8 && NOT_STRINGS.iter().any(|w| s.eq_ignore_ascii_case(w)) {
         return None;
     }

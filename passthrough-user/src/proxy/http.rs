@@ -160,7 +160,11 @@ pub(crate) struct Allowed {
 
 impl Allowed {
     /// `authority` was allowed to `target` under `policy` (loaded before judging).
-    pub(crate) fn new(policy: Arc<super::ProxyPolicy>, authority: &str, target: SocketAddr) -> Self {
+    pub(crate) fn new(
+        policy: Arc<super::ProxyPolicy>,
+        authority: &str,
+        target: SocketAddr,
+    ) -> Self {
         Allowed {
             policy,
             authority: authority.to_string(),
@@ -308,12 +312,12 @@ async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body> {
     match forward(&ctx, req, &auth, target).await {
         Ok(resp) => resp,
         Err(why) => {
-            ctx.proxy.upstream_request_failed(&ctx.conn, target, &auth, &why);
+            ctx.proxy
+                .upstream_request_failed(&ctx.conn, target, &auth, &why);
             unavailable(&ctx, grpc, &auth, &why)
         }
     }
 }
-
 
 fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
     let named: Vec<HeaderName> = headers

@@ -259,7 +259,13 @@ impl Proxy {
     }
 
     /// Logs an upstream that failed mid-request (HTTP): the request's host and the error.
-    pub(crate) fn upstream_request_failed(&self, ctx: &ConnInfo, target: SocketAddr, host: &str, e: &dyn Display) {
+    pub(crate) fn upstream_request_failed(
+        &self,
+        ctx: &ConnInfo,
+        target: SocketAddr,
+        host: &str,
+        e: &dyn Display,
+    ) {
         warn!(
             target: "passthrough::proxy",
             workload = %self.metrics().workload_name(ctx.rec.workload),
@@ -617,11 +623,25 @@ mod tests {
         let c = TcpStream::connect(a).await.unwrap();
         let policy = ProxyPolicy {
             workloads: HashMap::new(),
-            unmatched: MergedConf { mode: crate::policy::Mode::All, matches: vec![], policies: vec![] },
+            unmatched: MergedConf {
+                mode: crate::policy::Mode::All,
+                matches: vec![],
+                policies: vec![],
+            },
             decide: DecideOptions::default(),
         };
-        let cfg = ProxyConfig { domain_destination: DomainDestination::Original, ..Default::default() };
-        let p = Arc::new(Proxy::new(Arc::new(NoOrig), Arc::new(ArcSwap::from_pointee(policy)), cfg).unwrap());
+        let cfg = ProxyConfig {
+            domain_destination: DomainDestination::Original,
+            ..Default::default()
+        };
+        let p = Arc::new(
+            Proxy::new(
+                Arc::new(NoOrig),
+                Arc::new(ArcSwap::from_pointee(policy)),
+                cfg,
+            )
+            .unwrap(),
+        );
         let f = p.clone().handle(c, a, a);
         assert!(size(&f) <= 4096, "{} bytes", size(&f));
     }

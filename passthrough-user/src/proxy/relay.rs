@@ -21,8 +21,8 @@ use std::{
 use socket2::{Domain, Protocol, Socket, Type};
 use thiserror::Error;
 use tokio::{
-    io::Interest,
     io::AsyncWriteExt,
+    io::Interest,
     net::{TcpSocket, TcpStream},
 };
 
@@ -59,8 +59,12 @@ pub async fn connect(
     timeout: Duration,
 ) -> Result<TcpStream, ConnectError> {
     // Non-blocking from the start (SOCK_NONBLOCK): two fcntl calls fewer per connection.
-    let sock = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking(), Some(Protocol::TCP))
-        .map_err(ConnectError::Socket)?;
+    let sock = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking(),
+        Some(Protocol::TCP),
+    )
+    .map_err(ConnectError::Socket)?;
     if mark != 0 {
         sock.set_mark(mark).map_err(ConnectError::Socket)?;
     }
@@ -253,7 +257,11 @@ async fn one_way(src: &TcpStream, dst: &TcpStream) -> io::Result<u64> {
             let c = copy_step(src.as_raw_fd(), dst.as_raw_fd())?;
             let drained = matches!(c, Copied::Done(n) | Copied::Partial(n, _) if n < COPY_CHUNK);
             done = Some(c);
-            if drained { Err(io::ErrorKind::WouldBlock.into()) } else { Ok(()) }
+            if drained {
+                Err(io::ErrorKind::WouldBlock.into())
+            } else {
+                Ok(())
+            }
         });
         let step = match (step, done) {
             (_, Some(c)) => Ok(c),
@@ -334,7 +342,9 @@ mod tests {
 
     /// Deterministic bytes that differ at every offset of a few MiB (catches reordering).
     fn pattern(len: usize, seed: u8) -> Vec<u8> {
-        (0..len).map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[i % 4] ^ seed).collect()
+        (0..len)
+            .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[i % 4] ^ seed)
+            .collect()
     }
 
     /// `(client app, relay's client side)` and `(relay's upstream side, server app)`.
@@ -353,7 +363,8 @@ mod tests {
     #[tokio::test]
     async fn small_exchanges_then_bulk_both_ways_arrive_intact() {
         let ((mut app, mut client), (mut upstream, mut server)) = sockets().await;
-        let relay = tokio::spawn(async move { relay(&mut client, b"hello".to_vec(), &mut upstream).await });
+        let relay =
+            tokio::spawn(async move { relay(&mut client, b"hello".to_vec(), &mut upstream).await });
         let mut buf = [0u8; 5];
         server.read_exact(&mut buf).await.unwrap();
         assert_eq!(&buf, b"hello");
@@ -390,9 +401,21 @@ mod tests {
         });
         w1.await.unwrap();
         w2.await.unwrap();
-        assert!(r1.await.unwrap() == up_bytes, "client → upstream bytes differ");
-        assert!(r2.await.unwrap() == down_bytes, "upstream → client bytes differ");
+        assert!(
+            r1.await.unwrap() == up_bytes,
+            "client → upstream bytes differ"
+        );
+        assert!(
+            r2.await.unwrap() == down_bytes,
+            "upstream → client bytes differ"
+        );
         let relayed = relay.await.unwrap().unwrap();
-        assert_eq!(relayed, Relayed { up: 5 + 800 + (3 << 20), down: 800 + (5 << 20) });
+        assert_eq!(
+            relayed,
+            Relayed {
+                up: 5 + 800 + (3 << 20),
+                down: 800 + (5 << 20)
+            }
+        );
     }
 }

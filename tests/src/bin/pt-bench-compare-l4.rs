@@ -57,7 +57,9 @@ use anyhow::{Context as _, bail};
 use ipnet::Ipv4Net;
 use passthrough_tests::{
     TestCgroup,
-    bench::{BenchNs, JsonOut, MoveBack, Rng, cidr_conf, connect_once, median, pin_to_cpu, thread_cpu_ns},
+    bench::{
+        BenchNs, JsonOut, MoveBack, Rng, cidr_conf, connect_once, median, pin_to_cpu, thread_cpu_ns,
+    },
     unique_suffix,
 };
 use passthrough_user::{
@@ -87,7 +89,14 @@ enum Mode {
 }
 
 impl Mode {
-    const FILTERS: [Mode; 6] = [Mode::Ours, Mode::NftSet, Mode::NftSetCt, Mode::NftLinear, Mode::IptLinear, Mode::Ipset];
+    const FILTERS: [Mode; 6] = [
+        Mode::Ours,
+        Mode::NftSet,
+        Mode::NftSetCt,
+        Mode::NftLinear,
+        Mode::IptLinear,
+        Mode::Ipset,
+    ];
 
     fn name(self) -> &'static str {
         match self {
@@ -118,7 +127,13 @@ struct Args {
 
 impl Args {
     fn parse() -> anyhow::Result<Self> {
-        let mut args = Args { quick: false, rounds: 3, out: PathBuf::from("target/bench/compare-l4.jsonl"), sizes: FULL_SIZES.to_vec(), modes: Mode::FILTERS.to_vec() };
+        let mut args = Args {
+            quick: false,
+            rounds: 3,
+            out: PathBuf::from("target/bench/compare-l4.jsonl"),
+            sizes: FULL_SIZES.to_vec(),
+            modes: Mode::FILTERS.to_vec(),
+        };
         let mut rounds_set = false;
         let mut sizes_set = false;
         let mut it = std::env::args().skip(1);
@@ -126,7 +141,11 @@ impl Args {
             match a.as_str() {
                 "--quick" => args.quick = true,
                 "--rounds" => {
-                    args.rounds = it.next().context("--rounds N")?.parse().context("--rounds N")?;
+                    args.rounds = it
+                        .next()
+                        .context("--rounds N")?
+                        .parse()
+                        .context("--rounds N")?;
                     rounds_set = true;
                 }
                 "--out" => args.out = PathBuf::from(it.next().context("--out PATH")?),
@@ -144,10 +163,17 @@ impl Args {
                     let list = it.next().context("--modes a,b")?;
                     args.modes = list
                         .split(',')
-                        .map(|name| Mode::FILTERS.into_iter().find(|m| m.name() == name.trim()).with_context(|| format!("unknown mode {name:?}")))
+                        .map(|name| {
+                            Mode::FILTERS
+                                .into_iter()
+                                .find(|m| m.name() == name.trim())
+                                .with_context(|| format!("unknown mode {name:?}"))
+                        })
                         .collect::<anyhow::Result<_>>()?;
                 }
-                other => bail!("unknown argument {other:?}; flags: --quick, --rounds N, --out PATH, --sizes a,b,c, --modes a,b"),
+                other => bail!(
+                    "unknown argument {other:?}; flags: --quick, --rounds N, --out PATH, --sizes a,b,c, --modes a,b"
+                ),
             }
         }
         if args.quick {
@@ -188,8 +214,23 @@ impl Output {
         Ok(Output(JsonOut::create("l4", path)?))
     }
 
-    fn record(&mut self, table: &str, mode: Mode, size: Option<usize>, round: usize, metric: &str, value: f64) -> anyhow::Result<()> {
-        self.0.record(table, mode.name(), size.map(|s| s as u64), round, metric, value)
+    fn record(
+        &mut self,
+        table: &str,
+        mode: Mode,
+        size: Option<usize>,
+        round: usize,
+        metric: &str,
+        value: f64,
+    ) -> anyhow::Result<()> {
+        self.0.record(
+            table,
+            mode.name(),
+            size.map(|s| s as u64),
+            round,
+            metric,
+            value,
+        )
     }
 }
 
@@ -230,7 +271,11 @@ fn prefixes(n: usize, seed: u64, keep: &[Ipv4Net]) -> Vec<Ipv4Net> {
 /// A host inside `net` (not its network address when there is room).
 fn host_in(net: Ipv4Net) -> SocketAddr {
     let base = u32::from(net.addr());
-    let ip = if net.prefix_len() < 32 { base + 1 } else { base };
+    let ip = if net.prefix_len() < 32 {
+        base + 1
+    } else {
+        base
+    };
     SocketAddr::from((Ipv4Addr::from(ip), PORT))
 }
 
@@ -254,10 +299,18 @@ impl Workload {
             let mut idx: Vec<usize> = (0..n - 1).collect();
             rng.shuffle(&mut idx);
             idx.truncate(MAX_ROTATING - 1);
-            idx.into_iter().map(|i| nets[i]).chain(std::iter::once(last)).collect()
+            idx.into_iter()
+                .map(|i| nets[i])
+                .chain(std::iter::once(last))
+                .collect()
         };
         rng.shuffle(&mut dest_nets);
-        Workload { fixed: host_in(last), rotating: dest_nets.iter().map(|n| host_in(*n)).collect(), nets, dest_nets }
+        Workload {
+            fixed: host_in(last),
+            rotating: dest_nets.iter().map(|n| host_in(*n)).collect(),
+            nets,
+            dest_nets,
+        }
     }
 
     /// A different set of the same size that still allows every destination.
@@ -307,11 +360,20 @@ fn run_batch(dsts: &[SocketAddr], count: usize, expect_allowed: bool) -> anyhow:
     let wall = t.elapsed().as_secs_f64();
     let cpu = thread_cpu_ns() - cpu0;
     ns.sort_unstable();
-    Ok(Batch { sorted_ns: ns, conn_per_s: count as f64 / wall, cpu_ns_per_connect: cpu as f64 / count as f64, unexpected, first_errno })
+    Ok(Batch {
+        sorted_ns: ns,
+        conn_per_s: count as f64 / wall,
+        cpu_ns_per_connect: cpu as f64 / count as f64,
+        unexpected,
+        first_errno,
+    })
 }
 
 /// Connect latencies seen by a second thread while `f` runs (the replace-stall probe).
-fn connecting_during<T>(dst: SocketAddr, f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<(T, Vec<u64>)> {
+fn connecting_during<T>(
+    dst: SocketAddr,
+    f: impl FnOnce() -> anyhow::Result<T>,
+) -> anyhow::Result<(T, Vec<u64>)> {
     let stop = Arc::new(AtomicBool::new(false));
     let started = Arc::new(AtomicBool::new(false));
     let prober = {
@@ -336,7 +398,9 @@ fn connecting_during<T>(dst: SocketAddr, f: impl FnOnce() -> anyhow::Result<T>) 
     started.store(true, Ordering::Relaxed);
     let r = f();
     stop.store(true, Ordering::Relaxed);
-    let lat = prober.join().map_err(|_| anyhow::anyhow!("probe thread panicked"))?;
+    let lat = prober
+        .join()
+        .map_err(|_| anyhow::anyhow!("probe thread panicked"))?;
     pin_to_cpu(1)?;
     let mut lat = lat?;
     lat.sort_unstable();
@@ -380,7 +444,11 @@ impl Bench {
 
     fn ours_plan(&self, k: &Kernel, nets: &[Ipv4Net]) -> plan::KernelPlan {
         let conf = cidr_conf(nets.iter().map(|n| (*n, None)));
-        plan::compile(k.next_generation(), &[(self.cg.id(), &conf)], &PlanOptions::default())
+        plan::compile(
+            k.next_generation(),
+            &[(self.cg.id(), &conf)],
+            &PlanOptions::default(),
+        )
     }
 
     fn nft_set_text(&self, table: &str, nets: &[Ipv4Net], replace: bool) -> String {
@@ -427,13 +495,18 @@ impl Bench {
         for n in nets {
             s.push_str(&format!("-A OUTPUT -d {n} -j ACCEPT\n"));
         }
-        s.push_str("-A OUTPUT -p tcp ! --tcp-flags RST RST -j REJECT --reject-with tcp-reset\nCOMMIT\n");
+        s.push_str(
+            "-A OUTPUT -p tcp ! --tcp-flags RST RST -j REJECT --reject-with tcp-reset\nCOMMIT\n",
+        );
         s
     }
 
     fn ipset_text(&self, set: &str, nets: &[Ipv4Net]) -> String {
         let mut s = String::with_capacity(nets.len() * 30 + 128);
-        s.push_str(&format!("create {set} hash:net family inet hashsize 65536 maxelem {}\n", (nets.len() * 2).max(65_536)));
+        s.push_str(&format!(
+            "create {set} hash:net family inet hashsize 65536 maxelem {}\n",
+            (nets.len() * 2).max(65_536)
+        ));
         for n in nets {
             s.push_str(&format!("add {set} {n}\n"));
         }
@@ -454,13 +527,31 @@ impl Bench {
             }
             Mode::NftSet | Mode::NftSetCt | Mode::NftLinear => {
                 let table = format!("ptb_{}", self.name);
-                let text = if mode == Mode::NftLinear { self.nft_linear_text(&table, nets, false) } else { self.nft_set_text(&table, nets, false) };
+                let text = if mode == Mode::NftLinear {
+                    self.nft_linear_text(&table, nets, false)
+                } else {
+                    self.nft_set_text(&table, nets, false)
+                };
                 let f = self.file("load.nft", &text)?;
                 let t = Instant::now();
                 self.ns.exec("nft", &["-f", &f.to_string_lossy()], None)?;
                 let took = t.elapsed();
                 if mode == Mode::NftSetCt {
-                    self.ns.exec("nft", &["insert", "rule", "ip", &table, "out", "ct", "state", "established,related", "accept"], None)?;
+                    self.ns.exec(
+                        "nft",
+                        &[
+                            "insert",
+                            "rule",
+                            "ip",
+                            &table,
+                            "out",
+                            "ct",
+                            "state",
+                            "established,related",
+                            "accept",
+                        ],
+                        None,
+                    )?;
                 }
                 Ok((Loaded::Nft(table), took))
             }
@@ -477,7 +568,28 @@ impl Bench {
                 self.ns.exec("ipset", &["restore"], Some(&f))?;
                 self.ns.exec(
                     "iptables-legacy",
-                    &["-A", "OUTPUT", "-p", "tcp", "-m", "set", "!", "--match-set", &set, "dst", "-m", "tcp", "!", "--tcp-flags", "RST", "RST", "-j", "REJECT", "--reject-with", "tcp-reset"],
+                    &[
+                        "-A",
+                        "OUTPUT",
+                        "-p",
+                        "tcp",
+                        "-m",
+                        "set",
+                        "!",
+                        "--match-set",
+                        &set,
+                        "dst",
+                        "-m",
+                        "tcp",
+                        "!",
+                        "--tcp-flags",
+                        "RST",
+                        "RST",
+                        "-j",
+                        "REJECT",
+                        "--reject-with",
+                        "tcp-reset",
+                    ],
                     None,
                 )?;
                 Ok((Loaded::Ipset(set), t.elapsed()))
@@ -487,7 +599,12 @@ impl Bench {
     }
 
     /// Replaces the whole set atomically (ours: then deletes the retired generation).
-    fn replace(&self, mode: Mode, loaded: &mut Loaded, nets: &[Ipv4Net]) -> anyhow::Result<Replaced> {
+    fn replace(
+        &self,
+        mode: Mode,
+        loaded: &mut Loaded,
+        nets: &[Ipv4Net],
+    ) -> anyhow::Result<Replaced> {
         // Scratch files are written before the clock starts: only the tool's run is timed.
         let (cmd, args, stdin): (&str, Vec<String>, Option<PathBuf>) = match loaded {
             Loaded::Ours(k) => {
@@ -498,38 +615,70 @@ impl Bench {
                 let enforced = t.elapsed();
                 let t = Instant::now();
                 k.retire();
-                return Ok(Replaced { enforced, compiled: Some(compiled), retired: Some(t.elapsed()) });
+                return Ok(Replaced {
+                    enforced,
+                    compiled: Some(compiled),
+                    retired: Some(t.elapsed()),
+                });
             }
             Loaded::Nft(table) => {
-                let text = if mode == Mode::NftLinear { self.nft_linear_text(table, nets, true) } else { self.nft_set_text(table, nets, true) };
+                let text = if mode == Mode::NftLinear {
+                    self.nft_linear_text(table, nets, true)
+                } else {
+                    self.nft_set_text(table, nets, true)
+                };
                 let f = self.file("replace.nft", &text)?;
-                ("nft", vec!["-f".into(), f.to_string_lossy().into_owned()], None)
+                (
+                    "nft",
+                    vec!["-f".into(), f.to_string_lossy().into_owned()],
+                    None,
+                )
             }
-            Loaded::Iptables => ("iptables-legacy-restore", vec![], Some(self.file("replace.ipt", &self.ipt_text(nets))?)),
+            Loaded::Iptables => (
+                "iptables-legacy-restore",
+                vec![],
+                Some(self.file("replace.ipt", &self.ipt_text(nets))?),
+            ),
             Loaded::Ipset(set) => {
                 let next = format!("{set}_n");
                 let mut text = self.ipset_text(&next, nets);
                 text.push_str(&format!("swap {set} {next}\ndestroy {next}\n"));
-                ("ipset", vec!["restore".into()], Some(self.file("replace.ipset", &text)?))
+                (
+                    "ipset",
+                    vec!["restore".into()],
+                    Some(self.file("replace.ipset", &text)?),
+                )
             }
         };
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let t = Instant::now();
         self.ns.exec(cmd, &args, stdin.as_deref())?;
-        Ok(Replaced { enforced: t.elapsed(), compiled: None, retired: None })
+        Ok(Replaced {
+            enforced: t.elapsed(),
+            compiled: None,
+            retired: None,
+        })
     }
 
     /// Removes the filter; for ours, returns how long the kernel took to free the tries.
     fn unload(&self, loaded: Loaded) -> anyhow::Result<Option<Duration>> {
         match loaded {
             Loaded::Ours(k) => {
-                let ids: Vec<u32> = k.rule_maps_memory().iter().map(|m| m.id).filter(|id| *id != 0).collect();
+                let ids: Vec<u32> = k
+                    .rule_maps_memory()
+                    .iter()
+                    .map(|m| m.id)
+                    .filter(|id| *id != 0)
+                    .collect();
                 let t = Instant::now();
                 k.shutdown(false)?;
                 // Map teardown runs in a kernel work queue after the last reference is gone:
                 // wait for it, so the next measurement does not share the CPU with it.
                 let deadline = Instant::now() + Duration::from_secs(120);
-                while ids.iter().any(|id| aya::maps::MapInfo::from_id(*id).is_ok()) {
+                while ids
+                    .iter()
+                    .any(|id| aya::maps::MapInfo::from_id(*id).is_ok())
+                {
                     if Instant::now() > deadline {
                         bail!("rule maps {ids:?} still not freed after 120 s");
                     }
@@ -538,7 +687,8 @@ impl Bench {
                 Ok(Some(t.elapsed()))
             }
             Loaded::Nft(table) => {
-                self.ns.exec("nft", &["delete", "table", "ip", &table], None)?;
+                self.ns
+                    .exec("nft", &["delete", "table", "ip", &table], None)?;
                 Ok(None)
             }
             Loaded::Iptables => {
@@ -555,7 +705,9 @@ impl Bench {
 
     fn memory_bytes(&self, loaded: &Loaded) -> anyhow::Result<Option<f64>> {
         match loaded {
-            Loaded::Ours(k) => Ok(Some(k.rule_maps_memory().iter().map(|m| m.bytes as f64).sum())),
+            Loaded::Ours(k) => Ok(Some(
+                k.rule_maps_memory().iter().map(|m| m.bytes as f64).sum(),
+            )),
             Loaded::Ipset(set) => {
                 let text = self.ns.exec("ipset", &["list", "-t", set], None)?;
                 Ok(text
@@ -577,11 +729,17 @@ struct Summary(HashMap<CellKey, Vec<(f64, f64)>>);
 
 impl Summary {
     fn add(&mut self, mode: Mode, size: usize, table: &'static str, p50: f64, base: f64) {
-        self.0.entry((mode.name(), size, table)).or_default().push((p50, base));
+        self.0
+            .entry((mode.name(), size, table))
+            .or_default()
+            .push((p50, base));
     }
 
     fn print(&self, sizes: &[usize]) {
-        eprintln!("\n{:<11} {:>9} {:>12} {:>12} {:>12} {:>12}", "mode", "size", "fixed p50", "added", "rot. p50", "added");
+        eprintln!(
+            "\n{:<11} {:>9} {:>12} {:>12} {:>12} {:>12}",
+            "mode", "size", "fixed p50", "added", "rot. p50", "added"
+        );
         for mode in Mode::FILTERS {
             for &size in sizes {
                 let cell = |table| {
@@ -591,24 +749,53 @@ impl Summary {
                         (p50, added)
                     })
                 };
-                let (Some(f), Some(r)) = (cell("connect-fixed"), cell("connect-rotating")) else { continue };
-                eprintln!("{:<11} {:>9} {:>10.0}ns {:>+10.0}ns {:>10.0}ns {:>+10.0}ns", mode.name(), size, f.0, f.1, r.0, r.1);
+                let (Some(f), Some(r)) = (cell("connect-fixed"), cell("connect-rotating")) else {
+                    continue;
+                };
+                eprintln!(
+                    "{:<11} {:>9} {:>10.0}ns {:>+10.0}ns {:>10.0}ns {:>+10.0}ns",
+                    mode.name(),
+                    size,
+                    f.0,
+                    f.1,
+                    r.0,
+                    r.1
+                );
             }
         }
     }
 }
 
-fn record_batch(out: &mut Output, table: &str, mode: Mode, size: Option<usize>, round: usize, b: &Batch) -> anyhow::Result<()> {
+fn record_batch(
+    out: &mut Output,
+    table: &str,
+    mode: Mode,
+    size: Option<usize>,
+    round: usize,
+    b: &Batch,
+) -> anyhow::Result<()> {
     out.record(table, mode, size, round, "p50_ns", b.pct(0.5))?;
     out.record(table, mode, size, round, "p99_ns", b.pct(0.99))?;
     out.record(table, mode, size, round, "conn_per_s", b.conn_per_s)?;
-    out.record(table, mode, size, round, "cpu_ns_per_connect", b.cpu_ns_per_connect)?;
+    out.record(
+        table,
+        mode,
+        size,
+        round,
+        "cpu_ns_per_connect",
+        b.cpu_ns_per_connect,
+    )?;
     Ok(())
 }
 
 fn check(b: &Batch, what: &str) -> anyhow::Result<()> {
     if b.unexpected > 0 {
-        bail!("{what}: {} of {} connects had the wrong outcome (first errno {})", b.unexpected, b.sorted_ns.len(), b.first_errno);
+        bail!(
+            "{what}: {} of {} connects had the wrong outcome (first errno {})",
+            b.unexpected,
+            b.sorted_ns.len(),
+            b.first_errno
+        );
     }
     Ok(())
 }
@@ -624,7 +811,8 @@ fn main() -> anyhow::Result<()> {
     let listener = {
         let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
         s.set_reuse_address(true)?;
-        s.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, PORT)).into()).context("bind the accept server")?;
+        s.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, PORT)).into())
+            .context("bind the accept server")?;
         s.listen(4096)?;
         TcpListener::from(s)
     };
@@ -637,13 +825,19 @@ fn main() -> anyhow::Result<()> {
         }
     });
     pin_to_cpu(1)?;
-    let bench = Bench { ns, cg: TestCgroup::new()?, tmp: tempfile::tempdir()?, name: unique_suffix().replace('-', "_") };
+    let bench = Bench {
+        ns,
+        cg: TestCgroup::new()?,
+        tmp: tempfile::tempdir()?,
+        name: unique_suffix().replace('-', "_"),
+    };
     // Declared after `bench`, so dropped first on every exit path: the test cgroup's drop kills
     // whatever is still inside it, which must not be us.
     let back = MoveBack::into(&bench.cg)?;
 
     eprintln!("generating prefix sets {:?}", args.sizes);
-    let workloads: Vec<(usize, Workload)> = args.sizes.iter().map(|n| (*n, Workload::new(*n))).collect();
+    let workloads: Vec<(usize, Workload)> =
+        args.sizes.iter().map(|n| (*n, Workload::new(*n))).collect();
     let deny = [SocketAddr::from((DENY_DST, PORT))];
     let mut summary = Summary::default();
     // Warm up the path (route cache, listener, allocator).
@@ -660,7 +854,11 @@ fn main() -> anyhow::Result<()> {
             record_batch(&mut out, "connect-rotating", Mode::None, None, round, &rot)?;
             out.record("deny", Mode::None, None, round, "p50_ns", d.pct(0.5))?;
             out.record("deny", Mode::None, None, round, "p99_ns", d.pct(0.99))?;
-            eprintln!("round {round} none: fixed p50 {:.0} ns, rotating p50 {:.0} ns", fixed.pct(0.5), rot.pct(0.5));
+            eprintln!(
+                "round {round} none: fixed p50 {:.0} ns, rotating p50 {:.0} ns",
+                fixed.pct(0.5),
+                rot.pct(0.5)
+            );
             (fixed.pct(0.5), rot.pct(0.5))
         };
         for (size, w) in &workloads {
@@ -669,14 +867,31 @@ fn main() -> anyhow::Result<()> {
             for mode in args.modes.iter().copied() {
                 if mode.linear() && size > LINEAR_MAX {
                     if round == 0 {
-                        eprintln!("{} at {size}: skipped (linear rules above {LINEAR_MAX})", mode.name());
+                        eprintln!(
+                            "{} at {size}: skipped (linear rules above {LINEAR_MAX})",
+                            mode.name()
+                        );
                     }
                     continue;
                 }
                 // nft-set-ct is the nft-set table plus one rule in front: reuse the loaded set.
                 let (mut loaded, load_time) = match (mode, nft_set.take()) {
                     (Mode::NftSetCt, Some((Loaded::Nft(table), _))) => {
-                        bench.ns.exec("nft", &["insert", "rule", "ip", &table, "out", "ct", "state", "established,related", "accept"], None)?;
+                        bench.ns.exec(
+                            "nft",
+                            &[
+                                "insert",
+                                "rule",
+                                "ip",
+                                &table,
+                                "out",
+                                "ct",
+                                "state",
+                                "established,related",
+                                "accept",
+                            ],
+                            None,
+                        )?;
                         (Loaded::Nft(table), None)
                     }
                     (_, leftover) => {
@@ -711,38 +926,94 @@ fn main() -> anyhow::Result<()> {
                     d.pct(0.5)
                 );
                 if let Some(t) = load_time {
-                    out.record("load", mode, Some(size), round, "load_ms", t.as_secs_f64() * 1e3)?;
+                    out.record(
+                        "load",
+                        mode,
+                        Some(size),
+                        round,
+                        "load_ms",
+                        t.as_secs_f64() * 1e3,
+                    )?;
                     // Ours replaces twice: the second one runs with a full retired generation
                     // in the trie (steady state of a long-running agent).
                     let replaces = if mode == Mode::Ours { 2 } else { 1 };
                     let mut result = None;
                     for i in 0..replaces {
                         let nets = w.replacement(0xabcd_0000 + (round * 2 + i) as u64);
-                        result = Some(connecting_during(w.fixed, || bench.replace(mode, &mut loaded, &nets))?);
+                        result = Some(connecting_during(w.fixed, || {
+                            bench.replace(mode, &mut loaded, &nets)
+                        })?);
                     }
                     if let Some((r, lat)) = result {
                         let took = r.enforced;
-                        out.record("load", mode, Some(size), round, "replace_ms", took.as_secs_f64() * 1e3)?;
+                        out.record(
+                            "load",
+                            mode,
+                            Some(size),
+                            round,
+                            "replace_ms",
+                            took.as_secs_f64() * 1e3,
+                        )?;
                         if let Some(c) = r.compiled {
-                            out.record("load", mode, Some(size), round, "replace_compile_ms", c.as_secs_f64() * 1e3)?;
+                            out.record(
+                                "load",
+                                mode,
+                                Some(size),
+                                round,
+                                "replace_compile_ms",
+                                c.as_secs_f64() * 1e3,
+                            )?;
                         }
                         if let Some(d) = r.retired {
-                            out.record("load", mode, Some(size), round, "retire_ms", d.as_secs_f64() * 1e3)?;
+                            out.record(
+                                "load",
+                                mode,
+                                Some(size),
+                                round,
+                                "retire_ms",
+                                d.as_secs_f64() * 1e3,
+                            )?;
                         }
                         if !lat.is_empty() {
-                            let p99 = lat[((lat.len() - 1) as f64 * 0.99).round() as usize] as f64 / 1e3;
+                            let p99 =
+                                lat[((lat.len() - 1) as f64 * 0.99).round() as usize] as f64 / 1e3;
                             let max = *lat.last().unwrap_or(&0) as f64 / 1e3;
-                            out.record("load", mode, Some(size), round, "replace_p99_connect_us", p99)?;
-                            out.record("load", mode, Some(size), round, "replace_max_connect_us", max)?;
+                            out.record(
+                                "load",
+                                mode,
+                                Some(size),
+                                round,
+                                "replace_p99_connect_us",
+                                p99,
+                            )?;
+                            out.record(
+                                "load",
+                                mode,
+                                Some(size),
+                                round,
+                                "replace_max_connect_us",
+                                max,
+                            )?;
                         }
-                        line += &format!(", load {:.1} ms, replace {:.1} ms", t.as_secs_f64() * 1e3, took.as_secs_f64() * 1e3);
+                        line += &format!(
+                            ", load {:.1} ms, replace {:.1} ms",
+                            t.as_secs_f64() * 1e3,
+                            took.as_secs_f64() * 1e3
+                        );
                     }
                 }
                 eprintln!("{line}");
                 if mode == Mode::NftSet {
                     nft_set = Some((loaded, Duration::ZERO));
                 } else if let Some(free) = bench.unload(loaded)? {
-                    out.record("load", mode, Some(size), round, "free_ms", free.as_secs_f64() * 1e3)?;
+                    out.record(
+                        "load",
+                        mode,
+                        Some(size),
+                        round,
+                        "free_ms",
+                        free.as_secs_f64() * 1e3,
+                    )?;
                 }
             }
             if let Some((l, _)) = nft_set.take() {
@@ -753,14 +1024,24 @@ fn main() -> anyhow::Result<()> {
 
     // BPF run time of connect4 (kernel statistics, enabled only for this pass: they add cost).
     {
-        let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).context("BPF_ENABLE_STATS")?;
+        let _stats =
+            aya::sys::enable_stats(aya::sys::Stats::RunTime).context("BPF_ENABLE_STATS")?;
         for (size, w) in &workloads {
             let (loaded, _) = bench.load(Mode::Ours, &w.nets)?;
-            let Loaded::Ours(k) = &loaded else { bail!("ours did not load as ours") };
-            for (metric, dsts) in [("ns_per_run_fixed", std::slice::from_ref(&w.fixed)), ("ns_per_run", &w.rotating[..])] {
-                let before = k.program_stats("passthrough_connect4").context("connect4 stats")?;
+            let Loaded::Ours(k) = &loaded else {
+                bail!("ours did not load as ours")
+            };
+            for (metric, dsts) in [
+                ("ns_per_run_fixed", std::slice::from_ref(&w.fixed)),
+                ("ns_per_run", &w.rotating[..]),
+            ] {
+                let before = k
+                    .program_stats("passthrough_connect4")
+                    .context("connect4 stats")?;
                 run_batch(dsts, args.connects(Mode::Ours, *size), true)?;
-                let after = k.program_stats("passthrough_connect4").context("connect4 stats")?;
+                let after = k
+                    .program_stats("passthrough_connect4")
+                    .context("connect4 stats")?;
                 let runs = after.1.saturating_sub(before.1).max(1);
                 let ns = (after.0.saturating_sub(before.0)).as_nanos() as f64 / runs as f64;
                 out.record("bpf", Mode::Ours, Some(*size), 0, metric, ns)?;
@@ -771,6 +1052,11 @@ fn main() -> anyhow::Result<()> {
     }
     drop(back);
     summary.print(&args.sizes);
-    eprintln!("\n{} rounds in {:.0} s; results in {}", args.rounds, started.elapsed().as_secs_f64(), args.out.display());
+    eprintln!(
+        "\n{} rounds in {:.0} s; results in {}",
+        args.rounds,
+        started.elapsed().as_secs_f64(),
+        args.out.display()
+    );
     Ok(())
 }

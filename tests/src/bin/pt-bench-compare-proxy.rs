@@ -249,12 +249,17 @@ fn main() -> anyhow::Result<()> {
             "--tables" => {
                 let list = it.next().context("--tables needs a list")?;
                 let wanted: Vec<String> = list.split(',').map(str::to_string).collect();
-                if let Some(bad) = wanted.iter().find(|w| !TABLES.iter().any(|t| t.id() == w.as_str())) {
+                if let Some(bad) = wanted
+                    .iter()
+                    .find(|w| !TABLES.iter().any(|t| t.id() == w.as_str()))
+                {
                     bail!("unknown table {bad:?}");
                 }
                 only = Some(wanted);
             }
-            other => bail!("unknown argument {other:?} (--quick, --rounds N, --out PATH, --tables a,b)"),
+            other => {
+                bail!("unknown argument {other:?} (--quick, --rounds N, --out PATH, --tables a,b)")
+            }
         }
     }
     let plan = if quick {

@@ -32,7 +32,10 @@ use std::{
 use anyhow::{Context as _, bail};
 use passthrough_tests::{
     TestCgroup,
-    bench::{BenchNs, JsonOut, MoveBack, Rng, cidr_conf, percentile, pin_to_cpu, raise_nofile, timed_connect},
+    bench::{
+        BenchNs, JsonOut, MoveBack, Rng, cidr_conf, percentile, pin_to_cpu, raise_nofile,
+        timed_connect,
+    },
     require_kernel,
 };
 use passthrough_user::{
@@ -61,14 +64,23 @@ const FULL: Plan = Plan {
     connections: &[1, 10, 100, 1_000, 10_000],
 };
 
-const QUICK: Plan = Plan { rounds: 1, count: 2_000, rules: &[1, 1_000, 100_000], workloads: &[1, 100], connections: &[1, 1_000] };
+const QUICK: Plan = Plan {
+    rounds: 1,
+    count: 2_000,
+    rules: &[1, 1_000, 100_000],
+    workloads: &[1, 100],
+    connections: &[1, 1_000],
+};
 
 /// The 512 destinations, shuffled so neighbours in time are apart in the trie.
 fn destinations() -> Vec<SocketAddr> {
     let mut v = Vec::new();
     for base in [[198, 51, 100], [203, 0, 113]] {
         for last in 0..=255u8 {
-            v.push(SocketAddr::new(IpAddr::V4(Ipv4Addr::new(base[0], base[1], base[2], last)), PORT));
+            v.push(SocketAddr::new(
+                IpAddr::V4(Ipv4Addr::new(base[0], base[1], base[2], last)),
+                PORT,
+            ));
         }
     }
     Rng(7).shuffle(&mut v);
@@ -86,7 +98,8 @@ fn nets(n: usize, seed: u64) -> Vec<(ipnet::Ipv4Net, Option<u16>)> {
     let mut nets: Vec<(ipnet::Ipv4Net, Option<u16>)> = Vec::with_capacity(n.max(4));
     for base in [[198u8, 51, 100], [203, 0, 113]] {
         for k in 0..2u8 {
-            let net = ipnet::Ipv4Net::new(Ipv4Addr::new(base[0], base[1], base[2], k * 128), 25).expect("valid");
+            let net = ipnet::Ipv4Net::new(Ipv4Addr::new(base[0], base[1], base[2], k * 128), 25)
+                .expect("valid");
             nets.push((net, None));
         }
     }
@@ -97,7 +110,11 @@ fn nets(n: usize, seed: u64) -> Vec<(ipnet::Ipv4Net, Option<u16>)> {
 }
 
 /// One timed batch: sorted connect() nanoseconds and connect4's ns per run over the batch.
-fn batch(kernel: Option<&Kernel>, dsts: &[SocketAddr], count: usize) -> anyhow::Result<(Vec<u64>, Option<f64>)> {
+fn batch(
+    kernel: Option<&Kernel>,
+    dsts: &[SocketAddr],
+    count: usize,
+) -> anyhow::Result<(Vec<u64>, Option<f64>)> {
     let before = kernel.and_then(|k| k.program_stats("passthrough_connect4"));
     let mut ns = Vec::with_capacity(count);
     for i in 0..count {
@@ -114,13 +131,40 @@ fn batch(kernel: Option<&Kernel>, dsts: &[SocketAddr], count: usize) -> anyhow::
     Ok((ns, per_run))
 }
 
-fn record(out: &mut JsonOut, table: &str, row: &str, size: Option<u64>, round: usize, b: &(Vec<u64>, Option<f64>)) -> anyhow::Result<()> {
-    out.record(table, row, size, round, "p50_ns", percentile(&b.0, 0.5) as f64)?;
-    out.record(table, row, size, round, "p99_ns", percentile(&b.0, 0.99) as f64)?;
+fn record(
+    out: &mut JsonOut,
+    table: &str,
+    row: &str,
+    size: Option<u64>,
+    round: usize,
+    b: &(Vec<u64>, Option<f64>),
+) -> anyhow::Result<()> {
+    out.record(
+        table,
+        row,
+        size,
+        round,
+        "p50_ns",
+        percentile(&b.0, 0.5) as f64,
+    )?;
+    out.record(
+        table,
+        row,
+        size,
+        round,
+        "p99_ns",
+        percentile(&b.0, 0.99) as f64,
+    )?;
     if let Some(ns) = b.1 {
         out.record(table, row, size, round, "bpf_ns_per_connect", ns)?;
     }
-    eprintln!("round {round}: {table:<12} {row:<5} {:>8} p50 {:>6} ns p99 {:>7} ns bpf {:>6.0} ns", size.map(|s| s.to_string()).unwrap_or("-".into()), percentile(&b.0, 0.5), percentile(&b.0, 0.99), b.1.unwrap_or(f64::NAN));
+    eprintln!(
+        "round {round}: {table:<12} {row:<5} {:>8} p50 {:>6} ns p99 {:>7} ns bpf {:>6.0} ns",
+        size.map(|s| s.to_string()).unwrap_or("-".into()),
+        percentile(&b.0, 0.5),
+        percentile(&b.0, 0.99),
+        b.1.unwrap_or(f64::NAN)
+    );
     Ok(())
 }
 
@@ -173,7 +217,12 @@ impl Server {
             .spawn()
             .context("starting the server process")?;
         let mut ready = [0u8; 6];
-        child.stdout.as_mut().context("server stdout")?.read_exact(&mut ready).context("server did not start")?;
+        child
+            .stdout
+            .as_mut()
+            .context("server stdout")?
+            .read_exact(&mut ready)
+            .context("server did not start")?;
         Ok(Server(child))
     }
 }
@@ -186,7 +235,10 @@ impl Drop for Server {
 }
 
 fn arg_value(args: &[String], name: &str) -> Option<String> {
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned()
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .cloned()
 }
 
 fn main() -> anyhow::Result<()> {
@@ -197,11 +249,17 @@ fn main() -> anyhow::Result<()> {
     if !require_kernel() {
         bail!("pt-bench-scale needs root, BPF and cgroup v2");
     }
-    let mut plan = if args.iter().any(|a| a == "--quick") { QUICK } else { FULL };
+    let mut plan = if args.iter().any(|a| a == "--quick") {
+        QUICK
+    } else {
+        FULL
+    };
     if let Some(r) = arg_value(&args, "--rounds") {
         plan.rounds = r.parse().context("--rounds")?;
     }
-    let out_path = arg_value(&args, "--out").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("target/bench/compare-scale.jsonl"));
+    let out_path = arg_value(&args, "--out")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("target/bench/compare-scale.jsonl"));
     let mut out = JsonOut::create("scale", &out_path)?;
     let nofile = raise_nofile()?;
 
@@ -215,7 +273,11 @@ fn main() -> anyhow::Result<()> {
     let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).context("BPF_ENABLE_STATS")?;
     let dsts = destinations();
     batch(None, &dsts, plan.count / 10)?; // warm up
-    let confs: Vec<(u64, MergedConf)> = plan.rules.iter().map(|&n| (n, conf(n as usize, n))).collect();
+    let confs: Vec<(u64, MergedConf)> = plan
+        .rules
+        .iter()
+        .map(|&n| (n, conf(n as usize, n)))
+        .collect();
     let conn_conf = conf(1_000, 1_000);
 
     for round in 0..plan.rounds {
@@ -229,48 +291,81 @@ fn main() -> anyhow::Result<()> {
         k.attach(cg.path())?;
         for (n, c) in &confs {
             let t = Instant::now();
-            let p = plan::compile(k.next_generation(), &[(cg.id(), c)], &PlanOptions::default());
+            let p = plan::compile(
+                k.next_generation(),
+                &[(cg.id(), c)],
+                &PlanOptions::default(),
+            );
             k.apply(p)?;
-            out.record("rules", "ours", Some(*n), round, "load_ms", t.elapsed().as_secs_f64() * 1e3)?;
+            out.record(
+                "rules",
+                "ours",
+                Some(*n),
+                round,
+                "load_ms",
+                t.elapsed().as_secs_f64() * 1e3,
+            )?;
             let b = batch(Some(&k), &dsts, plan.count)?;
             record(&mut out, "rules", "ours", Some(*n), round, &b)?;
         }
 
         // Workloads: W child cgroups, each its own rule set; this process in the last one.
         for &w in plan.workloads {
-            let children: Vec<TestCgroup> = (0..w).map(|i| cg.child(&format!("w{i}"))).collect::<Result<_, _>>()?;
+            let children: Vec<TestCgroup> = (0..w)
+                .map(|i| cg.child(&format!("w{i}")))
+                .collect::<Result<_, _>>()?;
             let per: Vec<MergedConf> = (0..w)
                 .map(|i| {
                     let mut v = nets(100, 7);
                     // One CIDR of its own, so no two workloads share a rule set.
-                    v.push((ipnet::Ipv4Net::new(Ipv4Addr::from(0x0a00_0000 + i as u32 * 256), 24).expect("/24"), None));
+                    v.push((
+                        ipnet::Ipv4Net::new(Ipv4Addr::from(0x0a00_0000 + i as u32 * 256), 24)
+                            .expect("/24"),
+                        None,
+                    ));
                     cidr_conf(v)
                 })
                 .collect();
-            let ws: Vec<(u64, &MergedConf)> = children.iter().zip(&per).map(|(c, m)| (c.id(), m)).collect();
+            let ws: Vec<(u64, &MergedConf)> = children
+                .iter()
+                .zip(&per)
+                .map(|(c, m)| (c.id(), m))
+                .collect();
             let p = plan::compile(k.next_generation(), &ws, &PlanOptions::default());
             k.apply(p)?;
             let inner = MoveBack::into_path(children.last().context("w >= 1")?.path())?;
             let b = batch(Some(&k), &dsts, plan.count)?;
             drop(inner);
             // Back in the parent test cgroup before the children are removed.
-            std::fs::write(cg.path().join("cgroup.procs"), std::process::id().to_string())?;
+            std::fs::write(
+                cg.path().join("cgroup.procs"),
+                std::process::id().to_string(),
+            )?;
             record(&mut out, "workloads", "ours", Some(w), round, &b)?;
             drop(children);
         }
 
         // Connections held open through the filter while the timed connects run.
-        let p = plan::compile(k.next_generation(), &[(cg.id(), &conn_conf)], &PlanOptions::default());
+        let p = plan::compile(
+            k.next_generation(),
+            &[(cg.id(), &conn_conf)],
+            &PlanOptions::default(),
+        );
         k.apply(p)?;
         let mut held: Vec<TcpStream> = Vec::new();
         for &n in plan.connections {
             if n + 64 > nofile {
-                eprintln!("connections: {n} needs more descriptors than RLIMIT_NOFILE {nofile}; skipped");
+                eprintln!(
+                    "connections: {n} needs more descriptors than RLIMIT_NOFILE {nofile}; skipped"
+                );
                 continue;
             }
             while (held.len() as u64) < n {
                 let dst = SocketAddr::new(dsts[held.len() % dsts.len()].ip(), HOLD_PORT);
-                held.push(TcpStream::connect_timeout(&dst, Duration::from_secs(2)).with_context(|| format!("holding {dst}"))?);
+                held.push(
+                    TcpStream::connect_timeout(&dst, Duration::from_secs(2))
+                        .with_context(|| format!("holding {dst}"))?,
+                );
             }
             let b = batch(Some(&k), &dsts, plan.count)?;
             record(&mut out, "connections", "ours", Some(n), round, &b)?;

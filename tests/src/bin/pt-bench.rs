@@ -39,7 +39,10 @@ fn destinations() -> Vec<SocketAddr> {
     let mut v = Vec::new();
     for base in [[198, 51, 100], [203, 0, 113]] {
         for last in 0..=255u8 {
-            v.push(SocketAddr::new(IpAddr::V4(Ipv4Addr::new(base[0], base[1], base[2], last)), PORT));
+            v.push(SocketAddr::new(
+                IpAddr::V4(Ipv4Addr::new(base[0], base[1], base[2], last)),
+                PORT,
+            ));
         }
     }
     // Interleave the two /24s and spread neighbours apart.
@@ -55,14 +58,23 @@ fn conf(n: usize) -> MergedConf {
     let mut nets: Vec<(ipnet::Ipv4Net, Option<u16>)> = Vec::with_capacity(n);
     for (i, base) in [[198u8, 51, 100], [203, 0, 113]].iter().enumerate() {
         for k in 0..2u8 {
-            let net = ipnet::Ipv4Net::new(Ipv4Addr::new(base[0], base[1], base[2], k * 128), 25).expect("valid");
-            let port = if (k + i as u8).is_multiple_of(2) { Some(PORT) } else { None };
+            let net = ipnet::Ipv4Net::new(Ipv4Addr::new(base[0], base[1], base[2], k * 128), 25)
+                .expect("valid");
+            let port = if (k + i as u8).is_multiple_of(2) {
+                Some(PORT)
+            } else {
+                None
+            };
             nets.push((net, port));
         }
     }
     while nets.len() < n {
         let (net, r) = rng.rule_net();
-        let port = if r.is_multiple_of(5) { Some(1 + (r % 65535) as u16) } else { None };
+        let port = if r.is_multiple_of(5) {
+            Some(1 + (r % 65535) as u16)
+        } else {
+            None
+        };
         nets.push((net, port));
     }
     cidr_conf(nets)
@@ -70,7 +82,9 @@ fn conf(n: usize) -> MergedConf {
 
 /// Times `count` connect() calls (only the syscall) to rotating destinations.
 fn measure(dsts: &[SocketAddr], count: usize) -> anyhow::Result<Vec<u64>> {
-    let mut out = (0..count).map(|i| timed_connect(dsts[i % dsts.len()])).collect::<anyhow::Result<Vec<u64>>>()?;
+    let mut out = (0..count)
+        .map(|i| timed_connect(dsts[i % dsts.len()]))
+        .collect::<anyhow::Result<Vec<u64>>>()?;
     out.sort_unstable();
     Ok(out)
 }
@@ -88,7 +102,11 @@ struct Row {
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let quick = args.iter().any(|a| a == "--quick");
-    let which = args.iter().find(|a| !a.starts_with("--")).cloned().unwrap_or_else(|| "all".into());
+    let which = args
+        .iter()
+        .find(|a| !a.starts_with("--"))
+        .cloned()
+        .unwrap_or_else(|| "all".into());
     if which != "all" && which != "connect" {
         anyhow::bail!("unknown bench {which:?}; one of: connect, all");
     }
@@ -115,8 +133,16 @@ fn main() -> anyhow::Result<()> {
     measure(&dsts, count / 10)?; // warm up
     let mut rows: Vec<Row> = std::iter::once("no program".to_string())
         .chain(SIZES.iter().map(|n| format!("{n} CIDR matches")))
-        .chain(std::iter::once("100000 CIDR + 1 Domain (sock_ops on)".to_string()))
-        .map(|label| Row { label, p50: vec![], p99: vec![], prog_ns: vec![], sockops_ns: vec![] })
+        .chain(std::iter::once(
+            "100000 CIDR + 1 Domain (sock_ops on)".to_string(),
+        ))
+        .map(|label| Row {
+            label,
+            p50: vec![],
+            p99: vec![],
+            prog_ns: vec![],
+            sockops_ns: vec![],
+        })
         .collect();
     let mut compile_ms = vec![];
     let mut load_ms = vec![];
@@ -131,7 +157,11 @@ fn main() -> anyhow::Result<()> {
         net: None,
         port: Some(443),
         protocol: Protocol::Tls,
-        origin: MatchOrigin { file: PathBuf::from("bench").into(), policy: "bench".into(), index: 100_000 },
+        origin: MatchOrigin {
+            file: PathBuf::from("bench").into(),
+            policy: "bench".into(),
+            index: 100_000,
+        },
     });
     confs.push(with_domain);
     for round in 0..rounds {
@@ -142,14 +172,21 @@ fn main() -> anyhow::Result<()> {
                 let t = Instant::now();
                 let proxy = if i == confs.len() {
                     // No listener is needed: nothing is redirected, the flag only arms sock_ops.
-                    passthrough_user::kernel::ProxySettings { host_port: 1, ..Default::default() }
+                    passthrough_user::kernel::ProxySettings {
+                        host_port: 1,
+                        ..Default::default()
+                    }
                 } else {
                     Default::default()
                 };
                 let mut k = Kernel::load(Capacities::default(), 0, 0, proxy, None)?;
                 let t_prog = t.elapsed();
                 let t = Instant::now();
-                let p = plan::compile(k.next_generation(), &[(cg.id(), &confs[i - 1])], &PlanOptions::default());
+                let p = plan::compile(
+                    k.next_generation(),
+                    &[(cg.id(), &confs[i - 1])],
+                    &PlanOptions::default(),
+                );
                 let t_compile = t.elapsed();
                 let t = Instant::now();
                 k.apply(p)?;
@@ -162,22 +199,35 @@ fn main() -> anyhow::Result<()> {
                 }
                 Some(k)
             };
-            let before = _kernel.as_ref().and_then(|k| k.program_stats("passthrough_connect4"));
-            let before_ops = _kernel.as_ref().and_then(|k| k.program_stats("passthrough_sock_ops"));
+            let before = _kernel
+                .as_ref()
+                .and_then(|k| k.program_stats("passthrough_connect4"));
+            let before_ops = _kernel
+                .as_ref()
+                .and_then(|k| k.program_stats("passthrough_sock_ops"));
             let samples = measure(&dsts, count)?;
             if let (Some(k), Some((t0, n0))) = (_kernel.as_ref(), before) {
                 if let Some((t1, n1)) = k.program_stats("passthrough_connect4")
                     && n1 > n0
                 {
-                    row.prog_ns.push((t1 - t0).as_nanos() as f64 / (n1 - n0) as f64);
+                    row.prog_ns
+                        .push((t1 - t0).as_nanos() as f64 / (n1 - n0) as f64);
                 }
-                if let (Some((o0, _)), Some((o1, _))) = (before_ops, k.program_stats("passthrough_sock_ops")) {
-                    row.sockops_ns.push((o1 - o0).as_nanos() as f64 / count as f64);
+                if let (Some((o0, _)), Some((o1, _))) =
+                    (before_ops, k.program_stats("passthrough_sock_ops"))
+                {
+                    row.sockops_ns
+                        .push((o1 - o0).as_nanos() as f64 / count as f64);
                 }
             }
             row.p50.push(percentile(&samples, 0.5) as f64);
             row.p99.push(percentile(&samples, 0.99) as f64);
-            eprintln!("round {round}: {:<20} p50 {:>7} ns  p99 {:>7} ns", row.label, percentile(&samples, 0.5), percentile(&samples, 0.99));
+            eprintln!(
+                "round {round}: {:<20} p50 {:>7} ns  p99 {:>7} ns",
+                row.label,
+                percentile(&samples, 0.5),
+                percentile(&samples, 0.99)
+            );
         }
     }
     drop(_back);
@@ -185,25 +235,78 @@ fn main() -> anyhow::Result<()> {
     let base50 = median(rows[0].p50.clone());
     let base99 = median(rows[0].p99.clone());
     let mut out = std::io::stdout().lock();
-    writeln!(out, "\n## connect() on loopback, destinations rotating over 512 addresses ({rounds} interleaved rounds × {count} connects, medians)\n")?;
-    writeln!(out, "| configuration | p50 ns | p99 ns | p50 ratio to no program | added p50 ns | connect4 ns/connect | sock_ops ns/connect |")?;
+    writeln!(
+        out,
+        "\n## connect() on loopback, destinations rotating over 512 addresses ({rounds} interleaved rounds × {count} connects, medians)\n"
+    )?;
+    writeln!(
+        out,
+        "| configuration | p50 ns | p99 ns | p50 ratio to no program | added p50 ns | connect4 ns/connect | sock_ops ns/connect |"
+    )?;
     writeln!(out, "|---|---:|---:|---:|---:|---:|---:|")?;
     for row in &rows {
         let p50 = median(row.p50.clone());
         let p99 = median(row.p99.clone());
         // Added cost per round (same round's baseline), then the median across rounds.
-        let added = median(row.p50.iter().zip(&rows[0].p50).map(|(a, b)| a - b).collect());
-        let prog = if row.prog_ns.is_empty() { "–".to_string() } else { format!("{:.0}", median(row.prog_ns.clone())) };
-        let ops = if row.sockops_ns.is_empty() { "–".to_string() } else { format!("{:.0}", median(row.sockops_ns.clone())) };
-        writeln!(out, "| {} | {:.0} | {:.0} | {:.3} | {:+.0} | {prog} | {ops} |", row.label, p50, p99, p50 / base50, added)?;
+        let added = median(
+            row.p50
+                .iter()
+                .zip(&rows[0].p50)
+                .map(|(a, b)| a - b)
+                .collect(),
+        );
+        let prog = if row.prog_ns.is_empty() {
+            "–".to_string()
+        } else {
+            format!("{:.0}", median(row.prog_ns.clone()))
+        };
+        let ops = if row.sockops_ns.is_empty() {
+            "–".to_string()
+        } else {
+            format!("{:.0}", median(row.sockops_ns.clone()))
+        };
+        writeln!(
+            out,
+            "| {} | {:.0} | {:.0} | {:.3} | {:+.0} | {prog} | {ops} |",
+            row.label,
+            p50,
+            p99,
+            p50 / base50,
+            added
+        )?;
     }
     let _ = base99;
-    writeln!(out, "\n## 100,000 CIDR matches: compile and load (median of {rounds})\n")?;
+    writeln!(
+        out,
+        "\n## 100,000 CIDR matches: compile and load (median of {rounds})\n"
+    )?;
     writeln!(out, "| step | ms |\n|---|---:|")?;
-    writeln!(out, "| load + verify the programs | {:.1} |", median(prog_load_ms.clone()))?;
-    writeln!(out, "| compile the plan (pure) | {:.1} |", median(compile_ms.clone()))?;
-    writeln!(out, "| write the maps (bpf syscalls) | {:.1} |", median(load_ms.clone()))?;
-    writeln!(out, "| compile + load total | {:.1} |", median(compile_ms.iter().zip(&load_ms).map(|(a, b)| a + b).collect()))?;
+    writeln!(
+        out,
+        "| load + verify the programs | {:.1} |",
+        median(prog_load_ms.clone())
+    )?;
+    writeln!(
+        out,
+        "| compile the plan (pure) | {:.1} |",
+        median(compile_ms.clone())
+    )?;
+    writeln!(
+        out,
+        "| write the maps (bpf syscalls) | {:.1} |",
+        median(load_ms.clone())
+    )?;
+    writeln!(
+        out,
+        "| compile + load total | {:.1} |",
+        median(
+            compile_ms
+                .iter()
+                .zip(&load_ms)
+                .map(|(a, b)| a + b)
+                .collect()
+        )
+    )?;
     drop(ns);
     Ok(())
 }

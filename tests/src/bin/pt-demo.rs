@@ -9,7 +9,9 @@
 use std::{path::Path, process::Command};
 
 use anyhow::{Context as _, bail};
-use passthrough_tests::{Agent, Probe, TestCgroup, TestNet, agent::agent_binary, check::errno_name, require_kernel};
+use passthrough_tests::{
+    Agent, Probe, TestCgroup, TestNet, agent::agent_binary, check::errno_name, require_kernel,
+};
 
 const DESTINATIONS: &[&str] = &[
     "198.51.100.20:8080",
@@ -28,17 +30,30 @@ fn main() -> anyhow::Result<()> {
         bail!("the demo needs root, BPF, cgroup v2 and iproute2");
     }
     let policy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/demo-policy.yaml");
-    let policy = policy.canonicalize().with_context(|| format!("{}", policy.display()))?;
-    println!("policy: {}\n{}", policy.display(), std::fs::read_to_string(&policy)?);
+    let policy = policy
+        .canonicalize()
+        .with_context(|| format!("{}", policy.display()))?;
+    println!(
+        "policy: {}\n{}",
+        policy.display(),
+        std::fs::read_to_string(&policy)?
+    );
 
     let cg = TestCgroup::new()?;
     let net = TestNet::with_ports(&[80, 443, 5432, 8080])?;
     println!("workload cgroup: {}", cg.path().display());
-    println!("test hosts: client netns {}, server netns {}\n", net.client_ns(), net.server_ns());
+    println!(
+        "test hosts: client netns {}, server netns {}\n",
+        net.client_ns(),
+        net.server_ns()
+    );
     let mut agent = Agent::builder().policy(&policy).cgroup(cg.path()).start()?;
     let mut probe = Probe::spawn(&cg, &net)?;
 
-    println!("{:<30} {:<15} {:<8} reason", "destination", "kernel", "explain");
+    println!(
+        "{:<30} {:<15} {:<8} reason",
+        "destination", "kernel", "explain"
+    );
     let mut mismatches = 0;
     for dst in DESTINATIONS {
         let outcome = match probe.connect(dst) {
@@ -57,7 +72,10 @@ fn main() -> anyhow::Result<()> {
             .with_context(|| format!("explain output: {}", String::from_utf8_lossy(&out.stderr)))?;
         let verdict = json["verdict"].as_str().unwrap_or("?");
         let reason = json["reason"].as_str().unwrap_or("?");
-        let matched = json["match"]["value"].as_str().map(|v| format!(" [{v}]")).unwrap_or_default();
+        let matched = json["match"]["value"]
+            .as_str()
+            .map(|v| format!(" [{v}]"))
+            .unwrap_or_default();
         if (verdict == "allow") != outcome.starts_with("allowed") {
             mismatches += 1;
         }
