@@ -575,7 +575,8 @@ impl Chunked {
                     b'\n' => Done,
                     _ => return Err(H1Error::Chunked("last chunk not ended by CRLF")),
                 },
-                Data | Done => unreachable!("handled above"),
+                // Handled before a byte is taken; an error rather than a panic if that changes.
+                Data | Done => return Err(H1Error::Chunked("internal state")),
             };
         }
         Ok(i)
