@@ -761,11 +761,9 @@ impl Kernel {
     /// Removes the pinned link of `name` at `cgroup`, if a previous agent left one (nothing
     /// else holds it, so the program is detached).
     fn unpin_link(&self, cgroup: &Path, name: &str) -> Result<(), KernelError> {
-        use std::os::unix::fs::MetadataExt as _;
-        let (Some(state), Ok(meta)) = (self.state_dir.as_deref(), std::fs::metadata(cgroup)) else {
+        let Some(pin) = self.link_pin(cgroup, name) else {
             return Ok(());
         };
-        let pin = crate::pins::link_dir(state, meta.ino()).join(name);
         match std::fs::remove_file(&pin) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(KernelError::Pin {
                 path: pin,
@@ -776,11 +774,14 @@ impl Kernel {
     }
 
     fn has_pinned_link(&self, cgroup: &Path, name: &str) -> bool {
+        self.link_pin(cgroup, name).is_some_and(|p| p.exists())
+    }
+
+    /// Where the link of `name` at `cgroup` is pinned (`None` without pinned state or cgroup).
+    fn link_pin(&self, cgroup: &Path, name: &str) -> Option<PathBuf> {
         use std::os::unix::fs::MetadataExt as _;
-        let (Some(state), Ok(meta)) = (self.state_dir.as_deref(), std::fs::metadata(cgroup)) else {
-            return false;
-        };
-        crate::pins::link_dir(state, meta.ino()).join(name).exists()
+        let ino = std::fs::metadata(cgroup).ok()?.ino();
+        Some(crate::pins::link_dir(self.state_dir.as_deref()?, ino).join(name))
     }
 
     /// sock_ops only serves redirected connections (it re-keys their original destination),
@@ -847,51 +848,25 @@ impl Kernel {
                 continue;
             }
             // Single is the only mode the bpf_link path accepts (links are always multi).
-            let fd_link: aya::programs::links::FdLink = if name == SOCK_OPS {
-                let p: &mut SockOps = program
-                    .try_into()
-                    .map_err(|source| KernelError::Program { name, source })?;
-                let id = p
-                    .attach(&file, CgroupAttachMode::Single)
-                    .map_err(|source| KernelError::Program { name, source })?;
-                let link = p
-                    .take_link(id)
-                    .map_err(|source| KernelError::Program { name, source })?;
-                link.try_into()
-                    .map_err(|e: aya::programs::links::LinkError| KernelError::Pin {
-                        path: cgroup.into(),
-                        source: std::io::Error::other(e),
-                    })?
-            } else if name == SKB_EGRESS {
-                let p: &mut CgroupSkb = program
-                    .try_into()
-                    .map_err(|source| KernelError::Program { name, source })?;
-                let id = p
-                    .attach(&file, CgroupSkbAttachType::Egress, CgroupAttachMode::Single)
-                    .map_err(|source| KernelError::Program { name, source })?;
-                let link = p
-                    .take_link(id)
-                    .map_err(|source| KernelError::Program { name, source })?;
-                link.try_into()
-                    .map_err(|e: aya::programs::links::LinkError| KernelError::Pin {
-                        path: cgroup.into(),
-                        source: std::io::Error::other(e),
-                    })?
-            } else {
-                let p: &mut CgroupSockAddr = program
-                    .try_into()
-                    .map_err(|source| KernelError::Program { name, source })?;
-                let id = p
-                    .attach(&file, CgroupAttachMode::Single)
-                    .map_err(|source| KernelError::Program { name, source })?;
-                let link = p
-                    .take_link(id)
-                    .map_err(|source| KernelError::Program { name, source })?;
-                link.try_into()
-                    .map_err(|e: aya::programs::links::LinkError| KernelError::Pin {
-                        path: cgroup.into(),
-                        source: std::io::Error::other(e),
-                    })?
+            let err = |source| KernelError::Program { name, source };
+            let fd_link = match name {
+                SOCK_OPS => {
+                    let p: &mut SockOps = program.try_into().map_err(err)?;
+                    let id = p.attach(&file, CgroupAttachMode::Single).map_err(err)?;
+                    into_fd_link(p.take_link(id).map_err(err)?, cgroup)?
+                }
+                SKB_EGRESS => {
+                    let p: &mut CgroupSkb = program.try_into().map_err(err)?;
+                    let id = p
+                        .attach(&file, CgroupSkbAttachType::Egress, CgroupAttachMode::Single)
+                        .map_err(err)?;
+                    into_fd_link(p.take_link(id).map_err(err)?, cgroup)?
+                }
+                _ => {
+                    let p: &mut CgroupSockAddr = program.try_into().map_err(err)?;
+                    let id = p.attach(&file, CgroupAttachMode::Single).map_err(err)?;
+                    into_fd_link(p.take_link(id).map_err(err)?, cgroup)?
+                }
             };
             match pin {
                 Some(pin) => {
@@ -1470,4 +1445,15 @@ impl crate::proxy::OrigDstSource for OrigDstMap {
             comm: String::from_utf8_lossy(&o.comm[..comm_len]).into_owned(),
         })
     }
+}
+
+/// A program's cgroup link as an `FdLink` (the kind that can be pinned).
+fn into_fd_link<L>(link: L, cgroup: &Path) -> Result<aya::programs::links::FdLink, KernelError>
+where
+    L: TryInto<aya::programs::links::FdLink, Error = aya::programs::links::LinkError>,
+{
+    link.try_into().map_err(|e| KernelError::Pin {
+        path: cgroup.into(),
+        source: std::io::Error::other(e),
+    })
 }
