@@ -177,6 +177,23 @@ fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
 }
 
+/// Builds every binary of the workspace but the eBPF crate (which `passthrough-user`'s build
+/// script builds): the agent, the test helpers and the bench binaries.
+fn build_bins(release: bool) -> anyhow::Result<()> {
+    let mut c = cargo();
+    c.args([
+        "build",
+        "--workspace",
+        "--exclude",
+        "passthrough-ebpf",
+        "--bins",
+    ]);
+    if release {
+        c.arg("--release");
+    }
+    run(&mut c)
+}
+
 fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
@@ -222,14 +239,7 @@ fn compare(which: &str, quick: bool, rounds: Option<u32>, report_only: bool) -> 
     let mut result = Ok(());
     if !report_only {
         run(Command::new("bash").arg("scripts/setup-peers.sh"))?;
-        run(cargo().args([
-            "build",
-            "--release",
-            "--workspace",
-            "--exclude",
-            "passthrough-ebpf",
-            "--bins",
-        ]))?;
+        build_bins(true)?;
         for (name, bin, file) in &parts {
             let mut c = Command::new(target_dir().join("release").join(bin));
             c.arg("--out").arg(out_dir.join(file));
@@ -277,13 +287,7 @@ fn main() -> anyhow::Result<()> {
             // Formatting first: cheap, and a failure names the files (`cargo fmt --all` fixes).
             run(cargo().args(["fmt", "--all", "--check"]))?;
             // Binaries first: kernel tests spawn the real `passthrough` and the probe.
-            run(cargo().args([
-                "build",
-                "--workspace",
-                "--exclude",
-                "passthrough-ebpf",
-                "--bins",
-            ]))?;
+            build_bins(false)?;
             sweep()?;
             let bin = target_dir().join("debug").join("passthrough");
             let result = run(cargo()
@@ -334,14 +338,7 @@ fn main() -> anyhow::Result<()> {
                 ]));
             }
             if result.is_ok() && (all || which == "connect") {
-                run(cargo().args([
-                    "build",
-                    "--release",
-                    "--workspace",
-                    "--exclude",
-                    "passthrough-ebpf",
-                    "--bins",
-                ]))?;
+                build_bins(true)?;
                 let mut c = Command::new(target_dir().join("release").join("pt-bench"));
                 c.arg("connect");
                 if quick {
@@ -354,14 +351,7 @@ fn main() -> anyhow::Result<()> {
             if result.is_ok() && (all || which == "proxy") {
                 // Proxy path vs direct: TLS keep-alive, new connection per request, bulk,
                 // HTTP/1.1, open-loop latency, memory per idle relayed connection.
-                run(cargo().args([
-                    "build",
-                    "--release",
-                    "--workspace",
-                    "--exclude",
-                    "passthrough-ebpf",
-                    "--bins",
-                ]))?;
+                build_bins(true)?;
                 let mut c = Command::new(target_dir().join("release").join("pt-bench-proxy"));
                 if quick {
                     c.arg("--quick");
@@ -373,13 +363,7 @@ fn main() -> anyhow::Result<()> {
             result
         }
         Cmd::Demo => {
-            run(cargo().args([
-                "build",
-                "--workspace",
-                "--exclude",
-                "passthrough-ebpf",
-                "--bins",
-            ]))?;
+            build_bins(false)?;
             let result = run(
                 Command::new(target_dir().join("debug").join("pt-demo")).env(
                     "PASSTHROUGH_BIN",
