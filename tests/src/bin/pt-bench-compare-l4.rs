@@ -436,6 +436,24 @@ struct Bench {
 }
 
 impl Bench {
+    /// nft-set-ct: `ct state established,related accept` in front of the set's rule in `table`,
+    /// so only a connection's first packet consults the set.
+    fn gate_on_conntrack(&self, table: &str) -> anyhow::Result<()> {
+        let rule = [
+            "insert",
+            "rule",
+            "ip",
+            table,
+            "out",
+            "ct",
+            "state",
+            "established,related",
+            "accept",
+        ];
+        self.ns.exec("nft", &rule, None)?;
+        Ok(())
+    }
+
     fn file(&self, name: &str, text: &str) -> anyhow::Result<PathBuf> {
         let p = self.tmp.path().join(name);
         std::fs::write(&p, text).with_context(|| format!("writing {}", p.display()))?;
@@ -537,21 +555,7 @@ impl Bench {
                 self.ns.exec("nft", &["-f", &f.to_string_lossy()], None)?;
                 let took = t.elapsed();
                 if mode == Mode::NftSetCt {
-                    self.ns.exec(
-                        "nft",
-                        &[
-                            "insert",
-                            "rule",
-                            "ip",
-                            &table,
-                            "out",
-                            "ct",
-                            "state",
-                            "established,related",
-                            "accept",
-                        ],
-                        None,
-                    )?;
+                    self.gate_on_conntrack(&table)?;
                 }
                 Ok((Loaded::Nft(table), took))
             }
@@ -877,21 +881,7 @@ fn main() -> anyhow::Result<()> {
                 // nft-set-ct is the nft-set table plus one rule in front: reuse the loaded set.
                 let (mut loaded, load_time) = match (mode, nft_set.take()) {
                     (Mode::NftSetCt, Some((Loaded::Nft(table), _))) => {
-                        bench.ns.exec(
-                            "nft",
-                            &[
-                                "insert",
-                                "rule",
-                                "ip",
-                                &table,
-                                "out",
-                                "ct",
-                                "state",
-                                "established,related",
-                                "accept",
-                            ],
-                            None,
-                        )?;
+                        bench.gate_on_conntrack(&table)?;
                         (Loaded::Nft(table), None)
                     }
                     (_, leftover) => {
