@@ -446,12 +446,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             proxy_tasks.push(tokio::spawn(proxy.clone().serve(l, shutdown.clone())));
         }
     }
-    let plan = compile(&kernel, &merged, &opts);
-    let (v4, v6) = plan.entry_counts();
-    let usage = crate::metrics::MapUsage::of(&plan); // obs
-    let generation = kernel.apply(plan)?;
-    let names = inputs.workloads.iter().map(|(w, d)| (d.id, w.name.clone())); // obs
-    metrics.policy_applied(generation, names, usage, kernel.capacities()); // obs
+    let (generation, (v4, v6)) = apply_plan(&mut kernel, &merged, &opts, &inputs, &metrics)?;
     for p in &points {
         kernel.attach(p)?;
         info!(cgroup = %p.display(), "attached");
@@ -516,6 +511,24 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Compiles `merged` and flips the kernel to it (at start-up and on every reload); returns the
+/// new generation and the (IPv4, IPv6) entry counts, and records both in the metrics.
+fn apply_plan(
+    kernel: &mut Kernel,
+    merged: &Merged,
+    opts: &PlanOptions,
+    inputs: &Inputs,
+    metrics: &crate::metrics::Metrics,
+) -> anyhow::Result<(u64, (usize, usize))> {
+    let plan = compile(kernel, merged, opts);
+    let counts = plan.entry_counts();
+    let usage = crate::metrics::MapUsage::of(&plan); // obs
+    let generation = kernel.apply(plan)?;
+    let names = inputs.workloads.iter().map(|(w, d)| (d.id, w.name.clone())); // obs
+    metrics.policy_applied(generation, names, usage, kernel.capacities()); // obs
+    Ok((generation, counts))
+}
+
 fn reload(
     args: &RunArgs,
     mount: &Path,
@@ -536,12 +549,7 @@ fn reload(
         }
     }
     let merged = merge_all(&inputs, args.unselected_mode);
-    let plan = compile(kernel, &merged, opts);
-    let (v4, v6) = plan.entry_counts();
-    let usage = crate::metrics::MapUsage::of(&plan); // obs
-    let generation = kernel.apply(plan)?;
-    let names = inputs.workloads.iter().map(|(w, d)| (d.id, w.name.clone())); // obs
-    metrics.policy_applied(generation, names, usage, kernel.capacities()); // obs
+    let (generation, (v4, v6)) = apply_plan(kernel, &merged, opts, &inputs, metrics)?;
     // The proxy follows right after the kernel flip: a connection redirected under the new
     // plan is judged by the new policy.
     proxy_state.store(Arc::new(proxy_policy(&merged, opts, args.unselected_mode)));
