@@ -1278,27 +1278,25 @@ async fn raw_origin(
     (addr, seen)
 }
 
-/// Sends `req` raw through the proxy to `dst` and reads until the proxy closes (or `until`
-/// appears).
-async fn raw(px: &Px, dst: SocketAddr, req: &[u8], until: Option<&str>) -> String {
+/// Reads from `s` into `got` until `end` appears, or (`None`) until the peer closes or resets;
+/// each read within `T`.
+async fn read_until(s: &mut TcpStream, got: &mut Vec<u8>, end: Option<&str>) {
+    let mut b = [0u8; 4096];
+    while !end.is_some_and(|e| String::from_utf8_lossy(got).contains(e)) {
+        match timeout(T, s.read(&mut b)).await.expect("a read within 5 s") {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&b[..n]),
+        }
+    }
+}
+
+/// Sends `req` raw through the proxy to `dst` and reads until the proxy closes (a reset
+/// included: refusals may close with unread request bytes).
+async fn raw(px: &Px, dst: SocketAddr, req: &[u8]) -> String {
     let mut s = px.dial(dst).await;
     s.write_all(req).await.unwrap();
     let mut out = Vec::new();
-    let mut b = [0u8; 4096];
-    let read = async {
-        loop {
-            match s.read(&mut b).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => out.extend_from_slice(&b[..n]),
-            }
-            if until.is_some_and(|u| String::from_utf8_lossy(&out).contains(u)) {
-                break;
-            }
-        }
-    };
-    tokio::time::timeout(T, read)
-        .await
-        .expect("reply within 5 s");
+    read_until(&mut s, &mut out, None).await;
     String::from_utf8_lossy(&out).into_owned()
 }
 
@@ -1356,7 +1354,6 @@ async fn http1_chunked_both_ways_pipelining_and_connection_close() {
         &px,
         origin,
         b"POST /echo HTTP/1.1\r\nHost: web.test\r\nTransfer-Encoding: chunked\r\n\r\n5;x=y\r\nhello\r\n6\r\n world\r\n0\r\nX-T: 1\r\n\r\nPOST /echo HTTP/1.1\r\nHost: web.test\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi",
-        None,
     )
     .await;
     let first = reply.find("hello world").expect(&reply);
@@ -1381,47 +1378,25 @@ async fn http1_framing_edges_from_the_origin() {
     let px = web_proxy(origin).await;
     let mut s = px.dial(origin).await;
     let mut got = Vec::new();
-    let read_until = async |s: &mut TcpStream, got: &mut Vec<u8>, end: &str| {
-        let mut b = [0u8; 4096];
-        while !String::from_utf8_lossy(got).contains(end) {
-            let n = tokio::time::timeout(T, s.read(&mut b))
-                .await
-                .unwrap()
-                .unwrap();
-            if n == 0 {
-                break;
-            }
-            got.extend_from_slice(&b[..n]);
-        }
-    };
     s.write_all(
         b"POST /a HTTP/1.1\r\nHost: web.test\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n",
     )
     .await
     .unwrap();
-    read_until(&mut s, &mut got, "100 Continue\r\n\r\n").await;
+    read_until(&mut s, &mut got, Some("100 Continue\r\n\r\n")).await;
     s.write_all(b"xyz").await.unwrap();
-    read_until(&mut s, &mut got, "X-Sum: 1\r\n\r\n").await;
+    read_until(&mut s, &mut got, Some("X-Sum: 1\r\n\r\n")).await;
     s.write_all(b"GET /b HTTP/1.1\r\nHost: web.test\r\n\r\n")
         .await
         .unwrap();
-    read_until(&mut s, &mut got, "\r\n\r\nok").await;
+    read_until(&mut s, &mut got, Some("\r\n\r\nok")).await;
     // Give the origin's close time to land: the next request must still be answered.
     tokio::time::sleep(Duration::from_millis(100)).await;
     s.write_all(b"GET /c HTTP/1.1\r\nHost: web.test\r\n\r\n")
         .await
         .unwrap();
-    let mut b = [0u8; 4096];
-    loop {
-        let n = tokio::time::timeout(T, s.read(&mut b))
-            .await
-            .unwrap()
-            .unwrap_or(0);
-        if n == 0 {
-            break; // the close-delimited answer ends with the connection
-        }
-        got.extend_from_slice(&b[..n]);
-    }
+    // The close-delimited answer ends with the connection.
+    read_until(&mut s, &mut got, None).await;
     let got = String::from_utf8_lossy(&got).into_owned();
     assert!(got.ends_with("HTTP/1.1 200 OK\r\n\r\nuntil close"), "{got}");
     let seen = seen.lock().unwrap().clone();
@@ -1450,12 +1425,12 @@ async fn http1_refusals() {
         (b"GET / HTTP/1.1\r\nHost: web.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n", "503"),
         (b"GET / HTTP/1.1\r\nHost: web.test\r\n", "408"),
     ] {
-        let reply = raw(&px, origin, req, None).await;
+        let reply = raw(&px, origin, req).await;
         assert!(reply.starts_with(&format!("HTTP/1.1 {status} ")), "{:?} → {reply}", String::from_utf8_lossy(req));
     }
     // A bad chunk after an allowed head: the connection ends, nothing past the bad line
     // reaches the origin as a request.
-    let reply = raw(&px, origin, b"POST / HTTP/1.1\r\nHost: web.test\r\nTransfer-Encoding: chunked\r\n\r\n5\nhello\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: evil.test\r\n\r\n", None).await;
+    let reply = raw(&px, origin, b"POST / HTTP/1.1\r\nHost: web.test\r\nTransfer-Encoding: chunked\r\n\r\n5\nhello\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: evil.test\r\n\r\n").await;
     assert!(!reply.contains("200 OK"), "{reply}");
     assert!(seen.lock().unwrap().iter().all(|r| !r.contains("smuggled")));
 }
