@@ -1,7 +1,7 @@
 //! passthrough's kernel side: cgroup `sock_addr` programs that decide MeshPassthrough egress at
 //! `connect()` / `sendmsg()` time.
 //!
-//! One module per program type (`connect`, `sendmsg`, `getpeername`, `sock_ops`, `skb`); the shared decision lives in `decide`,
+//! One module per program type (`connect`, `sendmsg`, `getpeername`, `sock_ops`, `skb`, `relay`); the shared decision lives in `decide`,
 //! the maps in `maps`. The user side compiles policies into the maps; nothing here knows YAML.
 #![no_std]
 #![no_main]
@@ -11,6 +11,7 @@ mod connect;
 mod decide;
 mod getpeername;
 mod maps;
+mod relay;
 mod sendmsg;
 mod skb;
 mod sock_ops;

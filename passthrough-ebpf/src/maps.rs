@@ -2,11 +2,11 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SockHash},
 };
 use passthrough_common::{
     DomainPortKey, GlobalConfig, OrigDst, PeerKey, RangeBlock, RangeTable, RangeTableKey,
-    RuleKeyV6, RuleValue, WorkloadEntry, WorkloadKey, counter,
+    RelayCounts, RelayPeer, RuleKeyV6, RuleValue, WorkloadEntry, WorkloadKey, counter,
 };
 
 /// Index 0: [`GlobalConfig`] (active generation, flags).
@@ -49,6 +49,19 @@ pub static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entri
 /// bound; the proxy looks accepted connections up here (and deletes the entry).
 #[map]
 pub static ORIG_BY_PEER: LruHashMap<PeerKey, OrigDst> = LruHashMap::with_max_entries(65_536, 0);
+
+/// Kernel relay (`relay.rs`): the proxy's allowed TLS sockets, keyed by socket cookie. The
+/// verdict program is attached to this map, so it runs for exactly these sockets.
+#[map]
+pub static RELAY_SOCKS: SockHash<u64> = SockHash::with_max_entries(65_536, 0);
+
+/// Kernel relay: socket cookie → its peer and the bytes the agent forwarded itself.
+#[map]
+pub static RELAY_PEERS: HashMap<u64, RelayPeer> = HashMap::with_max_entries(65_536, 0);
+
+/// Kernel relay: socket cookie → bytes passed to userspace and bytes redirected.
+#[map]
+pub static RELAY_COUNTS: HashMap<u64, RelayCounts> = HashMap::with_max_entries(65_536, 0);
 
 /// Denials for the agent's structured log (256 KiB; full → dropped and counted).
 #[map]

@@ -97,6 +97,29 @@ pub struct RunArgs {
     /// (docs/security.md L1, L2).
     #[arg(long)]
     pub no_raw_socket_backstop: bool,
+    /// Userspace reads after which an allowed TLS connection's bytes are moved by the kernel
+    /// (sockmap) instead of the proxy; `off`: always in userspace (docs/design.md, kernel
+    /// relay).
+    #[arg(long, value_name = "READS|off", default_value = "4", value_parser = parse_kernel_relay)]
+    pub kernel_relay_after: KernelRelayAfter,
+}
+
+/// `--kernel-relay-after`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelRelayAfter {
+    /// No kernel relay.
+    Off,
+    /// Switch after this many userspace reads.
+    Reads(u32),
+}
+
+fn parse_kernel_relay(s: &str) -> Result<KernelRelayAfter, String> {
+    if s == "off" {
+        return Ok(KernelRelayAfter::Off);
+    }
+    s.parse::<u32>()
+        .map(KernelRelayAfter::Reads)
+        .map_err(|_| format!("expected a number of reads or `off`, got `{s}`"))
 }
 
 /// Parses `All | Matched | None` (case as Kuma writes them).
@@ -438,9 +461,17 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             audit: args.audit,
             ..ProxyConfig::default()
         };
-        let proxy = Arc::new(
-            Proxy::new(Arc::new(orig), proxy_state.clone(), cfg)?.with_reporter(reporter.clone()),
-        );
+        let mut proxy =
+            Proxy::new(Arc::new(orig), proxy_state.clone(), cfg)?.with_reporter(reporter.clone());
+        if let KernelRelayAfter::Reads(reads) = args.kernel_relay_after {
+            let maps = kernel
+                .take_relay_maps()?
+                .context("kernel relay maps already taken")?;
+            proxy = proxy.with_kernel_relay(Arc::new(
+                crate::proxy::kernel_relay::KernelRelay::new(maps, reads),
+            ));
+        }
+        let proxy = Arc::new(proxy);
         for l in proxy_listeners {
             info!(addr = %l.local_addr()?, "proxy listening");
             proxy_tasks.push(tokio::spawn(proxy.clone().serve(l, shutdown.clone())));

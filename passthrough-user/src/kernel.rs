@@ -21,16 +21,17 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{
-        Array, HashMap, MapData, PerCpuArray, RingBuf,
+        Array, HashMap, MapData, PerCpuArray, RingBuf, SockHash,
         lpm_trie::{Key, LpmTrie},
     },
     programs::{
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, ProgramError, SockOps,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, ProgramError, SkSkb,
+        SockOps,
     },
 };
 use passthrough_common::{
     DomainPortKey, GlobalConfig, OrigDst, PeerKey, RangeBlock, RangeTable, RangeTableKey,
-    RuleKeyV6, RuleValue, WorkloadEntry, WorkloadKey, counter,
+    RelayCounts, RelayPeer, RuleKeyV6, RuleValue, WorkloadEntry, WorkloadKey, counter,
 };
 
 use crate::plan::KernelPlan;
@@ -64,6 +65,21 @@ pub const SOCK_OPS: &str = "passthrough_sock_ops";
 /// The `cgroup_skb/egress` backstop for raw and ping sockets, which no sock_addr hook sees
 /// (docs/security.md L1/L2).
 pub const SKB_EGRESS: &str = "passthrough_skb_egress";
+
+/// The `sk_skb/stream_verdict` program of the kernel relay, attached to `RELAY_SOCKS`
+/// (see [`Kernel::take_relay_maps`]).
+pub const RELAY_VERDICT: &str = "passthrough_relay";
+
+/// The kernel relay's maps, with the verdict program attached to `socks` (it stays attached
+/// while the map is open). See `proxy::kernel_relay`.
+pub struct RelayMaps {
+    /// `RELAY_SOCKS`: socket cookie → socket.
+    pub socks: SockHash<MapData, u64>,
+    /// `RELAY_PEERS`: socket cookie → peer and bytes the agent forwarded.
+    pub peers: HashMap<MapData, u64, RelayPeer>,
+    /// `RELAY_COUNTS`: socket cookie → bytes passed and redirected by the program.
+    pub counts: HashMap<MapData, u64, RelayCounts>,
+}
 
 /// Where the proxy listens, as the programs must know it.
 #[derive(Debug, Clone, Copy, Default)]
@@ -383,6 +399,18 @@ impl Kernel {
             name: SKB_EGRESS,
             source,
         })?;
+        let relay: &mut SkSkb = ebpf
+            .program_mut(RELAY_VERDICT)
+            .ok_or(KernelError::MissingProgram(RELAY_VERDICT))?
+            .try_into()
+            .map_err(|source| KernelError::Program {
+                name: RELAY_VERDICT,
+                source,
+            })?;
+        relay.load().map_err(|source| KernelError::Program {
+            name: RELAY_VERDICT,
+            source,
+        })?;
         let config = take(&mut ebpf, "CONFIG")?;
         let workloads = take(&mut ebpf, "WORKLOADS")?;
         let ranges_v4 = RangeArray::map(ebpf.take_map("RANGES_V4").ok_or(KernelError::Map(
@@ -451,6 +479,37 @@ impl Kernel {
     /// event reader owns it).
     pub fn take_deny_events(&mut self) -> Option<RingBuf<MapData>> {
         self.deny_events.take()
+    }
+
+    /// The kernel relay's maps with its verdict program attached. Taken once (the proxy owns
+    /// them); `None` when already taken.
+    pub fn take_relay_maps(&mut self) -> Result<Option<RelayMaps>, KernelError> {
+        let Some(socks) = self.ebpf.take_map("RELAY_SOCKS") else {
+            return Ok(None);
+        };
+        let socks: SockHash<MapData, u64> =
+            SockHash::try_from(socks).map_err(|e| KernelError::Map("RELAY_SOCKS", e))?;
+        let peers = take(&mut self.ebpf, "RELAY_PEERS")?;
+        let counts = take(&mut self.ebpf, "RELAY_COUNTS")?;
+        let prog: &mut SkSkb = self
+            .ebpf
+            .program_mut(RELAY_VERDICT)
+            .ok_or(KernelError::MissingProgram(RELAY_VERDICT))?
+            .try_into()
+            .map_err(|source| KernelError::Program {
+                name: RELAY_VERDICT,
+                source,
+            })?;
+        prog.attach(socks.fd())
+            .map_err(|source| KernelError::Program {
+                name: RELAY_VERDICT,
+                source,
+            })?;
+        Ok(Some(RelayMaps {
+            socks,
+            peers,
+            counts,
+        }))
     }
 
     /// The map the proxy looks accepted connections up in. Taken once (the proxy owns it).

@@ -34,6 +34,7 @@ pub mod dns;
 pub mod h1;
 pub mod http;
 pub mod http1;
+pub mod kernel_relay;
 pub mod orig_dst;
 pub mod peek;
 pub mod relay;
@@ -126,6 +127,9 @@ pub struct Proxy {
     dest: Destinations,
     // obs: denials and metrics (events.rs / metrics.rs).
     report: Arc<Reporter>,
+    /// Moves allowed TLS connections' bytes in the kernel ([`kernel_relay`]); `None`: all in
+    /// userspace.
+    kernel_relay: Option<Arc<kernel_relay::KernelRelay>>,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -172,7 +176,14 @@ impl Proxy {
             cfg,
             dest,
             report: Arc::new(Reporter::default()),
+            kernel_relay: None,
         })
+    }
+
+    /// Relays allowed TLS connections (and `--audit` pass-throughs) through `relay`.
+    pub fn with_kernel_relay(mut self, relay: Arc<kernel_relay::KernelRelay>) -> Self {
+        self.kernel_relay = Some(relay);
+        self
     }
 
     /// Reports denials and counts into `report` (and its metrics) instead of a private one.
@@ -233,9 +244,9 @@ impl Proxy {
 
     /// `--audit` for a connection refused before a name was judged: relay it, bytes as read,
     /// to its original destination.
-    async fn audit_passthrough(&self, mut client: TcpStream, first: Vec<u8>, ctx: &ConnInfo) {
+    async fn audit_passthrough(&self, client: TcpStream, first: Vec<u8>, ctx: &ConnInfo) {
         let target = ctx.rec.dst;
-        let mut upstream =
+        let upstream =
             match relay::connect(target, self.cfg.upstream_mark, self.cfg.connect_timeout).await {
                 Ok(u) => u,
                 Err(e) => {
@@ -243,7 +254,7 @@ impl Proxy {
                     return;
                 }
             };
-        self.relay_counted(&mut client, first, &mut upstream, ctx, target)
+        self.relay_counted(client, first, upstream, ctx, target)
             .await;
     }
 
@@ -276,13 +287,17 @@ impl Proxy {
 
     async fn relay_counted(
         &self,
-        client: &mut TcpStream,
+        mut client: TcpStream,
         first: Vec<u8>,
-        upstream: &mut TcpStream,
+        mut upstream: TcpStream,
         ctx: &ConnInfo,
         target: SocketAddr,
     ) {
-        match relay::relay(client, first, upstream).await {
+        let relayed = match &self.kernel_relay {
+            Some(kr) => kernel_relay::relay(kr, client, first, upstream).await,
+            None => relay::relay(&mut client, first, &mut upstream).await,
+        };
+        match relayed {
             Ok(n) => {
                 let (up, down) = self
                     .metrics()
@@ -455,7 +470,7 @@ impl Proxy {
 
     async fn tls(
         self: Arc<Self>,
-        mut client: TcpStream,
+        client: TcpStream,
         first: Vec<u8>,
         ctx: ConnInfo,
         hello: tls::ClientHello,
@@ -465,7 +480,7 @@ impl Proxy {
             Judgement::Allow(t) => t,
             Judgement::Deny(_) => return tls_refuse(client).await,
         };
-        let mut upstream =
+        let upstream =
             match relay::connect(target, self.cfg.upstream_mark, self.cfg.connect_timeout).await {
                 Ok(u) => u,
                 Err(e) => {
@@ -473,7 +488,7 @@ impl Proxy {
                     return;
                 }
             };
-        self.relay_counted(&mut client, first, &mut upstream, &ctx, target)
+        self.relay_counted(client, first, upstream, &ctx, target)
             .await;
     }
 

@@ -96,11 +96,145 @@ pub async fn relay(
     upstream.write_all(&first).await?;
     let first_len = first.len() as u64;
     drop(first); // an idle relayed connection keeps no userspace buffer
-    let (up, down) = tokio::try_join!(one_way(client, upstream), one_way(upstream, client))?;
+    let (up, down) = tokio::try_join!(
+        one_way(client, upstream, true),
+        one_way(upstream, client, true)
+    )?;
     Ok(Relayed {
         up: up + first_len,
         down,
     })
+}
+
+/// [`relay`] without `splice(2)` and without first bytes: for sockets in the kernel relay's
+/// map, whose bytes reach userspace only through `read()`.
+pub(crate) async fn relay_without_splice(
+    client: &mut TcpStream,
+    upstream: &mut TcpStream,
+) -> io::Result<Relayed> {
+    let (up, down) = tokio::try_join!(
+        one_way(client, upstream, false),
+        one_way(upstream, client, false)
+    )?;
+    Ok(Relayed { up, down })
+}
+
+/// Where [`relay_for_reads`] stopped.
+pub(crate) enum Phase {
+    /// Both directions are open; the reads are used up.
+    Continue,
+    /// One direction reached EOF (and its write side was shut down).
+    HalfClosed {
+        /// The client → upstream direction is the one that ended.
+        client_done: bool,
+    },
+}
+
+/// Relays both ways in userspace for `reads` reads that moved bytes (copy steps only), adding
+/// to `moved`; stops early at the first EOF.
+pub(crate) async fn relay_for_reads(
+    client: &TcpStream,
+    upstream: &TcpStream,
+    reads: u32,
+    moved: &mut Relayed,
+) -> io::Result<Phase> {
+    let mut left = reads;
+    while left > 0 {
+        let client_to_upstream = tokio::select! {
+            r = client.readable() => { r?; true }
+            r = upstream.readable() => { r?; false }
+        };
+        let (src, dst) = if client_to_upstream {
+            (client, upstream)
+        } else {
+            (upstream, client)
+        };
+        let n = match step(src, dst).await? {
+            None => continue,
+            Some(0) => {
+                let _ = socket2::SockRef::from(dst).shutdown(std::net::Shutdown::Write);
+                return Ok(Phase::HalfClosed {
+                    client_done: client_to_upstream,
+                });
+            }
+            Some(n) => n as u64,
+        };
+        if client_to_upstream {
+            moved.up += n;
+        } else {
+            moved.down += n;
+        }
+        left -= 1;
+    }
+    // Leave no partly read segment behind: the kernel relay's verdict program takes queued
+    // segments whole, so a read that stopped inside one would have its bytes sent twice. A
+    // short read (or none) empties the receive queue; reads of a full chunk go on.
+    for (src, dst, client_to_upstream) in [(client, upstream, true), (upstream, client, false)] {
+        loop {
+            let c = match copy_step(src.as_raw_fd(), dst.as_raw_fd()) {
+                Ok(c) => c,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            };
+            let (n, short) = match c {
+                Copied::Eof => {
+                    let _ = socket2::SockRef::from(dst).shutdown(std::net::Shutdown::Write);
+                    return Ok(Phase::HalfClosed {
+                        client_done: client_to_upstream,
+                    });
+                }
+                Copied::Done(n) => (n, n < COPY_CHUNK),
+                Copied::Partial(n, rest) => {
+                    write_rest(dst, &rest).await?;
+                    (n, n < COPY_CHUNK)
+                }
+            };
+            if client_to_upstream {
+                moved.up += n as u64;
+            } else {
+                moved.down += n as u64;
+            }
+            if short {
+                break;
+            }
+        }
+    }
+    Ok(Phase::Continue)
+}
+
+/// Finishes one direction in userspace (its other direction is already done).
+pub(crate) async fn one_way_to_end(
+    src: &TcpStream,
+    dst: &TcpStream,
+    splice: bool,
+) -> io::Result<u64> {
+    one_way(src, dst, splice).await
+}
+
+/// One copy step on a readable `src`: `None` when it had nothing after all, `Some(0)` at EOF,
+/// `Some(n)` when `n` bytes were read and written (waiting for room for a tail if needed).
+async fn step(src: &TcpStream, dst: &TcpStream) -> io::Result<Option<usize>> {
+    let mut done = None;
+    let r = src.try_io(Interest::READABLE, || {
+        let c = copy_step(src.as_raw_fd(), dst.as_raw_fd())?;
+        let drained = matches!(c, Copied::Done(n) | Copied::Partial(n, _) if n < COPY_CHUNK);
+        done = Some(c);
+        if drained {
+            Err(io::ErrorKind::WouldBlock.into())
+        } else {
+            Ok(())
+        }
+    });
+    match (r, done) {
+        (_, Some(Copied::Eof)) => Ok(Some(0)),
+        (_, Some(Copied::Done(n))) => Ok(Some(n)),
+        (_, Some(Copied::Partial(n, rest))) => {
+            write_rest(dst, &rest).await?;
+            Ok(Some(n))
+        }
+        (Err(e), None) if e.kind() != io::ErrorKind::WouldBlock => Err(e),
+        _ => Ok(None),
+    }
 }
 
 /// A non-blocking pipe.
@@ -239,7 +373,7 @@ async fn write_rest(dst: &TcpStream, mut rest: &[u8]) -> io::Result<()> {
 
 /// Moves `src` → `dst` until EOF on `src`, then shuts down `dst`'s write side: copy steps
 /// while the reads are small, then `src` → pipe → `dst` (see the module doc).
-async fn one_way(src: &TcpStream, dst: &TcpStream) -> io::Result<u64> {
+async fn one_way(src: &TcpStream, dst: &TcpStream, splice: bool) -> io::Result<u64> {
     let mut total = 0u64;
     let mut large_reads = 0u32;
     let mut bulk = |n: usize| {
@@ -283,7 +417,8 @@ async fn one_way(src: &TcpStream, dst: &TcpStream) -> io::Result<u64> {
             Err(e) => return Err(e),
         };
         total += n as u64;
-        if bulk(n)
+        if splice
+            && bulk(n)
             && let Ok(pipe) = Pipe::take()
         {
             let spliced = splice_until_eof(src, &pipe, dst).await?;
