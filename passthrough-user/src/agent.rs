@@ -100,7 +100,7 @@ pub struct RunArgs {
     /// Userspace reads after which an allowed TLS connection's bytes are moved by the kernel
     /// (sockmap) instead of the proxy; `off`: always in userspace (docs/design.md, kernel
     /// relay).
-    #[arg(long, value_name = "READS|off", default_value = "4", value_parser = parse_kernel_relay)]
+    #[arg(long, value_name = "READS|off", default_value = "16", value_parser = parse_kernel_relay)]
     pub kernel_relay_after: KernelRelayAfter,
 }
 

@@ -184,6 +184,12 @@ pub async fn relay(
             }
             return Ok(moved);
         }
+        super::relay::Phase::Bulk => {
+            let rest = super::relay::relay(&mut client, Vec::new(), &mut upstream).await?;
+            moved.up += rest.up;
+            moved.down += rest.down;
+            return Ok(moved);
+        }
         super::relay::Phase::Continue => {}
     }
     let cookies = [cookie(&client)?, cookie(&upstream)?];

@@ -123,6 +123,9 @@ pub(crate) async fn relay_without_splice(
 pub(crate) enum Phase {
     /// Both directions are open; the reads are used up.
     Continue,
+    /// A read filled the copy buffer: a bulk transfer, which `splice(2)` moves faster than
+    /// the kernel relay (BENCHMARKS.md); nothing was left half-read.
+    Bulk,
     /// One direction reached EOF (and its write side was shut down).
     HalfClosed {
         /// The client → upstream direction is the one that ended.
@@ -139,6 +142,7 @@ pub(crate) async fn relay_for_reads(
     moved: &mut Relayed,
 ) -> io::Result<Phase> {
     let mut left = reads;
+    let mut bulk = false;
     while left > 0 {
         let client_to_upstream = tokio::select! {
             r = client.readable() => { r?; true }
@@ -157,7 +161,10 @@ pub(crate) async fn relay_for_reads(
                     client_done: client_to_upstream,
                 });
             }
-            Some(n) => n as u64,
+            Some(n) => {
+                bulk |= n == COPY_CHUNK;
+                n as u64
+            }
         };
         if client_to_upstream {
             moved.up += n;
@@ -197,9 +204,10 @@ pub(crate) async fn relay_for_reads(
             if short {
                 break;
             }
+            bulk = true;
         }
     }
-    Ok(Phase::Continue)
+    Ok(if bulk { Phase::Bulk } else { Phase::Continue })
 }
 
 /// Finishes one direction in userspace (its other direction is already done).

@@ -121,15 +121,19 @@ struct Plan {
 enum Row {
     Direct,
     Ours,
+    /// The agent with `--kernel-relay-after off` (TLS tables): the same-run before/after of
+    /// the kernel relay.
+    OursUserspace,
     Nginx,
     Haproxy,
     HaproxySplice,
     Envoy,
 }
 
-const ROWS: [Row; 6] = [
+const ROWS: [Row; 7] = [
     Row::Direct,
     Row::Ours,
+    Row::OursUserspace,
     Row::Nginx,
     Row::Haproxy,
     Row::HaproxySplice,
@@ -141,6 +145,7 @@ impl Row {
         match self {
             Row::Direct => "direct",
             Row::Ours => "ours",
+            Row::OursUserspace => "ours-userspace",
             Row::Nginx => "nginx",
             Row::Haproxy => "haproxy",
             Row::HaproxySplice => "haproxy-splice",
@@ -233,6 +238,7 @@ fn main() -> anyhow::Result<()> {
     let mut rounds = None;
     let mut out = PathBuf::from("target/bench/compare-proxy.jsonl");
     let mut only: Option<Vec<String>> = None;
+    let mut agent_args: Vec<String> = Vec::new();
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -246,6 +252,9 @@ fn main() -> anyhow::Result<()> {
                 )
             }
             "--out" => out = PathBuf::from(it.next().context("--out needs a path")?),
+            "--agent-arg" => {
+                agent_args.push(it.next().context("--agent-arg needs a value")?.clone())
+            }
             "--tables" => {
                 let list = it.next().context("--tables needs a list")?;
                 let wanted: Vec<String> = list.split(',').map(str::to_string).collect();
@@ -258,7 +267,9 @@ fn main() -> anyhow::Result<()> {
                 only = Some(wanted);
             }
             other => {
-                bail!("unknown argument {other:?} (--quick, --rounds N, --out PATH, --tables a,b)")
+                bail!(
+                    "unknown argument {other:?} (--quick, --rounds N, --out PATH, --tables a,b, --agent-arg ARG)"
+                )
             }
         }
     }
@@ -312,13 +323,26 @@ fn main() -> anyhow::Result<()> {
     // SAFETY: no other thread of this process reads the environment while this runs (the DNS
     // server's runtime only answers queries); the agent inherits the variable.
     unsafe { std::env::set_var("TOKIO_WORKER_THREADS", "1") };
-    let agent = Agent::builder()
-        .policy(&policy)
-        .cgroup(cg.path())
-        .arg("--resolver")
-        .arg(&dns.addr.to_string())
-        .start()?;
-    pin_process(agent.pid(), 0)?;
+    let dns_addr = dns.addr.to_string();
+    let start_agent = |userspace: bool| -> anyhow::Result<Agent> {
+        let mut builder = Agent::builder()
+            .policy(&policy)
+            .cgroup(cg.path())
+            .arg("--resolver")
+            .arg(&dns_addr);
+        for a in &agent_args {
+            builder = builder.arg(a);
+        }
+        if userspace {
+            builder = builder.arg("--kernel-relay-after").arg("off");
+        }
+        let agent = builder.start()?;
+        pin_process(agent.pid(), 0)?;
+        Ok(agent)
+    };
+    // The running agent and whether it relays TLS in userspace; swapped (outside the workload
+    // cgroup) when a row needs the other one.
+    let mut agent = Some((start_agent(false)?, false));
 
     let peers = Peers::start(dir.path(), &envoy, host_c)?;
     let hosts = |name: &str, ip: IpAddr| -> anyhow::Result<PathBuf> {
@@ -341,11 +365,19 @@ fn main() -> anyhow::Result<()> {
                 cpu_pid: None,
                 hosts: hosts("direct", host_c)?,
             },
+            // The agent's pid is looked up per measurement (it changes when swapped).
             Row::Ours => Endpoints {
                 tls: at(host_a, ORIGIN_TLS),
                 http: Some(at(host_a, ORIGIN_HTTP)),
                 h2c: Some(at(host_a, ORIGIN_H2C)),
-                cpu_pid: Some(agent.pid()),
+                cpu_pid: None,
+                hosts: hosts("ours", host_a)?,
+            },
+            Row::OursUserspace => Endpoints {
+                tls: at(host_a, ORIGIN_TLS),
+                http: None,
+                h2c: None,
+                cpu_pid: None,
                 hosts: hosts("ours", host_a)?,
             },
             Row::Nginx => Endpoints {
@@ -385,7 +417,7 @@ fn main() -> anyhow::Result<()> {
     }
     // From here on this process and everything it starts is a pinned client in the workload.
     pin_process(std::process::id(), 1)?;
-    let _inside = MoveBack::into(&cg)?;
+    let mut inside = Some(MoveBack::into(&cg)?);
     let wrk_script = dir.path().join("report.lua");
     std::fs::write(&wrk_script, WRK_SCRIPT)?;
     if let Some(parent) = out.parent() {
@@ -424,11 +456,26 @@ fn main() -> anyhow::Result<()> {
                 let Some(addr) = e.addr(table.proto()) else {
                     continue;
                 };
-                let cpu0 = e.cpu_pid.map(cpu_ticks).transpose()?;
+                let mut cpu_pid = e.cpu_pid;
+                if matches!(row, Row::Ours | Row::OursUserspace) {
+                    let userspace = *row == Row::OursUserspace;
+                    if agent.as_ref().is_none_or(|a| a.1 != userspace) {
+                        // Stop the old agent first (one agent per cgroup), and start the new
+                        // one from outside the workload cgroup, as at first.
+                        drop(agent.take());
+                        drop(inside.take());
+                        agent = Some((start_agent(userspace)?, userspace));
+                        inside = Some(MoveBack::into(&cg)?);
+                    }
+                    cpu_pid = agent.as_ref().map(|a| a.0.pid());
+                }
+                let cpu0 = cpu_pid.map(cpu_ticks).transpose()?;
+                let node0 = node_busy_ticks()?;
                 let m = bench
                     .measure(&rt, table, addr, &e.hosts)
                     .with_context(|| format!("{} via {} (round {round})", table.id(), row.id()))?;
-                let cpu = match (e.cpu_pid, cpu0) {
+                let node_us = (node_busy_ticks()? - node0) as f64 * 1e6 / clock_ticks();
+                let cpu = match (cpu_pid, cpu0) {
                     (Some(pid), Some(c0)) => {
                         Some((cpu_ticks(pid)? - c0) as f64 * 1e6 / clock_ticks())
                     }
@@ -448,6 +495,23 @@ fn main() -> anyhow::Result<()> {
                         emit(&mut sink, "req_per_s", m.req_per_s)?;
                         emit(&mut sink, "mb_per_s", m.mb_per_s)?;
                     }
+                }
+                // Every CPU's busy time (client, origin, proxy and kernel work such as the
+                // kernel relay's, which no process is charged for); the proxy's share is the
+                // difference to the direct path's.
+                if m.requests > 0 && table != Table::TlsBulk {
+                    emit(
+                        &mut sink,
+                        "node_cpu_us_per_req",
+                        node_us / m.requests as f64,
+                    )?;
+                }
+                if m.bytes > 0 {
+                    emit(
+                        &mut sink,
+                        "node_cpu_us_per_mb",
+                        node_us / (m.bytes as f64 / 1e6),
+                    )?;
                 }
                 if let Some(cpu_us) = cpu {
                     // A bulk "request" is a 16 MiB body: per MB is its figure.
@@ -482,7 +546,7 @@ fn main() -> anyhow::Result<()> {
         out.display(),
         t_start.elapsed().as_secs_f64()
     );
-    drop(_inside);
+    drop(inside);
     drop(peers);
     drop(agent);
     drop(origin);
@@ -1279,6 +1343,26 @@ fn pin_process(pid: u32, cpu: usize) -> anyhow::Result<()> {
 }
 
 /// utime + stime (clock ticks) of `pid` and its children.
+/// Busy clock ticks of all CPUs together (`/proc/stat`: all but idle and iowait).
+fn node_busy_ticks() -> anyhow::Result<u64> {
+    let stat = std::fs::read_to_string("/proc/stat").context("/proc/stat")?;
+    let line = stat
+        .lines()
+        .find(|l| l.starts_with("cpu "))
+        .context("/proc/stat: no cpu line")?;
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|v| v.parse::<u64>())
+        .collect::<Result<_, _>>()
+        .context("/proc/stat: cpu line")?;
+    // user nice system idle iowait irq softirq steal (guest time is inside user already).
+    let busy: u64 = f.iter().take(8).sum::<u64>()
+        - f.get(3).copied().unwrap_or(0)
+        - f.get(4).copied().unwrap_or(0);
+    Ok(busy)
+}
+
 fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .with_context(|| format!("/proc/{pid}/stat"))?;
