@@ -97,10 +97,11 @@ pub struct RunArgs {
     /// (docs/security.md L1, L2).
     #[arg(long)]
     pub no_raw_socket_backstop: bool,
-    /// Userspace reads after which an allowed TLS connection's bytes are moved by the kernel
-    /// (sockmap) instead of the proxy; `off`: always in userspace (docs/design.md, kernel
-    /// relay).
-    #[arg(long, value_name = "READS|off", default_value = "16", value_parser = parse_kernel_relay)]
+    /// Opt-in kernel relay: after this many userspace reads, an allowed TLS connection's bytes
+    /// are moved by the kernel (sockmap) instead of the proxy. Raises requests/s of busy
+    /// keep-alive TLS connections but costs more CPU per request and adds latency at low rates
+    /// (BENCHMARKS.md); `off` (default): always in userspace. See docs/design.md.
+    #[arg(long, value_name = "READS|off", default_value = "off", value_parser = parse_kernel_relay)]
     pub kernel_relay_after: KernelRelayAfter,
 }
 
@@ -464,12 +465,20 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         let mut proxy =
             Proxy::new(Arc::new(orig), proxy_state.clone(), cfg)?.with_reporter(reporter.clone());
         if let KernelRelayAfter::Reads(reads) = args.kernel_relay_after {
-            let maps = kernel
-                .take_relay_maps()?
-                .context("kernel relay maps already taken")?;
-            proxy = proxy.with_kernel_relay(Arc::new(
-                crate::proxy::kernel_relay::KernelRelay::new(maps, reads),
-            ));
+            // An accelerator, not a control: without it every byte still flows, in userspace.
+            match kernel.take_relay_maps() {
+                Ok(Some(maps)) => {
+                    info!(
+                        after_reads = reads,
+                        "kernel relay on for allowed TLS connections"
+                    );
+                    proxy = proxy.with_kernel_relay(Arc::new(
+                        crate::proxy::kernel_relay::KernelRelay::new(maps, reads),
+                    ));
+                }
+                Ok(None) => warn!("kernel relay maps already taken; relaying in userspace"),
+                Err(e) => warn!(error = %e, "kernel relay unavailable; relaying in userspace"),
+            }
         }
         let proxy = Arc::new(proxy);
         for l in proxy_listeners {

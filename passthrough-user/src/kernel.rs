@@ -399,18 +399,6 @@ impl Kernel {
             name: SKB_EGRESS,
             source,
         })?;
-        let relay: &mut SkSkb = ebpf
-            .program_mut(RELAY_VERDICT)
-            .ok_or(KernelError::MissingProgram(RELAY_VERDICT))?
-            .try_into()
-            .map_err(|source| KernelError::Program {
-                name: RELAY_VERDICT,
-                source,
-            })?;
-        relay.load().map_err(|source| KernelError::Program {
-            name: RELAY_VERDICT,
-            source,
-        })?;
         let config = take(&mut ebpf, "CONFIG")?;
         let workloads = take(&mut ebpf, "WORKLOADS")?;
         let ranges_v4 = RangeArray::map(ebpf.take_map("RANGES_V4").ok_or(KernelError::Map(
@@ -481,9 +469,24 @@ impl Kernel {
         self.deny_events.take()
     }
 
-    /// The kernel relay's maps with its verdict program attached. Taken once (the proxy owns
-    /// them); `None` when already taken.
+    /// Loads the kernel relay's verdict program and attaches it to its map; returns the maps.
+    /// Taken once (the proxy owns them); `None` when already taken. Loaded only here, so a
+    /// kernel without sockmap support (`CONFIG_BPF_STREAM_PARSER`) fails only this call and
+    /// the agent can go on relaying in userspace.
     pub fn take_relay_maps(&mut self) -> Result<Option<RelayMaps>, KernelError> {
+        let prog: &mut SkSkb = self
+            .ebpf
+            .program_mut(RELAY_VERDICT)
+            .ok_or(KernelError::MissingProgram(RELAY_VERDICT))?
+            .try_into()
+            .map_err(|source| KernelError::Program {
+                name: RELAY_VERDICT,
+                source,
+            })?;
+        prog.load().map_err(|source| KernelError::Program {
+            name: RELAY_VERDICT,
+            source,
+        })?;
         let Some(socks) = self.ebpf.take_map("RELAY_SOCKS") else {
             return Ok(None);
         };

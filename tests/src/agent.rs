@@ -320,6 +320,20 @@ impl Agent {
         http_get(self.admin, path)
     }
 
+    /// Sum of the `/metrics` samples of `name` whose line contains `label` (e.g.
+    /// `protocol="timeout"`; empty: all of them).
+    pub fn metric(&self, name: &str, label: &str) -> f64 {
+        let (code, body) = self.get("/metrics").expect("GET /metrics");
+        assert_eq!(code, 200, "GET /metrics");
+        body.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter(|l| {
+                l.split(['{', ' ']).next() == Some(name) && (label.is_empty() || l.contains(label))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
     /// SIGKILL, as an OOM kill or crash would; waits for the process. Pins stay.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {

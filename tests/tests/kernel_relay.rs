@@ -3,7 +3,7 @@
 //! and the relay between them. Every stream is checked byte for byte, so a reordered, lost or
 //! duplicated segment fails the test, and so does a half-close that overtakes data.
 
-use std::{sync::Arc, time::Duration};
+use std::{os::fd::AsRawFd, sync::Arc, time::Duration};
 
 use passthrough_tests::require_kernel;
 use passthrough_user::{
@@ -137,6 +137,9 @@ async fn request_response_then_half_closes_arrive_intact() {
             let down: u64 =
                 (0..60u32).map(|i| 1 + (i as u64 * 101) % 9000).sum::<u64>() + last.len() as u64;
             assert_eq!((n.up, n.down), (up, down), "after={after} v6={v6}");
+            // 120 small reads: past 0 and 4 the connection moved into the kernel; 1000 never
+            // came.
+            assert_eq!(n.in_kernel, after < 1000, "after={after} v6={v6}");
         }
     }
 }
@@ -147,7 +150,10 @@ async fn bulk_both_ways_at_once_arrives_intact() {
         return;
     }
     let r = rig(0);
-    let (client, origin, task) = connect_through(r.relay.clone(), Vec::new(), false).await;
+    let (mut client, mut origin, task) = connect_through(r.relay.clone(), Vec::new(), false).await;
+    // One small exchange first: the switch (at once, `after_reads` 0) happens before the bulk
+    // starts, so the bulk runs in the kernel.
+    exchanges(&mut client, &mut origin, 1, 5).await;
     let up = pattern(24 << 20, 1);
     let down = pattern(24 << 20, 2);
     let (mut cr, mut cw) = client.into_split();
@@ -183,7 +189,41 @@ async fn bulk_both_ways_at_once_arrives_intact() {
         down.len()
     );
     let n = task.await.unwrap().expect("relay ok");
-    assert_eq!((n.up, n.down), (up.len() as u64, down.len() as u64));
+    assert_eq!((n.up - 1, n.down - 1), (up.len() as u64, down.len() as u64));
+    assert!(n.in_kernel);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_transfer_among_the_first_reads_stays_in_userspace() {
+    if !require_kernel() {
+        return;
+    }
+    // A download that starts within the first reads fills the copy buffer: the connection
+    // keeps the userspace relay (splice), which moves bulk faster than the kernel relay.
+    let r = rig(16);
+    let (mut client, mut origin, task) = connect_through(r.relay.clone(), Vec::new(), false).await;
+    exchanges(&mut client, &mut origin, 1, 9).await;
+    let body = pattern(8 << 20, 3);
+    let sent = body.clone();
+    let writer = tokio::spawn(async move {
+        origin.write_all(&sent).await.unwrap();
+        origin.shutdown().await.unwrap();
+        origin
+    });
+    let mut got = vec![0; body.len()];
+    client.read_exact(&mut got).await.unwrap();
+    assert!(got == body, "the download arrived altered");
+    client.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    client.read_to_end(&mut rest).await.unwrap();
+    assert!(rest.is_empty());
+    drop(writer.await.unwrap());
+    let n = task.await.unwrap().expect("relay ok");
+    assert!(
+        !n.in_kernel,
+        "the bulk transfer was moved into the kernel relay"
+    );
+    assert_eq!(n.down, 1 + body.len() as u64);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -260,4 +300,142 @@ async fn a_reset_origin_ends_the_relay_and_frees_its_entries() {
         .expect("client sees the end");
     assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
     assert_eq!(r.relay.entries(), 0, "map entries left behind");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_connections_leave_no_map_entries() {
+    if !require_kernel() {
+        return;
+    }
+    let r = rig(0);
+    for i in 0..20 {
+        let (mut client, mut origin, task) =
+            connect_through(r.relay.clone(), Vec::new(), i % 2 == 1).await;
+        exchanges(&mut client, &mut origin, 3, i).await;
+        client.shutdown().await.unwrap();
+        origin.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).await.unwrap();
+        origin.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
+        assert!(task.await.unwrap().expect("relay ok").in_kernel);
+    }
+    assert_eq!(r.relay.entries(), 0, "map entries left behind");
+}
+
+/// The verdict program's contract, with this test acting as the agent on the raw maps: a
+/// segment is passed to userspace until the agent has forwarded every passed byte, redirected
+/// after that, passed again when the peer has left the map, and a bare FIN is not forwarded.
+#[test]
+fn the_verdict_program_redirects_only_behind_the_gate() {
+    use passthrough_common::{RelayCounts, RelayPeer};
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    if !require_kernel() {
+        return;
+    }
+    let mut kernel =
+        Kernel::load(Capacities::default(), 0, 0, Default::default(), None).expect("load");
+    let mut maps = kernel.take_relay_maps().unwrap().unwrap();
+    let pair = || {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (a, _) = l.accept().unwrap();
+        (c, a)
+    };
+    let (mut client, mut accepted) = pair();
+    let (mut upstream, mut origin) = pair();
+    origin.set_nonblocking(true).unwrap();
+    accepted.set_nonblocking(true).unwrap();
+    let cookie = |s: &TcpStream| socket2::SockRef::from(s).cookie().unwrap();
+    let (ca, cu) = (cookie(&accepted), cookie(&upstream));
+    let settle = || std::thread::sleep(Duration::from_millis(50));
+    let origin_got = |o: &mut TcpStream| {
+        let mut buf = [0u8; 64];
+        match o.read(&mut buf) {
+            Ok(n) => buf[..n].to_vec(),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Vec::new(),
+            Err(e) => panic!("origin read: {e}"),
+        }
+    };
+    for c in [ca, cu] {
+        maps.counts.insert(c, RelayCounts::default(), 0).unwrap();
+    }
+    maps.socks.insert(cu, upstream.as_raw_fd(), 0).unwrap();
+    maps.socks.insert(ca, accepted.as_raw_fd(), 0).unwrap();
+
+    // No peer entry: passed, readable here.
+    client.write_all(b"first").unwrap();
+    settle();
+    assert_eq!(maps.counts.get(&ca, 0).unwrap().passed, 5);
+    // Peer set but the 5 passed bytes not forwarded yet: the gate stays shut.
+    maps.peers
+        .insert(
+            ca,
+            RelayPeer {
+                peer: cu,
+                drained: 0,
+            },
+            0,
+        )
+        .unwrap();
+    client.write_all(b"second").unwrap();
+    settle();
+    let c = maps.counts.get(&ca, 0).unwrap();
+    assert_eq!(
+        (c.passed, c.redirected),
+        (11, 0),
+        "redirected past unforwarded bytes"
+    );
+    assert!(origin_got(&mut origin).is_empty());
+    // The agent forwards what was passed, then publishes it: the gate opens.
+    let mut held = [0u8; 64];
+    let n = accepted.read(&mut held).unwrap();
+    assert_eq!(&held[..n], b"firstsecond");
+    upstream.write_all(&held[..n]).unwrap();
+    maps.peers
+        .insert(
+            ca,
+            RelayPeer {
+                peer: cu,
+                drained: 11,
+            },
+            0,
+        )
+        .unwrap();
+    client.write_all(b"third").unwrap();
+    settle();
+    let c = maps.counts.get(&ca, 0).unwrap();
+    assert_eq!((c.passed, c.redirected), (11, 5));
+    assert_eq!(origin_got(&mut origin), b"firstsecondthird");
+    // A bare FIN is dropped, not redirected (a zero-byte send would break the peer's pipe).
+    client.shutdown(std::net::Shutdown::Write).unwrap();
+    settle();
+    assert!(
+        socket2::SockRef::from(&upstream)
+            .take_error()
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(maps.counts.get(&ca, 0).unwrap().redirected, 5);
+    // The other way, with the peer gone from the map: passed to userspace, not lost.
+    maps.counts.insert(cu, RelayCounts::default(), 0).unwrap();
+    maps.peers
+        .insert(
+            cu,
+            RelayPeer {
+                peer: ca,
+                drained: 0,
+            },
+            0,
+        )
+        .unwrap();
+    maps.socks.remove(&ca).unwrap();
+    origin.write_all(b"back").unwrap();
+    settle();
+    let c = maps.counts.get(&cu, 0).unwrap();
+    assert_eq!((c.passed, c.redirected), (4, 0));
+    upstream.set_nonblocking(true).unwrap();
+    let n = upstream.read(&mut held).unwrap();
+    assert_eq!(&held[..n], b"back");
 }

@@ -164,17 +164,8 @@ fn cpu_ticks(pid: u32) -> u64 {
     f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
 }
 
-/// Sum of the samples of metric `name` whose line contains `label` (e.g. `protocol="timeout"`).
 fn metric(agent: &Agent, name: &str, label: &str) -> f64 {
-    let (code, body) = agent.get("/metrics").unwrap();
-    assert_eq!(code, 200);
-    body.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| {
-            l.split(['{', ' ']).next() == Some(name) && (label.is_empty() || l.contains(label))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    agent.metric(name, label)
 }
 
 /// Moves this process into a cgroup and, on drop, back where it was (the test cgroup's own drop

@@ -165,7 +165,7 @@ pub async fn relay(
     upstream.write_all(&first).await?;
     let mut moved = Relayed {
         up: first.len() as u64,
-        down: 0,
+        ..Relayed::default()
     };
     drop(first);
     match super::relay::relay_for_reads(&client, &upstream, kr.after_reads, &mut moved).await? {
@@ -272,6 +272,7 @@ pub async fn relay(
     let c = [kr.counts(cookies[0])?, kr.counts(cookies[1])?];
     moved.up += ways[0].drained + c[0].redirected;
     moved.down += ways[1].drained + c[1].redirected;
+    moved.in_kernel = true;
     drop(ways);
     drop(watch);
     drop(guard);
@@ -282,7 +283,9 @@ pub async fn relay(
 /// open (every passed byte forwarded); on EOF waits for the redirected bytes to reach `dst`'s
 /// send queue and shuts `dst`'s write side.
 async fn drain(kr: &KernelRelay, way: &mut Way, dst: &std::net::TcpStream) -> io::Result<()> {
-    let mut buf = [0u8; 16 * 1024];
+    // On the heap: this runs only at the switch and at EOF, and a buffer held across the
+    // awaits below would otherwise sit in every connection's future.
+    let mut buf = vec![0u8; 16 * 1024];
     let mut idle_checks = 0u32;
     loop {
         // SAFETY: reads into our own buffer.

@@ -304,6 +304,7 @@ impl Proxy {
                     .bytes_counters(&self.metrics().workload_name(ctx.rec.workload));
                 up.inc_by(n.up);
                 down.inc_by(n.down);
+                self.metrics().relay_ended(n.in_kernel);
                 debug!(
                     target: "passthrough::proxy",
                     peer = %ctx.peer, %target, up = n.up, down = n.down, "relay done"

@@ -84,6 +84,8 @@ pub struct Relayed {
     pub up: u64,
     /// Upstream → client.
     pub down: u64,
+    /// The connection ended in the kernel relay (`kernel_relay`), not in userspace.
+    pub in_kernel: bool,
 }
 
 /// Writes `first` (the bytes already read from the client) to `upstream` and frees it, then
@@ -103,6 +105,7 @@ pub async fn relay(
     Ok(Relayed {
         up: up + first_len,
         down,
+        in_kernel: false,
     })
 }
 
@@ -116,7 +119,11 @@ pub(crate) async fn relay_without_splice(
         one_way(client, upstream, false),
         one_way(upstream, client, false)
     )?;
-    Ok(Relayed { up, down })
+    Ok(Relayed {
+        up,
+        down,
+        in_kernel: false,
+    })
 }
 
 /// Where [`relay_for_reads`] stopped.
@@ -557,7 +564,8 @@ mod tests {
             relayed,
             Relayed {
                 up: 5 + 800 + (3 << 20),
-                down: 800 + (5 << 20)
+                down: 800 + (5 << 20),
+                in_kernel: false,
             }
         );
     }

@@ -121,9 +121,9 @@ struct Plan {
 enum Row {
     Direct,
     Ours,
-    /// The agent with `--kernel-relay-after off` (TLS tables): the same-run before/after of
-    /// the kernel relay.
-    OursUserspace,
+    /// The agent with `--kernel-relay-after 16` (TLS tables): the same-run before/after of
+    /// the opt-in kernel relay.
+    OursKernelRelay,
     Nginx,
     Haproxy,
     HaproxySplice,
@@ -133,7 +133,7 @@ enum Row {
 const ROWS: [Row; 7] = [
     Row::Direct,
     Row::Ours,
-    Row::OursUserspace,
+    Row::OursKernelRelay,
     Row::Nginx,
     Row::Haproxy,
     Row::HaproxySplice,
@@ -145,7 +145,7 @@ impl Row {
         match self {
             Row::Direct => "direct",
             Row::Ours => "ours",
-            Row::OursUserspace => "ours-userspace",
+            Row::OursKernelRelay => "ours-kernel-relay",
             Row::Nginx => "nginx",
             Row::Haproxy => "haproxy",
             Row::HaproxySplice => "haproxy-splice",
@@ -324,7 +324,7 @@ fn main() -> anyhow::Result<()> {
     // server's runtime only answers queries); the agent inherits the variable.
     unsafe { std::env::set_var("TOKIO_WORKER_THREADS", "1") };
     let dns_addr = dns.addr.to_string();
-    let start_agent = |userspace: bool| -> anyhow::Result<Agent> {
+    let start_agent = |kernel_relay: bool| -> anyhow::Result<Agent> {
         let mut builder = Agent::builder()
             .policy(&policy)
             .cgroup(cg.path())
@@ -333,14 +333,14 @@ fn main() -> anyhow::Result<()> {
         for a in &agent_args {
             builder = builder.arg(a);
         }
-        if userspace {
-            builder = builder.arg("--kernel-relay-after").arg("off");
+        if kernel_relay {
+            builder = builder.arg("--kernel-relay-after").arg("16");
         }
         let agent = builder.start()?;
         pin_process(agent.pid(), 0)?;
         Ok(agent)
     };
-    // The running agent and whether it relays TLS in userspace; swapped (outside the workload
+    // The running agent and whether it has the kernel relay on; swapped (outside the workload
     // cgroup) when a row needs the other one.
     let mut agent = Some((start_agent(false)?, false));
 
@@ -373,7 +373,7 @@ fn main() -> anyhow::Result<()> {
                 cpu_pid: None,
                 hosts: hosts("ours", host_a)?,
             },
-            Row::OursUserspace => Endpoints {
+            Row::OursKernelRelay => Endpoints {
                 tls: at(host_a, ORIGIN_TLS),
                 http: None,
                 h2c: None,
@@ -457,14 +457,14 @@ fn main() -> anyhow::Result<()> {
                     continue;
                 };
                 let mut cpu_pid = e.cpu_pid;
-                if matches!(row, Row::Ours | Row::OursUserspace) {
-                    let userspace = *row == Row::OursUserspace;
-                    if agent.as_ref().is_none_or(|a| a.1 != userspace) {
+                if matches!(row, Row::Ours | Row::OursKernelRelay) {
+                    let kernel_relay = *row == Row::OursKernelRelay;
+                    if agent.as_ref().is_none_or(|a| a.1 != kernel_relay) {
                         // Stop the old agent first (one agent per cgroup), and start the new
                         // one from outside the workload cgroup, as at first.
                         drop(agent.take());
                         drop(inside.take());
-                        agent = Some((start_agent(userspace)?, userspace));
+                        agent = Some((start_agent(kernel_relay)?, kernel_relay));
                         inside = Some(MoveBack::into(&cg)?);
                     }
                     cpu_pid = agent.as_ref().map(|a| a.0.pid());
