@@ -439,3 +439,31 @@ fn the_verdict_program_redirects_only_behind_the_gate() {
     let n = upstream.read(&mut held).unwrap();
     assert_eq!(&held[..n], b"back");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_reset_after_its_half_close_ends_the_relay() {
+    if !require_kernel() {
+        return;
+    }
+    // The client half-closes, then resets; the origin keeps its side open. The relay must end
+    // (as a userspace relay would, on its next write to the client) instead of waiting for an
+    // origin FIN that never comes.
+    let r = rig(0);
+    let (mut client, mut origin, task) = connect_through(r.relay.clone(), Vec::new(), false).await;
+    exchanges(&mut client, &mut origin, 2, 11).await;
+    client.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    origin.read_to_end(&mut rest).await.unwrap();
+    let std = client.into_std().unwrap();
+    socket2::SockRef::from(&std)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(std);
+    let res = tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("the relay ends after the client's reset")
+        .unwrap();
+    assert!(res.is_err(), "{res:?}");
+    drop(origin);
+    assert_eq!(r.relay.entries(), 0, "map entries left behind");
+}

@@ -253,12 +253,14 @@ pub async fn relay(
     while !(ways[0].done && ways[1].done) {
         let events = watch.wait().await?;
         for (i, ev) in events.into_iter().enumerate() {
-            if ev == 0 || ways[i].done {
-                continue;
-            }
+            // An error ends the relay even when this socket's own direction is done: the other
+            // direction writes to it, and in userspace that write would fail too.
             if ev & (libc::EPOLLERR as u32) != 0 {
                 let err = socket2::SockRef::from(&ways[i].src).take_error()?;
                 return Err(err.unwrap_or_else(|| io::ErrorKind::ConnectionReset.into()));
+            }
+            if ev == 0 || ways[i].done {
+                continue;
             }
             let (a, b) = ways.split_at_mut(1);
             let (way, dst) = if i == 0 {
