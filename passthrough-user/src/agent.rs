@@ -99,8 +99,8 @@ pub struct RunArgs {
     pub no_raw_socket_backstop: bool,
     /// Opt-in kernel relay: after this many userspace reads, an allowed TLS connection's bytes
     /// are moved by the kernel (sockmap) instead of the proxy. Raises requests/s of busy
-    /// keep-alive TLS connections but costs more CPU per request and adds latency at low rates
-    /// (BENCHMARKS.md); `off` (default): always in userspace. See docs/design.md.
+    /// keep-alive TLS connections but costs the node more CPU per request (BENCHMARKS.md);
+    /// `off` (default): always in userspace. See docs/design.md.
     #[arg(long, value_name = "READS|off", default_value = "off", value_parser = parse_kernel_relay)]
     pub kernel_relay_after: KernelRelayAfter,
 }

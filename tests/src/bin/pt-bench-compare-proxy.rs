@@ -16,7 +16,9 @@
 //! redirects to the proxy, which peeks SNI / Host / `:authority`, verifies the destination against
 //! a loopback DNS server (`bench.test` → A, answers cached) and splices (TLS) or proxies per request
 //! (HTTP). The agent runs with `TOKIO_WORKER_THREADS=1` (one tokio worker; its default is one per
-//! CPU). `nginx`, `haproxy`, `haproxy-splice`, `envoy`: peers on fixed `127.0.0.1` ports
+//! CPU). `ours-kernel-relay` (TLS tables): the same agent restarted with `--kernel-relay-after 16`
+//! (the opt-in sockmap relay); the agent is swapped, from outside the workload cgroup, whenever
+//! the next row needs the other one. `nginx`, `haproxy`, `haproxy-splice`, `envoy`: peers on fixed `127.0.0.1` ports
 //! (loopback is never redirected, SPEC §3 rule 1) routing `bench.test` to C and refusing every
 //! other name: nginx stream `ssl_preread` + `map` (others → a closed port, the client sees a
 //! reset); HAProxy `nbthread 1`, `mode tcp`, `req.ssl_sni` / `req.hdr(host)` with
@@ -50,6 +52,9 @@
 //! **CPU.** utime+stime of the proxy's processes (the process and its children: nginx master and
 //! worker) from `/proc/PID/stat` before and after each measurement, ÷ requests and ÷ MB (10^6
 //! bytes). `direct` has no proxy and gets no CPU metrics. For `ours` this is the whole agent.
+//! **Node CPU**: the busy time of all CPUs (`/proc/stat`, all but idle and iowait) over the same
+//! interval, ÷ requests and ÷ MB, for every row including `direct`: it also counts work no
+//! process is charged for (kernel workers, softirqs), which is where the kernel relay runs.
 //!
 //! **Rounds.** `--rounds N` (default 3) interleaved rounds; in every round every table runs every
 //! path back to back, the order rotating by round, `direct` included every time. Deny checks run
@@ -58,9 +63,11 @@
 //!
 //! **Output.** JSON lines in `--out` (default `target/bench/compare-proxy.jsonl`, truncated at
 //! start): `{"part":"proxy","table":…,"row":…,"size":null,"round":…,"metric":…,"value":…}` with
-//! metrics `req_per_s`, `mb_per_s`, `p50_us`, `p99_us`, `cpu_us_per_req`, `cpu_us_per_mb`; a
+//! metrics `req_per_s`, `mb_per_s`, `p50_us`, `p99_us`, `cpu_us_per_req`, `cpu_us_per_mb`,
+//! `node_cpu_us_per_req`, `node_cpu_us_per_mb`; a
 //! summary (medians, median of per-round ratios to direct) on stderr. `--tables a,b`: only those
-//! tables (e.g. to profile one scenario). `--quick`: a smoke run
+//! tables (e.g. to profile one scenario). `--agent-arg ARG` (repeatable): one more argument for
+//! every agent started. `--quick`: a smoke run
 //! (one round, 1 s measurements, < 90 s). Needs root, BPF, cgroup v2, iproute2 and the peers of
 //! `scripts/setup-peers.sh`; every peer runs from a config in a temp dir and is killed on exit.
 
