@@ -474,19 +474,12 @@ impl Kernel {
     /// kernel without sockmap support (`CONFIG_BPF_STREAM_PARSER`) fails only this call and
     /// the agent can go on relaying in userspace.
     pub fn take_relay_maps(&mut self) -> Result<Option<RelayMaps>, KernelError> {
-        let prog: &mut SkSkb = self
-            .ebpf
-            .program_mut(RELAY_VERDICT)
-            .ok_or(KernelError::MissingProgram(RELAY_VERDICT))?
-            .try_into()
+        self.relay_prog()?
+            .load()
             .map_err(|source| KernelError::Program {
                 name: RELAY_VERDICT,
                 source,
             })?;
-        prog.load().map_err(|source| KernelError::Program {
-            name: RELAY_VERDICT,
-            source,
-        })?;
         let Some(socks) = self.ebpf.take_map("RELAY_SOCKS") else {
             return Ok(None);
         };
@@ -494,16 +487,8 @@ impl Kernel {
             SockHash::try_from(socks).map_err(|e| KernelError::Map("RELAY_SOCKS", e))?;
         let peers = take(&mut self.ebpf, "RELAY_PEERS")?;
         let counts = take(&mut self.ebpf, "RELAY_COUNTS")?;
-        let prog: &mut SkSkb = self
-            .ebpf
-            .program_mut(RELAY_VERDICT)
-            .ok_or(KernelError::MissingProgram(RELAY_VERDICT))?
-            .try_into()
-            .map_err(|source| KernelError::Program {
-                name: RELAY_VERDICT,
-                source,
-            })?;
-        prog.attach(socks.fd())
+        self.relay_prog()?
+            .attach(socks.fd())
             .map_err(|source| KernelError::Program {
                 name: RELAY_VERDICT,
                 source,
@@ -513,6 +498,17 @@ impl Kernel {
             peers,
             counts,
         }))
+    }
+
+    fn relay_prog(&mut self) -> Result<&mut SkSkb, KernelError> {
+        self.ebpf
+            .program_mut(RELAY_VERDICT)
+            .ok_or(KernelError::MissingProgram(RELAY_VERDICT))?
+            .try_into()
+            .map_err(|source| KernelError::Program {
+                name: RELAY_VERDICT,
+                source,
+            })
     }
 
     /// The map the proxy looks accepted connections up in. Taken once (the proxy owns it).

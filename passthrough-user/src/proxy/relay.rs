@@ -229,6 +229,10 @@ pub(crate) async fn one_way_to_end(
 /// One copy step on a readable `src`: `None` when it had nothing after all, `Some(0)` at EOF,
 /// `Some(n)` when `n` bytes were read and written (waiting for room for a tail if needed).
 async fn step(src: &TcpStream, dst: &TcpStream) -> io::Result<Option<usize>> {
+    // A short read means the receive queue was empty at that instant: report WouldBlock to
+    // tokio so it clears the readiness now, instead of paying one more read() that fails with
+    // EAGAIN per message. Safe with edge-triggered epoll: tokio clears only the readiness event
+    // it saw, and bytes arriving later raise a new one.
     let mut done = None;
     let r = src.try_io(Interest::READABLE, || {
         let c = copy_step(src.as_raw_fd(), dst.as_raw_fd())?;
@@ -397,39 +401,13 @@ async fn one_way(src: &TcpStream, dst: &TcpStream, splice: bool) -> io::Result<u
     };
     loop {
         src.readable().await?;
-        // A short read means the receive queue was empty at that instant: report WouldBlock to
-        // tokio so it clears the readiness now, instead of paying one more read() that fails
-        // with EAGAIN per message. Safe with edge-triggered epoll: tokio clears only the
-        // readiness event it saw, and bytes arriving later raise a new one.
-        let mut done = None;
-        let step = src.try_io(Interest::READABLE, || {
-            let c = copy_step(src.as_raw_fd(), dst.as_raw_fd())?;
-            let drained = matches!(c, Copied::Done(n) | Copied::Partial(n, _) if n < COPY_CHUNK);
-            done = Some(c);
-            if drained {
-                Err(io::ErrorKind::WouldBlock.into())
-            } else {
-                Ok(())
-            }
-        });
-        let step = match (step, done) {
-            (_, Some(c)) => Ok(c),
-            (Err(e), None) => Err(e),
-            // Not reached (Ok comes only with a result); read again rather than panic.
-            (Ok(()), None) => continue,
-        };
-        let n = match step {
-            Ok(Copied::Eof) => {
+        let n = match step(src, dst).await? {
+            None => continue,
+            Some(0) => {
                 let _ = socket2::SockRef::from(dst).shutdown(std::net::Shutdown::Write);
                 return Ok(total);
             }
-            Ok(Copied::Done(n)) => n,
-            Ok(Copied::Partial(n, rest)) => {
-                write_rest(dst, &rest).await?;
-                n
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
+            Some(n) => n,
         };
         total += n as u64;
         if splice
