@@ -333,6 +333,11 @@ impl Proxy {
                 return;
             }
         };
+        // TCP_NODELAY on the listener: accepted sockets inherit it, which saves a
+        // `setsockopt` per connection (test `accepted_sockets_inherit_tcp_nodelay`).
+        let inherits_nodelay = socket2::SockRef::from(&listener)
+            .set_tcp_nodelay(true)
+            .is_ok();
         loop {
             let accepted = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -347,7 +352,7 @@ impl Proxy {
                         let _active = active;
                         tokio::select! {
                             _ = stop.cancelled() => {}
-                            _ = me.handle(stream, peer, local) => {}
+                            _ = me.handle(stream, peer, local, inherits_nodelay) => {}
                         }
                     });
                 }
@@ -360,7 +365,13 @@ impl Proxy {
         }
     }
 
-    async fn handle(self: Arc<Self>, mut client: TcpStream, peer: SocketAddr, local: SocketAddr) {
+    async fn handle(
+        self: Arc<Self>,
+        mut client: TcpStream,
+        peer: SocketAddr,
+        local: SocketAddr,
+        inherits_nodelay: bool,
+    ) {
         let Some(rec) = self.orig.take(peer, local) else {
             self.metrics().proxy_connection("no_original_destination");
             self.metrics()
@@ -372,7 +383,9 @@ impl Proxy {
             );
             return;
         };
-        let _ = client.set_nodelay(true);
+        if !inherits_nodelay {
+            let _ = client.set_nodelay(true);
+        }
         let mut buf = Vec::with_capacity(2048);
         let peek_start = Instant::now();
         let first = self.read_first(&mut client, &mut buf).await;
@@ -625,6 +638,16 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn accepted_sockets_inherit_tcp_nodelay() {
+        // `serve` relies on it instead of a `setsockopt` per connection.
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        socket2::SockRef::from(&l).set_tcp_nodelay(true).unwrap();
+        let _c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (a, _) = l.accept().await.unwrap();
+        assert!(a.nodelay().unwrap());
+    }
+
     /// Every accepted connection's task holds this future from accept on, relayed or idle:
     /// it was 6.3 KiB while the refusal's 4 KiB drain buffer lived in it, 3.3 KiB since that
     /// buffer is on the heap (only refusals allocate it). Boxing the protocol paths brought it
@@ -658,7 +681,7 @@ mod tests {
             )
             .unwrap(),
         );
-        let f = p.clone().handle(c, a, a);
+        let f = p.clone().handle(c, a, a, true);
         assert!(size(&f) <= 4096, "{} bytes", size(&f));
     }
 }
