@@ -27,7 +27,15 @@
 //!
 //! # What stays in userspace
 //! Nothing is decided here; the decision was made on the ClientHello. HTTP/1 and h2c are
-//! judged per request and never use this path.
+//! judged per request and never use this path. A connection whose first reads fill the copy
+//! buffer (a bulk transfer) keeps the userspace relay, whose `splice` moves bulk faster than
+//! the per-segment kernel work queue. Before the switch the userspace phase reads on until a
+//! short read on both sockets: the verdict program takes queued segments whole, so a segment
+//! left half read would have its read part sent twice.
+//!
+//! Off by default (`--kernel-relay-after`): it raises requests/s of busy keep-alive
+//! connections but costs the node more CPU per request than the userspace relay
+//! (BENCHMARKS.md, docs/design.md).
 
 use std::{
     io,
