@@ -282,6 +282,17 @@ pub fn check_pinned_layout(state_dir: &Path) -> Result<bool, String> {
     }
 }
 
+/// The object's program `name` as its type `T` (e.g. [`CgroupSockAddr`]).
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, KernelError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(KernelError::MissingProgram(name))?
+        .try_into()
+        .map_err(|source| KernelError::Program { name, source })
+}
+
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, KernelError>
 where
     T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
@@ -367,38 +378,22 @@ impl Kernel {
         }
         let mut ebpf = loader.load(object)?;
         for name in PROGRAMS {
-            let prog: &mut CgroupSockAddr = ebpf
-                .program_mut(name)
-                .ok_or(KernelError::MissingProgram(name))?
-                .try_into()
-                .map_err(|source| KernelError::Program { name, source })?;
-            prog.load()
+            program::<CgroupSockAddr>(&mut ebpf, name)?
+                .load()
                 .map_err(|source| KernelError::Program { name, source })?;
         }
-        let sock_ops: &mut SockOps = ebpf
-            .program_mut(SOCK_OPS)
-            .ok_or(KernelError::MissingProgram(SOCK_OPS))?
-            .try_into()
+        program::<SockOps>(&mut ebpf, SOCK_OPS)?
+            .load()
             .map_err(|source| KernelError::Program {
                 name: SOCK_OPS,
                 source,
             })?;
-        sock_ops.load().map_err(|source| KernelError::Program {
-            name: SOCK_OPS,
-            source,
-        })?;
-        let skb: &mut CgroupSkb = ebpf
-            .program_mut(SKB_EGRESS)
-            .ok_or(KernelError::MissingProgram(SKB_EGRESS))?
-            .try_into()
+        program::<CgroupSkb>(&mut ebpf, SKB_EGRESS)?
+            .load()
             .map_err(|source| KernelError::Program {
                 name: SKB_EGRESS,
                 source,
             })?;
-        skb.load().map_err(|source| KernelError::Program {
-            name: SKB_EGRESS,
-            source,
-        })?;
         let config = take(&mut ebpf, "CONFIG")?;
         let workloads = take(&mut ebpf, "WORKLOADS")?;
         let ranges_v4 = RangeArray::map(ebpf.take_map("RANGES_V4").ok_or(KernelError::Map(
@@ -474,7 +469,7 @@ impl Kernel {
     /// kernel without sockmap support (`CONFIG_BPF_STREAM_PARSER`) fails only this call and
     /// the agent can go on relaying in userspace.
     pub fn take_relay_maps(&mut self) -> Result<Option<RelayMaps>, KernelError> {
-        self.relay_prog()?
+        program::<SkSkb>(&mut self.ebpf, RELAY_VERDICT)?
             .load()
             .map_err(|source| KernelError::Program {
                 name: RELAY_VERDICT,
@@ -487,7 +482,7 @@ impl Kernel {
             SockHash::try_from(socks).map_err(|e| KernelError::Map("RELAY_SOCKS", e))?;
         let peers = take(&mut self.ebpf, "RELAY_PEERS")?;
         let counts = take(&mut self.ebpf, "RELAY_COUNTS")?;
-        self.relay_prog()?
+        program::<SkSkb>(&mut self.ebpf, RELAY_VERDICT)?
             .attach(socks.fd())
             .map_err(|source| KernelError::Program {
                 name: RELAY_VERDICT,
@@ -498,17 +493,6 @@ impl Kernel {
             peers,
             counts,
         }))
-    }
-
-    fn relay_prog(&mut self) -> Result<&mut SkSkb, KernelError> {
-        self.ebpf
-            .program_mut(RELAY_VERDICT)
-            .ok_or(KernelError::MissingProgram(RELAY_VERDICT))?
-            .try_into()
-            .map_err(|source| KernelError::Program {
-                name: RELAY_VERDICT,
-                source,
-            })
     }
 
     /// The map the proxy looks accepted connections up in. Taken once (the proxy owns it).
