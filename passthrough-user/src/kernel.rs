@@ -469,6 +469,10 @@ impl Kernel {
     /// kernel without sockmap support (`CONFIG_BPF_STREAM_PARSER`) fails only this call and
     /// the agent can go on relaying in userspace.
     pub fn take_relay_maps(&mut self) -> Result<Option<RelayMaps>, KernelError> {
+        // Taken already: the program is loaded and attached too (a second load would fail).
+        if self.ebpf.map("RELAY_SOCKS").is_none() {
+            return Ok(None);
+        }
         program::<SkSkb>(&mut self.ebpf, RELAY_VERDICT)?
             .load()
             .map_err(|source| KernelError::Program {

@@ -337,6 +337,7 @@ fn the_verdict_program_redirects_only_behind_the_gate() {
     let mut kernel =
         Kernel::load(Capacities::default(), 0, 0, Default::default(), None).expect("load");
     let mut maps = kernel.take_relay_maps().unwrap().unwrap();
+    assert!(kernel.take_relay_maps().unwrap().is_none(), "taken once");
     let pair = || {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
