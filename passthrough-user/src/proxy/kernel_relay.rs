@@ -165,11 +165,9 @@ pub async fn relay(
     kr: &KernelRelay,
     client: TcpStream,
     first: Vec<u8>,
-    upstream: TcpStream,
+    mut upstream: TcpStream,
 ) -> io::Result<Relayed> {
     use tokio::io::AsyncWriteExt as _;
-    let mut client = client;
-    let mut upstream = upstream;
     upstream.write_all(&first).await?;
     let mut moved = Relayed {
         up: first.len() as u64,
@@ -181,9 +179,9 @@ pub async fn relay(
             // One direction already ended: what is left is one stream in one direction,
             // which the userspace relay finishes.
             let rest = if client_done {
-                super::relay::one_way_to_end(&upstream, &client, true).await?
+                super::relay::one_way(&upstream, &client, true).await?
             } else {
-                super::relay::one_way_to_end(&client, &upstream, true).await?
+                super::relay::one_way(&client, &upstream, true).await?
             };
             if client_done {
                 moved.down += rest;
@@ -193,7 +191,7 @@ pub async fn relay(
             return Ok(moved);
         }
         super::relay::Phase::Bulk => {
-            let rest = super::relay::relay(&mut client, Vec::new(), &mut upstream).await?;
+            let rest = super::relay::both_ways(&client, &upstream, true).await?;
             moved.up += rest.up;
             moved.down += rest.down;
             return Ok(moved);
@@ -209,7 +207,7 @@ pub async fn relay(
         tracing::debug!(target: "passthrough::proxy", error = %e, "kernel relay unavailable; relaying in userspace");
         // A socket may already be in the map: its bytes reach userspace only through
         // read(), so the fallback must not splice.
-        let rest = super::relay::relay_without_splice(&mut client, &mut upstream).await?;
+        let rest = super::relay::both_ways(&client, &upstream, false).await?;
         drop(guard);
         moved.up += rest.up;
         moved.down += rest.down;
@@ -243,12 +241,7 @@ pub async fn relay(
     ways[0].dst_base = sent_total(ways[1].src.as_raw_fd())?;
     ways[1].dst_base = sent_total(ways[0].src.as_raw_fd())?;
     for i in 0..2 {
-        let (a, b) = ways.split_at_mut(1);
-        let (way, dst) = if i == 0 {
-            (&mut a[0], &b[0].src)
-        } else {
-            (&mut b[0], &a[0].src)
-        };
+        let (way, dst) = way_and_dst(&mut ways, i);
         kr.set_peer(
             way.src_cookie,
             RelayPeer {
@@ -270,12 +263,7 @@ pub async fn relay(
             if ev == 0 || ways[i].done {
                 continue;
             }
-            let (a, b) = ways.split_at_mut(1);
-            let (way, dst) = if i == 0 {
-                (&mut a[0], &b[0].src)
-            } else {
-                (&mut b[0], &a[0].src)
-            };
+            let (way, dst) = way_and_dst(&mut ways, i);
             drain(kr, way, dst).await?;
         }
     }
@@ -287,6 +275,12 @@ pub async fn relay(
     drop(watch);
     drop(guard);
     Ok(moved)
+}
+
+/// Direction `i` and the socket it writes to (the other direction's source).
+fn way_and_dst(ways: &mut [Way; 2], i: usize) -> (&mut Way, &std::net::TcpStream) {
+    let [a, b] = ways;
+    if i == 0 { (a, &b.src) } else { (b, &a.src) }
 }
 
 /// Forwards the bytes the verdict program passed to userspace on `way.src` until the gate is

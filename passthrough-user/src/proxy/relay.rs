@@ -98,26 +98,22 @@ pub async fn relay(
     upstream.write_all(&first).await?;
     let first_len = first.len() as u64;
     drop(first); // an idle relayed connection keeps no userspace buffer
-    let (up, down) = tokio::try_join!(
-        one_way(client, upstream, true),
-        one_way(upstream, client, true)
-    )?;
-    Ok(Relayed {
-        up: up + first_len,
-        down,
-        in_kernel: false,
-    })
+    let mut moved = both_ways(client, upstream, true).await?;
+    moved.up += first_len;
+    Ok(moved)
 }
 
-/// [`relay`] without `splice(2)` and without first bytes: for sockets in the kernel relay's
-/// map, whose bytes reach userspace only through `read()`.
-pub(crate) async fn relay_without_splice(
-    client: &mut TcpStream,
-    upstream: &mut TcpStream,
+/// Relays both ways until both directions are done; `splice`: a direction that turns out bulk
+/// may switch to `splice(2)` (not for sockets in the kernel relay's map, whose bytes reach
+/// userspace only through `read()`).
+pub(crate) async fn both_ways(
+    client: &TcpStream,
+    upstream: &TcpStream,
+    splice: bool,
 ) -> io::Result<Relayed> {
     let (up, down) = tokio::try_join!(
-        one_way(client, upstream, false),
-        one_way(upstream, client, false)
+        one_way(client, upstream, splice),
+        one_way(upstream, client, splice)
     )?;
     Ok(Relayed {
         up,
@@ -215,15 +211,6 @@ pub(crate) async fn relay_for_reads(
         }
     }
     Ok(if bulk { Phase::Bulk } else { Phase::Continue })
-}
-
-/// Finishes one direction in userspace (its other direction is already done).
-pub(crate) async fn one_way_to_end(
-    src: &TcpStream,
-    dst: &TcpStream,
-    splice: bool,
-) -> io::Result<u64> {
-    one_way(src, dst, splice).await
 }
 
 /// One copy step on a readable `src`: `None` when it had nothing after all, `Some(0)` at EOF,
@@ -392,7 +379,7 @@ async fn write_rest(dst: &TcpStream, mut rest: &[u8]) -> io::Result<()> {
 
 /// Moves `src` → `dst` until EOF on `src`, then shuts down `dst`'s write side: copy steps
 /// while the reads are small, then `src` → pipe → `dst` (see the module doc).
-async fn one_way(src: &TcpStream, dst: &TcpStream, splice: bool) -> io::Result<u64> {
+pub(crate) async fn one_way(src: &TcpStream, dst: &TcpStream, splice: bool) -> io::Result<u64> {
     let mut total = 0u64;
     let mut large_reads = 0u32;
     let mut bulk = |n: usize| {
