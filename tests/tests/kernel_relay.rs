@@ -46,17 +46,32 @@ fn rig(after_reads: u32) -> Rig {
     }
 }
 
+type RelayTask = tokio::task::JoinHandle<std::io::Result<passthrough_user::proxy::relay::Relayed>>;
+
 /// A connected (client, relay) pair and the origin side, with the relay running; returns the
 /// client, the origin and the relay's task (its result: bytes up and down).
 async fn connect_through(
     relay: Arc<KernelRelay>,
     first: Vec<u8>,
     v6: bool,
-) -> (
-    TcpStream,
-    TcpStream,
-    tokio::task::JoinHandle<std::io::Result<passthrough_user::proxy::relay::Relayed>>,
-) {
+) -> (TcpStream, TcpStream, RelayTask) {
+    let (client, accepted, upstream, origin) = sockets(v6).await;
+    (client, origin, start(relay, accepted, first, upstream))
+}
+
+/// The relay between `accepted` and `upstream`, in a task.
+fn start(
+    relay: Arc<KernelRelay>,
+    accepted: TcpStream,
+    first: Vec<u8>,
+    upstream: TcpStream,
+) -> RelayTask {
+    tokio::spawn(async move { kernel_relay::relay(&relay, accepted, first, upstream).await })
+}
+
+/// Two loopback connections: client → accepted (the proxy's client side) and upstream →
+/// origin; `TCP_NODELAY` on all four.
+async fn sockets(v6: bool) -> (TcpStream, TcpStream, TcpStream, TcpStream) {
     let lo = if v6 { "[::1]:0" } else { "127.0.0.1:0" };
     let front = TcpListener::bind(lo).await.unwrap();
     let back = TcpListener::bind(lo).await.unwrap();
@@ -71,9 +86,7 @@ async fn connect_through(
     for s in [&client, &accepted, &upstream, &origin] {
         s.set_nodelay(true).unwrap();
     }
-    let task =
-        tokio::spawn(async move { kernel_relay::relay(&relay, accepted, first, upstream).await });
-    (client, origin, task)
+    (client, accepted, upstream, origin)
 }
 
 async fn exchanges(client: &mut TcpStream, origin: &mut TcpStream, rounds: u32, seed: u32) {
@@ -236,17 +249,7 @@ async fn bytes_already_queued_at_the_switch_keep_their_order() {
     // them before anything the kernel redirects.
     for after in [0, 1, 2] {
         let r = rig(after);
-        let lo = "127.0.0.1:0";
-        let front = TcpListener::bind(lo).await.unwrap();
-        let back = TcpListener::bind(lo).await.unwrap();
-        let mut client = TcpStream::connect(front.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (accepted, _) = front.accept().await.unwrap();
-        let upstream = TcpStream::connect(back.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (mut origin, _) = back.accept().await.unwrap();
+        let (mut client, accepted, upstream, mut origin) = sockets(false).await;
         let stream = pattern(3 << 20, 40 + after);
         let sent = stream.clone();
         let writer = tokio::spawn(async move {
@@ -257,10 +260,7 @@ async fn bytes_already_queued_at_the_switch_keep_their_order() {
             client
         });
         tokio::time::sleep(Duration::from_millis(20)).await;
-        let relay = r.relay.clone();
-        let task = tokio::spawn(async move {
-            kernel_relay::relay(&relay, accepted, Vec::new(), upstream).await
-        });
+        let task = start(r.relay.clone(), accepted, Vec::new(), upstream);
         let mut got = Vec::new();
         origin.read_to_end(&mut got).await.unwrap();
         assert!(
