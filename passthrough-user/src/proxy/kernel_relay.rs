@@ -2,7 +2,7 @@
 //!
 //! Once a ClientHello is judged and the upstream connected, the proxy has nothing left to
 //! decide: every later byte is ciphertext. [`relay`] first relays the connection in userspace
-//! for [`KernelRelay::after_reads`] reads (short connections — one handshake and one request —
+//! for the reads set in [`KernelRelay::new`] (short connections — one handshake and one request —
 //! end there and never pay for the switch), then puts both sockets into `RELAY_SOCKS`, where
 //! the `sk_skb` verdict program (`passthrough-ebpf/src/relay.rs`) redirects each arriving
 //! segment to the other socket's send path. From then on the agent wakes only for the
@@ -75,11 +75,6 @@ impl KernelRelay {
             maps: Mutex::new(maps),
             after_reads,
         }
-    }
-
-    /// Userspace reads before a connection moves into the kernel.
-    pub fn after_reads(&self) -> u32 {
-        self.after_reads
     }
 
     /// Connections' entries in the relay's maps (peers and counters; 0 when idle).
@@ -159,7 +154,7 @@ struct Way {
     done: bool,
 }
 
-/// Writes `first` to `upstream`, relays in userspace for [`KernelRelay::after_reads`] reads,
+/// Writes `first` to `upstream`, relays in userspace for the reads set in [`KernelRelay::new`],
 /// then moves the connection into the kernel until both directions are done (module doc).
 pub async fn relay(
     kr: &KernelRelay,
