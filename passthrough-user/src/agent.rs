@@ -66,7 +66,7 @@ pub struct RunArgs {
     /// Compute and count every decision, enforce none.
     #[arg(long)]
     pub audit: bool,
-    /// Port of the proxy for redirected connections on 127.0.0.1 and [::1] (workloads in the
+    /// Port of the proxy for redirected connections on 127.0.0.1 and `[::1]` (workloads in the
     /// host network namespace). 0 disables the proxy: Domain-only destinations are denied.
     #[arg(long, default_value_t = 15001)]
     pub proxy_port: u16,

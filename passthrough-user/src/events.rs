@@ -21,7 +21,7 @@
 //! are counted in `passthrough_deny_events_suppressed_total` and summed up in one
 //! "suppressed N denial events" line per [`SUPPRESSED_LOG_EVERY`]. The kernel side is bounded by
 //! its ring buffer (overflow counted in `events_dropped`); the reader drains it in batches,
-//! yields between batches and pauses [`COALESCE_PAUSE`] after a busy wake-up, so a flood costs
+//! yields between batches and pauses `COALESCE_PAUSE` after a busy wake-up, so a flood costs
 //! a bounded number of wake-ups per second plus one parse and a few counter updates per event.
 
 use std::{

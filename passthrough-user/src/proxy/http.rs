@@ -6,8 +6,8 @@
 //! are HTTP/2 too, one per target and client connection.
 //! - `CONNECT` and `Upgrade` are denied: the tunnelled bytes could not be judged per request.
 //! - Repeats are cheap: a stream whose authority is identical to the connection's last allowed
-//!   one, under the same policy and within [`REUSE_JUDGEMENT_FOR`], reuses that judgement's
-//!   target ([`Allowed`]: no policy lookup, destination check or decision event). Any other
+//!   one, under the same policy and within `REUSE_JUDGEMENT_FOR`, reuses that judgement's
+//!   target (`Allowed`: no policy lookup, destination check or decision event). Any other
 //!   authority, a reload, or an older judgement is judged in full. Not under `--audit`.
 //!
 //! A denied stream gets `503` with a plain-text body naming the host and saying no

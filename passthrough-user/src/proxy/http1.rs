@@ -7,7 +7,7 @@
 //! 2. judge its authority (absolute-form URI, else the single `Host`) like every request before
 //!    it: a denial is `503` and the connection is closed; `CONNECT` and `Upgrade` are refused;
 //!    the last allowed judgement is reused for a repeat of the same authority under the same
-//!    policy ([`super::http::Allowed`]);
+//!    policy (`http::Allowed`);
 //! 3. write the head the proxy composed ([`super::h1::write_request_head`]) and the body bytes
 //!    as they came to the upstream (one connection per client connection, kept while both ends
 //!    keep it), while relaying the response to the client: its head as the origin sent it,

@@ -3,7 +3,7 @@
 //! Each direction starts by copying through a per-thread scratch buffer (`read` + `write` in one
 //! step, so an idle connection holds no buffer): for the small records of request/response
 //! traffic that is cheaper than splicing. A read that fills the scratch buffer, or the
-//! [`BULK_READS`]th read of at least a quarter of it, shows a bulk transfer (a stream arriving in
+//! `BULK_READS`th read of at least a quarter of it, shows a bulk transfer (a stream arriving in
 //! MSS-sized segments rarely fills 16 KiB per wake-up), and the direction switches to `splice(2)`
 //! through a pipe (socket → pipe → socket, no copy to userspace) for the rest of the
 //! connection; the pipe is taken only then, and where none can be made the direction keeps
