@@ -965,6 +965,14 @@ async fn h2c_streams_and_grpc() {
 struct Dns {
     addr: SocketAddr,
     queries: Arc<AtomicUsize>,
+    names: Arc<std::sync::Mutex<HashMap<&'static str, IpAddr>>>,
+}
+
+impl Dns {
+    /// From now on `name` resolves to `ip`.
+    fn set(&self, name: &'static str, ip: IpAddr) {
+        self.names.lock().unwrap().insert(name, ip);
+    }
 }
 
 async fn dns_server(names: HashMap<&'static str, IpAddr>, ttl: u32) -> Dns {
@@ -976,6 +984,8 @@ async fn dns_server(names: HashMap<&'static str, IpAddr>, ttl: u32) -> Dns {
     let addr = sock.local_addr().unwrap();
     let queries = Arc::new(AtomicUsize::new(0));
     let q2 = queries.clone();
+    let names = Arc::new(std::sync::Mutex::new(names));
+    let names2 = names.clone();
     tokio::spawn(async move {
         let mut buf = vec![0u8; 4096];
         while let Ok((n, from)) = sock.recv_from(&mut buf).await {
@@ -991,11 +1001,12 @@ async fn dns_server(names: HashMap<&'static str, IpAddr>, ttl: u32) -> Dns {
             for q in &req.queries {
                 let name = q.name.to_ascii().to_ascii_lowercase();
                 let name = name.trim_end_matches('.');
-                if let Some(ip) = names.get(name) {
+                let ip = names2.lock().unwrap().get(name).copied();
+                if let Some(ip) = ip {
                     known = true;
                     let rd = match (ip, q.query_type) {
-                        (IpAddr::V4(a), RecordType::A) => Some(RData::A(rdata::A(*a))),
-                        (IpAddr::V6(a), RecordType::AAAA) => Some(RData::AAAA(rdata::AAAA(*a))),
+                        (IpAddr::V4(a), RecordType::A) => Some(RData::A(rdata::A(a))),
+                        (IpAddr::V6(a), RecordType::AAAA) => Some(RData::AAAA(rdata::AAAA(a))),
                         _ => None,
                     };
                     if let Some(rd) = rd {
@@ -1018,7 +1029,11 @@ async fn dns_server(names: HashMap<&'static str, IpAddr>, ttl: u32) -> Dns {
             }
         }
     });
-    Dns { addr, queries }
+    Dns {
+        addr,
+        queries,
+        names,
+    }
 }
 
 #[tokio::test]
@@ -1112,12 +1127,23 @@ async fn destination_check_http_and_ttl_expiry() {
     );
     let out = raw_http(&verify, host_a, req).await;
     assert!(out.contains("200 OK") && out.contains("A host="), "{out}");
-    // TTL 1 s: after it a new query is made.
+    // The name moves to host B. Within the TTL (1 s) the cached answer holds and costs no
+    // query; after it the new answer is fetched and the old address is no longer the name's.
+    dns.set("api.example.test", v4(3));
     let before = dns.queries.load(Ordering::SeqCst);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
     let out = raw_http(&verify, host_a, req).await;
-    assert!(out.contains("200 OK"), "{out}");
+    assert!(out.contains("200 OK") && out.contains("A host="), "{out}");
+    assert_eq!(dns.queries.load(Ordering::SeqCst), before);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let out = raw_http(&verify, host_b, req).await;
+    assert!(out.contains("200 OK") && out.contains("B host="), "{out}");
     assert!(dns.queries.load(Ordering::SeqCst) > before);
+    let out = raw_http(&verify, host_a, req).await;
+    assert!(
+        out.contains(" 503 ") && out.contains("not an address of"),
+        "{out}"
+    );
+    dns.set("api.example.test", v4(2));
 
     let resolve = start(c.clone(), DomainDestination::Resolve, Some(dns.addr)).await;
     let out = raw_http(&resolve, host_b, req).await;
