@@ -54,6 +54,8 @@ pub struct AgentBuilder {
     extra: Vec<String>,
     /// An explicit `--state-dir` shared by several agents (restart tests); the test owns it.
     state_dir: Option<PathBuf>,
+    /// Run this binary instead of [`agent_binary`] (a bench's before/after).
+    binary: Option<PathBuf>,
 }
 
 impl AgentBuilder {
@@ -100,6 +102,12 @@ impl AgentBuilder {
         self
     }
 
+    /// Run `path` instead of [`agent_binary`].
+    pub fn binary(mut self, path: impl AsRef<Path>) -> Self {
+        self.binary = Some(path.as_ref().into());
+        self
+    }
+
     fn args(&self, admin: SocketAddr, state_dir: &Path, proxy_port: u16) -> Vec<String> {
         let mut a = vec!["run".to_string()];
         for p in &self.policies {
@@ -136,7 +144,10 @@ impl AgentBuilder {
     }
 
     fn spawn(self) -> Result<Agent> {
-        let bin = agent_binary()?;
+        let bin = match &self.binary {
+            Some(b) => b.clone(),
+            None => agent_binary()?,
+        };
         let tmp = tempfile::Builder::new()
             .prefix(&format!(
                 "{}agent-{}-",

@@ -18,7 +18,10 @@
 //! (HTTP). The agent runs with `TOKIO_WORKER_THREADS=1` (one tokio worker; its default is one per
 //! CPU). `ours-kernel-relay` (TLS tables): the same agent restarted with `--kernel-relay-after 16`
 //! (the opt-in sockmap relay); the agent is swapped, from outside the workload cgroup, whenever
-//! the next row needs the other one. `nginx`, `haproxy`, `haproxy-splice`, `envoy`: peers on fixed `127.0.0.1` ports
+//! the next row needs the other one. `ours-candidate` (only with `--candidate-bin PATH` and/or
+//! `--candidate-arg ARG`): another build of the agent, or other flags, on every table `ours`
+//! runs, swapped in the same way: the same-run before/after of a change (compare it with `ours`
+//! round by round; this machine is too noisy for two separate runs). `nginx`, `haproxy`, `haproxy-splice`, `envoy`: peers on fixed `127.0.0.1` ports
 //! (loopback is never redirected, SPEC §3 rule 1) routing `bench.test` to C and refusing every
 //! other name: nginx stream `ssl_preread` + `map` (others → a closed port, the client sees a
 //! reset); HAProxy `nbthread 1`, `mode tcp`, `req.ssl_sni` / `req.hdr(host)` with
@@ -131,16 +134,20 @@ enum Row {
     /// The agent with `--kernel-relay-after 16` (TLS tables): the same-run before/after of
     /// the opt-in kernel relay.
     OursKernelRelay,
+    /// Only with `--candidate-bin` / `--candidate-arg`: another agent build or flags on every
+    /// table `ours` runs, for a same-run before/after of a change.
+    OursCandidate,
     Nginx,
     Haproxy,
     HaproxySplice,
     Envoy,
 }
 
-const ROWS: [Row; 7] = [
+const ROWS: [Row; 8] = [
     Row::Direct,
     Row::Ours,
     Row::OursKernelRelay,
+    Row::OursCandidate,
     Row::Nginx,
     Row::Haproxy,
     Row::HaproxySplice,
@@ -153,6 +160,7 @@ impl Row {
             Row::Direct => "direct",
             Row::Ours => "ours",
             Row::OursKernelRelay => "ours-kernel-relay",
+            Row::OursCandidate => "ours-candidate",
             Row::Nginx => "nginx",
             Row::Haproxy => "haproxy",
             Row::HaproxySplice => "haproxy-splice",
@@ -246,6 +254,8 @@ fn main() -> anyhow::Result<()> {
     let mut out = PathBuf::from("target/bench/compare-proxy.jsonl");
     let mut only: Option<Vec<String>> = None;
     let mut agent_args: Vec<String> = Vec::new();
+    let mut candidate_args: Vec<String> = Vec::new();
+    let mut candidate_bin: Option<PathBuf> = None;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -262,6 +272,14 @@ fn main() -> anyhow::Result<()> {
             "--agent-arg" => {
                 agent_args.push(it.next().context("--agent-arg needs a value")?.clone())
             }
+            "--candidate-arg" => {
+                candidate_args.push(it.next().context("--candidate-arg needs a value")?.clone())
+            }
+            "--candidate-bin" => {
+                candidate_bin = Some(PathBuf::from(
+                    it.next().context("--candidate-bin needs a path")?,
+                ))
+            }
             "--tables" => {
                 let list = it.next().context("--tables needs a list")?;
                 let wanted: Vec<String> = list.split(',').map(str::to_string).collect();
@@ -275,7 +293,7 @@ fn main() -> anyhow::Result<()> {
             }
             other => {
                 bail!(
-                    "unknown argument {other:?} (--quick, --rounds N, --out PATH, --tables a,b, --agent-arg ARG)"
+                    "unknown argument {other:?} (--quick, --rounds N, --out PATH, --tables a,b, --agent-arg ARG, --candidate-arg ARG, --candidate-bin PATH)"
                 )
             }
         }
@@ -331,7 +349,8 @@ fn main() -> anyhow::Result<()> {
     // server's runtime only answers queries); the agent inherits the variable.
     unsafe { std::env::set_var("TOKIO_WORKER_THREADS", "1") };
     let dns_addr = dns.addr.to_string();
-    let start_agent = |kernel_relay: bool| -> anyhow::Result<Agent> {
+    let with_candidate = candidate_bin.is_some() || !candidate_args.is_empty();
+    let start_agent = |variant: Row| -> anyhow::Result<Agent> {
         let mut builder = Agent::builder()
             .policy(&policy)
             .cgroup(cg.path())
@@ -340,16 +359,25 @@ fn main() -> anyhow::Result<()> {
         for a in &agent_args {
             builder = builder.arg(a);
         }
-        if kernel_relay {
-            builder = builder.arg("--kernel-relay-after").arg("16");
+        match variant {
+            Row::OursKernelRelay => builder = builder.arg("--kernel-relay-after").arg("16"),
+            Row::OursCandidate => {
+                for a in &candidate_args {
+                    builder = builder.arg(a);
+                }
+                if let Some(b) = &candidate_bin {
+                    builder = builder.binary(b);
+                }
+            }
+            _ => {}
         }
         let agent = builder.start()?;
         pin_process(agent.pid(), 0)?;
         Ok(agent)
     };
-    // The running agent and whether it has the kernel relay on; swapped (outside the workload
-    // cgroup) when a row needs the other one.
-    let mut agent = Some((start_agent(false)?, false));
+    // The running agent and the row it serves; swapped (outside the workload cgroup) when a row
+    // needs another one.
+    let mut agent = Some((start_agent(Row::Ours)?, Row::Ours));
 
     let peers = Peers::start(dir.path(), &envoy, host_c)?;
     let hosts = |name: &str, ip: IpAddr| -> anyhow::Result<PathBuf> {
@@ -364,6 +392,9 @@ fn main() -> anyhow::Result<()> {
     let at = |ip: IpAddr, p: u16| SocketAddr::new(ip, p);
     let mut paths: Vec<(Row, Endpoints)> = Vec::new();
     for row in ROWS {
+        if row == Row::OursCandidate && !with_candidate {
+            continue;
+        }
         let e = match row {
             Row::Direct => Endpoints {
                 tls: at(host_c, ORIGIN_TLS),
@@ -373,7 +404,7 @@ fn main() -> anyhow::Result<()> {
                 hosts: hosts("direct", host_c)?,
             },
             // The agent's pid is looked up per measurement (it changes when swapped).
-            Row::Ours => Endpoints {
+            Row::Ours | Row::OursCandidate => Endpoints {
                 tls: at(host_a, ORIGIN_TLS),
                 http: Some(at(host_a, ORIGIN_HTTP)),
                 h2c: Some(at(host_a, ORIGIN_H2C)),
@@ -464,14 +495,13 @@ fn main() -> anyhow::Result<()> {
                     continue;
                 };
                 let mut cpu_pid = e.cpu_pid;
-                if matches!(row, Row::Ours | Row::OursKernelRelay) {
-                    let kernel_relay = *row == Row::OursKernelRelay;
-                    if agent.as_ref().is_none_or(|a| a.1 != kernel_relay) {
+                if matches!(row, Row::Ours | Row::OursKernelRelay | Row::OursCandidate) {
+                    if agent.as_ref().is_none_or(|a| a.1 != *row) {
                         // Stop the old agent first (one agent per cgroup), and start the new
                         // one from outside the workload cgroup, as at first.
                         drop(agent.take());
                         drop(inside.take());
-                        agent = Some((start_agent(kernel_relay)?, kernel_relay));
+                        agent = Some((start_agent(*row)?, *row));
                         inside = Some(MoveBack::into(&cg)?);
                     }
                     cpu_pid = agent.as_ref().map(|a| a.0.pid());
