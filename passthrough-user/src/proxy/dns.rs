@@ -8,15 +8,15 @@
 //! Answers, positive and negative, are cached within their TTL by hickory's resolver cache.
 //! Positive answers are also kept in [`AnswerCache`], a plain map in front of hickory: a cached
 //! name costs one hash lookup per connection instead of hickory's lookup machinery (name parsing,
-//! the hosts table, two record sets merged and cloned), which measured about 10 µs per new
-//! connection (BENCHMARKS.md). An entry lives no longer than hickory's own (`valid_until`, the
+//! the hosts table, two record sets merged and cloned), which was 5.5% of the agent's CPU per
+//! new TLS connection (BENCHMARKS.md). An entry lives no longer than hickory's own (`valid_until`, the
 //! smaller TTL of the A and AAAA answers). Names are looked up as absolute names (no search
 //! domains).
 
 use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
-    sync::{Arc, Mutex},
+    sync::{Arc, RwLock},
     time::{Duration, Instant},
 };
 
@@ -72,10 +72,11 @@ pub struct Destinations {
 /// Positive DNS answers by name, each until the instant its TTL ends. Pure: the caller passes
 /// the clock. Bounded: an insert into a full cache first drops expired entries and, if none
 /// expired, every entry (a workload cycling through names under an allowed wildcard cannot
-/// grow it; a dropped name only costs a trip through hickory's cache again).
+/// grow it; a dropped name only costs a trip through hickory's cache again). A read-write
+/// lock: lookups, the per-connection path, do not wait for each other; only a miss writes.
 #[derive(Debug)]
 pub struct AnswerCache {
-    entries: Mutex<HashMap<Box<str>, CachedAnswer>>,
+    entries: RwLock<HashMap<Box<str>, CachedAnswer>>,
     capacity: usize,
 }
 
@@ -92,14 +93,14 @@ impl AnswerCache {
     /// An empty cache holding at most `capacity` names.
     pub fn new(capacity: usize) -> Self {
         AnswerCache {
-            entries: Mutex::new(HashMap::new()),
+            entries: RwLock::new(HashMap::new()),
             capacity,
         }
     }
 
     /// The answers for `name` if they are still valid at `now`.
     pub fn get(&self, name: &str, now: Instant) -> Option<Arc<[IpAddr]>> {
-        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let entries = self.entries.read().unwrap_or_else(|p| p.into_inner());
         entries
             .get(name)
             .filter(|a| now < a.valid_until)
@@ -111,7 +112,7 @@ impl AnswerCache {
         if valid_until <= now || self.capacity == 0 {
             return;
         }
-        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let mut entries = self.entries.write().unwrap_or_else(|p| p.into_inner());
         if entries.len() >= self.capacity && !entries.contains_key(name) {
             entries.retain(|_, a| now < a.valid_until);
             if entries.len() >= self.capacity {
@@ -123,7 +124,7 @@ impl AnswerCache {
 
     /// Number of names held (expired ones included until they are dropped).
     pub fn len(&self) -> usize {
-        self.entries.lock().unwrap_or_else(|p| p.into_inner()).len()
+        self.entries.read().unwrap_or_else(|p| p.into_inner()).len()
     }
 
     /// Whether no name is held.
