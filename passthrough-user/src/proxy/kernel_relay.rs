@@ -173,10 +173,11 @@ pub async fn relay(
         super::relay::Phase::HalfClosed { client_done } => {
             // One direction already ended: what is left is one stream in one direction,
             // which the userspace relay finishes.
+            let ends = super::relay::HalfClose::other_ended();
             let rest = if client_done {
-                super::relay::one_way(&upstream, &client, true).await?
+                super::relay::one_way(&upstream, &client, true, &ends).await?
             } else {
-                super::relay::one_way(&client, &upstream, true).await?
+                super::relay::one_way(&client, &upstream, true, &ends).await?
             };
             if client_done {
                 moved.down += rest;

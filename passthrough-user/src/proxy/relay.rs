@@ -8,13 +8,17 @@
 //! through a pipe (socket → pipe → socket, no copy to userspace) for the rest of the
 //! connection; the pipe is taken only then, and where none can be made the direction keeps
 //! copying. Either way EOF in one direction becomes a write shutdown (half-close) toward the
-//! other side, and the relay ends when both directions are done.
+//! other side, and the relay ends when both directions are done (the second EOF needs no
+//! shutdown: closing the sockets sends it, see [`HalfClose`]).
 
 use std::{
     io,
     net::SocketAddr,
     os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
-    sync::Mutex,
+    sync::{
+        Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -111,9 +115,10 @@ pub(crate) async fn both_ways(
     upstream: &TcpStream,
     splice: bool,
 ) -> io::Result<Relayed> {
+    let ends = HalfClose::default();
     let (up, down) = tokio::try_join!(
-        one_way(client, upstream, splice),
-        one_way(upstream, client, splice)
+        one_way(client, upstream, splice, &ends),
+        one_way(upstream, client, splice, &ends)
     )?;
     Ok(Relayed {
         up,
@@ -240,6 +245,36 @@ async fn step(src: &TcpStream, dst: &TcpStream) -> io::Result<Option<usize>> {
         }
         (Err(e), None) if e.kind() != io::ErrorKind::WouldBlock => Err(e),
         _ => Ok(None),
+    }
+}
+
+/// Reads what `src` has into `buf` (waiting for bytes if there are none): the number of bytes
+/// read, 0 at EOF. A read shorter than `buf` means the receive queue was emptied, and tokio is
+/// told so (as in [`step`]); through `AsyncRead` the readiness would stay set and the next read,
+/// usually the relay's first, would be a `read()` failing with `EAGAIN`.
+pub(crate) async fn read_available(src: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        src.readable().await?;
+        let mut got = None;
+        let r = src.try_io(Interest::READABLE, || {
+            // SAFETY: reads into `buf`, which we borrow mutably, at most `buf.len()` bytes.
+            let n = unsafe { libc::read(src.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let n = n as usize;
+            got = Some(n);
+            if n > 0 && n < buf.len() {
+                Err(io::ErrorKind::WouldBlock.into())
+            } else {
+                Ok(())
+            }
+        });
+        match (r, got) {
+            (_, Some(n)) => return Ok(n),
+            (Err(e), None) if e.kind() != io::ErrorKind::WouldBlock => return Err(e),
+            _ => continue,
+        }
     }
 }
 
@@ -377,9 +412,36 @@ async fn write_rest(dst: &TcpStream, mut rest: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
-/// Moves `src` → `dst` until EOF on `src`, then shuts down `dst`'s write side: copy steps
-/// while the reads are small, then `src` → pipe → `dst` (see the module doc).
-pub(crate) async fn one_way(src: &TcpStream, dst: &TcpStream, splice: bool) -> io::Result<u64> {
+/// The two directions of one relay, as far as ending goes. The first direction to reach EOF
+/// passes it on as a write shutdown of its destination (a half-close: the other direction may
+/// go on). The second skips the `shutdown`: both sockets are closed right after, and `close`
+/// sends that FIN itself — without a reset, because a socket whose EOF was read has nothing
+/// unread. One syscall fewer per relayed connection.
+#[derive(Debug, Default)]
+pub(crate) struct HalfClose(AtomicBool);
+
+impl HalfClose {
+    /// For a relay whose other direction has already ended (and was shut down).
+    pub(crate) fn other_ended() -> Self {
+        HalfClose(AtomicBool::new(true))
+    }
+
+    /// `src` reached EOF: shut `dst`'s write side down if the other direction is still open.
+    fn eof(&self, dst: &TcpStream) {
+        if !self.0.swap(true, Ordering::Relaxed) {
+            let _ = socket2::SockRef::from(dst).shutdown(std::net::Shutdown::Write);
+        }
+    }
+}
+
+/// Moves `src` → `dst` until EOF on `src`, then ends the direction (see [`HalfClose`]): copy
+/// steps while the reads are small, then `src` → pipe → `dst` (see the module doc).
+pub(crate) async fn one_way(
+    src: &TcpStream,
+    dst: &TcpStream,
+    splice: bool,
+    ends: &HalfClose,
+) -> io::Result<u64> {
     let mut total = 0u64;
     let mut large_reads = 0u32;
     let mut bulk = |n: usize| {
@@ -391,7 +453,7 @@ pub(crate) async fn one_way(src: &TcpStream, dst: &TcpStream, splice: bool) -> i
         let n = match step(src, dst).await? {
             None => continue,
             Some(0) => {
-                let _ = socket2::SockRef::from(dst).shutdown(std::net::Shutdown::Write);
+                ends.eof(dst);
                 return Ok(total);
             }
             Some(n) => n,
@@ -402,6 +464,7 @@ pub(crate) async fn one_way(src: &TcpStream, dst: &TcpStream, splice: bool) -> i
             && let Ok(pipe) = Pipe::take()
         {
             let spliced = splice_until_eof(src, &pipe, dst).await?;
+            ends.eof(dst);
             // EOF with the pipe drained: it can serve another connection. (On an error or a
             // cancelled relay it is dropped instead: it may hold bytes.)
             pipe.give_back();
@@ -410,7 +473,7 @@ pub(crate) async fn one_way(src: &TcpStream, dst: &TcpStream, splice: bool) -> i
     }
 }
 
-/// Moves `src` → `pipe` → `dst` until EOF on `src`, then shuts down `dst`'s write side.
+/// Moves `src` → `pipe` → `dst` until EOF on `src`.
 async fn splice_until_eof(src: &TcpStream, pipe: &Pipe, dst: &TcpStream) -> io::Result<u64> {
     let mut total = 0u64;
     loop {
@@ -426,7 +489,6 @@ async fn splice_until_eof(src: &TcpStream, pipe: &Pipe, dst: &TcpStream) -> io::
             }
         };
         if n == 0 {
-            let _ = socket2::SockRef::from(dst).shutdown(std::net::Shutdown::Write);
             return Ok(total);
         }
         // Pipe → socket, until the pipe is drained.
@@ -475,6 +537,49 @@ mod tests {
 
     /// Small request/response exchanges (copy steps), then bulk both ways at once (the switch
     /// to splicing mid-stream), then half-closes: every byte arrives once, in order.
+    #[tokio::test]
+    async fn a_short_read_leaves_no_stale_readiness() {
+        let ((mut app, client), _) = sockets().await;
+        app.write_all(b"client hello").await.unwrap();
+        let mut buf = [0u8; 64];
+        assert_eq!(read_available(&client, &mut buf).await.unwrap(), 12);
+        assert_eq!(&buf[..12], b"client hello");
+        // Drained: tokio must wait for new bytes rather than report the socket readable again
+        // (which would cost the next reader a read() failing with EAGAIN).
+        let stale = tokio::time::timeout(Duration::from_millis(50), client.readable()).await;
+        assert!(stale.is_err(), "readiness left set after a short read");
+        app.write_all(b"more").await.unwrap();
+        assert_eq!(read_available(&client, &mut buf).await.unwrap(), 4);
+        drop(app);
+        assert_eq!(read_available(&client, &mut buf).await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_half_close_is_passed_on_and_the_second_end_arrives_as_a_fin() {
+        let ((mut app, mut client), (mut upstream, mut server)) = sockets().await;
+        let relay =
+            tokio::spawn(async move { relay(&mut client, Vec::new(), &mut upstream).await });
+        // The client sends its request and half-closes; the server sees EOF and answers after.
+        app.write_all(b"request").await.unwrap();
+        app.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"request");
+        let answer = pattern(200_000, 7);
+        server.write_all(&answer).await.unwrap();
+        server.shutdown().await.unwrap();
+        // The second EOF is not shut down by the relay: closing its sockets must still end the
+        // client's stream with a FIN (read returns 0), not a reset, after every byte.
+        let mut got = Vec::new();
+        app.read_to_end(&mut got).await.unwrap();
+        assert!(got == answer, "upstream → client bytes differ");
+        let relayed = relay.await.unwrap().unwrap();
+        assert_eq!((relayed.up, relayed.down), (7, 200_000));
+        // And the server's side was closed cleanly too.
+        let mut rest = Vec::new();
+        assert_eq!(server.read_to_end(&mut rest).await.unwrap(), 0);
+    }
+
     #[tokio::test]
     async fn small_exchanges_then_bulk_both_ways_arrive_intact() {
         let ((mut app, mut client), (mut upstream, mut server)) = sockets().await;
