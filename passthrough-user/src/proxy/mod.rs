@@ -467,9 +467,7 @@ impl Proxy {
             }
             let want = (have + 8192).min(self.cfg.max_peek);
             buf.resize(want, 0);
-            let r =
-                tokio::time::timeout_at(deadline, relay::read_available(client, &mut buf[have..]))
-                    .await;
+            let r = tokio::time::timeout_at(deadline, client.read(&mut buf[have..])).await;
             match r {
                 Ok(Ok(n)) if n > 0 => buf.truncate(have + n),
                 Ok(_) => {

@@ -248,36 +248,6 @@ async fn step(src: &TcpStream, dst: &TcpStream) -> io::Result<Option<usize>> {
     }
 }
 
-/// Reads what `src` has into `buf` (waiting for bytes if there are none): the number of bytes
-/// read, 0 at EOF. A read shorter than `buf` means the receive queue was emptied, and tokio is
-/// told so (as in [`step`]); through `AsyncRead` the readiness would stay set and the next read,
-/// usually the relay's first, would be a `read()` failing with `EAGAIN`.
-pub(crate) async fn read_available(src: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
-    loop {
-        src.readable().await?;
-        let mut got = None;
-        let r = src.try_io(Interest::READABLE, || {
-            // SAFETY: reads into `buf`, which we borrow mutably, at most `buf.len()` bytes.
-            let n = unsafe { libc::read(src.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-            if n < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            let n = n as usize;
-            got = Some(n);
-            if n > 0 && n < buf.len() {
-                Err(io::ErrorKind::WouldBlock.into())
-            } else {
-                Ok(())
-            }
-        });
-        match (r, got) {
-            (_, Some(n)) => return Ok(n),
-            (Err(e), None) if e.kind() != io::ErrorKind::WouldBlock => return Err(e),
-            _ => continue,
-        }
-    }
-}
-
 /// A non-blocking pipe.
 struct Pipe {
     r: OwnedFd,
@@ -537,23 +507,6 @@ mod tests {
 
     /// Small request/response exchanges (copy steps), then bulk both ways at once (the switch
     /// to splicing mid-stream), then half-closes: every byte arrives once, in order.
-    #[tokio::test]
-    async fn a_short_read_leaves_no_stale_readiness() {
-        let ((mut app, client), _) = sockets().await;
-        app.write_all(b"client hello").await.unwrap();
-        let mut buf = [0u8; 64];
-        assert_eq!(read_available(&client, &mut buf).await.unwrap(), 12);
-        assert_eq!(&buf[..12], b"client hello");
-        // Drained: tokio must wait for new bytes rather than report the socket readable again
-        // (which would cost the next reader a read() failing with EAGAIN).
-        let stale = tokio::time::timeout(Duration::from_millis(50), client.readable()).await;
-        assert!(stale.is_err(), "readiness left set after a short read");
-        app.write_all(b"more").await.unwrap();
-        assert_eq!(read_available(&client, &mut buf).await.unwrap(), 4);
-        drop(app);
-        assert_eq!(read_available(&client, &mut buf).await.unwrap(), 0);
-    }
-
     #[tokio::test]
     async fn a_half_close_is_passed_on_and_the_second_end_arrives_as_a_fin() {
         let ((mut app, mut client), (mut upstream, mut server)) = sockets().await;
