@@ -386,7 +386,7 @@ async fn write_rest(dst: &TcpStream, mut rest: &[u8]) -> io::Result<()> {
 /// passes it on as a write shutdown of its destination (a half-close: the other direction may
 /// go on). The second skips the `shutdown`: both sockets are closed right after, and `close`
 /// sends that FIN itself — without a reset, because a socket whose EOF was read has nothing
-/// unread. One syscall fewer per relayed connection.
+/// unread. One syscall fewer per relayed connection whose ends both close with a FIN.
 #[derive(Debug, Default)]
 pub(crate) struct HalfClose(AtomicBool);
 
@@ -505,8 +505,9 @@ mod tests {
         ((app, client), (upstream, server))
     }
 
-    /// Small request/response exchanges (copy steps), then bulk both ways at once (the switch
-    /// to splicing mid-stream), then half-closes: every byte arrives once, in order.
+    /// The client half-closes first, the server answers after seeing EOF: the half-close is
+    /// passed on, and the server's end (the relay's second EOF, which it does not shut down)
+    /// still reaches the client as a FIN after every byte.
     #[tokio::test]
     async fn a_half_close_is_passed_on_and_the_second_end_arrives_as_a_fin() {
         let ((mut app, mut client), (mut upstream, mut server)) = sockets().await;
@@ -515,8 +516,15 @@ mod tests {
         // The client sends its request and half-closes; the server sees EOF and answers after.
         app.write_all(b"request").await.unwrap();
         app.shutdown().await.unwrap();
+        let within = |what: &'static str| {
+            move |r: Result<io::Result<usize>, tokio::time::error::Elapsed>| {
+                r.unwrap_or_else(|_| panic!("{what}: no EOF within 10 s"))
+                    .unwrap()
+            }
+        };
+        let ten_s = Duration::from_secs(10);
         let mut got = Vec::new();
-        server.read_to_end(&mut got).await.unwrap();
+        within("server")(tokio::time::timeout(ten_s, server.read_to_end(&mut got)).await);
         assert_eq!(got, b"request");
         let answer = pattern(200_000, 7);
         server.write_all(&answer).await.unwrap();
@@ -524,7 +532,7 @@ mod tests {
         // The second EOF is not shut down by the relay: closing its sockets must still end the
         // client's stream with a FIN (read returns 0), not a reset, after every byte.
         let mut got = Vec::new();
-        app.read_to_end(&mut got).await.unwrap();
+        within("client")(tokio::time::timeout(ten_s, app.read_to_end(&mut got)).await);
         assert!(got == answer, "upstream → client bytes differ");
         let relayed = relay.await.unwrap().unwrap();
         assert_eq!((relayed.up, relayed.down), (7, 200_000));
@@ -533,6 +541,8 @@ mod tests {
         assert_eq!(server.read_to_end(&mut rest).await.unwrap(), 0);
     }
 
+    /// Small request/response exchanges (copy steps), then bulk both ways at once (the switch
+    /// to splicing mid-stream), then half-closes: every byte arrives once, in order.
     #[tokio::test]
     async fn small_exchanges_then_bulk_both_ways_arrive_intact() {
         let ((mut app, mut client), (mut upstream, mut server)) = sockets().await;
