@@ -261,9 +261,10 @@ struct Pipe {
 /// calls and another pass through epoll per 64 KiB). Same-run A/B on the TLS bulk table (two
 /// runs of 5 rounds): MB/s ×1.13 and ×1.11, node CPU per MB ×0.86 and ×0.90 (BENCHMARKS.md).
 /// The capacity only bounds what one pipe may hold; pages are taken as bytes flow and an idle
-/// pooled pipe holds none. Above `/proc/sys/fs/pipe-max-size` (1 MiB by default) the kernel
-/// would refuse it without `CAP_SYS_RESOURCE`; where it refuses, the pipe keeps its default
-/// size and each `splice` moves what fits.
+/// pooled pipe holds none. It stays under `/proc/sys/fs/pipe-max-size` (1 MiB by default;
+/// more needs `CAP_SYS_RESOURCE`), and the per-user pipe quotas (`pipe-user-pages-*`) do not
+/// apply to the agent, which runs with `CAP_SYS_ADMIN`. Where the kernel refuses anyway, the
+/// pipe keeps its default size and each `splice` moves what fits.
 const SPLICE_CHUNK: usize = 512 * 1024;
 
 /// Empty pipes of finished relays, reused by the next connections: saves a `pipe2` and two
