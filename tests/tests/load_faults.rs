@@ -354,10 +354,11 @@ fn many_concurrent_relayed_connections_bounded_memory() {
         return;
     }
     let w = World::new();
-    // The agent needs ~6 fds per relayed connection (client, upstream, a splice pipe per
-    // direction) and inherits our RLIMIT_NOFILE, which we cannot raise above the hard limit
-    // without CAP_SYS_RESOURCE: cap the count to what the limit allows.
-    let fit = (nofile_limit().saturating_sub(500) / 6) as usize;
+    // An idle relayed connection holds 2 fds in the agent (client and upstream; a direction
+    // takes a splice pipe only once it turns bulk, asserted below) and 2 in this process (the
+    // client and the echo server's side). Both inherit our RLIMIT_NOFILE, which we cannot
+    // raise above the hard limit without CAP_SYS_RESOURCE: cap the count to what it allows.
+    let fit = (nofile_limit().saturating_sub(500) / 4) as usize;
     let n: usize = std::env::var("PT_LOAD_CONNS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -432,6 +433,10 @@ fn many_concurrent_relayed_connections_bounded_memory() {
     assert!(
         per_conn < 64.0 * 1024.0,
         "agent memory per relayed connection {per_conn:.0} B ≥ 64 KiB"
+    );
+    assert!(
+        fds_per_conn < 2.5,
+        "{fds_per_conn:.1} agent fds per idle relayed connection (2 expected: no pipes until bulk)"
     );
     assert!(w.agent.get("/healthz").unwrap().0 == 200);
 }
