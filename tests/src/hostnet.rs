@@ -16,7 +16,9 @@
 //! ```
 //!
 //! Host routes are shared by every test of the machine, so each user picks a [`Slot`] (tests and
-//! the benchmark use different ones) and the tests of one slot run one at a time. 192.0.2.0/24 is
+//! the benchmark use different ones) and the users of one slot run one at a time: within a
+//! process by the test file's own lock, across processes (two checkouts testing side by side)
+//! by [`SlotLock`], an `flock` that [`HostNet`] and [`PodNet`] hold while they exist. 192.0.2.0/24 is
 //! not used in the host namespace: on some machines (this one) it is the real uplink. Nothing is
 //! routed anywhere else and no sysctl is changed: the host never forwards, the pod only reaches
 //! the proxy on the host, the proxy's upstream goes host → server netns.
@@ -122,18 +124,74 @@ fn ifname(prefix: &str) -> String {
     format!("{prefix}{:x}{n:02x}", std::process::id())
 }
 
+/// Exclusive use of a [`Slot`]'s host-side addresses and routes by this process: an `flock` on
+/// `/run/passthrough-test-slot-<host_v4>.lock`, shared by every holder in the process (a test
+/// that holds a [`HostNet`] and a [`PodNet`] of one slot takes it once) and released with the
+/// last one. A second process waits for it instead of adding the same addresses and routes.
+/// The kernel drops an `flock` with its process, so a crashed run never leaves the slot taken.
+pub struct SlotLock {
+    key: Ipv4Addr,
+}
+
+/// Slots this process holds: the lock file and how many holders share it.
+static HELD: std::sync::Mutex<Vec<(Ipv4Addr, std::fs::File, usize)>> =
+    std::sync::Mutex::new(Vec::new());
+
+impl SlotLock {
+    /// Takes `slot` for this process, waiting while another process holds it.
+    pub fn take(slot: &Slot) -> Result<SlotLock> {
+        use std::os::fd::AsRawFd as _;
+        let key = slot.host_v4;
+        let mut held = HELD.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(entry) = held.iter_mut().find(|(k, ..)| *k == key) {
+            entry.2 += 1;
+            return Ok(SlotLock { key });
+        }
+        let path = format!("/run/passthrough-test-slot-{key}.lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| anyhow::anyhow!("opening {path}: {e}"))?;
+        // SAFETY: flock on a descriptor we own; blocks until the other process lets go.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            anyhow::bail!("flock {path}: {}", std::io::Error::last_os_error());
+        }
+        held.push((key, file, 1));
+        Ok(SlotLock { key })
+    }
+}
+
+impl Drop for SlotLock {
+    fn drop(&mut self) {
+        let mut held = HELD.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = held.iter().position(|(k, ..)| *k == self.key) {
+            held[i].2 -= 1;
+            if held[i].2 == 0 {
+                // Closing the file releases the flock.
+                held.swap_remove(i);
+            }
+        }
+    }
+}
+
 /// A server netns whose AnyIP test hosts the host network namespace reaches through a veth.
 pub struct HostNet {
     veth: VethNs,
     slot: Slot,
+    // Dropped after the veth (fields drop in order): the routes are gone before the slot is free.
+    _lock: SlotLock,
 }
 
 impl HostNet {
     /// Creates the server netns `pts-<pid>-<n>`, the veth and the host routes of `slot`.
     pub fn new(slot: Slot) -> Result<HostNet> {
+        let lock = SlotLock::take(&slot)?;
         let net = HostNet {
             veth: VethNs::new(crate::SERVER_NS_PREFIX, "ptv")?,
             slot,
+            _lock: lock,
         };
         let veth = &net.veth;
         let (ns, link) = (veth.ns.as_str(), veth.link.as_str());
@@ -305,14 +363,17 @@ fn args(a: &[&str]) -> Vec<String> {
 pub struct PodNet {
     veth: VethNs,
     slot: Slot,
+    _lock: SlotLock,
 }
 
 impl PodNet {
     /// Creates the pod netns, the veth, the proxy addresses on the host side and the routes.
     pub fn new(slot: Slot) -> Result<PodNet> {
+        let lock = SlotLock::take(&slot)?;
         let pod = PodNet {
             veth: VethNs::new(crate::CLIENT_NS_PREFIX, "ptp")?,
             slot,
+            _lock: lock,
         };
         let veth = &pod.veth;
         let (ns, link) = (veth.ns.as_str(), veth.link.as_str());
