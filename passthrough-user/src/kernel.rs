@@ -293,6 +293,24 @@ where
         .map_err(|source| KernelError::Program { name, source })
 }
 
+/// Loads one program, retrying (up to 5 tries, as libbpf does) when the kernel answers `EAGAIN`:
+/// the verifier gives up with `EAGAIN` when a signal is pending for the loading thread (a
+/// `SIGCHLD` of a process the agent or a test spawned), which says nothing about the program.
+fn load_program(
+    name: &'static str,
+    mut load: impl FnMut() -> Result<(), ProgramError>,
+) -> Result<(), KernelError> {
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match load() {
+            Err(ProgramError::LoadError { io_error, .. })
+                if io_error.raw_os_error() == Some(libc::EAGAIN) && tries < 5 => {}
+            r => return r.map_err(|source| KernelError::Program { name, source }),
+        }
+    }
+}
+
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, KernelError>
 where
     T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
@@ -378,22 +396,13 @@ impl Kernel {
         }
         let mut ebpf = loader.load(object)?;
         for name in PROGRAMS {
-            program::<CgroupSockAddr>(&mut ebpf, name)?
-                .load()
-                .map_err(|source| KernelError::Program { name, source })?;
+            let prog = program::<CgroupSockAddr>(&mut ebpf, name)?;
+            load_program(name, || prog.load())?;
         }
-        program::<SockOps>(&mut ebpf, SOCK_OPS)?
-            .load()
-            .map_err(|source| KernelError::Program {
-                name: SOCK_OPS,
-                source,
-            })?;
-        program::<CgroupSkb>(&mut ebpf, SKB_EGRESS)?
-            .load()
-            .map_err(|source| KernelError::Program {
-                name: SKB_EGRESS,
-                source,
-            })?;
+        let prog = program::<SockOps>(&mut ebpf, SOCK_OPS)?;
+        load_program(SOCK_OPS, || prog.load())?;
+        let prog = program::<CgroupSkb>(&mut ebpf, SKB_EGRESS)?;
+        load_program(SKB_EGRESS, || prog.load())?;
         let config = take(&mut ebpf, "CONFIG")?;
         let workloads = take(&mut ebpf, "WORKLOADS")?;
         let ranges_v4 = RangeArray::map(ebpf.take_map("RANGES_V4").ok_or(KernelError::Map(
@@ -473,12 +482,8 @@ impl Kernel {
         if self.ebpf.map("RELAY_SOCKS").is_none() {
             return Ok(None);
         }
-        program::<SkSkb>(&mut self.ebpf, RELAY_VERDICT)?
-            .load()
-            .map_err(|source| KernelError::Program {
-                name: RELAY_VERDICT,
-                source,
-            })?;
+        let prog = program::<SkSkb>(&mut self.ebpf, RELAY_VERDICT)?;
+        load_program(RELAY_VERDICT, || prog.load())?;
         let Some(socks) = self.ebpf.take_map("RELAY_SOCKS") else {
             return Ok(None);
         };
