@@ -2,9 +2,13 @@
 //! loader (`passthrough-user`). Every type here is part of the pinned-map layout: change one and
 //! bump [`LAYOUT_VERSION`], so a new agent never reuses pins of an old layout.
 #![no_std]
+// Inline assembly keeps a few comparisons branch-free in the BPF programs (`sni::cmp`).
+#![cfg_attr(target_arch = "bpf", feature(asm_experimental_arch))]
+
+pub mod sni;
 
 /// Version of the map layout; part of the pin directory name (`/sys/fs/bpf/passthrough/v<N>`).
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// How many cgroup levels the programs walk up from the caller's cgroup to find its workload.
 pub const MAX_CGROUP_DEPTH: u32 = 32;
@@ -57,7 +61,120 @@ pub mod flags {
     pub const POD_PROXY_V4: u32 = 4;
     /// `pod_proxy_v6` is set (IPv6).
     pub const POD_PROXY_V6: u32 = 8;
+    /// `--tls-fast-path=on`: a TLS-only Domain candidate to a verified destination connects
+    /// directly and its ClientHello is judged in the kernel (`SNI_SOCKS`, `sni.rs`).
+    pub const TLS_FAST_PATH: u32 = 16;
 }
+
+/// Bits of a `DOMAIN_PORTS` value.
+pub mod domain_port {
+    /// The rule set has a `Domain` match at this port (or a port-less one, at port 0).
+    pub const ANY: u8 = 1;
+    /// One of them is not `tls` (`http`, `http2`, `grpc`: judged per request): connections
+    /// to this port always take the proxy.
+    pub const NON_TLS: u8 = 2;
+}
+
+/// Key of the `VERIFIED` LRU hash: a destination verified for a name that the rule set allows
+/// over TLS at this port (see docs/design.md, "The TLS fast path").
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct VerifiedKey {
+    /// Rule set id (with generation bit).
+    pub ruleset: u32,
+    /// Destination port, host order.
+    pub port: u16,
+    /// Explicit padding.
+    pub _pad: u16,
+    /// Destination address; IPv4 as `::ffff:a.b.c.d`.
+    pub addr: [u8; 16],
+}
+
+/// Value of `VERIFIED`: until when (`bpf_ktime_get_ns`, i.e. `CLOCK_MONOTONIC`) the
+/// destination counts as verified.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VerifiedValue {
+    /// Expiry, monotonic nanoseconds.
+    pub expires_ns: u64,
+}
+
+/// States of a fast-path socket ([`SniSock::state`]).
+pub mod sni_state {
+    /// Connected directly; nothing may leave before the ClientHello is judged.
+    pub const PENDING: u32 = 1;
+    /// The ClientHello was allowed: the socket is leaving the fast-path machinery.
+    pub const ALLOWED: u32 = 2;
+    /// Refused: every later send fails and no payload packet leaves.
+    pub const DENIED: u32 = 3;
+}
+
+/// The `SNI_STATE` socket storage of a fast-path socket: created by connect4/6 when it lets a
+/// Domain candidate connect directly, read by sock_ops (enrolment), the `sk_msg` judge and
+/// the egress backstop.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SniSock {
+    /// [`sni_state`].
+    pub state: u32,
+    /// For [`sni_state::DENIED`]: the [`counter`] index of the reason.
+    pub reason: u32,
+    /// cgroup id of the workload whose policy applied at connect (0: none).
+    pub workload: u64,
+    /// Destination as dialled; IPv4 as `::ffff:a.b.c.d`.
+    pub addr: [u8; 16],
+    /// Destination port, host order.
+    pub port: u16,
+    /// 4 or 6, as dialled.
+    pub family: u16,
+    /// The socket's `write_seq` when it was enrolled: the ClientHello must be the first byte
+    /// of the stream, so the judge refuses when anything was queued outside it.
+    pub seq0: u32,
+    /// Thread-group id of the task that connected.
+    pub pid: u32,
+    /// cgroup id of the task that connected.
+    pub cgroup_lo: u32,
+    /// High half of that cgroup id (kept in two halves so the struct has no hole).
+    pub cgroup_hi: u32,
+    /// The task's command name.
+    pub comm: [u8; 16],
+    /// What the judge's first phase found in the hello, for the next phases.
+    pub scan: sni::Scan,
+    /// Scratch for the judge's lookup: the socket is locked while the judge runs, so this is
+    /// race-free where a per-CPU buffer would not be (a preempted program shares its CPU).
+    pub lookup: SniLookup,
+    /// Explicit padding.
+    pub _pad: u32,
+}
+
+/// An `SNI_NAMES` lookup key as the kernel passes it: prefix length in bits, then the data.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SniLookup {
+    /// Prefix length in bits.
+    pub prefix_len: u32,
+    /// Data.
+    pub key: sni::SniNameKey,
+}
+
+/// Offsets into `struct tcp_sock` of the running kernel, read from its BTF by the loader and
+/// handed to the programs as the read-only global `PT_TCP_OFFSETS` (the verifier then sees
+/// constants and checks each access against BTF). All zero: the fast path stays off.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TcpOffsets {
+    /// `write_seq` (u32).
+    pub write_seq: u32,
+    /// `fastopen_req` (pointer; set while a `sendto(MSG_FASTOPEN)` connects).
+    pub fastopen_req: u32,
+    /// Byte holding the `fastopen_connect` bit (`TCP_FASTOPEN_CONNECT`).
+    pub fastopen_connect_byte: u32,
+    /// The bit's mask within that byte.
+    pub fastopen_connect_mask: u32,
+}
+
+/// Name of the [`TcpOffsets`] global in the object.
+pub const TCP_OFFSETS_GLOBAL: &str = "PT_TCP_OFFSETS";
 
 /// Index 0 of the `CONFIG` array: what every program reads first.
 #[repr(C)]
@@ -373,8 +490,33 @@ pub mod counter {
     pub const DENY_NO_PROXY: u32 = 10;
     /// Deny events lost because the ring buffer was full.
     pub const EVENTS_DROPPED: u32 = 11;
+    /// TLS fast path: a Domain candidate connected directly, its ClientHello to be judged in
+    /// the kernel.
+    pub const SNI_DIRECT: u32 = 12;
+    /// TLS fast path: the kernel allowed the ClientHello.
+    pub const SNI_ALLOW: u32 = 13;
+    /// Kernel SNI judge: the hello had no server name.
+    pub const SNI_DENY_NO_SNI: u32 = 14;
+    /// Kernel SNI judge: the server name is an IP literal.
+    pub const SNI_DENY_IP_LITERAL: u32 = 15;
+    /// Kernel SNI judge: the server name is not a host name.
+    pub const SNI_DENY_BAD_NAME: u32 = 16;
+    /// Kernel SNI judge: no TLS Domain match of the rule set at this port allows the name.
+    pub const SNI_DENY_NO_MATCH: u32 = 17;
+    /// Kernel SNI judge: the ClientHello breaks the TLS rules.
+    pub const SNI_DENY_BAD_HELLO: u32 = 18;
+    /// Kernel SNI judge: the first bytes are not TLS.
+    pub const SNI_DENY_NOT_TLS: u32 = 19;
+    /// Kernel SNI judge: the ClientHello is past the kernel's limits.
+    pub const SNI_DENY_TOO_LARGE: u32 = 20;
+    /// Bytes went (or tried to go) out without passing the judge: the connection is refused.
+    pub const SNI_DENY_UNJUDGED: u32 = 21;
+    /// Kernel SNI judge: the policy now denies the workload's egress (mode `None`).
+    pub const SNI_DENY_MODE_NONE: u32 = 22;
+    /// TLS fast path: a candidate took the proxy because it uses TCP Fast Open.
+    pub const SNI_FASTOPEN_PROXY: u32 = 23;
     /// Number of counters.
-    pub const COUNT: u32 = 12;
+    pub const COUNT: u32 = 24;
 
     /// Names, in index order, as reported by the agent.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -390,6 +532,18 @@ pub mod counter {
         "redirect_proxy",
         "deny_no_proxy",
         "events_dropped",
+        "sni_direct",
+        "sni_allow",
+        "sni_deny_no_sni",
+        "sni_deny_ip_literal",
+        "sni_deny_bad_name",
+        "sni_deny_no_match",
+        "sni_deny_bad_hello",
+        "sni_deny_not_tls",
+        "sni_deny_too_large",
+        "sni_deny_unjudged",
+        "sni_deny_mode_none",
+        "sni_fastopen_proxy",
     ];
 }
 
@@ -410,6 +564,14 @@ mod pod {
     unsafe impl aya::Pod for super::DenyEvent {}
     unsafe impl aya::Pod for super::RelayPeer {}
     unsafe impl aya::Pod for super::RelayCounts {}
+    unsafe impl aya::Pod for super::VerifiedKey {}
+    unsafe impl aya::Pod for super::VerifiedValue {}
+    unsafe impl aya::Pod for super::SniSock {}
+    unsafe impl aya::Pod for super::TcpOffsets {}
+    unsafe impl aya::Pod for super::sni::SniNameKey {}
+    unsafe impl aya::Pod for super::sni::SniNameValue {}
+    unsafe impl aya::Pod for super::sni::SniTableKey {}
+    unsafe impl aya::Pod for super::sni::SniTable {}
 }
 
 #[cfg(test)]
@@ -431,6 +593,10 @@ mod tests {
         assert_eq!(size_of::<RangeTable>(), 56);
         assert_eq!(size_of::<RuleKeyV6>(), 22);
         assert_eq!(size_of::<RuleValue>(), 4);
+        assert_eq!(size_of::<VerifiedKey>(), 24);
+        assert_eq!(size_of::<SniLookup>(), 260);
+        assert_eq!(size_of::<SniSock>(), 400);
+        assert_eq!(size_of::<sni::SniNameKey>(), 256);
     }
 
     #[test]

@@ -10,13 +10,27 @@ use aya_ebpf::{
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
-use passthrough_common::{GlobalConfig, OrigDst, flags};
+use passthrough_common::{GlobalConfig, OrigDst, counter, flags};
 
 use crate::{
     addr::{bytes_to_words, words_to_bytes},
     decide::{PROCEED, REJECT, Transport, V4, Verdict, decide, v4_mapped, v6},
-    maps::{CONFIG, ORIG_BY_COOKIE},
+    maps::{CONFIG, ORIG_BY_COOKIE, count},
+    sni,
 };
+
+/// A TCP connect with the TLS fast path on: clears fast-path state an earlier connect attempt
+/// of this socket left (a socket may connect again after a failed connect).
+#[inline(always)]
+fn fresh_connect(ctx: &SockAddrContext, transport: Transport) {
+    if transport == Transport::Tcp
+        && CONFIG
+            .get(0)
+            .is_some_and(|c| c.flags & flags::TLS_FAST_PATH != 0)
+    {
+        sni::forget(ctx);
+    }
+}
 
 /// Reads what every sock_addr program needs from the context.
 ///
@@ -204,11 +218,21 @@ fn redirect(
 pub fn passthrough_connect4(ctx: SockAddrContext) -> i32 {
     let addr = user_ip4(&ctx);
     let port = port_be(&ctx);
-    match decide(V4(addr), port, transport(&ctx), socket_mark(&ctx)) {
+    let transport = transport(&ctx);
+    fresh_connect(&ctx, transport);
+    match decide(V4(addr), port, transport, socket_mark(&ctx)) {
         Verdict::Allow => PROCEED,
         Verdict::Deny => REJECT,
-        Verdict::Redirect { workload } => {
-            redirect(&ctx, mapped_words(addr), port, 4, workload, false, true)
+        Verdict::Redirect {
+            workload,
+            sni_direct,
+        } => {
+            let words = mapped_words(addr);
+            if sni_direct && sni::go_direct(&ctx, words_to_bytes(words), port, 4, workload) {
+                return PROCEED;
+            }
+            count(counter::REDIRECT_PROXY);
+            redirect(&ctx, words, port, 4, workload, false, true)
         }
     }
 }
@@ -217,16 +241,24 @@ pub fn passthrough_connect4(ctx: SockAddrContext) -> i32 {
 pub fn passthrough_connect6(ctx: SockAddrContext) -> i32 {
     let words = user_ip6(&ctx);
     let port = port_be(&ctx);
+    let transport = transport(&ctx);
+    fresh_connect(&ctx, transport);
     let (verdict, v4_dest) = match v4_mapped(words) {
-        Some(v4) => (decide(v4, port, transport(&ctx), socket_mark(&ctx)), true),
-        None => (
-            decide(v6(words), port, transport(&ctx), socket_mark(&ctx)),
-            false,
-        ),
+        Some(v4) => (decide(v4, port, transport, socket_mark(&ctx)), true),
+        None => (decide(v6(words), port, transport, socket_mark(&ctx)), false),
     };
     match verdict {
         Verdict::Allow => PROCEED,
         Verdict::Deny => REJECT,
-        Verdict::Redirect { workload } => redirect(&ctx, words, port, 6, workload, true, v4_dest),
+        Verdict::Redirect {
+            workload,
+            sni_direct,
+        } => {
+            if sni_direct && sni::go_direct(&ctx, words_to_bytes(words), port, 6, workload) {
+                return PROCEED;
+            }
+            count(counter::REDIRECT_PROXY);
+            redirect(&ctx, words, port, 6, workload, true, v4_dest)
+        }
     }
 }

@@ -12,11 +12,12 @@ use aya_ebpf::{
 };
 use passthrough_common::{
     DenyEvent, DomainPortKey, GlobalConfig, MAX_CGROUP_DEPTH, RULE_KEY_FIXED_BITS, RangeTableKey,
-    RuleKeyV6, WorkloadEntry, WorkloadKey, counter, flags, mode, ruleset,
+    RuleKeyV6, VerifiedKey, WorkloadEntry, WorkloadKey, counter, domain_port, flags, mode, ruleset,
 };
 
 use crate::maps::{
-    CONFIG, DENY_EVENTS, DOMAIN_PORTS, RANGE_INDEX_V4, RANGES_V4, RULES_V6, WORKLOADS, count,
+    CONFIG, DENY_EVENTS, DOMAIN_PORTS, RANGE_INDEX_V4, RANGES_V4, RULES_V6, VERIFIED, WORKLOADS,
+    count,
 };
 
 /// A destination address of one family. The decision is generic over it, so each program is
@@ -196,8 +197,10 @@ pub enum Verdict {
     /// Fail the syscall.
     Deny,
     /// Rule 4: rewrite the destination to the proxy; `workload` is the cgroup id whose
-    /// policy applied (0: none), recorded for the proxy.
-    Redirect { workload: u64 },
+    /// policy applied (0: none), recorded for the proxy. `sni_direct`: the TLS fast path may
+    /// take it instead (only TLS Domain matches at this port, the destination verified for
+    /// one of their names, the fast path on); the connect program makes the final call.
+    Redirect { workload: u64, sni_direct: bool },
 }
 
 /// Finds the workload of the calling task: its own cgroup first (the common case, one lookup),
@@ -320,10 +323,15 @@ pub fn decide_for<C: Caller, D: Dest>(
         if matches!(transport, Transport::Raw(..)) {
             // No port, no name: nothing for the proxy to judge.
             counter::DENY_NO_MATCH
-        } else if has_domain_port(rs, port) {
+        } else if let Some(bits) = domain_port_bits(rs, port) {
             if transport == Transport::Tcp && cfg.flags & flags::PROXY != 0 {
-                count(counter::REDIRECT_PROXY);
-                return Verdict::Redirect { workload };
+                let sni_direct = cfg.flags & flags::TLS_FAST_PATH != 0
+                    && bits & domain_port::NON_TLS == 0
+                    && verified(&dst, rs, port as u16);
+                return Verdict::Redirect {
+                    workload,
+                    sni_direct,
+                };
             }
             counter::DENY_NO_PROXY
         } else {
@@ -385,17 +393,37 @@ fn report_denial<C: Caller, D: Dest>(
     slot.submit(0);
 }
 
+/// The [`domain_port`] bits of the rule set's Domain matches at `port` and port-less ones,
+/// `None` when it has neither. Each lookup's value is read at once: LLVM otherwise merges the
+/// two null checks into one OR of the pointers, which the verifier refuses.
 #[inline(always)]
-fn has_domain_port(rs: u32, port: u32) -> bool {
-    unsafe {
-        DOMAIN_PORTS
-            .get(&DomainPortKey { ruleset: rs, port })
-            .is_some()
-            || DOMAIN_PORTS
-                .get(&DomainPortKey {
-                    ruleset: rs,
-                    port: 0,
-                })
-                .is_some()
+fn domain_port_bits(rs: u32, port: u32) -> Option<u8> {
+    let mut bits = 0u8;
+    if let Some(v) = unsafe { DOMAIN_PORTS.get(&DomainPortKey { ruleset: rs, port }) } {
+        bits |= unsafe { core::ptr::read_volatile(v) } | domain_port::ANY;
+    }
+    if let Some(v) = unsafe {
+        DOMAIN_PORTS.get(&DomainPortKey {
+            ruleset: rs,
+            port: 0,
+        })
+    } {
+        bits |= unsafe { core::ptr::read_volatile(v) } | domain_port::ANY;
+    }
+    if bits == 0 { None } else { Some(bits) }
+}
+
+/// Whether `VERIFIED` holds an unexpired entry for this rule set, port and address.
+#[inline(always)]
+fn verified<D: Dest>(dst: &D, rs: u32, port: u16) -> bool {
+    let key = VerifiedKey {
+        ruleset: rs,
+        port,
+        _pad: 0,
+        addr: dst.bytes16(),
+    };
+    match unsafe { VERIFIED.get(&key) } {
+        Some(v) => v.expires_ns > unsafe { bpf_ktime_get_ns() },
+        None => false,
     }
 }

@@ -14,6 +14,7 @@ mod maps;
 mod relay;
 mod sendmsg;
 mod skb;
+mod sni;
 mod sock_ops;
 
 #[cfg(not(test))]

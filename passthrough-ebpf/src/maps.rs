@@ -1,12 +1,15 @@
 //! Maps shared by every program. Sizes are defaults; the loader may override `max_entries`.
 
 use aya_ebpf::{
-    macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SockHash},
+    btf_maps::SkStorage,
+    macros::{btf_map, map},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf, SockHash},
 };
 use passthrough_common::{
     DomainPortKey, GlobalConfig, OrigDst, PeerKey, RangeBlock, RangeTable, RangeTableKey,
-    RelayCounts, RelayPeer, RuleKeyV6, RuleValue, WorkloadEntry, WorkloadKey, counter,
+    RelayCounts, RelayPeer, RuleKeyV6, RuleValue, SniSock, TcpOffsets, VerifiedKey, VerifiedValue,
+    WorkloadEntry, WorkloadKey, counter,
+    sni::{SniNameKey, SniNameValue, SniTable, SniTableKey},
 };
 
 /// Index 0: [`GlobalConfig`] (active generation, flags).
@@ -62,6 +65,56 @@ pub static RELAY_PEERS: HashMap<u64, RelayPeer> = HashMap::with_max_entries(65_5
 /// Kernel relay: socket cookie → bytes passed to userspace and bytes redirected.
 #[map]
 pub static RELAY_COUNTS: HashMap<u64, RelayCounts> = HashMap::with_max_entries(65_536, 0);
+
+/// TLS fast path: destinations verified (by DNS) for a name that a rule set allows over TLS
+/// at a port, until an expiry. LRU: a full map forgets the oldest, whose next connection
+/// simply takes the proxy (and is learned again).
+#[map]
+pub static VERIFIED: LruHashMap<VerifiedKey, VerifiedValue> =
+    LruHashMap::with_max_entries(65_536, 0);
+
+/// TLS fast path: `{rule set, port}` → the id of its table of TLS Domain patterns.
+#[map]
+pub static SNI_TABLES: HashMap<SniTableKey, SniTable> = HashMap::with_max_entries(65_536, 0);
+
+/// TLS fast path: `table ‖ reversed name` → how many labels a name under it needs. One
+/// longest-prefix lookup finds an exact name and every `*.` wildcard above it (see
+/// `passthrough_common::sni::SniNameKey`).
+#[map]
+pub static SNI_NAMES: LpmTrie<SniNameKey, SniNameValue> = LpmTrie::with_max_entries(262_144, 0);
+
+/// TLS fast path: sockets whose ClientHello is still to be judged, keyed by socket cookie.
+/// The `sk_msg` judge is attached to this map, so it runs for exactly these sockets, and only
+/// until they leave it.
+#[map]
+pub static SNI_SOCKS: SockHash<u64> = SockHash::with_max_entries(65_536, 0);
+
+/// TLS fast path: the judge's later phases (`sni.rs`), reached by tail calls: each phase is
+/// verified on its own, which keeps every program far below the verifier's limits.
+#[map]
+pub static SNI_PROGS: ProgramArray = ProgramArray::with_max_entries(2, 0);
+
+/// TLS fast path: the state of each direct-connected candidate socket (socket storage: it
+/// lives and dies with the socket, and costs nothing for any other socket).
+#[btf_map]
+pub static SNI_STATE: SkStorage<SniSock> = SkStorage::new();
+
+/// `struct tcp_sock` offsets of the running kernel, written by the loader from its BTF
+/// (a read-only global: the verifier sees constants).
+#[unsafe(no_mangle)]
+pub static PT_TCP_OFFSETS: TcpOffsets = TcpOffsets {
+    write_seq: 0,
+    fastopen_req: 0,
+    fastopen_connect_byte: 0,
+    fastopen_connect_mask: 0,
+};
+
+/// Reads [`PT_TCP_OFFSETS`] so that the compiler cannot fold the zeros in.
+#[inline(always)]
+pub fn tcp_offsets() -> TcpOffsets {
+    // SAFETY: a static, read through a volatile load.
+    unsafe { core::ptr::read_volatile(&PT_TCP_OFFSETS) }
+}
 
 /// Denials for the agent's structured log (256 KiB; full → dropped and counted).
 #[map]

@@ -19,7 +19,13 @@
 
 use aya_ebpf::{helpers::bpf_sk_fullsock, macros::cgroup_skb, programs::SkBuffContext};
 
-use crate::decide::{Socket, Transport, V4, V6, Verdict, decide_for};
+use passthrough_common::flags;
+
+use crate::{
+    decide::{Socket, Transport, V4, V6, Verdict, decide_for},
+    maps::CONFIG,
+    sni,
+};
 
 const SOCK_DGRAM: u32 = 2;
 const SOCK_STREAM: u32 = 1;
@@ -44,10 +50,20 @@ pub fn passthrough_skb_egress(ctx: SkBuffContext) -> i32 {
     }
     // SAFETY: non-null result of bpf_sk_fullsock.
     let (ty, protocol, mark) = unsafe { ((*full).type_, (*full).protocol, (*full).mark) };
-    // The common case first and cheapest: TCP, and UDP (not ICMP) datagram sockets.
-    if ty == SOCK_STREAM
-        || (ty == SOCK_DGRAM && protocol != IPPROTO_ICMP && protocol != IPPROTO_ICMPV6)
-    {
+    if ty == SOCK_STREAM {
+        // TLS fast path: no payload leaves a socket whose ClientHello was not allowed in the
+        // kernel, whichever send path queued it (see `sni.rs`, "Why a backstop").
+        if CONFIG
+            .get(0)
+            .is_some_and(|c| c.flags & flags::TLS_FAST_PATH != 0)
+            && !sni::backstop(full, || tcp_payload(&ctx))
+        {
+            return DROP;
+        }
+        return PASS;
+    }
+    // The common case first and cheapest: UDP (not ICMP) datagram sockets.
+    if ty == SOCK_DGRAM && protocol != IPPROTO_ICMP && protocol != IPPROTO_ICMPV6 {
         return PASS;
     }
     judge(&ctx, Socket(full), ty as u8, mark)
@@ -80,5 +96,44 @@ fn judge(ctx: &SkBuffContext, sock: Socket, ty: u8, mark: u32) -> i32 {
         PASS
     } else {
         DROP
+    }
+}
+
+/// Whether a TCP packet carries payload (or cannot be read as a plain TCP packet, which counts
+/// as payload: only a bare SYN, ACK, FIN or RST of a fast-path socket may leave before its
+/// ClientHello was allowed).
+#[inline(always)]
+fn tcp_payload(ctx: &SkBuffContext) -> bool {
+    let Ok(first) = ctx.load::<u8>(0) else {
+        return true;
+    };
+    match first >> 4 {
+        4 => {
+            let ihl = u32::from(first & 0x0f) * 4;
+            let (Ok(total), Ok(proto)) = (ctx.load::<[u8; 2]>(2), ctx.load::<u8>(9)) else {
+                return true;
+            };
+            if proto != 6 || ihl < 20 {
+                return true;
+            }
+            let Ok(off) = ctx.load::<u8>((ihl + 12) as usize) else {
+                return true;
+            };
+            u32::from(u16::from_be_bytes(total)) > ihl + u32::from(off >> 4) * 4
+        }
+        6 => {
+            let (Ok(plen), Ok(next)) = (ctx.load::<[u8; 2]>(4), ctx.load::<u8>(6)) else {
+                return true;
+            };
+            // Extension headers: not a plain TCP packet.
+            if next != 6 {
+                return true;
+            }
+            let Ok(off) = ctx.load::<u8>(40 + 12) else {
+                return true;
+            };
+            u32::from(u16::from_be_bytes(plen)) > u32::from(off >> 4) * 4
+        }
+        _ => true,
     }
 }

@@ -6,8 +6,13 @@
 //! bound and before the SYN leaves, so the entry exists before the proxy can accept.
 
 use aya_ebpf::{
-    EbpfContext as _, bindings::BPF_SOCK_OPS_TCP_CONNECT_CB, helpers::bpf_get_socket_cookie,
-    macros::sock_ops, programs::SockOpsContext,
+    EbpfContext as _,
+    bindings::{
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RTT_CB, BPF_SOCK_OPS_TCP_CONNECT_CB,
+    },
+    helpers::bpf_get_socket_cookie,
+    macros::sock_ops,
+    programs::SockOpsContext,
 };
 use passthrough_common::PeerKey;
 
@@ -17,7 +22,16 @@ const AF_INET: u32 = 2;
 
 #[sock_ops]
 pub fn passthrough_sock_ops(ctx: SockOpsContext) -> u32 {
-    if ctx.op() != BPF_SOCK_OPS_TCP_CONNECT_CB {
+    let op = ctx.op();
+    if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+        crate::sni::enrol(&ctx);
+        return 1;
+    }
+    if op == BPF_SOCK_OPS_RTT_CB {
+        crate::sni::on_ack(&ctx);
+        return 1;
+    }
+    if op != BPF_SOCK_OPS_TCP_CONNECT_CB {
         return 1;
     }
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };

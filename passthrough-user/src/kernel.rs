@@ -21,17 +21,19 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{
-        Array, HashMap, MapData, PerCpuArray, RingBuf, SockHash,
+        Array, HashMap, MapData, PerCpuArray, ProgramArray, RingBuf, SockHash,
         lpm_trie::{Key, LpmTrie},
     },
     programs::{
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, ProgramError, SkSkb,
-        SockOps,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, ProgramError, SkMsg,
+        SkSkb, SockOps,
     },
 };
 use passthrough_common::{
     DomainPortKey, GlobalConfig, OrigDst, PeerKey, RangeBlock, RangeTable, RangeTableKey,
-    RelayCounts, RelayPeer, RuleKeyV6, RuleValue, WorkloadEntry, WorkloadKey, counter,
+    RelayCounts, RelayPeer, RuleKeyV6, RuleValue, SniSock, TcpOffsets, VerifiedKey, VerifiedValue,
+    WorkloadEntry, WorkloadKey, counter,
+    sni::{SniNameKey, SniNameValue, SniTable, SniTableKey},
 };
 
 use crate::plan::KernelPlan;
@@ -65,6 +67,12 @@ pub const SOCK_OPS: &str = "passthrough_sock_ops";
 /// The `cgroup_skb/egress` backstop for raw and ping sockets, which no sock_addr hook sees
 /// (docs/security.md L1/L2).
 pub const SKB_EGRESS: &str = "passthrough_skb_egress";
+
+/// The `sk_msg` ClientHello judge of the TLS fast path, attached to `SNI_SOCKS`.
+pub const SNI_JUDGE: &str = "passthrough_sni";
+
+/// The judge's later phases, in `SNI_PROGS` order (reached by tail calls).
+pub const SNI_PHASES: [&str; 2] = ["passthrough_sni_names", "passthrough_sni_name"];
 
 /// The `sk_skb/stream_verdict` program of the kernel relay, attached to `RELAY_SOCKS`
 /// (see [`Kernel::take_relay_maps`]).
@@ -186,6 +194,16 @@ pub struct Kernel {
     rules_v6: LpmTrie<MapData, RuleKeyV6, RuleValue>,
     counters: PerCpuArray<MapData, u64>,
     domain_ports: HashMap<MapData, DomainPortKey, u8>,
+    verified: HashMap<MapData, VerifiedKey, VerifiedValue>,
+    sni_tables: HashMap<MapData, SniTableKey, SniTable>,
+    sni_names: LpmTrie<MapData, SniNameKey, SniNameValue>,
+    /// `SNI_SOCKS`, held so the judge stays attached to it.
+    _sni_socks: SockHash<MapData, u64>,
+    /// `SNI_PROGS`, held so the judge's phases stay in it.
+    _sni_phases: ProgramArray<MapData>,
+    /// The running kernel's `tcp_sock` offsets (all zero when its BTF could not be read: then
+    /// the TLS fast path cannot be turned on).
+    tcp_offsets: TcpOffsets,
     orig_by_peer: Option<HashMap<MapData, PeerKey, OrigDst>>,
     deny_events: Option<RingBuf<MapData>>,
     caps: Capacities,
@@ -214,7 +232,7 @@ pub struct Kernel {
 }
 
 /// Names of every map, in the object and under `<layout>/maps/`.
-pub const MAPS: [&str; 10] = [
+pub const MAPS: [&str; 16] = [
     "CONFIG",
     "WORKLOADS",
     "RANGES_V4",
@@ -225,6 +243,12 @@ pub const MAPS: [&str; 10] = [
     "ORIG_BY_COOKIE",
     "ORIG_BY_PEER",
     "DENY_EVENTS",
+    "VERIFIED",
+    "SNI_TABLES",
+    "SNI_NAMES",
+    "SNI_SOCKS",
+    "SNI_STATE",
+    "SNI_PROGS",
 ];
 
 /// Key/value sizes each pinned map must have to be reused (map type is checked by aya when the
@@ -248,6 +272,21 @@ fn expected_shape(name: &str) -> (u32, u32) {
         "DOMAIN_PORTS" => (size_of::<DomainPortKey>() as u32, 1),
         "ORIG_BY_COOKIE" => (8, size_of::<OrigDst>() as u32),
         "ORIG_BY_PEER" => (size_of::<PeerKey>() as u32, size_of::<OrigDst>() as u32),
+        "VERIFIED" => (
+            size_of::<VerifiedKey>() as u32,
+            size_of::<VerifiedValue>() as u32,
+        ),
+        "SNI_TABLES" => (
+            size_of::<SniTableKey>() as u32,
+            size_of::<SniTable>() as u32,
+        ),
+        "SNI_NAMES" => (
+            lpm(size_of::<SniNameKey>()),
+            size_of::<SniNameValue>() as u32,
+        ),
+        "SNI_SOCKS" => (8, 4),
+        "SNI_STATE" => (4, size_of::<SniSock>() as u32),
+        "SNI_PROGS" => (4, 4),
         _ => (0, 0), // ring buffer: no key/value
     }
 }
@@ -337,8 +376,13 @@ impl Kernel {
         state_dir: Option<&Path>,
     ) -> Result<Self, KernelError> {
         let object = EBPF_OBJECT.ok_or(KernelError::NoObject)?;
+        let tcp_offsets = crate::btf::tcp_offsets().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "no tcp_sock offsets from the kernel's BTF: the TLS fast path is unavailable");
+            TcpOffsets::default()
+        });
         let mut loader = EbpfLoader::new();
         loader
+            .override_global(passthrough_common::TCP_OFFSETS_GLOBAL, &tcp_offsets, true)
             .map_max_entries("RANGES_V4", caps.range_blocks())
             .map_max_entries("RANGE_INDEX_V4", RANGE_TABLES)
             .map_max_entries("RULES_V6", caps.rules)
@@ -403,6 +447,28 @@ impl Kernel {
         load_program(SOCK_OPS, || prog.load())?;
         let prog = program::<CgroupSkb>(&mut ebpf, SKB_EGRESS)?;
         load_program(SKB_EGRESS, || prog.load())?;
+        let prog = program::<SkMsg>(&mut ebpf, SNI_JUDGE)?;
+        load_program(SNI_JUDGE, || prog.load())?;
+        let mut phases: ProgramArray<MapData> = take(&mut ebpf, "SNI_PROGS")?;
+        for (i, name) in SNI_PHASES.into_iter().enumerate() {
+            let prog = program::<SkMsg>(&mut ebpf, name)?;
+            load_program(name, || prog.load())?;
+            let fd = prog
+                .fd()
+                .map_err(|source| KernelError::Program { name, source })?;
+            phases
+                .set(i as u32, fd, 0)
+                .map_err(|e| KernelError::Map("SNI_PROGS", e))?;
+        }
+        let sni_socks: SockHash<MapData, u64> = take(&mut ebpf, "SNI_SOCKS")?;
+        // A program attached to a SOCKHASH stays attached as long as the map lives (pinned:
+        // beyond this agent); attaching again replaces it for sockets enrolled from now on.
+        program::<SkMsg>(&mut ebpf, SNI_JUDGE)?
+            .attach(sni_socks.fd())
+            .map_err(|source| KernelError::Program {
+                name: SNI_JUDGE,
+                source,
+            })?;
         let config = take(&mut ebpf, "CONFIG")?;
         let workloads = take(&mut ebpf, "WORKLOADS")?;
         let ranges_v4 = RangeArray::map(ebpf.take_map("RANGES_V4").ok_or(KernelError::Map(
@@ -415,6 +481,9 @@ impl Kernel {
         let rules_v6 = take(&mut ebpf, "RULES_V6")?;
         let counters = take(&mut ebpf, "COUNTERS")?;
         let domain_ports = take(&mut ebpf, "DOMAIN_PORTS")?;
+        let verified = take(&mut ebpf, "VERIFIED")?;
+        let sni_tables = take(&mut ebpf, "SNI_TABLES")?;
+        let sni_names = take(&mut ebpf, "SNI_NAMES")?;
         let orig_by_peer = Some(take(&mut ebpf, "ORIG_BY_PEER")?);
         let deny_events = Some(take(&mut ebpf, "DENY_EVENTS")?);
         Ok(Self {
@@ -426,6 +495,12 @@ impl Kernel {
             rules_v6,
             counters,
             domain_ports,
+            verified,
+            sni_tables,
+            sni_names,
+            _sni_socks: sni_socks,
+            _sni_phases: phases,
+            tcp_offsets,
             orig_by_peer,
             deny_events,
             caps,

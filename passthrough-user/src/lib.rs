@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod agent;
 pub mod bpffs;
+pub mod btf;
 pub mod cgroup;
 pub mod events;
 pub mod kernel;
