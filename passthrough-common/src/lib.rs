@@ -64,6 +64,9 @@ pub mod flags {
     /// `--tls-fast-path=on`: a TLS-only Domain candidate to a verified destination connects
     /// directly and its ClientHello is judged in the kernel (`SNI_SOCKS`, `sni.rs`).
     pub const TLS_FAST_PATH: u32 = 16;
+    /// `--no-raw-socket-backstop` while the egress program is attached for the TLS fast path:
+    /// raw and ping packets pass unjudged, as without the backstop.
+    pub const RAW_BACKSTOP_OFF: u32 = 32;
 }
 
 /// Bits of a `DOMAIN_PORTS` value.

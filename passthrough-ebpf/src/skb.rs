@@ -66,6 +66,12 @@ pub fn passthrough_skb_egress(ctx: SkBuffContext) -> i32 {
     if ty == SOCK_DGRAM && protocol != IPPROTO_ICMP && protocol != IPPROTO_ICMPV6 {
         return PASS;
     }
+    if CONFIG
+        .get(0)
+        .is_some_and(|c| c.flags & flags::RAW_BACKSTOP_OFF != 0)
+    {
+        return PASS;
+    }
     judge(&ctx, Socket(full), ty as u8, mark)
 }
 

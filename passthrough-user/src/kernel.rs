@@ -621,7 +621,7 @@ impl Kernel {
             .get(&0, 0)
             .map_err(|e| KernelError::Map("CONFIG", e))?;
         cfg.unmatched_mode[g as usize] = plan.unmatched_mode;
-        cfg.flags = self.flags;
+        cfg.flags = self.effective_flags();
         cfg.agent_mark = self.agent_mark;
         self.fill_proxy_config(&mut cfg);
         cfg.policy_generation = self.generation_counter + 1;
@@ -728,6 +728,83 @@ impl Kernel {
         for k in dp {
             let _ = self.domain_ports.remove(&k);
         }
+        let st: Vec<_> = self
+            .sni_tables
+            .keys()
+            .flatten()
+            .filter(|k| generation(k.ruleset) == g)
+            .collect();
+        for k in st {
+            let _ = self.sni_tables.remove(&k);
+        }
+        let names: Vec<_> = self
+            .sni_names
+            .keys()
+            .flatten()
+            .filter(|k| u32::from(u16::from_be(k.data().table_be) >> 15) == g)
+            .collect();
+        for k in names {
+            let _ = self.sni_names.remove(&k);
+        }
+        self.forget_verified(g);
+    }
+
+    /// Removes the `VERIFIED` entries of generation `g` (its rule sets are gone or going).
+    fn forget_verified(&mut self, g: u32) {
+        use passthrough_common::ruleset::generation;
+        let old: Vec<_> = self
+            .verified
+            .keys()
+            .flatten()
+            .filter(|k| generation(k.ruleset) == g)
+            .collect();
+        for k in old {
+            let _ = self.verified.remove(&k);
+        }
+    }
+
+    /// The `CONFIG` flags this kernel gets: the fast path only where it is available, and
+    /// whether the egress program judges raw packets.
+    fn effective_flags(&self) -> u32 {
+        use passthrough_common::flags;
+        let mut f = self.flags;
+        if !self.tls_fast_path_available() || self.proxy.host_port == 0 {
+            f &= !flags::TLS_FAST_PATH;
+        }
+        if !self.raw_backstop {
+            f |= flags::RAW_BACKSTOP_OFF;
+        }
+        f
+    }
+
+    /// Whether the running kernel lets the TLS fast path be turned on (its BTF gave the
+    /// `tcp_sock` offsets the programs read).
+    pub fn tls_fast_path_available(&self) -> bool {
+        self.tcp_offsets.write_seq != 0
+            && self.tcp_offsets.fastopen_req != 0
+            && self.tcp_offsets.fastopen_connect_byte != 0
+    }
+
+    /// Writes `VERIFIED` entries: each destination counts as verified for its rule set and
+    /// port until its expiry (`CLOCK_MONOTONIC` nanoseconds).
+    pub fn write_verified(&mut self, entries: &[(VerifiedKey, u64)]) -> Result<(), KernelError> {
+        for (key, expires_ns) in entries {
+            self.verified
+                .insert(
+                    *key,
+                    VerifiedValue {
+                        expires_ns: *expires_ns,
+                    },
+                    0,
+                )
+                .map_err(|e| KernelError::Map("VERIFIED", e))?;
+        }
+        Ok(())
+    }
+
+    /// The plan in force (what the programs see now), if any.
+    pub fn active_plan(&self) -> Option<&KernelPlan> {
+        self.active.and_then(|g| self.written[g as usize].as_ref())
     }
 
     fn check_capacity(&self, plan: &KernelPlan) -> Result<(), KernelError> {
@@ -790,9 +867,38 @@ impl Kernel {
                 ruleset: *ruleset,
                 port: u32::from(*port),
             };
+            let mut bits = passthrough_common::domain_port::ANY;
+            if plan.non_tls_ports.contains(&(*ruleset, *port)) {
+                bits |= passthrough_common::domain_port::NON_TLS;
+            }
             self.domain_ports
-                .insert(key, 1, 0)
+                .insert(key, bits, 0)
                 .map_err(|e| KernelError::Map("DOMAIN_PORTS", e))?;
+        }
+        // Names before tables: a program finds a table only once its names are in place.
+        for table in plan.sni_tables.values() {
+            let entries = table.entries();
+            let keys: Vec<Key<SniNameKey>> = entries
+                .iter()
+                .map(|e| Key::new(e.prefix_len, e.key))
+                .collect();
+            let values: Vec<SniNameValue> = entries.iter().map(|e| e.value).collect();
+            write_batched(&mut self.sni_names, "SNI_NAMES", &keys, &values)?;
+        }
+        for ((ruleset, port), table) in &plan.sni_tables {
+            self.sni_tables
+                .insert(
+                    SniTableKey {
+                        ruleset: *ruleset,
+                        port: u32::from(*port),
+                    },
+                    SniTable {
+                        id: table.id,
+                        _pad: 0,
+                    },
+                    0,
+                )
+                .map_err(|e| KernelError::Map("SNI_TABLES", e))?;
         }
         for (cgroup_id, (ruleset, mode)) in &plan.workloads {
             let key = WorkloadKey {
@@ -847,6 +953,21 @@ impl Kernel {
                 port: u32::from(*port),
             });
         }
+        for (ruleset, port) in plan.sni_tables.keys() {
+            let _ = self.sni_tables.remove(&SniTableKey {
+                ruleset: *ruleset,
+                port: u32::from(*port),
+            });
+        }
+        for table in plan.sni_tables.values() {
+            let keys: Vec<Key<SniNameKey>> = table
+                .entries()
+                .iter()
+                .map(|e| Key::new(e.prefix_len, e.key))
+                .collect();
+            remove_batched(&mut self.sni_names, &keys);
+        }
+        self.forget_verified(plan.generation);
         for cgroup_id in plan.workloads.keys() {
             let key = WorkloadKey {
                 generation: plan.generation,
@@ -865,7 +986,11 @@ impl Kernel {
     /// with `BPF_LINK_UPDATE` instead of attaching a second copy.
     pub fn attach(&mut self, cgroup: &Path) -> Result<(), KernelError> {
         let mut names: Vec<&'static str> = PROGRAMS.to_vec();
-        if self.raw_backstop {
+        // The TLS fast path needs the egress program too (its backstop for payload that did
+        // not pass the judge); without the raw backstop it passes raw packets unjudged.
+        if self.raw_backstop
+            || self.effective_flags() & passthrough_common::flags::TLS_FAST_PATH != 0
+        {
             names.push(SKB_EGRESS);
         } else {
             self.unpin_link(cgroup, SKB_EGRESS)?;
@@ -1275,11 +1400,11 @@ trait ElementMap<K, V> {
     fn delete(&mut self, key: &K);
 }
 
-impl<K: aya::Pod> ElementMap<Key<K>, RuleValue> for LpmTrie<MapData, K, RuleValue> {
+impl<K: aya::Pod, V: aya::Pod> ElementMap<Key<K>, V> for LpmTrie<MapData, K, V> {
     fn data(&self) -> &MapData {
         aya::maps::IterableMap::map(self)
     }
-    fn put(&mut self, key: &Key<K>, value: &RuleValue) -> Result<(), aya::maps::MapError> {
+    fn put(&mut self, key: &Key<K>, value: &V) -> Result<(), aya::maps::MapError> {
         self.insert(key, *value, 0)
     }
     fn delete(&mut self, key: &Key<K>) {

@@ -14,5 +14,6 @@ pub mod plan;
 pub mod policy;
 pub mod proxy;
 pub mod ranges;
+pub mod sni_plan;
 pub mod status;
 pub mod watch;

@@ -15,7 +15,7 @@ use ipnet::{IpNet, Ipv4Net};
 use passthrough_common::{RULE_KEY_FIXED_BITS, RangeTableKey, RuleKeyV6, mode, ruleset};
 
 use crate::{
-    policy::{FxHashMap, MatchKind, MergedConf, Mode},
+    policy::{FxHashMap, MatchKind, MergedConf, Mode, Protocol},
     ranges::RangeImage,
 };
 
@@ -138,7 +138,32 @@ pub struct KernelPlan {
     /// `(rule set, port)` pairs with a Domain match (port 0 = every port): SPEC §3 rule 4
     /// candidates, redirected to the proxy when no IP/CIDR match allows.
     pub domain_ports: BTreeSet<(u32, u16)>,
+    /// The pairs of `domain_ports` with a Domain match other than `tls` (judged per request
+    /// or not at all on SNI): their connections always take the proxy.
+    pub non_tls_ports: BTreeSet<(u32, u16)>,
+    /// TLS fast path: per `(rule set, port)` (0 = the port-less matches), the `tls` Domain
+    /// patterns that judge a ClientHello there (a port's own and the port-less ones).
+    pub sni_tables: BTreeMap<(u32, u16), SniTablePlan>,
 }
+
+/// One table of the TLS fast path: its id in `SNI_NAMES` keys and its patterns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SniTablePlan {
+    /// Table id (unique across both generations: the generation is its top bit).
+    pub id: u16,
+    /// The `tls` Domain patterns, as written.
+    pub patterns: Vec<Arc<str>>,
+}
+
+impl SniTablePlan {
+    /// The trie entries of this table.
+    pub fn entries(&self) -> Vec<crate::sni_plan::SniEntry> {
+        crate::sni_plan::table_entries(self.id, self.patterns.iter().map(|p| &**p))
+    }
+}
+
+/// Table ids of generation `g` are `g << 15 | n`, `n` in `1..2^15`.
+pub const SNI_TABLES_PER_GENERATION: usize = (1 << 15) - 1;
 
 /// Inputs of [`compile`] besides the workloads.
 #[derive(Debug, Clone, Default)]
@@ -152,8 +177,9 @@ pub struct PlanOptions {
 }
 
 /// What makes two workloads' rule sets identical: their canonical (network, port) IP/CIDR
-/// entries and their Domain ports, both sorted and deduplicated.
-type RuleSetShape = (Vec<(u16, IpNet)>, Vec<u16>);
+/// entries, their Domain ports (with whether a non-`tls` match is there) and their `tls`
+/// Domain patterns by port, all sorted and deduplicated.
+type RuleSetShape = (Vec<(u16, IpNet)>, Vec<(u16, bool)>, Vec<(u16, Arc<str>)>);
 
 /// Builds the plan of one generation. Workloads with identical IP/CIDR match sets share one
 /// rule set, so a thousand pods of one deployment cost one set of trie entries.
@@ -231,17 +257,29 @@ pub fn compile(
             .collect();
         kernel.sort_unstable();
         kernel.dedup_by(|b, a| (a.0, a.1) == (b.0, b.1));
-        let mut domain_ports: Vec<u16> = conf
+        let mut domain_ports: Vec<(u16, bool)> = conf
             .matches
             .iter()
             .filter(|m| m.kind == MatchKind::Domain)
-            .map(|m| m.port.unwrap_or(0))
+            .map(|m| (m.port.unwrap_or(0), m.protocol != Protocol::Tls))
             .collect();
         domain_ports.sort_unstable();
-        domain_ports.dedup();
+        // (port, any non-tls): keep the `true` of each port (sorted after `false`).
+        domain_ports.reverse();
+        domain_ports.dedup_by_key(|(p, _)| *p);
+        domain_ports.reverse();
+        let mut tls: Vec<(u16, Arc<str>)> = conf
+            .matches
+            .iter()
+            .filter(|m| m.kind == MatchKind::Domain && m.protocol == Protocol::Tls)
+            .map(|m| (m.port.unwrap_or(0), Arc::clone(&m.value)))
+            .collect();
+        tls.sort_unstable();
+        tls.dedup();
         let shape = (
             kernel.iter().map(|&(p, n, _)| (p, n)).collect::<Vec<_>>(),
             domain_ports,
+            tls,
         );
         let rs = match rulesets.get(&shape) {
             Some(rs) => *rs,
@@ -275,9 +313,13 @@ pub fn compile(
                         id,
                     ));
                 }
-                for port in &shape.1 {
+                for (port, non_tls) in &shape.1 {
                     plan.domain_ports.insert((rs, *port));
+                    if *non_tls {
+                        plan.non_tls_ports.insert((rs, *port));
+                    }
                 }
+                sni_tables(&mut plan, rs, &shape.2);
                 rulesets.insert(shape, rs);
                 rs
             }
@@ -293,6 +335,37 @@ pub fn compile(
     plan.ranges_v4 = ranges_v4(&rules);
     plan.rules = rules.into_iter().collect();
     plan
+}
+
+/// The TLS fast path's tables of one rule set from its `tls` patterns by port (sorted): one
+/// per port with patterns of its own (those plus the port-less ones), one for port 0 when
+/// there are port-less ones. Ids run on per generation; past the id space a table is left out,
+/// and its connections take the proxy (destinations are only ever verified for a rule set and
+/// port through a table that allows the name, and connect goes direct only to those).
+fn sni_tables(plan: &mut KernelPlan, rs: u32, tls: &[(u16, Arc<str>)]) {
+    let anyport: Vec<Arc<str>> = tls
+        .iter()
+        .filter(|(p, _)| *p == 0)
+        .map(|(_, v)| Arc::clone(v))
+        .collect();
+    let mut ports: Vec<u16> = tls.iter().map(|(p, _)| *p).collect();
+    ports.dedup();
+    for port in ports {
+        if plan.sni_tables.len() >= SNI_TABLES_PER_GENERATION {
+            return;
+        }
+        let mut patterns: Vec<Arc<str>> = tls
+            .iter()
+            .filter(|(p, _)| *p == port)
+            .map(|(_, v)| Arc::clone(v))
+            .collect();
+        if port != 0 {
+            patterns.extend(anyport.iter().cloned());
+        }
+        let id = ((plan.generation << 15) as usize | (plan.sni_tables.len() + 1)) as u16;
+        plan.sni_tables
+            .insert((rs, port), SniTablePlan { id, patterns });
+    }
 }
 
 /// The IPv4 range tables of sorted rule entries: entries of one (rule set, port) are adjacent,

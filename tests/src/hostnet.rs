@@ -101,6 +101,22 @@ pub const LOAD_SLOT: Slot = Slot {
     proxy_v6: Ipv6Addr::new(0x2001, 0xdb8, 0xf03, 0xff, 0, 0, 0, 1),
 };
 
+/// The slot of the TLS fast path tests (`tests/tests/tls_fast_path.rs`): 198.51.100.212/30,
+/// 203.0.113.64/27, 2001:db8:f14::/48, pod 198.51.100.210, proxy 169.254.77.14. Disjoint from
+/// the other slots.
+pub const FAST_SLOT: Slot = Slot {
+    host_v4: Ipv4Addr::new(198, 51, 100, 213),
+    srv_v4: Ipv4Addr::new(198, 51, 100, 214),
+    hosts_v4: Ipv4Addr::new(203, 0, 113, 64),
+    host_v6: Ipv6Addr::new(0x2001, 0xdb8, 0xf14, 0, 0, 0, 0, 1),
+    srv_v6: Ipv6Addr::new(0x2001, 0xdb8, 0xf14, 0, 0, 0, 0, 2),
+    hosts_v6: Ipv6Addr::new(0x2001, 0xdb8, 0xf14, 0x100, 0, 0, 0, 0),
+    pod_v4: Ipv4Addr::new(198, 51, 100, 210),
+    pod_v6: Ipv6Addr::new(0x2001, 0xdb8, 0xf14, 0xee, 0, 0, 0, 2),
+    proxy_v4: Ipv4Addr::new(169, 254, 77, 14),
+    proxy_v6: Ipv6Addr::new(0x2001, 0xdb8, 0xf14, 0xff, 0, 0, 0, 1),
+};
+
 impl Slot {
     /// Test host number `n` (1..=30) of the slot, IPv4.
     pub fn host4(&self, n: u8) -> IpAddr {

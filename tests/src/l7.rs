@@ -122,7 +122,14 @@ pub enum Service {
     TlsRr,
     /// Benchmark: TLS; reads an 8-byte big-endian count, writes that many bytes, closes.
     TlsBulk,
+    /// Records every byte a connection sends (see [`Servers::received`]) and answers nothing:
+    /// what a denied connection let leave the host shows up here.
+    Record,
 }
+
+/// What [`Service::Record`] listeners received: per connection, the dialled address and the
+/// bytes, in accept order.
+pub type Received = Arc<Mutex<Vec<(SocketAddr, Vec<u8>)>>>;
 
 /// Request and response size of [`Service::TlsRr`].
 pub const RR_SIZE: usize = 128;
@@ -134,6 +141,7 @@ pub type Accepts = Arc<Mutex<HashMap<SocketAddr, u64>>>;
 pub struct Servers {
     rt: Option<tokio::runtime::Runtime>,
     accepts: Accepts,
+    received: Received,
 }
 
 impl Servers {
@@ -179,8 +187,10 @@ impl Servers {
             .thread_name("pt-test-servers")
             .build()?;
         let accepts: Accepts = Arc::default();
+        let received: Received = Arc::default();
         for (l, svc) in listeners {
             let accepts = accepts.clone();
+            let received = received.clone();
             let tls = pki.clone().map(TlsAcceptor::from);
             let _guard = rt.enter();
             let l = tokio::net::TcpListener::from_std(l)?;
@@ -195,8 +205,9 @@ impl Servers {
                         .or_insert(0) += 1;
                     let _ = s.set_nodelay(true);
                     let tls = tls.clone();
+                    let received = received.clone();
                     tokio::spawn(async move {
-                        let _ = serve_one(s, local, svc, tls).await;
+                        let _ = serve_one(s, local, svc, tls, received).await;
                     });
                 }
             });
@@ -204,7 +215,19 @@ impl Servers {
         Ok(Servers {
             rt: Some(rt),
             accepts,
+            received,
         })
+    }
+
+    /// What each connection to `dst` sent a [`Service::Record`] listener so far, in accept
+    /// order (IPv4-mapped counted as IPv4).
+    pub fn received(&self, dst: SocketAddr) -> Vec<Vec<u8>> {
+        let dst = crate::netns::normalize(dst);
+        let r = self.received.lock().unwrap_or_else(|e| e.into_inner());
+        r.iter()
+            .filter(|(a, _)| *a == dst)
+            .map(|(_, b)| b.clone())
+            .collect()
     }
 
     /// Connections accepted for the dialled address `dst` (IPv4-mapped counted as IPv4).
@@ -233,8 +256,27 @@ async fn serve_one(
     local: SocketAddr,
     svc: Service,
     tls: Option<TlsAcceptor>,
+    received: Received,
 ) -> Result<()> {
     match svc {
+        Service::Record => {
+            let slot = {
+                let mut r = received.lock().unwrap_or_else(|e| e.into_inner());
+                r.push((local, Vec::new()));
+                r.len() - 1
+            };
+            let mut s = s;
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                let n = s.read(&mut buf).await?;
+                if n == 0 {
+                    break;
+                }
+                received.lock().unwrap_or_else(|e| e.into_inner())[slot]
+                    .1
+                    .extend_from_slice(&buf[..n]);
+            }
+        }
         Service::Echo => {
             let (mut r, mut w) = s.into_split();
             tokio::io::copy(&mut r, &mut w).await?;

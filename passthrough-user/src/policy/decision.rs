@@ -353,11 +353,15 @@ fn decide_inner<'a>(
     }
 }
 
-/// Normalises an SNI or Host: strips a `:port` (Host only), one trailing dot, lower-cases;
-/// rejects IP literals, empty and malformed names (empty labels, characters outside
-/// `[A-Za-z0-9_-]`).
+/// Normalises an SNI or Host: strips surrounding whitespace and a `:port` (Host only), one
+/// trailing dot, lower-cases; rejects IP literals, empty and malformed names (empty labels,
+/// characters outside `[A-Za-z0-9_-]`).
+///
+/// An SNI is taken as sent: a `server_name` with a space, tab or other whitespace around the
+/// name is not a host name (a server would not read it as one either), and the kernel's judge
+/// (`passthrough_common::sni`) refuses it the same way.
 pub fn normalize_name(raw: &str, strip_port: bool) -> Result<String, Reason> {
-    let mut s = raw.trim();
+    let mut s = if strip_port { raw.trim() } else { raw };
     if strip_port {
         if let Some(rest) = s.strip_prefix('[') {
             // [v6]:port or [v6]
@@ -501,5 +505,18 @@ mod tests {
             normalize_name("example.com:443", false),
             Err(Reason::BadName { .. })
         ));
+        // An SNI is not trimmed (a Host is).
+        assert!(matches!(
+            normalize_name(" example.com", false),
+            Err(Reason::BadName { .. })
+        ));
+        assert!(matches!(
+            normalize_name("example.com\u{3000}", false),
+            Err(Reason::BadName { .. })
+        ));
+        assert_eq!(
+            normalize_name(" example.com ", true).unwrap(),
+            "example.com"
+        );
     }
 }
