@@ -802,6 +802,12 @@ impl Kernel {
         Ok(())
     }
 
+    /// Sockets enrolled for the ClientHello judge right now (connected directly, hello not
+    /// yet allowed, or refused and still open).
+    pub fn sni_pending_sockets(&self) -> usize {
+        self._sni_socks.keys().flatten().count()
+    }
+
     /// The plan in force (what the programs see now), if any.
     pub fn active_plan(&self) -> Option<&KernelPlan> {
         self.active.and_then(|g| self.written[g as usize].as_ref())

@@ -246,6 +246,7 @@ mod ops {
                     return fail("connect", &e);
                 }
                 match mode {
+                    "connect_only" => (0, 0),
                     "write" => sent(write_all(fd, &payload)),
                     "chunks" => {
                         let mut total = 0;
@@ -356,9 +357,16 @@ mod ops {
         // A last send after the first: does the socket take more bytes?
         let after = if req["then"].is_string() {
             let more = hex(req["then"].as_str().unwrap_or(""));
-            match t.write(&more) {
-                Ok(k) => json!(k),
-                Err(e) => json!(-errno(&e)),
+            if req["then_mode"] == "uring_send_zc" {
+                match uring(t.as_raw_fd(), &more, "uring_send_zc") {
+                    (k, 0) => json!(k),
+                    (_, e) => json!(-e),
+                }
+            } else {
+                match t.write(&more) {
+                    Ok(k) => json!(k),
+                    Err(e) => json!(-errno(&e)),
+                }
             }
         } else {
             Value::Null
@@ -502,13 +510,17 @@ const SERVICES: &[(u16, Service)] = &[
     (9443, Service::Record),
 ];
 
+/// A TLS-only port served by a hand-driven listener (see
+/// `sends_that_slip_past_the_judge_never_leave`).
+const SLOW_PORT: u16 = 7443;
+
 const NAMES: &[&str] = &["api.test", "*.wild.test", "*.*.deep.test"];
 
 fn policy_yaml() -> String {
     let mut y = String::from(
         "apiVersion: kuma.io/v1alpha1\nkind: MeshPassthrough\nmetadata: {name: fast, labels: {kuma.io/mesh: default}}\nspec:\n  targetRef: {kind: Mesh}\n  default:\n    passthroughMode: Matched\n    appendMatch:\n",
     );
-    for port in [443, 8443, 9443] {
+    for port in [443, 8443, 9443, SLOW_PORT] {
         for n in NAMES {
             y +=
                 &format!("      - {{type: Domain, value: \"{n}\", port: {port}, protocol: tls}}\n");
@@ -520,6 +532,7 @@ fn policy_yaml() -> String {
 
 /// Field order = drop order: the kernel (links detach) before the servers and the network.
 struct Rig {
+    _reaper: Reaper,
     kernel: Kernel,
     servers: Servers,
     _net: HostNet,
@@ -577,6 +590,7 @@ impl Rig {
         );
         kernel.apply(p).unwrap();
         let mut rig = Rig {
+            _reaper: Reaper,
             kernel,
             servers,
             _net: net,
@@ -585,7 +599,7 @@ impl Rig {
             _dir: dir,
             _serial: serial,
         };
-        for port in [443, 8443, 9443] {
+        for port in [443, 8443, 9443, SLOW_PORT] {
             rig.verify(A, port, Duration::from_secs(120));
         }
         let cg_path = rig.cg.path().to_path_buf();
@@ -641,6 +655,24 @@ impl Rig {
                 return r;
             }
             std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Resets, at the end of a test, every connection still open to the slot's test hosts (a
+/// refused fast-path connection can sit retransmitting bytes its backstop drops; the agent
+/// resets those on the denial event, these tests have no agent). `ss -K` uses the kernel's
+/// socket-destroy call (`CONFIG_INET_DIAG_DESTROY`).
+struct Reaper;
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        for net in ["203.0.113.64/27", "[2001:db8:f14:100::]/56"] {
+            let _ = Command::new("ss")
+                .args(["-K", "dst", net])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
         }
     }
 }
@@ -789,5 +821,234 @@ fn proxy_allows(first: &[u8]) -> bool {
             _ => false,
         },
         _ => false,
+    }
+}
+
+/// Every way a process can hand bytes to a TCP socket goes through the judge: plain writes,
+/// a hello split into 1-, 7- and 100-byte writes or into records, `sendfile`, `splice`,
+/// `MSG_ZEROCOPY`, io_uring `SEND`, `SEND_ZC` and `WRITE`. An allowed hello arrives whole, and
+/// a later send on that socket too; a refused one never arrives, its send fails with `EACCES`,
+/// and so does every later send.
+#[test]
+fn every_send_path_is_judged_before_a_byte_leaves() {
+    if !require_kernel() {
+        return;
+    }
+    let rig = Rig::new();
+    let dst = host(A, '6', 8443);
+    let good = hello(b"x.wild.test");
+    let bad = hello(b"evil.test");
+    let split = records(
+        &hello_msg(&[ext(21, &[0; 200]), sni_ext(&[b"api.test"])]),
+        64,
+    );
+    let modes: &[(&str, u64)] = &[
+        ("write", 0),
+        ("chunks", 1),
+        ("chunks", 7),
+        ("chunks", 100),
+        ("sendfile", 0),
+        ("splice", 0),
+        ("zerocopy", 0),
+        ("uring_send", 0),
+        ("uring_send_zc", 0),
+        ("uring_write", 0),
+        ("thread_cork", 0),
+    ];
+    let mut conns = 0;
+    for &(mode, chunk) in modes {
+        let cases: &[(&Vec<u8>, bool)] = if mode == "thread_cork" {
+            // The second half replaced by another thread's bytes: never a valid hello.
+            &[(&good, false)]
+        } else if mode == "uring_send_zc" {
+            // Refused by the kernel itself on a socket in a sockmap (see below).
+            &[]
+        } else {
+            &[(&good, true), (&bad, false), (&split, true)]
+        };
+        for &(payload, allowed) in cases {
+            let before = rig.counters();
+            let r = rig.helper(json!({"addr": dst.to_string(), "hex": hexs(payload),
+                "mode": mode, "chunk": chunk, "then": hexs(b"more")}));
+            assert_eq!(r["ok"], true, "{mode}/{chunk}: {r}");
+            conns += 1;
+            let got = rig.received(dst, conns);
+            assert_eq!(got.len(), conns, "{mode}: the connection went direct");
+            let after = rig.counters();
+            if allowed {
+                assert_eq!(r["send_errno"], 0, "{mode}/{chunk}: {r}");
+                let mut want = payload.clone();
+                want.extend_from_slice(b"more");
+                // The later send follows the hello (wait for it to arrive).
+                let deadline = Instant::now() + Duration::from_secs(2);
+                let mut got = got;
+                while got[conns - 1] != want && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(20));
+                    got = rig.received(dst, conns);
+                }
+                assert_eq!(got[conns - 1], want, "{mode}/{chunk}: allowed bytes arrive whole");
+                assert_eq!(delta(&before, &after, "sni_allow"), 1, "{mode}");
+            } else {
+                assert_eq!(r["send_errno"], libc::EACCES, "{mode}/{chunk}: {r}");
+                assert_eq!(r["then"], -libc::EACCES, "{mode}: a later send fails too: {r}");
+                assert!(
+                    got[conns - 1].is_empty(),
+                    "{mode}/{chunk}: refused, yet {} bytes arrived",
+                    got[conns - 1].len()
+                );
+                assert_eq!(delta(&before, &after, "sni_allow"), 0, "{mode}");
+            }
+        }
+    }
+    // io_uring SEND_ZC needs SOCK_SUPPORT_ZC, which the kernel clears on every socket that
+    // enters a sockmap (`sock_replace_proto`) and does not set again when it leaves: refused
+    // with EOPNOTSUPP, nothing sent, while the hello is pending and after it was allowed.
+    let r = rig.helper(json!({"addr": dst.to_string(), "hex": hexs(&good), "mode": "uring_send_zc"}));
+    assert_eq!(r["send_errno"], libc::EOPNOTSUPP, "{r}");
+    conns += 1;
+    assert!(rig.received(dst, conns)[conns - 1].is_empty(), "{r}");
+    let r = rig.helper(json!({"addr": dst.to_string(), "hex": hexs(&good), "mode": "write",
+        "then": hexs(b"more"), "then_mode": "uring_send_zc"}));
+    assert_eq!(r["send_errno"], 0, "{r}");
+    assert_eq!(r["then"], -libc::EOPNOTSUPP, "{r}");
+    conns += 1;
+    assert_eq!(rig.received(dst, conns)[conns - 1], good, "{r}");
+}
+
+/// Data in the SYN (`sendto(MSG_FASTOPEN)`, `TCP_FASTOPEN_CONNECT`, without a cookie so the
+/// kernel does send it) would leave before any judge could see it: such connections take the
+/// proxy (refused here: nobody listens), and the server never sees a connection.
+#[test]
+fn fast_open_connections_take_the_proxy() {
+    if !require_kernel() {
+        return;
+    }
+    let rig = Rig::new();
+    for fam in ['4', '6'] {
+        let dst = host(A, fam, 8443);
+        for mode in ["tfo_sendto", "tfo_connect"] {
+            let before = rig.counters();
+            let r = rig.helper(json!({"addr": dst.to_string(), "hex": hexs(&hello(b"api.test")), "mode": mode}));
+            let after = rig.counters();
+            assert_eq!(delta(&before, &after, "sni_fastopen_proxy"), 1, "{mode}: {r}");
+            assert_eq!(delta(&before, &after, "sni_direct"), 0, "{mode}: {r}");
+            assert_eq!(delta(&before, &after, "redirect_proxy"), 1, "{mode}: {r}");
+            let refused = r["send_errno"] == libc::ECONNREFUSED
+                || (r["ok"] == false && r["errno"] == libc::ECONNREFUSED);
+            assert!(refused, "{mode}: went to the (absent) proxy: {r}");
+        }
+        assert!(rig.received(dst, 1).is_empty(), "no connection reached the server");
+    }
+}
+
+/// Sends that reach TCP without passing the judge never leave the host. A blocking send on a
+/// socket that is still connecting waits inside `tcp_sendmsg`, which it entered before the
+/// socket was enrolled, so the judge never runs for it (the same holds for a send from another
+/// thread during `connect()`): the egress backstop drops its payload and refuses the
+/// connection, even though the bytes are an allowed hello. Bytes queued that way before a hello
+/// that does pass the judge make the judge refuse that hello (the stream is not fresh).
+///
+/// To hold the handshake open long enough, the server's accept queue is full: its SYN is
+/// dropped and retransmitted a second later, after the queue has room again.
+#[test]
+fn sends_that_slip_past_the_judge_never_leave() {
+    if !require_kernel() {
+        return;
+    }
+    let rig = Rig::new();
+    let dst = host(A, '4', SLOW_PORT);
+    for mode in ["early", "early_more"] {
+        let listener = passthrough_tests::netns::in_netns(rig._net.server_ns(), move || {
+            let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+            s.set_reuse_address(true)?;
+            s.bind(&dst.into())?;
+            s.listen(0)?;
+            Ok(std::net::TcpListener::from(s))
+        })
+        .unwrap();
+        // Fill the accept queue from outside the workload (not filtered).
+        let filler = std::net::TcpStream::connect(dst).unwrap();
+        let server = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            let (_first, _) = listener.accept().unwrap();
+            listener.set_nonblocking(true).unwrap();
+            let deadline = Instant::now() + Duration::from_secs(4);
+            let mut c = loop {
+                match listener.accept() {
+                    Ok((c, _)) => break c,
+                    Err(_) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(10))
+                    }
+                    Err(e) => panic!("the client never connected: {e}"),
+                }
+            };
+            c.set_nonblocking(false).unwrap();
+            c.set_read_timeout(Some(Duration::from_millis(2500))).unwrap();
+            let mut got = Vec::new();
+            let mut b = [0u8; 4096];
+            while let Ok(n) = std::io::Read::read(&mut c, &mut b) {
+                if n == 0 {
+                    break;
+                }
+                got.extend_from_slice(&b[..n]);
+            }
+            got
+        });
+        let before = rig.counters();
+        let r = rig.helper(json!({"addr": dst.to_string(), "hex": hexs(&hello(b"api.test")),
+            "mode": mode, "read_ms": 1500}));
+        let got = server.join().unwrap();
+        drop(filler);
+        let after = rig.counters();
+        assert_eq!(r["ok"], true, "{mode}: {r}");
+        assert!(got.is_empty(), "{mode}: {} bytes left the host: {r}", got.len());
+        assert_eq!(delta(&before, &after, "sni_direct"), 1, "{mode}: {r}");
+        assert_eq!(delta(&before, &after, "sni_allow"), 0, "{mode}: {r}");
+        assert!(delta(&before, &after, "sni_deny_unjudged") >= 1, "{mode}: {r}");
+        if mode == "early_more" {
+            // The hello itself went through the judge, which saw the queued bytes.
+            assert_eq!(r["send_errno"], libc::EACCES, "{r}");
+        }
+    }
+}
+
+/// A socket is in the judge's map only while its hello is pending: connected and silent it is
+/// there; once its hello was allowed (and the server's ACK came back) it has left, so the rest
+/// of the connection runs on the plain TCP send path. A refused socket stays (every later send
+/// fails). All of them are gone once closed.
+#[test]
+fn sockets_leave_the_judge_after_an_allowed_hello() {
+    if !require_kernel() {
+        return;
+    }
+    let rig = Rig::new();
+    let dst = host(A, '4', 8443);
+    let cg = rig.cg.path().to_path_buf();
+    for (payload, mode, stays) in [
+        (Vec::new(), "connect_only", true),
+        (hello(b"api.test"), "write", false),
+        (hello(b"evil.test"), "write", true),
+    ] {
+        assert_eq!(rig.kernel.sni_pending_sockets(), 0);
+        let cg = cg.clone();
+        let req = json!({"addr": dst.to_string(), "hex": hexs(&payload), "mode": mode, "read_ms": 1500});
+        let t = std::thread::spawn(move || helper(&cg, req));
+        // While the helper holds the connection open.
+        let deadline = Instant::now() + Duration::from_millis(1200);
+        let mut seen = Vec::new();
+        while Instant::now() < deadline {
+            seen.push(rig.kernel.sni_pending_sockets());
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        let r = t.join().unwrap();
+        assert_eq!(r["ok"], true, "{mode}: {r}");
+        let last = *seen.last().unwrap();
+        assert_eq!(last, usize::from(stays), "{mode}: samples {seen:?}");
+        // Closed: gone.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while rig.kernel.sni_pending_sockets() != 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(rig.kernel.sni_pending_sockets(), 0, "{mode}: closed sockets leave");
     }
 }
