@@ -259,6 +259,11 @@ fn records<S: Stream + ?Sized>(s: &S, lim: &Limits) -> Result<(Layout, u32, u32)
             return Err(Stop::TooLarge);
         }
         let need = Stop::NeedMore(pos + RECORD_HEADER);
+        // The proxy reads a later record's header only once all five bytes are there (the
+        // first one's type and version byte by byte, to tell "not TLS" early).
+        if !first {
+            s.byte(pos + RECORD_HEADER - 1).ok_or(need)?;
+        }
         let t = s.byte(pos).ok_or(need)?;
         if t != HANDSHAKE {
             return Err(if first {

@@ -886,11 +886,19 @@ fn every_send_path_is_judged_before_a_byte_leaves() {
                     std::thread::sleep(Duration::from_millis(20));
                     got = rig.received(dst, conns);
                 }
-                assert_eq!(got[conns - 1], want, "{mode}/{chunk}: allowed bytes arrive whole");
+                assert_eq!(
+                    got[conns - 1],
+                    want,
+                    "{mode}/{chunk}: allowed bytes arrive whole"
+                );
                 assert_eq!(delta(&before, &after, "sni_allow"), 1, "{mode}");
             } else {
                 assert_eq!(r["send_errno"], libc::EACCES, "{mode}/{chunk}: {r}");
-                assert_eq!(r["then"], -libc::EACCES, "{mode}: a later send fails too: {r}");
+                assert_eq!(
+                    r["then"],
+                    -libc::EACCES,
+                    "{mode}: a later send fails too: {r}"
+                );
                 assert!(
                     got[conns - 1].is_empty(),
                     "{mode}/{chunk}: refused, yet {} bytes arrived",
@@ -903,12 +911,15 @@ fn every_send_path_is_judged_before_a_byte_leaves() {
     // io_uring SEND_ZC needs SOCK_SUPPORT_ZC, which the kernel clears on every socket that
     // enters a sockmap (`sock_replace_proto`) and does not set again when it leaves: refused
     // with EOPNOTSUPP, nothing sent, while the hello is pending and after it was allowed.
-    let r = rig.helper(json!({"addr": dst.to_string(), "hex": hexs(&good), "mode": "uring_send_zc"}));
+    let r =
+        rig.helper(json!({"addr": dst.to_string(), "hex": hexs(&good), "mode": "uring_send_zc"}));
     assert_eq!(r["send_errno"], libc::EOPNOTSUPP, "{r}");
     conns += 1;
     assert!(rig.received(dst, conns)[conns - 1].is_empty(), "{r}");
-    let r = rig.helper(json!({"addr": dst.to_string(), "hex": hexs(&good), "mode": "write",
-        "then": hexs(b"more"), "then_mode": "uring_send_zc"}));
+    let r = rig.helper(
+        json!({"addr": dst.to_string(), "hex": hexs(&good), "mode": "write",
+        "then": hexs(b"more"), "then_mode": "uring_send_zc"}),
+    );
     assert_eq!(r["send_errno"], 0, "{r}");
     assert_eq!(r["then"], -libc::EOPNOTSUPP, "{r}");
     conns += 1;
@@ -928,16 +939,25 @@ fn fast_open_connections_take_the_proxy() {
         let dst = host(A, fam, 8443);
         for mode in ["tfo_sendto", "tfo_connect"] {
             let before = rig.counters();
-            let r = rig.helper(json!({"addr": dst.to_string(), "hex": hexs(&hello(b"api.test")), "mode": mode}));
+            let r = rig.helper(
+                json!({"addr": dst.to_string(), "hex": hexs(&hello(b"api.test")), "mode": mode}),
+            );
             let after = rig.counters();
-            assert_eq!(delta(&before, &after, "sni_fastopen_proxy"), 1, "{mode}: {r}");
+            assert_eq!(
+                delta(&before, &after, "sni_fastopen_proxy"),
+                1,
+                "{mode}: {r}"
+            );
             assert_eq!(delta(&before, &after, "sni_direct"), 0, "{mode}: {r}");
             assert_eq!(delta(&before, &after, "redirect_proxy"), 1, "{mode}: {r}");
             let refused = r["send_errno"] == libc::ECONNREFUSED
                 || (r["ok"] == false && r["errno"] == libc::ECONNREFUSED);
             assert!(refused, "{mode}: went to the (absent) proxy: {r}");
         }
-        assert!(rig.received(dst, 1).is_empty(), "no connection reached the server");
+        assert!(
+            rig.received(dst, 1).is_empty(),
+            "no connection reached the server"
+        );
     }
 }
 
@@ -983,7 +1003,8 @@ fn sends_that_slip_past_the_judge_never_leave() {
                 }
             };
             c.set_nonblocking(false).unwrap();
-            c.set_read_timeout(Some(Duration::from_millis(2500))).unwrap();
+            c.set_read_timeout(Some(Duration::from_millis(2500)))
+                .unwrap();
             let mut got = Vec::new();
             let mut b = [0u8; 4096];
             while let Ok(n) = std::io::Read::read(&mut c, &mut b) {
@@ -995,16 +1016,25 @@ fn sends_that_slip_past_the_judge_never_leave() {
             got
         });
         let before = rig.counters();
-        let r = rig.helper(json!({"addr": dst.to_string(), "hex": hexs(&hello(b"api.test")),
-            "mode": mode, "read_ms": 1500}));
+        let r = rig.helper(
+            json!({"addr": dst.to_string(), "hex": hexs(&hello(b"api.test")),
+            "mode": mode, "read_ms": 1500}),
+        );
         let got = server.join().unwrap();
         drop(filler);
         let after = rig.counters();
         assert_eq!(r["ok"], true, "{mode}: {r}");
-        assert!(got.is_empty(), "{mode}: {} bytes left the host: {r}", got.len());
+        assert!(
+            got.is_empty(),
+            "{mode}: {} bytes left the host: {r}",
+            got.len()
+        );
         assert_eq!(delta(&before, &after, "sni_direct"), 1, "{mode}: {r}");
         assert_eq!(delta(&before, &after, "sni_allow"), 0, "{mode}: {r}");
-        assert!(delta(&before, &after, "sni_deny_unjudged") >= 1, "{mode}: {r}");
+        assert!(
+            delta(&before, &after, "sni_deny_unjudged") >= 1,
+            "{mode}: {r}"
+        );
         if mode == "early_more" {
             // The hello itself went through the judge, which saw the queued bytes.
             assert_eq!(r["send_errno"], libc::EACCES, "{r}");
@@ -1031,7 +1061,8 @@ fn sockets_leave_the_judge_after_an_allowed_hello() {
     ] {
         assert_eq!(rig.kernel.sni_pending_sockets(), 0);
         let cg = cg.clone();
-        let req = json!({"addr": dst.to_string(), "hex": hexs(&payload), "mode": mode, "read_ms": 1500});
+        let req =
+            json!({"addr": dst.to_string(), "hex": hexs(&payload), "mode": mode, "read_ms": 1500});
         let t = std::thread::spawn(move || helper(&cg, req));
         // While the helper holds the connection open.
         let deadline = Instant::now() + Duration::from_millis(1200);
@@ -1049,6 +1080,10 @@ fn sockets_leave_the_judge_after_an_allowed_hello() {
         while rig.kernel.sni_pending_sockets() != 0 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
-        assert_eq!(rig.kernel.sni_pending_sockets(), 0, "{mode}: closed sockets leave");
+        assert_eq!(
+            rig.kernel.sni_pending_sockets(),
+            0,
+            "{mode}: closed sockets leave"
+        );
     }
 }
