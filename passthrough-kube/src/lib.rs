@@ -8,5 +8,6 @@
 //! - [`labelsel`]: label selectors (`--pod-selector`).
 
 pub mod cgroups;
+pub mod cluster;
 pub mod kuma;
 pub mod labelsel;
