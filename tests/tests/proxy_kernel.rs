@@ -518,6 +518,30 @@ fn http1_every_request_checked_h2c_authority_and_grpc_status() {
         );
         denied_503(&r[1], "evil.test");
         ok_from(&r[2], h, "h2.test");
+        // h2c: a host header naming another entity than :authority, or userinfo in
+        // :authority, is malformed: 400 and never forwarded (issue 16). Each attempt opens its
+        // own connection, refused before any upstream connection exists.
+        for (authority, host) in [("h2.test", Some("evil.test")), ("evil.test@h2.test", None)] {
+            let before = w.servers.accepted_total();
+            let mut req = json!({"authority": authority});
+            if let Some(host) = host {
+                req["host"] = json!(host);
+            }
+            let r = w
+                .probe
+                .json(&json!({"op": "h2c", "addr": h.to_string(), "requests": [req]}));
+            assert_eq!(r["ok"], true, "{r}");
+            let resp = &r["responses"][0];
+            assert_eq!(
+                resp["status"], 400,
+                ":authority {authority} host {host:?}: {r}"
+            );
+            assert_eq!(
+                w.servers.accepted_total(),
+                before,
+                "a malformed h2c request reached a test host: {r}"
+            );
+        }
 
         // gRPC: allowed call → the server's status 0; denied → a gRPC error status.
         let g = host(A, fam, 50051);

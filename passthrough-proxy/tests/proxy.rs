@@ -18,9 +18,9 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::{Request, Response, StatusCode, body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use passthrough_user::{
-    policy::{DecideOptions, MergedConf, Mode, Workload, load_policy_bytes},
-    proxy::{DomainDestination, OrigDstSource, Proxy, ProxyConfig, ProxyPolicy, Redirected, h1},
+use passthrough_policy::{DecideOptions, MergedConf, Mode, Workload, load_policy_bytes};
+use passthrough_proxy::{
+    DomainDestination, OrigDstSource, Proxy, ProxyConfig, ProxyPolicy, Redirected, h1,
 };
 use rustls::{
     ClientConfig, RootCertStore, ServerConfig,
@@ -957,6 +957,114 @@ async fn h2c_streams_and_grpc() {
         .await
         .unwrap();
     assert_eq!(r.headers().get("grpc-status").unwrap(), "7");
+}
+
+/// An h2c origin that answers every request `"host=<host header> authority=<:authority>"`
+/// and counts the requests it received.
+async fn counting_h2_origin(l: TcpListener) -> (SocketAddr, Arc<AtomicUsize>) {
+    let addr = l.local_addr().unwrap();
+    let seen = Arc::new(AtomicUsize::new(0));
+    let count = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let count = count.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: Request<Incoming>| {
+                    count.fetch_add(1, Ordering::SeqCst);
+                    let host = req
+                        .headers()
+                        .get("host")
+                        .map(|h| String::from_utf8_lossy(h.as_bytes()).into_owned())
+                        .unwrap_or_default();
+                    let auth = req
+                        .uri()
+                        .authority()
+                        .map(|a| a.as_str().to_string())
+                        .unwrap_or_default();
+                    async move {
+                        Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from(
+                            format!("host={host} authority={auth}"),
+                        ))))
+                    }
+                });
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// Issue 16: an h2c request carries one name, its `:authority`. A `host` header naming
+/// another entity, or userinfo in `:authority`, is malformed (RFC 9113 §8.3.1): `400`, and
+/// the upstream never sees the request; the connection goes on serving well-formed streams.
+#[tokio::test]
+async fn h2c_host_disagreeing_with_authority_or_userinfo_is_refused_and_never_forwarded() {
+    init_tracing();
+    let l = bind(v4(1), 0).await;
+    let port = l.local_addr().unwrap().port();
+    let (up, seen) = counting_h2_origin(l).await;
+    let px = start(
+        conf(&[dom("api.example.test", port, "http2")]),
+        DomainDestination::Original,
+        None,
+    )
+    .await;
+    let (tx, conn) = hyper::client::conn::http2::handshake(
+        TokioExecutor::new(),
+        TokioIo::new(px.dial(up).await),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let send = |authority: &str, host: Option<&str>| {
+        let mut tx = tx.clone();
+        let req = get(&format!("http://{authority}/"), host);
+        async move { body_text(tx.send_request(req).await.unwrap()).await }
+    };
+    let refused = [
+        // The attack: judged by :authority, routed by the upstream on host.
+        ("api.example.test", Some("evil.test")),
+        ("api.example.test", Some("api.example.test.evil.test")),
+        (
+            "api.example.test",
+            Some(&*format!("api.example.test:{}", port + 1)),
+        ),
+        // Userinfo: `evil.test@` must not be mistaken for part of the host by anyone.
+        ("evil.test@api.example.test", None),
+        ("x@api.example.test", Some("api.example.test")),
+        ("u:p@api.example.test", None),
+    ];
+    for (authority, host) in refused {
+        let (st, body) = send(authority, host).await;
+        assert_eq!(
+            st,
+            StatusCode::BAD_REQUEST,
+            ":authority {authority} host {host:?}: {body}"
+        );
+        assert!(body.contains("RFC 9113"), "{body}");
+        assert_eq!(
+            seen.load(Ordering::SeqCst),
+            0,
+            ":authority {authority} host {host:?} reached the upstream"
+        );
+    }
+    // Well-formed streams on the same connection still go through, a host header that
+    // agrees (ASCII case aside) included, and the upstream sees exactly the judged name.
+    let (st, body) = send("api.example.test", None).await;
+    assert_eq!(
+        (st, body.as_str()),
+        (StatusCode::OK, "host= authority=api.example.test")
+    );
+    let (st, body) = send("api.example.test", Some("API.example.TEST")).await;
+    assert_eq!(st, StatusCode::OK, "{body}");
+    assert_eq!(body, "host=API.example.TEST authority=api.example.test");
+    assert_eq!(seen.load(Ordering::SeqCst), 2);
+    // A denied name is still a 503 (policy), not a 400.
+    let (st, body) = send("evil.test", Some("evil.test")).await;
+    assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(seen.load(Ordering::SeqCst), 2);
 }
 
 // ---------------------------------------------------------------- destination check

@@ -10,6 +10,11 @@
 //!   target (`Allowed`: no policy lookup, destination check or decision event). Any other
 //!   authority, a reload, or an older judgement is judged in full. Not under `--audit`.
 //!
+//! - A request whose `host` header names another entity than its `:authority`, or whose
+//!   `:authority` carries userinfo (`user@host`), is malformed (RFC 9113 §8.3.1): `400`, never
+//!   forwarded, also under `--audit`. An upstream that routes on `host` must never see a name
+//!   other than the judged one.
+//!
 //! A denied stream gets `503` with a plain-text body naming the host and saying no
 //! MeshPassthrough match allowed it. A denied gRPC call (`content-type: application/grpc…`)
 //! gets a trailers-only response: HTTP 200, `grpc-status: 7` (PERMISSION_DENIED) and a
@@ -22,7 +27,10 @@ use std::{
     io,
     net::SocketAddr,
     pin::Pin,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     task::{Context, Poll},
 };
 
@@ -37,7 +45,6 @@ use hyper::{
     service::service_fn,
 };
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use prometheus_client::metrics::counter::Counter;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::TcpStream,
@@ -46,18 +53,29 @@ use tokio::{
 use tracing::debug;
 
 use super::{ConnInfo, Judgement, Proxy, relay};
-use crate::policy::L7;
+use passthrough_policy::L7;
 
 /// Response body type of the proxy.
 pub type Body = BoxBody<Bytes, hyper::Error>;
+
+/// Bytes moved on one client connection: `up` read from the client, `down` written to it.
+/// Shared between the connection's I/O (which hyper owns) and the task that reports them when
+/// the connection ends.
+#[derive(Debug, Default)]
+pub struct ClientBytes {
+    /// Read from the client.
+    pub up: AtomicU64,
+    /// Written to the client.
+    pub down: AtomicU64,
+}
 
 /// A stream that first yields bytes already read from it.
 #[derive(Debug)]
 pub struct Rewind {
     pre: Bytes,
     inner: TcpStream,
-    // obs: bytes read from / written to the client (passthrough_proxy_bytes_total).
-    counted: Option<(Counter, Counter)>,
+    /// Bytes read from / written to the client, when counted.
+    counted: Option<Arc<ClientBytes>>,
 }
 
 impl Rewind {
@@ -70,9 +88,9 @@ impl Rewind {
         }
     }
 
-    /// Counts bytes read from the client into `up` and bytes written to it into `down`.
-    pub fn counted(mut self, up: Counter, down: Counter) -> Self {
-        self.counted = Some((up, down));
+    /// Counts bytes read from and written to the client into `bytes`.
+    pub fn counted(mut self, bytes: Arc<ClientBytes>) -> Self {
+        self.counted = Some(bytes);
         self
     }
 }
@@ -92,8 +110,8 @@ impl AsyncRead for Rewind {
         } else {
             Pin::new(&mut self.inner).poll_read(cx, buf)
         };
-        if let Some((up, _)) = &self.counted {
-            up.inc_by((buf.filled().len() - before) as u64);
+        if let Some(c) = &self.counted {
+            c.up.fetch_add((buf.filled().len() - before) as u64, Ordering::Relaxed);
         }
         r
     }
@@ -106,8 +124,8 @@ impl AsyncWrite for Rewind {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if let (Some((_, down)), Poll::Ready(Ok(n))) = (&self.counted, &r) {
-            down.inc_by(*n as u64);
+        if let (Some(c), Poll::Ready(Ok(n))) = (&self.counted, &r) {
+            c.down.fetch_add(*n as u64, Ordering::Relaxed);
         }
         r
     }
@@ -123,8 +141,8 @@ impl AsyncWrite for Rewind {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if let (Some((_, down)), Poll::Ready(Ok(n))) = (&self.counted, &r) {
-            down.inc_by(*n as u64);
+        if let (Some(c), Poll::Ready(Ok(n))) = (&self.counted, &r) {
+            c.down.fetch_add(*n as u64, Ordering::Relaxed);
         }
         r
     }
@@ -196,18 +214,19 @@ impl Ctx {
 }
 
 /// Serves one prior-knowledge HTTP/2 client connection, `first` being the bytes already read.
+///
+/// The client's bytes are reported when the connection ends.
 pub(crate) async fn serve(proxy: Arc<Proxy>, client: TcpStream, first: Vec<u8>, conn: ConnInfo) {
     let peer = conn.peer;
-    let (up, down) = proxy
-        .metrics()
-        .bytes_counters(&proxy.metrics().workload_name(conn.rec.workload));
+    let workload = conn.rec.workload;
+    let bytes = Arc::new(ClientBytes::default());
     let ctx = Arc::new(Ctx {
-        proxy,
+        proxy: proxy.clone(),
         conn,
         upstreams: Mutex::new(HashMap::new()),
         allowed: std::sync::Mutex::new(None),
     });
-    let io = TokioIo::new(Rewind::new(first, client).counted(up, down));
+    let io = TokioIo::new(Rewind::new(first, client).counted(bytes.clone()));
     let svc = service_fn(move |req| {
         let ctx = ctx.clone();
         async move { Ok::<_, Infallible>(handle(ctx, req).await) }
@@ -215,6 +234,11 @@ pub(crate) async fn serve(proxy: Arc<Proxy>, client: TcpStream, first: Vec<u8>, 
     let r = server2::Builder::new(TokioExecutor::new())
         .serve_connection(io, svc)
         .await;
+    proxy.report().bytes(
+        workload,
+        bytes.up.load(Ordering::Relaxed),
+        bytes.down.load(Ordering::Relaxed),
+    );
     if let Err(e) = r {
         debug!(target: "passthrough::proxy", %peer, error = %e, "client connection ended with an error");
     }
@@ -228,26 +252,50 @@ fn is_grpc(headers: &HeaderMap) -> bool {
         .is_some_and(|v| v.starts_with("application/grpc"))
 }
 
+/// Why a request has no authority to judge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NoAuthority {
+    /// Nothing usable (no `:authority`/`Host`, several `Host`s, a non-ASCII `Host`): judged as
+    /// a denial (`503`; `--audit` forwards it to the dialled address).
+    Missing(&'static str),
+    /// Malformed (RFC 9113 §8.3.1): `400`, never forwarded, `--audit` included.
+    Malformed(&'static str),
+}
+
 /// The authority to judge, or why there is none.
-fn authority(req: &Request<Incoming>) -> Result<String, &'static str> {
+///
+/// With `:authority` present it is the one judged, and it must be the only name the request
+/// carries: userinfo in it, or a `host` header naming another entity, makes the request
+/// malformed. Otherwise an upstream routing on `host` (many do, and HTTP/1 origins behind an
+/// h2c front always do) would serve a name that was never judged. `host` agrees when it is
+/// the same `host[:port]` text, ASCII case aside.
+fn authority<B>(req: &Request<B>) -> Result<String, NoAuthority> {
     let mut hosts = req.headers().get_all(header::HOST).iter();
     let host = hosts.next();
     if hosts.next().is_some() {
-        return Err("several Host headers");
+        return Err(NoAuthority::Missing("several Host headers"));
     }
     if let Some(a) = req.uri().authority() {
-        // Absolute-form (HTTP/1) or :authority (h2); userinfo is dropped.
-        return Ok(match a.port() {
-            Some(p) => format!("{}:{}", a.host(), p),
-            None => a.host().to_string(),
-        });
+        if a.as_str().contains('@') {
+            return Err(NoAuthority::Malformed(
+                ":authority carries userinfo (RFC 9113 §8.3.1)",
+            ));
+        }
+        if let Some(h) = host
+            && !h.as_bytes().eq_ignore_ascii_case(a.as_str().as_bytes())
+        {
+            return Err(NoAuthority::Malformed(
+                "the host header differs from :authority (RFC 9113 §8.3.1)",
+            ));
+        }
+        return Ok(a.as_str().to_string());
     }
     match host {
         Some(h) => h
             .to_str()
             .map(str::to_string)
-            .map_err(|_| "the Host header is not ASCII"),
-        None => Err("no Host header and no absolute-form authority"),
+            .map_err(|_| NoAuthority::Missing("the Host header is not ASCII")),
+        None => Err(NoAuthority::Missing("no :authority and no Host header")),
     }
 }
 
@@ -256,7 +304,23 @@ async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body> {
     let proto = if grpc { "grpc" } else { "h2c" };
     let auth = match authority(&req) {
         Ok(a) => a,
-        Err(why) => {
+        Err(NoAuthority::Malformed(why)) => {
+            // Refused even under --audit: there is no single name to forward it under.
+            ctx.proxy.report_deny_with(
+                &ctx.conn,
+                proto,
+                None,
+                None,
+                "malformed_authority",
+                &why,
+                false,
+            );
+            return plain(
+                StatusCode::BAD_REQUEST,
+                format!("passthrough: malformed request: {why}\n"),
+            );
+        }
+        Err(NoAuthority::Missing(why)) => {
             if ctx
                 .proxy
                 .report_deny(&ctx.conn, proto, None, None, "no_authority", &why)
@@ -390,8 +454,9 @@ async fn connect(ctx: &Ctx, target: SocketAddr) -> Result<TcpStream, String> {
     relay::connect(target, cfg.upstream_mark, cfg.connect_timeout)
         .await
         .map_err(|e| {
-            let m = ctx.proxy.metrics();
-            m.upstream_connect_error(&m.workload_name(ctx.conn.rec.workload));
+            ctx.proxy
+                .report()
+                .upstream_connect_failed(ctx.conn.rec.workload);
             e.to_string()
         })
 }
@@ -493,5 +558,77 @@ mod tests {
         assert!(h.get(header::UPGRADE).is_none());
         assert_eq!(h.get(header::TE).unwrap(), "trailers");
         assert!(h.get("x-keep").is_some());
+    }
+
+    fn req(uri: &str, hosts: &[&str]) -> Request<()> {
+        let mut b = Request::get(uri);
+        for h in hosts {
+            b = b.header(header::HOST, *h);
+        }
+        b.body(()).unwrap()
+    }
+
+    #[test]
+    fn the_authority_is_the_only_name_a_request_may_carry() {
+        use NoAuthority::{Malformed, Missing};
+        // :authority alone, or with a host header naming the same entity (ASCII case aside).
+        assert_eq!(
+            authority(&req("http://api.test/x", &[])),
+            Ok("api.test".into())
+        );
+        assert_eq!(
+            authority(&req("http://api.test:8080/", &["API.Test:8080"])),
+            Ok("api.test:8080".into())
+        );
+        assert_eq!(
+            authority(&req("http://[2001:db8::1]:80/", &["[2001:db8::1]:80"])),
+            Ok("[2001:db8::1]:80".into())
+        );
+        // A host header naming anything else: another name, a port added or dropped, a
+        // trailing dot (a different spelling an upstream may route differently).
+        for h in [
+            "evil.test",
+            "api.test:8080",
+            "api.test.",
+            "api.test, evil.test",
+        ] {
+            assert!(
+                matches!(authority(&req("http://api.test/", &[h])), Err(Malformed(_))),
+                "host {h:?} beside :authority api.test must be refused"
+            );
+        }
+        assert!(matches!(
+            authority(&req("http://api.test:80/", &["api.test"])),
+            Err(Malformed(_))
+        ));
+        // Userinfo in :authority, with or without a host header.
+        for uri in [
+            "http://x@api.test/",
+            "http://u:p@api.test:80/",
+            "http://evil.test@api.test/",
+        ] {
+            assert!(
+                matches!(authority(&req(uri, &[])), Err(Malformed(_))),
+                "{uri} must be refused"
+            );
+            assert!(matches!(
+                authority(&req(uri, &["api.test"])),
+                Err(Malformed(_))
+            ));
+        }
+        // Without :authority, host is the authority; none, or several, is a denial as before.
+        assert_eq!(
+            authority(&req("/x", &["web.test:80"])),
+            Ok("web.test:80".into())
+        );
+        assert!(matches!(authority(&req("/x", &[])), Err(Missing(_))));
+        assert!(matches!(
+            authority(&req("/x", &["a.test", "b.test"])),
+            Err(Missing(_))
+        ));
+        assert!(matches!(
+            authority(&req("http://api.test/", &["api.test", "api.test"])),
+            Err(Missing(_))
+        ));
     }
 }
