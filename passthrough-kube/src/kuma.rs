@@ -688,22 +688,8 @@ impl PolicyMeta {
     }
 }
 
-/// A policy's `spec.targetRef`, already validated (kinds Mesh, MeshSubset, Dataplane).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub enum TargetRef {
-    Mesh {
-        proxy_types: Option<Vec<String>>,
-    },
-    MeshSubset {
-        tags: BTreeMap<String, String>,
-        proxy_types: Option<Vec<String>>,
-    },
-    Dataplane {
-        name: Option<String>,
-        namespace: Option<String>,
-        labels: Option<BTreeMap<String, String>>,
-    },
-}
+/// A policy's validated `spec.targetRef` (kinds Mesh, MeshSubset, Dataplane).
+pub use passthrough_policy::Target as TargetRef;
 
 fn proxy_type_ok(types: &Option<Vec<String>>, dp: &Dataplane) -> bool {
     let want = match dp.proxy_type {
