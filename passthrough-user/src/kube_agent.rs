@@ -80,8 +80,12 @@ pub struct KubeArgs {
     /// decide which pods are governed.
     #[arg(long)]
     pub no_kuma_injection_rules: bool,
-    /// The kubelet's pod cgroup parent (absolute, or relative to the cgroup2 mount). Default:
-    /// `kubepods.slice` (systemd driver) or `kubepods` (cgroupfs) below the cgroup2 mount.
+    /// Where the host's cgroup2 hierarchy is mounted (in a pod: a hostPath of the node's
+    /// /sys/fs/cgroup). Default: the first cgroup2 mount of /proc/self/mountinfo.
+    #[arg(long, value_name = "PATH")]
+    pub cgroup_root: Option<PathBuf>,
+    /// The kubelet's pod cgroup parent (absolute, or relative to the cgroup root). Default:
+    /// `kubepods.slice` (systemd driver) or `kubepods` (cgroupfs) below the cgroup root.
     #[arg(long, value_name = "PATH")]
     pub kubepods_cgroup: Option<PathBuf>,
     /// Mode of a pod cgroup the agent cannot name yet (its pod not yet seen from the API server).
@@ -260,7 +264,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let nofile = agent::raise_nofile_limit();
     info!(nofile, "open-files limit");
     let (settings, node_name) = settings(&args)?;
-    let mount = cgroup::cgroup2_mount()?;
+    let mount = match &args.kube.cgroup_root {
+        Some(r) => r.clone(),
+        None => cgroup::cgroup2_mount()?,
+    };
     let root = match &args.kube.kubepods_cgroup {
         Some(p) => KubepodsRoot::at(
             &cgroup::resolve(p, &mount)
