@@ -321,6 +321,36 @@ fn kubernetes_mode_systemd_layout_end_to_end() {
         "{st}"
     );
     assert_eq!(w.pod_state("plain/free").unwrap()["mode"], "All");
+    // `passthrough status` lists the pods, each checked against the kernel's workload map.
+    let out = std::process::Command::new(passthrough_tests::agent::agent_binary().unwrap())
+        .args(["status", "--json", "--state-dir"])
+        .arg(w.agent.state_dir())
+        .arg("--kubernetes-status")
+        .arg(&w.status)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let st: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let web = st["pods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "shop/web-host")
+        .unwrap()
+        .clone();
+    assert_eq!(web["in_kernel"], true, "{web}");
+    assert_eq!(st["node"], "n1");
+    assert!(
+        st["invalid_policies"][0]
+            .as_str()
+            .unwrap()
+            .contains("kuma-system/broken"),
+        "{st}"
+    );
 
     // IP, CIDR (IPv6 /128) and the namespace-scoped MeshSubset match; B denied.
     allowed(&w, &mut host, a(5432));
