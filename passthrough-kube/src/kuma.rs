@@ -379,31 +379,31 @@ fn find_port(pod: &Pod, port: &ServicePort) -> Option<i32> {
 /// at least 8 digits (minutes since 1970). docs/kubernetes.md says where this can differ.
 pub fn serviceless_name(pod: &Pod) -> String {
     let labels = labels_of(&pod.metadata.labels);
-    for owner in pod.metadata.owner_references.iter().flatten() {
-        match owner.kind.as_str() {
-            "ReplicaSet" => {
-                if let Some(hash) = labels.get("pod-template-hash")
-                    && let Some(d) = owner.name.strip_suffix(&format!("-{hash}"))
-                    && !d.is_empty()
-                {
-                    return d.to_string();
-                }
-                return owner.name.clone();
+    let Some(owner) = pod.metadata.owner_references.iter().flatten().next() else {
+        return pod.metadata.name.clone().unwrap_or_default();
+    };
+    match owner.kind.as_str() {
+        "ReplicaSet" => {
+            if let Some(hash) = labels.get("pod-template-hash")
+                && let Some(d) = owner.name.strip_suffix(&format!("-{hash}"))
+                && !d.is_empty()
+            {
+                return d.to_string();
             }
-            "Job" => {
-                if let Some((cj, n)) = owner.name.rsplit_once('-')
-                    && n.len() >= 8
-                    && n.bytes().all(|b| b.is_ascii_digit())
-                    && !cj.is_empty()
-                {
-                    return cj.to_string();
-                }
-                return owner.name.clone();
-            }
-            _ => return owner.name.clone(),
+            owner.name.clone()
         }
+        "Job" => {
+            if let Some((cj, n)) = owner.name.rsplit_once('-')
+                && n.len() >= 8
+                && n.bytes().all(|b| b.is_ascii_digit())
+                && !cj.is_empty()
+            {
+                return cj.to_string();
+            }
+            owner.name.clone()
+        }
+        _ => owner.name.clone(),
     }
-    pod.metadata.name.clone().unwrap_or_default()
 }
 
 /// The Dataplane Kuma 2.14 (zone mode, inbound tags enabled) makes of `pod`, from its

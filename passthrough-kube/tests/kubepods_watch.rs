@@ -144,7 +144,7 @@ async fn run_layout(top: &Path, root_name: &str) {
 #[tokio::test]
 async fn both_driver_layouts_on_real_cgroup2() {
     let Some(mount) = usable() else { return };
-    let top = mount.join(format!("pt-kubepods-test-{}", std::process::id()));
+    let top = mount.join(format!("passthrough-test-kubepods-{}", std::process::id()));
     std::fs::create_dir(&top).unwrap();
     let _tree = Tree(top.clone());
     run_layout(&top, "kubepods.slice").await;

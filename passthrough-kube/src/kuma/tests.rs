@@ -442,13 +442,11 @@ fn selection_by_namespace_zone_name_labels_tags() {
         &subset(&[(SERVICE_TAG, "web_shop_svc_80")]),
         &dp
     ));
-    assert!(
-        selects(
-            &meta("a", "kuma-system", &[]),
-            &subset(&[("kubernetes.io/hostname", "*")]),
-            &dp
-        ) == false
-    );
+    assert!(!selects(
+        &meta("a", "kuma-system", &[]),
+        &subset(&[("kubernetes.io/hostname", "*")]),
+        &dp
+    ));
     assert!(selects(
         &meta("a", "kuma-system", &[]),
         &subset(&[(SERVICE_TAG, "*"), ("app", "web")]),
@@ -481,7 +479,7 @@ fn merge_order_is_kumas() {
     let sys = meta("b", "kuma-system", &[]);
     let own = meta("z", "shop", &[]);
     let glob = meta("a", "kuma-system", &[(ORIGIN_LABEL, "global")]);
-    let mut v = vec![
+    let mut v = [
         (&sys, &sub, "sys-subset"),
         (&own, &mesh, "own-mesh"),
         (&sys, &mesh, "sys-mesh"),
