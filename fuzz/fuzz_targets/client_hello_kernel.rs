@@ -7,7 +7,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use passthrough_common::sni::{KERNEL_LIMITS, SNI_KEY_NAME, Stop, parse};
-use passthrough_user::sni_plan::compare_with_proxy;
+use passthrough_proxy::kernel_judge::compare_with_proxy;
 
 fuzz_target!(|data: &[u8]| {
     if let Err(e) = compare_with_proxy(data) {

@@ -15,10 +15,11 @@
 //!   list of cipher suites, non-empty compression methods, then (optionally) extensions that end
 //!   exactly at the end of the message, no extension twice, a `server_name` list with exactly
 //!   one non-empty `host_name`, a well-formed ALPN list, and the ECH flag;
-//! - the name: one trailing dot ignored, upper case folded, IPv4 literals refused (Rust's
-//!   `Ipv4Addr` syntax: four decimal octets, no leading zeros), and only `[A-Za-z0-9_-]` labels
-//!   of 1..=63 bytes in names of at most 253 bytes. Nothing is trimmed: a name with any other
-//!   byte (space, NUL, non-ASCII) is refused.
+//! - the name: upper case folded, a trailing dot kept (it makes another name, as Envoy compares
+//!   server names), IPv4 literals refused (Rust's `Ipv4Addr` syntax after trailing dots: four
+//!   decimal octets, no leading zeros), and only `[A-Za-z0-9_-]` labels of 1..=63 bytes in names
+//!   of at most 253 bytes (254 with the dot). Nothing is trimmed: a name with any other byte
+//!   (space, NUL, non-ASCII) is refused.
 //!
 //! Where the two differ, by design, the kernel refuses and the proxy may allow: hellos past
 //! [`Limits`] (more bytes, records, extensions or list entries than the kernel walks). The
@@ -41,7 +42,8 @@ pub const MAX_RECORD: u32 = 1 << 14;
 pub const MAX_NAME: u32 = 253;
 /// Longest label.
 pub const MAX_LABEL: u32 = 63;
-/// Bytes of the name part of an [`SniNameKey`]: a 253-byte name and its terminating 0.
+/// Bytes of the name part of an [`SniNameKey`]: a 253-byte name and its terminating 0, or a
+/// 254-byte one (253 and a trailing dot) alone.
 pub const SNI_KEY_NAME: usize = 254;
 
 const EXT_SERVER_NAME: u16 = 0;
@@ -123,8 +125,9 @@ pub enum Invalid {
 pub enum Name {
     /// No `server_name` extension, or one without a `host_name`.
     Absent,
-    /// A valid host name of `len` bytes (lower case, reversed in the output buffer) and
-    /// `labels` labels.
+    /// A valid host name of `len` bytes (lower case, reversed in the output buffer, a trailing
+    /// dot kept) and `labels` labels (a trailing dot counts an empty last label, as the
+    /// proxy's `domain_matches` splits names).
     Valid {
         /// Bytes.
         len: u32,
@@ -683,7 +686,8 @@ fn server_name<S: Stream + ?Sized>(
     Ok(())
 }
 
-/// Normalises the `host_name` of `n` bytes at message offset `at` into `out` (reversed).
+/// Normalises the `host_name` of `n` bytes at message offset `at` into `out` (reversed, lower
+/// case, a trailing dot kept).
 #[inline(always)]
 fn host_name<S: Stream + ?Sized>(
     c: &Msg<'_, S>,
@@ -695,38 +699,45 @@ fn host_name<S: Stream + ?Sized>(
         // Longer than any host name even with its trailing dot.
         return Ok(Name::Bad);
     }
-    // One trailing dot is not part of the name.
-    let len = if c.get(at + n - 1)? == b'.' { n - 1 } else { n };
+    // A trailing dot is part of the name (`example.com.` is another name than `example.com`,
+    // as Envoy compares server names), but not of its last label for the syntax check.
+    let dot = u32::from(c.get(at + n - 1)? == b'.');
+    let len = n - dot;
     let mut shape = NameShape::new();
     // A fixed number of steps, whatever the length: a loop that ends at a data-dependent step
     // leaves the verifier one state per possible end to carry through the rest of the
     // program. Steps past the name re-read its first byte and change nothing (`live` = 0).
     let mut i = 0u32;
     while i < MAX_NAME + 1 {
-        let live = cmp::lt(i, len);
+        let live = cmp::lt(i, n);
         // In bounds: `server_name` checked the entry against its container.
         let Some(b) = c.s.byte(c.l.stream(at + i * live)) else {
             return Err(Stop::Invalid(Invalid::Malformed));
         };
         let class = class_of(b);
-        shape.feed(class, live);
-        // Reversed: byte i of the name lands at len - 1 - i (past the name: the last slot,
+        shape.feed(class, cmp::lt(i, len));
+        // Reversed: byte i of the name lands at n - 1 - i (past the name: the last slot,
         // which the terminating 0 below or an unused tail covers); upper case folded by the
         // class table.
-        let slot = (len.wrapping_sub(1 + i) * live) + (SNI_KEY_NAME as u32 - 1) * (1 - live);
+        let slot = (n.wrapping_sub(1 + i) * live) + (SNI_KEY_NAME as u32 - 1) * (1 - live);
         if let Some(o) = out.get_mut(slot as usize) {
             *o = b | (class & LOWER_BIT);
         }
         i += 1;
     }
-    if let Some(o) = out.get_mut(len as usize) {
+    // The terminating 0 (a 254-byte name fills the key: no longer name exists).
+    if let Some(o) = out.get_mut(n as usize) {
         *o = 0;
     }
-    if shape.other == 0 && ipv4_literal(out, len) {
+    if shape.other == 0 && ipv4_literal(out, n) {
         return Ok(Name::IpLiteral);
     }
     match shape.finish(len) {
-        Some(labels) => Ok(Name::Valid { len, labels }),
+        // Labels as the proxy splits the name: a trailing dot ends an empty last one.
+        Some(labels) => Ok(Name::Valid {
+            len: n,
+            labels: labels + dot,
+        }),
         None => Ok(Name::Bad),
     }
 }
@@ -878,7 +889,8 @@ impl NameShape {
 }
 
 /// Data of a key of the `SNI_NAMES` LPM trie: the SNI table (one per rule set and port, see
-/// [`SniTable`]), then a name reversed and 0-terminated.
+/// [`SniTable`]), then a name reversed and 0-terminated (a 254-byte name, the longest there is,
+/// fills the key without its 0).
 ///
 /// Why reversed and an LPM trie: `*.example.com` is the prefix `moc.elpmaxe.` of every name
 /// below `example.com` (at any depth) and of no other name (`badexample.com` reversed has `d`
@@ -995,7 +1007,9 @@ mod tests {
         let s = match h.name {
             Name::Valid { len, .. } => {
                 let mut v = out[..len as usize].to_vec();
-                assert_eq!(out[len as usize], 0);
+                if (len as usize) < SNI_KEY_NAME {
+                    assert_eq!(out[len as usize], 0);
+                }
                 v.reverse();
                 std::string::String::from_utf8(v).unwrap()
             }
@@ -1006,10 +1020,19 @@ mod tests {
 
     #[test]
     fn names_are_normalised_and_reversed() {
-        let b = records(&hello(&[sni(&[b"Api.Example.COM."])]), 1 << 14);
+        let b = records(&hello(&[sni(&[b"Api.Example.COM"])]), 1 << 14);
         assert_eq!(
             name_of(&b),
             (Name::Valid { len: 15, labels: 3 }, "api.example.com".into())
+        );
+        // A trailing dot is part of the name (and ends an empty label).
+        let b = records(&hello(&[sni(&[b"Api.Example.COM."])]), 1 << 14);
+        assert_eq!(
+            name_of(&b),
+            (
+                Name::Valid { len: 16, labels: 4 },
+                "api.example.com.".into()
+            )
         );
         for (raw, want) in [
             (&b"1.2.3.4"[..], Name::IpLiteral),

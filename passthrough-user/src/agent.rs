@@ -19,23 +19,28 @@ use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use passthrough_common::AGENT_MARK;
+use passthrough_policy::{
+    self as policy, Mode, Workload,
+    plan::{self, PlanOptions},
+};
+use passthrough_proxy::{
+    DomainDestination, Proxy, ProxyConfig, ProxyPolicy, kernel_relay::KernelRelay,
+};
+
 use crate::{
     admin::{self, AdminState},
     bpffs, cgroup,
+    events::{self, Reporter},
     kernel::{Capacities, Kernel, ProxySettings},
-    plan::{self, PlanOptions},
-    policy::{self, Mode, Workload},
-    proxy::{Proxy, ProxyConfig, ProxyPolicy},
+    metrics::Metrics,
 };
-
-/// `SO_MARK` the agent's own sockets carry; the programs let them through (SPEC §3 rule 1).
-pub const AGENT_MARK: u32 = 0x7074_0001;
 
 /// Arguments of `passthrough run`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct RunArgs {
     /// MeshPassthrough policy files or directories (`*.yaml`, `*.yml`, `*.json`).
-    #[arg(long, required = true, num_args = 1..)]
+    #[arg(long, required_unless_present = "kubernetes", num_args = 1..)]
     pub policy: Vec<PathBuf>,
     /// A workload cgroup v2 directory (absolute, or relative to the cgroup2 mount); no labels.
     #[arg(long)]
@@ -75,8 +80,8 @@ pub struct RunArgs {
     #[arg(long)]
     pub proxy_addr: Vec<SocketAddr>,
     /// What the proxy does with the address a client dialled when a Domain match allowed.
-    #[arg(long, value_enum, default_value_t = crate::proxy::DomainDestination::Verify)]
-    pub domain_destination: crate::proxy::DomainDestination,
+    #[arg(long, default_value = "verify", value_parser = domain_destination_parser())]
+    pub domain_destination: DomainDestination,
     /// bpffs directory for the agent's pinned state (bpffs is mounted at /sys/fs/bpf if
     /// missing). Pins keep enforcement running if the agent dies; a restarted agent adopts them.
     #[arg(long, default_value = "/sys/fs/bpf/passthrough")]
@@ -103,6 +108,12 @@ pub struct RunArgs {
     /// `off` (default): always in userspace. See docs/design.md.
     #[arg(long, value_name = "READS|off", default_value = "off", value_parser = parse_kernel_relay)]
     pub kernel_relay_after: KernelRelayAfter,
+    /// Kubernetes mode: discover this node's pods, their identities and the MeshPassthrough
+    /// resources from the API server (see docs/kubernetes.md) instead of files.
+    #[arg(long, conflicts_with_all = ["policy", "cgroup", "workloads", "attach_cgroup"])]
+    pub kubernetes: bool,
+    #[command(flatten)]
+    pub kube: crate::kube_agent::KubeArgs,
 }
 
 /// `--kernel-relay-after`.
@@ -121,6 +132,17 @@ fn parse_kernel_relay(s: &str) -> Result<KernelRelayAfter, String> {
     s.parse::<u32>()
         .map(KernelRelayAfter::Reads)
         .map_err(|_| format!("expected a number of reads or `off`, got `{s}`"))
+}
+
+/// `--domain-destination`'s values, with their help, from the proxy's list.
+fn domain_destination_parser() -> impl clap::builder::TypedValueParser<Value = DomainDestination> {
+    use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser as _};
+    PossibleValuesParser::new(
+        DomainDestination::ALL
+            .iter()
+            .map(|(_, name, help)| PossibleValue::new(*name).help(*help)),
+    )
+    .try_map(|s| s.parse::<DomainDestination>())
 }
 
 /// Parses `All | Matched | None` (case as Kuma writes them).
@@ -186,7 +208,7 @@ fn read_inputs(args: &RunArgs, mount: &Path) -> anyhow::Result<Inputs> {
     })
 }
 
-fn resolvers(args: &RunArgs) -> anyhow::Result<Vec<IpAddr>> {
+pub(crate) fn resolvers(args: &RunArgs) -> anyhow::Result<Vec<IpAddr>> {
     if !args.resolver.is_empty() {
         return args
             .resolver
@@ -266,7 +288,7 @@ fn proxy_policy(merged: &Merged, opts: &PlanOptions, unselected: Mode) -> ProxyP
     }
 }
 
-fn proxy_settings(args: &RunArgs) -> anyhow::Result<ProxySettings> {
+pub(crate) fn proxy_settings(args: &RunArgs) -> anyhow::Result<ProxySettings> {
     let mut s = ProxySettings {
         host_port: args.proxy_port,
         ..Default::default()
@@ -291,7 +313,7 @@ fn proxy_settings(args: &RunArgs) -> anyhow::Result<ProxySettings> {
 /// Binds the proxy listeners: loopback for the host netns (IPv6 only where the host has ::1),
 /// plus every `--proxy-addr`. Bound before anything is attached, so a redirect never finds
 /// nobody listening.
-async fn bind_proxy(args: &RunArgs) -> anyhow::Result<Vec<TcpListener>> {
+pub(crate) async fn bind_proxy(args: &RunArgs) -> anyhow::Result<Vec<TcpListener>> {
     let mut out = Vec::new();
     if args.proxy_port == 0 {
         return Ok(out);
@@ -366,7 +388,7 @@ fn attach_points(args: &RunArgs, mount: &Path, inputs: &Inputs) -> anyhow::Resul
 /// Raises the soft open-files limit to the hard one: every relayed connection holds six
 /// descriptors (two sockets, two splice pipes), so the usual soft limit of 1,024 would cap the
 /// proxy at ~170 connections. Returns the limit now in force.
-fn raise_nofile_limit() -> u64 {
+pub(crate) fn raise_nofile_limit() -> u64 {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -389,6 +411,9 @@ fn raise_nofile_limit() -> u64 {
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    if args.kubernetes {
+        return crate::kube_agent::run(args).await;
+    }
     let nofile = raise_nofile_limit();
     info!(nofile, "open-files limit");
     let mount = cgroup::cgroup2_mount()?;
@@ -429,12 +454,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         info!(state = %args.state_dir.display(), generation = kernel.policy_generation(), "adopted pinned state of a previous agent");
     }
     // obs: metrics and deny events (metrics.rs, events.rs).
-    let metrics = Arc::new(crate::metrics::Metrics::new());
-    let reporter = Arc::new(crate::events::Reporter::new(
-        metrics.clone(),
-        Default::default(),
-    ));
-    let events_task = crate::events::start(&mut kernel, &args.state_dir, &reporter);
+    let metrics = Arc::new(Metrics::new());
+    let reporter = Arc::new(Reporter::new(metrics.clone(), Default::default()));
+    let events_task = start_deny_events(&mut kernel, &args.state_dir, &reporter);
     let merged = merge_all(&inputs, args.unselected_mode);
     let proxy_state = Arc::new(ArcSwap::from_pointee(proxy_policy(
         &merged,
@@ -442,50 +464,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         args.unselected_mode,
     )));
     let shutdown = CancellationToken::new();
-    let mut proxy_tasks = Vec::new();
-    if !proxy_listeners.is_empty() {
-        let orig = kernel
-            .take_orig_dst_map()
-            .context("orig-dst map already taken")?;
-        let resolver = args
-            .resolver
-            .first()
-            .map(|r| {
-                r.parse::<SocketAddr>()
-                    .or_else(|_| r.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
-            })
-            .transpose()
-            .context("--resolver")?;
-        let cfg = ProxyConfig {
-            domain_destination: args.domain_destination,
-            resolver,
-            audit: args.audit,
-            ..ProxyConfig::default()
-        };
-        let mut proxy =
-            Proxy::new(Arc::new(orig), proxy_state.clone(), cfg)?.with_reporter(reporter.clone());
-        if let KernelRelayAfter::Reads(reads) = args.kernel_relay_after {
-            // An accelerator, not a control: without it every byte still flows, in userspace.
-            match kernel.take_relay_maps() {
-                Ok(Some(maps)) => {
-                    info!(
-                        after_reads = reads,
-                        "kernel relay on for allowed TLS connections"
-                    );
-                    proxy = proxy.with_kernel_relay(Arc::new(
-                        crate::proxy::kernel_relay::KernelRelay::new(maps, reads),
-                    ));
-                }
-                Ok(None) => warn!("kernel relay maps already taken; relaying in userspace"),
-                Err(e) => warn!(error = %e, "kernel relay unavailable; relaying in userspace"),
-            }
-        }
-        let proxy = Arc::new(proxy);
-        for l in proxy_listeners {
-            info!(addr = %l.local_addr()?, "proxy listening");
-            proxy_tasks.push(tokio::spawn(proxy.clone().serve(l, shutdown.clone())));
-        }
-    }
+    let proxy_tasks = start_proxy(
+        &args,
+        &mut kernel,
+        proxy_listeners,
+        &proxy_state,
+        &reporter,
+        &shutdown,
+    )?;
     let (generation, (v4, v6)) = apply_plan(&mut kernel, &merged, &opts, &inputs, &metrics)?;
     for p in &points {
         kernel.attach(p)?;
@@ -551,6 +537,61 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Starts the proxy on `listeners` (none: the proxy is off) with the kernel's orig-dst map and,
+/// if asked for and available, the kernel relay. Returns the serving tasks.
+pub(crate) fn start_proxy(
+    args: &RunArgs,
+    kernel: &mut Kernel,
+    proxy_listeners: Vec<TcpListener>,
+    proxy_state: &Arc<ArcSwap<ProxyPolicy>>,
+    reporter: &Arc<Reporter>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+    let mut proxy_tasks = Vec::new();
+    if !proxy_listeners.is_empty() {
+        let orig = kernel
+            .take_orig_dst_map()
+            .context("orig-dst map already taken")?;
+        let resolver = args
+            .resolver
+            .first()
+            .map(|r| {
+                r.parse::<SocketAddr>()
+                    .or_else(|_| r.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+            })
+            .transpose()
+            .context("--resolver")?;
+        let cfg = ProxyConfig {
+            domain_destination: args.domain_destination,
+            resolver,
+            audit: args.audit,
+            ..ProxyConfig::default()
+        };
+        let mut proxy =
+            Proxy::new(Arc::new(orig), proxy_state.clone(), cfg)?.with_report(reporter.clone());
+        if let KernelRelayAfter::Reads(reads) = args.kernel_relay_after {
+            // An accelerator, not a control: without it every byte still flows, in userspace.
+            match kernel.take_relay_maps() {
+                Ok(Some(maps)) => {
+                    info!(
+                        after_reads = reads,
+                        "kernel relay on for allowed TLS connections"
+                    );
+                    proxy = proxy.with_kernel_relay(Arc::new(KernelRelay::new(maps, reads)));
+                }
+                Ok(None) => warn!("kernel relay maps already taken; relaying in userspace"),
+                Err(e) => warn!(error = %e, "kernel relay unavailable; relaying in userspace"),
+            }
+        }
+        let proxy = Arc::new(proxy);
+        for l in proxy_listeners {
+            info!(addr = %l.local_addr()?, "proxy listening");
+            proxy_tasks.push(tokio::spawn(proxy.clone().serve(l, shutdown.clone())));
+        }
+    }
+    Ok(proxy_tasks)
+}
+
 /// Compiles `merged` and flips the kernel to it (at start-up and on every reload); returns the
 /// new generation and the (IPv4, IPv6) entry counts, and records both in the metrics.
 fn apply_plan(
@@ -558,14 +599,14 @@ fn apply_plan(
     merged: &Merged,
     opts: &PlanOptions,
     inputs: &Inputs,
-    metrics: &crate::metrics::Metrics,
+    metrics: &Metrics,
 ) -> anyhow::Result<(u64, (usize, usize))> {
     let plan = compile(kernel, merged, opts);
     let counts = plan.entry_counts();
-    let usage = crate::metrics::MapUsage::of(&plan); // obs
+    let usage = plan.usage(); // obs
     let generation = kernel.apply(plan)?;
     let names = inputs.workloads.iter().map(|(w, d)| (d.id, w.name.clone())); // obs
-    metrics.policy_applied(generation, names, usage, kernel.capacities()); // obs
+    metrics.policy_applied(generation, names, usage, kernel.capacities().map_capacity()); // obs
     Ok((generation, counts))
 }
 
@@ -576,7 +617,7 @@ fn reload(
     opts: &PlanOptions,
     kernel: &mut Kernel,
     proxy_state: &ArcSwap<ProxyPolicy>,
-    metrics: &crate::metrics::Metrics,
+    metrics: &Metrics,
 ) -> anyhow::Result<u64> {
     let inputs = read_inputs(args, mount)?;
     for (w, dir) in &inputs.workloads {
@@ -610,7 +651,7 @@ fn reload(
 /// entries), and the tries hold one plan instead of two between changes. This runs on the
 /// runtime's `block_on` thread, not a worker, so the proxy keeps serving meanwhile; connects
 /// are not stalled either (lookups are lock-free while entries are deleted).
-fn retire_previous(kernel: &mut Kernel, metrics: &crate::metrics::Metrics) {
+pub(crate) fn retire_previous(kernel: &mut Kernel, metrics: &Metrics) {
     let t = std::time::Instant::now();
     let removed = kernel.retire();
     metrics.previous_retired(); // obs
@@ -619,4 +660,34 @@ fn retire_previous(kernel: &mut Kernel, metrics: &crate::metrics::Metrics) {
         ms = t.elapsed().as_millis() as u64,
         "retired the previous plan"
     );
+}
+
+/// Agent start-up: takes the kernel's deny-event ring buffer, points the metrics at the
+/// kernel counters (the pinned `COUNTERS` map under `state_dir`, else the map beside the ring
+/// buffer) and spawns the event reader ([`events::read_kernel_events`]). The returned task runs
+/// until aborted.
+pub(crate) fn start_deny_events(
+    kernel: &mut Kernel,
+    state_dir: &Path,
+    reporter: &Arc<Reporter>,
+) -> tokio::task::JoinHandle<()> {
+    let ring = kernel.take_deny_events();
+    let pinned = crate::pins::map_pin(state_dir, "COUNTERS");
+    let counters = crate::metrics::KernelCounters::from_pin(&pinned)
+        .map_err(anyhow::Error::from)
+        .or_else(|e| match &ring {
+            Some(r) => events::counters_beside(r).map_err(|e2| e.context(e2)),
+            None => Err(e),
+        });
+    match counters {
+        Ok(c) => reporter.metrics().set_kernel_counters(c),
+        Err(e) => warn!(error = %format!("{e:#}"), "metrics: kernel counters unavailable"),
+    }
+    match ring {
+        Some(ring) => tokio::spawn(events::read_kernel_events(ring, reporter.clone())),
+        None => {
+            warn!("deny events: ring buffer already taken; kernel denials will not be logged");
+            tokio::spawn(events::log_suppressed_forever(reporter.clone()))
+        }
+    }
 }

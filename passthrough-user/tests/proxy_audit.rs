@@ -11,11 +11,13 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
+use passthrough_policy::{DecideOptions, MergedConf, Mode};
+use passthrough_proxy::{
+    DomainDestination, OrigDstSource, Proxy, ProxyConfig, ProxyPolicy, Redirected,
+};
 use passthrough_user::{
     events::{LimiterConfig, Reporter},
     metrics::{MapUsage, Metrics, parse_text},
-    policy::{DecideOptions, MergedConf, Mode},
-    proxy::{DomainDestination, OrigDstSource, Proxy, ProxyConfig, ProxyPolicy, Redirected},
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -80,7 +82,7 @@ async fn proxy(audit: bool) -> Px {
     let orig = Arc::new(FakeOrig::default());
     let p = Proxy::new(orig.clone(), Arc::new(ArcSwap::from_pointee(policy)), cfg)
         .unwrap()
-        .with_reporter(reporter);
+        .with_report(reporter);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let stop = CancellationToken::new();
@@ -301,4 +303,75 @@ async fn upstream_connect_errors_are_counted() {
         ),
         1.0
     );
+}
+
+/// A malformed h2c request (a `host` header beside a different `:authority`) is refused with
+/// `400` and never forwarded, `--audit` included: there is no single name it could be audited
+/// and forwarded under. A well-formed request is forwarded under `--audit` as usual.
+#[tokio::test]
+async fn audit_never_forwards_a_malformed_h2c_request() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Empty, Full};
+    use hyper::{Request, Response, body::Incoming, service::service_fn};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = l.local_addr().unwrap();
+    let seen = Arc::new(AtomicUsize::new(0));
+    let count = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let count = count.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |_req: Request<Incoming>| {
+                    count.fetch_add(1, Ordering::SeqCst);
+                    async {
+                        Ok::<_, std::convert::Infallible>(Response::new(Full::new(
+                            Bytes::from_static(b"upstream"),
+                        )))
+                    }
+                });
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    let px = proxy(true).await;
+    let (mut tx, conn) = hyper::client::conn::http2::handshake(
+        TokioExecutor::new(),
+        TokioIo::new(px.connect(up).await),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req = Request::get("http://allowed.test/")
+        .header("host", "denied.test")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let r = tx.send_request(req).await.unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(
+        seen.load(Ordering::SeqCst),
+        0,
+        "a malformed request was forwarded"
+    );
+    assert_eq!(
+        px.sample(
+            "passthrough_proxy_decisions_total",
+            &[("verdict", "deny"), ("reason", "malformed_authority")]
+        ),
+        1.0
+    );
+    // Audit forwards a well-formed (denied) request to where it was dialled.
+    let req = Request::get("http://denied.test/")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let r = tx.send_request(req).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let body = r.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"upstream");
+    assert_eq!(seen.load(Ordering::SeqCst), 1);
 }

@@ -11,7 +11,7 @@
 //! | `tls`       | `addr`, `sni` (null: no SNI), `ca`, `name`? | `greeting` (the server's first line), `echo` (what came back after a half-close) |
 //! | `raw_hello` | `addr`, `sni` (verbatim bytes)              | `reply_hex` (≤ 16 bytes), `eof`, `read_errno` (null, or why the read failed: ECONNRESET…) |
 //! | `http1`     | `addr`, `requests: [{host, path?, absolute?}]` (one keep-alive connection) | `responses: [{status, body} \| {error}]` |
-//! | `h2c`       | `addr`, `requests: [{authority, path?}]` (one connection, prior knowledge) | `responses` |
+//! | `h2c`       | `addr`, `requests: [{authority, path?, host?}]` (one connection, prior knowledge; `host`: a `host` header beside `:authority`) | `responses` |
 //! | `grpc`      | `addr`, `authority`, `path`                 | `status`, `grpc_status`, `grpc_message`, `body` |
 //! | `tcp`       | `addr`                                      | `first_read` (`eof` or `data` or `timeout`) within 2 s |
 //! | `parallel`  | `requests: [...]` (no `addr`)               | `results`: each request's answer, all run at once |
@@ -359,9 +359,14 @@ async fn h2c(io: Io, req: &Value) -> Value {
     for r in req["requests"].as_array().cloned().unwrap_or_default() {
         let authority = r["authority"].as_str().unwrap_or("");
         let path = r["path"].as_str().unwrap_or("/");
-        let rq = hyper::Request::get(format!("http://{authority}{path}"))
-            .body(Full::new(Bytes::new()))
-            .expect("request");
+        let mut rq = hyper::Request::get(format!("http://{authority}{path}"));
+        if let Some(host) = r["host"].as_str() {
+            rq = rq.header("host", host);
+        }
+        let Ok(rq) = rq.body(Full::new(Bytes::new())) else {
+            out.push(json!({"error": format!("bad request authority {authority:?}")}));
+            continue;
+        };
         if send.ready().await.is_err() {
             out.push(json!({"error": "connection closed"}));
             break;

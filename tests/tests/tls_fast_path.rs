@@ -23,6 +23,10 @@ use std::{
 };
 
 use passthrough_common::{VerifiedKey, flags};
+use passthrough_policy::{
+    self as policy, Mode, Workload,
+    plan::{self, PlanOptions},
+};
 use passthrough_tests::{
     Probe, TestCgroup,
     hostnet::{FAST_SLOT, HostNet},
@@ -31,11 +35,7 @@ use passthrough_tests::{
     require_kernel,
     sec::command_in,
 };
-use passthrough_user::{
-    kernel::{Capacities, Kernel, ProxySettings},
-    plan::{self, PlanOptions},
-    policy::{self, Mode, Workload},
-};
+use passthrough_user::kernel::{Capacities, Kernel, ProxySettings};
 use serde_json::{Value, json};
 use tempfile::TempDir;
 
@@ -562,7 +562,7 @@ impl Rig {
         let mut kernel = Kernel::load(
             Capacities::default(),
             flags::TLS_FAST_PATH,
-            passthrough_user::agent::AGENT_MARK,
+            passthrough_common::AGENT_MARK,
             ProxySettings {
                 host_port: port,
                 ..Default::default()
@@ -811,10 +811,8 @@ fn same_verdicts_as_the_proxy_for_every_sni() {
 /// The proxy's verdict on these first bytes: its reader, its name rules and the policy's
 /// patterns (the decision core's `domain_matches`).
 fn proxy_allows(first: &[u8]) -> bool {
-    use passthrough_user::{
-        policy::decision::{domain_matches, normalize_name},
-        proxy::tls::{Parse, parse_client_hello},
-    };
+    use passthrough_policy::decision::{domain_matches, normalize_name};
+    use passthrough_proxy::tls::{Parse, parse_client_hello};
     match parse_client_hello(first) {
         Parse::Hello(h) => match h.sni.as_deref().map(|s| normalize_name(s, false)) {
             Some(Ok(name)) => NAMES.iter().any(|p| domain_matches(p, &name)),

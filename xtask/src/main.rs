@@ -2,9 +2,10 @@
 //!
 //! - `setup`: install toolchains, LLVM and bpf-linker (idempotent; `scripts/setup.sh`).
 //! - `build`: build the agent (the eBPF object is built by passthrough-user's build.rs).
-//! - `test`: `cargo fmt --all --check`, then every test, kernel tests included (root needed;
-//!   under `CI=true` they never skip).
-//! - `bench`: benchmarks (`connect` = kernel-path connect() cost and compile+load time).
+//! - `test`: `cargo fmt --all --check`, `cargo clippy` and `cargo doc` with warnings denied,
+//!   then every test, kernel tests included (root needed; under `CI=true` they never skip).
+//! - `bench`: benchmarks (`connect` = kernel-path connect() cost and compile+load time; `kube` =
+//!   Kubernetes mode with 1,000 pods).
 //! - `demo`: the out-of-the-box demo (workload cgroup, netns test hosts, example policy).
 //! - `sweep`: remove test namespaces/cgroups left by a crashed run.
 //! - `fuzz`: run every cargo-fuzz target in `fuzz/` for `--seconds N` each (pinned nightly;
@@ -50,7 +51,8 @@ enum Cmd {
     /// Run benchmarks.
     Bench {
         /// Which: `connect` (kernel path: connect() cost, compile + load), `policy` (parse,
-        /// validate, merge, compile of 100,000 matches), `proxy` (proxy path vs direct).
+        /// validate, merge, compile of 100,000 matches), `proxy` (proxy path vs direct), `kube`
+        /// (Kubernetes mode, 1,000 pods on one node).
         /// Default: all.
         #[arg(default_value = "all")]
         which: String,
@@ -116,11 +118,11 @@ fn fuzz(seconds: u64, only: Option<&str>, sanitizer: &str) -> anyhow::Result<()>
             .into_iter()
             .collect(),
     };
-    // `cargo +toolchain` goes through rustup's cargo, not the one running xtask.
+    // `cargo +toolchain` goes through rustup's cargo, not the one running xtask. The fuzz
+    // crate depends on the policy and proxy crates only, so no eBPF object is built.
     let nightly = || {
         let mut c = Command::new("cargo");
         c.arg(format!("+{FUZZ_TOOLCHAIN}"))
-            .env("AYA_BUILD_SKIP", "1")
             .env_remove("RUSTC")
             .env_remove("CARGO");
         c
@@ -286,6 +288,26 @@ fn main() -> anyhow::Result<()> {
         Cmd::Test { args } => {
             // Formatting first: cheap, and a failure names the files (`cargo fmt --all` fixes).
             run(cargo().args(["fmt", "--all", "--check"]))?;
+            // Lints and docs with warnings denied, so nobody lands code that adds either.
+            run(cargo().args([
+                "clippy",
+                "--workspace",
+                "--exclude",
+                "passthrough-ebpf",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ]))?;
+            run(cargo()
+                .args([
+                    "doc",
+                    "--workspace",
+                    "--exclude",
+                    "passthrough-ebpf",
+                    "--no-deps",
+                ])
+                .env("RUSTDOCFLAGS", "-D warnings"))?;
             // Binaries first: kernel tests spawn the real `passthrough` and the probe.
             build_bins(false)?;
             sweep()?;
@@ -318,19 +340,18 @@ fn main() -> anyhow::Result<()> {
         } => compare(&which, quick, rounds, report_only),
         Cmd::Bench { which, quick, .. } => {
             let all = which == "all";
-            if !all && !["connect", "policy", "proxy"].contains(&which.as_str()) {
-                bail!("unknown bench {which:?}: one of connect, policy, proxy, all");
+            if !all && !["connect", "policy", "proxy", "kube"].contains(&which.as_str()) {
+                bail!("unknown bench {which:?}: one of connect, policy, proxy, kube, all");
             }
             let mut result = Ok(());
             if all || which == "policy" {
                 // parse + validate + merge + compile of 100,000 matches (criterion; --figures
-                // prints medians and peak RSS). No kernel needed, but the eBPF object is built
-                // anyway (cached): skipping it would leave an agent without programs in
-                // target/release, which the kernel benches then run.
+                // prints medians and peak RSS). No kernel needed: the policy crate builds no
+                // eBPF object.
                 result = run(cargo().args([
                     "bench",
                     "-p",
-                    "passthrough-user",
+                    "passthrough-policy",
                     "--bench",
                     "policy_pipeline",
                     "--",
@@ -353,6 +374,22 @@ fn main() -> anyhow::Result<()> {
                 // HTTP/1.1, open-loop latency, memory per idle relayed connection.
                 build_bins(true)?;
                 let mut c = Command::new(target_dir().join("release").join("pt-bench-proxy"));
+                if quick {
+                    c.arg("--quick");
+                }
+                result = run(&mut c);
+                let swept = sweep();
+                result = result.and(swept);
+            }
+            if result.is_ok() && (all || which == "kube") {
+                // Kubernetes mode, 1,000 pods on one node: pod cgroup -> enforced, policy change
+                // -> all pods, agent RSS, API requests per kind (local API server).
+                build_bins(true)?;
+                let mut c = Command::new(target_dir().join("release").join("pt-bench-kube"));
+                c.env(
+                    "PASSTHROUGH_BIN",
+                    target_dir().join("release").join("passthrough"),
+                );
                 if quick {
                     c.arg("--quick");
                 }

@@ -1,0 +1,518 @@
+//! Compiles merged per-workload configurations into the entries of the kernel maps.
+//!
+//! Pure: no IO, no clock. The loader writes a [`KernelPlan`] into the maps; tests (and the
+//! property test of the policy layer) use [`KernelPlan::lookup`], which looks entries up exactly
+//! the way `passthrough-ebpf/src/decide.rs` does, to check the plan against the decision core.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::{IpAddr, Ipv6Addr},
+    sync::Arc,
+};
+
+use ipnet::{IpNet, Ipv4Net};
+use passthrough_common::{RULE_KEY_FIXED_BITS, RangeTableKey, RuleKeyV6, mode, ruleset};
+
+use crate::{FxHashMap, MatchKind, MergedConf, Mode, Protocol, ranges::RangeImage};
+
+/// The kernel's number for a [`Mode`].
+pub fn mode_code(m: Mode) -> u32 {
+    match m {
+        Mode::All => mode::ALL,
+        Mode::Matched => mode::MATCHED,
+        Mode::None => mode::NONE,
+    }
+}
+
+/// Folds an IPv4-mapped IPv6 network (`::ffff:a.b.c.d/96+n`) into IPv4, as the programs fold
+/// v4-mapped destinations; clears host bits. Other networks are returned truncated.
+pub fn canonical_net(net: IpNet) -> IpNet {
+    match net {
+        IpNet::V6(n) if n.prefix_len() >= 96 => match n.addr().to_ipv4_mapped() {
+            Some(v4) => IpNet::V4(
+                Ipv4Net::new(v4, n.prefix_len() - 96)
+                    .expect("<= 32")
+                    .trunc(),
+            ),
+            None => IpNet::V6(n.trunc()),
+        },
+        other => other.trunc(),
+    }
+}
+
+/// One rule entry: rule set, port (0 = any) and network (IPv4 entries become range tables,
+/// IPv6 entries trie entries).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RuleEntry {
+    /// Rule set id including the generation bit.
+    pub ruleset: u32,
+    /// Destination port, 0 = every port.
+    pub port: u16,
+    /// Canonical network.
+    pub net: IpNet,
+}
+
+impl RuleEntry {
+    /// The IPv6 trie key (prefix length, data), if this is an IPv6 entry.
+    pub fn v6_key(&self) -> Option<(u32, RuleKeyV6)> {
+        match self.net {
+            IpNet::V6(n) => Some((
+                RULE_KEY_FIXED_BITS + u32::from(n.prefix_len()),
+                RuleKeyV6 {
+                    ruleset_be: self.ruleset.to_be(),
+                    port_be: self.port.to_be(),
+                    addr: n.addr().octets(),
+                },
+            )),
+            IpNet::V4(_) => None,
+        }
+    }
+}
+
+/// What a match id (the value of a trie entry) stands for: explanations, logs and metrics
+/// print it. Cheap to build (shared strings, no formatting until displayed), because a plan of
+/// 100,000 matches builds 100,000 of them on every reload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MatchLabel {
+    /// An `--internal-cidr` range.
+    Internal(IpNet),
+    /// A DNS resolver (UDP port 53 allowed in every mode).
+    Resolver(IpAddr),
+    /// A policy's `appendMatch` entry.
+    Match {
+        /// The policy's name.
+        policy: Arc<str>,
+        /// The index in its `appendMatch`.
+        index: usize,
+        /// IP or CIDR.
+        kind: MatchKind,
+        /// The value as written.
+        value: Arc<str>,
+        /// The port, if any.
+        port: Option<u16>,
+    },
+}
+
+impl fmt::Display for MatchLabel {
+    /// `internal-cidr 10.0.0.0/8`, `resolver 10.96.0.10`, `egress[3] Cidr 10.0.0.0/8:443`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MatchLabel::Internal(net) => write!(f, "internal-cidr {net}"),
+            MatchLabel::Resolver(ip) => write!(f, "resolver {ip}"),
+            MatchLabel::Match {
+                policy,
+                index,
+                kind,
+                value,
+                port,
+            } => {
+                write!(f, "{policy}[{index}] {kind:?} {value}")?;
+                match port {
+                    Some(p) => write!(f, ":{p}"),
+                    None => Ok(()),
+                }
+            }
+        }
+    }
+}
+
+/// Everything one generation puts into the maps.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KernelPlan {
+    /// Generation (0 or 1) the entries are keyed with.
+    pub generation: u32,
+    /// cgroup id → (rule set, mode code).
+    pub workloads: BTreeMap<u64, (u32, u32)>,
+    /// Rule entries → match id (index into `match_labels`).
+    pub rules: BTreeMap<RuleEntry, u32>,
+    /// The IPv4 entries as range tables, one per (rule set, port), as the programs search them.
+    pub ranges_v4: RangeImage,
+    /// Mode code for sockets below an attachment but in no workload.
+    pub unmatched_mode: u32,
+    /// What each match id stands for (for explanations and metrics).
+    pub match_labels: Vec<MatchLabel>,
+    /// `(rule set, port)` pairs with a Domain match (port 0 = every port): SPEC §3 rule 4
+    /// candidates, redirected to the proxy when no IP/CIDR match allows.
+    pub domain_ports: BTreeSet<(u32, u16)>,
+    /// The pairs of `domain_ports` with a Domain match other than `tls` (judged per request
+    /// or not at all on SNI): their connections always take the proxy.
+    pub non_tls_ports: BTreeSet<(u32, u16)>,
+    /// TLS fast path: per `(rule set, port)` (0 = the port-less matches), the `tls` Domain
+    /// patterns that judge a ClientHello there (a port's own and the port-less ones).
+    pub sni_tables: BTreeMap<(u32, u16), SniTablePlan>,
+}
+
+/// One table of the TLS fast path: its id in `SNI_NAMES` keys and its patterns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SniTablePlan {
+    /// Table id (unique across both generations: the generation is its top bit).
+    pub id: u16,
+    /// The `tls` Domain patterns, as written.
+    pub patterns: Vec<Arc<str>>,
+}
+
+impl SniTablePlan {
+    /// The trie entries of this table.
+    pub fn entries(&self) -> Vec<crate::sni_plan::SniEntry> {
+        crate::sni_plan::table_entries(self.id, self.patterns.iter().map(|p| &**p))
+    }
+}
+
+/// Table ids of generation `g` are `g << 15 | n`, `n` in `1..2^15`.
+pub const SNI_TABLES_PER_GENERATION: usize = (1 << 15) - 1;
+
+/// Map entries per map: what one plan puts in the kernel maps ([`KernelPlan::usage`]), or what
+/// the maps can hold (the loader's capacities, in the same shape for the metrics).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MapUsage {
+    /// IPv4 rule entries (compiled into the range tables).
+    pub rules_v4: usize,
+    /// `RANGES_V4` blocks the plan's range tables take (of one generation's half).
+    pub range_blocks_v4: usize,
+    /// `RULES_V6` entries.
+    pub rules_v6: usize,
+    /// `WORKLOADS` entries.
+    pub workloads: usize,
+}
+
+/// Inputs of [`compile`] besides the workloads.
+#[derive(Debug, Clone, Default)]
+pub struct PlanOptions {
+    /// `--internal-cidr` ranges.
+    pub internal: Vec<IpNet>,
+    /// DNS resolvers UDP may reach on port 53.
+    pub resolvers: Vec<IpAddr>,
+    /// `--unselected-mode`, also used for sockets in no workload.
+    pub unmatched_mode: Option<Mode>,
+}
+
+/// What makes two workloads' rule sets identical: their canonical (network, port) IP/CIDR
+/// entries, their Domain ports (with whether a non-`tls` match is there) and their `tls`
+/// Domain patterns by port, all sorted and deduplicated.
+type RuleSetShape = (Vec<(u16, IpNet)>, Vec<(u16, bool)>, Vec<(u16, Arc<str>)>);
+
+/// Builds the plan of one generation. Workloads with identical IP/CIDR match sets share one
+/// rule set, so a thousand pods of one deployment cost one set of trie entries.
+///
+/// Where the same (rule set, port, network) comes from several matches, the first match of the
+/// workload's configuration (least specific policy first) labels it.
+pub fn compile(
+    generation: u32,
+    workloads: &[(u64, &MergedConf)],
+    opts: &PlanOptions,
+) -> KernelPlan {
+    let generation = generation & 1;
+    let mut plan = KernelPlan {
+        generation,
+        unmatched_mode: mode_code(opts.unmatched_mode.unwrap_or(Mode::All)),
+        ..KernelPlan::default()
+    };
+    // Entries are collected in a vector and turned into the ordered map once at the end (a
+    // bulk build from sorted input), instead of hundreds of thousands of tree inserts.
+    let mut rules: Vec<(RuleEntry, u32)> = Vec::new();
+    let internal_rs = ruleset::id(generation, ruleset::INTERNAL);
+    for net in &opts.internal {
+        let id = plan.label(MatchLabel::Internal(*net));
+        rules.push((
+            RuleEntry {
+                ruleset: internal_rs,
+                port: 0,
+                net: canonical_net(*net),
+            },
+            id,
+        ));
+    }
+    let resolvers_rs = ruleset::id(generation, ruleset::RESOLVERS);
+    for ip in &opts.resolvers {
+        let id = plan.label(MatchLabel::Resolver(*ip));
+        rules.push((
+            RuleEntry {
+                ruleset: resolvers_rs,
+                port: 53,
+                net: canonical_net(IpNet::from(*ip)),
+            },
+            id,
+        ));
+    }
+
+    // Workloads share a rule set when their kernel-relevant content (IP/CIDR entries and
+    // Domain ports) is identical. Workloads given the very same `MergedConf` (see
+    // `PolicySet::merge_all`) are recognised by address first, without building the shape.
+    let mut rulesets: FxHashMap<RuleSetShape, u32> = FxHashMap::default();
+    let mut by_conf: FxHashMap<*const MergedConf, u32> = FxHashMap::default();
+    // One label (match id) per match, however many rule sets it appears in. A match is known by
+    // its policy (the name is one shared allocation per policy) and its index there.
+    let mut labels: FxHashMap<(*const u8, usize), u32> = FxHashMap::default();
+    let mut next_index = ruleset::FIRST_WORKLOAD;
+    for (cgroup_id, conf) in workloads {
+        let conf: &MergedConf = conf;
+        if let Some(rs) = by_conf.get(&(conf as *const MergedConf)) {
+            plan.workloads
+                .insert(*cgroup_id, (*rs, mode_code(conf.mode)));
+            continue;
+        }
+        // (port, network, position in the configuration): sorted with the position as the last
+        // key, so deduplication keeps the first match that wrote each (port, network). Port
+        // before network is `RuleEntry`'s order within a rule set, so the entries of the rule
+        // sets, numbered in push order, come out already sorted for the final sort.
+        let mut kernel: Vec<(u16, IpNet, u32)> = conf
+            .matches
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| matches!(m.kind, MatchKind::Ip | MatchKind::Cidr))
+            .filter_map(|(i, m)| {
+                m.net
+                    .map(|n| (m.port.unwrap_or(0), canonical_net(n), i as u32))
+            })
+            .collect();
+        kernel.sort_unstable();
+        kernel.dedup_by(|b, a| (a.0, a.1) == (b.0, b.1));
+        let mut domain_ports: Vec<(u16, bool)> = conf
+            .matches
+            .iter()
+            .filter(|m| m.kind == MatchKind::Domain)
+            .map(|m| (m.port.unwrap_or(0), m.protocol != Protocol::Tls))
+            .collect();
+        domain_ports.sort_unstable();
+        // (port, any non-tls): keep the `true` of each port (sorted after `false`).
+        domain_ports.reverse();
+        domain_ports.dedup_by_key(|(p, _)| *p);
+        domain_ports.reverse();
+        let mut tls: Vec<(u16, Arc<str>)> = conf
+            .matches
+            .iter()
+            .filter(|m| m.kind == MatchKind::Domain && m.protocol == Protocol::Tls)
+            .map(|m| (m.port.unwrap_or(0), Arc::clone(&m.value)))
+            .collect();
+        tls.sort_unstable();
+        tls.dedup();
+        let shape = (
+            kernel.iter().map(|&(p, n, _)| (p, n)).collect::<Vec<_>>(),
+            domain_ports,
+            tls,
+        );
+        let rs = match rulesets.get(&shape) {
+            Some(rs) => *rs,
+            None => {
+                let rs = ruleset::id(generation, next_index);
+                next_index += 1;
+                rules.reserve(kernel.len());
+                for &(port, net, i) in &kernel {
+                    let m = &conf.matches[i as usize];
+                    let key = (Arc::as_ptr(&m.origin.policy) as *const u8, m.origin.index);
+                    let id = match labels.get(&key) {
+                        Some(id) => *id,
+                        None => {
+                            let id = plan.label(MatchLabel::Match {
+                                policy: Arc::clone(&m.origin.policy),
+                                index: m.origin.index,
+                                kind: m.kind,
+                                value: Arc::clone(&m.value),
+                                port: m.port,
+                            });
+                            labels.insert(key, id);
+                            id
+                        }
+                    };
+                    rules.push((
+                        RuleEntry {
+                            ruleset: rs,
+                            port,
+                            net,
+                        },
+                        id,
+                    ));
+                }
+                for (port, non_tls) in &shape.1 {
+                    plan.domain_ports.insert((rs, *port));
+                    if *non_tls {
+                        plan.non_tls_ports.insert((rs, *port));
+                    }
+                }
+                sni_tables(&mut plan, rs, &shape.2);
+                rulesets.insert(shape, rs);
+                rs
+            }
+        };
+        by_conf.insert(conf as *const MergedConf, rs);
+        plan.workloads
+            .insert(*cgroup_id, (rs, mode_code(conf.mode)));
+    }
+    // Stable sort: of equal entries (a repeated --internal-cidr) the first keeps its label.
+    // Nearly sorted already (see above), which the standard sort handles in about linear time.
+    rules.sort_by_key(|(e, _)| *e);
+    rules.dedup_by_key(|(e, _)| *e);
+    plan.ranges_v4 = ranges_v4(&rules);
+    plan.rules = rules.into_iter().collect();
+    plan
+}
+
+/// The TLS fast path's tables of one rule set from its `tls` patterns by port (sorted): one
+/// per port with patterns of its own (those plus the port-less ones), one for port 0 when
+/// there are port-less ones. Ids run on per generation; past the id space a table is left out,
+/// and its connections take the proxy (destinations are only ever verified for a rule set and
+/// port through a table that allows the name, and connect goes direct only to those).
+fn sni_tables(plan: &mut KernelPlan, rs: u32, tls: &[(u16, Arc<str>)]) {
+    let anyport: Vec<Arc<str>> = tls
+        .iter()
+        .filter(|(p, _)| *p == 0)
+        .map(|(_, v)| Arc::clone(v))
+        .collect();
+    let mut ports: Vec<u16> = tls.iter().map(|(p, _)| *p).collect();
+    ports.dedup();
+    for port in ports {
+        if plan.sni_tables.len() >= SNI_TABLES_PER_GENERATION {
+            return;
+        }
+        let mut patterns: Vec<Arc<str>> = tls
+            .iter()
+            .filter(|(p, _)| *p == port)
+            .map(|(_, v)| Arc::clone(v))
+            .collect();
+        if port != 0 {
+            patterns.extend(anyport.iter().cloned());
+        }
+        let id = ((plan.generation << 15) as usize | (plan.sni_tables.len() + 1)) as u16;
+        plan.sni_tables
+            .insert((rs, port), SniTablePlan { id, patterns });
+    }
+}
+
+/// The IPv4 range tables of sorted rule entries: entries of one (rule set, port) are adjacent,
+/// IPv4 networks first.
+fn ranges_v4(rules: &[(RuleEntry, u32)]) -> RangeImage {
+    let mut image = RangeImage::default();
+    let v4 = |e: &RuleEntry| match e.net {
+        IpNet::V4(n) => Some(n),
+        IpNet::V6(_) => None,
+    };
+    let mut i = 0;
+    while i < rules.len() {
+        let (rs, port) = (rules[i].0.ruleset, rules[i].0.port);
+        let mut j = i;
+        while j < rules.len() && rules[j].0.ruleset == rs && rules[j].0.port == port {
+            j += 1;
+        }
+        image.push_table(
+            RangeTableKey {
+                ruleset: rs,
+                port: u32::from(port),
+            },
+            rules[i..j].iter().filter_map(|(e, _)| v4(e)),
+        );
+        i = j;
+    }
+    image
+}
+
+impl KernelPlan {
+    fn label(&mut self, l: MatchLabel) -> u32 {
+        self.match_labels.push(l);
+        (self.match_labels.len() - 1) as u32
+    }
+
+    /// What this plan puts in the maps (take it before the loader consumes the plan).
+    pub fn usage(&self) -> MapUsage {
+        let (rules_v4, rules_v6) = self.entry_counts();
+        MapUsage {
+            rules_v4,
+            range_blocks_v4: self.ranges_v4.blocks.len(),
+            rules_v6,
+            workloads: self.workloads.len(),
+        }
+    }
+
+    /// Number of IPv4 and IPv6 trie entries.
+    pub fn entry_counts(&self) -> (usize, usize) {
+        let v4 = self.rules.keys().filter(|e| e.net.addr().is_ipv4()).count();
+        (v4, self.rules.len() - v4)
+    }
+
+    /// Emulates rule 4 in the programs: true when a TCP connection that [`KernelPlan::lookup`]
+    /// denies would be redirected to the proxy instead (a Domain match could apply).
+    pub fn redirects(&self, cgroup_chain: &[u64], dst: IpAddr, port: u16, udp: bool) -> bool {
+        if udp || self.lookup(cgroup_chain, dst, port, udp).is_some() {
+            return false;
+        }
+        let rs = cgroup_chain
+            .iter()
+            .find_map(|c| self.workloads.get(c).copied())
+            .map(|(rs, m)| (rs, m == mode::MATCHED));
+        match rs {
+            Some((rs, true)) => {
+                self.domain_ports.contains(&(rs, port)) || self.domain_ports.contains(&(rs, 0))
+            }
+            _ => false,
+        }
+    }
+
+    /// The programs' `rule_hit`, plus the match that explains it: IPv4 through the range tables
+    /// (the very search the programs run), IPv6 by longest prefix like the kernel trie.
+    fn rule_hit(&self, rs: u32, port: u16, ip: IpAddr) -> Option<u32> {
+        if let IpAddr::V4(v4) = ip {
+            if !self.ranges_v4.covers(
+                RangeTableKey {
+                    ruleset: rs,
+                    port: u32::from(port),
+                },
+                v4,
+            ) {
+                return None;
+            }
+            // Covered: some entry contains the address (the range property test checks it).
+            return Some(self.longest_prefix(rs, port, ip).unwrap_or(u32::MAX));
+        }
+        self.longest_prefix(rs, port, ip)
+    }
+
+    fn longest_prefix(&self, rs: u32, port: u16, ip: IpAddr) -> Option<u32> {
+        // Longest prefix within (rule set, port). Linear: tests and explanations only.
+        self.rules
+            .iter()
+            .filter(|(e, _)| e.ruleset == rs && e.port == port && e.net.contains(&ip))
+            .max_by_key(|(e, _)| e.net.prefix_len())
+            .map(|(_, id)| *id)
+    }
+
+    /// Emulates the programs' decision for a socket whose cgroup chain (own id first, then
+    /// ancestors nearest first) is `cgroup_chain`. Returns `Some(match_id or u32::MAX)` when
+    /// allowed, `None` when denied.
+    pub fn lookup(&self, cgroup_chain: &[u64], dst: IpAddr, port: u16, udp: bool) -> Option<u32> {
+        let dst = match dst {
+            IpAddr::V6(v6) => v6
+                .to_ipv4_mapped()
+                .map(IpAddr::V4)
+                .unwrap_or(IpAddr::V6(v6)),
+            v4 => v4,
+        };
+        if dst.is_loopback() || dst == IpAddr::V6(Ipv6Addr::LOCALHOST) {
+            return Some(u32::MAX);
+        }
+        let g = self.generation;
+        if let Some(id) = self.rule_hit(ruleset::id(g, ruleset::INTERNAL), 0, dst) {
+            return Some(id);
+        }
+        // UDP to a configured resolver's port 53 is DNS, allowed in every mode (SPEC §3 "UDP:
+        // in None/Matched, a datagram is allowed ... to DNS (port 53) on the configured
+        // resolvers"), so it is checked before the mode, like the internal ranges.
+        if udp
+            && port == 53
+            && let Some(id) = self.rule_hit(ruleset::id(g, ruleset::RESOLVERS), 53, dst)
+        {
+            return Some(id);
+        }
+        let (rs, m) = cgroup_chain
+            .iter()
+            .find_map(|c| self.workloads.get(c).copied())
+            .unwrap_or((ruleset::id(g, u32::MAX >> 1), self.unmatched_mode));
+        if m == mode::ALL {
+            return Some(u32::MAX);
+        }
+        if m != mode::MATCHED {
+            return None;
+        }
+        self.rule_hit(rs, port, dst)
+            .or_else(|| self.rule_hit(rs, 0, dst))
+    }
+}
