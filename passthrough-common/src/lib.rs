@@ -153,8 +153,35 @@ pub struct SniSock {
     /// Scratch for the judge's lookup: the socket is locked while the judge runs, so this is
     /// race-free where a per-CPU buffer would not be (a preempted program shares its CPU).
     pub lookup: SniLookup,
+    /// The socket's own port (host order), recorded at enrolment: with the addresses it names
+    /// the connection for the agent to reset a refused one.
+    pub local_port: u16,
+    /// 4 or 6: the socket's family (a v4-mapped dial is 6).
+    pub sock_family: u16,
+    /// The socket's own address (IPv4 as `::ffff:a.b.c.d`).
+    pub local_addr: [u8; 16],
+}
+
+/// A denial of the TLS fast path's ClientHello judge (or of its backstop): a [`DenyEvent`]
+/// followed by what the agent needs to log the name and reset the connection. It goes through
+/// the same ring buffer (`DENY_EVENTS`); the reader tells the two apart by the record's size.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SniDenyEvent {
+    /// The denial as any kernel denial reports it (`reason`: a `counter::SNI_DENY_*`).
+    pub base: DenyEvent,
+    /// The connection's own address (IPv4 as `::ffff:a.b.c.d`).
+    pub local_addr: [u8; 16],
+    /// Its own port, host order.
+    pub local_port: u16,
+    /// 4 or 6: the socket's family.
+    pub sock_family: u16,
+    /// Bytes of `sni` in use (0: the hello was refused before its name was read).
+    pub sni_len: u32,
+    /// The server name as sent, lower case, *reversed* (as the judge keeps it).
+    pub sni: [u8; sni::SNI_KEY_NAME],
     /// Explicit padding.
-    pub _pad: u32,
+    pub _pad: [u8; 2],
 }
 
 /// An `SNI_NAMES` lookup key as the kernel passes it: prefix length in bits, then the data.
@@ -577,6 +604,7 @@ mod pod {
     unsafe impl aya::Pod for super::VerifiedKey {}
     unsafe impl aya::Pod for super::VerifiedValue {}
     unsafe impl aya::Pod for super::SniSock {}
+    unsafe impl aya::Pod for super::SniDenyEvent {}
     unsafe impl aya::Pod for super::TcpOffsets {}
     unsafe impl aya::Pod for super::sni::SniNameKey {}
     unsafe impl aya::Pod for super::sni::SniNameValue {}
@@ -605,7 +633,8 @@ mod tests {
         assert_eq!(size_of::<RuleValue>(), 4);
         assert_eq!(size_of::<VerifiedKey>(), 24);
         assert_eq!(size_of::<SniLookup>(), 260);
-        assert_eq!(size_of::<SniSock>(), 400);
+        assert_eq!(size_of::<SniSock>(), 416);
+        assert_eq!(size_of::<SniDenyEvent>(), 72 + 24 + 256);
         assert_eq!(size_of::<sni::SniNameKey>(), 256);
     }
 

@@ -38,15 +38,19 @@ use aya_ebpf::{
         bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_msg_apply_bytes, bpf_msg_cork_bytes,
         bpf_msg_pull_data, bpf_skc_to_tcp_sock,
         generated::{
-            bpf_map_delete_elem, bpf_map_lookup_elem, bpf_sk_storage_delete, bpf_sk_storage_get,
+            bpf_map_delete_elem, bpf_map_lookup_elem, bpf_probe_read_kernel, bpf_sk_storage_delete,
+            bpf_sk_storage_get,
         },
     },
     macros::sk_msg,
     programs::{SkMsgContext, SockAddrContext, SockOpsContext},
 };
 use passthrough_common::{
-    DenyEvent, SniSock, WorkloadKey, counter, flags, mode, ruleset,
-    sni::{self, KERNEL_LIMITS, Name, SNI_KEY_TABLE_BITS, SniNameValue, SniTableKey, Stop, Stream},
+    DenyEvent, SniDenyEvent, SniSock, WorkloadKey, counter, flags, mode, ruleset,
+    sni::{
+        self, KERNEL_LIMITS, Name, SNI_KEY_NAME, SNI_KEY_TABLE_BITS, SniNameValue, SniTableKey,
+        Stop, Stream, scan_flag,
+    },
     sni_state,
 };
 
@@ -195,8 +199,34 @@ pub fn enrol(ctx: &SockOpsContext) {
     if st.state != sni_state::PENDING {
         return;
     }
-    // SAFETY: a context field.
-    st.seq0 = unsafe { (*ctx.ops).snd_nxt };
+    // SAFETY: context fields, each read whole (see `sock_ops.rs` on why up front).
+    let ops = ctx.ops;
+    let (snd_nxt, family, ip4, ip6, lport) = unsafe {
+        (
+            ptr::read_volatile(&(*ops).snd_nxt),
+            ptr::read_volatile(&(*ops).family),
+            ptr::read_volatile(&(*ops).local_ip4),
+            [
+                ptr::read_volatile(&(*ops).local_ip6[0]),
+                ptr::read_volatile(&(*ops).local_ip6[1]),
+                ptr::read_volatile(&(*ops).local_ip6[2]),
+                ptr::read_volatile(&(*ops).local_ip6[3]),
+            ],
+            ptr::read_volatile(&(*ops).local_port),
+        )
+    };
+    st.seq0 = snd_nxt;
+    st.local_port = lport as u16;
+    if family == AF_INET {
+        let b = ip4.to_ne_bytes();
+        st.sock_family = 4;
+        st.local_addr = [
+            0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, b[0], b[1], b[2], b[3],
+        ];
+    } else {
+        st.sock_family = 6;
+        st.local_addr = crate::addr::words_to_bytes(ip6);
+    }
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: the context is the sock_ops context of an established callback.
     if SNI_SOCKS
@@ -267,6 +297,8 @@ pub fn backstop(sk: *mut bpf_sock, has_payload: impl FnOnce() -> bool) -> bool {
     false
 }
 
+const AF_INET: u32 = 2;
+
 /// Marks the socket refused, counts and reports it.
 #[inline(always)]
 fn deny(st: &mut SniSock, reason: u32, audit: bool) {
@@ -278,24 +310,51 @@ fn deny(st: &mut SniSock, reason: u32, audit: bool) {
     if audit {
         count(counter::AUDIT_WOULD_DENY);
     }
-    let Some(mut slot) = DENY_EVENTS.reserve::<DenyEvent>(0) else {
+    let Some(mut slot) = DENY_EVENTS.reserve::<SniDenyEvent>(0) else {
         count(counter::EVENTS_DROPPED);
         return;
     };
-    slot.write(DenyEvent {
-        // SAFETY: no preconditions.
-        ktime_ns: unsafe { bpf_ktime_get_ns() },
-        workload: st.workload,
-        cgroup: u64::from(st.cgroup_lo) | (u64::from(st.cgroup_hi) << 32),
-        addr: st.addr,
-        port: st.port,
-        protocol: 6,
-        audit: audit as u8,
+    // Written field by field into the ring buffer: the event is larger than a program's
+    // stack should carry.
+    let ev = slot.as_mut_ptr();
+    // The name, when the judge got as far as reading it (reversed, as it keeps it).
+    let named = matches!(
         reason,
-        pid: st.pid,
-        socket_type: 0,
-        comm: st.comm,
-    });
+        counter::SNI_DENY_NO_MATCH | counter::SNI_DENY_BAD_NAME | counter::SNI_DENY_IP_LITERAL
+    ) && st.scan.flags & scan_flag::HOST != 0;
+    let sni_len = if named {
+        st.scan.host[1].min(SNI_KEY_NAME as u32)
+    } else {
+        0
+    };
+    // SAFETY: `ev` points at a reserved, writable record of this type.
+    unsafe {
+        (*ev).base = DenyEvent {
+            ktime_ns: bpf_ktime_get_ns(),
+            workload: st.workload,
+            cgroup: u64::from(st.cgroup_lo) | (u64::from(st.cgroup_hi) << 32),
+            addr: st.addr,
+            port: st.port,
+            protocol: 6,
+            audit: audit as u8,
+            reason,
+            pid: st.pid,
+            socket_type: 0,
+            comm: st.comm,
+        };
+        (*ev).local_addr = st.local_addr;
+        (*ev).local_port = st.local_port;
+        (*ev).sock_family = st.sock_family;
+        (*ev).sni_len = sni_len;
+        (*ev)._pad = [0; 2];
+        // A copy between two kernel buffers the size of the name field (a plain copy of 254
+        // bytes would be unrolled into hundreds of instructions).
+        let _ = bpf_probe_read_kernel(
+            ptr::addr_of_mut!((*ev).sni).cast(),
+            SNI_KEY_NAME as u32,
+            ptr::addr_of!(st.lookup.key.name).cast(),
+        );
+    }
     slot.submit(0);
 }
 

@@ -11,14 +11,18 @@ pub enum DecisionPath {
     Kernel,
     /// The proxy, on the SNI / Host of a redirected connection.
     Proxy,
+    /// The TLS fast path: the kernel, on the ClientHello of a connection that went directly
+    /// to a verified destination.
+    KernelSni,
 }
 
 impl DecisionPath {
-    /// The `path` label and event field: `kernel` or `proxy`.
+    /// The `path` label and event field: `kernel`, `proxy` or `kernel-sni`.
     pub fn as_str(self) -> &'static str {
         match self {
             DecisionPath::Kernel => "kernel",
             DecisionPath::Proxy => "proxy",
+            DecisionPath::KernelSni => "kernel-sni",
         }
     }
 }

@@ -159,11 +159,16 @@ impl AnswerCache {
 
     /// The answers for `name` if they are still valid at `now`.
     pub fn get(&self, name: &str, now: Instant) -> Option<Arc<[IpAddr]>> {
+        self.get_until(name, now).map(|(ips, _)| ips)
+    }
+
+    /// [`AnswerCache::get`] with the instant the answers stop being valid.
+    pub fn get_until(&self, name: &str, now: Instant) -> Option<(Arc<[IpAddr]>, Instant)> {
         let entries = self.entries.read().unwrap_or_else(|p| p.into_inner());
         entries
             .get(name)
             .filter(|a| now < a.valid_until)
-            .map(|a| a.ips.clone())
+            .map(|a| (a.ips.clone(), a.valid_until))
     }
 
     /// Keeps `ips` for `name` until `valid_until` (nothing if that is not after `now`).
@@ -250,32 +255,50 @@ impl Destinations {
         self.mode
     }
 
-    /// Where to connect for a connection to `orig` that sent the (normalised) `name`.
-    pub async fn target(&self, name: &str, orig: SocketAddr) -> Result<SocketAddr, DestError> {
+    /// The addresses of `name` (A and AAAA, canonical) and until when they are valid (the
+    /// smaller TTL of the two answers), from the answer cache or the resolver. `None` in mode
+    /// `original`, which resolves nothing.
+    pub async fn resolve(&self, name: &str) -> Result<Option<(Arc<[IpAddr]>, Instant)>, DestError> {
         let Some(resolver) = &self.resolver else {
-            return Ok(orig);
+            return Ok(None);
         };
         let name = name.trim_end_matches('.');
-        let answers = match self.answers.get(name, Instant::now()) {
-            Some(cached) => cached,
-            None => match resolver.lookup_ip(format!("{name}.").as_str()).await {
-                Ok(l) => {
-                    let ips: Arc<[IpAddr]> = l.iter().map(|ip| ip.to_canonical()).collect();
-                    self.answers
-                        .insert(name, ips.clone(), l.valid_until(), Instant::now());
-                    ips
-                }
-                Err(e) => {
-                    return Err(DestError::Lookup {
-                        name: name.to_string(),
-                        message: e.to_string(),
-                    });
-                }
-            },
+        if let Some(cached) = self.answers.get_until(name, Instant::now()) {
+            return Ok(Some(cached));
+        }
+        match resolver.lookup_ip(format!("{name}.").as_str()).await {
+            Ok(l) => {
+                let ips: Arc<[IpAddr]> = l.iter().map(|ip| ip.to_canonical()).collect();
+                self.answers
+                    .insert(name, ips.clone(), l.valid_until(), Instant::now());
+                Ok(Some((ips, l.valid_until())))
+            }
+            Err(e) => Err(DestError::Lookup {
+                name: name.to_string(),
+                message: e.to_string(),
+            }),
+        }
+    }
+
+    /// Where to connect for a connection to `orig` that sent the (normalised) `name`.
+    pub async fn target(&self, name: &str, orig: SocketAddr) -> Result<SocketAddr, DestError> {
+        self.target_until(name, orig).await.map(|(t, _)| t)
+    }
+
+    /// [`Destinations::target`], and when the dialled address was among the name's answers,
+    /// until when that holds (the answers' TTL): what the TLS fast path learns from.
+    pub async fn target_until(
+        &self,
+        name: &str,
+        orig: SocketAddr,
+    ) -> Result<(SocketAddr, Option<Instant>), DestError> {
+        let Some((answers, valid_until)) = self.resolve(name).await? else {
+            return Ok((orig, None));
         };
+        let name = name.trim_end_matches('.');
         let ip = orig.ip().to_canonical();
         if answers.contains(&ip) {
-            return Ok(orig);
+            return Ok((orig, Some(valid_until)));
         }
         match self.mode {
             DomainDestination::Resolve => {
@@ -284,7 +307,7 @@ impl Destinations {
                     .find(|a| a.is_ipv4() == ip.is_ipv4())
                     .or(answers.first());
                 match pick {
-                    Some(a) => Ok(SocketAddr::new(*a, orig.port())),
+                    Some(a) => Ok((SocketAddr::new(*a, orig.port()), None)),
                     None => Err(DestError::Lookup {
                         name: name.to_string(),
                         message: "no addresses".into(),

@@ -142,6 +142,9 @@ pub struct Proxy {
     /// Moves allowed TLS connections' bytes in the kernel ([`kernel_relay`]); `None`: all in
     /// userspace.
     kernel_relay: Option<Arc<kernel_relay::KernelRelay>>,
+    /// The TLS fast path's learner: told of every destination a TLS connection was allowed to
+    /// and verified for ([`report::FastPathLearner`]); `None`: the fast path is off.
+    fast_path: Option<Arc<dyn report::FastPathLearner>>,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -190,6 +193,7 @@ impl Proxy {
             dest,
             report: Arc::new(LogDenials),
             kernel_relay: None,
+            fast_path: None,
         })
     }
 
@@ -197,6 +201,18 @@ impl Proxy {
     pub fn with_kernel_relay(mut self, relay: Arc<kernel_relay::KernelRelay>) -> Self {
         self.kernel_relay = Some(relay);
         self
+    }
+
+    /// Tells `learner` of each verified destination an allowed TLS connection went to.
+    pub fn with_fast_path(mut self, learner: Arc<dyn report::FastPathLearner>) -> Self {
+        self.fast_path = Some(learner);
+        self
+    }
+
+    /// The destination check (its resolver and answer cache), e.g. for the agent to pre-warm
+    /// the fast path's verified destinations with the same answers.
+    pub fn destinations(&self) -> &Destinations {
+        &self.dest
     }
 
     /// Reports decisions, denials and bytes to `report` (the agent's metrics and event log).
@@ -546,8 +562,17 @@ impl Proxy {
                     .as_deref()
                     .and_then(|r| normalize_name(r, strip_port).ok())
                     .unwrap_or_default();
-                match self.dest.target(&name, ctx.rec.dst).await {
-                    Ok(t) => ("allow", d.reason.code(), d.reason.to_string(), Some(t)),
+                match self.dest.target_until(&name, ctx.rec.dst).await {
+                    Ok((t, until)) => {
+                        // A verified destination of an allowed TLS name: the fast path may
+                        // take the next connection there directly.
+                        if let (Some(learner), Some(until), L7::Tls(_)) =
+                            (&self.fast_path, until, &l7)
+                        {
+                            learner.verified(&name, ctx.rec.dst, until);
+                        }
+                        ("allow", d.reason.code(), d.reason.to_string(), Some(t))
+                    }
                     Err(e) => ("deny", "destination_check", e.to_string(), None),
                 }
             }

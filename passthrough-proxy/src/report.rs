@@ -44,6 +44,15 @@ pub trait ProxyReport: Send + Sync + 'static {
     fn upstream_connect_failed(&self, workload: u64);
 }
 
+/// Where the proxy tells the TLS fast path what it verified: a connection it allowed on a
+/// `tls` Domain match went to `dst`, an address of `name` (DNS, `--domain-destination
+/// verify|resolve`) until `valid_until`. The agent makes later connections of rule sets that
+/// allow `name` at that port go directly (docs/design.md, "The TLS fast path").
+pub trait FastPathLearner: Send + Sync + 'static {
+    /// `name` is normalised (lower case, a trailing dot kept).
+    fn verified(&self, name: &str, dst: std::net::SocketAddr, valid_until: std::time::Instant);
+}
+
 /// The report of a proxy that was given none: denials are logged (target `passthrough::deny`,
 /// no rate limit), everything else is dropped. For tests and tools; the agent always gives its
 /// own.

@@ -108,6 +108,13 @@ pub struct RunArgs {
     /// `off` (default): always in userspace. See docs/design.md.
     #[arg(long, value_name = "READS|off", default_value = "off", value_parser = parse_kernel_relay)]
     pub kernel_relay_after: KernelRelayAfter,
+    /// TLS fast path: a connection that only `tls` Domain matches at its port could allow goes
+    /// directly to a destination already verified for an allowed name (learned from the proxy,
+    /// pre-warmed from the policies' exact names), and its ClientHello is judged in the kernel
+    /// before any byte leaves; everything else takes the proxy as before. `off`: every such
+    /// connection takes the proxy. See docs/design.md.
+    #[arg(long, value_name = "off|on", default_value = "off", value_parser = parse_on_off, action = clap::ArgAction::Set)]
+    pub tls_fast_path: bool,
     /// Kubernetes mode: discover this node's pods, their identities and the MeshPassthrough
     /// resources from the API server (see docs/kubernetes.md) instead of files.
     #[arg(long, conflicts_with_all = ["policy", "cgroup", "workloads", "attach_cgroup"])]
@@ -123,6 +130,14 @@ pub enum KernelRelayAfter {
     Off,
     /// Switch after this many userspace reads.
     Reads(u32),
+}
+
+fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(format!("expected `on` or `off`, got `{s}`")),
+    }
 }
 
 fn parse_kernel_relay(s: &str) -> Result<KernelRelayAfter, String> {
@@ -450,6 +465,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         Some(&args.state_dir),
     )?;
     kernel.set_raw_socket_backstop(!args.no_raw_socket_backstop);
+    enable_tls_fast_path(&args, &mut kernel);
     if kernel.adopted() {
         info!(state = %args.state_dir.display(), generation = kernel.policy_generation(), "adopted pinned state of a previous agent");
     }
@@ -537,6 +553,24 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `--tls-fast-path=on`: turns the fast path on in the kernel (before the first plan, which
+/// then carries its flag). It needs the proxy (the first connection to a destination, and
+/// every unverified one, takes it) and this kernel's `tcp_sock` offsets; without either the
+/// agent runs with the fast path off and says why: every TLS connection then takes the proxy,
+/// which judges it the same way.
+pub(crate) fn enable_tls_fast_path(args: &RunArgs, kernel: &mut Kernel) {
+    if !args.tls_fast_path {
+        return;
+    }
+    if args.proxy_port == 0 {
+        warn!("--tls-fast-path=on needs the proxy (--proxy-port 0 turns it off): fast path off");
+        return;
+    }
+    if let Err(e) = kernel.enable_tls_fast_path() {
+        warn!(error = %e, "TLS fast path unavailable on this kernel: every TLS connection takes the proxy");
+    }
+}
+
 /// Starts the proxy on `listeners` (none: the proxy is off) with the kernel's orig-dst map and,
 /// if asked for and available, the kernel relay. Returns the serving tasks.
 pub(crate) fn start_proxy(
@@ -569,6 +603,10 @@ pub(crate) fn start_proxy(
         };
         let mut proxy =
             Proxy::new(Arc::new(orig), proxy_state.clone(), cfg)?.with_report(reporter.clone());
+        let fast = kernel.fast_path();
+        if let Some(f) = &fast {
+            proxy = proxy.with_fast_path(f.clone());
+        }
         if let KernelRelayAfter::Reads(reads) = args.kernel_relay_after {
             // An accelerator, not a control: without it every byte still flows, in userspace.
             match kernel.take_relay_maps() {
@@ -584,6 +622,16 @@ pub(crate) fn start_proxy(
             }
         }
         let proxy = Arc::new(proxy);
+        if let Some(f) = fast {
+            info!(
+                "TLS fast path on: verified destinations go direct, ClientHellos are judged in the kernel"
+            );
+            let p = proxy.clone();
+            let stop = shutdown.clone();
+            proxy_tasks.push(tokio::spawn(async move {
+                f.prewarm(p.destinations(), stop).await;
+            }));
+        }
         for l in proxy_listeners {
             info!(addr = %l.local_addr()?, "proxy listening");
             proxy_tasks.push(tokio::spawn(proxy.clone().serve(l, shutdown.clone())));

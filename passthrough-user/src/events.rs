@@ -4,7 +4,7 @@
 //!
 //! | field | meaning |
 //! |---|---|
-//! | `path` | `kernel` or `proxy` |
+//! | `path` | `kernel`, `proxy`, or `kernel-sni` (the TLS fast path's ClientHello judge) |
 //! | `time` | when the decision was made (RFC 3339 UTC; the kernel's clock for kernel events) |
 //! | `workload`, `workload_id` | workload name (`""` = none) and its cgroup id (0 = none) |
 //! | `cgroup_id` | kernel only: the cgroup of the calling task |
@@ -36,7 +36,7 @@ use std::{
 };
 
 use aya::maps::{MapData, MapInfo, RingBuf};
-use passthrough_common::{DenyEvent, counter};
+use passthrough_common::{DenyEvent, SniDenyEvent, counter};
 use passthrough_policy::outcome::{DecisionPath, Denial};
 use passthrough_proxy::ProxyReport;
 use tokio::io::unix::AsyncFd;
@@ -210,6 +210,35 @@ pub fn kernel_reason(reason: u32) -> (&'static str, &'static str) {
     (code, text)
 }
 
+/// The reason code and text of a TLS fast path denial (`SniDenyEvent`): the proxy's codes for
+/// the same refusals, so a name refused in the kernel and one refused by the proxy read alike.
+pub fn kernel_sni_reason(reason: u32) -> (&'static str, &'static str) {
+    match reason {
+        counter::SNI_DENY_NO_SNI => ("no_sni", "TLS ClientHello without SNI"),
+        counter::SNI_DENY_IP_LITERAL => ("ip_literal", "the server name is an IP literal"),
+        counter::SNI_DENY_BAD_NAME => ("bad_name", "the server name is not a valid host name"),
+        counter::SNI_DENY_NO_MATCH => (
+            "no_domain_match",
+            "no MeshPassthrough tls Domain match allows the server name at this port",
+        ),
+        counter::SNI_DENY_BAD_HELLO => ("bad_client_hello", "malformed TLS ClientHello"),
+        counter::SNI_DENY_NOT_TLS => ("unknown_protocol", "the first bytes are not TLS"),
+        counter::SNI_DENY_TOO_LARGE => (
+            "too_large",
+            "the ClientHello is past the kernel's limits (16,398 bytes, 8 records, 64 extensions)",
+        ),
+        counter::SNI_DENY_UNJUDGED => (
+            "unjudged_send",
+            "bytes reached TCP without passing the kernel's ClientHello judge (a send during connect(), or bytes queued before the hello): nothing left, the connection is reset",
+        ),
+        counter::SNI_DENY_MODE_NONE => (
+            "mode_none",
+            "passthroughMode None denies every egress destination (the policy changed)",
+        ),
+        _ => ("unknown", "denied by the kernel's ClientHello judge"),
+    }
+}
+
 /// A kernel event's destination (IPv4-mapped addresses shown as IPv4).
 pub fn event_dst(ev: &DenyEvent) -> SocketAddr {
     let v6 = Ipv6Addr::from(ev.addr);
@@ -247,7 +276,7 @@ impl Default for Reporter {
 
 fn path_index(path: DecisionPath) -> usize {
     match path {
-        DecisionPath::Kernel => 0,
+        DecisionPath::Kernel | DecisionPath::KernelSni => 0,
         DecisionPath::Proxy => 1,
     }
 }
@@ -270,13 +299,13 @@ impl Reporter {
 
     /// Counts one denial and logs it unless the rate limit says otherwise. Proxy denials are
     /// counted in `proxy_decisions` (and `decisions{path="proxy"}`), kernel ones in
-    /// `decisions{path="kernel"}`.
+    /// `decisions{path="kernel"}` and the TLS fast path's in `decisions{path="kernel-sni"}`.
     pub fn report(&self, d: &Denial) {
         let workload = self.metrics.workload_name(d.workload);
         let verdict = if d.audit { "would_deny" } else { "deny" };
-        if d.path == DecisionPath::Kernel {
+        if d.path != DecisionPath::Proxy {
             self.metrics
-                .decision("kernel", verdict, &d.reason, &workload);
+                .decision(d.path.as_str(), verdict, &d.reason, &workload);
         } else {
             self.metrics
                 .proxy_decision(&d.protocol, verdict, &d.reason, &workload);
@@ -360,6 +389,55 @@ impl Reporter {
             detail: text.into(),
             audit: ev.audit != 0,
         });
+    }
+}
+
+impl Reporter {
+    /// Turns a TLS fast path event into a [`Denial`] (path `kernel-sni`) and reports it, then
+    /// resets the connection (not under `--audit`, where the judge let it through): nothing of
+    /// it left and no send on it can succeed, so the application learns at once.
+    pub fn report_kernel_sni(&self, ev: &SniDenyEvent, now_wall: SystemTime, now_mono_ns: u64) {
+        let base = &ev.base;
+        let (code, text) = kernel_sni_reason(base.reason);
+        let age = Duration::from_nanos(now_mono_ns.saturating_sub(base.ktime_ns));
+        let sni = (ev.sni_len > 0).then(|| {
+            let n = (ev.sni_len as usize).min(ev.sni.len());
+            let mut b = ev.sni[..n].to_vec();
+            b.reverse();
+            String::from_utf8_lossy(&b).into_owned()
+        });
+        let dst = event_dst(base);
+        self.report(&Denial {
+            path: DecisionPath::KernelSni,
+            time: now_wall.checked_sub(age).unwrap_or(now_wall),
+            workload: base.workload,
+            cgroup: Some(base.cgroup),
+            pid: base.pid,
+            comm: comm_str(&base.comm),
+            dst,
+            protocol: "tls".into(),
+            sni,
+            host: None,
+            peer: None,
+            reason: code.into(),
+            detail: text.into(),
+            audit: base.audit != 0,
+        });
+        if base.audit == 0 && ev.local_port != 0 {
+            let local = SocketAddr::new(
+                match Ipv6Addr::from(ev.local_addr).to_ipv4_mapped() {
+                    Some(v4) => IpAddr::V4(v4),
+                    None => IpAddr::V6(Ipv6Addr::from(ev.local_addr)),
+                },
+                ev.local_port,
+            );
+            if let Err(e) = crate::sockdiag::destroy_tcp(local, dst, ev.sock_family == 6) {
+                // Already closed by the application: nothing to reset.
+                if e.raw_os_error() != Some(libc::ENOENT) {
+                    debug!(error = %e, %local, %dst, "resetting a refused fast-path connection");
+                }
+            }
+        }
     }
 }
 
@@ -475,7 +553,13 @@ pub async fn read_kernel_events(ring: RingBuf<MapData>, reporter: Arc<Reporter>)
                 let mut n = 0;
                 let mut full_batch = false;
                 while let Some(item) = ring.next() {
-                    if item.len() >= std::mem::size_of::<DenyEvent>() {
+                    if item.len() >= std::mem::size_of::<SniDenyEvent>() {
+                        // SAFETY: as below, a SniDenyEvent (the only larger record).
+                        let ev: SniDenyEvent =
+                            unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+                        drop(item);
+                        reporter.report_kernel_sni(&ev, wall, mono);
+                    } else if item.len() >= std::mem::size_of::<DenyEvent>() {
                         // SAFETY: the kernel wrote a DenyEvent (plain data) at the start of the
                         // item; read_unaligned copes with any alignment.
                         let ev: DenyEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };

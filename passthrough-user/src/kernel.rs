@@ -212,10 +212,11 @@ pub struct Kernel {
     verified: HashMap<MapData, VerifiedKey, VerifiedValue>,
     sni_tables: HashMap<MapData, SniTableKey, SniTable>,
     sni_names: LpmTrie<MapData, SniNameKey, SniNameValue>,
-    /// `SNI_SOCKS`, held so the judge stays attached to it.
-    _sni_socks: SockHash<MapData, u64>,
-    /// `SNI_PROGS`, held so the judge's phases stay in it.
-    _sni_phases: ProgramArray<MapData>,
+    /// With the TLS fast path on ([`Kernel::enable_tls_fast_path`]): `SNI_SOCKS` (the judge
+    /// is attached to it) and `SNI_PROGS` (its later phases).
+    sni: Option<(SockHash<MapData, u64>, ProgramArray<MapData>)>,
+    /// With the TLS fast path on: its verified destinations, projected onto each plan.
+    fast_path: Option<std::sync::Arc<crate::fast_path::FastPath>>,
     /// The running kernel's `tcp_sock` offsets (all zero when its BTF could not be read: then
     /// the TLS fast path cannot be turned on).
     tcp_offsets: TcpOffsets,
@@ -462,28 +463,6 @@ impl Kernel {
         load_program(SOCK_OPS, || prog.load())?;
         let prog = program::<CgroupSkb>(&mut ebpf, SKB_EGRESS)?;
         load_program(SKB_EGRESS, || prog.load())?;
-        let prog = program::<SkMsg>(&mut ebpf, SNI_JUDGE)?;
-        load_program(SNI_JUDGE, || prog.load())?;
-        let mut phases: ProgramArray<MapData> = take(&mut ebpf, "SNI_PROGS")?;
-        for (i, name) in SNI_PHASES.into_iter().enumerate() {
-            let prog = program::<SkMsg>(&mut ebpf, name)?;
-            load_program(name, || prog.load())?;
-            let fd = prog
-                .fd()
-                .map_err(|source| KernelError::Program { name, source })?;
-            phases
-                .set(i as u32, fd, 0)
-                .map_err(|e| KernelError::Map("SNI_PROGS", e))?;
-        }
-        let sni_socks: SockHash<MapData, u64> = take(&mut ebpf, "SNI_SOCKS")?;
-        // A program attached to a SOCKHASH stays attached as long as the map lives (pinned:
-        // beyond this agent); attaching again replaces it for sockets enrolled from now on.
-        program::<SkMsg>(&mut ebpf, SNI_JUDGE)?
-            .attach(sni_socks.fd())
-            .map_err(|source| KernelError::Program {
-                name: SNI_JUDGE,
-                source,
-            })?;
         let config = take(&mut ebpf, "CONFIG")?;
         let workloads = take(&mut ebpf, "WORKLOADS")?;
         let ranges_v4 = RangeArray::map(ebpf.take_map("RANGES_V4").ok_or(KernelError::Map(
@@ -513,8 +492,8 @@ impl Kernel {
             verified,
             sni_tables,
             sni_names,
-            _sni_socks: sni_socks,
-            _sni_phases: phases,
+            sni: None,
+            fast_path: None,
             tcp_offsets,
             orig_by_peer,
             deny_events,
@@ -611,7 +590,28 @@ impl Kernel {
 
     /// Writes `plan` (compiled for [`Kernel::next_generation`]) and flips to it. On error the
     /// active generation is untouched: a connect never sees a half-applied plan.
+    /// With the TLS fast path on, the destinations it knows are projected onto the new plan's
+    /// rule sets and written with it ([`Kernel::apply_with_verified`]).
     pub fn apply(&mut self, plan: KernelPlan) -> Result<u64, KernelError> {
+        let Some(fast) = self.fast_path.clone() else {
+            return self.apply_with_verified(plan, &[]);
+        };
+        let verified = fast.project(&plan);
+        let generation = self.apply_with_verified(plan, &verified)?;
+        if let Some(active) = self.active_plan() {
+            fast.activate(active, &verified);
+        }
+        Ok(generation)
+    }
+
+    /// [`Kernel::apply`], also writing `VERIFIED` entries for the new plan's rule sets before the
+    /// flip (the TLS fast path's verified destinations, projected onto the new rule sets): a
+    /// policy change keeps exactly the destinations the new policy still allows.
+    pub fn apply_with_verified(
+        &mut self,
+        plan: KernelPlan,
+        verified: &[(VerifiedKey, u64)],
+    ) -> Result<u64, KernelError> {
         let g = self.next_generation();
         assert_eq!(plan.generation, g, "plan compiled for the wrong generation");
         self.check_capacity(&plan)?;
@@ -624,7 +624,10 @@ impl Kernel {
             self.clear_generation_by_scan(g);
         }
         self.ensure_sock_ops(&plan)?;
-        if let Err(e) = self.write_entries(&plan) {
+        if let Err(e) = self
+            .write_entries(&plan)
+            .and_then(|()| self.write_verified(verified))
+        {
             // Roll back what was written; the active generation never pointed at it.
             self.remove_entries(&plan);
             return Err(e);
@@ -790,6 +793,73 @@ impl Kernel {
         f
     }
 
+    /// Turns the TLS fast path on (`--tls-fast-path=on`): loads the ClientHello judge and its
+    /// phases, attaches the judge to `SNI_SOCKS`, and sets the flag the next [`Kernel::apply`]
+    /// writes. Loaded only here, so an agent with the fast path off never needs what it uses.
+    /// A program attached to a SOCKHASH stays attached as long as the map lives (pinned:
+    /// beyond this agent); attaching again replaces it for sockets enrolled from then on, and
+    /// sockets enrolled before keep the program they were enrolled with, whose tail calls go
+    /// through `SNI_PROGS`, which now holds this agent's phases.
+    pub fn enable_tls_fast_path(&mut self) -> Result<(), KernelError> {
+        if self.sni.is_some() {
+            return Ok(());
+        }
+        if !self.tls_fast_path_available() {
+            return Err(KernelError::Map(
+                "SNI_STATE",
+                aya::maps::MapError::InvalidName {
+                    name: "tcp_sock offsets (kernel BTF)".into(),
+                },
+            ));
+        }
+        let prog = program::<SkMsg>(&mut self.ebpf, SNI_JUDGE)?;
+        load_program(SNI_JUDGE, || prog.load())?;
+        let mut phases: ProgramArray<MapData> = take(&mut self.ebpf, "SNI_PROGS")?;
+        for (i, name) in SNI_PHASES.into_iter().enumerate() {
+            let prog = program::<SkMsg>(&mut self.ebpf, name)?;
+            load_program(name, || prog.load())?;
+            let fd = prog
+                .fd()
+                .map_err(|source| KernelError::Program { name, source })?;
+            phases
+                .set(i as u32, fd, 0)
+                .map_err(|e| KernelError::Map("SNI_PROGS", e))?;
+        }
+        let socks: SockHash<MapData, u64> = take(&mut self.ebpf, "SNI_SOCKS")?;
+        program::<SkMsg>(&mut self.ebpf, SNI_JUDGE)?
+            .attach(socks.fd())
+            .map_err(|source| KernelError::Program {
+                name: SNI_JUDGE,
+                source,
+            })?;
+        self.sni = Some((socks, phases));
+        self.fast_path = Some(std::sync::Arc::new(crate::fast_path::FastPath::new(
+            self.verified_map()?,
+        )));
+        self.flags |= passthrough_common::flags::TLS_FAST_PATH;
+        Ok(())
+    }
+
+    /// The TLS fast path's verified destinations (for the proxy to learn into and the
+    /// pre-warmer), when it is on.
+    pub fn fast_path(&self) -> Option<std::sync::Arc<crate::fast_path::FastPath>> {
+        self.fast_path.clone()
+    }
+
+    /// A second handle on `VERIFIED`, for the agent's fast-path learner, which writes from the
+    /// proxy's tasks while this `Kernel` stays on the agent's main thread.
+    pub fn verified_map(
+        &self,
+    ) -> Result<HashMap<MapData, VerifiedKey, VerifiedValue>, KernelError> {
+        let err = |e| KernelError::Map("VERIFIED", e);
+        let id = aya::maps::IterableMap::map(&self.verified)
+            .info()
+            .map_err(err)?
+            .id();
+        let data = MapData::from_id(id).map_err(err)?;
+        HashMap::try_from(aya::maps::Map::LruHashMap(data)).map_err(err)
+    }
+
     /// Whether the running kernel lets the TLS fast path be turned on (its BTF gave the
     /// `tcp_sock` offsets the programs read).
     pub fn tls_fast_path_available(&self) -> bool {
@@ -818,7 +888,9 @@ impl Kernel {
     /// Sockets enrolled for the ClientHello judge right now (connected directly, hello not
     /// yet allowed, or refused and still open).
     pub fn sni_pending_sockets(&self) -> usize {
-        self._sni_socks.keys().flatten().count()
+        self.sni
+            .as_ref()
+            .map_or(0, |(socks, _)| socks.keys().flatten().count())
     }
 
     /// The plan in force (what the programs see now), if any.

@@ -381,6 +381,7 @@ pub struct Dns {
     pub addr: SocketAddr,
     /// Queries answered so far.
     pub queries: Arc<AtomicUsize>,
+    names: Arc<Mutex<HashMap<String, Vec<IpAddr>>>>,
     rt: Option<tokio::runtime::Runtime>,
 }
 
@@ -409,6 +410,8 @@ impl Dns {
             .into_iter()
             .map(|(k, v)| (k.to_ascii_lowercase().trim_end_matches('.').to_string(), v))
             .collect();
+        let names = Arc::new(Mutex::new(names));
+        let shared = names.clone();
         rt.spawn(async move {
             {
                 {
@@ -428,9 +431,14 @@ impl Dns {
                             for q in &req.queries {
                                 let name = q.name.to_ascii().to_ascii_lowercase();
                                 let name = name.trim_end_matches('.');
-                                if let Some(ips) = names.get(name) {
+                                let ips = names
+                                    .lock()
+                                    .unwrap_or_else(|e| e.into_inner())
+                                    .get(name)
+                                    .cloned();
+                                if let Some(ips) = ips {
                                     known = true;
-                                    for ip in ips {
+                                    for ip in &ips {
                                         let rd = match (ip, q.query_type) {
                                             (IpAddr::V4(a), RecordType::A) => {
                                                 Some(RData::A(rdata::A(*a)))
@@ -471,8 +479,17 @@ impl Dns {
         Ok(Dns {
             addr,
             queries,
+            names: shared,
             rt: Some(rt),
         })
+    }
+
+    /// Answers `name` with `ips` from now on (a name that moves).
+    pub fn set(&self, name: &str, ips: Vec<IpAddr>) {
+        self.names
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_ascii_lowercase(), ips);
     }
 }
 

@@ -28,12 +28,13 @@ use passthrough_policy::{
     plan::{self, PlanOptions},
 };
 use passthrough_tests::{
-    Probe, TestCgroup,
+    Agent, Probe, TestCgroup,
     hostnet::{FAST_SLOT, HostNet},
-    l7::{Pki, Servers, Service},
+    l7::{Dns, Pki, Servers, Service},
     netns::normalize,
     require_kernel,
     sec::command_in,
+    write_policy,
 };
 use passthrough_user::kernel::{Capacities, Kernel, ProxySettings};
 use serde_json::{Value, json};
@@ -574,6 +575,7 @@ impl Rig {
             kernel.tls_fast_path_available(),
             "this kernel's BTF has the offsets"
         );
+        kernel.enable_tls_fast_path().expect("the judge loads");
         let set =
             policy::load_policy_bytes(Path::new("fast.yaml"), policy_yaml().as_bytes(), "default")
                 .unwrap();
@@ -1084,4 +1086,336 @@ fn sockets_leave_the_judge_after_an_allowed_hello() {
             "{mode}: closed sockets leave"
         );
     }
+}
+
+// ------------------------------------------------------------------------------ with the agent
+
+/// The real agent, `passthrough run --tls-fast-path=on`, with a DNS server for the test names
+/// (`api.test`, `evil.test` → host A; `other.test` → host C; `x.wild.test` → host D) answering
+/// with `ttl`. Field order = drop order.
+struct AgentWorld {
+    probe: Probe,
+    agent: Agent,
+    servers: Servers,
+    dns: Dns,
+    _net: HostNet,
+    cg: TestCgroup,
+    ca: std::path::PathBuf,
+    policy: std::path::PathBuf,
+    _dir: TempDir,
+    _serial: MutexGuard<'static, ()>,
+}
+
+const C: u8 = 3;
+/// Only `x.wild.test` resolves here: verified only by learning it.
+const D: u8 = 4;
+
+fn names_of(n: u8) -> Vec<IpAddr> {
+    vec![host(n, '4', 0).ip(), host(n, '6', 0).ip()]
+}
+
+impl AgentWorld {
+    fn new(ttl: u32) -> AgentWorld {
+        let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        passthrough_tests::sweep(false);
+        let dir = passthrough_tests::test_dir();
+        let cg = TestCgroup::new().unwrap();
+        let net = HostNet::new(FAST_SLOT).unwrap();
+        let pki = Pki::new(&["api.test", "*.wild.test", "evil.test", "other.test"]).unwrap();
+        let ca = pki.write_ca(dir.path()).unwrap();
+        let servers =
+            Servers::start(Some(net.server_ns()), SERVICES, Some(pki.server.clone()), 2).unwrap();
+        let mut names = std::collections::HashMap::new();
+        for n in ["api.test", "evil.test"] {
+            names.insert(n.to_string(), names_of(A));
+        }
+        names.insert("other.test".to_string(), names_of(C));
+        names.insert("x.wild.test".to_string(), names_of(D));
+        let dns = Dns::start(names, ttl).unwrap();
+        let policy = write_policy(dir.path(), &policy_yaml());
+        let agent = Agent::builder()
+            .policy(&policy)
+            .cgroup(cg.path())
+            .arg("--resolver")
+            .arg(&dns.addr.to_string())
+            .arg("--tls-fast-path=on")
+            .start()
+            .unwrap();
+        let probe = Probe::spawn_in(cg.path(), None).unwrap();
+        AgentWorld {
+            probe,
+            agent,
+            servers,
+            dns,
+            _net: net,
+            cg,
+            ca,
+            policy,
+            _dir: dir,
+            _serial: serial,
+        }
+    }
+
+    /// A kernel counter (`passthrough_kernel_decisions_total{reason}`).
+    fn kc(&self, reason: &str) -> f64 {
+        self.agent.metric(
+            "passthrough_kernel_decisions_total",
+            &format!("reason=\"{reason}\""),
+        )
+    }
+
+    fn tls(&mut self, n: u8, fam: char, sni: &str) -> Value {
+        let ca = self.ca.display().to_string();
+        let addr = host(n, fam, 443);
+        self.probe
+            .json(&json!({"op": "tls", "addr": addr.to_string(), "sni": sni, "ca": ca}))
+    }
+
+    /// TLS to host `n` with `sni` works end to end; returns whether it went direct (the kernel
+    /// judged its hello) rather than through the proxy.
+    fn tls_ok(&mut self, n: u8, fam: char, sni: &str) -> bool {
+        let (direct, proxied) = (self.kc("sni_direct"), self.kc("redirect_proxy"));
+        let r = self.tls(n, fam, sni);
+        assert_eq!(
+            r["ok"],
+            true,
+            "{sni} to host {n}: {r}\n{}",
+            self.agent.describe()
+        );
+        assert!(
+            r["greeting"]
+                .as_str()
+                .unwrap_or("")
+                .ends_with(&format!("sni={sni}")),
+            "{r}"
+        );
+        let went_direct = self.kc("sni_direct") - direct == 1.0;
+        let went_proxy = self.kc("redirect_proxy") - proxied == 1.0;
+        assert!(went_direct ^ went_proxy, "one path: {r}");
+        went_direct
+    }
+
+    /// Waits (≤ 5 s) until host `n` is verified at `port` (a `Record` port): an allowed hello
+    /// sent there goes direct.
+    fn wait_verified(&mut self, n: u8, port: u16) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let dst = host(n, '4', port);
+        loop {
+            let before = self.kc("sni_direct");
+            let r = helper(
+                self.cg.path(),
+                json!({"addr": dst.to_string(), "hex": hexs(&hello(b"api.test")), "mode": "write"}),
+            );
+            assert_eq!(r["send_errno"], 0, "{r}");
+            if self.kc("sni_direct") - before == 1.0 {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{dst} never verified");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Waits (≤ 5 s) until a fresh connection with `sni` to host `n` goes direct.
+    fn wait_direct(&mut self, n: u8, sni: &str) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !self.tls_ok(n, '4', sni) {
+            assert!(
+                Instant::now() < deadline,
+                "{sni} to host {n} never went direct\n{}",
+                self.agent.describe()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+/// The agent's fast path end to end: exact names are pre-warmed (the first connection already
+/// goes direct, no proxy involved), a wildcard-allowed name is learned from its first
+/// (proxied) connection and goes direct the next time, a name the policy does not allow sent to
+/// a verified address is refused in the kernel (event path `kernel-sni`, the connection reset),
+/// and an allowed name sent to an address never verified for an allowed name takes the proxy,
+/// which refuses it (SNI spoofing).
+#[test]
+fn the_agent_prewarms_learns_and_judges_in_the_kernel() {
+    if !require_kernel() {
+        return;
+    }
+    let mut w = AgentWorld::new(300);
+    // Pre-warmed: nothing dialled api.test yet.
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(w.tls_ok(A, '4', "api.test"), "{}", w.agent.describe());
+    assert!(w.tls_ok(A, '6', "api.test"));
+    assert!(w.tls_ok(A, 'm', "api.test"));
+    // Learned: a wildcard match is not pre-warmed; its first connection teaches the agent.
+    assert!(
+        !w.tls_ok(D, '4', "x.wild.test"),
+        "the first one takes the proxy"
+    );
+    assert!(w.tls_ok(D, '4', "x.wild.test"), "the next one goes direct");
+    // An address counts as verified for the rule set: another allowed name goes direct too.
+    assert!(w.tls_ok(D, '6', "x.wild.test") || w.tls_ok(D, '6', "x.wild.test"));
+    assert!(w.tls_ok(A, '4', "x.wild.test"));
+    // Refused in the kernel.
+    let before = w.kc("sni_deny_no_match");
+    let r = w.tls(A, '4', "evil.test");
+    assert_eq!(r["ok"], false, "{r}");
+    assert_eq!(w.kc("sni_deny_no_match") - before, 1.0);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !w.agent.log().contains("kernel-sni") {
+        assert!(Instant::now() < deadline, "{}", w.agent.describe());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = w.agent.log();
+    let line = log.lines().find(|l| l.contains("kernel-sni")).unwrap();
+    assert!(
+        line.contains("evil.test") && line.contains("no_domain_match"),
+        "{line}"
+    );
+    assert!(
+        w.agent
+            .metric("passthrough_decisions_total", "path=\"kernel-sni\"")
+            >= 1.0,
+        "{}",
+        w.agent.describe()
+    );
+    // The agent resets a refused connection: once reset, a send fails as on any aborted
+    // connection (before, it fails with EACCES: the judge refuses it). (A read that was already
+    // waiting returns EAGAIN first: `tcp_bpf_recvmsg` wakes on the error without reporting it.)
+    w.wait_verified(A, 8443);
+    let r = helper(
+        w.cg.path(),
+        json!({"addr": host(A, '4', 8443).to_string(), "hex": hexs(&hello(b"evil.test")),
+            "mode": "write", "read_ms": 1000, "then": hexs(b"x")}),
+    );
+    assert_eq!(r["send_errno"], libc::EACCES, "{r}");
+    assert!(
+        r["then"] == -libc::ECONNABORTED || r["then"] == -libc::EPIPE,
+        "reset by the agent: {r}"
+    );
+    // SNI spoofing: api.test to host C, which answers for other.test only.
+    let (direct, proxied) = (w.kc("sni_direct"), w.kc("redirect_proxy"));
+    let r = w.tls(C, '4', "api.test");
+    assert_eq!(r["ok"], false, "{r}");
+    assert!(
+        r["error"].as_str().unwrap_or("").contains("AccessDenied"),
+        "the proxy refuses: {r}"
+    );
+    assert_eq!(w.kc("sni_direct"), direct);
+    assert_eq!(w.kc("redirect_proxy") - proxied, 1.0);
+    assert_eq!(w.servers.accepted(host(C, '4', 443)), 0);
+}
+
+/// A name that moves is followed within the TTL bounds (here the floor: answers live 1 s, the
+/// fast path keeps an address at least 5 s): the old address stays direct until then, and
+/// after it takes the proxy, which refuses it; the new address goes direct. A policy change
+/// that no longer allows the name drops its verified destinations in the same flip, while a
+/// connection established before it keeps working.
+#[test]
+fn a_moving_name_and_a_policy_change() {
+    if !require_kernel() {
+        return;
+    }
+    let mut w = AgentWorld::new(1);
+    w.wait_direct(A, "api.test");
+    w.dns.set("api.test", names_of(C));
+    // Within the floor: still verified.
+    assert!(w.tls_ok(A, '4', "api.test"));
+    std::thread::sleep(Duration::from_millis(5_500));
+    // Past it: A takes the proxy, which now refuses api.test there.
+    let (direct, proxied) = (w.kc("sni_direct"), w.kc("redirect_proxy"));
+    let r = w.tls(A, '4', "api.test");
+    assert_eq!(r["ok"], false, "{r}");
+    assert_eq!(w.kc("sni_direct"), direct, "{r}");
+    assert_eq!(w.kc("redirect_proxy") - proxied, 1.0, "{r}");
+    // C was pre-warmed meanwhile.
+    w.wait_direct(C, "api.test");
+
+    // An established connection across a policy change that still allows it.
+    let cg = w.cg.path().to_path_buf();
+    let dst = host(C, '4', 8443);
+    let req = json!({"addr": dst.to_string(), "hex": hexs(&hello(b"api.test")), "mode": "write",
+        "read_ms": 4000, "then": hexs(b"after the change")});
+    let held = std::thread::spawn(move || helper(&cg, req));
+    std::thread::sleep(Duration::from_millis(1000));
+    // The new policy allows *.wild.test only.
+    let yaml = policy_yaml().replace("value: \"api.test\"", "value: \"gone.test\"");
+    w.agent.update_policy(&w.policy.clone(), &yaml).unwrap();
+    let r = held.join().unwrap();
+    assert_eq!(r["send_errno"], 0, "{r}");
+    assert_eq!(r["then"], 16, "{r}");
+    let got = w.servers.received(dst);
+    let mut want = hello(b"api.test");
+    want.extend_from_slice(b"after the change");
+    assert_eq!(
+        got.last(),
+        Some(&want),
+        "the established connection kept working"
+    );
+    // No longer allowed: no longer verified, the proxy refuses it.
+    let (direct, proxied) = (w.kc("sni_direct"), w.kc("redirect_proxy"));
+    let r = w.tls(C, '4', "api.test");
+    assert_eq!(r["ok"], false, "{r}");
+    assert_eq!(w.kc("sni_direct"), direct, "{r}");
+    assert_eq!(w.kc("redirect_proxy") - proxied, 1.0, "{r}");
+}
+
+/// An agent killed with SIGKILL leaves the fast path failing closed: the judge runs in the
+/// kernel, so a socket that connected directly before the kill, and one that connects after it
+/// (its destination is still verified), get their hellos judged: an allowed one arrives,
+/// anything else never leaves.
+#[test]
+fn a_killed_agent_leaves_the_fast_path_closed() {
+    if !require_kernel() {
+        return;
+    }
+    let mut w = AgentWorld::new(300);
+    w.wait_direct(A, "api.test");
+    let cg = w.cg.path().to_path_buf();
+    let dst = host(A, '4', 8443);
+    w.wait_verified(A, 8443);
+    let earlier = w.servers.received(dst).len();
+    let (c1, c2) = (cg.clone(), cg.clone());
+    // Connected (directly, nothing sent) before the kill; they send after it.
+    let good = std::thread::spawn(move || {
+        helper(
+            &c1,
+            json!({"addr": dst.to_string(), "mode": "connect_only", "read_ms": 2500,
+            "then": hexs(&hello(b"api.test"))}),
+        )
+    });
+    let bad = std::thread::spawn(move || {
+        helper(
+            &c2,
+            json!({"addr": dst.to_string(), "mode": "connect_only", "read_ms": 2500,
+            "then": hexs(&hello(b"evil.test"))}),
+        )
+    });
+    std::thread::sleep(Duration::from_millis(1000));
+    w.agent.kill9();
+    let (good, bad) = (good.join().unwrap(), bad.join().unwrap());
+    assert_eq!(good["then"], hello(b"api.test").len(), "{good}");
+    assert_eq!(bad["then"], -libc::EACCES, "{bad}");
+    // After the kill: new connections to the verified destination, judged in the kernel.
+    let r = helper(
+        &cg,
+        json!({"addr": dst.to_string(), "hex": hexs(&hello(b"x.wild.test")), "mode": "write"}),
+    );
+    assert_eq!(r["send_errno"], 0, "{r}");
+    let r = helper(
+        &cg,
+        json!({"addr": dst.to_string(), "hex": hexs(&hello(b"evil.test")), "mode": "write"}),
+    );
+    assert_eq!(r["send_errno"], libc::EACCES, "{r}");
+    std::thread::sleep(Duration::from_millis(300));
+    let got = w.servers.received(dst).split_off(earlier);
+    let allowed: Vec<Vec<u8>> = vec![hello(b"api.test"), hello(b"x.wild.test")];
+    assert_eq!(got.len(), 4, "four connections went direct");
+    for g in &got {
+        assert!(
+            g.is_empty() || allowed.contains(g),
+            "only allowed hellos left the host: {} bytes",
+            g.len()
+        );
+    }
+    assert_eq!(got.iter().filter(|g| !g.is_empty()).count(), 2);
 }
