@@ -236,6 +236,24 @@ pub struct Decision<'a> {
     pub candidates: Vec<&'a Match>,
 }
 
+/// The TLS fast path's part of the decision (`--tls-fast-path=on`): whether a TCP connection
+/// that rule 4 sends to the proxy may instead go directly, its ClientHello judged in the
+/// kernel (path `kernel-sni`): every `Domain` match that could apply at its port (port-less
+/// ones included) is `tls`, so its first bytes decide, once, on the SNI. HTTP, h2c and gRPC
+/// matches are judged per request and keep their port on the proxy. The kernel applies the
+/// same rule (the plan's `non_tls_ports`, a bit of `DOMAIN_PORTS`), and one more condition
+/// that is runtime state, not policy: the destination must be a verified address of an allowed
+/// name. The verdict on the name is the same on both paths.
+pub fn tls_fast_path_candidate(conn: &Connection, d: &Decision<'_>) -> bool {
+    !conn.udp
+        && matches!(
+            d.verdict,
+            Verdict::RedirectToProxy | Verdict::AllowAtProxy | Verdict::DenyAtProxy
+        )
+        && !d.candidates.is_empty()
+        && d.candidates.iter().all(|m| m.protocol == Protocol::Tls)
+}
+
 impl<'a> Decision<'a> {
     fn new(verdict: Verdict, reason: Reason) -> Self {
         Decision {

@@ -447,6 +447,21 @@ impl KernelPlan {
         }
     }
 
+    /// Emulates the connect programs' TLS fast path check for a redirected connection: the
+    /// workload's rule set has a Domain match at `port` (or a port-less one) and none of them
+    /// is other than `tls` (`DOMAIN_PORTS`' `NON_TLS` bit). The other condition, a verified
+    /// destination, is runtime state.
+    pub fn tls_fast_path_port(&self, cgroup_chain: &[u64], port: u16) -> bool {
+        let rs = cgroup_chain
+            .iter()
+            .find_map(|c| self.workloads.get(c).copied())
+            .map(|(rs, _)| rs)
+            .unwrap_or(ruleset::id(self.generation, u32::MAX >> 1));
+        (self.domain_ports.contains(&(rs, port)) || self.domain_ports.contains(&(rs, 0)))
+            && !self.non_tls_ports.contains(&(rs, port))
+            && !self.non_tls_ports.contains(&(rs, 0))
+    }
+
     /// The programs' `rule_hit`, plus the match that explains it: IPv4 through the range tables
     /// (the very search the programs run), IPv6 by longest prefix like the kernel trie.
     fn rule_hit(&self, rs: u32, port: u16, ip: IpAddr) -> Option<u32> {

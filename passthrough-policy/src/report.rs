@@ -107,6 +107,9 @@ pub struct ExplainRequest {
     pub resolvers: Vec<SocketAddr>,
     /// The mode of a workload that no policy selects.
     pub unselected_mode: Mode,
+    /// `--tls-fast-path=on`: name the `kernel-sni` path where the fast path could take the
+    /// connection.
+    pub tls_fast_path: bool,
 }
 
 /// Why `explain` could not decide.
@@ -185,7 +188,14 @@ pub fn explain(req: &ExplainRequest) -> Result<ExplainReport, ExplainError> {
         resolvers: req.resolvers.clone(),
     };
     let d = decide(&conf, &conn, &opts);
-    let json = decision_json(&workload, &conf, &conn, &d);
+    let mut json = decision_json(&workload, &conf, &conn, &d);
+    if req.tls_fast_path && crate::decision::tls_fast_path_candidate(&conn, &d) {
+        json["path"] = json!("kernel-sni");
+        json["path_note"] = json!(format!(
+            "TLS fast path: kernel-sni when {} is a verified address of an allowed name (learned from an earlier connection, or pre-warmed from an exact name); otherwise proxy, which judges the name the same way",
+            conn.dst
+        ));
+    }
     Ok(ExplainReport {
         workload,
         conf: conf.clone(),
@@ -255,6 +265,9 @@ pub fn write_explain(r: &ExplainReport, json: bool, out: &mut impl Write) -> io:
         s(&j["path"])
     )?;
     writeln!(out, "reason:  {}", s(&j["reason"]))?;
+    if let Some(note) = j["path_note"].as_str() {
+        writeln!(out, "path:    {note}")?;
+    }
     let conf = &r.conf;
     let decided = decide(conf, &r.conn, &r.opts);
     match decided.matched {

@@ -427,6 +427,24 @@ fn check(c: &Case) -> Result<(), TestCaseError> {
                 d.reason,
                 yaml
             );
+            // The TLS fast path: the kernel's `NON_TLS` port bit and the decision core agree on
+            // which redirected connections it may take.
+            if d.verdict == Verdict::RedirectToProxy {
+                let conn = Connection {
+                    dst: SocketAddr::new(dst, *port),
+                    udp: *udp,
+                    l7: None,
+                };
+                prop_assert_eq!(
+                    plan.tls_fast_path_port(&chain, *port),
+                    policy::decision::tls_fast_path_candidate(&conn, &d),
+                    "fast path: dst {}:{} chain {:?}\n{}",
+                    dst,
+                    port,
+                    chain,
+                    yaml
+                );
+            }
         }
     }
     Ok(())

@@ -83,6 +83,10 @@ pub struct ExplainArgs {
     /// The mode of a workload that no policy selects.
     #[arg(long = "unselected-mode", default_value = "All", value_name = "MODE")]
     pub unselected_mode: Mode,
+    /// `on`: name the path of the TLS fast path (`kernel-sni`) where it could take the
+    /// connection (see `passthrough run --tls-fast-path`).
+    #[arg(long, value_name = "off|on", default_value = "off", value_parser = crate::agent::parse_on_off, action = clap::ArgAction::Set)]
+    pub tls_fast_path: bool,
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -109,6 +113,7 @@ impl ExplainArgs {
             internal_cidr: self.internal_cidr.clone(),
             resolvers: self.resolver.clone(),
             unselected_mode: self.unselected_mode,
+            tls_fast_path: self.tls_fast_path,
         }
     }
 }

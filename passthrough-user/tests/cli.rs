@@ -28,6 +28,7 @@ fn explain_args(dst: &str) -> ExplainArgs {
         internal_cidr: vec![],
         resolver: vec![],
         unselected_mode: Mode::All,
+        tls_fast_path: false,
         json: true,
     }
 }
@@ -113,6 +114,47 @@ fn explain_json_shape() {
         ..explain_args("203.0.113.50:443")
     });
     assert_eq!(j["verdict"], "allow");
+}
+
+/// With `--tls-fast-path=on`, a connection that only `tls` Domain matches at its port could
+/// allow names the `kernel-sni` path (with a note: when its destination is verified), whatever
+/// the verdict on the name; a port that also has an `http` match keeps `proxy`, and so does
+/// every connection with the fast path off.
+#[test]
+fn explain_names_the_tls_fast_path() {
+    let fast = |dst: &str, sni: Option<&str>| {
+        explain_json(&ExplainArgs {
+            sni: sni.map(str::to_string),
+            tls_fast_path: true,
+            ..explain_args(dst)
+        })
+    };
+    let j = fast("203.0.113.50:443", Some("api.example.com"));
+    assert_eq!(
+        (j["verdict"].as_str(), j["path"].as_str()),
+        (Some("allow"), Some("kernel-sni"))
+    );
+    assert!(j["path_note"].as_str().unwrap().contains("verified"), "{j}");
+    let j = fast("203.0.113.50:443", Some("evil.example.com"));
+    assert_eq!(
+        (j["verdict"].as_str(), j["path"].as_str()),
+        (Some("deny"), Some("kernel-sni"))
+    );
+    let j = fast("203.0.113.50:443", None);
+    assert_eq!(j["path"], "kernel-sni");
+    // HTTP port: per request, on the proxy.
+    let j = fast("203.0.113.50:80", None);
+    assert_eq!(j["path"], "proxy");
+    // Kernel decisions stay kernel ones.
+    assert_eq!(fast("192.0.2.11:443", None)["path"], "kernel");
+    assert_eq!(fast("203.0.113.50:25", None)["path"], "kernel");
+    // Off: proxy.
+    let j = explain_json(&ExplainArgs {
+        sni: Some("api.example.com".into()),
+        ..explain_args("203.0.113.50:443")
+    });
+    assert_eq!(j["path"], "proxy");
+    assert!(j["path_note"].is_null());
 }
 
 #[test]
