@@ -345,13 +345,11 @@ pub fn decide<M: Maps, C: Caller, D: Dest>(
         Reason::ModeNone
     };
 
-    // Rule 5.
+    // Rule 5. One path for both outcomes: the audit flag only moves the counter to the
+    // reason's audit slot (arithmetic, not a branch) and picks the verdict at the end, so the
+    // event code is not duplicated per outcome.
     let audit = cfg.flags & flags::AUDIT != 0;
-    maps.count(if audit {
-        counter::audit_let_through(reason)
-    } else {
-        counter::decided(reason)
-    });
+    maps.count(counter::decided(reason) + u32::from(audit) * counter::AUDIT_OFFSET);
     report_denial(
         maps, caller, &dst, port_be, transport, reason, workload, audit,
     );

@@ -371,10 +371,13 @@ pub mod counter {
         reason as u32
     }
 
+    /// How far a reason's audit slot is from its decided slot.
+    pub const AUDIT_OFFSET: u32 = KERNEL_REASONS;
+
     /// The counter of denials for `reason` that `--audit` let through.
     #[inline(always)]
     pub const fn audit_let_through(reason: Reason) -> u32 {
-        KERNEL_REASONS + reason as u32
+        AUDIT_OFFSET + reason as u32
     }
 
     /// Deny events lost because the ring buffer was full.
