@@ -165,6 +165,8 @@ struct RawDoc {
     labels: Option<StrMap>,
     creation_time: Option<IgnoredAny>,
     modification_time: Option<IgnoredAny>,
+    // Universal read-only field `kumactl get`/`export` writes (the resource identifier).
+    kri: Option<IgnoredAny>,
     spec: Option<RawSpec>,
     status: Option<IgnoredAny>,
     items: Option<Vec<Option<Document>>>,
@@ -208,8 +210,10 @@ impl TryFrom<RawDoc> for Document {
         if k8s {
             let kind = d.kind.map(|k| k.0).unwrap_or_default();
             if kind == "List" {
-                if d.spec.is_some() || d.metadata.is_some() {
-                    return Err("kind List takes only apiVersion, kind and items".into());
+                // `kubectl get -o yaml|json` always writes the List's own `metadata`
+                // (`resourceVersion: ""`); it says nothing about the items and is ignored.
+                if d.spec.is_some() {
+                    return Err("kind List takes only apiVersion, kind, metadata and items".into());
                 }
                 return Ok(Document::List(d.items.unwrap_or_default()));
             }
@@ -589,6 +593,32 @@ mod tests {
         );
         assert_eq!(e.len(), 1);
         assert_eq!(e[0].position.map(|p| p.0), Some(1));
+    }
+
+    #[test]
+    fn kubectl_and_kumactl_read_only_fields() {
+        // `kubectl get meshpassthroughs -o yaml`: the List has metadata, each item the fields
+        // the API server adds.
+        let (p, e) = parse(
+            "a.yaml",
+            "apiVersion: v1\nitems:\n- apiVersion: kuma.io/v1alpha1\n  kind: MeshPassthrough\n  metadata:\n    annotations:\n      kubectl.kubernetes.io/last-applied-configuration: |\n        {\"kind\":\"MeshPassthrough\"}\n    creationTimestamp: \"2026-11-20T10:12:31Z\"\n    generation: 1\n    managedFields:\n    - manager: kubectl\n      fieldsV1:\n        f:spec:\n          .: {}\n    name: a\n    namespace: kuma-system\n    resourceVersion: \"184467\"\n    uid: 6f0d8c38-3d0b-4a5e-9b7c-1a2b3c4d5e6f\n  spec: {}\nkind: List\nmetadata:\n  resourceVersion: \"\"\n",
+        );
+        assert!(e.is_empty(), "{e:?}");
+        assert_eq!(p.len(), 1);
+        // `kumactl get meshpassthrough NAME -o yaml` (Universal) writes `kri`.
+        let (p, e) = parse(
+            "a.yaml",
+            "creationTime: \"2026-11-20T10:12:31Z\"\nkri: kri_mp_default___egress_\nmesh: default\nmodificationTime: \"2026-11-20T10:12:31Z\"\nname: egress\nspec: {}\ntype: MeshPassthrough\n",
+        );
+        assert!(e.is_empty(), "{e:?}");
+        assert_eq!(p.len(), 1);
+        // A List still takes no spec.
+        let (_, e) = parse(
+            "a.yaml",
+            "apiVersion: v1\nkind: List\nitems: []\nspec: {}\n",
+        );
+        assert_eq!(e.len(), 1);
+        assert!(e[0].message.contains("kind List takes only"), "{}", e[0]);
     }
 
     #[test]
