@@ -12,7 +12,6 @@
 
 pub mod decision;
 pub mod error;
-pub mod fastyaml;
 pub mod ip;
 pub mod merge;
 pub mod model;

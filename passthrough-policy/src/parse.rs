@@ -424,7 +424,7 @@ fn flatten(
 }
 
 /// The 1-based line where each YAML document starts: a `---` line, or the first content line of
-/// an implicit first document. Used for errors serde_yaml reports without a position (those
+/// an implicit first document. Used for errors the YAML reader reports without a position (those
 /// raised after a document was read, such as an unsupported `kind`).
 fn yaml_doc_starts(text: &str) -> Vec<usize> {
     let mut starts = Vec::new();
@@ -445,26 +445,9 @@ fn yaml_doc_starts(text: &str) -> Vec<usize> {
 }
 
 fn parse_yaml(file: &Path, text: &str, problems: &mut Vec<Problem>) -> Vec<Document> {
-    fast_yaml(text).unwrap_or_else(|| parse_yaml_slow(file, text, problems))
-}
-
-/// The fast path (see [`super::fastyaml`]): `None` when the text is outside its subset or
-/// does not deserialize; then `serde_yaml` reads the file again and reports the problems.
-fn fast_yaml(text: &str) -> Option<Vec<Document>> {
-    let mut docs = Vec::new();
-    for lines in super::fastyaml::documents(text)? {
-        let node = super::fastyaml::document_value(&lines)?;
-        if let Some(d) = Option::<Document>::deserialize(super::fastyaml::NodeDe(&node)).ok()? {
-            docs.push(d);
-        }
-    }
-    Some(docs)
-}
-
-fn parse_yaml_slow(file: &Path, text: &str, problems: &mut Vec<Problem>) -> Vec<Document> {
     let mut docs = Vec::new();
     let starts = yaml_doc_starts(text);
-    for (i, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
+    for (i, de) in yaml_serde::Deserializer::from_str(text).enumerate() {
         match Option::<Document>::deserialize(de) {
             Ok(Some(d)) => docs.push(d),
             Ok(None) => {}
@@ -482,11 +465,13 @@ fn parse_yaml_slow(file: &Path, text: &str, problems: &mut Vec<Problem>) -> Vec<
     docs
 }
 
-fn yaml_problem(file: &Path, e: &serde_yaml::Error) -> Problem {
+/// A YAML error as a problem: its position in front (`FILE:LINE:COLUMN: message`), taken out
+/// of the message, where the reader writes it (" at line L column C", at the end or before a
+/// ", while parsing …" context).
+pub(crate) fn yaml_problem(file: &Path, e: &yaml_serde::Error) -> Problem {
     let mut msg = e.to_string();
     match e.location() {
         Some(loc) => {
-            // serde_yaml appends " at line L column C"; the position goes in front instead.
             let suffix = format!(" at line {} column {}", loc.line(), loc.column());
             if let Some(pos) = msg.find(&suffix) {
                 msg.replace_range(pos..pos + suffix.len(), "");
