@@ -17,8 +17,10 @@ use std::{
     sync::Arc,
 };
 
+use rustc_hash::{FxHashMap, FxHashSet};
+
 use super::{
-    FxHashMap, FxHashSet, ip,
+    ip,
     model::{Match, MatchKind, MatchOrigin, Mode, Protocol},
     parse::{ParsedPolicy, RawConf, RawTargetRef, Scalar, StrMap},
 };
