@@ -40,7 +40,7 @@ use crate::{
 #[derive(Debug, Clone, clap::Args)]
 pub struct RunArgs {
     /// MeshPassthrough policy files or directories (`*.yaml`, `*.yml`, `*.json`).
-    #[arg(long, required = true, num_args = 1..)]
+    #[arg(long, required_unless_present = "kubernetes", num_args = 1..)]
     pub policy: Vec<PathBuf>,
     /// A workload cgroup v2 directory (absolute, or relative to the cgroup2 mount); no labels.
     #[arg(long)]
@@ -108,6 +108,12 @@ pub struct RunArgs {
     /// `off` (default): always in userspace. See docs/design.md.
     #[arg(long, value_name = "READS|off", default_value = "off", value_parser = parse_kernel_relay)]
     pub kernel_relay_after: KernelRelayAfter,
+    /// Kubernetes mode: discover this node's pods, their identities and the MeshPassthrough
+    /// resources from the API server (see docs/kubernetes.md) instead of files.
+    #[arg(long, conflicts_with_all = ["policy", "cgroup", "workloads", "attach_cgroup"])]
+    pub kubernetes: bool,
+    #[command(flatten)]
+    pub kube: crate::kube_agent::KubeArgs,
 }
 
 /// `--kernel-relay-after`.
@@ -202,7 +208,7 @@ fn read_inputs(args: &RunArgs, mount: &Path) -> anyhow::Result<Inputs> {
     })
 }
 
-fn resolvers(args: &RunArgs) -> anyhow::Result<Vec<IpAddr>> {
+pub(crate) fn resolvers(args: &RunArgs) -> anyhow::Result<Vec<IpAddr>> {
     if !args.resolver.is_empty() {
         return args
             .resolver
@@ -282,7 +288,7 @@ fn proxy_policy(merged: &Merged, opts: &PlanOptions, unselected: Mode) -> ProxyP
     }
 }
 
-fn proxy_settings(args: &RunArgs) -> anyhow::Result<ProxySettings> {
+pub(crate) fn proxy_settings(args: &RunArgs) -> anyhow::Result<ProxySettings> {
     let mut s = ProxySettings {
         host_port: args.proxy_port,
         ..Default::default()
@@ -307,7 +313,7 @@ fn proxy_settings(args: &RunArgs) -> anyhow::Result<ProxySettings> {
 /// Binds the proxy listeners: loopback for the host netns (IPv6 only where the host has ::1),
 /// plus every `--proxy-addr`. Bound before anything is attached, so a redirect never finds
 /// nobody listening.
-async fn bind_proxy(args: &RunArgs) -> anyhow::Result<Vec<TcpListener>> {
+pub(crate) async fn bind_proxy(args: &RunArgs) -> anyhow::Result<Vec<TcpListener>> {
     let mut out = Vec::new();
     if args.proxy_port == 0 {
         return Ok(out);
@@ -382,7 +388,7 @@ fn attach_points(args: &RunArgs, mount: &Path, inputs: &Inputs) -> anyhow::Resul
 /// Raises the soft open-files limit to the hard one: every relayed connection holds six
 /// descriptors (two sockets, two splice pipes), so the usual soft limit of 1,024 would cap the
 /// proxy at ~170 connections. Returns the limit now in force.
-fn raise_nofile_limit() -> u64 {
+pub(crate) fn raise_nofile_limit() -> u64 {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -405,6 +411,9 @@ fn raise_nofile_limit() -> u64 {
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    if args.kubernetes {
+        return crate::kube_agent::run(args).await;
+    }
     let nofile = raise_nofile_limit();
     info!(nofile, "open-files limit");
     let mount = cgroup::cgroup2_mount()?;
@@ -455,48 +464,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         args.unselected_mode,
     )));
     let shutdown = CancellationToken::new();
-    let mut proxy_tasks = Vec::new();
-    if !proxy_listeners.is_empty() {
-        let orig = kernel
-            .take_orig_dst_map()
-            .context("orig-dst map already taken")?;
-        let resolver = args
-            .resolver
-            .first()
-            .map(|r| {
-                r.parse::<SocketAddr>()
-                    .or_else(|_| r.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
-            })
-            .transpose()
-            .context("--resolver")?;
-        let cfg = ProxyConfig {
-            domain_destination: args.domain_destination,
-            resolver,
-            audit: args.audit,
-            ..ProxyConfig::default()
-        };
-        let mut proxy =
-            Proxy::new(Arc::new(orig), proxy_state.clone(), cfg)?.with_report(reporter.clone());
-        if let KernelRelayAfter::Reads(reads) = args.kernel_relay_after {
-            // An accelerator, not a control: without it every byte still flows, in userspace.
-            match kernel.take_relay_maps() {
-                Ok(Some(maps)) => {
-                    info!(
-                        after_reads = reads,
-                        "kernel relay on for allowed TLS connections"
-                    );
-                    proxy = proxy.with_kernel_relay(Arc::new(KernelRelay::new(maps, reads)));
-                }
-                Ok(None) => warn!("kernel relay maps already taken; relaying in userspace"),
-                Err(e) => warn!(error = %e, "kernel relay unavailable; relaying in userspace"),
-            }
-        }
-        let proxy = Arc::new(proxy);
-        for l in proxy_listeners {
-            info!(addr = %l.local_addr()?, "proxy listening");
-            proxy_tasks.push(tokio::spawn(proxy.clone().serve(l, shutdown.clone())));
-        }
-    }
+    let proxy_tasks = start_proxy(
+        &args,
+        &mut kernel,
+        proxy_listeners,
+        &proxy_state,
+        &reporter,
+        &shutdown,
+    )?;
     let (generation, (v4, v6)) = apply_plan(&mut kernel, &merged, &opts, &inputs, &metrics)?;
     for p in &points {
         kernel.attach(p)?;
@@ -562,6 +537,61 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Starts the proxy on `listeners` (none: the proxy is off) with the kernel's orig-dst map and,
+/// if asked for and available, the kernel relay. Returns the serving tasks.
+pub(crate) fn start_proxy(
+    args: &RunArgs,
+    kernel: &mut Kernel,
+    proxy_listeners: Vec<TcpListener>,
+    proxy_state: &Arc<ArcSwap<ProxyPolicy>>,
+    reporter: &Arc<Reporter>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+    let mut proxy_tasks = Vec::new();
+    if !proxy_listeners.is_empty() {
+        let orig = kernel
+            .take_orig_dst_map()
+            .context("orig-dst map already taken")?;
+        let resolver = args
+            .resolver
+            .first()
+            .map(|r| {
+                r.parse::<SocketAddr>()
+                    .or_else(|_| r.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+            })
+            .transpose()
+            .context("--resolver")?;
+        let cfg = ProxyConfig {
+            domain_destination: args.domain_destination,
+            resolver,
+            audit: args.audit,
+            ..ProxyConfig::default()
+        };
+        let mut proxy =
+            Proxy::new(Arc::new(orig), proxy_state.clone(), cfg)?.with_report(reporter.clone());
+        if let KernelRelayAfter::Reads(reads) = args.kernel_relay_after {
+            // An accelerator, not a control: without it every byte still flows, in userspace.
+            match kernel.take_relay_maps() {
+                Ok(Some(maps)) => {
+                    info!(
+                        after_reads = reads,
+                        "kernel relay on for allowed TLS connections"
+                    );
+                    proxy = proxy.with_kernel_relay(Arc::new(KernelRelay::new(maps, reads)));
+                }
+                Ok(None) => warn!("kernel relay maps already taken; relaying in userspace"),
+                Err(e) => warn!(error = %e, "kernel relay unavailable; relaying in userspace"),
+            }
+        }
+        let proxy = Arc::new(proxy);
+        for l in proxy_listeners {
+            info!(addr = %l.local_addr()?, "proxy listening");
+            proxy_tasks.push(tokio::spawn(proxy.clone().serve(l, shutdown.clone())));
+        }
+    }
+    Ok(proxy_tasks)
+}
+
 /// Compiles `merged` and flips the kernel to it (at start-up and on every reload); returns the
 /// new generation and the (IPv4, IPv6) entry counts, and records both in the metrics.
 fn apply_plan(
@@ -621,7 +651,7 @@ fn reload(
 /// entries), and the tries hold one plan instead of two between changes. This runs on the
 /// runtime's `block_on` thread, not a worker, so the proxy keeps serving meanwhile; connects
 /// are not stalled either (lookups are lock-free while entries are deleted).
-fn retire_previous(kernel: &mut Kernel, metrics: &Metrics) {
+pub(crate) fn retire_previous(kernel: &mut Kernel, metrics: &Metrics) {
     let t = std::time::Instant::now();
     let removed = kernel.retire();
     metrics.previous_retired(); // obs
@@ -636,7 +666,7 @@ fn retire_previous(kernel: &mut Kernel, metrics: &Metrics) {
 /// kernel counters (the pinned `COUNTERS` map under `state_dir`, else the map beside the ring
 /// buffer) and spawns the event reader ([`events::read_kernel_events`]). The returned task runs
 /// until aborted.
-fn start_deny_events(
+pub(crate) fn start_deny_events(
     kernel: &mut Kernel,
     state_dir: &Path,
     reporter: &Arc<Reporter>,
