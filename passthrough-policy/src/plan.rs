@@ -12,8 +12,9 @@ use std::{
 
 use ipnet::{IpNet, Ipv4Net};
 use passthrough_common::{RULE_KEY_FIXED_BITS, RangeTableKey, RuleKeyV6, mode, ruleset};
+use rustc_hash::FxHashMap;
 
-use crate::{FxHashMap, MatchKind, MergedConf, Mode, ranges::RangeImage, resolver::Resolver};
+use crate::{MatchKind, MergedConf, Mode, ranges::RangeImage, resolver::Resolver};
 
 /// The kernel's number for a [`Mode`].
 pub fn mode_code(m: Mode) -> u32 {
