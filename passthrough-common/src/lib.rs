@@ -8,8 +8,13 @@
 
 pub mod sni;
 
+pub mod decide;
+pub mod reason;
+
+pub use reason::Reason;
+
 /// Version of the map layout; part of the pin directory name (`/sys/fs/bpf/passthrough/v<N>`).
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// `SO_MARK` the agent's own sockets carry (proxy upstreams, its DNS queries): the programs let
 /// them through, but only for callers that belong to no workload (SPEC §3 rule 1; see
@@ -168,7 +173,7 @@ pub struct SniSock {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SniDenyEvent {
-    /// The denial as any kernel denial reports it (`reason`: a `counter::SNI_DENY_*`).
+    /// The denial as any kernel denial reports it (`reason`: a [`Reason`] number).
     pub base: DenyEvent,
     /// The connection's own address (IPv4 as `::ffff:a.b.c.d`).
     pub local_addr: [u8; 16],
@@ -481,7 +486,7 @@ pub struct DenyEvent {
     pub protocol: u8,
     /// 1 when `--audit` let it through.
     pub audit: u8,
-    /// The [`counter`] index of the reason (`DENY_*`).
+    /// The [`Reason`] number (`Reason as u32`); `audit` says whether it was let through.
     pub reason: u32,
     /// Thread-group id of the caller.
     pub pid: u32,
@@ -500,88 +505,140 @@ pub struct RuleValue {
     pub match_id: u32,
 }
 
-/// Indices of the per-CPU `COUNTERS` array.
+/// Indices of the per-CPU `COUNTERS` array, all derived from [`Reason`]: one counter per kernel
+/// reason for what the programs did, one per reason for what `--audit` let through instead of
+/// denying, and one for lost deny events.
 pub mod counter {
-    /// Loopback destination (rule 1).
-    pub const ALLOW_LOOPBACK: u32 = 0;
-    /// `--internal-cidr` destination (rule 1).
-    pub const ALLOW_INTERNAL: u32 = 1;
-    /// The agent's own socket (rule 1).
-    pub const ALLOW_AGENT: u32 = 2;
-    /// Mode `All` (rule 2).
-    pub const ALLOW_MODE_ALL: u32 = 3;
-    /// An IP/CIDR match (rule 3).
-    pub const ALLOW_MATCH: u32 = 4;
-    /// UDP to a configured resolver on port 53.
-    pub const ALLOW_DNS: u32 = 5;
-    /// Mode `None` (rule 2).
-    pub const DENY_MODE_NONE: u32 = 6;
-    /// Mode `Matched` and nothing matched (rule 5).
-    pub const DENY_NO_MATCH: u32 = 7;
-    /// A denial that `--audit` let through.
-    pub const AUDIT_WOULD_DENY: u32 = 8;
-    /// Redirected to the proxy (rule 4).
-    pub const REDIRECT_PROXY: u32 = 9;
-    /// A domain candidate that could not be redirected (proxy off, no pod proxy address,
-    /// or UDP): denied.
-    pub const DENY_NO_PROXY: u32 = 10;
-    /// Deny events lost because the ring buffer was full.
-    pub const EVENTS_DROPPED: u32 = 11;
-    /// TLS fast path: a Domain candidate connected directly, its ClientHello to be judged in
-    /// the kernel.
-    pub const SNI_DIRECT: u32 = 12;
-    /// TLS fast path: the kernel allowed the ClientHello.
-    pub const SNI_ALLOW: u32 = 13;
-    /// Kernel SNI judge: the hello had no server name.
-    pub const SNI_DENY_NO_SNI: u32 = 14;
-    /// Kernel SNI judge: the server name is an IP literal.
-    pub const SNI_DENY_IP_LITERAL: u32 = 15;
-    /// Kernel SNI judge: the server name is not a host name.
-    pub const SNI_DENY_BAD_NAME: u32 = 16;
-    /// Kernel SNI judge: no TLS Domain match of the rule set at this port allows the name.
-    pub const SNI_DENY_NO_MATCH: u32 = 17;
-    /// Kernel SNI judge: the ClientHello breaks the TLS rules.
-    pub const SNI_DENY_BAD_HELLO: u32 = 18;
-    /// Kernel SNI judge: the first bytes are not TLS.
-    pub const SNI_DENY_NOT_TLS: u32 = 19;
-    /// Kernel SNI judge: the ClientHello is past the kernel's limits.
-    pub const SNI_DENY_TOO_LARGE: u32 = 20;
-    /// Bytes went (or tried to go) out without passing the judge: the connection is refused.
-    pub const SNI_DENY_UNJUDGED: u32 = 21;
-    /// Kernel SNI judge: the policy now denies the workload's egress (mode `None`).
-    pub const SNI_DENY_MODE_NONE: u32 = 22;
-    /// TLS fast path: a candidate took the proxy because it uses TCP Fast Open.
-    pub const SNI_FASTOPEN_PROXY: u32 = 23;
-    /// Number of counters.
-    pub const COUNT: u32 = 24;
+    use crate::reason::{KERNEL_REASONS, Reason};
 
-    /// Names, in index order, as reported by the agent.
-    pub const NAMES: [&str; COUNT as usize] = [
-        "allow_loopback",
-        "allow_internal",
-        "allow_agent",
-        "allow_mode_all",
-        "allow_match",
-        "allow_dns",
-        "deny_mode_none",
-        "deny_no_match",
-        "audit_would_deny",
-        "redirect_proxy",
-        "deny_no_proxy",
-        "events_dropped",
-        "sni_direct",
-        "sni_allow",
-        "sni_deny_no_sni",
-        "sni_deny_ip_literal",
-        "sni_deny_bad_name",
-        "sni_deny_no_match",
-        "sni_deny_bad_hello",
-        "sni_deny_not_tls",
-        "sni_deny_too_large",
-        "sni_deny_unjudged",
-        "sni_deny_mode_none",
-        "sni_fastopen_proxy",
-    ];
+    /// The counter of decisions the programs carried out for `reason` (allowed, redirected or
+    /// denied as [`Reason::effect`] says).
+    #[inline(always)]
+    pub const fn decided(reason: Reason) -> u32 {
+        reason as u32
+    }
+
+    /// How far a reason's audit slot is from its decided slot.
+    pub const AUDIT_OFFSET: u32 = KERNEL_REASONS;
+
+    /// The counter of denials for `reason` that `--audit` let through.
+    #[inline(always)]
+    pub const fn audit_let_through(reason: Reason) -> u32 {
+        AUDIT_OFFSET + reason as u32
+    }
+
+    /// Deny events lost because the ring buffer was full.
+    pub const EVENTS_DROPPED: u32 = 2 * KERNEL_REASONS;
+
+    /// Where the TLS fast path's counters start: one slot per [`Reason`] (used for those with
+    /// [`Reason::is_kernel_sni`]).
+    pub const KERNEL_SNI_OFFSET: u32 = EVENTS_DROPPED + 1;
+
+    /// The counter of the TLS fast path's outcomes for `reason`: a Domain candidate that
+    /// connected directly ([`Reason::DomainCandidates`]), and each verdict of the kernel's
+    /// ClientHello judge.
+    #[inline(always)]
+    pub const fn kernel_sni(reason: Reason) -> u32 {
+        KERNEL_SNI_OFFSET + reason as u32
+    }
+
+    /// Number of counters.
+    pub const COUNT: u32 = KERNEL_SNI_OFFSET + Reason::ALL.len() as u32;
+
+    /// What one counter counts.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Counter {
+        /// [`decided`]: decisions carried out for the reason.
+        Decided(Reason),
+        /// [`audit_let_through`]: would-be denials `--audit` let through.
+        AuditLetThrough(Reason),
+        /// [`EVENTS_DROPPED`].
+        EventsDropped,
+        /// [`kernel_sni`]: the TLS fast path (path `kernel-sni`).
+        KernelSni(Reason),
+    }
+
+    impl Counter {
+        /// The counter at `index`; `None` past [`COUNT`] and for audit slots of reasons that
+        /// never deny (the programs never count there).
+        pub const fn at(index: u32) -> Option<Counter> {
+            if index < KERNEL_REASONS {
+                match Reason::from_u32(index) {
+                    Some(r) => Some(Counter::Decided(r)),
+                    None => None,
+                }
+            } else if index < EVENTS_DROPPED {
+                match Reason::from_u32(index - KERNEL_REASONS) {
+                    Some(r) if matches!(r.effect(), crate::reason::Effect::Deny) => {
+                        Some(Counter::AuditLetThrough(r))
+                    }
+                    _ => None,
+                }
+            } else if index == EVENTS_DROPPED {
+                Some(Counter::EventsDropped)
+            } else if index < COUNT {
+                match Reason::from_u32(index - KERNEL_SNI_OFFSET) {
+                    Some(r) if r.is_kernel_sni() => Some(Counter::KernelSni(r)),
+                    _ => None,
+                }
+            } else {
+                None
+            }
+        }
+
+        /// Every counter, in index order.
+        pub fn all() -> impl Iterator<Item = (u32, Counter)> {
+            (0..COUNT).filter_map(|i| Counter::at(i).map(|c| (i, c)))
+        }
+
+        /// The verdict it counts: `allow`, `redirect`, `deny`, `would_deny` (`--audit`), and
+        /// on the TLS fast path `direct` (a Domain candidate that connected directly, its
+        /// ClientHello to be judged in the kernel); `None` for [`Counter::EventsDropped`].
+        pub const fn verdict(self) -> Option<&'static str> {
+            match self {
+                Counter::Decided(r) => Some(r.effect().word()),
+                Counter::AuditLetThrough(_) => Some("would_deny"),
+                Counter::EventsDropped => None,
+                Counter::KernelSni(Reason::DomainCandidates) => Some("direct"),
+                Counter::KernelSni(r) => Some(r.effect().word()),
+            }
+        }
+
+        /// The path label of the decision: `kernel` (connect/sendmsg/egress programs) or
+        /// `kernel-sni` (the TLS fast path); `None` for [`Counter::EventsDropped`].
+        pub const fn path(self) -> Option<&'static str> {
+            match self {
+                Counter::Decided(_) | Counter::AuditLetThrough(_) => Some("kernel"),
+                Counter::KernelSni(_) => Some("kernel-sni"),
+                Counter::EventsDropped => None,
+            }
+        }
+
+        /// The reason it counts under; `None` for [`Counter::EventsDropped`].
+        pub const fn reason(self) -> Option<Reason> {
+            match self {
+                Counter::Decided(r) | Counter::AuditLetThrough(r) | Counter::KernelSni(r) => {
+                    Some(r)
+                }
+                Counter::EventsDropped => None,
+            }
+        }
+    }
+
+    /// `{verdict}_{reason}` (`deny_no_match`, `allow_loopback`, `would_deny_mode_none`),
+    /// `kernel_sni_{verdict}_{reason}` (`kernel_sni_direct_domain_candidates`,
+    /// `kernel_sni_deny_no_sni`) or `events_dropped`: the counter's name in `passthrough status`.
+    impl core::fmt::Display for Counter {
+        fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+            match (self.verdict(), self) {
+                (Some(v), Counter::Decided(r) | Counter::AuditLetThrough(r)) => {
+                    write!(f, "{v}_{}", r.code())
+                }
+                (Some(v), Counter::KernelSni(r)) => write!(f, "kernel_sni_{v}_{}", r.code()),
+                _ => f.write_str("events_dropped"),
+            }
+        }
+    }
 }
 
 #[cfg(feature = "user")]

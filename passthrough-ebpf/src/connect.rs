@@ -10,12 +10,12 @@ use aya_ebpf::{
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
-use passthrough_common::{GlobalConfig, OrigDst, counter, flags};
+use passthrough_common::{GlobalConfig, OrigDst, flags};
 
 use crate::{
     addr::{bytes_to_words, words_to_bytes},
-    decide::{PROCEED, REJECT, Transport, V4, Verdict, decide, v4_mapped, v6},
-    maps::{CONFIG, ORIG_BY_COOKIE, count},
+    decide::{Connecting, PROCEED, REJECT, Transport, V4, Verdict, decide_for, v4_mapped, v6},
+    maps::{CONFIG, ORIG_BY_COOKIE},
     sni,
 };
 
@@ -214,25 +214,29 @@ fn redirect(
     PROCEED
 }
 
+/// The connecting socket, as the decision's [`Connecting`] caller.
+#[inline(always)]
+fn connecting(ctx: &SockAddrContext) -> Connecting {
+    // SAFETY: sock_addr programs always have a socket.
+    Connecting(unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk }.cast())
+}
+
 #[cgroup_sock_addr(connect4)]
 pub fn passthrough_connect4(ctx: SockAddrContext) -> i32 {
     let addr = user_ip4(&ctx);
     let port = port_be(&ctx);
     let transport = transport(&ctx);
     fresh_connect(&ctx, transport);
-    match decide(V4(addr), port, transport, socket_mark(&ctx)) {
+    let caller = connecting(&ctx);
+    match decide_for(caller, V4(addr), port, transport, socket_mark(&ctx)) {
         Verdict::Allow => PROCEED,
         Verdict::Deny => REJECT,
-        Verdict::Redirect {
-            workload,
-            sni_direct,
-        } => {
+        Verdict::Redirect { workload } => {
+            redirect(&ctx, mapped_words(addr), port, 4, workload, false, true)
+        }
+        Verdict::KernelSni { workload } => {
             let words = mapped_words(addr);
-            if sni_direct && sni::go_direct(&ctx, words_to_bytes(words), port, 4, workload) {
-                return PROCEED;
-            }
-            count(counter::REDIRECT_PROXY);
-            redirect(&ctx, words, port, 4, workload, false, true)
+            sni::go_direct(&ctx, words_to_bytes(words), port, 4, workload)
         }
     }
 }
@@ -243,22 +247,18 @@ pub fn passthrough_connect6(ctx: SockAddrContext) -> i32 {
     let port = port_be(&ctx);
     let transport = transport(&ctx);
     fresh_connect(&ctx, transport);
+    let caller = connecting(&ctx);
+    let mark = socket_mark(&ctx);
     let (verdict, v4_dest) = match v4_mapped(words) {
-        Some(v4) => (decide(v4, port, transport, socket_mark(&ctx)), true),
-        None => (decide(v6(words), port, transport, socket_mark(&ctx)), false),
+        Some(v4) => (decide_for(caller, v4, port, transport, mark), true),
+        None => (decide_for(caller, v6(words), port, transport, mark), false),
     };
     match verdict {
         Verdict::Allow => PROCEED,
         Verdict::Deny => REJECT,
-        Verdict::Redirect {
-            workload,
-            sni_direct,
-        } => {
-            if sni_direct && sni::go_direct(&ctx, words_to_bytes(words), port, 6, workload) {
-                return PROCEED;
-            }
-            count(counter::REDIRECT_PROXY);
-            redirect(&ctx, words, port, 6, workload, true, v4_dest)
+        Verdict::Redirect { workload } => redirect(&ctx, words, port, 6, workload, true, v4_dest),
+        Verdict::KernelSni { workload } => {
+            sni::go_direct(&ctx, words_to_bytes(words), port, 6, workload)
         }
     }
 }

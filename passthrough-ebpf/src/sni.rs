@@ -3,10 +3,12 @@
 //!
 //! The life of such a socket (docs/design.md, "The TLS fast path"):
 //!
-//! 1. `connect4/6` ([`go_direct`]): rule 4 applies, the rule set has only `tls` Domain matches
-//!    at this port, the destination is in `VERIFIED`, and the socket is not using TCP Fast
-//!    Open. The connection proceeds to the real destination and the socket gets an `SNI_STATE`
-//!    storage in state `PENDING`. Anything else takes the proxy, as before.
+//! 1. `connect4/6`: the shared decision (`passthrough_common::decide`) says
+//!    `Verdict::KernelSni` — rule 4 applies, the rule set has only `tls` Domain matches at this
+//!    port, the destination is in `VERIFIED`, and the socket is not using TCP Fast Open
+//!    ([`uses_fast_open`]). [`go_direct`] lets the connection proceed to the real destination
+//!    and gives the socket an `SNI_STATE` storage in state `PENDING`. Anything else takes the
+//!    proxy, as before.
 //! 2. `sock_ops` at `ACTIVE_ESTABLISHED_CB` ([`enrol`]): the handshake is done (the SYN and the
 //!    final ACK carry no payload); the socket goes into `SNI_SOCKS`, whose `sk_msg` program
 //!    ([`passthrough_sni`]) now runs inside every `sendmsg` on it, before the bytes reach TCP.
@@ -38,25 +40,22 @@ use aya_ebpf::{
         bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_msg_apply_bytes, bpf_msg_cork_bytes,
         bpf_msg_pull_data, bpf_skc_to_tcp_sock,
         generated::{
-            bpf_map_delete_elem, bpf_map_lookup_elem, bpf_probe_read_kernel, bpf_sk_storage_delete,
-            bpf_sk_storage_get,
+            bpf_map_delete_elem, bpf_probe_read_kernel, bpf_sk_storage_delete, bpf_sk_storage_get,
         },
     },
     macros::sk_msg,
     programs::{SkMsgContext, SockAddrContext, SockOpsContext},
 };
 use passthrough_common::{
-    DenyEvent, SniDenyEvent, SniSock, WorkloadKey, counter, flags, mode, ruleset,
-    sni::{
-        self, KERNEL_LIMITS, Name, SNI_KEY_NAME, SNI_KEY_TABLE_BITS, SniNameValue, SniTableKey,
-        Stop, Stream, scan_flag,
-    },
+    DenyEvent, Reason, SniDenyEvent, SniSock, counter,
+    decide::{judge_name, kernel_sni_decided, stop_reason},
+    sni::{self, KERNEL_LIMITS, SNI_KEY_NAME, Stop, Stream, scan_flag},
     sni_state,
 };
 
-use crate::maps::{
-    CONFIG, DENY_EVENTS, SNI_NAMES, SNI_PROGS, SNI_SOCKS, SNI_STATE, SNI_TABLES, WORKLOADS, count,
-    tcp_offsets,
+use crate::{
+    decide::{KernelMaps, PROCEED, REJECT},
+    maps::{DENY_EVENTS, SNI_PROGS, SNI_SOCKS, SNI_STATE, count, tcp_offsets},
 };
 
 /// The `SNI_STATE` storage of `sk`, created (zeroed) when `create`; null when there is none.
@@ -92,7 +91,7 @@ fn tcp_sock(sk: *mut c_void) -> *const u8 {
 /// the SYN, before any `sk_msg` program could see them, so the connection takes the proxy.
 /// Unknown offsets count as Fast Open (the agent never turns the fast path on without them).
 #[inline(always)]
-fn uses_fast_open(sk: *mut c_void) -> bool {
+pub fn uses_fast_open(sk: *mut c_void) -> bool {
     let off = tcp_offsets();
     if off.fastopen_req == 0 || off.fastopen_connect_byte == 0 {
         return true;
@@ -126,9 +125,10 @@ fn write_seq(sk: *mut c_void) -> Option<u32> {
     Some(unsafe { ptr::read_volatile(tp.add(off as usize) as *const u32) })
 }
 
-/// connect4/6, rule 4 with the fast path possible: lets the connection go directly when the
-/// socket can be judged in the kernel. `addr` is the destination as `::ffff:a.b.c.d` for
-/// IPv4. False: take the proxy.
+/// connect4/6 on `Verdict::KernelSni`: the connection goes directly to `addr` (the destination
+/// as `::ffff:a.b.c.d` for IPv4), its socket `PENDING` until the judge has seen its hello.
+/// Without a storage for the socket (out of memory) nothing could hold its sends back, so the
+/// connect is refused, as when the proxy's original destination cannot be recorded.
 #[inline(always)]
 pub fn go_direct(
     ctx: &SockAddrContext,
@@ -136,16 +136,12 @@ pub fn go_direct(
     port_be: u16,
     family: u16,
     workload: u64,
-) -> bool {
+) -> i32 {
     // SAFETY: sock_addr programs always have a socket.
     let sk = unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk } as *mut c_void;
-    if uses_fast_open(sk) {
-        count(counter::SNI_FASTOPEN_PROXY);
-        return false;
-    }
     let st = state(sk, true);
     if st.is_null() {
-        return false;
+        return REJECT;
     }
     // SAFETY: a storage pointer is valid for this run; the socket is locked (connect).
     let st = unsafe { &mut *st };
@@ -162,8 +158,7 @@ pub fn go_direct(
     st.cgroup_lo = cg as u32;
     st.cgroup_hi = (cg >> 32) as u32;
     st.comm = bpf_get_current_comm().unwrap_or([0; 16]);
-    count(counter::SNI_DIRECT);
-    true
+    PROCEED
 }
 
 /// connect4/6 for every other TCP connect: a socket reconnecting (after a failed connect) must
@@ -234,7 +229,7 @@ pub fn enrol(ctx: &SockOpsContext) {
         .is_err()
     {
         // Not judged in the kernel, and too late for the proxy: refused.
-        deny(st, counter::SNI_DENY_UNJUDGED, false);
+        deny(st, Reason::Unjudged);
         return;
     }
     let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_RTT_CB_FLAG) as i32);
@@ -292,24 +287,26 @@ pub fn backstop(sk: *mut bpf_sock, has_payload: impl FnOnce() -> bool) -> bool {
         return true;
     }
     if st.state == sni_state::PENDING {
-        deny(st, counter::SNI_DENY_UNJUDGED, false);
+        deny(st, Reason::Unjudged);
     }
     false
 }
 
 const AF_INET: u32 = 2;
 
-/// Marks the socket refused, counts and reports it.
+/// Counts a denial, marks the socket refused and reports it.
 #[inline(always)]
-fn deny(st: &mut SniSock, reason: u32, audit: bool) {
-    if !audit {
-        st.state = sni_state::DENIED;
-    }
-    st.reason = reason;
-    count(reason);
-    if audit {
-        count(counter::AUDIT_WOULD_DENY);
-    }
+fn deny(st: &mut SniSock, reason: Reason) {
+    let _ = kernel_sni_decided(&KernelMaps, reason);
+    refuse(st, reason);
+}
+
+/// Marks the socket refused and reports it (counted by the caller). Never a would-be denial:
+/// `--audit` keeps the fast path off, its would-be denials are the proxy's to report.
+#[inline(always)]
+fn refuse(st: &mut SniSock, reason: Reason) {
+    st.state = sni_state::DENIED;
+    st.reason = reason as u32;
     let Some(mut slot) = DENY_EVENTS.reserve::<SniDenyEvent>(0) else {
         count(counter::EVENTS_DROPPED);
         return;
@@ -320,7 +317,7 @@ fn deny(st: &mut SniSock, reason: u32, audit: bool) {
     // The name, when the judge got as far as reading it (reversed, as it keeps it).
     let named = matches!(
         reason,
-        counter::SNI_DENY_NO_MATCH | counter::SNI_DENY_BAD_NAME | counter::SNI_DENY_IP_LITERAL
+        Reason::NoDomainMatch | Reason::BadName | Reason::IpLiteral
     ) && st.scan.flags & scan_flag::HOST != 0;
     let sni_len = if named {
         st.scan.host[1].min(SNI_KEY_NAME as u32)
@@ -336,8 +333,8 @@ fn deny(st: &mut SniSock, reason: u32, audit: bool) {
             addr: st.addr,
             port: st.port,
             protocol: 6,
-            audit: audit as u8,
-            reason,
+            audit: 0,
+            reason: reason as u32,
             pid: st.pid,
             socket_type: 0,
             comm: st.comm,
@@ -418,7 +415,7 @@ pub fn passthrough_sni(ctx: SkMsgContext) -> u32 {
     // The hello must be the first byte of the stream: nothing may have entered TCP since
     // enrolment (a send that bypassed this program, see the module doc).
     if write_seq(sk) != Some(st.seq0) {
-        deny(st, counter::SNI_DENY_UNJUDGED, false);
+        deny(st, Reason::Unjudged);
         return SK_DROP;
     }
     let size = ctx.size();
@@ -430,7 +427,7 @@ pub fn passthrough_sni(ctx: SkMsgContext) -> u32 {
     // SAFETY: the context is ours; pulling makes [0, want) linear in data..data_end (a
     // no-op when it already is, the common case of a hello sent in one write).
     if unsafe { bpf_msg_pull_data(ctx.msg, 0, want, 0) } != 0 {
-        return verdict(&ctx, st, counter::SNI_DENY_TOO_LARGE);
+        return verdict(&ctx, st, Reason::TooLarge);
     }
     match sni::scan(&bytes(&ctx), &KERNEL_LIMITS, &mut st.scan) {
         Err(Stop::NeedMore(total)) => {
@@ -473,7 +470,7 @@ pub fn passthrough_sni_name(ctx: SkMsgContext) -> u32 {
     match sni::name(&bytes(&ctx), &st.scan, &mut st.lookup.key.name) {
         Err(stop) => verdict(&ctx, st, stop_reason(stop)),
         Ok(name) => {
-            let reason = judge_name(st, name);
+            let reason = judge_name(&KernelMaps, st.workload, st.port, name, &mut st.lookup);
             verdict(&ctx, st, reason)
         }
     }
@@ -512,113 +509,19 @@ fn bytes(ctx: &SkMsgContext) -> MsgBytes {
 fn next_phase(ctx: &SkMsgContext, st: &mut SniSock, index: u32) -> u32 {
     // SAFETY: a tail call with our own context; it does not return on success.
     let _ = unsafe { SNI_PROGS.tail_call(ctx, index) };
-    verdict(ctx, st, counter::SNI_DENY_UNJUDGED)
+    verdict(ctx, st, Reason::Unjudged)
 }
 
-/// The counter of a judge that stopped without a hello.
+/// Applies a verdict ([`judge_name`]'s, or a stop's): the bytes go and the socket is
+/// `ALLOWED` (every later byte goes with them), or nothing goes and it is `DENIED`.
 #[inline(always)]
-fn stop_reason(stop: Stop) -> u32 {
-    match stop {
-        Stop::NotTls => counter::SNI_DENY_NOT_TLS,
-        Stop::Invalid(_) => counter::SNI_DENY_BAD_HELLO,
-        // NeedMore cannot come from the later phases (their records are complete).
-        Stop::TooLarge | Stop::NeedMore(_) => counter::SNI_DENY_TOO_LARGE,
-    }
-}
-
-/// Applies a decision: `counter::SNI_ALLOW` or a denial reason.
-#[inline(always)]
-fn verdict(ctx: &SkMsgContext, st: &mut SniSock, reason: u32) -> u32 {
-    let audit = CONFIG.get(0).is_some_and(|c| c.flags & flags::AUDIT != 0);
-    if reason != counter::SNI_ALLOW {
-        deny(st, reason, audit);
-        if !audit {
-            return SK_DROP;
-        }
-    } else {
-        count(counter::SNI_ALLOW);
+fn verdict(ctx: &SkMsgContext, st: &mut SniSock, reason: Reason) -> u32 {
+    if !kernel_sni_decided(&KernelMaps, reason) {
+        refuse(st, reason);
+        return SK_DROP;
     }
     st.state = sni_state::ALLOWED;
     // SAFETY: the context is ours.
     unsafe { bpf_msg_apply_bytes(ctx.msg, ALL_BYTES) };
     SK_PASS
-}
-
-/// The policy's answer for the parsed name, under the policy in force now (as the proxy
-/// judges with the policy current when the hello arrives): `counter::SNI_ALLOW` or a reason.
-#[inline(always)]
-fn judge_name(st: &mut SniSock, name: Name) -> u32 {
-    let Some(cfg) = CONFIG.get(0) else {
-        return counter::SNI_DENY_NO_MATCH;
-    };
-    let generation = cfg.active_generation & 1;
-    let entry = if st.workload == 0 {
-        None
-    } else {
-        unsafe {
-            WORKLOADS.get(&WorkloadKey {
-                generation,
-                _pad: 0,
-                cgroup_id: st.workload,
-            })
-        }
-    };
-    let (rs, wl_mode) = match entry {
-        Some(e) => (e.ruleset, e.mode),
-        None => (
-            ruleset::id(generation, u32::MAX >> 1),
-            if generation == 0 {
-                cfg.unmatched_mode[0]
-            } else {
-                cfg.unmatched_mode[1]
-            },
-        ),
-    };
-    if wl_mode == mode::ALL {
-        return counter::SNI_ALLOW;
-    }
-    if wl_mode != mode::MATCHED {
-        return counter::SNI_DENY_MODE_NONE;
-    }
-    let table = unsafe {
-        SNI_TABLES
-            .get(&SniTableKey {
-                ruleset: rs,
-                port: u32::from(st.port),
-            })
-            .or_else(|| {
-                SNI_TABLES.get(&SniTableKey {
-                    ruleset: rs,
-                    port: 0,
-                })
-            })
-    };
-    let (len, labels) = match name {
-        Name::Absent => return counter::SNI_DENY_NO_SNI,
-        Name::IpLiteral => return counter::SNI_DENY_IP_LITERAL,
-        Name::Bad => return counter::SNI_DENY_BAD_NAME,
-        Name::Valid { len, labels } => (len, labels),
-    };
-    let Some(table) = table else {
-        return counter::SNI_DENY_NO_MATCH;
-    };
-    st.lookup.key.table_be = table.id.to_be();
-    st.lookup.prefix_len = SNI_KEY_TABLE_BITS + (len + 1) * 8;
-    // SAFETY: an LPM trie lookup with a key in the socket's storage (`SniLookup` has the
-    // layout of the trie's key: prefix length, then the data).
-    let value = unsafe {
-        bpf_map_lookup_elem(
-            ptr::from_ref(&SNI_NAMES).cast_mut().cast(),
-            ptr::from_ref(&st.lookup).cast(),
-        )
-    } as *const SniNameValue;
-    if value.is_null() {
-        return counter::SNI_DENY_NO_MATCH;
-    }
-    // SAFETY: a non-null map value.
-    if sni::name_allowed(labels, unsafe { &*value }) {
-        counter::SNI_ALLOW
-    } else {
-        counter::SNI_DENY_NO_MATCH
-    }
 }

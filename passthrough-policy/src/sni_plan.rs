@@ -4,10 +4,20 @@
 //! Pure: no IO. [`table_entries`] compiles, [`lookup`] runs the trie's longest-prefix match
 //! over the compiled entries the way the kernel does, and a property test holds it equal to
 //! `policy::domain_matches` (the proxy's rule) over generated patterns and names.
+//! [`FastPathTables`] projects verified destinations onto the rule sets that allow their names.
 
-use passthrough_common::sni::{
-    SNI_KEY_NAME, SNI_KEY_TABLE_BITS, SniNameKey, SniNameValue, name_allowed,
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
 };
+
+use passthrough_common::{
+    SniLookup, VerifiedKey,
+    sni::{SNI_KEY_NAME, SNI_KEY_TABLE_BITS, SniNameKey, SniNameValue, name_allowed},
+};
+
+use crate::{decision::domain_matches, plan::KernelPlan};
 
 /// One `SNI_NAMES` entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -137,6 +147,18 @@ fn is_prefix(prefix: &SniNameKey, bits: u32, key: &SniNameKey) -> bool {
     prefix.name[..bytes] == key.name[..bytes]
 }
 
+/// What the `SNI_NAMES` trie answers for `lookup` (a key with its prefix length, as the
+/// kernel's judge builds it): the value of the longest entry that is a prefix of it.
+pub fn longest_match(entries: &[SniEntry], lookup: &SniLookup) -> Option<SniNameValue> {
+    entries
+        .iter()
+        .filter(|e| {
+            e.prefix_len <= lookup.prefix_len && is_prefix(&e.key, e.prefix_len, &lookup.key)
+        })
+        .max_by_key(|e| e.prefix_len)
+        .map(|e| e.value)
+}
+
 /// The kernel's lookup for a normalised name (lower case, valid host-name syntax, a trailing
 /// dot kept) in table `table`: the longest entry that is a prefix of the name's key, and
 /// whether it allows the name.
@@ -153,12 +175,96 @@ pub fn lookup(entries: &[SniEntry], table: u16, name: &str) -> bool {
     best.is_some_and(|e| name_allowed(labels, &e.value))
 }
 
+/// The port pre-warmed for a rule set's port-less `tls` matches.
+pub const PREWARM_PORT: u16 = 443;
+
+/// One plan's TLS fast path tables, as the agent's projection of verified destinations needs
+/// them: a destination learned for a name is verified for every rule set that allows the name
+/// at its port on the fast path (what the kernel's decision then looks up in `VERIFIED`).
+#[derive(Debug, Default, Clone)]
+pub struct FastPathTables {
+    /// `(rule set, port)` → the `tls` patterns judged there (port 0: the port-less ones).
+    pub patterns: BTreeMap<(u32, u16), Vec<Arc<str>>>,
+    /// `(rule set, port)` with a non-`tls` Domain match: never direct.
+    pub non_tls: BTreeSet<(u32, u16)>,
+    /// The rule sets with a table.
+    pub rulesets: BTreeSet<u32>,
+}
+
+impl FastPathTables {
+    /// The tables of `plan`.
+    pub fn of(plan: &KernelPlan) -> FastPathTables {
+        FastPathTables {
+            patterns: plan
+                .sni_tables
+                .iter()
+                .map(|(k, t)| (*k, t.patterns.clone()))
+                .collect(),
+            non_tls: plan.non_tls_ports.clone(),
+            rulesets: plan.sni_tables.keys().map(|(rs, _)| *rs).collect(),
+        }
+    }
+
+    /// Whether rule set `rs` judges `name` allowed on the fast path at `port`, as the kernel
+    /// would: its table at the port, else its port-less table.
+    pub fn allows(&self, rs: u32, port: u16, name: &str) -> bool {
+        if self.non_tls.contains(&(rs, port)) || self.non_tls.contains(&(rs, 0)) {
+            return false;
+        }
+        let Some(patterns) = self
+            .patterns
+            .get(&(rs, port))
+            .or_else(|| self.patterns.get(&(rs, 0)))
+        else {
+            return false;
+        };
+        patterns
+            .iter()
+            .any(|p| &**p == "*" || domain_matches(p, name))
+    }
+
+    /// The `VERIFIED` keys of one destination.
+    pub fn keys(&self, name: &str, dst: SocketAddr) -> impl Iterator<Item = VerifiedKey> + '_ {
+        let addr = match dst.ip().to_canonical() {
+            IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+            IpAddr::V6(v6) => v6.octets(),
+        };
+        let port = dst.port();
+        let name = name.to_string();
+        self.rulesets
+            .iter()
+            .filter(move |rs| self.allows(**rs, port, &name))
+            .map(move |rs| VerifiedKey {
+                ruleset: *rs,
+                port,
+                _pad: 0,
+                addr,
+            })
+    }
+
+    /// The exact names to pre-warm, with the port each is judged at.
+    pub fn exact_names(&self) -> BTreeSet<(Arc<str>, u16)> {
+        let mut out = BTreeSet::new();
+        for ((rs, port), patterns) in &self.patterns {
+            let port = if *port == 0 { PREWARM_PORT } else { *port };
+            if self.non_tls.contains(&(*rs, port)) {
+                continue;
+            }
+            for p in patterns {
+                if !p.contains('*') {
+                    out.insert((Arc::from(p.to_ascii_lowercase()), port));
+                }
+            }
+        }
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::decision::domain_matches;
 
     fn allows(patterns: &[&str], name: &str) -> bool {
         lookup(&table_entries(7, patterns.iter().copied()), 7, name)
@@ -260,5 +366,29 @@ mod tests {
                 prop_assert_eq!(lookup(&entries, 3, n), want, "{:?} {}", refs, n);
             }
         }
+    }
+
+    #[test]
+    fn the_kernel_table_choice_and_non_tls_ports() {
+        let mut t = FastPathTables::default();
+        t.patterns.insert((5, 443), vec![Arc::from("api.test")]);
+        t.patterns.insert((5, 0), vec![Arc::from("*.any.test")]);
+        t.patterns.insert((6, 443), vec![Arc::from("*")]);
+        t.non_tls.insert((6, 8080));
+        t.rulesets.extend([5, 6]);
+        assert!(t.allows(5, 443, "api.test"));
+        // A port with a table of its own does not fall back to the port-less one.
+        assert!(!t.allows(5, 443, "x.any.test"));
+        assert!(t.allows(5, 8443, "x.any.test"));
+        assert!(t.allows(6, 443, "whatever.test"));
+        assert!(!t.allows(6, 8080, "whatever.test"));
+        let keys: Vec<_> = t
+            .keys("api.test", "[2001:db8::1]:443".parse().unwrap())
+            .collect();
+        assert_eq!(keys.iter().map(|k| k.ruleset).collect::<Vec<_>>(), [5, 6]);
+        assert_eq!(
+            t.exact_names().into_iter().collect::<Vec<_>>(),
+            [(Arc::from("api.test"), 443)]
+        );
     }
 }

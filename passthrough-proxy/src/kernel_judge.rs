@@ -14,7 +14,7 @@ use passthrough_common::sni::SNI_KEY_NAME;
 pub fn compare_with_proxy(first: &[u8]) -> Result<(), String> {
     use passthrough_common::sni::{self, Name, Stop};
 
-    use passthrough_policy::{Reason, decision::normalize_name};
+    use passthrough_policy::{ReasonDetail, decision::normalize_name};
 
     use crate::tls::{Parse, parse_client_hello};
     let mut out = [0u8; SNI_KEY_NAME];
@@ -32,12 +32,12 @@ pub fn compare_with_proxy(first: &[u8]) -> Result<(), String> {
             }
             let agree = match (&h.name, p.sni.as_deref().map(|s| normalize_name(s, false))) {
                 (Name::Absent, None) => true,
-                (Name::IpLiteral, Some(Err(Reason::IpLiteral { .. }))) => true,
-                (Name::Bad, Some(Err(Reason::BadName { .. }))) => true,
+                (Name::IpLiteral, Some(Err(ReasonDetail::IpLiteral { .. }))) => true,
+                (Name::Bad, Some(Err(ReasonDetail::BadName { .. }))) => true,
                 // Two documented corners where only the reason differs (both refuse): the
                 // kernel does not parse IPv6 literals (a `:` is simply not a host-name byte),
                 // and an IPv4 literal followed by more than 16 dots (`sni::ipv4_literal`).
-                (Name::Bad, Some(Err(Reason::IpLiteral { name })))
+                (Name::Bad, Some(Err(ReasonDetail::IpLiteral { name })))
                     if name.contains(':') || name.len() - name.trim_end_matches('.').len() > 16 =>
                 {
                     true

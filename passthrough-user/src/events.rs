@@ -13,7 +13,7 @@
 //! | `protocol` | kernel: `tcp`/`udp`; from the raw/ping backstop `ping` or `raw:<IP protocol>` (`raw:udp`, `raw:icmp`, `raw:47`); proxy: `tls`, `http1`, `h2c`, `grpc`, `unknown` |
 //! | `sni` / `host` | proxy only, when known: the TLS SNI or the HTTP authority |
 //! | `peer` | proxy only: the client address as the proxy saw it |
-//! | `reason`, `detail` | reason code (kernel: the counter name, e.g. `deny_no_match`) and text |
+//! | `reason`, `detail` | the [`Reason`] code (`no_match`, `mode_none`, `no_domain_match`, `peek_timeout`, …; one vocabulary for both paths) and text |
 //! | `audit` | `true` when `--audit` let the connection through (message says "would be denied") |
 //!
 //! **Rate limit.** Every denial is counted in the metrics, but only a bounded number are
@@ -32,17 +32,17 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use aya::maps::{MapData, MapInfo, RingBuf};
-use passthrough_common::{DenyEvent, SniDenyEvent, counter};
+use passthrough_common::{DenyEvent, Reason, SniDenyEvent};
 use passthrough_policy::outcome::{DecisionPath, Denial};
 use passthrough_proxy::ProxyReport;
 use tokio::io::unix::AsyncFd;
 use tracing::{debug, warn};
 
-use crate::metrics::{KernelCounters, Metrics, rfc3339};
+use crate::metrics::{KernelCounters, Metrics};
 
 /// Target of deny events.
 pub const TARGET: &str = "passthrough::deny";
@@ -191,52 +191,37 @@ impl<K: std::hash::Hash + Eq> Limiter<K> {
     }
 }
 
-/// The reason code and text of a kernel denial (`DenyEvent::reason`, a counter index).
-pub fn kernel_reason(reason: u32) -> (&'static str, &'static str) {
-    let code = counter::NAMES
-        .get(reason as usize)
-        .copied()
-        .unwrap_or("unknown");
-    let text = match reason {
-        counter::DENY_MODE_NONE => "passthroughMode None denies every egress destination",
-        counter::DENY_NO_MATCH => {
-            "passthroughMode Matched: no IP/CIDR match allows this destination and no Domain match applies to its port"
-        }
-        counter::DENY_NO_PROXY => {
-            "only a Domain match could allow it, and the connection cannot go through the proxy (proxy off, no --proxy-addr for this network namespace, or UDP)"
-        }
-        _ => "denied by the kernel program",
-    };
-    (code, text)
+/// The reason and text of a kernel denial (`DenyEvent::reason`, a [`Reason`] number). A number
+/// this build does not know (only pins of another layout could hold one; they are never
+/// adopted) is reported as `no_match` with the number in the text.
+pub fn kernel_reason(reason: u32) -> (Reason, String) {
+    match Reason::from_u32(reason) {
+        Some(r) => (r, r.text().to_string()),
+        None => (
+            Reason::NoMatch,
+            format!("denied by the kernel program (unknown reason number {reason})"),
+        ),
+    }
 }
 
-/// The reason code and text of a TLS fast path denial (`SniDenyEvent`): the proxy's codes for
-/// the same refusals, so a name refused in the kernel and one refused by the proxy read alike.
-pub fn kernel_sni_reason(reason: u32) -> (&'static str, &'static str) {
-    match reason {
-        counter::SNI_DENY_NO_SNI => ("no_sni", "TLS ClientHello without SNI"),
-        counter::SNI_DENY_IP_LITERAL => ("ip_literal", "the server name is an IP literal"),
-        counter::SNI_DENY_BAD_NAME => ("bad_name", "the server name is not a valid host name"),
-        counter::SNI_DENY_NO_MATCH => (
-            "no_domain_match",
-            "no MeshPassthrough tls Domain match allows the server name at this port",
+/// The reason and text of a TLS fast path denial (`SniDenyEvent`'s reason, a [`Reason`]
+/// number): the proxy's reasons for the same refusals, so a name refused in the kernel and one
+/// refused by the proxy read alike; the texts say what is particular to the kernel's judge.
+pub fn kernel_sni_reason(reason: u32) -> (Reason, String) {
+    let (r, text) = kernel_reason(reason);
+    let text = match r {
+        Reason::TooLarge => format!(
+            "{text} (the kernel's judge reads a ClientHello of at most {} bytes in {} records)",
+            passthrough_common::sni::KERNEL_LIMITS.max_bytes,
+            passthrough_common::sni::MAX_RECORDS
         ),
-        counter::SNI_DENY_BAD_HELLO => ("bad_client_hello", "malformed TLS ClientHello"),
-        counter::SNI_DENY_NOT_TLS => ("unknown_protocol", "the first bytes are not TLS"),
-        counter::SNI_DENY_TOO_LARGE => (
-            "too_large",
-            "the ClientHello is past the kernel's limits (16,398 bytes, 8 records, 64 extensions)",
+        Reason::Unjudged => format!(
+            "{text} (a send during connect(), or bytes queued before the hello): nothing left, the connection is reset"
         ),
-        counter::SNI_DENY_UNJUDGED => (
-            "unjudged_send",
-            "bytes reached TCP without passing the kernel's ClientHello judge (a send during connect(), or bytes queued before the hello): nothing left, the connection is reset",
-        ),
-        counter::SNI_DENY_MODE_NONE => (
-            "mode_none",
-            "passthroughMode None denies every egress destination (the policy changed)",
-        ),
-        _ => ("unknown", "denied by the kernel's ClientHello judge"),
-    }
+        Reason::ModeNone => format!("{text} (the policy changed since the connect)"),
+        _ => text,
+    };
+    (r, text)
 }
 
 /// A kernel event's destination (IPv4-mapped addresses shown as IPv4).
@@ -257,7 +242,7 @@ fn comm_str(comm: &[u8; 16]) -> String {
 /// Counts and logs denials (rate-limited). Shared by the kernel event reader and the proxy.
 pub struct Reporter {
     metrics: Arc<Metrics>,
-    limiter: Mutex<Limiter<(u64, String)>>,
+    limiter: Mutex<Limiter<(u64, Reason)>>,
     origin: Instant,
     pending: [AtomicU64; 2],
 }
@@ -305,14 +290,14 @@ impl Reporter {
         let verdict = if d.audit { "would_deny" } else { "deny" };
         if d.path != DecisionPath::Proxy {
             self.metrics
-                .decision(d.path.as_str(), verdict, &d.reason, &workload);
+                .decision(d.path.as_str(), verdict, d.reason, &workload);
         } else {
             self.metrics
-                .proxy_decision(&d.protocol, verdict, &d.reason, &workload);
+                .proxy_decision(&d.protocol, verdict, d.reason, &workload);
         }
         let ok = {
             let mut l = self.limiter.lock().unwrap_or_else(|e| e.into_inner());
-            l.allow((d.workload, d.reason.clone()), self.origin.elapsed())
+            l.allow((d.workload, d.reason), self.origin.elapsed())
         };
         if !ok {
             self.metrics.suppressed(d.path.as_str(), 1);
@@ -338,7 +323,7 @@ impl Reporter {
             sni = d.sni.as_deref(),
             host = d.host.as_deref(),
             peer = d.peer.map(|p| p.to_string()).as_deref(),
-            reason = %d.reason,
+            reason = d.reason.code(),
             detail = %d.detail,
             audit = d.audit,
             "{message}"
@@ -371,7 +356,7 @@ impl Reporter {
     /// Turns a kernel event into a [`Denial`] and reports it. `mono_to_wall` converts the
     /// kernel's monotonic clock.
     pub fn report_kernel(&self, ev: &DenyEvent, now_wall: SystemTime, now_mono_ns: u64) {
-        let (code, text) = kernel_reason(ev.reason);
+        let (reason, text) = kernel_reason(ev.reason);
         let age = Duration::from_nanos(now_mono_ns.saturating_sub(ev.ktime_ns));
         self.report(&Denial {
             path: DecisionPath::Kernel,
@@ -385,8 +370,8 @@ impl Reporter {
             sni: None,
             host: None,
             peer: None,
-            reason: code.into(),
-            detail: text.into(),
+            reason,
+            detail: text,
             audit: ev.audit != 0,
         });
     }
@@ -398,7 +383,7 @@ impl Reporter {
     /// it left and no send on it can succeed, so the application learns at once.
     pub fn report_kernel_sni(&self, ev: &SniDenyEvent, now_wall: SystemTime, now_mono_ns: u64) {
         let base = &ev.base;
-        let (code, text) = kernel_sni_reason(base.reason);
+        let (reason, text) = kernel_sni_reason(base.reason);
         let age = Duration::from_nanos(now_mono_ns.saturating_sub(base.ktime_ns));
         let sni = (ev.sni_len > 0).then(|| {
             let n = (ev.sni_len as usize).min(ev.sni.len());
@@ -419,8 +404,8 @@ impl Reporter {
             sni,
             host: None,
             peer: None,
-            reason: code.into(),
-            detail: text.into(),
+            reason,
+            detail: text,
             audit: base.audit != 0,
         });
         if base.audit == 0 && ev.local_port != 0 {
@@ -463,7 +448,7 @@ impl ProxyReport for Reporter {
         self.metrics.proxy_connection(kind);
     }
 
-    fn decision(&self, protocol: &str, verdict: &'static str, reason: &str, workload: u64) {
+    fn decision(&self, protocol: &str, verdict: &'static str, reason: Reason, workload: u64) {
         let name = self.metrics.workload_name(workload);
         self.metrics
             .proxy_decision(protocol, verdict, reason, &name);
@@ -629,11 +614,37 @@ pub fn counters_beside(ring: &RingBuf<MapData>) -> anyhow::Result<KernelCounters
     )
 }
 
+/// An event's time as RFC 3339 UTC with milliseconds (`2026-01-02T03:04:05.678Z`). A time
+/// outside years 1970–9999 (a clock gone wrong) is shown as the nearest end of that range.
+fn rfc3339(t: SystemTime) -> humantime::Rfc3339Timestamp {
+    // 9999-12-31T23:59:59.999Z, the last instant the formatter writes.
+    let last = UNIX_EPOCH + Duration::from_millis(253_402_300_799_999);
+    humantime::format_rfc3339_millis(t.clamp(UNIX_EPOCH, last))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn event_time_is_rfc3339_utc_millis() {
+        assert_eq!(rfc3339(UNIX_EPOCH).to_string(), "1970-01-01T00:00:00.000Z");
+        assert_eq!(
+            rfc3339(UNIX_EPOCH + Duration::from_millis(1_709_251_199_123)).to_string(),
+            "2024-02-29T23:59:59.123Z"
+        );
+        // Out of range: clamped, never a panic.
+        assert_eq!(
+            rfc3339(UNIX_EPOCH - Duration::from_secs(1)).to_string(),
+            "1970-01-01T00:00:00.000Z"
+        );
+        assert_eq!(
+            rfc3339(UNIX_EPOCH + Duration::from_secs(300_000_000_000)).to_string(),
+            "9999-12-31T23:59:59.999Z"
+        );
+    }
 
     #[test]
     fn bucket_refills_at_rate_up_to_burst() {
@@ -709,7 +720,7 @@ mod tests {
     #[test]
     fn kernel_event_fields() {
         let mut ev = DenyEvent {
-            reason: counter::DENY_NO_MATCH,
+            reason: Reason::NoMatch as u32,
             port: 443,
             protocol: 6,
             pid: 7,
@@ -721,7 +732,9 @@ mod tests {
         ev.comm[..4].copy_from_slice(b"curl");
         assert_eq!(event_dst(&ev), "203.0.113.7:443".parse().unwrap());
         assert_eq!(comm_str(&ev.comm), "curl");
-        assert_eq!(kernel_reason(ev.reason).0, "deny_no_match");
+        assert_eq!(kernel_reason(ev.reason).0.code(), "no_match");
+        assert_eq!(kernel_reason(99).0, Reason::NoMatch);
+        assert!(kernel_reason(99).1.contains("99"));
         ev.addr = "2001:db8::1".parse::<Ipv6Addr>().unwrap().octets();
         assert_eq!(event_dst(&ev), "[2001:db8::1]:443".parse().unwrap());
     }
@@ -743,7 +756,7 @@ mod tests {
         let r = Reporter::new(metrics.clone(), cfg);
         let ev = DenyEvent {
             workload: 9,
-            reason: counter::DENY_MODE_NONE,
+            reason: Reason::ModeNone as u32,
             port: 80,
             protocol: 17,
             ..Default::default()
@@ -769,7 +782,7 @@ mod tests {
                 &[
                     ("path", "kernel"),
                     ("workload", "web"),
-                    ("reason", "deny_mode_none")
+                    ("reason", "mode_none")
                 ]
             ),
             Some(5.0)

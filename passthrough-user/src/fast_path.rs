@@ -17,15 +17,15 @@
 //! again. A name that moves is followed within those bounds.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, SocketAddr},
+    collections::BTreeMap,
+    net::SocketAddr,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
 use aya::maps::{HashMap, MapData};
 use passthrough_common::{VerifiedKey, VerifiedValue};
-use passthrough_policy::{decision::domain_matches, plan::KernelPlan};
+use passthrough_policy::{plan::KernelPlan, sni_plan::FastPathTables as Tables};
 use passthrough_proxy::{Destinations, report::FastPathLearner};
 use tracing::{debug, warn};
 
@@ -33,89 +33,8 @@ use tracing::{debug, warn};
 pub const TTL_FLOOR: Duration = Duration::from_secs(5);
 /// Longest life of a verified destination, whatever its DNS TTL.
 pub const TTL_CEILING: Duration = Duration::from_secs(300);
-/// The port pre-warmed for a rule set's port-less `tls` matches.
-pub const PREWARM_PORT: u16 = 443;
 /// How often the pre-warmer looks for names to resolve again.
 const PREWARM_EVERY: Duration = Duration::from_secs(1);
-
-/// One plan's tables, as the projection needs them.
-#[derive(Debug, Default)]
-struct Tables {
-    /// `(rule set, port)` → the `tls` patterns judged there (port 0: the port-less ones).
-    patterns: BTreeMap<(u32, u16), Vec<Arc<str>>>,
-    /// `(rule set, port)` with a non-`tls` Domain match: never direct.
-    non_tls: BTreeSet<(u32, u16)>,
-    /// The rule sets with a table.
-    rulesets: BTreeSet<u32>,
-}
-
-impl Tables {
-    fn of(plan: &KernelPlan) -> Tables {
-        Tables {
-            patterns: plan
-                .sni_tables
-                .iter()
-                .map(|(k, t)| (*k, t.patterns.clone()))
-                .collect(),
-            non_tls: plan.non_tls_ports.clone(),
-            rulesets: plan.sni_tables.keys().map(|(rs, _)| *rs).collect(),
-        }
-    }
-
-    /// Whether rule set `rs` judges `name` allowed on the fast path at `port`, as the kernel
-    /// would: its table at the port, else its port-less table.
-    fn allows(&self, rs: u32, port: u16, name: &str) -> bool {
-        if self.non_tls.contains(&(rs, port)) || self.non_tls.contains(&(rs, 0)) {
-            return false;
-        }
-        let Some(patterns) = self
-            .patterns
-            .get(&(rs, port))
-            .or_else(|| self.patterns.get(&(rs, 0)))
-        else {
-            return false;
-        };
-        patterns
-            .iter()
-            .any(|p| &**p == "*" || domain_matches(p, name))
-    }
-
-    /// The `VERIFIED` keys of one destination.
-    fn keys(&self, name: &str, dst: SocketAddr) -> impl Iterator<Item = VerifiedKey> + '_ {
-        let addr = match dst.ip().to_canonical() {
-            IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
-            IpAddr::V6(v6) => v6.octets(),
-        };
-        let port = dst.port();
-        let name = name.to_string();
-        self.rulesets
-            .iter()
-            .filter(move |rs| self.allows(**rs, port, &name))
-            .map(move |rs| VerifiedKey {
-                ruleset: *rs,
-                port,
-                _pad: 0,
-                addr,
-            })
-    }
-
-    /// The exact names to pre-warm, with the port each is judged at.
-    fn exact_names(&self) -> BTreeSet<(Arc<str>, u16)> {
-        let mut out = BTreeSet::new();
-        for ((rs, port), patterns) in &self.patterns {
-            let port = if *port == 0 { PREWARM_PORT } else { *port };
-            if self.non_tls.contains(&(*rs, port)) {
-                continue;
-            }
-            for p in patterns {
-                if !p.contains('*') {
-                    out.insert((Arc::from(p.to_ascii_lowercase()), port));
-                }
-            }
-        }
-        out
-    }
-}
 
 struct Inner {
     map: HashMap<MapData, VerifiedKey, VerifiedValue>,
@@ -308,30 +227,6 @@ mod tests {
         assert_eq!(
             expiry_ns(now + Duration::from_secs(86_400), now, 0),
             TTL_CEILING.as_nanos() as u64
-        );
-    }
-
-    #[test]
-    fn the_kernel_table_choice_and_non_tls_ports() {
-        let mut t = Tables::default();
-        t.patterns.insert((5, 443), vec![Arc::from("api.test")]);
-        t.patterns.insert((5, 0), vec![Arc::from("*.any.test")]);
-        t.patterns.insert((6, 443), vec![Arc::from("*")]);
-        t.non_tls.insert((6, 8080));
-        t.rulesets.extend([5, 6]);
-        assert!(t.allows(5, 443, "api.test"));
-        // A port with a table of its own does not fall back to the port-less one.
-        assert!(!t.allows(5, 443, "x.any.test"));
-        assert!(t.allows(5, 8443, "x.any.test"));
-        assert!(t.allows(6, 443, "whatever.test"));
-        assert!(!t.allows(6, 8080, "whatever.test"));
-        let keys: Vec<_> = t
-            .keys("api.test", "[2001:db8::1]:443".parse().unwrap())
-            .collect();
-        assert_eq!(keys.iter().map(|k| k.ruleset).collect::<Vec<_>>(), [5, 6]);
-        assert_eq!(
-            t.exact_names().into_iter().collect::<Vec<_>>(),
-            [(Arc::from("api.test"), 443)]
         );
     }
 }

@@ -643,7 +643,7 @@ impl Rig {
         Probe::spawn_in(self.cg.path(), None).unwrap()
     }
 
-    fn counters(&self) -> BTreeMap<&'static str, u64> {
+    fn counters(&self) -> BTreeMap<String, u64> {
         self.kernel.counters()
     }
 
@@ -689,7 +689,15 @@ fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-fn delta(before: &BTreeMap<&str, u64>, after: &BTreeMap<&str, u64>, k: &str) -> u64 {
+/// Counter names (`passthrough status`, `Kernel::counters`): a Domain candidate connected
+/// directly (path kernel-sni) or redirected to the proxy, and the kernel judge's verdicts.
+const DIRECT: &str = "kernel_sni_direct_domain_candidates";
+const PROXIED: &str = "redirect_domain_candidates";
+const ALLOWED: &str = "kernel_sni_allow_domain_match";
+const NO_MATCH: &str = "kernel_sni_deny_no_domain_match";
+const UNJUDGED: &str = "kernel_sni_deny_unjudged";
+
+fn delta(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>, k: &str) -> u64 {
     after.get(k).copied().unwrap_or(0) - before.get(k).copied().unwrap_or(0)
 }
 
@@ -720,15 +728,15 @@ fn real_tls_clients_are_judged_in_the_kernel() {
                 "{r}"
             );
             let after = rig.counters();
-            assert_eq!(delta(&before, &after, "sni_direct"), 1, "{fam} {sni}");
-            assert_eq!(delta(&before, &after, "sni_allow"), 1, "{fam} {sni}");
+            assert_eq!(delta(&before, &after, DIRECT), 1, "{fam} {sni}");
+            assert_eq!(delta(&before, &after, ALLOWED), 1, "{fam} {sni}");
         }
         // Not allowed: the ClientHello never leaves; the client's write fails.
         let before = rig.counters();
         let r = p.json(&json!({"op": "tls", "addr": host(A, fam, 443).to_string(), "sni": "evil.test", "ca": ca, "name": "api.test"}));
         assert_eq!(r["ok"], false, "{r}");
         let after = rig.counters();
-        assert_eq!(delta(&before, &after, "sni_deny_no_match"), 1, "{fam}: {r}");
+        assert_eq!(delta(&before, &after, NO_MATCH), 1, "{fam}: {r}");
         // Host B was never verified: the allowed name goes to the proxy (refused here).
         let r = p.json(&json!({"op": "tls", "addr": host(B, fam, 443).to_string(), "sni": "api.test", "ca": ca}));
         assert_eq!(r["ok"], false, "{r}");
@@ -891,7 +899,7 @@ fn every_send_path_is_judged_before_a_byte_leaves() {
                     want,
                     "{mode}/{chunk}: allowed bytes arrive whole"
                 );
-                assert_eq!(delta(&before, &after, "sni_allow"), 1, "{mode}");
+                assert_eq!(delta(&before, &after, ALLOWED), 1, "{mode}");
             } else {
                 assert_eq!(r["send_errno"], libc::EACCES, "{mode}/{chunk}: {r}");
                 assert_eq!(
@@ -904,7 +912,7 @@ fn every_send_path_is_judged_before_a_byte_leaves() {
                     "{mode}/{chunk}: refused, yet {} bytes arrived",
                     got[conns - 1].len()
                 );
-                assert_eq!(delta(&before, &after, "sni_allow"), 0, "{mode}");
+                assert_eq!(delta(&before, &after, ALLOWED), 0, "{mode}");
             }
         }
     }
@@ -943,13 +951,8 @@ fn fast_open_connections_take_the_proxy() {
                 json!({"addr": dst.to_string(), "hex": hexs(&hello(b"api.test")), "mode": mode}),
             );
             let after = rig.counters();
-            assert_eq!(
-                delta(&before, &after, "sni_fastopen_proxy"),
-                1,
-                "{mode}: {r}"
-            );
-            assert_eq!(delta(&before, &after, "sni_direct"), 0, "{mode}: {r}");
-            assert_eq!(delta(&before, &after, "redirect_proxy"), 1, "{mode}: {r}");
+            assert_eq!(delta(&before, &after, DIRECT), 0, "{mode}: {r}");
+            assert_eq!(delta(&before, &after, PROXIED), 1, "{mode}: {r}");
             let refused = r["send_errno"] == libc::ECONNREFUSED
                 || (r["ok"] == false && r["errno"] == libc::ECONNREFUSED);
             assert!(refused, "{mode}: went to the (absent) proxy: {r}");
@@ -1029,12 +1032,9 @@ fn sends_that_slip_past_the_judge_never_leave() {
             "{mode}: {} bytes left the host: {r}",
             got.len()
         );
-        assert_eq!(delta(&before, &after, "sni_direct"), 1, "{mode}: {r}");
-        assert_eq!(delta(&before, &after, "sni_allow"), 0, "{mode}: {r}");
-        assert!(
-            delta(&before, &after, "sni_deny_unjudged") >= 1,
-            "{mode}: {r}"
-        );
+        assert_eq!(delta(&before, &after, DIRECT), 1, "{mode}: {r}");
+        assert_eq!(delta(&before, &after, ALLOWED), 0, "{mode}: {r}");
+        assert!(delta(&before, &after, UNJUDGED) >= 1, "{mode}: {r}");
         if mode == "early_more" {
             // The hello itself went through the judge, which saw the queued bytes.
             assert_eq!(r["send_errno"], libc::EACCES, "{r}");
@@ -1156,11 +1156,18 @@ impl AgentWorld {
         }
     }
 
-    /// A kernel counter (`passthrough_kernel_decisions_total{reason}`).
-    fn kc(&self, reason: &str) -> f64 {
+    /// A kernel counter, by its status name, from the agent's
+    /// `passthrough_kernel_decisions_total{path,verdict,reason}`.
+    fn kc(&self, counter: &str) -> f64 {
+        let (path, verdict, reason) = match counter {
+            DIRECT => ("kernel-sni", "direct", "domain_candidates"),
+            PROXIED => ("kernel", "redirect", "domain_candidates"),
+            NO_MATCH => ("kernel-sni", "deny", "no_domain_match"),
+            other => panic!("no metric labels for {other}"),
+        };
         self.agent.metric(
             "passthrough_kernel_decisions_total",
-            &format!("reason=\"{reason}\""),
+            &format!("path=\"{path}\",verdict=\"{verdict}\",reason=\"{reason}\""),
         )
     }
 
@@ -1174,7 +1181,7 @@ impl AgentWorld {
     /// TLS to host `n` with `sni` works end to end; returns whether it went direct (the kernel
     /// judged its hello) rather than through the proxy.
     fn tls_ok(&mut self, n: u8, fam: char, sni: &str) -> bool {
-        let (direct, proxied) = (self.kc("sni_direct"), self.kc("redirect_proxy"));
+        let (direct, proxied) = (self.kc(DIRECT), self.kc(PROXIED));
         let r = self.tls(n, fam, sni);
         assert_eq!(
             r["ok"],
@@ -1189,8 +1196,8 @@ impl AgentWorld {
                 .ends_with(&format!("sni={sni}")),
             "{r}"
         );
-        let went_direct = self.kc("sni_direct") - direct == 1.0;
-        let went_proxy = self.kc("redirect_proxy") - proxied == 1.0;
+        let went_direct = self.kc(DIRECT) - direct == 1.0;
+        let went_proxy = self.kc(PROXIED) - proxied == 1.0;
         assert!(went_direct ^ went_proxy, "one path: {r}");
         went_direct
     }
@@ -1201,13 +1208,13 @@ impl AgentWorld {
         let deadline = Instant::now() + Duration::from_secs(5);
         let dst = host(n, '4', port);
         loop {
-            let before = self.kc("sni_direct");
+            let before = self.kc(DIRECT);
             let r = helper(
                 self.cg.path(),
                 json!({"addr": dst.to_string(), "hex": hexs(&hello(b"api.test")), "mode": "write"}),
             );
             assert_eq!(r["send_errno"], 0, "{r}");
-            if self.kc("sni_direct") - before == 1.0 {
+            if self.kc(DIRECT) - before == 1.0 {
                 return;
             }
             assert!(Instant::now() < deadline, "{dst} never verified");
@@ -1256,10 +1263,10 @@ fn the_agent_prewarms_learns_and_judges_in_the_kernel() {
     assert!(w.tls_ok(D, '6', "x.wild.test") || w.tls_ok(D, '6', "x.wild.test"));
     assert!(w.tls_ok(A, '4', "x.wild.test"));
     // Refused in the kernel.
-    let before = w.kc("sni_deny_no_match");
+    let before = w.kc(NO_MATCH);
     let r = w.tls(A, '4', "evil.test");
     assert_eq!(r["ok"], false, "{r}");
-    assert_eq!(w.kc("sni_deny_no_match") - before, 1.0);
+    assert_eq!(w.kc(NO_MATCH) - before, 1.0);
     let deadline = Instant::now() + Duration::from_secs(5);
     while !w.agent.log().contains("kernel-sni") {
         assert!(Instant::now() < deadline, "{}", w.agent.describe());
@@ -1293,15 +1300,15 @@ fn the_agent_prewarms_learns_and_judges_in_the_kernel() {
         "reset by the agent: {r}"
     );
     // SNI spoofing: api.test to host C, which answers for other.test only.
-    let (direct, proxied) = (w.kc("sni_direct"), w.kc("redirect_proxy"));
+    let (direct, proxied) = (w.kc(DIRECT), w.kc(PROXIED));
     let r = w.tls(C, '4', "api.test");
     assert_eq!(r["ok"], false, "{r}");
     assert!(
         r["error"].as_str().unwrap_or("").contains("AccessDenied"),
         "the proxy refuses: {r}"
     );
-    assert_eq!(w.kc("sni_direct"), direct);
-    assert_eq!(w.kc("redirect_proxy") - proxied, 1.0);
+    assert_eq!(w.kc(DIRECT), direct);
+    assert_eq!(w.kc(PROXIED) - proxied, 1.0);
     assert_eq!(w.servers.accepted(host(C, '4', 443)), 0);
 }
 
@@ -1322,11 +1329,11 @@ fn a_moving_name_and_a_policy_change() {
     assert!(w.tls_ok(A, '4', "api.test"));
     std::thread::sleep(Duration::from_millis(5_500));
     // Past it: A takes the proxy, which now refuses api.test there.
-    let (direct, proxied) = (w.kc("sni_direct"), w.kc("redirect_proxy"));
+    let (direct, proxied) = (w.kc(DIRECT), w.kc(PROXIED));
     let r = w.tls(A, '4', "api.test");
     assert_eq!(r["ok"], false, "{r}");
-    assert_eq!(w.kc("sni_direct"), direct, "{r}");
-    assert_eq!(w.kc("redirect_proxy") - proxied, 1.0, "{r}");
+    assert_eq!(w.kc(DIRECT), direct, "{r}");
+    assert_eq!(w.kc(PROXIED) - proxied, 1.0, "{r}");
     // C was pre-warmed meanwhile.
     w.wait_direct(C, "api.test");
 
@@ -1352,11 +1359,11 @@ fn a_moving_name_and_a_policy_change() {
         "the established connection kept working"
     );
     // No longer allowed: no longer verified, the proxy refuses it.
-    let (direct, proxied) = (w.kc("sni_direct"), w.kc("redirect_proxy"));
+    let (direct, proxied) = (w.kc(DIRECT), w.kc(PROXIED));
     let r = w.tls(C, '4', "api.test");
     assert_eq!(r["ok"], false, "{r}");
-    assert_eq!(w.kc("sni_direct"), direct, "{r}");
-    assert_eq!(w.kc("redirect_proxy") - proxied, 1.0, "{r}");
+    assert_eq!(w.kc(DIRECT), direct, "{r}");
+    assert_eq!(w.kc(PROXIED) - proxied, 1.0, "{r}");
 }
 
 /// An agent killed with SIGKILL leaves the fast path failing closed: the judge runs in the
