@@ -13,7 +13,7 @@
 use std::{
     ffi::CString,
     io,
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd},
     path::{Path, PathBuf},
 };
 
@@ -172,9 +172,18 @@ pub const OUR_ATTACH_TYPES: [u32; 8] = [1, 3, 10, 11, 14, 15, 29, 30];
 /// Program ids attached to `cgroup` for `attach_type` (`BPF_PROG_QUERY`).
 pub fn attached_prog_ids(cgroup: &Path, attach_type: u32) -> io::Result<Vec<u32>> {
     let dir = std::fs::File::open(cgroup)?;
+    attached_prog_ids_at(dir.as_fd(), attach_type)
+}
+
+/// The ids of the programs attached to `target` (a cgroup directory, or a sockmap/sockhash for
+/// its `sk_msg`/`sk_skb` programs) for one attach type (`BPF_PROG_QUERY`).
+pub fn attached_prog_ids_at(
+    target: std::os::fd::BorrowedFd<'_>,
+    attach_type: u32,
+) -> io::Result<Vec<u32>> {
     let mut ids = vec![0u32; 64];
     let mut attr = ProgQueryAttr {
-        target_fd: dir.as_raw_fd() as u32,
+        target_fd: target.as_raw_fd() as u32,
         attach_type,
         prog_ids: ids.as_mut_ptr() as u64,
         prog_cnt: ids.len() as u32,

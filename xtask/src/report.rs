@@ -189,7 +189,12 @@ fn plotted(metric: &str) -> bool {
     ]
     .contains(&metric);
     let kernel_p99 = metric.starts_with("p99") && metric.ends_with("_ns");
-    !(table_only || kernel_p99)
+    // The TLS fast path's share of direct connections and its per-connection program costs
+    // (`proxy/bpf-*`): figures for the tables, not plots.
+    let fast_path = metric == "direct_share"
+        || metric.ends_with("_per_conn")
+        || metric == "connections";
+    !(table_only || kernel_p99 || fast_path)
 }
 
 /// A number with a sensible precision for its size.
@@ -224,6 +229,12 @@ fn title(part: &str, id: &str) -> String {
         "h2c" => "h2c (HTTP/2 prior knowledge)",
         "latency-tls" => "added latency at a fixed rate, TLS",
         "latency-http" => "added latency at a fixed rate, HTTP/1.1",
+        "bpf-tls-newconn" => {
+            "in-kernel program cost per connection (BPF_ENABLE_STATS), TLS new connection per request"
+        }
+        "bpf-tls-keepalive" => {
+            "in-kernel program cost per connection (BPF_ENABLE_STATS), TLS keep-alive"
+        }
         "workloads" => "connect() cost vs workload cgroups under one attachment",
         "connections" => "cost vs concurrent connections",
         other => other,

@@ -137,17 +137,21 @@ enum Row {
     /// Only with `--candidate-bin` / `--candidate-arg`: another agent build or flags on every
     /// table `ours` runs, for a same-run before/after of a change.
     OursCandidate,
+    /// The agent with `--tls-fast-path on` (TLS tables): a warm destination goes directly, its
+    /// ClientHello judged in the kernel.
+    OursFast,
     Nginx,
     Haproxy,
     HaproxySplice,
     Envoy,
 }
 
-const ROWS: [Row; 8] = [
+const ROWS: [Row; 9] = [
     Row::Direct,
     Row::Ours,
     Row::OursKernelRelay,
     Row::OursCandidate,
+    Row::OursFast,
     Row::Nginx,
     Row::Haproxy,
     Row::HaproxySplice,
@@ -155,12 +159,21 @@ const ROWS: [Row; 8] = [
 ];
 
 impl Row {
+    /// Whether the row is served by an agent of ours (swapped in per row).
+    fn is_agent(self) -> bool {
+        matches!(
+            self,
+            Row::Ours | Row::OursKernelRelay | Row::OursCandidate | Row::OursFast
+        )
+    }
+
     fn id(self) -> &'static str {
         match self {
             Row::Direct => "direct",
             Row::Ours => "ours",
             Row::OursKernelRelay => "ours-kernel-relay",
             Row::OursCandidate => "ours-candidate",
+            Row::OursFast => "ours-fast",
             Row::Nginx => "nginx",
             Row::Haproxy => "haproxy",
             Row::HaproxySplice => "haproxy-splice",
@@ -361,6 +374,7 @@ fn main() -> anyhow::Result<()> {
         }
         match variant {
             Row::OursKernelRelay => builder = builder.arg("--kernel-relay-after").arg("16"),
+            Row::OursFast => builder = builder.arg("--tls-fast-path").arg("on"),
             Row::OursCandidate => {
                 for a in &candidate_args {
                     builder = builder.arg(a);
@@ -411,7 +425,7 @@ fn main() -> anyhow::Result<()> {
                 cpu_pid: None,
                 hosts: hosts("ours", host_a)?,
             },
-            Row::OursKernelRelay => Endpoints {
+            Row::OursKernelRelay | Row::OursFast => Endpoints {
                 tls: at(host_a, ORIGIN_TLS),
                 http: None,
                 h2c: None,
@@ -495,7 +509,7 @@ fn main() -> anyhow::Result<()> {
                     continue;
                 };
                 let mut cpu_pid = e.cpu_pid;
-                if matches!(row, Row::Ours | Row::OursKernelRelay | Row::OursCandidate) {
+                if row.is_agent() {
                     if agent.as_ref().is_none_or(|a| a.1 != *row) {
                         // Stop the old agent first (one agent per cgroup), and start the new
                         // one from outside the workload cgroup, as at first.
@@ -503,15 +517,21 @@ fn main() -> anyhow::Result<()> {
                         drop(inside.take());
                         agent = Some((start_agent(*row)?, *row));
                         inside = Some(MoveBack::into(&cg)?);
+                        if *row == Row::OursFast {
+                            let a = &agent.as_ref().expect("just started").0;
+                            rt.block_on(fast_path_ready(&tls_cfg, e.tls, a))?;
+                        }
                     }
                     cpu_pid = agent.as_ref().map(|a| a.0.pid());
                 }
+                let paths0 = fast_path_counts(agent.as_ref().filter(|a| a.1 == *row));
                 let cpu0 = cpu_pid.map(cpu_ticks).transpose()?;
                 let node0 = node_busy_ticks()?;
                 let m = bench
                     .measure(&rt, table, addr, &e.hosts)
                     .with_context(|| format!("{} via {} (round {round})", table.id(), row.id()))?;
                 let node_us = (node_busy_ticks()? - node0) as f64 * 1e6 / clock_ticks();
+                let paths1 = fast_path_counts(agent.as_ref().filter(|a| a.1 == *row));
                 let cpu = match (cpu_pid, cpu0) {
                     (Some(pid), Some(c0)) => {
                         Some((cpu_ticks(pid)? - c0) as f64 * 1e6 / clock_ticks())
@@ -559,6 +579,18 @@ fn main() -> anyhow::Result<()> {
                         emit(&mut sink, "cpu_us_per_mb", cpu_us / (m.bytes as f64 / 1e6))?;
                     }
                 }
+                // The TLS fast path: the share of this measurement's connections that went
+                // directly (the rest took the proxy).
+                if *row == Row::OursFast
+                    && let (Some((d0, p0)), Some((d1, p1))) = (paths0, paths1)
+                    && d1 + p1 > d0 + p0
+                {
+                    emit(
+                        &mut sink,
+                        "direct_share",
+                        (d1 - d0) / ((d1 - d0) + (p1 - p0)),
+                    )?;
+                }
                 if m.errors > 0 {
                     eprintln!(
                         "[compare-proxy] warning: {} via {}: {} errors",
@@ -575,6 +607,61 @@ fn main() -> anyhow::Result<()> {
             plan.rounds,
             t_start.elapsed().as_secs_f64()
         );
+    }
+    // In-kernel program cost per connection (BPF_ENABLE_STATS), in a pass of its own: the
+    // statistics add a little to every program run, so they stay off during the rounds.
+    if wanted(&Table::TlsNewconn) || wanted(&Table::TlsKeepalive) {
+        let _stats =
+            aya::sys::enable_stats(aya::sys::Stats::RunTime).context("BPF_ENABLE_STATS")?;
+        for table in [Table::TlsNewconn, Table::TlsKeepalive] {
+            for row in [Row::Direct, Row::Ours, Row::OursFast] {
+                let Some((_, e)) = paths.iter().find(|(r, _)| *r == row) else {
+                    continue;
+                };
+                // Direct is measured under the plain agent (its programs allow by IP).
+                let serving = if row == Row::Direct { Row::Ours } else { row };
+                if agent.as_ref().is_none_or(|a| a.1 != serving) {
+                    drop(agent.take());
+                    drop(inside.take());
+                    agent = Some((start_agent(serving)?, serving));
+                    inside = Some(MoveBack::into(&cg)?);
+                    if serving == Row::OursFast {
+                        let a = &agent.as_ref().expect("just started").0;
+                        rt.block_on(fast_path_ready(&tls_cfg, e.tls, a))?;
+                    }
+                }
+                let a = &agent.as_ref().expect("an agent runs").0;
+                let progs = BpfProgs::of(cg.path(), a.state_dir())?;
+                let s0 = progs.stats()?;
+                let m = bench
+                    .measure(&rt, table, e.tls, &e.hosts)
+                    .with_context(|| format!("bpf pass: {} via {}", table.id(), row.id()))?;
+                let s1 = progs.stats()?;
+                let id = format!("bpf-{}", table.id());
+                let conns = (s1.connect4.1 - s0.connect4.1).max(1) as f64;
+                let per_conn = |a: (u64, u64), b: (u64, u64)| (b.0 - a.0) as f64 / conns;
+                let mut out = vec![
+                    ("connections", conns),
+                    ("req_per_conn", m.requests as f64 / conns),
+                    ("connect4_ns_per_conn", per_conn(s0.connect4, s1.connect4)),
+                    ("sock_ops_ns_per_conn", per_conn(s0.sock_ops, s1.sock_ops)),
+                    (
+                        "sock_ops_runs_per_conn",
+                        (s1.sock_ops.1 - s0.sock_ops.1) as f64 / conns,
+                    ),
+                ];
+                if let (Some(a), Some(b)) = (s0.sk_msg, s1.sk_msg) {
+                    out.push(("sk_msg_ns_per_conn", per_conn(a, b)));
+                    out.push(("sk_msg_runs_per_conn", (b.1 - a.1) as f64 / conns));
+                }
+                let mut line = format!("[compare-proxy] {id} {}:", row.id());
+                for (metric, v) in out {
+                    sink.emit(&id, row.id(), 0, metric, v)?;
+                    line += &format!(" {metric} {v:.1}");
+                }
+                eprintln!("{line}");
+            }
+        }
     }
     sink.summary(plan.rounds);
     eprintln!(
@@ -991,6 +1078,139 @@ async fn checks(tls: &Arc<ClientConfig>, paths: &[(Row, Endpoints)]) -> anyhow::
     Ok(())
 }
 
+/// The agent's counts of Domain-candidate connections that went directly (the TLS fast path,
+/// `path="kernel-sni"`) and through the proxy; `None` without an agent for the row.
+fn fast_path_counts(agent: Option<&(Agent, Row)>) -> Option<(f64, f64)> {
+    let (a, _) = agent?;
+    let m = "passthrough_kernel_decisions_total";
+    Some((
+        a.metric(m, "path=\"kernel-sni\",verdict=\"direct\""),
+        a.metric(
+            m,
+            "path=\"kernel\",verdict=\"redirect\",reason=\"domain_candidates\"",
+        ),
+    ))
+}
+
+/// After the fast-path agent starts: waits (≤ 10 s) until a TLS connection to `addr` goes
+/// directly (the agent pre-warms `bench.test` from its policy), then checks that the kernel's
+/// judge refuses the denied SNI on the same direct path (the run fails otherwise).
+async fn fast_path_ready(
+    tls: &Arc<ClientConfig>,
+    addr: SocketAddr,
+    agent: &Agent,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let direct = || {
+        agent.metric(
+            "passthrough_kernel_decisions_total",
+            "path=\"kernel-sni\",verdict=\"direct\"",
+        )
+    };
+    let mut buf = Vec::new();
+    loop {
+        let before = direct();
+        let (st, _) = dial(Some(tls), addr, NAME).await?.get(NAME, &mut buf).await?;
+        if st != 200 {
+            bail!("ours-fast: TLS GET {NAME}: status {st}");
+        }
+        if direct() > before {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("ours-fast: no connection went directly within 10 s (destination never verified)");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let before = direct();
+    let refused = match dial(Some(tls), addr, DENIED).await {
+        Err(_) => true,
+        Ok(mut c) => c.get(DENIED, &mut buf).await.is_err(),
+    };
+    if !refused {
+        bail!("ours-fast: SNI {DENIED} was let through");
+    }
+    eprintln!(
+        "[compare-proxy] ours-fast: {NAME} goes directly; SNI {DENIED} refused ({})",
+        if direct() > before {
+            "in the kernel"
+        } else {
+            "by the proxy"
+        }
+    );
+    Ok(())
+}
+
+/// The programs of the running agent whose cost per connection the BPF pass reports: connect4
+/// and sock_ops attached to the workload cgroup, and the TLS fast path's `sk_msg` judge attached
+/// to its `SNI_SOCKS` map (absent when the fast path is off). Tail-called phases count under
+/// the judge's entry program (the kernel times the whole run).
+struct BpfProgs {
+    connect4: u32,
+    sock_ops: u32,
+    sk_msg: Option<u32>,
+}
+
+/// Cumulative (run time ns, run count) of each program.
+struct BpfStats {
+    connect4: (u64, u64),
+    sock_ops: (u64, u64),
+    sk_msg: Option<(u64, u64)>,
+}
+
+impl BpfProgs {
+    fn of(cgroup: &Path, state_dir: &Path) -> anyhow::Result<BpfProgs> {
+        use passthrough_user::pins::{attached_prog_ids, attached_prog_ids_at, map_pin};
+        use std::os::fd::AsFd as _;
+        const CONNECT4: u32 = 10; // BPF_CGROUP_INET4_CONNECT
+        const SOCK_OPS: u32 = 3; // BPF_CGROUP_SOCK_OPS
+        const SK_MSG: u32 = 7; // BPF_SK_MSG_VERDICT
+        let one = |ids: Vec<u32>, what: &str| -> anyhow::Result<u32> {
+            match ids[..] {
+                [id] => Ok(id),
+                _ => bail!("{what}: expected one attached program, found {ids:?}"),
+            }
+        };
+        let connect4 = one(attached_prog_ids(cgroup, CONNECT4)?, "connect4")?;
+        let sock_ops = one(attached_prog_ids(cgroup, SOCK_OPS)?, "sock_ops")?;
+        let pin = map_pin(state_dir, "SNI_SOCKS");
+        let sk_msg = if pin.exists() {
+            let map = aya::maps::MapData::from_pin(&pin).context("SNI_SOCKS pin")?;
+            attached_prog_ids_at(map.fd().as_fd(), SK_MSG)?
+                .first()
+                .copied()
+        } else {
+            None
+        };
+        Ok(BpfProgs {
+            connect4,
+            sock_ops,
+            sk_msg,
+        })
+    }
+
+    fn stats(&self) -> anyhow::Result<BpfStats> {
+        let mut found: HashMap<u32, (u64, u64)> = HashMap::new();
+        for info in aya::programs::loaded_programs().flatten() {
+            found.insert(
+                info.id(),
+                (info.run_time().as_nanos() as u64, info.run_count()),
+            );
+        }
+        let get = |id: u32| {
+            found
+                .get(&id)
+                .copied()
+                .with_context(|| format!("program {id} is gone"))
+        };
+        Ok(BpfStats {
+            connect4: get(self.connect4)?,
+            sock_ops: get(self.sock_ops)?,
+            sk_msg: self.sk_msg.map(get).transpose()?,
+        })
+    }
+}
+
 /// Collects the JSON lines and the figures for the summary.
 struct Sink {
     file: File,
@@ -1098,6 +1318,10 @@ impl Sink {
                 }
                 if !cpu_mb.is_nan() {
                     line += &format!("  cpu {cpu_mb:.0} µs/MB");
+                }
+                let share = med("direct_share");
+                if !share.is_nan() {
+                    line += &format!("  direct {:.0}%", share * 100.0);
                 }
                 eprintln!("{line}");
             }
