@@ -387,8 +387,8 @@ impl Reporter {
         }
     }
 
-    /// Turns a kernel event into a [`Denial`] and reports it. `mono_to_wall` converts the
-    /// kernel's monotonic clock.
+    /// Turns a kernel event into an [`Outcome`] ([`kernel_outcome`]) and records it;
+    /// `now_wall` and `now_mono_ns` convert the kernel's monotonic clock.
     pub fn report_kernel(&self, ev: &DenyEvent, now_wall: SystemTime, now_mono_ns: u64) {
         self.record(&kernel_outcome(ev, now_wall, now_mono_ns));
     }
