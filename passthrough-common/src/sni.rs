@@ -437,7 +437,7 @@ pub mod scan_flag {
     pub const ALPN: u32 = 2;
     /// An `encrypted_client_hello` extension is present.
     pub const ECH: u32 = 4;
-    /// The `server_name` list holds a `host_name` ([`Scan::host`]).
+    /// The `server_name` list holds a `host_name` ([`super::Scan::host`]).
     pub const HOST: u32 = 8;
 }
 

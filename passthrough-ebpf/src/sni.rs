@@ -508,7 +508,7 @@ fn bytes(ctx: &SkMsgContext) -> MsgBytes {
 #[inline(always)]
 fn next_phase(ctx: &SkMsgContext, st: &mut SniSock, index: u32) -> u32 {
     // SAFETY: a tail call with our own context; it does not return on success.
-    let _ = unsafe { SNI_PROGS.tail_call(ctx, index) };
+    unsafe { SNI_PROGS.tail_call(ctx, index) };
     verdict(ctx, st, Reason::Unjudged)
 }
 

@@ -117,7 +117,7 @@ pub fn table_entries<'a>(table: u16, patterns: impl IntoIterator<Item = &'a str>
     wild.sort_by(|a, b| (a.1, a.0.name).cmp(&(b.1, b.0.name)).then(a.2.cmp(&b.2)));
     wild.dedup_by(|b, a| a.0 == b.0 && a.1 == b.1);
     let mut out = exact;
-    out.sort_by(|a, b| (a.prefix_len, a.key.name).cmp(&(b.prefix_len, b.key.name)));
+    out.sort_by_key(|a| (a.prefix_len, a.key.name));
     out.dedup_by(|b, a| a.key == b.key && a.prefix_len == b.prefix_len);
     for (i, (k, len, need)) in wild.iter().enumerate() {
         // The longest matching entry answers alone: carry the smallest need of every wildcard

@@ -285,6 +285,10 @@ struct GenPlan {
     resolvers: Vec<(Anchor, Spelling, u16)>,
 }
 
+/// A destination of a [`Case`]: address, spelling, port, UDP, workload pick, SNI (an index
+/// into [`SNIS`]), the name it is a verified address of (an index into [`VERIFIED_NAMES`]).
+type Dst = (Anchor, Spelling, u16, bool, u8, u8, Option<u8>);
+
 #[derive(Debug, Clone)]
 struct Case {
     generation: u32,
@@ -293,9 +297,8 @@ struct Case {
     previous: Option<GenPlan>,
     proxy: bool,
     audit: bool,
-    /// Destination, spelling, port, UDP, workload pick, SNI (an index into [`SNIS`]), the name
-    /// it is a verified address of (an index into [`VERIFIED_NAMES`]).
-    dsts: Vec<(Anchor, Spelling, u16, bool, u8, u8, Option<u8>)>,
+    /// The destinations tried ([`Dst`]).
+    dsts: Vec<Dst>,
     /// `--tls-fast-path=on`.
     tls_fast_path: bool,
     /// More verified destinations: (index into `dsts`, index into [`VERIFIED_NAMES`], another

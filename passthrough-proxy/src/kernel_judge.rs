@@ -102,7 +102,7 @@ mod tests {
                     exts.push(build::ext(0xfe0d, b"e"));
                 }
                 let mut b = build::records(&build::hello(&exts), chunk);
-                if flip_at as usize % 8 == 0 {
+                if (flip_at as usize).is_multiple_of(8) {
                     let i = flip_at as usize % b.len();
                     b[i] = flip;
                 }

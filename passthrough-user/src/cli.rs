@@ -86,7 +86,7 @@ pub struct ExplainArgs {
     pub unselected_mode: Mode,
     /// `on`: name the path of the TLS fast path (`kernel-sni`) where it could take the
     /// connection (see `passthrough run --tls-fast-path`).
-    #[arg(long, value_name = "off|on", default_value = "off", value_parser = crate::agent::parse_on_off, action = clap::ArgAction::Set)]
+    #[arg(long, value_name = "off|on", default_value = "off", value_parser = crate::run_args::parse_on_off, action = clap::ArgAction::Set)]
     pub tls_fast_path: bool,
     /// Print one JSON object.
     #[arg(long)]

@@ -1,4 +1,4 @@
-//! passthrough's agent: the kernel glue ([`kernel`] loader and atomic apply, [`pins`],
+//! passthrough's agent: the kernel glue ([`kernel`] loader and atomic apply, [`barrier`], [`pins`],
 //! [`bpffs`], [`cgroup`]), the agent loop ([`agent`]), its observability ([`metrics`],
 //! [`events`], [`admin`], [`status`]), file watching ([`watch`]) and the `check` / `explain`
 //! command line ([`cli`]).
@@ -9,6 +9,7 @@
 
 pub mod admin;
 pub mod agent;
+pub mod barrier;
 pub mod bpffs;
 pub mod btf;
 pub mod cgroup;
@@ -20,6 +21,8 @@ pub mod kube_agent;
 pub mod metrics;
 pub mod pins;
 pub mod proxy_maps;
+pub mod run_args;
 pub mod sockdiag;
+pub mod startup;
 pub mod status;
 pub mod watch;

@@ -191,9 +191,8 @@ fn plotted(metric: &str) -> bool {
     let kernel_p99 = metric.starts_with("p99") && metric.ends_with("_ns");
     // The TLS fast path's share of direct connections and its per-connection program costs
     // (`proxy/bpf-*`): figures for the tables, not plots.
-    let fast_path = metric == "direct_share"
-        || metric.ends_with("_per_conn")
-        || metric == "connections";
+    let fast_path =
+        metric == "direct_share" || metric.ends_with("_per_conn") || metric == "connections";
     !(table_only || kernel_p99 || fast_path)
 }
 

@@ -1110,7 +1110,10 @@ async fn fast_path_ready(
     let mut buf = Vec::new();
     loop {
         let before = direct();
-        let (st, _) = dial(Some(tls), addr, NAME).await?.get(NAME, &mut buf).await?;
+        let (st, _) = dial(Some(tls), addr, NAME)
+            .await?
+            .get(NAME, &mut buf)
+            .await?;
         if st != 200 {
             bail!("ours-fast: TLS GET {NAME}: status {st}");
         }
@@ -1118,7 +1121,9 @@ async fn fast_path_ready(
             break;
         }
         if Instant::now() > deadline {
-            bail!("ours-fast: no connection went directly within 10 s (destination never verified)");
+            bail!(
+                "ours-fast: no connection went directly within 10 s (destination never verified)"
+            );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
