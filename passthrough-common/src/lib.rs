@@ -4,7 +4,7 @@
 #![no_std]
 
 /// Version of the map layout; part of the pin directory name (`/sys/fs/bpf/passthrough/v<N>`).
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// How many cgroup levels the programs walk up from the caller's cgroup to find its workload.
 pub const MAX_CGROUP_DEPTH: u32 = 32;
@@ -323,7 +323,7 @@ pub struct DenyEvent {
     pub addr: [u8; 16],
     /// Destination port in host order.
     pub port: u16,
-    /// 6 = TCP, 17 = UDP.
+    /// IP protocol: 6 = TCP, 17 = UDP; the backstop's packets carry theirs (1 = ICMP, …).
     pub protocol: u8,
     /// 1 when `--audit` let it through.
     pub audit: u8,
@@ -331,10 +331,29 @@ pub struct DenyEvent {
     pub reason: u32,
     /// Thread-group id of the caller.
     pub pid: u32,
-    /// Which hook denied: 0 = a sock_addr hook (connect/sendmsg); otherwise the raw/ping
-    /// backstop, holding the socket type (2 = ping socket, 3 = raw socket).
+    /// Which hook denied: 0 = a syscall hook (connect/sendmsg, setsockopt); otherwise the
+    /// egress backstop, holding the sending socket's type (1 = stream, 2 = datagram or ping,
+    /// 3 = raw; 0 also when the packet had no full socket).
     pub socket_type: u32,
     /// The caller's command name.
+    pub comm: [u8; 16],
+}
+
+/// The owner of an MPTCP connection (`MPTCP_OWNERS`, socket-local storage of the MPTCP
+/// socket), recorded by connect4/6 at the connection's first connect, which runs in the
+/// connecting task. The kernel opens further subflows from a worker thread, whose cgroup says
+/// nothing about the workload: those connects are judged as if this task made them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MptcpOwner {
+    /// The task's cgroup ids: `[0]` its own, `[l]` its ancestor at level `l` (1 = the root's
+    /// child), 0 past its own level.
+    pub cgroups: [u64; MAX_CGROUP_DEPTH as usize],
+    /// Thread-group id of the task.
+    pub pid: u32,
+    /// Explicit padding.
+    pub _pad: u32,
+    /// The task's command name.
     pub comm: [u8; 16],
 }
 
@@ -373,8 +392,14 @@ pub mod counter {
     pub const DENY_NO_PROXY: u32 = 10;
     /// Deny events lost because the ring buffer was full.
     pub const EVENTS_DROPPED: u32 = 11;
+    /// A source route (an IPv6 routing header, an IPv4 LSRR/SSRR option) outside mode `All`:
+    /// refused at `setsockopt()`, or its packet dropped by the egress backstop.
+    pub const DENY_SOURCE_ROUTE: u32 = 12;
+    /// A kernel worker connecting an MPTCP subflow whose connection has no recorded owner
+    /// (opened before the agent attached, or accepted by a workload's MPTCP server).
+    pub const DENY_SUBFLOW_OWNER_UNKNOWN: u32 = 13;
     /// Number of counters.
-    pub const COUNT: u32 = 12;
+    pub const COUNT: u32 = 14;
 
     /// Names, in index order, as reported by the agent.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -390,6 +415,8 @@ pub mod counter {
         "redirect_proxy",
         "deny_no_proxy",
         "events_dropped",
+        "deny_source_route",
+        "deny_subflow_owner_unknown",
     ];
 }
 
@@ -410,6 +437,7 @@ mod pod {
     unsafe impl aya::Pod for super::DenyEvent {}
     unsafe impl aya::Pod for super::RelayPeer {}
     unsafe impl aya::Pod for super::RelayCounts {}
+    unsafe impl aya::Pod for super::MptcpOwner {}
 }
 
 #[cfg(test)]
@@ -431,6 +459,7 @@ mod tests {
         assert_eq!(size_of::<RangeTable>(), 56);
         assert_eq!(size_of::<RuleKeyV6>(), 22);
         assert_eq!(size_of::<RuleValue>(), 4);
+        assert_eq!(size_of::<MptcpOwner>(), 280);
     }
 
     #[test]

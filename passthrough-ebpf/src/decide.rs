@@ -122,6 +122,9 @@ pub fn v6(words: [u32; 4]) -> V6 {
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Transport {
     Tcp,
+    /// An MPTCP subflow the kernel opens for a connection (judged for its owner, `mptcp.rs`):
+    /// TCP that is never redirected (the proxy cannot join an MPTCP connection).
+    Subflow,
     Udp,
     /// A raw or ping socket's packet (its IP protocol, the socket type): no ports, never
     /// redirected; only port-less matches can allow it (`skb.rs`).
@@ -289,18 +292,7 @@ pub fn decide_for<C: Caller, D: Dest>(
         count(counter::ALLOW_AGENT);
         return Verdict::Allow;
     }
-    let (rs, wl_mode, workload) = match found {
-        Some((w, id)) => (w.ruleset, w.mode, id),
-        None => (
-            ruleset::id(generation, u32::MAX >> 1),
-            if generation == 0 {
-                cfg.unmatched_mode[0]
-            } else {
-                cfg.unmatched_mode[1]
-            },
-            0,
-        ),
-    };
+    let (rs, wl_mode, workload) = applying(found, &cfg, generation);
 
     // Rule 2.
     if wl_mode == mode::ALL {
@@ -334,9 +326,102 @@ pub fn decide_for<C: Caller, D: Dest>(
     };
 
     // Rule 5.
+    deny_with(caller, &dst, port_be, transport, reason, workload, &cfg)
+}
+
+/// The rule set, mode and workload id that apply to a caller whose workload lookup gave
+/// `found`: its workload's, or the unmatched mode for callers in no workload.
+#[inline(always)]
+fn applying(
+    found: Option<(WorkloadEntry, u64)>,
+    cfg: &GlobalConfig,
+    generation: u32,
+) -> (u32, u32, u64) {
+    match found {
+        Some((w, id)) => (w.ruleset, w.mode, id),
+        None => (
+            ruleset::id(generation, u32::MAX >> 1),
+            if generation == 0 {
+                cfg.unmatched_mode[0]
+            } else {
+                cfg.unmatched_mode[1]
+            },
+            0,
+        ),
+    }
+}
+
+/// A source route (an IPv6 routing header, an IPv4 LSRR/SSRR option) for `caller`: being set
+/// on a socket (`setsockopt.rs`, `dst` = the first hop, or unspecified) or carried by a
+/// packet (`skb.rs`, `dst` = the packet's destination on the wire).
+///
+/// Allowed only in mode `All`. A routed packet visits every address of its route, and each
+/// hop may forward it on; the address that connect()/sendmsg() judged is only the last one.
+/// Judging every hop would still let a hop that is a router (any allowed address can be one)
+/// forward the packet further. Loopback, internal CIDRs and the agent's mark do not apply:
+/// the host itself forwards a source-routed packet sent to one of its own addresses.
+#[inline(always)]
+pub fn decide_source_route<C: Caller, D: Dest>(
+    caller: C,
+    dst: D,
+    protocol: u8,
+    socket_type: u8,
+) -> Verdict {
+    let Some(cfg) = CONFIG.get(0) else {
+        return Verdict::Deny;
+    };
+    let cfg: GlobalConfig = *cfg;
+    let generation = cfg.active_generation & 1;
+    let found = find_workload(caller, generation);
+    let (_, wl_mode, workload) = applying(found, &cfg, generation);
+    if wl_mode == mode::ALL {
+        count(counter::ALLOW_MODE_ALL);
+        return Verdict::Allow;
+    }
+    deny_with(
+        caller,
+        &dst,
+        0,
+        Transport::Raw(protocol, socket_type),
+        counter::DENY_SOURCE_ROUTE,
+        workload,
+        &cfg,
+    )
+}
+
+/// A kernel worker connecting an MPTCP subflow of a connection whose owner was never
+/// recorded (`mptcp.rs`): nobody's policy can be applied, so it is denied (audit: reported).
+#[inline(always)]
+pub fn decide_unknown_owner<D: Dest>(dst: D, port_be: u16) -> Verdict {
+    let Some(cfg) = CONFIG.get(0) else {
+        return Verdict::Deny;
+    };
+    let cfg: GlobalConfig = *cfg;
+    deny_with(
+        Task,
+        &dst,
+        port_be,
+        Transport::Subflow,
+        counter::DENY_SUBFLOW_OWNER_UNKNOWN,
+        0,
+        &cfg,
+    )
+}
+
+/// Rule 5 for `reason`: counted, reported, and enforced unless `--audit`.
+#[inline(always)]
+fn deny_with<C: Caller, D: Dest>(
+    caller: C,
+    dst: &D,
+    port_be: u16,
+    transport: Transport,
+    reason: u32,
+    workload: u64,
+    cfg: &GlobalConfig,
+) -> Verdict {
     count(reason);
     let audit = cfg.flags & flags::AUDIT != 0;
-    report_denial(caller, &dst, port_be, transport, reason, workload, audit);
+    report_denial(caller, dst, port_be, transport, reason, workload, audit);
     if audit {
         count(counter::AUDIT_WOULD_DENY);
         return Verdict::Allow;
@@ -368,7 +453,7 @@ fn report_denial<C: Caller, D: Dest>(
         addr: dst.bytes16(),
         port: u16::from_be(port_be),
         protocol: match transport {
-            Transport::Tcp => 6,
+            Transport::Tcp | Transport::Subflow => 6,
             Transport::Udp => 17,
             Transport::Raw(p, _) => p,
         },

@@ -234,7 +234,13 @@ pub fn kernel_reason(reason: u32) -> (&'static str, &'static str) {
             "passthroughMode Matched: no IP/CIDR match allows this destination and no Domain match applies to its port"
         }
         counter::DENY_NO_PROXY => {
-            "only a Domain match could allow it, and the connection cannot go through the proxy (proxy off, no --proxy-addr for this network namespace, or UDP)"
+            "only a Domain match could allow it, and the connection cannot go through the proxy (proxy off, no --proxy-addr for this network namespace, UDP, or an MPTCP subflow)"
+        }
+        counter::DENY_SOURCE_ROUTE => {
+            "a source route (IPv6 routing header, IPv4 LSRR/SSRR option) is allowed only in passthroughMode All: its hops could forward the packet anywhere"
+        }
+        counter::DENY_SUBFLOW_OWNER_UNKNOWN => {
+            "an MPTCP subflow opened by the kernel for a connection whose owner was never recorded (opened before the agent attached, or accepted by an MPTCP server)"
         }
         _ => "denied by the kernel program",
     };
@@ -412,10 +418,12 @@ fn event_protocol(ev: &DenyEvent) -> String {
         17 => "udp".to_string(),
         p => p.to_string(),
     };
-    match ev.socket_type {
-        0 => name,
-        2 => "ping".into(),
-        _ => format!("raw:{name}"),
+    // socket_type 0: a refused syscall (sock_addr or setsockopt hook); otherwise a packet the
+    // egress backstop dropped, with its socket's type.
+    match (ev.socket_type, ev.protocol) {
+        (2, 1 | 58) => "ping".into(),
+        (3, _) => format!("raw:{name}"),
+        _ => name,
     }
 }
 
