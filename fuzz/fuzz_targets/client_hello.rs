@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use passthrough_user::proxy::tls::{Parse, parse_client_hello};
+use passthrough_proxy::tls::{Parse, parse_client_hello};
 
 fuzz_target!(|data: &[u8]| {
     let full = parse_client_hello(data);

@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use passthrough_user::proxy::h1::{Chunked, parse_request, parse_response, write_request_head};
+use passthrough_proxy::h1::{Chunked, parse_request, parse_response, write_request_head};
 
 fuzz_target!(|data: &[u8]| {
     let mut fields = Vec::new();

@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use passthrough_user::proxy::{
+use passthrough_proxy::{
     peek::{Peeked, classify},
     tls::parse_client_hello,
 };

@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
-use passthrough_user::policy::load_policy_bytes;
+use passthrough_policy::load_policy_bytes;
 
 fuzz_target!(|data: &[u8]| {
     let name = if data.first() == Some(&b'{') || data.first() == Some(&b'[') {

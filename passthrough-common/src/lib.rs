@@ -1,10 +1,17 @@
-//! `#[repr(C)]` types and constants shared by the eBPF programs (`passthrough-ebpf`) and the
-//! loader (`passthrough-user`). Every type here is part of the pinned-map layout: change one and
+//! `#[repr(C)]` types and constants shared by the eBPF programs (`passthrough-ebpf`) and user
+//! space (the plan compiler in `passthrough-policy`, the proxy in `passthrough-proxy`, the
+//! loader and agent in `passthrough-user`). Every type here is part of the pinned-map layout: change one and
 //! bump [`LAYOUT_VERSION`], so a new agent never reuses pins of an old layout.
 #![no_std]
 
 /// Version of the map layout; part of the pin directory name (`/sys/fs/bpf/passthrough/v<N>`).
 pub const LAYOUT_VERSION: u32 = 3;
+
+/// `SO_MARK` the agent's own sockets carry (proxy upstreams, its DNS queries): the programs let
+/// them through, but only for callers that belong to no workload (SPEC §3 rule 1; see
+/// docs/security.md). Written into [`GlobalConfig::agent_mark`] by the loader; the proxy marks
+/// its upstream sockets with it.
+pub const AGENT_MARK: u32 = 0x7074_0001;
 
 /// How many cgroup levels the programs walk up from the caller's cgroup to find its workload.
 pub const MAX_CGROUP_DEPTH: u32 = 32;

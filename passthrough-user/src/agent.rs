@@ -19,17 +19,22 @@ use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use passthrough_common::AGENT_MARK;
+use passthrough_policy::{
+    self as policy, Mode, Workload,
+    plan::{self, PlanOptions},
+};
+use passthrough_proxy::{
+    DomainDestination, Proxy, ProxyConfig, ProxyPolicy, kernel_relay::KernelRelay,
+};
+
 use crate::{
     admin::{self, AdminState},
     bpffs, cgroup,
+    events::{self, Reporter},
     kernel::{Capacities, Kernel, ProxySettings},
-    plan::{self, PlanOptions},
-    policy::{self, Mode, Workload},
-    proxy::{Proxy, ProxyConfig, ProxyPolicy},
+    metrics::Metrics,
 };
-
-/// `SO_MARK` the agent's own sockets carry; the programs let them through (SPEC §3 rule 1).
-pub const AGENT_MARK: u32 = 0x7074_0001;
 
 /// Arguments of `passthrough run`.
 #[derive(Debug, Clone, clap::Args)]
@@ -75,8 +80,8 @@ pub struct RunArgs {
     #[arg(long)]
     pub proxy_addr: Vec<SocketAddr>,
     /// What the proxy does with the address a client dialled when a Domain match allowed.
-    #[arg(long, value_enum, default_value_t = crate::proxy::DomainDestination::Verify)]
-    pub domain_destination: crate::proxy::DomainDestination,
+    #[arg(long, default_value = "verify", value_parser = domain_destination_parser())]
+    pub domain_destination: DomainDestination,
     /// bpffs directory for the agent's pinned state (bpffs is mounted at /sys/fs/bpf if
     /// missing). Pins keep enforcement running if the agent dies; a restarted agent adopts them.
     #[arg(long, default_value = "/sys/fs/bpf/passthrough")]
@@ -125,6 +130,17 @@ fn parse_kernel_relay(s: &str) -> Result<KernelRelayAfter, String> {
     s.parse::<u32>()
         .map(KernelRelayAfter::Reads)
         .map_err(|_| format!("expected a number of reads or `off`, got `{s}`"))
+}
+
+/// `--domain-destination`'s values, with their help, from the proxy's list.
+fn domain_destination_parser() -> impl clap::builder::TypedValueParser<Value = DomainDestination> {
+    use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser as _};
+    PossibleValuesParser::new(
+        DomainDestination::ALL
+            .iter()
+            .map(|(_, name, help)| PossibleValue::new(*name).help(*help)),
+    )
+    .try_map(|s| s.parse::<DomainDestination>())
 }
 
 /// Parses `All | Matched | None` (case as Kuma writes them).
@@ -438,12 +454,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         info!(state = %args.state_dir.display(), generation = kernel.policy_generation(), "adopted pinned state of a previous agent");
     }
     // obs: metrics and deny events (metrics.rs, events.rs).
-    let metrics = Arc::new(crate::metrics::Metrics::new());
-    let reporter = Arc::new(crate::events::Reporter::new(
-        metrics.clone(),
-        Default::default(),
-    ));
-    let events_task = crate::events::start(&mut kernel, &args.state_dir, &reporter);
+    let metrics = Arc::new(Metrics::new());
+    let reporter = Arc::new(Reporter::new(metrics.clone(), Default::default()));
+    let events_task = start_deny_events(&mut kernel, &args.state_dir, &reporter);
     let merged = merge_all(&inputs, args.unselected_mode);
     let proxy_state = Arc::new(ArcSwap::from_pointee(proxy_policy(
         &merged,
@@ -472,7 +485,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             ..ProxyConfig::default()
         };
         let mut proxy =
-            Proxy::new(Arc::new(orig), proxy_state.clone(), cfg)?.with_reporter(reporter.clone());
+            Proxy::new(Arc::new(orig), proxy_state.clone(), cfg)?.with_report(reporter.clone());
         if let KernelRelayAfter::Reads(reads) = args.kernel_relay_after {
             // An accelerator, not a control: without it every byte still flows, in userspace.
             match kernel.take_relay_maps() {
@@ -481,9 +494,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                         after_reads = reads,
                         "kernel relay on for allowed TLS connections"
                     );
-                    proxy = proxy.with_kernel_relay(Arc::new(
-                        crate::proxy::kernel_relay::KernelRelay::new(maps, reads),
-                    ));
+                    proxy = proxy.with_kernel_relay(Arc::new(KernelRelay::new(maps, reads)));
                 }
                 Ok(None) => warn!("kernel relay maps already taken; relaying in userspace"),
                 Err(e) => warn!(error = %e, "kernel relay unavailable; relaying in userspace"),
@@ -567,14 +578,14 @@ fn apply_plan(
     merged: &Merged,
     opts: &PlanOptions,
     inputs: &Inputs,
-    metrics: &crate::metrics::Metrics,
+    metrics: &Metrics,
 ) -> anyhow::Result<(u64, (usize, usize))> {
     let plan = compile(kernel, merged, opts);
     let counts = plan.entry_counts();
-    let usage = crate::metrics::MapUsage::of(&plan); // obs
+    let usage = plan.usage(); // obs
     let generation = kernel.apply(plan)?;
     let names = inputs.workloads.iter().map(|(w, d)| (d.id, w.name.clone())); // obs
-    metrics.policy_applied(generation, names, usage, kernel.capacities()); // obs
+    metrics.policy_applied(generation, names, usage, kernel.capacities().map_capacity()); // obs
     Ok((generation, counts))
 }
 
@@ -585,7 +596,7 @@ fn reload(
     opts: &PlanOptions,
     kernel: &mut Kernel,
     proxy_state: &ArcSwap<ProxyPolicy>,
-    metrics: &crate::metrics::Metrics,
+    metrics: &Metrics,
 ) -> anyhow::Result<u64> {
     let inputs = read_inputs(args, mount)?;
     for (w, dir) in &inputs.workloads {
@@ -619,7 +630,7 @@ fn reload(
 /// entries), and the tries hold one plan instead of two between changes. This runs on the
 /// runtime's `block_on` thread, not a worker, so the proxy keeps serving meanwhile; connects
 /// are not stalled either (lookups are lock-free while entries are deleted).
-fn retire_previous(kernel: &mut Kernel, metrics: &crate::metrics::Metrics) {
+fn retire_previous(kernel: &mut Kernel, metrics: &Metrics) {
     let t = std::time::Instant::now();
     let removed = kernel.retire();
     metrics.previous_retired(); // obs
@@ -628,4 +639,34 @@ fn retire_previous(kernel: &mut Kernel, metrics: &crate::metrics::Metrics) {
         ms = t.elapsed().as_millis() as u64,
         "retired the previous plan"
     );
+}
+
+/// Agent start-up: takes the kernel's deny-event ring buffer, points the metrics at the
+/// kernel counters (the pinned `COUNTERS` map under `state_dir`, else the map beside the ring
+/// buffer) and spawns the event reader ([`events::read_kernel_events`]). The returned task runs
+/// until aborted.
+fn start_deny_events(
+    kernel: &mut Kernel,
+    state_dir: &Path,
+    reporter: &Arc<Reporter>,
+) -> tokio::task::JoinHandle<()> {
+    let ring = kernel.take_deny_events();
+    let pinned = crate::pins::map_pin(state_dir, "COUNTERS");
+    let counters = crate::metrics::KernelCounters::from_pin(&pinned)
+        .map_err(anyhow::Error::from)
+        .or_else(|e| match &ring {
+            Some(r) => events::counters_beside(r).map_err(|e2| e.context(e2)),
+            None => Err(e),
+        });
+    match counters {
+        Ok(c) => reporter.metrics().set_kernel_counters(c),
+        Err(e) => warn!(error = %format!("{e:#}"), "metrics: kernel counters unavailable"),
+    }
+    match ring {
+        Some(ring) => tokio::spawn(events::read_kernel_events(ring, reporter.clone())),
+        None => {
+            warn!("deny events: ring buffer already taken; kernel denials will not be logged");
+            tokio::spawn(events::log_suppressed_forever(reporter.clone()))
+        }
+    }
 }

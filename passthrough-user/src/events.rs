@@ -37,6 +37,8 @@ use std::{
 
 use aya::maps::{MapData, MapInfo, RingBuf};
 use passthrough_common::{DenyEvent, counter};
+use passthrough_policy::outcome::{DecisionPath, Denial};
+use passthrough_proxy::ProxyReport;
 use tokio::io::unix::AsyncFd;
 use tracing::{debug, warn};
 
@@ -189,39 +191,6 @@ impl<K: std::hash::Hash + Eq> Limiter<K> {
     }
 }
 
-/// One denial, from either path.
-#[derive(Debug, Clone)]
-pub struct Denial {
-    /// `kernel` or `proxy`.
-    pub path: &'static str,
-    /// When it was decided.
-    pub time: SystemTime,
-    /// Workload cgroup id (0 = none).
-    pub workload: u64,
-    /// Kernel: the calling task's cgroup id.
-    pub cgroup: Option<u64>,
-    /// The caller.
-    pub pid: u32,
-    /// Its command name.
-    pub comm: String,
-    /// Destination dialled.
-    pub dst: SocketAddr,
-    /// `tcp`/`udp` (kernel) or the proxy's protocol.
-    pub protocol: String,
-    /// TLS SNI, when known.
-    pub sni: Option<String>,
-    /// HTTP authority, when known.
-    pub host: Option<String>,
-    /// Proxy: the client's address.
-    pub peer: Option<SocketAddr>,
-    /// Reason code.
-    pub reason: String,
-    /// Reason text.
-    pub detail: String,
-    /// `--audit` let it through.
-    pub audit: bool,
-}
-
 /// The reason code and text of a kernel denial (`DenyEvent::reason`, a counter index).
 pub fn kernel_reason(reason: u32) -> (&'static str, &'static str) {
     let code = counter::NAMES
@@ -282,8 +251,11 @@ impl Default for Reporter {
     }
 }
 
-fn path_index(path: &str) -> usize {
-    usize::from(path != "kernel")
+fn path_index(path: DecisionPath) -> usize {
+    match path {
+        DecisionPath::Kernel => 0,
+        DecisionPath::Proxy => 1,
+    }
 }
 
 impl Reporter {
@@ -308,7 +280,7 @@ impl Reporter {
     pub fn report(&self, d: &Denial) {
         let workload = self.metrics.workload_name(d.workload);
         let verdict = if d.audit { "would_deny" } else { "deny" };
-        if d.path == "kernel" {
+        if d.path == DecisionPath::Kernel {
             self.metrics
                 .decision("kernel", verdict, &d.reason, &workload);
         } else {
@@ -320,7 +292,7 @@ impl Reporter {
             l.allow((d.workload, d.reason.clone()), self.origin.elapsed())
         };
         if !ok {
-            self.metrics.suppressed(d.path, 1);
+            self.metrics.suppressed(d.path.as_str(), 1);
             self.pending[path_index(d.path)].fetch_add(1, Ordering::Relaxed);
             return;
         }
@@ -331,7 +303,7 @@ impl Reporter {
         };
         warn!(
             target: TARGET,
-            path = d.path,
+            path = d.path.as_str(),
             time = %rfc3339(d.time),
             workload = %workload,
             workload_id = d.workload,
@@ -379,7 +351,7 @@ impl Reporter {
         let (code, text) = kernel_reason(ev.reason);
         let age = Duration::from_nanos(now_mono_ns.saturating_sub(ev.ktime_ns));
         self.report(&Denial {
-            path: "kernel",
+            path: DecisionPath::Kernel,
             time: now_wall.checked_sub(age).unwrap_or(now_wall),
             workload: ev.workload,
             cgroup: Some(ev.cgroup),
@@ -394,6 +366,56 @@ impl Reporter {
             detail: text.into(),
             audit: ev.audit != 0,
         });
+    }
+}
+
+/// The proxy's reports go where the kernel's do: denials into the same rate-limited log and
+/// `decisions` metrics, everything else into the proxy metrics.
+impl ProxyReport for Reporter {
+    fn workload_name(&self, id: u64) -> String {
+        self.metrics.workload_name(id)
+    }
+
+    fn connection_opened(&self) {
+        self.metrics.proxy_connection_opened();
+    }
+
+    fn connection_closed(&self) {
+        self.metrics.proxy_connection_closed();
+    }
+
+    fn connection_classified(&self, kind: &'static str, peek: Option<Duration>) {
+        if let Some(peek) = peek {
+            self.metrics.peek_time(peek);
+        }
+        self.metrics.proxy_connection(kind);
+    }
+
+    fn decision(&self, protocol: &str, verdict: &'static str, reason: &str, workload: u64) {
+        let name = self.metrics.workload_name(workload);
+        self.metrics
+            .proxy_decision(protocol, verdict, reason, &name);
+    }
+
+    fn denial(&self, denial: &Denial) {
+        self.report(denial);
+    }
+
+    fn bytes(&self, workload: u64, up: u64, down: u64) {
+        let (u, d) = self
+            .metrics
+            .bytes_counters(&self.metrics.workload_name(workload));
+        u.inc_by(up);
+        d.inc_by(down);
+    }
+
+    fn relay_ended(&self, in_kernel: bool) {
+        self.metrics.relay_ended(in_kernel);
+    }
+
+    fn upstream_connect_failed(&self, workload: u64) {
+        self.metrics
+            .upstream_connect_error(&self.metrics.workload_name(workload));
     }
 }
 
@@ -438,7 +460,7 @@ pub async fn read_kernel_events(ring: RingBuf<MapData>, reporter: Arc<Reporter>)
         Ok(a) => a,
         Err(e) => {
             warn!(error = %e, "deny events: cannot poll the ring buffer; kernel denials will not be logged");
-            return futures_pending(reporter).await;
+            return log_suppressed_forever(reporter).await;
         }
     };
     let mut tick = tokio::time::interval(SUPPRESSED_LOG_EVERY);
@@ -494,40 +516,11 @@ pub async fn read_kernel_events(ring: RingBuf<MapData>, reporter: Arc<Reporter>)
 }
 
 /// Without a pollable ring buffer: still log the proxy's suppressed summaries.
-async fn futures_pending(reporter: Arc<Reporter>) {
+pub async fn log_suppressed_forever(reporter: Arc<Reporter>) {
     let mut tick = tokio::time::interval(SUPPRESSED_LOG_EVERY);
     loop {
         tick.tick().await;
         reporter.log_suppressed();
-    }
-}
-
-/// Agent start-up: takes the kernel's deny-event ring buffer, points the metrics at the
-/// kernel counters (the pinned `COUNTERS` map under `state_dir`, else the map beside the ring
-/// buffer) and spawns [`read_kernel_events`]. The returned task runs until aborted.
-pub fn start(
-    kernel: &mut crate::kernel::Kernel,
-    state_dir: &std::path::Path,
-    reporter: &Arc<Reporter>,
-) -> tokio::task::JoinHandle<()> {
-    let ring = kernel.take_deny_events();
-    let pinned = crate::pins::map_pin(state_dir, "COUNTERS");
-    let counters = KernelCounters::from_pin(&pinned)
-        .map_err(anyhow::Error::from)
-        .or_else(|e| match &ring {
-            Some(r) => counters_beside(r).map_err(|e2| e.context(e2)),
-            None => Err(e),
-        });
-    match counters {
-        Ok(c) => reporter.metrics().set_kernel_counters(c),
-        Err(e) => warn!(error = %format!("{e:#}"), "metrics: kernel counters unavailable"),
-    }
-    match ring {
-        Some(ring) => tokio::spawn(read_kernel_events(ring, reporter.clone())),
-        None => {
-            warn!("deny events: ring buffer already taken; kernel denials will not be logged");
-            tokio::spawn(futures_pending(reporter.clone()))
-        }
     }
 }
 

@@ -15,6 +15,7 @@ use std::{
     collections::BTreeMap,
     fs::File,
     path::{Path, PathBuf},
+    sync::Mutex,
     time::{Duration, Instant},
 };
 
@@ -34,7 +35,7 @@ use passthrough_common::{
     RelayCounts, RelayPeer, RuleKeyV6, RuleValue, WorkloadEntry, WorkloadKey, counter,
 };
 
-use crate::plan::KernelPlan;
+use passthrough_policy::plan::{KernelPlan, MapUsage};
 
 /// The eBPF object built by `build.rs` (aya-build), embedded in the binary.
 #[cfg(not(ebpf_skipped))]
@@ -79,14 +80,16 @@ pub const SKB_EGRESS: &str = "passthrough_skb_egress";
 pub const RELAY_VERDICT: &str = "passthrough_relay";
 
 /// The kernel relay's maps, with the verdict program attached to `socks` (it stays attached
-/// while the map is open). See `proxy::kernel_relay`.
+/// while the map is open). Each behind its own lock: aya's writes take `&mut`, and the proxy's
+/// connections use the maps from many tasks (`passthrough_proxy::kernel_relay`, through the
+/// `KernelRelayMaps` implementation in [`crate::proxy_maps`]).
 pub struct RelayMaps {
     /// `RELAY_SOCKS`: socket cookie → socket.
-    pub socks: SockHash<MapData, u64>,
+    pub socks: Mutex<SockHash<MapData, u64>>,
     /// `RELAY_PEERS`: socket cookie → peer and bytes the agent forwarded.
-    pub peers: HashMap<MapData, u64, RelayPeer>,
+    pub peers: Mutex<HashMap<MapData, u64, RelayPeer>>,
     /// `RELAY_COUNTS`: socket cookie → bytes passed and redirected by the program.
-    pub counts: HashMap<MapData, u64, RelayCounts>,
+    pub counts: Mutex<HashMap<MapData, u64, RelayCounts>>,
 }
 
 /// Where the proxy listens, as the programs must know it.
@@ -178,6 +181,18 @@ impl Capacities {
     /// for upper levels and small tables (each at least 2 blocks).
     pub fn range_blocks(&self) -> u32 {
         2 * ((self.rules / 2).div_ceil(8) + (self.rules / 256).max(64))
+    }
+
+    /// What the maps hold, as `passthrough_map_capacity` reports it: rule entries per family
+    /// and workload entries across both generations, range blocks per generation (the half a
+    /// plan is written into).
+    pub fn map_capacity(&self) -> MapUsage {
+        MapUsage {
+            rules_v4: self.rules as usize,
+            range_blocks_v4: (self.range_blocks() / 2) as usize,
+            rules_v6: self.rules as usize,
+            workloads: self.workloads as usize,
+        }
     }
 }
 
@@ -510,17 +525,15 @@ impl Kernel {
                 source,
             })?;
         Ok(Some(RelayMaps {
-            socks,
-            peers,
-            counts,
+            socks: Mutex::new(socks),
+            peers: Mutex::new(peers),
+            counts: Mutex::new(counts),
         }))
     }
 
     /// The map the proxy looks accepted connections up in. Taken once (the proxy owns it).
     pub fn take_orig_dst_map(&mut self) -> Option<OrigDstMap> {
-        self.orig_by_peer
-            .take()
-            .map(|m| OrigDstMap(std::sync::Mutex::new(m)))
+        self.orig_by_peer.take().map(|m| OrigDstMap(Mutex::new(m)))
     }
 
     /// The generation a new plan must be compiled for (the inactive one).
@@ -1489,8 +1502,9 @@ pub fn own_netns_cookie() -> std::io::Result<u64> {
 }
 
 /// The kernel's record of redirected connections, keyed by the client's address as the proxy
-/// sees it (`ORIG_BY_PEER`).
-pub struct OrigDstMap(std::sync::Mutex<HashMap<MapData, PeerKey, OrigDst>>);
+/// sees it (`ORIG_BY_PEER`). The proxy reads it through `passthrough_proxy::OrigDstSource`
+/// ([`crate::proxy_maps`]).
+pub struct OrigDstMap(Mutex<HashMap<MapData, PeerKey, OrigDst>>);
 
 impl OrigDstMap {
     /// Looks up and removes the entry of the connection whose client is `peer`.
@@ -1515,28 +1529,6 @@ impl OrigDstMap {
         let found = map.get(&key, 0).ok()?;
         let _ = map.remove(&key);
         Some(found)
-    }
-}
-
-impl crate::proxy::OrigDstSource for OrigDstMap {
-    fn take(
-        &self,
-        peer: std::net::SocketAddr,
-        _local: std::net::SocketAddr,
-    ) -> Option<crate::proxy::Redirected> {
-        let o = OrigDstMap::take(self, peer)?;
-        let v6 = std::net::Ipv6Addr::from(o.addr);
-        let ip = match v6.to_ipv4_mapped() {
-            Some(v4) => std::net::IpAddr::V4(v4),
-            None => std::net::IpAddr::V6(v6),
-        };
-        let comm_len = o.comm.iter().position(|b| *b == 0).unwrap_or(o.comm.len());
-        Some(crate::proxy::Redirected {
-            dst: std::net::SocketAddr::new(ip, u16::from_be(o.port_be)),
-            workload: o.workload,
-            pid: o.pid,
-            comm: String::from_utf8_lossy(&o.comm[..comm_len]).into_owned(),
-        })
     }
 }
 

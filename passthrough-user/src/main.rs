@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use passthrough_user::{agent, policy, status};
+use passthrough_user::{agent, cli, status};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -24,9 +24,9 @@ enum Command {
     /// Run the agent in the foreground (SIGTERM/SIGINT: detach and exit; SIGHUP: reload).
     Run(agent::RunArgs),
     /// Validate policy files: one line per violation `FILE: spec.path: message`; exit 1 if any.
-    Check(policy::cli::CheckArgs),
+    Check(cli::CheckArgs),
     /// The decision for one connection and the match that made it, without touching the kernel.
-    Explain(policy::cli::ExplainArgs),
+    Explain(cli::ExplainArgs),
     /// What is attached where, the policy generation and counters (from pinned state).
     Status(status::StatusArgs),
     /// Detach and unpin everything passthrough left in the kernel.
@@ -48,15 +48,15 @@ fn init_logging(format: &str) {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    init_logging(&cli.log_format);
-    let result = match cli.command {
+    let parsed = Cli::parse();
+    init_logging(&parsed.log_format);
+    let result = match parsed.command {
         Command::Check(args) => match args.run(&mut std::io::stdout().lock()) {
             Ok(true) => Ok(()),
             Ok(false) => return ExitCode::FAILURE,
-            Err(e) => Err(e),
+            Err(e) => Err(e.into()),
         },
-        Command::Explain(args) => policy::cli::run_explain(&args, &mut std::io::stdout().lock()),
+        Command::Explain(args) => cli::run_explain(&args, &mut std::io::stdout().lock()),
         Command::Status(args) => status::run_status(&args, &mut std::io::stdout().lock()),
         Command::Uninstall(args) => status::run_uninstall(&args, &mut std::io::stdout().lock()),
         Command::Run(args) => tokio::runtime::Builder::new_multi_thread()

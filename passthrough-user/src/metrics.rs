@@ -29,8 +29,10 @@
 //! when the ring buffer overflows, events are lost (counted in
 //! `passthrough_kernel_deny_events_dropped_total`), so the exact global numbers are
 //! `passthrough_kernel_decisions_total`. In the proxy, `decisions` are per TLS connection and
-//! per HTTP request. `workload` is the workload's name; `""` = no workload (a socket below an
-//! attachment but in no workload cgroup), `cgroup-<id>` = a cgroup id no longer configured.
+//! per HTTP request; `proxy_bytes` are added when a relayed TLS connection ends, per HTTP/1
+//! exchange, and when an h2c connection ends. `workload` is the workload's name; `""` = no
+//! workload (a socket below an attachment but in no workload cgroup), `cgroup-<id>` = a cgroup
+//! id no longer configured.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -52,7 +54,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::{kernel::Capacities, plan::KernelPlan};
+pub use passthrough_policy::plan::MapUsage;
 
 /// Reads the kernel's global counters (index → name as in `counter::NAMES`).
 pub trait CounterSource: Send + Sync + 'static {
@@ -163,32 +165,6 @@ struct MapLabels {
 struct MapSetLabels {
     map: &'static str,
     set: &'static str,
-}
-
-/// Map entries of one plan ([`MapUsage::of`]).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct MapUsage {
-    /// IPv4 rule entries (compiled into the range tables).
-    pub rules_v4: usize,
-    /// `RANGES_V4` blocks the plan's range tables take (of one generation's half).
-    pub range_blocks_v4: usize,
-    /// `RULES_V6` entries.
-    pub rules_v6: usize,
-    /// `WORKLOADS` entries.
-    pub workloads: usize,
-}
-
-impl MapUsage {
-    /// What `plan` puts in the maps (call before `Kernel::apply`, which takes the plan).
-    pub fn of(plan: &KernelPlan) -> Self {
-        let (rules_v4, rules_v6) = plan.entry_counts();
-        Self {
-            rules_v4,
-            range_blocks_v4: plan.ranges_v4.blocks.len(),
-            rules_v6,
-            workloads: plan.workloads.len(),
-        }
-    }
 }
 
 /// Scrape-time reader of the kernel counters.
@@ -419,14 +395,14 @@ impl Metrics {
     }
 
     /// Call after every successful `Kernel::apply` (start-up and reloads): the generation now in
-    /// force, the workloads (cgroup id, name) it covers, what the plan put in the maps and the
-    /// map capacities.
+    /// force, the workloads (cgroup id, name) it covers, what the plan put in the maps and what
+    /// they can hold (`capacity`: entries per map, range blocks per generation).
     pub fn policy_applied(
         &self,
         generation: u64,
         workloads: impl IntoIterator<Item = (u64, String)>,
         usage: MapUsage,
-        caps: Capacities,
+        capacity: MapUsage,
     ) {
         *self.names.write().unwrap_or_else(|e| e.into_inner()) =
             Arc::new(workloads.into_iter().collect());
@@ -442,19 +418,29 @@ impl Metrics {
             .replace(usage)
             .unwrap_or_default();
         for (map, active, prev, cap) in [
-            ("rules_v4", usage.rules_v4, previous.rules_v4, caps.rules),
-            ("rules_v6", usage.rules_v6, previous.rules_v6, caps.rules),
+            (
+                "rules_v4",
+                usage.rules_v4,
+                previous.rules_v4,
+                capacity.rules_v4,
+            ),
+            (
+                "rules_v6",
+                usage.rules_v6,
+                previous.rules_v6,
+                capacity.rules_v6,
+            ),
             (
                 "range_blocks_v4",
                 usage.range_blocks_v4,
                 previous.range_blocks_v4,
-                caps.range_blocks() / 2,
+                capacity.range_blocks_v4,
             ),
             (
                 "workloads",
                 usage.workloads,
                 previous.workloads,
-                caps.workloads,
+                capacity.workloads,
             ),
         ] {
             self.map_entries
@@ -468,7 +454,7 @@ impl Metrics {
                 .set(prev as i64);
             self.map_capacity
                 .get_or_create(&MapLabels { map })
-                .set(i64::from(cap));
+                .set(cap as i64);
         }
     }
 
@@ -557,10 +543,14 @@ impl Metrics {
             .inc();
     }
 
-    /// A guard counting one open proxy connection until dropped.
-    pub fn proxy_active(self: &Arc<Self>) -> ActiveGuard {
+    /// The proxy opened a connection (`passthrough_proxy_connections_active` + 1).
+    pub fn proxy_connection_opened(&self) {
         self.proxy_active.inc();
-        ActiveGuard(self.clone())
+    }
+
+    /// A connection counted by [`Metrics::proxy_connection_opened`] ended.
+    pub fn proxy_connection_closed(&self) {
+        self.proxy_active.dec();
     }
 
     /// How long classifying the first bytes took.
@@ -616,15 +606,6 @@ impl Metrics {
         } else {
             (PROMETHEUS_TEXT, self.render())
         }
-    }
-}
-
-/// Decrements `passthrough_proxy_connections_active` on drop.
-pub struct ActiveGuard(Arc<Metrics>);
-
-impl Drop for ActiveGuard {
-    fn drop(&mut self) {
-        self.0.proxy_active.dec();
     }
 }
 
@@ -709,6 +690,7 @@ pub fn rfc3339(t: SystemTime) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernel::Capacities;
 
     fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         parse_text(text)
@@ -733,7 +715,12 @@ mod tests {
         m.proxy_decision("tls", "deny", "no_match", "w");
         m.bytes_counters("w").0.inc();
         m.upstream_connect_error("w");
-        m.policy_applied(1, [], MapUsage::default(), Capacities::default());
+        m.policy_applied(
+            1,
+            [],
+            MapUsage::default(),
+            Capacities::default().map_capacity(),
+        );
         let text = m.render();
         for name in [
             "passthrough_decisions_total",
@@ -784,7 +771,8 @@ mod tests {
             Capacities {
                 rules: 100,
                 workloads: 8,
-            },
+            }
+            .map_capacity(),
         );
         m.policy_applied(
             4,
@@ -798,7 +786,8 @@ mod tests {
             Capacities {
                 rules: 100,
                 workloads: 8,
-            },
+            }
+            .map_capacity(),
         );
         m.reload_succeeded();
         m.reload_result::<(), ()>(&Err(()));

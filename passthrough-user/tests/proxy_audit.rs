@@ -11,11 +11,13 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
+use passthrough_policy::{DecideOptions, MergedConf, Mode};
+use passthrough_proxy::{
+    DomainDestination, OrigDstSource, Proxy, ProxyConfig, ProxyPolicy, Redirected,
+};
 use passthrough_user::{
     events::{LimiterConfig, Reporter},
     metrics::{MapUsage, Metrics, parse_text},
-    policy::{DecideOptions, MergedConf, Mode},
-    proxy::{DomainDestination, OrigDstSource, Proxy, ProxyConfig, ProxyPolicy, Redirected},
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -80,7 +82,7 @@ async fn proxy(audit: bool) -> Px {
     let orig = Arc::new(FakeOrig::default());
     let p = Proxy::new(orig.clone(), Arc::new(ArcSwap::from_pointee(policy)), cfg)
         .unwrap()
-        .with_reporter(reporter);
+        .with_report(reporter);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let stop = CancellationToken::new();

@@ -279,7 +279,7 @@ impl Agent {
         AgentBuilder::default()
     }
 
-    /// The proxy port on 127.0.0.1 / [::1] (`--proxy-port`; 0 = no proxy).
+    /// The proxy port on 127.0.0.1 / `[::1]` (`--proxy-port`; 0 = no proxy).
     pub fn proxy_port(&self) -> u16 {
         self.proxy_port
     }

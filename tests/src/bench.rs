@@ -299,12 +299,12 @@ impl JsonOut {
 }
 
 /// A `Matched` configuration of one CIDR match per `(network, port)` (port `None` = every
-/// port), as the policy layer would produce it, for driving [`passthrough_user::plan::compile`]
+/// port), as the policy layer would produce it, for driving [`passthrough_policy::plan::compile`]
 /// directly.
 pub fn cidr_conf(
     nets: impl IntoIterator<Item = (ipnet::Ipv4Net, Option<u16>)>,
-) -> passthrough_user::policy::MergedConf {
-    use passthrough_user::policy::{Match, MatchKind, MatchOrigin, MergedConf, Mode, Protocol};
+) -> passthrough_policy::MergedConf {
+    use passthrough_policy::{Match, MatchKind, MatchOrigin, MergedConf, Mode, Protocol};
     let file: std::sync::Arc<Path> = Path::new("bench").into();
     let policy: std::sync::Arc<str> = "bench".into();
     let matches = nets

@@ -24,7 +24,7 @@
 //! the proxy on the host, the proxy's upstream goes host → server netns.
 //!
 //! Cleanup: deleting a namespace deletes the veth pair, its addresses and the routes through it,
-//! so [`crate::sweep`] (which removes `ptc-`/`pts-` namespaces) also cleans up after a crash.
+//! so [`crate::sweep()`] (which removes `ptc-`/`pts-` namespaces) also cleans up after a crash.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 

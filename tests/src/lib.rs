@@ -8,7 +8,7 @@
 //!   over a line protocol (`connect`, `echo`, `close`, `sendto`).
 //! * [`Agent`] — the real `passthrough run`, with readiness, reload (SIGHUP) and stop (SIGTERM).
 //! * [`require_kernel`] — the root/BPF gate: skips outside CI, panics under `CI=true`.
-//! * [`sweep`] — removes what crashed runs left behind (our prefixes only); also `pt-sweep`.
+//! * [`sweep()`] — removes what crashed runs left behind (our prefixes only); also `pt-sweep`.
 //!
 //! Addresses (see [`netns`]): client veth `192.0.2.1`/`2001:db8::1`, server veth
 //! `192.0.2.2`/`2001:db8::2`; the server accepts on any address of `198.51.100.0/24`,
@@ -150,7 +150,7 @@ fn bpf_map_create_works() -> std::io::Result<()> {
 }
 
 /// A temp dir for a test's files (policies, workload lists), named
-/// `passthrough-test-files-<pid>-*` so [`sweep`] can remove it after a crash.
+/// `passthrough-test-files-<pid>-*` so [`sweep()`] can remove it after a crash.
 pub fn test_dir() -> tempfile::TempDir {
     tempfile::Builder::new()
         .prefix(&format!("{CGROUP_PREFIX}files-{}-", std::process::id()))

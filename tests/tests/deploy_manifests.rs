@@ -34,7 +34,8 @@ use k8s_openapi::{
     },
     serde::{Serialize, de::DeserializeOwned},
 };
-use passthrough_user::{agent::RunArgs, policy};
+use passthrough_policy as policy;
+use passthrough_user::agent::RunArgs;
 use serde::Deserialize;
 use serde_json::Value;
 

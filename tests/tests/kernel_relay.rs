@@ -5,11 +5,9 @@
 
 use std::{os::fd::AsRawFd, sync::Arc, time::Duration};
 
+use passthrough_proxy::kernel_relay::{self, KernelRelay};
 use passthrough_tests::require_kernel;
-use passthrough_user::{
-    kernel::{Capacities, Kernel},
-    proxy::kernel_relay::{self, KernelRelay},
-};
+use passthrough_user::kernel::{Capacities, Kernel};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
@@ -46,7 +44,7 @@ fn rig(after_reads: u32) -> Rig {
     }
 }
 
-type RelayTask = tokio::task::JoinHandle<std::io::Result<passthrough_user::proxy::relay::Relayed>>;
+type RelayTask = tokio::task::JoinHandle<std::io::Result<passthrough_proxy::relay::Relayed>>;
 
 /// A connected (client, relay) pair and the origin side, with the relay running; returns the
 /// client, the origin and the relay's task (its result: bytes up and down).
@@ -329,6 +327,7 @@ async fn finished_connections_leave_no_map_entries() {
 #[test]
 fn the_verdict_program_redirects_only_behind_the_gate() {
     use passthrough_common::{RelayCounts, RelayPeer};
+    use passthrough_proxy::KernelRelayMaps as _;
     use std::io::{Read, Write};
     use std::net::{TcpListener, TcpStream};
     if !require_kernel() {
@@ -336,7 +335,7 @@ fn the_verdict_program_redirects_only_behind_the_gate() {
     }
     let mut kernel =
         Kernel::load(Capacities::default(), 0, 0, Default::default(), None).expect("load");
-    let mut maps = kernel.take_relay_maps().unwrap().unwrap();
+    let maps = kernel.take_relay_maps().unwrap().unwrap();
     assert!(kernel.take_relay_maps().unwrap().is_none(), "taken once");
     let pair = || {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -360,29 +359,27 @@ fn the_verdict_program_redirects_only_behind_the_gate() {
         }
     };
     for c in [ca, cu] {
-        maps.counts.insert(c, RelayCounts::default(), 0).unwrap();
+        maps.insert_counts(c, RelayCounts::default()).unwrap();
     }
-    maps.socks.insert(cu, upstream.as_raw_fd(), 0).unwrap();
-    maps.socks.insert(ca, accepted.as_raw_fd(), 0).unwrap();
+    maps.insert_socket(cu, upstream.as_raw_fd()).unwrap();
+    maps.insert_socket(ca, accepted.as_raw_fd()).unwrap();
 
     // No peer entry: passed, readable here.
     client.write_all(b"first").unwrap();
     settle();
-    assert_eq!(maps.counts.get(&ca, 0).unwrap().passed, 5);
+    assert_eq!(maps.counts(ca).unwrap().passed, 5);
     // Peer set but the 5 passed bytes not forwarded yet: the gate stays shut.
-    maps.peers
-        .insert(
-            ca,
-            RelayPeer {
-                peer: cu,
-                drained: 0,
-            },
-            0,
-        )
-        .unwrap();
+    maps.set_peer(
+        ca,
+        RelayPeer {
+            peer: cu,
+            drained: 0,
+        },
+    )
+    .unwrap();
     client.write_all(b"second").unwrap();
     settle();
-    let c = maps.counts.get(&ca, 0).unwrap();
+    let c = maps.counts(ca).unwrap();
     assert_eq!(
         (c.passed, c.redirected),
         (11, 0),
@@ -394,19 +391,17 @@ fn the_verdict_program_redirects_only_behind_the_gate() {
     let n = accepted.read(&mut held).unwrap();
     assert_eq!(&held[..n], b"firstsecond");
     upstream.write_all(&held[..n]).unwrap();
-    maps.peers
-        .insert(
-            ca,
-            RelayPeer {
-                peer: cu,
-                drained: 11,
-            },
-            0,
-        )
-        .unwrap();
+    maps.set_peer(
+        ca,
+        RelayPeer {
+            peer: cu,
+            drained: 11,
+        },
+    )
+    .unwrap();
     client.write_all(b"third").unwrap();
     settle();
-    let c = maps.counts.get(&ca, 0).unwrap();
+    let c = maps.counts(ca).unwrap();
     assert_eq!((c.passed, c.redirected), (11, 5));
     assert_eq!(origin_got(&mut origin), b"firstsecondthird");
     // A bare FIN is dropped, not redirected (a zero-byte send would break the peer's pipe).
@@ -418,23 +413,21 @@ fn the_verdict_program_redirects_only_behind_the_gate() {
             .unwrap()
             .is_none()
     );
-    assert_eq!(maps.counts.get(&ca, 0).unwrap().redirected, 5);
+    assert_eq!(maps.counts(ca).unwrap().redirected, 5);
     // The other way, with the peer gone from the map: passed to userspace, not lost.
-    maps.counts.insert(cu, RelayCounts::default(), 0).unwrap();
-    maps.peers
-        .insert(
-            cu,
-            RelayPeer {
-                peer: ca,
-                drained: 0,
-            },
-            0,
-        )
-        .unwrap();
-    maps.socks.remove(&ca).unwrap();
+    maps.insert_counts(cu, RelayCounts::default()).unwrap();
+    maps.set_peer(
+        cu,
+        RelayPeer {
+            peer: ca,
+            drained: 0,
+        },
+    )
+    .unwrap();
+    maps.socks.lock().unwrap().remove(&ca).unwrap();
     origin.write_all(b"back").unwrap();
     settle();
-    let c = maps.counts.get(&cu, 0).unwrap();
+    let c = maps.counts(cu).unwrap();
     assert_eq!((c.passed, c.redirected), (4, 0));
     upstream.set_nonblocking(true).unwrap();
     let n = upstream.read(&mut held).unwrap();

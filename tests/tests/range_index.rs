@@ -18,15 +18,13 @@ use std::{
 };
 
 use ipnet::Ipv4Net;
+use passthrough_policy::plan::{self, PlanOptions};
 use passthrough_tests::{
     EPERM, TestCgroup,
     bench::{BenchNs, MoveBack, Rng, cidr_conf, connect_once},
     require_kernel,
 };
-use passthrough_user::{
-    kernel::{Capacities, Kernel},
-    plan::{self, PlanOptions},
-};
+use passthrough_user::kernel::{Capacities, Kernel};
 
 /// The port some matches are restricted to.
 const PORT_SPECIFIC: u16 = 443;

@@ -2,8 +2,8 @@
 //!
 //! - `setup`: install toolchains, LLVM and bpf-linker (idempotent; `scripts/setup.sh`).
 //! - `build`: build the agent (the eBPF object is built by passthrough-user's build.rs).
-//! - `test`: `cargo fmt --all --check`, then every test, kernel tests included (root needed;
-//!   under `CI=true` they never skip).
+//! - `test`: `cargo fmt --all --check`, `cargo clippy` and `cargo doc` with warnings denied,
+//!   then every test, kernel tests included (root needed; under `CI=true` they never skip).
 //! - `bench`: benchmarks (`connect` = kernel-path connect() cost and compile+load time).
 //! - `demo`: the out-of-the-box demo (workload cgroup, netns test hosts, example policy).
 //! - `sweep`: remove test namespaces/cgroups left by a crashed run.
@@ -116,11 +116,11 @@ fn fuzz(seconds: u64, only: Option<&str>, sanitizer: &str) -> anyhow::Result<()>
             .into_iter()
             .collect(),
     };
-    // `cargo +toolchain` goes through rustup's cargo, not the one running xtask.
+    // `cargo +toolchain` goes through rustup's cargo, not the one running xtask. The fuzz
+    // crate depends on the policy and proxy crates only, so no eBPF object is built.
     let nightly = || {
         let mut c = Command::new("cargo");
         c.arg(format!("+{FUZZ_TOOLCHAIN}"))
-            .env("AYA_BUILD_SKIP", "1")
             .env_remove("RUSTC")
             .env_remove("CARGO");
         c
@@ -286,6 +286,26 @@ fn main() -> anyhow::Result<()> {
         Cmd::Test { args } => {
             // Formatting first: cheap, and a failure names the files (`cargo fmt --all` fixes).
             run(cargo().args(["fmt", "--all", "--check"]))?;
+            // Lints and docs with warnings denied, so nobody lands code that adds either.
+            run(cargo().args([
+                "clippy",
+                "--workspace",
+                "--exclude",
+                "passthrough-ebpf",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ]))?;
+            run(cargo()
+                .args([
+                    "doc",
+                    "--workspace",
+                    "--exclude",
+                    "passthrough-ebpf",
+                    "--no-deps",
+                ])
+                .env("RUSTDOCFLAGS", "-D warnings"))?;
             // Binaries first: kernel tests spawn the real `passthrough` and the probe.
             build_bins(false)?;
             sweep()?;
@@ -324,13 +344,12 @@ fn main() -> anyhow::Result<()> {
             let mut result = Ok(());
             if all || which == "policy" {
                 // parse + validate + merge + compile of 100,000 matches (criterion; --figures
-                // prints medians and peak RSS). No kernel needed, but the eBPF object is built
-                // anyway (cached): skipping it would leave an agent without programs in
-                // target/release, which the kernel benches then run.
+                // prints medians and peak RSS). No kernel needed: the policy crate builds no
+                // eBPF object.
                 result = run(cargo().args([
                     "bench",
                     "-p",
-                    "passthrough-user",
+                    "passthrough-policy",
                     "--bench",
                     "policy_pipeline",
                     "--",

@@ -55,6 +55,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use ipnet::Ipv4Net;
+use passthrough_policy::plan::{self, PlanOptions};
 use passthrough_tests::{
     TestCgroup,
     bench::{
@@ -62,10 +63,7 @@ use passthrough_tests::{
     },
     unique_suffix,
 };
-use passthrough_user::{
-    kernel::{Capacities, Kernel},
-    plan::{self, PlanOptions},
-};
+use passthrough_user::kernel::{Capacities, Kernel};
 
 const PORT: u16 = 9000;
 const DENY_DST: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);

@@ -30,6 +30,10 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
+use passthrough_policy::{
+    MergedConf,
+    plan::{self, PlanOptions},
+};
 use passthrough_tests::{
     TestCgroup,
     bench::{
@@ -38,11 +42,7 @@ use passthrough_tests::{
     },
     require_kernel,
 };
-use passthrough_user::{
-    kernel::{Capacities, Kernel},
-    plan::{self, PlanOptions},
-    policy::MergedConf,
-};
+use passthrough_user::kernel::{Capacities, Kernel};
 
 /// Accept-and-close port (timed connects) and accept-and-hold port (held connections).
 const PORT: u16 = 9000;

@@ -24,15 +24,15 @@ use std::{
 };
 
 use anyhow::Context as _;
+use passthrough_policy::{
+    Match, MatchKind, MatchOrigin, MergedConf, Protocol,
+    plan::{self, PlanOptions},
+};
 use passthrough_tests::{
     TestCgroup,
     bench::{BenchNs, MoveBack, Rng, cidr_conf, median, percentile, timed_connect},
 };
-use passthrough_user::{
-    kernel::{Capacities, Kernel},
-    plan::{self, PlanOptions},
-    policy::{Match, MatchKind, MatchOrigin, MergedConf, Protocol},
-};
+use passthrough_user::kernel::{Capacities, Kernel};
 
 const PORT: u16 = 9000;
 const SIZES: [usize; 3] = [10, 1_000, 100_000];

@@ -7,9 +7,9 @@
 //! matches (`tls`/`http`, exact and wildcard). It is merged for 24 workloads (8 label sets, so
 //! several workloads share a configuration and a kernel rule set) and compiled into one plan.
 //!
-//! - `cargo bench -p passthrough-user --bench policy_pipeline`: criterion, whole pipeline and
+//! - `cargo bench -p passthrough-policy --bench policy_pipeline`: criterion, whole pipeline and
 //!   each stage;
-//! - `cargo bench -p passthrough-user --bench policy_pipeline -- --figures`: runs the pipeline
+//! - `cargo bench -p passthrough-policy --bench policy_pipeline -- --figures`: runs the pipeline
 //!   in a fresh process, prints the median of 11 runs and the peak RSS (`VmHWM`) — the two
 //!   numbers the issue asks for — and exits (no criterion).
 
@@ -22,9 +22,9 @@ use std::{
 };
 
 use criterion::{Criterion, criterion_group};
-use passthrough_user::{
+use passthrough_policy::{
+    self as policy, MergedConf, Mode, PolicySet, Workload,
     plan::{self, KernelPlan, PlanOptions},
-    policy::{self, MergedConf, Mode, PolicySet, Workload},
 };
 
 const POLICIES: usize = 10;

@@ -18,9 +18,9 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::{Request, Response, StatusCode, body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use passthrough_user::{
-    policy::{DecideOptions, MergedConf, Mode, Workload, load_policy_bytes},
-    proxy::{DomainDestination, OrigDstSource, Proxy, ProxyConfig, ProxyPolicy, Redirected, h1},
+use passthrough_policy::{DecideOptions, MergedConf, Mode, Workload, load_policy_bytes};
+use passthrough_proxy::{
+    DomainDestination, OrigDstSource, Proxy, ProxyConfig, ProxyPolicy, Redirected, h1,
 };
 use rustls::{
     ClientConfig, RootCertStore, ServerConfig,

@@ -40,7 +40,6 @@
 use std::{
     io,
     os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd},
-    sync::Mutex,
     time::Duration,
 };
 
@@ -51,11 +50,31 @@ use tokio::{
 };
 
 use super::relay::Relayed;
-use crate::kernel::RelayMaps;
+
+/// The kernel relay's three maps, as the agent loaded them (`RELAY_SOCKS`, `RELAY_PEERS`,
+/// `RELAY_COUNTS`; see `passthrough-ebpf/src/maps.rs`). Only the map reads and writes are the
+/// agent's; when to write what (the gate, the order of the switch) is decided here, next to the
+/// userspace relay. Every method is one map operation; implementations serialise them as their
+/// map handles need.
+pub trait KernelRelayMaps: Send + Sync + 'static {
+    /// `RELAY_COUNTS[cookie] = counts` (created zeroed before the socket enters the sockmap).
+    fn insert_counts(&self, cookie: u64, counts: RelayCounts) -> io::Result<()>;
+    /// `RELAY_SOCKS[cookie] = fd`: the verdict program runs for the socket from now on.
+    fn insert_socket(&self, cookie: u64, fd: RawFd) -> io::Result<()>;
+    /// `RELAY_PEERS[cookie] = peer`: where its segments go and how much the agent forwarded.
+    fn set_peer(&self, cookie: u64, peer: RelayPeer) -> io::Result<()>;
+    /// `RELAY_COUNTS[cookie]`: what the verdict program passed and redirected so far.
+    fn counts(&self, cookie: u64) -> io::Result<RelayCounts>;
+    /// Removes the `RELAY_PEERS` and `RELAY_COUNTS` entries of `cookie` (a socket leaves
+    /// `RELAY_SOCKS` only by closing: removing it would drop what the work queue still holds).
+    fn forget(&self, cookie: u64);
+    /// Entries in `RELAY_PEERS` and `RELAY_COUNTS` together (0 when no connection is relayed).
+    fn entries(&self) -> usize;
+}
 
 /// The kernel relay's maps and settings; shared by every connection of the proxy.
 pub struct KernelRelay {
-    maps: Mutex<RelayMaps>,
+    maps: Box<dyn KernelRelayMaps>,
     after_reads: u32,
 }
 
@@ -70,60 +89,43 @@ impl std::fmt::Debug for KernelRelay {
 impl KernelRelay {
     /// A relay over `maps` that switches a connection into the kernel after `after_reads`
     /// userspace reads that moved bytes (0: at once).
-    pub fn new(maps: RelayMaps, after_reads: u32) -> Self {
+    pub fn new(maps: impl KernelRelayMaps, after_reads: u32) -> Self {
         KernelRelay {
-            maps: Mutex::new(maps),
+            maps: Box::new(maps),
             after_reads,
         }
     }
 
     /// Connections' entries in the relay's maps (peers and counters; 0 when idle).
     pub fn entries(&self) -> usize {
-        let m = self.maps();
-        m.peers.keys().count() + m.counts.keys().count()
-    }
-
-    fn maps(&self) -> std::sync::MutexGuard<'_, RelayMaps> {
-        self.maps.lock().unwrap_or_else(|e| e.into_inner())
+        self.maps.entries()
     }
 
     /// Creates both sockets' counters and puts them into `RELAY_SOCKS`. On an error the
     /// entries made so far stay (a socket in the map without a peer entry only passes bytes,
     /// which a userspace relay reads as usual); [`Enrolled`] removes the counters.
     fn enroll(&self, pair: &[(u64, RawFd); 2]) -> io::Result<()> {
-        let mut m = self.maps();
         for (cookie, _) in pair {
-            m.counts
-                .insert(cookie, RelayCounts::default(), 0)
-                .map_err(map_err)?;
+            self.maps.insert_counts(*cookie, RelayCounts::default())?;
         }
         for (cookie, fd) in pair {
-            m.socks.insert(cookie, *fd, 0).map_err(map_err)?;
+            self.maps.insert_socket(*cookie, *fd)?;
         }
         Ok(())
     }
 
     fn set_peer(&self, cookie: u64, peer: RelayPeer) -> io::Result<()> {
-        self.maps().peers.insert(cookie, peer, 0).map_err(map_err)
+        self.maps.set_peer(cookie, peer)
     }
 
     fn counts(&self, cookie: u64) -> io::Result<RelayCounts> {
-        self.maps().counts.get(&cookie, 0).map_err(map_err)
+        self.maps.counts(cookie)
     }
 
     fn forget(&self, cookies: &[u64]) {
-        let mut m = self.maps();
         for c in cookies {
-            let _ = m.peers.remove(c);
-            let _ = m.counts.remove(c);
+            self.maps.forget(*c);
         }
-    }
-}
-
-fn map_err(e: aya::maps::MapError) -> io::Error {
-    match e {
-        aya::maps::MapError::SyscallError(s) => s.io_error,
-        other => io::Error::other(other.to_string()),
     }
 }
 

@@ -1,17 +1,26 @@
 //! The pure policy layer: reading Kuma `MeshPassthrough` resources, validating them exactly as
-//! Kuma does, merging them per workload, and deciding connections (SPEC §1–§3).
+//! Kuma does, merging them per workload, deciding connections (SPEC §1–§3), and compiling the
+//! merged configurations into the entries of the kernel maps.
 //!
 //! Entry points: [`load_policies`] → [`PolicySet`] → [`PolicySet::merge_for`] →
-//! [`decision::decide`]; [`load_workloads`]; and the `check` / `explain` subcommands in [`cli`].
+//! [`decision::decide`]; [`plan::compile`] for the kernel; [`load_workloads`]; and the
+//! `check` / `explain` reports in [`report`].
+//!
+//! Pure by construction: the crate depends on no async runtime, no socket or kernel library
+//! and reads no clock (see its `Cargo.toml`), so everything here is a function of its inputs
+//! and the agent, the proxy, `explain` and the tests all decide the same way.
 
-pub mod cli;
 pub mod decision;
 pub mod error;
 pub mod fastyaml;
 pub mod ip;
 pub mod merge;
 pub mod model;
+pub mod outcome;
 pub mod parse;
+pub mod plan;
+pub mod ranges;
+pub mod report;
 pub mod validate;
 pub mod workloads;
 
@@ -53,7 +62,7 @@ impl PolicySet {
     /// The merged configurations of many workloads, computed once per distinct set of
     /// selecting policies: returns the distinct configurations and, for each workload, the
     /// index of its configuration. A node with a thousand pods of a few deployments merges a
-    /// few times instead of a thousand (time and memory), and [`crate::plan::compile`]
+    /// few times instead of a thousand (time and memory), and [`plan::compile`]
     /// recognises workloads that share a configuration without comparing their matches.
     pub fn merge_all<'w>(
         &self,

@@ -22,9 +22,9 @@ use std::{
 };
 
 use ipnet::IpNet;
-use passthrough_user::{
+use passthrough_policy::{
+    self as policy, Connection, DecideOptions, MergedConf, Mode, Verdict, Workload,
     plan::{self, PlanOptions},
-    policy::{self, Connection, DecideOptions, MergedConf, Mode, Verdict, Workload},
 };
 use proptest::prelude::*;
 

@@ -14,10 +14,7 @@ use std::{
 use ipnet::{IpNet, Ipv4Net};
 use passthrough_common::{RULE_KEY_FIXED_BITS, RangeTableKey, RuleKeyV6, mode, ruleset};
 
-use crate::{
-    policy::{FxHashMap, MatchKind, MergedConf, Mode},
-    ranges::RangeImage,
-};
+use crate::{FxHashMap, MatchKind, MergedConf, Mode, ranges::RangeImage};
 
 /// The kernel's number for a [`Mode`].
 pub fn mode_code(m: Mode) -> u32 {
@@ -138,6 +135,20 @@ pub struct KernelPlan {
     /// `(rule set, port)` pairs with a Domain match (port 0 = every port): SPEC §3 rule 4
     /// candidates, redirected to the proxy when no IP/CIDR match allows.
     pub domain_ports: BTreeSet<(u32, u16)>,
+}
+
+/// Map entries per map: what one plan puts in the kernel maps ([`KernelPlan::usage`]), or what
+/// the maps can hold (the loader's capacities, in the same shape for the metrics).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MapUsage {
+    /// IPv4 rule entries (compiled into the range tables).
+    pub rules_v4: usize,
+    /// `RANGES_V4` blocks the plan's range tables take (of one generation's half).
+    pub range_blocks_v4: usize,
+    /// `RULES_V6` entries.
+    pub rules_v6: usize,
+    /// `WORKLOADS` entries.
+    pub workloads: usize,
 }
 
 /// Inputs of [`compile`] besides the workloads.
@@ -326,6 +337,17 @@ impl KernelPlan {
     fn label(&mut self, l: MatchLabel) -> u32 {
         self.match_labels.push(l);
         (self.match_labels.len() - 1) as u32
+    }
+
+    /// What this plan puts in the maps (take it before the loader consumes the plan).
+    pub fn usage(&self) -> MapUsage {
+        let (rules_v4, rules_v6) = self.entry_counts();
+        MapUsage {
+            rules_v4,
+            range_blocks_v4: self.ranges_v4.blocks.len(),
+            rules_v6,
+            workloads: self.workloads.len(),
+        }
     }
 
     /// Number of IPv4 and IPv6 trie entries.

@@ -9,7 +9,7 @@
 //! connection; the pipe is taken only then, and where none can be made the direction keeps
 //! copying. Either way EOF in one direction becomes a write shutdown (half-close) toward the
 //! other side, and the relay ends when both directions are done (the second EOF needs no
-//! shutdown: closing the sockets sends it, see [`HalfClose`]).
+//! shutdown: closing the sockets sends it, see `HalfClose`).
 
 use std::{
     io,

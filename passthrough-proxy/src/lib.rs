@@ -15,16 +15,27 @@
 //!   proxied with hyper; denials are `503` or, for gRPC, `grpc-status: 7`.
 //! - anything else, a timeout, or too many bytes without a decision → closed.
 //!
-//! Decisions use [`crate::policy::decision::decide_at_proxy`], then the destination check
+//! Decisions use [`passthrough_policy::decision::decide_at_proxy`], then the destination check
 //! ([`dns`]) when a `Domain` match allowed. Every decision is one `tracing` event (target
 //! `passthrough::proxy`, message `decision`) with workload, pid, comm, peer, destination,
 //! protocol, name, verdict, reason and match.
 //!
-//! Denials (and, with [`ProxyConfig::audit`], would-be denials) are reported through
-//! [`crate::events::Reporter`]: one rate-limited event at target `passthrough::deny` with the same
-//! fields as the kernel's, plus metrics ([`crate::metrics`]). Under `audit` a denied connection
-//! or request goes to its original destination instead (CONNECT and protocol upgrades excepted:
-//! they cannot be passed through per request and stay refused).
+//! Denials (and, with [`ProxyConfig::audit`], would-be denials) are reported through the
+//! [`ProxyReport`] the agent gives it (`Proxy::with_report`): there, one rate-limited event at
+//! target `passthrough::deny` with the same fields as the kernel's, plus metrics. Under `audit`
+//! a denied connection or request goes to its original destination instead (CONNECT and
+//! protocol upgrades excepted: they cannot be passed through per request and stay refused).
+//!
+//! # What the proxy needs from the agent
+//! This crate depends on no kernel library. It reaches the rest of the agent only through three
+//! traits, which the agent (`passthrough-user`) implements over the kernel maps, its metrics and
+//! its event log, and the tests implement with fakes:
+//! - [`OrigDstSource`]: the original destination (and workload, pid, comm) of an accepted
+//!   socket, from the map the kernel's redirect wrote;
+//! - [`KernelRelayMaps`]: the sockmap and per-socket counters of the opt-in kernel relay
+//!   ([`kernel_relay`]); the byte-order logic stays here, next to the userspace relay it hands
+//!   connections over from, and only the map reads and writes are the agent's;
+//! - [`ProxyReport`]: what happened (decisions, denials, bytes, upstream failures).
 //!
 //! Policy: the proxy reads an `Arc<ArcSwap<ProxyPolicy>>`; the agent swaps in a new
 //! [`ProxyPolicy`] on reload. A TLS connection is judged once with the policy of its arrival;
@@ -38,6 +49,7 @@ pub mod kernel_relay;
 pub mod orig_dst;
 pub mod peek;
 pub mod relay;
+pub mod report;
 pub mod tls;
 
 use std::{collections::HashMap, fmt::Display, net::SocketAddr, sync::Arc, time::Duration};
@@ -51,16 +63,15 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-pub use dns::{DestError, Destinations, DomainDestination};
+pub use dns::{DestError, Destinations, DomainDestination, ResolverSetupError};
+pub use kernel_relay::KernelRelayMaps;
 pub use orig_dst::{OrigDstSource, Redirected};
+pub use report::{LogDenials, ProxyReport};
 
-use crate::policy::{
+use passthrough_policy::{
     Connection, DecideOptions, L7, MergedConf, Verdict,
     decision::{decide_at_proxy, normalize_name},
-};
-use crate::{
-    events::{Denial, Reporter},
-    metrics::Metrics,
+    outcome::{DecisionPath, Denial},
 };
 
 /// Policy the proxy decides with; swapped atomically on reload.
@@ -94,7 +105,7 @@ pub struct ProxyConfig {
     pub max_peek: usize,
     /// Upstream connect timeout.
     pub connect_timeout: Duration,
-    /// `SO_MARK` of upstream sockets (normally [`crate::agent::AGENT_MARK`]); 0 = not set.
+    /// `SO_MARK` of upstream sockets (normally [`passthrough_common::AGENT_MARK`]); 0 = not set.
     pub upstream_mark: u32,
     /// `--audit`: decide and report, but let denied connections and requests through to their
     /// original destination.
@@ -112,7 +123,7 @@ impl Default for ProxyConfig {
             peek_timeout: Duration::from_secs(5),
             max_peek: 32 * 1024,
             connect_timeout: Duration::from_secs(5),
-            upstream_mark: crate::agent::AGENT_MARK,
+            upstream_mark: passthrough_common::AGENT_MARK,
             audit: false,
         }
     }
@@ -125,8 +136,8 @@ pub struct Proxy {
     policy: Arc<ArcSwap<ProxyPolicy>>,
     cfg: ProxyConfig,
     dest: Destinations,
-    // obs: denials and metrics (events.rs / metrics.rs).
-    report: Arc<Reporter>,
+    /// Where decisions, denials and bytes go (the agent's metrics and event log).
+    report: Arc<dyn ProxyReport>,
     /// Moves allowed TLS connections' bytes in the kernel ([`kernel_relay`]); `None`: all in
     /// userspace.
     kernel_relay: Option<Arc<kernel_relay::KernelRelay>>,
@@ -159,15 +170,16 @@ pub(crate) enum Judgement {
 }
 
 impl Proxy {
-    /// A proxy deciding with `policy` (an `ArcSwap` the agent stores new policies into).
+    /// A proxy deciding with `policy` (an `ArcSwap` the agent stores new policies into). It
+    /// reports to [`LogDenials`] until [`Proxy::with_report`] names the agent's receiver.
     /// Fails when `cfg.max_peek` is below [`MIN_PEEK`] or the resolver cannot be set up.
     pub fn new(
         orig: Arc<dyn OrigDstSource>,
         policy: Arc<ArcSwap<ProxyPolicy>>,
         cfg: ProxyConfig,
-    ) -> anyhow::Result<Self> {
+    ) -> Result<Self, ProxyError> {
         if cfg.max_peek < MIN_PEEK {
-            anyhow::bail!("max_peek {} is below {MIN_PEEK} bytes", cfg.max_peek);
+            return Err(ProxyError::PeekTooSmall(cfg.max_peek));
         }
         let dest = Destinations::new(cfg.domain_destination, cfg.resolver)?;
         Ok(Proxy {
@@ -175,7 +187,7 @@ impl Proxy {
             policy,
             cfg,
             dest,
-            report: Arc::new(Reporter::default()),
+            report: Arc::new(LogDenials),
             kernel_relay: None,
         })
     }
@@ -186,14 +198,14 @@ impl Proxy {
         self
     }
 
-    /// Reports denials and counts into `report` (and its metrics) instead of a private one.
-    pub fn with_reporter(mut self, report: Arc<Reporter>) -> Self {
+    /// Reports decisions, denials and bytes to `report` (the agent's metrics and event log).
+    pub fn with_report(mut self, report: Arc<dyn ProxyReport>) -> Self {
         self.report = report;
         self
     }
 
-    pub(crate) fn metrics(&self) -> &Arc<Metrics> {
-        self.report.metrics()
+    pub(crate) fn report(&self) -> &dyn ProxyReport {
+        &*self.report
     }
 
     /// Reports a denial of the connection in `ctx` (`sni`/`host` when known). Returns true
@@ -223,8 +235,8 @@ impl Proxy {
         detail: &dyn Display,
         audit: bool,
     ) -> bool {
-        self.report.report(&Denial {
-            path: "proxy",
+        self.report.denial(&Denial {
+            path: DecisionPath::Proxy,
             time: std::time::SystemTime::now(),
             workload: ctx.rec.workload,
             cgroup: None,
@@ -259,8 +271,8 @@ impl Proxy {
     }
 
     pub(crate) fn upstream_failed(&self, ctx: &ConnInfo, target: SocketAddr, e: &dyn Display) {
-        let workload = self.metrics().workload_name(ctx.rec.workload);
-        self.metrics().upstream_connect_error(&workload);
+        let workload = self.report.workload_name(ctx.rec.workload);
+        self.report.upstream_connect_failed(ctx.rec.workload);
         warn!(
             target: "passthrough::proxy",
             workload = %workload, workload_id = ctx.rec.workload, pid = ctx.rec.pid, comm = %ctx.rec.comm,
@@ -279,7 +291,7 @@ impl Proxy {
     ) {
         warn!(
             target: "passthrough::proxy",
-            workload = %self.metrics().workload_name(ctx.rec.workload),
+            workload = %self.report.workload_name(ctx.rec.workload),
             workload_id = ctx.rec.workload, pid = ctx.rec.pid, comm = %ctx.rec.comm,
             peer = %ctx.peer, dst = %ctx.rec.dst, %target, host = %host, error = %e, "upstream failed"
         );
@@ -299,12 +311,8 @@ impl Proxy {
         };
         match relayed {
             Ok(n) => {
-                let (up, down) = self
-                    .metrics()
-                    .bytes_counters(&self.metrics().workload_name(ctx.rec.workload));
-                up.inc_by(n.up);
-                down.inc_by(n.down);
-                self.metrics().relay_ended(n.in_kernel);
+                self.report.bytes(ctx.rec.workload, n.up, n.down);
+                self.report.relay_ended(n.in_kernel);
                 debug!(
                     target: "passthrough::proxy",
                     peer = %ctx.peer, %target, up = n.up, down = n.down, "relay done"
@@ -347,7 +355,7 @@ impl Proxy {
                 Ok((stream, peer)) => {
                     let me = self.clone();
                     let stop = shutdown.child_token();
-                    let active = self.metrics().proxy_active();
+                    let active = OpenConnection::new(self.report.clone());
                     tokio::spawn(async move {
                         let _active = active;
                         tokio::select! {
@@ -373,9 +381,10 @@ impl Proxy {
         inherits_nodelay: bool,
     ) {
         let Some(rec) = self.orig.take(peer, local) else {
-            self.metrics().proxy_connection("no_original_destination");
-            self.metrics()
-                .proxy_decision("unknown", "deny", "no_original_destination", "");
+            self.report
+                .connection_classified("no_original_destination", None);
+            self.report
+                .decision("unknown", "deny", "no_original_destination", 0);
             warn!(
                 target: "passthrough::proxy",
                 %peer, %local, verdict = "deny", reason = "no_original_destination",
@@ -389,8 +398,7 @@ impl Proxy {
         let mut buf = Vec::with_capacity(2048);
         let peek_start = Instant::now();
         let first = self.read_first(&mut client, &mut buf).await;
-        self.metrics().peek_time(peek_start.elapsed());
-        self.metrics().proxy_connection(match &first {
+        let kind = match &first {
             First::Tls(tls::Parse::Hello(_)) => "tls",
             First::Tls(tls::Parse::Invalid(_)) => "tls_invalid",
             First::Http1 => "http1",
@@ -399,7 +407,9 @@ impl Proxy {
             First::TooLarge => "too_large",
             First::Timeout => "timeout",
             First::Closed => "closed",
-        });
+        };
+        self.report
+            .connection_classified(kind, Some(peek_start.elapsed()));
         let ctx = ConnInfo { peer, rec };
         match first {
             First::Tls(tls::Parse::Hello(hello)) => self.tls(client, buf, ctx, hello).await,
@@ -554,9 +564,8 @@ impl Proxy {
         let _ = verdict;
         match target {
             Some(t) => {
-                let workload = self.metrics().workload_name(ctx.rec.workload);
-                self.metrics()
-                    .proxy_decision(proto, "allow", code, &workload);
+                let workload = self.report.workload_name(ctx.rec.workload);
+                self.report.decision(proto, "allow", code, ctx.rec.workload);
                 // Allowed connections are counted in the metrics and logged at debug only: a line
                 // per allowed connection costs ~9 µs of a ~140 µs relayed TLS connection here, and
                 // an access log is opt-in on the peers too (`RUST_LOG=passthrough::proxy=debug`).
@@ -592,6 +601,33 @@ impl Proxy {
 
     pub(crate) fn cfg(&self) -> &ProxyConfig {
         &self.cfg
+    }
+}
+
+/// Why the proxy could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// [`ProxyConfig::max_peek`] is too small for a ClientHello.
+    #[error("max_peek {0} is below {MIN_PEEK} bytes")]
+    PeekTooSmall(usize),
+    /// The DNS resolver of the destination check could not be built.
+    #[error(transparent)]
+    Resolver(#[from] ResolverSetupError),
+}
+
+/// Counts one open connection with the report until dropped (the connection's task holds it).
+struct OpenConnection(Arc<dyn ProxyReport>);
+
+impl OpenConnection {
+    fn new(report: Arc<dyn ProxyReport>) -> Self {
+        report.connection_opened();
+        OpenConnection(report)
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.connection_closed();
     }
 }
 
@@ -663,7 +699,7 @@ mod tests {
         let policy = ProxyPolicy {
             workloads: HashMap::new(),
             unmatched: MergedConf {
-                mode: crate::policy::Mode::All,
+                mode: passthrough_policy::Mode::All,
                 matches: vec![],
                 policies: vec![],
             },

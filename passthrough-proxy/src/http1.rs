@@ -22,7 +22,6 @@
 
 use std::{io, net::SocketAddr, sync::Arc, time::Duration};
 
-use prometheus_client::metrics::counter::Counter;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{
@@ -39,7 +38,7 @@ use super::{
     http::Allowed,
     relay,
 };
-use crate::policy::L7;
+use passthrough_policy::L7;
 
 /// Read size for bodies.
 const CHUNK: usize = 16 * 1024;
@@ -48,8 +47,6 @@ const ORIGIN_CLOSE_WAIT: Duration = Duration::from_secs(1);
 
 /// Serves one plaintext HTTP/1 client connection, `first` being the bytes already read.
 pub(crate) async fn serve(proxy: Arc<Proxy>, client: TcpStream, first: Vec<u8>, conn: ConnInfo) {
-    let m = proxy.metrics().clone();
-    let (up_bytes, down_bytes) = m.bytes_counters(&m.workload_name(conn.rec.workload));
     let mut s = Session {
         proxy,
         conn,
@@ -59,8 +56,6 @@ pub(crate) async fn serve(proxy: Arc<Proxy>, client: TcpStream, first: Vec<u8>, 
         out: Vec::with_capacity(1024),
         upstream: None,
         allowed: None,
-        up_bytes,
-        down_bytes,
     };
     while let Some(req) = s.read_request().await {
         if !s.exchange(req).await {
@@ -91,8 +86,6 @@ struct Session {
     out: Vec<u8>,
     upstream: Option<Upstream>,
     allowed: Option<Allowed>,
-    up_bytes: Counter,
-    down_bytes: Counter,
 }
 
 /// How a response relay ended badly.
@@ -243,8 +236,9 @@ impl Session {
                     }
                 }
             };
-            self.up_bytes.inc_by(up_count);
-            self.down_bytes.inc_by(down_count);
+            self.proxy
+                .report()
+                .bytes(self.conn.rec.workload, up_count, down_count);
             match result {
                 Ok((end, body_done)) => {
                     let keep = end.persistent && body_done && !req.closes;

@@ -28,7 +28,7 @@ use hickory_resolver::{
 use thiserror::Error;
 
 /// `--domain-destination`: what the proxy does with the address the client dialled.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DomainDestination {
     /// Allow only when the dialled IP is among the name's DNS answers (default).
     #[default]
@@ -37,6 +37,65 @@ pub enum DomainDestination {
     Resolve,
     /// Trust the client: connect to the dialled address (Kuma ≤ 2.14).
     Original,
+}
+
+impl DomainDestination {
+    /// Every mode with its command-line name and what it does (for the CLI's help).
+    pub const ALL: [(DomainDestination, &'static str, &'static str); 3] = [
+        (
+            DomainDestination::Verify,
+            "verify",
+            "Allow only when the dialled IP is among the name's DNS answers (default)",
+        ),
+        (
+            DomainDestination::Resolve,
+            "resolve",
+            "Connect to an address the name resolves to, whatever the client dialled",
+        ),
+        (
+            DomainDestination::Original,
+            "original",
+            "Trust the client: connect to the dialled address (Kuma <= 2.14)",
+        ),
+    ];
+
+    /// The command-line name (`verify`, `resolve`, `original`).
+    pub fn name(self) -> &'static str {
+        match self {
+            DomainDestination::Verify => "verify",
+            DomainDestination::Resolve => "resolve",
+            DomainDestination::Original => "original",
+        }
+    }
+}
+
+impl std::fmt::Display for DomainDestination {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for DomainDestination {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .iter()
+            .find(|(_, name, _)| *name == s)
+            .map(|(d, _, _)| *d)
+            .ok_or_else(|| format!("{s:?} is not one of verify, resolve, original"))
+    }
+}
+
+/// Why the destination check's DNS resolver could not be built.
+#[derive(Debug, Error)]
+pub enum ResolverSetupError {
+    /// `/etc/resolv.conf` could not be read or understood.
+    #[error("reading the system DNS configuration: {0}")]
+    SystemConfig(String),
+    /// The resolver refused its configuration.
+    #[error("building the DNS resolver: {0}")]
+    Build(String),
 }
 
 /// Why the destination check failed.
@@ -144,7 +203,10 @@ impl std::fmt::Debug for Destinations {
 impl Destinations {
     /// A check in `mode`, resolving with the nameserver `resolver` (UDP, TCP fallback) or the
     /// system's (`/etc/resolv.conf`). `Original` builds no resolver.
-    pub fn new(mode: DomainDestination, resolver: Option<SocketAddr>) -> anyhow::Result<Self> {
+    pub fn new(
+        mode: DomainDestination,
+        resolver: Option<SocketAddr>,
+    ) -> Result<Self, ResolverSetupError> {
         if mode == DomainDestination::Original {
             return Ok(Destinations {
                 mode,
@@ -166,7 +228,7 @@ impl Destinations {
                 )
             }
             None => TokioResolver::builder(provider)
-                .map_err(|e| anyhow::anyhow!("reading the system DNS configuration: {e}"))?,
+                .map_err(|e| ResolverSetupError::SystemConfig(e.to_string()))?,
         };
         let opts = builder.options_mut();
         opts.ip_strategy = LookupIpStrategy::Ipv4AndIpv6;
@@ -175,7 +237,7 @@ impl Destinations {
         opts.ndots = 0;
         let resolver = builder
             .build()
-            .map_err(|e| anyhow::anyhow!("building the DNS resolver: {e}"))?;
+            .map_err(|e| ResolverSetupError::Build(e.to_string()))?;
         Ok(Destinations {
             mode,
             resolver: Some(resolver),

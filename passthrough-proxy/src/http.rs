@@ -27,7 +27,10 @@ use std::{
     io,
     net::SocketAddr,
     pin::Pin,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     task::{Context, Poll},
 };
 
@@ -42,7 +45,6 @@ use hyper::{
     service::service_fn,
 };
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use prometheus_client::metrics::counter::Counter;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::TcpStream,
@@ -51,18 +53,29 @@ use tokio::{
 use tracing::debug;
 
 use super::{ConnInfo, Judgement, Proxy, relay};
-use crate::policy::L7;
+use passthrough_policy::L7;
 
 /// Response body type of the proxy.
 pub type Body = BoxBody<Bytes, hyper::Error>;
+
+/// Bytes moved on one client connection: `up` read from the client, `down` written to it.
+/// Shared between the connection's I/O (which hyper owns) and the task that reports them when
+/// the connection ends.
+#[derive(Debug, Default)]
+pub struct ClientBytes {
+    /// Read from the client.
+    pub up: AtomicU64,
+    /// Written to the client.
+    pub down: AtomicU64,
+}
 
 /// A stream that first yields bytes already read from it.
 #[derive(Debug)]
 pub struct Rewind {
     pre: Bytes,
     inner: TcpStream,
-    // obs: bytes read from / written to the client (passthrough_proxy_bytes_total).
-    counted: Option<(Counter, Counter)>,
+    /// Bytes read from / written to the client, when counted.
+    counted: Option<Arc<ClientBytes>>,
 }
 
 impl Rewind {
@@ -75,9 +88,9 @@ impl Rewind {
         }
     }
 
-    /// Counts bytes read from the client into `up` and bytes written to it into `down`.
-    pub fn counted(mut self, up: Counter, down: Counter) -> Self {
-        self.counted = Some((up, down));
+    /// Counts bytes read from and written to the client into `bytes`.
+    pub fn counted(mut self, bytes: Arc<ClientBytes>) -> Self {
+        self.counted = Some(bytes);
         self
     }
 }
@@ -97,8 +110,8 @@ impl AsyncRead for Rewind {
         } else {
             Pin::new(&mut self.inner).poll_read(cx, buf)
         };
-        if let Some((up, _)) = &self.counted {
-            up.inc_by((buf.filled().len() - before) as u64);
+        if let Some(c) = &self.counted {
+            c.up.fetch_add((buf.filled().len() - before) as u64, Ordering::Relaxed);
         }
         r
     }
@@ -111,8 +124,8 @@ impl AsyncWrite for Rewind {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if let (Some((_, down)), Poll::Ready(Ok(n))) = (&self.counted, &r) {
-            down.inc_by(*n as u64);
+        if let (Some(c), Poll::Ready(Ok(n))) = (&self.counted, &r) {
+            c.down.fetch_add(*n as u64, Ordering::Relaxed);
         }
         r
     }
@@ -128,8 +141,8 @@ impl AsyncWrite for Rewind {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if let (Some((_, down)), Poll::Ready(Ok(n))) = (&self.counted, &r) {
-            down.inc_by(*n as u64);
+        if let (Some(c), Poll::Ready(Ok(n))) = (&self.counted, &r) {
+            c.down.fetch_add(*n as u64, Ordering::Relaxed);
         }
         r
     }
@@ -201,18 +214,19 @@ impl Ctx {
 }
 
 /// Serves one prior-knowledge HTTP/2 client connection, `first` being the bytes already read.
+///
+/// The client's bytes are reported when the connection ends.
 pub(crate) async fn serve(proxy: Arc<Proxy>, client: TcpStream, first: Vec<u8>, conn: ConnInfo) {
     let peer = conn.peer;
-    let (up, down) = proxy
-        .metrics()
-        .bytes_counters(&proxy.metrics().workload_name(conn.rec.workload));
+    let workload = conn.rec.workload;
+    let bytes = Arc::new(ClientBytes::default());
     let ctx = Arc::new(Ctx {
-        proxy,
+        proxy: proxy.clone(),
         conn,
         upstreams: Mutex::new(HashMap::new()),
         allowed: std::sync::Mutex::new(None),
     });
-    let io = TokioIo::new(Rewind::new(first, client).counted(up, down));
+    let io = TokioIo::new(Rewind::new(first, client).counted(bytes.clone()));
     let svc = service_fn(move |req| {
         let ctx = ctx.clone();
         async move { Ok::<_, Infallible>(handle(ctx, req).await) }
@@ -220,6 +234,11 @@ pub(crate) async fn serve(proxy: Arc<Proxy>, client: TcpStream, first: Vec<u8>, 
     let r = server2::Builder::new(TokioExecutor::new())
         .serve_connection(io, svc)
         .await;
+    proxy.report().bytes(
+        workload,
+        bytes.up.load(Ordering::Relaxed),
+        bytes.down.load(Ordering::Relaxed),
+    );
     if let Err(e) = r {
         debug!(target: "passthrough::proxy", %peer, error = %e, "client connection ended with an error");
     }
@@ -435,8 +454,9 @@ async fn connect(ctx: &Ctx, target: SocketAddr) -> Result<TcpStream, String> {
     relay::connect(target, cfg.upstream_mark, cfg.connect_timeout)
         .await
         .map_err(|e| {
-            let m = ctx.proxy.metrics();
-            m.upstream_connect_error(&m.workload_name(ctx.conn.rec.workload));
+            ctx.proxy
+                .report()
+                .upstream_connect_failed(ctx.conn.rec.workload);
             e.to_string()
         })
 }
