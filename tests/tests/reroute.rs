@@ -143,6 +143,7 @@ mod ops {
     const IPV6_2292PKTOPTIONS: i32 = 6;
     const IPV6_HDRINCL: i32 = 36;
     const IPV6_NEXTHOP: i32 = 9;
+    const IPV6_DSTOPTS: i32 = 59;
     const IP_XFRM_POLICY: i32 = 17;
     const IPPROTO_MPTCP: i32 = 262;
     const SOL_MPTCP: i32 = 284;
@@ -367,6 +368,13 @@ mod ops {
         };
         let fd = s.as_raw_fd();
         let set = || match via {
+            // A destination options header (one PadN option): routes nowhere.
+            "dstopts" => setsockopt_bytes(
+                fd,
+                libc::IPPROTO_IPV6,
+                IPV6_DSTOPTS,
+                &[0, 0, 1, 4, 0, 0, 0, 0],
+            ),
             "pktoptions" => {
                 // One cmsghdr holding the routing header (the RFC 2292 sticky interface).
                 let mut b = Vec::new();
@@ -381,7 +389,7 @@ mod ops {
         };
         let mut out = json!({"ok": true});
         let after = req["when"] == "after";
-        if !after && (via == "setsockopt" || via == "pktoptions") {
+        if !after && matches!(via, "setsockopt" | "pktoptions" | "dstopts") {
             out["setsockopt_errno"] = json!(code(&set()));
         }
         let to = SockAddr::from(a);
@@ -1026,6 +1034,25 @@ fn ipv6_routing_headers_are_refused_outside_mode_all() {
             assert_eq!(r["echo_before"], "before", "{r}");
             assert_eq!(errno_of(&r, "setsockopt_errno"), i64::from(EPERM), "{r}");
             assert_eq!(r["echo_after"], "after", "{r}");
+        }
+        // Options that do not route are left alone (destination options need CAP_NET_RAW):
+        // accepted, and the datagram arrives with the header.
+        if mode == "Matched" {
+            let allowed = ip("2001:db8:100::9");
+            let before = w.log.to(allowed).len();
+            let r = w
+                .helper(json!({"op": "rthdr", "proto": "udp", "addr": ALLOWED6, "via": "dstopts"}));
+            assert_eq!(
+                (errno_of(&r, "setsockopt_errno"), errno_of(&r, "send_errno")),
+                (0, 0),
+                "{r}"
+            );
+            assert!(w.log.wait_to(allowed, before + 1, Duration::from_secs(2)) > before);
+            assert!(
+                w.log.to(allowed).iter().any(|p| p.next == 60),
+                "{:?}",
+                w.log.packets()
+            );
         }
         w.nothing_denied(mode);
         assert!(
