@@ -560,6 +560,34 @@ mod tests {
     const MS: Duration = Duration::from_millis(1);
 
     #[test]
+    fn event_protocol_names_the_hook_and_the_packet() {
+        let ev = |socket_type, protocol| DenyEvent {
+            socket_type,
+            protocol,
+            ..Default::default()
+        };
+        // A refused syscall (connect/sendmsg, setsockopt).
+        assert_eq!(event_protocol(&ev(0, 6)), "tcp");
+        assert_eq!(event_protocol(&ev(0, 17)), "udp");
+        // Packets the backstop dropped: ping (IPv4 and IPv6), raw, and a TCP or UDP socket's
+        // source-routed packet (named by its protocol, not as raw).
+        assert_eq!(event_protocol(&ev(2, 1)), "ping");
+        assert_eq!(event_protocol(&ev(2, 58)), "ping");
+        assert_eq!(event_protocol(&ev(3, 17)), "raw:udp");
+        assert_eq!(event_protocol(&ev(3, 47)), "raw:47");
+        assert_eq!(event_protocol(&ev(1, 6)), "tcp");
+        assert_eq!(event_protocol(&ev(2, 17)), "udp");
+        assert_eq!(
+            kernel_reason(counter::DENY_SOURCE_ROUTE).0,
+            "deny_source_route"
+        );
+        assert_eq!(
+            kernel_reason(counter::DENY_SUBFLOW_OWNER_UNKNOWN).0,
+            "deny_subflow_owner_unknown"
+        );
+    }
+
+    #[test]
     fn bucket_refills_at_rate_up_to_burst() {
         let mut b = TokenBucket::new(10.0, 3.0, Duration::ZERO);
         assert!((0..3).all(|_| b.try_take(Duration::ZERO)));
