@@ -216,9 +216,8 @@ fn subflow_code(v: Verdict) -> i32 {
 pub fn passthrough_connect4(ctx: SockAddrContext) -> i32 {
     let addr = user_ip4(&ctx);
     let port = port_be(&ctx);
-    let first = match mptcp::subject(&ctx) {
-        Subject::Task => None,
-        Subject::First(msk) => Some(msk),
+    match mptcp::subject(&ctx) {
+        Subject::Task => {}
         Subject::Owner(owner) => {
             return subflow_code(decide_for(
                 owner,
@@ -229,7 +228,7 @@ pub fn passthrough_connect4(ctx: SockAddrContext) -> i32 {
             ));
         }
         Subject::Unknown => return subflow_code(decide_unknown_owner(V4(addr), port)),
-    };
+    }
     let code = match decide(V4(addr), port, transport(&ctx), socket_mark(&ctx)) {
         Verdict::Allow => PROCEED,
         Verdict::Deny => REJECT,
@@ -237,10 +236,8 @@ pub fn passthrough_connect4(ctx: SockAddrContext) -> i32 {
             redirect(&ctx, mapped_words(addr), port, 4, workload, false, true)
         }
     };
-    if code == PROCEED
-        && let Some(msk) = first
-    {
-        mptcp::record_owner(msk);
+    if code == REJECT {
+        mptcp::forget_owner(&ctx);
     }
     code
 }
@@ -249,9 +246,8 @@ pub fn passthrough_connect4(ctx: SockAddrContext) -> i32 {
 pub fn passthrough_connect6(ctx: SockAddrContext) -> i32 {
     let words = user_ip6(&ctx);
     let port = port_be(&ctx);
-    let first = match mptcp::subject(&ctx) {
-        Subject::Task => None,
-        Subject::First(msk) => Some(msk),
+    match mptcp::subject(&ctx) {
+        Subject::Task => {}
         Subject::Owner(owner) => {
             let mark = socket_mark(&ctx);
             return subflow_code(match v4_mapped(words) {
@@ -265,7 +261,7 @@ pub fn passthrough_connect6(ctx: SockAddrContext) -> i32 {
                 None => decide_unknown_owner(v6(words), port),
             });
         }
-    };
+    }
     let (verdict, v4_dest) = match v4_mapped(words) {
         Some(v4) => (decide(v4, port, transport(&ctx), socket_mark(&ctx)), true),
         None => (
@@ -278,10 +274,8 @@ pub fn passthrough_connect6(ctx: SockAddrContext) -> i32 {
         Verdict::Deny => REJECT,
         Verdict::Redirect { workload } => redirect(&ctx, words, port, 6, workload, true, v4_dest),
     };
-    if code == PROCEED
-        && let Some(msk) = first
-    {
-        mptcp::record_owner(msk);
+    if code == REJECT {
+        mptcp::forget_owner(&ctx);
     }
     code
 }

@@ -29,7 +29,7 @@ use aya_ebpf::{
     cty::c_void,
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_comm,
-        bpf_get_current_pid_tgid, bpf_sk_storage_get, bpf_skc_to_mptcp_sock,
+        bpf_get_current_pid_tgid, bpf_sk_storage_delete, bpf_sk_storage_get, bpf_skc_to_mptcp_sock,
     },
     macros::btf_map,
     programs::SockAddrContext,
@@ -50,11 +50,10 @@ const ROOT_CGROUP_ID: u64 = 1;
 
 /// Who a connect is judged for.
 pub enum Subject {
-    /// The calling task (every socket but an MPTCP subflow, and the owner's own connects).
+    /// The calling task: every socket but an MPTCP subflow, the owner's own connects, and the
+    /// first connect of an MPTCP connection (its task is recorded as the owner right away;
+    /// [`forget_owner`] takes the record back if the connect is refused).
     Task,
-    /// The first connect of an MPTCP connection: the task, then recorded as the owner of the
-    /// MPTCP socket `msk` once allowed.
-    First(*mut c_void),
     /// A subflow opened by someone else than the owner: judged for the stored owner.
     Owner(Owner),
     /// A kernel worker's subflow of a connection with no stored owner: denied.
@@ -84,7 +83,10 @@ pub fn subject(ctx: &SockAddrContext) -> Subject {
         if current == ROOT_CGROUP_ID {
             return Subject::Unknown;
         }
-        return Subject::First(msk);
+        // Recorded before the decision, so that nothing of this lookup stays live across it
+        // (the verifier would otherwise walk the whole decision once more for this path).
+        record_owner(msk);
+        return Subject::Task;
     }
     // SAFETY: non-null storage value of this map's value type.
     if unsafe { (*owner).cgroups[0] } == current {
@@ -93,10 +95,10 @@ pub fn subject(ctx: &SockAddrContext) -> Subject {
     Subject::Owner(Owner(owner))
 }
 
-/// Records the calling task as the owner of the MPTCP socket `msk` (after its first connect
-/// was allowed). Fails closed: without a record, a worker's later subflow is denied.
+/// Records the calling task as the owner of the MPTCP socket `msk` (at its first connect).
+/// Fails closed: without a record, a worker's later subflow is denied.
 #[inline(always)]
-pub fn record_owner(msk: *mut c_void) {
+fn record_owner(msk: *mut c_void) {
     let map: *mut c_void = core::ptr::from_ref(&MPTCP_OWNERS).cast_mut().cast();
     // SAFETY: `msk` came from bpf_skc_to_mptcp_sock in this program run.
     let owner: *mut MptcpOwner =
@@ -114,6 +116,26 @@ pub fn record_owner(msk: *mut c_void) {
     }
     o.pid = (bpf_get_current_pid_tgid() >> 32) as u32;
     o.comm = bpf_get_current_comm().unwrap_or([0; 16]);
+}
+
+/// After a connect judged for the task was refused: removes the owner record of its MPTCP
+/// socket, if it is one (the next connect records its caller again). A refused connect
+/// establishes nothing, and a connect from the owner's cgroup or with no record is only ever
+/// a connection's first (the kernel's own subflows come from the root cgroup).
+#[inline(always)]
+pub fn forget_owner(ctx: &SockAddrContext) {
+    // SAFETY: as in `subject`.
+    let sk = unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk };
+    if sk.is_null() {
+        return;
+    }
+    let msk = unsafe { bpf_skc_to_mptcp_sock(sk.cast()) };
+    if msk.is_null() {
+        return;
+    }
+    let map: *mut c_void = core::ptr::from_ref(&MPTCP_OWNERS).cast_mut().cast();
+    // SAFETY: the helper's socket pointer; deleting an absent record is harmless.
+    unsafe { bpf_sk_storage_delete(map, msk.cast()) };
 }
 
 /// The stored owner of an MPTCP connection, as the caller whose policy applies.

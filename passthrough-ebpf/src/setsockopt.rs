@@ -26,8 +26,10 @@
 //! the destination they send to is still the judged one (docs/security.md).
 //!
 //! Not covered here: per-datagram control messages (`IP_RETOPTS`; on kernels with
-//! `CONFIG_IPV6_MIP6`, a type 2 `IPV6_RTHDR`), which no setsockopt hook sees, and options set
-//! before the programs were attached. The egress backstop (`skb.rs`) drops those packets.
+//! `CONFIG_IPV6_MIP6`, a type 2 `IPV6_RTHDR`), which no setsockopt hook sees; `setsockopt`
+//! through the 32-bit system call entry, for which the kernel runs no setsockopt program
+//! (`do_sock_setsockopt`: `if (!compat)`); and options set before the programs were attached.
+//! The egress backstop (`skb.rs`) drops those packets.
 //! The caller decides, as for connect(): a socket passed to a task of another workload is
 //! judged by that task.
 

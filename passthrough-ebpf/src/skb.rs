@@ -11,7 +11,9 @@
 //!   (`CAP_NET_RAW`), and on kernels built with `CONFIG_IPV6_MIP6` a type 2 `IPV6_RTHDR`,
 //!   which needs no privilege; no setsockopt hook sees those (`setsockopt.rs` refuses the
 //!   sticky forms), nor a raw packet that carries its own options or extension headers;
-//! - a sticky source route set before the programs were attached.
+//! - a sticky source route set before the programs were attached, or through the 32-bit
+//!   system call entry, for which the kernel runs no setsockopt program (`do_sock_setsockopt`:
+//!   `if (!compat)`; unprivileged for a routing header, on kernels with IA32 emulation).
 //!
 //! All of them leave through the IP output path, where this program sees every packet of the
 //! cgroup (with the socket's cgroup as the workload: the creator's, not the current task's).

@@ -100,10 +100,11 @@ pub struct RunArgs {
     /// every workload). Without it, these packets are not judged: raw-socket packets,
     /// unconnected ping-socket sends, per-datagram source routes (IPv4 `IP_RETOPTS` with
     /// `CAP_NET_RAW`; a type 2 IPv6 routing header, which needs no privilege on kernels built
-    /// with `CONFIG_IPV6_MIP6`, as most distribution kernels are), and source routes set on a
-    /// socket before the agent attached. Only for nodes whose kernel lacks `CONFIG_IPV6_MIP6`
-    /// and whose workloads have no `CAP_NET_RAW`, no ping sockets and no sockets older than the
-    /// agent (docs/security.md L1, L2, "Source routes").
+    /// with `CONFIG_IPV6_MIP6`, as most distribution kernels are), source routes set through
+    /// the 32-bit system call entry (no setsockopt program runs for it; no privilege needed on
+    /// kernels with IA32 emulation) or before the agent attached. Only for nodes whose kernel
+    /// has neither and whose workloads have no `CAP_NET_RAW`, no ping sockets and no sockets
+    /// older than the agent (docs/security.md L1, L2, "Source routes").
     #[arg(long)]
     pub no_raw_socket_backstop: bool,
     /// Opt-in kernel relay: after this many userspace reads, an allowed TLS connection's bytes
@@ -447,7 +448,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     kernel.set_raw_socket_backstop(!args.no_raw_socket_backstop);
     if args.no_raw_socket_backstop {
         warn!(
-            "--no-raw-socket-backstop: raw and ping sockets, per-datagram source routes (IP_RETOPTS; type 2 IPv6 routing headers, unprivileged on kernels with CONFIG_IPV6_MIP6) and source routes set before the agent attached are not judged (docs/security.md)"
+            "--no-raw-socket-backstop: raw and ping sockets, per-datagram source routes (IP_RETOPTS; type 2 IPv6 routing headers, unprivileged on kernels with CONFIG_IPV6_MIP6), source routes set through the 32-bit syscall entry or before the agent attached are not judged (docs/security.md)"
         );
     }
     if kernel.adopted() {

@@ -211,6 +211,7 @@ mod ops {
             "userns" => userns(req),
             "families" => families(),
             "ping6" => ping6(req),
+            "compat" => compat(req),
             other => {
                 json!({"ok": false, "stage": "request", "error": format!("unknown op {other}")})
             }
@@ -848,6 +849,88 @@ mod ops {
         })
     }
 
+    /// `setsockopt` through the 32-bit system call entry (`int 0x80`, i386 number 366), which a
+    /// 64-bit process can use where the kernel has IA32 emulation: the kernel runs no cgroup
+    /// setsockopt program for compat calls (`do_sock_setsockopt`: `if (!compat)`). The value
+    /// lives below 4 GiB (`MAP_32BIT`), as a 32-bit pointer requires.
+    #[cfg(target_arch = "x86_64")]
+    fn compat_setsockopt(fd: RawFd, level: i32, name: i32, val: &[u8]) -> io::Result<()> {
+        // SAFETY: an anonymous private mapping, written before the call and unmapped after.
+        unsafe {
+            let len = 4096;
+            let p = libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_32BIT,
+                -1,
+                0,
+            );
+            if p == libc::MAP_FAILED {
+                return Err(last());
+            }
+            std::ptr::copy_nonoverlapping(val.as_ptr(), p as *mut u8, val.len().min(len));
+            let ret: i32;
+            // rbx cannot be an asm operand (LLVM reserves it): saved and loaded by hand. The
+            // compat entry clobbers r8-r11.
+            std::arch::asm!(
+                "push rbx",
+                "mov ebx, {fd:e}",
+                "int 0x80",
+                "pop rbx",
+                fd = in(reg) fd,
+                inlateout("eax") 366i32 => ret,
+                in("ecx") level,
+                in("edx") name,
+                in("esi") p as u32,
+                in("edi") val.len() as u32,
+                lateout("r8") _,
+                lateout("r9") _,
+                lateout("r10") _,
+                lateout("r11") _,
+            );
+            libc::munmap(p, len);
+            if ret < 0 {
+                Err(io::Error::from_raw_os_error(-ret))
+            } else {
+                Ok(())
+            }
+        }
+    }
+
+    /// A routing header (and, with `CAP_NET_RAW`, an LSRR) set through the 32-bit entry, which
+    /// no setsockopt program sees; then a UDP send and a TCP connect to `addr6` / `addr4`.
+    #[cfg(target_arch = "x86_64")]
+    fn compat(req: &Value) -> Value {
+        let route6: Vec<Ipv6Addr> = ips(req, "route6").iter().map(v6).collect();
+        let route4: Vec<Ipv4Addr> = ips(req, "route4").iter().map(v4).collect();
+        let (a6, a4) = (addr(req, "addr6"), addr(req, "addr4"));
+        let rh = routing_header(4, &route6);
+        let mk = |d, t| Socket::new(d, t, None);
+        let (Ok(u6), Ok(t6), Ok(u4)) = (
+            mk(Domain::IPV6, Type::DGRAM),
+            mk(Domain::IPV6, Type::STREAM),
+            mk(Domain::IPV4, Type::DGRAM),
+        ) else {
+            return json!({"ok": false, "stage": "socket"});
+        };
+        let opt4 = ip_route_option(0x83, &route4);
+        json!({
+            "ok": true,
+            "udp6_setsockopt_errno": code(&compat_setsockopt(u6.as_raw_fd(), libc::IPPROTO_IPV6, IPV6_RTHDR, &rh)),
+            "tcp6_setsockopt_errno": code(&compat_setsockopt(t6.as_raw_fd(), libc::IPPROTO_IPV6, IPV6_RTHDR, &rh)),
+            "udp4_setsockopt_errno": code(&compat_setsockopt(u4.as_raw_fd(), libc::IPPROTO_IP, libc::IP_OPTIONS, &opt4)),
+            "udp6_send_errno": code(&u6.send_to(b"compat", &SockAddr::from(a6))),
+            "udp4_send_errno": code(&u4.send_to(b"compat", &SockAddr::from(a4))),
+            "tcp6_connect_errno": code(&t6.connect_timeout(&SockAddr::from(a6), TIMEOUT)),
+        })
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    fn compat(_req: &Value) -> Value {
+        json!({"ok": false, "stage": "arch", "error": "the 32-bit entry is tested on x86_64 only"})
+    }
+
     /// An ICMPv6 echo request from a ping socket (`SOCK_DGRAM`/`IPPROTO_ICMPV6`) to `addr`.
     fn ping6(req: &Value) -> Value {
         let a = addr(req, "addr");
@@ -1250,6 +1333,52 @@ fn source_routes_set_before_the_agent_attached_are_dropped() {
     }
     drop(h);
     agent.stop().unwrap();
+}
+
+/// The kernel runs no cgroup setsockopt program for a 32-bit (compat) `setsockopt`
+/// (net/socket.c `do_sock_setsockopt`), so a workload that makes the call through the 32-bit
+/// entry (a 32-bit binary, or `int 0x80` from a 64-bit one, where the kernel has IA32
+/// emulation) does set a routing header — unprivileged — or, with `CAP_NET_RAW`, an LSRR. The
+/// egress backstop drops every packet that carries one: UDP sends fail with EPERM, a TCP
+/// connect never completes, and nothing reaches the denied host.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn compat_setsockopt_skips_the_hook_and_the_backstop_drops_the_packets() {
+    if !require_kernel() {
+        return;
+    }
+    let w = Reroute::new("Matched");
+    let req = json!({"op": "compat", "addr6": ALLOWED6, "addr4": ALLOWED4,
+        "route6": [DENIED6], "route4": [DENIED4]});
+    let eperm = i64::from(EPERM);
+    // Unprivileged: the IPv6 routing header is set (no hook ran); the kernel refuses the LSRR.
+    let mut nobody = req.clone();
+    nobody["as_nobody"] = json!(true);
+    let r = w.helper(nobody);
+    assert_eq!(
+        errno_of(&r, "udp6_setsockopt_errno"),
+        0,
+        "the compat call set the option: {r}"
+    );
+    assert_eq!(errno_of(&r, "tcp6_setsockopt_errno"), 0, "{r}");
+    assert_eq!(errno_of(&r, "udp4_setsockopt_errno"), eperm, "{r}");
+    assert_eq!(
+        errno_of(&r, "udp6_send_errno"),
+        eperm,
+        "the backstop dropped it: {r}"
+    );
+    assert_ne!(errno_of(&r, "tcp6_connect_errno"), 0, "{r}");
+    // With CAP_NET_RAW the LSRR is set too, and dropped the same way.
+    let r = w.helper(req);
+    assert_eq!(errno_of(&r, "udp4_setsockopt_errno"), 0, "{r}");
+    assert_eq!(errno_of(&r, "udp4_send_errno"), eperm, "{r}");
+    assert_eq!(errno_of(&r, "udp6_send_errno"), eperm, "{r}");
+    w.nothing_denied("compat setsockopt");
+    assert!(
+        w.logged(&["deny_source_route", DENIED6]),
+        "{}",
+        w.w.agent.log()
+    );
 }
 
 // --------------------------------------------------------------------------------- MPTCP
