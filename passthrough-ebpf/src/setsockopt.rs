@@ -19,7 +19,7 @@
 //!   v4-mapped traffic), and the hook sees it there under the same level and name.
 //!
 //! What it does: for those three, outside mode `All` (the caller's workload, or the unmatched
-//! mode), `setsockopt()` fails with `EPERM` and a `deny_source_route` denial is reported with
+//! mode), `setsockopt()` fails with `EPERM` and a `source_route` denial is reported with
 //! the route's first hop when it can be read. Everything else returns at once after one
 //! compare of the level; options that do not route (hop-by-hop and destination options, record
 //! route, timestamps, `IP_PKTINFO`, `IPV6_NEXTHOP`, `SO_BINDTODEVICE`) are left to the kernel:

@@ -45,7 +45,9 @@ use aya_ebpf::{
     programs::SkBuffContext,
 };
 
-use crate::decide::{Caller, Socket, Transport, V4, V6, Verdict, decide_for, decide_source_route};
+use passthrough_common::decide::Caller;
+
+use crate::decide::{Socket, Transport, V4, V6, Verdict, decide_for, decide_source_route};
 
 const SOCK_DGRAM: u32 = 2;
 const SOCK_STREAM: u32 = 1;

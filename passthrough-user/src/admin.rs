@@ -27,6 +27,9 @@ pub struct AdminState {
     pub generation: AtomicU64,
     /// What `/metrics` renders; `None` = 404.
     pub metrics: Option<Arc<crate::metrics::Metrics>>,
+    /// Why the agent is not ready although enforcing (Kubernetes mode: the API server is
+    /// unreachable and the last good state stays in force); `/readyz` answers 503 with it.
+    pub degraded: std::sync::RwLock<Option<String>>,
 }
 
 fn reply(status: StatusCode, body: String) -> Response<Full<Bytes>> {
@@ -47,7 +50,17 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         "/healthz" => reply(StatusCode::OK, "ok\n".into()),
         "/readyz" => {
             let generation = state.generation.load(Ordering::Acquire);
-            if state.ready.load(Ordering::Acquire) {
+            let degraded = state
+                .degraded
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            if let Some(why) = degraded {
+                reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("not ready: {why} (enforcing generation={generation})\n"),
+                )
+            } else if state.ready.load(Ordering::Acquire) {
                 reply(StatusCode::OK, format!("ready generation={generation}\n"))
             } else {
                 reply(StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into())

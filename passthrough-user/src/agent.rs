@@ -5,7 +5,7 @@
 //! maps; any error before the last attach drops the [`Kernel`], which detaches what was attached.
 
 use std::{
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
     path::{Path, PathBuf},
     sync::{Arc, atomic::Ordering},
 };
@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use passthrough_common::AGENT_MARK;
 use passthrough_policy::{
-    self as policy, Mode, Workload,
+    self as policy, Mode, Resolver, Workload,
     plan::{self, PlanOptions},
 };
 use passthrough_proxy::{
@@ -40,7 +40,7 @@ use crate::{
 #[derive(Debug, Clone, clap::Args)]
 pub struct RunArgs {
     /// MeshPassthrough policy files or directories (`*.yaml`, `*.yml`, `*.json`).
-    #[arg(long, required = true, num_args = 1..)]
+    #[arg(long, required_unless_present = "kubernetes", num_args = 1..)]
     pub policy: Vec<PathBuf>,
     /// A workload cgroup v2 directory (absolute, or relative to the cgroup2 mount); no labels.
     #[arg(long)]
@@ -58,10 +58,12 @@ pub struct RunArgs {
     /// Admin HTTP address (`/readyz`, `/healthz`).
     #[arg(long, default_value = "127.0.0.1:9901")]
     pub admin_addr: SocketAddr,
-    /// DNS resolver (`ADDR` or `ADDR:PORT`) workloads may reach over UDP port 53. Default: the
-    /// nameservers of /etc/resolv.conf.
+    /// DNS resolver (`IP` or `IP:PORT`, `[IPv6]:PORT`; port 53 if none) that workloads may
+    /// reach over UDP at that port in every mode, and that the proxy's destination check asks.
+    /// Default: the nameservers of /etc/resolv.conf (port 53; the proxy then uses the system's
+    /// resolver configuration).
     #[arg(long)]
-    pub resolver: Vec<String>,
+    pub resolver: Vec<Resolver>,
     /// Pod/service ranges that are never egress (always allowed).
     #[arg(long = "internal-cidr")]
     pub internal_cidr: Vec<IpNet>,
@@ -113,6 +115,12 @@ pub struct RunArgs {
     /// `off` (default): always in userspace. See docs/design.md.
     #[arg(long, value_name = "READS|off", default_value = "off", value_parser = parse_kernel_relay)]
     pub kernel_relay_after: KernelRelayAfter,
+    /// Kubernetes mode: discover this node's pods, their identities and the MeshPassthrough
+    /// resources from the API server (see docs/kubernetes.md) instead of files.
+    #[arg(long, conflicts_with_all = ["policy", "cgroup", "workloads", "attach_cgroup"])]
+    pub kubernetes: bool,
+    #[command(flatten)]
+    pub kube: crate::kube_agent::KubeArgs,
 }
 
 /// `--kernel-relay-after`.
@@ -207,25 +215,24 @@ fn read_inputs(args: &RunArgs, mount: &Path) -> anyhow::Result<Inputs> {
     })
 }
 
-fn resolvers(args: &RunArgs) -> anyhow::Result<Vec<IpAddr>> {
+/// The resolvers UDP may reach: `--resolver`, else the nameservers of `/etc/resolv.conf`.
+pub(crate) fn resolvers(args: &RunArgs) -> Vec<Resolver> {
     if !args.resolver.is_empty() {
-        return args
-            .resolver
-            .iter()
-            .map(|r| {
-                r.parse::<SocketAddr>()
-                    .map(|s| s.ip())
-                    .or_else(|_| r.parse::<IpAddr>())
-                    .with_context(|| format!("--resolver {r:?}: not an ADDR or ADDR:PORT"))
-            })
-            .collect();
+        return args.resolver.clone();
     }
     let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
-    Ok(text
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("nameserver"))
-        .filter_map(|rest| rest.trim().split('%').next()?.parse().ok())
-        .collect())
+    Resolver::from_resolv_conf(&text)
+}
+
+/// What `run` compiles its plans with besides the policies: internal ranges, resolvers (each
+/// at its port, exactly as the proxy's destination check and `explain` see them) and the
+/// unselected mode.
+pub fn plan_options(args: &RunArgs) -> PlanOptions {
+    PlanOptions {
+        internal: args.internal_cidr.clone(),
+        resolvers: resolvers(args),
+        unmatched_mode: Some(args.unselected_mode),
+    }
 }
 
 /// Merges every workload's configuration once; the kernel plan and the proxy policy are both
@@ -278,16 +285,12 @@ fn proxy_policy(merged: &Merged, opts: &PlanOptions, unselected: Mode) -> ProxyP
         },
         decide: policy::DecideOptions {
             internal: opts.internal.clone(),
-            resolvers: opts
-                .resolvers
-                .iter()
-                .map(|ip| SocketAddr::new(*ip, 53))
-                .collect(),
+            resolvers: opts.resolvers.clone(),
         },
     }
 }
 
-fn proxy_settings(args: &RunArgs) -> anyhow::Result<ProxySettings> {
+pub(crate) fn proxy_settings(args: &RunArgs) -> anyhow::Result<ProxySettings> {
     let mut s = ProxySettings {
         host_port: args.proxy_port,
         ..Default::default()
@@ -312,7 +315,7 @@ fn proxy_settings(args: &RunArgs) -> anyhow::Result<ProxySettings> {
 /// Binds the proxy listeners: loopback for the host netns (IPv6 only where the host has ::1),
 /// plus every `--proxy-addr`. Bound before anything is attached, so a redirect never finds
 /// nobody listening.
-async fn bind_proxy(args: &RunArgs) -> anyhow::Result<Vec<TcpListener>> {
+pub(crate) async fn bind_proxy(args: &RunArgs) -> anyhow::Result<Vec<TcpListener>> {
     let mut out = Vec::new();
     if args.proxy_port == 0 {
         return Ok(out);
@@ -387,7 +390,7 @@ fn attach_points(args: &RunArgs, mount: &Path, inputs: &Inputs) -> anyhow::Resul
 /// Raises the soft open-files limit to the hard one: every relayed connection holds six
 /// descriptors (two sockets, two splice pipes), so the usual soft limit of 1,024 would cap the
 /// proxy at ~170 connections. Returns the limit now in force.
-fn raise_nofile_limit() -> u64 {
+pub(crate) fn raise_nofile_limit() -> u64 {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -410,16 +413,15 @@ fn raise_nofile_limit() -> u64 {
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    if args.kubernetes {
+        return crate::kube_agent::run(args).await;
+    }
     let nofile = raise_nofile_limit();
     info!(nofile, "open-files limit");
     let mount = cgroup::cgroup2_mount()?;
     let inputs = read_inputs(&args, &mount)?;
     let points = attach_points(&args, &mount, &inputs)?;
-    let opts = PlanOptions {
-        internal: args.internal_cidr.clone(),
-        resolvers: resolvers(&args)?,
-        unmatched_mode: Some(args.unselected_mode),
-    };
+    let opts = plan_options(&args);
 
     let bpf_root = Path::new("/sys/fs/bpf");
     if bpffs::ensure_mounted(bpf_root).context("mounting bpffs at /sys/fs/bpf")? {
@@ -465,48 +467,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         args.unselected_mode,
     )));
     let shutdown = CancellationToken::new();
-    let mut proxy_tasks = Vec::new();
-    if !proxy_listeners.is_empty() {
-        let orig = kernel
-            .take_orig_dst_map()
-            .context("orig-dst map already taken")?;
-        let resolver = args
-            .resolver
-            .first()
-            .map(|r| {
-                r.parse::<SocketAddr>()
-                    .or_else(|_| r.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
-            })
-            .transpose()
-            .context("--resolver")?;
-        let cfg = ProxyConfig {
-            domain_destination: args.domain_destination,
-            resolver,
-            audit: args.audit,
-            ..ProxyConfig::default()
-        };
-        let mut proxy =
-            Proxy::new(Arc::new(orig), proxy_state.clone(), cfg)?.with_report(reporter.clone());
-        if let KernelRelayAfter::Reads(reads) = args.kernel_relay_after {
-            // An accelerator, not a control: without it every byte still flows, in userspace.
-            match kernel.take_relay_maps() {
-                Ok(Some(maps)) => {
-                    info!(
-                        after_reads = reads,
-                        "kernel relay on for allowed TLS connections"
-                    );
-                    proxy = proxy.with_kernel_relay(Arc::new(KernelRelay::new(maps, reads)));
-                }
-                Ok(None) => warn!("kernel relay maps already taken; relaying in userspace"),
-                Err(e) => warn!(error = %e, "kernel relay unavailable; relaying in userspace"),
-            }
-        }
-        let proxy = Arc::new(proxy);
-        for l in proxy_listeners {
-            info!(addr = %l.local_addr()?, "proxy listening");
-            proxy_tasks.push(tokio::spawn(proxy.clone().serve(l, shutdown.clone())));
-        }
-    }
+    let proxy_tasks = start_proxy(
+        &args,
+        &mut kernel,
+        proxy_listeners,
+        &proxy_state,
+        &reporter,
+        &shutdown,
+    )?;
     let (generation, (v4, v6)) = apply_plan(&mut kernel, &merged, &opts, &inputs, &metrics)?;
     for p in &points {
         kernel.attach(p)?;
@@ -572,6 +540,54 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Starts the proxy on `listeners` (none: the proxy is off) with the kernel's orig-dst map and,
+/// if asked for and available, the kernel relay. Returns the serving tasks.
+pub(crate) fn start_proxy(
+    args: &RunArgs,
+    kernel: &mut Kernel,
+    proxy_listeners: Vec<TcpListener>,
+    proxy_state: &Arc<ArcSwap<ProxyPolicy>>,
+    reporter: &Arc<Reporter>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+    let mut proxy_tasks = Vec::new();
+    if !proxy_listeners.is_empty() {
+        let orig = kernel
+            .take_orig_dst_map()
+            .context("orig-dst map already taken")?;
+        let cfg = ProxyConfig {
+            domain_destination: args.domain_destination,
+            // Only explicit resolvers: without them hickory reads the system configuration
+            // itself (options and search domains included).
+            resolvers: args.resolver.clone(),
+            audit: args.audit,
+            ..ProxyConfig::default()
+        };
+        let mut proxy =
+            Proxy::new(Arc::new(orig), proxy_state.clone(), cfg)?.with_report(reporter.clone());
+        if let KernelRelayAfter::Reads(reads) = args.kernel_relay_after {
+            // An accelerator, not a control: without it every byte still flows, in userspace.
+            match kernel.take_relay_maps() {
+                Ok(Some(maps)) => {
+                    info!(
+                        after_reads = reads,
+                        "kernel relay on for allowed TLS connections"
+                    );
+                    proxy = proxy.with_kernel_relay(Arc::new(KernelRelay::new(maps, reads)));
+                }
+                Ok(None) => warn!("kernel relay maps already taken; relaying in userspace"),
+                Err(e) => warn!(error = %e, "kernel relay unavailable; relaying in userspace"),
+            }
+        }
+        let proxy = Arc::new(proxy);
+        for l in proxy_listeners {
+            info!(addr = %l.local_addr()?, "proxy listening");
+            proxy_tasks.push(tokio::spawn(proxy.clone().serve(l, shutdown.clone())));
+        }
+    }
+    Ok(proxy_tasks)
+}
+
 /// Compiles `merged` and flips the kernel to it (at start-up and on every reload); returns the
 /// new generation and the (IPv4, IPv6) entry counts, and records both in the metrics.
 fn apply_plan(
@@ -631,7 +647,7 @@ fn reload(
 /// entries), and the tries hold one plan instead of two between changes. This runs on the
 /// runtime's `block_on` thread, not a worker, so the proxy keeps serving meanwhile; connects
 /// are not stalled either (lookups are lock-free while entries are deleted).
-fn retire_previous(kernel: &mut Kernel, metrics: &Metrics) {
+pub(crate) fn retire_previous(kernel: &mut Kernel, metrics: &Metrics) {
     let t = std::time::Instant::now();
     let removed = kernel.retire();
     metrics.previous_retired(); // obs
@@ -646,7 +662,7 @@ fn retire_previous(kernel: &mut Kernel, metrics: &Metrics) {
 /// kernel counters (the pinned `COUNTERS` map under `state_dir`, else the map beside the ring
 /// buffer) and spawns the event reader ([`events::read_kernel_events`]). The returned task runs
 /// until aborted.
-fn start_deny_events(
+pub(crate) fn start_deny_events(
     kernel: &mut Kernel,
     state_dir: &Path,
     reporter: &Arc<Reporter>,

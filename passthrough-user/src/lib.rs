@@ -14,6 +14,7 @@ pub mod cgroup;
 pub mod cli;
 pub mod events;
 pub mod kernel;
+pub mod kube_agent;
 pub mod metrics;
 pub mod pins;
 pub mod proxy_maps;

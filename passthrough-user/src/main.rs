@@ -22,7 +22,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the agent in the foreground (SIGTERM/SIGINT: detach and exit; SIGHUP: reload).
-    Run(agent::RunArgs),
+    Run(Box<agent::RunArgs>),
     /// Validate policy files: one line per violation `FILE: spec.path: message`; exit 1 if any.
     Check(cli::CheckArgs),
     /// The decision for one connection and the match that made it, without touching the kernel.
@@ -63,7 +63,7 @@ fn main() -> ExitCode {
             .enable_all()
             .build()
             .map_err(anyhow::Error::from)
-            .and_then(|rt| rt.block_on(agent::run(args))),
+            .and_then(|rt| rt.block_on(agent::run(*args))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -12,7 +12,7 @@ use anyhow::Context as _;
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, lpm_trie::LpmTrie};
 use passthrough_common::{
     DomainPortKey, GlobalConfig, LAYOUT_VERSION, RangeTable, RangeTableKey, RuleKeyV6, RuleValue,
-    WorkloadEntry, WorkloadKey, counter, flags,
+    WorkloadEntry, WorkloadKey, counter::Counter, flags,
 };
 use serde_json::json;
 
@@ -27,6 +27,14 @@ pub struct StatusArgs {
     /// One JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+    /// The status file a Kubernetes-mode agent writes (`run --status-file`): when it exists,
+    /// the pods it maps are listed, each checked against the kernel's workload map.
+    #[arg(
+        long,
+        default_value = "/run/passthrough/kubernetes.json",
+        value_name = "FILE"
+    )]
+    pub kubernetes_status: PathBuf,
 }
 
 /// Arguments of `passthrough uninstall`.
@@ -81,16 +89,15 @@ pub fn status_json(state: &Path) -> anyhow::Result<serde_json::Value> {
     let g = cfg.active_generation & 1;
     let counters: PerCpuArray<MapData, u64> =
         PerCpuArray::try_from(Map::PerCpuArray(open(state, "COUNTERS")?))?;
-    let mut counts = BTreeMap::new();
-    for (i, name) in counter::NAMES.iter().enumerate() {
-        counts.insert(
-            *name,
-            counters
-                .get(&(i as u32), 0)
+    let counts: BTreeMap<String, u64> = Counter::all()
+        .map(|(i, c)| {
+            let total = counters
+                .get(&i, 0)
                 .map(|v| v.iter().sum::<u64>())
-                .unwrap_or(0),
-        );
-    }
+                .unwrap_or(0);
+            (c.to_string(), total)
+        })
+        .collect();
     let gen_of = passthrough_common::ruleset::generation;
     let workloads: HashMap<MapData, WorkloadKey, WorkloadEntry> =
         HashMap::try_from(Map::HashMap(open(state, "WORKLOADS")?))?;
@@ -109,6 +116,12 @@ pub fn status_json(state: &Path) -> anyhow::Result<serde_json::Value> {
     };
     let (n_workloads, old_workloads) =
         split(workloads.keys().flatten().map(|k| k.generation).collect());
+    let active_ids: Vec<u64> = workloads
+        .keys()
+        .flatten()
+        .filter(|k| k.generation == g)
+        .map(|k| k.cgroup_id)
+        .collect();
     let (n_v4, old_v4) = split(
         tables_v4
             .keys()
@@ -154,12 +167,57 @@ pub fn status_json(state: &Path) -> anyhow::Result<serde_json::Value> {
         "inactive_entries": { "workloads": old_workloads, "range_tables_v4": old_v4, "rules_v6": old_v6, "domain_ports": old_domain },
         "counters": counts,
         "other_layouts": pins::other_layouts(state),
+        "active_workload_ids": active_ids,
     }))
+}
+
+/// Adds the pods of a Kubernetes-mode status file to `s` (`node`, `pods`, policies), each pod
+/// marked `in_kernel` when its cgroup has an entry in the active generation.
+fn add_kubernetes(s: &mut serde_json::Value, file: &Path) {
+    let Ok(bytes) = std::fs::read(file) else {
+        return;
+    };
+    let Ok(mut doc) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
+        return;
+    };
+    let ids: Vec<u64> = s["active_workload_ids"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v.as_u64())
+        .collect();
+    if let Some(pods) = doc["pods"].as_array_mut() {
+        for p in pods {
+            let id = p["cgroup_id"].as_u64().unwrap_or(0);
+            p["in_kernel"] = json!(ids.contains(&id));
+        }
+    }
+    for k in [
+        "node",
+        "generation",
+        "pods",
+        "policies",
+        "shadow_policies",
+        "invalid_policies",
+    ] {
+        let key = if k == "generation" {
+            "kubernetes_generation"
+        } else {
+            k
+        };
+        s[key] = doc[k].take();
+    }
 }
 
 /// `passthrough status`.
 pub fn run_status(args: &StatusArgs, out: &mut impl Write) -> anyhow::Result<()> {
-    let s = status_json(&args.state_dir)?;
+    let mut s = status_json(&args.state_dir)?;
+    if s["installed"] == true {
+        add_kubernetes(&mut s, &args.kubernetes_status);
+    }
+    if let Some(o) = s.as_object_mut() {
+        o.remove("active_workload_ids");
+    }
     if args.json {
         writeln!(out, "{s}")?;
         return Ok(());
@@ -223,6 +281,54 @@ pub fn run_status(args: &StatusArgs, out: &mut impl Write) -> anyhow::Result<()>
     writeln!(out, "counters:")?;
     for (k, v) in s["counters"].as_object().into_iter().flatten() {
         writeln!(out, "  {k:<18} {v}")?;
+    }
+    if let Some(pods) = s["pods"].as_array() {
+        writeln!(
+            out,
+            "pods on node {} ({}):",
+            s["node"].as_str().unwrap_or("?"),
+            args.kubernetes_status.display()
+        )?;
+        for p in pods {
+            let state = &p["state"];
+            let what = if let Some(g) = state.get("Governed") {
+                let pols: Vec<&str> = g["policies"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|x| x.as_str())
+                    .collect();
+                format!(
+                    "governed (mesh {}) by {}",
+                    g["mesh"].as_str().unwrap_or(""),
+                    if pols.is_empty() {
+                        "no policy".to_string()
+                    } else {
+                        pols.join(", ")
+                    }
+                )
+            } else if let Some(why) = state.get("NotGoverned") {
+                format!("not governed: {}", why.as_str().unwrap_or(""))
+            } else {
+                state.as_str().unwrap_or("").to_lowercase()
+            };
+            writeln!(
+                out,
+                "  {:<40} mode {:<7} rule set {:<4} {}{}",
+                p["name"].as_str().unwrap_or(""),
+                p["mode"].as_str().unwrap_or(""),
+                p["rule_set"],
+                what,
+                if p["in_kernel"] == true {
+                    ""
+                } else {
+                    "  [not in the kernel's map]"
+                }
+            )?;
+        }
+        for bad in s["invalid_policies"].as_array().into_iter().flatten() {
+            writeln!(out, "invalid (ignored): {}", bad.as_str().unwrap_or(""))?;
+        }
     }
     Ok(())
 }

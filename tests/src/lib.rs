@@ -8,6 +8,7 @@
 //!   over a line protocol (`connect`, `echo`, `close`, `sendto`).
 //! * [`Agent`] — the real `passthrough run`, with readiness, reload (SIGHUP) and stop (SIGTERM).
 //! * [`require_kernel`] — the root/BPF gate: skips outside CI, panics under `CI=true`.
+//! * [`apiserver::ApiServer`] — a local Kubernetes API server (list/watch over HTTPS, faults).
 //! * [`sweep()`] — removes what crashed runs left behind (our prefixes only); also `pt-sweep`.
 //!
 //! Addresses (see [`netns`]): client veth `192.0.2.1`/`2001:db8::1`, server veth
@@ -15,6 +16,7 @@
 //! `203.0.113.0/24`, `2001:db8:100::/40` and `2001:db8:200::/40` (AnyIP local routes).
 
 pub mod agent;
+pub mod apiserver;
 pub mod bench;
 pub mod cgroup;
 pub mod check;

@@ -32,12 +32,13 @@ use k8s_openapi::{
         core::v1::{ConfigMap, Container, Namespace, Service, ServiceAccount},
         rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding},
     },
+    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
     serde::{Serialize, de::DeserializeOwned},
 };
 use passthrough_policy as policy;
 use passthrough_user::agent::RunArgs;
 use serde::Deserialize;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -82,7 +83,7 @@ fn manifests() -> Vec<Doc> {
     for file in manifest_files() {
         let text =
             std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
-        for (index, de) in serde_yaml::Deserializer::from_str(&text).enumerate() {
+        for (index, de) in yaml_serde::Deserializer::from_str(&text).enumerate() {
             let value = Value::deserialize(de).unwrap_or_else(|e| {
                 panic!("{} (document {}): not YAML: {e}", file.display(), index + 1)
             });
@@ -166,6 +167,8 @@ struct Objects {
     configmaps: Vec<(String, ConfigMap)>,
     service_accounts: Vec<ServiceAccount>,
     namespaces: Vec<Namespace>,
+    cluster_roles: Vec<ClusterRole>,
+    cluster_role_bindings: Vec<ClusterRoleBinding>,
 }
 
 fn parse_all(docs: &[Doc]) -> Objects {
@@ -190,10 +193,13 @@ fn parse_all(docs: &[Doc]) -> Objects {
             ("v1", "Namespace") => typed::<Namespace>(&d.value).map(|o| objs.namespaces.push(o)),
             ("v1", "Service") => typed::<Service>(&d.value).map(drop),
             ("rbac.authorization.k8s.io/v1", "ClusterRole") => {
-                typed::<ClusterRole>(&d.value).map(drop)
+                typed::<ClusterRole>(&d.value).map(|o| objs.cluster_roles.push(o))
             }
             ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => {
-                typed::<ClusterRoleBinding>(&d.value).map(drop)
+                typed::<ClusterRoleBinding>(&d.value).map(|o| objs.cluster_role_bindings.push(o))
+            }
+            ("apiextensions.k8s.io/v1", "CustomResourceDefinition") => {
+                typed::<CustomResourceDefinition>(&d.value).map(drop)
             }
             ("rbac.authorization.k8s.io/v1", "Role") => typed::<Role>(&d.value).map(drop),
             ("rbac.authorization.k8s.io/v1", "RoleBinding") => {
@@ -219,8 +225,12 @@ fn every_manifest_is_a_typed_kubernetes_object() {
     let docs = manifests();
     let objs = parse_all(&docs);
     assert_eq!(objs.daemonsets.len(), 1, "exactly one DaemonSet");
-    assert!(!objs.configmaps.is_empty(), "a ConfigMap with the policies");
     assert!(!objs.service_accounts.is_empty(), "a ServiceAccount");
+    assert_eq!(
+        objs.cluster_roles.len(),
+        1,
+        "one ClusterRole (what the agent reads)"
+    );
     // Names are unique per kind.
     let mut seen = BTreeSet::new();
     for d in &docs {
@@ -237,12 +247,12 @@ fn every_manifest_is_a_typed_kubernetes_object() {
 /// The checker itself: a misspelt field must be caught, not silently dropped.
 #[test]
 fn the_round_trip_catches_a_misspelt_field() {
-    let good: Value = serde_yaml::from_str(
+    let good: Value = yaml_serde::from_str(
         "apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: x, namespace: y}\nautomountServiceAccountToken: false\n",
     )
     .unwrap();
     typed::<ServiceAccount>(&good).expect("valid");
-    let bad: Value = serde_yaml::from_str(
+    let bad: Value = yaml_serde::from_str(
         "apiVersion: apps/v1\nkind: DaemonSet\nmetadata: {name: x}\nspec:\n  selector: {matchLabels: {a: b}}\n  template:\n    metadata: {labels: {a: b}}\n    spec:\n      containers:\n        - name: c\n          image: i\n          imagePullPolicyy: Always\n",
     )
     .unwrap();
@@ -253,7 +263,7 @@ fn the_round_trip_catches_a_misspelt_field() {
     );
     // A value in the wrong type fails the typed parse itself.
     let wrong: Value =
-        serde_yaml::from_str("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\ndata: [a]\n")
+        yaml_serde::from_str("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\ndata: [a]\n")
             .unwrap();
     assert!(typed::<ConfigMap>(&wrong).is_err());
 }
@@ -290,7 +300,7 @@ struct KustomizeImage {
 fn kustomization() -> Kustomization {
     let path = k8s_dir().join("kustomization.yaml");
     let text = std::fs::read_to_string(&path).expect("deploy/kubernetes/kustomization.yaml");
-    serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    yaml_serde::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 #[test]
@@ -608,16 +618,16 @@ fn daemonset_hangs_together() {
         .collect();
     for c in &containers {
         let res = c.resources.as_ref();
-        for (what, m) in [
-            ("requests", res.and_then(|r| r.requests.as_ref())),
-            ("limits", res.and_then(|r| r.limits.as_ref())),
-        ] {
-            let m = m.cloned().unwrap_or_default();
-            check(
-                m.contains_key("cpu") && m.contains_key("memory"),
-                &format!("container {}: resources.{what} cpu and memory", c.name),
-            );
-        }
+        let requests = res.and_then(|r| r.requests.clone()).unwrap_or_default();
+        check(
+            requests.contains_key("cpu") && requests.contains_key("memory"),
+            &format!("container {}: resources.requests cpu and memory", c.name),
+        );
+        let limits = res.and_then(|r| r.limits.clone()).unwrap_or_default();
+        check(
+            limits.contains_key("cpu"),
+            &format!("container {}: resources.limits.cpu", c.name),
+        );
         for m in c.volume_mounts.iter().flatten() {
             check(
                 vol(&m.name).is_some(),
@@ -648,9 +658,105 @@ fn daemonset_hangs_together() {
     let Some(agent) = agent else {
         panic!("{at}: no container runs `passthrough run` (args: [run, ...])")
     };
+    // Not privileged: explicit capabilities (docs/kubernetes.md says which and why).
+    let sc = agent.security_context.clone().unwrap_or_default();
+    check(sc.privileged != Some(true), "agent: not privileged");
+    let caps = sc.capabilities.clone().unwrap_or_default();
     check(
-        agent.security_context.as_ref().and_then(|s| s.privileged) == Some(true),
-        "agent: privileged",
+        caps.drop.as_deref() == Some(&["ALL".to_string()][..]),
+        "agent: capabilities.drop [ALL]",
+    );
+    let added: BTreeSet<String> = caps.add.clone().unwrap_or_default().into_iter().collect();
+    let want: BTreeSet<String> = ["BPF", "PERFMON", "NET_ADMIN", "SYS_ADMIN", "SYS_RESOURCE"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    check(
+        added == want,
+        &format!("agent: capabilities.add {want:?}, got {added:?}"),
+    );
+    // No memory limit by default: an OOM kill would stop the proxy (docs/kubernetes.md).
+    check(
+        !agent
+            .resources
+            .as_ref()
+            .and_then(|r| r.limits.as_ref())
+            .is_some_and(|l| l.contains_key("memory")),
+        "agent: no default memory limit",
+    );
+    check(
+        agent
+            .startup_probe
+            .as_ref()
+            .and_then(|p| p.http_get.as_ref())
+            .is_some_and(|g| g.path.as_deref() == Some("/readyz")),
+        "agent: a startupProbe on /readyz",
+    );
+    // The downward API gives the node and the agent's own pod.
+    let env: BTreeMap<String, String> = agent
+        .env
+        .iter()
+        .flatten()
+        .filter_map(|e| {
+            let f = e.value_from.as_ref()?.field_ref.as_ref()?;
+            Some((e.name.clone(), f.field_path.clone()))
+        })
+        .collect();
+    for (name, path) in [
+        ("NODE_NAME", "spec.nodeName"),
+        ("POD_NAME", "metadata.name"),
+        ("POD_NAMESPACE", "metadata.namespace"),
+    ] {
+        check(
+            env.get(name).map(String::as_str) == Some(path),
+            &format!("agent: env {name} from the downward API's {path}"),
+        );
+    }
+    // RBAC: get/list/watch on exactly what the agent reads, bound to its ServiceAccount.
+    let mut granted: BTreeSet<(String, String, String)> = BTreeSet::new();
+    for role in &objs.cluster_roles {
+        for r in role.rules.iter().flatten() {
+            for g in r.api_groups.iter().flatten() {
+                for res in r.resources.iter().flatten() {
+                    for v in &r.verbs {
+                        granted.insert((g.clone(), res.clone(), v.clone()));
+                    }
+                }
+            }
+        }
+    }
+    let mut wanted = BTreeSet::new();
+    for (g, res) in [
+        ("", "pods"),
+        ("", "nodes"),
+        ("", "namespaces"),
+        ("", "services"),
+        ("kuma.io", "meshpassthroughs"),
+    ] {
+        for v in ["get", "list", "watch"] {
+            wanted.insert((g.to_string(), res.to_string(), v.to_string()));
+        }
+    }
+    check(
+        granted == wanted,
+        &format!("ClusterRole grants {granted:?}, the agent needs exactly {wanted:?}"),
+    );
+    check(
+        objs.cluster_role_bindings.iter().any(|b| {
+            b.subjects.iter().flatten().any(|s| {
+                s.kind == "ServiceAccount"
+                    && s.name == sa
+                    && s.namespace.as_deref() == ds.metadata.namespace.as_deref()
+            }) && objs
+                .cluster_roles
+                .iter()
+                .any(|r| r.metadata.name.as_deref() == Some(b.role_ref.name.as_str()))
+        }),
+        &format!("a ClusterRoleBinding of the ClusterRole to ServiceAccount {sa}"),
+    );
+    check(
+        pod.automount_service_account_token != Some(false),
+        "the agent needs its ServiceAccount token",
     );
     let mounts = agent.volume_mounts.clone().unwrap_or_default();
     let mount_of = |dest: &str| {
@@ -660,12 +766,27 @@ fn daemonset_hangs_together() {
             .max_by_key(|m| m.mount_path.len())
     };
 
-    // bpffs at /sys/fs/bpf from the host, Bidirectional so a bpffs the agent mounts (and its
-    // pins) is the host's.
+    // bpffs at /sys/fs/bpf from the host. Bidirectional propagation (so a bpffs mounted in
+    // the pod is the host's) needs a privileged container: the init container mounts it; the
+    // agent sees it with HostToContainer.
     let bpf = mounts.iter().find(|m| m.mount_path == "/sys/fs/bpf");
     check(
-        bpf.is_some_and(|m| m.mount_propagation.as_deref() == Some("Bidirectional")),
-        "agent: /sys/fs/bpf mounted with mountPropagation: Bidirectional",
+        bpf.is_some_and(|m| m.mount_propagation.as_deref() == Some("HostToContainer")),
+        "agent: /sys/fs/bpf mounted with mountPropagation: HostToContainer",
+    );
+    check(
+        pod.init_containers.iter().flatten().any(|c| {
+            c.security_context.as_ref().and_then(|s| s.privileged) == Some(true)
+                && c.volume_mounts.iter().flatten().any(|m| {
+                    m.mount_propagation.as_deref() == Some("Bidirectional")
+                        && host_path_of(&m.name).as_deref() == Some("/sys/fs/bpf")
+                })
+                && c.command
+                    .iter()
+                    .flatten()
+                    .any(|l| l.contains("mount -t bpf"))
+        }),
+        "a privileged init container mounts bpffs on the host's /sys/fs/bpf (Bidirectional)",
     );
     check(
         bpf.and_then(|m| host_path_of(&m.name)).as_deref() == Some("/sys/fs/bpf"),
@@ -695,13 +816,24 @@ fn daemonset_hangs_together() {
         !cgroup_mounts.is_empty(),
         "agent: the host's cgroup2 (/sys/fs/cgroup) mounted from a hostPath",
     );
-    let attach = flags.get("attach-cgroup").cloned().unwrap_or_default();
     check(
-        !attach.is_empty(),
-        "agent: --attach-cgroup at the node's pod cgroup parent",
+        flags.contains_key("kubernetes"),
+        "agent: --kubernetes (pods and policies from the API server)",
     );
+    for root in flags.get("cgroup-root").into_iter().flatten() {
+        check(
+            cgroup_mounts.contains(&root.as_str()),
+            &format!("--cgroup-root {root} must be the host cgroup2 mount {cgroup_mounts:?}"),
+        );
+    }
+    check(
+        flags.contains_key("cgroup-root") || flags.contains_key("kubepods-cgroup"),
+        "agent: --cgroup-root (the host's cgroup2) or --kubepods-cgroup",
+    );
+    let attach = flags.get("attach-cgroup").cloned().unwrap_or_default();
     for p in attach
         .iter()
+        .chain(flags.get("kubepods-cgroup").into_iter().flatten())
         .chain(flags.get("cgroup").into_iter().flatten())
     {
         check(
@@ -724,7 +856,6 @@ fn daemonset_hangs_together() {
 
     // --policy: the ConfigMap's mount; its policies load through the agent's parser.
     let policy_dirs = flags.get("policy").cloned().unwrap_or_default();
-    check(!policy_dirs.is_empty(), "agent: --policy");
     let mesh = one("mesh").unwrap_or_else(|| "default".into());
     for p in &policy_dirs {
         let m = mount_of(p).unwrap_or_else(|| panic!("--policy {p} is on no volume mount"));
@@ -1048,4 +1179,213 @@ fn systemd_unit_runs_the_agent_on_the_documented_layout() {
             "{k}={bad} breaks the agent (see the unit's comments)"
         );
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rendering with the real tools: `kubectl kustomize` and `helm template` / `helm lint`.
+
+/// A real `helm` / `kubectl` binary: `$PASSTHROUGH_HELM` / `$PASSTHROUGH_KUBECTL`, else the ones
+/// scripts/setup.sh installs in /usr/local/lib/passthrough-tools, else `$PATH`. `None` (test
+/// skipped) when there is none, except under `CI=true`, where that fails.
+fn tool(name: &str) -> Option<PathBuf> {
+    let env = format!("PASSTHROUGH_{}", name.to_ascii_uppercase());
+    let candidates = std::env::var_os(&env)
+        .map(PathBuf::from)
+        .into_iter()
+        .chain([Path::new("/usr/local/lib/passthrough-tools").join(name)])
+        .chain(
+            std::env::var_os("PATH")
+                .map(|p| {
+                    std::env::split_paths(&p)
+                        .map(|d| d.join(name))
+                        .collect::<Vec<_>>()
+                })
+                .unwrap_or_default(),
+        );
+    for c in candidates {
+        if c.is_file() {
+            return Some(c);
+        }
+    }
+    assert!(
+        std::env::var("CI").is_err(),
+        "{name} not found (${env}, /usr/local/lib/passthrough-tools, PATH): run scripts/setup.sh"
+    );
+    eprintln!("skipped: no {name} (run scripts/setup.sh)");
+    None
+}
+
+fn run_tool(bin: &Path, args: &[&str]) -> String {
+    let out = std::process::Command::new(bin)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{} {args:?}: {e}", bin.display()));
+    assert!(
+        out.status.success(),
+        "{} {args:?} failed ({}):\n{}{}",
+        bin.display(),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("UTF-8 output")
+}
+
+/// Rendered YAML → documents, each checked strictly against its Kubernetes type.
+fn rendered(what: &str, yaml: &str) -> BTreeMap<(String, String), Value> {
+    let mut docs = Vec::new();
+    for (index, de) in yaml_serde::Deserializer::from_str(yaml).enumerate() {
+        let value = Value::deserialize(de).unwrap_or_else(|e| panic!("{what}: not YAML: {e}"));
+        if !value.is_null() {
+            docs.push(Doc {
+                file: PathBuf::from(what),
+                index,
+                value,
+            });
+        }
+    }
+    parse_all(&docs);
+    docs.into_iter()
+        .map(|d| ((d.kind().to_owned(), d.name().to_owned()), d.value))
+        .collect()
+}
+
+fn chart() -> PathBuf {
+    repo().join("deploy/helm/passthrough")
+}
+
+#[test]
+fn helm_chart_and_kustomization_render_the_same_valid_objects() {
+    let (Some(helm), Some(kubectl)) = (tool("helm"), tool("kubectl")) else {
+        return;
+    };
+    let kust = rendered(
+        "kubectl kustomize",
+        &run_tool(&kubectl, &["kustomize", &k8s_dir().display().to_string()]),
+    );
+    let chart = chart().display().to_string();
+    run_tool(&helm, &["lint", "--strict", &chart]);
+    let helm_default = rendered(
+        "helm template",
+        &run_tool(
+            &helm,
+            &[
+                "template",
+                "passthrough",
+                &chart,
+                "--namespace",
+                "passthrough-system",
+            ],
+        ),
+    );
+    let keys = |m: &BTreeMap<(String, String), Value>| m.keys().cloned().collect::<Vec<_>>();
+    assert_eq!(keys(&helm_default), keys(&kust), "the same objects");
+    for (k, v) in &kust {
+        assert_eq!(
+            &helm_default[k], v,
+            "{k:?}: the chart's default values must render what deploy/kubernetes holds"
+        );
+    }
+    // The optional CRD, both ways.
+    let crd_file = k8s_dir().join("optional/meshpassthrough-crd.yaml");
+    let crd = rendered("optional CRD", &std::fs::read_to_string(&crd_file).unwrap());
+    let with_crd = rendered(
+        "helm template --set installCRD=true",
+        &run_tool(
+            &helm,
+            &[
+                "template",
+                "passthrough",
+                &chart,
+                "--set",
+                "installCRD=true",
+            ],
+        ),
+    );
+    let key = (
+        "CustomResourceDefinition".to_string(),
+        "meshpassthroughs.kuma.io".to_string(),
+    );
+    assert_eq!(
+        with_crd.get(&key),
+        crd.get(&key),
+        "the chart's CRD is the optional file's"
+    );
+}
+
+#[test]
+fn helm_values_reach_the_agent() {
+    let Some(helm) = tool("helm") else {
+        return;
+    };
+    let chart = chart().display().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let values = dir.path().join("values.yaml");
+    std::fs::write(
+        &values,
+        "governance:\n  kumaInjectionRules: false\n  podSelectors: [\"app=web,tier in (a,b)\"]\n  namespaceSelectors: [team=shop]\n",
+    )
+    .unwrap();
+    let values = values.display().to_string();
+    let out = rendered(
+        "helm template (values)",
+        &run_tool(
+            &helm,
+            &[
+                "template",
+                "passthrough",
+                &chart,
+                "--values",
+                &values,
+                "--set",
+                "proxy.address=169.254.30.1",
+                "--set",
+                "proxy.port=15555",
+                "--set",
+                "kuma.zone=east",
+                "--set",
+                "pendingMode=All",
+                "--set",
+                "resources.limits.memory=512Mi",
+                "--set",
+                "cgroup.hostPath=/sys/fs/cgroup/unified",
+                "--set",
+                "namespace.create=false",
+            ],
+        ),
+    );
+    assert!(!out.keys().any(|(k, _)| k == "Namespace"));
+    let ds = &out[&("DaemonSet".to_string(), "passthrough".to_string())];
+    let agent = containers_of(ds)
+        .into_iter()
+        .find(|c| c["name"] == "agent")
+        .expect("agent container");
+    let args: Vec<String> = agent["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_string())
+        .collect();
+    let (flags, _) = check_run_args(&args[1..]).unwrap_or_else(|e| panic!("{e}"));
+    assert!(flags.contains_key("no-kuma-injection-rules"), "{args:?}");
+    assert_eq!(flags["pod-selector"], ["app=web,tier in (a,b)"]);
+    assert_eq!(flags["namespace-selector"], ["team=shop"]);
+    assert_eq!(flags["proxy-addr"], ["169.254.30.1:15555"]);
+    assert_eq!(flags["zone"], ["east"]);
+    assert_eq!(flags["pending-mode"], ["All"]);
+    assert_eq!(agent["resources"]["limits"]["memory"], "512Mi");
+    assert_eq!(
+        ds.pointer("/spec/template/spec/volumes/0/hostPath/path"),
+        Some(&json!("/sys/fs/cgroup/unified"))
+    );
+    let init = containers_of(ds)
+        .into_iter()
+        .find(|c| c["name"] == "node-setup")
+        .unwrap();
+    assert!(
+        init["command"][2]
+            .as_str()
+            .unwrap()
+            .contains("169.254.30.1/32")
+    );
 }

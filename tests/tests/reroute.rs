@@ -1139,8 +1139,8 @@ fn ipv6_routing_headers_are_refused_outside_mode_all() {
         }
         w.nothing_denied(mode);
         assert!(
-            w.logged(&["deny_source_route", DENIED6]),
-            "a deny_source_route event naming the first hop:\n{}",
+            w.logged(&["reason=\"source_route\"", DENIED6]),
+            "a source_route denial naming the first hop:\n{}",
             w.w.agent.log()
         );
     }
@@ -1250,7 +1250,7 @@ fn ipv4_source_routes_are_refused_and_dropped() {
     );
     w.nothing_denied("IPv4 source routes");
     assert!(
-        w.logged(&["deny_source_route", DENIED4]),
+        w.logged(&["reason=\"source_route\"", DENIED4]),
         "{}",
         w.w.agent.log()
     );
@@ -1375,7 +1375,7 @@ fn compat_setsockopt_skips_the_hook_and_the_backstop_drops_the_packets() {
     assert_eq!(errno_of(&r, "udp6_send_errno"), eperm, "{r}");
     w.nothing_denied("compat setsockopt");
     assert!(
-        w.logged(&["deny_source_route", DENIED6]),
+        w.logged(&["reason=\"source_route\"", DENIED6]),
         "{}",
         w.w.agent.log()
     );
@@ -1549,7 +1549,7 @@ fn mptcp_subflows_are_judged_for_the_connection_owner() {
         );
         w.nothing_denied(&format!("MPTCP subflow via {server}"));
         assert!(
-            w.logged(&["deny_no_match", denied, "protocol=tcp", &owner]),
+            w.logged(&["reason=\"no_match\"", denied, "protocol=tcp", &owner]),
             "the denied subflow is reported for the workload's process ({owner}):\n{}",
             w.w.agent.log()
         );
@@ -1604,7 +1604,8 @@ fn mptcp_subflows_of_a_connection_without_an_owner_are_denied() {
     for dst in [DENIED4, "198.51.100.10"] {
         let seen = (0..150).any(|_| {
             let hit = agent.log().lines().any(|l| {
-                l.contains("deny_subflow_owner_unknown") && l.contains(&format!("dst={dst}:9090"))
+                l.contains("reason=\"subflow_owner_unknown\"")
+                    && l.contains(&format!("dst={dst}:9090"))
             });
             if !hit {
                 std::thread::sleep(Duration::from_millis(20));
@@ -1613,7 +1614,7 @@ fn mptcp_subflows_of_a_connection_without_an_owner_are_denied() {
         });
         assert!(
             seen,
-            "no deny_subflow_owner_unknown event for {dst}:\n{}",
+            "no subflow_owner_unknown event for {dst}:\n{}",
             agent.log()
         );
     }

@@ -4,7 +4,8 @@
 //! - `build`: build the agent (the eBPF object is built by passthrough-user's build.rs).
 //! - `test`: `cargo fmt --all --check`, `cargo clippy` and `cargo doc` with warnings denied,
 //!   then every test, kernel tests included (root needed; under `CI=true` they never skip).
-//! - `bench`: benchmarks (`connect` = kernel-path connect() cost and compile+load time).
+//! - `bench`: benchmarks (`connect` = kernel-path connect() cost and compile+load time; `kube` =
+//!   Kubernetes mode with 1,000 pods).
 //! - `demo`: the out-of-the-box demo (workload cgroup, netns test hosts, example policy).
 //! - `sweep`: remove test namespaces/cgroups left by a crashed run.
 //! - `fuzz`: run every cargo-fuzz target in `fuzz/` for `--seconds N` each (pinned nightly;
@@ -50,7 +51,8 @@ enum Cmd {
     /// Run benchmarks.
     Bench {
         /// Which: `connect` (kernel path: connect() cost, compile + load), `policy` (parse,
-        /// validate, merge, compile of 100,000 matches), `proxy` (proxy path vs direct).
+        /// validate, merge, compile of 100,000 matches), `proxy` (proxy path vs direct), `kube`
+        /// (Kubernetes mode, 1,000 pods on one node).
         /// Default: all.
         #[arg(default_value = "all")]
         which: String,
@@ -338,8 +340,8 @@ fn main() -> anyhow::Result<()> {
         } => compare(&which, quick, rounds, report_only),
         Cmd::Bench { which, quick, .. } => {
             let all = which == "all";
-            if !all && !["connect", "policy", "proxy"].contains(&which.as_str()) {
-                bail!("unknown bench {which:?}: one of connect, policy, proxy, all");
+            if !all && !["connect", "policy", "proxy", "kube"].contains(&which.as_str()) {
+                bail!("unknown bench {which:?}: one of connect, policy, proxy, kube, all");
             }
             let mut result = Ok(());
             if all || which == "policy" {
@@ -372,6 +374,22 @@ fn main() -> anyhow::Result<()> {
                 // HTTP/1.1, open-loop latency, memory per idle relayed connection.
                 build_bins(true)?;
                 let mut c = Command::new(target_dir().join("release").join("pt-bench-proxy"));
+                if quick {
+                    c.arg("--quick");
+                }
+                result = run(&mut c);
+                let swept = sweep();
+                result = result.and(swept);
+            }
+            if result.is_ok() && (all || which == "kube") {
+                // Kubernetes mode, 1,000 pods on one node: pod cgroup -> enforced, policy change
+                // -> all pods, agent RSS, API requests per kind (local API server).
+                build_bins(true)?;
+                let mut c = Command::new(target_dir().join("release").join("pt-bench-kube"));
+                c.env(
+                    "PASSTHROUGH_BIN",
+                    target_dir().join("release").join("passthrough"),
+                );
                 if quick {
                     c.arg("--quick");
                 }

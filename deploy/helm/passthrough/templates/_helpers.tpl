@@ -1,0 +1,3 @@
+{{- define "passthrough.image" -}}
+{{ .Values.image.repository }}:{{ .Values.image.tag }}
+{{- end -}}

@@ -1,0 +1,384 @@
+//! The agent's view of the cluster: one list + watch per resource kind, nothing per pod.
+//!
+//! | kind | scope |
+//! |---|---|
+//! | Pod | `fieldSelector=spec.nodeName=<node>` (this node's pods only) |
+//! | Node | `fieldSelector=metadata.name=<node>` (labels copied onto inbound tags) |
+//! | Namespace | all (injection label, mesh label) |
+//! | Service | all (the Services selecting this node's pods) |
+//! | MeshPassthrough (`kuma.io/v1alpha1`) | all |
+//!
+//! Each kind is followed by kube-rs's watcher: a list, then a watch from its resourceVersion,
+//! resumed from the last one seen (bookmarks keep it fresh) when the connection drops, and
+//! re-listed when the API server answers `410 Gone`. A re-list is collected aside and replaces
+//! the kind's objects in one step when complete, so enforcement never sees a half-listed kind
+//! (no window where a pod or policy is missing). When the API server is unreachable the last
+//! complete state stays and [`Health`] says since when it has been failing.
+
+use std::{
+    collections::BTreeMap,
+    path::Path,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use futures::StreamExt as _;
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
+use kube::{
+    Api, Client, Resource, ResourceExt,
+    api::{ApiResource, DynamicObject, GroupVersionKind},
+    runtime::{WatchStreamExt as _, watcher},
+};
+use serde::de::DeserializeOwned;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+/// The kinds watched, in [`Snapshot::synced`] order.
+pub const KINDS: [&str; 5] = ["Pod", "Node", "Namespace", "Service", "MeshPassthrough"];
+
+/// Everything the agent knows about the cluster at one moment.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// This node's pods by `metadata.uid`.
+    pub pods: BTreeMap<String, Arc<Pod>>,
+    /// This node (a list of at most one).
+    pub node: Option<Arc<Node>>,
+    /// Namespaces by name.
+    pub namespaces: BTreeMap<String, Arc<Namespace>>,
+    /// Services by `namespace/name`.
+    pub services: BTreeMap<String, Arc<Service>>,
+    /// MeshPassthrough objects by `namespace/name`.
+    pub policies: BTreeMap<String, Arc<DynamicObject>>,
+    /// Whether each kind ([`KINDS`] order) has completed its first list.
+    pub synced: [bool; 5],
+    /// Bumped on every change.
+    pub version: u64,
+}
+
+impl Snapshot {
+    /// Every kind has been listed once.
+    pub fn complete(&self) -> bool {
+        self.synced.iter().all(|s| *s)
+    }
+}
+
+/// Connection health of the watchers.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Health {
+    /// Per kind ([`KINDS`] order): the last error and when it happened, cleared by the next
+    /// event received.
+    pub failing: [Option<(SystemTime, String)>; 5],
+}
+
+impl Health {
+    /// The oldest failure still unresolved, if any (kind, since, message).
+    pub fn worst(&self) -> Option<(&'static str, SystemTime, &str)> {
+        self.failing
+            .iter()
+            .enumerate()
+            .filter_map(|(i, f)| f.as_ref().map(|(t, m)| (KINDS[i], *t, m.as_str())))
+            .min_by_key(|(_, t, _)| *t)
+    }
+}
+
+/// The MeshPassthrough resource (`kuma.io/v1alpha1`, plural `meshpassthroughs`).
+pub fn meshpassthrough_resource() -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("kuma.io", "v1alpha1", "MeshPassthrough"),
+        "meshpassthroughs",
+    )
+}
+
+/// The client configuration from `kubeconfig` if given, else the in-cluster configuration
+/// (service account token and CA), else `$KUBECONFIG` / `~/.kube/config`.
+pub async fn config(kubeconfig: Option<&Path>) -> anyhow::Result<kube::Config> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .map_err(|e| anyhow::anyhow!("--kubeconfig {}: {e}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                .await
+                .map_err(|e| anyhow::anyhow!("--kubeconfig {}: {e}", path.display()))?
+        }
+        None => kube::Config::infer()
+            .await
+            .map_err(|e| anyhow::anyhow!("no in-cluster configuration and no kubeconfig: {e}"))?,
+    };
+    Ok(config)
+}
+
+/// Which kind ([`KINDS`] index) a request path is for.
+fn kind_of_path(path: &str) -> Option<usize> {
+    let plural = path.rsplit('/').next()?;
+    [
+        "pods",
+        "nodes",
+        "namespaces",
+        "services",
+        "meshpassthroughs",
+    ]
+    .iter()
+    .position(|p| *p == plural)
+}
+
+/// A tower layer that clears a kind's failure as soon as a request for it succeeds again (a
+/// re-opened watch sends no event until something changes, so the watcher alone cannot tell).
+#[derive(Clone)]
+struct Observe<S> {
+    inner: S,
+    health: Arc<watch::Sender<Health>>,
+}
+
+impl<S, B> tower::Service<http::Request<kube::client::Body>> for Observe<S>
+where
+    S: tower::Service<http::Request<kube::client::Body>, Response = http::Response<B>>,
+    S::Future: Send + 'static,
+    B: 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<kube::client::Body>) -> Self::Future {
+        let kind = kind_of_path(req.uri().path());
+        let fut = self.inner.call(req);
+        let health = self.health.clone();
+        Box::pin(async move {
+            let r = fut.await;
+            if let (Some(k), Ok(resp)) = (kind, &r)
+                && resp.status().is_success()
+            {
+                health.send_if_modified(|h| h.failing[k].take().is_some());
+            }
+            r
+        })
+    }
+}
+
+/// The running watchers: the latest snapshot and health, each on a `watch` channel.
+pub struct Cluster {
+    /// Latest snapshot (changes are coalesced: a slow reader sees the newest).
+    pub snapshots: watch::Receiver<Arc<Snapshot>>,
+    /// Latest health.
+    pub health: watch::Receiver<Health>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// What [`start`] needs.
+#[derive(Debug, Clone)]
+pub struct WatchOptions {
+    /// This node's name (`spec.nodeName` of its pods; the downward API's `spec.nodeName`).
+    pub node_name: String,
+    /// Server-side watch timeout in seconds (the watch is re-opened after it).
+    pub watch_timeout: u32,
+}
+
+/// Starts one watcher per kind.
+pub fn start(config: kube::Config, opts: &WatchOptions) -> anyhow::Result<Cluster> {
+    let (snap_tx, snapshots) = watch::channel(Arc::new(Snapshot::default()));
+    let (health_tx, health) = watch::channel(Health::default());
+    let snap_tx = Arc::new(snap_tx);
+    let health_tx = Arc::new(health_tx);
+    let observed = health_tx.clone();
+    let client: Client = kube::client::ClientBuilder::try_from(config)?
+        .with_layer(&tower::layer::layer_fn(move |inner| Observe {
+            inner,
+            health: observed.clone(),
+        }))
+        .build();
+    let base = watcher::Config::default().timeout(opts.watch_timeout);
+    let node_sel = format!("spec.nodeName={}", opts.node_name);
+    let name_sel = format!("metadata.name={}", opts.node_name);
+    let mut tasks = Vec::new();
+
+    let ctx = |i: usize| Ctx {
+        kind: i,
+        snap: snap_tx.clone(),
+        health: health_tx.clone(),
+    };
+    tasks.push(tokio::spawn(follow(
+        Api::<Pod>::all(client.clone()),
+        base.clone().fields(&node_sel),
+        ctx(0),
+        |s: &mut Snapshot, objs: Vec<Pod>, reset| {
+            let m = &mut s.pods;
+            apply_many(m, objs, reset, |p| {
+                p.metadata.uid.clone().unwrap_or_default()
+            });
+        },
+        |s: &mut Snapshot, p: Pod| {
+            s.pods.remove(p.metadata.uid.as_deref().unwrap_or(""));
+        },
+    )));
+    tasks.push(tokio::spawn(follow(
+        Api::<Node>::all(client.clone()),
+        base.clone().fields(&name_sel),
+        ctx(1),
+        |s: &mut Snapshot, objs: Vec<Node>, reset| {
+            if reset {
+                s.node = None;
+            }
+            if let Some(n) = objs.into_iter().last() {
+                s.node = Some(Arc::new(n));
+            }
+        },
+        |s: &mut Snapshot, _n: Node| s.node = None,
+    )));
+    tasks.push(tokio::spawn(follow(
+        Api::<Namespace>::all(client.clone()),
+        base.clone(),
+        ctx(2),
+        |s: &mut Snapshot, objs: Vec<Namespace>, reset| {
+            apply_many(&mut s.namespaces, objs, reset, |n| n.name_any());
+        },
+        |s: &mut Snapshot, n: Namespace| {
+            s.namespaces.remove(&n.name_any());
+        },
+    )));
+    tasks.push(tokio::spawn(follow(
+        Api::<Service>::all(client.clone()),
+        base.clone(),
+        ctx(3),
+        |s: &mut Snapshot, objs: Vec<Service>, reset| {
+            apply_many(&mut s.services, objs, reset, key);
+        },
+        |s: &mut Snapshot, o: Service| {
+            s.services.remove(&key(&o));
+        },
+    )));
+    let ar = meshpassthrough_resource();
+    tasks.push(tokio::spawn(follow(
+        Api::<DynamicObject>::all_with(client, &ar),
+        base,
+        ctx(4),
+        |s: &mut Snapshot, objs: Vec<DynamicObject>, reset| {
+            apply_many(&mut s.policies, objs, reset, key);
+        },
+        |s: &mut Snapshot, o: DynamicObject| {
+            s.policies.remove(&key(&o));
+        },
+    )));
+    Ok(Cluster {
+        snapshots,
+        health,
+        tasks,
+    })
+}
+
+fn key<K: Resource>(o: &K) -> String {
+    format!(
+        "{}/{}",
+        o.meta().namespace.as_deref().unwrap_or(""),
+        o.meta().name.as_deref().unwrap_or("")
+    )
+}
+
+fn apply_many<K>(
+    m: &mut BTreeMap<String, Arc<K>>,
+    objs: Vec<K>,
+    reset: bool,
+    key: impl Fn(&K) -> String,
+) {
+    if reset {
+        m.clear();
+    }
+    for o in objs {
+        m.insert(key(&o), Arc::new(o));
+    }
+}
+
+struct Ctx {
+    kind: usize,
+    snap: Arc<watch::Sender<Arc<Snapshot>>>,
+    health: Arc<watch::Sender<Health>>,
+}
+
+/// Follows one kind until the task is aborted: applies events to the shared snapshot,
+/// buffering a (re-)list until it is complete.
+async fn follow<K, A, D>(api: Api<K>, config: watcher::Config, ctx: Ctx, apply: A, delete: D)
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    A: Fn(&mut Snapshot, Vec<K>, bool),
+    D: Fn(&mut Snapshot, K),
+{
+    let kind = KINDS[ctx.kind];
+    let mut stream = watcher(api, config).default_backoff().boxed();
+    let mut buffer: Option<Vec<K>> = None;
+    let mut failing = false;
+    while let Some(ev) = stream.next().await {
+        let ev = match ev {
+            Ok(ev) => ev,
+            Err(e) => {
+                warn!(kind, error = %e, "API watch failed; the last complete state stays in force");
+                if !failing {
+                    failing = true;
+                    ctx.health.send_modify(|h| {
+                        h.failing[ctx.kind] = Some((SystemTime::now(), e.to_string()))
+                    });
+                }
+                continue;
+            }
+        };
+        if failing {
+            failing = false;
+            info!(kind, "API watch recovered");
+            ctx.health.send_modify(|h| h.failing[ctx.kind] = None);
+        }
+        let strip = |mut o: K| {
+            o.meta_mut().managed_fields = None;
+            o
+        };
+        match ev {
+            watcher::Event::Init => buffer = Some(Vec::new()),
+            watcher::Event::InitApply(o) => buffer.get_or_insert_with(Vec::new).push(strip(o)),
+            watcher::Event::InitDone => {
+                let objs = buffer.take().unwrap_or_default();
+                ctx.snap.send_modify(|s| {
+                    let s = Arc::make_mut(s);
+                    apply(s, objs, true);
+                    s.synced[ctx.kind] = true;
+                    s.version += 1;
+                });
+            }
+            watcher::Event::Apply(o) => ctx.snap.send_modify(|s| {
+                let s = Arc::make_mut(s);
+                apply(s, vec![strip(o)], false);
+                s.version += 1;
+            }),
+            watcher::Event::Delete(o) => ctx.snap.send_modify(|s| {
+                let s = Arc::make_mut(s);
+                delete(s, o);
+                s.version += 1;
+            }),
+        }
+    }
+}
+
+/// Waits until every kind has been listed once, or `timeout`.
+pub async fn wait_complete(
+    rx: &mut watch::Receiver<Arc<Snapshot>>,
+    timeout: Duration,
+) -> Option<Arc<Snapshot>> {
+    tokio::time::timeout(timeout, rx.wait_for(|s| s.complete()))
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .map(|s| s.clone())
+}

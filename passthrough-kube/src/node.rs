@@ -1,0 +1,421 @@
+//! This node's workloads, computed from the cluster [`Snapshot`] and the pod cgroups that exist:
+//! one entry per cgroup the programs must know, each with the merged configuration it gets.
+//!
+//! | cgroup | configuration |
+//! |---|---|
+//! | a pod Kuma would put in the mesh (or a `--pod-selector`/`--namespace-selector` match) | the MeshPassthrough policies selecting its Dataplane, merged in Kuma's order |
+//! | any other known pod | `--unselected-mode` |
+//! | the agent's own pod | `All` (its proxy dials out for every workload) |
+//! | a pod cgroup no pod of the snapshot names yet, and the QoS parents (`kubepods*`) | `--pending-mode` (default `None`) |
+//!
+//! The QoS parents carry the pending mode so that a pod cgroup is covered from the instant it
+//! is created, before the agent has even seen the inotify event: the programs judge a task by
+//! its deepest cgroup that has an entry.
+//!
+//! Invalid MeshPassthrough resources are reported (`namespace/name: field: reason`) and left
+//! out; the rest applies.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::{Path, PathBuf},
+};
+
+use passthrough_policy::{MergedConf, Mode, Policy, merge, parse, validate};
+
+use crate::{
+    cgroups::{CgroupEvent, PodCgroup, Qos},
+    cluster::Snapshot,
+    kuma::{self, Dataplane, GovernRules, Governance, KumaConfig, PolicyMeta},
+};
+
+/// How the node's workloads are decided.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub kuma: KumaConfig,
+    pub govern: GovernRules,
+    /// Mode of known pods that are not governed.
+    pub unselected: Mode,
+    /// Mode of pod cgroups the agent cannot name yet (and of the QoS parents).
+    pub pending: Mode,
+}
+
+/// The pod cgroups that exist, kept up to date from [`CgroupEvent`]s.
+#[derive(Debug, Clone, Default)]
+pub struct Cgroups {
+    /// QoS parents: path and id.
+    pub qos: BTreeMap<PathBuf, u64>,
+    /// Pod cgroups by path.
+    pub pods: BTreeMap<PathBuf, PodCgroup>,
+}
+
+impl Cgroups {
+    /// Applies watcher events; returns whether anything changed.
+    pub fn apply(&mut self, events: &[CgroupEvent]) -> bool {
+        let mut changed = false;
+        for e in events {
+            match e {
+                CgroupEvent::Appeared(p) => {
+                    changed |= self.pods.insert(p.path.clone(), p.clone()).as_ref() != Some(p)
+                }
+                CgroupEvent::Gone { path, .. } => changed |= self.pods.remove(path).is_some(),
+                CgroupEvent::QosDir { path, id, .. } => {
+                    changed |= self.qos.insert(path.clone(), *id) != Some(*id)
+                }
+                CgroupEvent::Overflow => {}
+            }
+        }
+        changed
+    }
+}
+
+/// A MeshPassthrough the agent could not use.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PolicyProblem {
+    /// `namespace/name`.
+    pub policy: String,
+    /// The field (`spec.default.appendMatch[0].port`, `metadata.labels[kuma.io/origin]`), if any.
+    pub field: Option<String>,
+    /// Why.
+    pub reason: String,
+}
+
+impl std::fmt::Display for PolicyProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.field {
+            Some(field) => write!(
+                f,
+                "MeshPassthrough {}: {field}: {}",
+                self.policy, self.reason
+            ),
+            None => write!(f, "MeshPassthrough {}: {}", self.policy, self.reason),
+        }
+    }
+}
+
+/// The policies read from the API server.
+#[derive(Debug, Clone, Default)]
+pub struct Policies {
+    /// Valid, applied policies (shadow ones left out), with their metadata, in parallel.
+    pub policies: Vec<Policy>,
+    pub metas: Vec<PolicyMeta>,
+    /// `kuma.io/effect: shadow` policies (valid, not applied).
+    pub shadow: Vec<String>,
+    /// Invalid ones, ignored.
+    pub problems: Vec<PolicyProblem>,
+}
+
+/// Parses and validates every MeshPassthrough of the snapshot, each on its own.
+pub fn policies(snap: &Snapshot, cfg: &KumaConfig) -> Policies {
+    let mut out = Policies::default();
+    for (key, obj) in &snap.policies {
+        let bytes = match serde_json::to_vec(&**obj) {
+            Ok(b) => b,
+            Err(e) => {
+                out.problems.push(PolicyProblem {
+                    policy: key.clone(),
+                    field: None,
+                    reason: e.to_string(),
+                });
+                continue;
+            }
+        };
+        let mut problems = Vec::new();
+        // The "file" name is only used in the parser's messages, which are re-worded below.
+        let parsed = parse::parse_bytes(Path::new("object.json"), &bytes, &mut problems);
+        for p in problems {
+            out.problems.push(PolicyProblem {
+                policy: key.clone(),
+                field: p.field,
+                reason: p.message,
+            });
+        }
+        let ns = obj.metadata.namespace.clone().unwrap_or_default();
+        let name = obj.metadata.name.clone().unwrap_or_default();
+        let meta = match PolicyMeta::from_object(
+            &name,
+            &ns,
+            obj.metadata.labels.as_ref().unwrap_or(&BTreeMap::new()),
+            obj.metadata
+                .annotations
+                .as_ref()
+                .unwrap_or(&BTreeMap::new()),
+            cfg,
+        ) {
+            Ok(m) => m,
+            Err(e) => {
+                let (field, reason) = e.split_once(": ").unwrap_or(("", &e));
+                out.problems.push(PolicyProblem {
+                    policy: key.clone(),
+                    field: Some(field.to_string()).filter(|f| !f.is_empty()),
+                    reason: reason.to_string(),
+                });
+                continue;
+            }
+        };
+        for p in parsed {
+            match validate::validate(&p) {
+                Ok(mut pol) => {
+                    // Name policies `namespace/name` in explanations, events and metrics.
+                    pol.name = key.clone();
+                    let file: std::sync::Arc<Path> = Path::new(&format!("kubernetes:{key}")).into();
+                    let name: std::sync::Arc<str> = key.as_str().into();
+                    pol.file = file.to_path_buf();
+                    for m in &mut pol.matches {
+                        m.origin.file = file.clone();
+                        m.origin.policy = name.clone();
+                    }
+                    if meta.is_shadow() {
+                        out.shadow.push(key.clone());
+                    } else {
+                        out.policies.push(pol);
+                        out.metas.push(meta.clone());
+                    }
+                }
+                Err(violations) => {
+                    for (field, reason) in violations {
+                        out.problems.push(PolicyProblem {
+                            policy: key.clone(),
+                            field: Some(field),
+                            reason,
+                        });
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// What a pod cgroup is.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub enum PodState {
+    /// Governed: its Dataplane and the policies selecting it (`namespace/name`, merge order).
+    Governed {
+        mesh: String,
+        why: &'static str,
+        policies: Vec<String>,
+    },
+    /// A known pod that is not governed.
+    NotGoverned(String),
+    /// The agent's own pod.
+    Own,
+    /// No pod of the snapshot names this cgroup yet.
+    Pending,
+}
+
+/// One cgroup with an entry in the maps.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Entry {
+    /// Cgroup id.
+    pub id: u64,
+    /// Cgroup path.
+    pub cgroup: PathBuf,
+    /// `namespace/name` of the pod; `pending:<uid>` or the QoS parent's directory name.
+    pub name: String,
+    /// The pod's UID (empty for a QoS parent).
+    pub uid: String,
+    /// What it is.
+    pub state: PodState,
+    /// Index into [`Model::confs`].
+    pub conf: usize,
+    /// The Dataplane, for governed pods.
+    #[serde(skip)]
+    pub dataplane: Option<Dataplane>,
+}
+
+/// Everything one apply needs.
+#[derive(Debug, Clone, Default)]
+pub struct Model {
+    pub policies: Policies,
+    pub entries: Vec<Entry>,
+    /// Distinct merged configurations.
+    pub confs: Vec<MergedConf>,
+    /// Pods of the snapshot that are `Invalid` by Kuma's rules (`namespace/name: reason`).
+    pub pod_problems: Vec<String>,
+}
+
+impl Model {
+    /// `(cgroup id, conf index)` of every entry.
+    pub fn of(&self) -> Vec<(u64, usize)> {
+        self.entries.iter().map(|e| (e.id, e.conf)).collect()
+    }
+
+    /// `(cgroup id, name)` for metrics and events.
+    pub fn names(&self) -> Vec<(u64, String)> {
+        self.entries
+            .iter()
+            .map(|e| (e.id, e.name.clone()))
+            .collect()
+    }
+
+    /// Whether `other` would write the same maps.
+    pub fn same_plan(&self, other: &Model) -> bool {
+        self.confs == other.confs && self.of() == other.of()
+    }
+}
+
+#[derive(Hash, PartialEq, Eq)]
+enum ConfKey {
+    Selected(Vec<usize>),
+    Mode(Mode),
+}
+
+/// Computes the model.
+pub fn build(snap: &Snapshot, cgroups: &Cgroups, s: &Settings) -> Model {
+    let policies = policies(snap, &s.kuma);
+    let mut confs: Vec<MergedConf> = Vec::new();
+    let mut index: HashMap<ConfKey, usize> = HashMap::new();
+    let mut conf_of = |key: ConfKey, policies: &Policies| -> usize {
+        *index.entry(key).or_insert_with_key(|k| {
+            confs.push(match k {
+                ConfKey::Selected(sel) => {
+                    merge::merge_indices(&policies.policies, sel, s.unselected)
+                }
+                ConfKey::Mode(m) => MergedConf {
+                    mode: *m,
+                    matches: Vec::new(),
+                    policies: Vec::new(),
+                },
+            });
+            confs.len() - 1
+        })
+    };
+    // Pods by UID, mirror pods also by the static pod's UID (the cgroup's).
+    let mut by_uid: HashMap<&str, &k8s_openapi::api::core::v1::Pod> = HashMap::new();
+    for p in snap.pods.values() {
+        if let Some(uid) = p.metadata.uid.as_deref() {
+            by_uid.insert(uid, p);
+        }
+        if let Some(m) = p
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get("kubernetes.io/config.mirror"))
+        {
+            by_uid.insert(m.as_str(), p);
+        }
+    }
+    let node_labels = snap
+        .node
+        .as_ref()
+        .and_then(|n| n.metadata.labels.clone())
+        .unwrap_or_default();
+    let services = kuma::services_by_namespace(snap.services.values().map(|s| &**s));
+    let no_services = Vec::new();
+
+    let mut entries = Vec::new();
+    let mut pod_problems = Vec::new();
+    for (path, id) in &cgroups.qos {
+        let conf = conf_of(ConfKey::Mode(s.pending), &policies);
+        entries.push(Entry {
+            id: *id,
+            cgroup: path.clone(),
+            name: path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            uid: String::new(),
+            state: PodState::Pending,
+            conf,
+            dataplane: None,
+        });
+    }
+    for cg in cgroups.pods.values() {
+        let Some(pod) = by_uid.get(cg.uid.as_str()) else {
+            let conf = conf_of(ConfKey::Mode(s.pending), &policies);
+            entries.push(Entry {
+                id: cg.id,
+                cgroup: cg.path.clone(),
+                name: format!("pending:{}", cg.uid),
+                uid: cg.uid.clone(),
+                state: PodState::Pending,
+                conf,
+                dataplane: None,
+            });
+            continue;
+        };
+        let key = kuma::pod_key(pod);
+        let ns_name = pod.metadata.namespace.clone().unwrap_or_default();
+        let ns = snap.namespaces.get(&ns_name).map(|n| &**n);
+        let (state, conf, dataplane) = match kuma::governed(pod, ns, &s.govern, &s.kuma) {
+            Governance::NotGoverned(why) if s.govern.own_pod.as_deref() == Some(key.as_str()) => {
+                let _ = why;
+                (
+                    PodState::Own,
+                    conf_of(ConfKey::Mode(Mode::All), &policies),
+                    None,
+                )
+            }
+            Governance::NotGoverned(why) => (
+                PodState::NotGoverned(why.to_string()),
+                conf_of(ConfKey::Mode(s.unselected), &policies),
+                None,
+            ),
+            Governance::Invalid(reason) => {
+                pod_problems.push(format!("{key}: {reason}"));
+                (
+                    PodState::NotGoverned(reason),
+                    conf_of(ConfKey::Mode(s.unselected), &policies),
+                    None,
+                )
+            }
+            Governance::Governed { mesh, why } => {
+                let svcs = services.get(&ns_name).unwrap_or(&no_services);
+                let dp = kuma::dataplane_for(pod, &mesh, svcs, &node_labels, &s.kuma);
+                let sel = selecting(&policies, &dp);
+                let names = sel
+                    .iter()
+                    .map(|i| policies.policies[*i].name.clone())
+                    .collect();
+                let conf = conf_of(ConfKey::Selected(sel), &policies);
+                (
+                    PodState::Governed {
+                        mesh,
+                        why,
+                        policies: names,
+                    },
+                    conf,
+                    Some(dp),
+                )
+            }
+        };
+        entries.push(Entry {
+            id: cg.id,
+            cgroup: cg.path.clone(),
+            name: key,
+            uid: cg.uid.clone(),
+            state,
+            conf,
+            dataplane,
+        });
+    }
+    Model {
+        policies,
+        entries,
+        confs,
+        pod_problems,
+    }
+}
+
+/// Indices of the policies selecting `dp`, in merge order (least → most specific).
+pub fn selecting(p: &Policies, dp: &Dataplane) -> Vec<usize> {
+    let mut sel: Vec<usize> = (0..p.policies.len())
+        .filter(|&i| kuma::selects(&p.metas[i], &p.policies[i].target, dp))
+        .collect();
+    sel.sort_by(|&a, &b| {
+        kuma::order(
+            (&p.metas[a], &p.policies[a].target),
+            (&p.metas[b], &p.policies[b].target),
+        )
+    });
+    sel
+}
+
+/// The QoS class of a cgroup event, for logs.
+pub fn qos_word(q: Qos) -> &'static str {
+    match q {
+        Qos::Guaranteed => "guaranteed",
+        Qos::Burstable => "burstable",
+        Qos::BestEffort => "besteffort",
+    }
+}

@@ -1,0 +1,455 @@
+//! `passthrough run --kubernetes`: the DaemonSet agent.
+//!
+//! Start-up: watch the API server (one list + watch per kind, `passthrough_kube::cluster`) and
+//! wait for the first complete list of every kind — meanwhile pinned state of a previous agent,
+//! if any, keeps enforcing untouched; start watching the kubepods cgroup tree (watches set
+//! before listing, so no pod cgroup is missed); compute this node's workloads
+//! (`passthrough_kube::node`); load the programs and write that plan; attach once at the
+//! kubepods root. Then every API change, every pod cgroup that appears or goes, and SIGHUP
+//! recompute the model and, when the maps would change, apply it as one atomic generation flip
+//! (the proxy follows right after).
+//!
+//! While the API server is unreachable the last applied state stays in force and `/readyz`
+//! answers 503 saying since when; pod cgroups that appear meanwhile still get entries — the
+//! pending mode unless the pod was already known.
+
+use std::{
+    collections::BTreeSet,
+    path::{Path, PathBuf},
+    sync::{Arc, atomic::Ordering},
+    time::{Duration, Instant, SystemTime},
+};
+
+use anyhow::{Context as _, bail};
+use arc_swap::ArcSwap;
+use passthrough_common::AGENT_MARK;
+use passthrough_kube::{
+    cgroups::{CgroupEvent, KubepodsRoot, KubepodsWatcher},
+    cluster::{self, WatchOptions},
+    kuma::{GovernRules, KumaConfig},
+    labelsel::Selector,
+    node::{self, Cgroups, Model, Settings},
+};
+use passthrough_policy::{self as policy, Mode, plan::PlanOptions};
+use passthrough_proxy::ProxyPolicy;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::{
+    admin::{self, AdminState},
+    agent::{self, RunArgs},
+    bpffs, cgroup,
+    events::Reporter,
+    kernel::{Capacities, Kernel},
+    metrics::Metrics,
+};
+
+/// Flags of `passthrough run --kubernetes`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct KubeArgs {
+    /// Kubeconfig to reach the API server. Default: the in-cluster service account, else
+    /// `$KUBECONFIG` / `~/.kube/config`.
+    #[arg(long, value_name = "FILE", requires = "kubernetes")]
+    pub kubeconfig: Option<PathBuf>,
+    /// This node's name (the pods watched are those with this `spec.nodeName`). Default:
+    /// `$NODE_NAME` (set it from the downward API's `spec.nodeName`).
+    #[arg(long, value_name = "NAME", requires = "kubernetes")]
+    pub node_name: Option<String>,
+    /// The agent's own pod, `NAMESPACE/NAME`, never governed. Default: `$POD_NAMESPACE/$POD_NAME`.
+    #[arg(
+        long = "own-pod",
+        value_name = "NAMESPACE/NAME",
+        requires = "kubernetes"
+    )]
+    pub own_pod: Option<String>,
+    /// Kuma's system namespace: MeshPassthrough resources there select pods of every namespace;
+    /// those of any other namespace only that namespace's pods.
+    #[arg(long, default_value = "kuma-system", value_name = "NAMESPACE")]
+    pub system_namespace: String,
+    /// Kuma zone name (`kuma.io/zone` on Dataplanes and policies); Kuma's default is `default`.
+    #[arg(long, default_value = "default", value_name = "NAME")]
+    pub zone: String,
+    /// Also govern pods matching this label selector (repeatable).
+    #[arg(long = "pod-selector", value_name = "SELECTOR", value_parser = parse_selector)]
+    pub pod_selector: Vec<Selector>,
+    /// Also govern the pods of namespaces matching this label selector (repeatable).
+    #[arg(long = "namespace-selector", value_name = "SELECTOR", value_parser = parse_selector)]
+    pub namespace_selector: Vec<Selector>,
+    /// Do not apply Kuma's injection rules (`kuma.io/sidecar-injection`); only the selectors
+    /// decide which pods are governed.
+    #[arg(long)]
+    pub no_kuma_injection_rules: bool,
+    /// Where the host's cgroup2 hierarchy is mounted (in a pod: a hostPath of the node's
+    /// /sys/fs/cgroup). Default: the first cgroup2 mount of /proc/self/mountinfo.
+    #[arg(long, value_name = "PATH")]
+    pub cgroup_root: Option<PathBuf>,
+    /// The kubelet's pod cgroup parent (absolute, or relative to the cgroup root). Default:
+    /// `kubepods.slice` (systemd driver) or `kubepods` (cgroupfs) below the cgroup root.
+    #[arg(long, value_name = "PATH")]
+    pub kubepods_cgroup: Option<PathBuf>,
+    /// Mode of a pod cgroup the agent cannot name yet (its pod not yet seen from the API server).
+    #[arg(long, default_value = "None", value_parser = agent::parse_mode)]
+    pub pending_mode: Mode,
+    /// Where the agent writes the governed pods after every apply (read by `passthrough status`).
+    #[arg(
+        long,
+        default_value = "/run/passthrough/kubernetes.json",
+        value_name = "FILE"
+    )]
+    pub status_file: PathBuf,
+}
+
+fn parse_selector(s: &str) -> Result<Selector, String> {
+    s.parse()
+}
+
+fn settings(args: &RunArgs) -> anyhow::Result<(Settings, String)> {
+    let k = &args.kube;
+    let node_name = k
+        .node_name
+        .clone()
+        .or_else(|| std::env::var("NODE_NAME").ok())
+        .filter(|n| !n.is_empty())
+        .context("--kubernetes needs the node name: --node-name or $NODE_NAME")?;
+    let own_pod = k.own_pod.clone().or_else(|| {
+        match (std::env::var("POD_NAMESPACE"), std::env::var("POD_NAME")) {
+            (Ok(ns), Ok(n)) if !ns.is_empty() && !n.is_empty() => Some(format!("{ns}/{n}")),
+            _ => None,
+        }
+    });
+    if own_pod.is_none() {
+        warn!(
+            "own pod unknown (--own-pod or $POD_NAMESPACE/$POD_NAME): if the agent runs in a pod it may be governed"
+        );
+    }
+    Ok((
+        Settings {
+            kuma: KumaConfig {
+                system_namespace: k.system_namespace.clone(),
+                zone: k.zone.clone(),
+                ..KumaConfig::default()
+            },
+            govern: GovernRules {
+                kuma_rules: !k.no_kuma_injection_rules,
+                pod_selectors: k.pod_selector.clone(),
+                namespace_selectors: k.namespace_selector.clone(),
+                own_pod,
+            },
+            unselected: args.unselected_mode,
+            pending: k.pending_mode,
+        },
+        node_name,
+    ))
+}
+
+fn proxy_policy(model: &Model, opts: &PlanOptions, unselected: Mode) -> ProxyPolicy {
+    ProxyPolicy {
+        workloads: model
+            .entries
+            .iter()
+            .map(|e| (e.id, model.confs[e.conf].clone()))
+            .collect(),
+        unmatched: policy::MergedConf {
+            mode: unselected,
+            matches: Vec::new(),
+            policies: Vec::new(),
+        },
+        decide: policy::DecideOptions {
+            internal: opts.internal.clone(),
+            resolvers: opts.resolvers.clone(),
+        },
+    }
+}
+
+fn apply(
+    kernel: &mut Kernel,
+    model: &Model,
+    opts: &PlanOptions,
+    metrics: &Metrics,
+) -> anyhow::Result<u64> {
+    let refs: Vec<(u64, &policy::MergedConf)> = model
+        .entries
+        .iter()
+        .map(|e| (e.id, &model.confs[e.conf]))
+        .collect();
+    let plan = policy::plan::compile(kernel.next_generation(), &refs, opts);
+    let usage = plan.usage();
+    let generation = kernel.apply(plan)?;
+    metrics.policy_applied(
+        generation,
+        model.names(),
+        usage,
+        kernel.capacities().map_capacity(),
+    );
+    agent::retire_previous(kernel, metrics);
+    Ok(generation)
+}
+
+/// Logs problems not reported before (and forgets those that went away).
+fn report(model: &Model, seen: &mut BTreeSet<String>) {
+    let now: BTreeSet<String> = model
+        .policies
+        .problems
+        .iter()
+        .map(|p| p.to_string())
+        .chain(model.pod_problems.iter().map(|p| format!("Pod {p}")))
+        .collect();
+    for p in now.difference(seen) {
+        warn!(problem = %p, "ignored (invalid); everything else applies");
+    }
+    *seen = now;
+}
+
+/// The JSON `passthrough status` shows: every pod cgroup with its state and mode.
+fn write_status(path: &Path, node_name: &str, generation: u64, model: &Model) {
+    let pods: Vec<serde_json::Value> = model
+        .entries
+        .iter()
+        .map(|e| {
+            let conf = &model.confs[e.conf];
+            serde_json::json!({
+                "name": e.name, "uid": e.uid, "cgroup": e.cgroup, "cgroup_id": e.id,
+                "state": e.state, "mode": conf.mode.as_str(), "matches": conf.matches.len(),
+                "rule_set": e.conf,
+            })
+        })
+        .collect();
+    let doc = serde_json::json!({
+        "node": node_name, "generation": generation, "pods": pods,
+        "policies": model.policies.policies.iter().map(|p| p.name.clone()).collect::<Vec<_>>(),
+        "shadow_policies": model.policies.shadow,
+        "invalid_policies": model.policies.problems.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+    });
+    let write = || -> std::io::Result<()> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(&doc)?)?;
+        std::fs::rename(&tmp, path)
+    };
+    if let Err(e) = write() {
+        debug!(file = %path.display(), error = %e, "status file not written");
+    }
+}
+
+fn log_cgroup_events(evs: &[CgroupEvent]) {
+    for e in evs {
+        match e {
+            CgroupEvent::Appeared(p) => {
+                debug!(uid = %p.uid, qos = node::qos_word(p.qos), cgroup = %p.path.display(), "pod cgroup appeared")
+            }
+            CgroupEvent::Gone { uid, .. } => debug!(%uid, "pod cgroup removed"),
+            CgroupEvent::QosDir { path, .. } => debug!(cgroup = %path.display(), "QoS cgroup"),
+            CgroupEvent::Overflow => warn!("inotify queue overflow; rescanned the kubepods tree"),
+        }
+    }
+}
+
+fn since(t: SystemTime) -> String {
+    let secs = SystemTime::now()
+        .duration_since(t)
+        .unwrap_or(Duration::ZERO)
+        .as_secs();
+    format!("{secs}s")
+}
+
+/// Runs the Kubernetes agent until SIGTERM/SIGINT.
+pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let nofile = agent::raise_nofile_limit();
+    info!(nofile, "open-files limit");
+    let (settings, node_name) = settings(&args)?;
+    let mount = match &args.kube.cgroup_root {
+        Some(r) => r.clone(),
+        None => cgroup::cgroup2_mount()?,
+    };
+    let root = match &args.kube.kubepods_cgroup {
+        Some(p) => KubepodsRoot::at(
+            &cgroup::resolve(p, &mount)
+                .context("--kubepods-cgroup")?
+                .path,
+        ),
+        None => KubepodsRoot::find(&mount).with_context(|| {
+            format!(
+                "no kubepods cgroup (kubepods.slice or kubepods) below {}; give --kubepods-cgroup",
+                mount.display()
+            )
+        })?,
+    };
+    info!(cgroup = %root.path.display(), driver = ?root.driver, node = %node_name, "Kubernetes mode");
+    let opts = agent::plan_options(&args);
+    let bpf_root = Path::new("/sys/fs/bpf");
+    if bpffs::ensure_mounted(bpf_root).context("mounting bpffs at /sys/fs/bpf")? {
+        info!(path = %bpf_root.display(), "mounted bpffs");
+    }
+    let metrics = Arc::new(Metrics::new());
+    let admin_state = Arc::new(AdminState {
+        metrics: Some(metrics.clone()),
+        ..AdminState::default()
+    });
+    *admin_state.degraded.write().unwrap() =
+        Some("waiting for the first list from the API server".into());
+    let admin_listener = admin::bind(args.admin_addr)
+        .await
+        .with_context(|| format!("--admin-addr {}", args.admin_addr))?;
+    let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state.clone()));
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+
+    let config = cluster::config(args.kube.kubeconfig.as_deref()).await?;
+    let cluster = cluster::start(
+        config,
+        &WatchOptions {
+            node_name: node_name.clone(),
+            watch_timeout: 290,
+        },
+    )?;
+    let mut snapshots = cluster.snapshots.clone();
+    let mut health = cluster.health.clone();
+    // Nothing is loaded or attached before the first complete list: a previous agent's
+    // pinned state keeps enforcing meanwhile.
+    info!("waiting for the first list of every kind");
+    let snap = tokio::select! {
+        s = snapshots.wait_for(|s| s.complete()) => s.map(|s| s.clone()).context("watchers stopped")?,
+        _ = term.recv() => { admin_task.abort(); return Ok(()) }
+        _ = int.recv() => { admin_task.abort(); return Ok(()) }
+    };
+    let (mut watcher, evs) = KubepodsWatcher::start(root.clone())
+        .with_context(|| format!("watching {}", root.path.display()))?;
+    let mut cgroups = Cgroups::default();
+    cgroups.apply(&evs);
+    let mut model = node::build(&snap, &cgroups, &settings);
+    let mut seen_problems = BTreeSet::new();
+    report(&model, &mut seen_problems);
+
+    let flags = if args.audit {
+        passthrough_common::flags::AUDIT
+    } else {
+        0
+    };
+    let proxy_listeners = agent::bind_proxy(&args).await?;
+    let mut kernel = Kernel::load(
+        Capacities {
+            rules: args.rule_capacity,
+            ..Capacities::default()
+        },
+        flags,
+        AGENT_MARK,
+        agent::proxy_settings(&args)?,
+        Some(&args.state_dir),
+    )?;
+    kernel.set_raw_socket_backstop(!args.no_raw_socket_backstop);
+    if kernel.adopted() {
+        info!(state = %args.state_dir.display(), generation = kernel.policy_generation(), "adopted pinned state of a previous agent");
+    }
+    let reporter = Arc::new(Reporter::new(metrics.clone(), Default::default()));
+    let events_task = agent::start_deny_events(&mut kernel, &args.state_dir, &reporter);
+    let proxy_state = Arc::new(ArcSwap::from_pointee(proxy_policy(
+        &model,
+        &opts,
+        args.unselected_mode,
+    )));
+    let shutdown = CancellationToken::new();
+    let proxy_tasks = agent::start_proxy(
+        &args,
+        &mut kernel,
+        proxy_listeners,
+        &proxy_state,
+        &reporter,
+        &shutdown,
+    )?;
+    let mut generation = apply(&mut kernel, &model, &opts, &metrics)?;
+    kernel.attach(&root.path)?;
+    info!(cgroup = %root.path.display(), "attached");
+    for removed in kernel.retire_stale() {
+        info!(pin = %removed.display(), "removed stale pinned state");
+    }
+    info!(
+        generation,
+        pods = model.entries.len(),
+        policies = model.policies.policies.len(),
+        "policy applied"
+    );
+    write_status(&args.kube.status_file, &node_name, generation, &model);
+    admin_state.generation.store(generation, Ordering::Release);
+    admin_state.ready.store(true, Ordering::Release);
+    *admin_state.degraded.write().unwrap() = None;
+
+    loop {
+        let mut force = false;
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => force = true,
+            r = snapshots.changed() => {
+                if r.is_err() {
+                    bail!("API watchers stopped");
+                }
+            }
+            r = watcher.next() => {
+                match r {
+                    Ok(evs) => {
+                        log_cgroup_events(&evs);
+                        cgroups.apply(&evs);
+                    }
+                    Err(e) => error!(error = %e, "watching the kubepods cgroups failed"),
+                }
+            }
+            r = health.changed() => {
+                if r.is_ok() {
+                    let h = health.borrow_and_update().clone();
+                    let why = h.worst().map(|(kind, t, msg)| {
+                        format!("API server unreachable for {kind} since {} ago ({msg}); the last good state stays in force", since(t))
+                    });
+                    *admin_state.degraded.write().unwrap() = why;
+                }
+                continue;
+            }
+        }
+        let t = Instant::now();
+        let snap = snapshots.borrow_and_update().clone();
+        let next = node::build(&snap, &cgroups, &settings);
+        report(&next, &mut seen_problems);
+        if !force && next.same_plan(&model) {
+            model = next;
+            continue;
+        }
+        match apply(&mut kernel, &next, &opts, &metrics) {
+            Ok(g) => {
+                generation = g;
+                proxy_state.store(Arc::new(proxy_policy(&next, &opts, args.unselected_mode)));
+                admin_state.generation.store(g, Ordering::Release);
+                info!(
+                    generation,
+                    pods = next.entries.len(),
+                    policies = next.policies.policies.len(),
+                    us = t.elapsed().as_micros() as u64,
+                    "policy applied"
+                );
+                write_status(&args.kube.status_file, &node_name, generation, &next);
+                model = next;
+            }
+            Err(e) => {
+                error!(error = %format!("{e:#}"), "apply failed; the previous plan stays in force")
+            }
+        }
+    }
+    info!("shutting down: detaching programs");
+    admin_state.ready.store(false, Ordering::Release);
+    admin_task.abort();
+    events_task.abort();
+    shutdown.cancel();
+    for t in proxy_tasks {
+        let _ = t.await;
+    }
+    drop(cluster);
+    if args.keep_on_exit {
+        info!("--keep-on-exit: programs stay attached, maps pinned");
+    }
+    kernel.shutdown(args.keep_on_exit)?;
+    info!("stopped");
+    Ok(())
+}
