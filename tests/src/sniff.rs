@@ -152,7 +152,7 @@ fn read_packets(sock: OwnedFd, log: Arc<Mutex<Vec<Packet>>>, stop: Arc<AtomicBoo
             if n < 0 {
                 break;
             }
-            if sll.sll_pkttype == libc::PACKET_OUTGOING as u8 {
+            if sll.sll_pkttype == libc::PACKET_OUTGOING {
                 continue;
             }
             if let Some(p) = parse(&buf[..n as usize]) {
