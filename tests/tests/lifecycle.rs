@@ -227,7 +227,7 @@ fn sigkill_keeps_enforcing_restart_adopts_and_uninstall_removes_everything() {
     assert!(ok, "{text}");
     assert!(
         text.contains(&format!(
-            "removed 8 link(s) and {} map(s)",
+            "removed {ALL_PROGRAMS} link(s) and {} map(s)",
             passthrough_user::kernel::MAPS.len()
         )),
         "{text}"
