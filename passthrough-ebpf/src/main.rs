@@ -2,8 +2,9 @@
 //! `connect()` / `sendmsg()` time.
 //!
 //! One module per program type (`connect`, `sendmsg`, `getpeername`, `setsockopt`, `sock_ops`,
-//! `skb`, `relay`); the shared decision lives in `decide`, the maps in `maps`, the MPTCP
-//! subflow owner in `mptcp`. The user side compiles policies into the maps; nothing here knows YAML.
+//! `skb`, `relay`, and the test-only `view_probe`, which the agent never loads); the shared
+//! decision lives in `decide`, the maps in `maps`, the MPTCP subflow owner in `mptcp`. The user
+//! side compiles policies into the maps; nothing here knows YAML.
 #![no_std]
 #![no_main]
 
@@ -18,6 +19,7 @@ mod sendmsg;
 mod setsockopt;
 mod skb;
 mod sock_ops;
+mod view_probe;
 
 #[cfg(not(test))]
 #[panic_handler]
