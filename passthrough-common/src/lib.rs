@@ -14,7 +14,7 @@ pub mod reason;
 pub use reason::Reason;
 
 /// Version of the map layout; part of the pin directory name (`/sys/fs/bpf/passthrough/v<N>`).
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 
 /// `SO_MARK` the agent's own sockets carry (proxy upstreams, its DNS queries): the programs let
 /// them through, but only for callers that belong to no workload (SPEC §3 rule 1; see
@@ -486,7 +486,7 @@ pub struct DenyEvent {
     pub addr: [u8; 16],
     /// Destination port in host order.
     pub port: u16,
-    /// 6 = TCP, 17 = UDP.
+    /// IP protocol: 6 = TCP, 17 = UDP; the backstop's packets carry theirs (1 = ICMP, …).
     pub protocol: u8,
     /// 1 when `--audit` let it through.
     pub audit: u8,
@@ -494,10 +494,29 @@ pub struct DenyEvent {
     pub reason: u32,
     /// Thread-group id of the caller.
     pub pid: u32,
-    /// Which hook denied: 0 = a sock_addr hook (connect/sendmsg); otherwise the raw/ping
-    /// backstop, holding the socket type (2 = ping socket, 3 = raw socket).
+    /// Which hook denied: 0 = a syscall hook (connect/sendmsg, setsockopt); otherwise the
+    /// egress backstop, holding the sending socket's type (1 = stream, 2 = datagram or ping,
+    /// 3 = raw; 0 also when the packet had no full socket).
     pub socket_type: u32,
     /// The caller's command name.
+    pub comm: [u8; 16],
+}
+
+/// The owner of an MPTCP connection (`MPTCP_OWNERS`, socket-local storage of the MPTCP
+/// socket), recorded by connect4/6 at the connection's first connect, which runs in the
+/// connecting task. The kernel opens further subflows from a worker thread, whose cgroup says
+/// nothing about the workload: those connects are judged as if this task made them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MptcpOwner {
+    /// The task's cgroup ids: `[0]` its own, `[l]` its ancestor at level `l` (1 = the root's
+    /// child), 0 past its own level.
+    pub cgroups: [u64; MAX_CGROUP_DEPTH as usize],
+    /// Thread-group id of the task.
+    pub pid: u32,
+    /// Explicit padding.
+    pub _pad: u32,
+    /// The task's command name.
     pub comm: [u8; 16],
 }
 
@@ -671,6 +690,7 @@ mod pod {
     unsafe impl aya::Pod for super::sni::SniNameValue {}
     unsafe impl aya::Pod for super::sni::SniTableKey {}
     unsafe impl aya::Pod for super::sni::SniTable {}
+    unsafe impl aya::Pod for super::MptcpOwner {}
 }
 
 #[cfg(test)]
@@ -697,6 +717,7 @@ mod tests {
         assert_eq!(size_of::<SniSock>(), 416);
         assert_eq!(size_of::<SniDenyEvent>(), 72 + 24 + 256);
         assert_eq!(size_of::<sni::SniNameKey>(), 256);
+        assert_eq!(size_of::<MptcpOwner>(), 280);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! `cgroup/connect4` and `cgroup/connect6`: TCP connects and connected UDP sockets. Allowed
 //! connections proceed unchanged; rule-4 candidates are rewritten to the proxy, with the
-//! original destination recorded by socket cookie.
+//! original destination recorded by socket cookie. MPTCP subflows that the kernel opens are
+//! judged for the connection's owner (`mptcp.rs`).
 
 use aya_ebpf::{
     EbpfContext as _,
@@ -14,8 +15,12 @@ use passthrough_common::{GlobalConfig, OrigDst, flags};
 
 use crate::{
     addr::{bytes_to_words, words_to_bytes},
-    decide::{Connecting, PROCEED, REJECT, Transport, V4, Verdict, decide_for, v4_mapped, v6},
+    decide::{
+        Connecting, PROCEED, REJECT, Transport, V4, Verdict, decide_for, decide_unknown_owner,
+        v4_mapped, v6,
+    },
     maps::{CONFIG, ORIG_BY_COOKIE},
+    mptcp::{self, Subject},
     sni,
 };
 
@@ -221,14 +226,35 @@ fn connecting(ctx: &SockAddrContext) -> Connecting {
     Connecting(unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk }.cast())
 }
 
+/// The verdict for a subflow judged for its connection's owner, or for no one.
+#[inline(always)]
+fn subflow_code(v: Verdict) -> i32 {
+    // decide never redirects a Subflow nor sends it on the TLS fast path; anything but Allow
+    // rejects.
+    if v == Verdict::Allow { PROCEED } else { REJECT }
+}
+
 #[cgroup_sock_addr(connect4)]
 pub fn passthrough_connect4(ctx: SockAddrContext) -> i32 {
     let addr = user_ip4(&ctx);
     let port = port_be(&ctx);
+    match mptcp::subject(&ctx) {
+        Subject::Task => {}
+        Subject::Owner(owner) => {
+            return subflow_code(decide_for(
+                owner,
+                V4(addr),
+                port,
+                Transport::Subflow,
+                socket_mark(&ctx),
+            ));
+        }
+        Subject::Unknown => return subflow_code(decide_unknown_owner(V4(addr), port)),
+    }
     let transport = transport(&ctx);
     fresh_connect(&ctx, transport);
     let caller = connecting(&ctx);
-    match decide_for(caller, V4(addr), port, transport, socket_mark(&ctx)) {
+    let code = match decide_for(caller, V4(addr), port, transport, socket_mark(&ctx)) {
         Verdict::Allow => PROCEED,
         Verdict::Deny => REJECT,
         Verdict::Redirect { workload } => {
@@ -238,13 +264,33 @@ pub fn passthrough_connect4(ctx: SockAddrContext) -> i32 {
             let words = mapped_words(addr);
             sni::go_direct(&ctx, words_to_bytes(words), port, 4, workload)
         }
+    };
+    if code == REJECT {
+        mptcp::forget_owner(&ctx);
     }
+    code
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn passthrough_connect6(ctx: SockAddrContext) -> i32 {
     let words = user_ip6(&ctx);
     let port = port_be(&ctx);
+    match mptcp::subject(&ctx) {
+        Subject::Task => {}
+        Subject::Owner(owner) => {
+            let mark = socket_mark(&ctx);
+            return subflow_code(match v4_mapped(words) {
+                Some(v4) => decide_for(owner, v4, port, Transport::Subflow, mark),
+                None => decide_for(owner, v6(words), port, Transport::Subflow, mark),
+            });
+        }
+        Subject::Unknown => {
+            return subflow_code(match v4_mapped(words) {
+                Some(v4) => decide_unknown_owner(v4, port),
+                None => decide_unknown_owner(v6(words), port),
+            });
+        }
+    }
     let transport = transport(&ctx);
     fresh_connect(&ctx, transport);
     let caller = connecting(&ctx);
@@ -253,12 +299,16 @@ pub fn passthrough_connect6(ctx: SockAddrContext) -> i32 {
         Some(v4) => (decide_for(caller, v4, port, transport, mark), true),
         None => (decide_for(caller, v6(words), port, transport, mark), false),
     };
-    match verdict {
+    let code = match verdict {
         Verdict::Allow => PROCEED,
         Verdict::Deny => REJECT,
         Verdict::Redirect { workload } => redirect(&ctx, words, port, 6, workload, true, v4_dest),
         Verdict::KernelSni { workload } => {
             sni::go_direct(&ctx, words_to_bytes(words), port, 6, workload)
         }
+    };
+    if code == REJECT {
+        mptcp::forget_owner(&ctx);
     }
+    code
 }

@@ -31,7 +31,7 @@ use crate::{
     metrics::Metrics,
     startup::{
         bind_proxy, enable_tls_fast_path, proxy_settings, raise_nofile_limit, retire_previous,
-        start_deny_events, start_proxy,
+        set_backstop, start_deny_events, start_proxy,
     },
 };
 
@@ -219,7 +219,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         proxy_settings(&args)?,
         Some(&args.state_dir),
     )?;
-    kernel.set_raw_socket_backstop(!args.no_raw_socket_backstop);
+    set_backstop(&mut kernel, &args);
     enable_tls_fast_path(&args, &mut kernel);
     if kernel.adopted() {
         info!(state = %args.state_dir.display(), generation = kernel.policy_generation(), "adopted pinned state of a previous agent");
