@@ -376,9 +376,7 @@ pub fn decide<M: Maps, C: Caller, D: Dest>(
                     None => Reason::NoMatch,
                 }
             }
-            Transport::Subflow
-                if domain_port_bits(maps, rs, u32::from(u16::from_be(port_be))).is_some() =>
-            {
+            Transport::Subflow if has_domain_port(maps, rs, u32::from(u16::from_be(port_be))) => {
                 Reason::NoProxy
             }
             Transport::Subflow => Reason::NoMatch,
@@ -536,6 +534,21 @@ fn report_denial<M: Maps, C: Caller, D: Dest>(
         },
         comm,
     });
+}
+
+/// Whether the rule set has a Domain match at `port` or a port-less one. Two lookups in turn:
+/// not [`domain_port_bits`]`.is_some()`, which LLVM turns into an OR of the two map-value
+/// pointers, an operation the verifier refuses (`pointer |= pointer prohibited`).
+#[inline(always)]
+fn has_domain_port<M: Maps>(maps: &M, rs: u32, port: u32) -> bool {
+    maps.domain_port(&DomainPortKey { ruleset: rs, port })
+        .is_some()
+        || maps
+            .domain_port(&DomainPortKey {
+                ruleset: rs,
+                port: 0,
+            })
+            .is_some()
 }
 
 /// The [`domain_port`] bits of the rule set's Domain matches at `port` and its port-less ones

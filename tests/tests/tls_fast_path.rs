@@ -175,7 +175,16 @@ mod ops {
         let payload = hex(req["hex"].as_str().unwrap_or(""));
         let mode = req["mode"].as_str().unwrap_or("write");
         let chunk = req["chunk"].as_u64().unwrap_or(1).max(1) as usize;
-        let s = match socket(&a) {
+        // `mptcp`: an MPTCP socket (`IPPROTO_MPTCP`), connected and written to like `write`.
+        let s = match if mode == "mptcp" {
+            Socket::new(
+                Domain::for_address(a),
+                Type::STREAM,
+                Some(Protocol::from(262)),
+            )
+        } else {
+            socket(&a)
+        } {
             Ok(s) => s,
             Err(e) => return fail("socket", &e),
         };
@@ -248,7 +257,7 @@ mod ops {
                 }
                 match mode {
                     "connect_only" => (0, 0),
-                    "write" => sent(write_all(fd, &payload)),
+                    "write" | "mptcp" => sent(write_all(fd, &payload)),
                     "chunks" => {
                         let mut total = 0;
                         let mut r = Ok(0);
@@ -960,6 +969,47 @@ fn fast_open_connections_take_the_proxy() {
         assert!(
             rig.received(dst, 1).is_empty(),
             "no connection reached the server"
+        );
+    }
+}
+
+/// An MPTCP connection builds its segments on the subflow itself, past the judge's `sk_msg`
+/// program, so it never takes the fast path: connect4/6 see the MPTCP subflow and redirect it
+/// to the proxy (absent here: the connect is refused), even to a verified destination with an
+/// allowed name. Nothing reaches the server.
+#[test]
+fn mptcp_connections_take_the_proxy() {
+    if !require_kernel() {
+        return;
+    }
+    let rig = Rig::new();
+    for fam in ['4', '6'] {
+        let dst = host(A, fam, 8443);
+        let before = rig.counters();
+        let r = rig.helper(
+            json!({"addr": dst.to_string(), "hex": hexs(&hello(b"api.test")), "mode": "mptcp"}),
+        );
+        let after = rig.counters();
+        assert_eq!(r["stage"], "connect", "{fam}: {r}");
+        assert_eq!(
+            r["errno"],
+            libc::ECONNREFUSED,
+            "{fam}: went to the (absent) proxy: {r}"
+        );
+        assert_eq!(delta(&before, &after, DIRECT), 0, "{fam}: {r}");
+        assert_eq!(delta(&before, &after, PROXIED), 1, "{fam}: {r}");
+        // The same destination and name over plain TCP go directly (the control).
+        let before = rig.counters();
+        let r = rig.helper(
+            json!({"addr": dst.to_string(), "hex": hexs(&hello(b"api.test")), "mode": "write"}),
+        );
+        let after = rig.counters();
+        assert_eq!(delta(&before, &after, DIRECT), 1, "{fam} tcp: {r}");
+        assert_eq!(r["ok"], true, "{fam} tcp: {r}");
+        assert_eq!(
+            rig.received(dst, 1).len(),
+            1,
+            "{fam}: the TCP control arrived"
         );
     }
 }

@@ -614,7 +614,7 @@ fn main() -> anyhow::Result<()> {
         let _stats =
             aya::sys::enable_stats(aya::sys::Stats::RunTime).context("BPF_ENABLE_STATS")?;
         for table in [Table::TlsNewconn, Table::TlsKeepalive] {
-            for row in [Row::Direct, Row::Ours, Row::OursFast] {
+            for row in [Row::Direct, Row::Ours, Row::OursCandidate, Row::OursFast] {
                 let Some((_, e)) = paths.iter().find(|(r, _)| *r == row) else {
                     continue;
                 };
@@ -650,6 +650,10 @@ fn main() -> anyhow::Result<()> {
                         (s1.sock_ops.1 - s0.sock_ops.1) as f64 / conns,
                     ),
                 ];
+                if let (Some(a), Some(b)) = (s0.egress, s1.egress) {
+                    out.push(("egress_ns_per_conn", per_conn(a, b)));
+                    out.push(("egress_runs_per_conn", (b.1 - a.1) as f64 / conns));
+                }
                 if let (Some(a), Some(b)) = (s0.sk_msg, s1.sk_msg) {
                     out.push(("sk_msg_ns_per_conn", per_conn(a, b)));
                     out.push(("sk_msg_runs_per_conn", (b.1 - a.1) as f64 / conns));
@@ -1154,6 +1158,9 @@ struct BpfProgs {
     connect4: u32,
     sock_ops: u32,
     sk_msg: Option<u32>,
+    /// The egress backstop (`cgroup_skb/egress`; absent under `--no-raw-socket-backstop`
+    /// without the fast path): its cost is per packet, reported per connection.
+    egress: Option<u32>,
 }
 
 /// Cumulative (run time ns, run count) of each program.
@@ -1161,6 +1168,7 @@ struct BpfStats {
     connect4: (u64, u64),
     sock_ops: (u64, u64),
     sk_msg: Option<(u64, u64)>,
+    egress: Option<(u64, u64)>,
 }
 
 impl BpfProgs {
@@ -1170,6 +1178,7 @@ impl BpfProgs {
         const CONNECT4: u32 = 10; // BPF_CGROUP_INET4_CONNECT
         const SOCK_OPS: u32 = 3; // BPF_CGROUP_SOCK_OPS
         const SK_MSG: u32 = 7; // BPF_SK_MSG_VERDICT
+        const EGRESS: u32 = 1; // BPF_CGROUP_INET_EGRESS
         let one = |ids: Vec<u32>, what: &str| -> anyhow::Result<u32> {
             match ids[..] {
                 [id] => Ok(id),
@@ -1187,10 +1196,12 @@ impl BpfProgs {
         } else {
             None
         };
+        let egress = attached_prog_ids(cgroup, EGRESS)?.first().copied();
         Ok(BpfProgs {
             connect4,
             sock_ops,
             sk_msg,
+            egress,
         })
     }
 
@@ -1212,6 +1223,7 @@ impl BpfProgs {
             connect4: get(self.connect4)?,
             sock_ops: get(self.sock_ops)?,
             sk_msg: self.sk_msg.map(get).transpose()?,
+            egress: self.egress.map(get).transpose()?,
         })
     }
 }
@@ -1323,6 +1335,37 @@ impl Sink {
                 }
                 if !cpu_mb.is_nan() {
                     line += &format!("  cpu {cpu_mb:.0} µs/MB");
+                }
+                // Node CPU per request (every CPU's busy time), as a per-round ratio to direct.
+                let node = self.values(table.id(), row.id(), "node_cpu_us_per_req");
+                if !node.is_empty() {
+                    let base = self.values(table.id(), "direct", "node_cpu_us_per_req");
+                    let r = median(
+                        node.iter()
+                            .filter_map(|(r, x)| {
+                                base.iter().find(|(b, _)| b == r).map(|(_, d)| x / d)
+                            })
+                            .collect(),
+                    );
+                    line += &format!("  node {:.1} µs/req (×{r:.2})", med("node_cpu_us_per_req"));
+                }
+                // Against the best peer of the table (the highest median), TLS tables.
+                if table.proto() == Proto::Tls && row.is_agent() {
+                    let best = [Row::Nginx, Row::Haproxy, Row::HaproxySplice, Row::Envoy]
+                        .into_iter()
+                        .map(|p| {
+                            median(
+                                self.values(table.id(), p.id(), main)
+                                    .into_iter()
+                                    .map(|x| x.1)
+                                    .collect(),
+                            )
+                        })
+                        .filter(|x| !x.is_nan())
+                        .fold(f64::NAN, f64::max);
+                    if !best.is_nan() {
+                        line += &format!("  vs best peer ×{:.2}", med(main) / best);
+                    }
                 }
                 let share = med("direct_share");
                 if !share.is_nan() {
