@@ -2,6 +2,8 @@
 //!
 //! - `setup`: install toolchains, LLVM and bpf-linker (idempotent; `scripts/setup.sh`).
 //! - `build`: build the agent (the eBPF object is built by passthrough-user's build.rs).
+//! - `run -- ARGS`: build the eBPF programs and the agent, then run `passthrough ARGS` (aya's
+//!   template convention: one command loads changed programs).
 //! - `test`: `cargo fmt --all --check`, `cargo clippy` and `cargo doc` with warnings denied,
 //!   then every test, kernel tests included (root needed; under `CI=true` they never skip).
 //! - `bench`: benchmarks (`connect` = kernel-path connect() cost and compile+load time; `kube` =
@@ -41,6 +43,17 @@ enum Cmd {
         /// Release profile.
         #[arg(long)]
         release: bool,
+    },
+    /// Build the eBPF programs and the agent, then run `passthrough ARGS` (e.g.
+    /// `cargo xtask run -- run --policy examples/ --cgroup system.slice/app.service`). The
+    /// agent's exit status is this command's.
+    Run {
+        /// Release profile.
+        #[arg(long)]
+        release: bool,
+        /// Arguments for `passthrough` (after `--`).
+        #[arg(last = true)]
+        args: Vec<String>,
     },
     /// Run all tests, kernel tests included.
     Test {
@@ -274,8 +287,32 @@ fn compare(which: &str, quick: bool, rounds: Option<u32>, report_only: bool) -> 
     result
 }
 
+/// `run`: builds `passthrough` (its build script builds the eBPF object it embeds, so the
+/// programs always match their sources), then replaces this process with `passthrough ARGS`
+/// (`exec`, as `cargo run` does): signals (Ctrl-C, SIGTERM, SIGHUP to reload) reach the agent
+/// itself, its exit status is the command's, and relative paths are read from the caller's
+/// working directory. Returns only if the exec failed.
+fn run_agent(release: bool, args: &[String]) -> anyhow::Error {
+    let mut c = cargo();
+    c.args(["build", "-p", "passthrough-user", "--bin", "passthrough"]);
+    if release {
+        c.arg("--release");
+    }
+    if let Err(e) = run(&mut c) {
+        return e;
+    }
+    let bin = target_dir()
+        .join(if release { "release" } else { "debug" })
+        .join("passthrough");
+    eprintln!("[xtask] exec {} {}", bin.display(), args.join(" "));
+    use std::os::unix::process::CommandExt as _;
+    let e = Command::new(&bin).args(args).exec();
+    anyhow::Error::new(e).context(format!("exec {}", bin.display()))
+}
+
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
+        Cmd::Run { release, args } => Err(run_agent(release, &args)),
         Cmd::Setup => run(Command::new("bash").arg("scripts/setup.sh")),
         Cmd::Build { release } => {
             let mut c = cargo();
