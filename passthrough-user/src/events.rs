@@ -210,6 +210,24 @@ pub fn kernel_reason(reason: u32) -> (&'static str, &'static str) {
     (code, text)
 }
 
+/// The `destination` label of `passthrough_denied_destinations_total`: `name:port` when the
+/// proxy saw an SNI or Host (a port in the Host is dropped: the dialled port is the one that
+/// counts), else the dialled `ip:port`.
+pub fn denied_destination(d: &Denial) -> String {
+    let name = d.sni.as_deref().or(d.host.as_deref()).map(|n| {
+        // `[v6]:port` / `name:port` → the host part; a bare IPv6 literal stays whole.
+        match n.rsplit_once(':') {
+            Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) && !h.contains(':') => h,
+            Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) && h.ends_with(']') => h,
+            _ => n,
+        }
+    });
+    match name {
+        Some(n) if !n.is_empty() => format!("{n}:{}", d.dst.port()),
+        _ => d.dst.to_string(),
+    }
+}
+
 /// A kernel event's destination (IPv4-mapped addresses shown as IPv4).
 pub fn event_dst(ev: &DenyEvent) -> SocketAddr {
     let v6 = Ipv6Addr::from(ev.addr);
@@ -281,6 +299,8 @@ impl Reporter {
             self.metrics
                 .proxy_decision(&d.protocol, verdict, &d.reason, &workload);
         }
+        self.metrics
+            .denied_destination(&workload, &denied_destination(d));
         let ok = {
             let mut l = self.limiter.lock().unwrap_or_else(|e| e.into_inner());
             l.allow((d.workload, d.reason.clone()), self.origin.elapsed())
@@ -640,6 +660,50 @@ mod tests {
         assert_eq!(kernel_reason(ev.reason).0, "deny_no_match");
         ev.addr = "2001:db8::1".parse::<Ipv6Addr>().unwrap().octets();
         assert_eq!(event_dst(&ev), "[2001:db8::1]:443".parse().unwrap());
+    }
+
+    #[test]
+    fn denied_destination_names_what_was_dialled() {
+        let d = |sni: Option<&str>, host: Option<&str>, dst: &str| Denial {
+            path: DecisionPath::Proxy,
+            time: SystemTime::UNIX_EPOCH,
+            workload: 1,
+            cgroup: None,
+            pid: 1,
+            comm: String::new(),
+            dst: dst.parse().unwrap(),
+            protocol: "tls".into(),
+            sni: sni.map(str::to_string),
+            host: host.map(str::to_string),
+            peer: None,
+            reason: "r".into(),
+            detail: String::new(),
+            audit: false,
+        };
+        assert_eq!(
+            denied_destination(&d(None, None, "203.0.113.7:80")),
+            "203.0.113.7:80"
+        );
+        assert_eq!(
+            denied_destination(&d(None, None, "[2001:db8::1]:443")),
+            "[2001:db8::1]:443"
+        );
+        assert_eq!(
+            denied_destination(&d(Some("api.test"), None, "203.0.113.7:443")),
+            "api.test:443"
+        );
+        assert_eq!(
+            denied_destination(&d(None, Some("web.test:8080"), "203.0.113.7:80")),
+            "web.test:80"
+        );
+        assert_eq!(
+            denied_destination(&d(None, Some("[2001:db8::5]:80"), "203.0.113.7:80")),
+            "[2001:db8::5]:80"
+        );
+        assert_eq!(
+            denied_destination(&d(Some(""), None, "203.0.113.7:443")),
+            "203.0.113.7:443"
+        );
     }
 
     #[test]
