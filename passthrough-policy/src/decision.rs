@@ -1,5 +1,6 @@
-//! The decision core (SPEC §3): pure, no IO, no clock. Given a workload's merged configuration
-//! and one connection it says what happens and which match (or which rule) decided it.
+//! The decision core (README "Decisions", docs/kuma.md): pure, no IO, no clock. Given a
+//! workload's merged configuration and one connection it says what happens and which match (or
+//! which rule) decided it.
 //!
 //! Kernel rules, in order:
 //! 1. loopback (`127.0.0.0/8`, `::1`, their IPv4-mapped forms) and `--internal-cidr` ranges →
@@ -14,12 +15,25 @@
 //! IPv4-mapped IPv6 destinations are judged as IPv4 (so IPv6 CIDRs never cover them).
 //!
 //! At the proxy (when the connection carries an SNI/Host), a `Domain` match allows when its
-//! port fits, its protocol fits the traffic (TLS → `tls`; HTTP/1.x → `http`; h2c → `http2` or
-//! `grpc`) and its name matches: case-insensitive, one trailing dot ignored, `example.com` only
-//! itself, `*.example.com` any name below it at any depth (not the apex), `*` every name. A
-//! pattern with several leading `*.` labels (`*.*.example.com`, which Kuma's validator accepts)
-//! needs at least that many labels in front. A missing SNI, an IP literal or a malformed name is
-//! denied. Any allowing match allows (no Envoy-style pruning).
+//! port fits, its protocol fits the traffic and its name matches, as the listener Kuma 2.14
+//! generates for the policy decides:
+//! - protocol: TLS → `tls`; plaintext HTTP, HTTP/1.x or h2c alike → `http`, `http2` or `grpc`
+//!   (Kuma serves every L7 match with one HTTP connection manager whose codec is `AUTO`, on a
+//!   filter chain matching the application protocols `http/1.1` and `h2c`:
+//!   `pkg/plugins/policies/meshpassthrough/plugin/xds/listeners_filter_chain.go`,
+//!   `pkg/xds/envoy/listeners/v3/http_connection_manager_configurer.go`);
+//! - a port in the Host / `:authority` must be the dialled port, written as Envoy compares it
+//!   (`name:443`, no leading zeros); another port, or an empty one, matches no named Domain
+//!   match (Kuma's virtual hosts list `d` and `d:port` only, everything else gets the `503`
+//!   `no_match` host). The `*` match is Envoy's catch-all virtual host and takes any Host;
+//! - names: case-insensitive; a trailing dot is part of the name (`example.com.` is not
+//!   `example.com`: Envoy compares virtual-host domains and TLS server names as written);
+//!   `example.com` only itself, `*.example.com` any name below it at any depth (not the apex),
+//!   `*` every name. A pattern with several leading `*.` labels (`*.*.example.com`, which
+//!   Kuma's validator accepts) needs at least that many labels in front.
+//!
+//! A missing SNI, an IP literal or a malformed name is denied. Any allowing match allows (no
+//! Envoy-style pruning).
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -35,9 +49,10 @@ use super::{
 pub enum L7 {
     /// A TLS ClientHello; `None` when it carried no SNI.
     Tls(Option<String>),
-    /// Plaintext HTTP/1.x with this `Host` (a `:port` suffix is ignored).
+    /// Plaintext HTTP/1.x with this `Host` (a `:port` suffix must be the dialled port).
     Http1(String),
-    /// HTTP/2 with prior knowledge (h2c) with this `:authority` (a `:port` suffix is ignored).
+    /// HTTP/2 with prior knowledge (h2c) with this `:authority` (a `:port` suffix must be the
+    /// dialled port).
     H2c(String),
 }
 
@@ -317,7 +332,7 @@ fn decide_inner<'a>(
             )
         };
     };
-    let (raw, protocols, strip_port): (&str, &[Protocol], bool) = match l7 {
+    let (raw, protocols, authority): (&str, &[Protocol], bool) = match l7 {
         L7::Tls(None) => {
             return Decision {
                 candidates,
@@ -325,10 +340,10 @@ fn decide_inner<'a>(
             };
         }
         L7::Tls(Some(sni)) => (sni, &[Protocol::Tls], false),
-        L7::Http1(host) => (host, &[Protocol::Http], true),
-        L7::H2c(auth) => (auth, &[Protocol::Http2, Protocol::Grpc], true),
+        // Either codec meets every L7 match (see the module doc).
+        L7::Http1(host) | L7::H2c(host) => (host, L7_PROTOCOLS, true),
     };
-    let name = match normalize_name(raw, strip_port) {
+    let name = match normalize_name(raw, authority) {
         Ok(n) => n,
         Err(reason) => {
             return Decision {
@@ -337,25 +352,51 @@ fn decide_inner<'a>(
             };
         }
     };
-    match candidates
-        .iter()
-        .find(|m| protocols.contains(&m.protocol) && domain_matches(&m.value, &name))
-    {
+    // Kuma's virtual hosts for a Domain `d` on port P are `d` and `d:P`
+    // (`listeners_filter_chain.go`): a Host naming another port reaches the `no_match` host.
+    let host_port = if authority { authority_port(raw) } else { None };
+    let port_fits = host_port.is_none_or(|p| p == port.to_string());
+    match candidates.iter().find(|m| {
+        protocols.contains(&m.protocol)
+            && (&*m.value == "*" || (port_fits && domain_matches(&m.value, &name)))
+    }) {
         Some(m) => Decision {
             matched: Some(*m),
             candidates: candidates.clone(),
             ..Decision::new(Verdict::AllowAtProxy, Reason::DomainMatch)
         },
-        None => Decision {
-            candidates,
-            ..Decision::new(Verdict::DenyAtProxy, Reason::NoDomainMatch { name })
-        },
+        None => {
+            let name = match host_port {
+                Some(p) => format!("{name}:{p}"),
+                None => name,
+            };
+            Decision {
+                candidates,
+                ..Decision::new(Verdict::DenyAtProxy, Reason::NoDomainMatch { name })
+            }
+        }
     }
 }
 
-/// Normalises an SNI or Host: strips a `:port` (Host only), one trailing dot, lower-cases;
-/// rejects IP literals, empty and malformed names (empty labels, characters outside
-/// `[A-Za-z0-9_-]`).
+/// The protocols of the matches that plaintext HTTP (HTTP/1.x or h2c) is judged against.
+const L7_PROTOCOLS: &[Protocol] = &[Protocol::Http, Protocol::Http2, Protocol::Grpc];
+
+/// The port text of an HTTP authority (`host:port`, `[v6]:port`), when it has a `:`; `Some("")`
+/// for a bare `host:`.
+pub fn authority_port(raw: &str) -> Option<&str> {
+    let s = raw.trim();
+    if let Some(rest) = s.strip_prefix('[') {
+        return rest.split_once("]:").map(|(_, p)| p);
+    }
+    match s.rsplit_once(':') {
+        Some((host, p)) if !host.contains(':') => Some(p),
+        _ => None,
+    }
+}
+
+/// Normalises an SNI or Host: strips a `:port` (Host only; [`authority_port`] reads it),
+/// lower-cases; a trailing dot stays (it makes another name); rejects IP literals, empty and
+/// malformed names (empty labels, characters outside `[A-Za-z0-9_-]`).
 pub fn normalize_name(raw: &str, strip_port: bool) -> Result<String, Reason> {
     let mut s = raw.trim();
     if strip_port {
@@ -383,10 +424,10 @@ pub fn normalize_name(raw: &str, strip_port: bool) -> Result<String, Reason> {
             name: raw.to_string(),
         });
     }
-    let s = s.strip_suffix('.').unwrap_or(s);
-    let ok = !s.is_empty()
-        && s.len() <= 253
-        && s.split('.').all(|l| {
+    let labels = s.strip_suffix('.').unwrap_or(s);
+    let ok = !labels.is_empty()
+        && labels.len() <= 253
+        && labels.split('.').all(|l| {
             !l.is_empty()
                 && l.len() <= 63
                 && l.bytes()
@@ -400,15 +441,15 @@ pub fn normalize_name(raw: &str, strip_port: bool) -> Result<String, Reason> {
     Ok(s.to_ascii_lowercase())
 }
 
-/// Whether a `Domain` match value matches a normalised name (see the module doc).
+/// Whether a `Domain` match value matches a normalised name (see the module doc): ASCII case
+/// aside, a trailing dot on either side must be on both.
 pub fn domain_matches(pattern: &str, name: &str) -> bool {
     let pattern = pattern.to_ascii_lowercase();
-    let pattern = pattern.strip_suffix('.').unwrap_or(&pattern);
-    let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
+    let name = name.to_ascii_lowercase();
     if name.is_empty() {
         return false;
     }
-    let mut rest = pattern;
+    let mut rest = pattern.as_str();
     let mut stars = 0usize;
     loop {
         if rest == "*" {
@@ -447,6 +488,13 @@ mod tests {
     fn names() {
         assert!(domain_matches("example.com", "example.com"));
         assert!(domain_matches("EXAMPLE.com.", "Example.COM."));
+        // A trailing dot makes another name, on either side (Envoy compares them as written).
+        assert!(!domain_matches("example.com", "example.com."));
+        assert!(!domain_matches("example.com.", "example.com"));
+        assert!(!domain_matches("*.example.com", "a.example.com."));
+        assert!(domain_matches("*.example.com.", "a.example.com."));
+        assert!(!domain_matches("*.example.com.", "example.com."));
+        assert!(domain_matches("*", "example.com."));
         assert!(!domain_matches("example.com", "a.example.com"));
         assert!(domain_matches("*.example.com", "a.example.com"));
         assert!(domain_matches("*.example.com", "a.b.c.example.com"));
@@ -460,15 +508,46 @@ mod tests {
     }
 
     #[test]
+    fn authority_ports() {
+        assert_eq!(authority_port("a.test"), None);
+        assert_eq!(authority_port("a.test:80"), Some("80"));
+        assert_eq!(authority_port("a.test:"), Some(""));
+        assert_eq!(authority_port("a.test.:0080"), Some("0080"));
+        assert_eq!(authority_port("[2001:db8::1]:443"), Some("443"));
+        assert_eq!(authority_port("[2001:db8::1]"), None);
+        assert_eq!(authority_port("2001:db8::1"), None);
+    }
+
+    #[test]
     fn name_normalisation() {
         assert_eq!(
             normalize_name("Example.COM:8080", true).unwrap(),
             "example.com"
         );
+        // The trailing dot stays: it is part of the name.
         assert_eq!(
-            normalize_name("example.com.", false).unwrap(),
-            "example.com"
+            normalize_name("Example.com.", false).unwrap(),
+            "example.com."
         );
+        assert_eq!(
+            normalize_name("example.com.:80", true).unwrap(),
+            "example.com."
+        );
+        assert!(matches!(
+            normalize_name("example.com..", false),
+            Err(Reason::BadName { .. })
+        ));
+        assert!(matches!(
+            normalize_name(".", false),
+            Err(Reason::BadName { .. })
+        ));
+        let long = format!("{}.", vec!["a".repeat(63); 4].join(".").get(..253).unwrap());
+        assert!(normalize_name(&long, false).is_ok(), "253 bytes and a dot");
+        assert!(normalize_name(&long[1..], false).is_ok());
+        assert!(matches!(
+            normalize_name(&format!("b.{long}"), false),
+            Err(Reason::BadName { .. })
+        ));
         assert!(matches!(
             normalize_name("1.2.3.4", false),
             Err(Reason::IpLiteral { .. })

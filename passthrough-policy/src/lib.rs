@@ -1,6 +1,6 @@
 //! The pure policy layer: reading Kuma `MeshPassthrough` resources, validating them exactly as
-//! Kuma does, merging them per workload, deciding connections (SPEC §1–§3), and compiling the
-//! merged configurations into the entries of the kernel maps.
+//! Kuma does, merging them per workload, deciding connections (docs/kuma.md), and compiling
+//! the merged configurations into the entries of the kernel maps.
 //!
 //! Entry points: [`load_policies`] → [`PolicySet`] → [`PolicySet::merge_for`] →
 //! [`decision::decide`]; [`plan::compile`] for the kernel; [`load_workloads`]; and the
@@ -15,6 +15,7 @@ pub mod error;
 pub mod fastyaml;
 pub mod ip;
 pub mod merge;
+pub mod meta;
 pub mod model;
 pub mod outcome;
 pub mod parse;
@@ -31,6 +32,7 @@ use std::{
 
 pub use decision::{Connection, DecideOptions, Decision, L7, Reason, Verdict, decide};
 pub use error::{PolicyError, Problem};
+pub use meta::{Origin, PolicyMeta, Role};
 pub use model::{Match, MatchKind, MatchOrigin, MergedConf, Mode, Protocol, Workload};
 pub use validate::{Policy, Target};
 pub use workloads::load_workloads;
@@ -42,6 +44,7 @@ pub struct PolicySet {
     files: Vec<PathBuf>,
     policies: Vec<Policy>,
     notes: Vec<String>,
+    shadow: Vec<String>,
 }
 
 impl PolicySet {
@@ -88,7 +91,7 @@ impl PolicySet {
         merge::ordered_for(&self.policies, w)
     }
 
-    /// Number of policies (of the selected mesh).
+    /// Number of enforced policies (of the selected mesh, shadow ones left out).
     pub fn len(&self) -> usize {
         self.policies.len()
     }
@@ -118,14 +121,22 @@ impl PolicySet {
         &self.mesh
     }
 
-    /// Informational notes (policies of other meshes that were skipped), one line each.
+    /// Informational notes (valid policies of other meshes, which are not enforced), one line
+    /// each.
     pub fn notes(&self) -> &[String] {
         &self.notes
+    }
+
+    /// The names of the valid policies of this mesh labelled `kuma.io/effect: shadow`: Kuma
+    /// does not enforce them, so they are not in [`PolicySet::policies`].
+    pub fn shadow(&self) -> &[String] {
+        &self.shadow
     }
 }
 
 /// Reads, parses and validates every policy file under `paths` (files, or directories walked
-/// recursively for `*.yaml`, `*.yml`, `*.json`), keeping the policies of `mesh`.
+/// recursively for `*.yaml`, `*.yml`, `*.json`), keeping the policies of `mesh` that are not
+/// shadow policies. Policies of every mesh are validated.
 ///
 /// Any problem in any file rejects the whole input; the error lists every problem, one line
 /// each (`FILE: spec.path: message`, `FILE:LINE:COL: message`).
@@ -154,21 +165,20 @@ fn build(
     mut problems: Vec<Problem>,
 ) -> Result<PolicySet, PolicyError> {
     let mut notes = Vec::new();
+    let mut shadow = Vec::new();
     let mut policies = Vec::new();
-    let mut seen: HashMap<(String, Option<String>), PathBuf> = HashMap::new();
+    // Kuma keys a Universal resource by mesh and name, a Kubernetes one by namespace and name.
+    let mut seen: HashMap<(Option<String>, Option<String>, String), PathBuf> = HashMap::new();
     for p in parsed {
-        if p.mesh != mesh {
-            notes.push(format!(
-                "{}: policy {} is for mesh {:?}, skipped (--mesh {mesh})",
-                p.file.display(),
-                p.name,
-                p.mesh
-            ));
-            continue;
-        }
+        // Every policy is validated, whatever its mesh (Kuma validates every resource it is
+        // given); only the decision selects by mesh.
         match validate::validate(&p) {
             Ok(pol) => {
-                let key = (pol.name.clone(), pol.namespace.clone());
+                let key = (
+                    pol.namespace.is_none().then(|| pol.mesh.clone()),
+                    pol.namespace.clone(),
+                    pol.name.clone(),
+                );
                 if let Some(first) = seen.get(&key) {
                     problems.push(Problem {
                         policy: Some(pol.name.clone()),
@@ -181,8 +191,19 @@ fn build(
                             ),
                         )
                     });
+                    continue;
+                }
+                seen.insert(key, p.file.clone());
+                if pol.mesh != mesh {
+                    notes.push(format!(
+                        "{}: policy {} is for mesh {:?}, not enforced (--mesh {mesh})",
+                        p.file.display(),
+                        p.name,
+                        p.mesh
+                    ));
+                } else if pol.meta.is_shadow() {
+                    shadow.push(pol.name.clone());
                 } else {
-                    seen.insert(key, p.file.clone());
                     policies.push(pol);
                 }
             }
@@ -208,6 +229,7 @@ fn build(
         files,
         policies,
         notes,
+        shadow,
     })
 }
 

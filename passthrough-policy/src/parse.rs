@@ -21,7 +21,7 @@ use serde::{
     de::{self, IgnoredAny, Visitor},
 };
 
-use super::error::Problem;
+use super::{error::Problem, meta::DISPLAY_NAME_LABEL};
 
 /// A string field that, like Kubernetes' YAML reader, also accepts a number or boolean scalar
 /// and keeps its text.
@@ -185,7 +185,15 @@ struct DocPolicy {
     name: String,
     namespace: Option<String>,
     mesh: String,
+    labels: BTreeMap<String, String>,
     spec: RawSpec,
+}
+
+fn plain_labels(m: Option<StrMap>) -> BTreeMap<String, String> {
+    m.unwrap_or_default()
+        .into_iter()
+        .map(|(k, v)| (k, v.0))
+        .collect()
 }
 
 const API_VERSION: &str = "kuma.io/v1alpha1";
@@ -235,10 +243,21 @@ impl TryFrom<RawDoc> for Document {
                 .and_then(|l| l.get(MESH_LABEL))
                 .map(|m| m.0.clone())
                 .unwrap_or_else(|| "default".into());
+            // As Kuma reads a Kubernetes object (`pkg/plugins/resources/k8s/store.go`,
+            // `GetLabels`): the display name is the annotation of that name, else the name,
+            // whatever a label of that name says.
+            let mut labels = plain_labels(meta.labels);
+            let display = meta
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(DISPLAY_NAME_LABEL))
+                .map_or_else(|| name.clone(), |d| d.0.clone());
+            labels.insert(DISPLAY_NAME_LABEL.to_string(), display);
             return Ok(Document::Policy(Box::new(DocPolicy {
                 name,
                 namespace: meta.namespace.map(|n| n.0),
                 mesh,
+                labels,
                 spec: d.spec.unwrap_or_default(),
             })));
         }
@@ -260,6 +279,7 @@ impl TryFrom<RawDoc> for Document {
                 name,
                 namespace: None,
                 mesh,
+                labels: plain_labels(d.labels),
                 spec: d.spec.unwrap_or_default(),
             })));
         }
@@ -282,6 +302,9 @@ pub struct ParsedPolicy {
     pub namespace: Option<String>,
     /// The mesh (`kuma.io/mesh` label or `mesh`; `default` when absent).
     pub mesh: String,
+    /// `metadata.labels` (Kubernetes, with `kuma.io/display-name` set as Kuma derives it) or
+    /// `labels` (Universal).
+    pub labels: BTreeMap<String, String>,
     /// The spec as written.
     pub spec: RawSpec,
 }
@@ -404,6 +427,7 @@ fn flatten(
                 name: p.name,
                 namespace: p.namespace,
                 mesh: p.mesh,
+                labels: p.labels,
                 spec: p.spec,
             })
         }

@@ -17,9 +17,10 @@ use super::{
     Workload, decide, load_policies, load_workloads,
 };
 
-/// Validates every file under `paths` (policies of `mesh`): writes one line per problem
-/// (`FILE: spec.path: message`, all files, all violations) and returns `Ok(false)`, or writes a
-/// one-line summary and returns `Ok(true)`. With `workloads`, the summary also says how many of
+/// Validates every policy in every file under `paths`, whatever its mesh: writes one line per
+/// problem (`FILE: spec.path: message`, all files, all violations) and returns `Ok(false)`, or
+/// writes a one-line summary of the policies of `mesh` (and how many of other meshes, and how
+/// many shadow ones, were valid but are not enforced) and returns `Ok(true)`. With `workloads`, the summary also says how many of
 /// that file's workloads some policy selects (a broken workloads file is reported like a
 /// broken policy file).
 pub fn check(
@@ -47,8 +48,17 @@ pub fn check(
         set.files().len(),
         plural(set.files().len(), "file", "files"),
     );
+    if !set.shadow().is_empty() {
+        line.push_str(&format!(
+            "; {} shadow (kuma.io/effect), not enforced",
+            set.shadow().len()
+        ));
+    }
     if !set.notes().is_empty() {
-        line.push_str(&format!("; {} of other meshes skipped", set.notes().len()));
+        line.push_str(&format!(
+            "; {} of other meshes also valid",
+            set.notes().len()
+        ));
     }
     if let Some(wf) = workloads {
         match load_workloads(wf) {

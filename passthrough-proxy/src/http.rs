@@ -1,9 +1,12 @@
 //! h2c (HTTP/2 with prior knowledge), proxied per stream with hyper; plaintext HTTP/1.x is
 //! [`super::http1`].
 //!
-//! Every stream is judged on its own authority (`:authority`, else `Host`) against `http2`
-//! and `grpc` matches, so one connection cannot smuggle a second host. Upstream connections
-//! are HTTP/2 too, one per target and client connection.
+//! Every stream is judged on its own authority (`:authority`, else `Host`) against `http`,
+//! `http2` and `grpc` matches alike (Kuma's listener accepts either codec for every L7 match;
+//! a port in the authority must be the dialled one), so one connection cannot smuggle a second
+//! host. Upstream connections are HTTP/2 too, one per target and client connection: the
+//! request goes on in the codec the client chose (Envoy would re-encode it for the match's
+//! protocol; docs/kuma.md).
 //! - `CONNECT` and `Upgrade` are denied: the tunnelled bytes could not be judged per request.
 //! - Repeats are cheap: a stream whose authority is identical to the connection's last allowed
 //!   one, under the same policy and within `REUSE_JUDGEMENT_FOR`, reuses that judgement's

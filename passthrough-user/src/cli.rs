@@ -15,7 +15,7 @@ pub struct CheckArgs {
     /// Policy files or directories (`*.yaml`, `*.yml`, `*.json`, walked recursively).
     #[arg(required = true, value_name = "PATH")]
     pub paths: Vec<PathBuf>,
-    /// The mesh whose policies are checked; policies of other meshes are skipped.
+    /// The mesh the summary counts; policies of every mesh are validated.
     #[arg(long, default_value = "default", value_name = "NAME")]
     pub mesh: String,
     /// A workloads file (`- {name, cgroup, labels}`); the summary then says how many are selected.
@@ -58,7 +58,8 @@ pub struct ExplainArgs {
     /// The HTTP Host (decision at the proxy); HTTP/1.x unless `--h2c`.
     #[arg(long, value_name = "NAME")]
     pub host: Option<String>,
-    /// With `--host`: the request is HTTP/2 with prior knowledge (matched by `http2`/`grpc`).
+    /// With `--host`: the request is HTTP/2 with prior knowledge (h2c). Either codec is matched
+    /// by `http`, `http2` and `grpc` matches alike, as in Kuma.
     #[arg(long, requires = "host")]
     pub h2c: bool,
     /// The workload's name (what a `Dataplane` targetRef `name` selects).

@@ -116,6 +116,109 @@ fn explain_json_shape() {
 }
 
 #[test]
+fn explain_l7_follows_kumas_listener() {
+    // An h2c request meets an `http` match; an HTTP/1 request meets a `grpc` match.
+    let j = explain_json(&ExplainArgs {
+        host: Some("web.example.com".into()),
+        h2c: true,
+        ..explain_args("203.0.113.50:80")
+    });
+    assert_eq!(
+        (j["verdict"].as_str(), j["l7"].as_str()),
+        (Some("allow"), Some("h2c"))
+    );
+    assert_eq!(j["match"]["protocol"], "http");
+    let j = explain_json(&ExplainArgs {
+        host: Some("grpc.example.com".into()),
+        ..explain_args("203.0.113.50:9000")
+    });
+    assert_eq!(j["verdict"], "allow");
+    assert_eq!(j["match"]["protocol"], "grpc");
+    // A Host naming another port than the dialled one: denied, and the reason names it.
+    let j = explain_json(&ExplainArgs {
+        host: Some("Web.example.com:8080".into()),
+        ..explain_args("203.0.113.50:80")
+    });
+    assert_eq!(
+        (j["verdict"].as_str(), j["rule"].as_str()),
+        (Some("deny"), Some("no_domain_match"))
+    );
+    assert!(
+        j["reason"]
+            .as_str()
+            .unwrap()
+            .contains("web.example.com:8080"),
+        "{j}"
+    );
+    // A trailing dot makes another name.
+    let j = explain_json(&ExplainArgs {
+        sni: Some("api.example.com.".into()),
+        ..explain_args("203.0.113.50:443")
+    });
+    assert_eq!(j["verdict"], "deny");
+    assert!(
+        j["reason"].as_str().unwrap().contains("api.example.com."),
+        "{j}"
+    );
+}
+
+#[test]
+fn the_kuma_parity_example_decides_as_its_comments_say() {
+    let ex = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/kuma-parity.yaml");
+    let mut out = Vec::new();
+    let ok = CheckArgs {
+        paths: vec![ex.clone()],
+        mesh: "default".into(),
+        workloads: None,
+    }
+    .run(&mut out)
+    .unwrap();
+    assert!(ok);
+    assert_eq!(
+        String::from_utf8(out).unwrap(),
+        "valid: 2 policies, 2 matches in mesh \"default\" (1 file); 1 shadow (kuma.io/effect), not enforced\n"
+    );
+    let web = |dst: &str| ExplainArgs {
+        policy: vec![ex.clone()],
+        workload: None,
+        workloads: None,
+        labels: vec![("app".into(), "web".into())],
+        ..explain_args(dst)
+    };
+    let j = explain_json(&ExplainArgs {
+        host: Some("api.example.com".into()),
+        h2c: true,
+        ..web("203.0.113.10:80")
+    });
+    assert_eq!(j["verdict"], "allow", "{j}");
+    assert_eq!(j["mode"], "Matched", "{j}");
+    assert_eq!(
+        j["policies"],
+        serde_json::json!(["a-allow-api", "b-zone-web"])
+    );
+    let j = explain_json(&ExplainArgs {
+        host: Some("api.example.com:8080".into()),
+        ..web("203.0.113.10:80")
+    });
+    assert_eq!(j["verdict"], "deny", "{j}");
+    let j = explain_json(&ExplainArgs {
+        sni: Some("dl.pkg.example.com".into()),
+        ..web("203.0.113.10:443")
+    });
+    assert_eq!(j["verdict"], "allow", "{j}");
+    // Not app=web: no policy (the shadow one is not enforced) → --unselected-mode.
+    let j = explain_json(&ExplainArgs {
+        unselected_mode: Mode::None,
+        labels: vec![],
+        ..web("203.0.113.10:443")
+    });
+    assert_eq!(
+        (j["verdict"].as_str(), j["mode"].as_str()),
+        (Some("deny"), Some("None"))
+    );
+}
+
+#[test]
 fn explain_text() {
     let mut out = Vec::new();
     cli::run_explain(
@@ -152,7 +255,7 @@ fn check_output() {
     let ok = CheckArgs {
         paths: vec![
             data("validate/kuma-valid.yaml"),
-            data("validate/other-mesh.yaml"),
+            data("validate/other-mesh-valid.yaml"),
         ],
         mesh: "default".into(),
         workloads: None,
@@ -163,7 +266,48 @@ fn check_output() {
     assert!(ok);
     assert_eq!(
         s,
-        "valid: 1 policy, 6 matches in mesh \"default\" (2 files); 2 of other meshes skipped\n"
+        "valid: 1 policy, 6 matches in mesh \"default\" (2 files); 2 of other meshes also valid\n"
+    );
+
+    // Every mesh is validated: an invalid policy of another mesh fails the check (Kuma would
+    // refuse it), and a shadow policy is counted apart (valid, not enforced).
+    let mut out = Vec::new();
+    let f = data("validate/other-mesh.yaml");
+    let ok = CheckArgs {
+        paths: vec![data("validate/kuma-valid.yaml"), f.clone()],
+        mesh: "default".into(),
+        workloads: None,
+    }
+    .run(&mut out)
+    .unwrap();
+    assert!(!ok);
+    assert_eq!(
+        String::from_utf8(out).unwrap(),
+        format!(
+            "{}: spec.default.appendMatch[0].value: provided IP has incorrect value\n",
+            f.display()
+        )
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let shadow = dir.path().join("shadow.yaml");
+    std::fs::write(
+        &shadow,
+        "type: MeshPassthrough\nname: s\nlabels: {kuma.io/effect: shadow}\nspec: {}\n",
+    )
+    .unwrap();
+    let mut out = Vec::new();
+    assert!(
+        CheckArgs {
+            paths: vec![data("validate/kuma-valid.yaml"), shadow],
+            mesh: "default".into(),
+            workloads: None,
+        }
+        .run(&mut out)
+        .unwrap()
+    );
+    assert_eq!(
+        String::from_utf8(out).unwrap(),
+        "valid: 1 policy, 6 matches in mesh \"default\" (2 files); 1 shadow (kuma.io/effect), not enforced\n"
     );
 
     let mut out = Vec::new();
