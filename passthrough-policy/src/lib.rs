@@ -11,6 +11,7 @@
 //! and the agent, the proxy, `explain` and the tests all decide the same way.
 
 pub mod decision;
+pub mod decision_log;
 pub mod error;
 pub mod fastyaml;
 pub mod ip;
@@ -22,6 +23,7 @@ pub mod parse;
 pub mod plan;
 pub mod ranges;
 pub mod report;
+pub mod suggest;
 pub mod validate;
 pub mod workloads;
 
