@@ -13,7 +13,6 @@
 pub mod decision;
 pub mod decision_log;
 pub mod error;
-pub mod fastyaml;
 pub mod ip;
 pub mod merge;
 pub mod meta;
@@ -31,6 +30,11 @@ use std::{
     collections::HashMap,
     path::{Path, PathBuf},
 };
+
+// The per-match maps of loading and compiling hash with rustc's Fx hash, not SipHash (which
+// showed up as the largest single cost there). Keys come from local policy files, not from the
+// network, so HashDoS resistance is not needed.
+use rustc_hash::FxHashMap;
 
 pub use decision::{Connection, DecideOptions, Decision, L7, Reason, Verdict, decide};
 pub use error::{PolicyError, Problem};
@@ -234,62 +238,3 @@ fn build(
         shadow,
     })
 }
-
-/// A fast non-cryptographic hasher (the Fx hash of rustc) for the per-match maps of loading and
-/// compiling, where SipHash showed up as the largest single cost. Keys come from local
-/// policy files, not from the network, so HashDoS resistance is not needed.
-#[derive(Default, Clone, Copy)]
-pub(crate) struct FxHasher(u64);
-
-impl std::hash::Hasher for FxHasher {
-    #[inline]
-    fn write(&mut self, bytes: &[u8]) {
-        let mut chunks = bytes.chunks_exact(8);
-        for c in &mut chunks {
-            self.add(u64::from_le_bytes(c.try_into().expect("8 bytes")));
-        }
-        let rest = chunks.remainder();
-        if !rest.is_empty() {
-            let mut b = [0u8; 8];
-            b[..rest.len()].copy_from_slice(rest);
-            self.add(u64::from_le_bytes(b) ^ ((rest.len() as u64) << 56));
-        }
-    }
-    #[inline]
-    fn write_u8(&mut self, i: u8) {
-        self.add(u64::from(i));
-    }
-    #[inline]
-    fn write_u16(&mut self, i: u16) {
-        self.add(u64::from(i));
-    }
-    #[inline]
-    fn write_u32(&mut self, i: u32) {
-        self.add(u64::from(i));
-    }
-    #[inline]
-    fn write_u64(&mut self, i: u64) {
-        self.add(i);
-    }
-    #[inline]
-    fn write_usize(&mut self, i: usize) {
-        self.add(i as u64);
-    }
-    #[inline]
-    fn finish(&self) -> u64 {
-        self.0
-    }
-}
-
-impl FxHasher {
-    #[inline]
-    fn add(&mut self, w: u64) {
-        self.0 = (self.0.rotate_left(5) ^ w).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
-    }
-}
-
-/// A `HashMap` with [`FxHasher`].
-pub(crate) type FxHashMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<FxHasher>>;
-/// A `HashSet` with [`FxHasher`].
-pub(crate) type FxHashSet<K> =
-    std::collections::HashSet<K, std::hash::BuildHasherDefault<FxHasher>>;

@@ -13,8 +13,9 @@ use std::{
 
 use ipnet::{IpNet, Ipv4Net};
 use passthrough_common::{RULE_KEY_FIXED_BITS, RangeTableKey, RuleKeyV6, mode, ruleset};
+use rustc_hash::FxHashMap;
 
-use crate::{FxHashMap, MatchKind, MergedConf, Mode, ranges::RangeImage};
+use crate::{MatchKind, MergedConf, Mode, ranges::RangeImage};
 
 /// The kernel's number for a [`Mode`].
 pub fn mode_code(m: Mode) -> u32 {

@@ -20,8 +20,10 @@ use std::{
     sync::Arc,
 };
 
+use rustc_hash::{FxHashMap, FxHashSet};
+
 use super::{
-    FxHashMap, FxHashSet, ip,
+    ip,
     meta::{ORIGIN_LABEL, PolicyMeta},
     model::{Match, MatchKind, MatchOrigin, Mode, Protocol},
     parse::{ParsedPolicy, RawConf, RawTargetRef, Scalar, StrMap},

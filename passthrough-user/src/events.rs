@@ -32,7 +32,7 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use aya::maps::{MapData, MapInfo, RingBuf};
@@ -42,7 +42,7 @@ use passthrough_proxy::ProxyReport;
 use tokio::io::unix::AsyncFd;
 use tracing::{debug, warn};
 
-use crate::metrics::{KernelCounters, Metrics, rfc3339};
+use crate::metrics::{KernelCounters, Metrics};
 
 /// Target of deny events.
 pub const TARGET: &str = "passthrough::deny";
@@ -565,11 +565,37 @@ pub fn counters_beside(ring: &RingBuf<MapData>) -> anyhow::Result<KernelCounters
     )
 }
 
+/// An event's time as RFC 3339 UTC with milliseconds (`2026-01-02T03:04:05.678Z`). A time
+/// outside years 1970–9999 (a clock gone wrong) is shown as the nearest end of that range.
+fn rfc3339(t: SystemTime) -> humantime::Rfc3339Timestamp {
+    // 9999-12-31T23:59:59.999Z, the last instant the formatter writes.
+    let last = UNIX_EPOCH + Duration::from_millis(253_402_300_799_999);
+    humantime::format_rfc3339_millis(t.clamp(UNIX_EPOCH, last))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn event_time_is_rfc3339_utc_millis() {
+        assert_eq!(rfc3339(UNIX_EPOCH).to_string(), "1970-01-01T00:00:00.000Z");
+        assert_eq!(
+            rfc3339(UNIX_EPOCH + Duration::from_millis(1_709_251_199_123)).to_string(),
+            "2024-02-29T23:59:59.123Z"
+        );
+        // Out of range: clamped, never a panic.
+        assert_eq!(
+            rfc3339(UNIX_EPOCH - Duration::from_secs(1)).to_string(),
+            "1970-01-01T00:00:00.000Z"
+        );
+        assert_eq!(
+            rfc3339(UNIX_EPOCH + Duration::from_secs(300_000_000_000)).to_string(),
+            "9999-12-31T23:59:59.999Z"
+        );
+    }
 
     #[test]
     fn bucket_refills_at_rate_up_to_burst() {
