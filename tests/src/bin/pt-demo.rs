@@ -204,11 +204,11 @@ fn main() -> anyhow::Result<()> {
             })),
         };
         let (got, ok) = client_result(*kind, &answer);
-        let reason = agent_reason(&agent, addr, *kind, name)
-            .unwrap_or_else(|| "(no decision in the agent's log)".into());
-        if ok != *allowed {
+        let reason = agent_reason(&agent, addr, *kind, name);
+        if ok != *allowed || reason.is_none() {
             mismatches += 1;
         }
+        let reason = reason.unwrap_or_else(|| "(no decision in the agent's log)".into());
         println!("{label:<30} {addr:<22} {got:<24} {reason}");
     }
     drop(probe);
@@ -219,7 +219,9 @@ fn main() -> anyhow::Result<()> {
     drop(net);
     drop(cg);
     if mismatches > 0 {
-        bail!("{mismatches} row(s) where the outcome is not what the policy says");
+        bail!(
+            "{mismatches} row(s) where the outcome is not what the policy says, or has no reason"
+        );
     }
     Ok(())
 }
