@@ -698,7 +698,7 @@ mod tests {
             sni: sni.map(str::to_string),
             host: host.map(str::to_string),
             peer: None,
-            reason: "r".into(),
+            reason: passthrough_common::Reason::NoDomainMatch,
             detail: String::new(),
             audit: false,
         };
