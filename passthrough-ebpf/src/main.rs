@@ -1,7 +1,8 @@
 //! passthrough's kernel side: cgroup `sock_addr` programs that decide MeshPassthrough egress at
 //! `connect()` / `sendmsg()` time.
 //!
-//! One module per program type (`connect`, `sendmsg`, `getpeername`, `sock_ops`, `skb`, `relay`); the shared decision lives in `decide`,
+//! One module per program type (`connect`, `sendmsg`, `getpeername`, `sock_ops`, `skb`, `relay`,
+//! and the test-only `view_probe`, which the agent never loads); the shared decision lives in `decide`,
 //! the maps in `maps`. The user side compiles policies into the maps; nothing here knows YAML.
 #![no_std]
 #![no_main]
@@ -15,6 +16,7 @@ mod relay;
 mod sendmsg;
 mod skb;
 mod sock_ops;
+mod view_probe;
 
 #[cfg(not(test))]
 #[panic_handler]
