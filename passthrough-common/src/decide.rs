@@ -38,6 +38,10 @@ pub trait Maps {
     /// Reports a denial; `event.ktime_ns` is left for the implementation to stamp. A full
     /// report channel drops the event and counts [`counter::EVENTS_DROPPED`].
     fn report(&self, event: DenyEvent);
+    /// Reports an allowed egress decision to a watcher (called only while `CONFIG` has
+    /// [`flags::MONITOR`]): keeps 1 in 2^`sample_shift` of them (at random), and drops the
+    /// event, counting it, when the channel is full. Never waits.
+    fn observe(&self, event: DenyEvent, sample_shift: u32);
 }
 
 /// A destination address of one family. The decision is generic over it, so each program is
@@ -313,12 +317,32 @@ pub fn decide<M: Maps, C: Caller, D: Dest>(
 
     // Rule 2.
     if wl_mode == mode::ALL {
+        observe(
+            maps,
+            &cfg,
+            caller,
+            &dst,
+            port_be,
+            transport,
+            Reason::ModeAll,
+            workload,
+        );
         return decided(maps, Verdict::Allow, Reason::ModeAll);
     }
     let reason = if wl_mode == mode::MATCHED {
         // Rule 3: a port-specific entry, then the port-less ones. Two exact-port tries would
         // not do: the longest prefix at one port must not hide a shorter prefix at "any port".
         if dst.rule_hit(maps, rs, port_be) || dst.rule_hit(maps, rs, 0) {
+            observe(
+                maps,
+                &cfg,
+                caller,
+                &dst,
+                port_be,
+                transport,
+                Reason::AddressMatch,
+                workload,
+            );
             return decided(maps, Verdict::Allow, Reason::AddressMatch);
         }
         match transport {
@@ -372,8 +396,49 @@ fn report_denial<M: Maps, C: Caller, D: Dest>(
     workload: u64,
     audit: bool,
 ) {
+    maps.report(event(
+        caller, dst, port_be, transport, reason, workload, audit,
+    ));
+}
+
+/// An allowed egress decision, reported only while someone watches: one bit of the
+/// configuration already read, nothing else, when nobody does (see `passthrough-user`'s
+/// `monitor` module for what happens to the events).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn observe<M: Maps, C: Caller, D: Dest>(
+    maps: &M,
+    cfg: &GlobalConfig,
+    caller: C,
+    dst: &D,
+    port_be: u16,
+    transport: Transport,
+    reason: Reason,
+    workload: u64,
+) {
+    if cfg.flags & flags::MONITOR == 0 {
+        return;
+    }
+    maps.observe(
+        event(caller, dst, port_be, transport, reason, workload, false),
+        flags::monitor_shift(cfg.flags),
+    );
+}
+
+/// The event of one decision (`ktime_ns` left for [`Maps`] to stamp).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn event<C: Caller, D: Dest>(
+    caller: C,
+    dst: &D,
+    port_be: u16,
+    transport: Transport,
+    reason: Reason,
+    workload: u64,
+    audit: bool,
+) -> DenyEvent {
     let (pid, comm) = caller.process();
-    maps.report(DenyEvent {
+    DenyEvent {
         ktime_ns: 0,
         workload,
         cgroup: caller.cgroup_id(),
@@ -392,7 +457,7 @@ fn report_denial<M: Maps, C: Caller, D: Dest>(
             _ => 0,
         },
         comm,
-    });
+    }
 }
 
 #[inline(always)]

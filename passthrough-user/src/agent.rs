@@ -34,6 +34,7 @@ use crate::{
     events::{self, Reporter},
     kernel::{Capacities, Kernel, ProxySettings},
     metrics::Metrics,
+    monitor::{KernelMonitor, Monitor},
 };
 
 /// Arguments of `passthrough run`.
@@ -110,6 +111,15 @@ pub struct RunArgs {
     /// `off` (default): always in userspace. See docs/design.md.
     #[arg(long, value_name = "READS|off", default_value = "off", value_parser = parse_kernel_relay)]
     pub kernel_relay_after: KernelRelayAfter,
+    /// Keep a log of what the agent observes (allowed egress decisions, denials and `--audit`
+    /// would-be denials; each distinct one once per segment) in DIR, bounded and kept across
+    /// restarts, for `passthrough suggest`. Default DIR: /var/lib/passthrough/decisions. While
+    /// it runs, the programs report allowed egress decisions as they do for a watcher.
+    #[arg(long, value_name = "DIR", num_args = 0..=1, default_missing_value = crate::cli::DEFAULT_DECISION_LOG)]
+    pub decision_log: Option<PathBuf>,
+    /// Most bytes the decision log directory holds (its oldest segment is deleted beyond).
+    #[arg(long, value_name = "BYTES", default_value_t = crate::recorder::DEFAULT_MAX_BYTES)]
+    pub decision_log_max_bytes: u64,
     /// Kubernetes mode: discover this node's pods, their identities and the MeshPassthrough
     /// resources from the API server (see docs/kubernetes.md) instead of files.
     #[arg(long, conflicts_with_all = ["policy", "cgroup", "workloads", "attach_cgroup"])]
@@ -446,10 +456,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     if kernel.adopted() {
         info!(state = %args.state_dir.display(), generation = kernel.policy_generation(), "adopted pinned state of a previous agent");
     }
-    // obs: metrics and deny events (metrics.rs, events.rs).
+    // obs: metrics and deny events (metrics.rs, events.rs), the decision stream (monitor.rs).
     let metrics = Arc::new(Metrics::new());
     let reporter = Arc::new(Reporter::new(metrics.clone(), Default::default()));
     let events_task = start_deny_events(&mut kernel, &args.state_dir, &reporter);
+    let monitor = Monitor::new(metrics.clone());
+    let monitor_tasks = start_monitor(&args, &mut kernel, &reporter, &monitor)?;
+    let mut kernel_wanted = monitor.kernel_wanted();
+    let wanted = *kernel_wanted.borrow_and_update();
+    kernel.set_monitor(wanted.on, u32::from(wanted.shift))?;
     let merged = merge_all(&inputs, args.unselected_mode);
     let proxy_state = Arc::new(ArcSwap::from_pointee(proxy_policy(
         &merged,
@@ -486,6 +501,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     let admin_state = Arc::new(AdminState {
         metrics: Some(metrics.clone()),
+        monitor: Some(monitor.clone()),
         ..AdminState::default()
     }); // obs
     admin_state.generation.store(generation, Ordering::Release);
@@ -503,6 +519,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
+            // The sender lives in `monitor`, which outlives this loop: never an error here.
+            r = kernel_wanted.changed() => {
+                if r.is_ok() {
+                    let w = *kernel_wanted.borrow_and_update();
+                    apply_monitor(&mut kernel, w);
+                }
+            }
             _ = async { tokio::select! { _ = hup.recv() => {}, _ = changed.recv() => {} } } => {
                 let r = reload(&args, &mount, &points, &opts, &mut kernel, &proxy_state, &metrics);
                 metrics.reload_result(&r); // obs
@@ -517,6 +540,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     admin_state.ready.store(false, Ordering::Release);
     admin_task.abort();
     events_task.abort(); // obs
+    for t in &monitor_tasks {
+        t.abort();
+    }
     shutdown.cancel();
     for t in proxy_tasks {
         let _ = t.await;
@@ -675,5 +701,43 @@ pub(crate) fn start_deny_events(
             warn!("deny events: ring buffer already taken; kernel denials will not be logged");
             tokio::spawn(events::log_suppressed_forever(reporter.clone()))
         }
+    }
+}
+
+/// Agent start-up: publishes kernel denials to `monitor`, spawns the reader of the programs'
+/// monitor ring ([`crate::monitor::read_kernel_monitor`]) and, with `--decision-log`, the
+/// decision log ([`crate::recorder`], a subscriber from now on). Returns the tasks (they run
+/// until aborted).
+pub(crate) fn start_monitor(
+    args: &RunArgs,
+    kernel: &mut Kernel,
+    reporter: &Arc<Reporter>,
+    monitor: &Arc<Monitor>,
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+    reporter.set_monitor(monitor.clone());
+    let mut tasks = Vec::new();
+    match kernel.take_monitor() {
+        Some((ring, drops)) => tasks.push(tokio::spawn(crate::monitor::read_kernel_monitor(
+            ring,
+            drops,
+            monitor.clone(),
+        ))),
+        None => warn!("monitor: ring buffer already taken; allowed kernel decisions will not be shown"),
+    }
+    if let Some(dir) = &args.decision_log {
+        tasks.push(
+            crate::recorder::start(monitor, dir, args.decision_log_max_bytes)
+                .with_context(|| format!("--decision-log {}", dir.display()))?,
+        );
+    }
+    Ok(tasks)
+}
+
+/// Writes what the monitor wants the programs to report into `CONFIG` (logged if it fails:
+/// watchers then miss allowed kernel decisions; enforcement is not affected).
+pub(crate) fn apply_monitor(kernel: &mut Kernel, w: KernelMonitor) {
+    match kernel.set_monitor(w.on, u32::from(w.shift)) {
+        Ok(()) => tracing::debug!(on = w.on, sample = 1u32 << w.shift, "monitor: kernel reporting"),
+        Err(e) => warn!(error = %e, "monitor: could not switch the kernel's reporting"),
     }
 }

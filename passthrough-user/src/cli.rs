@@ -260,6 +260,130 @@ pub fn run_suggest(
     Ok(())
 }
 
+/// `passthrough monitor`: the running agent's decisions, live.
+#[derive(Debug, Clone, clap::Args)]
+pub struct MonitorArgs {
+    /// The agent's admin address (`run --admin-addr`).
+    #[arg(long, default_value = "127.0.0.1:9901", value_name = "ADDR:PORT")]
+    pub admin_addr: SocketAddr,
+    /// One JSON object per line (the decision log's format; `suggest --log` reads it).
+    #[arg(long)]
+    pub json: bool,
+    /// Only this workload (repeatable).
+    #[arg(long = "workload", value_name = "NAME")]
+    pub workload: Vec<String>,
+    /// Only this verdict (repeatable).
+    #[arg(long = "verdict", value_parser = crate::monitor::VERDICTS)]
+    pub verdict: Vec<String>,
+    /// Only this path (repeatable).
+    #[arg(long = "path", value_parser = crate::monitor::PATHS)]
+    pub path: Vec<String>,
+    /// Only destinations in this CIDR (or this address; repeatable).
+    #[arg(long = "dst", value_name = "CIDR", value_parser = crate::monitor::parse_net)]
+    pub dst: Vec<IpNet>,
+    /// Stop after this many decisions (default: until interrupted).
+    #[arg(long, value_name = "N")]
+    pub count: Option<u64>,
+}
+
+impl MonitorArgs {
+    /// The filter the agent applies.
+    pub fn filter(&self) -> crate::monitor::Filter {
+        crate::monitor::Filter {
+            workloads: self.workload.clone(),
+            verdicts: self.verdict.clone(),
+            paths: self.path.clone(),
+            dsts: self.dst.clone(),
+        }
+    }
+}
+
+/// Streams the agent's decisions to `out` (a line each) until interrupted, `--count` lines,
+/// or the agent closes the stream; notes go to `note`. A reader that went away (`| head`)
+/// ends it quietly.
+pub fn run_monitor(
+    args: &MonitorArgs,
+    out: &mut impl Write,
+    note: &mut impl Write,
+) -> anyhow::Result<()> {
+    use anyhow::{Context as _, bail};
+    use std::io::{BufRead as _, Read as _};
+    let mut stream = std::net::TcpStream::connect(args.admin_addr)
+        .with_context(|| format!("connecting to the agent's admin address {}", args.admin_addr))?;
+    let query = args.filter().to_query();
+    // HTTP/1.0: the agent's answer is the stream itself, up to its end (no chunked framing).
+    write!(
+        stream,
+        "GET /monitor?{query} HTTP/1.0\r\nHost: {}\r\n\r\n",
+        args.admin_addr
+    )?;
+    let mut r = std::io::BufReader::new(stream);
+    let mut status = String::new();
+    r.read_line(&mut status)?;
+    let code = status.split_whitespace().nth(1).unwrap_or("");
+    loop {
+        let mut h = String::new();
+        if r.read_line(&mut h)? == 0 || h.trim().is_empty() {
+            break;
+        }
+    }
+    if code != "200" {
+        let mut body = String::new();
+        let _ = r.take(4096).read_to_string(&mut body);
+        bail!(
+            "{}: {} {}",
+            args.admin_addr,
+            status.trim(),
+            body.trim()
+        );
+    }
+    let mut shown = 0u64;
+    let mut line = String::new();
+    let quiet_pipe = |e: std::io::Error| -> anyhow::Result<bool> {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            Ok(true)
+        } else {
+            Err(e.into())
+        }
+    };
+    loop {
+        line.clear();
+        if r.read_line(&mut line)? == 0 {
+            bail!("the agent closed the stream");
+        }
+        if line.trim_end() == crate::monitor::HELLO.trim_end() {
+            writeln!(
+                note,
+                "watching the decisions of the agent at {} (Ctrl-C to stop)",
+                args.admin_addr
+            )?;
+            if !args.json {
+                let header = crate::monitor::text_header();
+                if let Err(e) = writeln!(out, "{header}").and_then(|_| out.flush()) {
+                    return quiet_pipe(e).map(|_| ());
+                }
+            }
+            continue;
+        }
+        let is_decision = matches!(
+            passthrough_policy::decision_log::parse_line(&line),
+            Some(passthrough_policy::decision_log::LogLine::Decision(_))
+        );
+        let Some(text) = crate::monitor::render_line(&line, args.json) else {
+            continue;
+        };
+        if let Err(e) = writeln!(out, "{text}").and_then(|_| out.flush()) {
+            return quiet_pipe(e).map(|_| ());
+        }
+        if is_decision {
+            shown += 1;
+        }
+        if args.count.is_some_and(|n| shown >= n) {
+            return Ok(());
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -232,7 +232,8 @@ pub fn event_dst(ev: &DenyEvent) -> SocketAddr {
     SocketAddr::new(ip, ev.port)
 }
 
-fn comm_str(comm: &[u8; 16]) -> String {
+/// A kernel event's command name (up to the first NUL, lossy UTF-8).
+pub fn comm_str(comm: &[u8; 16]) -> String {
     let n = comm.iter().position(|b| *b == 0).unwrap_or(comm.len());
     String::from_utf8_lossy(&comm[..n]).into_owned()
 }
@@ -243,6 +244,7 @@ pub struct Reporter {
     limiter: Mutex<Limiter<(u64, Reason)>>,
     origin: Instant,
     pending: [AtomicU64; 2],
+    monitor: std::sync::OnceLock<Arc<crate::monitor::Monitor>>,
 }
 
 impl std::fmt::Debug for Reporter {
@@ -272,7 +274,13 @@ impl Reporter {
             limiter: Mutex::new(Limiter::new(limits, Duration::ZERO)),
             origin: Instant::now(),
             pending: [AtomicU64::new(0), AtomicU64::new(0)],
+            monitor: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Also publishes decisions to `monitor`'s watchers (once; later calls are ignored).
+    pub fn set_monitor(&self, monitor: Arc<crate::monitor::Monitor>) {
+        let _ = self.monitor.set(monitor);
     }
 
     /// The metrics it counts into.
@@ -358,9 +366,16 @@ impl Reporter {
     pub fn report_kernel(&self, ev: &DenyEvent, now_wall: SystemTime, now_mono_ns: u64) {
         let (reason, text) = kernel_reason(ev.reason);
         let age = Duration::from_nanos(now_mono_ns.saturating_sub(ev.ktime_ns));
+        let time = now_wall.checked_sub(age).unwrap_or(now_wall);
+        if let Some(m) = self.monitor.get().filter(|m| m.watching()) {
+            let name = self.metrics.workload_name(ev.workload);
+            m.publish(crate::monitor::Item::Decision(Arc::new(
+                crate::monitor::kernel_record(ev, name, time, None),
+            )));
+        }
         self.report(&Denial {
             path: DecisionPath::Kernel,
-            time: now_wall.checked_sub(age).unwrap_or(now_wall),
+            time,
             workload: ev.workload,
             cgroup: Some(ev.cgroup),
             pid: ev.pid,
@@ -428,7 +443,7 @@ impl ProxyReport for Reporter {
 }
 
 /// `CLOCK_MONOTONIC` in ns (`bpf_ktime_get_ns`' clock).
-fn monotonic_ns() -> u64 {
+pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
@@ -441,7 +456,7 @@ fn monotonic_ns() -> u64 {
 }
 
 /// The `protocol` field of a kernel denial.
-fn event_protocol(ev: &DenyEvent) -> String {
+pub fn event_protocol(ev: &DenyEvent) -> String {
     let name = match ev.protocol {
         1 | 58 => "icmp".to_string(),
         6 => "tcp".to_string(),
@@ -561,6 +576,22 @@ pub fn counters_beside(ring: &RingBuf<MapData>) -> anyhow::Result<KernelCounters
 
 /// An event's time as RFC 3339 UTC with milliseconds (`2026-01-02T03:04:05.678Z`). A time
 /// outside years 1970–9999 (a clock gone wrong) is shown as the nearest end of that range.
+/// `t` as RFC 3339 UTC with milliseconds, the time format of events and decision records.
+pub fn rfc3339_string(t: SystemTime) -> String {
+    rfc3339(t).to_string()
+}
+
+/// Now, as [`rfc3339_string`].
+pub fn now_rfc3339() -> String {
+    rfc3339_string(SystemTime::now())
+}
+
+/// Whether a kernel event's reason number is one that lets the connection through (the
+/// monitor's allowed decisions; denials and would-be denials are not).
+pub fn kernel_allows(reason: u32) -> bool {
+    Reason::from_u32(reason).is_some_and(|r| r.effect() == passthrough_common::reason::Effect::Allow)
+}
+
 fn rfc3339(t: SystemTime) -> humantime::Rfc3339Timestamp {
     // 9999-12-31T23:59:59.999Z, the last instant the formatter writes.
     let last = UNIX_EPOCH + Duration::from_millis(253_402_300_799_999);

@@ -19,6 +19,9 @@
 //! | `passthrough_proxy_bytes_total` | counter | `direction` (up/down), `workload` |
 //! | `passthrough_proxy_peek_seconds` | histogram | — |
 //! | `passthrough_proxy_upstream_connect_errors_total` | counter | `workload` |
+//! | `passthrough_monitor_watchers` | gauge | — (subscribers: `monitor` clients and the decision log) |
+//! | `passthrough_monitor_kernel_sample_rate` | gauge | — (allowed kernel decisions are reported 1 in N; 0: not reported, nobody watches) |
+//! | `passthrough_monitor_lost_total` | counter | `at` (`kernel`: the monitor ring was full; `agent`: a watcher fell behind) |
 //! | `passthrough_policy_generation` | gauge | — |
 //! | `passthrough_policy_reloads_total` | counter | `result` (success/failure) |
 //! | `passthrough_policy_last_reload_success_timestamp_seconds` | gauge | — |
@@ -157,6 +160,11 @@ struct PathLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AtLabels {
+    at: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabels {
     result: &'static str,
 }
@@ -242,6 +250,9 @@ pub struct Metrics {
     peek: Histogram,
     connect_errors: Family<WorkloadLabels, Counter>,
     generation: Gauge,
+    monitor_watchers: Gauge,
+    monitor_sample_rate: Gauge,
+    monitor_lost: Family<AtLabels, Counter>,
     reloads: Family<ResultLabels, Counter>,
     last_reload: Gauge<f64, std::sync::atomic::AtomicU64>,
     map_entries: Family<MapSetLabels, Gauge>,
@@ -342,6 +353,27 @@ impl Metrics {
             "Policy generation in force (applies since start)",
             generation.clone(),
         );
+        let monitor_watchers = Gauge::default();
+        registry.register(
+            "monitor_watchers",
+            "Subscribers of the live decision stream: passthrough monitor clients and the decision log",
+            monitor_watchers.clone(),
+        );
+        let monitor_sample_rate = Gauge::default();
+        registry.register(
+            "monitor_kernel_sample_rate",
+            "Allowed kernel decisions are reported to watchers 1 in this many (0: not reported, nobody watches)",
+            monitor_sample_rate.clone(),
+        );
+        let monitor_lost = Family::<AtLabels, Counter>::default();
+        registry.register(
+            "monitor_lost",
+            "Decisions not delivered to a watcher: at=kernel the monitor ring buffer was full, at=agent a watcher fell behind",
+            monitor_lost.clone(),
+        );
+        for at in ["kernel", "agent"] {
+            let _ = monitor_lost.get_or_create(&AtLabels { at });
+        }
         let reloads = Family::<ResultLabels, Counter>::default();
         registry.register(
             "policy_reloads",
@@ -387,6 +419,9 @@ impl Metrics {
             peek,
             connect_errors,
             generation,
+            monitor_watchers,
+            monitor_sample_rate,
+            monitor_lost,
             reloads,
             last_reload,
             map_entries,
@@ -488,6 +523,21 @@ impl Metrics {
                 .get_or_create(&MapLabels { map })
                 .set(cap as i64);
         }
+    }
+
+    /// Subscribers of the decision stream now.
+    pub fn monitor_watchers(&self, n: usize) {
+        self.monitor_watchers.set(n as i64);
+    }
+
+    /// Allowed kernel decisions are reported 1 in `n` (0: not at all).
+    pub fn monitor_sample_rate(&self, n: u64) {
+        self.monitor_sample_rate.set(n as i64);
+    }
+
+    /// `n` decisions did not reach a watcher (`at`: `kernel` or `agent`).
+    pub fn monitor_lost(&self, at: &'static str, n: u64) {
+        self.monitor_lost.get_or_create(&AtLabels { at }).inc_by(n);
     }
 
     /// A reload (SIGHUP or file change) was applied.

@@ -6,8 +6,9 @@
 //!   template convention: one command loads changed programs).
 //! - `test`: `cargo fmt --all --check`, `cargo clippy` and `cargo doc` with warnings denied,
 //!   then every test, kernel tests included (root needed; under `CI=true` they never skip).
-//! - `bench`: benchmarks (`connect` = kernel-path connect() cost and compile+load time; `kube` =
-//!   Kubernetes mode with 1,000 pods).
+//! - `bench`: benchmarks (`connect` = kernel-path connect() cost and compile+load time, and the
+//!   monitor's report against programs built without it; `monitor` = the agent's CPU for one
+//!   watcher; `kube` = Kubernetes mode with 1,000 pods).
 //! - `demo`: the out-of-the-box demo (workload cgroup, netns test hosts, example policy).
 //! - `sweep`: remove test namespaces/cgroups left by a crashed run.
 //! - `fuzz`: run every cargo-fuzz target in `fuzz/` for `--seconds N` each (pinned nightly;
@@ -63,9 +64,10 @@ enum Cmd {
     },
     /// Run benchmarks.
     Bench {
-        /// Which: `connect` (kernel path: connect() cost, compile + load), `policy` (parse,
-        /// validate, merge, compile of 100,000 matches), `proxy` (proxy path vs direct), `kube`
-        /// (Kubernetes mode, 1,000 pods on one node).
+        /// Which: `connect` (kernel path: connect() cost, compile + load, the monitor's report
+        /// against programs built without it), `monitor` (the agent's CPU for one watcher at
+        /// 10,000 decisions/s), `policy` (parse, validate, merge, compile of 100,000 matches),
+        /// `proxy` (proxy path vs direct), `kube` (Kubernetes mode, 1,000 pods on one node).
         /// Default: all.
         #[arg(default_value = "all")]
         which: String,
@@ -207,6 +209,44 @@ fn build_bins(release: bool) -> anyhow::Result<()> {
         c.arg("--release");
     }
     run(&mut c)
+}
+
+/// Builds the eBPF programs with the `no-monitor` feature (the monitor's report of allowed
+/// decisions compiled out), as passthrough-user's build script builds the real ones (aya-build:
+/// the pinned nightly, `build-std=core`, BTF), into a target directory of its own. The
+/// connect bench loads it beside the embedded object to measure what the disabled report
+/// costs. Returns the object's path.
+fn build_ebpf_without_monitor() -> anyhow::Result<PathBuf> {
+    let dir = target_dir().join("ebpf-no-monitor");
+    let mut c = Command::new("cargo");
+    c.arg(format!("+{FUZZ_TOOLCHAIN}"))
+        .args([
+            "build",
+            "--package",
+            "passthrough-ebpf",
+            "--bins",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+            "--features",
+            "no-monitor",
+            "--target-dir",
+        ])
+        .arg(&dir)
+        .env(
+            "CARGO_ENCODED_RUSTFLAGS",
+            format!(
+                "--cfg=bpf_target_arch=\"{}\"\x1f-Cdebuginfo=2\x1f-Clink-arg=--btf",
+                std::env::consts::ARCH
+            ),
+        )
+        .env_remove("RUSTC")
+        .env_remove("RUSTC_WORKSPACE_WRAPPER")
+        .env_remove("CARGO");
+    run(&mut c)?;
+    Ok(dir.join("bpfel-unknown-none/release/passthrough"))
 }
 
 fn target_dir() -> PathBuf {
@@ -377,8 +417,9 @@ fn main() -> anyhow::Result<()> {
         } => compare(&which, quick, rounds, report_only),
         Cmd::Bench { which, quick, .. } => {
             let all = which == "all";
-            if !all && !["connect", "policy", "proxy", "kube"].contains(&which.as_str()) {
-                bail!("unknown bench {which:?}: one of connect, policy, proxy, kube, all");
+            if !all && !["connect", "monitor", "policy", "proxy", "kube"].contains(&which.as_str())
+            {
+                bail!("unknown bench {which:?}: one of connect, monitor, policy, proxy, kube, all");
             }
             let mut result = Ok(());
             if all || which == "policy" {
@@ -397,8 +438,24 @@ fn main() -> anyhow::Result<()> {
             }
             if result.is_ok() && (all || which == "connect") {
                 build_bins(true)?;
+                let baseline = build_ebpf_without_monitor()?;
                 let mut c = Command::new(target_dir().join("release").join("pt-bench"));
-                c.arg("connect");
+                c.arg("connect").arg("--baseline-object").arg(baseline);
+                if quick {
+                    c.arg("--quick");
+                }
+                result = run(&mut c);
+                let swept = sweep();
+                result = result.and(swept);
+            }
+            if result.is_ok() && (all || which == "monitor") {
+                // The real agent, one watcher, 10,000 allowed decisions/s: the agent's CPU.
+                build_bins(true)?;
+                let mut c = Command::new(target_dir().join("release").join("pt-bench"));
+                c.arg("monitor").env(
+                    "PASSTHROUGH_BIN",
+                    target_dir().join("release").join("passthrough"),
+                );
                 if quick {
                     c.arg("--quick");
                 }
