@@ -209,7 +209,7 @@ pub fn kernel_reason(reason: u32) -> (Reason, String) {
 /// The `destination` label of `passthrough_denied_destinations_total`: `name:port` when the
 /// proxy saw an SNI or Host (a port in the Host is dropped: the dialled port is the one that
 /// counts), else the dialled `ip:port`.
-pub fn denied_destination(d: &Denial) -> String {
+pub fn denied_destination(d: &Outcome) -> String {
     let name = d.sni.as_deref().or(d.host.as_deref()).map(|n| {
         // `[v6]:port` / `name:port` → the host part; a bare IPv6 literal stays whole.
         match n.rsplit_once(':') {
@@ -347,7 +347,7 @@ impl Reporter {
             return;
         }
         self.metrics
-            .denied_destination(&workload, &denied_destination(d));
+            .denied_destination(&workload, &denied_destination(o));
         let ok = {
             let mut l = self.limiter.lock().unwrap_or_else(|e| e.into_inner());
             l.allow((o.workload, o.reason), self.origin.elapsed())
@@ -721,21 +721,15 @@ mod tests {
 
     #[test]
     fn denied_destination_names_what_was_dialled() {
-        let d = |sni: Option<&str>, host: Option<&str>, dst: &str| Denial {
-            path: DecisionPath::Proxy,
-            time: SystemTime::UNIX_EPOCH,
-            workload: 1,
-            cgroup: None,
-            pid: 1,
-            comm: String::new(),
-            dst: dst.parse().unwrap(),
-            protocol: "tls".into(),
-            sni: sni.map(str::to_string),
-            host: host.map(str::to_string),
-            peer: None,
-            reason: passthrough_common::Reason::NoDomainMatch,
-            detail: String::new(),
-            audit: false,
+        let d = |sni: Option<&str>, host: Option<&str>, dst: &str| {
+            let mut o = Outcome::new(
+                DecisionPath::Proxy,
+                SystemTime::UNIX_EPOCH,
+                dst.parse().unwrap(),
+            );
+            o.sni = sni.map(str::to_string);
+            o.host = host.map(str::to_string);
+            o
         };
         assert_eq!(
             denied_destination(&d(None, None, "203.0.113.7:80")),
