@@ -44,7 +44,10 @@ use std::{
 use bytes::Bytes;
 use hyper::body::{Body, Frame};
 use ipnet::IpNet;
-use passthrough_policy::decision_log::{DecisionRecord, LostRecord};
+use passthrough_policy::{
+    decision_log::{DecisionRecord, LostRecord},
+    outcome::Outcome,
+};
 use tokio::sync::{broadcast, mpsc, watch};
 
 use crate::metrics::Metrics;
@@ -461,37 +464,23 @@ pub fn text_lost(l: &LostRecord) -> String {
     ))
 }
 
-/// A record of a kernel decision event (`DenyEvent` layout; allowed ones come from the
-/// monitor ring): `workload` is its name, `sampled` the sampling factor in force.
-pub fn kernel_record(
-    ev: &passthrough_common::DenyEvent,
-    workload: String,
-    time: SystemTime,
-    sampled: Option<u32>,
-) -> DecisionRecord {
-    let (reason, _) = crate::events::kernel_reason(ev.reason);
-    let allowed = crate::events::kernel_allows(ev.reason);
+/// The record watchers and the decision log get for one outcome (kernel or proxy):
+/// `workload` is its name, `sampled` the sampling factor a kernel allow was reported under.
+pub fn record_of(o: &Outcome, workload: String, sampled: Option<u32>) -> DecisionRecord {
     DecisionRecord {
-        time: crate::events::rfc3339_string(time),
+        time: crate::events::rfc3339_string(o.time),
         workload,
-        workload_id: ev.workload,
-        path: "kernel".into(),
-        verdict: if allowed {
-            "allow"
-        } else if ev.audit != 0 {
-            "would_deny"
-        } else {
-            "deny"
-        }
-        .into(),
-        reason: reason.code().into(),
-        dst: crate::events::event_dst(ev),
-        protocol: crate::events::event_protocol(ev),
-        sni: None,
-        host: None,
-        matched: None,
-        pid: ev.pid,
-        comm: crate::events::comm_str(&ev.comm),
+        workload_id: o.workload,
+        path: o.path.as_str().into(),
+        verdict: o.verdict.as_str().into(),
+        reason: o.reason.code().into(),
+        dst: o.dst,
+        protocol: o.protocol.to_string(),
+        sni: o.sni.clone(),
+        host: o.host.clone(),
+        matched: o.matched.clone(),
+        pid: o.pid,
+        comm: o.comm.clone(),
         sampled,
     }
 }
@@ -590,12 +579,9 @@ pub async fn read_kernel_monitor(
                             unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
                         drop(item);
                         if monitor.watching() {
-                            let age = Duration::from_nanos(mono.saturating_sub(ev.ktime_ns));
-                            let time = wall.checked_sub(age).unwrap_or(wall);
+                            let o = crate::events::kernel_outcome(&ev, wall, mono);
                             let name = monitor.metrics().workload_name(ev.workload);
-                            monitor.publish(Item::Decision(Arc::new(kernel_record(
-                                &ev, name, time, sampled,
-                            ))));
+                            monitor.publish(Item::Decision(Arc::new(record_of(&o, name, sampled))));
                         }
                     }
                     n += 1;
