@@ -133,11 +133,7 @@ impl Monitor {
             k.shift = shift;
             changed
         });
-        self.metrics.monitor_sample_rate(if self.watching() {
-            1u64 << shift
-        } else {
-            0
-        });
+        self.refresh();
     }
 
     /// The current sampling shift.
@@ -145,14 +141,26 @@ impl Monitor {
         self.kernel.borrow().shift
     }
 
+    /// Sets the kernel flag from the number of subscribers. The count is read under the
+    /// channel's lock, so of a subscription and an unsubscription racing, the last one to get
+    /// there sees the final count: the flag never stays off while someone watches.
+    fn refresh(&self) {
+        self.kernel.send_if_modified(|k| {
+            let on = self.subscribers.load(Ordering::Acquire) > 0;
+            let changed = k.on != on;
+            k.on = on;
+            self.metrics
+                .monitor_sample_rate(if on { 1u64 << k.shift } else { 0 });
+            changed
+        });
+    }
+
     /// A new subscriber: receives every item published from now on until dropped.
     pub fn subscribe(self: &Arc<Self>) -> Subscription {
         let rx = self.tx.subscribe();
         let n = self.subscribers.fetch_add(1, Ordering::AcqRel) + 1;
         self.metrics.monitor_watchers(n);
-        self.kernel.send_if_modified(|k| !std::mem::replace(&mut k.on, true));
-        self.metrics
-            .monitor_sample_rate(1u64 << self.kernel.borrow().shift);
+        self.refresh();
         Subscription {
             rx,
             monitor: self.clone(),
@@ -204,12 +212,7 @@ impl Drop for Subscription {
     fn drop(&mut self) {
         let left = self.monitor.subscribers.fetch_sub(1, Ordering::AcqRel) - 1;
         self.monitor.metrics.monitor_watchers(left);
-        if left == 0 {
-            self.monitor
-                .kernel
-                .send_if_modified(|k| std::mem::replace(&mut k.on, false));
-            self.monitor.metrics.monitor_sample_rate(0);
-        }
+        self.monitor.refresh();
     }
 }
 
