@@ -4,8 +4,9 @@
 //! - `build`: build the agent (the eBPF object is built by passthrough-user's build.rs).
 //! - `run -- ARGS`: build the eBPF programs and the agent, then run `passthrough ARGS` (aya's
 //!   template convention: one command loads changed programs).
-//! - `test`: `cargo fmt --all --check`, `cargo clippy` and `cargo doc` with warnings denied,
-//!   then every test, kernel tests included (root needed; under `CI=true` they never skip).
+//! - `test`: `cargo fmt --all --check`, `cargo clippy` (the workspace, and the eBPF crate for
+//!   the BPF target with the pinned nightly) and `cargo doc` with warnings denied, then every
+//!   test, kernel tests included (root needed; under `CI=true` they never skip).
 //! - `bench`: benchmarks (`connect` = kernel-path connect() cost and compile+load time, and the
 //!   monitor's report against programs built without it; `monitor` = the agent's CPU for one
 //!   watcher; `kube` = Kubernetes mode with 1,000 pods).
@@ -105,8 +106,9 @@ enum Cmd {
     },
 }
 
-/// The nightly the fuzz build uses (sanitizers need nightly); the eBPF build pins the same one.
-const FUZZ_TOOLCHAIN: &str = "nightly-2026-07-01";
+/// The nightly the fuzz build and the eBPF crate's clippy use (sanitizers and build-std need
+/// nightly); the eBPF build pins the same one.
+const NIGHTLY_TOOLCHAIN: &str = "nightly-2026-07-01";
 
 /// Runs every fuzz target (or `only`) for `seconds` each, seeded from `fuzz/seeds/<target>`; the
 /// growing corpus lives in `fuzz/corpus/<target>` and crashes in `fuzz/artifacts/<target>`
@@ -137,7 +139,7 @@ fn fuzz(seconds: u64, only: Option<&str>, sanitizer: &str) -> anyhow::Result<()>
     // crate depends on the policy and proxy crates only, so no eBPF object is built.
     let nightly = || {
         let mut c = Command::new("cargo");
-        c.arg(format!("+{FUZZ_TOOLCHAIN}"))
+        c.arg(format!("+{NIGHTLY_TOOLCHAIN}"))
             .env_remove("RUSTC")
             .env_remove("CARGO");
         c
@@ -219,7 +221,7 @@ fn build_bins(release: bool) -> anyhow::Result<()> {
 fn build_ebpf_without_monitor() -> anyhow::Result<PathBuf> {
     let dir = target_dir().join("ebpf-no-monitor");
     let mut c = Command::new("cargo");
-    c.arg(format!("+{FUZZ_TOOLCHAIN}"))
+    c.arg(format!("+{NIGHTLY_TOOLCHAIN}"))
         .args([
             "build",
             "--package",
@@ -376,6 +378,29 @@ fn main() -> anyhow::Result<()> {
                 "-D",
                 "warnings",
             ]))?;
+            // The eBPF crate builds only for the BPF target, with the pinned nightly and
+            // build-std: lint it there (a check, no bpf-linker), in its own target dir so the
+            // two toolchains do not invalidate each other's builds.
+            run(Command::new("cargo")
+                .arg(format!("+{NIGHTLY_TOOLCHAIN}"))
+                .env_remove("RUSTC")
+                .env_remove("CARGO")
+                .env(
+                    "RUSTFLAGS",
+                    format!("--cfg bpf_target_arch=\"{}\"", std::env::consts::ARCH),
+                )
+                .args([
+                    "clippy",
+                    "-p",
+                    "passthrough-ebpf",
+                    "--target",
+                    "bpfel-unknown-none",
+                    "-Z",
+                    "build-std=core",
+                    "--target-dir",
+                ])
+                .arg(target_dir().join("ebpf-clippy"))
+                .args(["--", "-D", "warnings"]))?;
             run(cargo()
                 .args([
                     "doc",
