@@ -7,8 +7,8 @@ use aya_ebpf::{
     bindings::bpf_sock,
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_comm,
-        bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_ktime_get_ns,
-        bpf_sk_ancestor_cgroup_id, bpf_sk_cgroup_id,
+        bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_sk_ancestor_cgroup_id,
+        bpf_sk_cgroup_id,
     },
     maps::lpm_trie::Key,
 };

@@ -568,7 +568,14 @@ fn check(c: &Case) -> Result<(), TestCaseError> {
                     IpAddr::V6(v6) => v6,
                 };
                 prop_assert_eq!(
-                    (ev.reason, ev.workload, ev.addr, ev.port, ev.audit, ev.protocol),
+                    (
+                        ev.reason,
+                        ev.workload,
+                        ev.addr,
+                        ev.port,
+                        ev.audit,
+                        ev.protocol
+                    ),
                     (
                         reason as u32,
                         workload,

@@ -722,7 +722,9 @@ pub(crate) fn start_monitor(
             drops,
             monitor.clone(),
         ))),
-        None => warn!("monitor: ring buffer already taken; allowed kernel decisions will not be shown"),
+        None => {
+            warn!("monitor: ring buffer already taken; allowed kernel decisions will not be shown")
+        }
     }
     if let Some(dir) = &args.decision_log {
         tasks.push(
@@ -737,7 +739,11 @@ pub(crate) fn start_monitor(
 /// watchers then miss allowed kernel decisions; enforcement is not affected).
 pub(crate) fn apply_monitor(kernel: &mut Kernel, w: KernelMonitor) {
     match kernel.set_monitor(w.on, u32::from(w.shift)) {
-        Ok(()) => tracing::debug!(on = w.on, sample = 1u32 << w.shift, "monitor: kernel reporting"),
+        Ok(()) => tracing::debug!(
+            on = w.on,
+            sample = 1u32 << w.shift,
+            "monitor: kernel reporting"
+        ),
         Err(e) => warn!(error = %e, "monitor: could not switch the kernel's reporting"),
     }
 }

@@ -308,8 +308,12 @@ pub fn run_monitor(
 ) -> anyhow::Result<()> {
     use anyhow::{Context as _, bail};
     use std::io::{BufRead as _, Read as _};
-    let mut stream = std::net::TcpStream::connect(args.admin_addr)
-        .with_context(|| format!("connecting to the agent's admin address {}", args.admin_addr))?;
+    let mut stream = std::net::TcpStream::connect(args.admin_addr).with_context(|| {
+        format!(
+            "connecting to the agent's admin address {}",
+            args.admin_addr
+        )
+    })?;
     let query = args.filter().to_query();
     // HTTP/1.0: the agent's answer is the stream itself, up to its end (no chunked framing).
     write!(
@@ -330,12 +334,7 @@ pub fn run_monitor(
     if code != "200" {
         let mut body = String::new();
         let _ = r.take(4096).read_to_string(&mut body);
-        bail!(
-            "{}: {} {}",
-            args.admin_addr,
-            status.trim(),
-            body.trim()
-        );
+        bail!("{}: {} {}", args.admin_addr, status.trim(), body.trim());
     }
     let mut shown = 0u64;
     let mut line = String::new();

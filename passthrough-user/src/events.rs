@@ -626,7 +626,8 @@ pub fn now_rfc3339() -> String {
 /// Whether a kernel event's reason number is one that lets the connection through (the
 /// monitor's allowed decisions; denials and would-be denials are not).
 pub fn kernel_allows(reason: u32) -> bool {
-    Reason::from_u32(reason).is_some_and(|r| r.effect() == passthrough_common::reason::Effect::Allow)
+    Reason::from_u32(reason)
+        .is_some_and(|r| r.effect() == passthrough_common::reason::Effect::Allow)
 }
 
 fn rfc3339(t: SystemTime) -> humantime::Rfc3339Timestamp {

@@ -618,7 +618,8 @@ impl Kernel {
             .get(&0, 0)
             .map_err(|e| KernelError::Map("CONFIG", e))?;
         cfg.unmatched_mode[g as usize] = plan.unmatched_mode;
-        cfg.flags = passthrough_common::flags::with_monitor(self.flags, self.monitor.0, self.monitor.1);
+        cfg.flags =
+            passthrough_common::flags::with_monitor(self.flags, self.monitor.0, self.monitor.1);
         cfg.agent_mark = self.agent_mark;
         self.fill_proxy_config(&mut cfg);
         cfg.policy_generation = self.generation_counter + 1;

@@ -238,9 +238,9 @@ pub const PATHS: [&str; 2] = ["kernel", "proxy"];
 impl Filter {
     /// Whether `r` passes.
     pub fn matches(&self, r: &DecisionRecord) -> bool {
-        (self.workloads.is_empty() || self.workloads.iter().any(|w| *w == r.workload))
-            && (self.verdicts.is_empty() || self.verdicts.iter().any(|v| *v == r.verdict))
-            && (self.paths.is_empty() || self.paths.iter().any(|p| *p == r.path))
+        (self.workloads.is_empty() || self.workloads.contains(&r.workload))
+            && (self.verdicts.is_empty() || self.verdicts.contains(&r.verdict))
+            && (self.paths.is_empty() || self.paths.contains(&r.path))
             && (self.dsts.is_empty() || {
                 let ip = unmapped(r.dst.ip());
                 self.dsts.iter().any(|n| n.contains(&ip))
@@ -451,7 +451,9 @@ pub fn text_line(r: &DecisionRecord) -> String {
 }
 
 fn sanitize(s: &str) -> String {
-    s.chars().map(|c| if c.is_control() { '?' } else { c }).collect()
+    s.chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
 }
 
 /// The text line of a loss report.
@@ -676,7 +678,13 @@ mod tests {
         assert!(!f.matches(&rec("db", "deny", "kernel", "198.51.100.7:80")));
         assert_eq!(Filter::from_query(&f.to_query()).unwrap(), f);
         assert!(Filter::default().matches(&rec("", "allow", "proxy", "192.0.2.1:1")));
-        for bad in ["verdict=denied", "path=xdp", "dst=foo", "colour=red", "workload=%zz"] {
+        for bad in [
+            "verdict=denied",
+            "path=xdp",
+            "dst=foo",
+            "colour=red",
+            "workload=%zz",
+        ] {
             assert!(Filter::from_query(bad).is_err(), "{bad}");
         }
         assert_eq!(
@@ -735,8 +743,18 @@ mod tests {
         );
         let hello = body.frame().await.unwrap().unwrap().into_data().unwrap();
         assert_eq!(hello, HELLO.as_bytes());
-        m.publish(Item::Decision(Arc::new(rec("w", "allow", "kernel", "192.0.2.1:1"))));
-        m.publish(Item::Decision(Arc::new(rec("w", "deny", "kernel", "192.0.2.2:2"))));
+        m.publish(Item::Decision(Arc::new(rec(
+            "w",
+            "allow",
+            "kernel",
+            "192.0.2.1:1",
+        ))));
+        m.publish(Item::Decision(Arc::new(rec(
+            "w",
+            "deny",
+            "kernel",
+            "192.0.2.2:2",
+        ))));
         m.publish(Item::Lost(LostRecord {
             time: "t".into(),
             lost: 3,
@@ -755,7 +773,10 @@ mod tests {
             "t -- 3 decisions not shown (kernel: the kernel's monitor ring buffer was full)"
         );
         let shown = render_line(lines[0], false).unwrap();
-        assert!(shown.contains("192.0.2.2:2") && shown.contains("deny"), "{shown}");
+        assert!(
+            shown.contains("192.0.2.2:2") && shown.contains("deny"),
+            "{shown}"
+        );
         assert_eq!(render_line(lines[0], true).unwrap(), lines[0]);
         assert_eq!(render_line(HELLO, false), None);
         assert_eq!(render_line("\n", true), None);
@@ -777,7 +798,11 @@ mod tests {
         assert_eq!(next_shift(0, 1_000, 0), 0);
         assert_eq!(next_shift(0, 1_000, 1), 1, "a drop halves the share");
         assert_eq!(next_shift(0, KERNEL_RATE_BUDGET + 1, 0), 1);
-        assert_eq!(next_shift(3, KERNEL_RATE_BUDGET / 2, 0), 3, "inside the band: kept");
+        assert_eq!(
+            next_shift(3, KERNEL_RATE_BUDGET / 2, 0),
+            3,
+            "inside the band: kept"
+        );
         assert_eq!(next_shift(3, KERNEL_RATE_BUDGET / 8, 0), 2);
         assert_eq!(next_shift(MAX_SAMPLE_SHIFT, u64::MAX, 5), MAX_SAMPLE_SHIFT);
         // A steady 1,000,000 decisions/s settles where what is reported fits the budget.

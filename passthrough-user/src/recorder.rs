@@ -19,15 +19,13 @@
 
 use std::{
     collections::HashSet,
-    hash::{BuildHasher as _, Hash as _, Hasher as _},
+    hash::BuildHasher as _,
     io::{self, Write as _},
     path::{Path, PathBuf},
     sync::Arc,
 };
 
-use passthrough_policy::decision_log::{
-    DecisionRecord, LostRecord, segment_name, segments,
-};
+use passthrough_policy::decision_log::{DecisionRecord, LostRecord, segment_name, segments};
 use tracing::{info, warn};
 
 use crate::monitor::{Item, Monitor, Subscription};
@@ -74,8 +72,7 @@ impl Recorder {
     }
 
     fn key(&self, r: &DecisionRecord) -> u64 {
-        let mut h = self.hasher.build_hasher();
-        (
+        self.hasher.hash_one((
             &r.workload,
             &r.path,
             &r.verdict,
@@ -84,9 +81,7 @@ impl Recorder {
             &r.protocol,
             &r.sni,
             &r.host,
-        )
-            .hash(&mut h);
-        h.finish()
+        ))
     }
 
     /// Appends `r` unless the current segment already has the same decision.
@@ -220,7 +215,9 @@ mod tests {
             path: "kernel".into(),
             verdict: "allow".into(),
             reason: "address_match".into(),
-            dst: format!("198.51.{}.{}:443", n / 256, n % 256).parse().unwrap(),
+            dst: format!("198.51.{}.{}:443", n / 256, n % 256)
+                .parse()
+                .unwrap(),
             protocol: "tcp".into(),
             sni: None,
             host: None,
@@ -285,7 +282,10 @@ mod tests {
         r.record(&rec(1999)).unwrap();
         r.flush().unwrap();
         let now = seg_of(1999);
-        assert!(now.len() > first.len() || now.last() > first.last(), "{first:?} {now:?}");
+        assert!(
+            now.len() > first.len() || now.last() > first.last(),
+            "{first:?} {now:?}"
+        );
         // A restarted agent starts the next segment; a partial line left by a crash is skipped.
         let last = segments(&dir).unwrap().last().unwrap().1.clone();
         std::fs::OpenOptions::new()

@@ -85,7 +85,10 @@ impl World {
         let dir = passthrough_tests::test_dir();
         let cg = TestCgroup::new().unwrap();
         let hosts = DomainHosts::start(OPS_SLOT, NAMES, SERVICES).unwrap();
-        let file = write_policy(dir.path(), &yaml.map_or_else(|| policy(&hosts), str::to_string));
+        let file = write_policy(
+            dir.path(),
+            &yaml.map_or_else(|| policy(&hosts), str::to_string),
+        );
         let agent = f(Agent::builder()
             .policy(&file)
             .cgroup(cg.path())
@@ -106,7 +109,12 @@ impl World {
     }
 
     fn workload(&self) -> String {
-        self.cg.path().file_name().unwrap().to_string_lossy().into_owned()
+        self.cg
+            .path()
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned()
     }
 
     fn tls(&mut self, host: u8, sni: &str) -> Value {
@@ -134,7 +142,10 @@ fn wait_for<T>(within: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -
         if let Some(v) = f() {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {within:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {within:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -201,7 +212,9 @@ fn find<'a>(
     dst: SocketAddr,
     verdict: &str,
 ) -> Option<&'a DecisionRecord> {
-    records.iter().find(|r| r.dst == dst && r.verdict == verdict)
+    records
+        .iter()
+        .find(|r| r.dst == dst && r.verdict == verdict)
 }
 
 #[test]
@@ -216,13 +229,20 @@ fn monitor_streams_kernel_and_proxy_decisions_to_several_filtered_watchers() {
     assert_eq!(kernel_flags(&w.agent) & MONITOR, 0);
 
     let all = Watcher::start(&w.agent, &["--json"]);
-    let denied_kernel = Watcher::start(&w.agent, &["--json", "--verdict", "deny", "--path", "kernel"]);
+    let denied_kernel = Watcher::start(
+        &w.agent,
+        &["--json", "--verdict", "deny", "--path", "kernel"],
+    );
     let other_dst = Watcher::start(&w.agent, &["--json", "--dst", "192.0.2.0/24"]);
     let text = Watcher::start(&w.agent, &["--workload", &wl]);
     wait_for(Duration::from_secs(10), "four watchers", || {
         (w.metric("passthrough_monitor_watchers", "") == 4.0).then_some(())
     });
-    assert_ne!(kernel_flags(&w.agent) & MONITOR, 0, "watchers switch the kernel's reporting on");
+    assert_ne!(
+        kernel_flags(&w.agent) & MONITOR,
+        0,
+        "watchers switch the kernel's reporting on"
+    );
 
     let kernel_ok = w.hosts.host4(3, 5432);
     let kernel_no = w.hosts.host4(3, 22);
@@ -246,20 +266,40 @@ fn monitor_streams_kernel_and_proxy_decisions_to_several_filtered_watchers() {
     });
     let k = find(&records, kernel_ok, "allow").unwrap();
     assert_eq!(
-        (k.workload.as_str(), k.path.as_str(), k.reason.as_str(), k.protocol.as_str(), k.comm.as_str()),
+        (
+            k.workload.as_str(),
+            k.path.as_str(),
+            k.reason.as_str(),
+            k.protocol.as_str(),
+            k.comm.as_str()
+        ),
         (wl.as_str(), "kernel", "address_match", "tcp", "pt-probe"),
         "{k:?}"
     );
     assert_eq!(k.pid, w.probe.pid());
     let d = find(&records, kernel_no, "deny").unwrap();
-    assert_eq!((d.path.as_str(), d.reason.as_str()), ("kernel", "no_match"), "{d:?}");
+    assert_eq!(
+        (d.path.as_str(), d.reason.as_str()),
+        ("kernel", "no_match"),
+        "{d:?}"
+    );
     let t = find(&records, tls_dst, "allow").unwrap();
     assert_eq!(
-        (t.path.as_str(), t.reason.as_str(), t.protocol.as_str(), t.sni.as_deref()),
+        (
+            t.path.as_str(),
+            t.reason.as_str(),
+            t.protocol.as_str(),
+            t.sni.as_deref()
+        ),
         ("proxy", "domain_match", "tls", Some("api.ops.test")),
         "{t:?}"
     );
-    assert!(t.matched.as_deref().is_some_and(|m| m.contains("api.ops.test")), "{t:?}");
+    assert!(
+        t.matched
+            .as_deref()
+            .is_some_and(|m| m.contains("api.ops.test")),
+        "{t:?}"
+    );
     let h = find(&records, http_dst, "deny").unwrap();
     assert_eq!(
         (h.path.as_str(), h.reason.as_str(), h.host.as_deref()),
@@ -267,11 +307,18 @@ fn monitor_streams_kernel_and_proxy_decisions_to_several_filtered_watchers() {
         "{h:?}"
     );
     // Filters: only kernel denials; no decision of another network.
-    let kd = wait_for(Duration::from_secs(5), "the kernel denial in the filtered stream", || {
-        let r = denied_kernel.records();
-        (!r.is_empty()).then_some(r)
-    });
-    assert!(kd.iter().all(|r| r.verdict == "deny" && r.path == "kernel"), "{kd:?}");
+    let kd = wait_for(
+        Duration::from_secs(5),
+        "the kernel denial in the filtered stream",
+        || {
+            let r = denied_kernel.records();
+            (!r.is_empty()).then_some(r)
+        },
+    );
+    assert!(
+        kd.iter().all(|r| r.verdict == "deny" && r.path == "kernel"),
+        "{kd:?}"
+    );
     assert!(find(&kd, kernel_no, "deny").is_some());
     assert!(other_dst.records().is_empty(), "{:?}", other_dst.lines());
     // Text: a header, then a line per decision with its fields.
@@ -368,12 +415,18 @@ fn explain(dir: &Path, r: &DecisionRecord) -> Value {
     }
     let out = c.output().unwrap();
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!("explain {r:?}: {e}: {}", String::from_utf8_lossy(&out.stderr))
+        panic!(
+            "explain {r:?}: {e}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
     })
 }
 
 fn passthrough(args: &[&str]) -> std::process::Output {
-    Command::new(agent_binary().unwrap()).args(args).output().unwrap()
+    Command::new(agent_binary().unwrap())
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 #[test]
@@ -436,7 +489,10 @@ fn suggest_from_an_audit_log_allows_what_was_seen_and_the_kernel_enforces_it() {
     // suggest → check → explain allows every recorded decision.
     for (name, extra) in [
         ("exact", &[][..]),
-        ("wild", &["--wildcard", "wild.ops.test", "--wildcard-threshold", "3"][..]),
+        (
+            "wild",
+            &["--wildcard", "wild.ops.test", "--wildcard-threshold", "3"][..],
+        ),
     ] {
         let out_dir = logs.path().join(name);
         let mut args = vec!["suggest", "--log", &log_s, "--out"];
@@ -451,11 +507,16 @@ fn suggest_from_an_audit_log_allows_what_was_seen_and_the_kernel_enforces_it() {
             "check refused the suggestion: {}",
             String::from_utf8_lossy(&o.stdout)
         );
-        let yaml = std::fs::read_to_string(
-            out_dir.join(format!("{}.yaml", passthrough_policy::suggest::policy_name(&wl))),
-        )
+        let yaml = std::fs::read_to_string(out_dir.join(format!(
+            "{}.yaml",
+            passthrough_policy::suggest::policy_name(&wl)
+        )))
         .unwrap();
-        assert_eq!(yaml.contains("\"*.wild.ops.test\""), name == "wild", "{yaml}");
+        assert_eq!(
+            yaml.contains("\"*.wild.ops.test\""),
+            name == "wild",
+            "{yaml}"
+        );
         for r in &all {
             let e = explain(&out_dir, r);
             assert_eq!(e["verdict"], "allow", "{r:?} under\n{yaml}\n{e:#}");
@@ -472,8 +533,18 @@ fn suggest_from_an_audit_log_allows_what_was_seen_and_the_kernel_enforces_it() {
         .start()
         .unwrap();
     for s in TRAFFIC.iter().chain(&[Send::Tcp(3, 8080)]) {
-        assert!(send(&mut w, *s), "{s:?} under the suggested policy\n{}", w.agent.describe());
+        assert!(
+            send(&mut w, *s),
+            "{s:?} under the suggested policy\n{}",
+            w.agent.describe()
+        );
     }
-    assert!(!send(&mut w, Send::Tcp(3, 8443)), "a destination never seen");
-    assert!(!send(&mut w, Send::Tls(1, "d.wild.ops.test")), "a name never seen");
+    assert!(
+        !send(&mut w, Send::Tcp(3, 8443)),
+        "a destination never seen"
+    );
+    assert!(
+        !send(&mut w, Send::Tls(1, "d.wild.ops.test")),
+        "a name never seen"
+    );
 }

@@ -139,9 +139,7 @@ fn main() -> anyhow::Result<()> {
     let which = args
         .iter()
         .enumerate()
-        .find(|(i, a)| {
-            !a.starts_with("--") && (*i == 0 || args[i - 1] != "--baseline-object")
-        })
+        .find(|(i, a)| !a.starts_with("--") && (*i == 0 || args[i - 1] != "--baseline-object"))
         .map(|(_, a)| a.clone())
         .unwrap_or_else(|| "all".into());
     match which.as_str() {
@@ -160,7 +158,8 @@ fn read_object(path: &std::path::Path) -> anyhow::Result<&'static [u8]> {
     let bytes = std::fs::read(path).with_context(|| format!("{}", path.display()))?;
     let mut words = vec![0u64; bytes.len().div_ceil(8)];
     // SAFETY: the u64 buffer is at least as long as `bytes` and u8-writable.
-    let dst = unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), bytes.len()) };
+    let dst =
+        unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), bytes.len()) };
     dst.copy_from_slice(&bytes);
     let len = bytes.len();
     let words: &'static mut [u64] = words.leak();
@@ -234,7 +233,10 @@ fn connect(quick: bool, baseline: Option<&std::path::Path>) -> anyhow::Result<()
         },
     });
     confs.push(with_domain);
-    let one_k = SIZES.iter().position(|n| *n == 1_000).expect("a 1,000-match size");
+    let one_k = SIZES
+        .iter()
+        .position(|n| *n == 1_000)
+        .expect("a 1,000-match size");
     let mut kinds: Vec<(String, Kind)> = vec![("no program".into(), Kind::None)];
     kinds.extend(
         SIZES
@@ -521,7 +523,8 @@ fn load(dsts: &[SocketAddr], rate: u64, secs: f64) -> anyhow::Result<u64> {
                 std::thread::sleep(std::time::Duration::from_micros(500));
                 continue;
             }
-            for _ in n..due.min(n + rate / 100 + 1) {
+            let until = due.min(n + rate / 100 + 1);
+            while n < until {
                 udp_connect(dsts[n as usize % dsts.len()])?;
                 n += 1;
             }
@@ -735,7 +738,12 @@ fn monitor(quick: bool) -> anyhow::Result<()> {
         "| phase | decisions/s made | agent CPU, % of one core | delivered to the watcher |"
     )?;
     writeln!(out, "|---|---:|---:|---:|")?;
-    writeln!(out, "| no watcher | {:.0} | {:.2} | – |", rate(&quiet), pct(&quiet))?;
+    writeln!(
+        out,
+        "| no watcher | {:.0} | {:.2} | – |",
+        rate(&quiet),
+        pct(&quiet)
+    )?;
     writeln!(
         out,
         "| one watcher (`GET /monitor`, every record) | {:.0} | {:.2} | {:.1} % |",
@@ -755,13 +763,36 @@ fn monitor(quick: bool) -> anyhow::Result<()> {
         "\n## Flood with one watcher ({secs} s, one thread as fast as it goes)\n"
     )?;
     writeln!(out, "| figure | value |\n|---|---:|")?;
-    writeln!(out, "| allowed decisions made (this process) | {made} ({:.0}/s) |", made as f64 / wall)?;
-    writeln!(out, "| allowed decisions counted by the programs | {counted:.0} |")?;
-    writeln!(out, "| records delivered to the watcher | {} |", seen.decisions)?;
-    writeln!(out, "| decisions those records stand for (sampling weight) | {} |", seen.sampled_weight)?;
-    writeln!(out, "| reported lost (ring full, watcher behind) | {} |", seen.lost)?;
+    writeln!(
+        out,
+        "| allowed decisions made (this process) | {made} ({:.0}/s) |",
+        made as f64 / wall
+    )?;
+    writeln!(
+        out,
+        "| allowed decisions counted by the programs | {counted:.0} |"
+    )?;
+    writeln!(
+        out,
+        "| records delivered to the watcher | {} |",
+        seen.decisions
+    )?;
+    writeln!(
+        out,
+        "| decisions those records stand for (sampling weight) | {} |",
+        seen.sampled_weight
+    )?;
+    writeln!(
+        out,
+        "| reported lost (ring full, watcher behind) | {} |",
+        seen.lost
+    )?;
     writeln!(out, "| sampling at the end: 1 in | {sample:.0} |")?;
-    writeln!(out, "| agent CPU, % of one core | {:.1} |", 100.0 * cpu / wall)?;
+    writeln!(
+        out,
+        "| agent CPU, % of one core | {:.1} |",
+        100.0 * cpu / wall
+    )?;
     drop(agent);
     drop(cg);
     drop(ns);
