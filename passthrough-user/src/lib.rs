@@ -21,5 +21,7 @@ pub mod monitor;
 pub mod pins;
 pub mod proxy_maps;
 pub mod recorder;
+pub mod run_args;
+pub mod startup;
 pub mod status;
 pub mod watch;
