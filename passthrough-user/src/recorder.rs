@@ -1,7 +1,7 @@
 //! The decision log (`passthrough run --decision-log [DIR]`): what the agent observed, on disk,
 //! bounded, kept across restarts, for `passthrough suggest`.
 //!
-//! The recorder is one more subscriber of the [`Monitor`](crate::monitor::Monitor) (so while it
+//! The recorder is one more subscriber of the [`Monitor`] (so while it
 //! runs the programs report allowed egress decisions, as for a watcher). It writes JSON lines
 //! ([`DecisionRecord`], [`LostRecord`]: the format of `monitor --json`) into segments
 //! `DIR/decisions-<n>.jsonl`:
@@ -36,7 +36,7 @@ pub const SEGMENTS: u64 = 8;
 /// Default bound of the log directory.
 pub const DEFAULT_MAX_BYTES: u64 = 64 << 20;
 
-/// The log's writer state (no async: driven by [`run`], testable alone).
+/// The log's writer state (no async: driven by the task [`start`] spawns, testable alone).
 pub struct Recorder {
     dir: PathBuf,
     max_bytes: u64,

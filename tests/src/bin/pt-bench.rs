@@ -724,6 +724,13 @@ fn monitor(quick: bool) -> anyhow::Result<()> {
         .zip(&quiet)
         .map(|(w, q)| 100.0 * (w.cpu / w.wall - q.cpu / q.wall))
         .collect();
+    // The watcher's CPU per decision: what the watched phase spent beyond the quiet phase's
+    // rate over the same wall time, divided by the decisions made.
+    let per_decision_us: Vec<f64> = watched
+        .iter()
+        .zip(&quiet)
+        .map(|(w, q)| 1e6 * (w.cpu - q.cpu / q.wall * w.wall) / w.made.max(1) as f64)
+        .collect();
     let delivered: Vec<f64> = watched
         .iter()
         .filter_map(|p| p.seen.map(|s| s.decisions as f64 / p.made.max(1) as f64))
@@ -757,6 +764,19 @@ fn monitor(quick: bool) -> anyhow::Result<()> {
         median(added.clone()),
         added.iter().copied().fold(f64::INFINITY, f64::min),
         added.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+    )?;
+    writeln!(
+        out,
+        "| **agent CPU per decision for the watcher** (per round) | | **{:.2} µs** (range {:.2} … {:.2}) | |",
+        median(per_decision_us.clone()),
+        per_decision_us
+            .iter()
+            .copied()
+            .fold(f64::INFINITY, f64::min),
+        per_decision_us
+            .iter()
+            .copied()
+            .fold(f64::NEG_INFINITY, f64::max),
     )?;
     writeln!(
         out,
