@@ -162,6 +162,10 @@ pub fn v6(words: [u32; 4]) -> V6 {
 pub enum Transport {
     /// A TCP connect.
     Tcp,
+    /// An MPTCP subflow the kernel opens for a connection, judged for the connection's owner
+    /// (`passthrough-ebpf/src/mptcp.rs`): TCP that is never redirected (the proxy cannot join
+    /// an MPTCP connection), so a Domain-only destination is denied (`NoProxy`).
+    Subflow,
     /// A UDP connect or send.
     Udp,
     /// A raw or ping socket's packet (its IP protocol, the socket type): no ports, never
@@ -316,71 +320,178 @@ pub fn decide<M: Maps, C: Caller, D: Dest>(
     };
 
     // Rule 2.
-    if wl_mode == mode::ALL {
-        observe(
-            maps,
-            &cfg,
-            caller,
-            &dst,
-            port_be,
-            transport,
-            Reason::ModeAll,
-            workload,
-        );
-        return decided(maps, Verdict::Allow, Reason::ModeAll);
-    }
-    let reason = if wl_mode == mode::MATCHED {
+    let (allow, reason) = if wl_mode == mode::ALL {
+        (true, Reason::ModeAll)
+    } else if wl_mode == mode::MATCHED {
         // Rule 3: a port-specific entry, then the port-less ones. Two exact-port tries would
         // not do: the longest prefix at one port must not hide a shorter prefix at "any port".
         if dst.rule_hit(maps, rs, port_be) || dst.rule_hit(maps, rs, 0) {
-            observe(
-                maps,
-                &cfg,
-                caller,
-                &dst,
-                port_be,
-                transport,
-                Reason::AddressMatch,
-                workload,
-            );
-            return decided(maps, Verdict::Allow, Reason::AddressMatch);
-        }
-        match transport {
-            // Domain matches never cover UDP (QUIC clients fall back to TCP).
-            Transport::Udp => Reason::UdpNotCovered,
-            // No port, no name: nothing for the proxy to judge.
-            Transport::Raw(..) => Reason::NoMatch,
-            // Rule 4: a Domain match could apply at this port → the proxy decides on SNI/Host.
-            Transport::Tcp if has_domain_port(maps, rs, u32::from(u16::from_be(port_be))) => {
-                if cfg.flags & flags::PROXY != 0 {
-                    return decided(
-                        maps,
-                        Verdict::Redirect { workload },
-                        Reason::DomainCandidates,
-                    );
+            (true, Reason::AddressMatch)
+        } else {
+            let reason = match transport {
+                // Domain matches never cover UDP (QUIC clients fall back to TCP).
+                Transport::Udp => Reason::UdpNotCovered,
+                // No port, no name: nothing for the proxy to judge.
+                Transport::Raw(..) => Reason::NoMatch,
+                // Rule 4: a Domain match could apply at this port → the proxy decides on
+                // SNI/Host.
+                Transport::Tcp if has_domain_port(maps, rs, u32::from(u16::from_be(port_be))) => {
+                    if cfg.flags & flags::PROXY != 0 {
+                        return decided(
+                            maps,
+                            Verdict::Redirect { workload },
+                            Reason::DomainCandidates,
+                        );
+                    }
+                    Reason::NoProxy
                 }
-                Reason::NoProxy
-            }
-            Transport::Tcp => Reason::NoMatch,
+                Transport::Tcp => Reason::NoMatch,
+                Transport::Subflow
+                    if has_domain_port(maps, rs, u32::from(u16::from_be(port_be))) =>
+                {
+                    Reason::NoProxy
+                }
+                Transport::Subflow => Reason::NoMatch,
+            };
+            (false, reason)
         }
     } else {
         // Mode `None`, and (fail closed) any mode code that is not a mode, like the 0 of a
         // never-written entry.
-        Reason::ModeNone
+        (false, Reason::ModeNone)
     };
 
-    // Rule 5. One path for both outcomes: the audit flag only moves the counter to the
-    // reason's audit slot (arithmetic, not a branch) and picks the verdict at the end, so the
-    // event code is not duplicated per outcome.
+    // Rules 2 and 3 allow; rule 5 denies. One tail for both, so the one event is built in one
+    // place (a program inlines this function several times; one event each keeps the stack
+    // inside the BPF limit): a denial is always reported, an allowed egress decision only while
+    // someone watches ([`flags::MONITOR`]: one bit of the configuration already read, nothing
+    // else, when nobody does). The audit flag only moves a denial's counter to the reason's
+    // audit slot (arithmetic, not a branch) and picks the verdict at the end.
+    let audit = !allow && cfg.flags & flags::AUDIT != 0;
+    maps.count(counter::decided(reason) + u32::from(audit) * counter::AUDIT_OFFSET);
+    if !allow || cfg.flags & flags::MONITOR != 0 {
+        let ev = event(caller, &dst, port_be, transport, reason, workload, audit);
+        if allow {
+            maps.observe(ev, flags::monitor_shift(cfg.flags));
+        } else {
+            maps.report(ev);
+        }
+    }
+    Decision {
+        verdict: if allow || audit {
+            Verdict::Allow
+        } else {
+            Verdict::Deny
+        },
+        reason,
+    }
+}
+
+/// Rule 5 for `reason`. One path for both outcomes: the audit flag only moves the counter to
+/// the reason's audit slot (arithmetic, not a branch) and picks the verdict at the end, so the
+/// event code is not duplicated per outcome.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn deny<M: Maps, C: Caller, D: Dest>(
+    maps: &M,
+    cfg: &GlobalConfig,
+    caller: C,
+    dst: &D,
+    port_be: u16,
+    transport: Transport,
+    reason: Reason,
+    workload: u64,
+) -> Decision {
     let audit = cfg.flags & flags::AUDIT != 0;
     maps.count(counter::decided(reason) + u32::from(audit) * counter::AUDIT_OFFSET);
     report_denial(
-        maps, caller, &dst, port_be, transport, reason, workload, audit,
+        maps, caller, dst, port_be, transport, reason, workload, audit,
     );
     Decision {
         verdict: if audit { Verdict::Allow } else { Verdict::Deny },
         reason,
     }
+}
+
+/// A source route (an IPv6 routing header, an IPv4 LSRR/SSRR option) for `caller`: being set
+/// on a socket (`dst` = the route's first hop, or unspecified) or carried by a packet (`dst` =
+/// the packet's destination on the wire). `protocol`/`socket_type` are for the event.
+///
+/// Allowed only in mode `All` ([`Reason::ModeAll`]), else [`Reason::SourceRoute`]. A routed
+/// packet visits every address of its route, and each hop may forward it on: the address that
+/// connect()/sendmsg() judged is only the last one, and judging every hop would still let a hop
+/// that is a router (any allowed address can be one) forward it further. Loopback, internal
+/// ranges and the agent's mark do not apply: the node forwards a source-routed packet sent to
+/// one of its own addresses.
+#[inline(always)]
+pub fn decide_source_route<M: Maps, C: Caller, D: Dest>(
+    maps: &M,
+    caller: C,
+    dst: D,
+    protocol: u8,
+    socket_type: u8,
+) -> Decision {
+    let Some(cfg) = maps.config() else {
+        return Decision {
+            verdict: Verdict::Deny,
+            reason: Reason::SourceRoute,
+        };
+    };
+    let cfg: GlobalConfig = *cfg;
+    let generation = cfg.active_generation & 1;
+    let (wl_mode, workload) = match find_workload(maps, caller, generation) {
+        Some((w, id)) => (w.mode, id),
+        None => (
+            if generation == 0 {
+                cfg.unmatched_mode[0]
+            } else {
+                cfg.unmatched_mode[1]
+            },
+            0,
+        ),
+    };
+    if wl_mode == mode::ALL {
+        return decided(maps, Verdict::Allow, Reason::ModeAll);
+    }
+    deny(
+        maps,
+        &cfg,
+        caller,
+        &dst,
+        0,
+        Transport::Raw(protocol, socket_type),
+        Reason::SourceRoute,
+        workload,
+    )
+}
+
+/// A kernel worker connecting an MPTCP subflow of a connection whose owner was never recorded
+/// (`passthrough-ebpf/src/mptcp.rs`): nobody's policy can be applied, and the unmatched mode
+/// must not be, so it is denied ([`Reason::SubflowOwnerUnknown`]; `--audit` reports it).
+#[inline(always)]
+pub fn decide_unknown_owner<M: Maps, C: Caller, D: Dest>(
+    maps: &M,
+    caller: C,
+    dst: D,
+    port_be: u16,
+) -> Decision {
+    let Some(cfg) = maps.config() else {
+        return Decision {
+            verdict: Verdict::Deny,
+            reason: Reason::SubflowOwnerUnknown,
+        };
+    };
+    let cfg: GlobalConfig = *cfg;
+    deny(
+        maps,
+        &cfg,
+        caller,
+        &dst,
+        port_be,
+        Transport::Subflow,
+        Reason::SubflowOwnerUnknown,
+        0,
+    )
 }
 
 /// One event per denial for the agent's log.
@@ -399,30 +510,6 @@ fn report_denial<M: Maps, C: Caller, D: Dest>(
     maps.report(event(
         caller, dst, port_be, transport, reason, workload, audit,
     ));
-}
-
-/// An allowed egress decision, reported only while someone watches: one bit of the
-/// configuration already read, nothing else, when nobody does (see `passthrough-user`'s
-/// `monitor` module for what happens to the events).
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn observe<M: Maps, C: Caller, D: Dest>(
-    maps: &M,
-    cfg: &GlobalConfig,
-    caller: C,
-    dst: &D,
-    port_be: u16,
-    transport: Transport,
-    reason: Reason,
-    workload: u64,
-) {
-    if cfg.flags & flags::MONITOR == 0 {
-        return;
-    }
-    maps.observe(
-        event(caller, dst, port_be, transport, reason, workload, false),
-        flags::monitor_shift(cfg.flags),
-    );
 }
 
 /// The event of one decision (`ktime_ns` left for [`Maps`] to stamp).
@@ -445,7 +532,7 @@ fn event<C: Caller, D: Dest>(
         addr: dst.bytes16(),
         port: u16::from_be(port_be),
         protocol: match transport {
-            Transport::Tcp => 6,
+            Transport::Tcp | Transport::Subflow => 6,
             Transport::Udp => 17,
             Transport::Raw(p, _) => p,
         },
