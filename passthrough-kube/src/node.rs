@@ -419,3 +419,52 @@ pub fn qos_word(q: Qos) -> &'static str {
         Qos::BestEffort => "besteffort",
     }
 }
+
+/// One pod's answer for `explain`: whether it is governed, its Dataplane, the policies that
+/// select it in merge order and the merged configuration.
+#[derive(Debug, Clone)]
+pub struct PodExplain {
+    pub pod: String,
+    pub governance: Governance,
+    pub dataplane: Option<Dataplane>,
+    pub conf: MergedConf,
+    pub problems: Vec<PolicyProblem>,
+}
+
+/// Explains pod `namespace/name` of the snapshot; `None` when the snapshot has no such pod.
+pub fn explain_pod(snap: &Snapshot, key: &str, s: &Settings) -> Option<PodExplain> {
+    let pod = snap.pods.values().find(|p| kuma::pod_key(p) == key)?;
+    let policies = policies(snap, &s.kuma);
+    let ns_name = pod.metadata.namespace.clone().unwrap_or_default();
+    let ns = snap.namespaces.get(&ns_name).map(|n| &**n);
+    let governance = kuma::governed(pod, ns, &s.govern, &s.kuma);
+    let mode_conf = |m: Mode| MergedConf {
+        mode: m,
+        matches: Vec::new(),
+        policies: Vec::new(),
+    };
+    let (dataplane, conf) = match &governance {
+        Governance::Governed { mesh, .. } => {
+            let services: Vec<&k8s_openapi::api::core::v1::Service> =
+                snap.services.values().map(|s| &**s).collect();
+            let node_labels = snap
+                .node
+                .as_ref()
+                .and_then(|n| n.metadata.labels.clone())
+                .unwrap_or_default();
+            let dp = kuma::dataplane_for(pod, mesh, &services, &node_labels, &s.kuma);
+            let sel = selecting(&policies, &dp);
+            let conf = merge::merge_indices(&policies.policies, &sel, s.unselected);
+            (Some(dp), conf)
+        }
+        _ if s.govern.own_pod.as_deref() == Some(key) => (None, mode_conf(Mode::All)),
+        _ => (None, mode_conf(s.unselected)),
+    };
+    Some(PodExplain {
+        pod: key.to_string(),
+        governance,
+        dataplane,
+        conf,
+        problems: policies.problems,
+    })
+}

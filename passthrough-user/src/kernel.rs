@@ -578,6 +578,64 @@ impl Kernel {
         Ok(self.generation_counter)
     }
 
+    /// Adds, moves and removes workload entries **in the active generation**, without a
+    /// generation flip: `set` gives each new (or changed) cgroup id the rule set and mode that
+    /// cgroup `like` has in the active plan; `remove` deletes entries. Each entry is one map
+    /// update, atomic for the programs; the rule sets themselves are untouched, so this is only
+    /// for cgroups whose merged configuration some workload of the active plan already has
+    /// (Kubernetes mode: a pod cgroup that appears or goes). Returns `false`, changing nothing,
+    /// when there is no active plan or a `like` id is not in it.
+    pub fn update_active_workloads(
+        &mut self,
+        set: &[(u64, u64)],
+        remove: &[u64],
+    ) -> Result<bool, KernelError> {
+        let Some(g) = self.active else {
+            return Ok(false);
+        };
+        let inactive = self.written[(g ^ 1) as usize]
+            .as_ref()
+            .map_or(0, |p| p.workloads.len());
+        let Some(plan) = self.written[g as usize].as_mut() else {
+            return Ok(false);
+        };
+        let mut entries = Vec::with_capacity(set.len());
+        for (id, like) in set {
+            let Some(&(ruleset, mode)) = plan.workloads.get(like) else {
+                return Ok(false);
+            };
+            entries.push((*id, ruleset, mode));
+        }
+        if plan.workloads.len() + entries.len() + inactive > self.caps.workloads as usize {
+            return Err(KernelError::Capacity {
+                what: "WORKLOADS",
+                needed: plan.workloads.len() + entries.len() + inactive,
+                capacity: self.caps.workloads,
+            });
+        }
+        for (id, ruleset, mode) in entries {
+            let key = WorkloadKey {
+                generation: g,
+                _pad: 0,
+                cgroup_id: id,
+            };
+            self.workloads
+                .insert(key, WorkloadEntry { ruleset, mode }, 0)
+                .map_err(|e| KernelError::Map("WORKLOADS", e))?;
+            plan.workloads.insert(id, (ruleset, mode));
+        }
+        for id in remove {
+            let key = WorkloadKey {
+                generation: g,
+                _pad: 0,
+                cgroup_id: *id,
+            };
+            let _ = self.workloads.remove(&key);
+            plan.workloads.remove(id);
+        }
+        Ok(true)
+    }
+
     /// Removes the retired generation now (waiting out what is left of [`MIN_GRACE`] since the
     /// flip) instead of at the start of the next [`Kernel::apply`]. Returns how many rule
     /// entries were removed.

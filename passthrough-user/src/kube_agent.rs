@@ -143,7 +143,10 @@ fn settings(args: &RunArgs) -> anyhow::Result<(Settings, String)> {
     ))
 }
 
-fn proxy_policy(model: &Model, opts: &PlanOptions, unselected: Mode) -> ProxyPolicy {
+/// The proxy's view of `model`. A workload id the proxy does not know gets `unknown` — the
+/// pending mode: in Kubernetes mode every socket below the attachment has an entry (the QoS
+/// parents at least), so an unknown id is a pod the proxy has not been told about yet.
+fn proxy_policy(model: &Model, opts: &PlanOptions, unknown: Mode) -> ProxyPolicy {
     ProxyPolicy {
         workloads: model
             .entries
@@ -151,7 +154,7 @@ fn proxy_policy(model: &Model, opts: &PlanOptions, unselected: Mode) -> ProxyPol
             .map(|e| (e.id, model.confs[e.conf].clone()))
             .collect(),
         unmatched: policy::MergedConf {
-            mode: unselected,
+            mode: unknown,
             matches: Vec::new(),
             policies: Vec::new(),
         },
@@ -188,6 +191,41 @@ fn apply(
     );
     agent::retire_previous(kernel, metrics);
     Ok(generation)
+}
+
+/// The entries to add (each with an entry of the active model that has the same merged
+/// configuration, whose rule set it then shares) and to remove, when `next` differs from `cur`
+/// only by such entries; `None` when a full apply is needed (a configuration that no workload
+/// has yet, e.g. a policy change).
+fn incremental(cur: &Model, next: &Model) -> Option<(Vec<(u64, u64)>, Vec<u64>)> {
+    // Old entry id with each old configuration.
+    let mut like_of_conf: Vec<Option<u64>> = vec![None; cur.confs.len()];
+    for e in &cur.entries {
+        like_of_conf[e.conf].get_or_insert(e.id);
+    }
+    let old_conf_of_new: Vec<Option<usize>> = next
+        .confs
+        .iter()
+        .map(|c| cur.confs.iter().position(|o| o == c))
+        .collect();
+    let cur_by_id: std::collections::HashMap<u64, usize> =
+        cur.entries.iter().map(|e| (e.id, e.conf)).collect();
+    let mut set = Vec::new();
+    for e in &next.entries {
+        let old_conf = old_conf_of_new[e.conf]?;
+        if cur_by_id.get(&e.id) == Some(&old_conf) {
+            continue;
+        }
+        set.push((e.id, like_of_conf[old_conf]?));
+    }
+    let next_ids: BTreeSet<u64> = next.entries.iter().map(|e| e.id).collect();
+    let remove = cur
+        .entries
+        .iter()
+        .filter(|e| !next_ids.contains(&e.id))
+        .map(|e| e.id)
+        .collect();
+    Some((set, remove))
 }
 
 /// Logs problems not reported before (and forgets those that went away).
@@ -358,7 +396,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let proxy_state = Arc::new(ArcSwap::from_pointee(proxy_policy(
         &model,
         &opts,
-        args.unselected_mode,
+        args.kube.pending_mode,
     )));
     let shutdown = CancellationToken::new();
     let proxy_tasks = agent::start_proxy(
@@ -425,10 +463,32 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             model = next;
             continue;
         }
+        // A pod cgroup that appears or goes, with a configuration some workload already has:
+        // one map update in the active generation, no flip. The proxy learns first, so a
+        // connection the kernel redirects for the new pod finds its policy.
+        if !force && let Some((set, remove)) = incremental(&model, &next) {
+            proxy_state.store(Arc::new(proxy_policy(&next, &opts, args.kube.pending_mode)));
+            match kernel.update_active_workloads(&set, &remove) {
+                Ok(true) => {
+                    metrics.set_workload_names(next.names());
+                    debug!(
+                        added = set.len(),
+                        removed = remove.len(),
+                        us = t.elapsed().as_micros() as u64,
+                        "pod cgroups updated in the active generation"
+                    );
+                    write_status(&args.kube.status_file, &node_name, generation, &next);
+                    model = next;
+                    continue;
+                }
+                Ok(false) => {}
+                Err(e) => warn!(error = %e, "in-place update failed; applying a full plan"),
+            }
+        }
         match apply(&mut kernel, &next, &opts, &metrics) {
             Ok(g) => {
                 generation = g;
-                proxy_state.store(Arc::new(proxy_policy(&next, &opts, args.unselected_mode)));
+                proxy_state.store(Arc::new(proxy_policy(&next, &opts, args.kube.pending_mode)));
                 admin_state.generation.store(g, Ordering::Release);
                 info!(
                     generation,

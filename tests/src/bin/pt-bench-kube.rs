@@ -247,7 +247,11 @@ fn main() -> anyhow::Result<()> {
     .into_iter()
     .map(|k| (k, api.count(k)))
     .collect();
-    let other = api.requests().iter().filter(|r| r.kind.is_none()).count();
+    let other = api
+        .requests()
+        .iter()
+        .filter(|r| r.kind.is_none() || r.get)
+        .count();
     agent.stop()?;
     drop(cg);
 
