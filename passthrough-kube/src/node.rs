@@ -232,6 +232,10 @@ pub struct Model {
     pub confs: Vec<MergedConf>,
     /// Pods of the snapshot that are `Invalid` by Kuma's rules (`namespace/name: reason`).
     pub pod_problems: Vec<String>,
+    /// The snapshot version this was computed from.
+    pub snapshot_version: Option<u64>,
+    /// Per pod UID, what was computed (reused while the snapshot is the same).
+    pub pods: HashMap<String, PodResult>,
 }
 
 impl Model {
@@ -254,7 +258,7 @@ impl Model {
     }
 }
 
-#[derive(Hash, PartialEq, Eq)]
+#[derive(Debug, Clone, Hash, PartialEq, Eq)]
 enum ConfKey {
     Selected(Vec<usize>),
     Mode(Mode),
@@ -262,23 +266,102 @@ enum ConfKey {
 
 /// Computes the model.
 pub fn build(snap: &Snapshot, cgroups: &Cgroups, s: &Settings) -> Model {
-    let policies = policies(snap, &s.kuma);
+    build_from(snap, cgroups, s, None)
+}
+
+/// What one known pod is, before configurations are numbered.
+#[derive(Debug, Clone)]
+pub struct PodResult {
+    name: String,
+    state: PodState,
+    key: ConfKey,
+    dataplane: Option<Dataplane>,
+    problem: Option<String>,
+}
+
+fn pod_result(
+    pod: &k8s_openapi::api::core::v1::Pod,
+    snap: &Snapshot,
+    services: &HashMap<String, Vec<&k8s_openapi::api::core::v1::Service>>,
+    node_labels: &BTreeMap<String, String>,
+    policies: &Policies,
+    s: &Settings,
+) -> PodResult {
+    let key = kuma::pod_key(pod);
+    let ns_name = pod.metadata.namespace.clone().unwrap_or_default();
+    let ns = snap.namespaces.get(&ns_name).map(|n| &**n);
+    let mut problem = None;
+    let (state, conf_key, dataplane) = match kuma::governed(pod, ns, &s.govern, &s.kuma) {
+        Governance::NotGoverned(_) if s.govern.own_pod.as_deref() == Some(key.as_str()) => {
+            (PodState::Own, ConfKey::Mode(Mode::All), None)
+        }
+        Governance::NotGoverned(why) => (
+            PodState::NotGoverned(why.to_string()),
+            ConfKey::Mode(s.unselected),
+            None,
+        ),
+        Governance::Invalid(reason) => {
+            problem = Some(format!("{key}: {reason}"));
+            (
+                PodState::NotGoverned(reason),
+                ConfKey::Mode(s.unselected),
+                None,
+            )
+        }
+        Governance::Governed { mesh, why } => {
+            let no_services = Vec::new();
+            let svcs = services.get(&ns_name).unwrap_or(&no_services);
+            let dp = kuma::dataplane_for(pod, &mesh, svcs, node_labels, &s.kuma);
+            let sel = selecting(policies, &dp);
+            let names = sel
+                .iter()
+                .map(|i| policies.policies[*i].name.clone())
+                .collect();
+            (
+                PodState::Governed {
+                    mesh,
+                    why,
+                    policies: names,
+                },
+                ConfKey::Selected(sel),
+                Some(dp),
+            )
+        }
+    };
+    PodResult {
+        name: key,
+        state,
+        key: conf_key,
+        dataplane,
+        problem,
+    }
+}
+
+/// Computes the model, reusing what `prev` computed per pod when the cluster snapshot is the
+/// same one (only cgroups changed): a pod cgroup that appears costs one pod's computation,
+/// not the node's.
+pub fn build_from(snap: &Snapshot, cgroups: &Cgroups, s: &Settings, prev: Option<&Model>) -> Model {
+    let reuse = prev.filter(|p| p.snapshot_version == Some(snap.version));
+    let policies = match reuse {
+        Some(p) => p.policies.clone(),
+        None => policies(snap, &s.kuma),
+    };
     let mut confs: Vec<MergedConf> = Vec::new();
     let mut index: HashMap<ConfKey, usize> = HashMap::new();
-    let mut conf_of = |key: ConfKey, policies: &Policies| -> usize {
-        *index.entry(key).or_insert_with_key(|k| {
-            confs.push(match k {
-                ConfKey::Selected(sel) => {
-                    merge::merge_indices(&policies.policies, sel, s.unselected)
-                }
-                ConfKey::Mode(m) => MergedConf {
-                    mode: *m,
-                    matches: Vec::new(),
-                    policies: Vec::new(),
-                },
-            });
-            confs.len() - 1
-        })
+    let mut conf_of = |key: &ConfKey| -> usize {
+        if let Some(i) = index.get(key) {
+            return *i;
+        }
+        confs.push(match key {
+            ConfKey::Selected(sel) => merge::merge_indices(&policies.policies, sel, s.unselected),
+            ConfKey::Mode(m) => MergedConf {
+                mode: *m,
+                matches: Vec::new(),
+                policies: Vec::new(),
+            },
+        });
+        index.insert(key.clone(), confs.len() - 1);
+        confs.len() - 1
     };
     // Pods by UID, mirror pods also by the static pod's UID (the cgroup's).
     let mut by_uid: HashMap<&str, &k8s_openapi::api::core::v1::Pod> = HashMap::new();
@@ -300,13 +383,14 @@ pub fn build(snap: &Snapshot, cgroups: &Cgroups, s: &Settings) -> Model {
         .as_ref()
         .and_then(|n| n.metadata.labels.clone())
         .unwrap_or_default();
-    let services = kuma::services_by_namespace(snap.services.values().map(|s| &**s));
-    let no_services = Vec::new();
+    let mut services = None;
 
     let mut entries = Vec::new();
     let mut pod_problems = Vec::new();
+    let mut results: HashMap<String, PodResult> = HashMap::new();
+    let pending = ConfKey::Mode(s.pending);
     for (path, id) in &cgroups.qos {
-        let conf = conf_of(ConfKey::Mode(s.pending), &policies);
+        let conf = conf_of(&pending);
         entries.push(Entry {
             id: *id,
             cgroup: path.clone(),
@@ -322,7 +406,7 @@ pub fn build(snap: &Snapshot, cgroups: &Cgroups, s: &Settings) -> Model {
     }
     for cg in cgroups.pods.values() {
         let Some(pod) = by_uid.get(cg.uid.as_str()) else {
-            let conf = conf_of(ConfKey::Mode(s.pending), &policies);
+            let conf = conf_of(&pending);
             entries.push(Entry {
                 id: cg.id,
                 cgroup: cg.path.clone(),
@@ -334,66 +418,37 @@ pub fn build(snap: &Snapshot, cgroups: &Cgroups, s: &Settings) -> Model {
             });
             continue;
         };
-        let key = kuma::pod_key(pod);
-        let ns_name = pod.metadata.namespace.clone().unwrap_or_default();
-        let ns = snap.namespaces.get(&ns_name).map(|n| &**n);
-        let (state, conf, dataplane) = match kuma::governed(pod, ns, &s.govern, &s.kuma) {
-            Governance::NotGoverned(why) if s.govern.own_pod.as_deref() == Some(key.as_str()) => {
-                let _ = why;
-                (
-                    PodState::Own,
-                    conf_of(ConfKey::Mode(Mode::All), &policies),
-                    None,
-                )
-            }
-            Governance::NotGoverned(why) => (
-                PodState::NotGoverned(why.to_string()),
-                conf_of(ConfKey::Mode(s.unselected), &policies),
-                None,
-            ),
-            Governance::Invalid(reason) => {
-                pod_problems.push(format!("{key}: {reason}"));
-                (
-                    PodState::NotGoverned(reason),
-                    conf_of(ConfKey::Mode(s.unselected), &policies),
-                    None,
-                )
-            }
-            Governance::Governed { mesh, why } => {
-                let svcs = services.get(&ns_name).unwrap_or(&no_services);
-                let dp = kuma::dataplane_for(pod, &mesh, svcs, &node_labels, &s.kuma);
-                let sel = selecting(&policies, &dp);
-                let names = sel
-                    .iter()
-                    .map(|i| policies.policies[*i].name.clone())
-                    .collect();
-                let conf = conf_of(ConfKey::Selected(sel), &policies);
-                (
-                    PodState::Governed {
-                        mesh,
-                        why,
-                        policies: names,
-                    },
-                    conf,
-                    Some(dp),
-                )
+        let r = match reuse.and_then(|p| p.pods.get(&cg.uid)) {
+            Some(r) => r.clone(),
+            None => {
+                let services = services.get_or_insert_with(|| {
+                    kuma::services_by_namespace(snap.services.values().map(|s| &**s))
+                });
+                pod_result(pod, snap, services, &node_labels, &policies, s)
             }
         };
+        if let Some(p) = &r.problem {
+            pod_problems.push(p.clone());
+        }
+        let conf = conf_of(&r.key);
         entries.push(Entry {
             id: cg.id,
             cgroup: cg.path.clone(),
-            name: key,
+            name: r.name.clone(),
             uid: cg.uid.clone(),
-            state,
+            state: r.state.clone(),
             conf,
-            dataplane,
+            dataplane: r.dataplane.clone(),
         });
+        results.insert(cg.uid.clone(), r);
     }
     Model {
         policies,
         entries,
         confs,
         pod_problems,
+        snapshot_version: Some(snap.version),
+        pods: results,
     }
 }
 

@@ -457,19 +457,20 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         let t = Instant::now();
         let snap = snapshots.borrow_and_update().clone();
-        let next = node::build(&snap, &cgroups, &settings);
+        let next = node::build_from(&snap, &cgroups, &settings, Some(&model));
         report(&next, &mut seen_problems);
         if !force && next.same_plan(&model) {
             model = next;
             continue;
         }
         // A pod cgroup that appears or goes, with a configuration some workload already has:
-        // one map update in the active generation, no flip. The proxy learns first, so a
-        // connection the kernel redirects for the new pod finds its policy.
+        // one map update in the active generation, no flip. The proxy learns right after; a
+        // connection redirected for the new pod in between gets the proxy's unknown-id mode,
+        // the pending mode (fail closed).
         if !force && let Some((set, remove)) = incremental(&model, &next) {
-            proxy_state.store(Arc::new(proxy_policy(&next, &opts, args.kube.pending_mode)));
             match kernel.update_active_workloads(&set, &remove) {
                 Ok(true) => {
+                    proxy_state.store(Arc::new(proxy_policy(&next, &opts, args.kube.pending_mode)));
                     metrics.set_workload_names(next.names());
                     debug!(
                         added = set.len(),
