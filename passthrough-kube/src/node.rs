@@ -220,7 +220,7 @@ pub struct Entry {
     pub conf: usize,
     /// The Dataplane, for governed pods.
     #[serde(skip)]
-    pub dataplane: Option<Dataplane>,
+    pub dataplane: Option<std::sync::Arc<Dataplane>>,
 }
 
 /// Everything one apply needs.
@@ -275,7 +275,7 @@ pub struct PodResult {
     name: String,
     state: PodState,
     key: ConfKey,
-    dataplane: Option<Dataplane>,
+    dataplane: Option<std::sync::Arc<Dataplane>>,
     problem: Option<String>,
 }
 
@@ -324,7 +324,7 @@ fn pod_result(
                     policies: names,
                 },
                 ConfKey::Selected(sel),
-                Some(dp),
+                Some(std::sync::Arc::new(dp)),
             )
         }
     };
@@ -522,4 +522,130 @@ pub fn explain_pod(snap: &Snapshot, key: &str, s: &Settings) -> Option<PodExplai
         conf,
         problems: policies.problems,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::cgroups::Qos;
+    use serde_json::json;
+
+    fn snapshot() -> Snapshot {
+        let mut s = Snapshot::default();
+        for (ns, inject) in [("kuma-system", false), ("shop", true)] {
+            let n: k8s_openapi::api::core::v1::Namespace = serde_json::from_value(json!({
+                "metadata": {"name": ns, "labels": if inject { json!({"kuma.io/sidecar-injection": "true"}) } else { json!({}) }}
+            }))
+            .unwrap();
+            s.namespaces.insert(ns.into(), Arc::new(n));
+        }
+        for i in 0..4 {
+            let p: k8s_openapi::api::core::v1::Pod = serde_json::from_value(json!({
+                "metadata": {"name": format!("p{i}"), "namespace": "shop", "uid": format!("u{i}"), "labels": {"app": if i % 2 == 0 { "a" } else { "b" }}},
+                "spec": {"containers": []}
+            }))
+            .unwrap();
+            s.pods.insert(format!("u{i}"), Arc::new(p));
+        }
+        let pol =
+            |name: &str, ns: &str, spec: serde_json::Value| -> Arc<kube::api::DynamicObject> {
+                Arc::new(
+                    serde_json::from_value(
+                        json!({"apiVersion": "kuma.io/v1alpha1", "kind": "MeshPassthrough",
+                    "metadata": {"name": name, "namespace": ns}, "spec": spec}),
+                    )
+                    .unwrap(),
+                )
+            };
+        s.policies.insert(
+            "kuma-system/base".into(),
+            pol("base", "kuma-system", json!({"default": {"passthroughMode": "Matched", "appendMatch": [{"type": "IP", "value": "192.0.2.1"}]}})),
+        );
+        s.policies.insert(
+            "shop/a".into(),
+            pol("a", "shop", json!({"targetRef": {"kind": "Dataplane", "labels": {"app": "a"}}, "default": {"appendMatch": [{"type": "IP", "value": "192.0.2.2"}]}})),
+        );
+        s.policies.insert(
+            "kuma-system/broken".into(),
+            pol(
+                "broken",
+                "kuma-system",
+                json!({"default": {"passthroughMode": "Sometimes"}}),
+            ),
+        );
+        s.version = 7;
+        s
+    }
+
+    fn settings() -> Settings {
+        Settings {
+            kuma: KumaConfig::default(),
+            govern: GovernRules {
+                kuma_rules: true,
+                ..Default::default()
+            },
+            unselected: Mode::All,
+            pending: Mode::None,
+        }
+    }
+
+    fn cg(uid: &str, id: u64) -> PodCgroup {
+        PodCgroup {
+            uid: uid.into(),
+            qos: Qos::BestEffort,
+            path: PathBuf::from(format!("/kp/{uid}")),
+            id,
+        }
+    }
+
+    #[test]
+    fn reuse_gives_the_same_model_and_pending_then_known() {
+        let snap = snapshot();
+        let s = settings();
+        let mut cgroups = Cgroups::default();
+        cgroups.qos.insert(PathBuf::from("/kp"), 1);
+        for i in 0..3 {
+            cgroups.pods.insert(
+                PathBuf::from(format!("/kp/u{i}")),
+                cg(&format!("u{i}"), 10 + i),
+            );
+        }
+        let first = build(&snap, &cgroups, &s);
+        assert_eq!(
+            first.policies.problems.len(),
+            1,
+            "{:?}",
+            first.policies.problems
+        );
+        assert_eq!(first.policies.problems[0].policy, "kuma-system/broken");
+        // A pod cgroup appears: reusing the previous model gives what a full build gives.
+        cgroups.pods.insert(PathBuf::from("/kp/u3"), cg("u3", 13));
+        cgroups.pods.insert(PathBuf::from("/kp/zz"), cg("zz", 14));
+        let reused = build_from(&snap, &cgroups, &s, Some(&first));
+        let full = build(&snap, &cgroups, &s);
+        assert_eq!(reused.of(), full.of());
+        assert_eq!(reused.confs, full.confs);
+        assert_eq!(reused.entries, full.entries);
+        let by_name = |m: &Model, n: &str| m.entries.iter().find(|e| e.name == n).unwrap().clone();
+        let a = by_name(&full, "shop/p0");
+        let b = by_name(&full, "shop/p1");
+        assert_eq!(full.confs[a.conf].policies, ["kuma-system/base", "shop/a"]);
+        assert_eq!(full.confs[b.conf].policies, ["kuma-system/base"]);
+        assert_eq!(
+            full.confs[by_name(&full, "pending:zz").conf].mode,
+            Mode::None
+        );
+        assert_eq!(full.confs[by_name(&full, "kp").conf].mode, Mode::None);
+        // A changed snapshot is not reused.
+        let mut snap2 = snap.clone();
+        snap2.policies.remove("shop/a");
+        snap2.version += 1;
+        let after = build_from(&snap2, &cgroups, &s, Some(&reused));
+        assert_eq!(
+            after.confs[by_name(&after, "shop/p0").conf].policies,
+            ["kuma-system/base"]
+        );
+    }
 }

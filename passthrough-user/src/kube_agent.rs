@@ -147,11 +147,12 @@ fn settings(args: &RunArgs) -> anyhow::Result<(Settings, String)> {
 /// pending mode: in Kubernetes mode every socket below the attachment has an entry (the QoS
 /// parents at least), so an unknown id is a pod the proxy has not been told about yet.
 fn proxy_policy(model: &Model, opts: &PlanOptions, unknown: Mode) -> ProxyPolicy {
+    let shared: Vec<Arc<policy::MergedConf>> = model.confs.iter().cloned().map(Arc::new).collect();
     ProxyPolicy {
         workloads: model
             .entries
             .iter()
-            .map(|e| (e.id, model.confs[e.conf].clone()))
+            .map(|e| (e.id, shared[e.conf].clone()))
             .collect(),
         unmatched: policy::MergedConf {
             mode: unknown,
@@ -424,9 +425,21 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     admin_state.ready.store(true, Ordering::Release);
     *admin_state.degraded.write().unwrap() = None;
 
+    // The status file is rewritten at most twice a second (it lists every pod; writing it on
+    // every cgroup event would delay the next event).
+    let mut status_tick = tokio::time::interval(Duration::from_millis(500));
+    status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut status_dirty = false;
     loop {
         let mut force = false;
         tokio::select! {
+            _ = status_tick.tick() => {
+                if status_dirty {
+                    write_status(&args.kube.status_file, &node_name, generation, &model);
+                    status_dirty = false;
+                }
+                continue;
+            }
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = hup.recv() => force = true,
@@ -478,7 +491,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                         us = t.elapsed().as_micros() as u64,
                         "pod cgroups updated in the active generation"
                     );
-                    write_status(&args.kube.status_file, &node_name, generation, &next);
+                    status_dirty = true;
                     model = next;
                     continue;
                 }
@@ -498,7 +511,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                     us = t.elapsed().as_micros() as u64,
                     "policy applied"
                 );
-                write_status(&args.kube.status_file, &node_name, generation, &next);
+                status_dirty = true;
                 model = next;
             }
             Err(e) => {
