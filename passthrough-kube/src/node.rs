@@ -236,6 +236,8 @@ pub struct Model {
     pub snapshot_version: Option<u64>,
     /// Per pod UID, what was computed (reused while the snapshot is the same).
     pub pods: HashMap<String, PodResult>,
+    /// What each of `confs` was computed from.
+    conf_keys: Vec<ConfKey>,
 }
 
 impl Model {
@@ -347,11 +349,13 @@ pub fn build_from(snap: &Snapshot, cgroups: &Cgroups, s: &Settings, prev: Option
         None => policies(snap, &s.kuma),
     };
     let mut confs: Vec<MergedConf> = Vec::new();
+    let mut conf_keys: Vec<ConfKey> = Vec::new();
     let mut index: HashMap<ConfKey, usize> = HashMap::new();
     let mut conf_of = |key: &ConfKey| -> usize {
         if let Some(i) = index.get(key) {
             return *i;
         }
+        conf_keys.push(key.clone());
         confs.push(match key {
             ConfKey::Selected(sel) => merge::merge_indices(&policies.policies, sel, s.unselected),
             ConfKey::Mode(m) => MergedConf {
@@ -449,7 +453,44 @@ pub fn build_from(snap: &Snapshot, cgroups: &Cgroups, s: &Settings, prev: Option
         pod_problems,
         snapshot_version: Some(snap.version),
         pods: results,
+        conf_keys,
     }
+}
+
+/// For a pod cgroup that just appeared: the id of a cgroup of `model` that has exactly the
+/// configuration this one gets, so the caller can enforce it at once (one map update) before
+/// the whole model is recomputed. `None` when `model` was not computed from `snap`, or the
+/// cgroup's configuration is one no workload has yet (the full recomputation handles it).
+pub fn like_for(model: &Model, snap: &Snapshot, cg: &PodCgroup, s: &Settings) -> Option<u64> {
+    if model.snapshot_version != Some(snap.version) {
+        return None;
+    }
+    let pod = snap.pods.get(&cg.uid).or_else(|| {
+        snap.pods.values().find(|p| {
+            p.metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get("kubernetes.io/config.mirror"))
+                == Some(&cg.uid)
+        })
+    });
+    let key = match pod {
+        None => ConfKey::Mode(s.pending),
+        Some(pod) => match model.pods.get(&cg.uid) {
+            Some(r) => r.key.clone(),
+            None => {
+                let services = kuma::services_by_namespace(snap.services.values().map(|s| &**s));
+                let node_labels = snap
+                    .node
+                    .as_ref()
+                    .and_then(|n| n.metadata.labels.clone())
+                    .unwrap_or_default();
+                pod_result(pod, snap, &services, &node_labels, &model.policies, s).key
+            }
+        },
+    };
+    let conf = model.conf_keys.iter().position(|k| *k == key)?;
+    model.entries.iter().find(|e| e.conf == conf).map(|e| e.id)
 }
 
 /// Indices of the policies selecting `dp`, in merge order (least → most specific).

@@ -452,6 +452,23 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 match r {
                     Ok(evs) => {
                         log_cgroup_events(&evs);
+                        // Enforce new pod cgroups at once when their configuration is one the
+                        // active plan has (one map update each); the model follows below.
+                        let snap = snapshots.borrow().clone();
+                        let early: Vec<(u64, u64)> = evs
+                            .iter()
+                            .filter_map(|e| match e {
+                                CgroupEvent::Appeared(p) => {
+                                    node::like_for(&model, &snap, p, &settings).map(|like| (p.id, like))
+                                }
+                                _ => None,
+                            })
+                            .collect();
+                        if !early.is_empty()
+                            && let Err(e) = kernel.update_active_workloads(&early, &[])
+                        {
+                            warn!(error = %e, "early pod cgroup update failed");
+                        }
                         cgroups.apply(&evs);
                     }
                     Err(e) => error!(error = %e, "watching the kubepods cgroups failed"),
