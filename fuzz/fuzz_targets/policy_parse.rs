@@ -1,4 +1,4 @@
-//! The policy loader (`policy::load_policy_bytes`: YAML fast path, serde_yaml, JSON, validation)
+//! The policy loader (`policy::load_policy_bytes`: YAML, JSON, validation)
 //! on arbitrary bytes: never panics, and an accepted policy set merges and compiles without
 //! panicking either.
 #![no_main]

@@ -1,9 +1,11 @@
-//! The decision core (SPEC §3): pure, no IO, no clock. Given a workload's merged configuration
-//! and one connection it says what happens and which match (or which rule) decided it.
+//! The decision core (README "Decisions", docs/kuma.md): pure, no IO, no clock. Given a
+//! workload's merged configuration and one connection it says what happens and which match (or
+//! which rule) decided it.
 //!
 //! Kernel rules, in order:
 //! 1. loopback (`127.0.0.0/8`, `::1`, their IPv4-mapped forms) and `--internal-cidr` ranges →
-//!    allow; for UDP also the configured DNS resolvers (exact address and port);
+//!    allow; for UDP also the configured DNS resolvers (exact address and port, see
+//!    [`Resolver`]);
 //! 2. mode `All` → allow, `None` → deny;
 //! 3. `Matched`: the first `IP`/`CIDR` match (any protocol) covering the address with a fitting
 //!    port → allow in the kernel;
@@ -14,20 +16,35 @@
 //! IPv4-mapped IPv6 destinations are judged as IPv4 (so IPv6 CIDRs never cover them).
 //!
 //! At the proxy (when the connection carries an SNI/Host), a `Domain` match allows when its
-//! port fits, its protocol fits the traffic (TLS → `tls`; HTTP/1.x → `http`; h2c → `http2` or
-//! `grpc`) and its name matches: case-insensitive, one trailing dot ignored, `example.com` only
-//! itself, `*.example.com` any name below it at any depth (not the apex), `*` every name. A
-//! pattern with several leading `*.` labels (`*.*.example.com`, which Kuma's validator accepts)
-//! needs at least that many labels in front. A missing SNI, an IP literal or a malformed name is
-//! denied. Any allowing match allows (no Envoy-style pruning).
+//! port fits, its protocol fits the traffic and its name matches, as the listener Kuma 2.14
+//! generates for the policy decides:
+//! - protocol: TLS → `tls`; plaintext HTTP, HTTP/1.x or h2c alike → `http`, `http2` or `grpc`
+//!   (Kuma serves every L7 match with one HTTP connection manager whose codec is `AUTO`, on a
+//!   filter chain matching the application protocols `http/1.1` and `h2c`:
+//!   `pkg/plugins/policies/meshpassthrough/plugin/xds/listeners_filter_chain.go`,
+//!   `pkg/xds/envoy/listeners/v3/http_connection_manager_configurer.go`);
+//! - a port in the Host / `:authority` must be the dialled port, written as Envoy compares it
+//!   (`name:443`, no leading zeros); another port, or an empty one, matches no named Domain
+//!   match (Kuma's virtual hosts list `d` and `d:port` only, everything else gets the `503`
+//!   `no_match` host). The `*` match is Envoy's catch-all virtual host and takes any Host;
+//! - names: case-insensitive; a trailing dot is part of the name (`example.com.` is not
+//!   `example.com`: Envoy compares virtual-host domains and TLS server names as written);
+//!   `example.com` only itself, `*.example.com` any name below it at any depth (not the apex),
+//!   `*` every name. A pattern with several leading `*.` labels (`*.*.example.com`, which
+//!   Kuma's validator accepts) needs at least that many labels in front.
+//!
+//! A missing SNI, an IP literal or a malformed name is denied. Any allowing match allows (no
+//! Envoy-style pruning).
 
 use std::net::{IpAddr, SocketAddr};
 
 use ipnet::IpNet;
+pub use passthrough_common::Reason;
 
 use super::{
     ip,
     model::{Match, MatchKind, MergedConf, Mode, Protocol},
+    resolver::Resolver,
 };
 
 /// What the proxy saw in the first bytes of a redirected connection.
@@ -35,9 +52,10 @@ use super::{
 pub enum L7 {
     /// A TLS ClientHello; `None` when it carried no SNI.
     Tls(Option<String>),
-    /// Plaintext HTTP/1.x with this `Host` (a `:port` suffix is ignored).
+    /// Plaintext HTTP/1.x with this `Host` (a `:port` suffix must be the dialled port).
     Http1(String),
-    /// HTTP/2 with prior knowledge (h2c) with this `:authority` (a `:port` suffix is ignored).
+    /// HTTP/2 with prior knowledge (h2c) with this `:authority` (a `:port` suffix must be the
+    /// dialled port).
     H2c(String),
 }
 
@@ -57,8 +75,8 @@ pub struct Connection {
 pub struct DecideOptions {
     /// `--internal-cidr` ranges (pod and service CIDRs), always allowed.
     pub internal: Vec<IpNet>,
-    /// The configured DNS resolvers (`ip:port`, usually port 53); UDP to them is allowed.
-    pub resolvers: Vec<SocketAddr>,
+    /// The configured DNS resolvers; UDP to exactly their address and port is allowed.
+    pub resolvers: Vec<Resolver>,
 }
 
 /// The outcome.
@@ -101,10 +119,11 @@ impl Verdict {
     }
 }
 
-/// Why.
+/// Why, with the particulars `explain` prints (the range, the name). Its [`Reason`] — the one
+/// vocabulary the kernel counters, metrics and events use too — is [`ReasonDetail::reason`].
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 #[serde(tag = "rule", rename_all = "snake_case")]
-pub enum Reason {
+pub enum ReasonDetail {
     /// Loopback destination (not egress).
     Loopback,
     /// Inside an `--internal-cidr` range.
@@ -155,55 +174,67 @@ fn ser_display<S: serde::Serializer>(v: &IpNet, s: S) -> Result<S::Ok, S::Error>
     s.collect_str(v)
 }
 
-impl Reason {
-    /// A stable snake_case code for the rule (`loopback`, `address_match`, `no_match`, …).
-    pub fn code(&self) -> &'static str {
+impl ReasonDetail {
+    /// The reason without its particulars.
+    pub fn reason(&self) -> Reason {
         match self {
-            Reason::Loopback => "loopback",
-            Reason::Internal { .. } => "internal",
-            Reason::Resolver => "resolver",
-            Reason::ModeAll => "mode_all",
-            Reason::ModeNone => "mode_none",
-            Reason::AddressMatch => "address_match",
-            Reason::UdpNotCovered => "udp_not_covered",
-            Reason::DomainCandidates { .. } => "domain_candidates",
-            Reason::NoMatch => "no_match",
-            Reason::DomainMatch => "domain_match",
-            Reason::NoDomainMatch { .. } => "no_domain_match",
-            Reason::NoSni => "no_sni",
-            Reason::IpLiteral { .. } => "ip_literal",
-            Reason::BadName { .. } => "bad_name",
+            ReasonDetail::Loopback => Reason::Loopback,
+            ReasonDetail::Internal { .. } => Reason::Internal,
+            ReasonDetail::Resolver => Reason::Resolver,
+            ReasonDetail::ModeAll => Reason::ModeAll,
+            ReasonDetail::ModeNone => Reason::ModeNone,
+            ReasonDetail::AddressMatch => Reason::AddressMatch,
+            ReasonDetail::UdpNotCovered => Reason::UdpNotCovered,
+            ReasonDetail::DomainCandidates { .. } => Reason::DomainCandidates,
+            ReasonDetail::NoMatch => Reason::NoMatch,
+            ReasonDetail::DomainMatch => Reason::DomainMatch,
+            ReasonDetail::NoDomainMatch { .. } => Reason::NoDomainMatch,
+            ReasonDetail::NoSni => Reason::NoSni,
+            ReasonDetail::IpLiteral { .. } => Reason::IpLiteral,
+            ReasonDetail::BadName { .. } => Reason::BadName,
         }
+    }
+
+    /// The stable snake_case code of [`ReasonDetail::reason`] (`loopback`, `address_match`,
+    /// `no_match`, …).
+    pub fn code(&self) -> &'static str {
+        self.reason().code()
     }
 }
 
-impl std::fmt::Display for Reason {
+impl std::fmt::Display for ReasonDetail {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Reason::Loopback => f.write_str("loopback destination (not egress)"),
-            Reason::Internal { cidr } => write!(f, "internal range {cidr} (not egress)"),
-            Reason::Resolver => f.write_str("UDP to a configured DNS resolver"),
-            Reason::ModeAll => f.write_str("passthroughMode All"),
-            Reason::ModeNone => f.write_str("passthroughMode None"),
-            Reason::AddressMatch => f.write_str("an IP/CIDR match covers the address and port"),
-            Reason::UdpNotCovered => f.write_str(
+            ReasonDetail::Loopback => f.write_str("loopback destination (not egress)"),
+            ReasonDetail::Internal { cidr } => write!(f, "internal range {cidr} (not egress)"),
+            ReasonDetail::Resolver => f.write_str("UDP to a configured DNS resolver"),
+            ReasonDetail::ModeAll => f.write_str("passthroughMode All"),
+            ReasonDetail::ModeNone => f.write_str("passthroughMode None"),
+            ReasonDetail::AddressMatch => {
+                f.write_str("an IP/CIDR match covers the address and port")
+            }
+            ReasonDetail::UdpNotCovered => f.write_str(
                 "UDP: no IP/CIDR match covers the address and port; Domain matches never cover UDP",
             ),
-            Reason::DomainCandidates { count } => write!(
+            ReasonDetail::DomainCandidates { count } => write!(
                 f,
                 "{count} Domain match(es) could apply on this port; the proxy decides on the SNI/Host"
             ),
-            Reason::NoMatch => f.write_str("no MeshPassthrough match allows this address and port"),
-            Reason::DomainMatch => f.write_str("a Domain match allows the name"),
-            Reason::NoDomainMatch { name } => {
+            ReasonDetail::NoMatch => {
+                f.write_str("no MeshPassthrough match allows this address and port")
+            }
+            ReasonDetail::DomainMatch => f.write_str("a Domain match allows the name"),
+            ReasonDetail::NoDomainMatch { name } => {
                 write!(
                     f,
                     "no MeshPassthrough Domain match allows {name} with this protocol and port"
                 )
             }
-            Reason::NoSni => f.write_str("TLS ClientHello without SNI"),
-            Reason::IpLiteral { name } => write!(f, "the name {name} is an IP literal"),
-            Reason::BadName { name } => write!(f, "the name {name:?} is not a valid host name"),
+            ReasonDetail::NoSni => f.write_str("TLS ClientHello without SNI"),
+            ReasonDetail::IpLiteral { name } => write!(f, "the name {name} is an IP literal"),
+            ReasonDetail::BadName { name } => {
+                write!(f, "the name {name:?} is not a valid host name")
+            }
         }
     }
 }
@@ -214,7 +245,7 @@ pub struct Decision<'a> {
     /// The outcome.
     pub verdict: Verdict,
     /// The rule that decided.
-    pub reason: Reason,
+    pub reason: ReasonDetail,
     /// The deciding match, when a match decided.
     pub matched: Option<&'a Match>,
     /// For a redirect: the `Domain` matches that could apply.
@@ -222,7 +253,7 @@ pub struct Decision<'a> {
 }
 
 impl<'a> Decision<'a> {
-    fn new(verdict: Verdict, reason: Reason) -> Self {
+    fn new(verdict: Verdict, reason: ReasonDetail) -> Self {
         Decision {
             verdict,
             reason,
@@ -267,10 +298,10 @@ fn decide_inner<'a>(
     let ip = ip::canonical_ip(conn.dst.ip());
     let port = conn.dst.port();
     if local_rules && ip.is_loopback() {
-        return Decision::new(Verdict::AllowKernel, Reason::Loopback);
+        return Decision::new(Verdict::AllowKernel, ReasonDetail::Loopback);
     }
     if let Some(cidr) = opts.internal.iter().find(|n| local_rules && in_net(n, ip)) {
-        return Decision::new(Verdict::AllowKernel, Reason::Internal { cidr: *cidr });
+        return Decision::new(Verdict::AllowKernel, ReasonDetail::Internal { cidr: *cidr });
     }
     if conn.udp
         && opts
@@ -278,11 +309,11 @@ fn decide_inner<'a>(
             .iter()
             .any(|r| ip::canonical_ip(r.ip()) == ip && r.port() == port)
     {
-        return Decision::new(Verdict::AllowKernel, Reason::Resolver);
+        return Decision::new(Verdict::AllowKernel, ReasonDetail::Resolver);
     }
     match conf.mode {
-        Mode::All => return Decision::new(Verdict::AllowKernel, Reason::ModeAll),
-        Mode::None => return Decision::new(Verdict::Deny, Reason::ModeNone),
+        Mode::All => return Decision::new(Verdict::AllowKernel, ReasonDetail::ModeAll),
+        Mode::None => return Decision::new(Verdict::Deny, ReasonDetail::ModeNone),
         Mode::Matched => {}
     }
     if let Some(m) = conf.matches.iter().find(|m| {
@@ -292,11 +323,11 @@ fn decide_inner<'a>(
     }) {
         return Decision {
             matched: Some(m),
-            ..Decision::new(Verdict::AllowKernel, Reason::AddressMatch)
+            ..Decision::new(Verdict::AllowKernel, ReasonDetail::AddressMatch)
         };
     }
     if conn.udp {
-        return Decision::new(Verdict::Deny, Reason::UdpNotCovered);
+        return Decision::new(Verdict::Deny, ReasonDetail::UdpNotCovered);
     }
     let candidates: Vec<&Match> = conf
         .matches
@@ -304,31 +335,31 @@ fn decide_inner<'a>(
         .filter(|m| m.kind == MatchKind::Domain && m.port_fits(port))
         .collect();
     if candidates.is_empty() {
-        return Decision::new(Verdict::Deny, Reason::NoMatch);
+        return Decision::new(Verdict::Deny, ReasonDetail::NoMatch);
     }
     let Some(l7) = &conn.l7 else {
         return Decision {
             candidates: candidates.clone(),
             ..Decision::new(
                 Verdict::RedirectToProxy,
-                Reason::DomainCandidates {
+                ReasonDetail::DomainCandidates {
                     count: candidates.len(),
                 },
             )
         };
     };
-    let (raw, protocols, strip_port): (&str, &[Protocol], bool) = match l7 {
+    let (raw, protocols, authority): (&str, &[Protocol], bool) = match l7 {
         L7::Tls(None) => {
             return Decision {
                 candidates,
-                ..Decision::new(Verdict::DenyAtProxy, Reason::NoSni)
+                ..Decision::new(Verdict::DenyAtProxy, ReasonDetail::NoSni)
             };
         }
         L7::Tls(Some(sni)) => (sni, &[Protocol::Tls], false),
-        L7::Http1(host) => (host, &[Protocol::Http], true),
-        L7::H2c(auth) => (auth, &[Protocol::Http2, Protocol::Grpc], true),
+        // Either codec meets every L7 match (see the module doc).
+        L7::Http1(host) | L7::H2c(host) => (host, L7_PROTOCOLS, true),
     };
-    let name = match normalize_name(raw, strip_port) {
+    let name = match normalize_name(raw, authority) {
         Ok(n) => n,
         Err(reason) => {
             return Decision {
@@ -337,37 +368,63 @@ fn decide_inner<'a>(
             };
         }
     };
-    match candidates
-        .iter()
-        .find(|m| protocols.contains(&m.protocol) && domain_matches(&m.value, &name))
-    {
+    // Kuma's virtual hosts for a Domain `d` on port P are `d` and `d:P`
+    // (`listeners_filter_chain.go`): a Host naming another port reaches the `no_match` host.
+    let host_port = if authority { authority_port(raw) } else { None };
+    let port_fits = host_port.is_none_or(|p| p == port.to_string());
+    match candidates.iter().find(|m| {
+        protocols.contains(&m.protocol)
+            && (&*m.value == "*" || (port_fits && domain_matches(&m.value, &name)))
+    }) {
         Some(m) => Decision {
             matched: Some(*m),
             candidates: candidates.clone(),
-            ..Decision::new(Verdict::AllowAtProxy, Reason::DomainMatch)
+            ..Decision::new(Verdict::AllowAtProxy, ReasonDetail::DomainMatch)
         },
-        None => Decision {
-            candidates,
-            ..Decision::new(Verdict::DenyAtProxy, Reason::NoDomainMatch { name })
-        },
+        None => {
+            let name = match host_port {
+                Some(p) => format!("{name}:{p}"),
+                None => name,
+            };
+            Decision {
+                candidates,
+                ..Decision::new(Verdict::DenyAtProxy, ReasonDetail::NoDomainMatch { name })
+            }
+        }
     }
 }
 
-/// Normalises an SNI or Host: strips a `:port` (Host only), one trailing dot, lower-cases;
-/// rejects IP literals, empty and malformed names (empty labels, characters outside
-/// `[A-Za-z0-9_-]`).
-pub fn normalize_name(raw: &str, strip_port: bool) -> Result<String, Reason> {
+/// The protocols of the matches that plaintext HTTP (HTTP/1.x or h2c) is judged against.
+const L7_PROTOCOLS: &[Protocol] = &[Protocol::Http, Protocol::Http2, Protocol::Grpc];
+
+/// The port text of an HTTP authority (`host:port`, `[v6]:port`), when it has a `:`; `Some("")`
+/// for a bare `host:`.
+pub fn authority_port(raw: &str) -> Option<&str> {
+    let s = raw.trim();
+    if let Some(rest) = s.strip_prefix('[') {
+        return rest.split_once("]:").map(|(_, p)| p);
+    }
+    match s.rsplit_once(':') {
+        Some((host, p)) if !host.contains(':') => Some(p),
+        _ => None,
+    }
+}
+
+/// Normalises an SNI or Host: strips a `:port` (Host only; [`authority_port`] reads it),
+/// lower-cases; a trailing dot stays (it makes another name); rejects IP literals, empty and
+/// malformed names (empty labels, characters outside `[A-Za-z0-9_-]`).
+pub fn normalize_name(raw: &str, strip_port: bool) -> Result<String, ReasonDetail> {
     let mut s = raw.trim();
     if strip_port {
         if let Some(rest) = s.strip_prefix('[') {
             // [v6]:port or [v6]
             let inner = rest.split(']').next().unwrap_or(rest);
             if ip::parse_go_ip(inner).is_some() {
-                return Err(Reason::IpLiteral {
+                return Err(ReasonDetail::IpLiteral {
                     name: raw.to_string(),
                 });
             }
-            return Err(Reason::BadName {
+            return Err(ReasonDetail::BadName {
                 name: raw.to_string(),
             });
         }
@@ -379,36 +436,36 @@ pub fn normalize_name(raw: &str, strip_port: bool) -> Result<String, Reason> {
         }
     }
     if ip::parse_go_ip(s).is_some() || ip::parse_go_ip(s.trim_end_matches('.')).is_some() {
-        return Err(Reason::IpLiteral {
+        return Err(ReasonDetail::IpLiteral {
             name: raw.to_string(),
         });
     }
-    let s = s.strip_suffix('.').unwrap_or(s);
-    let ok = !s.is_empty()
-        && s.len() <= 253
-        && s.split('.').all(|l| {
+    let labels = s.strip_suffix('.').unwrap_or(s);
+    let ok = !labels.is_empty()
+        && labels.len() <= 253
+        && labels.split('.').all(|l| {
             !l.is_empty()
                 && l.len() <= 63
                 && l.bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         });
     if !ok {
-        return Err(Reason::BadName {
+        return Err(ReasonDetail::BadName {
             name: raw.to_string(),
         });
     }
     Ok(s.to_ascii_lowercase())
 }
 
-/// Whether a `Domain` match value matches a normalised name (see the module doc).
+/// Whether a `Domain` match value matches a normalised name (see the module doc): ASCII case
+/// aside, a trailing dot on either side must be on both.
 pub fn domain_matches(pattern: &str, name: &str) -> bool {
     let pattern = pattern.to_ascii_lowercase();
-    let pattern = pattern.strip_suffix('.').unwrap_or(&pattern);
-    let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
+    let name = name.to_ascii_lowercase();
     if name.is_empty() {
         return false;
     }
-    let mut rest = pattern;
+    let mut rest = pattern.as_str();
     let mut stars = 0usize;
     loop {
         if rest == "*" {
@@ -447,6 +504,13 @@ mod tests {
     fn names() {
         assert!(domain_matches("example.com", "example.com"));
         assert!(domain_matches("EXAMPLE.com.", "Example.COM."));
+        // A trailing dot makes another name, on either side (Envoy compares them as written).
+        assert!(!domain_matches("example.com", "example.com."));
+        assert!(!domain_matches("example.com.", "example.com"));
+        assert!(!domain_matches("*.example.com", "a.example.com."));
+        assert!(domain_matches("*.example.com.", "a.example.com."));
+        assert!(!domain_matches("*.example.com.", "example.com."));
+        assert!(domain_matches("*", "example.com."));
         assert!(!domain_matches("example.com", "a.example.com"));
         assert!(domain_matches("*.example.com", "a.example.com"));
         assert!(domain_matches("*.example.com", "a.b.c.example.com"));
@@ -460,46 +524,77 @@ mod tests {
     }
 
     #[test]
+    fn authority_ports() {
+        assert_eq!(authority_port("a.test"), None);
+        assert_eq!(authority_port("a.test:80"), Some("80"));
+        assert_eq!(authority_port("a.test:"), Some(""));
+        assert_eq!(authority_port("a.test.:0080"), Some("0080"));
+        assert_eq!(authority_port("[2001:db8::1]:443"), Some("443"));
+        assert_eq!(authority_port("[2001:db8::1]"), None);
+        assert_eq!(authority_port("2001:db8::1"), None);
+    }
+
+    #[test]
     fn name_normalisation() {
         assert_eq!(
             normalize_name("Example.COM:8080", true).unwrap(),
             "example.com"
         );
+        // The trailing dot stays: it is part of the name.
         assert_eq!(
-            normalize_name("example.com.", false).unwrap(),
-            "example.com"
+            normalize_name("Example.com.", false).unwrap(),
+            "example.com."
+        );
+        assert_eq!(
+            normalize_name("example.com.:80", true).unwrap(),
+            "example.com."
         );
         assert!(matches!(
+            normalize_name("example.com..", false),
+            Err(ReasonDetail::BadName { .. })
+        ));
+        assert!(matches!(
+            normalize_name(".", false),
+            Err(ReasonDetail::BadName { .. })
+        ));
+        let long = format!("{}.", vec!["a".repeat(63); 4].join(".").get(..253).unwrap());
+        assert!(normalize_name(&long, false).is_ok(), "253 bytes and a dot");
+        assert!(normalize_name(&long[1..], false).is_ok());
+        assert!(matches!(
+            normalize_name(&format!("b.{long}"), false),
+            Err(ReasonDetail::BadName { .. })
+        ));
+        assert!(matches!(
             normalize_name("1.2.3.4", false),
-            Err(Reason::IpLiteral { .. })
+            Err(ReasonDetail::IpLiteral { .. })
         ));
         assert!(matches!(
             normalize_name("1.2.3.4:80", true),
-            Err(Reason::IpLiteral { .. })
+            Err(ReasonDetail::IpLiteral { .. })
         ));
         assert!(matches!(
             normalize_name("[::1]:80", true),
-            Err(Reason::IpLiteral { .. })
+            Err(ReasonDetail::IpLiteral { .. })
         ));
         assert!(matches!(
             normalize_name("::1", false),
-            Err(Reason::IpLiteral { .. })
+            Err(ReasonDetail::IpLiteral { .. })
         ));
         assert!(matches!(
             normalize_name("", false),
-            Err(Reason::BadName { .. })
+            Err(ReasonDetail::BadName { .. })
         ));
         assert!(matches!(
             normalize_name("a..b", false),
-            Err(Reason::BadName { .. })
+            Err(ReasonDetail::BadName { .. })
         ));
         assert!(matches!(
             normalize_name("a b", false),
-            Err(Reason::BadName { .. })
+            Err(ReasonDetail::BadName { .. })
         ));
         assert!(matches!(
             normalize_name("example.com:443", false),
-            Err(Reason::BadName { .. })
+            Err(ReasonDetail::BadName { .. })
         ));
     }
 }

@@ -1,6 +1,6 @@
 //! The pure policy layer: reading Kuma `MeshPassthrough` resources, validating them exactly as
-//! Kuma does, merging them per workload, deciding connections (SPEC §1–§3), and compiling the
-//! merged configurations into the entries of the kernel maps.
+//! Kuma does, merging them per workload, deciding connections (docs/kuma.md), and compiling
+//! the merged configurations into the entries of the kernel maps.
 //!
 //! Entry points: [`load_policies`] → [`PolicySet`] → [`PolicySet::merge_for`] →
 //! [`decision::decide`]; [`plan::compile`] for the kernel; [`load_workloads`]; and the
@@ -12,15 +12,17 @@
 
 pub mod decision;
 pub mod error;
-pub mod fastyaml;
 pub mod ip;
 pub mod merge;
+pub mod meta;
 pub mod model;
 pub mod outcome;
 pub mod parse;
 pub mod plan;
+pub mod plan_maps;
 pub mod ranges;
 pub mod report;
+pub mod resolver;
 pub mod validate;
 pub mod workloads;
 
@@ -29,9 +31,18 @@ use std::{
     path::{Path, PathBuf},
 };
 
-pub use decision::{Connection, DecideOptions, Decision, L7, Reason, Verdict, decide};
+// The per-match maps of loading and compiling hash with rustc's Fx hash, not SipHash (which
+// showed up as the largest single cost there). Keys come from local policy files, not from the
+// network, so HashDoS resistance is not needed.
+use rustc_hash::FxHashMap;
+
+pub use decision::{
+    Connection, DecideOptions, Decision, L7, Reason, ReasonDetail, Verdict, decide,
+};
 pub use error::{PolicyError, Problem};
+pub use meta::{Origin, PolicyMeta, Role};
 pub use model::{Match, MatchKind, MatchOrigin, MergedConf, Mode, Protocol, Workload};
+pub use resolver::Resolver;
 pub use validate::{Policy, Target};
 pub use workloads::load_workloads;
 
@@ -42,6 +53,7 @@ pub struct PolicySet {
     files: Vec<PathBuf>,
     policies: Vec<Policy>,
     notes: Vec<String>,
+    shadow: Vec<String>,
 }
 
 impl PolicySet {
@@ -88,7 +100,7 @@ impl PolicySet {
         merge::ordered_for(&self.policies, w)
     }
 
-    /// Number of policies (of the selected mesh).
+    /// Number of enforced policies (of the selected mesh, shadow ones left out).
     pub fn len(&self) -> usize {
         self.policies.len()
     }
@@ -118,14 +130,22 @@ impl PolicySet {
         &self.mesh
     }
 
-    /// Informational notes (policies of other meshes that were skipped), one line each.
+    /// Informational notes (valid policies of other meshes, which are not enforced), one line
+    /// each.
     pub fn notes(&self) -> &[String] {
         &self.notes
+    }
+
+    /// The names of the valid policies of this mesh labelled `kuma.io/effect: shadow`: Kuma
+    /// does not enforce them, so they are not in [`PolicySet::policies`].
+    pub fn shadow(&self) -> &[String] {
+        &self.shadow
     }
 }
 
 /// Reads, parses and validates every policy file under `paths` (files, or directories walked
-/// recursively for `*.yaml`, `*.yml`, `*.json`), keeping the policies of `mesh`.
+/// recursively for `*.yaml`, `*.yml`, `*.json`), keeping the policies of `mesh` that are not
+/// shadow policies. Policies of every mesh are validated.
 ///
 /// Any problem in any file rejects the whole input; the error lists every problem, one line
 /// each (`FILE: spec.path: message`, `FILE:LINE:COL: message`).
@@ -154,21 +174,20 @@ fn build(
     mut problems: Vec<Problem>,
 ) -> Result<PolicySet, PolicyError> {
     let mut notes = Vec::new();
+    let mut shadow = Vec::new();
     let mut policies = Vec::new();
-    let mut seen: HashMap<(String, Option<String>), PathBuf> = HashMap::new();
+    // Kuma keys a Universal resource by mesh and name, a Kubernetes one by namespace and name.
+    let mut seen: HashMap<(Option<String>, Option<String>, String), PathBuf> = HashMap::new();
     for p in parsed {
-        if p.mesh != mesh {
-            notes.push(format!(
-                "{}: policy {} is for mesh {:?}, skipped (--mesh {mesh})",
-                p.file.display(),
-                p.name,
-                p.mesh
-            ));
-            continue;
-        }
+        // Every policy is validated, whatever its mesh (Kuma validates every resource it is
+        // given); only the decision selects by mesh.
         match validate::validate(&p) {
             Ok(pol) => {
-                let key = (pol.name.clone(), pol.namespace.clone());
+                let key = (
+                    pol.namespace.is_none().then(|| pol.mesh.clone()),
+                    pol.namespace.clone(),
+                    pol.name.clone(),
+                );
                 if let Some(first) = seen.get(&key) {
                     problems.push(Problem {
                         policy: Some(pol.name.clone()),
@@ -181,8 +200,19 @@ fn build(
                             ),
                         )
                     });
+                    continue;
+                }
+                seen.insert(key, p.file.clone());
+                if pol.mesh != mesh {
+                    notes.push(format!(
+                        "{}: policy {} is for mesh {:?}, not enforced (--mesh {mesh})",
+                        p.file.display(),
+                        p.name,
+                        p.mesh
+                    ));
+                } else if pol.meta.is_shadow() {
+                    shadow.push(pol.name.clone());
                 } else {
-                    seen.insert(key, p.file.clone());
                     policies.push(pol);
                 }
             }
@@ -208,64 +238,6 @@ fn build(
         files,
         policies,
         notes,
+        shadow,
     })
 }
-
-/// A fast non-cryptographic hasher (the Fx hash of rustc) for the per-match maps of loading and
-/// compiling, where SipHash showed up as the largest single cost. Keys come from local
-/// policy files, not from the network, so HashDoS resistance is not needed.
-#[derive(Default, Clone, Copy)]
-pub(crate) struct FxHasher(u64);
-
-impl std::hash::Hasher for FxHasher {
-    #[inline]
-    fn write(&mut self, bytes: &[u8]) {
-        let mut chunks = bytes.chunks_exact(8);
-        for c in &mut chunks {
-            self.add(u64::from_le_bytes(c.try_into().expect("8 bytes")));
-        }
-        let rest = chunks.remainder();
-        if !rest.is_empty() {
-            let mut b = [0u8; 8];
-            b[..rest.len()].copy_from_slice(rest);
-            self.add(u64::from_le_bytes(b) ^ ((rest.len() as u64) << 56));
-        }
-    }
-    #[inline]
-    fn write_u8(&mut self, i: u8) {
-        self.add(u64::from(i));
-    }
-    #[inline]
-    fn write_u16(&mut self, i: u16) {
-        self.add(u64::from(i));
-    }
-    #[inline]
-    fn write_u32(&mut self, i: u32) {
-        self.add(u64::from(i));
-    }
-    #[inline]
-    fn write_u64(&mut self, i: u64) {
-        self.add(i);
-    }
-    #[inline]
-    fn write_usize(&mut self, i: usize) {
-        self.add(i as u64);
-    }
-    #[inline]
-    fn finish(&self) -> u64 {
-        self.0
-    }
-}
-
-impl FxHasher {
-    #[inline]
-    fn add(&mut self, w: u64) {
-        self.0 = (self.0.rotate_left(5) ^ w).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
-    }
-}
-
-/// A `HashMap` with [`FxHasher`].
-pub(crate) type FxHashMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<FxHasher>>;
-/// A `HashSet` with [`FxHasher`].
-pub(crate) type FxHashSet<K> =
-    std::collections::HashSet<K, std::hash::BuildHasherDefault<FxHasher>>;

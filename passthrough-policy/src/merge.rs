@@ -1,12 +1,14 @@
-//! Selecting and merging policies per workload, as Kuma 2.14 does (SPEC §2,
-//! `reference/kuma-meshpassthrough.md` §6):
+//! Selecting and merging policies per workload, as Kuma 2.14 does (docs/kuma.md):
 //!
-//! - selection: `Mesh` selects everything; `MeshSubset` when every tag equals the workload's
-//!   label; `Dataplane` by name, or by labels (all equal), or everything when it has neither;
-//!   a `proxyTypes` list without `Sidecar` selects nothing (workloads are sidecar-like);
-//! - order, least → most specific: kind `Mesh` < `Dataplane` < `MeshSubset`; between two
-//!   `Dataplane` refs one by name beats one by labels; then the lexicographically **smaller**
-//!   name sorts later (wins); remaining ties keep input order;
+//! - shadow policies (`kuma.io/effect: shadow`) are not enforced: they are never selected here
+//!   (the loader leaves them out; [`selects`] refuses them too);
+//! - selection: the policy's zone and namespace labels must admit the workload
+//!   ([`PolicyMeta::admits`](super::meta::PolicyMeta::admits)); then `Mesh` selects everything;
+//!   `MeshSubset` when every tag equals the workload's label; `Dataplane` by name, or by labels
+//!   (all equal), or everything when it has neither; a `proxyTypes` list without `Sidecar`
+//!   selects nothing (workloads are sidecar-like);
+//! - order, least → most specific: Kuma's `SortByTargetRef`, [`super::meta::order`] (kind,
+//!   Dataplane by name over by labels, origin, policy role, display name reversed);
 //! - `passthroughMode`: the last policy that sets it; none sets it → `Matched`;
 //! - `appendMatch`: concatenated in that order;
 //! - no selecting policy → the `--unselected-mode`.
@@ -25,6 +27,9 @@ fn proxy_types_ok(pt: &Option<Vec<String>>) -> bool {
 
 /// Whether `p` selects workload `w`.
 pub fn selects(p: &Policy, w: &Workload) -> bool {
+    if p.meta.is_shadow() || !p.meta.admits(&w.labels) {
+        return false;
+    }
     match &p.target {
         Target::Mesh { proxy_types } => proxy_types_ok(proxy_types),
         Target::MeshSubset { tags, proxy_types } => {
@@ -46,44 +51,9 @@ pub fn selects(p: &Policy, w: &Workload) -> bool {
     }
 }
 
-fn kind_rank(t: &Target) -> u8 {
-    match t {
-        Target::Mesh { .. } => 1,
-        Target::Dataplane { .. } => 2,
-        Target::MeshSubset { .. } => 3,
-    }
-}
-
 /// Kuma's `SortByTargetRef` comparison: `Less` = less specific (applied first).
 pub fn specificity(a: &Policy, b: &Policy) -> Ordering {
-    kind_rank(&a.target)
-        .cmp(&kind_rank(&b.target))
-        .then_with(|| match (&a.target, &b.target) {
-            (
-                Target::Dataplane {
-                    name: an,
-                    labels: al,
-                    ..
-                },
-                Target::Dataplane {
-                    name: bn,
-                    labels: bl,
-                    ..
-                },
-            ) => {
-                let a_name = an.is_some();
-                let b_name = bn.is_some();
-                if a_name && bl.is_some() && !b_name {
-                    Ordering::Greater
-                } else if al.is_some() && !a_name && b_name {
-                    Ordering::Less
-                } else {
-                    Ordering::Equal
-                }
-            }
-            _ => Ordering::Equal,
-        })
-        .then_with(|| b.name.cmp(&a.name))
+    super::meta::order((&a.meta, &a.target), (&b.meta, &b.target))
 }
 
 /// The policies selecting `w`, least → most specific.
@@ -99,7 +69,7 @@ pub fn ordered_indices(policies: &[Policy], w: &Workload) -> Vec<usize> {
     let mut sel: Vec<usize> = (0..policies.len())
         .filter(|&i| selects(&policies[i], w))
         .collect();
-    // stable: ties keep input order
+    // A total order (ties broken by namespace and name), so input order never matters.
     sel.sort_by(|&a, &b| specificity(&policies[a], &policies[b]));
     sel
 }

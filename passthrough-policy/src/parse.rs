@@ -21,7 +21,7 @@ use serde::{
     de::{self, IgnoredAny, Visitor},
 };
 
-use super::error::Problem;
+use super::{error::Problem, meta::DISPLAY_NAME_LABEL};
 
 /// A string field that, like Kubernetes' YAML reader, also accepts a number or boolean scalar
 /// and keeps its text.
@@ -165,6 +165,8 @@ struct RawDoc {
     labels: Option<StrMap>,
     creation_time: Option<IgnoredAny>,
     modification_time: Option<IgnoredAny>,
+    // Universal read-only field `kumactl get`/`export` writes (the resource identifier).
+    kri: Option<IgnoredAny>,
     spec: Option<RawSpec>,
     status: Option<IgnoredAny>,
     items: Option<Vec<Option<Document>>>,
@@ -185,7 +187,15 @@ struct DocPolicy {
     name: String,
     namespace: Option<String>,
     mesh: String,
+    labels: BTreeMap<String, String>,
     spec: RawSpec,
+}
+
+fn plain_labels(m: Option<StrMap>) -> BTreeMap<String, String> {
+    m.unwrap_or_default()
+        .into_iter()
+        .map(|(k, v)| (k, v.0))
+        .collect()
 }
 
 const API_VERSION: &str = "kuma.io/v1alpha1";
@@ -208,8 +218,10 @@ impl TryFrom<RawDoc> for Document {
         if k8s {
             let kind = d.kind.map(|k| k.0).unwrap_or_default();
             if kind == "List" {
-                if d.spec.is_some() || d.metadata.is_some() {
-                    return Err("kind List takes only apiVersion, kind and items".into());
+                // `kubectl get -o yaml|json` always writes the List's own `metadata`
+                // (`resourceVersion: ""`); it says nothing about the items and is ignored.
+                if d.spec.is_some() {
+                    return Err("kind List takes only apiVersion, kind, metadata and items".into());
                 }
                 return Ok(Document::List(d.items.unwrap_or_default()));
             }
@@ -235,10 +247,21 @@ impl TryFrom<RawDoc> for Document {
                 .and_then(|l| l.get(MESH_LABEL))
                 .map(|m| m.0.clone())
                 .unwrap_or_else(|| "default".into());
+            // As Kuma reads a Kubernetes object (`pkg/plugins/resources/k8s/store.go`,
+            // `GetLabels`): the display name is the annotation of that name, else the name,
+            // whatever a label of that name says.
+            let mut labels = plain_labels(meta.labels);
+            let display = meta
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(DISPLAY_NAME_LABEL))
+                .map_or_else(|| name.clone(), |d| d.0.clone());
+            labels.insert(DISPLAY_NAME_LABEL.to_string(), display);
             return Ok(Document::Policy(Box::new(DocPolicy {
                 name,
                 namespace: meta.namespace.map(|n| n.0),
                 mesh,
+                labels,
                 spec: d.spec.unwrap_or_default(),
             })));
         }
@@ -260,6 +283,7 @@ impl TryFrom<RawDoc> for Document {
                 name,
                 namespace: None,
                 mesh,
+                labels: plain_labels(d.labels),
                 spec: d.spec.unwrap_or_default(),
             })));
         }
@@ -282,6 +306,9 @@ pub struct ParsedPolicy {
     pub namespace: Option<String>,
     /// The mesh (`kuma.io/mesh` label or `mesh`; `default` when absent).
     pub mesh: String,
+    /// `metadata.labels` (Kubernetes, with `kuma.io/display-name` set as Kuma derives it) or
+    /// `labels` (Universal).
+    pub labels: BTreeMap<String, String>,
     /// The spec as written.
     pub spec: RawSpec,
 }
@@ -404,6 +431,7 @@ fn flatten(
                 name: p.name,
                 namespace: p.namespace,
                 mesh: p.mesh,
+                labels: p.labels,
                 spec: p.spec,
             })
         }
@@ -420,7 +448,7 @@ fn flatten(
 }
 
 /// The 1-based line where each YAML document starts: a `---` line, or the first content line of
-/// an implicit first document. Used for errors serde_yaml reports without a position (those
+/// an implicit first document. Used for errors the YAML reader reports without a position (those
 /// raised after a document was read, such as an unsupported `kind`).
 fn yaml_doc_starts(text: &str) -> Vec<usize> {
     let mut starts = Vec::new();
@@ -441,26 +469,9 @@ fn yaml_doc_starts(text: &str) -> Vec<usize> {
 }
 
 fn parse_yaml(file: &Path, text: &str, problems: &mut Vec<Problem>) -> Vec<Document> {
-    fast_yaml(text).unwrap_or_else(|| parse_yaml_slow(file, text, problems))
-}
-
-/// The fast path (see [`super::fastyaml`]): `None` when the text is outside its subset or
-/// does not deserialize; then `serde_yaml` reads the file again and reports the problems.
-fn fast_yaml(text: &str) -> Option<Vec<Document>> {
-    let mut docs = Vec::new();
-    for lines in super::fastyaml::documents(text)? {
-        let node = super::fastyaml::document_value(&lines)?;
-        if let Some(d) = Option::<Document>::deserialize(super::fastyaml::NodeDe(&node)).ok()? {
-            docs.push(d);
-        }
-    }
-    Some(docs)
-}
-
-fn parse_yaml_slow(file: &Path, text: &str, problems: &mut Vec<Problem>) -> Vec<Document> {
     let mut docs = Vec::new();
     let starts = yaml_doc_starts(text);
-    for (i, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
+    for (i, de) in yaml_serde::Deserializer::from_str(text).enumerate() {
         match Option::<Document>::deserialize(de) {
             Ok(Some(d)) => docs.push(d),
             Ok(None) => {}
@@ -478,11 +489,13 @@ fn parse_yaml_slow(file: &Path, text: &str, problems: &mut Vec<Problem>) -> Vec<
     docs
 }
 
-fn yaml_problem(file: &Path, e: &serde_yaml::Error) -> Problem {
+/// A YAML error as a problem: its position in front (`FILE:LINE:COLUMN: message`), taken out
+/// of the message, where the reader writes it (" at line L column C", at the end or before a
+/// ", while parsing …" context).
+pub(crate) fn yaml_problem(file: &Path, e: &yaml_serde::Error) -> Problem {
     let mut msg = e.to_string();
     match e.location() {
         Some(loc) => {
-            // serde_yaml appends " at line L column C"; the position goes in front instead.
             let suffix = format!(" at line {} column {}", loc.line(), loc.column());
             if let Some(pos) = msg.find(&suffix) {
                 msg.replace_range(pos..pos + suffix.len(), "");
@@ -589,6 +602,32 @@ mod tests {
         );
         assert_eq!(e.len(), 1);
         assert_eq!(e[0].position.map(|p| p.0), Some(1));
+    }
+
+    #[test]
+    fn kubectl_and_kumactl_read_only_fields() {
+        // `kubectl get meshpassthroughs -o yaml`: the List has metadata, each item the fields
+        // the API server adds.
+        let (p, e) = parse(
+            "a.yaml",
+            "apiVersion: v1\nitems:\n- apiVersion: kuma.io/v1alpha1\n  kind: MeshPassthrough\n  metadata:\n    annotations:\n      kubectl.kubernetes.io/last-applied-configuration: |\n        {\"kind\":\"MeshPassthrough\"}\n    creationTimestamp: \"2026-11-20T10:12:31Z\"\n    generation: 1\n    managedFields:\n    - manager: kubectl\n      fieldsV1:\n        f:spec:\n          .: {}\n    name: a\n    namespace: kuma-system\n    resourceVersion: \"184467\"\n    uid: 6f0d8c38-3d0b-4a5e-9b7c-1a2b3c4d5e6f\n  spec: {}\nkind: List\nmetadata:\n  resourceVersion: \"\"\n",
+        );
+        assert!(e.is_empty(), "{e:?}");
+        assert_eq!(p.len(), 1);
+        // `kumactl get meshpassthrough NAME -o yaml` (Universal) writes `kri`.
+        let (p, e) = parse(
+            "a.yaml",
+            "creationTime: \"2026-11-20T10:12:31Z\"\nkri: kri_mp_default___egress_\nmesh: default\nmodificationTime: \"2026-11-20T10:12:31Z\"\nname: egress\nspec: {}\ntype: MeshPassthrough\n",
+        );
+        assert!(e.is_empty(), "{e:?}");
+        assert_eq!(p.len(), 1);
+        // A List still takes no spec.
+        let (_, e) = parse(
+            "a.yaml",
+            "apiVersion: v1\nkind: List\nitems: []\nspec: {}\n",
+        );
+        assert_eq!(e.len(), 1);
+        assert!(e[0].message.contains("kind List takes only"), "{}", e[0]);
     }
 
     #[test]

@@ -14,12 +14,13 @@ use serde_json::{Value, json};
 
 use super::{
     Connection, DecideOptions, Decision, L7, Match, MergedConf, Mode, PolicyError, PolicySet,
-    Workload, decide, load_policies, load_workloads,
+    Resolver, Workload, decide, load_policies, load_workloads,
 };
 
-/// Validates every file under `paths` (policies of `mesh`): writes one line per problem
-/// (`FILE: spec.path: message`, all files, all violations) and returns `Ok(false)`, or writes a
-/// one-line summary and returns `Ok(true)`. With `workloads`, the summary also says how many of
+/// Validates every policy in every file under `paths`, whatever its mesh: writes one line per
+/// problem (`FILE: spec.path: message`, all files, all violations) and returns `Ok(false)`, or
+/// writes a one-line summary of the policies of `mesh` (and how many of other meshes, and how
+/// many shadow ones, were valid but are not enforced) and returns `Ok(true)`. With `workloads`, the summary also says how many of
 /// that file's workloads some policy selects (a broken workloads file is reported like a
 /// broken policy file).
 pub fn check(
@@ -47,8 +48,17 @@ pub fn check(
         set.files().len(),
         plural(set.files().len(), "file", "files"),
     );
+    if !set.shadow().is_empty() {
+        line.push_str(&format!(
+            "; {} shadow (kuma.io/effect), not enforced",
+            set.shadow().len()
+        ));
+    }
     if !set.notes().is_empty() {
-        line.push_str(&format!("; {} of other meshes skipped", set.notes().len()));
+        line.push_str(&format!(
+            "; {} of other meshes also valid",
+            set.notes().len()
+        ));
     }
     if let Some(wf) = workloads {
         match load_workloads(wf) {
@@ -94,7 +104,7 @@ pub struct ExplainRequest {
     /// Ranges that are never egress.
     pub internal_cidr: Vec<IpNet>,
     /// DNS resolvers UDP may reach.
-    pub resolvers: Vec<SocketAddr>,
+    pub resolvers: Vec<Resolver>,
     /// The mode of a workload that no policy selects.
     pub unselected_mode: Mode,
 }

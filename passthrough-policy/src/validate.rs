@@ -1,15 +1,18 @@
 //! Validation identical to Kuma 2.14's `MeshPassthrough` validator
 //! (`pkg/plugins/policies/meshpassthrough/api/v1alpha1/validator.go` and
 //! `mesh.ValidateTargetRef`): the same rules in the same order, the same field paths rooted at
-//! `spec`, the same message texts (including Kuma's "defiend").
+//! `spec`, the same message texts (including Kuma's "defiend"). Kuma's resource schema
+//! (`rest.yaml` / the CRD) adds enums its Go validator leaves out; they are checked here too:
+//! `passthroughMode` is `All`, `Matched` or `None` (an empty string is refused, as the schema
+//! refuses it) and every `targetRef.proxyTypes` entry is `Sidecar` or `Gateway`. A
+//! `kuma.io/origin` label other than `global` or `zone` is refused as Kuma's API server and
+//! admission webhook refuse it.
 //!
-//! Deliberate differences, both documented in SPEC §1:
-//! - "using the same port in multiple matches requires the same protocol…" is order-independent:
-//!   on one port, `tcp`, `tls` and **one** of `http`/`http2`/`grpc` may be mixed in any order. The
-//!   first L7 protocol written for a port owns it; every later match on that port with a
-//!   different L7 protocol gets the violation (Kuma's own fixture gives the same output).
-//! - `passthroughMode` must be `All`, `Matched`, `None` or empty (Kuma leaves this to the CRD
-//!   enum); the violation is on `spec.default.passthroughMode`.
+//! One deliberate difference (docs/kuma.md): "using the same port in multiple matches requires
+//! the same protocol…" is order-independent: on one port, `tcp`, `tls` and **one** of
+//! `http`/`http2`/`grpc` may be mixed in any order. The first L7 protocol written for a port
+//! owns it; every later match on that port with a different L7 protocol gets the violation
+//! (Kuma's own fixture gives the same output).
 
 use std::{
     collections::BTreeMap,
@@ -17,8 +20,11 @@ use std::{
     sync::Arc,
 };
 
+use rustc_hash::{FxHashMap, FxHashSet};
+
 use super::{
-    FxHashMap, FxHashSet, ip,
+    ip,
+    meta::{ORIGIN_LABEL, PolicyMeta},
     model::{Match, MatchKind, MatchOrigin, Mode, Protocol},
     parse::{ParsedPolicy, RawConf, RawTargetRef, Scalar, StrMap},
 };
@@ -77,7 +83,10 @@ pub struct Policy {
     pub file: PathBuf,
     /// What it selects.
     pub target: Target,
-    /// `passthroughMode` when set (`""` counts as set to `Matched`, as in Kuma).
+    /// Its name, namespace and labels (origin, role, display name, effect…), which decide its
+    /// place in the merge order.
+    pub meta: PolicyMeta,
+    /// `passthroughMode` when set.
     pub mode: Option<Mode>,
     /// The matches in written order.
     pub matches: Vec<Match>,
@@ -95,6 +104,15 @@ fn plain(m: &Option<StrMap>) -> Option<BTreeMap<String, String>> {
 /// Validates a parsed policy: every violation in Kuma's order, or the validated policy.
 pub fn validate(p: &ParsedPolicy) -> Result<Policy, Vec<Violation>> {
     let mut v: Vec<Violation> = Vec::new();
+    let meta = PolicyMeta {
+        name: p.name.clone(),
+        namespace: p.namespace.clone().unwrap_or_default(),
+        labels: p.labels.clone(),
+    };
+    if let Some(problem) = meta.origin_problem() {
+        // Kuma's path for it, from its API server and its admission webhook alike.
+        v.push((format!("labels[{}]", go_quote(ORIGIN_LABEL)), problem));
+    }
     let target = match &p.spec.target_ref {
         None => Some(Target::Mesh { proxy_types: None }),
         Some(t) => validate_target_ref(t, &mut v),
@@ -103,7 +121,7 @@ pub fn validate(p: &ParsedPolicy) -> Result<Policy, Vec<Violation>> {
     let conf = p.spec.default.as_ref().unwrap_or(&empty);
     let mode = match conf.passthrough_mode.as_ref().map(Scalar::as_str) {
         None => None,
-        Some("") | Some("Matched") => Some(Mode::Matched),
+        Some("Matched") => Some(Mode::Matched),
         Some("All") => Some(Mode::All),
         Some("None") => Some(Mode::None),
         Some(_) => {
@@ -122,6 +140,7 @@ pub fn validate(p: &ParsedPolicy) -> Result<Policy, Vec<Violation>> {
             mesh: p.mesh.clone(),
             file: p.file.clone(),
             target,
+            meta,
             mode,
             matches,
         }),
@@ -237,6 +256,16 @@ fn validate_target_ref(t: &RawTargetRef, v: &mut Vec<Violation>) -> Option<Targe
             Target::MeshSubset { tags, proxy_types }
         }
     };
+    // The schema's enum (`TargetRefProxyType`: `+kubebuilder:validation:Enum=Sidecar;Gateway`
+    // in `api/common/v1alpha1/targetref.go`), for every kind.
+    for (i, pt) in t.proxy_types.iter().flatten().enumerate() {
+        if !matches!(pt.as_str(), "Sidecar" | "Gateway") {
+            out.push((
+                format!("proxyTypes[{i}]"),
+                r#""proxyTypes" must be one of ["Sidecar", "Gateway"]"#.into(),
+            ));
+        }
+    }
     let ok = out.is_empty();
     for (f, m) in out {
         // Kuma's concat: `[` elements attach directly, fields get a dot.

@@ -39,19 +39,8 @@ pub fn load_workloads(path: &Path) -> Result<Vec<Workload>, PolicyError> {
 pub fn parse_workloads(file: &Path, bytes: &[u8]) -> Result<Vec<Workload>, PolicyError> {
     let err = |p: Problem| PolicyError::Workloads(vec![p]);
     let text = std::str::from_utf8(bytes).map_err(|_| err(Problem::new(file, "invalid UTF-8")))?;
-    let raw: Option<Vec<RawWorkload>> = serde_yaml::from_str(text).map_err(|e| {
-        let mut msg = e.to_string();
-        match e.location() {
-            Some(l) => {
-                let suffix = format!(" at line {} column {}", l.line(), l.column());
-                if let Some(pos) = msg.find(&suffix) {
-                    msg.replace_range(pos..pos + suffix.len(), "");
-                }
-                err(Problem::at(file, l.line(), l.column(), msg))
-            }
-            None => err(Problem::new(file, msg)),
-        }
-    })?;
+    let raw: Option<Vec<RawWorkload>> =
+        yaml_serde::from_str(text).map_err(|e| err(super::parse::yaml_problem(file, &e)))?;
     let mut problems = Vec::new();
     let mut seen = HashSet::new();
     let mut out = Vec::new();

@@ -98,13 +98,14 @@ fn directory_reports_every_file() {
         "addresses.yaml",
         "parse-syntax.json",
         "target-refs.yaml",
+        "other-mesh.yaml",
     ] {
         assert!(
             files_with_problems.iter().any(|x| x == f),
             "{f} missing from {files_with_problems:?}"
         );
     }
-    for f in ["kuma-valid.yaml", "other-mesh.yaml"] {
+    for f in ["kuma-valid.yaml", "other-mesh-valid.yaml"] {
         assert!(
             !files_with_problems.iter().any(|x| x == f),
             "{f} has problems"
@@ -178,23 +179,38 @@ fn valid_policies_are_canonicalised() {
 }
 
 #[test]
-fn other_meshes_are_skipped_with_a_note() {
+fn policies_of_every_mesh_are_validated_only_one_mesh_is_enforced() {
+    // An invalid policy of another mesh is a problem whatever mesh is selected (Kuma validates
+    // every resource it is given).
     let f = data("validate/other-mesh.yaml");
-    let set = load_policies(std::slice::from_ref(&f), "default").unwrap();
-    assert_eq!(set.len(), 0);
-    assert_eq!(set.notes().len(), 2);
-    assert!(
-        set.notes()[0].contains("mesh \"other-mesh\""),
-        "{:?}",
-        set.notes()
-    );
-    let set = load_policies(std::slice::from_ref(&f), "other-mesh");
-    // In its own mesh the first policy is validated (and invalid).
-    let lines = problem_lines(&f, set);
-    assert_eq!(
-        lines,
-        ["spec.default.appendMatch[0].value: provided IP has incorrect value"]
-    );
+    for mesh in ["default", "other-mesh"] {
+        let lines = problem_lines(&f, load_policies(std::slice::from_ref(&f), mesh));
+        assert_eq!(
+            lines,
+            ["spec.default.appendMatch[0].value: provided IP has incorrect value"],
+            "--mesh {mesh}"
+        );
+    }
+    // Valid policies of other meshes are noted, not enforced.
+    let yaml = "type: MeshPassthrough\nname: a\nmesh: m1\nspec: {default: {passthroughMode: None}}\n---\ntype: MeshPassthrough\nname: a\nspec: {default: {passthroughMode: All}}\n";
+    let set = load_policy_bytes(Path::new("m.yaml"), yaml.as_bytes(), "default").unwrap();
+    assert_eq!(set.len(), 1);
+    assert_eq!(set.policies()[0].mesh, "default");
+    assert_eq!(set.notes().len(), 1);
+    assert!(set.notes()[0].contains("mesh \"m1\""), "{:?}", set.notes());
+    let set = load_policy_bytes(Path::new("m.yaml"), yaml.as_bytes(), "m1").unwrap();
+    assert_eq!(set.len(), 1);
+    assert_eq!(set.policies()[0].mode, Some(Mode::None));
+    // The same Universal name in two meshes is two resources; the same Kubernetes
+    // namespace/name twice is one, whatever its mesh label.
+    let k8s = |mesh: &str| {
+        format!(
+            "---\napiVersion: kuma.io/v1alpha1\nkind: MeshPassthrough\nmetadata: {{name: k, namespace: kuma-system, labels: {{kuma.io/mesh: {mesh}}}}}\nspec: {{}}\n"
+        )
+    };
+    let yaml = k8s("a") + &k8s("b");
+    let err = load_policy_bytes(Path::new("k.yaml"), yaml.as_bytes(), "a").unwrap_err();
+    assert!(err.to_string().contains("defined twice"), "{err}");
 }
 
 #[test]
@@ -394,6 +410,204 @@ fn merge_name_tie_break_smaller_name_wins() {
     assert_eq!(mode, Mode::Matched);
 }
 
+/// A Universal policy with `labels` (a flow map) and one IP match.
+fn mp_labels(name: &str, labels: &str, target: &str, mode: &str, ip: &str) -> String {
+    format!(
+        "---\ntype: MeshPassthrough\nname: {name}\nlabels: {labels}\nspec:\n  targetRef: {target}\n  default:\n    passthroughMode: {mode}\n    appendMatch:\n    - {{type: IP, value: {ip}}}\n"
+    )
+}
+
+#[test]
+fn merge_origin_before_name_within_a_kind() {
+    // By name alone `a-global` would win (the smaller name sorts later); Kuma orders by origin
+    // first: global < no label < zone. Input order does not matter.
+    let policies = [
+        mp_labels(
+            "a-global",
+            "{kuma.io/origin: global}",
+            "{kind: Mesh}",
+            "None",
+            "192.0.2.1",
+        ),
+        mp_labels(
+            "c-zone",
+            "{kuma.io/origin: zone}",
+            "{kind: Mesh}",
+            "All",
+            "192.0.2.3",
+        ),
+        mp_labels("b-unlabelled", "{}", "{kind: Mesh}", "Matched", "192.0.2.2"),
+    ];
+    for rot in 0..3 {
+        let mut v = policies.to_vec();
+        v.rotate_left(rot);
+        let (mode, pols, vals) = merged(&set_of(&v.concat()), &wl("w", &[]));
+        assert_eq!(
+            pols,
+            ["a-global", "b-unlabelled", "c-zone"],
+            "rotation {rot}"
+        );
+        assert_eq!(vals, ["192.0.2.1", "192.0.2.2", "192.0.2.3"]);
+        assert_eq!(mode, Mode::All, "the zone policy's mode wins");
+    }
+    // Kubernetes spelling: metadata.labels. The kind still comes first: a MeshSubset policy
+    // synced from global beats a zone Mesh policy.
+    let k8s = |name: &str, origin: &str, target: &str, mode: &str| {
+        format!(
+            "---\napiVersion: kuma.io/v1alpha1\nkind: MeshPassthrough\nmetadata: {{name: {name}, namespace: kuma-system, labels: {{kuma.io/origin: {origin}}}}}\nspec: {{targetRef: {target}, default: {{passthroughMode: {mode}}}}}\n"
+        )
+    };
+    let set = set_of(
+        &[
+            k8s(
+                "z-subset",
+                "global",
+                "{kind: MeshSubset, tags: {app: web}}",
+                "None",
+            ),
+            k8s("a-mesh", "zone", "{kind: Mesh}", "All"),
+        ]
+        .concat(),
+    );
+    let (mode, pols, _) = merged(&set, &wl("w", &[("app", "web")]));
+    assert_eq!(pols, ["a-mesh", "z-subset"]);
+    assert_eq!(mode, Mode::None);
+}
+
+#[test]
+fn merge_compares_display_names_where_set() {
+    // Policies synced from global carry hashed names; Kuma compares their display names
+    // (Universal: the `kuma.io/display-name` label; Kubernetes: the annotation of that name,
+    // else metadata.name, whatever a label says).
+    let set = set_of(
+        &[
+            mp_labels(
+                "allow-5c7f8",
+                "{kuma.io/display-name: allow}",
+                "{kind: Mesh}",
+                "Matched",
+                "192.0.2.1",
+            ),
+            mp_labels(
+                "a-deny-9d3e1",
+                "{kuma.io/display-name: deny}",
+                "{kind: Mesh}",
+                "None",
+                "192.0.2.2",
+            ),
+        ]
+        .concat(),
+    );
+    // By resource name `a-deny-9d3e1` would win; by display name `allow` wins.
+    let (mode, pols, _) = merged(&set, &wl("w", &[]));
+    assert_eq!(pols, ["a-deny-9d3e1", "allow-5c7f8"]);
+    assert_eq!(mode, Mode::Matched);
+
+    let k8s = |name: &str, meta_extra: &str, mode: &str| {
+        format!(
+            "---\napiVersion: kuma.io/v1alpha1\nkind: MeshPassthrough\nmetadata: {{name: {name}, namespace: kuma-system{meta_extra}}}\nspec: {{default: {{passthroughMode: {mode}}}}}\n"
+        )
+    };
+    let set = set_of(
+        &[
+            // Display name "zz" from the annotation: loses to "m".
+            k8s("a", ", annotations: {kuma.io/display-name: zz}", "None"),
+            // A display-name *label* is replaced by metadata.name ("m") on Kubernetes.
+            k8s("m", ", labels: {kuma.io/display-name: a}", "All"),
+        ]
+        .concat(),
+    );
+    let (mode, pols, _) = merged(&set, &wl("w", &[]));
+    assert_eq!(pols, ["a", "m"]);
+    assert_eq!(mode, Mode::All);
+    let meta = &set.policies().iter().find(|p| p.name == "a").unwrap().meta;
+    assert_eq!(meta.display_name(), "zz");
+}
+
+#[test]
+fn shadow_policies_are_validated_but_not_enforced() {
+    let shadow = mp_labels(
+        "a-shadow",
+        "{kuma.io/effect: shadow}",
+        "{kind: Mesh}",
+        "None",
+        "192.0.2.9",
+    );
+    let set = set_of(
+        &[
+            mp("mesh", "{kind: Mesh}", Some("All"), "192.0.2.1"),
+            shadow.clone(),
+        ]
+        .concat(),
+    );
+    assert_eq!(set.len(), 1);
+    assert_eq!(set.shadow(), ["a-shadow"]);
+    let (mode, pols, vals) = merged(&set, &wl("w", &[]));
+    assert_eq!(
+        (mode, pols, vals),
+        (
+            Mode::All,
+            vec!["mesh".to_string()],
+            vec!["192.0.2.1".to_string()]
+        )
+    );
+    // Alone, a shadow policy selects nothing: the unselected mode applies.
+    let set = set_of(&shadow);
+    assert_eq!(set.merge_for(&wl("w", &[]), Mode::None).policies.len(), 0);
+    // Still validated.
+    let bad = shadow.replace("192.0.2.9", "not-an-ip");
+    assert!(load_policy_bytes(Path::new("s.yaml"), bad.as_bytes(), "default").is_err());
+}
+
+#[test]
+fn role_and_zone_labels_limit_selection() {
+    // A consumer / workload-owner policy selects only workloads of its own
+    // k8s.kuma.io/namespace; a zone policy does not select another zone's Dataplanes.
+    let set = set_of(
+        &[
+            mp_labels(
+                "owner",
+                "{kuma.io/policy-role: workload-owner, k8s.kuma.io/namespace: shop}",
+                "{kind: Mesh}",
+                "None",
+                "192.0.2.1",
+            ),
+            mp_labels(
+                "zone-a",
+                "{kuma.io/origin: zone, kuma.io/zone: a}",
+                "{kind: Mesh}",
+                "All",
+                "192.0.2.2",
+            ),
+        ]
+        .concat(),
+    );
+    let names = |w: &Workload| set.merge_for(w, Mode::Matched).policies;
+    // (zone-a is more specific: origin zone beats no origin before roles are compared.)
+    assert_eq!(
+        names(&wl("w", &[("k8s.kuma.io/namespace", "shop")])),
+        ["owner", "zone-a"]
+    );
+    assert_eq!(
+        names(&wl("w", &[("k8s.kuma.io/namespace", "bank")])),
+        ["zone-a"]
+    );
+    assert_eq!(
+        names(&wl(
+            "w",
+            &[("kuma.io/origin", "zone"), ("kuma.io/zone", "b")]
+        )),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        names(&wl(
+            "w",
+            &[("kuma.io/origin", "zone"), ("kuma.io/zone", "a")]
+        )),
+        ["zone-a"]
+    );
+}
+
 #[test]
 fn merge_mode_last_set_wins_and_unset_inherits() {
     // Mesh-level None + a more specific policy without a mode → None (its matches are ignored
@@ -416,15 +630,13 @@ fn merge_mode_last_set_wins_and_unset_inherits() {
     // No policy sets a mode → Matched (Kuma ≥ 2.10).
     let set = set_of(&mp("mesh", "{kind: Mesh}", None, "192.0.2.1"));
     assert_eq!(set.merge_for(&wl("w", &[]), Mode::All).mode, Mode::Matched);
-    // An empty mode counts as set, to Matched.
-    let set = set_of(
-        &[
-            mp("b", "{kind: Mesh}", Some("All"), "192.0.2.1"),
-            mp("a", "{kind: Mesh}", Some("''"), "192.0.2.2"),
-        ]
-        .concat(),
+    // An empty mode is refused, as Kuma's schema refuses it (the enum is All, Matched, None).
+    let yaml = mp("a", "{kind: Mesh}", Some("''"), "192.0.2.2");
+    let err = load_policy_bytes(Path::new("m.yaml"), yaml.as_bytes(), "default").unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        r#"m.yaml: spec.default.passthroughMode: "passthroughMode" must be one of ["All", "Matched", "None"]"#
     );
-    assert_eq!(set.merge_for(&wl("w", &[]), Mode::All).mode, Mode::Matched);
 }
 
 #[test]
@@ -732,13 +944,54 @@ fn decision_table() {
             )
         },
         Row {
-            l7: sni("API.Example.COM."),
+            l7: sni("API.Example.COM"),
             ..row(
-                "sni case + trailing dot",
+                "sni case",
                 "app",
                 "203.0.113.50:443",
                 AllowAtProxy,
                 "api.example.com:443",
+            )
+        },
+        // A trailing dot makes another name (Envoy: no filter chain for it).
+        Row {
+            l7: sni("api.example.com."),
+            ..row(
+                "sni trailing dot is another name",
+                "app",
+                "203.0.113.50:443",
+                DenyAtProxy,
+                "",
+            )
+        },
+        Row {
+            l7: sni("a.svc.example.com."),
+            ..row(
+                "sni trailing dot, wildcard",
+                "app",
+                "203.0.113.50:443",
+                DenyAtProxy,
+                "",
+            )
+        },
+        Row {
+            l7: sni("Dot.Example.Net."),
+            ..row(
+                "a match written with a trailing dot matches that name",
+                "l7",
+                "203.0.113.50:443",
+                AllowAtProxy,
+                "dot.example.net.:443",
+            )
+        },
+        Row {
+            l7: sni("dot.example.net"),
+            ..row(
+                "… and not the name without it",
+                "l7",
+                "203.0.113.50:443",
+                DenyAtProxy,
+                "",
             )
         },
         Row {
@@ -900,9 +1153,16 @@ fn decision_table() {
                 "grpc.example.com:9000",
             )
         },
+        // Either codec meets every L7 match (Kuma's listener: codec AUTO, ALPN http/1.1 + h2c).
         Row {
             l7: Some(L7::H2c("web.example.com".into())),
-            ..row("h2c → not http", "app", "203.0.113.50:80", DenyAtProxy, "")
+            ..row(
+                "h2c → http",
+                "app",
+                "203.0.113.50:80",
+                AllowAtProxy,
+                "web.example.com:80",
+            )
         },
         Row {
             l7: Some(L7::H2c("h2.example.com".into())),
@@ -917,11 +1177,137 @@ fn decision_table() {
         Row {
             l7: host("grpc.example.com"),
             ..row(
-                "http/1 → not grpc",
+                "http/1 → grpc",
                 "app",
                 "203.0.113.50:9000",
+                AllowAtProxy,
+                "grpc.example.com:9000",
+            )
+        },
+        Row {
+            l7: host("h2.example.com:9001"),
+            ..row(
+                "http/1 → http2",
+                "app",
+                "203.0.113.50:9001",
+                AllowAtProxy,
+                "h2.example.com:9001",
+            )
+        },
+        Row {
+            l7: Some(L7::H2c("api.example.com".into())),
+            ..row("h2c → not tls", "app", "203.0.113.50:443", DenyAtProxy, "")
+        },
+        // The Host's port must be the dialled port (Kuma's virtual hosts: `d`, `d:port`).
+        Row {
+            l7: host("web.example.com:8080"),
+            ..row(
+                "host names another port → 503",
+                "app",
+                "203.0.113.50:80",
                 DenyAtProxy,
                 "",
+            )
+        },
+        Row {
+            l7: Some(L7::H2c("web.example.com:81".into())),
+            ..row(
+                ":authority names another port → 503",
+                "app",
+                "203.0.113.50:80",
+                DenyAtProxy,
+                "",
+            )
+        },
+        Row {
+            l7: host("web.example.com:080"),
+            ..row(
+                "host port with a leading zero",
+                "app",
+                "203.0.113.50:80",
+                DenyAtProxy,
+                "",
+            )
+        },
+        Row {
+            l7: host("web.example.com:"),
+            ..row(
+                "host with an empty port",
+                "app",
+                "203.0.113.50:80",
+                DenyAtProxy,
+                "",
+            )
+        },
+        Row {
+            l7: host("portless.example.net:8443"),
+            ..row(
+                "port-less match: host port = dialled port",
+                "l7",
+                "203.0.113.50:8443",
+                AllowAtProxy,
+                "portless.example.net",
+            )
+        },
+        Row {
+            l7: host("portless.example.net:9443"),
+            ..row(
+                "port-less match: host port ≠ dialled port",
+                "l7",
+                "203.0.113.50:8443",
+                DenyAtProxy,
+                "",
+            )
+        },
+        Row {
+            l7: host("anything.test:9999"),
+            ..row(
+                "`*` (Envoy's catch-all host) takes any Host port",
+                "l7",
+                "203.0.113.50:8080",
+                AllowAtProxy,
+                "*:8080",
+            )
+        },
+        Row {
+            l7: host("anything.test."),
+            ..row(
+                "`*` takes trailing-dot names",
+                "l7",
+                "203.0.113.50:8080",
+                AllowAtProxy,
+                "*:8080",
+            )
+        },
+        // Trailing dots in Host.
+        Row {
+            l7: host("web.example.com."),
+            ..row(
+                "host trailing dot is another name",
+                "app",
+                "203.0.113.50:80",
+                DenyAtProxy,
+                "",
+            )
+        },
+        Row {
+            l7: host("web.example.com.:80"),
+            ..row(
+                "host trailing dot with port",
+                "app",
+                "203.0.113.50:80",
+                DenyAtProxy,
+                "",
+            )
+        },
+        Row {
+            l7: Some(L7::H2c("dot.example.net.:80".into())),
+            ..row(
+                "h2c trailing dot written in the match",
+                "l7",
+                "203.0.113.50:80",
+                AllowAtProxy,
+                "dot.example.net.:80",
             )
         },
     ];

@@ -1,9 +1,12 @@
 //! h2c (HTTP/2 with prior knowledge), proxied per stream with hyper; plaintext HTTP/1.x is
 //! [`super::http1`].
 //!
-//! Every stream is judged on its own authority (`:authority`, else `Host`) against `http2`
-//! and `grpc` matches, so one connection cannot smuggle a second host. Upstream connections
-//! are HTTP/2 too, one per target and client connection.
+//! Every stream is judged on its own authority (`:authority`, else `Host`) against `http`,
+//! `http2` and `grpc` matches alike (Kuma's listener accepts either codec for every L7 match;
+//! a port in the authority must be the dialled one), so one connection cannot smuggle a second
+//! host. Upstream connections are HTTP/2 too, one per target and client connection: the
+//! request goes on in the codec the client chose (Envoy would re-encode it for the match's
+//! protocol; docs/kuma.md).
 //! - `CONNECT` and `Upgrade` are denied: the tunnelled bytes could not be judged per request.
 //! - Repeats are cheap: a stream whose authority is identical to the connection's last allowed
 //!   one, under the same policy and within `REUSE_JUDGEMENT_FOR`, reuses that judgement's
@@ -53,7 +56,7 @@ use tokio::{
 use tracing::debug;
 
 use super::{ConnInfo, Judgement, Proxy, relay};
-use passthrough_policy::L7;
+use passthrough_policy::{L7, Reason};
 
 /// Response body type of the proxy.
 pub type Body = BoxBody<Bytes, hyper::Error>;
@@ -311,7 +314,7 @@ async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body> {
                 proto,
                 None,
                 None,
-                "malformed_authority",
+                Reason::MalformedAuthority,
                 &why,
                 false,
             );
@@ -323,7 +326,7 @@ async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body> {
         Err(NoAuthority::Missing(why)) => {
             if ctx
                 .proxy
-                .report_deny(&ctx.conn, proto, None, None, "no_authority", &why)
+                .report_deny(&ctx.conn, proto, None, None, Reason::NoAuthority, &why)
             {
                 // --audit: forward to where the client dialled, Host naming that address.
                 let dst = ctx.conn.rec.dst;
@@ -342,7 +345,7 @@ async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body> {
             proto,
             None,
             Some(&auth),
-            "connect",
+            Reason::Connect,
             &"CONNECT is not proxied",
             false,
         );
@@ -351,8 +354,15 @@ async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body> {
     if let Some(up) = req.headers().get(header::UPGRADE) {
         let up = String::from_utf8_lossy(up.as_bytes()).into_owned();
         let why = format!("protocol upgrade ({up}) is not proxied");
-        ctx.proxy
-            .report_deny_with(&ctx.conn, proto, None, Some(&auth), "upgrade", &why, false);
+        ctx.proxy.report_deny_with(
+            &ctx.conn,
+            proto,
+            None,
+            Some(&auth),
+            Reason::Upgrade,
+            &why,
+            false,
+        );
         return deny(&ctx, grpc, &auth, &why);
     }
     let target = match ctx.allowed_again(&auth) {

@@ -18,7 +18,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::{Request, Response, StatusCode, body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use passthrough_policy::{DecideOptions, MergedConf, Mode, Workload, load_policy_bytes};
+use passthrough_policy::{DecideOptions, MergedConf, Mode, Resolver, Workload, load_policy_bytes};
 use passthrough_proxy::{
     DomainDestination, OrigDstSource, Proxy, ProxyConfig, ProxyPolicy, Redirected, h1,
 };
@@ -96,7 +96,7 @@ async fn start(c: MergedConf, mode: DomainDestination, resolver: Option<SocketAd
     };
     let cfg = ProxyConfig {
         domain_destination: mode,
-        resolver,
+        resolvers: resolver.map(Resolver::from).into_iter().collect(),
         peek_timeout: Duration::from_secs(2),
         max_peek: 40 * 1024,
         connect_timeout: Duration::from_secs(2),
@@ -439,7 +439,10 @@ async fn raw_client_hellos_split_large_odd() {
     let l = bind(v4(1), 0).await;
     let port = l.local_addr().unwrap().port();
     let px = start(
-        conf(&[dom("api.example.test", port, "tls")]),
+        conf(&[
+            dom("api.example.test", port, "tls"),
+            dom("dot.example.test.", port, "tls"),
+        ]),
         DomainDestination::Original,
         None,
     )
@@ -447,11 +450,25 @@ async fn raw_client_hellos_split_large_odd() {
     let mut cases: Vec<(&str, Vec<u8>, usize, bool)> = vec![
         ("plain", hello(&[b"api.example.test"]), 1 << 20, true),
         ("upper case", hello(&[b"API.Example.TEST"]), 1 << 20, true),
+        // A trailing dot makes another name (Kuma: Envoy finds no filter chain for it); a
+        // match written with the dot allows exactly the dotted name.
         (
             "trailing dot",
             hello(&[b"api.example.test."]),
             1 << 20,
+            false,
+        ),
+        (
+            "dotted match",
+            hello(&[b"Dot.Example.Test."]),
+            1 << 20,
             true,
+        ),
+        (
+            "dotted match, name without the dot",
+            hello(&[b"dot.example.test"]),
+            1 << 20,
+            false,
         ),
         ("1-byte writes", hello(&[b"api.example.test"]), 1, true),
         (
@@ -749,7 +766,7 @@ async fn http1_every_request_is_checked() {
         (StatusCode::OK, "A host=api.example.test uri=/a")
     );
     let (st, body) = body_text(
-        tx.send_request(get("/b", Some("API.example.test:8080")))
+        tx.send_request(get("/b", Some(&format!("API.example.test:{port}"))))
             .await
             .unwrap(),
     )
@@ -957,6 +974,117 @@ async fn h2c_streams_and_grpc() {
         .await
         .unwrap();
     assert_eq!(r.headers().get("grpc-status").unwrap(), "7");
+}
+
+/// One h2c request to `dst` through the proxy with `:authority` `auth`: status and body.
+async fn h2c_once(px: &Px, dst: SocketAddr, auth: &str) -> (StatusCode, String) {
+    let (mut tx, conn) = hyper::client::conn::http2::handshake(
+        TokioExecutor::new(),
+        TokioIo::new(px.dial(dst).await),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req = Request::get(format!("http://{auth}/h2"))
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    body_text(tx.send_request(req).await.unwrap()).await
+}
+
+/// Kuma serves `http`, `http2` and `grpc` Domain matches with one listener whose HTTP codec is
+/// `AUTO` (HTTP/1.1 or h2c, whatever the match says), and lists `d` and `d:port` as the
+/// virtual-host domains: either codec meets every L7 match, and a Host / `:authority` naming
+/// another port than the dialled one, or the name with a trailing dot, gets the 503.
+#[tokio::test]
+async fn either_codec_meets_every_l7_match_and_the_host_port_is_the_dialled_one() {
+    init_tracing();
+    let l = bind(v4(1), 0).await;
+    let port = l.local_addr().unwrap().port();
+    // The same port on three hosts: an HTTP/1 origin, an h2c origin, and another HTTP/1 one.
+    let h1_up = http_server(l, "H1", false).await;
+    let h2_up = http_server(bind(v4(2), port).await, "H2", true).await;
+    for protocol in ["http", "http2", "grpc"] {
+        let px = start(
+            conf(&[dom("web.example.test", port, protocol)]),
+            DomainDestination::Original,
+            None,
+        )
+        .await;
+        // HTTP/1.1, with and without the dialled port in Host.
+        for host in [
+            "web.example.test".to_string(),
+            format!("Web.example.test:{port}"),
+        ] {
+            let out = raw_http(
+                &px,
+                h1_up,
+                &format!("GET /h1 HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"),
+            )
+            .await;
+            assert!(out.starts_with("HTTP/1.1 200"), "{protocol} {host}: {out}");
+            assert!(out.contains("H1 host="), "{protocol} {host}: {out}");
+        }
+        // h2c prior knowledge.
+        for auth in [
+            "web.example.test".to_string(),
+            format!("web.example.test:{port}"),
+        ] {
+            let (st, body) = h2c_once(&px, h2_up, &auth).await;
+            assert_eq!(st, StatusCode::OK, "{protocol} {auth}: {body}");
+            assert!(body.starts_with("H2 "), "{protocol} {auth}: {body}");
+        }
+        // Another port in Host / :authority, an empty or zero-padded port, a trailing dot:
+        // 503 naming what was asked for, and nothing forwarded.
+        for host in [
+            format!("web.example.test:{}", port.wrapping_add(1)),
+            "web.example.test:".to_string(),
+            format!("web.example.test:0{port}"),
+            "web.example.test.".to_string(),
+            format!("web.example.test.:{port}"),
+        ] {
+            let out = raw_http(
+                &px,
+                h1_up,
+                &format!("GET /no HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"),
+            )
+            .await;
+            assert!(out.starts_with("HTTP/1.1 503"), "{protocol} {host}: {out}");
+            assert!(
+                out.contains(&host.to_ascii_lowercase()),
+                "{protocol} {host}: {out}"
+            );
+            assert!(!out.contains("H1 host="), "{protocol} {host}: {out}");
+        }
+        for auth in [
+            format!("web.example.test:{}", port.wrapping_add(1)),
+            "web.example.test.".to_string(),
+        ] {
+            let (st, body) = h2c_once(&px, h2_up, &auth).await;
+            assert_eq!(
+                st,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "{protocol} {auth}: {body}"
+            );
+            assert!(
+                body.contains("no MeshPassthrough match"),
+                "{protocol} {auth}: {body}"
+            );
+        }
+    }
+    // `*` is Envoy's catch-all virtual host: any Host, whatever its port.
+    let px = start(
+        conf(&[dom("*", port, "http")]),
+        DomainDestination::Original,
+        None,
+    )
+    .await;
+    let out = raw_http(
+        &px,
+        h1_up,
+        "GET / HTTP/1.1\r\nHost: any.test:1\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
 }
 
 /// An h2c origin that answers every request `"host=<host header> authority=<:authority>"`

@@ -5,7 +5,7 @@ use std::{io::Write, net::SocketAddr, path::PathBuf};
 
 use ipnet::IpNet;
 use passthrough_policy::{
-    L7, Mode,
+    L7, Mode, Resolver,
     report::{self, ExplainRequest},
 };
 
@@ -15,7 +15,7 @@ pub struct CheckArgs {
     /// Policy files or directories (`*.yaml`, `*.yml`, `*.json`, walked recursively).
     #[arg(required = true, value_name = "PATH")]
     pub paths: Vec<PathBuf>,
-    /// The mesh whose policies are checked; policies of other meshes are skipped.
+    /// The mesh the summary counts; policies of every mesh are validated.
     #[arg(long, default_value = "default", value_name = "NAME")]
     pub mesh: String,
     /// A workloads file (`- {name, cgroup, labels}`); the summary then says how many are selected.
@@ -74,7 +74,8 @@ pub struct ExplainArgs {
     /// The HTTP Host (decision at the proxy); HTTP/1.x unless `--h2c`.
     #[arg(long, value_name = "NAME")]
     pub host: Option<String>,
-    /// With `--host`: the request is HTTP/2 with prior knowledge (matched by `http2`/`grpc`).
+    /// With `--host`: the request is HTTP/2 with prior knowledge (h2c). Either codec is matched
+    /// by `http`, `http2` and `grpc` matches alike, as in Kuma.
     #[arg(long, requires = "host")]
     pub h2c: bool,
     /// The workload's name (what a `Dataplane` targetRef `name` selects).
@@ -92,9 +93,10 @@ pub struct ExplainArgs {
     /// Ranges that are never egress (pod and service CIDRs).
     #[arg(long = "internal-cidr", value_name = "CIDR")]
     pub internal_cidr: Vec<IpNet>,
-    /// DNS resolvers (`IP:PORT`) that UDP may reach.
-    #[arg(long = "resolver", value_name = "ADDR:PORT")]
-    pub resolver: Vec<SocketAddr>,
+    /// DNS resolvers (`IP` or `IP:PORT`, `[IPv6]:PORT`; port 53 if none) that UDP may reach
+    /// at exactly that port, as `run --resolver`.
+    #[arg(long = "resolver", value_name = "IP[:PORT]")]
+    pub resolver: Vec<Resolver>,
     /// The mode of a workload that no policy selects.
     #[arg(long = "unselected-mode", default_value = "All", value_name = "MODE")]
     pub unselected_mode: Mode,

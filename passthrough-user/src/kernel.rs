@@ -32,7 +32,7 @@ use aya::{
 };
 use passthrough_common::{
     DomainPortKey, GlobalConfig, OrigDst, PeerKey, RangeBlock, RangeTable, RangeTableKey,
-    RelayCounts, RelayPeer, RuleKeyV6, RuleValue, WorkloadEntry, WorkloadKey, counter,
+    RelayCounts, RelayPeer, RuleKeyV6, RuleValue, WorkloadEntry, WorkloadKey, counter::Counter,
 };
 
 use passthrough_policy::plan::{KernelPlan, MapUsage};
@@ -1106,18 +1106,19 @@ impl Kernel {
         &self.attached
     }
 
-    /// Sums the per-CPU counters, by name.
-    pub fn counters(&self) -> BTreeMap<&'static str, u64> {
-        let mut out = BTreeMap::new();
-        for (i, name) in counter::NAMES.iter().enumerate() {
-            let total = self
-                .counters
-                .get(&(i as u32), 0)
-                .map(|v| v.iter().sum())
-                .unwrap_or(0);
-            out.insert(*name, total);
-        }
-        out
+    /// Sums the per-CPU counters, by name (`deny_no_match`, `allow_loopback`, …: see
+    /// `passthrough_common::counter::Counter`).
+    pub fn counters(&self) -> BTreeMap<String, u64> {
+        Counter::all()
+            .map(|(i, c)| {
+                let total = self
+                    .counters
+                    .get(&i, 0)
+                    .map(|v| v.iter().sum())
+                    .unwrap_or(0);
+                (c.to_string(), total)
+            })
+            .collect()
     }
 }
 

@@ -121,6 +121,109 @@ fn explain_json_shape() {
 }
 
 #[test]
+fn explain_l7_follows_kumas_listener() {
+    // An h2c request meets an `http` match; an HTTP/1 request meets a `grpc` match.
+    let j = explain_json(&ExplainArgs {
+        host: Some("web.example.com".into()),
+        h2c: true,
+        ..explain_args("203.0.113.50:80")
+    });
+    assert_eq!(
+        (j["verdict"].as_str(), j["l7"].as_str()),
+        (Some("allow"), Some("h2c"))
+    );
+    assert_eq!(j["match"]["protocol"], "http");
+    let j = explain_json(&ExplainArgs {
+        host: Some("grpc.example.com".into()),
+        ..explain_args("203.0.113.50:9000")
+    });
+    assert_eq!(j["verdict"], "allow");
+    assert_eq!(j["match"]["protocol"], "grpc");
+    // A Host naming another port than the dialled one: denied, and the reason names it.
+    let j = explain_json(&ExplainArgs {
+        host: Some("Web.example.com:8080".into()),
+        ..explain_args("203.0.113.50:80")
+    });
+    assert_eq!(
+        (j["verdict"].as_str(), j["rule"].as_str()),
+        (Some("deny"), Some("no_domain_match"))
+    );
+    assert!(
+        j["reason"]
+            .as_str()
+            .unwrap()
+            .contains("web.example.com:8080"),
+        "{j}"
+    );
+    // A trailing dot makes another name.
+    let j = explain_json(&ExplainArgs {
+        sni: Some("api.example.com.".into()),
+        ..explain_args("203.0.113.50:443")
+    });
+    assert_eq!(j["verdict"], "deny");
+    assert!(
+        j["reason"].as_str().unwrap().contains("api.example.com."),
+        "{j}"
+    );
+}
+
+#[test]
+fn the_kuma_parity_example_decides_as_its_comments_say() {
+    let ex = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/kuma-parity.yaml");
+    let mut out = Vec::new();
+    let ok = CheckArgs {
+        paths: vec![ex.clone()],
+        mesh: "default".into(),
+        workloads: None,
+    }
+    .run(&mut out)
+    .unwrap();
+    assert!(ok);
+    assert_eq!(
+        String::from_utf8(out).unwrap(),
+        "valid: 2 policies, 2 matches in mesh \"default\" (1 file); 1 shadow (kuma.io/effect), not enforced\n"
+    );
+    let web = |dst: &str| ExplainArgs {
+        policy: vec![ex.clone()],
+        workload: None,
+        workloads: None,
+        labels: vec![("app".into(), "web".into())],
+        ..explain_args(dst)
+    };
+    let j = explain_json(&ExplainArgs {
+        host: Some("api.example.com".into()),
+        h2c: true,
+        ..web("203.0.113.10:80")
+    });
+    assert_eq!(j["verdict"], "allow", "{j}");
+    assert_eq!(j["mode"], "Matched", "{j}");
+    assert_eq!(
+        j["policies"],
+        serde_json::json!(["a-allow-api", "b-zone-web"])
+    );
+    let j = explain_json(&ExplainArgs {
+        host: Some("api.example.com:8080".into()),
+        ..web("203.0.113.10:80")
+    });
+    assert_eq!(j["verdict"], "deny", "{j}");
+    let j = explain_json(&ExplainArgs {
+        sni: Some("dl.pkg.example.com".into()),
+        ..web("203.0.113.10:443")
+    });
+    assert_eq!(j["verdict"], "allow", "{j}");
+    // Not app=web: no policy (the shadow one is not enforced) → --unselected-mode.
+    let j = explain_json(&ExplainArgs {
+        unselected_mode: Mode::None,
+        labels: vec![],
+        ..web("203.0.113.10:443")
+    });
+    assert_eq!(
+        (j["verdict"].as_str(), j["mode"].as_str()),
+        (Some("deny"), Some("None"))
+    );
+}
+
+#[test]
 fn explain_text() {
     let mut out = Vec::new();
     cli::run_explain(
@@ -157,7 +260,7 @@ fn check_output() {
     let ok = CheckArgs {
         paths: vec![
             data("validate/kuma-valid.yaml"),
-            data("validate/other-mesh.yaml"),
+            data("validate/other-mesh-valid.yaml"),
         ],
         mesh: "default".into(),
         workloads: None,
@@ -168,7 +271,48 @@ fn check_output() {
     assert!(ok);
     assert_eq!(
         s,
-        "valid: 1 policy, 6 matches in mesh \"default\" (2 files); 2 of other meshes skipped\n"
+        "valid: 1 policy, 6 matches in mesh \"default\" (2 files); 2 of other meshes also valid\n"
+    );
+
+    // Every mesh is validated: an invalid policy of another mesh fails the check (Kuma would
+    // refuse it), and a shadow policy is counted apart (valid, not enforced).
+    let mut out = Vec::new();
+    let f = data("validate/other-mesh.yaml");
+    let ok = CheckArgs {
+        paths: vec![data("validate/kuma-valid.yaml"), f.clone()],
+        mesh: "default".into(),
+        workloads: None,
+    }
+    .run(&mut out)
+    .unwrap();
+    assert!(!ok);
+    assert_eq!(
+        String::from_utf8(out).unwrap(),
+        format!(
+            "{}: spec.default.appendMatch[0].value: provided IP has incorrect value\n",
+            f.display()
+        )
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let shadow = dir.path().join("shadow.yaml");
+    std::fs::write(
+        &shadow,
+        "type: MeshPassthrough\nname: s\nlabels: {kuma.io/effect: shadow}\nspec: {}\n",
+    )
+    .unwrap();
+    let mut out = Vec::new();
+    assert!(
+        CheckArgs {
+            paths: vec![data("validate/kuma-valid.yaml"), shadow],
+            mesh: "default".into(),
+            workloads: None,
+        }
+        .run(&mut out)
+        .unwrap()
+    );
+    assert_eq!(
+        String::from_utf8(out).unwrap(),
+        "valid: 1 policy, 6 matches in mesh \"default\" (2 files); 1 shadow (kuma.io/effect), not enforced\n"
     );
 
     let mut out = Vec::new();
@@ -210,4 +354,101 @@ fn check_output() {
         ),
         "{s}"
     );
+}
+
+/// `run --resolver` and `explain --resolver` mean the same thing, and the kernel decides what
+/// `explain` says: UDP to a resolver is allowed at the resolver's own port, in every mode.
+/// Before issue 17 they disagreed: `explain` allowed UDP to `198.51.100.53:5353` while `run`
+/// dropped the port and compiled the resolver at port 53, so the kernel denied it.
+#[test]
+fn run_and_explain_agree_on_a_resolver_at_another_port() {
+    use clap::Parser;
+    use passthrough_common::{
+        Reason,
+        decide::{Transport, Verdict as KernelVerdict},
+    };
+    use passthrough_policy::{
+        Workload, load_policies,
+        plan::compile,
+        plan_maps::{KernelSettings, PlanMaps},
+    };
+    use passthrough_user::agent::{RunArgs, plan_options};
+
+    #[derive(Parser)]
+    struct Run {
+        #[command(flatten)]
+        run: RunArgs,
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("none.yaml");
+    std::fs::write(
+        &policy,
+        "type: MeshPassthrough\nname: none\nmesh: default\nspec:\n  targetRef: {kind: Mesh}\n  default:\n    passthroughMode: None\n",
+    )
+    .unwrap();
+    let resolver = "198.51.100.53:5353";
+    let run = Run::try_parse_from([
+        "run",
+        "--policy",
+        policy.to_str().unwrap(),
+        "--cgroup",
+        "/sys/fs/cgroup/app",
+        "--resolver",
+        resolver,
+    ])
+    .unwrap()
+    .run;
+    let set = load_policies(&run.policy, &run.mesh).unwrap();
+    let conf = set.merge_for(
+        &Workload {
+            name: "app".into(),
+            cgroup: "/sys/fs/cgroup/app".into(),
+            labels: Default::default(),
+        },
+        run.unselected_mode,
+    );
+    const APP: u64 = 4242;
+    let plan = compile(0, &[(APP, &conf)], &plan_options(&run));
+    let kernel = PlanMaps::new(
+        &plan,
+        None,
+        KernelSettings {
+            proxy: true,
+            ..Default::default()
+        },
+    );
+    for (dst, allowed) in [
+        ("198.51.100.53:5353", true),
+        ("[::ffff:198.51.100.53]:5353", true),
+        // Port 53 of a resolver configured at another port is no resolver.
+        ("198.51.100.53:53", false),
+        ("198.51.100.54:5353", false),
+    ] {
+        let j = explain_json(&ExplainArgs {
+            policy: vec![policy.clone()],
+            dst: dst.parse().unwrap(),
+            udp: true,
+            workload: None,
+            workloads: None,
+            resolver: vec![resolver.parse().unwrap()],
+            ..explain_args(dst)
+        });
+        let k = kernel.decide(&[APP], dst.parse().unwrap(), Transport::Udp, 0);
+        let (verdict, rule, kernel_verdict) = if allowed {
+            ("allow", Reason::Resolver, KernelVerdict::Allow)
+        } else {
+            ("deny", Reason::ModeNone, KernelVerdict::Deny)
+        };
+        assert_eq!(
+            (j["verdict"].as_str(), j["rule"].as_str()),
+            (Some(verdict), Some(rule.code())),
+            "explain {dst}: {j}"
+        );
+        assert_eq!(
+            (k.verdict, k.reason),
+            (kernel_verdict, rule),
+            "kernel {dst}"
+        );
+    }
 }

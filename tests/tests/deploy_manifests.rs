@@ -83,7 +83,7 @@ fn manifests() -> Vec<Doc> {
     for file in manifest_files() {
         let text =
             std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
-        for (index, de) in serde_yaml::Deserializer::from_str(&text).enumerate() {
+        for (index, de) in yaml_serde::Deserializer::from_str(&text).enumerate() {
             let value = Value::deserialize(de).unwrap_or_else(|e| {
                 panic!("{} (document {}): not YAML: {e}", file.display(), index + 1)
             });
@@ -247,12 +247,12 @@ fn every_manifest_is_a_typed_kubernetes_object() {
 /// The checker itself: a misspelt field must be caught, not silently dropped.
 #[test]
 fn the_round_trip_catches_a_misspelt_field() {
-    let good: Value = serde_yaml::from_str(
+    let good: Value = yaml_serde::from_str(
         "apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: x, namespace: y}\nautomountServiceAccountToken: false\n",
     )
     .unwrap();
     typed::<ServiceAccount>(&good).expect("valid");
-    let bad: Value = serde_yaml::from_str(
+    let bad: Value = yaml_serde::from_str(
         "apiVersion: apps/v1\nkind: DaemonSet\nmetadata: {name: x}\nspec:\n  selector: {matchLabels: {a: b}}\n  template:\n    metadata: {labels: {a: b}}\n    spec:\n      containers:\n        - name: c\n          image: i\n          imagePullPolicyy: Always\n",
     )
     .unwrap();
@@ -263,7 +263,7 @@ fn the_round_trip_catches_a_misspelt_field() {
     );
     // A value in the wrong type fails the typed parse itself.
     let wrong: Value =
-        serde_yaml::from_str("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\ndata: [a]\n")
+        yaml_serde::from_str("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\ndata: [a]\n")
             .unwrap();
     assert!(typed::<ConfigMap>(&wrong).is_err());
 }
@@ -300,7 +300,7 @@ struct KustomizeImage {
 fn kustomization() -> Kustomization {
     let path = k8s_dir().join("kustomization.yaml");
     let text = std::fs::read_to_string(&path).expect("deploy/kubernetes/kustomization.yaml");
-    serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    yaml_serde::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 #[test]
@@ -1234,7 +1234,7 @@ fn run_tool(bin: &Path, args: &[&str]) -> String {
 /// Rendered YAML → documents, each checked strictly against its Kubernetes type.
 fn rendered(what: &str, yaml: &str) -> BTreeMap<(String, String), Value> {
     let mut docs = Vec::new();
-    for (index, de) in serde_yaml::Deserializer::from_str(yaml).enumerate() {
+    for (index, de) in yaml_serde::Deserializer::from_str(yaml).enumerate() {
         let value = Value::deserialize(de).unwrap_or_else(|e| panic!("{what}: not YAML: {e}"));
         if !value.is_null() {
             docs.push(Doc {

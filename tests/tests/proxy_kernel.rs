@@ -397,7 +397,7 @@ fn denied_503(resp: &Value, host: &str) {
 // ------------------------------------------------------------------------------------- TLS
 
 #[test]
-fn tls_exact_wildcard_case_trailing_dot_allowed_other_and_no_sni_denied() {
+fn tls_exact_wildcard_case_allowed_trailing_dot_other_and_no_sni_denied() {
     if !require_kernel() {
         return;
     }
@@ -411,10 +411,11 @@ fn tls_exact_wildcard_case_trailing_dot_allowed_other_and_no_sni_denied() {
         // Case: rustls sends the name as given.
         w.tls_ok(a, "API.Test", None);
         w.tls_ok(a, "X.Wild.TEST", None);
-        // Trailing dot (rustls strips it, so a hand-made hello carries it).
-        assert!(w.raw_hello_reaches(a, "api.test."), "{a} api.test.");
+        // A trailing dot makes another name, as in Kuma (Envoy finds no filter chain for it).
+        // rustls strips it, so a hand-made hello carries it.
+        assert!(!w.raw_hello_reaches(a, "api.test."), "{a} api.test.");
         assert!(
-            w.raw_hello_reaches(a, "A.B.WILD.test."),
+            !w.raw_hello_reaches(a, "A.B.WILD.test."),
             "{a} A.B.WILD.test."
         );
         // Denied: another name, the wildcard's bare domain, no SNI.
@@ -428,6 +429,105 @@ fn tls_exact_wildcard_case_trailing_dot_allowed_other_and_no_sni_denied() {
         w.tls_denied(a, None);
         // The Domain matches are for port 443 only: 8443 is denied in the kernel.
         w.eperm(host(A, fam, 8443));
+    }
+}
+
+/// Kuma parity for plaintext HTTP (issue 18): Kuma's listener serves every `http`, `http2` and
+/// `grpc` Domain match with one HTTP codec `AUTO`, so either codec meets every L7 match; its
+/// virtual hosts are `d` and `d:port`, so a Host or `:authority` naming another port gets the
+/// 503; and a trailing dot makes another name. Our clients (hyper) and curl, through the real
+/// kernel redirect; the test hosts' servers speak both codecs, so what reaches them is what
+/// the client sent.
+#[test]
+fn l7_codecs_host_ports_and_trailing_dots_as_kumas_listener() {
+    if !require_kernel() {
+        return;
+    }
+    let mut w = World::host();
+    let version = |r: &Value| {
+        r["body"]
+            .as_str()
+            .unwrap_or("")
+            .rsplit("version=")
+            .next()
+            .unwrap_or("")
+            .to_string()
+    };
+    for fam in FAMILIES {
+        // h2c prior knowledge meets the `http` match of port 80.
+        let a80 = host(A, fam, 80);
+        let r = w.h2c(a80, &["web.test", "web.test:80", "evil.test"]);
+        ok_from(&r[0], a80, "web.test");
+        assert_eq!(version(&r[0]), "HTTP/2.0", "{}", r[0]);
+        ok_from(&r[1], a80, "web.test:80");
+        denied_503(&r[2], "evil.test");
+        // HTTP/1.1 meets the `http2` match of 8080 and the `grpc` match of 50051.
+        let a8080 = host(A, fam, 8080);
+        let r = w.http1(a8080, &["h2.test"]);
+        ok_from(&r[0], a8080, "h2.test");
+        assert_eq!(version(&r[0]), "HTTP/1.1", "{}", r[0]);
+        let a50051 = host(A, fam, 50051);
+        let r = w.http1(a50051, &["grpc.test:50051"]);
+        ok_from(&r[0], a50051, "grpc.test:50051");
+        // The Host's port must be the dialled one; an allowed name with another port, or
+        // with a trailing dot, is a 503 and reaches no host.
+        for h in ["web.test:8080", "web.test:", "web.test.", "web.test.:80"] {
+            let before = w.servers.accepted_total();
+            let r = w.http1(a80, &[h]);
+            denied_503(&r[0], h);
+            assert_eq!(w.servers.accepted_total(), before, "{h}: {}", r[0]);
+        }
+        for h in ["h2.test:80", "h2.test."] {
+            let r = w.h2c(a8080, &[h]);
+            denied_503(&r[0], h);
+        }
+    }
+    // curl, an independent client: h2c prior knowledge on the `http` match, a Host naming
+    // another port, and a trailing dot.
+    for fam in ['4', '6'] {
+        let a = host(A, fam, 80);
+        let ip = match a.ip() {
+            IpAddr::V6(v6) => format!("[{v6}]"),
+            v4 => v4.to_string(),
+        };
+        let curl = |extra: &[&str]| {
+            let mut args = vec![
+                "-sS",
+                "--max-time",
+                "5",
+                "-w",
+                "\n%{http_code} %{http_version}",
+            ];
+            args.extend_from_slice(extra);
+            let out = output_in(&w.workload, None, "curl", &args).unwrap();
+            (
+                String::from_utf8_lossy(&out.stdout).to_string(),
+                String::from_utf8_lossy(&out.stderr).to_string(),
+            )
+        };
+        let resolve = format!("web.test:80:{ip}");
+        let (out, err) = curl(&[
+            "--http2-prior-knowledge",
+            "--resolve",
+            &resolve,
+            "http://web.test/curl",
+        ]);
+        assert!(out.ends_with("\n200 2"), "curl h2c via {ip}: {out:?} {err}");
+        assert!(
+            out.starts_with(&format!("local={} host=web.test ", normalize(a))),
+            "{out}"
+        );
+        let url = format!("http://{ip}/curl");
+        for h in ["Host: web.test:8080", "Host: web.test."] {
+            let (out, err) = curl(&["-H", h, &url]);
+            assert!(
+                out.ends_with("\n503 1.1"),
+                "curl {h} via {ip}: {out:?} {err}"
+            );
+            assert!(out.contains("MeshPassthrough"), "{out}");
+        }
+        let (out, err) = curl(&["-H", "Host: web.test:80", &url]);
+        assert!(out.ends_with("\n200 1.1"), "curl via {ip}: {out:?} {err}");
     }
 }
 
