@@ -131,7 +131,7 @@ pub fn policies(snap: &Snapshot, cfg: &KumaConfig) -> Policies {
         }
         let ns = obj.metadata.namespace.clone().unwrap_or_default();
         let name = obj.metadata.name.clone().unwrap_or_default();
-        let meta = match PolicyMeta::from_object(
+        let meta = match kuma::policy_meta(
             &name,
             &ns,
             obj.metadata.labels.as_ref().unwrap_or(&BTreeMap::new()),
@@ -157,6 +157,7 @@ pub fn policies(snap: &Snapshot, cfg: &KumaConfig) -> Policies {
                 Ok(mut pol) => {
                     // Name policies `namespace/name` in explanations, events and metrics.
                     pol.name = key.clone();
+                    pol.meta = meta.clone();
                     let file: std::sync::Arc<Path> = Path::new(&format!("kubernetes:{key}")).into();
                     let name: std::sync::Arc<str> = key.as_str().into();
                     pol.file = file.to_path_buf();
