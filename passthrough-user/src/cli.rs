@@ -140,69 +140,6 @@ pub fn run_explain(args: &ExplainArgs, out: &mut impl Write) -> anyhow::Result<(
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use clap::Parser;
-
-    #[derive(Parser)]
-    struct T {
-        #[command(subcommand)]
-        c: C,
-    }
-    #[derive(clap::Subcommand)]
-    enum C {
-        Check(CheckArgs),
-        Explain(ExplainArgs),
-    }
-
-    #[test]
-    fn clap_shapes() {
-        use clap::CommandFactory;
-        T::command().debug_assert();
-        let t = T::try_parse_from([
-            "x",
-            "explain",
-            "--policy",
-            "a.yaml",
-            "b.yaml",
-            "--dst",
-            "[2001:db8::1]:443",
-            "--labels",
-            "a=b,c=d",
-            "--sni",
-            "x.example.com",
-            "--json",
-        ])
-        .unwrap();
-        match t.c {
-            C::Explain(e) => {
-                assert_eq!(e.policy.len(), 2);
-                assert_eq!(e.labels.len(), 2);
-                assert!(e.json);
-                assert_eq!(e.unselected_mode, Mode::All);
-            }
-            C::Check(_) => panic!(),
-        }
-        assert!(
-            T::try_parse_from([
-                "x",
-                "explain",
-                "--policy",
-                "a",
-                "--dst",
-                "1.2.3.4:1",
-                "--sni",
-                "a",
-                "--host",
-                "b"
-            ])
-            .is_err()
-        );
-        assert!(T::try_parse_from(["x", "check"]).is_err());
-    }
-}
-
 /// `explain --kubernetes --pod NS/NAME`: reads the pod and what decides for it from the API
 /// server, then decides exactly as the agent on its node does.
 fn explain_pod(args: &ExplainArgs, out: &mut impl Write) -> anyhow::Result<()> {
@@ -311,4 +248,68 @@ fn explain_pod(args: &ExplainArgs, out: &mut impl Write) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct T {
+        #[command(subcommand)]
+        c: C,
+    }
+    #[derive(clap::Subcommand)]
+    #[allow(clippy::large_enum_variant)]
+    enum C {
+        Check(CheckArgs),
+        Explain(ExplainArgs),
+    }
+
+    #[test]
+    fn clap_shapes() {
+        use clap::CommandFactory;
+        T::command().debug_assert();
+        let t = T::try_parse_from([
+            "x",
+            "explain",
+            "--policy",
+            "a.yaml",
+            "b.yaml",
+            "--dst",
+            "[2001:db8::1]:443",
+            "--labels",
+            "a=b,c=d",
+            "--sni",
+            "x.example.com",
+            "--json",
+        ])
+        .unwrap();
+        match t.c {
+            C::Explain(e) => {
+                assert_eq!(e.policy.len(), 2);
+                assert_eq!(e.labels.len(), 2);
+                assert!(e.json);
+                assert_eq!(e.unselected_mode, Mode::All);
+            }
+            C::Check(_) => panic!(),
+        }
+        assert!(
+            T::try_parse_from([
+                "x",
+                "explain",
+                "--policy",
+                "a",
+                "--dst",
+                "1.2.3.4:1",
+                "--sni",
+                "a",
+                "--host",
+                "b"
+            ])
+            .is_err()
+        );
+        assert!(T::try_parse_from(["x", "check"]).is_err());
+    }
 }

@@ -194,7 +194,10 @@ fn apply(
 /// configuration, whose rule set it then shares) and to remove, when `next` differs from `cur`
 /// only by such entries; `None` when a full apply is needed (a configuration that no workload
 /// has yet, e.g. a policy change).
-fn incremental(cur: &Model, next: &Model) -> Option<(Vec<(u64, u64)>, Vec<u64>)> {
+/// Cgroup ids to set (`(id, like)`) and to remove.
+type InPlace = (Vec<(u64, u64)>, Vec<u64>);
+
+fn incremental(cur: &Model, next: &Model) -> Option<InPlace> {
     // Old entry id with each old configuration.
     let mut like_of_conf: Vec<Option<u64>> = vec![None; cur.confs.len()];
     for e in &cur.entries {
