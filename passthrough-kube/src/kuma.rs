@@ -9,7 +9,7 @@
 //!   (`PodToDataplane`: resource labels), `controllers/inbound_converter.go` (inbound tags per
 //!   Service port, the service-less inbound), `controllers/serviceless_name_extractor.go`,
 //!   `pod_controller.go` (`findMatchingServices`) and `pkg/core/resources/labels/compute.go`;
-//! - the labels Kuma's admission webhook gives a policy ([`PolicyMeta::from_object`]):
+//! - the labels Kuma's admission webhook gives a policy ([`policy_meta`]):
 //!   `webhooks/defaulter.go` + `labels/compute.go` (`ComputePolicyRole`), and the display name
 //!   of `pkg/plugins/resources/k8s/store.go` (`KubernetesMetaAdapter.GetLabels`);
 //! - which Dataplanes a policy selects and in which order the selecting policies merge
