@@ -18,6 +18,10 @@ pub const LAYOUT_VERSION: u32 = 3;
 /// its upstream sockets with it.
 pub const AGENT_MARK: u32 = 0x7074_0001;
 
+/// The workload (cgroup id) the test-only `passthrough_view_probe` program looks up in the
+/// generation it read (`passthrough-ebpf/src/view_probe.rs`); no real cgroup has it.
+pub const VIEW_PROBE_WORKLOAD: u64 = 0x7074_7669_6577;
+
 /// How many cgroup levels the programs walk up from the caller's cgroup to find its workload.
 pub const MAX_CGROUP_DEPTH: u32 = 32;
 
