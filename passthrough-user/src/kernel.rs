@@ -894,19 +894,14 @@ impl Kernel {
         self.raw_backstop = on;
     }
 
-    /// Removes the pinned link of `name` at `cgroup`, if a previous agent left one (nothing
-    /// else holds it, so the program is detached).
+    /// Removes the pinned link of `name` at `cgroup`, if a previous agent left one: detached
+    /// first, so its program no longer runs when this returns (the kernel frees an unpinned
+    /// link, and detaches it, only later).
     fn unpin_link(&self, cgroup: &Path, name: &str) -> Result<(), KernelError> {
         let Some(pin) = self.link_pin(cgroup, name) else {
             return Ok(());
         };
-        match std::fs::remove_file(&pin) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(KernelError::Pin {
-                path: pin,
-                source: e,
-            }),
-            _ => Ok(()),
-        }
+        crate::pins::detach_and_unpin(&pin).map_err(|source| KernelError::Pin { path: pin, source })
     }
 
     fn has_pinned_link(&self, cgroup: &Path, name: &str) -> bool {
@@ -1034,11 +1029,11 @@ impl Kernel {
             .collect();
         for (id, dir) in crate::pins::pinned_attachments(&state) {
             if !wanted.contains(&id) {
-                removed.extend(crate::pins::remove_tree(&dir).unwrap_or_default());
+                removed.extend(crate::pins::retire_tree(&dir).unwrap_or_default());
             }
         }
         for dir in std::mem::take(&mut self.retire_after_attach) {
-            match crate::pins::remove_tree(&dir) {
+            match crate::pins::retire_tree(&dir) {
                 Ok(r) => removed.extend(r),
                 Err(e) => {
                     tracing::warn!(dir = %dir.display(), error = %e, "could not remove old pinned state")
@@ -1046,8 +1041,9 @@ impl Kernel {
             }
         }
         if !removed.is_empty() {
-            // The kernel releases an unpinned link from a work queue: wait (bounded) until the
-            // old programs are off our cgroups, so "replaced" means exactly one set attached.
+            // retire_tree detached the old links. A kernel without BPF_LINK_DETACH (before 5.9)
+            // releases an unpinned link from a work queue instead: wait (bounded) until the old
+            // programs are off our cgroups, so "replaced" means exactly one set attached.
             let ours = self.program_ids();
             let only_ours = |cg: &PathBuf| {
                 crate::pins::OUR_ATTACH_TYPES.iter().all(|t| {
@@ -1083,7 +1079,7 @@ impl Kernel {
         let links = std::mem::take(&mut self.links);
         if let Some(state) = self.state_dir.clone() {
             let layout = crate::pins::layout_dir(&state);
-            crate::pins::remove_tree(&layout).map_err(|source| KernelError::Pin {
+            crate::pins::retire_tree(&layout).map_err(|source| KernelError::Pin {
                 path: layout.clone(),
                 source,
             })?;
@@ -1091,8 +1087,10 @@ impl Kernel {
         }
         drop(links);
         drop(self);
-        // The kernel releases a link from a work queue after its last reference goes; wait
-        // (bounded) so "the agent exited" really means "nothing of ours is attached".
+        // Pinned links were detached by retire_tree. A link only held by its fd is freed (and
+        // detached) when the fd closes, from a work queue on some kernels, as are pinned links
+        // on kernels without BPF_LINK_DETACH: wait (bounded) so "the agent exited" really means
+        // "nothing of ours is attached".
         let deadline = Instant::now() + Duration::from_secs(2);
         while Instant::now() < deadline {
             let still = attached.iter().any(|cg| {
