@@ -1,9 +1,10 @@
 //! passthrough's kernel side: cgroup `sock_addr` programs that decide MeshPassthrough egress at
 //! `connect()` / `sendmsg()` time.
 //!
-//! One module per program type (`connect`, `sendmsg`, `getpeername`, `sock_ops`, `skb`, `relay`,
-//! and the test-only `view_probe`, which the agent never loads); the shared decision lives in `decide`,
-//! the maps in `maps`. The user side compiles policies into the maps; nothing here knows YAML.
+//! One module per program type (`connect`, `sendmsg`, `getpeername`, `setsockopt`, `sock_ops`,
+//! `skb`, `relay`, and the test-only `view_probe`, which the agent never loads); the shared
+//! decision lives in `decide`, the maps in `maps`, the MPTCP subflow owner in `mptcp`. The user
+//! side compiles policies into the maps; nothing here knows YAML.
 #![no_std]
 #![no_main]
 // aya-ebpf's map methods take `impl Borrow<K>`, and clippy asks for keys by value. They are
@@ -17,8 +18,10 @@ mod connect;
 mod decide;
 mod getpeername;
 mod maps;
+mod mptcp;
 mod relay;
 mod sendmsg;
+mod setsockopt;
 mod skb;
 mod sock_ops;
 mod view_probe;

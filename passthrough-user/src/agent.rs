@@ -30,8 +30,8 @@ use crate::{
     kernel::{Capacities, Kernel},
     metrics::Metrics,
     startup::{
-        bind_proxy, proxy_settings, raise_nofile_limit, retire_previous, start_deny_events,
-        start_proxy,
+        bind_proxy, proxy_settings, raise_nofile_limit, retire_previous, set_backstop,
+        start_deny_events, start_proxy,
     },
 };
 
@@ -220,7 +220,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         proxy_settings(&args)?,
         Some(&args.state_dir),
     )?;
-    kernel.set_raw_socket_backstop(!args.no_raw_socket_backstop);
+    set_backstop(&mut kernel, &args);
     if kernel.adopted() {
         info!(state = %args.state_dir.display(), generation = kernel.policy_generation(), "adopted pinned state of a previous agent");
     }

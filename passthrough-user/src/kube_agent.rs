@@ -324,7 +324,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         startup::proxy_settings(&args)?,
         Some(&args.state_dir),
     )?;
-    kernel.set_raw_socket_backstop(!args.no_raw_socket_backstop);
+    startup::set_backstop(&mut kernel, &args);
     if kernel.adopted() {
         info!(state = %args.state_dir.display(), generation = kernel.policy_generation(), "adopted pinned state of a previous agent");
     }

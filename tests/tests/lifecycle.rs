@@ -27,6 +27,10 @@ spec:
       - {type: Domain, value: allowed.test, port: 443, protocol: tls}
 ";
 
+/// Programs attached at a workload cgroup whose policy can redirect: connect4/6, sendmsg4/6,
+/// getpeername4/6, setsockopt, the egress backstop and sock_ops.
+const ALL_PROGRAMS: usize = 9;
+
 fn passthrough(args: &[&str]) -> (bool, String) {
     let out = Command::new(agent_binary().unwrap())
         .args(args)
@@ -121,7 +125,7 @@ fn sigkill_keeps_enforcing_restart_adopts_and_uninstall_removes_everything() {
     first.kill9();
     assert_eq!(
         attached_programs(cg.path()).expect("bpftool").len(),
-        8,
+        ALL_PROGRAMS,
         "programs stay attached after SIGKILL"
     );
     assert_allowed(&mut probe, &net, "198.51.100.9:8080");
@@ -156,7 +160,7 @@ fn sigkill_keeps_enforcing_restart_adopts_and_uninstall_removes_everything() {
             .as_array()
             .unwrap()
             .len(),
-        8,
+        ALL_PROGRAMS,
         "{status}"
     );
     assert!(
@@ -173,7 +177,7 @@ fn sigkill_keeps_enforcing_restart_adopts_and_uninstall_removes_everything() {
     );
     assert_eq!(
         attached_programs(cg.path()).expect("bpftool").len(),
-        8,
+        ALL_PROGRAMS,
         "adoption must not attach a second copy"
     );
     assert_eq!(
@@ -215,7 +219,7 @@ fn sigkill_keeps_enforcing_restart_adopts_and_uninstall_removes_everything() {
         .iter()
         .filter_map(|l| l.split_whitespace().next().map(str::to_string))
         .collect();
-    assert_eq!(prog_ids.len(), 8);
+    assert_eq!(prog_ids.len(), ALL_PROGRAMS);
     let maps_dir = state
         .path()
         .join(format!("v{}", passthrough_common::LAYOUT_VERSION))
@@ -243,7 +247,7 @@ fn sigkill_keeps_enforcing_restart_adopts_and_uninstall_removes_everything() {
     assert!(ok, "{text}");
     assert!(
         text.contains(&format!(
-            "removed 8 link(s) and {} map(s)",
+            "removed {ALL_PROGRAMS} link(s) and {} map(s)",
             passthrough_user::kernel::MAPS.len()
         )),
         "{text}"
@@ -384,7 +388,7 @@ fn incompatible_pinned_state_is_replaced_not_reused() {
     let v0 = state.path().join("v0");
     std::fs::rename(&v1, &v0).unwrap();
     let progs = attached_programs(cg.path()).expect("bpftool");
-    assert_eq!(progs.len(), 8, "{progs:#?}");
+    assert_eq!(progs.len(), ALL_PROGRAMS, "{progs:#?}");
     // Something still holds the old links (an old agent slow to exit, a bpftool): unpinning
     // alone would leave their programs attached for as long as it does. The new agent detaches
     // them (BPF_LINK_DETACH) before it reports the replacement.
@@ -407,7 +411,7 @@ fn incompatible_pinned_state_is_replaced_not_reused() {
     let progs = attached_programs(cg.path()).expect("bpftool");
     assert_eq!(
         progs.len(),
-        8,
+        ALL_PROGRAMS,
         "exactly one set of programs: {progs:#?}\n{}",
         second.describe()
     );
@@ -442,7 +446,7 @@ fn incompatible_pinned_state_is_replaced_not_reused() {
         let progs = attached_programs(cg.path()).expect("bpftool");
         assert_eq!(
             progs.len(),
-            8,
+            ALL_PROGRAMS,
             "exactly one set of programs: {progs:#?}\n{}",
             third.describe()
         );
@@ -639,7 +643,10 @@ fn restart_without_the_raw_socket_backstop_detaches_it() {
             .any(|l| l.contains("egress"))
     };
     let mut first = builder().start().unwrap();
-    assert_eq!(attached_programs(cg.path()).expect("bpftool").len(), 8);
+    assert_eq!(
+        attached_programs(cg.path()).expect("bpftool").len(),
+        ALL_PROGRAMS
+    );
     assert!(has_backstop(), "{:?}", attached_programs(cg.path()));
     first.kill9();
     // The next agent is told to go without it: its pinned link from the first one goes too.
@@ -650,7 +657,7 @@ fn restart_without_the_raw_socket_backstop_detaches_it() {
         second.describe()
     );
     let progs = attached_programs(cg.path()).expect("bpftool");
-    assert_eq!(progs.len(), 7, "{progs:?}");
+    assert_eq!(progs.len(), ALL_PROGRAMS - 1, "{progs:?}");
     assert!(!has_backstop(), "{progs:?}");
     second.stop().unwrap();
     assert!(attached_programs(cg.path()).expect("bpftool").is_empty());
