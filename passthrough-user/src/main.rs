@@ -26,7 +26,7 @@ enum Command {
     /// Validate policy files: one line per violation `FILE: spec.path: message`; exit 1 if any.
     Check(cli::CheckArgs),
     /// The decision for one connection and the match that made it, without touching the kernel.
-    Explain(cli::ExplainArgs),
+    Explain(Box<cli::ExplainArgs>),
     /// The running agent's decisions, live (kernel and proxy, allowed and denied), one line
     /// each; `--json` for JSON lines.
     Monitor(cli::MonitorArgs),
