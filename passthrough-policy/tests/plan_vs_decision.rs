@@ -301,6 +301,8 @@ struct Case {
     dsts: Vec<Dst>,
     /// `--tls-fast-path=on`.
     tls_fast_path: bool,
+    /// Someone watches: allowed egress decisions are reported too.
+    monitor: bool,
     /// More verified destinations: (index into `dsts`, index into [`VERIFIED_NAMES`], another
     /// port than the destination's).
     verified: Vec<(u8, u8, Option<u16>)>,
@@ -427,12 +429,13 @@ fn case() -> impl Strategy<Value = Case> {
                 1..48,
             ),
             prop::bool::weighted(0.7),
+            prop::bool::weighted(0.5),
             prop::collection::vec(
                 (any::<u8>(), any::<u8>(), prop::option::weighted(0.2, prop::sample::select(vec![443u16, 8080, 8443]))),
                 0..8,
             ),
         )
-            .prop_map(|(generation, active, previous, proxy, audit, dsts, tls_fast_path, verified)| Case {
+            .prop_map(|(generation, active, previous, proxy, audit, dsts, tls_fast_path, monitor, verified)| Case {
                 generation,
                 active,
                 previous,
@@ -440,6 +443,7 @@ fn case() -> impl Strategy<Value = Case> {
                 audit,
                 dsts,
                 tls_fast_path,
+                monitor,
                 verified,
             })
     })
@@ -529,7 +533,8 @@ fn check(c: &Case) -> Result<(), TestCaseError> {
             agent_mark: 0,
             tls_fast_path: c.tls_fast_path,
         },
-    );
+    )
+    .with_monitor(c.monitor);
     // The TLS fast path's verified destinations, projected onto the active plan's rule sets
     // as the agent projects what the proxy learned: (destination, name) pairs.
     let name = |n: u8| VERIFIED_NAMES[usize::from(n) % VERIFIED_NAMES.len()];
@@ -584,6 +589,7 @@ fn check(c: &Case) -> Result<(), TestCaseError> {
             let before: Vec<u64> = (0..counter::COUNT).map(|i| maps.count(i)).collect();
             let k = maps.decide(&path, dst, transport, 0);
             let events = maps.take_events();
+            let observed = maps.take_observed();
             let context = || {
                 format!(
                     "dst {dst} udp={udp} path {path:?} proxy={} audit={}: decide says {:?} ({}), kernel says {k:?}\nmode {:?}, matches {:?}\nplan rules {:?}\nworkloads {:?}\n{}",
@@ -736,6 +742,39 @@ fn check(c: &Case) -> Result<(), TestCaseError> {
                         context()
                     );
                 }
+            }
+            // While someone watches, one monitor event per allowed egress decision (an
+            // address match or mode All), the same record a denial gets; none otherwise.
+            let egress_allow = matches!(reason, Reason::AddressMatch | Reason::ModeAll);
+            if c.monitor && egress_allow {
+                prop_assert_eq!(observed.len(), 1, "{}", context());
+                let ev = &observed[0];
+                let ip = match dst.ip() {
+                    IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+                    IpAddr::V6(v6) => v6,
+                };
+                prop_assert_eq!(
+                    (
+                        ev.reason,
+                        ev.workload,
+                        ev.addr,
+                        ev.port,
+                        ev.audit,
+                        ev.protocol
+                    ),
+                    (
+                        reason as u32,
+                        workload,
+                        ip.octets(),
+                        *port,
+                        0,
+                        if *udp { 17 } else { 6 }
+                    ),
+                    "{}",
+                    context()
+                );
+            } else {
+                prop_assert!(observed.is_empty(), "{}", context());
             }
         }
     }

@@ -235,6 +235,10 @@ pub struct Kernel {
     tcp_offsets: TcpOffsets,
     orig_by_peer: Option<HashMap<MapData, PeerKey, OrigDst>>,
     deny_events: Option<RingBuf<MapData>>,
+    monitor_events: Option<RingBuf<MapData>>,
+    monitor_drops: Option<PerCpuArray<MapData, u64>>,
+    /// `flags::MONITOR` and its sampling shift, as last asked for by [`Kernel::set_monitor`].
+    monitor: (bool, u32),
     caps: Capacities,
     /// What each generation currently has in the maps (so it can be removed exactly).
     written: [Option<KernelPlan>; 2],
@@ -404,13 +408,26 @@ impl Kernel {
     /// layout version, or maps of the wrong shape) are set aside and removed only after this
     /// agent's programs are attached, so the node is never left without a program.
     pub fn load(
-        mut caps: Capacities,
+        caps: Capacities,
         flags: u32,
         agent_mark: u32,
         proxy: ProxySettings,
         state_dir: Option<&Path>,
     ) -> Result<Self, KernelError> {
         let object = EBPF_OBJECT.ok_or(KernelError::NoObject)?;
+        Self::load_object(object, caps, flags, agent_mark, proxy, state_dir)
+    }
+
+    /// [`Kernel::load`] with another build of the programs (`object`: an eBPF ELF object,
+    /// 8-byte aligned), e.g. the benchmark's build without the monitor's report.
+    pub fn load_object(
+        object: &[u8],
+        mut caps: Capacities,
+        flags: u32,
+        agent_mark: u32,
+        proxy: ProxySettings,
+        state_dir: Option<&Path>,
+    ) -> Result<Self, KernelError> {
         let tcp_offsets = crate::btf::tcp_offsets().unwrap_or_else(|e| {
             tracing::warn!(error = %e, "no tcp_sock offsets from the kernel's BTF: the TLS fast path is unavailable");
             TcpOffsets::default()
@@ -502,6 +519,10 @@ impl Kernel {
         let orig_by_peer = Some(take(&mut ebpf, "ORIG_BY_PEER")?);
         let deny_events = Some(take(&mut ebpf, "DENY_EVENTS")?);
         let barrier = ProgramBarrier::new().map_err(KernelError::Barrier)?;
+        // Optional: a build without the monitor's report (the benchmark's baseline) may not
+        // have them; the monitor then shows no allowed kernel decision.
+        let monitor_events = take(&mut ebpf, "MONITOR_EVENTS").ok();
+        let monitor_drops = take(&mut ebpf, "MONITOR_DROPS").ok();
         Ok(Self {
             ebpf,
             config,
@@ -519,6 +540,9 @@ impl Kernel {
             tcp_offsets,
             orig_by_peer,
             deny_events,
+            monitor_events,
+            monitor_drops,
+            monitor: (false, 0),
             caps,
             written: [None, None],
             active: None,
@@ -562,6 +586,32 @@ impl Kernel {
     /// event reader owns it).
     pub fn take_deny_events(&mut self) -> Option<RingBuf<MapData>> {
         self.deny_events.take()
+    }
+
+    /// The ring buffer of allowed egress decisions the programs report while
+    /// [`Kernel::set_monitor`] is on, and the per-CPU count of those a full buffer dropped.
+    /// Taken once (the monitor's reader owns them).
+    pub fn take_monitor(&mut self) -> Option<(RingBuf<MapData>, PerCpuArray<MapData, u64>)> {
+        Some((self.monitor_events.take()?, self.monitor_drops.take()?))
+    }
+
+    /// Whether the programs report allowed egress decisions (`flags::MONITOR`), 1 in
+    /// 2^`shift` of them. Written at once into `CONFIG` (one update of the value the programs
+    /// read; nothing else in it changes) and kept by every later apply.
+    pub fn set_monitor(&mut self, on: bool, shift: u32) -> Result<(), KernelError> {
+        self.monitor = (on, shift);
+        if self.active.is_none() {
+            // Nothing applied yet: the first apply writes the flags.
+            return Ok(());
+        }
+        let mut cfg = self
+            .config
+            .get(&0, 0)
+            .map_err(|e| KernelError::Map("CONFIG", e))?;
+        cfg.flags = passthrough_common::flags::with_monitor(cfg.flags, on, shift);
+        self.config
+            .set(0, cfg, 0)
+            .map_err(|e| KernelError::Map("CONFIG", e))
     }
 
     /// Loads the kernel relay's verdict program and attaches it to its map; returns the maps.
@@ -659,7 +709,11 @@ impl Kernel {
             .get(&0, 0)
             .map_err(|e| KernelError::Map("CONFIG", e))?;
         cfg.unmatched_mode[g as usize] = plan.unmatched_mode;
-        cfg.flags = self.effective_flags();
+        cfg.flags = passthrough_common::flags::with_monitor(
+            self.effective_flags(),
+            self.monitor.0,
+            self.monitor.1,
+        );
         cfg.agent_mark = self.agent_mark;
         self.fill_proxy_config(&mut cfg);
         cfg.policy_generation = self.generation_counter + 1;
@@ -676,6 +730,64 @@ impl Kernel {
         self.written[g as usize] = Some(plan);
         self.generation_counter += 1;
         Ok(self.generation_counter)
+    }
+
+    /// Adds, moves and removes workload entries **in the active generation**, without a
+    /// generation flip: `set` gives each new (or changed) cgroup id the rule set and mode that
+    /// cgroup `like` has in the active plan; `remove` deletes entries. Each entry is one map
+    /// update, atomic for the programs; the rule sets themselves are untouched, so this is only
+    /// for cgroups whose merged configuration some workload of the active plan already has
+    /// (Kubernetes mode: a pod cgroup that appears or goes). Returns `false`, changing nothing,
+    /// when there is no active plan or a `like` id is not in it.
+    pub fn update_active_workloads(
+        &mut self,
+        set: &[(u64, u64)],
+        remove: &[u64],
+    ) -> Result<bool, KernelError> {
+        let Some(g) = self.active else {
+            return Ok(false);
+        };
+        let inactive = self.written[(g ^ 1) as usize]
+            .as_ref()
+            .map_or(0, |p| p.workloads.len());
+        let Some(plan) = self.written[g as usize].as_mut() else {
+            return Ok(false);
+        };
+        let mut entries = Vec::with_capacity(set.len());
+        for (id, like) in set {
+            let Some(&(ruleset, mode)) = plan.workloads.get(like) else {
+                return Ok(false);
+            };
+            entries.push((*id, ruleset, mode));
+        }
+        if plan.workloads.len() + entries.len() + inactive > self.caps.workloads as usize {
+            return Err(KernelError::Capacity {
+                what: "WORKLOADS",
+                needed: plan.workloads.len() + entries.len() + inactive,
+                capacity: self.caps.workloads,
+            });
+        }
+        for (id, ruleset, mode) in entries {
+            let key = WorkloadKey {
+                generation: g,
+                _pad: 0,
+                cgroup_id: id,
+            };
+            self.workloads
+                .insert(key, WorkloadEntry { ruleset, mode }, 0)
+                .map_err(|e| KernelError::Map("WORKLOADS", e))?;
+            plan.workloads.insert(id, (ruleset, mode));
+        }
+        for id in remove {
+            let key = WorkloadKey {
+                generation: g,
+                _pad: 0,
+                cgroup_id: *id,
+            };
+            let _ = self.workloads.remove(&key);
+            plan.workloads.remove(id);
+        }
+        Ok(true)
     }
 
     /// Removes the retired generation now (after the barrier wait for programs still reading it)
@@ -1128,19 +1240,14 @@ impl Kernel {
         self.raw_backstop = on;
     }
 
-    /// Removes the pinned link of `name` at `cgroup`, if a previous agent left one (nothing
-    /// else holds it, so the program is detached).
+    /// Removes the pinned link of `name` at `cgroup`, if a previous agent left one: detached
+    /// first, so its program no longer runs when this returns (the kernel frees an unpinned
+    /// link, and detaches it, only later).
     fn unpin_link(&self, cgroup: &Path, name: &str) -> Result<(), KernelError> {
         let Some(pin) = self.link_pin(cgroup, name) else {
             return Ok(());
         };
-        match std::fs::remove_file(&pin) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(KernelError::Pin {
-                path: pin,
-                source: e,
-            }),
-            _ => Ok(()),
-        }
+        crate::pins::detach_and_unpin(&pin).map_err(|source| KernelError::Pin { path: pin, source })
     }
 
     fn has_pinned_link(&self, cgroup: &Path, name: &str) -> bool {
@@ -1295,11 +1402,11 @@ impl Kernel {
             .collect();
         for (id, dir) in crate::pins::pinned_attachments(&state) {
             if !wanted.contains(&id) {
-                removed.extend(crate::pins::remove_tree(&dir).unwrap_or_default());
+                removed.extend(crate::pins::retire_tree(&dir).unwrap_or_default());
             }
         }
         for dir in std::mem::take(&mut self.retire_after_attach) {
-            match crate::pins::remove_tree(&dir) {
+            match crate::pins::retire_tree(&dir) {
                 Ok(r) => removed.extend(r),
                 Err(e) => {
                     tracing::warn!(dir = %dir.display(), error = %e, "could not remove old pinned state")
@@ -1307,8 +1414,9 @@ impl Kernel {
             }
         }
         if !removed.is_empty() {
-            // The kernel releases an unpinned link from a work queue: wait (bounded) until the
-            // old programs are off our cgroups, so "replaced" means exactly one set attached.
+            // retire_tree detached the old links. A kernel without BPF_LINK_DETACH (before 5.9)
+            // releases an unpinned link from a work queue instead: wait (bounded) until the old
+            // programs are off our cgroups, so "replaced" means exactly one set attached.
             let ours = self.program_ids();
             let only_ours = |cg: &PathBuf| {
                 crate::pins::OUR_ATTACH_TYPES.iter().all(|t| {
@@ -1344,7 +1452,7 @@ impl Kernel {
         let links = std::mem::take(&mut self.links);
         if let Some(state) = self.state_dir.clone() {
             let layout = crate::pins::layout_dir(&state);
-            crate::pins::remove_tree(&layout).map_err(|source| KernelError::Pin {
+            crate::pins::retire_tree(&layout).map_err(|source| KernelError::Pin {
                 path: layout.clone(),
                 source,
             })?;
@@ -1352,8 +1460,10 @@ impl Kernel {
         }
         drop(links);
         drop(self);
-        // The kernel releases a link from a work queue after its last reference goes; wait
-        // (bounded) so "the agent exited" really means "nothing of ours is attached".
+        // Pinned links were detached by retire_tree. A link only held by its fd is freed (and
+        // detached) when the fd closes, from a work queue on some kernels, as are pinned links
+        // on kernels without BPF_LINK_DETACH: wait (bounded) so "the agent exited" really means
+        // "nothing of ours is attached".
         let deadline = Instant::now() + Duration::from_secs(2);
         while Instant::now() < deadline {
             let still = attached.iter().any(|cg| {
