@@ -15,6 +15,7 @@ use passthrough_common::{GlobalConfig, OrigDst, flags};
 use crate::{
     addr::{bytes_to_words, words_to_bytes},
     decide::{PROCEED, REJECT, Transport, V4, Verdict, decide, v4_mapped, v6},
+    log::{bpf_error, bpf_warn},
     maps::{CONFIG, ORIG_BY_COOKIE},
 };
 
@@ -170,9 +171,15 @@ fn redirect(
     v4_dest: bool,
 ) -> i32 {
     let Some(cfg) = CONFIG.get(0) else {
+        bpf_error!("CONFIG[0] missing: redirect refused");
         return REJECT;
     };
     let Some(target) = proxy_target(ctx, cfg, v6_socket, v4_dest) else {
+        bpf_warn!(
+            "redirect refused: no --proxy-addr for a pod's IPv{} destination (workload {})",
+            if v4_dest { 4u8 } else { 6u8 },
+            workload
+        );
         return REJECT;
     };
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
@@ -184,7 +191,8 @@ fn redirect(
         workload,
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
     };
-    if ORIG_BY_COOKIE.insert(&cookie, &orig, 0).is_err() {
+    if let Err(errno) = ORIG_BY_COOKIE.insert(&cookie, &orig, 0) {
+        bpf_error!("ORIG_BY_COOKIE insert failed ({}): redirect refused", errno);
         return REJECT;
     }
     match target {

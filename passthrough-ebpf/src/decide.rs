@@ -15,8 +15,11 @@ use passthrough_common::{
     RuleKeyV6, WorkloadEntry, WorkloadKey, counter, flags, mode, ruleset,
 };
 
-use crate::maps::{
-    CONFIG, DENY_EVENTS, DOMAIN_PORTS, RANGE_INDEX_V4, RANGES_V4, RULES_V6, WORKLOADS, count,
+use crate::{
+    log::{bpf_debug, bpf_error, bpf_warn},
+    maps::{
+        CONFIG, DENY_EVENTS, DOMAIN_PORTS, RANGE_INDEX_V4, RANGES_V4, RULES_V6, WORKLOADS, count,
+    },
 };
 
 /// A destination address of one family. The decision is generic over it, so each program is
@@ -260,6 +263,7 @@ pub fn decide_for<C: Caller, D: Dest>(
     }
     let Some(cfg) = CONFIG.get(0) else {
         // Unreachable once loaded (array maps always have index 0); fail closed regardless.
+        bpf_error!("CONFIG[0] missing: denied");
         return Verdict::Deny;
     };
     let cfg: GlobalConfig = *cfg;
@@ -357,8 +361,23 @@ fn report_denial<C: Caller, D: Dest>(
     audit: bool,
 ) {
     let (pid, comm) = caller.process();
+    let protocol = match transport {
+        Transport::Tcp => 6,
+        Transport::Udp => 17,
+        Transport::Raw(p, _) => p,
+    };
+    bpf_debug!(
+        "denied: reason {} workload {} pid {} dst {:i} port {} protocol {}",
+        reason,
+        workload,
+        pid,
+        dst.bytes16(),
+        u16::from_be(port_be),
+        protocol
+    );
     let Some(mut slot) = DENY_EVENTS.reserve::<DenyEvent>(0) else {
         count(counter::EVENTS_DROPPED);
+        bpf_warn!("deny event dropped: ring buffer full (reason {})", reason);
         return;
     };
     let ev = DenyEvent {
@@ -367,11 +386,7 @@ fn report_denial<C: Caller, D: Dest>(
         cgroup: caller.cgroup_id(),
         addr: dst.bytes16(),
         port: u16::from_be(port_be),
-        protocol: match transport {
-            Transport::Tcp => 6,
-            Transport::Udp => 17,
-            Transport::Raw(p, _) => p,
-        },
+        protocol,
         audit: audit as u8,
         reason,
         pid,

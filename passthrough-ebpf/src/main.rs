@@ -2,7 +2,7 @@
 //! `connect()` / `sendmsg()` time.
 //!
 //! One module per program type (`connect`, `sendmsg`, `getpeername`, `sock_ops`, `skb`, `relay`); the shared decision lives in `decide`,
-//! the maps in `maps`. The user side compiles policies into the maps; nothing here knows YAML.
+//! the maps in `maps`, diagnostics (aya-log, off by default) in `log`. The user side compiles policies into the maps; nothing here knows YAML.
 #![no_std]
 #![no_main]
 
@@ -10,6 +10,7 @@ mod addr;
 mod connect;
 mod decide;
 mod getpeername;
+mod log;
 mod maps;
 mod relay;
 mod sendmsg;

@@ -32,7 +32,7 @@ use crate::{
     admin::{self, AdminState},
     bpffs, cgroup,
     events::{self, Reporter},
-    kernel::{Capacities, Kernel, ProxySettings},
+    kernel::{BpfLogLevel, Capacities, Kernel, LoadOptions, ProxySettings},
     metrics::Metrics,
 };
 
@@ -108,6 +108,11 @@ pub struct RunArgs {
     /// `off` (default): always in userspace. See docs/design.md.
     #[arg(long, value_name = "READS|off", default_value = "off", value_parser = parse_kernel_relay)]
     pub kernel_relay_after: KernelRelayAfter,
+    /// Diagnostics from the eBPF programs (aya-log), forwarded into this log under the target
+    /// `passthrough::bpf`: `error` (map failures), `warn` (dropped deny events, refused
+    /// redirects), `debug` (every denial). `off` (default) costs the programs nothing.
+    #[arg(long, value_enum, default_value_t = BpfLogLevel::Off)]
+    pub bpf_log_level: BpfLogLevel,
     /// Kubernetes mode: discover this node's pods, their identities and the MeshPassthrough
     /// resources from the API server (see docs/kubernetes.md) instead of files.
     #[arg(long, conflicts_with_all = ["policy", "cgroup", "workloads", "attach_cgroup"])]
@@ -439,7 +444,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         0
     };
     let proxy_listeners = bind_proxy(&args).await?;
-    let mut kernel = Kernel::load(
+    let mut kernel = Kernel::load_with(
         Capacities {
             rules: args.rule_capacity,
             ..Capacities::default()
@@ -448,7 +453,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         AGENT_MARK,
         proxy_settings(&args)?,
         Some(&args.state_dir),
+        load_options(&args),
     )?;
+    let _bpf_log_task = start_bpf_log(&mut kernel, args.bpf_log_level);
     kernel.set_raw_socket_backstop(!args.no_raw_socket_backstop);
     if kernel.adopted() {
         info!(state = %args.state_dir.display(), generation = kernel.policy_generation(), "adopted pinned state of a previous agent");
@@ -660,6 +667,51 @@ pub(crate) fn retire_previous(kernel: &mut Kernel, metrics: &Metrics) {
         ms = t.elapsed().as_millis() as u64,
         "retired the previous plan"
     );
+}
+
+/// The [`LoadOptions`] of `passthrough run`.
+pub(crate) fn load_options(args: &RunArgs) -> LoadOptions {
+    LoadOptions {
+        bpf_log_level: args.bpf_log_level,
+        ..LoadOptions::default()
+    }
+}
+
+/// Agent start-up: with `--bpf-log-level` other than `off`, spawns the reader of the programs'
+/// aya-log records (into the `log` facade, which the agent's subscriber forwards to its log).
+/// The task runs until aborted or dropped with the runtime.
+pub(crate) fn start_bpf_log(
+    kernel: &mut Kernel,
+    level: BpfLogLevel,
+) -> Option<tokio::task::JoinHandle<()>> {
+    if level == BpfLogLevel::Off {
+        return None;
+    }
+    let Some(logger) = kernel.take_bpf_logger() else {
+        warn!("--bpf-log-level: the programs' log buffer is unavailable; no eBPF diagnostics");
+        return None;
+    };
+    Some(tokio::spawn(async move {
+        // SAFETY: the logger owns its ring buffer's map fd for its whole life and always
+        // returns that fd; the AsyncFd owns the logger.
+        let registered = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+        };
+        let mut fd = match registered {
+            Ok(fd) => fd,
+            Err(e) => {
+                warn!(error = %e, "--bpf-log-level: cannot poll the programs' log buffer");
+                return;
+            }
+        };
+        loop {
+            let Ok(mut guard) = fd.readable_mut().await else {
+                return;
+            };
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    }))
 }
 
 /// Agent start-up: takes the kernel's deny-event ring buffer, points the metrics at the

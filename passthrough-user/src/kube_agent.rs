@@ -339,7 +339,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         0
     };
     let proxy_listeners = agent::bind_proxy(&args).await?;
-    let mut kernel = Kernel::load(
+    let mut kernel = Kernel::load_with(
         Capacities {
             rules: args.rule_capacity,
             ..Capacities::default()
@@ -348,7 +348,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         AGENT_MARK,
         agent::proxy_settings(&args)?,
         Some(&args.state_dir),
+        agent::load_options(&args),
     )?;
+    let _bpf_log_task = agent::start_bpf_log(&mut kernel, args.bpf_log_level);
     kernel.set_raw_socket_backstop(!args.no_raw_socket_backstop);
     if kernel.adopted() {
         info!(state = %args.state_dir.display(), generation = kernel.policy_generation(), "adopted pinned state of a previous agent");

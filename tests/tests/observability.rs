@@ -397,6 +397,39 @@ fn denials_are_structured_json_events() {
     );
 }
 
+/// `--bpf-log-level debug`: the programs' own records (aya-log) reach the agent's log under the
+/// target `passthrough::bpf`, one per kernel denial, with the reason and the destination.
+#[test]
+fn bpf_log_level_debug_forwards_the_programs_records() {
+    if !require_kernel() {
+        return;
+    }
+    let w = World::with(POLICY, |b| {
+        b.arg("--log-format")
+            .arg("json")
+            .arg("--bpf-log-level")
+            .arg("debug")
+    });
+    let mut p = Probe::spawn(&w.cg, &w.net).unwrap();
+    assert_denied(&mut p, &w.net, DENIED);
+    let record = wait_for(
+        Duration::from_secs(5),
+        "the program's denial record in the agent log",
+        || {
+            w.json_lines()
+                .into_iter()
+                .find(|v| v["target"] == "passthrough::bpf")
+        },
+    );
+    assert_eq!(record["level"], "DEBUG", "{record}");
+    let message = record["fields"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.starts_with("denied: reason ") && message.contains("port 80"),
+        "{record}"
+    );
+    assert!(message.contains("203.0.113.7"), "{record}");
+}
+
 #[test]
 fn audit_lets_a_kernel_denial_through_and_reports_it() {
     if !require_kernel() {
