@@ -1,4 +1,4 @@
-//! The in-kernel part of SPEC §3: rules 1 (non-egress), 2 (mode), 3 (IP/CIDR match), 5 (deny),
+//! The in-kernel rules of docs/decisions.md: rules 1 (non-egress), 2 (mode), 3 (IP/CIDR match), 5 (deny),
 //! and for UDP the resolver exception. Pure lookups; the caller turns the verdict into a return
 //! code.
 
@@ -275,7 +275,7 @@ pub fn decide_for<C: Caller, D: Dest>(
         return Verdict::Allow;
     }
 
-    // UDP to port 53 of a configured resolver is DNS: allowed in every mode (SPEC §3, UDP).
+    // UDP to port 53 of a configured resolver is DNS: allowed in every mode (docs/decisions.md).
     if transport == Transport::Udp
         && port_be == 53u16.to_be()
         && dst.rule_hit(ruleset::id(generation, ruleset::RESOLVERS), port_be)

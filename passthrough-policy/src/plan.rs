@@ -133,7 +133,7 @@ pub struct KernelPlan {
     pub unmatched_mode: u32,
     /// What each match id stands for (for explanations and metrics).
     pub match_labels: Vec<MatchLabel>,
-    /// `(rule set, port)` pairs with a Domain match (port 0 = every port): SPEC §3 rule 4
+    /// `(rule set, port)` pairs with a Domain match (port 0 = every port): docs/decisions.md rule 4
     /// candidates, redirected to the proxy when no IP/CIDR match allows.
     pub domain_ports: BTreeSet<(u32, u16)>,
 }
@@ -421,9 +421,8 @@ impl KernelPlan {
         if let Some(id) = self.rule_hit(ruleset::id(g, ruleset::INTERNAL), 0, dst) {
             return Some(id);
         }
-        // UDP to a configured resolver's port 53 is DNS, allowed in every mode (SPEC §3 "UDP:
-        // in None/Matched, a datagram is allowed ... to DNS (port 53) on the configured
-        // resolvers"), so it is checked before the mode, like the internal ranges.
+        // UDP to a configured resolver's port 53 is DNS, allowed in every mode
+        // (docs/decisions.md), so it is checked before the mode, like the internal ranges.
         if udp
             && port == 53
             && let Some(id) = self.rule_hit(ruleset::id(g, ruleset::RESOLVERS), 53, dst)

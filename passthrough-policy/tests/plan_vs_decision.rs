@@ -12,7 +12,7 @@
 //!
 //! The properties: `lookup(..).is_some() == (decide(..).verdict == AllowKernel)` (so a
 //! `RedirectToProxy` decision is never allowed by the kernel lookup), and
-//! `redirects(..) == (decide(..).verdict == RedirectToProxy)` (SPEC §3 rule 4).
+//! `redirects(..) == (decide(..).verdict == RedirectToProxy)` (docs/decisions.md rule 4).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
