@@ -4,14 +4,23 @@
 //! bump [`LAYOUT_VERSION`], so a new agent never reuses pins of an old layout.
 #![no_std]
 
+pub mod decide;
+pub mod reason;
+
+pub use reason::Reason;
+
 /// Version of the map layout; part of the pin directory name (`/sys/fs/bpf/passthrough/v<N>`).
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// `SO_MARK` the agent's own sockets carry (proxy upstreams, its DNS queries): the programs let
 /// them through, but only for callers that belong to no workload (docs/decisions.md rule 1; see
 /// docs/security.md). Written into [`GlobalConfig::agent_mark`] by the loader; the proxy marks
 /// its upstream sockets with it.
 pub const AGENT_MARK: u32 = 0x7074_0001;
+
+/// The workload (cgroup id) the test-only `passthrough_view_probe` program looks up in the
+/// generation it read (`passthrough-ebpf/src/view_probe.rs`); no real cgroup has it.
+pub const VIEW_PROBE_WORKLOAD: u64 = 0x7074_7669_6577;
 
 /// How many cgroup levels the programs walk up from the caller's cgroup to find its workload.
 pub const MAX_CGROUP_DEPTH: u32 = 32;
@@ -334,7 +343,7 @@ pub struct DenyEvent {
     pub protocol: u8,
     /// 1 when `--audit` let it through.
     pub audit: u8,
-    /// The [`counter`] index of the reason (`DENY_*`).
+    /// The [`Reason`] number (`Reason as u32`); `audit` says whether it was let through.
     pub reason: u32,
     /// Thread-group id of the caller.
     pub pid: u32,
@@ -353,51 +362,95 @@ pub struct RuleValue {
     pub match_id: u32,
 }
 
-/// Indices of the per-CPU `COUNTERS` array.
+/// Indices of the per-CPU `COUNTERS` array, all derived from [`Reason`]: one counter per kernel
+/// reason for what the programs did, one per reason for what `--audit` let through instead of
+/// denying, and one for lost deny events.
 pub mod counter {
-    /// Loopback destination (rule 1).
-    pub const ALLOW_LOOPBACK: u32 = 0;
-    /// `--internal-cidr` destination (rule 1).
-    pub const ALLOW_INTERNAL: u32 = 1;
-    /// The agent's own socket (rule 1).
-    pub const ALLOW_AGENT: u32 = 2;
-    /// Mode `All` (rule 2).
-    pub const ALLOW_MODE_ALL: u32 = 3;
-    /// An IP/CIDR match (rule 3).
-    pub const ALLOW_MATCH: u32 = 4;
-    /// UDP to a configured resolver on port 53.
-    pub const ALLOW_DNS: u32 = 5;
-    /// Mode `None` (rule 2).
-    pub const DENY_MODE_NONE: u32 = 6;
-    /// Mode `Matched` and nothing matched (rule 5).
-    pub const DENY_NO_MATCH: u32 = 7;
-    /// A denial that `--audit` let through.
-    pub const AUDIT_WOULD_DENY: u32 = 8;
-    /// Redirected to the proxy (rule 4).
-    pub const REDIRECT_PROXY: u32 = 9;
-    /// A domain candidate that could not be redirected (proxy off, no pod proxy address,
-    /// or UDP): denied.
-    pub const DENY_NO_PROXY: u32 = 10;
-    /// Deny events lost because the ring buffer was full.
-    pub const EVENTS_DROPPED: u32 = 11;
-    /// Number of counters.
-    pub const COUNT: u32 = 12;
+    use crate::reason::{KERNEL_REASONS, Reason};
 
-    /// Names, in index order, as reported by the agent.
-    pub const NAMES: [&str; COUNT as usize] = [
-        "allow_loopback",
-        "allow_internal",
-        "allow_agent",
-        "allow_mode_all",
-        "allow_match",
-        "allow_dns",
-        "deny_mode_none",
-        "deny_no_match",
-        "audit_would_deny",
-        "redirect_proxy",
-        "deny_no_proxy",
-        "events_dropped",
-    ];
+    /// The counter of decisions the programs carried out for `reason` (allowed, redirected or
+    /// denied as [`Reason::effect`] says).
+    #[inline(always)]
+    pub const fn decided(reason: Reason) -> u32 {
+        reason as u32
+    }
+
+    /// How far a reason's audit slot is from its decided slot.
+    pub const AUDIT_OFFSET: u32 = KERNEL_REASONS;
+
+    /// The counter of denials for `reason` that `--audit` let through.
+    #[inline(always)]
+    pub const fn audit_let_through(reason: Reason) -> u32 {
+        AUDIT_OFFSET + reason as u32
+    }
+
+    /// Deny events lost because the ring buffer was full.
+    pub const EVENTS_DROPPED: u32 = 2 * KERNEL_REASONS;
+    /// Number of counters.
+    pub const COUNT: u32 = EVENTS_DROPPED + 1;
+
+    /// What one counter counts.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Counter {
+        /// [`decided`]: decisions carried out for the reason.
+        Decided(Reason),
+        /// [`audit_let_through`]: would-be denials `--audit` let through.
+        AuditLetThrough(Reason),
+        /// [`EVENTS_DROPPED`].
+        EventsDropped,
+    }
+
+    impl Counter {
+        /// The counter at `index`; `None` past [`COUNT`] and for audit slots of reasons that
+        /// never deny (the programs never count there).
+        pub const fn at(index: u32) -> Option<Counter> {
+            if index < KERNEL_REASONS {
+                match Reason::from_u32(index) {
+                    Some(r) => Some(Counter::Decided(r)),
+                    None => None,
+                }
+            } else if index < EVENTS_DROPPED {
+                match Reason::from_u32(index - KERNEL_REASONS) {
+                    Some(r) if matches!(r.effect(), crate::reason::Effect::Deny) => {
+                        Some(Counter::AuditLetThrough(r))
+                    }
+                    _ => None,
+                }
+            } else if index == EVENTS_DROPPED {
+                Some(Counter::EventsDropped)
+            } else {
+                None
+            }
+        }
+
+        /// Every counter, in index order.
+        pub fn all() -> impl Iterator<Item = (u32, Counter)> {
+            (0..COUNT).filter_map(|i| Counter::at(i).map(|c| (i, c)))
+        }
+
+        /// The verdict it counts: `allow`, `redirect`, `deny`, `would_deny` (`--audit`); `None`
+        /// for [`Counter::EventsDropped`].
+        pub const fn verdict(self) -> Option<&'static str> {
+            match self {
+                Counter::Decided(r) => Some(r.effect().word()),
+                Counter::AuditLetThrough(_) => Some("would_deny"),
+                Counter::EventsDropped => None,
+            }
+        }
+    }
+
+    /// `{verdict}_{reason}` (`deny_no_match`, `allow_loopback`, `would_deny_mode_none`) or
+    /// `events_dropped`: the counter's name in `passthrough status`.
+    impl core::fmt::Display for Counter {
+        fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+            match (self.verdict(), self) {
+                (Some(v), Counter::Decided(r) | Counter::AuditLetThrough(r)) => {
+                    write!(f, "{v}_{}", r.code())
+                }
+                _ => f.write_str("events_dropped"),
+            }
+        }
+    }
 }
 
 #[cfg(feature = "user")]

@@ -1,20 +1,8 @@
 //! IPv6 addresses as the contexts give them (four 32-bit words in network byte order, read and
 //! written one word at a time for the verifier) and as map keys hold them (16 bytes).
 
-/// `user_ip6`/`local_ip6` words → address bytes.
-#[inline(always)]
-pub fn words_to_bytes(w: [u32; 4]) -> [u8; 16] {
-    let (a, b, c, d) = (
-        w[0].to_ne_bytes(),
-        w[1].to_ne_bytes(),
-        w[2].to_ne_bytes(),
-        w[3].to_ne_bytes(),
-    );
-    [
-        a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2],
-        d[3],
-    ]
-}
+/// `user_ip6`/`local_ip6` words → address bytes (shared with the decision).
+pub use passthrough_common::decide::words_to_bytes;
 
 /// Address bytes → words to write into `user_ip6`.
 #[inline(always)]

@@ -1,8 +1,10 @@
 //! passthrough's kernel side: cgroup `sock_addr` programs that decide MeshPassthrough egress at
 //! `connect()` / `sendmsg()` time.
 //!
-//! One module per program type (`connect`, `sendmsg`, `getpeername`, `sock_ops`, `skb`, `relay`); the shared decision lives in `decide`,
-//! the maps in `maps`, diagnostics (aya-log, off by default) in `log`. The user side compiles policies into the maps; nothing here knows YAML.
+//! One module per program type (`connect`, `sendmsg`, `getpeername`, `sock_ops`, `skb`, `relay`,
+//! and the test-only `view_probe`, which the agent never loads); the shared decision lives in `decide`,
+//! the maps in `maps`, diagnostics (aya-log, off by default) in `log`. The user side compiles
+//! policies into the maps; nothing here knows YAML.
 #![no_std]
 #![no_main]
 
@@ -16,6 +18,7 @@ mod relay;
 mod sendmsg;
 mod skb;
 mod sock_ops;
+mod view_probe;
 
 #[cfg(not(test))]
 #[panic_handler]

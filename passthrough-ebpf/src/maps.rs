@@ -78,3 +78,7 @@ pub fn count(index: u32) {
         unsafe { *slot += 1 };
     }
 }
+
+/// Test-only (`view_probe.rs`): the generation the probe read, plus one (0: not run yet).
+#[map]
+pub static VIEW_PROBE: Array<u32> = Array::with_max_entries(1, 0);

@@ -4,7 +4,8 @@
 //!
 //! Kernel rules, in order:
 //! 1. loopback (`127.0.0.0/8`, `::1`, their IPv4-mapped forms) and `--internal-cidr` ranges →
-//!    allow; for UDP also the configured DNS resolvers (exact address and port);
+//!    allow; for UDP also the configured DNS resolvers (exact address and port, see
+//!    [`Resolver`]);
 //! 2. mode `All` → allow, `None` → deny;
 //! 3. `Matched`: the first `IP`/`CIDR` match (any protocol) covering the address with a fitting
 //!    port → allow in the kernel;
@@ -38,10 +39,12 @@
 use std::net::{IpAddr, SocketAddr};
 
 use ipnet::IpNet;
+pub use passthrough_common::Reason;
 
 use super::{
     ip,
     model::{Match, MatchKind, MergedConf, Mode, Protocol},
+    resolver::Resolver,
 };
 
 /// What the proxy saw in the first bytes of a redirected connection.
@@ -72,8 +75,8 @@ pub struct Connection {
 pub struct DecideOptions {
     /// `--internal-cidr` ranges (pod and service CIDRs), always allowed.
     pub internal: Vec<IpNet>,
-    /// The configured DNS resolvers (`ip:port`, usually port 53); UDP to them is allowed.
-    pub resolvers: Vec<SocketAddr>,
+    /// The configured DNS resolvers; UDP to exactly their address and port is allowed.
+    pub resolvers: Vec<Resolver>,
 }
 
 /// The outcome.
@@ -116,10 +119,11 @@ impl Verdict {
     }
 }
 
-/// Why.
+/// Why, with the particulars `explain` prints (the range, the name). Its [`Reason`] — the one
+/// vocabulary the kernel counters, metrics and events use too — is [`ReasonDetail::reason`].
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 #[serde(tag = "rule", rename_all = "snake_case")]
-pub enum Reason {
+pub enum ReasonDetail {
     /// Loopback destination (not egress).
     Loopback,
     /// Inside an `--internal-cidr` range.
@@ -170,55 +174,67 @@ fn ser_display<S: serde::Serializer>(v: &IpNet, s: S) -> Result<S::Ok, S::Error>
     s.collect_str(v)
 }
 
-impl Reason {
-    /// A stable snake_case code for the rule (`loopback`, `address_match`, `no_match`, …).
-    pub fn code(&self) -> &'static str {
+impl ReasonDetail {
+    /// The reason without its particulars.
+    pub fn reason(&self) -> Reason {
         match self {
-            Reason::Loopback => "loopback",
-            Reason::Internal { .. } => "internal",
-            Reason::Resolver => "resolver",
-            Reason::ModeAll => "mode_all",
-            Reason::ModeNone => "mode_none",
-            Reason::AddressMatch => "address_match",
-            Reason::UdpNotCovered => "udp_not_covered",
-            Reason::DomainCandidates { .. } => "domain_candidates",
-            Reason::NoMatch => "no_match",
-            Reason::DomainMatch => "domain_match",
-            Reason::NoDomainMatch { .. } => "no_domain_match",
-            Reason::NoSni => "no_sni",
-            Reason::IpLiteral { .. } => "ip_literal",
-            Reason::BadName { .. } => "bad_name",
+            ReasonDetail::Loopback => Reason::Loopback,
+            ReasonDetail::Internal { .. } => Reason::Internal,
+            ReasonDetail::Resolver => Reason::Resolver,
+            ReasonDetail::ModeAll => Reason::ModeAll,
+            ReasonDetail::ModeNone => Reason::ModeNone,
+            ReasonDetail::AddressMatch => Reason::AddressMatch,
+            ReasonDetail::UdpNotCovered => Reason::UdpNotCovered,
+            ReasonDetail::DomainCandidates { .. } => Reason::DomainCandidates,
+            ReasonDetail::NoMatch => Reason::NoMatch,
+            ReasonDetail::DomainMatch => Reason::DomainMatch,
+            ReasonDetail::NoDomainMatch { .. } => Reason::NoDomainMatch,
+            ReasonDetail::NoSni => Reason::NoSni,
+            ReasonDetail::IpLiteral { .. } => Reason::IpLiteral,
+            ReasonDetail::BadName { .. } => Reason::BadName,
         }
+    }
+
+    /// The stable snake_case code of [`ReasonDetail::reason`] (`loopback`, `address_match`,
+    /// `no_match`, …).
+    pub fn code(&self) -> &'static str {
+        self.reason().code()
     }
 }
 
-impl std::fmt::Display for Reason {
+impl std::fmt::Display for ReasonDetail {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Reason::Loopback => f.write_str("loopback destination (not egress)"),
-            Reason::Internal { cidr } => write!(f, "internal range {cidr} (not egress)"),
-            Reason::Resolver => f.write_str("UDP to a configured DNS resolver"),
-            Reason::ModeAll => f.write_str("passthroughMode All"),
-            Reason::ModeNone => f.write_str("passthroughMode None"),
-            Reason::AddressMatch => f.write_str("an IP/CIDR match covers the address and port"),
-            Reason::UdpNotCovered => f.write_str(
+            ReasonDetail::Loopback => f.write_str("loopback destination (not egress)"),
+            ReasonDetail::Internal { cidr } => write!(f, "internal range {cidr} (not egress)"),
+            ReasonDetail::Resolver => f.write_str("UDP to a configured DNS resolver"),
+            ReasonDetail::ModeAll => f.write_str("passthroughMode All"),
+            ReasonDetail::ModeNone => f.write_str("passthroughMode None"),
+            ReasonDetail::AddressMatch => {
+                f.write_str("an IP/CIDR match covers the address and port")
+            }
+            ReasonDetail::UdpNotCovered => f.write_str(
                 "UDP: no IP/CIDR match covers the address and port; Domain matches never cover UDP",
             ),
-            Reason::DomainCandidates { count } => write!(
+            ReasonDetail::DomainCandidates { count } => write!(
                 f,
                 "{count} Domain match(es) could apply on this port; the proxy decides on the SNI/Host"
             ),
-            Reason::NoMatch => f.write_str("no MeshPassthrough match allows this address and port"),
-            Reason::DomainMatch => f.write_str("a Domain match allows the name"),
-            Reason::NoDomainMatch { name } => {
+            ReasonDetail::NoMatch => {
+                f.write_str("no MeshPassthrough match allows this address and port")
+            }
+            ReasonDetail::DomainMatch => f.write_str("a Domain match allows the name"),
+            ReasonDetail::NoDomainMatch { name } => {
                 write!(
                     f,
                     "no MeshPassthrough Domain match allows {name} with this protocol and port"
                 )
             }
-            Reason::NoSni => f.write_str("TLS ClientHello without SNI"),
-            Reason::IpLiteral { name } => write!(f, "the name {name} is an IP literal"),
-            Reason::BadName { name } => write!(f, "the name {name:?} is not a valid host name"),
+            ReasonDetail::NoSni => f.write_str("TLS ClientHello without SNI"),
+            ReasonDetail::IpLiteral { name } => write!(f, "the name {name} is an IP literal"),
+            ReasonDetail::BadName { name } => {
+                write!(f, "the name {name:?} is not a valid host name")
+            }
         }
     }
 }
@@ -229,7 +245,7 @@ pub struct Decision<'a> {
     /// The outcome.
     pub verdict: Verdict,
     /// The rule that decided.
-    pub reason: Reason,
+    pub reason: ReasonDetail,
     /// The deciding match, when a match decided.
     pub matched: Option<&'a Match>,
     /// For a redirect: the `Domain` matches that could apply.
@@ -237,7 +253,7 @@ pub struct Decision<'a> {
 }
 
 impl<'a> Decision<'a> {
-    fn new(verdict: Verdict, reason: Reason) -> Self {
+    fn new(verdict: Verdict, reason: ReasonDetail) -> Self {
         Decision {
             verdict,
             reason,
@@ -282,10 +298,10 @@ fn decide_inner<'a>(
     let ip = ip::canonical_ip(conn.dst.ip());
     let port = conn.dst.port();
     if local_rules && ip.is_loopback() {
-        return Decision::new(Verdict::AllowKernel, Reason::Loopback);
+        return Decision::new(Verdict::AllowKernel, ReasonDetail::Loopback);
     }
     if let Some(cidr) = opts.internal.iter().find(|n| local_rules && in_net(n, ip)) {
-        return Decision::new(Verdict::AllowKernel, Reason::Internal { cidr: *cidr });
+        return Decision::new(Verdict::AllowKernel, ReasonDetail::Internal { cidr: *cidr });
     }
     if conn.udp
         && opts
@@ -293,11 +309,11 @@ fn decide_inner<'a>(
             .iter()
             .any(|r| ip::canonical_ip(r.ip()) == ip && r.port() == port)
     {
-        return Decision::new(Verdict::AllowKernel, Reason::Resolver);
+        return Decision::new(Verdict::AllowKernel, ReasonDetail::Resolver);
     }
     match conf.mode {
-        Mode::All => return Decision::new(Verdict::AllowKernel, Reason::ModeAll),
-        Mode::None => return Decision::new(Verdict::Deny, Reason::ModeNone),
+        Mode::All => return Decision::new(Verdict::AllowKernel, ReasonDetail::ModeAll),
+        Mode::None => return Decision::new(Verdict::Deny, ReasonDetail::ModeNone),
         Mode::Matched => {}
     }
     if let Some(m) = conf.matches.iter().find(|m| {
@@ -307,11 +323,11 @@ fn decide_inner<'a>(
     }) {
         return Decision {
             matched: Some(m),
-            ..Decision::new(Verdict::AllowKernel, Reason::AddressMatch)
+            ..Decision::new(Verdict::AllowKernel, ReasonDetail::AddressMatch)
         };
     }
     if conn.udp {
-        return Decision::new(Verdict::Deny, Reason::UdpNotCovered);
+        return Decision::new(Verdict::Deny, ReasonDetail::UdpNotCovered);
     }
     let candidates: Vec<&Match> = conf
         .matches
@@ -319,14 +335,14 @@ fn decide_inner<'a>(
         .filter(|m| m.kind == MatchKind::Domain && m.port_fits(port))
         .collect();
     if candidates.is_empty() {
-        return Decision::new(Verdict::Deny, Reason::NoMatch);
+        return Decision::new(Verdict::Deny, ReasonDetail::NoMatch);
     }
     let Some(l7) = &conn.l7 else {
         return Decision {
             candidates: candidates.clone(),
             ..Decision::new(
                 Verdict::RedirectToProxy,
-                Reason::DomainCandidates {
+                ReasonDetail::DomainCandidates {
                     count: candidates.len(),
                 },
             )
@@ -336,7 +352,7 @@ fn decide_inner<'a>(
         L7::Tls(None) => {
             return Decision {
                 candidates,
-                ..Decision::new(Verdict::DenyAtProxy, Reason::NoSni)
+                ..Decision::new(Verdict::DenyAtProxy, ReasonDetail::NoSni)
             };
         }
         L7::Tls(Some(sni)) => (sni, &[Protocol::Tls], false),
@@ -363,7 +379,7 @@ fn decide_inner<'a>(
         Some(m) => Decision {
             matched: Some(*m),
             candidates: candidates.clone(),
-            ..Decision::new(Verdict::AllowAtProxy, Reason::DomainMatch)
+            ..Decision::new(Verdict::AllowAtProxy, ReasonDetail::DomainMatch)
         },
         None => {
             let name = match host_port {
@@ -372,7 +388,7 @@ fn decide_inner<'a>(
             };
             Decision {
                 candidates,
-                ..Decision::new(Verdict::DenyAtProxy, Reason::NoDomainMatch { name })
+                ..Decision::new(Verdict::DenyAtProxy, ReasonDetail::NoDomainMatch { name })
             }
         }
     }
@@ -397,18 +413,18 @@ pub fn authority_port(raw: &str) -> Option<&str> {
 /// Normalises an SNI or Host: strips a `:port` (Host only; [`authority_port`] reads it),
 /// lower-cases; a trailing dot stays (it makes another name); rejects IP literals, empty and
 /// malformed names (empty labels, characters outside `[A-Za-z0-9_-]`).
-pub fn normalize_name(raw: &str, strip_port: bool) -> Result<String, Reason> {
+pub fn normalize_name(raw: &str, strip_port: bool) -> Result<String, ReasonDetail> {
     let mut s = raw.trim();
     if strip_port {
         if let Some(rest) = s.strip_prefix('[') {
             // [v6]:port or [v6]
             let inner = rest.split(']').next().unwrap_or(rest);
             if ip::parse_go_ip(inner).is_some() {
-                return Err(Reason::IpLiteral {
+                return Err(ReasonDetail::IpLiteral {
                     name: raw.to_string(),
                 });
             }
-            return Err(Reason::BadName {
+            return Err(ReasonDetail::BadName {
                 name: raw.to_string(),
             });
         }
@@ -420,7 +436,7 @@ pub fn normalize_name(raw: &str, strip_port: bool) -> Result<String, Reason> {
         }
     }
     if ip::parse_go_ip(s).is_some() || ip::parse_go_ip(s.trim_end_matches('.')).is_some() {
-        return Err(Reason::IpLiteral {
+        return Err(ReasonDetail::IpLiteral {
             name: raw.to_string(),
         });
     }
@@ -434,7 +450,7 @@ pub fn normalize_name(raw: &str, strip_port: bool) -> Result<String, Reason> {
                     .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         });
     if !ok {
-        return Err(Reason::BadName {
+        return Err(ReasonDetail::BadName {
             name: raw.to_string(),
         });
     }
@@ -535,50 +551,50 @@ mod tests {
         );
         assert!(matches!(
             normalize_name("example.com..", false),
-            Err(Reason::BadName { .. })
+            Err(ReasonDetail::BadName { .. })
         ));
         assert!(matches!(
             normalize_name(".", false),
-            Err(Reason::BadName { .. })
+            Err(ReasonDetail::BadName { .. })
         ));
         let long = format!("{}.", vec!["a".repeat(63); 4].join(".").get(..253).unwrap());
         assert!(normalize_name(&long, false).is_ok(), "253 bytes and a dot");
         assert!(normalize_name(&long[1..], false).is_ok());
         assert!(matches!(
             normalize_name(&format!("b.{long}"), false),
-            Err(Reason::BadName { .. })
+            Err(ReasonDetail::BadName { .. })
         ));
         assert!(matches!(
             normalize_name("1.2.3.4", false),
-            Err(Reason::IpLiteral { .. })
+            Err(ReasonDetail::IpLiteral { .. })
         ));
         assert!(matches!(
             normalize_name("1.2.3.4:80", true),
-            Err(Reason::IpLiteral { .. })
+            Err(ReasonDetail::IpLiteral { .. })
         ));
         assert!(matches!(
             normalize_name("[::1]:80", true),
-            Err(Reason::IpLiteral { .. })
+            Err(ReasonDetail::IpLiteral { .. })
         ));
         assert!(matches!(
             normalize_name("::1", false),
-            Err(Reason::IpLiteral { .. })
+            Err(ReasonDetail::IpLiteral { .. })
         ));
         assert!(matches!(
             normalize_name("", false),
-            Err(Reason::BadName { .. })
+            Err(ReasonDetail::BadName { .. })
         ));
         assert!(matches!(
             normalize_name("a..b", false),
-            Err(Reason::BadName { .. })
+            Err(ReasonDetail::BadName { .. })
         ));
         assert!(matches!(
             normalize_name("a b", false),
-            Err(Reason::BadName { .. })
+            Err(ReasonDetail::BadName { .. })
         ));
         assert!(matches!(
             normalize_name("example.com:443", false),
-            Err(Reason::BadName { .. })
+            Err(ReasonDetail::BadName { .. })
         ));
     }
 }

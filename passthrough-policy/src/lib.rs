@@ -19,8 +19,10 @@ pub mod model;
 pub mod outcome;
 pub mod parse;
 pub mod plan;
+pub mod plan_maps;
 pub mod ranges;
 pub mod report;
+pub mod resolver;
 pub mod validate;
 pub mod workloads;
 
@@ -34,10 +36,13 @@ use std::{
 // network, so HashDoS resistance is not needed.
 use rustc_hash::FxHashMap;
 
-pub use decision::{Connection, DecideOptions, Decision, L7, Reason, Verdict, decide};
+pub use decision::{
+    Connection, DecideOptions, Decision, L7, Reason, ReasonDetail, Verdict, decide,
+};
 pub use error::{PolicyError, Problem};
 pub use meta::{Origin, PolicyMeta, Role};
 pub use model::{Match, MatchKind, MatchOrigin, MergedConf, Mode, Protocol, Workload};
+pub use resolver::Resolver;
 pub use validate::{Policy, Target};
 pub use workloads::load_workloads;
 

@@ -4,6 +4,8 @@
 
 use std::{net::SocketAddr, time::SystemTime};
 
+use passthrough_common::Reason;
+
 /// Where a decision was made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DecisionPath {
@@ -48,9 +50,9 @@ pub struct Denial {
     pub host: Option<String>,
     /// Proxy: the client's address.
     pub peer: Option<SocketAddr>,
-    /// Reason code.
-    pub reason: String,
-    /// Reason text.
+    /// Why (its [`Reason::code`] is the `reason` field and label).
+    pub reason: Reason,
+    /// What else is known about it, as text.
     pub detail: String,
     /// `--audit` let it through.
     pub audit: bool,

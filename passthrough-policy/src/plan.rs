@@ -1,13 +1,12 @@
 //! Compiles merged per-workload configurations into the entries of the kernel maps.
 //!
-//! Pure: no IO, no clock. The loader writes a [`KernelPlan`] into the maps; tests (and the
-//! property test of the policy layer) use [`KernelPlan::lookup`], which looks entries up exactly
-//! the way `passthrough-ebpf/src/decide.rs` does, to check the plan against the decision core.
+//! Pure: no IO, no clock. The loader writes a [`KernelPlan`] into the maps; tests run the
+//! kernel's own decision (`passthrough_common::decide`) over plans through
+//! [`crate::plan_maps::PlanMaps`] to check them against the decision core.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
-    net::{IpAddr, Ipv6Addr},
     sync::Arc,
 };
 
@@ -15,7 +14,7 @@ use ipnet::{IpNet, Ipv4Net};
 use passthrough_common::{RULE_KEY_FIXED_BITS, RangeTableKey, RuleKeyV6, mode, ruleset};
 use rustc_hash::FxHashMap;
 
-use crate::{MatchKind, MergedConf, Mode, ranges::RangeImage};
+use crate::{MatchKind, MergedConf, Mode, ranges::RangeImage, resolver::Resolver};
 
 /// The kernel's number for a [`Mode`].
 pub fn mode_code(m: Mode) -> u32 {
@@ -78,8 +77,8 @@ impl RuleEntry {
 pub enum MatchLabel {
     /// An `--internal-cidr` range.
     Internal(IpNet),
-    /// A DNS resolver (UDP port 53 allowed in every mode).
-    Resolver(IpAddr),
+    /// A DNS resolver (UDP to its address and port allowed in every mode).
+    Resolver(Resolver),
     /// A policy's `appendMatch` entry.
     Match {
         /// The policy's name.
@@ -96,11 +95,11 @@ pub enum MatchLabel {
 }
 
 impl fmt::Display for MatchLabel {
-    /// `internal-cidr 10.0.0.0/8`, `resolver 10.96.0.10`, `egress[3] Cidr 10.0.0.0/8:443`.
+    /// `internal-cidr 10.0.0.0/8`, `resolver 10.96.0.10:53`, `egress[3] Cidr 10.0.0.0/8:443`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             MatchLabel::Internal(net) => write!(f, "internal-cidr {net}"),
-            MatchLabel::Resolver(ip) => write!(f, "resolver {ip}"),
+            MatchLabel::Resolver(r) => write!(f, "resolver {r}"),
             MatchLabel::Match {
                 policy,
                 index,
@@ -157,8 +156,8 @@ pub struct MapUsage {
 pub struct PlanOptions {
     /// `--internal-cidr` ranges.
     pub internal: Vec<IpNet>,
-    /// DNS resolvers UDP may reach on port 53.
-    pub resolvers: Vec<IpAddr>,
+    /// DNS resolvers UDP may reach (each at its own port).
+    pub resolvers: Vec<Resolver>,
     /// `--unselected-mode`, also used for sockets in no workload.
     pub unmatched_mode: Option<Mode>,
 }
@@ -198,14 +197,16 @@ pub fn compile(
             id,
         ));
     }
+    // Each resolver at its own port: the programs look the resolver rule set up at the
+    // datagram's exact port only, so `10.0.0.53:5353` exempts port 5353 and nothing else.
     let resolvers_rs = ruleset::id(generation, ruleset::RESOLVERS);
-    for ip in &opts.resolvers {
-        let id = plan.label(MatchLabel::Resolver(*ip));
+    for r in &opts.resolvers {
+        let id = plan.label(MatchLabel::Resolver(*r));
         rules.push((
             RuleEntry {
                 ruleset: resolvers_rs,
-                port: 53,
-                net: canonical_net(IpNet::from(*ip)),
+                port: r.port(),
+                net: canonical_net(IpNet::from(r.ip())),
             },
             id,
         ));
@@ -355,91 +356,5 @@ impl KernelPlan {
     pub fn entry_counts(&self) -> (usize, usize) {
         let v4 = self.rules.keys().filter(|e| e.net.addr().is_ipv4()).count();
         (v4, self.rules.len() - v4)
-    }
-
-    /// Emulates rule 4 in the programs: true when a TCP connection that [`KernelPlan::lookup`]
-    /// denies would be redirected to the proxy instead (a Domain match could apply).
-    pub fn redirects(&self, cgroup_chain: &[u64], dst: IpAddr, port: u16, udp: bool) -> bool {
-        if udp || self.lookup(cgroup_chain, dst, port, udp).is_some() {
-            return false;
-        }
-        let rs = cgroup_chain
-            .iter()
-            .find_map(|c| self.workloads.get(c).copied())
-            .map(|(rs, m)| (rs, m == mode::MATCHED));
-        match rs {
-            Some((rs, true)) => {
-                self.domain_ports.contains(&(rs, port)) || self.domain_ports.contains(&(rs, 0))
-            }
-            _ => false,
-        }
-    }
-
-    /// The programs' `rule_hit`, plus the match that explains it: IPv4 through the range tables
-    /// (the very search the programs run), IPv6 by longest prefix like the kernel trie.
-    fn rule_hit(&self, rs: u32, port: u16, ip: IpAddr) -> Option<u32> {
-        if let IpAddr::V4(v4) = ip {
-            if !self.ranges_v4.covers(
-                RangeTableKey {
-                    ruleset: rs,
-                    port: u32::from(port),
-                },
-                v4,
-            ) {
-                return None;
-            }
-            // Covered: some entry contains the address (the range property test checks it).
-            return Some(self.longest_prefix(rs, port, ip).unwrap_or(u32::MAX));
-        }
-        self.longest_prefix(rs, port, ip)
-    }
-
-    fn longest_prefix(&self, rs: u32, port: u16, ip: IpAddr) -> Option<u32> {
-        // Longest prefix within (rule set, port). Linear: tests and explanations only.
-        self.rules
-            .iter()
-            .filter(|(e, _)| e.ruleset == rs && e.port == port && e.net.contains(&ip))
-            .max_by_key(|(e, _)| e.net.prefix_len())
-            .map(|(_, id)| *id)
-    }
-
-    /// Emulates the programs' decision for a socket whose cgroup chain (own id first, then
-    /// ancestors nearest first) is `cgroup_chain`. Returns `Some(match_id or u32::MAX)` when
-    /// allowed, `None` when denied.
-    pub fn lookup(&self, cgroup_chain: &[u64], dst: IpAddr, port: u16, udp: bool) -> Option<u32> {
-        let dst = match dst {
-            IpAddr::V6(v6) => v6
-                .to_ipv4_mapped()
-                .map(IpAddr::V4)
-                .unwrap_or(IpAddr::V6(v6)),
-            v4 => v4,
-        };
-        if dst.is_loopback() || dst == IpAddr::V6(Ipv6Addr::LOCALHOST) {
-            return Some(u32::MAX);
-        }
-        let g = self.generation;
-        if let Some(id) = self.rule_hit(ruleset::id(g, ruleset::INTERNAL), 0, dst) {
-            return Some(id);
-        }
-        // UDP to a configured resolver's port 53 is DNS, allowed in every mode
-        // (docs/decisions.md), so it is checked before the mode, like the internal ranges.
-        if udp
-            && port == 53
-            && let Some(id) = self.rule_hit(ruleset::id(g, ruleset::RESOLVERS), 53, dst)
-        {
-            return Some(id);
-        }
-        let (rs, m) = cgroup_chain
-            .iter()
-            .find_map(|c| self.workloads.get(c).copied())
-            .unwrap_or((ruleset::id(g, u32::MAX >> 1), self.unmatched_mode));
-        if m == mode::ALL {
-            return Some(u32::MAX);
-        }
-        if m != mode::MATCHED {
-            return None;
-        }
-        self.rule_hit(rs, port, dst)
-            .or_else(|| self.rule_hit(rs, 0, dst))
     }
 }

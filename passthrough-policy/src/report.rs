@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 
 use super::{
     Connection, DecideOptions, Decision, L7, Match, MergedConf, Mode, PolicyError, PolicySet,
-    Workload, decide, load_policies, load_workloads,
+    Resolver, Workload, decide, load_policies, load_workloads,
 };
 
 /// Validates every policy in every file under `paths`, whatever its mesh: writes one line per
@@ -104,7 +104,7 @@ pub struct ExplainRequest {
     /// Ranges that are never egress.
     pub internal_cidr: Vec<IpNet>,
     /// DNS resolvers UDP may reach.
-    pub resolvers: Vec<SocketAddr>,
+    pub resolvers: Vec<Resolver>,
     /// The mode of a workload that no policy selects.
     pub unselected_mode: Mode,
 }

@@ -1,18 +1,23 @@
-//! Issue 3 point 4: the compiled kernel plan, looked up the way the eBPF program looks it up
-//! ([`KernelPlan::lookup`]), agrees with the pure decision core ([`policy::decide`]).
+//! Issue 3 point 4, issue 17: the kernel's decision — `passthrough_common::decide::decide`, the
+//! very code the eBPF programs run — over the compiled plan ([`PlanMaps`]) agrees with the pure
+//! decision core ([`policy::decide`]) on verdict and reason.
 //!
 //! Random policies (IP/CIDR matches spelled as IPv4, IPv6 and IPv4-mapped IPv6, overlapping
 //! prefixes, with and without ports, host bits set; Domain matches; random targetRefs and
 //! modes) are written as YAML and go through the real parse → validate → merge pipeline.
 //! Random workloads (some with identical labels, so they share one rule set), internal CIDRs,
-//! resolvers, unselected mode and plan generation; random destinations biased to land inside
-//! or just outside the generated prefixes, plus loopback, IPv4-mapped spellings and equal /
-//! unequal ports; TCP and UDP; cgroup chains with the workload as the socket's own cgroup, as
-//! an ancestor, or absent.
+//! resolvers with ports (53 and others, spelled as IPv4, IPv6 and IPv4-mapped), unselected mode
+//! and plan generation, with a second random plan in the other generation (the one a flip just
+//! retired), the proxy on or off and `--audit` on or off; random destinations biased to land
+//! inside or just outside the generated prefixes and on the resolvers, plus loopback,
+//! IPv4-mapped spellings and equal / unequal ports; TCP and UDP; cgroup paths with the workload
+//! as the socket's own cgroup, as an ancestor, or absent.
 //!
-//! The properties: `lookup(..).is_some() == (decide(..).verdict == AllowKernel)` (so a
-//! `RedirectToProxy` decision is never allowed by the kernel lookup), and
-//! `redirects(..) == (decide(..).verdict == RedirectToProxy)` (docs/decisions.md rule 4).
+//! The property, per destination and cgroup path: the kernel allows with reason R exactly when
+//! `decide` says `AllowKernel` with reason R; it redirects (workload id included) exactly when
+//! `decide` says `RedirectToProxy` and the proxy is on, and denies with `no_proxy` when it is
+//! off; it denies with reason R exactly when `decide` denies with R — and then it counted R
+//! once, reported one event with R, and under `--audit` let it through instead.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -22,9 +27,14 @@ use std::{
 };
 
 use ipnet::IpNet;
+use passthrough_common::{
+    Reason, counter,
+    decide::{Transport, Verdict as KernelVerdict},
+};
 use passthrough_policy::{
-    self as policy, Connection, DecideOptions, MergedConf, Mode, Verdict, Workload,
-    plan::{self, PlanOptions},
+    self as policy, Connection, DecideOptions, MergedConf, Mode, Resolver, Verdict, Workload,
+    plan::{self, KernelPlan, PlanOptions},
+    plan_maps::{KernelSettings, PlanMaps},
 };
 use proptest::prelude::*;
 
@@ -260,16 +270,53 @@ fn policy_yaml(out: &mut String, i: usize, p: &GenPolicy) {
     }
 }
 
+/// One generation's inputs: what a plan is compiled from.
 #[derive(Debug, Clone)]
-struct Case {
-    generation: u32,
+struct GenPlan {
     policies: Vec<GenPolicy>,
     /// Workload i: label app (index into APPS or none).
     workloads: Vec<Option<u8>>,
     unselected: Mode,
     internal: Vec<(Anchor, Spelling, u8)>,
-    resolvers: Vec<(Anchor, Spelling)>,
+    /// Resolver address and port.
+    resolvers: Vec<(Anchor, Spelling, u16)>,
+}
+
+#[derive(Debug, Clone)]
+struct Case {
+    generation: u32,
+    active: GenPlan,
+    /// The plan the last flip retired, in the other generation (`None`: never written).
+    previous: Option<GenPlan>,
+    proxy: bool,
+    audit: bool,
     dsts: Vec<(Anchor, Spelling, u16, bool, u8)>,
+}
+
+/// Ports of resolvers: mostly 53, some elsewhere (a port destinations also use, and one only
+/// a resolver uses).
+fn resolver_port() -> impl Strategy<Value = u16> {
+    prop_oneof![3 => Just(53u16), 1 => Just(5353u16), 1 => Just(8080u16), 1 => 1u16..=65535]
+}
+
+fn gen_plan(anchors: Vec<Anchor>) -> impl Strategy<Value = GenPlan> {
+    let a = prop::sample::select(anchors.clone());
+    (
+        prop::collection::vec(gen_policy(anchors), 0..5),
+        prop::collection::vec(prop::option::of(0u8..4), 1..7),
+        prop::sample::select(vec![Mode::All, Mode::Matched, Mode::None]),
+        prop::collection::vec((a.clone(), spelling(), any::<u8>()), 0..3),
+        prop::collection::vec((a, spelling(), resolver_port()), 0..3),
+    )
+        .prop_map(
+            |(policies, workloads, unselected, internal, resolvers)| GenPlan {
+                policies,
+                workloads,
+                unselected,
+                internal,
+                resolvers,
+            },
+        )
 }
 
 fn case() -> impl Strategy<Value = Case> {
@@ -284,39 +331,46 @@ fn case() -> impl Strategy<Value = Case> {
             ],
         ];
         let dst_port = prop_oneof![
-            4 => prop::sample::select(vec![0u16, 53, 80, 443, 3306, 8080]),
+            4 => prop::sample::select(vec![0u16, 53, 80, 443, 3306, 5353, 8080]),
             1 => any::<u16>(),
         ];
         (
             0u32..2,
-            prop::collection::vec(gen_policy(anchors.clone()), 0..5),
-            prop::collection::vec(prop::option::of(0u8..4), 1..7),
-            prop::sample::select(vec![Mode::All, Mode::Matched, Mode::None]),
-            prop::collection::vec((a.clone(), spelling(), any::<u8>()), 0..3),
-            prop::collection::vec((a, spelling()), 0..3),
+            gen_plan(anchors.clone()),
+            prop::option::weighted(0.7, gen_plan(anchors)),
+            any::<bool>(),
+            prop::bool::weighted(0.2),
             prop::collection::vec((dst_anchor, spelling(), dst_port, any::<bool>(), any::<u8>()), 1..48),
         )
-            .prop_map(|(generation, policies, workloads, unselected, internal, resolvers, dsts)| Case {
+            .prop_map(|(generation, active, previous, proxy, audit, dsts)| Case {
                 generation,
-                policies,
-                workloads,
-                unselected,
-                internal,
-                resolvers,
+                active,
+                previous,
+                proxy,
+                audit,
                 dsts,
             })
     })
 }
 
-fn check(c: &Case) -> Result<(), TestCaseError> {
+/// A generation compiled: the YAML, the merged configurations by workload id, the decide
+/// options and the plan.
+struct Compiled {
+    yaml: String,
+    merged: Vec<(u64, MergedConf)>,
+    dopts: DecideOptions,
+    plan: KernelPlan,
+}
+
+fn compile(g: &GenPlan, generation: u32) -> Result<Compiled, TestCaseError> {
     let mut yaml = String::new();
-    for (i, p) in c.policies.iter().enumerate() {
+    for (i, p) in g.policies.iter().enumerate() {
         policy_yaml(&mut yaml, i, p);
     }
     let set = policy::load_policy_bytes(Path::new("gen.yaml"), yaml.as_bytes(), "default")
         .map_err(|e| TestCaseError::fail(format!("generated policy rejected: {e}\n{yaml}")))?;
 
-    let workloads: Vec<(u64, Workload)> = c
+    let workloads: Vec<(u64, Workload)> = g
         .workloads
         .iter()
         .enumerate()
@@ -335,98 +389,168 @@ fn check(c: &Case) -> Result<(), TestCaseError> {
         .collect();
     let merged: Vec<(u64, MergedConf)> = workloads
         .iter()
-        .map(|(id, w)| (*id, set.merge_for(w, c.unselected)))
+        .map(|(id, w)| (*id, set.merge_for(w, g.unselected)))
         .collect();
     let refs: Vec<(u64, &MergedConf)> = merged.iter().map(|(id, m)| (*id, m)).collect();
-
-    let internal: Vec<IpNet> = c
+    let internal: Vec<IpNet> = g
         .internal
         .iter()
         .map(|(a, s, p)| net_text(*a, *s, *p).parse().expect("generated CIDR parses"))
         .collect();
-    let resolvers: Vec<IpAddr> = c.resolvers.iter().map(|(a, s)| addr(*a, *s)).collect();
+    let resolvers: Vec<Resolver> = g
+        .resolvers
+        .iter()
+        .map(|(a, s, port)| Resolver::new(addr(*a, *s), *port))
+        .collect();
     let plan = plan::compile(
-        c.generation,
+        generation,
         &refs,
         &PlanOptions {
             internal: internal.clone(),
             resolvers: resolvers.clone(),
-            unmatched_mode: Some(c.unselected),
+            unmatched_mode: Some(g.unselected),
         },
     );
-    let dopts = DecideOptions {
-        internal,
-        resolvers: resolvers
-            .iter()
-            .map(|ip| SocketAddr::new(*ip, 53))
-            .collect(),
+    Ok(Compiled {
+        yaml,
+        merged,
+        dopts: DecideOptions {
+            internal,
+            resolvers,
+        },
+        plan,
+    })
+}
+
+fn check(c: &Case) -> Result<(), TestCaseError> {
+    let active = compile(&c.active, c.generation)?;
+    let previous = match &c.previous {
+        Some(g) => Some(compile(g, c.generation ^ 1)?),
+        None => None,
     };
+    let maps = PlanMaps::new(
+        &active.plan,
+        previous.as_ref().map(|p| &p.plan),
+        KernelSettings {
+            proxy: c.proxy,
+            audit: c.audit,
+            agent_mark: 0,
+        },
+    );
     let unselected = MergedConf {
-        mode: c.unselected,
+        mode: c.active.unselected,
         matches: Vec::new(),
         policies: Vec::new(),
     };
+    let merged = &active.merged;
     const OUTSIDE: u64 = 5; // a cgroup that is no workload (an unrelated ancestor or the socket's own)
 
     for (a, s, port, udp, pick) in &c.dsts {
-        let dst = addr(*a, *s);
+        let dst = SocketAddr::new(addr(*a, *s), *port);
         // Every workload as the socket's own cgroup, as the nearest workload ancestor of a
-        // non-workload cgroup, and a chain with no workload at all.
-        let mut chains: Vec<(Vec<u64>, &MergedConf)> = Vec::new();
-        for (id, conf) in &merged {
-            chains.push((vec![*id, OUTSIDE], conf));
+        // non-workload cgroup (below another workload), and a path with no workload at all.
+        // Paths run from the root's child down to the socket's own cgroup.
+        let mut paths: Vec<(Vec<u64>, u64, &MergedConf)> = Vec::new();
+        for (id, conf) in merged {
+            paths.push((vec![OUTSIDE, *id], *id, conf));
         }
         let (wid, wconf) = &merged[usize::from(*pick) % merged.len()];
-        chains.push((vec![OUTSIDE + 1, *wid, merged[0].0], wconf));
-        chains.push((vec![OUTSIDE + 1, OUTSIDE], &unselected));
-        for (chain, conf) in chains {
+        paths.push((vec![merged[0].0, *wid, OUTSIDE + 1], *wid, wconf));
+        paths.push((vec![OUTSIDE, OUTSIDE + 1], 0, &unselected));
+        for (path, workload, conf) in paths {
             let d = policy::decide(
                 conf,
                 &Connection {
-                    dst: SocketAddr::new(dst, *port),
+                    dst,
                     udp: *udp,
                     l7: None,
                 },
-                &dopts,
+                &active.dopts,
             );
-            let got = plan.lookup(&chain, dst, *port, *udp);
-            prop_assert_eq!(
-                got.is_some(),
-                d.verdict == Verdict::AllowKernel,
-                "dst {}:{} udp={} chain {:?}: decide says {:?} ({}), plan says {:?}\nmode {:?}, matches {:?}\nplan rules {:?}\nworkloads {:?}\n{}",
-                dst,
-                port,
-                udp,
-                chain,
-                d.verdict,
-                d.reason,
-                got.map(|id| plan
-                    .match_labels
-                    .get(id as usize)
-                    .map(|l| l.to_string())
-                    .unwrap_or_else(|| "builtin".into())),
-                conf.mode,
-                conf.matches
-                    .iter()
-                    .map(|m| format!("{} {} {:?} {:?}", m.kind, m.value, m.net, m.port))
-                    .collect::<Vec<_>>(),
-                plan.rules,
-                plan.workloads,
-                yaml
-            );
-            // Rule 4: what the kernel redirects to the proxy is exactly what decide redirects.
-            prop_assert_eq!(
-                plan.redirects(&chain, dst, *port, *udp),
-                d.verdict == Verdict::RedirectToProxy,
-                "redirect: dst {}:{} udp={} chain {:?}: decide says {:?} ({})\n{}",
-                dst,
-                port,
-                udp,
-                chain,
-                d.verdict,
-                d.reason,
-                yaml
-            );
+            let transport = if *udp { Transport::Udp } else { Transport::Tcp };
+            let before: Vec<u64> = (0..counter::COUNT).map(|i| maps.count(i)).collect();
+            let k = maps.decide(&path, dst, transport, 0);
+            let events = maps.take_events();
+            let context = || {
+                format!(
+                    "dst {dst} udp={udp} path {path:?} proxy={} audit={}: decide says {:?} ({}), kernel says {k:?}\nmode {:?}, matches {:?}\nplan rules {:?}\nworkloads {:?}\n{}",
+                    c.proxy,
+                    c.audit,
+                    d.verdict,
+                    d.reason,
+                    conf.mode,
+                    conf.matches
+                        .iter()
+                        .map(|m| format!("{} {} {:?} {:?}", m.kind, m.value, m.net, m.port))
+                        .collect::<Vec<_>>(),
+                    active.plan.rules,
+                    active.plan.workloads,
+                    active.yaml
+                )
+            };
+            // What the kernel must do, from what decide says.
+            let (want, reason) = match d.verdict {
+                Verdict::AllowKernel => (KernelVerdict::Allow, d.reason.reason()),
+                Verdict::RedirectToProxy if c.proxy => {
+                    (KernelVerdict::Redirect { workload }, d.reason.reason())
+                }
+                Verdict::RedirectToProxy => (KernelVerdict::Deny, Reason::NoProxy),
+                Verdict::Deny => (KernelVerdict::Deny, d.reason.reason()),
+                Verdict::AllowAtProxy | Verdict::DenyAtProxy => {
+                    return Err(TestCaseError::fail(format!(
+                        "no L7 given, yet {}",
+                        context()
+                    )));
+                }
+            };
+            let denied = want == KernelVerdict::Deny;
+            let want = if denied && c.audit {
+                KernelVerdict::Allow
+            } else {
+                want
+            };
+            prop_assert_eq!((k.verdict, k.reason), (want, reason), "{}", context());
+            // Counted once, under the reason (a denial `--audit` let through in its own slot).
+            let slot = if denied && c.audit {
+                counter::audit_let_through(reason)
+            } else {
+                counter::decided(reason)
+            };
+            for i in 0..counter::COUNT {
+                let moved = maps.count(i) - before[i as usize];
+                prop_assert_eq!(moved, u64::from(i == slot), "counter {} {}", i, context());
+            }
+            // One event per denial, naming the reason, the workload and the destination.
+            if denied {
+                prop_assert_eq!(events.len(), 1, "{}", context());
+                let ev = &events[0];
+                let ip = match dst.ip() {
+                    IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+                    IpAddr::V6(v6) => v6,
+                };
+                prop_assert_eq!(
+                    (
+                        ev.reason,
+                        ev.workload,
+                        ev.addr,
+                        ev.port,
+                        ev.audit,
+                        ev.protocol
+                    ),
+                    (
+                        reason as u32,
+                        workload,
+                        ip.octets(),
+                        *port,
+                        u8::from(c.audit),
+                        if *udp { 17 } else { 6 }
+                    ),
+                    "{}",
+                    context()
+                );
+            } else {
+                prop_assert!(events.is_empty(), "{}", context());
+            }
         }
     }
     Ok(())
@@ -440,7 +564,7 @@ proptest! {
     })]
 
     #[test]
-    fn plan_lookup_agrees_with_decide(c in case()) {
+    fn kernel_decision_over_the_plan_agrees_with_decide(c in case()) {
         check(&c)?;
     }
 }
@@ -456,10 +580,10 @@ fn generator_covers_the_interesting_cases() {
     let mut runner = TestRunner::new(Config::default());
     let strat = case();
     let mut seen: BTreeSet<&'static str> = BTreeSet::new();
-    for _ in 0..400 {
+    for _ in 0..600 {
         let c = strat.new_tree(&mut runner).unwrap().current();
         let mut yaml = String::new();
-        for (i, p) in c.policies.iter().enumerate() {
+        for (i, p) in c.active.policies.iter().enumerate() {
             policy_yaml(&mut yaml, i, p);
         }
         if yaml.contains("'::ffff:") {
@@ -486,18 +610,51 @@ fn generator_covers_the_interesting_cases() {
         } else {
             unselected
         };
+        if c.previous.is_some() {
+            seen.insert("previous generation");
+        }
+        let resolvers: Vec<Resolver> = c
+            .active
+            .resolvers
+            .iter()
+            .map(|(a, s, port)| Resolver::new(addr(*a, *s), *port))
+            .collect();
         for (a, s, port, udp, _) in &c.dsts {
+            let dst = SocketAddr::new(addr(*a, *s), *port);
+            if *udp
+                && resolvers
+                    .iter()
+                    .any(|r| r.port() != 53 && r.port() == *port)
+            {
+                let d = policy::decide(
+                    &conf,
+                    &Connection {
+                        dst,
+                        udp: true,
+                        l7: None,
+                    },
+                    &DecideOptions {
+                        internal: Vec::new(),
+                        resolvers: resolvers.clone(),
+                    },
+                );
+                if d.reason.reason() == policy::Reason::Resolver {
+                    seen.insert("resolver off port 53");
+                }
+            }
             let d = policy::decide(
                 &conf,
                 &Connection {
-                    dst: SocketAddr::new(addr(*a, *s), *port),
+                    dst,
                     udp: *udp,
                     l7: None,
                 },
                 &DecideOptions::default(),
             );
             seen.insert(match d.verdict {
-                Verdict::AllowKernel if d.reason == policy::Reason::AddressMatch => "address match",
+                Verdict::AllowKernel if d.reason == policy::ReasonDetail::AddressMatch => {
+                    "address match"
+                }
                 Verdict::AllowKernel => "other allow",
                 Verdict::RedirectToProxy => "redirect",
                 Verdict::Deny => "deny",
@@ -506,6 +663,8 @@ fn generator_covers_the_interesting_cases() {
         }
     }
     for want in [
+        "previous generation",
+        "resolver off port 53",
         "mapped match",
         "domain match",
         "address match",

@@ -25,6 +25,7 @@ use hickory_resolver::{
     config::{ConnectionConfig, LookupIpStrategy, NameServerConfig, ResolverConfig},
     net::runtime::TokioRuntimeProvider,
 };
+use passthrough_policy::Resolver;
 use thiserror::Error;
 
 /// `--domain-destination`: what the proxy does with the address the client dialled.
@@ -201,11 +202,12 @@ impl std::fmt::Debug for Destinations {
 }
 
 impl Destinations {
-    /// A check in `mode`, resolving with the nameserver `resolver` (UDP, TCP fallback) or the
-    /// system's (`/etc/resolv.conf`). `Original` builds no resolver.
+    /// A check in `mode`, resolving with the name servers `resolvers` (each at its port; UDP,
+    /// TCP fallback) or, when there are none, the system's (`/etc/resolv.conf`). `Original`
+    /// builds no resolver.
     pub fn new(
         mode: DomainDestination,
-        resolver: Option<SocketAddr>,
+        resolvers: &[Resolver],
     ) -> Result<Self, ResolverSetupError> {
         if mode == DomainDestination::Original {
             return Ok(Destinations {
@@ -215,20 +217,24 @@ impl Destinations {
             });
         }
         let provider = TokioRuntimeProvider::default();
-        let mut builder = match resolver {
-            Some(addr) => {
-                let mut udp = ConnectionConfig::udp();
-                udp.port = addr.port();
-                let mut tcp = ConnectionConfig::tcp();
-                tcp.port = addr.port();
-                let ns = NameServerConfig::new(addr.ip(), true, vec![udp, tcp]);
-                TokioResolver::builder_with_config(
-                    ResolverConfig::from_parts(None, vec![], vec![ns]),
-                    provider,
-                )
-            }
-            None => TokioResolver::builder(provider)
-                .map_err(|e| ResolverSetupError::SystemConfig(e.to_string()))?,
+        let mut builder = if resolvers.is_empty() {
+            TokioResolver::builder(provider)
+                .map_err(|e| ResolverSetupError::SystemConfig(e.to_string()))?
+        } else {
+            let servers = resolvers
+                .iter()
+                .map(|r| {
+                    let mut udp = ConnectionConfig::udp();
+                    udp.port = r.port();
+                    let mut tcp = ConnectionConfig::tcp();
+                    tcp.port = r.port();
+                    NameServerConfig::new(r.ip(), true, vec![udp, tcp])
+                })
+                .collect();
+            TokioResolver::builder_with_config(
+                ResolverConfig::from_parts(None, vec![], servers),
+                provider,
+            )
         };
         let opts = builder.options_mut();
         opts.ip_strategy = LookupIpStrategy::Ipv4AndIpv6;

@@ -56,7 +56,7 @@ use tokio::{
 use tracing::debug;
 
 use super::{ConnInfo, Judgement, Proxy, relay};
-use passthrough_policy::L7;
+use passthrough_policy::{L7, Reason};
 
 /// Response body type of the proxy.
 pub type Body = BoxBody<Bytes, hyper::Error>;
@@ -314,7 +314,7 @@ async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body> {
                 proto,
                 None,
                 None,
-                "malformed_authority",
+                Reason::MalformedAuthority,
                 &why,
                 false,
             );
@@ -326,7 +326,7 @@ async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body> {
         Err(NoAuthority::Missing(why)) => {
             if ctx
                 .proxy
-                .report_deny(&ctx.conn, proto, None, None, "no_authority", &why)
+                .report_deny(&ctx.conn, proto, None, None, Reason::NoAuthority, &why)
             {
                 // --audit: forward to where the client dialled, Host naming that address.
                 let dst = ctx.conn.rec.dst;
@@ -345,7 +345,7 @@ async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body> {
             proto,
             None,
             Some(&auth),
-            "connect",
+            Reason::Connect,
             &"CONNECT is not proxied",
             false,
         );
@@ -354,8 +354,15 @@ async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body> {
     if let Some(up) = req.headers().get(header::UPGRADE) {
         let up = String::from_utf8_lossy(up.as_bytes()).into_owned();
         let why = format!("protocol upgrade ({up}) is not proxied");
-        ctx.proxy
-            .report_deny_with(&ctx.conn, proto, None, Some(&auth), "upgrade", &why, false);
+        ctx.proxy.report_deny_with(
+            &ctx.conn,
+            proto,
+            None,
+            Some(&auth),
+            Reason::Upgrade,
+            &why,
+            false,
+        );
         return deny(&ctx, grpc, &auth, &why);
     }
     let target = match ctx.allowed_again(&auth) {

@@ -38,7 +38,7 @@ use super::{
     http::Allowed,
     relay,
 };
-use passthrough_policy::L7;
+use passthrough_policy::{L7, Reason};
 
 /// Read size for bodies.
 const CHUNK: usize = 16 * 1024;
@@ -339,10 +339,14 @@ impl Session {
         if req.is_connect || req.upgrade.is_some() {
             let host = req.authority.as_deref().ok();
             let (code, why) = match &req.upgrade {
-                Some(up) if !req.is_connect => {
-                    ("upgrade", format!("protocol upgrade ({up}) is not proxied"))
-                }
-                _ => ("connect", "CONNECT tunnels are not proxied".to_string()),
+                Some(up) if !req.is_connect => (
+                    Reason::Upgrade,
+                    format!("protocol upgrade ({up}) is not proxied"),
+                ),
+                _ => (
+                    Reason::Connect,
+                    "CONNECT tunnels are not proxied".to_string(),
+                ),
             };
             self.proxy
                 .report_deny_with(&self.conn, proto, None, host, code, &why, false);
@@ -354,7 +358,7 @@ impl Session {
             Err(why) => {
                 if self
                     .proxy
-                    .report_deny(&self.conn, proto, None, None, "no_authority", why)
+                    .report_deny(&self.conn, proto, None, None, Reason::NoAuthority, why)
                 {
                     // --audit: forward to where the client dialled, Host naming that address.
                     let dst = self.conn.rec.dst;

@@ -69,7 +69,7 @@ pub use orig_dst::{OrigDstSource, Redirected};
 pub use report::{LogDenials, ProxyReport};
 
 use passthrough_policy::{
-    Connection, DecideOptions, L7, MergedConf, Verdict,
+    Connection, DecideOptions, L7, MergedConf, Reason, Resolver, Verdict,
     decision::{decide_at_proxy, normalize_name},
     outcome::{DecisionPath, Denial},
 };
@@ -97,8 +97,8 @@ impl ProxyPolicy {
 pub struct ProxyConfig {
     /// `--domain-destination`.
     pub domain_destination: DomainDestination,
-    /// `--resolver`; `None` = `/etc/resolv.conf`.
-    pub resolver: Option<SocketAddr>,
+    /// `--resolver`: the name servers of the destination check; empty = `/etc/resolv.conf`.
+    pub resolvers: Vec<Resolver>,
     /// How long to wait for the first bytes to be complete enough for a decision.
     pub peek_timeout: Duration,
     /// Most bytes read before a decision; at least [`MIN_PEEK`].
@@ -119,7 +119,7 @@ impl Default for ProxyConfig {
     fn default() -> Self {
         ProxyConfig {
             domain_destination: DomainDestination::Verify,
-            resolver: None,
+            resolvers: Vec::new(),
             peek_timeout: Duration::from_secs(5),
             max_peek: 32 * 1024,
             connect_timeout: Duration::from_secs(5),
@@ -181,7 +181,7 @@ impl Proxy {
         if cfg.max_peek < MIN_PEEK {
             return Err(ProxyError::PeekTooSmall(cfg.max_peek));
         }
-        let dest = Destinations::new(cfg.domain_destination, cfg.resolver)?;
+        let dest = Destinations::new(cfg.domain_destination, &cfg.resolvers)?;
         Ok(Proxy {
             orig,
             policy,
@@ -216,10 +216,10 @@ impl Proxy {
         proto: &str,
         sni: Option<&str>,
         host: Option<&str>,
-        code: &str,
+        reason: Reason,
         detail: &dyn Display,
     ) -> bool {
-        self.report_deny_with(ctx, proto, sni, host, code, detail, self.cfg.audit)
+        self.report_deny_with(ctx, proto, sni, host, reason, detail, self.cfg.audit)
     }
 
     /// [`Proxy::report_deny`] for a denial that is enforced even under `--audit` (`audit`
@@ -231,7 +231,7 @@ impl Proxy {
         proto: &str,
         sni: Option<&str>,
         host: Option<&str>,
-        code: &str,
+        reason: Reason,
         detail: &dyn Display,
         audit: bool,
     ) -> bool {
@@ -247,7 +247,7 @@ impl Proxy {
             sni: sni.map(str::to_string),
             host: host.map(str::to_string),
             peer: Some(ctx.peer),
-            reason: code.to_string(),
+            reason,
             detail: detail.to_string(),
             audit,
         });
@@ -384,7 +384,7 @@ impl Proxy {
             self.report
                 .connection_classified("no_original_destination", None);
             self.report
-                .decision("unknown", "deny", "no_original_destination", 0);
+                .decision("unknown", "deny", Reason::NoOriginalDestination, 0);
             warn!(
                 target: "passthrough::proxy",
                 %peer, %local, verdict = "deny", reason = "no_original_destination",
@@ -416,7 +416,7 @@ impl Proxy {
             First::Http1 => http1::serve(self, client, buf, ctx).await,
             First::H2c => http::serve(self, client, buf, ctx).await,
             First::Tls(tls::Parse::Invalid(e)) => {
-                if self.report_deny(&ctx, "tls", None, None, "bad_client_hello", &e) {
+                if self.report_deny(&ctx, "tls", None, None, Reason::BadClientHello, &e) {
                     return self.audit_passthrough(client, buf, &ctx).await;
                 }
                 tls_refuse(client).await;
@@ -427,7 +427,7 @@ impl Proxy {
                     "unknown",
                     None,
                     None,
-                    "unknown_protocol",
+                    Reason::UnknownProtocol,
                     &"neither TLS nor HTTP",
                 ) {
                     self.audit_passthrough(client, buf, &ctx).await;
@@ -435,7 +435,7 @@ impl Proxy {
             }
             First::TooLarge => {
                 let why = format!("no decision within the first {} bytes", self.cfg.max_peek);
-                if self.report_deny(&ctx, "unknown", None, None, "too_large", &why) {
+                if self.report_deny(&ctx, "unknown", None, None, Reason::TooLarge, &why) {
                     self.audit_passthrough(client, buf, &ctx).await;
                 }
             }
@@ -445,7 +445,7 @@ impl Proxy {
                     self.cfg.peek_timeout,
                     buf.len()
                 );
-                if self.report_deny(&ctx, "unknown", None, None, "peek_timeout", &why) {
+                if self.report_deny(&ctx, "unknown", None, None, Reason::PeekTimeout, &why) {
                     self.audit_passthrough(client, buf, &ctx).await;
                 }
             }
@@ -538,7 +538,7 @@ impl Proxy {
                 None => format!("{:?} {} {:?}", m.kind, m.value, m.protocol),
             })
             .unwrap_or_default();
-        let (verdict, code, detail, target) = match d.verdict {
+        let (verdict, reason, detail, target) = match d.verdict {
             Verdict::AllowAtProxy => {
                 // A Domain match allowed `name`: check where the client is going.
                 let name = raw
@@ -546,18 +546,18 @@ impl Proxy {
                     .and_then(|r| normalize_name(r, strip_port).ok())
                     .unwrap_or_default();
                 match self.dest.target(&name, ctx.rec.dst).await {
-                    Ok(t) => ("allow", d.reason.code(), d.reason.to_string(), Some(t)),
-                    Err(e) => ("deny", "destination_check", e.to_string(), None),
+                    Ok(t) => ("allow", d.reason.reason(), d.reason.to_string(), Some(t)),
+                    Err(e) => ("deny", Reason::DestinationCheck, e.to_string(), None),
                 }
             }
             Verdict::AllowKernel => (
                 "allow",
-                d.reason.code(),
+                d.reason.reason(),
                 d.reason.to_string(),
                 Some(ctx.rec.dst),
             ),
             Verdict::Deny | Verdict::DenyAtProxy | Verdict::RedirectToProxy => {
-                ("deny", d.reason.code(), d.reason.to_string(), None)
+                ("deny", d.reason.reason(), d.reason.to_string(), None)
             }
         };
         let name = raw.as_deref().unwrap_or("");
@@ -565,7 +565,8 @@ impl Proxy {
         match target {
             Some(t) => {
                 let workload = self.report.workload_name(ctx.rec.workload);
-                self.report.decision(proto, "allow", code, ctx.rec.workload);
+                self.report
+                    .decision(proto, "allow", reason, ctx.rec.workload);
                 // Allowed connections are counted in the metrics and logged at debug only: a line
                 // per allowed connection costs ~9 µs of a ~140 µs relayed TLS connection here, and
                 // an access log is opt-in on the peers too (`RUST_LOG=passthrough::proxy=debug`).
@@ -575,7 +576,7 @@ impl Proxy {
                     comm = %ctx.rec.comm, peer = %ctx.peer, dst = %ctx.rec.dst, protocol = proto,
                     sni = matches!(l7, L7::Tls(_)).then_some(name),
                     host = (!matches!(l7, L7::Tls(_))).then_some(name),
-                    ech, verdict = "allow", reason = code, detail = %detail, matched = %matched,
+                    ech, verdict = "allow", reason = reason.code(), detail = %detail, matched = %matched,
                     upstream = %t, "decision"
                 );
                 Judgement::Allow(t)
@@ -585,12 +586,12 @@ impl Proxy {
                     L7::Tls(_) => (raw.as_deref(), None),
                     _ => (None, raw.as_deref()),
                 };
-                let detail = if matched.is_empty() || code == "destination_check" {
+                let detail = if matched.is_empty() || reason == Reason::DestinationCheck {
                     detail
                 } else {
                     format!("{detail} (match: {matched})")
                 };
-                if self.report_deny(ctx, proto, sni, host, code, &detail) {
+                if self.report_deny(ctx, proto, sni, host, reason, &detail) {
                     // --audit: reported as a would-be denial; go where the client dialled.
                     return Judgement::Allow(ctx.rec.dst);
                 }

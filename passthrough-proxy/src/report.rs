@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use passthrough_policy::outcome::Denial;
+use passthrough_policy::{Reason, outcome::Denial};
 use tracing::warn;
 
 /// The receiver of what the proxy observed. Every method is called on the connection's task:
@@ -29,7 +29,7 @@ pub trait ProxyReport: Send + Sync + 'static {
 
     /// A decision that is not a [`Denial`]: `verdict` is `allow`, or `deny` for a connection
     /// no workload can be named for. `workload` is a cgroup id (0 = none).
-    fn decision(&self, protocol: &str, verdict: &'static str, reason: &str, workload: u64);
+    fn decision(&self, protocol: &str, verdict: &'static str, reason: Reason, workload: u64);
 
     /// A denial, or under `--audit` a would-be denial (`denial.audit`).
     fn denial(&self, denial: &Denial);
@@ -65,7 +65,7 @@ impl ProxyReport for LogDenials {
 
     fn connection_classified(&self, _kind: &'static str, _peek: Option<Duration>) {}
 
-    fn decision(&self, _protocol: &str, _verdict: &'static str, _reason: &str, _workload: u64) {}
+    fn decision(&self, _protocol: &str, _verdict: &'static str, _reason: Reason, _workload: u64) {}
 
     fn denial(&self, d: &Denial) {
         warn!(

@@ -18,7 +18,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::{Request, Response, StatusCode, body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use passthrough_policy::{DecideOptions, MergedConf, Mode, Workload, load_policy_bytes};
+use passthrough_policy::{DecideOptions, MergedConf, Mode, Resolver, Workload, load_policy_bytes};
 use passthrough_proxy::{
     DomainDestination, OrigDstSource, Proxy, ProxyConfig, ProxyPolicy, Redirected, h1,
 };
@@ -96,7 +96,7 @@ async fn start(c: MergedConf, mode: DomainDestination, resolver: Option<SocketAd
     };
     let cfg = ProxyConfig {
         domain_destination: mode,
-        resolver,
+        resolvers: resolver.map(Resolver::from).into_iter().collect(),
         peek_timeout: Duration::from_secs(2),
         max_peek: 40 * 1024,
         connect_timeout: Duration::from_secs(2),

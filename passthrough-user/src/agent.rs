@@ -5,7 +5,7 @@
 //! maps; any error before the last attach drops the [`Kernel`], which detaches what was attached.
 
 use std::{
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
     path::{Path, PathBuf},
     sync::{Arc, atomic::Ordering},
 };
@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use passthrough_common::AGENT_MARK;
 use passthrough_policy::{
-    self as policy, Mode, Workload,
+    self as policy, Mode, Resolver, Workload,
     plan::{self, PlanOptions},
 };
 use passthrough_proxy::{
@@ -58,10 +58,12 @@ pub struct RunArgs {
     /// Admin HTTP address (`/readyz`, `/healthz`).
     #[arg(long, default_value = "127.0.0.1:9901")]
     pub admin_addr: SocketAddr,
-    /// DNS resolver (`ADDR` or `ADDR:PORT`) workloads may reach over UDP port 53. Default: the
-    /// nameservers of /etc/resolv.conf.
+    /// DNS resolver (`IP` or `IP:PORT`, `[IPv6]:PORT`; port 53 if none) that workloads may
+    /// reach over UDP at that port in every mode, and that the proxy's destination check asks.
+    /// Default: the nameservers of /etc/resolv.conf (port 53; the proxy then uses the system's
+    /// resolver configuration).
     #[arg(long)]
-    pub resolver: Vec<String>,
+    pub resolver: Vec<Resolver>,
     /// Pod/service ranges that are never egress (always allowed).
     #[arg(long = "internal-cidr")]
     pub internal_cidr: Vec<IpNet>,
@@ -213,25 +215,24 @@ fn read_inputs(args: &RunArgs, mount: &Path) -> anyhow::Result<Inputs> {
     })
 }
 
-pub(crate) fn resolvers(args: &RunArgs) -> anyhow::Result<Vec<IpAddr>> {
+/// The resolvers UDP may reach: `--resolver`, else the nameservers of `/etc/resolv.conf`.
+pub(crate) fn resolvers(args: &RunArgs) -> Vec<Resolver> {
     if !args.resolver.is_empty() {
-        return args
-            .resolver
-            .iter()
-            .map(|r| {
-                r.parse::<SocketAddr>()
-                    .map(|s| s.ip())
-                    .or_else(|_| r.parse::<IpAddr>())
-                    .with_context(|| format!("--resolver {r:?}: not an ADDR or ADDR:PORT"))
-            })
-            .collect();
+        return args.resolver.clone();
     }
     let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
-    Ok(text
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("nameserver"))
-        .filter_map(|rest| rest.trim().split('%').next()?.parse().ok())
-        .collect())
+    Resolver::from_resolv_conf(&text)
+}
+
+/// What `run` compiles its plans with besides the policies: internal ranges, resolvers (each
+/// at its port, exactly as the proxy's destination check and `explain` see them) and the
+/// unselected mode.
+pub fn plan_options(args: &RunArgs) -> PlanOptions {
+    PlanOptions {
+        internal: args.internal_cidr.clone(),
+        resolvers: resolvers(args),
+        unmatched_mode: Some(args.unselected_mode),
+    }
 }
 
 /// Merges every workload's configuration once; the kernel plan and the proxy policy are both
@@ -284,11 +285,7 @@ fn proxy_policy(merged: &Merged, opts: &PlanOptions, unselected: Mode) -> ProxyP
         },
         decide: policy::DecideOptions {
             internal: opts.internal.clone(),
-            resolvers: opts
-                .resolvers
-                .iter()
-                .map(|ip| SocketAddr::new(*ip, 53))
-                .collect(),
+            resolvers: opts.resolvers.clone(),
         },
     }
 }
@@ -424,11 +421,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mount = cgroup::cgroup2_mount()?;
     let inputs = read_inputs(&args, &mount)?;
     let points = attach_points(&args, &mount, &inputs)?;
-    let opts = PlanOptions {
-        internal: args.internal_cidr.clone(),
-        resolvers: resolvers(&args)?,
-        unmatched_mode: Some(args.unselected_mode),
-    };
+    let opts = plan_options(&args);
 
     let bpf_root = Path::new("/sys/fs/bpf");
     if bpffs::ensure_mounted(bpf_root).context("mounting bpffs at /sys/fs/bpf")? {
@@ -559,18 +552,11 @@ pub(crate) fn start_proxy(
         let orig = kernel
             .take_orig_dst_map()
             .context("orig-dst map already taken")?;
-        let resolver = args
-            .resolver
-            .first()
-            .map(|r| {
-                r.parse::<SocketAddr>()
-                    .or_else(|_| r.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
-            })
-            .transpose()
-            .context("--resolver")?;
         let cfg = ProxyConfig {
             domain_destination: args.domain_destination,
-            resolver,
+            // Only explicit resolvers: without them hickory reads the system configuration
+            // itself (options and search domains included).
+            resolvers: args.resolver.clone(),
             audit: args.audit,
             ..ProxyConfig::default()
         };

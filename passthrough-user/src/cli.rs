@@ -5,7 +5,7 @@ use std::{io::Write, net::SocketAddr, path::PathBuf};
 
 use ipnet::IpNet;
 use passthrough_policy::{
-    L7, Mode,
+    L7, Mode, Resolver,
     report::{self, ExplainRequest},
 };
 
@@ -77,9 +77,10 @@ pub struct ExplainArgs {
     /// Ranges that are never egress (pod and service CIDRs).
     #[arg(long = "internal-cidr", value_name = "CIDR")]
     pub internal_cidr: Vec<IpNet>,
-    /// DNS resolvers (`IP:PORT`) that UDP may reach.
-    #[arg(long = "resolver", value_name = "ADDR:PORT")]
-    pub resolver: Vec<SocketAddr>,
+    /// DNS resolvers (`IP` or `IP:PORT`, `[IPv6]:PORT`; port 53 if none) that UDP may reach
+    /// at exactly that port, as `run --resolver`.
+    #[arg(long = "resolver", value_name = "IP[:PORT]")]
+    pub resolver: Vec<Resolver>,
     /// The mode of a workload that no policy selects.
     #[arg(long = "unselected-mode", default_value = "All", value_name = "MODE")]
     pub unselected_mode: Mode,

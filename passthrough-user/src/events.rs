@@ -13,7 +13,7 @@
 //! | `protocol` | kernel: `tcp`/`udp`; from the raw/ping backstop `ping` or `raw:<IP protocol>` (`raw:udp`, `raw:icmp`, `raw:47`); proxy: `tls`, `http1`, `h2c`, `grpc`, `unknown` |
 //! | `sni` / `host` | proxy only, when known: the TLS SNI or the HTTP authority |
 //! | `peer` | proxy only: the client address as the proxy saw it |
-//! | `reason`, `detail` | reason code (kernel: the counter name, e.g. `deny_no_match`) and text |
+//! | `reason`, `detail` | the [`Reason`] code (`no_match`, `mode_none`, `no_domain_match`, `peek_timeout`, …; one vocabulary for both paths) and text |
 //! | `audit` | `true` when `--audit` let the connection through (message says "would be denied") |
 //!
 //! **Rate limit.** Every denial is counted in the metrics, but only a bounded number are
@@ -36,7 +36,7 @@ use std::{
 };
 
 use aya::maps::{MapData, MapInfo, RingBuf};
-use passthrough_common::{DenyEvent, counter};
+use passthrough_common::{DenyEvent, Reason};
 use passthrough_policy::outcome::{DecisionPath, Denial};
 use passthrough_proxy::ProxyReport;
 use tokio::io::unix::AsyncFd;
@@ -191,23 +191,17 @@ impl<K: std::hash::Hash + Eq> Limiter<K> {
     }
 }
 
-/// The reason code and text of a kernel denial (`DenyEvent::reason`, a counter index).
-pub fn kernel_reason(reason: u32) -> (&'static str, &'static str) {
-    let code = counter::NAMES
-        .get(reason as usize)
-        .copied()
-        .unwrap_or("unknown");
-    let text = match reason {
-        counter::DENY_MODE_NONE => "passthroughMode None denies every egress destination",
-        counter::DENY_NO_MATCH => {
-            "passthroughMode Matched: no IP/CIDR match allows this destination and no Domain match applies to its port"
-        }
-        counter::DENY_NO_PROXY => {
-            "only a Domain match could allow it, and the connection cannot go through the proxy (proxy off, no --proxy-addr for this network namespace, or UDP)"
-        }
-        _ => "denied by the kernel program",
-    };
-    (code, text)
+/// The reason and text of a kernel denial (`DenyEvent::reason`, a [`Reason`] number). A number
+/// this build does not know (only pins of another layout could hold one; they are never
+/// adopted) is reported as `no_match` with the number in the text.
+pub fn kernel_reason(reason: u32) -> (Reason, String) {
+    match Reason::from_u32(reason) {
+        Some(r) => (r, r.text().to_string()),
+        None => (
+            Reason::NoMatch,
+            format!("denied by the kernel program (unknown reason number {reason})"),
+        ),
+    }
 }
 
 /// A kernel event's destination (IPv4-mapped addresses shown as IPv4).
@@ -228,7 +222,7 @@ fn comm_str(comm: &[u8; 16]) -> String {
 /// Counts and logs denials (rate-limited). Shared by the kernel event reader and the proxy.
 pub struct Reporter {
     metrics: Arc<Metrics>,
-    limiter: Mutex<Limiter<(u64, String)>>,
+    limiter: Mutex<Limiter<(u64, Reason)>>,
     origin: Instant,
     pending: [AtomicU64; 2],
 }
@@ -276,14 +270,14 @@ impl Reporter {
         let verdict = if d.audit { "would_deny" } else { "deny" };
         if d.path == DecisionPath::Kernel {
             self.metrics
-                .decision("kernel", verdict, &d.reason, &workload);
+                .decision("kernel", verdict, d.reason, &workload);
         } else {
             self.metrics
-                .proxy_decision(&d.protocol, verdict, &d.reason, &workload);
+                .proxy_decision(&d.protocol, verdict, d.reason, &workload);
         }
         let ok = {
             let mut l = self.limiter.lock().unwrap_or_else(|e| e.into_inner());
-            l.allow((d.workload, d.reason.clone()), self.origin.elapsed())
+            l.allow((d.workload, d.reason), self.origin.elapsed())
         };
         if !ok {
             self.metrics.suppressed(d.path.as_str(), 1);
@@ -309,7 +303,7 @@ impl Reporter {
             sni = d.sni.as_deref(),
             host = d.host.as_deref(),
             peer = d.peer.map(|p| p.to_string()).as_deref(),
-            reason = %d.reason,
+            reason = d.reason.code(),
             detail = %d.detail,
             audit = d.audit,
             "{message}"
@@ -342,7 +336,7 @@ impl Reporter {
     /// Turns a kernel event into a [`Denial`] and reports it. `mono_to_wall` converts the
     /// kernel's monotonic clock.
     pub fn report_kernel(&self, ev: &DenyEvent, now_wall: SystemTime, now_mono_ns: u64) {
-        let (code, text) = kernel_reason(ev.reason);
+        let (reason, text) = kernel_reason(ev.reason);
         let age = Duration::from_nanos(now_mono_ns.saturating_sub(ev.ktime_ns));
         self.report(&Denial {
             path: DecisionPath::Kernel,
@@ -356,8 +350,8 @@ impl Reporter {
             sni: None,
             host: None,
             peer: None,
-            reason: code.into(),
-            detail: text.into(),
+            reason,
+            detail: text,
             audit: ev.audit != 0,
         });
     }
@@ -385,7 +379,7 @@ impl ProxyReport for Reporter {
         self.metrics.proxy_connection(kind);
     }
 
-    fn decision(&self, protocol: &str, verdict: &'static str, reason: &str, workload: u64) {
+    fn decision(&self, protocol: &str, verdict: &'static str, reason: Reason, workload: u64) {
         let name = self.metrics.workload_name(workload);
         self.metrics
             .proxy_decision(protocol, verdict, reason, &name);
@@ -651,7 +645,7 @@ mod tests {
     #[test]
     fn kernel_event_fields() {
         let mut ev = DenyEvent {
-            reason: counter::DENY_NO_MATCH,
+            reason: Reason::NoMatch as u32,
             port: 443,
             protocol: 6,
             pid: 7,
@@ -663,7 +657,9 @@ mod tests {
         ev.comm[..4].copy_from_slice(b"curl");
         assert_eq!(event_dst(&ev), "203.0.113.7:443".parse().unwrap());
         assert_eq!(comm_str(&ev.comm), "curl");
-        assert_eq!(kernel_reason(ev.reason).0, "deny_no_match");
+        assert_eq!(kernel_reason(ev.reason).0.code(), "no_match");
+        assert_eq!(kernel_reason(99).0, Reason::NoMatch);
+        assert!(kernel_reason(99).1.contains("99"));
         ev.addr = "2001:db8::1".parse::<Ipv6Addr>().unwrap().octets();
         assert_eq!(event_dst(&ev), "[2001:db8::1]:443".parse().unwrap());
     }
@@ -685,7 +681,7 @@ mod tests {
         let r = Reporter::new(metrics.clone(), cfg);
         let ev = DenyEvent {
             workload: 9,
-            reason: counter::DENY_MODE_NONE,
+            reason: Reason::ModeNone as u32,
             port: 80,
             protocol: 17,
             ..Default::default()
@@ -711,7 +707,7 @@ mod tests {
                 &[
                     ("path", "kernel"),
                     ("workload", "web"),
-                    ("reason", "deny_mode_none")
+                    ("reason", "mode_none")
                 ]
             ),
             Some(5.0)

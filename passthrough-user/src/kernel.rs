@@ -4,12 +4,13 @@
 //! # Atomic policy swap
 //! Every map entry carries a generation (0 or 1): the workload key has it, the IPv6 trie keys
 //! and the IPv4 range-table keys carry it in the high bit of the rule-set id, and each
-//! generation's IPv4 range blocks live in their own half of `RANGES_V4`. A program reads `CONFIG.active_generation` once
-//! and only looks at entries of that generation. [`Kernel::apply`] therefore writes the whole
-//! new plan under the *inactive* generation, then flips the index with one map update. The
-//! entries of the old generation stay in place until the next apply (at least
-//! [`MIN_GRACE`] later), so a program that read the old index just before the flip still finds
-//! a complete old rule set.
+//! generation's IPv4 range blocks live in their own half of `RANGES_V4`. A program reads
+//! `CONFIG.active_generation` once and only looks at entries of that generation.
+//! [`Kernel::apply`] therefore writes the whole new plan under the *inactive* generation, then
+//! flips the index with one map update. The entries of the old generation are removed (or its
+//! half of `RANGES_V4` overwritten) only after a [`ProgramBarrier`] wait after the flip: an RCU
+//! grace period the kernel guarantees, after which no program that read the old index is still
+//! running. So a connect sees the complete old rule set or the complete new one, never a mix.
 
 use std::{
     collections::BTreeMap,
@@ -32,10 +33,12 @@ use aya::{
 };
 use passthrough_common::{
     DomainPortKey, GlobalConfig, OrigDst, PeerKey, RangeBlock, RangeTable, RangeTableKey,
-    RelayCounts, RelayPeer, RuleKeyV6, RuleValue, WorkloadEntry, WorkloadKey, counter,
+    RelayCounts, RelayPeer, RuleKeyV6, RuleValue, WorkloadEntry, WorkloadKey, counter::Counter,
 };
 
 use passthrough_policy::plan::{KernelPlan, MapUsage};
+
+use crate::barrier::ProgramBarrier;
 
 /// The eBPF object built by `build.rs` (aya-build), embedded in the binary.
 #[cfg(not(ebpf_skipped))]
@@ -46,9 +49,6 @@ pub static EBPF_OBJECT: Option<&[u8]> = Some(aya::include_bytes_aligned!(concat!
 /// Built with `AYA_BUILD_SKIP=1`: no programs in this binary.
 #[cfg(ebpf_skipped)]
 pub static EBPF_OBJECT: Option<&[u8]> = None;
-
-/// Shortest time the entries of a retired generation are kept after the flip.
-pub const MIN_GRACE: Duration = Duration::from_millis(50);
 
 /// The cgroup sock_addr programs in the object.
 pub const PROGRAMS: [&str; 6] = [
@@ -195,6 +195,10 @@ pub enum KernelError {
         /// The underlying error.
         source: std::io::Error,
     },
+    /// The barrier that waits out programs still using a retired generation failed (creating
+    /// its map, or the update that waits).
+    #[error("waiting for running programs (map-in-map barrier): {0}")]
+    Barrier(#[source] std::io::Error),
     /// The plan does not fit in the maps.
     #[error("{what}: {needed} entries needed, capacity {capacity}")]
     Capacity {
@@ -267,7 +271,11 @@ pub struct Kernel {
     /// What each generation currently has in the maps (so it can be removed exactly).
     written: [Option<KernelPlan>; 2],
     active: Option<u32>,
-    flipped_at: Option<Instant>,
+    /// Waits until no program can still be using a retired generation.
+    barrier: ProgramBarrier,
+    /// A flip (or an adopted predecessor's) happened after the last barrier wait: programs may
+    /// still be reading the retired generation.
+    readers_of_retired: bool,
     generation_counter: u64,
     attached: Vec<PathBuf>,
     /// sock_ops is (to be) attached: some plan could redirect.
@@ -519,6 +527,7 @@ impl Kernel {
         let domain_ports = take(&mut ebpf, "DOMAIN_PORTS")?;
         let orig_by_peer = Some(take(&mut ebpf, "ORIG_BY_PEER")?);
         let deny_events = Some(take(&mut ebpf, "DENY_EVENTS")?);
+        let barrier = ProgramBarrier::new().map_err(KernelError::Barrier)?;
         Ok(Self {
             ebpf,
             config,
@@ -533,7 +542,9 @@ impl Kernel {
             caps,
             written: [None, None],
             active: None,
-            flipped_at: None,
+            barrier,
+            // An adopted predecessor may have flipped moments before it died.
+            readers_of_retired: adopted,
             generation_counter: 0,
             attached: Vec::new(),
             sock_ops_wanted: false,
@@ -552,8 +563,6 @@ impl Kernel {
             {
                 k.active = Some(cfg.active_generation & 1);
                 k.generation_counter = cfg.policy_generation;
-                // The inactive generation was retired at least one apply ago.
-                k.flipped_at = None;
             }
             k
         })
@@ -634,9 +643,9 @@ impl Kernel {
         let g = self.next_generation();
         assert_eq!(plan.generation, g, "plan compiled for the wrong generation");
         self.check_capacity(&plan)?;
-        // The inactive generation's old entries were retired by the previous flip; give any
-        // program that read the old index right before that flip time to finish.
-        self.wait_out_grace();
+        // The inactive generation's old entries were retired by the previous flip: before they
+        // are removed or overwritten, every program that read the old index must be done.
+        self.wait_for_readers_of_retired()?;
         if let Some(old) = self.written[g as usize].take() {
             self.remove_entries(&old);
         } else if self.adopted {
@@ -666,15 +675,16 @@ impl Kernel {
             .set(0, cfg, 0)
             .map_err(|e| KernelError::Map("CONFIG", e))?;
         self.active = Some(g);
-        self.flipped_at = Some(Instant::now());
+        self.readers_of_retired = true;
         self.written[g as usize] = Some(plan);
         self.generation_counter += 1;
         Ok(self.generation_counter)
     }
 
-    /// Removes the retired generation now (waiting out what is left of [`MIN_GRACE`] since the
-    /// flip) instead of at the start of the next [`Kernel::apply`]. Returns how many rule
-    /// entries were removed.
+    /// Removes the retired generation now (after the barrier wait for programs still reading it)
+    /// instead of at the start of the next [`Kernel::apply`]. Returns how many rule entries
+    /// were removed; when the barrier fails nothing is removed (the next apply waits again, and
+    /// fails if it still cannot).
     ///
     /// Deleting a large retired plan takes about as long as writing it (a million trie
     /// entries: about a second here), so doing it right after a flip takes it off the critical
@@ -690,7 +700,11 @@ impl Kernel {
         if old.is_none() && !self.adopted {
             return 0;
         }
-        self.wait_out_grace();
+        if let Err(e) = self.wait_for_readers_of_retired() {
+            tracing::warn!(error = %e, "retired plan kept: cannot wait for programs still reading it");
+            self.written[retired] = old;
+            return 0;
+        }
         let removed = match old {
             Some(old) => {
                 self.remove_entries(&old);
@@ -710,14 +724,14 @@ impl Kernel {
         removed
     }
 
-    /// Sleeps out what is left of [`MIN_GRACE`] since the last flip, so no program that read
-    /// the old generation index is still using the retired entries about to be removed.
-    fn wait_out_grace(&self) {
-        if let Some(since) = self.flipped_at.map(|at| at.elapsed())
-            && since < MIN_GRACE
-        {
-            std::thread::sleep(MIN_GRACE - since);
+    /// Returns once no program that read the retired generation's index can still be running:
+    /// one [`ProgramBarrier`] wait per flip (none when nothing flipped since the last wait).
+    fn wait_for_readers_of_retired(&mut self) -> Result<(), KernelError> {
+        if self.readers_of_retired {
+            self.barrier.wait().map_err(KernelError::Barrier)?;
+            self.readers_of_retired = false;
         }
+        Ok(())
     }
 
     /// Removes every entry of generation `g`, found by iterating the maps (used after adopting
@@ -1067,7 +1081,31 @@ impl Kernel {
                 }
             }
         }
+        if !removed.is_empty() {
+            // The kernel releases an unpinned link from a work queue: wait (bounded) until the
+            // old programs are off our cgroups, so "replaced" means exactly one set attached.
+            let ours = self.program_ids();
+            let only_ours = |cg: &PathBuf| {
+                crate::pins::OUR_ATTACH_TYPES.iter().all(|t| {
+                    crate::pins::attached_prog_ids(cg, *t)
+                        .is_ok_and(|ids| ids.iter().all(|id| ours.contains(id)))
+                })
+            };
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while !self.attached.iter().all(only_ours) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
         removed
+    }
+
+    /// Ids of this agent's attachable programs.
+    fn program_ids(&self) -> Vec<u32> {
+        PROGRAMS
+            .iter()
+            .chain([&SOCK_OPS, &SKB_EGRESS])
+            .filter_map(|n| self.ebpf.program(n)?.info().ok().map(|i| i.id()))
+            .collect()
     }
 
     /// Shuts down. `keep`: leave programs attached and maps pinned (enforcement continues,
@@ -1076,11 +1114,7 @@ impl Kernel {
         if keep {
             return Ok(());
         }
-        let ours: Vec<u32> = PROGRAMS
-            .iter()
-            .chain([&SOCK_OPS, &SKB_EGRESS])
-            .filter_map(|n| self.ebpf.program(n)?.info().ok().map(|i| i.id()))
-            .collect();
+        let ours = self.program_ids();
         let attached = self.attached.clone();
         let links = std::mem::take(&mut self.links);
         if let Some(state) = self.state_dir.clone() {
@@ -1148,18 +1182,19 @@ impl Kernel {
         &self.attached
     }
 
-    /// Sums the per-CPU counters, by name.
-    pub fn counters(&self) -> BTreeMap<&'static str, u64> {
-        let mut out = BTreeMap::new();
-        for (i, name) in counter::NAMES.iter().enumerate() {
-            let total = self
-                .counters
-                .get(&(i as u32), 0)
-                .map(|v| v.iter().sum())
-                .unwrap_or(0);
-            out.insert(*name, total);
-        }
-        out
+    /// Sums the per-CPU counters, by name (`deny_no_match`, `allow_loopback`, …: see
+    /// `passthrough_common::counter::Counter`).
+    pub fn counters(&self) -> BTreeMap<String, u64> {
+        Counter::all()
+            .map(|(i, c)| {
+                let total = self
+                    .counters
+                    .get(&i, 0)
+                    .map(|v| v.iter().sum())
+                    .unwrap_or(0);
+                (c.to_string(), total)
+            })
+            .collect()
     }
 }
 

@@ -157,11 +157,7 @@ fn proxy_policy(model: &Model, opts: &PlanOptions, unselected: Mode) -> ProxyPol
         },
         decide: policy::DecideOptions {
             internal: opts.internal.clone(),
-            resolvers: opts
-                .resolvers
-                .iter()
-                .map(|ip| std::net::SocketAddr::new(*ip, 53))
-                .collect(),
+            resolvers: opts.resolvers.clone(),
         },
     }
 }
@@ -282,11 +278,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         })?,
     };
     info!(cgroup = %root.path.display(), driver = ?root.driver, node = %node_name, "Kubernetes mode");
-    let opts = PlanOptions {
-        internal: args.internal_cidr.clone(),
-        resolvers: agent::resolvers(&args)?,
-        unmatched_mode: Some(args.unselected_mode),
-    };
+    let opts = agent::plan_options(&args);
     let bpf_root = Path::new("/sys/fs/bpf");
     if bpffs::ensure_mounted(bpf_root).context("mounting bpffs at /sys/fs/bpf")? {
         info!(path = %bpf_root.display(), "mounted bpffs");

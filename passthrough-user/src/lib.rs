@@ -1,4 +1,4 @@
-//! passthrough's agent: the kernel glue ([`kernel`] loader and atomic apply, [`pins`],
+//! passthrough's agent: the kernel glue ([`kernel`] loader and atomic apply, [`barrier`], [`pins`],
 //! [`bpffs`], [`cgroup`]), the agent loop ([`agent`]), its observability ([`metrics`],
 //! [`events`], [`admin`], [`status`]), file watching ([`watch`]) and the `check` / `explain`
 //! command line ([`cli`]).
@@ -9,6 +9,7 @@
 
 pub mod admin;
 pub mod agent;
+pub mod barrier;
 pub mod bpffs;
 pub mod cgroup;
 pub mod cli;

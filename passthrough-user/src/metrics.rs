@@ -9,7 +9,7 @@
 //! | metric | type | labels |
 //! |---|---|---|
 //! | `passthrough_decisions_total` | counter | `path` (kernel/proxy), `verdict` (allow/deny/would_deny), `reason`, `workload` |
-//! | `passthrough_kernel_decisions_total` | counter (scrape time) | `reason` (a `counter::NAMES` entry) |
+//! | `passthrough_kernel_decisions_total` | counter (scrape time) | `verdict` (allow/redirect/deny/would_deny), `reason` |
 //! | `passthrough_kernel_deny_events_dropped_total` | counter (scrape time) | — |
 //! | `passthrough_deny_events_suppressed_total` | counter | `path` |
 //! | `passthrough_proxy_connections_total` | counter | `protocol` (tls/http1/h2c/unknown/…) |
@@ -23,6 +23,9 @@
 //! | `passthrough_policy_last_reload_success_timestamp_seconds` | gauge | — |
 //! | `passthrough_map_entries` | gauge | `map` (rules_v4/rules_v6/workloads/range_blocks_v4), `set` (active/previous) |
 //! | `passthrough_map_capacity` | gauge | `map` (range_blocks_v4: blocks per generation) |
+//!
+//! Every `reason` label value is a `passthrough_common::Reason` code — one vocabulary for the
+//! kernel, the proxy, deny events and `explain` (docs/design.md, "Reasons").
 //!
 //! `passthrough_decisions_total{path="kernel"}` only has denials (and audit would-be denials):
 //! the kernel counts allows globally, not per workload, and reports each denial as an event;
@@ -53,19 +56,20 @@ use prometheus_client::{
     registry::Registry,
 };
 
+use passthrough_common::{Reason, counter::Counter as KernelCounter};
 pub use passthrough_policy::plan::MapUsage;
 
-/// Reads the kernel's global counters (index → name as in `counter::NAMES`).
+/// Reads the kernel's global counters ([`KernelCounter`]: what each index of `COUNTERS` counts).
 pub trait CounterSource: Send + Sync + 'static {
-    /// Current totals (summed over CPUs), by counter name.
-    fn read(&self) -> BTreeMap<&'static str, u64>;
+    /// Current totals (summed over CPUs), by counter.
+    fn read(&self) -> Vec<(KernelCounter, u64)>;
 }
 
 impl<F> CounterSource for F
 where
-    F: Fn() -> BTreeMap<&'static str, u64> + Send + Sync + 'static,
+    F: Fn() -> Vec<(KernelCounter, u64)> + Send + Sync + 'static,
 {
-    fn read(&self) -> BTreeMap<&'static str, u64> {
+    fn read(&self) -> Vec<(KernelCounter, u64)> {
         self()
     }
 }
@@ -86,19 +90,9 @@ impl KernelCounters {
 }
 
 impl CounterSource for KernelCounters {
-    fn read(&self) -> BTreeMap<&'static str, u64> {
-        passthrough_common::counter::NAMES
-            .iter()
-            .enumerate()
-            .map(|(i, name)| {
-                (
-                    *name,
-                    self.0
-                        .get(&(i as u32), 0)
-                        .map(|v| v.iter().sum())
-                        .unwrap_or(0),
-                )
-            })
+    fn read(&self) -> Vec<(KernelCounter, u64)> {
+        KernelCounter::all()
+            .map(|(i, c)| (c, self.0.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0)))
             .collect()
     }
 }
@@ -110,8 +104,8 @@ pub struct DecisionLabels {
     pub path: &'static str,
     /// `allow`, `deny` or `would_deny` (`--audit`).
     pub verdict: &'static str,
-    /// Why (a kernel counter name or a proxy reason code).
-    pub reason: String,
+    /// Why ([`Reason::code`]).
+    pub reason: &'static str,
     /// Workload name.
     pub workload: String,
 }
@@ -120,7 +114,7 @@ pub struct DecisionLabels {
 struct ProxyDecisionLabels {
     protocol: String,
     verdict: &'static str,
-    reason: String,
+    reason: &'static str,
     workload: String,
 }
 
@@ -178,10 +172,6 @@ impl std::fmt::Debug for KernelCollector {
     }
 }
 
-/// Name of the kernel counter that counts lost deny events.
-const EVENTS_DROPPED: &str =
-    passthrough_common::counter::NAMES[passthrough_common::counter::EVENTS_DROPPED as usize];
-
 impl Collector for KernelCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let guard = self.source.read().unwrap_or_else(|e| e.into_inner());
@@ -194,16 +184,25 @@ impl Collector for KernelCollector {
             let family = ConstCounter::new(0u64);
             let mut m = encoder.encode_descriptor(
                 "kernel_decisions",
-                "Decisions of the kernel programs by reason (global, all workloads; read from the per-CPU COUNTERS map at scrape time)",
+                "Decisions of the kernel programs by verdict (allow, redirect, deny, would_deny under --audit) and reason (global, all workloads; read from the per-CPU COUNTERS map at scrape time)",
                 None,
                 family.metric_type(),
             )?;
-            for (name, v) in values.iter().filter(|(n, _)| **n != EVENTS_DROPPED) {
-                let labels = [("reason", *name)];
+            for (c, v) in &values {
+                let (Some(verdict), KernelCounter::Decided(r) | KernelCounter::AuditLetThrough(r)) =
+                    (c.verdict(), c)
+                else {
+                    continue;
+                };
+                let labels = [("verdict", verdict), ("reason", r.code())];
                 ConstCounter::new(*v).encode(m.encode_family(&labels)?)?;
             }
         }
-        let dropped = ConstCounter::new(values.get(EVENTS_DROPPED).copied().unwrap_or(0));
+        let dropped = values
+            .iter()
+            .find(|(c, _)| *c == KernelCounter::EventsDropped)
+            .map_or(0, |(_, v)| *v);
+        let dropped = ConstCounter::new(dropped);
         let m = encoder.encode_descriptor(
             "kernel_deny_events_dropped",
             "Deny events the kernel could not report because the ring buffer was full",
@@ -496,14 +495,14 @@ impl Metrics {
         &self,
         path: &'static str,
         verdict: &'static str,
-        reason: &str,
+        reason: Reason,
         workload: &str,
     ) {
         self.decisions
             .get_or_create(&DecisionLabels {
                 path,
                 verdict,
-                reason: reason.into(),
+                reason: reason.code(),
                 workload: workload.into(),
             })
             .inc();
@@ -514,14 +513,14 @@ impl Metrics {
         &self,
         protocol: &str,
         verdict: &'static str,
-        reason: &str,
+        reason: Reason,
         workload: &str,
     ) {
         self.proxy_decisions
             .get_or_create(&ProxyDecisionLabels {
                 protocol: protocol.into(),
                 verdict,
-                reason: reason.into(),
+                reason: reason.code(),
                 workload: workload.into(),
             })
             .inc();
@@ -681,10 +680,10 @@ mod tests {
         let m = Metrics::new();
         // No kernel source yet: no kernel families (rather than zeros that would lie).
         assert!(!m.render().contains("passthrough_kernel_decisions"));
-        m.decision("kernel", "deny", "deny_no_match", "w");
+        m.decision("kernel", "deny", Reason::NoMatch, "w");
         m.suppressed("kernel", 1);
         m.proxy_connection("tls");
-        m.proxy_decision("tls", "deny", "no_match", "w");
+        m.proxy_decision("tls", "deny", Reason::NoMatch, "w");
         m.bytes_counters("w").0.inc();
         m.upstream_connect_error("w");
         m.policy_applied(
@@ -768,10 +767,10 @@ mod tests {
         assert_eq!(web, "web");
         assert_eq!(m.workload_name(0), "");
         assert_eq!(m.workload_name(7), "cgroup-7");
-        m.decision("kernel", "deny", "deny_no_match", &web);
-        m.decision("kernel", "deny", "deny_no_match", &web);
-        m.proxy_decision("tls", "allow", "domain_match", &web);
-        m.proxy_decision("http1", "would_deny", "no_match", "");
+        m.decision("kernel", "deny", Reason::NoMatch, &web);
+        m.decision("kernel", "deny", Reason::NoMatch, &web);
+        m.proxy_decision("tls", "allow", Reason::DomainMatch, &web);
+        m.proxy_decision("http1", "would_deny", Reason::NoMatch, "");
         m.suppressed("kernel", 5);
         m.peek_time(Duration::from_millis(3));
         let (up, down) = m.bytes_counters(&web);
@@ -825,7 +824,7 @@ mod tests {
                 &[
                     ("path", "kernel"),
                     ("verdict", "deny"),
-                    ("reason", "deny_no_match"),
+                    ("reason", "no_match"),
                     ("workload", "web")
                 ]
             ),
@@ -898,26 +897,25 @@ mod tests {
         let n = Arc::new(AtomicU64::new(1));
         let n2 = n.clone();
         m.set_kernel_counters(move || {
-            passthrough_common::counter::NAMES
-                .iter()
-                .map(|name| {
+            KernelCounter::all()
+                .map(|(_, c)| {
                     (
-                        *name,
-                        if *name == "deny_no_match" {
+                        c,
+                        if c == KernelCounter::Decided(Reason::NoMatch) {
                             n2.load(Ordering::Relaxed)
                         } else {
                             0
                         },
                     )
                 })
-                .collect::<BTreeMap<_, _>>()
+                .collect::<Vec<_>>()
         });
         let t1 = m.render();
         assert_eq!(
             sample(
                 &t1,
                 "passthrough_kernel_decisions_total",
-                &[("reason", "deny_no_match")]
+                &[("verdict", "deny"), ("reason", "no_match")]
             ),
             Some(1.0)
         );
@@ -925,7 +923,7 @@ mod tests {
             sample(
                 &t1,
                 "passthrough_kernel_decisions_total",
-                &[("reason", "allow_match")]
+                &[("verdict", "allow"), ("reason", "address_match")]
             ),
             Some(0.0)
         );
@@ -947,7 +945,7 @@ mod tests {
             sample(
                 &t2,
                 "passthrough_kernel_decisions_total",
-                &[("reason", "deny_no_match")]
+                &[("verdict", "deny"), ("reason", "no_match")]
             ),
             Some(5.0)
         );
@@ -960,7 +958,7 @@ mod tests {
     #[test]
     fn label_values_are_escaped() {
         let m = Metrics::new();
-        m.decision("kernel", "deny", "r", "we\"ird\\name");
+        m.decision("kernel", "deny", Reason::NoMatch, "we\"ird\\name");
         let text = m.render();
         assert_eq!(
             sample(

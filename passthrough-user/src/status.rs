@@ -12,7 +12,7 @@ use anyhow::Context as _;
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, lpm_trie::LpmTrie};
 use passthrough_common::{
     DomainPortKey, GlobalConfig, LAYOUT_VERSION, RangeTable, RangeTableKey, RuleKeyV6, RuleValue,
-    WorkloadEntry, WorkloadKey, counter, flags,
+    WorkloadEntry, WorkloadKey, counter::Counter, flags,
 };
 use serde_json::json;
 
@@ -89,16 +89,15 @@ pub fn status_json(state: &Path) -> anyhow::Result<serde_json::Value> {
     let g = cfg.active_generation & 1;
     let counters: PerCpuArray<MapData, u64> =
         PerCpuArray::try_from(Map::PerCpuArray(open(state, "COUNTERS")?))?;
-    let mut counts = BTreeMap::new();
-    for (i, name) in counter::NAMES.iter().enumerate() {
-        counts.insert(
-            *name,
-            counters
-                .get(&(i as u32), 0)
+    let counts: BTreeMap<String, u64> = Counter::all()
+        .map(|(i, c)| {
+            let total = counters
+                .get(&i, 0)
                 .map(|v| v.iter().sum::<u64>())
-                .unwrap_or(0),
-        );
-    }
+                .unwrap_or(0);
+            (c.to_string(), total)
+        })
+        .collect();
     let gen_of = passthrough_common::ruleset::generation;
     let workloads: HashMap<MapData, WorkloadKey, WorkloadEntry> =
         HashMap::try_from(Map::HashMap(open(state, "WORKLOADS")?))?;

@@ -350,3 +350,100 @@ fn check_output() {
         "{s}"
     );
 }
+
+/// `run --resolver` and `explain --resolver` mean the same thing, and the kernel decides what
+/// `explain` says: UDP to a resolver is allowed at the resolver's own port, in every mode.
+/// Before issue 17 they disagreed: `explain` allowed UDP to `198.51.100.53:5353` while `run`
+/// dropped the port and compiled the resolver at port 53, so the kernel denied it.
+#[test]
+fn run_and_explain_agree_on_a_resolver_at_another_port() {
+    use clap::Parser;
+    use passthrough_common::{
+        Reason,
+        decide::{Transport, Verdict as KernelVerdict},
+    };
+    use passthrough_policy::{
+        Workload, load_policies,
+        plan::compile,
+        plan_maps::{KernelSettings, PlanMaps},
+    };
+    use passthrough_user::agent::{RunArgs, plan_options};
+
+    #[derive(Parser)]
+    struct Run {
+        #[command(flatten)]
+        run: RunArgs,
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("none.yaml");
+    std::fs::write(
+        &policy,
+        "type: MeshPassthrough\nname: none\nmesh: default\nspec:\n  targetRef: {kind: Mesh}\n  default:\n    passthroughMode: None\n",
+    )
+    .unwrap();
+    let resolver = "198.51.100.53:5353";
+    let run = Run::try_parse_from([
+        "run",
+        "--policy",
+        policy.to_str().unwrap(),
+        "--cgroup",
+        "/sys/fs/cgroup/app",
+        "--resolver",
+        resolver,
+    ])
+    .unwrap()
+    .run;
+    let set = load_policies(&run.policy, &run.mesh).unwrap();
+    let conf = set.merge_for(
+        &Workload {
+            name: "app".into(),
+            cgroup: "/sys/fs/cgroup/app".into(),
+            labels: Default::default(),
+        },
+        run.unselected_mode,
+    );
+    const APP: u64 = 4242;
+    let plan = compile(0, &[(APP, &conf)], &plan_options(&run));
+    let kernel = PlanMaps::new(
+        &plan,
+        None,
+        KernelSettings {
+            proxy: true,
+            ..Default::default()
+        },
+    );
+    for (dst, allowed) in [
+        ("198.51.100.53:5353", true),
+        ("[::ffff:198.51.100.53]:5353", true),
+        // Port 53 of a resolver configured at another port is no resolver.
+        ("198.51.100.53:53", false),
+        ("198.51.100.54:5353", false),
+    ] {
+        let j = explain_json(&ExplainArgs {
+            policy: vec![policy.clone()],
+            dst: dst.parse().unwrap(),
+            udp: true,
+            workload: None,
+            workloads: None,
+            resolver: vec![resolver.parse().unwrap()],
+            ..explain_args(dst)
+        });
+        let k = kernel.decide(&[APP], dst.parse().unwrap(), Transport::Udp, 0);
+        let (verdict, rule, kernel_verdict) = if allowed {
+            ("allow", Reason::Resolver, KernelVerdict::Allow)
+        } else {
+            ("deny", Reason::ModeNone, KernelVerdict::Deny)
+        };
+        assert_eq!(
+            (j["verdict"].as_str(), j["rule"].as_str()),
+            (Some(verdict), Some(rule.code())),
+            "explain {dst}: {j}"
+        );
+        assert_eq!(
+            (k.verdict, k.reason),
+            (kernel_verdict, rule),
+            "kernel {dst}"
+        );
+    }
+}

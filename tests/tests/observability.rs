@@ -170,7 +170,7 @@ fn metrics_count_decisions_reloads_generation_and_map_usage() {
     let deny_labels = [
         ("path", "kernel"),
         ("verdict", "deny"),
-        ("reason", "deny_no_match"),
+        ("reason", "no_match"),
         ("workload", wl.as_str()),
     ];
     let after = wait_for(
@@ -187,29 +187,23 @@ fn metrics_count_decisions_reloads_generation_and_map_usage() {
                 .then_some(s)
         },
     );
-    let kd = |reason| {
-        value(
-            &after,
-            "passthrough_kernel_decisions_total",
-            &[("reason", reason)],
-        ) - value(
-            &before,
-            "passthrough_kernel_decisions_total",
-            &[("reason", reason)],
-        )
+    let kd = |verdict, reason| {
+        let labels = [("verdict", verdict), ("reason", reason)];
+        value(&after, "passthrough_kernel_decisions_total", &labels)
+            - value(&before, "passthrough_kernel_decisions_total", &labels)
     };
     assert_eq!(
-        kd("allow_match"),
+        kd("allow", "address_match"),
         3.0,
-        "kernel allow_match moved by the three allowed connects"
+        "kernel allow/address_match moved by the three allowed connects"
     );
     assert_eq!(
-        kd("deny_no_match"),
+        kd("deny", "no_match"),
         2.0,
-        "kernel deny_no_match moved by the two denied connects"
+        "kernel deny/no_match moved by the two denied connects"
     );
     assert_eq!(
-        kd("redirect_proxy"),
+        kd("redirect", "domain_candidates"),
         1.0,
         "one connection redirected to the proxy"
     );
@@ -373,7 +367,7 @@ fn denials_are_structured_json_events() {
         .expect("a TCP kernel denial");
     assert_eq!(tcp["fields"]["dst"], DENIED);
     assert_eq!(tcp["fields"]["pid"], p.pid());
-    assert_eq!(tcp["fields"]["reason"], "deny_no_match");
+    assert_eq!(tcp["fields"]["reason"], "no_match");
     assert!(tcp["fields"]["cgroup_id"].as_u64().is_some());
     let udp = kernel
         .iter()
@@ -445,7 +439,7 @@ fn audit_lets_a_kernel_denial_through_and_reports_it() {
     let f = &e["fields"];
     assert_eq!(f["audit"], true, "{e}");
     assert_eq!(f["path"], "kernel");
-    assert_eq!(f["reason"], "deny_no_match");
+    assert_eq!(f["reason"], "no_match");
     assert_eq!(f["dst"], DENIED);
     assert_eq!(f["pid"], p.pid());
     assert!(f["message"].as_str().unwrap().contains("would be denied"));
@@ -470,7 +464,7 @@ fn audit_lets_a_kernel_denial_through_and_reports_it() {
         value(
             &s,
             "passthrough_kernel_decisions_total",
-            &[("reason", "audit_would_deny")]
+            &[("verdict", "would_deny"), ("reason", "no_match")]
         ),
         1.0
     );
@@ -562,10 +556,11 @@ fn a_flood_of_denials_is_rate_limited_and_bounded() {
             (counted >= sent as f64).then_some(s)
         },
     );
+    // TCP denials are `no_match`, UDP ones `udp_not_covered`: every kernel denial, any reason.
     let kernel_denials = value(
         &s,
         "passthrough_kernel_decisions_total",
-        &[("reason", "deny_no_match")],
+        &[("verdict", "deny")],
     );
     assert_eq!(
         kernel_denials, sent as f64,

@@ -1,7 +1,8 @@
 //! Issue 6 point 1: UDP as docs/decisions.md says, end to end on the real kernel with the real agent.
 //!
 //! In `None`/`Matched` a datagram — connected UDP (connect4/6) or an unconnected send
-//! (sendmsg4/6) — is allowed only to loopback, to port 53 of a configured resolver, and to
+//! (sendmsg4/6) — is allowed only to loopback, to a configured resolver at its port (53 unless
+//! given), and to
 //! `IP`/`CIDR` matches; IPv6 like IPv4, and IPv4-mapped IPv6 by the IPv4 rules. Domain matches
 //! never cover UDP, so QUIC to a destination only a Domain match covers fails with `EPERM` and
 //! the client's TCP fallback (redirected to the proxy, judged on the SNI) works.
@@ -185,6 +186,39 @@ fn none_mode_allows_only_dns_to_resolvers_and_all_mode_everything() {
         "[::ffff:198.51.100.9]:53",
     ] {
         udp_ok(&mut p, &w, a);
+    }
+}
+
+/// A resolver given with a port is exempt at that port only, for every spelling of its
+/// address: `run --resolver IP:PORT` compiles the resolver at PORT (it used to drop the port
+/// and exempt 53, while `explain` and the proxy's DNS client used PORT).
+#[test]
+fn a_resolver_at_another_port_is_exempt_there_and_only_there() {
+    if !require_kernel() {
+        return;
+    }
+    let w = World::with(&mesh_policy("None", &[]), |b| {
+        b.arg("--resolver")
+            .arg(&format!("{}:5432", RESOLVERS[0]))
+            .arg("--resolver")
+            .arg(&format!("[{}]:8443", RESOLVERS[1]))
+    });
+    let mut p = w.probe();
+    for a in [
+        "203.0.113.53:5432",
+        "[::ffff:203.0.113.53]:5432",
+        "[2001:db8:200::53]:8443",
+    ] {
+        udp_ok(&mut p, &w, a);
+    }
+    for a in [
+        "203.0.113.53:53",
+        "[::ffff:203.0.113.53]:53",
+        "[2001:db8:200::53]:53",
+        "203.0.113.53:8443",
+        "[2001:db8:200::53]:5432",
+    ] {
+        udp_no(&mut p, &w, a);
     }
 }
 

@@ -1,0 +1,405 @@
+//! The kernel's decision (docs/decisions.md: rules 1–5 and the UDP resolver exemption), written once.
+//!
+//! [`decide`] is generic over everything it reads: the maps ([`Maps`]: configuration,
+//! workloads, IPv4 range tables, the IPv6 trie, Domain ports, counters, the denial report),
+//! the caller ([`Caller`]: cgroup ids and process) and the destination's family ([`Dest`]).
+//! The eBPF programs (`passthrough-ebpf/src/decide.rs`) implement the traits over the real maps
+//! and helpers; `passthrough-policy` implements [`Maps`] over a compiled plan, so user-space
+//! tests run this very code against the pure decision core (`passthrough-policy`'s
+//! `decision.rs`) instead of an emulation of it.
+//!
+//! Everything is `#[inline(always)]` and free of trait objects: each program gets one
+//! monomorphised copy per family, which is what the verifier sees (see [`Dest`] on why the
+//! family is a type parameter, and [`crate::range_covers`] on the branch-free search).
+
+use crate::{
+    DenyEvent, DomainPortKey, GlobalConfig, MAX_CGROUP_DEPTH, RULE_KEY_FIXED_BITS, RangeBlock,
+    RangeTable, RangeTableKey, RuleKeyV6, WorkloadEntry, WorkloadKey, counter, flags, mode,
+    range_covers, reason::Reason, ruleset,
+};
+
+/// The maps (and the event sink) the decision reads and writes.
+pub trait Maps {
+    /// `CONFIG[0]`; `None` only if the array is missing it (the decision then denies).
+    fn config(&self) -> Option<&GlobalConfig>;
+    /// `WORKLOADS[key]`.
+    fn workload(&self, key: &WorkloadKey) -> Option<&WorkloadEntry>;
+    /// `RANGE_INDEX_V4[key]`: where a rule set's IPv4 table at one port lives.
+    fn range_table(&self, key: &RangeTableKey) -> Option<&RangeTable>;
+    /// `RANGES_V4[index]`.
+    fn range_block(&self, index: u32) -> Option<&RangeBlock>;
+    /// Whether `RULES_V6` has an entry covering `key` (`key` holds a full address; the trie
+    /// finds the longest prefix of the same rule set and port).
+    fn rule_v6(&self, key: &RuleKeyV6) -> bool;
+    /// Whether `DOMAIN_PORTS[key]` exists.
+    fn domain_port(&self, key: &DomainPortKey) -> bool;
+    /// Adds one to counter `index` ([`counter`]).
+    fn count(&self, index: u32);
+    /// Reports a denial; `event.ktime_ns` is left for the implementation to stamp. A full
+    /// report channel drops the event and counts [`counter::EVENTS_DROPPED`].
+    fn report(&self, event: DenyEvent);
+}
+
+/// A destination address of one family. The decision is generic over it, so each program is
+/// monomorphised per family: an enum holding either a 4- or a 16-byte address made LLVM copy
+/// the enum's uninitialised tail, which the verifier rejects ("!read_ok").
+pub trait Dest: Copy {
+    /// The address as 16 bytes, IPv4 as `::ffff:a.b.c.d` (for events).
+    fn bytes16(&self) -> [u8; 16];
+    /// Rule 1: loopback never leaves the host.
+    fn is_loopback(&self) -> bool;
+    /// Whether one rule set's entries at one port (0 = the port-less entries) cover the address.
+    fn rule_hit<M: Maps>(&self, maps: &M, rs: u32, port_be: u16) -> bool;
+}
+
+/// IPv4 address bytes in network order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct V4(pub [u8; 4]);
+
+/// IPv6 address bytes in network order (never v4-mapped: those become [`V4`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct V6(pub [u8; 16]);
+
+impl Dest for V4 {
+    #[inline(always)]
+    fn bytes16(&self) -> [u8; 16] {
+        let a = self.0;
+        [
+            0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3],
+        ]
+    }
+
+    #[inline(always)]
+    fn is_loopback(&self) -> bool {
+        self.0[0] == 127
+    }
+
+    #[inline(always)]
+    fn rule_hit<M: Maps>(&self, maps: &M, rs: u32, port_be: u16) -> bool {
+        // A table exists only for (rule set, port) pairs with IPv4 entries: most lookups end
+        // at this one hash probe.
+        let key = RangeTableKey {
+            ruleset: rs,
+            port: u32::from(u16::from_be(port_be)),
+        };
+        let Some(table) = maps.range_table(&key) else {
+            return false;
+        };
+        range_covers(table, u32::from_be_bytes(self.0), |i| maps.range_block(i))
+    }
+}
+
+impl Dest for V6 {
+    #[inline(always)]
+    fn bytes16(&self) -> [u8; 16] {
+        self.0
+    }
+
+    #[inline(always)]
+    fn is_loopback(&self) -> bool {
+        let a = &self.0;
+        let mut acc = 0u8;
+        let mut i = 0;
+        while i < 15 {
+            acc |= a[i];
+            i += 1;
+        }
+        acc == 0 && a[15] == 1
+    }
+
+    #[inline(always)]
+    fn rule_hit<M: Maps>(&self, maps: &M, rs: u32, port_be: u16) -> bool {
+        maps.rule_v6(&RuleKeyV6 {
+            ruleset_be: rs.to_be(),
+            port_be,
+            addr: self.0,
+        })
+    }
+}
+
+/// Prefix length of a [`RuleKeyV6`] that holds a full address (rule set, port, 128 bits).
+pub const RULE_KEY_V6_FULL_BITS: u32 = RULE_KEY_FIXED_BITS + 128;
+
+/// `user_ip6`/`local_ip6` words (network byte order, as the contexts give them) → bytes.
+#[inline(always)]
+pub fn words_to_bytes(w: [u32; 4]) -> [u8; 16] {
+    let (a, b, c, d) = (
+        w[0].to_ne_bytes(),
+        w[1].to_ne_bytes(),
+        w[2].to_ne_bytes(),
+        w[3].to_ne_bytes(),
+    );
+    [
+        a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2],
+        d[3],
+    ]
+}
+
+/// The IPv4 address inside `::ffff:a.b.c.d`, if `words` (as read from `user_ip6`) is one.
+/// Folding these into IPv4 means a dual-stack socket cannot dodge the IPv4 rules (kernel fact:
+/// an AF_INET6 socket dialling a v4-mapped address runs connect6, never connect4).
+#[inline(always)]
+pub fn v4_mapped(words: [u32; 4]) -> Option<V4> {
+    if words[0] == 0 && words[1] == 0 && words[2].to_ne_bytes() == [0, 0, 0xff, 0xff] {
+        Some(V4(words[3].to_ne_bytes()))
+    } else {
+        None
+    }
+}
+
+/// The IPv6 address of `user_ip6` words.
+#[inline(always)]
+pub fn v6(words: [u32; 4]) -> V6 {
+    V6(words_to_bytes(words))
+}
+
+/// Transport of the socket being checked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    /// A TCP connect.
+    Tcp,
+    /// A UDP connect or send.
+    Udp,
+    /// A raw or ping socket's packet (its IP protocol, the socket type): no ports, never
+    /// redirected; only port-less matches can allow it (`skb.rs`).
+    Raw(u8, u8),
+}
+
+/// Whose policy applies and who is reported: the calling task (sock_addr programs) or the
+/// sending socket (cgroup_skb, where the task is not a helper's business).
+pub trait Caller: Copy {
+    /// The caller's own cgroup id.
+    fn cgroup_id(&self) -> u64;
+    /// Its ancestor cgroup id at `level` (1 = the root's child, …); 0 past the leaf.
+    fn ancestor_cgroup_id(&self, level: i32) -> u64;
+    /// Thread-group id and command of the caller, for the denial event (0 / empty if unknown).
+    fn process(&self) -> (u32, [u8; 16]);
+}
+
+/// What [`decide`] concluded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Let the connection/datagram through unchanged.
+    Allow,
+    /// Fail the syscall.
+    Deny,
+    /// Rule 4: rewrite the destination to the proxy; `workload` is the cgroup id whose
+    /// policy applied (0: none), recorded for the proxy.
+    Redirect {
+        /// The workload's cgroup id (0: none).
+        workload: u64,
+    },
+}
+
+/// A verdict and the reason it was counted under.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Decision {
+    /// What happens (under `--audit` a denial is [`Verdict::Allow`]).
+    pub verdict: Verdict,
+    /// Why: the counter it bumped, the reason of its denial event.
+    pub reason: Reason,
+}
+
+/// Finds the workload of the caller: its own cgroup first (the common case, one lookup), then
+/// its ancestors, deepest first wins. This is what lets one attachment at a parent cgroup serve
+/// many workloads with different policies.
+///
+/// Why the *task's* cgroup in sock_addr programs: they cannot read the socket's cgroup id, but
+/// they only run for sockets whose cgroup is below an attachment, and the task calling
+/// connect()/sendmsg() is the one whose policy should apply. A socket handed over by SCM_RIGHTS
+/// to a task outside every workload is judged by `unmatched_mode` (see docs/security.md).
+#[inline(always)]
+fn find_workload<M: Maps, C: Caller>(
+    maps: &M,
+    caller: C,
+    generation: u32,
+) -> Option<(WorkloadEntry, u64)> {
+    let own = WorkloadKey {
+        generation,
+        _pad: 0,
+        cgroup_id: caller.cgroup_id(),
+    };
+    if let Some(entry) = maps.workload(&own) {
+        return Some((*entry, own.cgroup_id));
+    }
+    let mut found = None;
+    let mut level = 1;
+    while level < MAX_CGROUP_DEPTH {
+        let id = caller.ancestor_cgroup_id(level as i32);
+        if id == 0 {
+            break;
+        }
+        let key = WorkloadKey {
+            generation,
+            _pad: 0,
+            cgroup_id: id,
+        };
+        if let Some(entry) = maps.workload(&key) {
+            found = Some((*entry, id));
+        }
+        level += 1;
+    }
+    found
+}
+
+/// Counts `reason` and returns `verdict` for it.
+#[inline(always)]
+fn decided<M: Maps>(maps: &M, verdict: Verdict, reason: Reason) -> Decision {
+    maps.count(counter::decided(reason));
+    Decision { verdict, reason }
+}
+
+/// Decides one connection or datagram of `caller` to `dst`, counts it, and reports it when
+/// denied. `socket_mark` is the socket's `SO_MARK` (0 when unknown).
+#[inline(always)]
+pub fn decide<M: Maps, C: Caller, D: Dest>(
+    maps: &M,
+    caller: C,
+    dst: D,
+    port_be: u16,
+    transport: Transport,
+    socket_mark: u32,
+) -> Decision {
+    // Rule 1: loopback never leaves the host.
+    if dst.is_loopback() {
+        return decided(maps, Verdict::Allow, Reason::Loopback);
+    }
+    let Some(cfg) = maps.config() else {
+        // Unreachable once loaded (array maps always have index 0); fail closed regardless.
+        return Decision {
+            verdict: Verdict::Deny,
+            reason: Reason::NoMatch,
+        };
+    };
+    let cfg: GlobalConfig = *cfg;
+    // Read the generation once: every lookup below uses the same one, so a concurrent policy
+    // swap is seen either entirely or not at all.
+    let generation = cfg.active_generation & 1;
+    if dst.rule_hit(maps, ruleset::id(generation, ruleset::INTERNAL), 0) {
+        return decided(maps, Verdict::Allow, Reason::Internal);
+    }
+
+    // UDP to a configured resolver is DNS: allowed in every mode (docs/decisions.md). The resolver
+    // rule set holds each resolver's address at its own port (53 unless configured
+    // otherwise), so the exact-port lookup is the whole check.
+    if transport == Transport::Udp
+        && dst.rule_hit(maps, ruleset::id(generation, ruleset::RESOLVERS), port_be)
+    {
+        return decided(maps, Verdict::Allow, Reason::Resolver);
+    }
+
+    let found = find_workload(maps, caller, generation);
+    // Rule 1: the agent's own sockets (proxy upstreams, DNS) carry its SO_MARK. The mark is
+    // honoured only for callers that belong to no workload: a workload process with
+    // CAP_NET_ADMIN could set the same mark on its own sockets, and must not escape its policy
+    // that way (the agent is never a workload; see docs/security.md).
+    if found.is_none() && cfg.agent_mark != 0 && socket_mark == cfg.agent_mark {
+        return decided(maps, Verdict::Allow, Reason::Agent);
+    }
+    let (rs, wl_mode, workload) = match found {
+        Some((w, id)) => (w.ruleset, w.mode, id),
+        None => (
+            ruleset::id(generation, u32::MAX >> 1),
+            // Not `unmatched_mode[generation]`: a variable index into the copied array is a
+            // variable stack offset, which the verifier refuses.
+            if generation == 0 {
+                cfg.unmatched_mode[0]
+            } else {
+                cfg.unmatched_mode[1]
+            },
+            0,
+        ),
+    };
+
+    // Rule 2.
+    if wl_mode == mode::ALL {
+        return decided(maps, Verdict::Allow, Reason::ModeAll);
+    }
+    let reason = if wl_mode == mode::MATCHED {
+        // Rule 3: a port-specific entry, then the port-less ones. Two exact-port tries would
+        // not do: the longest prefix at one port must not hide a shorter prefix at "any port".
+        if dst.rule_hit(maps, rs, port_be) || dst.rule_hit(maps, rs, 0) {
+            return decided(maps, Verdict::Allow, Reason::AddressMatch);
+        }
+        match transport {
+            // Domain matches never cover UDP (QUIC clients fall back to TCP).
+            Transport::Udp => Reason::UdpNotCovered,
+            // No port, no name: nothing for the proxy to judge.
+            Transport::Raw(..) => Reason::NoMatch,
+            // Rule 4: a Domain match could apply at this port → the proxy decides on SNI/Host.
+            Transport::Tcp if has_domain_port(maps, rs, u32::from(u16::from_be(port_be))) => {
+                if cfg.flags & flags::PROXY != 0 {
+                    return decided(
+                        maps,
+                        Verdict::Redirect { workload },
+                        Reason::DomainCandidates,
+                    );
+                }
+                Reason::NoProxy
+            }
+            Transport::Tcp => Reason::NoMatch,
+        }
+    } else {
+        // Mode `None`, and (fail closed) any mode code that is not a mode, like the 0 of a
+        // never-written entry.
+        Reason::ModeNone
+    };
+
+    // Rule 5. One path for both outcomes: the audit flag only moves the counter to the
+    // reason's audit slot (arithmetic, not a branch) and picks the verdict at the end, so the
+    // event code is not duplicated per outcome.
+    let audit = cfg.flags & flags::AUDIT != 0;
+    maps.count(counter::decided(reason) + u32::from(audit) * counter::AUDIT_OFFSET);
+    report_denial(
+        maps, caller, &dst, port_be, transport, reason, workload, audit,
+    );
+    Decision {
+        verdict: if audit { Verdict::Allow } else { Verdict::Deny },
+        reason,
+    }
+}
+
+/// One event per denial for the agent's log.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn report_denial<M: Maps, C: Caller, D: Dest>(
+    maps: &M,
+    caller: C,
+    dst: &D,
+    port_be: u16,
+    transport: Transport,
+    reason: Reason,
+    workload: u64,
+    audit: bool,
+) {
+    let (pid, comm) = caller.process();
+    maps.report(DenyEvent {
+        ktime_ns: 0,
+        workload,
+        cgroup: caller.cgroup_id(),
+        addr: dst.bytes16(),
+        port: u16::from_be(port_be),
+        protocol: match transport {
+            Transport::Tcp => 6,
+            Transport::Udp => 17,
+            Transport::Raw(p, _) => p,
+        },
+        audit: audit as u8,
+        reason: reason as u32,
+        pid,
+        socket_type: match transport {
+            Transport::Raw(_, ty) => ty as u32,
+            _ => 0,
+        },
+        comm,
+    });
+}
+
+#[inline(always)]
+fn has_domain_port<M: Maps>(maps: &M, rs: u32, port: u32) -> bool {
+    maps.domain_port(&DomainPortKey { ruleset: rs, port })
+        || maps.domain_port(&DomainPortKey {
+            ruleset: rs,
+            port: 0,
+        })
+}
