@@ -22,11 +22,13 @@ if ! have_toolchain "$host_tc"; then
   rustup toolchain install "$host_tc" --profile minimal --component clippy,rustfmt
 fi
 
-# 2. eBPF toolchain: nightly (build-std) with rust-src; LLVM 22 so bpf-linker can link its bitcode.
-if ! have_toolchain "$EBPF_TOOLCHAIN" || \
-   ! rustup component list --toolchain "$EBPF_TOOLCHAIN" --installed 2>/dev/null | grep -q '^rust-src'; then
-  log "installing eBPF toolchain $EBPF_TOOLCHAIN with rust-src"
-  rustup toolchain install "$EBPF_TOOLCHAIN" --profile minimal --component rust-src
+# 2. eBPF toolchain: nightly (build-std) with rust-src, and clippy (`cargo xtask test` lints the
+#    eBPF crate with it); LLVM 22 so bpf-linker can link its bitcode.
+ebpf_components=$(rustup component list --toolchain "$EBPF_TOOLCHAIN" --installed 2>/dev/null || true)
+if ! have_toolchain "$EBPF_TOOLCHAIN" || ! grep -q '^rust-src' <<<"$ebpf_components" || \
+   ! grep -q '^clippy' <<<"$ebpf_components"; then
+  log "installing eBPF toolchain $EBPF_TOOLCHAIN with rust-src and clippy"
+  rustup toolchain install "$EBPF_TOOLCHAIN" --profile minimal --component rust-src,clippy
 fi
 
 # 3. Debian packages: LLVM for bpf-linker, iproute2 for test hosts, bpftool for inspection.

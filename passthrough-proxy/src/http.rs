@@ -23,6 +23,10 @@
 //! gets a trailers-only response: HTTP 200, `grpc-status: 7` (PERMISSION_DENIED) and a
 //! `grpc-message`. Other streams of the same connection go on. An unreachable upstream is `503`
 //! (gRPC: `grpc-status: 14`, UNAVAILABLE).
+//!
+//! Each stream is one unit with one record: a refused stream's is emitted with its answer; a
+//! forwarded stream's when its response body is done (or dropped on a reset), carrying the
+//! DATA bytes of its request body (up) and response body (down).
 
 use std::{
     collections::HashMap,
@@ -55,30 +59,20 @@ use tokio::{
 };
 use tracing::debug;
 
-use super::{ConnInfo, Judgement, Proxy, relay};
-use passthrough_policy::{L7, Reason};
+use super::{ConnInfo, Judged, Proxy, relay};
+use passthrough_policy::{
+    L7, Reason,
+    outcome::{Outcome, UpstreamFailure},
+};
 
 /// Response body type of the proxy.
 pub type Body = BoxBody<Bytes, hyper::Error>;
-
-/// Bytes moved on one client connection: `up` read from the client, `down` written to it.
-/// Shared between the connection's I/O (which hyper owns) and the task that reports them when
-/// the connection ends.
-#[derive(Debug, Default)]
-pub struct ClientBytes {
-    /// Read from the client.
-    pub up: AtomicU64,
-    /// Written to the client.
-    pub down: AtomicU64,
-}
 
 /// A stream that first yields bytes already read from it.
 #[derive(Debug)]
 pub struct Rewind {
     pre: Bytes,
     inner: TcpStream,
-    /// Bytes read from / written to the client, when counted.
-    counted: Option<Arc<ClientBytes>>,
 }
 
 impl Rewind {
@@ -87,14 +81,7 @@ impl Rewind {
         Rewind {
             pre: Bytes::from(pre),
             inner,
-            counted: None,
         }
-    }
-
-    /// Counts bytes read from and written to the client into `bytes`.
-    pub fn counted(mut self, bytes: Arc<ClientBytes>) -> Self {
-        self.counted = Some(bytes);
-        self
     }
 }
 
@@ -104,19 +91,13 @@ impl AsyncRead for Rewind {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let r = if !self.pre.is_empty() {
+        if !self.pre.is_empty() {
             let n = self.pre.len().min(buf.remaining());
             let chunk = self.pre.split_to(n);
             buf.put_slice(&chunk);
-            Poll::Ready(Ok(()))
-        } else {
-            Pin::new(&mut self.inner).poll_read(cx, buf)
-        };
-        if let Some(c) = &self.counted {
-            c.up.fetch_add((buf.filled().len() - before) as u64, Ordering::Relaxed);
+            return Poll::Ready(Ok(()));
         }
-        r
+        Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
 
@@ -126,11 +107,7 @@ impl AsyncWrite for Rewind {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if let (Some(c), Poll::Ready(Ok(n))) = (&self.counted, &r) {
-            c.down.fetch_add(*n as u64, Ordering::Relaxed);
-        }
-        r
+        Pin::new(&mut self.inner).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_flush(cx)
@@ -143,11 +120,7 @@ impl AsyncWrite for Rewind {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if let (Some(c), Poll::Ready(Ok(n))) = (&self.counted, &r) {
-            c.down.fetch_add(*n as u64, Ordering::Relaxed);
-        }
-        r
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
@@ -158,7 +131,7 @@ struct Ctx {
     proxy: Arc<Proxy>,
     conn: ConnInfo,
     /// HTTP/2 connections to upstream targets.
-    upstreams: Mutex<HashMap<SocketAddr, client2::SendRequest<Incoming>>>,
+    upstreams: Mutex<HashMap<SocketAddr, client2::SendRequest<Counted<Incoming>>>>,
     /// The last allowed judgement of this connection (see [`Allowed`]).
     allowed: std::sync::Mutex<Option<Allowed>>,
 }
@@ -176,22 +149,43 @@ pub(crate) struct Allowed {
     policy: Arc<super::ProxyPolicy>,
     authority: String,
     target: SocketAddr,
+    /// Why it was allowed (the reused requests' records say so too).
+    reason: Reason,
     at: std::time::Instant,
 }
 
 impl Allowed {
-    /// `authority` was allowed to `target` under `policy` (loaded before judging).
+    /// `authority` was allowed to `target` for `reason` under `policy` (loaded before
+    /// judging).
     pub(crate) fn new(
         policy: Arc<super::ProxyPolicy>,
         authority: &str,
         target: SocketAddr,
+        reason: Reason,
     ) -> Self {
         Allowed {
             policy,
             authority: authority.to_string(),
             target,
+            reason,
             at: std::time::Instant::now(),
         }
+    }
+
+    /// The record of a request of `conn` that reuses this judgement: allowed for the same
+    /// reason, no new decision ([`Outcome::reused`]).
+    pub(crate) fn reused(
+        &self,
+        conn: &ConnInfo,
+        protocol: &'static str,
+        authority: &str,
+    ) -> Outcome {
+        let mut o = conn.outcome(protocol);
+        o.reused = true;
+        o.reason = self.reason;
+        o.host = Some(authority.to_string());
+        o.upstream = Some(self.target);
+        o
     }
 
     /// The target, when this judgement still applies to `authority` under `proxy`'s policy.
@@ -204,32 +198,41 @@ impl Allowed {
 }
 
 impl Ctx {
-    /// The target of an earlier allowed judgement that still applies to `authority`.
-    fn allowed_again(&self, authority: &str) -> Option<SocketAddr> {
+    /// The target of an earlier allowed judgement that still applies to `authority`, and the
+    /// record of this request reusing it.
+    fn allowed_again(
+        &self,
+        protocol: &'static str,
+        authority: &str,
+    ) -> Option<(SocketAddr, Outcome)> {
         let memo = self.allowed.lock().unwrap_or_else(|e| e.into_inner());
-        memo.as_ref()?.target_for(authority, &self.proxy)
+        let a = memo.as_ref()?;
+        let t = a.target_for(authority, &self.proxy)?;
+        Some((t, a.reused(&self.conn, protocol, authority)))
     }
 
-    fn remember(&self, policy: Arc<super::ProxyPolicy>, authority: &str, target: SocketAddr) {
+    fn remember(
+        &self,
+        policy: Arc<super::ProxyPolicy>,
+        authority: &str,
+        target: SocketAddr,
+        reason: Reason,
+    ) {
         *self.allowed.lock().unwrap_or_else(|e| e.into_inner()) =
-            Some(Allowed::new(policy, authority, target));
+            Some(Allowed::new(policy, authority, target, reason));
     }
 }
 
 /// Serves one prior-knowledge HTTP/2 client connection, `first` being the bytes already read.
-///
-/// The client's bytes are reported when the connection ends.
 pub(crate) async fn serve(proxy: Arc<Proxy>, client: TcpStream, first: Vec<u8>, conn: ConnInfo) {
     let peer = conn.peer;
-    let workload = conn.rec.workload;
-    let bytes = Arc::new(ClientBytes::default());
     let ctx = Arc::new(Ctx {
-        proxy: proxy.clone(),
+        proxy,
         conn,
         upstreams: Mutex::new(HashMap::new()),
         allowed: std::sync::Mutex::new(None),
     });
-    let io = TokioIo::new(Rewind::new(first, client).counted(bytes.clone()));
+    let io = TokioIo::new(Rewind::new(first, client));
     let svc = service_fn(move |req| {
         let ctx = ctx.clone();
         async move { Ok::<_, Infallible>(handle(ctx, req).await) }
@@ -237,11 +240,6 @@ pub(crate) async fn serve(proxy: Arc<Proxy>, client: TcpStream, first: Vec<u8>, 
     let r = server2::Builder::new(TokioExecutor::new())
         .serve_connection(io, svc)
         .await;
-    proxy.report().bytes(
-        workload,
-        bytes.up.load(Ordering::Relaxed),
-        bytes.down.load(Ordering::Relaxed),
-    );
     if let Err(e) = r {
         debug!(target: "passthrough::proxy", %peer, error = %e, "client connection ended with an error");
     }
@@ -305,90 +303,191 @@ fn authority<B>(req: &Request<B>) -> Result<String, NoAuthority> {
 async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body> {
     let grpc = is_grpc(req.headers());
     let proto = if grpc { "grpc" } else { "h2c" };
+    let proxy = &ctx.proxy;
     let auth = match authority(&req) {
         Ok(a) => a,
         Err(NoAuthority::Malformed(why)) => {
             // Refused even under --audit: there is no single name to forward it under.
-            ctx.proxy.report_deny_with(
-                &ctx.conn,
-                proto,
-                None,
-                None,
-                Reason::MalformedAuthority,
-                &why,
-                false,
-            );
+            proxy.emit(proxy.refusal(&ctx.conn, proto, Reason::MalformedAuthority, &why, false));
             return plain(
                 StatusCode::BAD_REQUEST,
                 format!("passthrough: malformed request: {why}\n"),
             );
         }
         Err(NoAuthority::Missing(why)) => {
-            if ctx
-                .proxy
-                .report_deny(&ctx.conn, proto, None, None, Reason::NoAuthority, &why)
-            {
+            let audit = proxy.cfg.audit;
+            let mut o = proxy.refusal(&ctx.conn, proto, Reason::NoAuthority, &why, audit);
+            if audit {
                 // --audit: forward to where the client dialled, Host naming that address.
                 let dst = ctx.conn.rec.dst;
-                return match forward(&ctx, req, &dst.to_string(), dst).await {
-                    Ok(resp) => resp,
-                    Err(why) => unavailable(&ctx, grpc, "(none)", &why),
-                };
+                o.upstream = Some(dst);
+                return respond(&ctx, grpc, "(none)", req, dst, o).await;
             }
+            proxy.emit(o);
             return deny(&ctx, grpc, "(none)", why);
         }
     };
     // CONNECT and upgrades cannot be passed through per request: refused even under --audit.
-    if req.method() == Method::CONNECT {
-        ctx.proxy.report_deny_with(
-            &ctx.conn,
-            proto,
-            None,
-            Some(&auth),
+    let refused = if req.method() == Method::CONNECT {
+        Some((
             Reason::Connect,
-            &"CONNECT is not proxied",
-            false,
-        );
-        return deny(&ctx, grpc, &auth, "CONNECT tunnels are not proxied");
-    }
-    if let Some(up) = req.headers().get(header::UPGRADE) {
-        let up = String::from_utf8_lossy(up.as_bytes()).into_owned();
-        let why = format!("protocol upgrade ({up}) is not proxied");
-        ctx.proxy.report_deny_with(
-            &ctx.conn,
-            proto,
-            None,
-            Some(&auth),
-            Reason::Upgrade,
-            &why,
-            false,
-        );
+            "CONNECT tunnels are not proxied".to_string(),
+        ))
+    } else {
+        req.headers().get(header::UPGRADE).map(|up| {
+            let up = String::from_utf8_lossy(up.as_bytes());
+            (
+                Reason::Upgrade,
+                format!("protocol upgrade ({up}) is not proxied"),
+            )
+        })
+    };
+    if let Some((reason, why)) = refused {
+        let mut o = proxy.refusal(&ctx.conn, proto, reason, &why, false);
+        o.host = Some(auth.clone());
+        proxy.emit(o);
         return deny(&ctx, grpc, &auth, &why);
     }
-    let target = match ctx.allowed_again(&auth) {
-        Some(t) => t,
+    let (target, o) = match ctx.allowed_again(proto, &auth) {
+        Some(again) => again,
         None => {
             let l7 = L7::H2c(auth.clone());
             // Loaded before judging: a reload during the judgement makes the memo stale at once.
-            let policy = ctx.proxy.policy.load_full();
-            match ctx.proxy.judge(&ctx.conn, l7, proto, false).await {
-                Judgement::Allow(t) => {
-                    // Under --audit an Allow may be a reported would-be denial: judge each one.
-                    if !ctx.proxy.cfg.audit {
-                        ctx.remember(policy, &auth, t);
+            let policy = proxy.policy.load_full();
+            match proxy.judge(&ctx.conn, l7, proto, false).await {
+                Judged {
+                    target: Some(t),
+                    outcome,
+                    ..
+                } => {
+                    // Under --audit a target may be a would-be denial's: judge each one.
+                    if !proxy.cfg.audit {
+                        ctx.remember(policy, &auth, t, outcome.reason);
                     }
-                    t
+                    (t, outcome)
                 }
-                Judgement::Deny(why) => return deny(&ctx, grpc, &auth, &why),
+                Judged {
+                    target: None,
+                    outcome,
+                    refusal,
+                } => {
+                    proxy.emit(outcome);
+                    return deny(&ctx, grpc, &auth, &refusal);
+                }
             }
         }
     };
-    match forward(&ctx, req, &auth, target).await {
-        Ok(resp) => resp,
-        Err(why) => {
-            ctx.proxy
-                .upstream_request_failed(&ctx.conn, target, &auth, &why);
-            unavailable(&ctx, grpc, &auth, &why)
+    respond(&ctx, grpc, &auth, req, target, o).await
+}
+
+/// Forwards an allowed (or `--audit`ed) stream to `target`. Its record `o` is emitted when the
+/// response body is done, or at once when the upstream fails (`503`).
+async fn respond(
+    ctx: &Ctx,
+    grpc: bool,
+    auth: &str,
+    req: Request<Incoming>,
+    target: SocketAddr,
+    mut o: Outcome,
+) -> Response<Body> {
+    let up = Arc::new(AtomicU64::new(0));
+    match forward(ctx, req, target, up.clone()).await {
+        Ok(resp) => {
+            let (parts, body) = resp.into_parts();
+            let body = Reported {
+                inner: body,
+                down: 0,
+                pending: Some((ctx.proxy.clone(), o, up)),
+            };
+            Response::from_parts(parts, body.boxed())
+        }
+        Err(failure) => {
+            let why = failure.error.clone();
+            o.upstream_failure = Some(failure);
+            ctx.proxy.emit(o);
+            unavailable(ctx, grpc, auth, &why)
+        }
+    }
+}
+
+/// A request body whose DATA bytes are counted as they go upstream.
+pub(crate) struct Counted<B> {
+    inner: B,
+    count: Arc<AtomicU64>,
+}
+
+impl<B> hyper::body::Body for Counted<B>
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, B::Error>>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(f))) = &r
+            && let Some(d) = f.data_ref()
+        {
+            this.count.fetch_add(d.len() as u64, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A response body that counts its DATA bytes and, once hyper is done with it (after its last
+/// frame, or on a reset), emits its stream's record with the bytes both ways.
+struct Reported {
+    inner: Incoming,
+    /// Response body bytes so far.
+    down: u64,
+    /// The proxy to emit through, the record, and the request body's byte count.
+    pending: Option<(Arc<Proxy>, Outcome, Arc<AtomicU64>)>,
+}
+
+impl hyper::body::Body for Reported {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(f))) = &r
+            && let Some(d) = f.data_ref()
+        {
+            this.down += d.len() as u64;
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Reported {
+    fn drop(&mut self) {
+        if let Some((proxy, mut o, up)) = self.pending.take() {
+            o.add_bytes(up.load(Ordering::Relaxed), self.down);
+            proxy.emit(o);
         }
     }
 }
@@ -420,55 +519,64 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
     }
 }
 
+/// Sends the request to `target` (its body counted into `up`) and returns the response, with
+/// hop-by-hop fields removed both ways.
 async fn forward(
     ctx: &Ctx,
     req: Request<Incoming>,
-    _auth: &str,
     target: SocketAddr,
-) -> Result<Response<Body>, String> {
+    up: Arc<AtomicU64>,
+) -> Result<Response<Incoming>, UpstreamFailure> {
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers, true);
     let mut sender = h2_sender(ctx, target).await?;
+    let body = Counted {
+        inner: body,
+        count: up,
+    };
     let resp = sender
         .send_request(Request::from_parts(parts, body))
         .await
-        .map_err(|e| format!("request to {target}: {e}"))?;
+        .map_err(|e| UpstreamFailure {
+            target,
+            connect: false,
+            error: format!("request to {target}: {e}"),
+        })?;
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers, false);
-    Ok(Response::from_parts(parts, body.boxed()))
+    Ok(Response::from_parts(parts, body))
 }
 
 async fn h2_sender(
     ctx: &Ctx,
     target: SocketAddr,
-) -> Result<client2::SendRequest<Incoming>, String> {
+) -> Result<client2::SendRequest<Counted<Incoming>>, UpstreamFailure> {
     let mut ups = ctx.upstreams.lock().await;
     if let Some(s) = ups.get(&target)
         && !s.is_closed()
     {
         return Ok(s.clone());
     }
-    let io = connect(ctx, target).await?;
+    let cfg = ctx.proxy.cfg();
+    let io = relay::connect(target, cfg.upstream_mark, cfg.connect_timeout)
+        .await
+        .map_err(|e| UpstreamFailure {
+            target,
+            connect: true,
+            error: e.to_string(),
+        })?;
     let (sender, conn) = client2::handshake(TokioExecutor::new(), TokioIo::new(io))
         .await
-        .map_err(|e| format!("HTTP/2 handshake with {target}: {e}"))?;
+        .map_err(|e| UpstreamFailure {
+            target,
+            connect: false,
+            error: format!("HTTP/2 handshake with {target}: {e}"),
+        })?;
     tokio::spawn(async move {
         let _ = conn.await;
     });
     ups.insert(target, sender.clone());
     Ok(sender)
-}
-
-async fn connect(ctx: &Ctx, target: SocketAddr) -> Result<TcpStream, String> {
-    let cfg = ctx.proxy.cfg();
-    relay::connect(target, cfg.upstream_mark, cfg.connect_timeout)
-        .await
-        .map_err(|e| {
-            ctx.proxy
-                .report()
-                .upstream_connect_failed(ctx.conn.rec.workload);
-            e.to_string()
-        })
 }
 
 fn full(text: String) -> Body {

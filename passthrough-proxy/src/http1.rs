@@ -33,12 +33,15 @@ use tokio::{
 use tracing::debug;
 
 use super::{
-    ConnInfo, Judgement, Proxy,
+    ConnInfo, Judged, Proxy,
     h1::{self, BodyReader, Field, RequestHead},
     http::Allowed,
     relay,
 };
-use passthrough_policy::{L7, Reason};
+use passthrough_policy::{
+    L7, Reason,
+    outcome::{Outcome, UpstreamFailure},
+};
 
 /// Read size for bodies.
 const CHUNK: usize = 16 * 1024;
@@ -163,17 +166,32 @@ impl Session {
         }
     }
 
-    /// Judges, forwards and answers one request; false when the connection is done.
+    /// Judges, forwards and answers one request; emits its record; false when the connection
+    /// is done.
     async fn exchange(&mut self, req: RequestHead) -> bool {
-        let Some((host, target)) = self.decide(&req).await else {
+        let Some((host, target, outcome)) = self.decide(&req).await else {
             return false;
         };
+        self.forward(&req, &host, target, outcome).await
+    }
+
+    /// Forwards one allowed (or `--audit`ed) request to `target` and relays its response,
+    /// adding the bytes and any upstream failure to `o`, which it emits as soon as the
+    /// exchange is over (before a final error answer, so the answer never precedes the
+    /// record); false when the connection is done.
+    async fn forward(
+        &mut self,
+        req: &RequestHead,
+        host: &str,
+        target: SocketAddr,
+        mut o: Outcome,
+    ) -> bool {
         self.out.clear();
         h1::write_request_head(
             &self.cbuf,
-            &req,
+            req,
             &self.fields,
-            &host,
+            host,
             req.closes,
             &mut self.out,
         );
@@ -183,6 +201,7 @@ impl Session {
         let k = match body.advance(&self.cbuf) {
             Ok(k) => k,
             Err(e) => {
+                self.proxy.emit(o);
                 self.refuse(400, "Bad Request", &format!("passthrough: {e}\n"))
                     .await;
                 return false;
@@ -195,13 +214,19 @@ impl Session {
         let mut retried = false;
         loop {
             if let Err(why) = self.ensure_upstream(target).await {
-                self.proxy.upstream_failed(&self.conn, target, &why);
                 let text =
                     format!("passthrough: the upstream for host {host} is unreachable: {why}\n");
+                o.upstream_failure = Some(UpstreamFailure {
+                    target,
+                    connect: true,
+                    error: why,
+                });
+                self.proxy.emit(o);
                 self.refuse(503, "Service Unavailable", &text).await;
                 return false;
             }
             let Some(up) = self.upstream.as_mut() else {
+                self.proxy.emit(o);
                 return false;
             };
             let reused = std::mem::replace(&mut up.used, true);
@@ -236,11 +261,10 @@ impl Session {
                     }
                 }
             };
-            self.proxy
-                .report()
-                .bytes(self.conn.rec.workload, up_count, down_count);
+            o.add_bytes(up_count, down_count);
             match result {
                 Ok((end, body_done)) => {
+                    self.proxy.emit(o);
                     let keep = end.persistent && body_done && !req.closes;
                     if !end.persistent {
                         self.close_upstream(req.closes).await;
@@ -262,15 +286,16 @@ impl Session {
                 Err(RelayError::Stale) => {
                     self.upstream = None;
                     let why = "the upstream closed the connection without answering";
-                    self.bad_gateway(&host, target, why).await;
+                    self.bad_gateway(host, target, why, o).await;
                     return false;
                 }
                 Err(RelayError::BeforeForward(why)) => {
                     self.upstream = None;
-                    self.bad_gateway(&host, target, &why).await;
+                    self.bad_gateway(host, target, &why, o).await;
                     return false;
                 }
                 Err(RelayError::Midway(why)) => {
+                    self.proxy.emit(o);
                     debug!(
                         target: "passthrough::proxy",
                         peer = %self.conn.peer, %target, host = %host, error = %why,
@@ -331,9 +356,9 @@ impl Session {
         }
     }
 
-    /// Decides the request: `Some((Host for the upstream, target))`, or `None` when it was
-    /// refused (answered and closed).
-    async fn decide(&mut self, req: &RequestHead) -> Option<(String, SocketAddr)> {
+    /// Decides the request: `Some((Host for the upstream, target, its record))`, or `None`
+    /// when it was refused (its record emitted, answered and closed).
+    async fn decide(&mut self, req: &RequestHead) -> Option<(String, SocketAddr, Outcome)> {
         let proto = "http1";
         // CONNECT and upgrades cannot be passed through per request: refused even under --audit.
         if req.is_connect || req.upgrade.is_some() {
@@ -348,32 +373,35 @@ impl Session {
                     "CONNECT tunnels are not proxied".to_string(),
                 ),
             };
-            self.proxy
-                .report_deny_with(&self.conn, proto, None, host, code, &why, false);
+            let mut o = self.proxy.refusal(&self.conn, proto, code, &why, false);
+            o.host = host.map(str::to_string);
+            self.proxy.emit(o);
             self.deny(host.unwrap_or("(none)"), &why).await;
             return None;
         }
         let auth = match &req.authority {
             Ok(a) => a.clone(),
             Err(why) => {
-                if self
+                let audit = self.proxy.cfg().audit;
+                let mut o = self
                     .proxy
-                    .report_deny(&self.conn, proto, None, None, Reason::NoAuthority, why)
-                {
+                    .refusal(&self.conn, proto, Reason::NoAuthority, why, audit);
+                if audit {
                     // --audit: forward to where the client dialled, Host naming that address.
                     let dst = self.conn.rec.dst;
-                    return Some((dst.to_string(), dst));
+                    o.upstream = Some(dst);
+                    return Some((dst.to_string(), dst, o));
                 }
+                self.proxy.emit(o);
                 self.deny("(none)", why).await;
                 return None;
             }
         };
-        if let Some(t) = self
-            .allowed
-            .as_ref()
-            .and_then(|a| a.target_for(&auth, &self.proxy))
+        if let Some(a) = &self.allowed
+            && let Some(t) = a.target_for(&auth, &self.proxy)
         {
-            return Some((auth, t));
+            let o = a.reused(&self.conn, proto, &auth);
+            return Some((auth, t, o));
         }
         // Loaded before judging: a reload during the judgement makes the memo stale at once.
         let policy = self.proxy.policy.load_full();
@@ -382,15 +410,24 @@ impl Session {
             .judge(&self.conn, L7::Http1(auth.clone()), proto, false)
             .await
         {
-            Judgement::Allow(t) => {
-                // Under --audit an Allow may be a reported would-be denial: judge each one.
+            Judged {
+                target: Some(t),
+                outcome,
+                ..
+            } => {
+                // Under --audit a target may be a would-be denial's: judge each one.
                 if !self.proxy.cfg().audit {
-                    self.allowed = Some(Allowed::new(policy, &auth, t));
+                    self.allowed = Some(Allowed::new(policy, &auth, t, outcome.reason));
                 }
-                Some((auth, t))
+                Some((auth, t, outcome))
             }
-            Judgement::Deny(why) => {
-                self.deny(&auth, &why).await;
+            Judged {
+                target: None,
+                outcome,
+                refusal,
+            } => {
+                self.proxy.emit(outcome);
+                self.deny(&auth, &refusal).await;
                 None
             }
         }
@@ -403,9 +440,15 @@ impl Session {
         self.refuse(503, "Service Unavailable", &text).await;
     }
 
-    async fn bad_gateway(&mut self, host: &str, target: SocketAddr, why: &str) {
-        self.proxy
-            .upstream_request_failed(&self.conn, target, host, &why);
+    /// Answers `502` for an upstream that failed after the request was sent; emits `o` with
+    /// the failure first.
+    async fn bad_gateway(&mut self, host: &str, target: SocketAddr, why: &str, mut o: Outcome) {
+        o.upstream_failure = Some(UpstreamFailure {
+            target,
+            connect: false,
+            error: why.to_string(),
+        });
+        self.proxy.emit(o);
         let text = format!("passthrough: the upstream for host {host} failed: {why}\n");
         self.refuse(502, "Bad Gateway", &text).await;
     }

@@ -52,7 +52,10 @@ pub mod relay;
 pub mod report;
 pub mod tls;
 
-use std::{collections::HashMap, fmt::Display, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    borrow::Cow, collections::HashMap, fmt::Display, net::SocketAddr, sync::Arc, time::Duration,
+    time::SystemTime,
+};
 
 use arc_swap::ArcSwap;
 use tokio::{
@@ -71,7 +74,7 @@ pub use report::{LogDenials, ProxyReport};
 use passthrough_policy::{
     Connection, DecideOptions, L7, MergedConf, Reason, Resolver, Verdict,
     decision::{decide_at_proxy, normalize_name},
-    outcome::{DecisionPath, Denial},
+    outcome::{DecisionPath, Outcome, OutcomeVerdict, RelayPath, UpstreamFailure},
 };
 
 /// Policy the proxy decides with; swapped atomically on reload.
@@ -161,12 +164,15 @@ enum First {
 }
 
 /// The result of judging a name (policy, then destination check).
-#[derive(Debug, Clone)]
-pub(crate) enum Judgement {
-    /// Connect here.
-    Allow(SocketAddr),
-    /// Refused; the text says why (for a 503 body).
-    Deny(String),
+#[derive(Debug)]
+pub(crate) struct Judged {
+    /// Where to connect: the allowed target, or under `--audit` the original destination of a
+    /// would-be denial; `None`: refused.
+    pub(crate) target: Option<SocketAddr>,
+    /// The unit's record, to be completed and emitted by the caller.
+    pub(crate) outcome: Outcome,
+    /// For a denial: `name: why`, for the client's 503 body.
+    pub(crate) refusal: String,
 }
 
 impl Proxy {
@@ -204,125 +210,77 @@ impl Proxy {
         self
     }
 
-    pub(crate) fn report(&self) -> &dyn ProxyReport {
-        &*self.report
-    }
-
-    /// Reports a denial of the connection in `ctx` (`sni`/`host` when known). Returns true
-    /// when `--audit` lets it through.
-    pub(crate) fn report_deny(
+    /// The record of a refusal of the connection in `ctx`: `reason`, `detail`; a would-be
+    /// denial when `audit` (the caller's `--audit`, or false for what cannot be let through).
+    pub(crate) fn refusal(
         &self,
         ctx: &ConnInfo,
-        proto: &str,
-        sni: Option<&str>,
-        host: Option<&str>,
-        reason: Reason,
-        detail: &dyn Display,
-    ) -> bool {
-        self.report_deny_with(ctx, proto, sni, host, reason, detail, self.cfg.audit)
-    }
-
-    /// [`Proxy::report_deny`] for a denial that is enforced even under `--audit` (`audit`
-    /// false): what cannot be passed through is reported as a real denial.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn report_deny_with(
-        &self,
-        ctx: &ConnInfo,
-        proto: &str,
-        sni: Option<&str>,
-        host: Option<&str>,
+        protocol: &'static str,
         reason: Reason,
         detail: &dyn Display,
         audit: bool,
-    ) -> bool {
-        self.report.denial(&Denial {
-            path: DecisionPath::Proxy,
-            time: std::time::SystemTime::now(),
-            workload: ctx.rec.workload,
-            cgroup: None,
-            pid: ctx.rec.pid,
-            comm: ctx.rec.comm.clone(),
-            dst: ctx.rec.dst,
-            protocol: proto.to_string(),
-            sni: sni.map(str::to_string),
-            host: host.map(str::to_string),
-            peer: Some(ctx.peer),
-            reason,
-            detail: detail.to_string(),
-            audit,
-        });
-        audit
+    ) -> Outcome {
+        let mut o = ctx.outcome(protocol);
+        o.verdict = if audit {
+            OutcomeVerdict::WouldDeny
+        } else {
+            OutcomeVerdict::Deny
+        };
+        o.reason = reason;
+        o.detail = detail.to_string();
+        o
     }
 
-    /// `--audit` for a connection refused before a name was judged: relay it, bytes as read,
-    /// to its original destination.
-    async fn audit_passthrough(&self, client: TcpStream, first: Vec<u8>, ctx: &ConnInfo) {
-        let target = ctx.rec.dst;
-        let upstream =
-            match relay::connect(target, self.cfg.upstream_mark, self.cfg.connect_timeout).await {
-                Ok(u) => u,
-                Err(e) => {
-                    self.upstream_failed(ctx, target, &e);
-                    return;
-                }
-            };
-        self.relay_counted(client, first, upstream, ctx, target)
-            .await;
+    /// Hands a finished unit's record to the report (once per unit).
+    pub(crate) fn emit(&self, outcome: Outcome) {
+        self.report.outcome(outcome);
     }
 
-    pub(crate) fn upstream_failed(&self, ctx: &ConnInfo, target: SocketAddr, e: &dyn Display) {
-        let workload = self.report.workload_name(ctx.rec.workload);
-        self.report.upstream_connect_failed(ctx.rec.workload);
-        warn!(
-            target: "passthrough::proxy",
-            workload = %workload, workload_id = ctx.rec.workload, pid = ctx.rec.pid, comm = %ctx.rec.comm,
-            peer = %ctx.peer, dst = %ctx.rec.dst, %target, error = %e,
-            "upstream unreachable; closing the client connection"
-        );
-    }
-
-    /// Logs an upstream that failed mid-request (HTTP): the request's host and the error.
-    pub(crate) fn upstream_request_failed(
-        &self,
-        ctx: &ConnInfo,
-        target: SocketAddr,
-        host: &str,
-        e: &dyn Display,
-    ) {
-        warn!(
-            target: "passthrough::proxy",
-            workload = %self.report.workload_name(ctx.rec.workload),
-            workload_id = ctx.rec.workload, pid = ctx.rec.pid, comm = %ctx.rec.comm,
-            peer = %ctx.peer, dst = %ctx.rec.dst, %target, host = %host, error = %e, "upstream failed"
-        );
-    }
-
-    async fn relay_counted(
+    /// Connects to `target` and relays `client` (its `first` bytes included) to it; records the
+    /// bytes, the relay path or the upstream failure in `o`, then emits it. For allowed TLS
+    /// connections and `--audit` pass-throughs.
+    async fn connect_and_relay(
         &self,
         mut client: TcpStream,
         first: Vec<u8>,
-        mut upstream: TcpStream,
-        ctx: &ConnInfo,
         target: SocketAddr,
+        mut o: Outcome,
     ) {
+        o.upstream = Some(target);
+        let mut upstream =
+            match relay::connect(target, self.cfg.upstream_mark, self.cfg.connect_timeout).await {
+                Ok(u) => u,
+                Err(e) => {
+                    o.upstream_failure = Some(UpstreamFailure {
+                        target,
+                        connect: true,
+                        error: e.to_string(),
+                    });
+                    return self.emit(o);
+                }
+            };
         let relayed = match &self.kernel_relay {
             Some(kr) => kernel_relay::relay(kr, client, first, upstream).await,
             None => relay::relay(&mut client, first, &mut upstream).await,
         };
         match relayed {
             Ok(n) => {
-                self.report.bytes(ctx.rec.workload, n.up, n.down);
-                self.report.relay_ended(n.in_kernel);
-                debug!(
-                    target: "passthrough::proxy",
-                    peer = %ctx.peer, %target, up = n.up, down = n.down, "relay done"
-                )
+                o.add_bytes(n.up, n.down);
+                o.relay = Some(if n.in_kernel {
+                    RelayPath::Kernel
+                } else {
+                    RelayPath::Userspace
+                });
             }
+            // A relay cut short (a reset, a broken pipe) is the connection's ordinary end, not
+            // an upstream failure; what moved before it is not counted (as before).
             Err(e) => debug!(
                 target: "passthrough::proxy",
-                peer = %ctx.peer, %target, error = %e, "relay ended with an error"
+                peer = %o.peer.map(|p| p.to_string()).unwrap_or_default(), %target, error = %e,
+                "relay ended with an error"
             ),
         }
+        self.emit(o);
     }
 
     /// The settings.
@@ -383,14 +341,12 @@ impl Proxy {
         let Some(rec) = self.orig.take(peer, local) else {
             self.report
                 .connection_classified("no_original_destination", None);
-            self.report
-                .decision("unknown", "deny", Reason::NoOriginalDestination, 0);
-            warn!(
-                target: "passthrough::proxy",
-                %peer, %local, verdict = "deny", reason = "no_original_destination",
-                "refused: no recorded original destination for this connection"
-            );
-            return;
+            let mut o = Outcome::new(DecisionPath::Proxy, SystemTime::now(), local);
+            o.verdict = OutcomeVerdict::Deny;
+            o.reason = Reason::NoOriginalDestination;
+            o.detail = "refused: no recorded original destination for this connection".into();
+            o.peer = Some(peer);
+            return self.emit(o);
         };
         if !inherits_nodelay {
             let _ = client.set_nodelay(true);
@@ -411,33 +367,31 @@ impl Proxy {
         self.report
             .connection_classified(kind, Some(peek_start.elapsed()));
         let ctx = ConnInfo { peer, rec };
-        match first {
-            First::Tls(tls::Parse::Hello(hello)) => self.tls(client, buf, ctx, hello).await,
-            First::Http1 => http1::serve(self, client, buf, ctx).await,
-            First::H2c => http::serve(self, client, buf, ctx).await,
+        let audit = self.cfg.audit;
+        let refused = match first {
+            First::Tls(tls::Parse::Hello(hello)) => return self.tls(client, buf, ctx, hello).await,
+            First::Http1 => return http1::serve(self, client, buf, ctx).await,
+            First::H2c => return http::serve(self, client, buf, ctx).await,
+            First::Closed => {
+                return debug!(
+                    target: "passthrough::proxy",
+                    peer = %ctx.peer, dst = %ctx.rec.dst,
+                    "client closed or failed before sending enough to decide"
+                );
+            }
             First::Tls(tls::Parse::Invalid(e)) => {
-                if self.report_deny(&ctx, "tls", None, None, Reason::BadClientHello, &e) {
-                    return self.audit_passthrough(client, buf, &ctx).await;
-                }
-                tls_refuse(client).await;
+                self.refusal(&ctx, "tls", Reason::BadClientHello, &e, audit)
             }
-            First::Tls(tls::Parse::NotTls | tls::Parse::NeedMore) | First::Other => {
-                if self.report_deny(
-                    &ctx,
-                    "unknown",
-                    None,
-                    None,
-                    Reason::UnknownProtocol,
-                    &"neither TLS nor HTTP",
-                ) {
-                    self.audit_passthrough(client, buf, &ctx).await;
-                }
-            }
+            First::Tls(tls::Parse::NotTls | tls::Parse::NeedMore) | First::Other => self.refusal(
+                &ctx,
+                "unknown",
+                Reason::UnknownProtocol,
+                &"neither TLS nor HTTP",
+                audit,
+            ),
             First::TooLarge => {
                 let why = format!("no decision within the first {} bytes", self.cfg.max_peek);
-                if self.report_deny(&ctx, "unknown", None, None, Reason::TooLarge, &why) {
-                    self.audit_passthrough(client, buf, &ctx).await;
-                }
+                self.refusal(&ctx, "unknown", Reason::TooLarge, &why, audit)
             }
             First::Timeout => {
                 let why = format!(
@@ -445,15 +399,19 @@ impl Proxy {
                     self.cfg.peek_timeout,
                     buf.len()
                 );
-                if self.report_deny(&ctx, "unknown", None, None, Reason::PeekTimeout, &why) {
-                    self.audit_passthrough(client, buf, &ctx).await;
-                }
+                self.refusal(&ctx, "unknown", Reason::PeekTimeout, &why, audit)
             }
-            First::Closed => debug!(
-                target: "passthrough::proxy",
-                peer = %ctx.peer, dst = %ctx.rec.dst,
-                "client closed or failed before sending enough to decide"
-            ),
+        };
+        if audit {
+            // A would-be denial: relay it, bytes as read, to its original destination.
+            return self
+                .connect_and_relay(client, buf, ctx.rec.dst, refused)
+                .await;
+        }
+        let tls_client = refused.protocol == "tls";
+        self.emit(refused);
+        if tls_client {
+            tls_refuse(client).await;
         }
     }
 
@@ -500,25 +458,30 @@ impl Proxy {
         hello: tls::ClientHello,
     ) {
         let l7 = L7::Tls(hello.sni.clone());
-        let target = match self.judge(&ctx, l7, "tls", hello.ech).await {
-            Judgement::Allow(t) => t,
-            Judgement::Deny(_) => return tls_refuse(client).await,
-        };
-        let upstream =
-            match relay::connect(target, self.cfg.upstream_mark, self.cfg.connect_timeout).await {
-                Ok(u) => u,
-                Err(e) => {
-                    self.upstream_failed(&ctx, target, &e);
-                    return;
-                }
-            };
-        self.relay_counted(client, first, upstream, &ctx, target)
-            .await;
+        let judged = self.judge(&ctx, l7, "tls", hello.ech).await;
+        match judged.target {
+            Some(target) => {
+                self.connect_and_relay(client, first, target, judged.outcome)
+                    .await
+            }
+            None => {
+                self.emit(judged.outcome);
+                tls_refuse(client).await
+            }
+        }
     }
 
-    /// Decides `l7` for the connection in `ctx` with the current policy, runs the destination
-    /// check when a `Domain` match allowed, and logs the one decision event.
-    pub(crate) async fn judge(&self, ctx: &ConnInfo, l7: L7, proto: &str, ech: bool) -> Judgement {
+    /// Decides `l7` for the connection in `ctx` with the current policy and runs the
+    /// destination check when a `Domain` match allowed. The record it returns is the unit's:
+    /// the caller completes it (bytes, upstream) and emits it once.
+    pub(crate) async fn judge(
+        &self,
+        ctx: &ConnInfo,
+        l7: L7,
+        proto: &'static str,
+        ech: bool,
+    ) -> Judged {
+        let started = Instant::now();
         let policy = self.policy.load_full();
         let conf = policy.conf(ctx.rec.workload);
         let conn = Connection {
@@ -531,14 +494,11 @@ impl Proxy {
             L7::Tls(s) => (s.clone(), false),
             L7::Http1(h) | L7::H2c(h) => (Some(h.clone()), true),
         };
-        let matched = d
-            .matched
-            .map(|m| match m.port {
-                Some(p) => format!("{:?} {} port {p} {:?}", m.kind, m.value, m.protocol),
-                None => format!("{:?} {} {:?}", m.kind, m.value, m.protocol),
-            })
-            .unwrap_or_default();
-        let (verdict, reason, detail, target) = match d.verdict {
+        let matched = d.matched.map(|m| match m.port {
+            Some(p) => format!("{:?} {} port {p} {:?}", m.kind, m.value, m.protocol),
+            None => format!("{:?} {} {:?}", m.kind, m.value, m.protocol),
+        });
+        let (reason, detail, target) = match d.verdict {
             Verdict::AllowAtProxy => {
                 // A Domain match allowed `name`: check where the client is going.
                 let name = raw
@@ -546,56 +506,59 @@ impl Proxy {
                     .and_then(|r| normalize_name(r, strip_port).ok())
                     .unwrap_or_default();
                 match self.dest.target(&name, ctx.rec.dst).await {
-                    Ok(t) => ("allow", d.reason.reason(), d.reason.to_string(), Some(t)),
-                    Err(e) => ("deny", Reason::DestinationCheck, e.to_string(), None),
+                    Ok(t) => (d.reason.reason(), d.reason.to_string(), Some(t)),
+                    Err(e) => (Reason::DestinationCheck, e.to_string(), None),
                 }
             }
-            Verdict::AllowKernel => (
-                "allow",
-                d.reason.reason(),
-                d.reason.to_string(),
-                Some(ctx.rec.dst),
-            ),
+            Verdict::AllowKernel => (d.reason.reason(), d.reason.to_string(), Some(ctx.rec.dst)),
             Verdict::Deny | Verdict::DenyAtProxy | Verdict::RedirectToProxy => {
-                ("deny", d.reason.reason(), d.reason.to_string(), None)
+                (d.reason.reason(), d.reason.to_string(), None)
             }
         };
-        let name = raw.as_deref().unwrap_or("");
-        let _ = verdict;
+        let mut o = ctx.outcome(proto);
+        match &l7 {
+            L7::Tls(_) => o.sni = raw.clone(),
+            _ => o.host = raw.clone(),
+        }
+        o.ech = ech;
+        o.reason = reason;
+        o.decide_time = Some(started.elapsed());
         match target {
             Some(t) => {
-                let workload = self.report.workload_name(ctx.rec.workload);
-                self.report
-                    .decision(proto, "allow", reason, ctx.rec.workload);
-                // Allowed connections are counted in the metrics and logged at debug only: a line
-                // per allowed connection costs ~9 µs of a ~140 µs relayed TLS connection here, and
-                // an access log is opt-in on the peers too (`RUST_LOG=passthrough::proxy=debug`).
-                debug!(
-                    target: "passthrough::proxy",
-                    workload = %workload, workload_id = ctx.rec.workload, pid = ctx.rec.pid,
-                    comm = %ctx.rec.comm, peer = %ctx.peer, dst = %ctx.rec.dst, protocol = proto,
-                    sni = matches!(l7, L7::Tls(_)).then_some(name),
-                    host = (!matches!(l7, L7::Tls(_))).then_some(name),
-                    ech, verdict = "allow", reason = reason.code(), detail = %detail, matched = %matched,
-                    upstream = %t, "decision"
-                );
-                Judgement::Allow(t)
+                o.detail = detail;
+                o.matched = matched;
+                o.upstream = Some(t);
+                Judged {
+                    target: Some(t),
+                    outcome: o,
+                    refusal: String::new(),
+                }
             }
             None => {
-                let (sni, host) = match &l7 {
-                    L7::Tls(_) => (raw.as_deref(), None),
-                    _ => (None, raw.as_deref()),
+                o.detail = match (&matched, reason) {
+                    (Some(m), r) if r != Reason::DestinationCheck => {
+                        format!("{detail} (match: {m})")
+                    }
+                    _ => detail,
                 };
-                let detail = if matched.is_empty() || reason == Reason::DestinationCheck {
-                    detail
-                } else {
-                    format!("{detail} (match: {matched})")
-                };
-                if self.report_deny(ctx, proto, sni, host, reason, &detail) {
-                    // --audit: reported as a would-be denial; go where the client dialled.
-                    return Judgement::Allow(ctx.rec.dst);
+                o.matched = matched;
+                let refusal = format!("{}: {}", raw.as_deref().unwrap_or(""), o.detail);
+                if self.cfg.audit {
+                    // --audit: a would-be denial; go where the client dialled.
+                    o.verdict = OutcomeVerdict::WouldDeny;
+                    o.upstream = Some(ctx.rec.dst);
+                    return Judged {
+                        target: Some(ctx.rec.dst),
+                        outcome: o,
+                        refusal,
+                    };
                 }
-                Judgement::Deny(format!("{name}: {detail}"))
+                o.verdict = OutcomeVerdict::Deny;
+                Judged {
+                    target: None,
+                    outcome: o,
+                    refusal,
+                }
             }
         }
     }
@@ -637,6 +600,20 @@ impl Drop for OpenConnection {
 pub(crate) struct ConnInfo {
     pub(crate) peer: SocketAddr,
     pub(crate) rec: Redirected,
+}
+
+impl ConnInfo {
+    /// A new record for a unit of this connection: who, where, which protocol (allowed until
+    /// the caller says otherwise).
+    pub(crate) fn outcome(&self, protocol: &'static str) -> Outcome {
+        let mut o = Outcome::new(DecisionPath::Proxy, SystemTime::now(), self.rec.dst);
+        o.workload = self.rec.workload;
+        o.pid = self.rec.pid;
+        o.comm = self.rec.comm.clone();
+        o.peer = Some(self.peer);
+        o.protocol = Cow::Borrowed(protocol);
+        o
+    }
 }
 
 /// Refuses a TLS client: a fatal `access_denied` alert, then close.

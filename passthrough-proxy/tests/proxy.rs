@@ -18,9 +18,10 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::{Request, Response, StatusCode, body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use passthrough_policy::outcome::{Outcome, OutcomeVerdict, RelayPath};
 use passthrough_policy::{DecideOptions, MergedConf, Mode, Resolver, Workload, load_policy_bytes};
 use passthrough_proxy::{
-    DomainDestination, OrigDstSource, Proxy, ProxyConfig, ProxyPolicy, Redirected, h1,
+    DomainDestination, OrigDstSource, Proxy, ProxyConfig, ProxyPolicy, ProxyReport, Redirected, h1,
 };
 use rustls::{
     ClientConfig, RootCertStore, ServerConfig,
@@ -85,6 +86,16 @@ impl Drop for Px {
 }
 
 async fn start(c: MergedConf, mode: DomainDestination, resolver: Option<SocketAddr>) -> Px {
+    start_reporting(c, mode, resolver, None).await
+}
+
+/// [`start`], reporting to `report` (default: the proxy's own log-only report).
+async fn start_reporting(
+    c: MergedConf,
+    mode: DomainDestination,
+    resolver: Option<SocketAddr>,
+    report: Option<Arc<dyn ProxyReport>>,
+) -> Px {
     let policy = ProxyPolicy {
         workloads: HashMap::from([(WORKLOAD, c)]),
         unmatched: MergedConf {
@@ -105,7 +116,11 @@ async fn start(c: MergedConf, mode: DomainDestination, resolver: Option<SocketAd
     };
     let orig = Arc::new(FakeOrig::default());
     let policy = Arc::new(ArcSwap::from_pointee(policy));
-    let proxy = Arc::new(Proxy::new(orig.clone(), policy.clone(), cfg).unwrap());
+    let mut proxy = Proxy::new(orig.clone(), policy.clone(), cfg).unwrap();
+    if let Some(r) = report {
+        proxy = proxy.with_report(r);
+    }
+    let proxy = Arc::new(proxy);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let stop = CancellationToken::new();
@@ -1695,4 +1710,170 @@ async fn http1_refusals() {
     let reply = raw(&px, origin, b"POST / HTTP/1.1\r\nHost: web.test\r\nTransfer-Encoding: chunked\r\n\r\n5\nhello\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: evil.test\r\n\r\n").await;
     assert!(!reply.contains("200 OK"), "{reply}");
     assert!(seen.lock().unwrap().iter().all(|r| !r.contains("smuggled")));
+}
+
+// ---------------------------------------------------------------- one outcome per unit
+
+/// Collects the proxy's outcomes.
+#[derive(Default)]
+struct Recorder(Mutex<Vec<Outcome>>);
+
+impl ProxyReport for Recorder {
+    fn connection_opened(&self) {}
+    fn connection_closed(&self) {}
+    fn connection_classified(&self, _: &'static str, _: Option<Duration>) {}
+    fn outcome(&self, o: Outcome) {
+        self.0.lock().unwrap().push(o);
+    }
+}
+
+impl Recorder {
+    /// Waits until `n` outcomes arrived (units emit theirs when they end), then takes them.
+    async fn take(&self, n: usize) -> Vec<Outcome> {
+        let deadline = tokio::time::Instant::now() + T;
+        while self.0.lock().unwrap().len() < n && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // A moment more: a unit that emitted twice would show up here.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        std::mem::take(&mut *self.0.lock().unwrap())
+    }
+}
+
+/// Every unit the proxy handles — a TLS connection, an HTTP/1 request, an h2c stream, a
+/// connection refused before a name was judged — ends in exactly one record, with its
+/// decision, reason, names, upstream and bytes.
+#[tokio::test]
+async fn every_unit_ends_in_exactly_one_outcome() {
+    init_tracing();
+    let pki = pki();
+    let tls_l = bind(v4(1), 0).await;
+    let tls_port = tls_l.local_addr().unwrap().port();
+    let tls_up = tls_server(tls_l, &pki, "A").await;
+    let h1_l = bind(v4(1), 0).await;
+    let h1_port = h1_l.local_addr().unwrap().port();
+    let h1_up = http_server(h1_l, "B", false).await;
+    let h2_l = bind(v4(1), 0).await;
+    let h2_port = h2_l.local_addr().unwrap().port();
+    let h2_up = http_server(h2_l, "C", true).await;
+    let rec = Arc::new(Recorder::default());
+    let px = start_reporting(
+        conf(&[
+            dom("api.example.test", tls_port, "tls"),
+            dom("web.example.test", h1_port, "http"),
+            dom("grpc.example.test", h2_port, "http2"),
+        ]),
+        DomainDestination::Original,
+        None,
+        Some(rec.clone()),
+    )
+    .await;
+
+    // TLS: allowed (bytes both ways, relayed in userspace), then denied.
+    assert_eq!(
+        tls_get(&px, &pki, tls_up, Some("api.example.test"))
+            .await
+            .unwrap(),
+        "A"
+    );
+    let o = rec.take(1).await;
+    assert_eq!(o.len(), 1, "{o:?}");
+    let a = &o[0];
+    assert_eq!(
+        (a.verdict, a.reason.code(), a.protocol.as_ref()),
+        (OutcomeVerdict::Allow, "domain_match", "tls")
+    );
+    assert_eq!(a.sni.as_deref(), Some("api.example.test"));
+    assert_eq!(
+        (a.workload, a.pid, a.upstream),
+        (WORKLOAD, 4242, Some(tls_up))
+    );
+    assert_eq!(a.relay, Some(RelayPath::Userspace));
+    let b = a.bytes.expect("bytes of the relay");
+    assert!(b.up > 0 && b.down > 0, "{b:?}");
+    assert!(
+        a.matched
+            .as_deref()
+            .is_some_and(|m| m.contains("api.example.test"))
+    );
+    assert!(a.decide_time.is_some() && !a.reused);
+    assert!(
+        tls_get(&px, &pki, tls_up, Some("other.test"))
+            .await
+            .is_err()
+    );
+    let o = rec.take(1).await;
+    assert_eq!(o.len(), 1, "{o:?}");
+    assert_eq!(
+        (o[0].verdict, o[0].reason.code(), o[0].sni.as_deref()),
+        (OutcomeVerdict::Deny, "no_domain_match", Some("other.test"))
+    );
+    assert_eq!((o[0].bytes, o[0].upstream), (None, None));
+
+    // HTTP/1: two requests on one connection (the second reuses the judgement) and a third to
+    // another host, denied: three records.
+    let out = raw_http(
+        &px,
+        h1_up,
+        &format!(
+            "GET /1 HTTP/1.1\r\nHost: web.example.test\r\n\r\nGET /2 HTTP/1.1\r\nHost: web.example.test\r\n\r\nGET /3 HTTP/1.1\r\nHost: nope.test:{h1_port}\r\n\r\n"
+        ),
+    )
+    .await;
+    assert!(out.contains("B host=web.example.test uri=/1"), "{out}");
+    assert!(out.contains("503"), "{out}");
+    let o = rec.take(3).await;
+    assert_eq!(o.len(), 3, "{o:?}");
+    assert_eq!(
+        o.iter()
+            .map(|o| (o.verdict, o.reused, o.host.as_deref()))
+            .collect::<Vec<_>>(),
+        [
+            (OutcomeVerdict::Allow, false, Some("web.example.test")),
+            (OutcomeVerdict::Allow, true, Some("web.example.test")),
+            (
+                OutcomeVerdict::Deny,
+                false,
+                Some(format!("nope.test:{h1_port}").as_str())
+            ),
+        ]
+    );
+    for allowed in &o[..2] {
+        let b = allowed.bytes.expect("bytes of the exchange");
+        assert!(b.up > 0 && b.down > 0, "{b:?}");
+        assert_eq!(allowed.reason.code(), "domain_match");
+    }
+
+    // h2c: one stream, one record with its body bytes.
+    let (st, body) = h2c_once(&px, h2_up, "grpc.example.test").await;
+    assert_eq!(
+        (st, body.starts_with("C ")),
+        (StatusCode::OK, true),
+        "{body}"
+    );
+    let o = rec.take(1).await;
+    assert_eq!(o.len(), 1, "{o:?}");
+    assert_eq!(
+        (o[0].verdict, o[0].protocol.as_ref(), o[0].host.as_deref()),
+        (OutcomeVerdict::Allow, "h2c", Some("grpc.example.test"))
+    );
+    assert_eq!(
+        o[0].bytes.map(|b| b.down),
+        Some(body.len() as u64),
+        "the response body's bytes"
+    );
+
+    // Neither TLS nor HTTP: refused before any name was judged.
+    let mut s = px.dial(tls_up).await;
+    s.write_all(b"\x00\x01garbage that is no protocol\r\n\r\n")
+        .await
+        .unwrap();
+    let mut sink = Vec::new();
+    let _ = timeout(T, s.read_to_end(&mut sink)).await;
+    let o = rec.take(1).await;
+    assert_eq!(o.len(), 1, "{o:?}");
+    assert_eq!(
+        (o[0].verdict, o[0].reason.code(), o[0].protocol.as_ref()),
+        (OutcomeVerdict::Deny, "unknown_protocol", "unknown")
+    );
 }

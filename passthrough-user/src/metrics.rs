@@ -32,8 +32,11 @@
 //! when the ring buffer overflows, events are lost (counted in
 //! `passthrough_kernel_deny_events_dropped_total`), so the exact global numbers are
 //! `passthrough_kernel_decisions_total`. In the proxy, `decisions` are per TLS connection and
-//! per HTTP request; `proxy_bytes` are added when a relayed TLS connection ends, per HTTP/1
-//! exchange, and when an h2c connection ends. `workload` is the workload's name; `""` = no
+//! per HTTP request. Everything but the connection gauge, the first-bytes counts and the peek
+//! time comes from the proxy's outcome records (`passthrough_policy::outcome::Outcome`, one per
+//! TLS connection, HTTP/1 request or h2c stream, recorded when it ends), so `proxy_bytes` are
+//! added when a relayed TLS connection ends, per HTTP/1 exchange, and per h2c stream (the DATA
+//! bytes of its request and response bodies; HTTP/2 framing is not counted). `workload` is the workload's name; `""` = no
 //! workload (a socket below an attachment but in no workload cgroup), `cgroup-<id>` = a cgroup
 //! id no longer configured.
 

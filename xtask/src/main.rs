@@ -2,8 +2,9 @@
 //!
 //! - `setup`: install toolchains, LLVM and bpf-linker (idempotent; `scripts/setup.sh`).
 //! - `build`: build the agent (the eBPF object is built by passthrough-user's build.rs).
-//! - `test`: `cargo fmt --all --check`, `cargo clippy` and `cargo doc` with warnings denied,
-//!   then every test, kernel tests included (root needed; under `CI=true` they never skip).
+//! - `test`: `cargo fmt --all --check`, `cargo clippy` (the workspace, and the eBPF crate for
+//!   the BPF target with the pinned nightly) and `cargo doc` with warnings denied, then every
+//!   test, kernel tests included (root needed; under `CI=true` they never skip).
 //! - `bench`: benchmarks (`connect` = kernel-path connect() cost and compile+load time; `kube` =
 //!   Kubernetes mode with 1,000 pods).
 //! - `demo`: the out-of-the-box demo (workload cgroup, netns test hosts, example policy).
@@ -90,8 +91,9 @@ enum Cmd {
     },
 }
 
-/// The nightly the fuzz build uses (sanitizers need nightly); the eBPF build pins the same one.
-const FUZZ_TOOLCHAIN: &str = "nightly-2026-07-01";
+/// The nightly the fuzz build and the eBPF crate's clippy use (sanitizers and build-std need
+/// nightly); the eBPF build pins the same one.
+const NIGHTLY_TOOLCHAIN: &str = "nightly-2026-07-01";
 
 /// Runs every fuzz target (or `only`) for `seconds` each, seeded from `fuzz/seeds/<target>`; the
 /// growing corpus lives in `fuzz/corpus/<target>` and crashes in `fuzz/artifacts/<target>`
@@ -122,7 +124,7 @@ fn fuzz(seconds: u64, only: Option<&str>, sanitizer: &str) -> anyhow::Result<()>
     // crate depends on the policy and proxy crates only, so no eBPF object is built.
     let nightly = || {
         let mut c = Command::new("cargo");
-        c.arg(format!("+{FUZZ_TOOLCHAIN}"))
+        c.arg(format!("+{NIGHTLY_TOOLCHAIN}"))
             .env_remove("RUSTC")
             .env_remove("CARGO");
         c
@@ -299,6 +301,29 @@ fn main() -> anyhow::Result<()> {
                 "-D",
                 "warnings",
             ]))?;
+            // The eBPF crate builds only for the BPF target, with the pinned nightly and
+            // build-std: lint it there (a check, no bpf-linker), in its own target dir so the
+            // two toolchains do not invalidate each other's builds.
+            run(Command::new("cargo")
+                .arg(format!("+{NIGHTLY_TOOLCHAIN}"))
+                .env_remove("RUSTC")
+                .env_remove("CARGO")
+                .env(
+                    "RUSTFLAGS",
+                    format!("--cfg bpf_target_arch=\"{}\"", std::env::consts::ARCH),
+                )
+                .args([
+                    "clippy",
+                    "-p",
+                    "passthrough-ebpf",
+                    "--target",
+                    "bpfel-unknown-none",
+                    "-Z",
+                    "build-std=core",
+                    "--target-dir",
+                ])
+                .arg(target_dir().join("ebpf-clippy"))
+                .args(["--", "-D", "warnings"]))?;
             run(cargo()
                 .args([
                     "doc",
