@@ -15,7 +15,7 @@
 
 use std::{
     collections::BTreeSet,
-    path::{Path, PathBuf},
+    path::Path,
     sync::{Arc, atomic::Ordering},
     time::{Duration, Instant, SystemTime},
 };
@@ -27,7 +27,6 @@ use passthrough_kube::{
     cgroups::{CgroupEvent, KubepodsRoot, KubepodsWatcher},
     cluster::{self, WatchOptions},
     kuma::{GovernRules, KumaConfig},
-    labelsel::Selector,
     node::{self, Cgroups, Model, Settings},
 };
 use passthrough_policy::{self as policy, Mode, plan::PlanOptions};
@@ -38,71 +37,13 @@ use tracing::{debug, error, info, warn};
 
 use crate::{
     admin::{self, AdminState},
-    agent::{self, RunArgs},
     bpffs, cgroup,
     events::Reporter,
     kernel::{Capacities, Kernel},
     metrics::Metrics,
+    run_args::RunArgs,
+    startup,
 };
-
-/// Flags of `passthrough run --kubernetes`.
-#[derive(Debug, Clone, clap::Args)]
-pub struct KubeArgs {
-    /// Kubeconfig to reach the API server. Default: the in-cluster service account, else
-    /// `$KUBECONFIG` / `~/.kube/config`.
-    #[arg(long, value_name = "FILE", requires = "kubernetes")]
-    pub kubeconfig: Option<PathBuf>,
-    /// This node's name (the pods watched are those with this `spec.nodeName`). Default:
-    /// `$NODE_NAME` (set it from the downward API's `spec.nodeName`).
-    #[arg(long, value_name = "NAME", requires = "kubernetes")]
-    pub node_name: Option<String>,
-    /// The agent's own pod, `NAMESPACE/NAME`, never governed. Default: `$POD_NAMESPACE/$POD_NAME`.
-    #[arg(
-        long = "own-pod",
-        value_name = "NAMESPACE/NAME",
-        requires = "kubernetes"
-    )]
-    pub own_pod: Option<String>,
-    /// Kuma's system namespace: MeshPassthrough resources there select pods of every namespace;
-    /// those of any other namespace only that namespace's pods.
-    #[arg(long, default_value = "kuma-system", value_name = "NAMESPACE")]
-    pub system_namespace: String,
-    /// Kuma zone name (`kuma.io/zone` on Dataplanes and policies); Kuma's default is `default`.
-    #[arg(long, default_value = "default", value_name = "NAME")]
-    pub zone: String,
-    /// Also govern pods matching this label selector (repeatable).
-    #[arg(long = "pod-selector", value_name = "SELECTOR", value_parser = parse_selector)]
-    pub pod_selector: Vec<Selector>,
-    /// Also govern the pods of namespaces matching this label selector (repeatable).
-    #[arg(long = "namespace-selector", value_name = "SELECTOR", value_parser = parse_selector)]
-    pub namespace_selector: Vec<Selector>,
-    /// Do not apply Kuma's injection rules (`kuma.io/sidecar-injection`); only the selectors
-    /// decide which pods are governed.
-    #[arg(long)]
-    pub no_kuma_injection_rules: bool,
-    /// Where the host's cgroup2 hierarchy is mounted (in a pod: a hostPath of the node's
-    /// /sys/fs/cgroup). Default: the first cgroup2 mount of /proc/self/mountinfo.
-    #[arg(long, value_name = "PATH")]
-    pub cgroup_root: Option<PathBuf>,
-    /// The kubelet's pod cgroup parent (absolute, or relative to the cgroup root). Default:
-    /// `kubepods.slice` (systemd driver) or `kubepods` (cgroupfs) below the cgroup root.
-    #[arg(long, value_name = "PATH")]
-    pub kubepods_cgroup: Option<PathBuf>,
-    /// Mode of a pod cgroup the agent cannot name yet (its pod not yet seen from the API server).
-    #[arg(long, default_value = "None", value_parser = agent::parse_mode)]
-    pub pending_mode: Mode,
-    /// Where the agent writes the governed pods after every apply (read by `passthrough status`).
-    #[arg(
-        long,
-        default_value = "/run/passthrough/kubernetes.json",
-        value_name = "FILE"
-    )]
-    pub status_file: PathBuf,
-}
-
-fn parse_selector(s: &str) -> Result<Selector, String> {
-    s.parse()
-}
 
 fn settings(args: &RunArgs) -> anyhow::Result<(Settings, String)> {
     let k = &args.kube;
@@ -182,7 +123,7 @@ fn apply(
         usage,
         kernel.capacities().map_capacity(),
     );
-    agent::retire_previous(kernel, metrics);
+    startup::retire_previous(kernel, metrics);
     Ok(generation)
 }
 
@@ -257,7 +198,7 @@ fn since(t: SystemTime) -> String {
 
 /// Runs the Kubernetes agent until SIGTERM/SIGINT.
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let nofile = agent::raise_nofile_limit();
+    let nofile = startup::raise_nofile_limit();
     info!(nofile, "open-files limit");
     let (settings, node_name) = settings(&args)?;
     let mount = match &args.kube.cgroup_root {
@@ -278,7 +219,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         })?,
     };
     info!(cgroup = %root.path.display(), driver = ?root.driver, node = %node_name, "Kubernetes mode");
-    let opts = agent::plan_options(&args);
+    let opts = startup::plan_options(&args);
     let bpf_root = Path::new("/sys/fs/bpf");
     if bpffs::ensure_mounted(bpf_root).context("mounting bpffs at /sys/fs/bpf")? {
         info!(path = %bpf_root.display(), "mounted bpffs");
@@ -330,7 +271,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     } else {
         0
     };
-    let proxy_listeners = agent::bind_proxy(&args).await?;
+    let proxy_listeners = startup::bind_proxy(&args).await?;
     let mut kernel = Kernel::load_with(
         Capacities {
             rules: args.rule_capacity,
@@ -338,24 +279,24 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         },
         flags,
         AGENT_MARK,
-        agent::proxy_settings(&args)?,
+        startup::proxy_settings(&args)?,
         Some(&args.state_dir),
-        agent::load_options(&args),
+        startup::load_options(&args),
     )?;
-    let _bpf_log_task = agent::start_bpf_log(&mut kernel, args.bpf_log_level);
+    let _bpf_log_task = startup::start_bpf_log(&mut kernel, args.bpf_log_level);
     kernel.set_raw_socket_backstop(!args.no_raw_socket_backstop);
     if kernel.adopted() {
         info!(state = %args.state_dir.display(), generation = kernel.policy_generation(), "adopted pinned state of a previous agent");
     }
     let reporter = Arc::new(Reporter::new(metrics.clone(), Default::default()));
-    let events_task = agent::start_deny_events(&mut kernel, &args.state_dir, &reporter);
+    let events_task = startup::start_deny_events(&mut kernel, &args.state_dir, &reporter);
     let proxy_state = Arc::new(ArcSwap::from_pointee(proxy_policy(
         &model,
         &opts,
         args.unselected_mode,
     )));
     let shutdown = CancellationToken::new();
-    let proxy_tasks = agent::start_proxy(
+    let proxy_tasks = startup::start_proxy(
         &args,
         &mut kernel,
         proxy_listeners,

@@ -19,5 +19,7 @@ pub mod kube_agent;
 pub mod metrics;
 pub mod pins;
 pub mod proxy_maps;
+pub mod run_args;
+pub mod startup;
 pub mod status;
 pub mod watch;
