@@ -259,7 +259,7 @@ fn metric_words(metric: &str) -> &str {
         "replace_max_connect_us" => "slowest connect() during a replace, µs",
         "retire_ms" => "time to retire the old rule set, ms",
         "free_ms" => "time to free the rule set, ms",
-        "bytes" => "memory of the rule set, bytes",
+        "bytes" => "kernel-accounted memory (memlock), bytes",
         "ns_per_run" => "program time per connect, rotating destinations, ns",
         "ns_per_run_fixed" => "program time per connect, one fixed destination, ns",
         "bpf_ns_per_connect" => "program time per connect, ns",
