@@ -158,6 +158,10 @@ pub fn v6(words: [u32; 4]) -> V6 {
 pub enum Transport {
     /// A TCP connect.
     Tcp,
+    /// An MPTCP subflow the kernel opens for a connection, judged for the connection's owner
+    /// (`passthrough-ebpf/src/mptcp.rs`): TCP that is never redirected (the proxy cannot join
+    /// an MPTCP connection), so a Domain-only destination is denied (`NoProxy`).
+    Subflow,
     /// A UDP connect or send.
     Udp,
     /// A raw or ping socket's packet (its IP protocol, the socket type): no ports, never
@@ -338,6 +342,10 @@ pub fn decide<M: Maps, C: Caller, D: Dest>(
                 Reason::NoProxy
             }
             Transport::Tcp => Reason::NoMatch,
+            Transport::Subflow if has_domain_port(maps, rs, u32::from(u16::from_be(port_be))) => {
+                Reason::NoProxy
+            }
+            Transport::Subflow => Reason::NoMatch,
         }
     } else {
         // Mode `None`, and (fail closed) any mode code that is not a mode, like the 0 of a
@@ -345,18 +353,117 @@ pub fn decide<M: Maps, C: Caller, D: Dest>(
         Reason::ModeNone
     };
 
-    // Rule 5. One path for both outcomes: the audit flag only moves the counter to the
-    // reason's audit slot (arithmetic, not a branch) and picks the verdict at the end, so the
-    // event code is not duplicated per outcome.
+    // Rule 5.
+    deny(
+        maps, &cfg, caller, &dst, port_be, transport, reason, workload,
+    )
+}
+
+/// Rule 5 for `reason`. One path for both outcomes: the audit flag only moves the counter to
+/// the reason's audit slot (arithmetic, not a branch) and picks the verdict at the end, so the
+/// event code is not duplicated per outcome.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn deny<M: Maps, C: Caller, D: Dest>(
+    maps: &M,
+    cfg: &GlobalConfig,
+    caller: C,
+    dst: &D,
+    port_be: u16,
+    transport: Transport,
+    reason: Reason,
+    workload: u64,
+) -> Decision {
     let audit = cfg.flags & flags::AUDIT != 0;
     maps.count(counter::decided(reason) + u32::from(audit) * counter::AUDIT_OFFSET);
     report_denial(
-        maps, caller, &dst, port_be, transport, reason, workload, audit,
+        maps, caller, dst, port_be, transport, reason, workload, audit,
     );
     Decision {
         verdict: if audit { Verdict::Allow } else { Verdict::Deny },
         reason,
     }
+}
+
+/// A source route (an IPv6 routing header, an IPv4 LSRR/SSRR option) for `caller`: being set
+/// on a socket (`dst` = the route's first hop, or unspecified) or carried by a packet (`dst` =
+/// the packet's destination on the wire). `protocol`/`socket_type` are for the event.
+///
+/// Allowed only in mode `All` ([`Reason::ModeAll`]), else [`Reason::SourceRoute`]. A routed
+/// packet visits every address of its route, and each hop may forward it on: the address that
+/// connect()/sendmsg() judged is only the last one, and judging every hop would still let a hop
+/// that is a router (any allowed address can be one) forward it further. Loopback, internal
+/// ranges and the agent's mark do not apply: the node forwards a source-routed packet sent to
+/// one of its own addresses.
+#[inline(always)]
+pub fn decide_source_route<M: Maps, C: Caller, D: Dest>(
+    maps: &M,
+    caller: C,
+    dst: D,
+    protocol: u8,
+    socket_type: u8,
+) -> Decision {
+    let Some(cfg) = maps.config() else {
+        return Decision {
+            verdict: Verdict::Deny,
+            reason: Reason::SourceRoute,
+        };
+    };
+    let cfg: GlobalConfig = *cfg;
+    let generation = cfg.active_generation & 1;
+    let (wl_mode, workload) = match find_workload(maps, caller, generation) {
+        Some((w, id)) => (w.mode, id),
+        None => (
+            if generation == 0 {
+                cfg.unmatched_mode[0]
+            } else {
+                cfg.unmatched_mode[1]
+            },
+            0,
+        ),
+    };
+    if wl_mode == mode::ALL {
+        return decided(maps, Verdict::Allow, Reason::ModeAll);
+    }
+    deny(
+        maps,
+        &cfg,
+        caller,
+        &dst,
+        0,
+        Transport::Raw(protocol, socket_type),
+        Reason::SourceRoute,
+        workload,
+    )
+}
+
+/// A kernel worker connecting an MPTCP subflow of a connection whose owner was never recorded
+/// (`passthrough-ebpf/src/mptcp.rs`): nobody's policy can be applied, and the unmatched mode
+/// must not be, so it is denied ([`Reason::SubflowOwnerUnknown`]; `--audit` reports it).
+#[inline(always)]
+pub fn decide_unknown_owner<M: Maps, C: Caller, D: Dest>(
+    maps: &M,
+    caller: C,
+    dst: D,
+    port_be: u16,
+) -> Decision {
+    let Some(cfg) = maps.config() else {
+        return Decision {
+            verdict: Verdict::Deny,
+            reason: Reason::SubflowOwnerUnknown,
+        };
+    };
+    let cfg: GlobalConfig = *cfg;
+    deny(
+        maps,
+        &cfg,
+        caller,
+        &dst,
+        port_be,
+        Transport::Subflow,
+        Reason::SubflowOwnerUnknown,
+        0,
+    )
 }
 
 /// One event per denial for the agent's log.
@@ -380,7 +487,7 @@ fn report_denial<M: Maps, C: Caller, D: Dest>(
         addr: dst.bytes16(),
         port: u16::from_be(port_be),
         protocol: match transport {
-            Transport::Tcp => 6,
+            Transport::Tcp | Transport::Subflow => 6,
             Transport::Udp => 17,
             Transport::Raw(p, _) => p,
         },

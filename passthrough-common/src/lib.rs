@@ -10,7 +10,7 @@ pub mod reason;
 pub use reason::Reason;
 
 /// Version of the map layout; part of the pin directory name (`/sys/fs/bpf/passthrough/v<N>`).
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// `SO_MARK` the agent's own sockets carry (proxy upstreams, its DNS queries): the programs let
 /// them through, but only for callers that belong to no workload (docs/decisions.md rule 1; see
@@ -339,7 +339,7 @@ pub struct DenyEvent {
     pub addr: [u8; 16],
     /// Destination port in host order.
     pub port: u16,
-    /// 6 = TCP, 17 = UDP.
+    /// IP protocol: 6 = TCP, 17 = UDP; the backstop's packets carry theirs (1 = ICMP, …).
     pub protocol: u8,
     /// 1 when `--audit` let it through.
     pub audit: u8,
@@ -347,10 +347,29 @@ pub struct DenyEvent {
     pub reason: u32,
     /// Thread-group id of the caller.
     pub pid: u32,
-    /// Which hook denied: 0 = a sock_addr hook (connect/sendmsg); otherwise the raw/ping
-    /// backstop, holding the socket type (2 = ping socket, 3 = raw socket).
+    /// Which hook denied: 0 = a syscall hook (connect/sendmsg, setsockopt); otherwise the
+    /// egress backstop, holding the sending socket's type (1 = stream, 2 = datagram or ping,
+    /// 3 = raw; 0 also when the packet had no full socket).
     pub socket_type: u32,
     /// The caller's command name.
+    pub comm: [u8; 16],
+}
+
+/// The owner of an MPTCP connection (`MPTCP_OWNERS`, socket-local storage of the MPTCP
+/// socket), recorded by connect4/6 at the connection's first connect, which runs in the
+/// connecting task. The kernel opens further subflows from a worker thread, whose cgroup says
+/// nothing about the workload: those connects are judged as if this task made them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MptcpOwner {
+    /// The task's cgroup ids: `[0]` its own, `[l]` its ancestor at level `l` (1 = the root's
+    /// child), 0 past its own level.
+    pub cgroups: [u64; MAX_CGROUP_DEPTH as usize],
+    /// Thread-group id of the task.
+    pub pid: u32,
+    /// Explicit padding.
+    pub _pad: u32,
+    /// The task's command name.
     pub comm: [u8; 16],
 }
 
@@ -470,6 +489,7 @@ mod pod {
     unsafe impl aya::Pod for super::DenyEvent {}
     unsafe impl aya::Pod for super::RelayPeer {}
     unsafe impl aya::Pod for super::RelayCounts {}
+    unsafe impl aya::Pod for super::MptcpOwner {}
 }
 
 #[cfg(test)]
@@ -491,6 +511,7 @@ mod tests {
         assert_eq!(size_of::<RangeTable>(), 56);
         assert_eq!(size_of::<RuleKeyV6>(), 22);
         assert_eq!(size_of::<RuleValue>(), 4);
+        assert_eq!(size_of::<MptcpOwner>(), 280);
     }
 
     #[test]

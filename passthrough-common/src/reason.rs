@@ -59,45 +59,51 @@ pub enum Reason {
     NoProxy = 9,
     /// UDP that no IP/CIDR match covers (Domain matches never cover UDP).
     UdpNotCovered = 10,
+    /// A source route (an IPv6 routing header, an IPv4 LSRR/SSRR option) outside mode `All`:
+    /// refused at `setsockopt()`, or its packet dropped by the egress backstop.
+    SourceRoute = 11,
+    /// A kernel worker connecting an MPTCP subflow of a connection with no recorded owner
+    /// (opened before the agent attached, or accepted by a workload's MPTCP server).
+    SubflowOwnerUnknown = 12,
     /// Proxy: a Domain match allows the SNI / Host.
-    DomainMatch = 11,
+    DomainMatch = 13,
     /// Proxy: no Domain match of this protocol and port allows the name.
-    NoDomainMatch = 12,
+    NoDomainMatch = 14,
     /// Proxy: a TLS ClientHello without SNI.
-    NoSni = 13,
+    NoSni = 15,
     /// Proxy: the SNI / Host is an IP literal.
-    IpLiteral = 14,
+    IpLiteral = 16,
     /// Proxy: the SNI / Host is empty or malformed.
-    BadName = 15,
+    BadName = 17,
     /// Proxy: a Domain match allowed the name, but the dialled address is not the name's
     /// (`--domain-destination verify`), or the name did not resolve.
-    DestinationCheck = 16,
+    DestinationCheck = 18,
     /// Proxy: the kernel recorded no original destination for the accepted connection.
-    NoOriginalDestination = 17,
+    NoOriginalDestination = 19,
     /// Proxy: the ClientHello could not be parsed.
-    BadClientHello = 18,
+    BadClientHello = 20,
     /// Proxy: the first bytes are neither TLS nor HTTP.
-    UnknownProtocol = 19,
+    UnknownProtocol = 21,
     /// Proxy: no decision within the peek size limit.
-    TooLarge = 20,
+    TooLarge = 22,
     /// Proxy: no decision within the peek time limit.
-    PeekTimeout = 21,
+    PeekTimeout = 23,
     /// Proxy: an HTTP request without an authority to judge.
-    NoAuthority = 22,
+    NoAuthority = 24,
     /// Proxy: an HTTP `CONNECT` (tunnels are not proxied).
-    Connect = 23,
+    Connect = 25,
     /// Proxy: an HTTP protocol upgrade (not proxied).
-    Upgrade = 24,
+    Upgrade = 26,
     /// Proxy: an h2c request whose `:authority` and `Host` disagree, or that carries userinfo.
-    MalformedAuthority = 25,
+    MalformedAuthority = 27,
 }
 
 /// Reasons the kernel programs give: `Reason as u32 < KERNEL_REASONS`.
-pub const KERNEL_REASONS: u32 = 11;
+pub const KERNEL_REASONS: u32 = 13;
 
 impl Reason {
     /// Every reason, in number order.
-    pub const ALL: [Reason; 26] = [
+    pub const ALL: [Reason; 28] = [
         Reason::Loopback,
         Reason::Internal,
         Reason::Agent,
@@ -109,6 +115,8 @@ impl Reason {
         Reason::DomainCandidates,
         Reason::NoProxy,
         Reason::UdpNotCovered,
+        Reason::SourceRoute,
+        Reason::SubflowOwnerUnknown,
         Reason::DomainMatch,
         Reason::NoDomainMatch,
         Reason::NoSni,
@@ -149,6 +157,8 @@ impl Reason {
             Reason::DomainCandidates => "domain_candidates",
             Reason::NoProxy => "no_proxy",
             Reason::UdpNotCovered => "udp_not_covered",
+            Reason::SourceRoute => "source_route",
+            Reason::SubflowOwnerUnknown => "subflow_owner_unknown",
             Reason::DomainMatch => "domain_match",
             Reason::NoDomainMatch => "no_domain_match",
             Reason::NoSni => "no_sni",
@@ -204,10 +214,16 @@ impl Reason {
                 "Domain matches could apply on this port; the proxy decides on the SNI/Host"
             }
             Reason::NoProxy => {
-                "only a Domain match could allow it, and the connection cannot go through the proxy (proxy off, or no --proxy-addr for this network namespace)"
+                "only a Domain match could allow it, and the connection cannot go through the proxy (proxy off, no --proxy-addr for this network namespace, or an MPTCP subflow)"
             }
             Reason::UdpNotCovered => {
                 "UDP: no IP/CIDR match covers the address and port; Domain matches never cover UDP"
+            }
+            Reason::SourceRoute => {
+                "a source route (IPv6 routing header, IPv4 LSRR/SSRR option) is allowed only in passthroughMode All: its hops could forward the packet anywhere"
+            }
+            Reason::SubflowOwnerUnknown => {
+                "an MPTCP subflow the kernel opened for a connection whose owner was never recorded (opened before the agent attached, or accepted by an MPTCP server)"
             }
             Reason::DomainMatch => "a Domain match allows the name",
             Reason::NoDomainMatch => {

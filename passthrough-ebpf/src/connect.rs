@@ -1,6 +1,7 @@
 //! `cgroup/connect4` and `cgroup/connect6`: TCP connects and connected UDP sockets. Allowed
 //! connections proceed unchanged; rule-4 candidates are rewritten to the proxy, with the
-//! original destination recorded by socket cookie.
+//! original destination recorded by socket cookie. MPTCP subflows that the kernel opens are
+//! judged for the connection's owner (`mptcp.rs`).
 
 use aya_ebpf::{
     EbpfContext as _,
@@ -14,9 +15,13 @@ use passthrough_common::{GlobalConfig, OrigDst, flags};
 
 use crate::{
     addr::{bytes_to_words, words_to_bytes},
-    decide::{PROCEED, REJECT, Transport, V4, Verdict, decide, v4_mapped, v6},
+    decide::{
+        PROCEED, REJECT, Transport, V4, Verdict, decide, decide_for, decide_unknown_owner,
+        v4_mapped, v6,
+    },
     log::{bpf_error, bpf_warn},
     maps::{CONFIG, ORIG_BY_COOKIE},
+    mptcp::{self, Subject},
 };
 
 /// Reads what every sock_addr program needs from the context.
@@ -208,23 +213,63 @@ fn redirect(
     PROCEED
 }
 
+/// The verdict for a subflow judged for its connection's owner, or for no one.
+#[inline(always)]
+fn subflow_code(v: Verdict) -> i32 {
+    // decide never redirects a Subflow; anything but Allow rejects.
+    if v == Verdict::Allow { PROCEED } else { REJECT }
+}
+
 #[cgroup_sock_addr(connect4)]
 pub fn passthrough_connect4(ctx: SockAddrContext) -> i32 {
     let addr = user_ip4(&ctx);
     let port = port_be(&ctx);
-    match decide(V4(addr), port, transport(&ctx), socket_mark(&ctx)) {
+    match mptcp::subject(&ctx) {
+        Subject::Task => {}
+        Subject::Owner(owner) => {
+            return subflow_code(decide_for(
+                owner,
+                V4(addr),
+                port,
+                Transport::Subflow,
+                socket_mark(&ctx),
+            ));
+        }
+        Subject::Unknown => return subflow_code(decide_unknown_owner(V4(addr), port)),
+    }
+    let code = match decide(V4(addr), port, transport(&ctx), socket_mark(&ctx)) {
         Verdict::Allow => PROCEED,
         Verdict::Deny => REJECT,
         Verdict::Redirect { workload } => {
             redirect(&ctx, mapped_words(addr), port, 4, workload, false, true)
         }
+    };
+    if code == REJECT {
+        mptcp::forget_owner(&ctx);
     }
+    code
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn passthrough_connect6(ctx: SockAddrContext) -> i32 {
     let words = user_ip6(&ctx);
     let port = port_be(&ctx);
+    match mptcp::subject(&ctx) {
+        Subject::Task => {}
+        Subject::Owner(owner) => {
+            let mark = socket_mark(&ctx);
+            return subflow_code(match v4_mapped(words) {
+                Some(v4) => decide_for(owner, v4, port, Transport::Subflow, mark),
+                None => decide_for(owner, v6(words), port, Transport::Subflow, mark),
+            });
+        }
+        Subject::Unknown => {
+            return subflow_code(match v4_mapped(words) {
+                Some(v4) => decide_unknown_owner(v4, port),
+                None => decide_unknown_owner(v6(words), port),
+            });
+        }
+    }
     let (verdict, v4_dest) = match v4_mapped(words) {
         Some(v4) => (decide(v4, port, transport(&ctx), socket_mark(&ctx)), true),
         None => (
@@ -232,9 +277,13 @@ pub fn passthrough_connect6(ctx: SockAddrContext) -> i32 {
             false,
         ),
     };
-    match verdict {
+    let code = match verdict {
         Verdict::Allow => PROCEED,
         Verdict::Deny => REJECT,
         Verdict::Redirect { workload } => redirect(&ctx, words, port, 6, workload, true, v4_dest),
+    };
+    if code == REJECT {
+        mptcp::forget_owner(&ctx);
     }
+    code
 }

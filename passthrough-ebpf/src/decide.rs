@@ -173,3 +173,22 @@ pub fn decide_for<C: Caller, D: Dest>(
     );
     verdict
 }
+
+/// A source route set on a socket or carried by a packet, for `caller`: allowed only in mode
+/// `All` (`passthrough_common::decide::decide_source_route`; `setsockopt.rs`, `skb.rs`).
+#[inline(always)]
+pub fn decide_source_route<C: Caller, D: Dest>(
+    caller: C,
+    dst: D,
+    protocol: u8,
+    socket_type: u8,
+) -> Verdict {
+    passthrough_common::decide::decide_source_route(&KernelMaps, caller, dst, protocol, socket_type)
+        .verdict
+}
+
+/// A kernel worker's connect of an MPTCP subflow with no recorded owner: denied (`mptcp.rs`).
+#[inline(always)]
+pub fn decide_unknown_owner<D: Dest>(dst: D, port_be: u16) -> Verdict {
+    passthrough_common::decide::decide_unknown_owner(&KernelMaps, Task, dst, port_be).verdict
+}

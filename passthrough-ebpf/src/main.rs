@@ -1,10 +1,11 @@
 //! passthrough's kernel side: cgroup `sock_addr` programs that decide MeshPassthrough egress at
 //! `connect()` / `sendmsg()` time.
 //!
-//! One module per program type (`connect`, `sendmsg`, `getpeername`, `sock_ops`, `skb`, `relay`,
-//! and the test-only `view_probe`, which the agent never loads); the shared decision lives in `decide`,
-//! the maps in `maps`, diagnostics (aya-log, off by default) in `log`. The user side compiles
-//! policies into the maps; nothing here knows YAML.
+//! One module per program type (`connect`, `sendmsg`, `getpeername`, `setsockopt`, `sock_ops`,
+//! `skb`, `relay`, and the test-only `view_probe`, which the agent never loads); the shared
+//! decision lives in `decide`, the maps in `maps`, the MPTCP subflow owner in `mptcp`,
+//! diagnostics (aya-log, off by default) in `log`. The user side compiles policies into the
+//! maps; nothing here knows YAML.
 #![no_std]
 #![no_main]
 // aya-ebpf's map methods take `impl Borrow<K>`, and clippy asks for keys by value. They are
@@ -19,8 +20,10 @@ mod decide;
 mod getpeername;
 mod log;
 mod maps;
+mod mptcp;
 mod relay;
 mod sendmsg;
+mod setsockopt;
 mod skb;
 mod sock_ops;
 mod view_probe;

@@ -31,7 +31,7 @@ use crate::{
     metrics::Metrics,
     startup::{
         bind_proxy, load_options, proxy_settings, raise_nofile_limit, retire_previous,
-        start_bpf_log, start_deny_events, start_proxy,
+        set_backstop, start_bpf_log, start_deny_events, start_proxy,
     },
 };
 
@@ -221,7 +221,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         load_options(&args),
     )?;
     let _bpf_log_task = start_bpf_log(&mut kernel, args.bpf_log_level);
-    kernel.set_raw_socket_backstop(!args.no_raw_socket_backstop);
+    set_backstop(&mut kernel, &args);
     if kernel.adopted() {
         info!(state = %args.state_dir.display(), generation = kernel.policy_generation(), "adopted pinned state of a previous agent");
     }

@@ -463,10 +463,12 @@ fn event_protocol(ev: &DenyEvent) -> String {
         17 => "udp".to_string(),
         p => p.to_string(),
     };
-    match ev.socket_type {
-        0 => name,
-        2 => "ping".into(),
-        _ => format!("raw:{name}"),
+    // socket_type 0: a refused syscall (sock_addr or setsockopt hook); otherwise a packet the
+    // egress backstop dropped, with its socket's type.
+    match (ev.socket_type, ev.protocol) {
+        (2, 1 | 58) => "ping".into(),
+        (3, _) => format!("raw:{name}"),
+        _ => name,
     }
 }
 
@@ -587,6 +589,34 @@ mod tests {
     use super::*;
 
     const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn event_protocol_names_the_hook_and_the_packet() {
+        let ev = |socket_type, protocol| DenyEvent {
+            socket_type,
+            protocol,
+            ..Default::default()
+        };
+        // A refused syscall (connect/sendmsg, setsockopt).
+        assert_eq!(event_protocol(&ev(0, 6)), "tcp");
+        assert_eq!(event_protocol(&ev(0, 17)), "udp");
+        // Packets the backstop dropped: ping (IPv4 and IPv6), raw, and a TCP or UDP socket's
+        // source-routed packet (named by its protocol, not as raw).
+        assert_eq!(event_protocol(&ev(2, 1)), "ping");
+        assert_eq!(event_protocol(&ev(2, 58)), "ping");
+        assert_eq!(event_protocol(&ev(3, 17)), "raw:udp");
+        assert_eq!(event_protocol(&ev(3, 47)), "raw:47");
+        assert_eq!(event_protocol(&ev(1, 6)), "tcp");
+        assert_eq!(event_protocol(&ev(2, 17)), "udp");
+        assert_eq!(
+            kernel_reason(Reason::SourceRoute as u32).0.code(),
+            "source_route"
+        );
+        assert_eq!(
+            kernel_reason(Reason::SubflowOwnerUnknown as u32).0.code(),
+            "subflow_owner_unknown"
+        );
+    }
 
     #[test]
     fn event_time_is_rfc3339_utc_millis() {

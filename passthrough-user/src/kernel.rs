@@ -27,8 +27,8 @@ use aya::{
         lpm_trie::{Key, LpmTrie},
     },
     programs::{
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, ProgramError, SkSkb,
-        SockOps,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, CgroupSockopt,
+        ProgramError, SkSkb, SockOps,
     },
 };
 use passthrough_common::{
@@ -62,6 +62,14 @@ pub const PROGRAMS: [&str; 6] = [
 
 /// The sock_ops program (re-keys redirected connections for the proxy).
 pub const SOCK_OPS: &str = "passthrough_sock_ops";
+
+/// The `cgroup/setsockopt` program: refuses source-routing socket options (`IPV6_RTHDR`,
+/// `IPV6_2292PKTOPTIONS`, `IP_OPTIONS` with LSRR/SSRR) outside mode `All`
+/// (docs/security.md, "Source routes").
+pub const SETSOCKOPT: &str = "passthrough_setsockopt";
+
+/// `BPF_CGROUP_SETSOCKOPT` (`enum bpf_attach_type`).
+const BPF_CGROUP_SETSOCKOPT: u32 = 22;
 
 /// The `cgroup_skb/egress` backstop for raw and ping sockets, which no sock_addr hook sees
 /// (docs/security.md L1/L2).
@@ -297,7 +305,7 @@ pub struct Kernel {
 }
 
 /// Names of every map, in the object and under `<layout>/maps/`.
-pub const MAPS: [&str; 10] = [
+pub const MAPS: [&str; 11] = [
     "CONFIG",
     "WORKLOADS",
     "RANGES_V4",
@@ -308,6 +316,7 @@ pub const MAPS: [&str; 10] = [
     "ORIG_BY_COOKIE",
     "ORIG_BY_PEER",
     "DENY_EVENTS",
+    "MPTCP_OWNERS",
 ];
 
 /// Key/value sizes each pinned map must have to be reused (map type is checked by aya when the
@@ -331,6 +340,7 @@ fn expected_shape(name: &str) -> (u32, u32) {
         "DOMAIN_PORTS" => (size_of::<DomainPortKey>() as u32, 1),
         "ORIG_BY_COOKIE" => (8, size_of::<OrigDst>() as u32),
         "ORIG_BY_PEER" => (size_of::<PeerKey>() as u32, size_of::<OrigDst>() as u32),
+        "MPTCP_OWNERS" => (4, size_of::<passthrough_common::MptcpOwner>() as u32),
         _ => (0, 0), // ring buffer: no key/value
     }
 }
@@ -511,6 +521,8 @@ impl Kernel {
         }
         let prog = program::<SockOps>(&mut ebpf, SOCK_OPS)?;
         load_program(SOCK_OPS, || prog.load())?;
+        let prog = program::<CgroupSockopt>(&mut ebpf, SETSOCKOPT)?;
+        load_program(SETSOCKOPT, || prog.load())?;
         let prog = program::<CgroupSkb>(&mut ebpf, SKB_EGRESS)?;
         load_program(SKB_EGRESS, || prog.load())?;
         let config = take(&mut ebpf, "CONFIG")?;
@@ -911,6 +923,7 @@ impl Kernel {
     /// with `BPF_LINK_UPDATE` instead of attaching a second copy.
     pub fn attach(&mut self, cgroup: &Path) -> Result<(), KernelError> {
         let mut names: Vec<&'static str> = PROGRAMS.to_vec();
+        names.push(SETSOCKOPT);
         if self.raw_backstop {
             names.push(SKB_EGRESS);
         } else {
@@ -1027,6 +1040,33 @@ impl Kernel {
                     let id = p.attach(&file, CgroupAttachMode::Single).map_err(err)?;
                     into_fd_link(p.take_link(id).map_err(err)?, cgroup)?
                 }
+                SETSOCKOPT => {
+                    // aya 0.14 cannot turn a sockopt link into an FdLink: made and pinned by hand.
+                    let fd = program
+                        .fd()
+                        .map_err(|source| KernelError::Program { name, source })?;
+                    let io = |source| KernelError::Pin {
+                        path: pin.clone().unwrap_or_else(|| cgroup.into()),
+                        source,
+                    };
+                    let link = crate::pins::cgroup_link_create(
+                        std::os::fd::AsFd::as_fd(fd),
+                        std::os::fd::AsFd::as_fd(&file),
+                        BPF_CGROUP_SETSOCKOPT,
+                    )
+                    .map_err(io)?;
+                    match &pin {
+                        Some(path) => {
+                            crate::pins::obj_pin(std::os::fd::AsFd::as_fd(&link), path)
+                                .map_err(io)?;
+                            let pinned = aya::programs::links::PinnedLink::from_pin(path)
+                                .map_err(|e| io(std::io::Error::other(e)))?;
+                            self.links.push(LinkHold::Pinned(pinned));
+                        }
+                        None => self.links.push(LinkHold::Raw(link)),
+                    }
+                    continue;
+                }
                 SKB_EGRESS => {
                     let p: &mut CgroupSkb = program.try_into().map_err(err)?;
                     let id = p
@@ -1103,7 +1143,7 @@ impl Kernel {
     fn program_ids(&self) -> Vec<u32> {
         PROGRAMS
             .iter()
-            .chain([&SOCK_OPS, &SKB_EGRESS])
+            .chain([&SOCK_OPS, &SKB_EGRESS, &SETSOCKOPT])
             .filter_map(|n| self.ebpf.program(n)?.info().ok().map(|i| i.id()))
             .collect()
     }
@@ -1226,6 +1266,8 @@ enum LinkHold {
     Pinned(#[allow(dead_code, reason = "held for its lifetime")] aya::programs::links::PinnedLink),
     /// Not pinned (no state dir): detached when dropped.
     Owned(#[allow(dead_code, reason = "held for its lifetime")] aya::programs::links::FdLink),
+    /// A link made by hand ([`SETSOCKOPT`]), not pinned: detached when closed.
+    Raw(#[allow(dead_code, reason = "held for its lifetime")] std::os::fd::OwnedFd),
 }
 
 /// The trie keys and values of a plan's IPv6 entries, in the plan's (sorted) order.

@@ -284,7 +284,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         startup::load_options(&args),
     )?;
     let _bpf_log_task = startup::start_bpf_log(&mut kernel, args.bpf_log_level);
-    kernel.set_raw_socket_backstop(!args.no_raw_socket_backstop);
+    startup::set_backstop(&mut kernel, &args);
     if kernel.adopted() {
         info!(state = %args.state_dir.display(), generation = kernel.policy_generation(), "adopted pinned state of a previous agent");
     }

@@ -107,6 +107,48 @@ pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
+#[repr(C)]
+#[derive(Default)]
+struct LinkCreateAttr {
+    prog_fd: u32,
+    target_fd: u32,
+    attach_type: u32,
+    flags: u32,
+    _pad: [u32; 12],
+}
+
+const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_LINK_CREATE: libc::c_long = 28;
+
+/// `BPF_LINK_CREATE` of a cgroup link (`attach_type`: `enum bpf_attach_type`), for program
+/// types whose aya links cannot become an `FdLink` (cgroup sockopt in aya 0.14).
+pub fn cgroup_link_create(
+    prog: std::os::fd::BorrowedFd<'_>,
+    cgroup: std::os::fd::BorrowedFd<'_>,
+    attach_type: u32,
+) -> io::Result<OwnedFd> {
+    let mut attr = LinkCreateAttr {
+        prog_fd: prog.as_raw_fd() as u32,
+        target_fd: cgroup.as_raw_fd() as u32,
+        attach_type,
+        ..Default::default()
+    };
+    let fd = sys_bpf(BPF_LINK_CREATE, &mut attr)?;
+    // SAFETY: the kernel returned a new fd that we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Pins a bpf object (here: a link) at `path` (`BPF_OBJ_PIN`).
+pub fn obj_pin(fd: std::os::fd::BorrowedFd<'_>, path: &Path) -> io::Result<()> {
+    let c = CString::new(path.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
+    let mut attr = ObjGetAttr {
+        pathname: c.as_ptr() as u64,
+        bpf_fd: fd.as_raw_fd() as u32,
+        ..Default::default()
+    };
+    sys_bpf(BPF_OBJ_PIN, &mut attr).map(|_| ())
+}
+
 /// Swaps the program of a pinned link in one step (`BPF_LINK_UPDATE`, Linux 5.7 for cgroup
 /// links): the hook is never without a program.
 pub fn link_update(link_pin: &Path, new_prog: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
@@ -166,8 +208,8 @@ struct ProgQueryAttr {
 const BPF_PROG_QUERY: libc::c_long = 16;
 
 /// Attach types of our programs (`enum bpf_attach_type`): inet egress (skb), sock_ops, inet4/6
-/// connect, udp4/6 sendmsg, inet4/6 getpeername.
-pub const OUR_ATTACH_TYPES: [u32; 8] = [1, 3, 10, 11, 14, 15, 29, 30];
+/// connect, udp4/6 sendmsg, setsockopt, inet4/6 getpeername.
+pub const OUR_ATTACH_TYPES: [u32; 9] = [1, 3, 10, 11, 14, 15, 22, 29, 30];
 
 /// Program ids attached to `cgroup` for `attach_type` (`BPF_PROG_QUERY`).
 pub fn attached_prog_ids(cgroup: &Path, attach_type: u32) -> io::Result<Vec<u32>> {

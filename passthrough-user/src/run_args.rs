@@ -72,10 +72,15 @@ pub struct RunArgs {
     /// the capacity they were created with.
     #[arg(long, default_value_t = Capacities::default().rules, value_parser = clap::value_parser!(u32).range(1_024..=1 << 26))]
     pub rule_capacity: u32,
-    /// Do not attach the raw/ping socket backstop (`cgroup_skb/egress`, ~0.05–0.08 µs per
-    /// packet of every workload): raw-socket packets and unconnected ping-socket sends are then
-    /// not judged. Only for nodes whose workloads have no `CAP_NET_RAW` and no ping sockets
-    /// (docs/security.md L1, L2).
+    /// Do not attach the egress backstop (`cgroup_skb/egress`, ~0.05–0.08 µs per packet of
+    /// every workload). Without it, these packets are not judged: raw-socket packets,
+    /// unconnected ping-socket sends, per-datagram source routes (IPv4 `IP_RETOPTS` with
+    /// `CAP_NET_RAW`; a type 2 IPv6 routing header, which needs no privilege on kernels built
+    /// with `CONFIG_IPV6_MIP6`, as most distribution kernels are), source routes set through
+    /// the 32-bit system call entry (no setsockopt program runs for it; no privilege needed on
+    /// kernels with IA32 emulation) or before the agent attached. Only for nodes whose kernel
+    /// has neither and whose workloads have no `CAP_NET_RAW`, no ping sockets and no sockets
+    /// older than the agent (docs/security.md L1, L2, "Source routes").
     #[arg(long)]
     pub no_raw_socket_backstop: bool,
     /// Opt-in kernel relay: after this many userspace reads, an allowed TLS connection's bytes

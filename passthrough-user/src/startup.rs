@@ -233,6 +233,17 @@ pub(crate) fn start_bpf_log(
     }))
 }
 
+/// Attaches the egress backstop unless `--no-raw-socket-backstop`, and says plainly what is
+/// then left unjudged.
+pub(crate) fn set_backstop(kernel: &mut Kernel, args: &RunArgs) {
+    kernel.set_raw_socket_backstop(!args.no_raw_socket_backstop);
+    if args.no_raw_socket_backstop {
+        warn!(
+            "--no-raw-socket-backstop: raw and ping sockets, per-datagram source routes (IP_RETOPTS; type 2 IPv6 routing headers, unprivileged on kernels with CONFIG_IPV6_MIP6), source routes set through the 32-bit syscall entry or before the agent attached are not judged (docs/security.md)"
+        );
+    }
+}
+
 /// Agent start-up: takes the kernel's deny-event ring buffer, points the metrics at the
 /// kernel counters (the pinned `COUNTERS` map under `state_dir`, else the map beside the ring
 /// buffer) and spawns the event reader ([`events::read_kernel_events`]). The returned task runs

@@ -27,6 +27,7 @@ pub mod l7;
 pub mod netns;
 pub mod probe;
 pub mod sec;
+pub mod sniff;
 pub mod sweep;
 pub mod world;
 

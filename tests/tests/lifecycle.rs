@@ -27,6 +27,10 @@ spec:
       - {type: Domain, value: allowed.test, port: 443, protocol: tls}
 ";
 
+/// Programs attached at a workload cgroup whose policy can redirect: connect4/6, sendmsg4/6,
+/// getpeername4/6, setsockopt, the egress backstop and sock_ops.
+const ALL_PROGRAMS: usize = 9;
+
 fn passthrough(args: &[&str]) -> (bool, String) {
     let out = Command::new(agent_binary().unwrap())
         .args(args)
@@ -101,7 +105,7 @@ fn sigkill_keeps_enforcing_restart_adopts_and_uninstall_removes_everything() {
     first.kill9();
     assert_eq!(
         attached_programs(cg.path()).expect("bpftool").len(),
-        8,
+        ALL_PROGRAMS,
         "programs stay attached after SIGKILL"
     );
     assert_allowed(&mut probe, &net, "198.51.100.9:8080");
@@ -136,7 +140,7 @@ fn sigkill_keeps_enforcing_restart_adopts_and_uninstall_removes_everything() {
             .as_array()
             .unwrap()
             .len(),
-        8,
+        ALL_PROGRAMS,
         "{status}"
     );
     assert!(
@@ -153,7 +157,7 @@ fn sigkill_keeps_enforcing_restart_adopts_and_uninstall_removes_everything() {
     );
     assert_eq!(
         attached_programs(cg.path()).expect("bpftool").len(),
-        8,
+        ALL_PROGRAMS,
         "adoption must not attach a second copy"
     );
     assert_eq!(
@@ -195,7 +199,7 @@ fn sigkill_keeps_enforcing_restart_adopts_and_uninstall_removes_everything() {
         .iter()
         .filter_map(|l| l.split_whitespace().next().map(str::to_string))
         .collect();
-    assert_eq!(prog_ids.len(), 8);
+    assert_eq!(prog_ids.len(), ALL_PROGRAMS);
     let maps_dir = state
         .path()
         .join(format!("v{}", passthrough_common::LAYOUT_VERSION))
@@ -223,7 +227,7 @@ fn sigkill_keeps_enforcing_restart_adopts_and_uninstall_removes_everything() {
     assert!(ok, "{text}");
     assert!(
         text.contains(&format!(
-            "removed 8 link(s) and {} map(s)",
+            "removed {ALL_PROGRAMS} link(s) and {} map(s)",
             passthrough_user::kernel::MAPS.len()
         )),
         "{text}"
@@ -363,7 +367,10 @@ fn incompatible_pinned_state_is_replaced_not_reused() {
         .join(format!("v{}", passthrough_common::LAYOUT_VERSION));
     let v0 = state.path().join("v0");
     std::fs::rename(&v1, &v0).unwrap();
-    assert_eq!(attached_programs(cg.path()).expect("bpftool").len(), 8);
+    assert_eq!(
+        attached_programs(cg.path()).expect("bpftool").len(),
+        ALL_PROGRAMS
+    );
 
     let mut second = builder().start().unwrap();
     assert!(
@@ -377,7 +384,7 @@ fn incompatible_pinned_state_is_replaced_not_reused() {
     );
     assert_eq!(
         attached_programs(cg.path()).expect("bpftool").len(),
-        8,
+        ALL_PROGRAMS,
         "exactly one set of programs"
     );
     let mut probe = Probe::spawn(&cg, &net).unwrap();
@@ -409,7 +416,7 @@ fn incompatible_pinned_state_is_replaced_not_reused() {
         assert!(third.log().contains("incompatible"), "{}", third.describe());
         assert_eq!(
             attached_programs(cg.path()).expect("bpftool").len(),
-            8,
+            ALL_PROGRAMS,
             "exactly one set of programs"
         );
         assert_allowed(&mut probe, &net, "198.51.100.9:8080");
@@ -605,7 +612,10 @@ fn restart_without_the_raw_socket_backstop_detaches_it() {
             .any(|l| l.contains("egress"))
     };
     let mut first = builder().start().unwrap();
-    assert_eq!(attached_programs(cg.path()).expect("bpftool").len(), 8);
+    assert_eq!(
+        attached_programs(cg.path()).expect("bpftool").len(),
+        ALL_PROGRAMS
+    );
     assert!(has_backstop(), "{:?}", attached_programs(cg.path()));
     first.kill9();
     // The next agent is told to go without it: its pinned link from the first one goes too.
@@ -616,7 +626,7 @@ fn restart_without_the_raw_socket_backstop_detaches_it() {
         second.describe()
     );
     let progs = attached_programs(cg.path()).expect("bpftool");
-    assert_eq!(progs.len(), 7, "{progs:?}");
+    assert_eq!(progs.len(), ALL_PROGRAMS - 1, "{progs:?}");
     assert!(!has_backstop(), "{progs:?}");
     second.stop().unwrap();
     assert!(attached_programs(cg.path()).expect("bpftool").is_empty());

@@ -12,7 +12,9 @@
 //! machine its p50 moves by more than the microsecond we want to see. So the bench also reads
 //! the kernel's own BPF run-time statistics (`BPF_ENABLE_STATS`, enabled for the life of an fd,
 //! no sysctl touched): the time spent inside connect4 and sock_ops per connect — the hook's
-//! added cost, measured directly.
+//! added cost, measured directly — and inside the egress backstop per packet (the handshake's
+//! and teardown's TCP packets: the common packet), and, with 100,000 matches, inside the
+//! setsockopt program per `setsockopt(TCP_NODELAY)` (an option it lets through).
 //!
 //! `bpf-log [--before-object PATH]`: what the programs' aya-log calls cost, off and on, against
 //! an older build of the programs without them ([`bpf_log`]).
@@ -100,6 +102,42 @@ struct Row {
     prog_ns: Vec<f64>,
     /// Time inside sock_ops per connect (it runs for several events of each connection).
     sockops_ns: Vec<f64>,
+    /// Mean time inside the egress backstop per packet.
+    egress_ns: Vec<f64>,
+}
+
+/// Mean run time per run of program `name` between two readings of its statistics.
+fn per_run(
+    before: Option<(std::time::Duration, u64)>,
+    after: Option<(std::time::Duration, u64)>,
+) -> Option<f64> {
+    let ((t0, n0), (t1, n1)) = (before?, after?);
+    (n1 > n0).then(|| (t1 - t0).as_nanos() as f64 / (n1 - n0) as f64)
+}
+
+/// `setsockopt(TCP_NODELAY)` `n` times on one TCP socket.
+fn setsockopts(n: usize) -> anyhow::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    for i in 0..n {
+        let v: libc::c_int = (i & 1) as libc::c_int;
+        // SAFETY: a live c_int and its size.
+        let rc = unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_NODELAY,
+                &v as *const libc::c_int as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as u32,
+            )
+        };
+        anyhow::ensure!(
+            rc == 0,
+            "setsockopt(TCP_NODELAY): {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
 }
 
 fn main() -> anyhow::Result<()> {
@@ -148,11 +186,13 @@ fn main() -> anyhow::Result<()> {
             p99: vec![],
             prog_ns: vec![],
             sockops_ns: vec![],
+            egress_ns: vec![],
         })
         .collect();
     let mut compile_ms = vec![];
     let mut load_ms = vec![];
     let mut prog_load_ms = vec![];
+    let mut setsockopt_ns = vec![];
     let mut confs: Vec<MergedConf> = SIZES.iter().map(|n| conf(*n)).collect();
     // The last row: a Domain match makes redirects possible, so sock_ops is attached too. Its
     // port differs from the benchmark's, so every connect is still allowed by a CIDR match.
@@ -211,7 +251,23 @@ fn main() -> anyhow::Result<()> {
             let before_ops = _kernel
                 .as_ref()
                 .and_then(|k| k.program_stats("passthrough_sock_ops"));
+            let before_egress = _kernel
+                .as_ref()
+                .and_then(|k| k.program_stats("passthrough_skb_egress"));
             let samples = measure(&dsts, count)?;
+            if let Some(k) = _kernel.as_ref() {
+                if let Some(ns) = per_run(before_egress, k.program_stats("passthrough_skb_egress"))
+                {
+                    row.egress_ns.push(ns);
+                }
+                if i - 1 < SIZES.len() && SIZES[i - 1] == 100_000 {
+                    let before = k.program_stats("passthrough_setsockopt");
+                    setsockopts(count * 10)?;
+                    if let Some(ns) = per_run(before, k.program_stats("passthrough_setsockopt")) {
+                        setsockopt_ns.push(ns);
+                    }
+                }
+            }
             if let (Some(k), Some((t0, n0))) = (_kernel.as_ref(), before) {
                 if let Some((t1, n1)) = k.program_stats("passthrough_connect4")
                     && n1 > n0
@@ -247,9 +303,9 @@ fn main() -> anyhow::Result<()> {
     )?;
     writeln!(
         out,
-        "| configuration | p50 ns | p99 ns | p50 ratio to no program | added p50 ns | connect4 ns/connect | sock_ops ns/connect |"
+        "| configuration | p50 ns | p99 ns | p50 ratio to no program | added p50 ns | connect4 ns/connect | sock_ops ns/connect | egress ns/packet |"
     )?;
-    writeln!(out, "|---|---:|---:|---:|---:|---:|---:|")?;
+    writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|")?;
     for row in &rows {
         let p50 = median(row.p50.clone());
         let p99 = median(row.p99.clone());
@@ -271,14 +327,27 @@ fn main() -> anyhow::Result<()> {
         } else {
             format!("{:.0}", median(row.sockops_ns.clone()))
         };
+        let egress = if row.egress_ns.is_empty() {
+            "–".to_string()
+        } else {
+            format!("{:.0}", median(row.egress_ns.clone()))
+        };
         writeln!(
             out,
-            "| {} | {:.0} | {:.0} | {:.3} | {:+.0} | {prog} | {ops} |",
+            "| {} | {:.0} | {:.0} | {:.3} | {:+.0} | {prog} | {ops} | {egress} |",
             row.label,
             p50,
             p99,
             p50 / base50,
             added
+        )?;
+    }
+    if !setsockopt_ns.is_empty() {
+        writeln!(
+            out,
+            "\nsetsockopt program, 100,000 CIDR matches: {:.0} ns per setsockopt(TCP_NODELAY) (median of {rounds} rounds × {} calls)",
+            median(setsockopt_ns.clone()),
+            count * 10
         )?;
     }
     let _ = base99;
