@@ -19,7 +19,7 @@ use crate::{
         PROCEED, REJECT, Transport, V4, Verdict, decide, decide_for, decide_unknown_owner,
         v4_mapped, v6,
     },
-    log::{bpf_error, bpf_warn},
+    log::{self, L},
     maps::{CONFIG, ORIG_BY_COOKIE},
     mptcp::{self, Subject},
 };
@@ -176,15 +176,15 @@ fn redirect(
     v4_dest: bool,
 ) -> i32 {
     let Some(cfg) = CONFIG.get(0) else {
-        bpf_error!("CONFIG[0] missing: redirect refused");
+        if log::on(L::Error) {
+            log::config_missing();
+        }
         return REJECT;
     };
     let Some(target) = proxy_target(ctx, cfg, v6_socket, v4_dest) else {
-        bpf_warn!(
-            "redirect refused: no --proxy-addr for a pod's IPv{} destination (workload {})",
-            if v4_dest { 4u8 } else { 6u8 },
-            workload
-        );
+        if log::on(L::Warn) {
+            log::no_proxy_addr(v4_dest, workload);
+        }
         return REJECT;
     };
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
@@ -197,7 +197,9 @@ fn redirect(
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
     };
     if let Err(errno) = ORIG_BY_COOKIE.insert(&cookie, &orig, 0) {
-        bpf_error!("ORIG_BY_COOKIE insert failed ({}): redirect refused", errno);
+        if log::on(L::Error) {
+            log::orig_insert_failed(errno);
+        }
         return REJECT;
     }
     match target {

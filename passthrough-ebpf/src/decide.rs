@@ -20,7 +20,7 @@ use passthrough_common::{
 pub use passthrough_common::decide::{Transport, V4, V6, Verdict, v4_mapped, v6};
 
 use crate::{
-    log::{bpf_debug, bpf_warn},
+    log::{self, L},
     maps::{
         CONFIG, DENY_EVENTS, DOMAIN_PORTS, RANGE_INDEX_V4, RANGES_V4, RULES_V6, WORKLOADS, count,
     },
@@ -76,21 +76,14 @@ impl Maps for KernelMaps {
     /// instead of blocking.
     #[inline(always)]
     fn report(&self, mut event: DenyEvent) {
-        bpf_debug!(
-            "denied: reason {} workload {} pid {} dst {:i} port {} protocol {}",
-            event.reason,
-            event.workload,
-            event.pid,
-            event.addr,
-            event.port,
-            event.protocol
-        );
+        if log::on(L::Debug) {
+            log::denial(&event);
+        }
         let Some(mut slot) = DENY_EVENTS.reserve::<DenyEvent>(0) else {
             count(counter::EVENTS_DROPPED);
-            bpf_warn!(
-                "deny event dropped: ring buffer full (reason {})",
-                event.reason
-            );
+            if log::on(L::Warn) {
+                log::event_dropped(event.reason);
+            }
             return;
         };
         event.ktime_ns = unsafe { bpf_ktime_get_ns() };

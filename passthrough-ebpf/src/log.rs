@@ -4,29 +4,81 @@
 //! The level is aya-log's read-only global (`AYA_LOG_LEVEL`, in `.rodata`), which the loader
 //! sets before the programs are verified. The map holding it is frozen, so the verifier knows
 //! the value: with logging off every call below is a branch it proves dead and removes. What is
-//! left of a call is the load of the level and a jump (about 3 instructions); a connect passes
-//! at most two, and its program time is the same as without the calls within noise
+//! left of a call site is the load of the level and a jump (about 3 instructions); a connect
+//! passes at most two, and its program time is the same as without the calls within noise
 //! (`pt-bench bpf-log`, BENCHMARKS.md).
+//!
+//! Each record is written by its own function, never inlined, called only once the level is
+//! checked at the call site: aya-log builds a record's fields on the stack, and inlined into
+//! `connect6` (whose decision is verified for the caller and for an MPTCP connection's owner)
+//! they would take its stack past the verifier's 512 bytes whenever logging is on. Out of line,
+//! the record's frame exists only while it is written.
 //!
 //! Calls are few and off the hot path: denials (debug) and what should never happen — a
 //! missing config entry, a failed map write, a full event ring (error/warn).
 
+use aya_log_ebpf::macro_support::{Level, level_enabled};
+use passthrough_common::DenyEvent;
+
 /// The log target of every record.
-pub(crate) const TARGET: &str = "passthrough::bpf";
+const TARGET: &str = "passthrough::bpf";
 
-/// `error!` with our target. The context argument of aya-log's macros is unused.
-macro_rules! bpf_error {
-    ($($arg:tt)+) => { aya_log_ebpf::error!(&(), target: crate::log::TARGET, $($arg)+) };
+/// Whether records of `level` are on (a constant to the verifier).
+#[inline(always)]
+pub(crate) fn on(level: Level) -> bool {
+    level_enabled(level)
 }
 
-/// `warn!` with our target.
-macro_rules! bpf_warn {
-    ($($arg:tt)+) => { aya_log_ebpf::warn!(&(), target: crate::log::TARGET, $($arg)+) };
+pub(crate) use aya_log_ebpf::macro_support::Level as L;
+
+/// debug: one denial.
+#[inline(never)]
+pub(crate) fn denial(event: &DenyEvent) {
+    aya_log_ebpf::debug!(
+        &(),
+        target: TARGET,
+        "denied: reason {} workload {} pid {} dst {:i} port {} protocol {}",
+        event.reason,
+        event.workload,
+        event.pid,
+        event.addr,
+        event.port,
+        event.protocol
+    );
 }
 
-/// `debug!` with our target.
-macro_rules! bpf_debug {
-    ($($arg:tt)+) => { aya_log_ebpf::debug!(&(), target: crate::log::TARGET, $($arg)+) };
+/// warn: a deny event the full ring buffer dropped.
+#[inline(never)]
+pub(crate) fn event_dropped(reason: u32) {
+    aya_log_ebpf::warn!(&(), target: TARGET, "deny event dropped: ring buffer full (reason {})", reason);
 }
 
-pub(crate) use {bpf_debug, bpf_error, bpf_warn};
+/// error: the config entry is missing.
+#[inline(never)]
+pub(crate) fn config_missing() {
+    aya_log_ebpf::error!(&(), target: TARGET, "CONFIG[0] missing: redirect refused");
+}
+
+/// warn: a pod's redirect has no proxy address of its destination's family.
+#[inline(never)]
+pub(crate) fn no_proxy_addr(v4_dest: bool, workload: u64) {
+    aya_log_ebpf::warn!(
+        &(),
+        target: TARGET,
+        "redirect refused: no --proxy-addr for a pod's IPv{} destination (workload {})",
+        if v4_dest { 4u8 } else { 6u8 },
+        workload
+    );
+}
+
+/// error: recording a redirected connection's original destination failed.
+#[inline(never)]
+pub(crate) fn orig_insert_failed(errno: i32) {
+    aya_log_ebpf::error!(&(), target: TARGET, "ORIG_BY_COOKIE insert failed ({}): redirect refused", errno);
+}
+
+/// error: re-keying a redirected connection by its peer failed.
+#[inline(never)]
+pub(crate) fn orig_peer_insert_failed(errno: i32, port: u32) {
+    aya_log_ebpf::error!(&(), target: TARGET, "ORIG_BY_PEER insert failed ({}) for port {}", errno, port);
+}

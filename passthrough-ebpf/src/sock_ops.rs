@@ -12,7 +12,7 @@ use aya_ebpf::{
 use passthrough_common::PeerKey;
 
 use crate::{
-    log::bpf_error,
+    log::{self, L},
     maps::{ORIG_BY_COOKIE, ORIG_BY_PEER},
 };
 
@@ -56,7 +56,9 @@ pub fn passthrough_sock_ops(ctx: SockOpsContext) -> u32 {
     let key = PeerKey { addr, port };
     if let Err(errno) = ORIG_BY_PEER.insert(&key, &orig, 0) {
         // The proxy will not find this connection's destination and will close it.
-        bpf_error!("ORIG_BY_PEER insert failed ({}) for port {}", errno, port);
+        if log::on(L::Error) {
+            log::orig_peer_insert_failed(errno, port);
+        }
     }
     1
 }
