@@ -9,7 +9,7 @@
 //!   (`PodToDataplane`: resource labels), `controllers/inbound_converter.go` (inbound tags per
 //!   Service port, the service-less inbound), `controllers/serviceless_name_extractor.go`,
 //!   `pod_controller.go` (`findMatchingServices`) and `pkg/core/resources/labels/compute.go`;
-//! - the labels Kuma's admission webhook gives a policy ([`PolicyMeta::from_object`]):
+//! - the labels Kuma's admission webhook gives a policy ([`policy_meta`]):
 //!   `webhooks/defaulter.go` + `labels/compute.go` (`ComputePolicyRole`), and the display name
 //!   of `pkg/plugins/resources/k8s/store.go` (`KubernetesMetaAdapter.GetLabels`);
 //! - which Dataplanes a policy selects and in which order the selecting policies merge
@@ -19,10 +19,7 @@
 //!
 //! docs/kubernetes.md states the same rules for operators.
 
-use std::{
-    cmp::Ordering,
-    collections::{BTreeMap, HashMap},
-};
+use std::collections::{BTreeMap, HashMap};
 
 use k8s_openapi::{
     api::core::v1::{Namespace, Pod, Service, ServicePort},
@@ -554,138 +551,79 @@ pub fn dataplane_for(
     }
 }
 
-/// A policy's `kuma.io/policy-role`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
-pub enum Role {
-    System = 1,
-    Producer = 2,
-    Consumer = 3,
-    WorkloadOwner = 4,
-}
+/// The metadata of a policy, with its labels (issue 18's type in passthrough-policy: origin,
+/// role, display name, shadow, the zone and namespace rules, Kuma's merge order).
+pub use passthrough_policy::meta::{Origin, PolicyMeta, Role, order};
 
-/// A policy's `kuma.io/origin`, ordered as Kuma merges them (global < unknown < zone).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
-pub enum Origin {
-    Global = 1,
-    Unknown = 2,
-    Zone = 3,
+/// The mesh of a policy (`kuma.io/mesh`, default `default`).
+pub fn policy_mesh(meta: &PolicyMeta) -> &str {
+    meta.labels
+        .get(MESH_LABEL)
+        .map_or("default", String::as_str)
 }
 
 /// The metadata of a MeshPassthrough read from the API server, with the labels Kuma's
 /// admission webhook computes (as they would be on a cluster where Kuma runs).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct PolicyMeta {
-    pub name: String,
-    pub namespace: String,
-    pub labels: BTreeMap<String, String>,
-}
-
-impl PolicyMeta {
-    /// Computes the labels as Kuma's webhook does on a zone control plane: mesh (default
-    /// `default`), origin `zone`, zone and env when not synced from global, and for locally
-    /// originated policies `k8s.kuma.io/namespace` and the policy role — `system` in the system
-    /// namespace, `workload-owner` elsewhere (a MeshPassthrough has neither `to` nor `from`).
-    /// The display name is the `kuma.io/display-name` annotation, else the name.
-    ///
-    /// Errors: an invalid `kuma.io/origin` (`metadata.labels[kuma.io/origin]: reason`).
-    pub fn from_object(
-        name: &str,
-        namespace: &str,
-        labels: &BTreeMap<String, String>,
-        annotations: &BTreeMap<String, String>,
-        cfg: &KumaConfig,
-    ) -> Result<PolicyMeta, String> {
-        let mut l = labels.clone();
-        if let Some(o) = l.get(ORIGIN_LABEL)
-            && !o.is_empty()
-            && o != "global"
-            && o != "zone"
-        {
-            return Err(format!(
-                "metadata.labels[{ORIGIN_LABEL}]: unknown resource origin {o:?}"
-            ));
-        }
-        l.entry(MESH_LABEL.into())
-            .or_insert_with(|| "default".into());
-        if !cfg.zone.is_empty() {
-            l.entry(ORIGIN_LABEL.into())
-                .or_insert_with(|| "zone".into());
-            if l.get(ORIGIN_LABEL).map(String::as_str) != Some("global") {
-                l.entry(ZONE_TAG.into()).or_insert_with(|| cfg.zone.clone());
-                l.entry(ENV_TAG.into())
-                    .or_insert_with(|| "kubernetes".into());
-            }
-        }
-        let local = l
-            .get(ORIGIN_LABEL)
-            .is_none_or(|o| o.is_empty() || o == "zone");
-        if local && !namespace.is_empty() {
-            l.entry(NAMESPACE_TAG.into())
-                .or_insert_with(|| namespace.to_string());
-            let role = if namespace == cfg.system_namespace {
-                "system"
-            } else {
-                "workload-owner"
-            };
-            l.insert(ROLE_LABEL.into(), role.into());
-        }
-        l.insert(
-            DISPLAY_NAME.into(),
-            annotations
-                .get(DISPLAY_NAME)
-                .cloned()
-                .unwrap_or_else(|| name.to_string()),
-        );
-        Ok(PolicyMeta {
-            name: name.to_string(),
-            namespace: namespace.to_string(),
-            labels: l,
-        })
+/// Kuma's webhook labels: computed as Kuma's webhook does on a zone control plane: mesh (default
+/// `default`), origin `zone`, zone and env when not synced from global, and for locally
+/// originated policies `k8s.kuma.io/namespace` and the policy role — `system` in the system
+/// namespace, `workload-owner` elsewhere (a MeshPassthrough has neither `to` nor `from`).
+/// The display name is the `kuma.io/display-name` annotation, else the name.
+///
+/// Errors: an invalid `kuma.io/origin` (`metadata.labels[kuma.io/origin]: reason`).
+pub fn policy_meta(
+    name: &str,
+    namespace: &str,
+    labels: &BTreeMap<String, String>,
+    annotations: &BTreeMap<String, String>,
+    cfg: &KumaConfig,
+) -> Result<PolicyMeta, String> {
+    let mut l = labels.clone();
+    if let Some(o) = l.get(ORIGIN_LABEL)
+        && !o.is_empty()
+        && o != "global"
+        && o != "zone"
+    {
+        return Err(format!(
+            "metadata.labels[{ORIGIN_LABEL}]: unknown resource origin {o:?}"
+        ));
     }
-
-    /// The mesh (`kuma.io/mesh`).
-    pub fn mesh(&self) -> &str {
-        self.labels
-            .get(MESH_LABEL)
-            .map_or("default", String::as_str)
-    }
-
-    /// `kuma.io/policy-role`; absent = system.
-    pub fn role(&self) -> Role {
-        match self.labels.get(ROLE_LABEL).map(String::as_str) {
-            Some("producer") => Role::Producer,
-            Some("consumer") => Role::Consumer,
-            Some("workload-owner") => Role::WorkloadOwner,
-            _ => Role::System,
+    l.entry(MESH_LABEL.into())
+        .or_insert_with(|| "default".into());
+    if !cfg.zone.is_empty() {
+        l.entry(ORIGIN_LABEL.into())
+            .or_insert_with(|| "zone".into());
+        if l.get(ORIGIN_LABEL).map(String::as_str) != Some("global") {
+            l.entry(ZONE_TAG.into()).or_insert_with(|| cfg.zone.clone());
+            l.entry(ENV_TAG.into())
+                .or_insert_with(|| "kubernetes".into());
         }
     }
-
-    /// `kuma.io/origin`.
-    pub fn origin(&self) -> Origin {
-        match self.labels.get(ORIGIN_LABEL).map(String::as_str) {
-            Some("global") => Origin::Global,
-            Some("zone") => Origin::Zone,
-            _ => Origin::Unknown,
-        }
+    let local = l
+        .get(ORIGIN_LABEL)
+        .is_none_or(|o| o.is_empty() || o == "zone");
+    if local && !namespace.is_empty() {
+        l.entry(NAMESPACE_TAG.into())
+            .or_insert_with(|| namespace.to_string());
+        let role = if namespace == cfg.system_namespace {
+            "system"
+        } else {
+            "workload-owner"
+        };
+        l.insert(ROLE_LABEL.into(), role.into());
     }
-
-    /// `kuma.io/display-name`, else the name.
-    pub fn display_name(&self) -> &str {
-        self.labels
+    l.insert(
+        DISPLAY_NAME.into(),
+        annotations
             .get(DISPLAY_NAME)
-            .filter(|d| !d.is_empty())
-            .map_or(self.name.as_str(), String::as_str)
-    }
-
-    /// `kuma.io/effect: shadow`: Kuma computes but does not apply such a policy.
-    pub fn is_shadow(&self) -> bool {
-        self.labels.get(EFFECT_LABEL).map(String::as_str) == Some("shadow")
-    }
-
-    /// `namespace/name`.
-    pub fn key(&self) -> String {
-        format!("{}/{}", self.namespace, self.name)
-    }
+            .cloned()
+            .unwrap_or_else(|| name.to_string()),
+    );
+    Ok(PolicyMeta {
+        name: name.to_string(),
+        namespace: namespace.to_string(),
+        labels: l,
+    })
 }
 
 /// A policy's validated `spec.targetRef` (kinds Mesh, MeshSubset, Dataplane).
@@ -711,29 +649,12 @@ fn tags_match(sel: &BTreeMap<String, String>, tags: &BTreeMap<String, String>) -
 /// the zone rule, then the namespace rule (a `workload-owner` or `consumer` policy only
 /// selects Dataplanes of its own `k8s.kuma.io/namespace`), then the targetRef.
 pub fn selects(meta: &PolicyMeta, target: &TargetRef, dp: &Dataplane) -> bool {
-    if meta.mesh() != dp.mesh {
+    if policy_mesh(meta) != dp.mesh {
         return false;
     }
-    // dppSelectedByZone
-    if meta.role() != Role::Producer {
-        let dp_origin = dp.labels.get(ORIGIN_LABEL).map(String::as_str);
-        let dp_local = dp_origin.is_some_and(|o| o == "zone");
-        if dp_local
-            && meta.origin() == Origin::Zone
-            && let Some(pz) = meta.labels.get(ZONE_TAG)
-        {
-            // IsLocalZoneResource(dp, policy zone)
-            if dp.labels.get(ZONE_TAG).is_some_and(|z| z != pz) {
-                return false;
-            }
-        }
-    }
-    // dppSelectedByNamespace
-    if matches!(meta.role(), Role::Consumer | Role::WorkloadOwner) {
-        match meta.labels.get(NAMESPACE_TAG) {
-            Some(ns) if dp.labels.get(NAMESPACE_TAG) == Some(ns) => {}
-            _ => return false,
-        }
+    // dppSelectedByZone and dppSelectedByNamespace.
+    if !meta.admits(&dp.labels) {
+        return false;
     }
     match target {
         // A nil tag selector matches every inbound; every Dataplane has one.
@@ -776,55 +697,6 @@ pub fn selects(meta: &PolicyMeta, target: &TargetRef, dp: &Dataplane) -> bool {
             all || by_name || by_labels
         }
     }
-}
-
-fn kind_rank(t: &TargetRef) -> u8 {
-    match t {
-        TargetRef::Mesh { .. } => 1,
-        TargetRef::Dataplane { .. } => 2,
-        TargetRef::MeshSubset { .. } => 3,
-    }
-}
-
-/// Kuma's `SortByTargetRef` comparison (`Less` = applied first, overridden by later ones):
-/// targetRef kind (Mesh < Dataplane < MeshSubset), between Dataplane refs by labels < by name,
-/// origin (global < unknown < zone), role (system < producer <
-/// consumer < workload-owner), then display name *reversed* (the smaller name wins). Kuma's
-/// sort is not stable; remaining ties are broken by namespace/name so the result is.
-pub fn order(a: (&PolicyMeta, &TargetRef), b: (&PolicyMeta, &TargetRef)) -> Ordering {
-    let (ma, ta) = a;
-    let (mb, tb) = b;
-    kind_rank(ta)
-        .cmp(&kind_rank(tb))
-        .then_with(|| match (ta, tb) {
-            (
-                TargetRef::Dataplane {
-                    name: an,
-                    labels: al,
-                    ..
-                },
-                TargetRef::Dataplane {
-                    name: bn,
-                    labels: bl,
-                    ..
-                },
-            ) => {
-                let a_name = an.as_deref().is_some_and(|n| !n.is_empty());
-                let b_name = bn.as_deref().is_some_and(|n| !n.is_empty());
-                if a_name && bl.is_some() {
-                    Ordering::Greater
-                } else if al.is_some() && b_name {
-                    Ordering::Less
-                } else {
-                    Ordering::Equal
-                }
-            }
-            _ => Ordering::Equal,
-        })
-        .then_with(|| ma.origin().cmp(&mb.origin()))
-        .then_with(|| ma.role().cmp(&mb.role()))
-        .then_with(|| mb.display_name().cmp(ma.display_name()))
-        .then_with(|| (&mb.namespace, &mb.name).cmp(&(&ma.namespace, &ma.name)))
 }
 
 /// Groups Services by namespace, for [`dataplane_for`].

@@ -131,7 +131,7 @@ pub fn policies(snap: &Snapshot, cfg: &KumaConfig) -> Policies {
         }
         let ns = obj.metadata.namespace.clone().unwrap_or_default();
         let name = obj.metadata.name.clone().unwrap_or_default();
-        let meta = match PolicyMeta::from_object(
+        let meta = match kuma::policy_meta(
             &name,
             &ns,
             obj.metadata.labels.as_ref().unwrap_or(&BTreeMap::new()),
@@ -157,6 +157,7 @@ pub fn policies(snap: &Snapshot, cfg: &KumaConfig) -> Policies {
                 Ok(mut pol) => {
                     // Name policies `namespace/name` in explanations, events and metrics.
                     pol.name = key.clone();
+                    pol.meta = meta.clone();
                     let file: std::sync::Arc<Path> = Path::new(&format!("kubernetes:{key}")).into();
                     let name: std::sync::Arc<str> = key.as_str().into();
                     pol.file = file.to_path_buf();
@@ -220,7 +221,7 @@ pub struct Entry {
     pub conf: usize,
     /// The Dataplane, for governed pods.
     #[serde(skip)]
-    pub dataplane: Option<Dataplane>,
+    pub dataplane: Option<std::sync::Arc<Dataplane>>,
 }
 
 /// Everything one apply needs.
@@ -232,6 +233,12 @@ pub struct Model {
     pub confs: Vec<MergedConf>,
     /// Pods of the snapshot that are `Invalid` by Kuma's rules (`namespace/name: reason`).
     pub pod_problems: Vec<String>,
+    /// The snapshot version this was computed from.
+    pub snapshot_version: Option<u64>,
+    /// Per pod UID, what was computed (reused while the snapshot is the same).
+    pub pods: HashMap<String, PodResult>,
+    /// What each of `confs` was computed from.
+    conf_keys: Vec<ConfKey>,
 }
 
 impl Model {
@@ -254,7 +261,7 @@ impl Model {
     }
 }
 
-#[derive(Hash, PartialEq, Eq)]
+#[derive(Debug, Clone, Hash, PartialEq, Eq)]
 enum ConfKey {
     Selected(Vec<usize>),
     Mode(Mode),
@@ -262,23 +269,104 @@ enum ConfKey {
 
 /// Computes the model.
 pub fn build(snap: &Snapshot, cgroups: &Cgroups, s: &Settings) -> Model {
-    let policies = policies(snap, &s.kuma);
-    let mut confs: Vec<MergedConf> = Vec::new();
-    let mut index: HashMap<ConfKey, usize> = HashMap::new();
-    let mut conf_of = |key: ConfKey, policies: &Policies| -> usize {
-        *index.entry(key).or_insert_with_key(|k| {
-            confs.push(match k {
-                ConfKey::Selected(sel) => {
-                    merge::merge_indices(&policies.policies, sel, s.unselected)
-                }
-                ConfKey::Mode(m) => MergedConf {
-                    mode: *m,
-                    matches: Vec::new(),
-                    policies: Vec::new(),
+    build_from(snap, cgroups, s, None)
+}
+
+/// What one known pod is, before configurations are numbered.
+#[derive(Debug, Clone)]
+pub struct PodResult {
+    name: String,
+    state: PodState,
+    key: ConfKey,
+    dataplane: Option<std::sync::Arc<Dataplane>>,
+    problem: Option<String>,
+}
+
+fn pod_result(
+    pod: &k8s_openapi::api::core::v1::Pod,
+    snap: &Snapshot,
+    services: &HashMap<String, Vec<&k8s_openapi::api::core::v1::Service>>,
+    node_labels: &BTreeMap<String, String>,
+    policies: &Policies,
+    s: &Settings,
+) -> PodResult {
+    let key = kuma::pod_key(pod);
+    let ns_name = pod.metadata.namespace.clone().unwrap_or_default();
+    let ns = snap.namespaces.get(&ns_name).map(|n| &**n);
+    let mut problem = None;
+    let (state, conf_key, dataplane) = match kuma::governed(pod, ns, &s.govern, &s.kuma) {
+        Governance::NotGoverned(_) if s.govern.own_pod.as_deref() == Some(key.as_str()) => {
+            (PodState::Own, ConfKey::Mode(Mode::All), None)
+        }
+        Governance::NotGoverned(why) => (
+            PodState::NotGoverned(why.to_string()),
+            ConfKey::Mode(s.unselected),
+            None,
+        ),
+        Governance::Invalid(reason) => {
+            problem = Some(format!("{key}: {reason}"));
+            (
+                PodState::NotGoverned(reason),
+                ConfKey::Mode(s.unselected),
+                None,
+            )
+        }
+        Governance::Governed { mesh, why } => {
+            let no_services = Vec::new();
+            let svcs = services.get(&ns_name).unwrap_or(&no_services);
+            let dp = kuma::dataplane_for(pod, &mesh, svcs, node_labels, &s.kuma);
+            let sel = selecting(policies, &dp);
+            let names = sel
+                .iter()
+                .map(|i| policies.policies[*i].name.clone())
+                .collect();
+            (
+                PodState::Governed {
+                    mesh,
+                    why,
+                    policies: names,
                 },
-            });
-            confs.len() - 1
-        })
+                ConfKey::Selected(sel),
+                Some(std::sync::Arc::new(dp)),
+            )
+        }
+    };
+    PodResult {
+        name: key,
+        state,
+        key: conf_key,
+        dataplane,
+        problem,
+    }
+}
+
+/// Computes the model, reusing what `prev` computed per pod when the cluster snapshot is the
+/// same one (only cgroups changed): a pod cgroup that appears costs one pod's computation,
+/// not the node's.
+pub fn build_from(snap: &Snapshot, cgroups: &Cgroups, s: &Settings, prev: Option<&Model>) -> Model {
+    let reuse = prev.filter(|p| p.snapshot_version == Some(snap.version));
+    let policies = match reuse {
+        Some(p) => p.policies.clone(),
+        None => policies(snap, &s.kuma),
+    };
+    let mut confs: Vec<MergedConf> = Vec::new();
+    let mut conf_keys: Vec<ConfKey> = Vec::new();
+    let mut index: HashMap<ConfKey, usize> = HashMap::new();
+    let mut conf_of = |key: &ConfKey| -> usize {
+        if let Some(i) = index.get(key) {
+            return *i;
+        }
+        conf_keys.push(key.clone());
+        confs.push(match key {
+            ConfKey::Selected(sel) => merge::merge_indices(&policies.policies, sel, s.unselected),
+            ConfKey::Mode(m) => MergedConf {
+                mode: *m,
+                matches: Vec::new(),
+                policies: Vec::new(),
+            },
+        });
+        index.insert(key.clone(), confs.len() - 1);
+        confs.len() - 1
     };
     // Pods by UID, mirror pods also by the static pod's UID (the cgroup's).
     let mut by_uid: HashMap<&str, &k8s_openapi::api::core::v1::Pod> = HashMap::new();
@@ -300,13 +388,14 @@ pub fn build(snap: &Snapshot, cgroups: &Cgroups, s: &Settings) -> Model {
         .as_ref()
         .and_then(|n| n.metadata.labels.clone())
         .unwrap_or_default();
-    let services = kuma::services_by_namespace(snap.services.values().map(|s| &**s));
-    let no_services = Vec::new();
+    let mut services = None;
 
     let mut entries = Vec::new();
     let mut pod_problems = Vec::new();
+    let mut results: HashMap<String, PodResult> = HashMap::new();
+    let pending = ConfKey::Mode(s.pending);
     for (path, id) in &cgroups.qos {
-        let conf = conf_of(ConfKey::Mode(s.pending), &policies);
+        let conf = conf_of(&pending);
         entries.push(Entry {
             id: *id,
             cgroup: path.clone(),
@@ -322,7 +411,7 @@ pub fn build(snap: &Snapshot, cgroups: &Cgroups, s: &Settings) -> Model {
     }
     for cg in cgroups.pods.values() {
         let Some(pod) = by_uid.get(cg.uid.as_str()) else {
-            let conf = conf_of(ConfKey::Mode(s.pending), &policies);
+            let conf = conf_of(&pending);
             entries.push(Entry {
                 id: cg.id,
                 cgroup: cg.path.clone(),
@@ -334,67 +423,75 @@ pub fn build(snap: &Snapshot, cgroups: &Cgroups, s: &Settings) -> Model {
             });
             continue;
         };
-        let key = kuma::pod_key(pod);
-        let ns_name = pod.metadata.namespace.clone().unwrap_or_default();
-        let ns = snap.namespaces.get(&ns_name).map(|n| &**n);
-        let (state, conf, dataplane) = match kuma::governed(pod, ns, &s.govern, &s.kuma) {
-            Governance::NotGoverned(why) if s.govern.own_pod.as_deref() == Some(key.as_str()) => {
-                let _ = why;
-                (
-                    PodState::Own,
-                    conf_of(ConfKey::Mode(Mode::All), &policies),
-                    None,
-                )
-            }
-            Governance::NotGoverned(why) => (
-                PodState::NotGoverned(why.to_string()),
-                conf_of(ConfKey::Mode(s.unselected), &policies),
-                None,
-            ),
-            Governance::Invalid(reason) => {
-                pod_problems.push(format!("{key}: {reason}"));
-                (
-                    PodState::NotGoverned(reason),
-                    conf_of(ConfKey::Mode(s.unselected), &policies),
-                    None,
-                )
-            }
-            Governance::Governed { mesh, why } => {
-                let svcs = services.get(&ns_name).unwrap_or(&no_services);
-                let dp = kuma::dataplane_for(pod, &mesh, svcs, &node_labels, &s.kuma);
-                let sel = selecting(&policies, &dp);
-                let names = sel
-                    .iter()
-                    .map(|i| policies.policies[*i].name.clone())
-                    .collect();
-                let conf = conf_of(ConfKey::Selected(sel), &policies);
-                (
-                    PodState::Governed {
-                        mesh,
-                        why,
-                        policies: names,
-                    },
-                    conf,
-                    Some(dp),
-                )
+        let r = match reuse.and_then(|p| p.pods.get(&cg.uid)) {
+            Some(r) => r.clone(),
+            None => {
+                let services = services.get_or_insert_with(|| {
+                    kuma::services_by_namespace(snap.services.values().map(|s| &**s))
+                });
+                pod_result(pod, snap, services, &node_labels, &policies, s)
             }
         };
+        if let Some(p) = &r.problem {
+            pod_problems.push(p.clone());
+        }
+        let conf = conf_of(&r.key);
         entries.push(Entry {
             id: cg.id,
             cgroup: cg.path.clone(),
-            name: key,
+            name: r.name.clone(),
             uid: cg.uid.clone(),
-            state,
+            state: r.state.clone(),
             conf,
-            dataplane,
+            dataplane: r.dataplane.clone(),
         });
+        results.insert(cg.uid.clone(), r);
     }
     Model {
         policies,
         entries,
         confs,
         pod_problems,
+        snapshot_version: Some(snap.version),
+        pods: results,
+        conf_keys,
     }
+}
+
+/// For a pod cgroup that just appeared: the id of a cgroup of `model` that has exactly the
+/// configuration this one gets, so the caller can enforce it at once (one map update) before
+/// the whole model is recomputed. `None` when `model` was not computed from `snap`, or the
+/// cgroup's configuration is one no workload has yet (the full recomputation handles it).
+pub fn like_for(model: &Model, snap: &Snapshot, cg: &PodCgroup, s: &Settings) -> Option<u64> {
+    if model.snapshot_version != Some(snap.version) {
+        return None;
+    }
+    let pod = snap.pods.get(&cg.uid).or_else(|| {
+        snap.pods.values().find(|p| {
+            p.metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get("kubernetes.io/config.mirror"))
+                == Some(&cg.uid)
+        })
+    });
+    let key = match pod {
+        None => ConfKey::Mode(s.pending),
+        Some(pod) => match model.pods.get(&cg.uid) {
+            Some(r) => r.key.clone(),
+            None => {
+                let services = kuma::services_by_namespace(snap.services.values().map(|s| &**s));
+                let node_labels = snap
+                    .node
+                    .as_ref()
+                    .and_then(|n| n.metadata.labels.clone())
+                    .unwrap_or_default();
+                pod_result(pod, snap, &services, &node_labels, &model.policies, s).key
+            }
+        },
+    };
+    let conf = model.conf_keys.iter().position(|k| *k == key)?;
+    model.entries.iter().find(|e| e.conf == conf).map(|e| e.id)
 }
 
 /// Indices of the policies selecting `dp`, in merge order (least → most specific).
@@ -417,5 +514,180 @@ pub fn qos_word(q: Qos) -> &'static str {
         Qos::Guaranteed => "guaranteed",
         Qos::Burstable => "burstable",
         Qos::BestEffort => "besteffort",
+    }
+}
+
+/// One pod's answer for `explain`: whether it is governed, its Dataplane, the policies that
+/// select it in merge order and the merged configuration.
+#[derive(Debug, Clone)]
+pub struct PodExplain {
+    pub pod: String,
+    pub governance: Governance,
+    pub dataplane: Option<Dataplane>,
+    pub conf: MergedConf,
+    pub problems: Vec<PolicyProblem>,
+}
+
+/// Explains pod `namespace/name` of the snapshot; `None` when the snapshot has no such pod.
+pub fn explain_pod(snap: &Snapshot, key: &str, s: &Settings) -> Option<PodExplain> {
+    let pod = snap.pods.values().find(|p| kuma::pod_key(p) == key)?;
+    let policies = policies(snap, &s.kuma);
+    let ns_name = pod.metadata.namespace.clone().unwrap_or_default();
+    let ns = snap.namespaces.get(&ns_name).map(|n| &**n);
+    let governance = kuma::governed(pod, ns, &s.govern, &s.kuma);
+    let mode_conf = |m: Mode| MergedConf {
+        mode: m,
+        matches: Vec::new(),
+        policies: Vec::new(),
+    };
+    let (dataplane, conf) = match &governance {
+        Governance::Governed { mesh, .. } => {
+            let services: Vec<&k8s_openapi::api::core::v1::Service> =
+                snap.services.values().map(|s| &**s).collect();
+            let node_labels = snap
+                .node
+                .as_ref()
+                .and_then(|n| n.metadata.labels.clone())
+                .unwrap_or_default();
+            let dp = kuma::dataplane_for(pod, mesh, &services, &node_labels, &s.kuma);
+            let sel = selecting(&policies, &dp);
+            let conf = merge::merge_indices(&policies.policies, &sel, s.unselected);
+            (Some(dp), conf)
+        }
+        _ if s.govern.own_pod.as_deref() == Some(key) => (None, mode_conf(Mode::All)),
+        _ => (None, mode_conf(s.unselected)),
+    };
+    Some(PodExplain {
+        pod: key.to_string(),
+        governance,
+        dataplane,
+        conf,
+        problems: policies.problems,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::cgroups::Qos;
+    use serde_json::json;
+
+    fn snapshot() -> Snapshot {
+        let mut s = Snapshot::default();
+        for (ns, inject) in [("kuma-system", false), ("shop", true)] {
+            let n: k8s_openapi::api::core::v1::Namespace = serde_json::from_value(json!({
+                "metadata": {"name": ns, "labels": if inject { json!({"kuma.io/sidecar-injection": "true"}) } else { json!({}) }}
+            }))
+            .unwrap();
+            s.namespaces.insert(ns.into(), Arc::new(n));
+        }
+        for i in 0..4 {
+            let p: k8s_openapi::api::core::v1::Pod = serde_json::from_value(json!({
+                "metadata": {"name": format!("p{i}"), "namespace": "shop", "uid": format!("u{i}"), "labels": {"app": if i % 2 == 0 { "a" } else { "b" }}},
+                "spec": {"containers": []}
+            }))
+            .unwrap();
+            s.pods.insert(format!("u{i}"), Arc::new(p));
+        }
+        let pol =
+            |name: &str, ns: &str, spec: serde_json::Value| -> Arc<kube::api::DynamicObject> {
+                Arc::new(
+                    serde_json::from_value(
+                        json!({"apiVersion": "kuma.io/v1alpha1", "kind": "MeshPassthrough",
+                    "metadata": {"name": name, "namespace": ns}, "spec": spec}),
+                    )
+                    .unwrap(),
+                )
+            };
+        s.policies.insert(
+            "kuma-system/base".into(),
+            pol("base", "kuma-system", json!({"default": {"passthroughMode": "Matched", "appendMatch": [{"type": "IP", "value": "192.0.2.1"}]}})),
+        );
+        s.policies.insert(
+            "shop/a".into(),
+            pol("a", "shop", json!({"targetRef": {"kind": "Dataplane", "labels": {"app": "a"}}, "default": {"appendMatch": [{"type": "IP", "value": "192.0.2.2"}]}})),
+        );
+        s.policies.insert(
+            "kuma-system/broken".into(),
+            pol(
+                "broken",
+                "kuma-system",
+                json!({"default": {"passthroughMode": "Sometimes"}}),
+            ),
+        );
+        s.version = 7;
+        s
+    }
+
+    fn settings() -> Settings {
+        Settings {
+            kuma: KumaConfig::default(),
+            govern: GovernRules {
+                kuma_rules: true,
+                ..Default::default()
+            },
+            unselected: Mode::All,
+            pending: Mode::None,
+        }
+    }
+
+    fn cg(uid: &str, id: u64) -> PodCgroup {
+        PodCgroup {
+            uid: uid.into(),
+            qos: Qos::BestEffort,
+            path: PathBuf::from(format!("/kp/{uid}")),
+            id,
+        }
+    }
+
+    #[test]
+    fn reuse_gives_the_same_model_and_pending_then_known() {
+        let snap = snapshot();
+        let s = settings();
+        let mut cgroups = Cgroups::default();
+        cgroups.qos.insert(PathBuf::from("/kp"), 1);
+        for i in 0..3 {
+            cgroups.pods.insert(
+                PathBuf::from(format!("/kp/u{i}")),
+                cg(&format!("u{i}"), 10 + i),
+            );
+        }
+        let first = build(&snap, &cgroups, &s);
+        assert_eq!(
+            first.policies.problems.len(),
+            1,
+            "{:?}",
+            first.policies.problems
+        );
+        assert_eq!(first.policies.problems[0].policy, "kuma-system/broken");
+        // A pod cgroup appears: reusing the previous model gives what a full build gives.
+        cgroups.pods.insert(PathBuf::from("/kp/u3"), cg("u3", 13));
+        cgroups.pods.insert(PathBuf::from("/kp/zz"), cg("zz", 14));
+        let reused = build_from(&snap, &cgroups, &s, Some(&first));
+        let full = build(&snap, &cgroups, &s);
+        assert_eq!(reused.of(), full.of());
+        assert_eq!(reused.confs, full.confs);
+        assert_eq!(reused.entries, full.entries);
+        let by_name = |m: &Model, n: &str| m.entries.iter().find(|e| e.name == n).unwrap().clone();
+        let a = by_name(&full, "shop/p0");
+        let b = by_name(&full, "shop/p1");
+        assert_eq!(full.confs[a.conf].policies, ["kuma-system/base", "shop/a"]);
+        assert_eq!(full.confs[b.conf].policies, ["kuma-system/base"]);
+        assert_eq!(
+            full.confs[by_name(&full, "pending:zz").conf].mode,
+            Mode::None
+        );
+        assert_eq!(full.confs[by_name(&full, "kp").conf].mode, Mode::None);
+        // A changed snapshot is not reused.
+        let mut snap2 = snap.clone();
+        snap2.policies.remove("shop/a");
+        snap2.version += 1;
+        let after = build_from(&snap2, &cgroups, &s, Some(&reused));
+        assert_eq!(
+            after.confs[by_name(&after, "shop/p0").conf].policies,
+            ["kuma-system/base"]
+        );
     }
 }

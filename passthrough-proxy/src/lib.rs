@@ -80,8 +80,9 @@ use passthrough_policy::{
 /// Policy the proxy decides with; swapped atomically on reload.
 #[derive(Debug, Clone)]
 pub struct ProxyPolicy {
-    /// Merged configuration per workload cgroup id ([`Redirected::workload`]).
-    pub workloads: HashMap<u64, MergedConf>,
+    /// Merged configuration per workload cgroup id ([`Redirected::workload`]). Shared: many
+    /// workloads (a node's pods) have one configuration, built once per policy change.
+    pub workloads: HashMap<u64, Arc<MergedConf>>,
     /// For connections of no known workload (id 0 or not in `workloads`).
     pub unmatched: MergedConf,
     /// Internal ranges and resolvers.
@@ -91,7 +92,7 @@ pub struct ProxyPolicy {
 impl ProxyPolicy {
     /// The configuration for workload `id`.
     pub fn conf(&self, id: u64) -> &MergedConf {
-        self.workloads.get(&id).unwrap_or(&self.unmatched)
+        self.workloads.get(&id).map_or(&self.unmatched, |c| c)
     }
 }
 

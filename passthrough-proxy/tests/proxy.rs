@@ -97,7 +97,7 @@ async fn start_reporting(
     report: Option<Arc<dyn ProxyReport>>,
 ) -> Px {
     let policy = ProxyPolicy {
-        workloads: HashMap::from([(WORKLOAD, c)]),
+        workloads: HashMap::from([(WORKLOAD, Arc::new(c))]),
         unmatched: MergedConf {
             mode: Mode::None,
             matches: vec![],
@@ -1428,7 +1428,7 @@ async fn reload_applies_to_the_next_request_of_a_live_connection() {
     // Reload: the workload now allows only another name.
     let mut next = (**px.policy.load()).clone();
     next.workloads
-        .insert(WORKLOAD, conf(&[dom("other.test", port, "http")]));
+        .insert(WORKLOAD, Arc::new(conf(&[dom("other.test", port, "http")])));
     px.policy.store(Arc::new(next));
     let r = tx
         .send_request(get("/", Some("api.example.test")))

@@ -129,11 +129,12 @@ fn compile(kernel: &Kernel, merged: &Merged, opts: &PlanOptions) -> plan::Kernel
 
 /// The proxy's view of the same merged configuration.
 fn proxy_policy(merged: &Merged, opts: &PlanOptions, unselected: Mode) -> ProxyPolicy {
+    let shared: Vec<Arc<policy::MergedConf>> = merged.confs.iter().cloned().map(Arc::new).collect();
     ProxyPolicy {
         workloads: merged
             .of
             .iter()
-            .map(|(id, i)| (*id, merged.confs[*i].clone()))
+            .map(|(id, i)| (*id, shared[*i].clone()))
             .collect(),
         unmatched: policy::MergedConf {
             mode: unselected,

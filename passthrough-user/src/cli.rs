@@ -44,8 +44,24 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
 #[derive(Debug, Clone, clap::Args)]
 pub struct ExplainArgs {
     /// Policy files or directories.
-    #[arg(long = "policy", required = true, num_args = 1.., value_name = "PATH")]
+    #[arg(long = "policy", required_unless_present = "kubernetes", num_args = 1.., value_name = "PATH")]
     pub policy: Vec<PathBuf>,
+    /// Decide with the live cluster objects: the pod given by `--pod`, its namespace, Services
+    /// and Node, and every MeshPassthrough (docs/kubernetes.md).
+    #[arg(long, requires = "pod", conflicts_with_all = ["policy", "workload", "workloads", "labels"])]
+    pub kubernetes: bool,
+    /// With `--kubernetes`: the pod, `NAMESPACE/NAME`.
+    #[arg(long, value_name = "NAMESPACE/NAME", requires = "kubernetes")]
+    pub pod: Option<String>,
+    /// With `--kubernetes`: the kubeconfig (default: in-cluster, else `$KUBECONFIG`).
+    #[arg(long, value_name = "FILE", requires = "kubernetes")]
+    pub kubeconfig: Option<PathBuf>,
+    /// With `--kubernetes`: Kuma's system namespace.
+    #[arg(long, default_value = "kuma-system", value_name = "NAMESPACE")]
+    pub system_namespace: String,
+    /// With `--kubernetes`: Kuma's zone name.
+    #[arg(long, default_value = "default", value_name = "NAME")]
+    pub zone: String,
     /// The destination, `IP:PORT` (`[IPv6]:PORT`).
     #[arg(long, value_name = "IP:PORT")]
     pub dst: SocketAddr,
@@ -116,8 +132,121 @@ impl ExplainArgs {
 
 /// Prints the decision for `args`: text, or one JSON object with `--json`.
 pub fn run_explain(args: &ExplainArgs, out: &mut impl Write) -> anyhow::Result<()> {
+    if args.kubernetes {
+        return explain_pod(args, out);
+    }
     let r = report::explain(&args.request())?;
     report::write_explain(&r, args.json, out)?;
+    Ok(())
+}
+
+/// `explain --kubernetes --pod NS/NAME`: reads the pod and what decides for it from the API
+/// server, then decides exactly as the agent on its node does.
+fn explain_pod(args: &ExplainArgs, out: &mut impl Write) -> anyhow::Result<()> {
+    use passthrough_kube::{
+        cluster,
+        kuma::{GovernRules, Governance, KumaConfig},
+        node::{self, Settings},
+    };
+    use passthrough_policy::{Connection, DecideOptions, Workload, decide};
+    let key = args.pod.clone().unwrap_or_default();
+    let (ns, name) = key
+        .split_once('/')
+        .filter(|(n, p)| !n.is_empty() && !p.is_empty())
+        .ok_or_else(|| anyhow::anyhow!("--pod {key:?}: expected NAMESPACE/NAME"))?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let snap = rt.block_on(async {
+        let config = cluster::config(args.kubeconfig.as_deref()).await?;
+        cluster::fetch_for_pod(config, ns, name).await
+    })?;
+    let settings = Settings {
+        kuma: KumaConfig {
+            system_namespace: args.system_namespace.clone(),
+            zone: args.zone.clone(),
+            ..KumaConfig::default()
+        },
+        govern: GovernRules {
+            kuma_rules: true,
+            ..Default::default()
+        },
+        unselected: args.unselected_mode,
+        pending: Mode::None,
+    };
+    let e = node::explain_pod(&snap, &key, &settings)
+        .ok_or_else(|| anyhow::anyhow!("pod {key} not found"))?;
+    let req = args.request();
+    let conn = Connection {
+        dst: req.dst,
+        udp: req.udp,
+        l7: req.l7.clone(),
+    };
+    let opts = DecideOptions {
+        internal: req.internal_cidr.clone(),
+        resolvers: req.resolvers.clone(),
+    };
+    let workload = Workload {
+        name: key.clone(),
+        cgroup: PathBuf::new(),
+        labels: e
+            .dataplane
+            .as_ref()
+            .map(|d| d.labels.clone())
+            .unwrap_or_default(),
+    };
+    let d = decide(&e.conf, &conn, &opts);
+    let mut json = report::decision_json(&workload, &e.conf, &conn, &d);
+    let governed = match &e.governance {
+        Governance::Governed { mesh, why } => {
+            serde_json::json!({"governed": true, "mesh": mesh, "why": why})
+        }
+        Governance::NotGoverned(why) => serde_json::json!({"governed": false, "why": why}),
+        Governance::Invalid(why) => {
+            serde_json::json!({"governed": false, "why": why, "invalid": true})
+        }
+    };
+    json["pod"] = serde_json::json!(key);
+    json["governance"] = governed.clone();
+    json["inbounds"] = serde_json::json!(e.dataplane.as_ref().map(|d| d.inbounds.clone()));
+    json["invalid_policies"] =
+        serde_json::json!(e.problems.iter().map(|p| p.to_string()).collect::<Vec<_>>());
+    let r = report::ExplainReport {
+        workload,
+        conf: e.conf.clone(),
+        conn,
+        opts,
+        json,
+    };
+    report::write_explain(&r, args.json, out)?;
+    if !args.json {
+        writeln!(
+            out,
+            "pod:      {key}: {}",
+            match &e.governance {
+                Governance::Governed { mesh, why } => format!("governed (mesh {mesh}; {why})"),
+                Governance::NotGoverned(why) =>
+                    format!("not governed ({why}), mode {}", e.conf.mode),
+                Governance::Invalid(why) => format!("not governed: {why}"),
+            }
+        )?;
+        if let Some(dp) = &e.dataplane {
+            for (i, tags) in dp.inbounds.iter().enumerate() {
+                let svc = tags
+                    .get("kuma.io/service")
+                    .map(String::as_str)
+                    .unwrap_or("");
+                writeln!(
+                    out,
+                    "inbound {i}: kuma.io/service={svc} ({} tags)",
+                    tags.len()
+                )?;
+            }
+        }
+        for p in &e.problems {
+            writeln!(out, "ignored:  {p}")?;
+        }
+    }
     Ok(())
 }
 
@@ -132,6 +261,7 @@ mod tests {
         c: C,
     }
     #[derive(clap::Subcommand)]
+    #[allow(clippy::large_enum_variant)]
     enum C {
         Check(CheckArgs),
         Explain(ExplainArgs),

@@ -693,6 +693,64 @@ impl Kernel {
         Ok(self.generation_counter)
     }
 
+    /// Adds, moves and removes workload entries **in the active generation**, without a
+    /// generation flip: `set` gives each new (or changed) cgroup id the rule set and mode that
+    /// cgroup `like` has in the active plan; `remove` deletes entries. Each entry is one map
+    /// update, atomic for the programs; the rule sets themselves are untouched, so this is only
+    /// for cgroups whose merged configuration some workload of the active plan already has
+    /// (Kubernetes mode: a pod cgroup that appears or goes). Returns `false`, changing nothing,
+    /// when there is no active plan or a `like` id is not in it.
+    pub fn update_active_workloads(
+        &mut self,
+        set: &[(u64, u64)],
+        remove: &[u64],
+    ) -> Result<bool, KernelError> {
+        let Some(g) = self.active else {
+            return Ok(false);
+        };
+        let inactive = self.written[(g ^ 1) as usize]
+            .as_ref()
+            .map_or(0, |p| p.workloads.len());
+        let Some(plan) = self.written[g as usize].as_mut() else {
+            return Ok(false);
+        };
+        let mut entries = Vec::with_capacity(set.len());
+        for (id, like) in set {
+            let Some(&(ruleset, mode)) = plan.workloads.get(like) else {
+                return Ok(false);
+            };
+            entries.push((*id, ruleset, mode));
+        }
+        if plan.workloads.len() + entries.len() + inactive > self.caps.workloads as usize {
+            return Err(KernelError::Capacity {
+                what: "WORKLOADS",
+                needed: plan.workloads.len() + entries.len() + inactive,
+                capacity: self.caps.workloads,
+            });
+        }
+        for (id, ruleset, mode) in entries {
+            let key = WorkloadKey {
+                generation: g,
+                _pad: 0,
+                cgroup_id: id,
+            };
+            self.workloads
+                .insert(key, WorkloadEntry { ruleset, mode }, 0)
+                .map_err(|e| KernelError::Map("WORKLOADS", e))?;
+            plan.workloads.insert(id, (ruleset, mode));
+        }
+        for id in remove {
+            let key = WorkloadKey {
+                generation: g,
+                _pad: 0,
+                cgroup_id: *id,
+            };
+            let _ = self.workloads.remove(&key);
+            plan.workloads.remove(id);
+        }
+        Ok(true)
+    }
+
     /// Removes the retired generation now (after the barrier wait for programs still reading it)
     /// instead of at the start of the next [`Kernel::apply`]. Returns how many rule entries
     /// were removed; when the barrier fails nothing is removed (the next apply waits again, and
@@ -943,19 +1001,14 @@ impl Kernel {
         self.raw_backstop = on;
     }
 
-    /// Removes the pinned link of `name` at `cgroup`, if a previous agent left one (nothing
-    /// else holds it, so the program is detached).
+    /// Removes the pinned link of `name` at `cgroup`, if a previous agent left one: detached
+    /// first, so its program no longer runs when this returns (the kernel frees an unpinned
+    /// link, and detaches it, only later).
     fn unpin_link(&self, cgroup: &Path, name: &str) -> Result<(), KernelError> {
         let Some(pin) = self.link_pin(cgroup, name) else {
             return Ok(());
         };
-        match std::fs::remove_file(&pin) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(KernelError::Pin {
-                path: pin,
-                source: e,
-            }),
-            _ => Ok(()),
-        }
+        crate::pins::detach_and_unpin(&pin).map_err(|source| KernelError::Pin { path: pin, source })
     }
 
     fn has_pinned_link(&self, cgroup: &Path, name: &str) -> bool {
@@ -1110,11 +1163,11 @@ impl Kernel {
             .collect();
         for (id, dir) in crate::pins::pinned_attachments(&state) {
             if !wanted.contains(&id) {
-                removed.extend(crate::pins::remove_tree(&dir).unwrap_or_default());
+                removed.extend(crate::pins::retire_tree(&dir).unwrap_or_default());
             }
         }
         for dir in std::mem::take(&mut self.retire_after_attach) {
-            match crate::pins::remove_tree(&dir) {
+            match crate::pins::retire_tree(&dir) {
                 Ok(r) => removed.extend(r),
                 Err(e) => {
                     tracing::warn!(dir = %dir.display(), error = %e, "could not remove old pinned state")
@@ -1122,8 +1175,9 @@ impl Kernel {
             }
         }
         if !removed.is_empty() {
-            // The kernel releases an unpinned link from a work queue: wait (bounded) until the
-            // old programs are off our cgroups, so "replaced" means exactly one set attached.
+            // retire_tree detached the old links. A kernel without BPF_LINK_DETACH (before 5.9)
+            // releases an unpinned link from a work queue instead: wait (bounded) until the old
+            // programs are off our cgroups, so "replaced" means exactly one set attached.
             let ours = self.program_ids();
             let only_ours = |cg: &PathBuf| {
                 crate::pins::OUR_ATTACH_TYPES.iter().all(|t| {
@@ -1159,7 +1213,7 @@ impl Kernel {
         let links = std::mem::take(&mut self.links);
         if let Some(state) = self.state_dir.clone() {
             let layout = crate::pins::layout_dir(&state);
-            crate::pins::remove_tree(&layout).map_err(|source| KernelError::Pin {
+            crate::pins::retire_tree(&layout).map_err(|source| KernelError::Pin {
                 path: layout.clone(),
                 source,
             })?;
@@ -1167,8 +1221,10 @@ impl Kernel {
         }
         drop(links);
         drop(self);
-        // The kernel releases a link from a work queue after its last reference goes; wait
-        // (bounded) so "the agent exited" really means "nothing of ours is attached".
+        // Pinned links were detached by retire_tree. A link only held by its fd is freed (and
+        // detached) when the fd closes, from a work queue on some kernels, as are pinned links
+        // on kernels without BPF_LINK_DETACH: wait (bounded) so "the agent exited" really means
+        // "nothing of ours is attached".
         let deadline = Instant::now() + Duration::from_secs(2);
         while Instant::now() < deadline {
             let still = attached.iter().any(|cg| {

@@ -84,15 +84,19 @@ fn settings(args: &RunArgs) -> anyhow::Result<(Settings, String)> {
     ))
 }
 
-fn proxy_policy(model: &Model, opts: &PlanOptions, unselected: Mode) -> ProxyPolicy {
+/// The proxy's view of `model`. A workload id the proxy does not know gets `unknown` — the
+/// pending mode: in Kubernetes mode every socket below the attachment has an entry (the QoS
+/// parents at least), so an unknown id is a pod the proxy has not been told about yet.
+fn proxy_policy(model: &Model, opts: &PlanOptions, unknown: Mode) -> ProxyPolicy {
+    let shared: Vec<Arc<policy::MergedConf>> = model.confs.iter().cloned().map(Arc::new).collect();
     ProxyPolicy {
         workloads: model
             .entries
             .iter()
-            .map(|e| (e.id, model.confs[e.conf].clone()))
+            .map(|e| (e.id, shared[e.conf].clone()))
             .collect(),
         unmatched: policy::MergedConf {
-            mode: unselected,
+            mode: unknown,
             matches: Vec::new(),
             policies: Vec::new(),
         },
@@ -125,6 +129,44 @@ fn apply(
     );
     startup::retire_previous(kernel, metrics);
     Ok(generation)
+}
+
+/// The entries to add (each with an entry of the active model that has the same merged
+/// configuration, whose rule set it then shares) and to remove, when `next` differs from `cur`
+/// only by such entries; `None` when a full apply is needed (a configuration that no workload
+/// has yet, e.g. a policy change).
+/// Cgroup ids to set (`(id, like)`) and to remove.
+type InPlace = (Vec<(u64, u64)>, Vec<u64>);
+
+fn incremental(cur: &Model, next: &Model) -> Option<InPlace> {
+    // Old entry id with each old configuration.
+    let mut like_of_conf: Vec<Option<u64>> = vec![None; cur.confs.len()];
+    for e in &cur.entries {
+        like_of_conf[e.conf].get_or_insert(e.id);
+    }
+    let old_conf_of_new: Vec<Option<usize>> = next
+        .confs
+        .iter()
+        .map(|c| cur.confs.iter().position(|o| o == c))
+        .collect();
+    let cur_by_id: std::collections::HashMap<u64, usize> =
+        cur.entries.iter().map(|e| (e.id, e.conf)).collect();
+    let mut set = Vec::new();
+    for e in &next.entries {
+        let old_conf = old_conf_of_new[e.conf]?;
+        if cur_by_id.get(&e.id) == Some(&old_conf) {
+            continue;
+        }
+        set.push((e.id, like_of_conf[old_conf]?));
+    }
+    let next_ids: BTreeSet<u64> = next.entries.iter().map(|e| e.id).collect();
+    let remove = cur
+        .entries
+        .iter()
+        .filter(|e| !next_ids.contains(&e.id))
+        .map(|e| e.id)
+        .collect();
+    Some((set, remove))
 }
 
 /// Logs problems not reported before (and forgets those that went away).
@@ -186,6 +228,18 @@ fn log_cgroup_events(evs: &[CgroupEvent]) {
             CgroupEvent::Overflow => warn!("inotify queue overflow; rescanned the kubepods tree"),
         }
     }
+}
+
+/// `CLOCK_MONOTONIC` in µs: the clock other processes (a benchmark) read too, so the agent's
+/// timing log lines line up with theirs.
+fn monotonic_us() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1_000
 }
 
 fn since(t: SystemTime) -> String {
@@ -293,7 +347,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let proxy_state = Arc::new(ArcSwap::from_pointee(proxy_policy(
         &model,
         &opts,
-        args.unselected_mode,
+        args.kube.pending_mode,
     )));
     let shutdown = CancellationToken::new();
     let proxy_tasks = startup::start_proxy(
@@ -321,9 +375,21 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     admin_state.ready.store(true, Ordering::Release);
     *admin_state.degraded.write().unwrap() = None;
 
+    // The status file is rewritten at most twice a second (it lists every pod; writing it on
+    // every cgroup event would delay the next event).
+    let mut status_tick = tokio::time::interval(Duration::from_millis(500));
+    status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut status_dirty = false;
     loop {
         let mut force = false;
         tokio::select! {
+            _ = status_tick.tick() => {
+                if status_dirty {
+                    write_status(&args.kube.status_file, &node_name, generation, &model);
+                    status_dirty = false;
+                }
+                continue;
+            }
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = hup.recv() => force = true,
@@ -335,6 +401,28 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             r = watcher.next() => {
                 match r {
                     Ok(evs) => {
+                        let read_us = monotonic_us();
+                        // Enforce new pod cgroups at once when their configuration is one the
+                        // active plan has (one map update each); the model follows below.
+                        let snap = snapshots.borrow().clone();
+                        let early: Vec<(u64, u64)> = evs
+                            .iter()
+                            .filter_map(|e| match e {
+                                CgroupEvent::Appeared(p) => {
+                                    node::like_for(&model, &snap, p, &settings).map(|like| (p.id, like))
+                                }
+                                _ => None,
+                            })
+                            .collect();
+                        if !early.is_empty()
+                            && let Err(e) = kernel.update_active_workloads(&early, &[])
+                        {
+                            warn!(error = %e, "early pod cgroup update failed");
+                        }
+                        let written_us = monotonic_us();
+                        for (id, _) in &early {
+                            debug!(target: "passthrough::pod_timing", cgroup_id = id, read_us, written_us, "pod cgroup enforced from its inotify event");
+                        }
                         log_cgroup_events(&evs);
                         cgroups.apply(&evs);
                     }
@@ -354,16 +442,39 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         let t = Instant::now();
         let snap = snapshots.borrow_and_update().clone();
-        let next = node::build(&snap, &cgroups, &settings);
+        let next = node::build_from(&snap, &cgroups, &settings, Some(&model));
         report(&next, &mut seen_problems);
         if !force && next.same_plan(&model) {
             model = next;
             continue;
         }
+        // A pod cgroup that appears or goes, with a configuration some workload already has:
+        // one map update in the active generation, no flip. The proxy learns right after; a
+        // connection redirected for the new pod in between gets the proxy's unknown-id mode,
+        // the pending mode (fail closed).
+        if !force && let Some((set, remove)) = incremental(&model, &next) {
+            match kernel.update_active_workloads(&set, &remove) {
+                Ok(true) => {
+                    proxy_state.store(Arc::new(proxy_policy(&next, &opts, args.kube.pending_mode)));
+                    metrics.set_workload_names(next.names());
+                    debug!(
+                        added = set.len(),
+                        removed = remove.len(),
+                        us = t.elapsed().as_micros() as u64,
+                        "pod cgroups updated in the active generation"
+                    );
+                    status_dirty = true;
+                    model = next;
+                    continue;
+                }
+                Ok(false) => {}
+                Err(e) => warn!(error = %e, "in-place update failed; applying a full plan"),
+            }
+        }
         match apply(&mut kernel, &next, &opts, &metrics) {
             Ok(g) => {
                 generation = g;
-                proxy_state.store(Arc::new(proxy_policy(&next, &opts, args.unselected_mode)));
+                proxy_state.store(Arc::new(proxy_policy(&next, &opts, args.kube.pending_mode)));
                 admin_state.generation.store(g, Ordering::Release);
                 info!(
                     generation,
@@ -372,7 +483,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                     us = t.elapsed().as_micros() as u64,
                     "policy applied"
                 );
-                write_status(&args.kube.status_file, &node_name, generation, &next);
+                status_dirty = true;
                 model = next;
             }
             Err(e) => {

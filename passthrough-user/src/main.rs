@@ -26,7 +26,7 @@ enum Command {
     /// Validate policy files: one line per violation `FILE: spec.path: message`; exit 1 if any.
     Check(cli::CheckArgs),
     /// The decision for one connection and the match that made it, without touching the kernel.
-    Explain(cli::ExplainArgs),
+    Explain(Box<cli::ExplainArgs>),
     /// What is attached where, the policy generation and counters (from pinned state).
     Status(status::StatusArgs),
     /// Detach and unpin everything passthrough left in the kernel.

@@ -466,6 +466,13 @@ impl Metrics {
             .inc();
     }
 
+    /// Replaces the workload names (cgroup id → name) without a new policy generation
+    /// (Kubernetes mode: a pod cgroup added to or removed from the active plan).
+    pub fn set_workload_names(&self, workloads: impl IntoIterator<Item = (u64, String)>) {
+        *self.names.write().unwrap_or_else(|e| e.into_inner()) =
+            Arc::new(workloads.into_iter().collect());
+    }
+
     /// Call after `Kernel::retire`: the retired plan's entries are gone from the maps.
     pub fn previous_retired(&self) {
         for map in ["rules_v4", "rules_v6", "workloads", "range_blocks_v4"] {

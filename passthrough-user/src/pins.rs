@@ -82,8 +82,16 @@ struct LinkUpdateAttr {
     _pad: [u32; 12],
 }
 
+#[repr(C)]
+#[derive(Default)]
+struct LinkDetachAttr {
+    link_fd: u32,
+    _pad: [u32; 15],
+}
+
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_LINK_UPDATE: libc::c_long = 29;
+const BPF_LINK_DETACH: libc::c_long = 34;
 
 fn sys_bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
     // SAFETY: `attr` is a zero-padded bpf_attr prefix of the right shape for `cmd`.
@@ -161,15 +169,70 @@ pub fn link_update(link_pin: &Path, new_prog: std::os::fd::BorrowedFd<'_>) -> io
     sys_bpf(BPF_LINK_UPDATE, &mut attr).map(|_| ())
 }
 
+/// Detaches the link pinned at `pin` from its hook now (`BPF_LINK_DETACH`, Linux 5.9 for
+/// cgroup links): when it returns, the program no longer runs for new events of the cgroup,
+/// even if something (an agent, the pin) still holds the link. Unpinning alone is not enough
+/// for that: the kernel frees an unpinned link, and only then detaches its program, from an
+/// RCU callback and a work queue, which under load can run seconds later.
+///
+/// `Ok(false)` when `pin` is not a link, or the kernel has no `BPF_LINK_DETACH` (`EINVAL`) or
+/// none for this link type (`EOPNOTSUPP`): the program then goes when the link is freed.
+pub fn link_detach(pin: &Path) -> io::Result<bool> {
+    let link = obj_get(pin)?;
+    let mut attr = LinkDetachAttr {
+        link_fd: link.as_raw_fd() as u32,
+        ..Default::default()
+    };
+    match sys_bpf(BPF_LINK_DETACH, &mut attr) {
+        Ok(_) => Ok(true),
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::EINVAL | libc::EOPNOTSUPP | 524)
+            ) =>
+        {
+            // 524: the kernel's internal ENOTSUPP, which some link types return.
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Detaches (see [`link_detach`]) and unpins the link pinned at `pin`; nothing when there is no
+/// such pin.
+pub fn detach_and_unpin(pin: &Path) -> io::Result<()> {
+    match link_detach(pin) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+        Ok(_) => {}
+    }
+    match std::fs::remove_file(pin) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
 /// Removes a state tree: unpinning a link detaches its program (unless an agent still holds
 /// it open), unpinning a map frees it once no program uses it. Returns what was removed.
+/// The kernel detaches an unpinned link's program asynchronously; [`retire_tree`] detaches
+/// them before returning.
 pub fn remove_tree(dir: &Path) -> io::Result<Vec<PathBuf>> {
     let mut removed = Vec::new();
-    remove_tree_into(dir, &mut removed)?;
+    remove_tree_into(dir, false, &mut removed)?;
     Ok(removed)
 }
 
-fn remove_tree_into(dir: &Path, removed: &mut Vec<PathBuf>) -> io::Result<()> {
+/// Like [`remove_tree`], but first detaches each pinned link ([`link_detach`]), so that when it
+/// returns none of the tree's programs runs any more, whoever still holds the links. For state
+/// that no running agent enforces with: stale layouts, attachment points no longer wanted, this
+/// agent's own state at shutdown.
+pub fn retire_tree(dir: &Path) -> io::Result<Vec<PathBuf>> {
+    let mut removed = Vec::new();
+    remove_tree_into(dir, true, &mut removed)?;
+    Ok(removed)
+}
+
+fn remove_tree_into(dir: &Path, detach: bool, removed: &mut Vec<PathBuf>) -> io::Result<()> {
     let meta = match std::fs::symlink_metadata(dir) {
         Ok(m) => m,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
@@ -183,10 +246,21 @@ fn remove_tree_into(dir: &Path, removed: &mut Vec<PathBuf>) -> io::Result<()> {
             .collect();
         entries.sort_by_key(|p| p.file_name().is_some_and(|n| n == "maps"));
         for e in entries {
-            remove_tree_into(&e, removed)?;
+            remove_tree_into(&e, detach, removed)?;
         }
         std::fs::remove_dir(dir)?;
     } else {
+        // Maps are not links (`EINVAL`); only the link pins are detached.
+        let is_map = dir
+            .parent()
+            .is_some_and(|p| p.file_name().is_some_and(|n| n == "maps"));
+        if detach
+            && !is_map
+            && let Err(e) = link_detach(dir)
+        {
+            // Unpinning still detaches it, later: keep removing.
+            tracing::warn!(pin = %dir.display(), error = %e, "could not detach pinned link");
+        }
         std::fs::remove_file(dir)?;
     }
     removed.push(dir.to_path_buf());

@@ -16,6 +16,11 @@ fn data(p: &str) -> PathBuf {
 fn explain_args(dst: &str) -> ExplainArgs {
     ExplainArgs {
         policy: vec![data("explain/policies.yaml")],
+        kubernetes: false,
+        pod: None,
+        kubeconfig: None,
+        system_namespace: "kuma-system".into(),
+        zone: "default".into(),
         dst: dst.parse().unwrap(),
         udp: false,
         sni: None,

@@ -96,6 +96,8 @@ pub struct Logged {
     pub kind: Option<Kind>,
     /// `watch=true`.
     pub watch: bool,
+    /// A GET of one object (not a list or watch).
+    pub get: bool,
     /// The query string.
     pub query: String,
 }
@@ -354,7 +356,7 @@ impl ApiServer {
     pub fn count(&self, kind: Kind) -> (usize, usize) {
         let log = self.inner.log.lock().unwrap();
         let of = log.iter().filter(|l| l.kind == Some(kind));
-        let (w, l): (Vec<_>, Vec<_>) = of.partition(|l| l.watch);
+        let (w, l): (Vec<_>, Vec<_>) = of.filter(|l| !l.get).partition(|l| l.watch);
         (l.len(), w.len())
     }
 
@@ -430,21 +432,25 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// `(kind, namespace)` of a collection path.
-fn route(path: &str) -> Option<(Kind, Option<String>)> {
+/// `(kind, namespace, name)` of a collection path (`name` = `None`) or an object path.
+fn route(path: &str) -> Option<(Kind, Option<String>, Option<String>)> {
     for k in Kind::ALL {
         let Some(rest) = path.strip_prefix(k.prefix()) else {
             continue;
         };
-        if rest == format!("/{}", k.plural()) {
-            return Some((k, None));
-        }
-        if k.namespaced()
-            && let Some(r) = rest.strip_prefix("/namespaces/")
-            && let Some((ns, plural)) = r.split_once('/')
-            && plural == k.plural()
-        {
-            return Some((k, Some(ns.to_string())));
+        let parts: Vec<&str> = rest.trim_start_matches('/').split('/').collect();
+        match parts.as_slice() {
+            [p] if *p == k.plural() => return Some((k, None, None)),
+            [p, name] if *p == k.plural() && !k.namespaced() => {
+                return Some((k, None, Some(name.to_string())));
+            }
+            ["namespaces", ns, p] if *p == k.plural() && k.namespaced() => {
+                return Some((k, Some(ns.to_string()), None));
+            }
+            ["namespaces", ns, p, name] if *p == k.plural() && k.namespaced() => {
+                return Some((k, Some(ns.to_string()), Some(name.to_string())));
+            }
+            _ => {}
         }
     }
     None
@@ -469,6 +475,7 @@ async fn handle(inner: Arc<Inner>, req: Request<hyper::body::Incoming>) -> Respo
     let watch = matches!(params.get("watch").map(String::as_str), Some("true" | "1"));
     inner.log.lock().unwrap().push(Logged {
         kind: routed.as_ref().map(|r| r.0),
+        get: routed.as_ref().is_some_and(|r| r.2.is_some()),
         watch,
         query: q.clone(),
     });
@@ -506,7 +513,7 @@ async fn handle(inner: Arc<Inner>, req: Request<hyper::body::Incoming>) -> Respo
             status(405, "MethodNotAllowed", "this test server serves GET only"),
         );
     }
-    let Some((kind, ns)) = routed else {
+    let Some((kind, ns, object)) = routed else {
         return full(
             StatusCode::NOT_FOUND,
             status(
@@ -516,6 +523,20 @@ async fn handle(inner: Arc<Inner>, req: Request<hyper::body::Incoming>) -> Respo
             ),
         );
     };
+    if let Some(name) = object {
+        let s = inner.store.lock().unwrap();
+        return match s.objects.get(&(kind, ns.unwrap_or_default(), name.clone())) {
+            Some(o) => full(StatusCode::OK, o.clone()),
+            None => full(
+                StatusCode::NOT_FOUND,
+                status(
+                    404,
+                    "NotFound",
+                    &format!("{} {name:?} not found", kind.plural()),
+                ),
+            ),
+        };
+    }
     let fields = params.get("fieldSelector").cloned().unwrap_or_default();
     let selects = move |o: &Value| {
         field_match(&fields, o)

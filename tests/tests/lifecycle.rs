@@ -61,6 +61,26 @@ fn eventually_detached(dir: &Path) -> bool {
     }
 }
 
+/// Pinned links (everything but `maps/`) under a state layout directory.
+fn link_pins(dir: &Path) -> Vec<std::path::PathBuf> {
+    fn walk(p: &Path, out: &mut Vec<std::path::PathBuf>) {
+        if let Ok(rd) = std::fs::read_dir(p) {
+            for e in rd.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    if e.file_name() != "maps" {
+                        walk(&e.path(), out);
+                    }
+                } else {
+                    out.push(e.path());
+                }
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, &mut out);
+    out
+}
+
 fn pins_under(dir: &Path) -> usize {
     fn walk(p: &Path, n: &mut usize) {
         if let Ok(rd) = std::fs::read_dir(p) {
@@ -367,10 +387,16 @@ fn incompatible_pinned_state_is_replaced_not_reused() {
         .join(format!("v{}", passthrough_common::LAYOUT_VERSION));
     let v0 = state.path().join("v0");
     std::fs::rename(&v1, &v0).unwrap();
-    assert_eq!(
-        attached_programs(cg.path()).expect("bpftool").len(),
-        ALL_PROGRAMS
-    );
+    let progs = attached_programs(cg.path()).expect("bpftool");
+    assert_eq!(progs.len(), ALL_PROGRAMS, "{progs:#?}");
+    // Something still holds the old links (an old agent slow to exit, a bpftool): unpinning
+    // alone would leave their programs attached for as long as it does. The new agent detaches
+    // them (BPF_LINK_DETACH) before it reports the replacement.
+    let held = link_pins(&v0)
+        .iter()
+        .map(|p| passthrough_user::pins::obj_get(p).expect("open the old link"))
+        .collect::<Vec<_>>();
+    assert!(!held.is_empty(), "the old layout has pinned links");
 
     let mut second = builder().start().unwrap();
     assert!(
@@ -382,14 +408,17 @@ fn incompatible_pinned_state_is_replaced_not_reused() {
         !v0.exists(),
         "the old layout's pins are removed once the new programs are attached"
     );
+    let progs = attached_programs(cg.path()).expect("bpftool");
     assert_eq!(
-        attached_programs(cg.path()).expect("bpftool").len(),
+        progs.len(),
         ALL_PROGRAMS,
-        "exactly one set of programs"
+        "exactly one set of programs: {progs:#?}\n{}",
+        second.describe()
     );
     let mut probe = Probe::spawn(&cg, &net).unwrap();
     assert_allowed(&mut probe, &net, "198.51.100.9:8080");
     assert_denied(&mut probe, &net, "198.51.100.9:80");
+    drop(held);
     second.kill9();
 
     // Same layout number but maps of the wrong shape (a different build): replaced too.
@@ -414,10 +443,12 @@ fn incompatible_pinned_state_is_replaced_not_reused() {
     if status.map(|s| s.success()).unwrap_or(false) {
         let mut third = builder().start().unwrap();
         assert!(third.log().contains("incompatible"), "{}", third.describe());
+        let progs = attached_programs(cg.path()).expect("bpftool");
         assert_eq!(
-            attached_programs(cg.path()).expect("bpftool").len(),
+            progs.len(),
             ALL_PROGRAMS,
-            "exactly one set of programs"
+            "exactly one set of programs: {progs:#?}\n{}",
+            third.describe()
         );
         assert_allowed(&mut probe, &net, "198.51.100.9:8080");
         assert_denied(&mut probe, &net, "198.51.100.9:80");

@@ -1,5 +1,6 @@
 use super::*;
 use serde_json::json;
+use std::cmp::Ordering;
 
 fn pod(v: serde_json::Value) -> Pod {
     serde_json::from_value(v).expect("pod")
@@ -283,7 +284,7 @@ fn serviceless_inbound_names_the_owner() {
 }
 
 fn meta(name: &str, ns: &str, labels: &[(&str, &str)]) -> PolicyMeta {
-    PolicyMeta::from_object(
+    policy_meta(
         name,
         ns,
         &m(labels),
@@ -300,14 +301,14 @@ fn policy_labels_as_the_webhook_computes_them() {
     assert_eq!(sys.origin(), Origin::Zone);
     assert_eq!(sys.labels[NAMESPACE_TAG], "kuma-system");
     assert_eq!(sys.labels[ZONE_TAG], "default");
-    assert_eq!(sys.mesh(), "default");
+    assert_eq!(policy_mesh(&sys), "default");
     let app = meta("p", "shop", &[(ROLE_LABEL, "system"), (MESH_LABEL, "m")]);
     assert_eq!(
         app.role(),
         Role::WorkloadOwner,
         "the webhook always recomputes the role"
     );
-    assert_eq!(app.mesh(), "m");
+    assert_eq!(policy_mesh(&app), "m");
     let global = meta(
         "p-x7b",
         "kuma-system",
@@ -318,7 +319,7 @@ fn policy_labels_as_the_webhook_computes_them() {
         (Origin::Global, Role::System)
     );
     assert!(!global.labels.contains_key(ZONE_TAG));
-    let dn = PolicyMeta::from_object(
+    let dn = policy_meta(
         "x",
         "shop",
         &BTreeMap::new(),
@@ -327,7 +328,7 @@ fn policy_labels_as_the_webhook_computes_them() {
     )
     .unwrap();
     assert_eq!(dn.display_name(), "pretty");
-    let e = PolicyMeta::from_object(
+    let e = policy_meta(
         "x",
         "shop",
         &m(&[(ORIGIN_LABEL, "mars")]),

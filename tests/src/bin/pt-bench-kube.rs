@@ -14,6 +14,15 @@
 //!   kernel's policy generation flips (one atomic flip covers every pod: docs/design.md), 10 times;
 //! - **agent RSS** (`VmRSS`, `VmHWM` of the agent process) with 1,000 pods;
 //! - **API requests**: lists and watches per kind seen by the API server over the whole run.
+//!
+//! Where a pod's time goes, per pod, all on `CLOCK_MONOTONIC` (one clock for every process):
+//! the `mkdir` call; `mkdir` returned → the agent read the inotify event and → its map update
+//! returned (the agent's `passthrough::pod_timing` debug lines); the map update → this bench's
+//! poll saw it. Same run baseline: a minimal process blocked in `read` on an inotify watch of
+//! the same QoS directory (`--inotify-floor`, a child of this bench) timestamps the same events,
+//! which is the floor a loaded machine sets for any process woken by inotify. The kernel's
+//! `schedstat` run delay (time runnable but waiting for a CPU) of the agent's and the floor's
+//! threads over the pod phase is reported per pod.
 
 use std::{
     path::Path,
@@ -127,7 +136,96 @@ fn rss_kib(pid: u32) -> (u64, u64) {
     (field("VmRSS:"), field("VmHWM:"))
 }
 
+/// `CLOCK_MONOTONIC` in µs (the clock of the agent's timing lines).
+fn monotonic_us() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1_000
+}
+
+/// `--inotify-floor DIR`: prints `<name> <monotonic µs>` for every directory created in `DIR`,
+/// read as soon as the kernel wakes this process. Runs until killed.
+fn inotify_floor(dir: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let path = std::ffi::CString::new(dir)?;
+    // SAFETY: plain syscalls on a descriptor this function owns.
+    let fd = unsafe { libc::inotify_init1(libc::IN_CLOEXEC) };
+    if fd < 0 {
+        bail!("inotify_init1: {}", std::io::Error::last_os_error());
+    }
+    if unsafe { libc::inotify_add_watch(fd, path.as_ptr(), libc::IN_CREATE | libc::IN_ONLYDIR) } < 0
+    {
+        bail!(
+            "inotify_add_watch {dir}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    println!("ready");
+    std::io::stdout().flush()?;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        let now = monotonic_us();
+        if n <= 0 {
+            bail!("read: {}", std::io::Error::last_os_error());
+        }
+        let mut off = 0usize;
+        let head = std::mem::size_of::<libc::inotify_event>();
+        let mut out = std::io::stdout().lock();
+        while off + head <= n as usize {
+            // SAFETY: the kernel wrote whole events; read_unaligned copes with the byte buffer.
+            let ev: libc::inotify_event =
+                unsafe { std::ptr::read_unaligned(buf[off..].as_ptr().cast()) };
+            let name = &buf[off + head..off + head + ev.len as usize];
+            let name = String::from_utf8_lossy(name.split(|b| *b == 0).next().unwrap_or(&[]));
+            writeln!(out, "{name} {now}")?;
+            off += head + ev.len as usize;
+        }
+        out.flush()?;
+    }
+}
+
+/// Total `schedstat` run delay (ns runnable but not running) of every thread of `pid`.
+fn run_delay_ns(pid: u32) -> u64 {
+    let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    rd.flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum()
+}
+
+/// `key=value` of a tracing line (the agent's `passthrough::pod_timing` lines).
+fn field(line: &str, key: &str) -> Option<u64> {
+    let at = line.find(&format!("{key}="))? + key.len() + 1;
+    line[at..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+fn summary(name: &str, mut v: Vec<f64>) {
+    v.sort_by(f64::total_cmp);
+    println!(
+        "  {name:<46} p50 {:>7.2}  p90 {:>7.2}  p99 {:>7.2}  max {:>7.2}",
+        percentile(&v, 50.0),
+        percentile(&v, 90.0),
+        percentile(&v, 99.0),
+        v.last().copied().unwrap_or(0.0)
+    );
+}
+
 fn main() -> anyhow::Result<()> {
+    let argv: Vec<String> = std::env::args().collect();
+    if let Some(i) = argv.iter().position(|a| a == "--inotify-floor") {
+        return inotify_floor(argv.get(i + 1).context("--inotify-floor DIR")?);
+    }
     if unsafe { libc::geteuid() } != 0 {
         bail!("pt-bench-kube needs root (cgroups, BPF)");
     }
@@ -174,6 +272,9 @@ fn main() -> anyhow::Result<()> {
     }
     let bin =
         std::env::var("PASSTHROUGH_BIN").unwrap_or_else(|_| "target/release/passthrough".into());
+    // The agent's per-pod timing lines (debug, one target) on top of its usual info log.
+    // SAFETY: single-threaded here; the runtime's worker does not read the environment.
+    unsafe { std::env::set_var("PASSTHROUGH_TEST_LOG", "info,passthrough::pod_timing=debug") };
     let t = Instant::now();
     let mut agent = Agent::builder()
         .binary(&bin)
@@ -192,16 +293,40 @@ fn main() -> anyhow::Result<()> {
     let (rss, hwm) = rss_kib(agent.pid());
 
     // Pod cgroup → enforced by its own policy.
+    let qos_dir = root.qos_dir(Qos::BestEffort);
+    let mut floor = std::process::Command::new(std::env::current_exe()?)
+        .arg("--inotify-floor")
+        .arg(&qos_dir)
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let floor_out = floor.stdout.take().context("floor stdout")?;
+    let floor_lines = std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        std::io::BufReader::new(floor_out)
+            .lines()
+            .map_while(Result::ok)
+            .collect::<Vec<String>>()
+    });
+    // Its "ready" line is read with the rest; give it time to set the watch.
+    std::thread::sleep(Duration::from_millis(200));
+    let load_before = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let (agent_delay0, floor_delay0) = (run_delay_ns(agent.pid()), run_delay_ns(floor.id()));
     let mut lat = Vec::new();
+    // Per pod: (name, cgroup id, mkdir start, mkdir returned, seen by this bench), µs.
+    let mut marks: Vec<(String, u64, u64, u64, u64)> = Vec::new();
     for n in PODS..PODS + new_pods {
         let dir = root.pod_dir(&uid(n), Qos::BestEffort);
         let t0 = Instant::now();
+        let m0 = monotonic_us();
         std::fs::create_dir(&dir)?;
+        let m1 = monotonic_us();
         use std::os::unix::fs::MetadataExt as _;
         let id = std::fs::metadata(&dir)?.ino();
         loop {
             if maps.mode_of(id) == Some(mode::MATCHED) {
                 lat.push(t0.elapsed().as_secs_f64() * 1e3);
+                let name = dir.file_name().unwrap().to_string_lossy().into_owned();
+                marks.push((name, id, m0, m1, monotonic_us()));
                 break;
             }
             if t0.elapsed() > Duration::from_secs(10) {
@@ -213,6 +338,33 @@ fn main() -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(20));
     }
     lat.sort_by(f64::total_cmp);
+    let (agent_delay, floor_delay) = (
+        run_delay_ns(agent.pid()) - agent_delay0,
+        run_delay_ns(floor.id()) - floor_delay0,
+    );
+    let load_after = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let _ = floor.kill();
+    let _ = floor.wait();
+    let floor_seen: std::collections::HashMap<String, u64> = floor_lines
+        .join()
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|l| {
+            let (name, us) = l.rsplit_once(' ')?;
+            Some((name.to_string(), us.parse().ok()?))
+        })
+        .collect();
+    let agent_seen: std::collections::HashMap<u64, (u64, u64)> = agent
+        .log()
+        .lines()
+        .filter(|l| l.contains("pod cgroup enforced from its inotify event"))
+        .filter_map(|l| {
+            Some((
+                field(l, "cgroup_id")?,
+                (field(l, "read_us")?, field(l, "written_us")?),
+            ))
+        })
+        .collect();
 
     // Policy change → every pod.
     let mut flips = Vec::new();
@@ -247,7 +399,11 @@ fn main() -> anyhow::Result<()> {
     .into_iter()
     .map(|k| (k, api.count(k)))
     .collect();
-    let other = api.requests().iter().filter(|r| r.kind.is_none()).count();
+    let other = api
+        .requests()
+        .iter()
+        .filter(|r| r.kind.is_none() || r.get)
+        .count();
     agent.stop()?;
     drop(cg);
 
@@ -265,6 +421,58 @@ fn main() -> anyhow::Result<()> {
         percentile(&lat, 50.0),
         percentile(&lat, 99.0),
         lat.last().copied().unwrap_or(0.0)
+    );
+    let ms = |a: u64, b: u64| b.saturating_sub(a) as f64 / 1e3;
+    let timed: Vec<_> = marks
+        .iter()
+        .filter_map(|(name, id, m0, m1, seen)| {
+            let (read, written) = agent_seen.get(id)?;
+            Some((
+                *m0,
+                *m1,
+                *read,
+                *written,
+                *seen,
+                floor_seen.get(name).copied(),
+            ))
+        })
+        .collect();
+    println!(
+        "where the time goes (ms, CLOCK_MONOTONIC, {} of {} pods enforced from the inotify event; load average before {} after {}):",
+        timed.len(),
+        marks.len(),
+        load_before.split_whitespace().next().unwrap_or("?"),
+        load_after.split_whitespace().next().unwrap_or("?"),
+    );
+    summary("mkdir call", timed.iter().map(|t| ms(t.0, t.1)).collect());
+    summary(
+        "mkdir returned -> agent read the event",
+        timed.iter().map(|t| ms(t.1, t.2)).collect(),
+    );
+    summary(
+        "agent read -> map update returned",
+        timed.iter().map(|t| ms(t.2, t.3)).collect(),
+    );
+    summary(
+        "map update -> this bench's poll saw it",
+        timed.iter().map(|t| ms(t.3, t.4)).collect(),
+    );
+    summary(
+        "mkdir call -> map updated (enforced)",
+        timed.iter().map(|t| ms(t.0, t.3)).collect(),
+    );
+    summary(
+        "baseline: mkdir returned -> minimal reader woke",
+        timed.iter().filter_map(|t| Some(ms(t.1, t.5?))).collect(),
+    );
+    summary(
+        "baseline: mkdir call -> minimal reader woke",
+        timed.iter().filter_map(|t| Some(ms(t.0, t.5?))).collect(),
+    );
+    println!(
+        "  run delay (kernel schedstat, waiting for a CPU) per pod: agent {:.2} ms, minimal reader {:.2} ms",
+        agent_delay as f64 / 1e6 / marks.len().max(1) as f64,
+        floor_delay as f64 / 1e6 / marks.len().max(1) as f64
     );
     println!(
         "policy change -> all pods (ms, n={}): p50 {:.1}  max {:.1}",
