@@ -31,19 +31,35 @@ pub(crate) fn on(level: Level) -> bool {
 
 pub(crate) use aya_log_ebpf::macro_support::Level as L;
 
-/// debug: one denial.
+/// debug: one denial (the reason, workload, destination and port; its deny event has the rest).
+/// Its fields come in registers, so the caller never gives the event an address on its stack for
+/// a record that is off, and the record's own frame stays small: `connect6`'s frame is close to
+/// the verifier's 512 bytes for a whole call chain.
 #[inline(never)]
-pub(crate) fn denial(event: &DenyEvent) {
+pub(crate) fn denial(workload: u64, reason_port: u64, addr_hi: u64, addr_lo: u64) {
+    let mut addr = [0u8; 16];
+    addr[..8].copy_from_slice(&addr_hi.to_be_bytes());
+    addr[8..].copy_from_slice(&addr_lo.to_be_bytes());
     aya_log_ebpf::debug!(
         &(),
         target: TARGET,
-        "denied: reason {} workload {} pid {} dst {:i} port {} protocol {}",
-        event.reason,
+        "denied: reason {} workload {} dst {:i} port {}",
+        reason_port as u32,
+        workload,
+        addr,
+        (reason_port >> 32) as u16
+    );
+}
+
+/// [`denial`] for `event`.
+#[inline(always)]
+pub(crate) fn denial_of(event: &DenyEvent) {
+    let a = &event.addr;
+    denial(
         event.workload,
-        event.pid,
-        event.addr,
-        event.port,
-        event.protocol
+        u64::from(event.reason) | u64::from(event.port) << 32,
+        u64::from_be_bytes([a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]]),
+        u64::from_be_bytes([a[8], a[9], a[10], a[11], a[12], a[13], a[14], a[15]]),
     );
 }
 

@@ -56,7 +56,7 @@ pub struct AgentBuilder {
     state_dir: Option<PathBuf>,
     /// Run this binary instead of [`agent_binary`] (a bench's before/after).
     binary: Option<PathBuf>,
-    /// `RUST_LOG` of the agent instead of `PASSTHROUGH_TEST_LOG` (default `info`).
+    /// `RUST_LOG` for the agent (default: `$PASSTHROUGH_TEST_LOG`, else `info`).
     log_filter: Option<String>,
 }
 
@@ -104,7 +104,8 @@ impl AgentBuilder {
         self
     }
 
-    /// The agent's `RUST_LOG` (default: `PASSTHROUGH_TEST_LOG`, else `info`).
+    /// The agent's `RUST_LOG` filter (e.g. `info,passthrough::proxy=debug` for the proxy's
+    /// access log).
     pub fn log_filter(mut self, filter: &str) -> Self {
         self.log_filter = Some(filter.into());
         self
