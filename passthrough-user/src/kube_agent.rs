@@ -328,7 +328,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         0
     };
     let proxy_listeners = startup::bind_proxy(&args).await?;
-    let mut kernel = Kernel::load(
+    let mut kernel = Kernel::load_with(
         Capacities {
             rules: args.rule_capacity,
             ..Capacities::default()
@@ -337,7 +337,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         AGENT_MARK,
         startup::proxy_settings(&args)?,
         Some(&args.state_dir),
+        startup::load_options(&args),
     )?;
+    let _bpf_log_task = startup::start_bpf_log(&mut kernel, args.bpf_log_level);
     startup::set_backstop(&mut kernel, &args);
     if kernel.adopted() {
         info!(state = %args.state_dir.display(), generation = kernel.policy_generation(), "adopted pinned state of a previous agent");
