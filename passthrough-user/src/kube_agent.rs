@@ -15,8 +15,9 @@
 
 use std::{
     collections::BTreeSet,
+    os::fd::{AsFd as _, OwnedFd},
     path::Path,
-    sync::{Arc, atomic::Ordering},
+    sync::{Arc, Mutex, atomic::Ordering},
     time::{Duration, Instant, SystemTime},
 };
 
@@ -25,13 +26,17 @@ use arc_swap::ArcSwap;
 use passthrough_common::AGENT_MARK;
 use passthrough_kube::{
     cgroups::{CgroupEvent, KubepodsRoot, KubepodsWatcher},
+    cluster::Snapshot,
     cluster::{self, WatchOptions},
     kuma::{GovernRules, KumaConfig},
     node::{self, Cgroups, Model, Settings},
 };
 use passthrough_policy::{self as policy, Mode, plan::PlanOptions};
 use passthrough_proxy::ProxyPolicy;
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::{Notify, watch},
+};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
@@ -217,6 +222,10 @@ fn write_status(path: &Path, node_name: &str, generation: u64, model: &Model) {
     }
 }
 
+fn lock(shared: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
+    shared.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn log_cgroup_events(evs: &[CgroupEvent]) {
     for e in evs {
         match e {
@@ -228,6 +237,92 @@ fn log_cgroup_events(evs: &[CgroupEvent]) {
             CgroupEvent::Overflow => warn!("inotify queue overflow; rescanned the kubepods tree"),
         }
     }
+}
+
+/// What the pod-cgroup thread and the event loop share, under one lock: the kernel (whose
+/// active plan the thread extends in place), the model that plan was written from (only the
+/// event loop replaces it, together with the plan, so the two always agree), and the pod
+/// cgroups that exist.
+struct Shared {
+    kernel: Kernel,
+    model: Arc<Model>,
+    cgroups: Cgroups,
+}
+
+/// The pod-cgroup thread: blocks in the kubepods inotify watch and, the moment the kernel wakes
+/// it, enforces each new pod cgroup whose configuration the active plan already has (one map
+/// update, [`node::like_for`]), records every change in `shared.cgroups` and wakes the event
+/// loop, which recomputes the model. On a thread of its own so that a pod's first connection
+/// never waits for the event loop (a model recomputation, an API event, a status write) nor for
+/// the async runtime's own wake-ups. Returns when `stop`'s other end closes.
+fn cgroup_thread(
+    mut watcher: KubepodsWatcher,
+    stop: OwnedFd,
+    shared: Arc<Mutex<Shared>>,
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+    settings: Settings,
+    changed: Arc<Notify>,
+) {
+    loop {
+        let evs = match watcher.wait(stop.as_fd()) {
+            Ok(Some(evs)) => evs,
+            Ok(None) => return,
+            Err(e) => {
+                error!(error = %e, "watching the kubepods cgroups failed");
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        let read_us = monotonic_us();
+        let snap = snapshots.borrow().clone();
+        let (early, written_us) = {
+            let mut sh = lock(&shared);
+            let early: Vec<(u64, u64)> = evs
+                .iter()
+                .filter_map(|e| match e {
+                    CgroupEvent::Appeared(p) => {
+                        node::like_for(&sh.model, &snap, p, &settings).map(|like| (p.id, like))
+                    }
+                    _ => None,
+                })
+                .collect();
+            // A cgroup this thread enforced that went before the model learnt of it: only this
+            // thread knows its entry.
+            let gone: Vec<u64> = evs
+                .iter()
+                .filter_map(|e| match e {
+                    CgroupEvent::Gone { path, .. } => sh.cgroups.pods.get(path).map(|p| p.id),
+                    _ => None,
+                })
+                .filter(|id| !sh.model.entries.iter().any(|e| e.id == *id))
+                .collect();
+            if (!early.is_empty() || !gone.is_empty())
+                && let Err(e) = sh.kernel.update_active_workloads(&early, &gone)
+            {
+                warn!(error = %e, "early pod cgroup update failed");
+            }
+            let written_us = monotonic_us();
+            sh.cgroups.apply(&evs);
+            (early, written_us)
+        };
+        changed.notify_one();
+        for (id, _) in &early {
+            debug!(target: "passthrough::pod_timing", cgroup_id = id, read_us, written_us, "pod cgroup enforced from its inotify event");
+        }
+        log_cgroup_events(&evs);
+    }
+}
+
+/// A pipe whose write end, dropped, stops [`cgroup_thread`].
+fn stop_pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two descriptors this function then owns.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    use std::os::fd::FromRawFd as _;
+    // SAFETY: both are fresh descriptors owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
 /// `CLOCK_MONOTONIC` in µs: the clock other processes (a benchmark) read too, so the agent's
@@ -312,11 +407,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         _ = term.recv() => { admin_task.abort(); return Ok(()) }
         _ = int.recv() => { admin_task.abort(); return Ok(()) }
     };
-    let (mut watcher, evs) = KubepodsWatcher::start(root.clone())
+    let (watcher, evs) = KubepodsWatcher::start(root.clone())
         .with_context(|| format!("watching {}", root.path.display()))?;
     let mut cgroups = Cgroups::default();
     cgroups.apply(&evs);
-    let mut model = node::build(&snap, &cgroups, &settings);
+    let model = node::build(&snap, &cgroups, &settings);
     let mut seen_problems = BTreeSet::new();
     report(&model, &mut seen_problems);
 
@@ -373,6 +468,27 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     admin_state.ready.store(true, Ordering::Release);
     *admin_state.degraded.write().unwrap() = None;
 
+    // From here the kernel is shared with the pod-cgroup thread (events queued since the watch
+    // was set are read by it first).
+    let mut model = Arc::new(model);
+    let shared = Arc::new(Mutex::new(Shared {
+        kernel,
+        model: model.clone(),
+        cgroups,
+    }));
+    let changed = Arc::new(Notify::new());
+    let (stop_rx, stop_tx) = stop_pipe().context("pipe")?;
+    let cgroup_thread = std::thread::Builder::new()
+        .name("pod-cgroups".into())
+        .spawn({
+            let shared = shared.clone();
+            let snapshots = snapshots.clone();
+            let settings = settings.clone();
+            let changed = changed.clone();
+            move || cgroup_thread(watcher, stop_rx, shared, snapshots, settings, changed)
+        })
+        .context("starting the pod-cgroup thread")?;
+
     // The status file is rewritten at most twice a second (it lists every pod; writing it on
     // every cgroup event would delay the next event).
     let mut status_tick = tokio::time::interval(Duration::from_millis(500));
@@ -396,37 +512,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                     bail!("API watchers stopped");
                 }
             }
-            r = watcher.next() => {
-                match r {
-                    Ok(evs) => {
-                        let read_us = monotonic_us();
-                        // Enforce new pod cgroups at once when their configuration is one the
-                        // active plan has (one map update each); the model follows below.
-                        let snap = snapshots.borrow().clone();
-                        let early: Vec<(u64, u64)> = evs
-                            .iter()
-                            .filter_map(|e| match e {
-                                CgroupEvent::Appeared(p) => {
-                                    node::like_for(&model, &snap, p, &settings).map(|like| (p.id, like))
-                                }
-                                _ => None,
-                            })
-                            .collect();
-                        if !early.is_empty()
-                            && let Err(e) = kernel.update_active_workloads(&early, &[])
-                        {
-                            warn!(error = %e, "early pod cgroup update failed");
-                        }
-                        let written_us = monotonic_us();
-                        for (id, _) in &early {
-                            debug!(target: "passthrough::pod_timing", cgroup_id = id, read_us, written_us, "pod cgroup enforced from its inotify event");
-                        }
-                        log_cgroup_events(&evs);
-                        cgroups.apply(&evs);
-                    }
-                    Err(e) => error!(error = %e, "watching the kubepods cgroups failed"),
-                }
-            }
+            // The pod-cgroup thread changed the cgroups (and enforced the new ones it could).
+            _ = changed.notified() => {}
             r = health.changed() => {
                 if r.is_ok() {
                     let h = health.borrow_and_update().clone();
@@ -440,10 +527,16 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         let t = Instant::now();
         let snap = snapshots.borrow_and_update().clone();
+        let cgroups = lock(&shared).cgroups.clone();
         let next = node::build_from(&snap, &cgroups, &settings, Some(&model));
         report(&next, &mut seen_problems);
+        // The model and the plan change together, under the lock: the pod-cgroup thread always
+        // sees the model the active plan was written from. Cgroups it handles meanwhile wake
+        // this loop again.
+        let mut sh = lock(&shared);
         if !force && next.same_plan(&model) {
-            model = next;
+            model = Arc::new(next);
+            sh.model = model.clone();
             continue;
         }
         // A pod cgroup that appears or goes, with a configuration some workload already has:
@@ -451,7 +544,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         // connection redirected for the new pod in between gets the proxy's unknown-id mode,
         // the pending mode (fail closed).
         if !force && let Some((set, remove)) = incremental(&model, &next) {
-            match kernel.update_active_workloads(&set, &remove) {
+            match sh.kernel.update_active_workloads(&set, &remove) {
                 Ok(true) => {
                     proxy_state.store(Arc::new(proxy_policy(&next, &opts, args.kube.pending_mode)));
                     metrics.set_workload_names(next.names());
@@ -462,14 +555,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                         "pod cgroups updated in the active generation"
                     );
                     status_dirty = true;
-                    model = next;
+                    model = Arc::new(next);
+                    sh.model = model.clone();
                     continue;
                 }
                 Ok(false) => {}
                 Err(e) => warn!(error = %e, "in-place update failed; applying a full plan"),
             }
         }
-        match apply(&mut kernel, &next, &opts, &metrics) {
+        match apply(&mut sh.kernel, &next, &opts, &metrics) {
             Ok(g) => {
                 generation = g;
                 proxy_state.store(Arc::new(proxy_policy(&next, &opts, args.kube.pending_mode)));
@@ -482,7 +576,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                     "policy applied"
                 );
                 status_dirty = true;
-                model = next;
+                model = Arc::new(next);
+                sh.model = model.clone();
             }
             Err(e) => {
                 error!(error = %format!("{e:#}"), "apply failed; the previous plan stays in force")
@@ -498,6 +593,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         let _ = t.await;
     }
     drop(cluster);
+    drop(stop_tx);
+    if cgroup_thread.join().is_err() {
+        error!("the pod-cgroup thread panicked");
+    }
+    let kernel = Arc::try_unwrap(shared)
+        .map_err(|_| anyhow::anyhow!("the kernel is still shared at shutdown"))?
+        .into_inner()
+        .unwrap_or_else(|p| p.into_inner())
+        .kernel;
     if args.keep_on_exit {
         info!("--keep-on-exit: programs stay attached, maps pinned");
     }
