@@ -477,6 +477,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         cgroups,
     }));
     let changed = Arc::new(Notify::new());
+    let cgroup_thread_ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (stop_rx, stop_tx) = stop_pipe().context("pipe")?;
     let cgroup_thread = std::thread::Builder::new()
         .name("pod-cgroups".into())
@@ -485,7 +486,24 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             let snapshots = snapshots.clone();
             let settings = settings.clone();
             let changed = changed.clone();
-            move || cgroup_thread(watcher, stop_rx, shared, snapshots, settings, changed)
+            let ended = cgroup_thread_ended.clone();
+            move || {
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    cgroup_thread(
+                        watcher,
+                        stop_rx,
+                        shared,
+                        snapshots,
+                        settings,
+                        changed.clone(),
+                    )
+                }));
+                if r.is_err() {
+                    error!("the pod-cgroup thread panicked");
+                }
+                ended.store(true, Ordering::Release);
+                changed.notify_one();
+            }
         })
         .context("starting the pod-cgroup thread")?;
 
@@ -513,7 +531,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 }
             }
             // The pod-cgroup thread changed the cgroups (and enforced the new ones it could).
-            _ = changed.notified() => {}
+            _ = changed.notified() => {
+                // It only ends when told to, after this loop: without it no new pod would be
+                // named any more. Exit (the pinned state keeps enforcing) and be restarted.
+                if cgroup_thread_ended.load(Ordering::Acquire) {
+                    bail!("the pod-cgroup thread stopped; new pods would stay pending");
+                }
+            }
             r = health.changed() => {
                 if r.is_ok() {
                     let h = health.borrow_and_update().clone();
@@ -594,9 +618,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     drop(cluster);
     drop(stop_tx);
-    if cgroup_thread.join().is_err() {
-        error!("the pod-cgroup thread panicked");
-    }
+    let _ = cgroup_thread.join();
     let kernel = Arc::try_unwrap(shared)
         .map_err(|_| anyhow::anyhow!("the kernel is still shared at shutdown"))?
         .into_inner()
