@@ -38,6 +38,10 @@ pub trait Maps {
     /// Reports a denial; `event.ktime_ns` is left for the implementation to stamp. A full
     /// report channel drops the event and counts [`counter::EVENTS_DROPPED`].
     fn report(&self, event: DenyEvent);
+    /// Reports an allowed egress decision to a watcher (called only while `CONFIG` has
+    /// [`flags::MONITOR`]): keeps 1 in 2^`sample_shift` of them (at random), and drops the
+    /// event, counting it, when the channel is full. Never waits.
+    fn observe(&self, event: DenyEvent, sample_shift: u32);
 }
 
 /// A destination address of one family. The decision is generic over it, so each program is
@@ -316,47 +320,71 @@ pub fn decide<M: Maps, C: Caller, D: Dest>(
     };
 
     // Rule 2.
-    if wl_mode == mode::ALL {
-        return decided(maps, Verdict::Allow, Reason::ModeAll);
-    }
-    let reason = if wl_mode == mode::MATCHED {
+    let (allow, reason) = if wl_mode == mode::ALL {
+        (true, Reason::ModeAll)
+    } else if wl_mode == mode::MATCHED {
         // Rule 3: a port-specific entry, then the port-less ones. Two exact-port tries would
         // not do: the longest prefix at one port must not hide a shorter prefix at "any port".
         if dst.rule_hit(maps, rs, port_be) || dst.rule_hit(maps, rs, 0) {
-            return decided(maps, Verdict::Allow, Reason::AddressMatch);
-        }
-        match transport {
-            // Domain matches never cover UDP (QUIC clients fall back to TCP).
-            Transport::Udp => Reason::UdpNotCovered,
-            // No port, no name: nothing for the proxy to judge.
-            Transport::Raw(..) => Reason::NoMatch,
-            // Rule 4: a Domain match could apply at this port → the proxy decides on SNI/Host.
-            Transport::Tcp if has_domain_port(maps, rs, u32::from(u16::from_be(port_be))) => {
-                if cfg.flags & flags::PROXY != 0 {
-                    return decided(
-                        maps,
-                        Verdict::Redirect { workload },
-                        Reason::DomainCandidates,
-                    );
+            (true, Reason::AddressMatch)
+        } else {
+            let reason = match transport {
+                // Domain matches never cover UDP (QUIC clients fall back to TCP).
+                Transport::Udp => Reason::UdpNotCovered,
+                // No port, no name: nothing for the proxy to judge.
+                Transport::Raw(..) => Reason::NoMatch,
+                // Rule 4: a Domain match could apply at this port → the proxy decides on
+                // SNI/Host.
+                Transport::Tcp if has_domain_port(maps, rs, u32::from(u16::from_be(port_be))) => {
+                    if cfg.flags & flags::PROXY != 0 {
+                        return decided(
+                            maps,
+                            Verdict::Redirect { workload },
+                            Reason::DomainCandidates,
+                        );
+                    }
+                    Reason::NoProxy
                 }
-                Reason::NoProxy
-            }
-            Transport::Tcp => Reason::NoMatch,
-            Transport::Subflow if has_domain_port(maps, rs, u32::from(u16::from_be(port_be))) => {
-                Reason::NoProxy
-            }
-            Transport::Subflow => Reason::NoMatch,
+                Transport::Tcp => Reason::NoMatch,
+                Transport::Subflow
+                    if has_domain_port(maps, rs, u32::from(u16::from_be(port_be))) =>
+                {
+                    Reason::NoProxy
+                }
+                Transport::Subflow => Reason::NoMatch,
+            };
+            (false, reason)
         }
     } else {
         // Mode `None`, and (fail closed) any mode code that is not a mode, like the 0 of a
         // never-written entry.
-        Reason::ModeNone
+        (false, Reason::ModeNone)
     };
 
-    // Rule 5.
-    deny(
-        maps, &cfg, caller, &dst, port_be, transport, reason, workload,
-    )
+    // Rules 2 and 3 allow; rule 5 denies. One tail for both, so the one event is built in one
+    // place (a program inlines this function several times; one event each keeps the stack
+    // inside the BPF limit): a denial is always reported, an allowed egress decision only while
+    // someone watches ([`flags::MONITOR`]: one bit of the configuration already read, nothing
+    // else, when nobody does). The audit flag only moves a denial's counter to the reason's
+    // audit slot (arithmetic, not a branch) and picks the verdict at the end.
+    let audit = !allow && cfg.flags & flags::AUDIT != 0;
+    maps.count(counter::decided(reason) + u32::from(audit) * counter::AUDIT_OFFSET);
+    if !allow || cfg.flags & flags::MONITOR != 0 {
+        let ev = event(caller, &dst, port_be, transport, reason, workload, audit);
+        if allow {
+            maps.observe(ev, flags::monitor_shift(cfg.flags));
+        } else {
+            maps.report(ev);
+        }
+    }
+    Decision {
+        verdict: if allow || audit {
+            Verdict::Allow
+        } else {
+            Verdict::Deny
+        },
+        reason,
+    }
 }
 
 /// Rule 5 for `reason`. One path for both outcomes: the audit flag only moves the counter to
@@ -479,8 +507,25 @@ fn report_denial<M: Maps, C: Caller, D: Dest>(
     workload: u64,
     audit: bool,
 ) {
+    maps.report(event(
+        caller, dst, port_be, transport, reason, workload, audit,
+    ));
+}
+
+/// The event of one decision (`ktime_ns` left for [`Maps`] to stamp).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn event<C: Caller, D: Dest>(
+    caller: C,
+    dst: &D,
+    port_be: u16,
+    transport: Transport,
+    reason: Reason,
+    workload: u64,
+    audit: bool,
+) -> DenyEvent {
     let (pid, comm) = caller.process();
-    maps.report(DenyEvent {
+    DenyEvent {
         ktime_ns: 0,
         workload,
         cgroup: caller.cgroup_id(),
@@ -499,7 +544,7 @@ fn report_denial<M: Maps, C: Caller, D: Dest>(
             _ => 0,
         },
         comm,
-    });
+    }
 }
 
 #[inline(always)]

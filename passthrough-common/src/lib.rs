@@ -73,6 +73,30 @@ pub mod flags {
     pub const POD_PROXY_V4: u32 = 4;
     /// `pod_proxy_v6` is set (IPv6).
     pub const POD_PROXY_V6: u32 = 8;
+    /// Someone watches (`passthrough monitor`, the decision log): the programs also report
+    /// allowed egress decisions (`MONITOR_EVENTS`), 1 in 2^[`monitor_shift`] of them.
+    pub const MONITOR: u32 = 16;
+    /// First bit of the monitor's sampling shift (4 bits: 1 in 1 … 1 in 32,768).
+    pub const MONITOR_SHIFT_BIT: u32 = 8;
+    /// The sampling shift's bits, once shifted down.
+    pub const MONITOR_SHIFT_MASK: u32 = 0xf;
+
+    /// The sampling shift in `flags`.
+    #[inline(always)]
+    pub const fn monitor_shift(flags: u32) -> u32 {
+        (flags >> MONITOR_SHIFT_BIT) & MONITOR_SHIFT_MASK
+    }
+
+    /// `flags` with the monitor bits set for (`on`, `shift`); the other bits kept.
+    #[inline(always)]
+    pub const fn with_monitor(flags: u32, on: bool, shift: u32) -> u32 {
+        let cleared = flags & !(MONITOR | (MONITOR_SHIFT_MASK << MONITOR_SHIFT_BIT));
+        if on {
+            cleared | MONITOR | ((shift & MONITOR_SHIFT_MASK) << MONITOR_SHIFT_BIT)
+        } else {
+            cleared
+        }
+    }
 }
 
 /// Index 0 of the `CONFIG` array: what every program reads first.
@@ -326,6 +350,9 @@ pub struct PeerKey {
 /// One denial (or, under `--audit`, would-be denial) reported through the `DENY_EVENTS` ring
 /// buffer. When the buffer is full the event is dropped and `EVENTS_DROPPED` is counted: a
 /// flood of denials costs the kernel a failed reserve, never unbounded memory.
+///
+/// The same record carries allowed egress decisions through `MONITOR_EVENTS` while someone
+/// watches ([`flags::MONITOR`]); a full buffer there is counted in `MONITOR_DROPS`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DenyEvent {

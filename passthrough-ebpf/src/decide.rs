@@ -7,7 +7,8 @@ use aya_ebpf::{
     bindings::bpf_sock,
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_comm,
-        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_sk_ancestor_cgroup_id, bpf_sk_cgroup_id,
+        bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_sk_ancestor_cgroup_id,
+        bpf_sk_cgroup_id,
     },
     maps::lpm_trie::Key,
 };
@@ -20,7 +21,8 @@ use passthrough_common::{
 pub use passthrough_common::decide::{Transport, V4, V6, Verdict, v4_mapped, v6};
 
 use crate::maps::{
-    CONFIG, DENY_EVENTS, DOMAIN_PORTS, RANGE_INDEX_V4, RANGES_V4, RULES_V6, WORKLOADS, count,
+    CONFIG, DENY_EVENTS, DOMAIN_PORTS, MONITOR_DROPS, MONITOR_EVENTS, RANGE_INDEX_V4, RANGES_V4,
+    RULES_V6, WORKLOADS, count,
 };
 
 /// The programs' maps, as the shared decision reads them. A unit struct: the maps are statics.
@@ -75,6 +77,30 @@ impl Maps for KernelMaps {
     fn report(&self, mut event: DenyEvent) {
         let Some(mut slot) = DENY_EVENTS.reserve::<DenyEvent>(0) else {
             count(counter::EVENTS_DROPPED);
+            return;
+        };
+        event.ktime_ns = unsafe { bpf_ktime_get_ns() };
+        slot.write(event);
+        slot.submit(0);
+    }
+
+    /// Sampling by a random draw per decision (no shared state between CPUs), then the same
+    /// reserve-in-place as [`KernelMaps::report`]; a full buffer counts in `MONITOR_DROPS`.
+    /// Built with the `no-monitor` feature (the benchmark's baseline) it does nothing.
+    #[inline(always)]
+    fn observe(&self, mut event: DenyEvent, sample_shift: u32) {
+        if cfg!(feature = "no-monitor") {
+            return;
+        }
+        let mask = (1u32 << (sample_shift & 0xf)) - 1;
+        if mask != 0 && unsafe { bpf_get_prandom_u32() } & mask != 0 {
+            return;
+        }
+        let Some(mut slot) = MONITOR_EVENTS.reserve::<DenyEvent>(0) else {
+            if let Some(n) = MONITOR_DROPS.get_ptr_mut(0) {
+                // Per-CPU slot; programs are not preempted mid-run on one CPU.
+                unsafe { *n += 1 };
+            }
             return;
         };
         event.ktime_ns = unsafe { bpf_ktime_get_ns() };

@@ -67,6 +67,16 @@ pub static RELAY_COUNTS: HashMap<u64, RelayCounts> = HashMap::with_max_entries(6
 #[map]
 pub static DENY_EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 
+/// Allowed egress decisions for watchers (`passthrough monitor`, the decision log), written
+/// only while `CONFIG` has `flags::MONITOR` (512 KiB; full → dropped and counted in
+/// [`MONITOR_DROPS`]). Not pinned: each agent reads its own programs' buffer.
+#[map]
+pub static MONITOR_EVENTS: RingBuf = RingBuf::with_byte_size(512 * 1024, 0);
+
+/// Allowed decisions a full [`MONITOR_EVENTS`] could not take (per CPU, one slot).
+#[map]
+pub static MONITOR_DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
 /// Per-CPU verdict counters, indexed by [`counter`].
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);

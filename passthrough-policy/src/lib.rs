@@ -11,6 +11,7 @@
 //! and the agent, the proxy, `explain` and the tests all decide the same way.
 
 pub mod decision;
+pub mod decision_log;
 pub mod error;
 pub mod ip;
 pub mod merge;
@@ -23,6 +24,7 @@ pub mod plan_maps;
 pub mod ranges;
 pub mod report;
 pub mod resolver;
+pub mod suggest;
 pub mod validate;
 pub mod workloads;
 

@@ -52,6 +52,7 @@ pub struct PlanMaps<'p> {
     v6: BTreeMap<(u32, u16), Vec<Ipv6Net>>,
     counts: RefCell<Vec<u64>>,
     events: RefCell<Vec<DenyEvent>>,
+    observed: RefCell<Vec<DenyEvent>>,
 }
 
 impl<'p> PlanMaps<'p> {
@@ -105,7 +106,20 @@ impl<'p> PlanMaps<'p> {
             v6,
             counts: RefCell::new(vec![0; counter::COUNT as usize]),
             events: RefCell::new(Vec::new()),
+            observed: RefCell::new(Vec::new()),
         }
+    }
+
+    /// The maps as while someone watches (`flags::MONITOR` set, no sampling) or not: allowed
+    /// egress decisions are then recorded ([`PlanMaps::take_observed`]).
+    pub fn with_monitor(mut self, on: bool) -> Self {
+        self.config.flags = flags::with_monitor(self.config.flags, on, 0);
+        self
+    }
+
+    /// The allowed decisions reported to watchers so far (and forgets them).
+    pub fn take_observed(&self) -> Vec<DenyEvent> {
+        std::mem::take(&mut self.observed.borrow_mut())
     }
 
     /// The kernel's decision for a socket whose cgroup path (root's child first, the socket's
@@ -206,6 +220,11 @@ impl Maps for PlanMaps<'_> {
 
     fn report(&self, event: DenyEvent) {
         self.events.borrow_mut().push(event);
+    }
+
+    /// Every observed decision (`sample_shift` is the kernel's random draw; not emulated).
+    fn observe(&self, event: DenyEvent, _sample_shift: u32) {
+        self.observed.borrow_mut().push(event);
     }
 }
 

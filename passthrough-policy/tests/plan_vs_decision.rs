@@ -291,6 +291,8 @@ struct Case {
     proxy: bool,
     audit: bool,
     dsts: Vec<(Anchor, Spelling, u16, bool, u8)>,
+    /// Someone watches: allowed egress decisions are reported too.
+    monitor: bool,
 }
 
 /// Ports of resolvers: mostly 53, some elsewhere (a port destinations also use, and one only
@@ -341,14 +343,16 @@ fn case() -> impl Strategy<Value = Case> {
             any::<bool>(),
             prop::bool::weighted(0.2),
             prop::collection::vec((dst_anchor, spelling(), dst_port, any::<bool>(), any::<u8>()), 1..48),
+            prop::bool::weighted(0.5),
         )
-            .prop_map(|(generation, active, previous, proxy, audit, dsts)| Case {
+            .prop_map(|(generation, active, previous, proxy, audit, dsts, monitor)| Case {
                 generation,
                 active,
                 previous,
                 proxy,
                 audit,
                 dsts,
+                monitor,
             })
     })
 }
@@ -436,7 +440,8 @@ fn check(c: &Case) -> Result<(), TestCaseError> {
             audit: c.audit,
             agent_mark: 0,
         },
-    );
+    )
+    .with_monitor(c.monitor);
     let unselected = MergedConf {
         mode: c.active.unselected,
         matches: Vec::new(),
@@ -471,6 +476,7 @@ fn check(c: &Case) -> Result<(), TestCaseError> {
             let before: Vec<u64> = (0..counter::COUNT).map(|i| maps.count(i)).collect();
             let k = maps.decide(&path, dst, transport, 0);
             let events = maps.take_events();
+            let observed = maps.take_observed();
             let context = || {
                 format!(
                     "dst {dst} udp={udp} path {path:?} proxy={} audit={}: decide says {:?} ({}), kernel says {k:?}\nmode {:?}, matches {:?}\nplan rules {:?}\nworkloads {:?}\n{}",
@@ -550,6 +556,39 @@ fn check(c: &Case) -> Result<(), TestCaseError> {
                 );
             } else {
                 prop_assert!(events.is_empty(), "{}", context());
+            }
+            // While someone watches, one monitor event per allowed egress decision (an
+            // address match or mode All), the same record a denial gets; none otherwise.
+            let egress_allow = matches!(reason, Reason::AddressMatch | Reason::ModeAll);
+            if c.monitor && egress_allow {
+                prop_assert_eq!(observed.len(), 1, "{}", context());
+                let ev = &observed[0];
+                let ip = match dst.ip() {
+                    IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+                    IpAddr::V6(v6) => v6,
+                };
+                prop_assert_eq!(
+                    (
+                        ev.reason,
+                        ev.workload,
+                        ev.addr,
+                        ev.port,
+                        ev.audit,
+                        ev.protocol
+                    ),
+                    (
+                        reason as u32,
+                        workload,
+                        ip.octets(),
+                        *port,
+                        0,
+                        if *udp { 17 } else { 6 }
+                    ),
+                    "{}",
+                    context()
+                );
+            } else {
+                prop_assert!(observed.is_empty(), "{}", context());
             }
         }
     }

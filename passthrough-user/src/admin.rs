@@ -1,5 +1,7 @@
-//! Admin HTTP endpoints: `/readyz`, `/healthz` and `/metrics` (Prometheus text format 0.0.4, or
-//! OpenMetrics when the scraper's `Accept` asks for `application/openmetrics-text`), served with hyper.
+//! Admin HTTP endpoints: `/readyz`, `/healthz`, `/metrics` (Prometheus text format 0.0.4, or
+//! OpenMetrics when the scraper's `Accept` asks for `application/openmetrics-text`) and
+//! `/monitor` (the live decision stream of `passthrough monitor`: JSON lines, filtered by the
+//! query string, see [`crate::monitor`]), served with hyper.
 
 use std::{
     convert::Infallible,
@@ -11,7 +13,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{Either, Full};
 use hyper::{
     Method, Request, Response, StatusCode, body::Incoming, server::conn::http1, service::service_fn,
 };
@@ -27,6 +29,8 @@ pub struct AdminState {
     pub generation: AtomicU64,
     /// What `/metrics` renders; `None` = 404.
     pub metrics: Option<Arc<crate::metrics::Metrics>>,
+    /// The decision stream `/monitor` serves; `None` = 404.
+    pub monitor: Option<Arc<crate::monitor::Monitor>>,
     /// Why the agent is not ready although enforcing (Kubernetes mode: the API server is
     /// unreachable and the last good state stays in force); `/readyz` answers 503 with it.
     pub degraded: std::sync::RwLock<Option<String>>,
@@ -42,7 +46,31 @@ fn reply(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     r
 }
 
-fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+/// A response body: a whole text, or the monitor's stream.
+type AdminBody = Either<Full<Bytes>, crate::monitor::ChannelBody>;
+
+fn route(state: &AdminState, req: &Request<Incoming>) -> Response<AdminBody> {
+    if req.method() == Method::GET && req.uri().path() == "/monitor" {
+        let Some(m) = &state.monitor else {
+            return reply(StatusCode::NOT_FOUND, "the monitor is not enabled\n".into())
+                .map(Either::Left);
+        };
+        return match crate::monitor::Filter::from_query(req.uri().query().unwrap_or("")) {
+            Ok(filter) => {
+                let mut r = Response::new(Either::Right(crate::monitor::watch(m, filter)));
+                r.headers_mut().insert(
+                    hyper::header::CONTENT_TYPE,
+                    hyper::header::HeaderValue::from_static("application/x-ndjson"),
+                );
+                r
+            }
+            Err(e) => reply(StatusCode::BAD_REQUEST, format!("{e}\n")).map(Either::Left),
+        };
+    }
+    route_text(state, req).map(Either::Left)
+}
+
+fn route_text(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     if req.method() != Method::GET {
         return reply(StatusCode::METHOD_NOT_ALLOWED, "only GET\n".into());
     }

@@ -29,9 +29,10 @@ use crate::{
     events::Reporter,
     kernel::{Capacities, Kernel},
     metrics::Metrics,
+    monitor::Monitor,
     startup::{
-        bind_proxy, proxy_settings, raise_nofile_limit, retire_previous, set_backstop,
-        start_deny_events, start_proxy,
+        apply_monitor, bind_proxy, proxy_settings, raise_nofile_limit, retire_previous,
+        set_backstop, start_deny_events, start_monitor, start_proxy,
     },
 };
 
@@ -224,10 +225,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     if kernel.adopted() {
         info!(state = %args.state_dir.display(), generation = kernel.policy_generation(), "adopted pinned state of a previous agent");
     }
-    // obs: metrics and deny events (metrics.rs, events.rs).
+    // obs: metrics and deny events (metrics.rs, events.rs), the decision stream (monitor.rs).
     let metrics = Arc::new(Metrics::new());
     let reporter = Arc::new(Reporter::new(metrics.clone(), Default::default()));
     let events_task = start_deny_events(&mut kernel, &args.state_dir, &reporter);
+    let monitor = Monitor::new(metrics.clone());
+    let monitor_tasks = start_monitor(&args, &mut kernel, &reporter, &monitor)?;
+    let mut kernel_wanted = monitor.kernel_wanted();
+    let wanted = *kernel_wanted.borrow_and_update();
+    kernel.set_monitor(wanted.on, u32::from(wanted.shift))?;
     let merged = merge_all(&inputs, args.unselected_mode);
     let proxy_state = Arc::new(ArcSwap::from_pointee(proxy_policy(
         &merged,
@@ -264,6 +270,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     let admin_state = Arc::new(AdminState {
         metrics: Some(metrics.clone()),
+        monitor: Some(monitor.clone()),
         ..AdminState::default()
     }); // obs
     admin_state.generation.store(generation, Ordering::Release);
@@ -281,6 +288,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
+            // The sender lives in `monitor`, which outlives this loop: never an error here.
+            r = kernel_wanted.changed() => {
+                if r.is_ok() {
+                    let w = *kernel_wanted.borrow_and_update();
+                    apply_monitor(&mut kernel, w);
+                }
+            }
             _ = async { tokio::select! { _ = hup.recv() => {}, _ = changed.recv() => {} } } => {
                 let r = reload(&args, &mount, &points, &opts, &mut kernel, &proxy_state, &metrics);
                 metrics.reload_result(&r); // obs
@@ -295,6 +309,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     admin_state.ready.store(false, Ordering::Release);
     admin_task.abort();
     events_task.abort(); // obs
+    for t in &monitor_tasks {
+        t.abort();
+    }
     shutdown.cancel();
     for t in proxy_tasks {
         let _ = t.await;

@@ -1,12 +1,18 @@
-//! The `check` and `explain` subcommands: their command-line arguments, turned into the policy
-//! layer's inputs ([`passthrough_policy::report`]), which computes and formats the answer.
+//! The `check`, `explain` and `suggest` subcommands: their command-line arguments, turned into
+//! the policy layer's inputs ([`passthrough_policy::report`], [`passthrough_policy::suggest`]),
+//! which compute the answer.
 
-use std::{io::Write, net::SocketAddr, path::PathBuf};
+use std::{
+    io::Write,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
 
 use ipnet::IpNet;
 use passthrough_policy::{
-    L7, Mode, Resolver,
+    L7, Mode, Resolver, decision_log,
     report::{self, ExplainRequest},
+    suggest::{SuggestOptions, suggest},
 };
 
 /// `passthrough check PATH...`: validate policy files.
@@ -138,6 +144,262 @@ pub fn run_explain(args: &ExplainArgs, out: &mut impl Write) -> anyhow::Result<(
     let r = report::explain(&args.request())?;
     report::write_explain(&r, args.json, out)?;
     Ok(())
+}
+
+/// Where the agent keeps its decision log unless told otherwise (`run --decision-log`), and
+/// where `suggest` reads it.
+pub const DEFAULT_DECISION_LOG: &str = "/var/lib/passthrough/decisions";
+
+/// `passthrough suggest`: MeshPassthrough policies allowing what the agent observed.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SuggestArgs {
+    /// Decision logs (`run --decision-log DIR`) or files of `monitor --json` lines (`-`:
+    /// stdin).
+    #[arg(long = "log", value_name = "PATH", default_value = DEFAULT_DECISION_LOG, num_args = 1..)]
+    pub log: Vec<PathBuf>,
+    /// Write one file per workload (`<policy name>.yaml`) into this directory instead of all
+    /// of them to stdout.
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Only these workloads (repeatable; default: every workload seen).
+    #[arg(long = "workload", value_name = "NAME")]
+    pub workload: Vec<String>,
+    /// Collapse names below SUFFIX into one `*.SUFFIX` match when at least
+    /// `--wildcard-threshold` distinct ones were seen on a port (repeatable; default: every
+    /// name stays exact).
+    #[arg(long = "wildcard", value_name = "SUFFIX")]
+    pub wildcard: Vec<String>,
+    /// Distinct names below a `--wildcard` suffix needed to collapse them.
+    #[arg(long, default_value_t = 3, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub wildcard_threshold: u32,
+    /// Widest IPv4 network addresses of one port may be aggregated into (32: every address
+    /// exact).
+    #[arg(long, default_value_t = 32, value_name = "LEN", value_parser = clap::value_parser!(u8).range(0..=32))]
+    pub aggregate_v4: u8,
+    /// Widest IPv6 network addresses of one port may be aggregated into (128: exact).
+    #[arg(long, default_value_t = 128, value_name = "LEN", value_parser = clap::value_parser!(u8).range(0..=128))]
+    pub aggregate_v6: u8,
+    /// Also allow what was denied while enforcing (default: allowed and `--audit` would-be
+    /// denied decisions only).
+    #[arg(long)]
+    pub include_denied: bool,
+    /// The mesh the policies are for.
+    #[arg(long, default_value = "default", value_name = "NAME")]
+    pub mesh: String,
+}
+
+impl SuggestArgs {
+    /// The policy layer's options.
+    pub fn options(&self) -> SuggestOptions {
+        SuggestOptions {
+            mesh: self.mesh.clone(),
+            wildcard_suffixes: self.wildcard.clone(),
+            wildcard_threshold: self.wildcard_threshold as usize,
+            aggregate_v4: self.aggregate_v4,
+            aggregate_v6: self.aggregate_v6,
+            include_denied: self.include_denied,
+            workloads: self.workload.clone(),
+        }
+    }
+}
+
+/// Reads the logs, writes the suggested policies (to `out`, or into `--out DIR`) and a summary
+/// to `summary`. Every policy is validated before it is written; one that is not valid is an
+/// error (a bug here), never a file `check` would refuse.
+pub fn run_suggest(
+    args: &SuggestArgs,
+    out: &mut impl Write,
+    summary: &mut impl Write,
+) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let log = decision_log::read(&args.log).context("reading the decision log")?;
+    let report = suggest(&log.records, &args.options());
+    for p in &report.policies {
+        let file = Path::new(&p.name).with_extension("yaml");
+        passthrough_policy::load_policy_bytes(&file, p.yaml.as_bytes(), &args.mesh).map_err(
+            |e| anyhow::anyhow!("suggested policy for {:?} is not valid: {e}", p.workload),
+        )?;
+    }
+    match &args.out {
+        Some(dir) => {
+            std::fs::create_dir_all(dir).with_context(|| format!("{}", dir.display()))?;
+            for p in &report.policies {
+                let path = dir.join(format!("{}.yaml", p.name));
+                std::fs::write(&path, &p.yaml).with_context(|| format!("{}", path.display()))?;
+                writeln!(summary, "wrote {}", path.display())?;
+            }
+        }
+        None => {
+            for (i, p) in report.policies.iter().enumerate() {
+                if i > 0 {
+                    writeln!(out, "---")?;
+                }
+                out.write_all(p.yaml.as_bytes())?;
+            }
+        }
+    }
+    let used: usize = report.policies.iter().map(|p| p.records).sum();
+    let matches: usize = report.policies.iter().map(|p| p.matches.len()).sum();
+    writeln!(
+        summary,
+        "{} {} ({matches} {}) from {used} of {} decisions in {} {}",
+        report.policies.len(),
+        if report.policies.len() == 1 {
+            "policy"
+        } else {
+            "policies"
+        },
+        if matches == 1 { "match" } else { "matches" },
+        log.records.len(),
+        log.files.len(),
+        if log.files.len() == 1 {
+            "file"
+        } else {
+            "files"
+        },
+    )?;
+    for (why, n) in &report.skipped {
+        writeln!(summary, "  {n} not used: {}", why.describe())?;
+    }
+    if log.bad_lines > 0 {
+        writeln!(
+            summary,
+            "  {} lines could not be read (skipped)",
+            log.bad_lines
+        )?;
+    }
+    if log.lost > 0 {
+        writeln!(
+            summary,
+            "warning: {} decisions were made but not recorded (the log says where); destinations \
+             seen only then are missing from the suggestion",
+            log.lost
+        )?;
+    }
+    Ok(())
+}
+
+/// `passthrough monitor`: the running agent's decisions, live.
+#[derive(Debug, Clone, clap::Args)]
+pub struct MonitorArgs {
+    /// The agent's admin address (`run --admin-addr`).
+    #[arg(long, default_value = "127.0.0.1:9901", value_name = "ADDR:PORT")]
+    pub admin_addr: SocketAddr,
+    /// One JSON object per line (the decision log's format; `suggest --log` reads it).
+    #[arg(long)]
+    pub json: bool,
+    /// Only this workload (repeatable).
+    #[arg(long = "workload", value_name = "NAME")]
+    pub workload: Vec<String>,
+    /// Only this verdict (repeatable).
+    #[arg(long = "verdict", value_parser = crate::monitor::VERDICTS)]
+    pub verdict: Vec<String>,
+    /// Only this path (repeatable).
+    #[arg(long = "path", value_parser = crate::monitor::PATHS)]
+    pub path: Vec<String>,
+    /// Only destinations in this CIDR (or this address; repeatable).
+    #[arg(long = "dst", value_name = "CIDR", value_parser = crate::monitor::parse_net)]
+    pub dst: Vec<IpNet>,
+    /// Stop after this many decisions (default: until interrupted).
+    #[arg(long, value_name = "N")]
+    pub count: Option<u64>,
+}
+
+impl MonitorArgs {
+    /// The filter the agent applies.
+    pub fn filter(&self) -> crate::monitor::Filter {
+        crate::monitor::Filter {
+            workloads: self.workload.clone(),
+            verdicts: self.verdict.clone(),
+            paths: self.path.clone(),
+            dsts: self.dst.clone(),
+        }
+    }
+}
+
+/// Streams the agent's decisions to `out` (a line each) until interrupted, `--count` lines,
+/// or the agent closes the stream; notes go to `note`. A reader that went away (`| head`)
+/// ends it quietly.
+pub fn run_monitor(
+    args: &MonitorArgs,
+    out: &mut impl Write,
+    note: &mut impl Write,
+) -> anyhow::Result<()> {
+    use anyhow::{Context as _, bail};
+    use std::io::{BufRead as _, Read as _};
+    let mut stream = std::net::TcpStream::connect(args.admin_addr).with_context(|| {
+        format!(
+            "connecting to the agent's admin address {}",
+            args.admin_addr
+        )
+    })?;
+    let query = args.filter().to_query();
+    // HTTP/1.0: the agent's answer is the stream itself, up to its end (no chunked framing).
+    write!(
+        stream,
+        "GET /monitor?{query} HTTP/1.0\r\nHost: {}\r\n\r\n",
+        args.admin_addr
+    )?;
+    let mut r = std::io::BufReader::new(stream);
+    let mut status = String::new();
+    r.read_line(&mut status)?;
+    let code = status.split_whitespace().nth(1).unwrap_or("");
+    loop {
+        let mut h = String::new();
+        if r.read_line(&mut h)? == 0 || h.trim().is_empty() {
+            break;
+        }
+    }
+    if code != "200" {
+        let mut body = String::new();
+        let _ = r.take(4096).read_to_string(&mut body);
+        bail!("{}: {} {}", args.admin_addr, status.trim(), body.trim());
+    }
+    let mut shown = 0u64;
+    let mut line = String::new();
+    let quiet_pipe = |e: std::io::Error| -> anyhow::Result<bool> {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            Ok(true)
+        } else {
+            Err(e.into())
+        }
+    };
+    loop {
+        line.clear();
+        if r.read_line(&mut line)? == 0 {
+            bail!("the agent closed the stream");
+        }
+        if line.trim_end() == crate::monitor::HELLO.trim_end() {
+            writeln!(
+                note,
+                "watching the decisions of the agent at {} (Ctrl-C to stop)",
+                args.admin_addr
+            )?;
+            if !args.json {
+                let header = crate::monitor::text_header();
+                if let Err(e) = writeln!(out, "{header}").and_then(|_| out.flush()) {
+                    return quiet_pipe(e).map(|_| ());
+                }
+            }
+            continue;
+        }
+        let is_decision = matches!(
+            passthrough_policy::decision_log::parse_line(&line),
+            Some(passthrough_policy::decision_log::LogLine::Decision(_))
+        );
+        let Some(text) = crate::monitor::render_line(&line, args.json) else {
+            continue;
+        };
+        if let Err(e) = writeln!(out, "{text}").and_then(|_| out.flush()) {
+            return quiet_pipe(e).map(|_| ());
+        }
+        if is_decision {
+            shown += 1;
+        }
+        if args.count.is_some_and(|n| shown >= n) {
+            return Ok(());
+        }
+    }
 }
 
 /// `explain --kubernetes --pod NS/NAME`: reads the pod and what decides for it from the API

@@ -206,6 +206,24 @@ pub fn kernel_reason(reason: u32) -> (Reason, String) {
     }
 }
 
+/// The `destination` label of `passthrough_denied_destinations_total`: `name:port` when the
+/// proxy saw an SNI or Host (a port in the Host is dropped: the dialled port is the one that
+/// counts), else the dialled `ip:port`.
+pub fn denied_destination(d: &Outcome) -> String {
+    let name = d.sni.as_deref().or(d.host.as_deref()).map(|n| {
+        // `[v6]:port` / `name:port` → the host part; a bare IPv6 literal stays whole.
+        match n.rsplit_once(':') {
+            Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) && !h.contains(':') => h,
+            Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) && h.ends_with(']') => h,
+            _ => n,
+        }
+    });
+    match name {
+        Some(n) if !n.is_empty() => format!("{n}:{}", d.dst.port()),
+        _ => d.dst.to_string(),
+    }
+}
+
 /// A kernel event's destination (IPv4-mapped addresses shown as IPv4).
 pub fn event_dst(ev: &DenyEvent) -> SocketAddr {
     let v6 = Ipv6Addr::from(ev.addr);
@@ -216,7 +234,8 @@ pub fn event_dst(ev: &DenyEvent) -> SocketAddr {
     SocketAddr::new(ip, ev.port)
 }
 
-fn comm_str(comm: &[u8; 16]) -> String {
+/// A kernel event's command name (up to the first NUL, lossy UTF-8).
+pub fn comm_str(comm: &[u8; 16]) -> String {
     let n = comm.iter().position(|b| *b == 0).unwrap_or(comm.len());
     String::from_utf8_lossy(&comm[..n]).into_owned()
 }
@@ -227,6 +246,7 @@ pub struct Reporter {
     limiter: Mutex<Limiter<(u64, Reason)>>,
     origin: Instant,
     pending: [AtomicU64; 2],
+    monitor: std::sync::OnceLock<Arc<crate::monitor::Monitor>>,
 }
 
 impl std::fmt::Debug for Reporter {
@@ -256,7 +276,13 @@ impl Reporter {
             limiter: Mutex::new(Limiter::new(limits, Duration::ZERO)),
             origin: Instant::now(),
             pending: [AtomicU64::new(0), AtomicU64::new(0)],
+            monitor: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Also publishes decisions to `monitor`'s watchers (once; later calls are ignored).
+    pub fn set_monitor(&self, monitor: Arc<crate::monitor::Monitor>) {
+        let _ = self.monitor.set(monitor);
     }
 
     /// The metrics it counts into.
@@ -304,6 +330,11 @@ impl Reporter {
         if o.reused {
             return;
         }
+        if let Some(m) = self.monitor.get().filter(|m| m.watching()) {
+            m.publish(crate::monitor::Item::Decision(Arc::new(
+                crate::monitor::record_of(o, workload.clone(), None),
+            )));
+        }
         let verdict = o.verdict.as_str();
         match o.path {
             DecisionPath::Kernel => self
@@ -328,6 +359,8 @@ impl Reporter {
             );
             return;
         }
+        self.metrics
+            .denied_destination(&workload, &denied_destination(o));
         let ok = {
             let mut l = self.limiter.lock().unwrap_or_else(|e| e.into_inner());
             l.allow((o.workload, o.reason), self.origin.elapsed())
@@ -394,7 +427,8 @@ impl Reporter {
     }
 }
 
-/// The [`Outcome`] of a kernel denial event. `now_wall`/`now_mono_ns` convert the kernel's
+/// The [`Outcome`] of a kernel event: a denial (or would-be denial), or an allowed decision the
+/// monitor's ring reported. `now_wall`/`now_mono_ns` convert the kernel's
 /// monotonic clock (`bpf_ktime_get_ns`) into wall time.
 pub fn kernel_outcome(ev: &DenyEvent, now_wall: SystemTime, now_mono_ns: u64) -> Outcome {
     let (reason, text) = kernel_reason(ev.reason);
@@ -404,7 +438,10 @@ pub fn kernel_outcome(ev: &DenyEvent, now_wall: SystemTime, now_mono_ns: u64) ->
         now_wall.checked_sub(age).unwrap_or(now_wall),
         event_dst(ev),
     );
-    o.verdict = if ev.audit != 0 {
+    o.verdict = if kernel_allows(ev.reason) {
+        // An allowed decision from the monitor's ring.
+        OutcomeVerdict::Allow
+    } else if ev.audit != 0 {
         OutcomeVerdict::WouldDeny
     } else {
         OutcomeVerdict::Deny
@@ -443,7 +480,7 @@ impl ProxyReport for Reporter {
 }
 
 /// `CLOCK_MONOTONIC` in ns (`bpf_ktime_get_ns`' clock).
-fn monotonic_ns() -> u64 {
+pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
@@ -456,7 +493,7 @@ fn monotonic_ns() -> u64 {
 }
 
 /// The `protocol` field of a kernel denial.
-fn event_protocol(ev: &DenyEvent) -> String {
+pub fn event_protocol(ev: &DenyEvent) -> String {
     let name = match ev.protocol {
         1 | 58 => "icmp".to_string(),
         6 => "tcp".to_string(),
@@ -578,6 +615,23 @@ pub fn counters_beside(ring: &RingBuf<MapData>) -> anyhow::Result<KernelCounters
 
 /// An event's time as RFC 3339 UTC with milliseconds (`2026-01-02T03:04:05.678Z`). A time
 /// outside years 1970–9999 (a clock gone wrong) is shown as the nearest end of that range.
+/// `t` as RFC 3339 UTC with milliseconds, the time format of events and decision records.
+pub fn rfc3339_string(t: SystemTime) -> String {
+    rfc3339(t).to_string()
+}
+
+/// Now, as [`rfc3339_string`].
+pub fn now_rfc3339() -> String {
+    rfc3339_string(SystemTime::now())
+}
+
+/// Whether a kernel event's reason number is one that lets the connection through (the
+/// monitor's allowed decisions; denials and would-be denials are not).
+pub fn kernel_allows(reason: u32) -> bool {
+    Reason::from_u32(reason)
+        .is_some_and(|r| r.effect() == passthrough_common::reason::Effect::Allow)
+}
+
 fn rfc3339(t: SystemTime) -> humantime::Rfc3339Timestamp {
     // 9999-12-31T23:59:59.999Z, the last instant the formatter writes.
     let last = UNIX_EPOCH + Duration::from_millis(253_402_300_799_999);
@@ -727,6 +781,44 @@ mod tests {
         assert!(kernel_reason(99).1.contains("99"));
         ev.addr = "2001:db8::1".parse::<Ipv6Addr>().unwrap().octets();
         assert_eq!(event_dst(&ev), "[2001:db8::1]:443".parse().unwrap());
+    }
+
+    #[test]
+    fn denied_destination_names_what_was_dialled() {
+        let d = |sni: Option<&str>, host: Option<&str>, dst: &str| {
+            let mut o = Outcome::new(
+                DecisionPath::Proxy,
+                SystemTime::UNIX_EPOCH,
+                dst.parse().unwrap(),
+            );
+            o.sni = sni.map(str::to_string);
+            o.host = host.map(str::to_string);
+            o
+        };
+        assert_eq!(
+            denied_destination(&d(None, None, "203.0.113.7:80")),
+            "203.0.113.7:80"
+        );
+        assert_eq!(
+            denied_destination(&d(None, None, "[2001:db8::1]:443")),
+            "[2001:db8::1]:443"
+        );
+        assert_eq!(
+            denied_destination(&d(Some("api.test"), None, "203.0.113.7:443")),
+            "api.test:443"
+        );
+        assert_eq!(
+            denied_destination(&d(None, Some("web.test:8080"), "203.0.113.7:80")),
+            "web.test:80"
+        );
+        assert_eq!(
+            denied_destination(&d(None, Some("[2001:db8::5]:80"), "203.0.113.7:80")),
+            "[2001:db8::5]:80"
+        );
+        assert_eq!(
+            denied_destination(&d(Some(""), None, "203.0.113.7:443")),
+            "203.0.113.7:443"
+        );
     }
 
     #[test]

@@ -215,6 +215,10 @@ pub struct Kernel {
     domain_ports: HashMap<MapData, DomainPortKey, u8>,
     orig_by_peer: Option<HashMap<MapData, PeerKey, OrigDst>>,
     deny_events: Option<RingBuf<MapData>>,
+    monitor_events: Option<RingBuf<MapData>>,
+    monitor_drops: Option<PerCpuArray<MapData, u64>>,
+    /// `flags::MONITOR` and its sampling shift, as last asked for by [`Kernel::set_monitor`].
+    monitor: (bool, u32),
     caps: Capacities,
     /// What each generation currently has in the maps (so it can be removed exactly).
     written: [Option<KernelPlan>; 2],
@@ -363,13 +367,26 @@ impl Kernel {
     /// layout version, or maps of the wrong shape) are set aside and removed only after this
     /// agent's programs are attached, so the node is never left without a program.
     pub fn load(
-        mut caps: Capacities,
+        caps: Capacities,
         flags: u32,
         agent_mark: u32,
         proxy: ProxySettings,
         state_dir: Option<&Path>,
     ) -> Result<Self, KernelError> {
         let object = EBPF_OBJECT.ok_or(KernelError::NoObject)?;
+        Self::load_object(object, caps, flags, agent_mark, proxy, state_dir)
+    }
+
+    /// [`Kernel::load`] with another build of the programs (`object`: an eBPF ELF object,
+    /// 8-byte aligned), e.g. the benchmark's build without the monitor's report.
+    pub fn load_object(
+        object: &[u8],
+        mut caps: Capacities,
+        flags: u32,
+        agent_mark: u32,
+        proxy: ProxySettings,
+        state_dir: Option<&Path>,
+    ) -> Result<Self, KernelError> {
         let mut loader = EbpfLoader::new();
         loader
             .map_max_entries("RANGES_V4", caps.range_blocks())
@@ -453,6 +470,10 @@ impl Kernel {
         let orig_by_peer = Some(take(&mut ebpf, "ORIG_BY_PEER")?);
         let deny_events = Some(take(&mut ebpf, "DENY_EVENTS")?);
         let barrier = ProgramBarrier::new().map_err(KernelError::Barrier)?;
+        // Optional: a build without the monitor's report (the benchmark's baseline) may not
+        // have them; the monitor then shows no allowed kernel decision.
+        let monitor_events = take(&mut ebpf, "MONITOR_EVENTS").ok();
+        let monitor_drops = take(&mut ebpf, "MONITOR_DROPS").ok();
         Ok(Self {
             ebpf,
             config,
@@ -464,6 +485,9 @@ impl Kernel {
             domain_ports,
             orig_by_peer,
             deny_events,
+            monitor_events,
+            monitor_drops,
+            monitor: (false, 0),
             caps,
             written: [None, None],
             active: None,
@@ -507,6 +531,32 @@ impl Kernel {
     /// event reader owns it).
     pub fn take_deny_events(&mut self) -> Option<RingBuf<MapData>> {
         self.deny_events.take()
+    }
+
+    /// The ring buffer of allowed egress decisions the programs report while
+    /// [`Kernel::set_monitor`] is on, and the per-CPU count of those a full buffer dropped.
+    /// Taken once (the monitor's reader owns them).
+    pub fn take_monitor(&mut self) -> Option<(RingBuf<MapData>, PerCpuArray<MapData, u64>)> {
+        Some((self.monitor_events.take()?, self.monitor_drops.take()?))
+    }
+
+    /// Whether the programs report allowed egress decisions (`flags::MONITOR`), 1 in
+    /// 2^`shift` of them. Written at once into `CONFIG` (one update of the value the programs
+    /// read; nothing else in it changes) and kept by every later apply.
+    pub fn set_monitor(&mut self, on: bool, shift: u32) -> Result<(), KernelError> {
+        self.monitor = (on, shift);
+        if self.active.is_none() {
+            // Nothing applied yet: the first apply writes the flags.
+            return Ok(());
+        }
+        let mut cfg = self
+            .config
+            .get(&0, 0)
+            .map_err(|e| KernelError::Map("CONFIG", e))?;
+        cfg.flags = passthrough_common::flags::with_monitor(cfg.flags, on, shift);
+        self.config
+            .set(0, cfg, 0)
+            .map_err(|e| KernelError::Map("CONFIG", e))
     }
 
     /// Loads the kernel relay's verdict program and attaches it to its map; returns the maps.
@@ -580,7 +630,8 @@ impl Kernel {
             .get(&0, 0)
             .map_err(|e| KernelError::Map("CONFIG", e))?;
         cfg.unmatched_mode[g as usize] = plan.unmatched_mode;
-        cfg.flags = self.flags;
+        cfg.flags =
+            passthrough_common::flags::with_monitor(self.flags, self.monitor.0, self.monitor.1);
         cfg.agent_mark = self.agent_mark;
         self.fill_proxy_config(&mut cfg);
         cfg.policy_generation = self.generation_counter + 1;

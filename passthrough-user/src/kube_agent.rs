@@ -374,8 +374,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         info!(path = %bpf_root.display(), "mounted bpffs");
     }
     let metrics = Arc::new(Metrics::new());
+    let monitor = crate::monitor::Monitor::new(metrics.clone());
     let admin_state = Arc::new(AdminState {
         metrics: Some(metrics.clone()),
+        monitor: Some(monitor.clone()),
         ..AdminState::default()
     });
     *admin_state.degraded.write().unwrap() =
@@ -437,6 +439,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     let reporter = Arc::new(Reporter::new(metrics.clone(), Default::default()));
     let events_task = startup::start_deny_events(&mut kernel, &args.state_dir, &reporter);
+    let monitor_tasks = startup::start_monitor(&args, &mut kernel, &reporter, &monitor)?;
+    let mut kernel_wanted = monitor.kernel_wanted();
+    let wanted = *kernel_wanted.borrow_and_update();
+    kernel.set_monitor(wanted.on, u32::from(wanted.shift))?;
     let proxy_state = Arc::new(ArcSwap::from_pointee(proxy_policy(
         &model,
         &opts,
@@ -525,6 +531,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = hup.recv() => force = true,
+            // The sender lives in `monitor`, which outlives this loop: never an error here.
+            r = kernel_wanted.changed() => {
+                if r.is_ok() {
+                    let w = *kernel_wanted.borrow_and_update();
+                    startup::apply_monitor(&mut kernel, w);
+                }
+                continue;
+            }
             r = snapshots.changed() => {
                 if r.is_err() {
                     bail!("API watchers stopped");
@@ -612,6 +626,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     admin_state.ready.store(false, Ordering::Release);
     admin_task.abort();
     events_task.abort();
+    for t in &monitor_tasks {
+        t.abort();
+    }
     shutdown.cancel();
     for t in proxy_tasks {
         let _ = t.await;

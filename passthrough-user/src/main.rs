@@ -27,6 +27,12 @@ enum Command {
     Check(cli::CheckArgs),
     /// The decision for one connection and the match that made it, without touching the kernel.
     Explain(Box<cli::ExplainArgs>),
+    /// The running agent's decisions, live (kernel and proxy, allowed and denied), one line
+    /// each; `--json` for JSON lines.
+    Monitor(cli::MonitorArgs),
+    /// MeshPassthrough policies, one per workload, allowing what the agent observed (its
+    /// decision log, or `monitor --json` lines).
+    Suggest(cli::SuggestArgs),
     /// What is attached where, the policy generation and counters (from pinned state).
     Status(status::StatusArgs),
     /// Detach and unpin everything passthrough left in the kernel.
@@ -57,6 +63,16 @@ fn main() -> ExitCode {
             Err(e) => Err(e.into()),
         },
         Command::Explain(args) => cli::run_explain(&args, &mut std::io::stdout().lock()),
+        Command::Monitor(args) => cli::run_monitor(
+            &args,
+            &mut std::io::stdout().lock(),
+            &mut std::io::stderr().lock(),
+        ),
+        Command::Suggest(args) => cli::run_suggest(
+            &args,
+            &mut std::io::stdout().lock(),
+            &mut std::io::stderr().lock(),
+        ),
         Command::Status(args) => status::run_status(&args, &mut std::io::stdout().lock()),
         Command::Uninstall(args) => status::run_uninstall(&args, &mut std::io::stdout().lock()),
         Command::Run(args) => tokio::runtime::Builder::new_multi_thread()

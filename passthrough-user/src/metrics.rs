@@ -12,12 +12,16 @@
 //! | `passthrough_kernel_decisions_total` | counter (scrape time) | `verdict` (allow/redirect/deny/would_deny), `reason` |
 //! | `passthrough_kernel_deny_events_dropped_total` | counter (scrape time) | — |
 //! | `passthrough_deny_events_suppressed_total` | counter | `path` |
+//! | `passthrough_denied_destinations_total` | counter | `workload`, `destination` (`ip:port`, or `name:port` when the proxy saw an SNI/Host; at most [`DENIED_DESTINATION_SERIES`] pairs, later ones counted as `other`) |
 //! | `passthrough_proxy_connections_total` | counter | `protocol` (tls/http1/h2c/unknown/…) |
 //! | `passthrough_proxy_connections_active` | gauge | — |
 //! | `passthrough_proxy_decisions_total` | counter | `protocol`, `verdict`, `reason`, `workload` |
 //! | `passthrough_proxy_bytes_total` | counter | `direction` (up/down), `workload` |
 //! | `passthrough_proxy_peek_seconds` | histogram | — |
 //! | `passthrough_proxy_upstream_connect_errors_total` | counter | `workload` |
+//! | `passthrough_monitor_watchers` | gauge | — (subscribers: `monitor` clients and the decision log) |
+//! | `passthrough_monitor_kernel_sample_rate` | gauge | — (allowed kernel decisions are reported 1 in N; 0: not reported, nobody watches) |
+//! | `passthrough_monitor_lost_total` | counter | `at` (`kernel`: the monitor ring was full; `agent`: a watcher fell behind) |
 //! | `passthrough_policy_generation` | gauge | — |
 //! | `passthrough_policy_reloads_total` | counter | `result` (success/failure) |
 //! | `passthrough_policy_last_reload_success_timestamp_seconds` | gauge | — |
@@ -138,6 +142,17 @@ struct BytesLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DestinationLabels {
+    workload: String,
+    destination: String,
+}
+
+/// Most (workload, destination) series of `passthrough_denied_destinations_total`: a workload
+/// scanning the address space must not grow the agent's memory and every scrape without bound.
+/// Pairs seen after the limit is reached are counted under `destination="other"`.
+pub const DENIED_DESTINATION_SERIES: usize = 1000;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct WorkloadLabels {
     workload: String,
 }
@@ -145,6 +160,11 @@ struct WorkloadLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PathLabels {
     path: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AtLabels {
+    at: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -223,6 +243,8 @@ pub struct Metrics {
     names: RwLock<Arc<HashMap<u64, String>>>,
     decisions: Family<DecisionLabels, Counter>,
     suppressed: Family<PathLabels, Counter>,
+    denied_destinations: Family<DestinationLabels, Counter>,
+    destination_series: Mutex<std::collections::HashSet<DestinationLabels>>,
     proxy_connections: Family<ProtocolLabels, Counter>,
     proxy_active: Gauge,
     proxy_decisions: Family<ProxyDecisionLabels, Counter>,
@@ -231,6 +253,9 @@ pub struct Metrics {
     peek: Histogram,
     connect_errors: Family<WorkloadLabels, Counter>,
     generation: Gauge,
+    monitor_watchers: Gauge,
+    monitor_sample_rate: Gauge,
+    monitor_lost: Family<AtLabels, Counter>,
     reloads: Family<ResultLabels, Counter>,
     last_reload: Gauge<f64, std::sync::atomic::AtomicU64>,
     map_entries: Family<MapSetLabels, Gauge>,
@@ -270,6 +295,15 @@ impl Metrics {
             "deny_events_suppressed",
             "Deny events counted but not logged because the log rate limit was exceeded",
             suppressed.clone(),
+        );
+        for path in ["kernel", "proxy"] {
+            let _ = suppressed.get_or_create(&PathLabels { path });
+        }
+        let denied_destinations = Family::<DestinationLabels, Counter>::default();
+        registry.register(
+            "denied_destinations",
+            "Denials and would-be denials by workload and destination (ip:port, or name:port when the proxy saw an SNI/Host); after the first 1000 pairs, new pairs count as destination=\"other\"",
+            denied_destinations.clone(),
         );
         let proxy_connections = Family::<ProtocolLabels, Counter>::default();
         registry.register(
@@ -322,6 +356,27 @@ impl Metrics {
             "Policy generation in force (applies since start)",
             generation.clone(),
         );
+        let monitor_watchers = Gauge::default();
+        registry.register(
+            "monitor_watchers",
+            "Subscribers of the live decision stream: passthrough monitor clients and the decision log",
+            monitor_watchers.clone(),
+        );
+        let monitor_sample_rate = Gauge::default();
+        registry.register(
+            "monitor_kernel_sample_rate",
+            "Allowed kernel decisions are reported to watchers 1 in this many (0: not reported, nobody watches)",
+            monitor_sample_rate.clone(),
+        );
+        let monitor_lost = Family::<AtLabels, Counter>::default();
+        registry.register(
+            "monitor_lost",
+            "Decisions not delivered to a watcher: at=kernel the monitor ring buffer was full, at=agent a watcher fell behind",
+            monitor_lost.clone(),
+        );
+        for at in ["kernel", "agent"] {
+            let _ = monitor_lost.get_or_create(&AtLabels { at });
+        }
         let reloads = Family::<ResultLabels, Counter>::default();
         registry.register(
             "policy_reloads",
@@ -357,6 +412,8 @@ impl Metrics {
             names: RwLock::new(Arc::new(HashMap::new())),
             decisions,
             suppressed,
+            denied_destinations,
+            destination_series: Mutex::new(Default::default()),
             proxy_connections,
             proxy_active,
             proxy_decisions,
@@ -365,6 +422,9 @@ impl Metrics {
             peek,
             connect_errors,
             generation,
+            monitor_watchers,
+            monitor_sample_rate,
+            monitor_lost,
             reloads,
             last_reload,
             map_entries,
@@ -405,8 +465,17 @@ impl Metrics {
         usage: MapUsage,
         capacity: MapUsage,
     ) {
-        *self.names.write().unwrap_or_else(|e| e.into_inner()) =
-            Arc::new(workloads.into_iter().collect());
+        let names: HashMap<u64, String> = workloads.into_iter().collect();
+        // Every workload's per-workload counters exist from the start, at 0: `rate()` and
+        // `increase()` then see a workload's first upstream failure or first relayed byte
+        // (a series born at 1 has no earlier sample to rise from).
+        for name in names.values() {
+            let _ = self.connect_errors.get_or_create(&WorkloadLabels {
+                workload: name.clone(),
+            });
+            let _ = self.bytes_counters(name);
+        }
+        *self.names.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(names);
         self.generation.set(generation as i64);
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -457,6 +526,21 @@ impl Metrics {
                 .get_or_create(&MapLabels { map })
                 .set(cap as i64);
         }
+    }
+
+    /// Subscribers of the decision stream now.
+    pub fn monitor_watchers(&self, n: usize) {
+        self.monitor_watchers.set(n as i64);
+    }
+
+    /// Allowed kernel decisions are reported 1 in `n` (0: not at all).
+    pub fn monitor_sample_rate(&self, n: u64) {
+        self.monitor_sample_rate.set(n as i64);
+    }
+
+    /// `n` decisions did not reach a watcher (`at`: `kernel` or `agent`).
+    pub fn monitor_lost(&self, at: &'static str, n: u64) {
+        self.monitor_lost.get_or_create(&AtLabels { at }).inc_by(n);
     }
 
     /// A reload (SIGHUP or file change) was applied.
@@ -535,6 +619,32 @@ impl Metrics {
             })
             .inc();
         self.decision("proxy", verdict, reason, workload);
+    }
+
+    /// One denial (or would-be denial) of `workload` to `destination`, in its own series while
+    /// fewer than [`DENIED_DESTINATION_SERIES`] exist, else under `destination="other"`.
+    pub fn denied_destination(&self, workload: &str, destination: &str) {
+        let labels = DestinationLabels {
+            workload: workload.into(),
+            destination: destination.into(),
+        };
+        let admitted = {
+            let mut seen = self
+                .destination_series
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            seen.contains(&labels)
+                || (seen.len() < DENIED_DESTINATION_SERIES && seen.insert(labels.clone()))
+        };
+        let labels = if admitted {
+            labels
+        } else {
+            DestinationLabels {
+                workload: labels.workload,
+                destination: "other".into(),
+            }
+        };
+        self.denied_destinations.get_or_create(&labels).inc();
     }
 
     /// Deny events not logged (rate limit), by path.
@@ -962,6 +1072,49 @@ mod tests {
         assert!(
             t2.contains("# TYPE passthrough_kernel_decisions_total counter"),
             "{t2}"
+        );
+    }
+
+    #[test]
+    fn denied_destination_series_are_bounded() {
+        let m = Metrics::new();
+        m.denied_destination("web", "203.0.113.7:80");
+        m.denied_destination("web", "203.0.113.7:80");
+        for i in 0..DENIED_DESTINATION_SERIES + 10 {
+            m.denied_destination("scan", &format!("198.51.{}.{}:443", i / 256, i % 256));
+        }
+        let text = m.render();
+        let series: Vec<_> = parse_text(&text)
+            .into_iter()
+            .filter(|(n, _, _)| n == "passthrough_denied_destinations_total")
+            .collect();
+        // The limit, plus the one `other` series of the workload that went past it.
+        assert_eq!(series.len(), DENIED_DESTINATION_SERIES + 1);
+        assert_eq!(
+            sample(
+                &text,
+                "passthrough_denied_destinations_total",
+                &[("workload", "web"), ("destination", "203.0.113.7:80")]
+            ),
+            Some(2.0)
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "passthrough_denied_destinations_total",
+                &[("workload", "scan"), ("destination", "other")]
+            ),
+            Some(11.0)
+        );
+        // A pair admitted before the limit keeps its own series.
+        m.denied_destination("web", "203.0.113.7:80");
+        assert_eq!(
+            sample(
+                &m.render(),
+                "passthrough_denied_destinations_total",
+                &[("workload", "web"), ("destination", "203.0.113.7:80")]
+            ),
+            Some(3.0)
         );
     }
 

@@ -89,6 +89,15 @@ pub struct RunArgs {
     /// `off` (default): always in userspace. See docs/design.md.
     #[arg(long, value_name = "READS|off", default_value = "off", value_parser = parse_kernel_relay)]
     pub kernel_relay_after: KernelRelayAfter,
+    /// Keep a log of what the agent observes (allowed egress decisions, denials and `--audit`
+    /// would-be denials; each distinct one once per segment) in DIR, bounded and kept across
+    /// restarts, for `passthrough suggest`. Default DIR: /var/lib/passthrough/decisions. While
+    /// it runs, the programs report allowed egress decisions as they do for a watcher.
+    #[arg(long, value_name = "DIR", num_args = 0..=1, default_missing_value = crate::cli::DEFAULT_DECISION_LOG)]
+    pub decision_log: Option<PathBuf>,
+    /// Most bytes the decision log directory holds (its oldest segment is deleted beyond).
+    #[arg(long, value_name = "BYTES", default_value_t = crate::recorder::DEFAULT_MAX_BYTES)]
+    pub decision_log_max_bytes: u64,
     /// Kubernetes mode: discover this node's pods, their identities and the MeshPassthrough
     /// resources from the API server (see docs/kubernetes.md) instead of files.
     #[arg(long, conflicts_with_all = ["policy", "cgroup", "workloads", "attach_cgroup"])]

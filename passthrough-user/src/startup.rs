@@ -16,6 +16,7 @@ use crate::{
     events::{self, Reporter},
     kernel::{Kernel, ProxySettings},
     metrics::Metrics,
+    monitor::{KernelMonitor, Monitor},
     run_args::{KernelRelayAfter, RunArgs},
 };
 
@@ -226,5 +227,48 @@ pub(crate) fn start_deny_events(
             warn!("deny events: ring buffer already taken; kernel denials will not be logged");
             tokio::spawn(events::log_suppressed_forever(reporter.clone()))
         }
+    }
+}
+/// Agent start-up: publishes kernel denials to `monitor`, spawns the reader of the programs'
+/// monitor ring ([`crate::monitor::read_kernel_monitor`]) and, with `--decision-log`, the
+/// decision log ([`crate::recorder`], a subscriber from now on). Returns the tasks (they run
+/// until aborted).
+pub(crate) fn start_monitor(
+    args: &RunArgs,
+    kernel: &mut Kernel,
+    reporter: &Arc<Reporter>,
+    monitor: &Arc<Monitor>,
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+    reporter.set_monitor(monitor.clone());
+    let mut tasks = Vec::new();
+    match kernel.take_monitor() {
+        Some((ring, drops)) => tasks.push(tokio::spawn(crate::monitor::read_kernel_monitor(
+            ring,
+            drops,
+            monitor.clone(),
+        ))),
+        None => {
+            warn!("monitor: ring buffer already taken; allowed kernel decisions will not be shown")
+        }
+    }
+    if let Some(dir) = &args.decision_log {
+        tasks.push(
+            crate::recorder::start(monitor, dir, args.decision_log_max_bytes)
+                .with_context(|| format!("--decision-log {}", dir.display()))?,
+        );
+    }
+    Ok(tasks)
+}
+
+/// Writes what the monitor wants the programs to report into `CONFIG` (logged if it fails:
+/// watchers then miss allowed kernel decisions; enforcement is not affected).
+pub(crate) fn apply_monitor(kernel: &mut Kernel, w: KernelMonitor) {
+    match kernel.set_monitor(w.on, u32::from(w.shift)) {
+        Ok(()) => tracing::debug!(
+            on = w.on,
+            sample = 1u32 << w.shift,
+            "monitor: kernel reporting"
+        ),
+        Err(e) => warn!(error = %e, "monitor: could not switch the kernel's reporting"),
     }
 }

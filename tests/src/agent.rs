@@ -56,6 +56,8 @@ pub struct AgentBuilder {
     state_dir: Option<PathBuf>,
     /// Run this binary instead of [`agent_binary`] (a bench's before/after).
     binary: Option<PathBuf>,
+    /// `RUST_LOG` for the agent (default: `$PASSTHROUGH_TEST_LOG`, else `info`).
+    log_filter: Option<String>,
 }
 
 impl AgentBuilder {
@@ -99,6 +101,13 @@ impl AgentBuilder {
     /// Any other argument, verbatim.
     pub fn arg(mut self, a: &str) -> Self {
         self.extra.push(a.into());
+        self
+    }
+
+    /// The agent's `RUST_LOG` filter (e.g. `info,passthrough::proxy=debug` for the proxy's
+    /// access log).
+    pub fn log_filter(mut self, filter: &str) -> Self {
+        self.log_filter = Some(filter.into());
         self
     }
 
@@ -173,7 +182,9 @@ impl AgentBuilder {
             .env("NO_COLOR", "1")
             .env(
                 "RUST_LOG",
-                std::env::var("PASSTHROUGH_TEST_LOG").unwrap_or_else(|_| "info".into()),
+                self.log_filter.clone().unwrap_or_else(|| {
+                    std::env::var("PASSTHROUGH_TEST_LOG").unwrap_or_else(|_| "info".into())
+                }),
             );
         // SAFETY: prctl is async-signal-safe. The agent dies with the test thread that started it.
         unsafe {

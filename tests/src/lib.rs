@@ -21,6 +21,7 @@ pub mod bench;
 pub mod cgroup;
 pub mod check;
 pub mod clients;
+pub mod domains;
 pub mod hostnet;
 pub mod l7;
 pub mod netns;

@@ -621,3 +621,370 @@ fn metrics_endpoint_serves_both_text_formats() {
     );
     assert!(om.trim_end().ends_with("# EOF"));
 }
+
+// ---------------------------------------------------------------------------------------------
+// The Grafana dashboard (deploy/grafana/passthrough.json) against a real agent's /metrics.
+
+/// What one PromQL expression refers to.
+#[derive(Debug, Default, PartialEq)]
+struct PromRefs {
+    /// Metric names (selectors), in order of appearance.
+    metrics: Vec<String>,
+    /// Label names in matchers and in `by`/`without`/`on`/`ignoring`/`group_*` lists.
+    labels: Vec<String>,
+    /// Equality matchers `(metric, label, value)`.
+    equals: Vec<(String, String, String)>,
+}
+
+/// Reads the metric names, label names and equality matchers of a PromQL expression: enough of
+/// PromQL to check a dashboard's queries (functions, aggregations with `by`, binary operators,
+/// selectors with matchers, ranges such as `[$__rate_interval]`, string and number literals).
+fn promql_refs(expr: &str) -> Result<PromRefs, String> {
+    const LIST_KEYWORDS: [&str; 6] = [
+        "by",
+        "without",
+        "on",
+        "ignoring",
+        "group_left",
+        "group_right",
+    ];
+    const OPERATOR_WORDS: [&str; 5] = ["and", "or", "unless", "bool", "offset"];
+    // Aggregations may put `by (...)` between their name and their parenthesis.
+    const AGGREGATIONS: [&str; 14] = [
+        "sum",
+        "min",
+        "max",
+        "avg",
+        "group",
+        "stddev",
+        "stdvar",
+        "count",
+        "count_values",
+        "bottomk",
+        "topk",
+        "quantile",
+        "limitk",
+        "limit_ratio",
+    ];
+    let b = expr.as_bytes();
+    let mut refs = PromRefs::default();
+    let mut i = 0;
+    let ident_start = |c: u8| c.is_ascii_alphabetic() || c == b'_' || c == b':';
+    let ident_char = |c: u8| c.is_ascii_alphanumeric() || c == b'_' || c == b':';
+    let skip_ws = |mut i: usize| {
+        while i < b.len() && b[i].is_ascii_whitespace() {
+            i += 1;
+        }
+        i
+    };
+    let string_end = |start: usize| -> Result<usize, String> {
+        let q = b[start];
+        let mut j = start + 1;
+        while j < b.len() && b[j] != q {
+            j += if b[j] == b'\\' { 2 } else { 1 };
+        }
+        if j >= b.len() {
+            return Err(format!("unterminated string at {start} in {expr:?}"));
+        }
+        Ok(j + 1)
+    };
+    while i < b.len() {
+        let c = b[i];
+        if c == b'"' || c == b'\'' {
+            i = string_end(i)?;
+        } else if c == b'[' {
+            i = expr[i..]
+                .find(']')
+                .map(|k| i + k + 1)
+                .ok_or_else(|| format!("unterminated range in {expr:?}"))?;
+        } else if c == b'$' {
+            i += 1;
+            while i < b.len() && ident_char(b[i]) {
+                i += 1;
+            }
+        } else if c.is_ascii_digit() || c == b'.' {
+            while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'.') {
+                i += 1;
+            }
+        } else if ident_start(c) {
+            let start = i;
+            while i < b.len() && ident_char(b[i]) {
+                i += 1;
+            }
+            let word = &expr[start..i];
+            let next = skip_ws(i);
+            if LIST_KEYWORDS.contains(&word) {
+                if b.get(next) == Some(&b'(') {
+                    let end = expr[next..]
+                        .find(')')
+                        .map(|k| next + k)
+                        .ok_or_else(|| format!("unterminated label list in {expr:?}"))?;
+                    refs.labels.extend(
+                        expr[next + 1..end]
+                            .split(',')
+                            .map(str::trim)
+                            .filter(|l| !l.is_empty())
+                            .map(str::to_string),
+                    );
+                    i = end + 1;
+                }
+            } else if OPERATOR_WORDS.contains(&word)
+                || AGGREGATIONS.contains(&word)
+                || b.get(next) == Some(&b'(')
+            {
+                // An operator, or a function / aggregation name.
+            } else {
+                refs.metrics.push(word.to_string());
+                if b.get(next) == Some(&b'{') {
+                    i = next + 1;
+                    loop {
+                        i = skip_ws(i);
+                        match b.get(i) {
+                            Some(b'}') => {
+                                i += 1;
+                                break;
+                            }
+                            Some(b',') => i += 1,
+                            Some(c) if ident_start(*c) => {
+                                let ls = i;
+                                while i < b.len() && ident_char(b[i]) {
+                                    i += 1;
+                                }
+                                let label = expr[ls..i].to_string();
+                                i = skip_ws(i);
+                                let os = i;
+                                while i < b.len() && b"=!~".contains(&b[i]) {
+                                    i += 1;
+                                }
+                                let op = &expr[os..i];
+                                i = skip_ws(i);
+                                if !matches!(op, "=" | "!=" | "=~" | "!~")
+                                    || b.get(i) != Some(&b'"')
+                                {
+                                    return Err(format!("bad matcher for {label} in {expr:?}"));
+                                }
+                                let vs = i;
+                                i = string_end(i)?;
+                                if op == "=" {
+                                    refs.equals.push((
+                                        word.to_string(),
+                                        label.clone(),
+                                        expr[vs + 1..i - 1].to_string(),
+                                    ));
+                                }
+                                refs.labels.push(label);
+                            }
+                            _ => return Err(format!("bad selector of {word} in {expr:?}")),
+                        }
+                    }
+                }
+            }
+        } else if c == b'{' {
+            return Err(format!("a selector without a metric name in {expr:?}"));
+        } else {
+            i += 1;
+        }
+    }
+    Ok(refs)
+}
+
+#[test]
+fn promql_refs_reads_names_labels_and_matchers() {
+    let r = promql_refs(
+        r#"topk(5, sum by (workload, destination) (increase(passthrough_x_total{instance=~"$i", set="active"}[$__range]))) / on(map) max by (map) (passthrough_y) > bool 0.5"#,
+    )
+    .unwrap();
+    assert_eq!(r.metrics, ["passthrough_x_total", "passthrough_y"]);
+    assert_eq!(
+        r.labels,
+        ["workload", "destination", "instance", "set", "map", "map"]
+    );
+    assert_eq!(
+        r.equals,
+        [(
+            "passthrough_x_total".to_string(),
+            "set".to_string(),
+            "active".to_string()
+        )]
+    );
+    let r = promql_refs(r#"time() - max(foo_seconds{a="b\"c"})"#).unwrap();
+    assert_eq!(r.metrics, ["foo_seconds"]);
+    assert_eq!(r.equals[0].2, r#"b\"c"#);
+    assert!(promql_refs(r#"sum({__name__="x"})"#).is_err());
+    assert!(promql_refs(r#"x{a="b"#).is_err());
+    assert!(promql_refs(r#"x{a=b}"#).is_err());
+}
+
+/// Every query of the dashboard: panels (rows included) and template variables.
+fn dashboard_queries(d: &Value) -> Vec<(String, String)> {
+    fn panels(v: &Value, out: &mut Vec<(String, String)>) {
+        for p in v.as_array().into_iter().flatten() {
+            let title = p["title"].as_str().unwrap_or("?").to_string();
+            for t in p["targets"].as_array().into_iter().flatten() {
+                let expr = t["expr"]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("panel {title:?}: a target without expr"));
+                out.push((title.clone(), expr.to_string()));
+            }
+            panels(&p["panels"], out);
+        }
+    }
+    let mut out = Vec::new();
+    panels(&d["panels"], &mut out);
+    for v in d["templating"]["list"].as_array().into_iter().flatten() {
+        if v["type"] != "query" {
+            continue;
+        }
+        let q = v["query"]["query"]
+            .as_str()
+            .or(v["query"].as_str())
+            .expect("a query variable has a query");
+        // label_values(SELECTOR, LABEL): the selector is PromQL, the label must exist on it.
+        let inner = q
+            .strip_prefix("label_values(")
+            .and_then(|s| s.strip_suffix(')'))
+            .unwrap_or_else(|| panic!("variable {}: unexpected query {q:?}", v["name"]));
+        let (selector, label) = inner
+            .rsplit_once(',')
+            .expect("label_values(selector, label)");
+        out.push((
+            format!("variable {}", v["name"]),
+            format!("sum by ({}) ({selector})", label.trim()),
+        ));
+    }
+    out
+}
+
+#[test]
+fn every_dashboard_query_names_a_metric_the_agent_exports() {
+    if !require_kernel() {
+        return;
+    }
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/grafana/passthrough.json");
+    let dashboard: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap())
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    // Shape Grafana needs: unique panel ids, every query panel on the chosen data source.
+    let mut ids = std::collections::BTreeSet::new();
+    for p in dashboard["panels"].as_array().unwrap() {
+        assert!(ids.insert(p["id"].as_u64().unwrap()), "duplicate id {p}");
+        let g = &p["gridPos"];
+        assert!(
+            g["x"].as_u64().unwrap() + g["w"].as_u64().unwrap() <= 24,
+            "{p}"
+        );
+        if p["type"] != "row" {
+            assert_eq!(p["datasource"]["uid"], "${datasource}", "{}", p["title"]);
+            assert!(
+                !p["targets"].as_array().unwrap().is_empty(),
+                "{}",
+                p["title"]
+            );
+        }
+    }
+    let queries = dashboard_queries(&dashboard);
+
+    // A real agent that has made kernel allows and denials and a proxy decision, so the
+    // families the dashboard reads have series (their labels are checked too).
+    let w = World::with(POLICY, |b| b);
+    let mut p = Probe::spawn(&w.cg, &w.net).unwrap();
+    assert_allowed(&mut p, &w.net, ALLOWED);
+    assert_denied(&mut p, &w.net, DENIED);
+    proxy_denial(&w);
+    let text = wait_for(Duration::from_secs(5), "both denials in /metrics", || {
+        let (status, t) = w.agent.get("/metrics").unwrap();
+        assert_eq!(status, 200);
+        let s = parse_text(&t);
+        (value(&s, "passthrough_denied_destinations_total", &[]) >= 2.0).then_some(t)
+    });
+    let samples = parse_text(&text);
+    // Exported names: every sample name, and the names a family's TYPE line implies (a
+    // family may have no series yet, e.g. upstream connect errors on a quiet agent).
+    let mut exported: std::collections::BTreeSet<String> =
+        samples.iter().map(|(n, _, _)| n.clone()).collect();
+    for line in text.lines() {
+        let mut f = line.split_whitespace();
+        if let (Some("#"), Some("TYPE"), Some(name), Some(kind)) =
+            (f.next(), f.next(), f.next(), f.next())
+        {
+            exported.insert(name.to_string());
+            match kind {
+                "counter" if !name.ends_with("_total") => {
+                    exported.insert(format!("{name}_total"));
+                }
+                "histogram" => {
+                    for s in ["_bucket", "_sum", "_count"] {
+                        exported.insert(format!("{name}{s}"));
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    let labels_of = |metric: &str| -> std::collections::BTreeSet<&str> {
+        samples
+            .iter()
+            .filter(|(n, _, _)| n == metric)
+            .flat_map(|(_, l, _)| l.keys().map(String::as_str))
+            .collect()
+    };
+    let mut used = std::collections::BTreeSet::new();
+    let mut problems = Vec::new();
+    for (title, expr) in &queries {
+        let refs = promql_refs(expr).unwrap_or_else(|e| panic!("{title}: {e}"));
+        if refs.metrics.is_empty() {
+            problems.push(format!("{title}: no metric in {expr:?}"));
+        }
+        let mut known_labels: std::collections::BTreeSet<&str> =
+            ["instance", "job"].into_iter().collect();
+        for m in &refs.metrics {
+            used.insert(m.clone());
+            if !exported.contains(m) {
+                problems.push(format!("{title}: {m} is not exported by the agent"));
+            }
+            known_labels.extend(labels_of(m));
+            if m.ends_with("_bucket") {
+                known_labels.insert("le");
+            }
+        }
+        for l in &refs.labels {
+            if !known_labels.contains(l.as_str()) {
+                problems.push(format!(
+                    "{title}: label {l} is on none of {:?}",
+                    refs.metrics
+                ));
+            }
+        }
+        for (m, l, v) in &refs.equals {
+            let has_series = samples.iter().any(|(n, _, _)| n == m);
+            let has_value = samples
+                .iter()
+                .any(|(n, ls, _)| n == m && ls.get(l) == Some(v));
+            if has_series && !has_value {
+                problems.push(format!("{title}: no series of {m} has {l}=\"{v}\""));
+            }
+        }
+    }
+    assert!(
+        problems.is_empty(),
+        "{problems:#?}\n--- /metrics ---\n{text}"
+    );
+    // What the dashboard is for: each of these families is on it.
+    for family in [
+        "passthrough_decisions_total",
+        "passthrough_kernel_decisions_total",
+        "passthrough_denied_destinations_total",
+        "passthrough_proxy_decisions_total",
+        "passthrough_proxy_peek_seconds_bucket",
+        "passthrough_proxy_upstream_connect_errors_total",
+        "passthrough_policy_generation",
+        "passthrough_policy_reloads_total",
+        "passthrough_map_entries",
+        "passthrough_map_capacity",
+    ] {
+        assert!(
+            used.contains(family),
+            "the dashboard does not show {family}"
+        );
+    }
+}

@@ -2,11 +2,14 @@
 //!
 //! - `setup`: install toolchains, LLVM and bpf-linker (idempotent; `scripts/setup.sh`).
 //! - `build`: build the agent (the eBPF object is built by passthrough-user's build.rs).
+//! - `run -- ARGS`: build the eBPF programs and the agent, then run `passthrough ARGS` (aya's
+//!   template convention: one command loads changed programs).
 //! - `test`: `cargo fmt --all --check`, `cargo clippy` (the workspace, and the eBPF crate for
 //!   the BPF target with the pinned nightly) and `cargo doc` with warnings denied, then every
 //!   test, kernel tests included (root needed; under `CI=true` they never skip).
-//! - `bench`: benchmarks (`connect` = kernel-path connect() cost and compile+load time; `kube` =
-//!   Kubernetes mode with 1,000 pods).
+//! - `bench`: benchmarks (`connect` = kernel-path connect() cost and compile+load time, and the
+//!   monitor's report against programs built without it; `monitor` = the agent's CPU for one
+//!   watcher; `kube` = Kubernetes mode with 1,000 pods).
 //! - `demo`: the out-of-the-box demo (workload cgroup, netns test hosts, example policy).
 //! - `sweep`: remove test namespaces/cgroups left by a crashed run.
 //! - `fuzz`: run every cargo-fuzz target in `fuzz/` for `--seconds N` each (pinned nightly;
@@ -43,6 +46,17 @@ enum Cmd {
         #[arg(long)]
         release: bool,
     },
+    /// Build the eBPF programs and the agent, then run `passthrough ARGS` (e.g.
+    /// `cargo xtask run -- run --policy examples/ --cgroup system.slice/app.service`). The
+    /// agent's exit status is this command's.
+    Run {
+        /// Release profile.
+        #[arg(long)]
+        release: bool,
+        /// Arguments for `passthrough` (after `--`).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
     /// Run all tests, kernel tests included.
     Test {
         /// Extra arguments for `cargo test` (after `--`).
@@ -51,9 +65,10 @@ enum Cmd {
     },
     /// Run benchmarks.
     Bench {
-        /// Which: `connect` (kernel path: connect() cost, compile + load), `policy` (parse,
-        /// validate, merge, compile of 100,000 matches), `proxy` (proxy path vs direct), `kube`
-        /// (Kubernetes mode, 1,000 pods on one node).
+        /// Which: `connect` (kernel path: connect() cost, compile + load, the monitor's report
+        /// against programs built without it), `monitor` (the agent's CPU for one watcher at
+        /// 10,000 decisions/s), `policy` (parse, validate, merge, compile of 100,000 matches),
+        /// `proxy` (proxy path vs direct), `kube` (Kubernetes mode, 1,000 pods on one node).
         /// Default: all.
         #[arg(default_value = "all")]
         which: String,
@@ -198,6 +213,44 @@ fn build_bins(release: bool) -> anyhow::Result<()> {
     run(&mut c)
 }
 
+/// Builds the eBPF programs with the `no-monitor` feature (the monitor's report of allowed
+/// decisions compiled out), as passthrough-user's build script builds the real ones (aya-build:
+/// the pinned nightly, `build-std=core`, BTF), into a target directory of its own. The
+/// connect bench loads it beside the embedded object to measure what the disabled report
+/// costs. Returns the object's path.
+fn build_ebpf_without_monitor() -> anyhow::Result<PathBuf> {
+    let dir = target_dir().join("ebpf-no-monitor");
+    let mut c = Command::new("cargo");
+    c.arg(format!("+{NIGHTLY_TOOLCHAIN}"))
+        .args([
+            "build",
+            "--package",
+            "passthrough-ebpf",
+            "--bins",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+            "--features",
+            "no-monitor",
+            "--target-dir",
+        ])
+        .arg(&dir)
+        .env(
+            "CARGO_ENCODED_RUSTFLAGS",
+            format!(
+                "--cfg=bpf_target_arch=\"{}\"\x1f-Cdebuginfo=2\x1f-Clink-arg=--btf",
+                std::env::consts::ARCH
+            ),
+        )
+        .env_remove("RUSTC")
+        .env_remove("RUSTC_WORKSPACE_WRAPPER")
+        .env_remove("CARGO");
+    run(&mut c)?;
+    Ok(dir.join("bpfel-unknown-none/release/passthrough"))
+}
+
 fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
@@ -276,8 +329,32 @@ fn compare(which: &str, quick: bool, rounds: Option<u32>, report_only: bool) -> 
     result
 }
 
+/// `run`: builds `passthrough` (its build script builds the eBPF object it embeds, so the
+/// programs always match their sources), then replaces this process with `passthrough ARGS`
+/// (`exec`, as `cargo run` does): signals (Ctrl-C, SIGTERM, SIGHUP to reload) reach the agent
+/// itself, its exit status is the command's, and relative paths are read from the caller's
+/// working directory. Returns only if the exec failed.
+fn run_agent(release: bool, args: &[String]) -> anyhow::Error {
+    let mut c = cargo();
+    c.args(["build", "-p", "passthrough-user", "--bin", "passthrough"]);
+    if release {
+        c.arg("--release");
+    }
+    if let Err(e) = run(&mut c) {
+        return e;
+    }
+    let bin = target_dir()
+        .join(if release { "release" } else { "debug" })
+        .join("passthrough");
+    eprintln!("[xtask] exec {} {}", bin.display(), args.join(" "));
+    use std::os::unix::process::CommandExt as _;
+    let e = Command::new(&bin).args(args).exec();
+    anyhow::Error::new(e).context(format!("exec {}", bin.display()))
+}
+
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
+        Cmd::Run { release, args } => Err(run_agent(release, &args)),
         Cmd::Setup => run(Command::new("bash").arg("scripts/setup.sh")),
         Cmd::Build { release } => {
             let mut c = cargo();
@@ -365,8 +442,9 @@ fn main() -> anyhow::Result<()> {
         } => compare(&which, quick, rounds, report_only),
         Cmd::Bench { which, quick, .. } => {
             let all = which == "all";
-            if !all && !["connect", "policy", "proxy", "kube"].contains(&which.as_str()) {
-                bail!("unknown bench {which:?}: one of connect, policy, proxy, kube, all");
+            if !all && !["connect", "monitor", "policy", "proxy", "kube"].contains(&which.as_str())
+            {
+                bail!("unknown bench {which:?}: one of connect, monitor, policy, proxy, kube, all");
             }
             let mut result = Ok(());
             if all || which == "policy" {
@@ -385,8 +463,24 @@ fn main() -> anyhow::Result<()> {
             }
             if result.is_ok() && (all || which == "connect") {
                 build_bins(true)?;
+                let baseline = build_ebpf_without_monitor()?;
                 let mut c = Command::new(target_dir().join("release").join("pt-bench"));
-                c.arg("connect");
+                c.arg("connect").arg("--baseline-object").arg(baseline);
+                if quick {
+                    c.arg("--quick");
+                }
+                result = run(&mut c);
+                let swept = sweep();
+                result = result.and(swept);
+            }
+            if result.is_ok() && (all || which == "monitor") {
+                // The real agent, one watcher, 10,000 allowed decisions/s: the agent's CPU.
+                build_bins(true)?;
+                let mut c = Command::new(target_dir().join("release").join("pt-bench"));
+                c.arg("monitor").env(
+                    "PASSTHROUGH_BIN",
+                    target_dir().join("release").join("passthrough"),
+                );
                 if quick {
                     c.arg("--quick");
                 }

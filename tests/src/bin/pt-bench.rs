@@ -15,6 +15,19 @@
 //! added cost, measured directly — and inside the egress backstop per packet (the handshake's
 //! and teardown's TCP packets: the common packet), and, with 100,000 matches, inside the
 //! setsockopt program per `setsockopt(TCP_NODELAY)` (an option it lets through).
+//!
+//! Two more rows at 1,000 matches measure the monitor's report of allowed decisions in the
+//! same interleaved rounds: the programs built without it (`--baseline-object`, the
+//! `no-monitor` build `cargo xtask bench connect` makes) against the normal ones with nobody
+//! watching (the "1000 CIDR matches" row), and with a watcher (the `CONFIG` flag on, every
+//! decision reported into the ring, which a thread drains).
+//!
+//! `monitor`: the agent's cost of one watcher. The real agent enforces a policy on a test
+//! cgroup; this process, inside it and inside a private network namespace, makes 10,000
+//! allowed decisions a second (connected UDP sockets to AnyIP addresses: one connect4 run each,
+//! no handshake); rounds alternate no watcher / one watcher reading `GET /monitor`, and the
+//! agent's CPU time (utime + stime) is read around each. Then a flood, as fast as one thread
+//! goes, with a watcher: what was delivered, sampled and lost.
 
 use std::{
     io::Write as _,
@@ -32,7 +45,7 @@ use passthrough_tests::{
     TestCgroup,
     bench::{BenchNs, MoveBack, Rng, cidr_conf, median, percentile, timed_connect},
 };
-use passthrough_user::kernel::{Capacities, Kernel};
+use passthrough_user::kernel::{Capacities, Kernel, ProxySettings};
 
 const PORT: u16 = 9000;
 const SIZES: [usize; 3] = [10, 1_000, 100_000];
@@ -91,14 +104,30 @@ fn measure(dsts: &[SocketAddr], count: usize) -> anyhow::Result<Vec<u64>> {
     Ok(out)
 }
 
+/// What one row of the connect bench loads.
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    /// No program attached.
+    None,
+    /// `confs[i]` with the normal programs (nobody watching).
+    Conf(usize),
+    /// `confs[i]` with the programs built without the monitor's report (`--baseline-object`).
+    Baseline(usize),
+    /// `confs[i]` with a watcher: `flags::MONITOR` on, the ring drained by a thread.
+    Watched(usize),
+}
+
 struct Row {
     label: String,
+    kind: Kind,
     p50: Vec<f64>,
     p99: Vec<f64>,
     /// Mean time inside connect4 per call (kernel BPF statistics), per round.
     prog_ns: Vec<f64>,
     /// Time inside sock_ops per connect (it runs for several events of each connection).
     sockops_ns: Vec<f64>,
+    /// Monitor events a watched row's drain thread received, per round.
+    observed: Vec<u64>,
     /// Mean time inside the egress backstop per packet.
     egress_ns: Vec<f64>,
 }
@@ -140,16 +169,72 @@ fn setsockopts(n: usize) -> anyhow::Result<()> {
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let quick = args.iter().any(|a| a == "--quick");
+    let baseline = args
+        .iter()
+        .position(|a| a == "--baseline-object")
+        .and_then(|i| args.get(i + 1))
+        .map(PathBuf::from);
     let which = args
         .iter()
-        .find(|a| !a.starts_with("--"))
-        .cloned()
+        .enumerate()
+        .find(|(i, a)| !a.starts_with("--") && (*i == 0 || args[i - 1] != "--baseline-object"))
+        .map(|(_, a)| a.clone())
         .unwrap_or_else(|| "all".into());
-    if which != "all" && which != "connect" {
-        anyhow::bail!("unknown bench {which:?}; one of: connect, all");
+    match which.as_str() {
+        "all" => {
+            connect(quick, baseline.as_deref())?;
+            monitor(quick)
+        }
+        "connect" => connect(quick, baseline.as_deref()),
+        "monitor" => monitor(quick),
+        _ => anyhow::bail!("unknown bench {which:?}; one of: connect, monitor, all"),
     }
+}
+
+/// The eBPF object at `path`, in memory aligned for the ELF parser.
+fn read_object(path: &std::path::Path) -> anyhow::Result<&'static [u8]> {
+    let bytes = std::fs::read(path).with_context(|| format!("{}", path.display()))?;
+    let mut words = vec![0u64; bytes.len().div_ceil(8)];
+    // SAFETY: the u64 buffer is at least as long as `bytes` and u8-writable.
+    let dst =
+        unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), bytes.len()) };
+    dst.copy_from_slice(&bytes);
+    let len = bytes.len();
+    let words: &'static mut [u64] = words.leak();
+    // SAFETY: as above; leaked, so 'static.
+    Ok(unsafe { std::slice::from_raw_parts(words.as_ptr().cast::<u8>(), len) })
+}
+
+/// Drains a monitor ring in a thread until `stop`; returns how many events it read.
+fn drain(
+    ring: aya::maps::RingBuf<aya::maps::MapData>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<u64> {
+    std::thread::spawn(move || {
+        let mut ring = ring;
+        let mut n = 0u64;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let mut got = false;
+            while let Some(item) = ring.next() {
+                drop(item);
+                n += 1;
+                got = true;
+            }
+            if !got {
+                std::thread::sleep(std::time::Duration::from_micros(200));
+            }
+        }
+        while ring.next().is_some() {
+            n += 1;
+        }
+        n
+    })
+}
+
+fn connect(quick: bool, baseline: Option<&std::path::Path>) -> anyhow::Result<()> {
     let rounds = if quick { 1 } else { 3 };
     let count = if quick { 3_000 } else { 30_000 };
+    let baseline = baseline.map(read_object).transpose()?;
 
     // A private netns with the destinations routed to lo, and this process inside it and
     // inside a test cgroup (the attachment point). The guards clean up on every exit path.
@@ -169,24 +254,6 @@ fn main() -> anyhow::Result<()> {
     let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).context("BPF_ENABLE_STATS")?;
     let dsts = destinations();
     measure(&dsts, count / 10)?; // warm up
-    let mut rows: Vec<Row> = std::iter::once("no program".to_string())
-        .chain(SIZES.iter().map(|n| format!("{n} CIDR matches")))
-        .chain(std::iter::once(
-            "100000 CIDR + 1 Domain (sock_ops on)".to_string(),
-        ))
-        .map(|label| Row {
-            label,
-            p50: vec![],
-            p99: vec![],
-            prog_ns: vec![],
-            sockops_ns: vec![],
-            egress_ns: vec![],
-        })
-        .collect();
-    let mut compile_ms = vec![];
-    let mut load_ms = vec![];
-    let mut prog_load_ms = vec![];
-    let mut setsockopt_ns = vec![];
     let mut confs: Vec<MergedConf> = SIZES.iter().map(|n| conf(*n)).collect();
     // The last row: a Domain match makes redirects possible, so sock_ops is attached too. Its
     // port differs from the benchmark's, so every connect is still allowed by a CIDR match.
@@ -204,40 +271,96 @@ fn main() -> anyhow::Result<()> {
         },
     });
     confs.push(with_domain);
+    let one_k = SIZES
+        .iter()
+        .position(|n| *n == 1_000)
+        .expect("a 1,000-match size");
+    let mut kinds: Vec<(String, Kind)> = vec![("no program".into(), Kind::None)];
+    kinds.extend(
+        SIZES
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (format!("{n} CIDR matches"), Kind::Conf(i))),
+    );
+    kinds.push((
+        "100000 CIDR + 1 Domain (sock_ops on)".into(),
+        Kind::Conf(SIZES.len()),
+    ));
+    if baseline.is_some() {
+        kinds.push((
+            "1000 CIDR, built without the monitor".into(),
+            Kind::Baseline(one_k),
+        ));
+    }
+    kinds.push((
+        "1000 CIDR, one watcher (every decision reported)".into(),
+        Kind::Watched(one_k),
+    ));
+    let mut rows: Vec<Row> = kinds
+        .into_iter()
+        .map(|(label, kind)| Row {
+            label,
+            kind,
+            p50: vec![],
+            p99: vec![],
+            prog_ns: vec![],
+            sockops_ns: vec![],
+            egress_ns: vec![],
+            observed: vec![],
+        })
+        .collect();
+    let mut compile_ms = vec![];
+    let mut load_ms = vec![];
+    let mut prog_load_ms = vec![];
+    let mut setsockopt_ns = vec![];
     for round in 0..rounds {
-        for (i, row) in rows.iter_mut().enumerate() {
-            let _kernel = if i == 0 {
-                None
-            } else {
-                let t = Instant::now();
-                let proxy = if i == confs.len() {
-                    // No listener is needed: nothing is redirected, the flag only arms sock_ops.
-                    passthrough_user::kernel::ProxySettings {
-                        host_port: 1,
-                        ..Default::default()
+        for row in rows.iter_mut() {
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let mut drainer = None;
+            let _kernel = match row.kind {
+                Kind::None => None,
+                Kind::Conf(i) | Kind::Baseline(i) | Kind::Watched(i) => {
+                    let t = Instant::now();
+                    let proxy = if i == SIZES.len() {
+                        // No listener is needed: nothing is redirected, the flag only arms
+                        // sock_ops.
+                        ProxySettings {
+                            host_port: 1,
+                            ..Default::default()
+                        }
+                    } else {
+                        Default::default()
+                    };
+                    let mut k = match (row.kind, baseline) {
+                        (Kind::Baseline(_), Some(object)) => {
+                            Kernel::load_object(object, Capacities::default(), 0, 0, proxy, None)?
+                        }
+                        _ => Kernel::load(Capacities::default(), 0, 0, proxy, None)?,
+                    };
+                    let t_prog = t.elapsed();
+                    let t = Instant::now();
+                    let p = plan::compile(
+                        k.next_generation(),
+                        &[(cg.id(), &confs[i])],
+                        &PlanOptions::default(),
+                    );
+                    let t_compile = t.elapsed();
+                    let t = Instant::now();
+                    k.apply(p)?;
+                    let t_load = t.elapsed();
+                    if row.kind == Kind::Watched(i) {
+                        let (ring, _drops) = k.take_monitor().context("monitor ring")?;
+                        drainer = Some(drain(ring, stop.clone()));
+                        k.set_monitor(true, 0)?;
                     }
-                } else {
-                    Default::default()
-                };
-                let mut k = Kernel::load(Capacities::default(), 0, 0, proxy, None)?;
-                let t_prog = t.elapsed();
-                let t = Instant::now();
-                let p = plan::compile(
-                    k.next_generation(),
-                    &[(cg.id(), &confs[i - 1])],
-                    &PlanOptions::default(),
-                );
-                let t_compile = t.elapsed();
-                let t = Instant::now();
-                k.apply(p)?;
-                let t_load = t.elapsed();
-                k.attach(cg.path())?;
-                if i - 1 < SIZES.len() && SIZES[i - 1] == 100_000 {
-                    prog_load_ms.push(t_prog.as_secs_f64() * 1e3);
-                    compile_ms.push(t_compile.as_secs_f64() * 1e3);
-                    load_ms.push(t_load.as_secs_f64() * 1e3);
+                    k.attach(cg.path())?;
+                    if row.kind == Kind::Conf(i) && i < SIZES.len() && SIZES[i] == 100_000 {
+                        prog_load_ms.push(t_prog.as_secs_f64() * 1e3);
+                        compile_ms.push(t_compile.as_secs_f64() * 1e3);
+                        load_ms.push(t_load.as_secs_f64() * 1e3);
+                    }
+                    Some(k)
                 }
-                Some(k)
             };
             let before = _kernel
                 .as_ref()
@@ -254,7 +377,7 @@ fn main() -> anyhow::Result<()> {
                 {
                     row.egress_ns.push(ns);
                 }
-                if i - 1 < SIZES.len() && SIZES[i - 1] == 100_000 {
+                if matches!(row.kind, Kind::Conf(i) if i < SIZES.len() && SIZES[i] == 100_000) {
                     let before = k.program_stats("passthrough_setsockopt");
                     setsockopts(count * 10)?;
                     if let Some(ns) = per_run(before, k.program_stats("passthrough_setsockopt")) {
@@ -276,20 +399,24 @@ fn main() -> anyhow::Result<()> {
                         .push((o1 - o0).as_nanos() as f64 / count as f64);
                 }
             }
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            if let Some(d) = drainer {
+                row.observed.push(d.join().unwrap_or(0));
+            }
             row.p50.push(percentile(&samples, 0.5) as f64);
             row.p99.push(percentile(&samples, 0.99) as f64);
             eprintln!(
-                "round {round}: {:<20} p50 {:>7} ns  p99 {:>7} ns",
+                "round {round}: {:<50} p50 {:>7} ns  p99 {:>7} ns  connect4 {:>5.0} ns",
                 row.label,
                 percentile(&samples, 0.5),
-                percentile(&samples, 0.99)
+                percentile(&samples, 0.99),
+                row.prog_ns.last().copied().unwrap_or(0.0),
             );
         }
     }
     drop(_back);
 
     let base50 = median(rows[0].p50.clone());
-    let base99 = median(rows[0].p99.clone());
     let mut out = std::io::stdout().lock();
     writeln!(
         out,
@@ -344,7 +471,61 @@ fn main() -> anyhow::Result<()> {
             count * 10
         )?;
     }
-    let _ = base99;
+    // The monitor's report: connect4 per connect with the programs built without it, against
+    // the same plan with the normal programs and nobody watching, round by round.
+    let find = |k: Kind| rows.iter().find(|r| r.kind == k);
+    if let (Some(base), Some(off), Some(on)) = (
+        find(Kind::Baseline(one_k)),
+        find(Kind::Conf(one_k)),
+        find(Kind::Watched(one_k)),
+    ) {
+        let diffs: Vec<f64> = off
+            .prog_ns
+            .iter()
+            .zip(&base.prog_ns)
+            .map(|(a, b)| a - b)
+            .collect();
+        let on_diffs: Vec<f64> = on
+            .prog_ns
+            .iter()
+            .zip(&base.prog_ns)
+            .map(|(a, b)| a - b)
+            .collect();
+        let range = |v: &[f64]| {
+            let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+            let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            format!("{lo:+.1} … {hi:+.1}")
+        };
+        writeln!(
+            out,
+            "\n## The monitor's report of allowed decisions: connect4 ns per connect at 1,000 matches ({rounds} interleaved rounds × {count} connects)\n"
+        )?;
+        writeln!(
+            out,
+            "| programs | connect4 ns/connect (median) | minus built without the monitor, per round: median (range) | events reported per round |"
+        )?;
+        writeln!(out, "|---|---:|---:|---:|")?;
+        writeln!(
+            out,
+            "| built without the monitor | {:.1} | – | – |",
+            median(base.prog_ns.clone())
+        )?;
+        writeln!(
+            out,
+            "| normal, nobody watching | {:.1} | {:+.1} ({}) | 0 |",
+            median(off.prog_ns.clone()),
+            median(diffs.clone()),
+            range(&diffs)
+        )?;
+        writeln!(
+            out,
+            "| normal, one watcher | {:.1} | {:+.1} ({}) | {:.0} |",
+            median(on.prog_ns.clone()),
+            median(on_diffs.clone()),
+            range(&on_diffs),
+            median(on.observed.iter().map(|n| *n as f64).collect())
+        )?;
+    }
     writeln!(
         out,
         "\n## 100,000 CIDR matches: compile and load (median of {rounds})\n"
@@ -376,6 +557,333 @@ fn main() -> anyhow::Result<()> {
                 .collect()
         )
     )?;
+    drop(ns);
+    Ok(())
+}
+
+/// utime + stime of `pid`, in seconds.
+fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let rest = &stat[stat.rfind(')').context("stat")? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f[11].parse::<u64>()? + f[12].parse::<u64>()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok(ticks as f64 / hz)
+}
+
+/// One allowed decision: a connected UDP socket (connect4 runs once, nothing is sent).
+fn udp_connect(dst: SocketAddr) -> anyhow::Result<()> {
+    let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
+    s.connect(dst).with_context(|| format!("connect {dst}"))?;
+    Ok(())
+}
+
+/// `rate` decisions a second (0: as fast as possible) for `secs`; returns how many were made.
+fn load(dsts: &[SocketAddr], rate: u64, secs: f64) -> anyhow::Result<u64> {
+    let start = Instant::now();
+    let end = std::time::Duration::from_secs_f64(secs);
+    let mut n = 0u64;
+    while start.elapsed() < end {
+        if rate > 0 {
+            // Batches of one millisecond's worth, then wait for the next millisecond.
+            let due = (start.elapsed().as_secs_f64() * rate as f64) as u64;
+            if n >= due {
+                std::thread::sleep(std::time::Duration::from_micros(500));
+                continue;
+            }
+            let until = due.min(n + rate / 100 + 1);
+            while n < until {
+                udp_connect(dsts[n as usize % dsts.len()])?;
+                n += 1;
+            }
+        } else {
+            udp_connect(dsts[n as usize % dsts.len()])?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+/// What a watcher got: decision lines, lines marked sampled (and the factor), lost reports.
+#[derive(Default, Debug, Clone, Copy)]
+struct Seen {
+    decisions: u64,
+    sampled_weight: u64,
+    lost: u64,
+}
+
+/// A watcher reading `GET /monitor` in a thread until stopped.
+struct BenchWatcher {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<anyhow::Result<Seen>>,
+}
+
+impl BenchWatcher {
+    fn start(admin: SocketAddr) -> anyhow::Result<Self> {
+        use std::io::{BufRead as _, Write as _};
+        let mut s = std::net::TcpStream::connect(admin)?;
+        write!(s, "GET /monitor HTTP/1.0\r\nHost: bench\r\n\r\n")?;
+        s.set_read_timeout(Some(std::time::Duration::from_millis(200)))?;
+        let mut r = std::io::BufReader::new(s);
+        // Status, headers, the hello line: the subscription is live once it arrived.
+        let mut line = String::new();
+        loop {
+            line.clear();
+            r.read_line(&mut line)?;
+            if line.starts_with("{\"monitor\"") {
+                break;
+            }
+        }
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut seen = Seen::default();
+            let mut line = String::new();
+            loop {
+                line.clear();
+                match r.read_line(&mut line) {
+                    Ok(0) => break,
+                    Ok(_) => {}
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) =>
+                    {
+                        if stop2.load(std::sync::atomic::Ordering::Relaxed) {
+                            break;
+                        }
+                        continue;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+                let v: serde_json::Value = match serde_json::from_str(line.trim()) {
+                    Ok(v) => v,
+                    Err(_) => continue,
+                };
+                if let Some(n) = v["lost"].as_u64() {
+                    seen.lost += n;
+                } else if v["dst"].is_string() {
+                    seen.decisions += 1;
+                    seen.sampled_weight += v["sampled"].as_u64().unwrap_or(1);
+                }
+            }
+            Ok(seen)
+        });
+        Ok(Self { stop, thread })
+    }
+
+    fn finish(self) -> anyhow::Result<Seen> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("watcher thread panicked"))?
+    }
+}
+
+/// Allowed kernel decisions counted by the programs (`address_match`), from `/metrics`.
+fn kernel_allowed(agent: &passthrough_tests::Agent) -> f64 {
+    agent.metric(
+        "passthrough_kernel_decisions_total",
+        "reason=\"address_match\"",
+    )
+}
+
+fn monitor(quick: bool) -> anyhow::Result<()> {
+    const RATE: u64 = 10_000;
+    let rounds = if quick { 1 } else { 5 };
+    let secs = if quick { 2.0 } else { 5.0 };
+    let dir = tempfile::tempdir()?;
+    let policy = passthrough_tests::write_policy(
+        dir.path(),
+        "apiVersion: kuma.io/v1alpha1\nkind: MeshPassthrough\nmetadata: {name: bench, labels: {kuma.io/mesh: default}}\nspec:\n  targetRef: {kind: Mesh}\n  default:\n    passthroughMode: Matched\n    appendMatch:\n      - {type: CIDR, value: 198.51.100.0/24}\n",
+    );
+    let ns = BenchNs::new(&["198.51.100.0/24"])?;
+    let cg = TestCgroup::new()?;
+    // The agent first (it must not be in the workload cgroup), then this process moves in.
+    let agent = passthrough_tests::Agent::builder()
+        .policy(&policy)
+        .cgroup(cg.path())
+        .arg("--proxy-port")
+        .arg("0")
+        .start()?;
+    let pid = agent.pid();
+    let admin = agent.admin_addr();
+    let dsts: Vec<SocketAddr> = (1..=254u8)
+        .map(|i| SocketAddr::new(IpAddr::V4(Ipv4Addr::new(198, 51, 100, i)), 9))
+        .collect();
+    // The load runs in threads inside the namespace; this thread stays in the host's, where
+    // the agent's admin address is.
+    let _back = MoveBack::into(&cg)?;
+    let run_load = |rate: u64, secs: f64| -> anyhow::Result<u64> {
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                ns.enter_current_thread()?;
+                load(&dsts, rate, secs)
+            })
+            .join()
+            .map_err(|_| anyhow::anyhow!("load thread panicked"))?
+        })
+    };
+    run_load(RATE, 0.5)?; // warm up
+
+    struct Phase {
+        made: u64,
+        wall: f64,
+        cpu: f64,
+        seen: Option<Seen>,
+    }
+    let mut quiet: Vec<Phase> = Vec::new();
+    let mut watched: Vec<Phase> = Vec::new();
+    for round in 0..rounds {
+        for with_watcher in [false, true] {
+            let w = if with_watcher {
+                let w = BenchWatcher::start(admin)?;
+                Some(w)
+            } else {
+                None
+            };
+            let c0 = cpu_seconds(pid)?;
+            let t = Instant::now();
+            let made = run_load(RATE, secs)?;
+            // Let the agent deliver what is in flight before stopping the clock.
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            let cpu = cpu_seconds(pid)? - c0;
+            let wall = t.elapsed().as_secs_f64();
+            let seen = w.map(BenchWatcher::finish).transpose()?;
+            eprintln!(
+                "round {round}: watcher {with_watcher:<5} {made} decisions in {wall:.2} s, agent CPU {:.2} % of a core{}",
+                100.0 * cpu / wall,
+                seen.map(|s| format!(", watcher got {} (lost {})", s.decisions, s.lost))
+                    .unwrap_or_default()
+            );
+            let p = Phase {
+                made,
+                wall,
+                cpu,
+                seen,
+            };
+            if with_watcher {
+                watched.push(p);
+            } else {
+                quiet.push(p);
+            }
+        }
+    }
+
+    // A flood with one watcher: as fast as this thread goes.
+    let w = BenchWatcher::start(admin)?;
+    let k0 = kernel_allowed(&agent);
+    let c0 = cpu_seconds(pid)?;
+    let t = Instant::now();
+    let made = run_load(0, secs)?;
+    std::thread::sleep(std::time::Duration::from_millis(1200));
+    let cpu = cpu_seconds(pid)? - c0;
+    let wall = t.elapsed().as_secs_f64();
+    let seen = w.finish()?;
+    let counted = kernel_allowed(&agent) - k0;
+    let sample = agent.metric("passthrough_monitor_kernel_sample_rate", "");
+    drop(_back);
+
+    let pct = |v: &[Phase]| median(v.iter().map(|p| 100.0 * p.cpu / p.wall).collect());
+    let rate = |v: &[Phase]| median(v.iter().map(|p| p.made as f64 / p.wall).collect());
+    let added: Vec<f64> = watched
+        .iter()
+        .zip(&quiet)
+        .map(|(w, q)| 100.0 * (w.cpu / w.wall - q.cpu / q.wall))
+        .collect();
+    // The watcher's CPU per decision: what the watched phase spent beyond the quiet phase's
+    // rate over the same wall time, divided by the decisions made.
+    let per_decision_us: Vec<f64> = watched
+        .iter()
+        .zip(&quiet)
+        .map(|(w, q)| 1e6 * (w.cpu - q.cpu / q.wall * w.wall) / w.made.max(1) as f64)
+        .collect();
+    let delivered: Vec<f64> = watched
+        .iter()
+        .filter_map(|p| p.seen.map(|s| s.decisions as f64 / p.made.max(1) as f64))
+        .collect();
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "\n## The agent's cost of one watcher ({rounds} interleaved rounds × {secs} s at {RATE} allowed decisions/s, medians)\n"
+    )?;
+    writeln!(
+        out,
+        "| phase | decisions/s made | agent CPU, % of one core | delivered to the watcher |"
+    )?;
+    writeln!(out, "|---|---:|---:|---:|")?;
+    writeln!(
+        out,
+        "| no watcher | {:.0} | {:.2} | – |",
+        rate(&quiet),
+        pct(&quiet)
+    )?;
+    writeln!(
+        out,
+        "| one watcher (`GET /monitor`, every record) | {:.0} | {:.2} | {:.1} % |",
+        rate(&watched),
+        pct(&watched),
+        100.0 * median(delivered)
+    )?;
+    writeln!(
+        out,
+        "| **added by the watcher** (per round: watched − quiet) | | **{:.2}** (range {:.2} … {:.2}) | |",
+        median(added.clone()),
+        added.iter().copied().fold(f64::INFINITY, f64::min),
+        added.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+    )?;
+    writeln!(
+        out,
+        "| **agent CPU per decision for the watcher** (per round) | | **{:.2} µs** (range {:.2} … {:.2}) | |",
+        median(per_decision_us.clone()),
+        per_decision_us
+            .iter()
+            .copied()
+            .fold(f64::INFINITY, f64::min),
+        per_decision_us
+            .iter()
+            .copied()
+            .fold(f64::NEG_INFINITY, f64::max),
+    )?;
+    writeln!(
+        out,
+        "\n## Flood with one watcher ({secs} s, one thread as fast as it goes)\n"
+    )?;
+    writeln!(out, "| figure | value |\n|---|---:|")?;
+    writeln!(
+        out,
+        "| allowed decisions made (this process) | {made} ({:.0}/s) |",
+        made as f64 / wall
+    )?;
+    writeln!(
+        out,
+        "| allowed decisions counted by the programs | {counted:.0} |"
+    )?;
+    writeln!(
+        out,
+        "| records delivered to the watcher | {} |",
+        seen.decisions
+    )?;
+    writeln!(
+        out,
+        "| decisions those records stand for (sampling weight) | {} |",
+        seen.sampled_weight
+    )?;
+    writeln!(
+        out,
+        "| reported lost (ring full, watcher behind) | {} |",
+        seen.lost
+    )?;
+    writeln!(out, "| sampling at the end: 1 in | {sample:.0} |")?;
+    writeln!(
+        out,
+        "| agent CPU, % of one core | {:.1} |",
+        100.0 * cpu / wall
+    )?;
+    drop(agent);
+    drop(cg);
     drop(ns);
     Ok(())
 }
