@@ -535,7 +535,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             r = kernel_wanted.changed() => {
                 if r.is_ok() {
                     let w = *kernel_wanted.borrow_and_update();
-                    startup::apply_monitor(&mut kernel, w);
+                    startup::apply_monitor(&mut lock(&shared).kernel, w);
                 }
                 continue;
             }
