@@ -421,7 +421,8 @@ mod ops {
 
     /// IPv4 options (`kind`: lsrr, ssrr, rr) through `route` on a socket sending to `addr`:
     /// UDP (`udp`), UDP on an AF_INET6 socket to the v4-mapped address (`udp6`), TCP, or a
-    /// ping socket; set with setsockopt or given per datagram (`IP_RETOPTS`).
+    /// ping socket; set with setsockopt (before connecting, or on an established TCP
+    /// connection with `when: after`) or given per datagram (`IP_RETOPTS`).
     fn ipopts(req: &Value) -> Value {
         let a = addr(req, "addr");
         let route: Vec<Ipv4Addr> = ips(req, "route").iter().map(v4).collect();
@@ -455,7 +456,7 @@ mod ops {
         };
         let fd = s.as_raw_fd();
         let mut out = json!({"ok": true});
-        if !cmsg {
+        if !cmsg && req["when"] != "after" {
             out["setsockopt_errno"] = json!(code(&setsockopt_bytes(
                 fd,
                 libc::IPPROTO_IP,
@@ -464,7 +465,23 @@ mod ops {
             )));
         }
         if proto == "tcp" {
-            out["connect_errno"] = json!(code(&s.connect_timeout(&to, TIMEOUT)));
+            let r = s.connect_timeout(&to, TIMEOUT);
+            out["connect_errno"] = json!(code(&r));
+            if r.is_err() || req["when"] != "after" {
+                return out;
+            }
+            // On an established connection: the option would route its next segments.
+            let mut t: TcpStream = s.into();
+            out["echo_before"] = json!(echo(&mut t, "before").unwrap_or_default());
+            out["setsockopt_errno"] = json!(code(&setsockopt_bytes(
+                t.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_OPTIONS,
+                &opt
+            )));
+            let r = echo(&mut t, "after");
+            out["echo_after_errno"] = json!(code(&r));
+            out["echo_after"] = json!(r.unwrap_or_default());
             return out;
         }
         let data: &[u8] = if proto == "ping" {
@@ -949,7 +966,9 @@ mod ops {
 
 /// Allowed: 198.51.100.0/24 and 2001:db8:100::/40 at ports 8080 and 9090, the hosts
 /// 198.51.100.10 and 2001:db8:100::10 at every port (port-less: what raw and ping packets
-/// need). Everything else is denied; the denied test hosts are 203.0.113.9 and 2001:db8:200::9.
+/// need), and the name allowed.test at 443 (so TCP to any other address at 443 goes to the
+/// proxy: a Domain-only destination). Everything else is denied; the denied test hosts are
+/// 203.0.113.9 and 2001:db8:200::9.
 fn policy(mode: &str) -> String {
     let mut y = format!(
         "apiVersion: kuma.io/v1alpha1\nkind: MeshPassthrough\nmetadata: {{name: reroute, labels: {{kuma.io/mesh: default}}}}\nspec:\n  targetRef: {{kind: Mesh}}\n  default:\n    passthroughMode: {mode}\n"
@@ -963,6 +982,9 @@ fn policy(mode: &str) -> String {
             "{type: CIDR, value: \"2001:db8:100::/40\", port: 9090}",
             "{type: IP, value: 198.51.100.10}",
             "{type: IP, value: \"2001:db8:100::10\"}",
+            // Makes every other address at 443 a Domain-only destination: TCP there is
+            // redirected to the proxy (not refused), UDP refused.
+            "{type: Domain, value: allowed.test, port: 443, protocol: tls}",
         ] {
             y += &format!("      - {m}\n");
         }
@@ -974,6 +996,11 @@ const ALLOWED4: &str = "198.51.100.9:8080";
 const ALLOWED6: &str = "[2001:db8:100::9]:8080";
 const DENIED4: &str = "203.0.113.9";
 const DENIED6: &str = "2001:db8:200::9";
+/// The denied hosts at the Domain match's port: TCP there is redirected to the proxy.
+const DOMAIN_ONLY4: &str = "203.0.113.9:443";
+const DOMAIN_ONLY6: &str = "[2001:db8:200::9]:443";
+const LOOPBACK4: &str = "127.0.0.1:7777";
+const LOOPBACK6: &str = "[::1]:7777";
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
@@ -987,8 +1014,22 @@ struct Reroute {
 }
 
 impl Reroute {
+    /// In mode `Matched` the agent also gets a pod proxy address (`--proxy-addr`), so that TCP
+    /// to a Domain-only destination from the workload's own netns is redirected rather than
+    /// refused. It is a host loopback address: from the workload's netns the redirected
+    /// connect finds nothing there (`ECONNREFUSED`), which is enough to tell a redirect from a
+    /// refusal; the proxy itself is tested elsewhere.
     fn new(mode: &str) -> Reroute {
-        Self::with(mode, |b| b)
+        if mode != "Matched" {
+            return Self::with(mode, |b| b);
+        }
+        let port = free_loopback_port();
+        Self::with(mode, |b| {
+            b.arg("--proxy-addr")
+                .arg(&format!("127.0.0.2:{port}"))
+                .arg("--proxy-addr")
+                .arg(&format!("[::1]:{port}"))
+        })
     }
 
     fn with(
@@ -1033,6 +1074,41 @@ impl Reroute {
     }
 }
 
+/// A port free on both 127.0.0.2 and [::1] of the host netns (for the pod proxy address).
+fn free_loopback_port() -> u16 {
+    for _ in 0..50 {
+        let l4 = std::net::TcpListener::bind("127.0.0.2:0").unwrap();
+        let port = l4.local_addr().unwrap().port();
+        if std::net::TcpListener::bind(("::1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no port free on both 127.0.0.2 and [::1]");
+}
+
+/// What a socket whose source route was refused does next, judged as if it had none: in
+/// mode `None` only loopback works; in `Matched`, TCP to a Domain-only destination is
+/// redirected to the proxy (not refused: here it finds no proxy in the workload's netns).
+fn expect_unrouted(mode: &str, proto: &str, to: &str, r: &Value) {
+    let tcp = proto == "tcp";
+    let got = errno_of(r, if tcp { "connect_errno" } else { "send_errno" });
+    let what = format!("{mode} {proto} {to}: {r}");
+    let eperm = i64::from(EPERM);
+    if to == LOOPBACK4 || to == LOOPBACK6 {
+        assert_eq!(got, 0, "{what}");
+    } else if mode == "None" {
+        assert_eq!(got, eperm, "{what}");
+    } else if to == DOMAIN_ONLY4 || to == DOMAIN_ONLY6 {
+        if tcp {
+            assert_ne!(got, eperm, "redirected, not refused: {what}");
+        } else {
+            assert_eq!(got, eperm, "a Domain match never covers UDP: {what}");
+        }
+    } else {
+        assert_eq!(got, 0, "{what}");
+    }
+}
+
 fn errno_of(r: &Value, key: &str) -> i64 {
     r[key]
         .as_i64()
@@ -1042,10 +1118,11 @@ fn errno_of(r: &Value, key: &str) -> i64 {
 // ---------------------------------------------------------------- IPv6 routing headers
 
 /// The attack of issue 16 point 1, with no privilege: a routing header naming the denied host
-/// on sockets that send to, or connect to, an allowed address or loopback. In mode `All` it
-/// works (the packets' wire destination is the denied host: positive control); otherwise the
-/// setsockopt fails with EPERM, the socket keeps working without it, and no packet reaches
-/// the denied host.
+/// on sockets that send to, or connect to, an allowed address, loopback or a Domain-only
+/// destination, set before connecting or on an established connection. In mode `All` it
+/// works (the packets' wire destination is the denied host: positive control); in `Matched`
+/// and `None` the setsockopt fails with EPERM, the socket keeps working without it, and no
+/// packet reaches the denied host.
 #[test]
 fn ipv6_routing_headers_are_refused_outside_mode_all() {
     if !require_kernel() {
@@ -1077,8 +1154,9 @@ fn ipv6_routing_headers_are_refused_outside_mode_all() {
         for (proto, to) in [
             ("udp", ALLOWED6),
             ("tcp", ALLOWED6),
-            ("udp", "[::1]:7777"),
-            ("tcp", "[::1]:7777"),
+            ("udp", LOOPBACK6),
+            ("tcp", LOOPBACK6),
+            ("tcp", DOMAIN_ONLY6),
         ] {
             for (ty, via) in [(4, "setsockopt"), (0, "setsockopt"), (4, "pktoptions")] {
                 let r = w.helper(
@@ -1091,33 +1169,23 @@ fn ipv6_routing_headers_are_refused_outside_mode_all() {
                     "{mode} {proto} {to} type {ty} {via}: {r}"
                 );
                 // Without the option the socket is judged as usual.
-                let key = if proto == "tcp" {
-                    "connect_errno"
-                } else {
-                    "send_errno"
-                };
-                let want = if mode == "None" && to != "[::1]:7777" {
-                    EPERM
-                } else {
-                    0
-                };
-                assert_eq!(
-                    errno_of(&r, key),
-                    i64::from(want),
-                    "{mode} {proto} {to}: {r}"
-                );
+                expect_unrouted(mode, proto, to, &r);
             }
         }
-        // On an established, allowed connection: refused, the connection goes on unrouted.
-        if mode == "Matched" {
-            let r = w.helper(
-                json!({"op": "rthdr", "proto": "tcp", "addr": ALLOWED6, "when": "after",
-                "route": [DENIED6], "as_nobody": true}),
-            );
-            assert_eq!(r["echo_before"], "before", "{r}");
-            assert_eq!(errno_of(&r, "setsockopt_errno"), i64::from(EPERM), "{r}");
-            assert_eq!(r["echo_after"], "after", "{r}");
-        }
+        // On an established connection (allowed, or to loopback in mode None): refused, the
+        // connection goes on unrouted.
+        let to = if mode == "None" { LOOPBACK6 } else { ALLOWED6 };
+        let r = w.helper(
+            json!({"op": "rthdr", "proto": "tcp", "addr": to, "when": "after",
+            "route": [DENIED6], "as_nobody": true}),
+        );
+        assert_eq!(r["echo_before"], "before", "{mode} {to}: {r}");
+        assert_eq!(
+            errno_of(&r, "setsockopt_errno"),
+            i64::from(EPERM),
+            "{mode} {to}: {r}"
+        );
+        assert_eq!(r["echo_after"], "after", "{mode} {to}: {r}");
         // Options that do not route are left alone (destination options need CAP_NET_RAW):
         // accepted, and the datagram arrives with the header.
         if mode == "Matched" {
@@ -1156,87 +1224,57 @@ fn routing_headers_per_datagram_are_refused() {
     if !require_kernel() {
         return;
     }
-    let w = Reroute::new("Matched");
-    for (ty, via) in [(4, "cmsg"), (2, "cmsg"), (4, "cmsg2292"), (0, "cmsg")] {
-        let r = w.helper(
-            json!({"op": "rthdr", "proto": "udp", "addr": ALLOWED6, "rh_type": ty,
-            "via": via, "route": [DENIED6], "as_nobody": true}),
-        );
-        let e = errno_of(&r, "send_errno");
-        assert!(
-            e == i64::from(libc::EINVAL) || e == i64::from(EPERM),
-            "type {ty} {via}: {r}"
-        );
+    for (mode, to) in [("Matched", ALLOWED6), ("None", LOOPBACK6)] {
+        let w = Reroute::new(mode);
+        for (ty, via) in [(4, "cmsg"), (2, "cmsg"), (4, "cmsg2292"), (0, "cmsg")] {
+            let r = w.helper(
+                json!({"op": "rthdr", "proto": "udp", "addr": to, "rh_type": ty,
+                "via": via, "route": [DENIED6], "as_nobody": true}),
+            );
+            let e = errno_of(&r, "send_errno");
+            assert!(
+                e == i64::from(libc::EINVAL) || e == i64::from(EPERM),
+                "{mode} type {ty} {via}: {r}"
+            );
+        }
+        w.nothing_denied(&format!("routing header control messages, {mode}"));
     }
-    w.nothing_denied("routing header control messages");
 }
 
 // ---------------------------------------------------------------- IPv4 source routes
 
 /// Issue 16 point 2: IPv4 loose and strict source routes. Without CAP_NET_RAW the kernel
-/// refuses them; with it (root in the workload), the setsockopt program refuses them on IPv4
-/// and dual-stack sockets, and the backstop drops per-datagram ones (`IP_RETOPTS`) on UDP and
-/// ping sockets. Record route, which does not route, still works.
+/// refuses them; with it (root in the workload) they work in mode `All` (positive control: the
+/// wire destination is the denied host). In `Matched` and `None` the setsockopt program refuses
+/// them on IPv4 and dual-stack sockets (UDP and TCP, to an allowed address, loopback or a
+/// Domain-only destination, before connecting or on an established connection), and the
+/// backstop drops per-datagram ones (`IP_RETOPTS`) on UDP and ping sockets. Record route,
+/// which does not route, still works.
 #[test]
 fn ipv4_source_routes_are_refused_and_dropped() {
     if !require_kernel() {
         return;
     }
-    let w = Reroute::new("Matched");
-    passthrough_tests::run(
-        "ip",
-        &[
-            "netns",
-            "exec",
-            w.w.net.client_ns(),
-            "sysctl",
-            "-qw",
-            "net.ipv4.ping_group_range=0 2147483647",
-        ],
-    )
-    .unwrap();
     let eperm = i64::from(EPERM);
-    // As nobody: the kernel's own capability check.
-    let r = w.helper(
+    let ping_group = |w: &Reroute| {
+        passthrough_tests::run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                w.w.net.client_ns(),
+                "sysctl",
+                "-qw",
+                "net.ipv4.ping_group_range=0 2147483647",
+            ],
+        )
+        .unwrap();
+    };
+    // Positive control: mode All lets the LSRR through and the kernel does route by it.
+    let all = Reroute::new("All");
+    let r = all.helper(
         json!({"op": "ipopts", "proto": "udp", "addr": ALLOWED4, "kind": "lsrr",
-        "route": [DENIED4], "as_nobody": true}),
-    );
-    assert_eq!(errno_of(&r, "setsockopt_errno"), eperm, "{r}");
-    // With CAP_NET_RAW: sticky options on UDP, UDP on an AF_INET6 socket, TCP.
-    for proto in ["udp", "udp6", "tcp"] {
-        for kind in ["lsrr", "ssrr"] {
-            let r = w.helper(json!({"op": "ipopts", "proto": proto, "addr": ALLOWED4,
-                "kind": kind, "route": [DENIED4]}));
-            assert_eq!(
-                errno_of(&r, "setsockopt_errno"),
-                eperm,
-                "{proto} {kind}: {r}"
-            );
-            let key = if proto == "tcp" {
-                "connect_errno"
-            } else {
-                "send_errno"
-            };
-            assert_eq!(
-                errno_of(&r, key),
-                0,
-                "{proto} {kind}: the socket works unrouted: {r}"
-            );
-        }
-    }
-    // Per datagram: UDP and a ping socket (to a host allowed at every port).
-    for (proto, to) in [("udp", ALLOWED4), ("ping", "198.51.100.10:0")] {
-        let r = w.helper(
-            json!({"op": "ipopts", "proto": proto, "addr": to, "via": "cmsg",
-            "kind": "lsrr", "route": [DENIED4]}),
-        );
-        assert_eq!(errno_of(&r, "send_errno"), eperm, "{proto} IP_RETOPTS: {r}");
-    }
-    // Record route does not route: allowed, and it arrives with its option.
-    let before = w.log.to(ip("198.51.100.9")).len();
-    let r = w.helper(
-        json!({"op": "ipopts", "proto": "udp", "addr": ALLOWED4, "kind": "rr",
-        "route": ["0.0.0.0", "0.0.0.0"]}),
+        "route": [DENIED4]}),
     );
     assert_eq!(
         (errno_of(&r, "setsockopt_errno"), errno_of(&r, "send_errno")),
@@ -1244,16 +1282,93 @@ fn ipv4_source_routes_are_refused_and_dropped() {
         "{r}"
     );
     assert!(
-        w.log
-            .wait_to(ip("198.51.100.9"), before + 1, Duration::from_secs(2))
-            > before
+        all.log.wait_to(ip(DENIED4), 1, Duration::from_secs(2)) >= 1,
+        "the LSRR did not reroute in mode All, so this test proves nothing: {:?}",
+        all.log.packets()
     );
-    w.nothing_denied("IPv4 source routes");
-    assert!(
-        w.logged(&["reason=\"source_route\"", DENIED4]),
-        "{}",
-        w.w.agent.log()
-    );
+    drop(all);
+
+    for mode in ["Matched", "None"] {
+        let w = Reroute::new(mode);
+        ping_group(&w);
+        // As nobody: the kernel's own capability check.
+        let r = w.helper(
+            json!({"op": "ipopts", "proto": "udp", "addr": LOOPBACK4, "kind": "lsrr",
+            "route": [DENIED4], "as_nobody": true}),
+        );
+        assert_eq!(errno_of(&r, "setsockopt_errno"), eperm, "{mode}: {r}");
+        // With CAP_NET_RAW: sticky options on UDP, UDP on an AF_INET6 socket, TCP.
+        for to in [ALLOWED4, LOOPBACK4, DOMAIN_ONLY4] {
+            for proto in ["udp", "udp6", "tcp"] {
+                for kind in ["lsrr", "ssrr"] {
+                    let r = w.helper(json!({"op": "ipopts", "proto": proto, "addr": to,
+                        "kind": kind, "route": [DENIED4]}));
+                    assert_eq!(
+                        errno_of(&r, "setsockopt_errno"),
+                        eperm,
+                        "{mode} {proto} {to} {kind}: {r}"
+                    );
+                    // The socket works unrouted, judged as usual.
+                    expect_unrouted(mode, if proto == "tcp" { "tcp" } else { "udp" }, to, &r);
+                }
+            }
+        }
+        // On an established connection (allowed, or to loopback in mode None).
+        let to = if mode == "None" { LOOPBACK4 } else { ALLOWED4 };
+        let r = w.helper(
+            json!({"op": "ipopts", "proto": "tcp", "addr": to, "kind": "lsrr",
+            "when": "after", "route": [DENIED4]}),
+        );
+        assert_eq!(r["echo_before"], "before", "{mode} {to}: {r}");
+        assert_eq!(errno_of(&r, "setsockopt_errno"), eperm, "{mode} {to}: {r}");
+        assert_eq!(r["echo_after"], "after", "{mode} {to}: {r}");
+        // Per datagram: UDP (allowed, loopback) and a ping socket (to a host allowed at every
+        // port, or loopback), all of which would be sent without the option.
+        let ping_to = if mode == "None" {
+            "127.0.0.1:0"
+        } else {
+            "198.51.100.10:0"
+        };
+        let mut per_datagram = vec![("udp", LOOPBACK4), ("ping", ping_to)];
+        if mode == "Matched" {
+            per_datagram.push(("udp", ALLOWED4));
+        }
+        for (proto, to) in per_datagram {
+            let r = w.helper(
+                json!({"op": "ipopts", "proto": proto, "addr": to, "via": "cmsg",
+                "kind": "lsrr", "route": [DENIED4]}),
+            );
+            assert_eq!(
+                errno_of(&r, "send_errno"),
+                eperm,
+                "{mode} {proto} {to} IP_RETOPTS: {r}"
+            );
+        }
+        // Record route does not route: allowed, and it arrives with its option.
+        if mode == "Matched" {
+            let before = w.log.to(ip("198.51.100.9")).len();
+            let r = w.helper(
+                json!({"op": "ipopts", "proto": "udp", "addr": ALLOWED4, "kind": "rr",
+                "route": ["0.0.0.0", "0.0.0.0"]}),
+            );
+            assert_eq!(
+                (errno_of(&r, "setsockopt_errno"), errno_of(&r, "send_errno")),
+                (0, 0),
+                "{r}"
+            );
+            assert!(
+                w.log
+                    .wait_to(ip("198.51.100.9"), before + 1, Duration::from_secs(2))
+                    > before
+            );
+        }
+        w.nothing_denied(&format!("IPv4 source routes, {mode}"));
+        assert!(
+            w.logged(&["reason=\"source_route\"", DENIED4]),
+            "{mode}: {}",
+            w.w.agent.log()
+        );
+    }
 }
 
 /// Raw packets that carry their own source route (`IP_HDRINCL`, `IPV6_HDRINCL`): the
@@ -1340,45 +1455,53 @@ fn source_routes_set_before_the_agent_attached_are_dropped() {
 /// entry (a 32-bit binary, or `int 0x80` from a 64-bit one, where the kernel has IA32
 /// emulation) does set a routing header — unprivileged — or, with `CAP_NET_RAW`, an LSRR. The
 /// egress backstop drops every packet that carries one: UDP sends fail with EPERM, a TCP
-/// connect never completes, and nothing reaches the denied host.
+/// connect never completes, and nothing reaches the denied host — in mode `None` too, to
+/// loopback (which the route would have left for the denied host).
 #[cfg(target_arch = "x86_64")]
 #[test]
 fn compat_setsockopt_skips_the_hook_and_the_backstop_drops_the_packets() {
     if !require_kernel() {
         return;
     }
-    let w = Reroute::new("Matched");
-    let req = json!({"op": "compat", "addr6": ALLOWED6, "addr4": ALLOWED4,
-        "route6": [DENIED6], "route4": [DENIED4]});
     let eperm = i64::from(EPERM);
-    // Unprivileged: the IPv6 routing header is set (no hook ran); the kernel refuses the LSRR.
-    let mut nobody = req.clone();
-    nobody["as_nobody"] = json!(true);
-    let r = w.helper(nobody);
-    assert_eq!(
-        errno_of(&r, "udp6_setsockopt_errno"),
-        0,
-        "the compat call set the option: {r}"
-    );
-    assert_eq!(errno_of(&r, "tcp6_setsockopt_errno"), 0, "{r}");
-    assert_eq!(errno_of(&r, "udp4_setsockopt_errno"), eperm, "{r}");
-    assert_eq!(
-        errno_of(&r, "udp6_send_errno"),
-        eperm,
-        "the backstop dropped it: {r}"
-    );
-    assert_ne!(errno_of(&r, "tcp6_connect_errno"), 0, "{r}");
-    // With CAP_NET_RAW the LSRR is set too, and dropped the same way.
-    let r = w.helper(req);
-    assert_eq!(errno_of(&r, "udp4_setsockopt_errno"), 0, "{r}");
-    assert_eq!(errno_of(&r, "udp4_send_errno"), eperm, "{r}");
-    assert_eq!(errno_of(&r, "udp6_send_errno"), eperm, "{r}");
-    w.nothing_denied("compat setsockopt");
-    assert!(
-        w.logged(&["reason=\"source_route\"", DENIED6]),
-        "{}",
-        w.w.agent.log()
-    );
+    // In mode None, to loopback: sends that would work without the route.
+    for (mode, a6, a4) in [
+        ("Matched", ALLOWED6, ALLOWED4),
+        ("None", LOOPBACK6, LOOPBACK4),
+    ] {
+        let w = Reroute::new(mode);
+        let req = json!({"op": "compat", "addr6": a6, "addr4": a4,
+            "route6": [DENIED6], "route4": [DENIED4]});
+        // Unprivileged: the IPv6 routing header is set (no hook ran); the kernel refuses the
+        // LSRR.
+        let mut nobody = req.clone();
+        nobody["as_nobody"] = json!(true);
+        let r = w.helper(nobody);
+        assert_eq!(
+            errno_of(&r, "udp6_setsockopt_errno"),
+            0,
+            "{mode}: the compat call set the option: {r}"
+        );
+        assert_eq!(errno_of(&r, "tcp6_setsockopt_errno"), 0, "{mode}: {r}");
+        assert_eq!(errno_of(&r, "udp4_setsockopt_errno"), eperm, "{mode}: {r}");
+        assert_eq!(
+            errno_of(&r, "udp6_send_errno"),
+            eperm,
+            "{mode}: the backstop dropped it: {r}"
+        );
+        assert_ne!(errno_of(&r, "tcp6_connect_errno"), 0, "{mode}: {r}");
+        // With CAP_NET_RAW the LSRR is set too, and dropped the same way.
+        let r = w.helper(req);
+        assert_eq!(errno_of(&r, "udp4_setsockopt_errno"), 0, "{mode}: {r}");
+        assert_eq!(errno_of(&r, "udp4_send_errno"), eperm, "{mode}: {r}");
+        assert_eq!(errno_of(&r, "udp6_send_errno"), eperm, "{mode}: {r}");
+        w.nothing_denied(&format!("compat setsockopt, {mode}"));
+        assert!(
+            w.logged(&["reason=\"source_route\"", DENIED6]),
+            "{mode}: {}",
+            w.w.agent.log()
+        );
+    }
 }
 
 // --------------------------------------------------------------------------------- MPTCP

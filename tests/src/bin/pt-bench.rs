@@ -14,7 +14,9 @@
 //! no sysctl touched): the time spent inside connect4 and sock_ops per connect — the hook's
 //! added cost, measured directly — and inside the egress backstop per packet (the handshake's
 //! and teardown's TCP packets: the common packet), and, with 100,000 matches, inside the
-//! setsockopt program per `setsockopt(TCP_NODELAY)` (an option it lets through).
+//! setsockopt program per `setsockopt(TCP_NODELAY)` (an option it lets through), and inside the
+//! backstop per UDP datagram to loopback: plain IPv4 and IPv6 ones, and ones carrying an IPv4
+//! option or an IPv6 extension header that does not route (which the backstop walks).
 //!
 //! Two more rows at 1,000 matches measure the monitor's report of allowed decisions in the
 //! same interleaved rounds: the programs built without it (`--baseline-object`, the
@@ -166,6 +168,71 @@ fn setsockopts(n: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The datagrams [`datagrams`] sends: plain ones (the common packet) and ones with options or
+/// extension headers that do not route (the backstop walks them and lets them pass).
+const DATAGRAMS: [&str; 4] = [
+    "UDP/IPv4, no options",
+    "UDP/IPv4, record route option",
+    "UDP/IPv6, no extension header",
+    "UDP/IPv6, destination options header",
+];
+
+/// Sends `n` datagrams of kind `DATAGRAMS[kind]` to a loopback receiver (loopback is exempt
+/// from the decision, so sendmsg4/6 allow it and every datagram reaches the egress backstop).
+fn datagrams(kind: usize, n: usize) -> anyhow::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let v6 = kind >= 2;
+    let (domain, local): (socket2::Domain, SocketAddr) = if v6 {
+        (socket2::Domain::IPV6, "[::1]:0".parse()?)
+    } else {
+        (socket2::Domain::IPV4, "127.0.0.1:0".parse()?)
+    };
+    let rx = std::net::UdpSocket::bind(local)?;
+    let to = socket2::SockAddr::from(rx.local_addr()?);
+    let s = socket2::Socket::new(domain, socket2::Type::DGRAM, None)?;
+    let (level, name, val): (i32, i32, &[u8]) = match kind {
+        // Record route with one slot, padded with end-of-list.
+        1 => (
+            libc::IPPROTO_IP,
+            libc::IP_OPTIONS,
+            &[7, 7, 4, 0, 0, 0, 0, 0],
+        ),
+        // One PadN option (needs CAP_NET_RAW: the bench runs as root).
+        3 => (
+            libc::IPPROTO_IPV6,
+            libc::IPV6_DSTOPTS,
+            &[0, 0, 1, 4, 0, 0, 0, 0],
+        ),
+        _ => (0, 0, &[]),
+    };
+    if !val.is_empty() {
+        // SAFETY: a live buffer and its length.
+        let rc = unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                level,
+                name,
+                val.as_ptr().cast(),
+                val.len() as u32,
+            )
+        };
+        anyhow::ensure!(
+            rc == 0,
+            "setsockopt for {}: {}",
+            DATAGRAMS[kind],
+            std::io::Error::last_os_error()
+        );
+    }
+    let mut buf = [0u8; 64];
+    rx.set_nonblocking(true)?;
+    for _ in 0..n {
+        s.send_to(b"pt-bench", &to)?;
+        // Keep the receive queue short (drops would not matter, but this stays realistic).
+        while rx.recv(&mut buf).is_ok() {}
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let quick = args.iter().any(|a| a == "--quick");
@@ -313,6 +380,7 @@ fn connect(quick: bool, baseline: Option<&std::path::Path>) -> anyhow::Result<()
     let mut load_ms = vec![];
     let mut prog_load_ms = vec![];
     let mut setsockopt_ns = vec![];
+    let mut datagram_ns: Vec<Vec<f64>> = vec![vec![]; DATAGRAMS.len()];
     for round in 0..rounds {
         for row in rows.iter_mut() {
             let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -382,6 +450,14 @@ fn connect(quick: bool, baseline: Option<&std::path::Path>) -> anyhow::Result<()
                     setsockopts(count * 10)?;
                     if let Some(ns) = per_run(before, k.program_stats("passthrough_setsockopt")) {
                         setsockopt_ns.push(ns);
+                    }
+                    for (kind, out) in datagram_ns.iter_mut().enumerate() {
+                        let before = k.program_stats("passthrough_skb_egress");
+                        datagrams(kind, count * 2)?;
+                        if let Some(ns) = per_run(before, k.program_stats("passthrough_skb_egress"))
+                        {
+                            out.push(ns);
+                        }
                     }
                 }
             }
@@ -470,6 +546,17 @@ fn connect(quick: bool, baseline: Option<&std::path::Path>) -> anyhow::Result<()
             median(setsockopt_ns.clone()),
             count * 10
         )?;
+    }
+    if datagram_ns.iter().all(|v| !v.is_empty()) {
+        writeln!(
+            out,
+            "\negress backstop per datagram to loopback, 100,000 CIDR matches (median of {rounds} rounds × {} datagrams):\n",
+            count * 2
+        )?;
+        writeln!(out, "| datagram | egress ns/packet |\n|---|---:|")?;
+        for (label, v) in DATAGRAMS.iter().zip(&datagram_ns) {
+            writeln!(out, "| {label} | {:.0} |", median(v.clone()))?;
+        }
     }
     // The monitor's report: connect4 per connect with the programs built without it, against
     // the same plan with the normal programs and nobody watching, round by round.
