@@ -1,4 +1,4 @@
-//! The kernel's decision (SPEC §3 rules 1–5 and the UDP resolver exemption), written once.
+//! The kernel's decision (docs/decisions.md: rules 1–5 and the UDP resolver exemption), written once.
 //!
 //! [`decide`] is generic over everything it reads: the maps ([`Maps`]: configuration,
 //! workloads, IPv4 range tables, the IPv6 trie, Domain ports, counters, the denial report),
@@ -287,7 +287,7 @@ pub fn decide<M: Maps, C: Caller, D: Dest>(
         return decided(maps, Verdict::Allow, Reason::Internal);
     }
 
-    // UDP to a configured resolver is DNS: allowed in every mode (SPEC §3, UDP). The resolver
+    // UDP to a configured resolver is DNS: allowed in every mode (docs/decisions.md). The resolver
     // rule set holds each resolver's address at its own port (53 unless configured
     // otherwise), so the exact-port lookup is the whole check.
     if transport == Transport::Udp

@@ -13,7 +13,7 @@ pub use reason::Reason;
 pub const LAYOUT_VERSION: u32 = 4;
 
 /// `SO_MARK` the agent's own sockets carry (proxy upstreams, its DNS queries): the programs let
-/// them through, but only for callers that belong to no workload (SPEC §3 rule 1; see
+/// them through, but only for callers that belong to no workload (docs/decisions.md rule 1; see
 /// docs/security.md). Written into [`GlobalConfig::agent_mark`] by the loader; the proxy marks
 /// its upstream sockets with it.
 pub const AGENT_MARK: u32 = 0x7074_0001;
@@ -41,7 +41,7 @@ pub mod mode {
 
 /// Reserved rule-set numbers inside a generation (workload rule sets start at [`ruleset::FIRST_WORKLOAD`]).
 pub mod ruleset {
-    /// `--internal-cidr` ranges: always allowed (SPEC §3 rule 1).
+    /// `--internal-cidr` ranges: always allowed (docs/decisions.md rule 1).
     pub const INTERNAL: u32 = 0;
     /// Configured DNS resolvers (`/32`, `/128` entries at port 53): allowed for UDP.
     pub const RESOLVERS: u32 = 1;
@@ -279,7 +279,7 @@ pub fn range_covers<'a>(
 }
 
 /// Key of the `DOMAIN_PORTS` hash: a rule set has a Domain match at this port (0 = every port),
-/// so a TCP connection that no IP/CIDR match allows goes to the proxy (SPEC §3 rule 4).
+/// so a TCP connection that no IP/CIDR match allows goes to the proxy (docs/decisions.md rule 4).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct DomainPortKey {

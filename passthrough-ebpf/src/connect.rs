@@ -19,6 +19,7 @@ use crate::{
         PROCEED, REJECT, Transport, V4, Verdict, decide, decide_for, decide_unknown_owner,
         v4_mapped, v6,
     },
+    log::{self, L},
     maps::{CONFIG, ORIG_BY_COOKIE},
     mptcp::{self, Subject},
 };
@@ -175,9 +176,15 @@ fn redirect(
     v4_dest: bool,
 ) -> i32 {
     let Some(cfg) = CONFIG.get(0) else {
+        if log::on(L::Error) {
+            log::config_missing();
+        }
         return REJECT;
     };
     let Some(target) = proxy_target(ctx, cfg, v6_socket, v4_dest) else {
+        if log::on(L::Warn) {
+            log::no_proxy_addr(v4_dest, workload);
+        }
         return REJECT;
     };
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
@@ -189,7 +196,10 @@ fn redirect(
         workload,
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
     };
-    if ORIG_BY_COOKIE.insert(&cookie, &orig, 0).is_err() {
+    if let Err(errno) = ORIG_BY_COOKIE.insert(&cookie, &orig, 0) {
+        if log::on(L::Error) {
+            log::orig_insert_failed(errno);
+        }
         return REJECT;
     }
     match target {

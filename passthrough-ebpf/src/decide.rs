@@ -1,4 +1,4 @@
-//! The in-kernel side of the decision: `passthrough_common::decide` (SPEC §3 rules 1–5 and the
+//! The in-kernel side of the decision: `passthrough_common::decide` (docs/decisions.md: rules 1–5 and the
 //! UDP resolver exemption, written once for the kernel and the user-space tests) over the real
 //! maps ([`KernelMaps`]) and callers ([`Task`], [`Socket`]). The programs turn its verdict into
 //! a return code.
@@ -20,9 +20,12 @@ use passthrough_common::{
 
 pub use passthrough_common::decide::{Transport, V4, V6, Verdict, v4_mapped, v6};
 
-use crate::maps::{
-    CONFIG, DENY_EVENTS, DOMAIN_PORTS, MONITOR_DROPS, MONITOR_EVENTS, RANGE_INDEX_V4, RANGES_V4,
-    RULES_V6, WORKLOADS, count,
+use crate::{
+    log::{self, L},
+    maps::{
+        CONFIG, DENY_EVENTS, DOMAIN_PORTS, MONITOR_DROPS, MONITOR_EVENTS, RANGE_INDEX_V4,
+        RANGES_V4, RULES_V6, WORKLOADS, count,
+    },
 };
 
 /// The programs' maps, as the shared decision reads them. A unit struct: the maps are statics.
@@ -75,8 +78,14 @@ impl Maps for KernelMaps {
     /// instead of blocking.
     #[inline(always)]
     fn report(&self, mut event: DenyEvent) {
+        if log::on(L::Debug) {
+            log::denial_of(&event);
+        }
         let Some(mut slot) = DENY_EVENTS.reserve::<DenyEvent>(0) else {
             count(counter::EVENTS_DROPPED);
+            if log::on(L::Warn) {
+                log::event_dropped(event.reason);
+            }
             return;
         };
         event.ktime_ns = unsafe { bpf_ktime_get_ns() };

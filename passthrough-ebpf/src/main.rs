@@ -3,8 +3,9 @@
 //!
 //! One module per program type (`connect`, `sendmsg`, `getpeername`, `setsockopt`, `sock_ops`,
 //! `skb`, `relay`, and the test-only `view_probe`, which the agent never loads); the shared
-//! decision lives in `decide`, the maps in `maps`, the MPTCP subflow owner in `mptcp`. The user
-//! side compiles policies into the maps; nothing here knows YAML.
+//! decision lives in `decide`, the maps in `maps`, the MPTCP subflow owner in `mptcp`,
+//! diagnostics (aya-log, off by default) in `log`. The user side compiles policies into the
+//! maps; nothing here knows YAML.
 #![no_std]
 #![no_main]
 // aya-ebpf's map methods take `impl Borrow<K>`, and clippy asks for keys by value. They are
@@ -17,6 +18,7 @@ mod addr;
 mod connect;
 mod decide;
 mod getpeername;
+mod log;
 mod maps;
 mod mptcp;
 mod relay;

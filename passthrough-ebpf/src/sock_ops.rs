@@ -11,7 +11,10 @@ use aya_ebpf::{
 };
 use passthrough_common::PeerKey;
 
-use crate::maps::{ORIG_BY_COOKIE, ORIG_BY_PEER};
+use crate::{
+    log::{self, L},
+    maps::{ORIG_BY_COOKIE, ORIG_BY_PEER},
+};
 
 const AF_INET: u32 = 2;
 
@@ -51,6 +54,11 @@ pub fn passthrough_sock_ops(ctx: SockOpsContext) -> u32 {
         crate::addr::words_to_bytes(w)
     };
     let key = PeerKey { addr, port };
-    let _ = ORIG_BY_PEER.insert(&key, &orig, 0);
+    if let Err(errno) = ORIG_BY_PEER.insert(&key, &orig, 0) {
+        // The proxy will not find this connection's destination and will close it.
+        if log::on(L::Error) {
+            log::orig_peer_insert_failed(errno, port);
+        }
+    }
     1
 }

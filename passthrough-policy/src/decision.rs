@@ -96,7 +96,7 @@ pub enum Verdict {
 }
 
 impl Verdict {
-    /// SPEC §5's `verdict`: `allow`, `deny` or `proxy` (undecided until the proxy sees a name).
+    /// `explain`'s `verdict` (docs/cli.md): `allow`, `deny` or `proxy` (undecided until the proxy sees a name).
     pub fn word(self) -> &'static str {
         match self {
             Verdict::AllowKernel | Verdict::AllowAtProxy => "allow",
@@ -105,7 +105,7 @@ impl Verdict {
         }
     }
 
-    /// SPEC §5's `path`: `kernel` or `proxy`.
+    /// `explain`'s `path`: `kernel` or `proxy`.
     pub fn path(self) -> &'static str {
         match self {
             Verdict::AllowKernel | Verdict::Deny => "kernel",

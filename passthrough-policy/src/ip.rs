@@ -1,7 +1,7 @@
 //! Address parsing with Go's `net.ParseIP` / `net.ParseCIDR` semantics (what Kuma's validator
 //! uses through govalidator), plus the canonical forms the rest of the policy layer works with.
 //!
-//! Go's rules, as restated in `reference/kuma-meshpassthrough.md`:
+//! Go's rules (`net/ip.go`, `net/netip`), which Kuma's validator applies:
 //! - IPv4: exactly four decimal octets, each 0–255, no leading zeros (`010.0.0.1` is rejected);
 //! - IPv6: RFC 4291 text forms including an embedded dotted IPv4 tail (`::ffff:1.2.3.4`);
 //! - no zones (`fe80::1%eth0`), no brackets, no surrounding whitespace;

@@ -132,7 +132,7 @@ pub struct KernelPlan {
     pub unmatched_mode: u32,
     /// What each match id stands for (for explanations and metrics).
     pub match_labels: Vec<MatchLabel>,
-    /// `(rule set, port)` pairs with a Domain match (port 0 = every port): SPEC §3 rule 4
+    /// `(rule set, port)` pairs with a Domain match (port 0 = every port): docs/decisions.md rule 4
     /// candidates, redirected to the proxy when no IP/CIDR match allows.
     pub domain_ports: BTreeSet<(u32, u16)>,
 }

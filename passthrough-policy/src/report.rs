@@ -1,4 +1,4 @@
-//! What `passthrough check` and `passthrough explain` report (SPEC §5), as pure functions of
+//! What `passthrough check` and `passthrough explain` report (docs/cli.md), as pure functions of
 //! their inputs: the agent's CLI (`passthrough-user`, `cli.rs`) parses the command line into an
 //! [`ExplainRequest`] or check inputs and prints what these functions write.
 
@@ -142,7 +142,7 @@ pub struct ExplainReport {
     pub conn: Connection,
     /// The internal ranges and resolvers it was decided with.
     pub opts: DecideOptions,
-    /// The JSON object SPEC §5 describes (also used for the text form).
+    /// The JSON object `explain --json` prints (also used for the text form).
     pub json: Value,
 }
 
@@ -210,7 +210,7 @@ pub fn match_json(m: &Match) -> Value {
     })
 }
 
-/// The SPEC §5 JSON object for a decision.
+/// The `explain --json` object for a decision.
 pub fn decision_json(
     w: &Workload,
     conf: &MergedConf,

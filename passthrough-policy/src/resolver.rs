@@ -2,7 +2,7 @@
 //! the proxy's DNS client all use, parsed once.
 //!
 //! A resolver is an address and a port (`IP`, `IP:PORT`, `[IPv6]:PORT`; 53 when no port is
-//! given). UDP to exactly that address and port is DNS, allowed in every mode (SPEC §3, UDP):
+//! given). UDP to exactly that address and port is DNS, allowed in every mode (docs/decisions.md):
 //! the decision core, the kernel plan (one entry per resolver at its port) and the proxy's
 //! name lookups all see the same pairs.
 

@@ -1,5 +1,5 @@
 //! The policy layer end to end: validator fixtures (Kuma's own, restated, and edge cases),
-//! parsing errors, merge order, the SPEC §3 decision rules, and fuzz-style robustness of the
+//! parsing errors, merge order, the decision rules (docs/decisions.md), and fuzz-style robustness of the
 //! parser. (`check` and `explain` through the command line: `passthrough-user/tests/cli.rs`.)
 //!
 //! Validator fixtures live in `tests/data/policy/validate/`: each `X.yaml`/`X.json` has an
@@ -245,7 +245,7 @@ fn directories_are_walked_recursively_skipping_dot_entries() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Merging (SPEC §2)
+// Merging (docs/policy.md)
 
 fn wl(name: &str, labels: &[(&str, &str)]) -> Workload {
     Workload {
@@ -676,7 +676,7 @@ fn workloads_file() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Decisions (SPEC §3) through the pure core
+// Decisions (docs/decisions.md) through the pure core
 
 struct Row {
     what: &'static str,

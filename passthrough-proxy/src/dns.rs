@@ -1,4 +1,4 @@
-//! The destination check (SPEC §3): is the address the client dialled really the name it sent?
+//! The destination check (docs/decisions.md, "At the proxy"): is the address the client dialled really the name it sent?
 //!
 //! [`DomainDestination::Verify`] resolves the concrete name (A and AAAA; also when a wildcard
 //! matched) and allows only when the original IP is among the answers; `Resolve` connects to a

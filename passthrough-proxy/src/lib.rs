@@ -1,4 +1,4 @@
-//! The userspace proxy for redirected connections (SPEC §3, proxy part).
+//! The userspace proxy for redirected connections (docs/decisions.md, "At the proxy").
 //!
 //! The kernel redirects connections that only a `Domain` match could allow to the proxy and
 //! records each one's original destination; [`Proxy::serve`] accepts them, asks an

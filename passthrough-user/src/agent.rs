@@ -31,8 +31,9 @@ use crate::{
     metrics::Metrics,
     monitor::Monitor,
     startup::{
-        apply_monitor, bind_proxy, proxy_settings, raise_nofile_limit, retire_previous,
-        set_backstop, start_deny_events, start_monitor, start_proxy,
+        apply_monitor, bind_proxy, load_options, proxy_settings, raise_nofile_limit,
+        retire_previous, set_backstop, start_bpf_log, start_deny_events, start_monitor,
+        start_proxy,
     },
 };
 
@@ -211,7 +212,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         0
     };
     let proxy_listeners = bind_proxy(&args).await?;
-    let mut kernel = Kernel::load(
+    let mut kernel = Kernel::load_with(
         Capacities {
             rules: args.rule_capacity,
             ..Capacities::default()
@@ -220,7 +221,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         AGENT_MARK,
         proxy_settings(&args)?,
         Some(&args.state_dir),
+        load_options(&args),
     )?;
+    let _bpf_log_task = start_bpf_log(&mut kernel, args.bpf_log_level);
     set_backstop(&mut kernel, &args);
     if kernel.adopted() {
         info!(state = %args.state_dir.display(), generation = kernel.policy_generation(), "adopted pinned state of a previous agent");

@@ -104,6 +104,66 @@ pub struct ProxySettings {
     pub pod_v6: Option<std::net::SocketAddrV6>,
 }
 
+/// `passthrough run --bpf-log-level`: how much the programs log through aya-log (into the
+/// agent's log, target `passthrough::bpf`). `off` (default) costs nothing: the level is a
+/// read-only global the verifier sees, so disabled calls are removed before the programs run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
+pub enum BpfLogLevel {
+    /// No records (default).
+    #[default]
+    Off,
+    /// Failures that should never happen: a missing config entry, a failed map write.
+    Error,
+    /// Also: dropped deny events (ring full), redirects refused for want of a proxy address.
+    Warn,
+    /// Same as `warn` today.
+    Info,
+    /// Also: one record per denial (reason, workload, destination and port).
+    Debug,
+    /// Same as `debug` today.
+    Trace,
+}
+
+impl BpfLogLevel {
+    /// aya-log's level number (`aya_log::Level`: error 1 … trace 5; 0 = off).
+    pub fn aya_level(self) -> u8 {
+        match self {
+            BpfLogLevel::Off => 0,
+            BpfLogLevel::Error => aya_log::Level::Error as u8,
+            BpfLogLevel::Warn => aya_log::Level::Warn as u8,
+            BpfLogLevel::Info => aya_log::Level::Info as u8,
+            BpfLogLevel::Debug => aya_log::Level::Debug as u8,
+            BpfLogLevel::Trace => aya_log::Level::Trace as u8,
+        }
+    }
+
+    /// The `tracing` filter directive that lets the forwarded records through, if any.
+    pub fn filter_directive(self) -> Option<String> {
+        let level = match self {
+            BpfLogLevel::Off => return None,
+            BpfLogLevel::Error => "error",
+            BpfLogLevel::Warn => "warn",
+            BpfLogLevel::Info => "info",
+            BpfLogLevel::Debug => "debug",
+            BpfLogLevel::Trace => "trace",
+        };
+        Some(format!("{}={level}", BPF_LOG_TARGET))
+    }
+}
+
+/// The log target of the programs' records (set on the eBPF side).
+pub const BPF_LOG_TARGET: &str = "passthrough::bpf";
+
+/// Load-time choices beyond capacities and proxy settings ([`Kernel::load_with`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LoadOptions<'a> {
+    /// aya-log level of the programs.
+    pub bpf_log_level: BpfLogLevel,
+    /// Another eBPF object instead of the embedded one (benchmarks: a same-run A/B of two
+    /// builds of the programs; 8-byte aligned).
+    pub object: Option<&'a [u8]>,
+}
+
 /// Errors of the kernel side.
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
@@ -373,22 +433,59 @@ impl Kernel {
         proxy: ProxySettings,
         state_dir: Option<&Path>,
     ) -> Result<Self, KernelError> {
-        let object = EBPF_OBJECT.ok_or(KernelError::NoObject)?;
-        Self::load_object(object, caps, flags, agent_mark, proxy, state_dir)
+        Self::load_with(
+            caps,
+            flags,
+            agent_mark,
+            proxy,
+            state_dir,
+            LoadOptions::default(),
+        )
     }
 
     /// [`Kernel::load`] with another build of the programs (`object`: an eBPF ELF object,
     /// 8-byte aligned), e.g. the benchmark's build without the monitor's report.
     pub fn load_object(
         object: &[u8],
-        mut caps: Capacities,
+        caps: Capacities,
         flags: u32,
         agent_mark: u32,
         proxy: ProxySettings,
         state_dir: Option<&Path>,
     ) -> Result<Self, KernelError> {
+        Self::load_with(
+            caps,
+            flags,
+            agent_mark,
+            proxy,
+            state_dir,
+            LoadOptions {
+                object: Some(object),
+                ..LoadOptions::default()
+            },
+        )
+    }
+
+    /// [`Kernel::load`] with [`LoadOptions`].
+    pub fn load_with(
+        mut caps: Capacities,
+        flags: u32,
+        agent_mark: u32,
+        proxy: ProxySettings,
+        state_dir: Option<&Path>,
+        options: LoadOptions<'_>,
+    ) -> Result<Self, KernelError> {
+        let object = match options.object {
+            Some(o) => o,
+            None => EBPF_OBJECT.ok_or(KernelError::NoObject)?,
+        };
+        let log_level = options.bpf_log_level.aya_level();
         let mut loader = EbpfLoader::new();
         loader
+            // aya-log's level, in the programs' read-only data: fixed before verification, so
+            // disabled log calls are dead code to the verifier. Another object (a benchmark's
+            // older build) may have no log calls at all.
+            .override_global(aya_log::LEVEL, &log_level, options.object.is_none())
             .map_max_entries("RANGES_V4", caps.range_blocks())
             .map_max_entries("RANGE_INDEX_V4", RANGE_TABLES)
             .map_max_entries("RULES_V6", caps.rules)
@@ -525,6 +622,13 @@ impl Kernel {
     /// True when this agent took over pinned state left by a previous one.
     pub fn adopted(&self) -> bool {
         self.adopted
+    }
+
+    /// The reader of the programs' aya-log records (`--bpf-log-level`), which forwards them to
+    /// the `log` facade (and so into the agent's `tracing` log). Taken once; `None` when taken
+    /// already or the object has no log calls.
+    pub fn take_bpf_logger(&mut self) -> Option<aya_log::EbpfLogger<&'static dyn log::Log>> {
+        aya_log::EbpfLogger::init(&mut self.ebpf).ok()
     }
 
     /// The ring buffer of kernel denials ([`passthrough_common::DenyEvent`]). Taken once (the
@@ -1203,6 +1307,12 @@ impl Kernel {
     pub fn program_stats(&self, name: &str) -> Option<(Duration, u64)> {
         let info = self.ebpf.program(name)?.info().ok()?;
         Some((info.run_time(), info.run_count()))
+    }
+
+    /// The kernel's information on one loaded program (sizes, instructions verified), for
+    /// benchmarks.
+    pub fn program_info(&self, name: &str) -> Option<aya::programs::ProgramInfo> {
+        self.ebpf.program(name)?.info().ok()
     }
 
     /// Id and kernel-reported memory (`memlock` in the map's fdinfo: for the trie the nodes

@@ -423,7 +423,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         0
     };
     let proxy_listeners = startup::bind_proxy(&args).await?;
-    let mut kernel = Kernel::load(
+    let mut kernel = Kernel::load_with(
         Capacities {
             rules: args.rule_capacity,
             ..Capacities::default()
@@ -432,7 +432,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         AGENT_MARK,
         startup::proxy_settings(&args)?,
         Some(&args.state_dir),
+        startup::load_options(&args),
     )?;
+    let _bpf_log_task = startup::start_bpf_log(&mut kernel, args.bpf_log_level);
     startup::set_backstop(&mut kernel, &args);
     if kernel.adopted() {
         info!(state = %args.state_dir.display(), generation = kernel.policy_generation(), "adopted pinned state of a previous agent");
@@ -568,24 +570,38 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         let cgroups = lock(&shared).cgroups.clone();
         let next = node::build_from(&snap, &cgroups, &settings, Some(&model));
         report(&next, &mut seen_problems);
-        // The model and the plan change together, under the lock: the pod-cgroup thread always
-        // sees the model the active plan was written from. Cgroups it handles meanwhile wake
-        // this loop again.
-        let mut sh = lock(&shared);
-        if !force && next.same_plan(&model) {
-            model = Arc::new(next);
-            sh.model = model.clone();
-            continue;
-        }
+        // What to write is decided before taking the lock; the model and the plan then change
+        // together under it (the pod-cgroup thread always sees the model the active plan was
+        // written from), and the proxy's table is rebuilt after it is released. Cgroups the
+        // thread handles meanwhile wake this loop again.
+        let same = !force && next.same_plan(&model);
         // A pod cgroup that appears or goes, with a configuration some workload already has:
         // one map update in the active generation, no flip. The proxy learns right after; a
         // connection redirected for the new pod in between gets the proxy's unknown-id mode,
         // the pending mode (fail closed).
-        if !force && let Some((set, remove)) = incremental(&model, &next) {
+        let in_place = if force || same {
+            None
+        } else {
+            incremental(&model, &next)
+        };
+        let mut sh = lock(&shared);
+        if same {
+            model = Arc::new(next);
+            sh.model = model.clone();
+            continue;
+        }
+        if let Some((set, remove)) = in_place {
             match sh.kernel.update_active_workloads(&set, &remove) {
                 Ok(true) => {
-                    proxy_state.store(Arc::new(proxy_policy(&next, &opts, args.kube.pending_mode)));
-                    metrics.set_workload_names(next.names());
+                    model = Arc::new(next);
+                    sh.model = model.clone();
+                    drop(sh);
+                    proxy_state.store(Arc::new(proxy_policy(
+                        &model,
+                        &opts,
+                        args.kube.pending_mode,
+                    )));
+                    metrics.set_workload_names(model.names());
                     debug!(
                         added = set.len(),
                         removed = remove.len(),
@@ -593,8 +609,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                         "pod cgroups updated in the active generation"
                     );
                     status_dirty = true;
-                    model = Arc::new(next);
-                    sh.model = model.clone();
                     continue;
                 }
                 Ok(false) => {}
@@ -603,19 +617,24 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         match apply(&mut sh.kernel, &next, &opts, &metrics) {
             Ok(g) => {
+                model = Arc::new(next);
+                sh.model = model.clone();
+                drop(sh);
                 generation = g;
-                proxy_state.store(Arc::new(proxy_policy(&next, &opts, args.kube.pending_mode)));
+                proxy_state.store(Arc::new(proxy_policy(
+                    &model,
+                    &opts,
+                    args.kube.pending_mode,
+                )));
                 admin_state.generation.store(g, Ordering::Release);
                 info!(
                     generation,
-                    pods = next.entries.len(),
-                    policies = next.policies.policies.len(),
+                    pods = model.entries.len(),
+                    policies = model.policies.policies.len(),
                     us = t.elapsed().as_micros() as u64,
                     "policy applied"
                 );
                 status_dirty = true;
-                model = Arc::new(next);
-                sh.model = model.clone();
             }
             Err(e) => {
                 error!(error = %format!("{e:#}"), "apply failed; the previous plan stays in force")

@@ -39,9 +39,18 @@ enum Command {
     Uninstall(status::UninstallArgs),
 }
 
-fn init_logging(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+/// `bpf`: the directive that lets the programs' records through (`--bpf-log-level`), added to
+/// `RUST_LOG` (default `info`) unless that names their target itself.
+fn init_logging(format: &str, bpf: Option<String>) {
+    let env = std::env::var("RUST_LOG").ok();
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    if let Some(d) = bpf
+        && !env.is_some_and(|e| e.contains(passthrough_user::kernel::BPF_LOG_TARGET))
+        && let Ok(d) = d.parse()
+    {
+        filter = filter.add_directive(d);
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -55,7 +64,11 @@ fn init_logging(format: &str) {
 
 fn main() -> ExitCode {
     let parsed = Cli::parse();
-    init_logging(&parsed.log_format);
+    let bpf_log = match &parsed.command {
+        Command::Run(args) => args.bpf_log_level.filter_directive(),
+        _ => None,
+    };
+    init_logging(&parsed.log_format, bpf_log);
     let result = match parsed.command {
         Command::Check(args) => match args.run(&mut std::io::stdout().lock()) {
             Ok(true) => Ok(()),

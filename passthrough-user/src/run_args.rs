@@ -8,7 +8,7 @@ use passthrough_kube::labelsel::Selector;
 use passthrough_policy::{Mode, Resolver};
 use passthrough_proxy::DomainDestination;
 
-use crate::kernel::Capacities;
+use crate::kernel::{BpfLogLevel, Capacities};
 
 /// Arguments of `passthrough run`.
 #[derive(Debug, Clone, clap::Args)]
@@ -89,6 +89,11 @@ pub struct RunArgs {
     /// `off` (default): always in userspace. See docs/design.md.
     #[arg(long, value_name = "READS|off", default_value = "off", value_parser = parse_kernel_relay)]
     pub kernel_relay_after: KernelRelayAfter,
+    /// Diagnostics from the eBPF programs (aya-log), forwarded into this log under the target
+    /// `passthrough::bpf`: `error` (map failures), `warn` (dropped deny events, refused
+    /// redirects), `debug` (every denial). `off` (default) costs the programs nothing.
+    #[arg(long, value_enum, default_value_t = BpfLogLevel::Off)]
+    pub bpf_log_level: BpfLogLevel,
     /// Keep a log of what the agent observes (allowed egress decisions, denials and `--audit`
     /// would-be denials; each distinct one once per segment) in DIR, bounded and kept across
     /// restarts, for `passthrough suggest`. Default DIR: /var/lib/passthrough/decisions. While

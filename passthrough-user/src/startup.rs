@@ -14,7 +14,7 @@ use tracing::{info, warn};
 
 use crate::{
     events::{self, Reporter},
-    kernel::{Kernel, ProxySettings},
+    kernel::{BpfLogLevel, Kernel, LoadOptions, ProxySettings},
     metrics::Metrics,
     monitor::{KernelMonitor, Monitor},
     run_args::{KernelRelayAfter, RunArgs},
@@ -187,6 +187,51 @@ pub(crate) fn retire_previous(kernel: &mut Kernel, metrics: &Metrics) {
         ms = t.elapsed().as_millis() as u64,
         "retired the previous plan"
     );
+}
+
+/// The [`LoadOptions`] of `passthrough run`.
+pub(crate) fn load_options(args: &RunArgs) -> LoadOptions<'static> {
+    LoadOptions {
+        bpf_log_level: args.bpf_log_level,
+        ..LoadOptions::default()
+    }
+}
+
+/// Agent start-up: with `--bpf-log-level` other than `off`, spawns the reader of the programs'
+/// aya-log records (into the `log` facade, which the agent's subscriber forwards to its log).
+/// The task runs until aborted or dropped with the runtime.
+pub(crate) fn start_bpf_log(
+    kernel: &mut Kernel,
+    level: BpfLogLevel,
+) -> Option<tokio::task::JoinHandle<()>> {
+    if level == BpfLogLevel::Off {
+        return None;
+    }
+    let Some(logger) = kernel.take_bpf_logger() else {
+        warn!("--bpf-log-level: the programs' log buffer is unavailable; no eBPF diagnostics");
+        return None;
+    };
+    Some(tokio::spawn(async move {
+        // SAFETY: the logger owns its ring buffer's map fd for its whole life and always
+        // returns that fd; the AsyncFd owns the logger.
+        let registered = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+        };
+        let mut fd = match registered {
+            Ok(fd) => fd,
+            Err(e) => {
+                warn!(error = %e, "--bpf-log-level: cannot poll the programs' log buffer");
+                return;
+            }
+        };
+        loop {
+            let Ok(mut guard) = fd.readable_mut().await else {
+                return;
+            };
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    }))
 }
 
 /// Attaches the egress backstop unless `--no-raw-socket-backstop`, and says plainly what is

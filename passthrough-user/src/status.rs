@@ -75,7 +75,7 @@ fn cgroup_path(mount: &Path, id: u64) -> Option<PathBuf> {
     None
 }
 
-/// Builds the status object (SPEC §5): what is attached where, the policy generation, counters.
+/// Builds the status object (docs/cli.md): what is attached where, the policy generation, counters.
 pub fn status_json(state: &Path) -> anyhow::Result<serde_json::Value> {
     let layout = pins::layout_dir(state);
     if !layout.exists() {

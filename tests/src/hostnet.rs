@@ -1,6 +1,6 @@
 //! Test hosts reachable from the **host** network namespace, and pod-like workloads in a network
 //! namespace of their own that reach the host only (the proxy), for the proxy's kernel tests
-//! and `pt-bench-proxy` (SPEC §6).
+//! and `pt-bench-proxy`.
 //!
 //! ```text
 //!  host netns (the agent, host-netns workloads)        server netns pts-<pid>-<n>

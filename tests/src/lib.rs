@@ -3,7 +3,8 @@
 //!
 //! * [`TestCgroup`] — a uniquely named cgroup v2 directory, removed (processes killed) on drop.
 //! * [`TestNet`] — a *client* netns (where workload probes run) and a *server* netns joined by a
-//!   veth pair, with echo listeners that count what they accept per destination (SPEC §6).
+//!   veth pair, with echo listeners that count what they accept per destination; every
+//!   address is in a documentation range.
 //! * [`Probe`] — the `pt-probe` helper process, placed in a cgroup and the client netns, driven
 //!   over a line protocol (`connect`, `echo`, `close`, `sendto`).
 //! * [`Agent`] — the real `passthrough run`, with readiness, reload (SIGHUP) and stop (SIGTERM).

@@ -1,4 +1,4 @@
-//! Test hosts in network namespaces (SPEC §6).
+//! Test hosts in network namespaces, addressed from the documentation ranges only.
 //!
 //! ```text
 //!  client netns ptc-<pid>-<n>                 server netns pts-<pid>-<n>

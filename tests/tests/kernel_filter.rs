@@ -1,5 +1,5 @@
 //! The in-kernel IP/CIDR/port filter, end to end: the real `passthrough run` attaches its
-//! programs to test cgroups; probes in those cgroups connect to netns test hosts (SPEC §6).
+//! programs to test cgroups; probes in those cgroups connect to netns test hosts.
 //! Allowed → connect + echo work and the host counts the connection; denied → `EPERM` at once and
 //! the host counts nothing.
 //!

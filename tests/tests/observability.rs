@@ -391,6 +391,86 @@ fn denials_are_structured_json_events() {
     );
 }
 
+/// `--bpf-log-level debug`: the programs' own records (aya-log) reach the agent's log under the
+/// target `passthrough::bpf`, one per kernel denial, with the reason and the destination.
+#[test]
+fn bpf_log_level_debug_forwards_the_programs_records() {
+    if !require_kernel() {
+        return;
+    }
+    let w = World::with(POLICY, |b| {
+        b.arg("--log-format")
+            .arg("json")
+            .arg("--bpf-log-level")
+            .arg("debug")
+    });
+    let mut p = Probe::spawn(&w.cg, &w.net).unwrap();
+    assert_denied(&mut p, &w.net, DENIED);
+    let record = wait_for(
+        Duration::from_secs(5),
+        "the program's denial record in the agent log",
+        || {
+            w.json_lines()
+                .into_iter()
+                .find(|v| v["target"] == "passthrough::bpf")
+        },
+    );
+    assert_eq!(record["level"], "DEBUG", "{record}");
+    let message = record["fields"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.starts_with("denied: reason ") && message.contains("port 80"),
+        "{record}"
+    );
+    assert!(message.contains("203.0.113.7"), "{record}");
+}
+
+/// Below `debug` the programs emit no denial record, and `off` (the default) none at all: the
+/// agent's log lets every `passthrough::bpf` record through (`RUST_LOG`), and the kernel denial
+/// itself is logged (its deny event) — only the programs' own records are absent.
+#[test]
+fn bpf_log_level_below_debug_emits_no_denial_record() {
+    if !require_kernel() {
+        return;
+    }
+    for level in [None, Some("off"), Some("warn")] {
+        let w = World::with(POLICY, |b| {
+            let b = b
+                .arg("--log-format")
+                .arg("json")
+                .log_filter("info,passthrough::bpf=trace");
+            match level {
+                Some(l) => b.arg("--bpf-log-level").arg(l),
+                None => b,
+            }
+        });
+        let mut p = Probe::spawn(&w.cg, &w.net).unwrap();
+        assert_denied(&mut p, &w.net, DENIED);
+        // The same denial, through the deny-event path: it is in the log by now.
+        wait_for(
+            Duration::from_secs(5),
+            "the kernel denial's deny event",
+            || {
+                w.deny_events()
+                    .into_iter()
+                    .find(|e| e["fields"]["path"] == "kernel" && e["fields"]["dst"] == DENIED)
+            },
+        );
+        // The programs write their record before the deny event, so a forwarded record would be
+        // in the log already; a second denial and a moment more leave no doubt.
+        assert_denied(&mut p, &w.net, DENIED);
+        std::thread::sleep(Duration::from_millis(500));
+        let records: Vec<Value> = w
+            .json_lines()
+            .into_iter()
+            .filter(|v| v["target"] == "passthrough::bpf")
+            .collect();
+        assert!(
+            records.is_empty(),
+            "--bpf-log-level {level:?}: the programs logged {records:#?}"
+        );
+    }
+}
+
 #[test]
 fn audit_lets_a_kernel_denial_through_and_reports_it() {
     if !require_kernel() {

@@ -1,4 +1,4 @@
-//! SPEC §3 rule 3 at scale, on the real kernel: the IPv4 range index the programs search
+//! Rule 3 (docs/decisions.md) at scale, on the real kernel: the IPv4 range index the programs search
 //! (`passthrough_common::range_covers`) allows exactly what the CIDR matches cover, for tens of
 //! thousands of overlapping, nested and port-specific matches (multi-level search trees), at
 //! every interval edge and one address past it, through real `connect()` calls.

@@ -1,4 +1,4 @@
-//! Issue 6 point 1: UDP per SPEC §3, end to end on the real kernel with the real agent.
+//! Issue 6 point 1: UDP as docs/decisions.md says, end to end on the real kernel with the real agent.
 //!
 //! In `None`/`Matched` a datagram — connected UDP (connect4/6) or an unconnected send
 //! (sendmsg4/6) — is allowed only to loopback, to a configured resolver at its port (53 unless

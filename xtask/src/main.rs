@@ -68,7 +68,9 @@ enum Cmd {
         /// Which: `connect` (kernel path: connect() cost, compile + load, the monitor's report
         /// against programs built without it), `monitor` (the agent's CPU for one watcher at
         /// 10,000 decisions/s), `policy` (parse, validate, merge, compile of 100,000 matches),
-        /// `proxy` (proxy path vs direct), `kube` (Kubernetes mode, 1,000 pods on one node).
+        /// `proxy` (proxy path vs direct), `kube` (Kubernetes mode, 1,000 pods on one node),
+        /// `bpf-log` (what the programs' aya-log calls cost, level off and debug, against
+        /// `--before-object`; not part of `all`).
         /// Default: all.
         #[arg(default_value = "all")]
         which: String,
@@ -86,6 +88,11 @@ enum Cmd {
         /// Only re-render BENCHMARKS.md and the plots from the last `--compare` measurements.
         #[arg(long)]
         report_only: bool,
+        /// `bpf-log`: the eBPF object of a build without log calls (e.g. main's before aya-log:
+        /// `target/release/build/passthrough-user-*/out/passthrough`), measured in the same
+        /// rounds as the baseline.
+        #[arg(long, value_name = "PATH")]
+        before_object: Option<PathBuf>,
     },
     /// Run the demo: a workload cgroup, netns test hosts, an example policy.
     Demo,
@@ -439,14 +446,50 @@ fn main() -> anyhow::Result<()> {
             compare: true,
             rounds,
             report_only,
+            ..
         } => compare(&which, quick, rounds, report_only),
-        Cmd::Bench { which, quick, .. } => {
+        Cmd::Bench {
+            which,
+            quick,
+            before_object,
+            ..
+        } => {
             let all = which == "all";
-            if !all && !["connect", "monitor", "policy", "proxy", "kube"].contains(&which.as_str())
+            if !all
+                && !["connect", "monitor", "policy", "proxy", "kube", "bpf-log"]
+                    .contains(&which.as_str())
             {
-                bail!("unknown bench {which:?}: one of connect, monitor, policy, proxy, kube, all");
+                bail!(
+                    "unknown bench {which:?}: one of connect, monitor, policy, proxy, kube, bpf-log, all"
+                );
+            }
+            if before_object.is_some() && which != "bpf-log" {
+                bail!("--before-object is for `bpf-log`");
             }
             let mut result = Ok(());
+            if which == "bpf-log" {
+                // connect4's time per call (BPF_ENABLE_STATS) with aya-log off and at debug,
+                // and the object without log calls, interleaved round by round.
+                run(cargo().args([
+                    "build",
+                    "--release",
+                    "-p",
+                    "passthrough-tests",
+                    "--bin",
+                    "pt-bench",
+                ]))?;
+                let mut c = Command::new(target_dir().join("release").join("pt-bench"));
+                c.arg("bpf-log");
+                if let Some(o) = &before_object {
+                    c.arg("--before-object").arg(o);
+                }
+                if quick {
+                    c.arg("--quick");
+                }
+                result = run(&mut c);
+                let swept = sweep();
+                result = result.and(swept);
+            }
             if all || which == "policy" {
                 // parse + validate + merge + compile of 100,000 matches (criterion; --figures
                 // prints medians and peak RSS). No kernel needed: the policy crate builds no

@@ -207,9 +207,9 @@ fn num(v: f64) -> String {
     }
 }
 
-/// A human title for known table ids.
-fn title(part: &str, id: &str) -> String {
-    let t = match id {
+/// A table id in words.
+fn table_words(id: &str) -> &str {
+    match id {
         "connect-fixed" => "connect(): one fixed destination",
         "connect-rotating" => "connect(): destinations rotating",
         "deny" => "connect() to a denied destination",
@@ -226,9 +226,72 @@ fn title(part: &str, id: &str) -> String {
         "latency-http" => "added latency at a fixed rate, HTTP/1.1",
         "workloads" => "connect() cost vs workload cgroups under one attachment",
         "connections" => "cost vs concurrent connections",
+        "rules" => "connect() cost vs rules",
         other => other,
-    };
-    format!("{t} (`{part}/{id}`)")
+    }
+}
+
+/// A human title for known table ids: its words and its id.
+fn title(part: &str, id: &str) -> String {
+    format!("{} (`{part}/{id}`)", table_words(id))
+}
+
+/// A part (binary) in words.
+fn part_words(part: &str) -> &str {
+    match part {
+        "l4" => "kernel path",
+        "proxy" => "proxy path",
+        "scale" => "scaling",
+        other => other,
+    }
+}
+
+/// What a metric measures, in words, with its unit (plot titles, axes, image texts).
+fn metric_words(metric: &str) -> &str {
+    match metric {
+        "p50_ns" => "median connect() time, ns",
+        "p99_ns" => "99th-percentile connect() time, ns",
+        "cpu_ns_per_connect" => "client CPU time per connect, ns",
+        "load_ms" => "time to load the rule set, ms",
+        "replace_ms" => "time to replace the rule set, ms",
+        "replace_compile_ms" => "compiling during a replace, ms",
+        "replace_p99_connect_us" => "99th-percentile connect() during a replace, µs",
+        "replace_max_connect_us" => "slowest connect() during a replace, µs",
+        "retire_ms" => "time to retire the old rule set, ms",
+        "free_ms" => "time to free the rule set, ms",
+        "bytes" => "kernel-accounted memory (memlock), bytes",
+        "ns_per_run" => "program time per connect, rotating destinations, ns",
+        "ns_per_run_fixed" => "program time per connect, one fixed destination, ns",
+        "bpf_ns_per_connect" => "program time per connect, ns",
+        "req_per_s" => "requests per second",
+        "conn_per_s" => "connections per second",
+        "mb_per_s" => "throughput, MB/s",
+        "p50_us" => "median latency, µs",
+        "p99_us" => "99th-percentile latency, µs",
+        "cpu_us_per_req" => "proxy process CPU per request, µs",
+        "cpu_us_per_mb" => "proxy process CPU per MB, µs",
+        "node_cpu_us_per_req" => "CPU of the whole node per request, µs",
+        "node_cpu_us_per_mb" => "CPU of the whole node per MB, µs",
+        other => other,
+    }
+}
+
+/// The title of a table's line plot of `metric`.
+fn line_caption(id: &str, metric: &str) -> String {
+    format!("{}: {}", table_words(id), metric_words(metric))
+}
+
+/// The title of a part's bar chart of `metric` across its tables.
+fn bar_caption(part: &str, metric: &str, as_ratio: bool) -> String {
+    if as_ratio {
+        format!(
+            "{}: {}, ratio to direct (1.0 = direct)",
+            part_words(part),
+            metric_words(metric)
+        )
+    } else {
+        format!("{}: {}", part_words(part), metric_words(metric))
+    }
 }
 
 /// The markdown of every table, and the plots written to `plots_dir` (linked as `plots_rel/…`).
@@ -263,8 +326,9 @@ pub fn render(samples: &[Sample], plots_dir: &Path, plots_rel: &str) -> anyhow::
             if sized {
                 for m in t.metrics.iter().filter(|m| plotted(m)) {
                     let file = format!("{part}-{id}-{m}.svg");
-                    if line_plot(&plots_dir.join(&file), &format!("{part}/{id}: {m}"), m, &t)? {
-                        writeln!(md, "\n![{part}/{id} {m}]({plots_rel}/{file})")?;
+                    let caption = line_caption(id, m);
+                    if line_plot(&plots_dir.join(&file), &caption, m, &t)? {
+                        writeln!(md, "\n![{caption}]({plots_rel}/{file})")?;
                     }
                 }
             } else {
@@ -283,8 +347,9 @@ pub fn render(samples: &[Sample], plots_dir: &Path, plots_rel: &str) -> anyhow::
             writeln!(md)?;
             for m in metrics.into_iter().filter(|m| plotted(m)) {
                 let file = format!("{part}-{m}.svg");
-                if bar_plot(&plots_dir.join(&file), part, &m, &unsized_tables)? {
-                    writeln!(md, "![{part} {m}]({plots_rel}/{file})")?;
+                if let Some(caption) = bar_plot(&plots_dir.join(&file), part, &m, &unsized_tables)?
+                {
+                    writeln!(md, "![{caption}]({plots_rel}/{file})")?;
                 }
             }
         }
@@ -461,25 +526,26 @@ fn line_plot(path: &Path, caption: &str, metric: &str, t: &Table) -> anyhow::Res
                 (ymin / 1.5..ymax * 1.5).log_scale(),
             )
             .map_err(plot_err)?;
-        draw!(chart, format!("{metric} (log)"));
+        draw!(chart, format!("{} (log)", metric_words(metric)));
     } else {
         let chart = builder
             .build_cartesian_2d((xmin..xmax).log_scale(), 0f64..ymax * 1.15)
             .map_err(plot_err)?;
-        draw!(chart, metric.to_string());
+        draw!(chart, metric_words(metric).to_string());
     }
     root.present().map_err(plot_err)?;
     Ok(true)
 }
 
 /// One bar per (table, configuration) of `metric`: the median ratio to the baseline where the
-/// table has one (1.0 = as fast as direct), else the median value.
+/// table has one (1.0 = as fast as direct), else the median value. Returns the chart's title,
+/// or `None` when there is nothing to plot.
 fn bar_plot(
     path: &Path,
     part: &str,
     metric: &str,
     tables: &[(&str, Table)],
-) -> anyhow::Result<bool> {
+) -> anyhow::Result<Option<String>> {
     let mut rows: Vec<String> = Vec::new();
     let mut groups: Vec<(&str, Vec<(String, f64)>)> = Vec::new();
     let mut as_ratio = false;
@@ -511,7 +577,7 @@ fn bar_plot(
         }
     }
     if groups.is_empty() {
-        return Ok(false);
+        return Ok(None);
     }
     // Head room for the legend.
     let ymax = groups
@@ -523,13 +589,9 @@ fn bar_plot(
     let names: Vec<String> = groups.iter().map(|(id, _)| id.to_string()).collect();
     let root = SVGBackend::new(path, (960, 500)).into_drawing_area();
     root.fill(&WHITE).map_err(plot_err)?;
-    let caption = if as_ratio {
-        format!("{part}: {metric}, ratio to direct (1.0 = direct)")
-    } else {
-        format!("{part}: {metric}")
-    };
+    let caption = bar_caption(part, metric, as_ratio);
     let mut chart = ChartBuilder::on(&root)
-        .caption(caption, ("sans-serif", 18))
+        .caption(&caption, ("sans-serif", 18))
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(60)
@@ -547,7 +609,11 @@ fn bar_plot(
                 String::new()
             }
         })
-        .y_desc(if as_ratio { "ratio to direct" } else { metric })
+        .y_desc(if as_ratio {
+            "ratio to direct"
+        } else {
+            metric_words(metric)
+        })
         .draw()
         .map_err(plot_err)?;
     let width = 0.8 / rows.len().max(1) as f64;
@@ -576,7 +642,7 @@ fn bar_plot(
         .draw()
         .map_err(plot_err)?;
     root.present().map_err(plot_err)?;
-    Ok(true)
+    Ok(Some(caption))
 }
 
 fn plot_err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
@@ -646,6 +712,96 @@ mod tests {
         );
         assert_eq!(c.added, Some(40.0));
         assert_eq!(t.rows[0].0, "none");
+    }
+
+    /// The committed plots (docs/bench/*.svg) and their images in BENCHMARKS.md carry the titles
+    /// this code gives them, so a re-render (`cargo xtask bench --compare --report-only`) only
+    /// changes what the data changes. `XTASK_BLESS=1` rewrites titles and axis texts in place.
+    #[test]
+    fn committed_plots_are_titled_in_words() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let bless = std::env::var_os("XTASK_BLESS").is_some();
+        let bench_md = root.join("BENCHMARKS.md");
+        let mut md = std::fs::read_to_string(&bench_md).unwrap();
+        let mut bad = Vec::new();
+        let mut dir: Vec<PathBuf> = std::fs::read_dir(root.join("docs/bench"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "svg"))
+            .collect();
+        dir.sort();
+        assert!(!dir.is_empty());
+        for path in dir {
+            let file = path.file_name().unwrap().to_str().unwrap().to_string();
+            let stem = file.trim_end_matches(".svg");
+            let (part, rest) = stem.split_once('-').unwrap();
+            let mut svg = std::fs::read_to_string(&path).unwrap();
+            // `<text …>\nCAPTION\n</text>`: the first text element is the title.
+            let texts: Vec<String> = svg
+                .split("</text>")
+                .filter_map(|t| t.rsplit_once('>').map(|(_, v)| v.trim().to_string()))
+                .filter(|t| !t.is_empty())
+                .collect();
+            let old_caption = texts.first().cloned().unwrap_or_default();
+            let (want, metric, y_old) = match rest.rsplit_once('-') {
+                // `{part}-{table}-{metric}.svg`: a table's line plot.
+                Some((id, metric)) => (
+                    line_caption(id, metric),
+                    metric,
+                    vec![metric.to_string(), format!("{metric} (log)")],
+                ),
+                // `{part}-{metric}.svg`: the part's bar chart.
+                None => (
+                    bar_caption(part, rest, old_caption.contains("ratio to direct")),
+                    rest,
+                    vec![rest.to_string()],
+                ),
+            };
+            if old_caption != want {
+                if bless {
+                    svg = svg.replacen(
+                        &format!(">\n{old_caption}\n</text>"),
+                        &format!(">\n{want}\n</text>"),
+                        1,
+                    );
+                    for y in &y_old {
+                        let words = if y.ends_with(" (log)") {
+                            format!("{} (log)", metric_words(metric))
+                        } else {
+                            metric_words(metric).to_string()
+                        };
+                        svg = svg
+                            .replace(&format!(">\n{y}\n</text>"), &format!(">\n{words}\n</text>"));
+                    }
+                    std::fs::write(&path, &svg).unwrap();
+                } else {
+                    bad.push(format!("{file}: title {old_caption:?}, want {want:?}"));
+                }
+            }
+            // Its image in BENCHMARKS.md: `![TITLE](docs/bench/FILE)`.
+            let link = format!("](docs/bench/{file})");
+            if let Some(at) = md.find(&link) {
+                let open = md[..at].rfind("![").unwrap();
+                let alt = md[open + 2..at].to_string();
+                if alt != want {
+                    if bless {
+                        md.replace_range(open + 2..at, &want);
+                    } else {
+                        bad.push(format!(
+                            "BENCHMARKS.md image of {file}: {alt:?}, want {want:?}"
+                        ));
+                    }
+                }
+            }
+        }
+        if bless {
+            std::fs::write(&bench_md, md).unwrap();
+        }
+        assert!(
+            bad.is_empty(),
+            "run with XTASK_BLESS=1:\n{}",
+            bad.join("\n")
+        );
     }
 
     #[test]

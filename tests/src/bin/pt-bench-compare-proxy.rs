@@ -22,7 +22,7 @@
 //! `--candidate-arg ARG`): another build of the agent, or other flags, on every table `ours`
 //! runs, swapped in the same way: the same-run before/after of a change (compare it with `ours`
 //! round by round; this machine is too noisy for two separate runs). `nginx`, `haproxy`, `haproxy-splice`, `envoy`: peers on fixed `127.0.0.1` ports
-//! (loopback is never redirected, SPEC §3 rule 1) routing `bench.test` to C and refusing every
+//! (loopback is never redirected, docs/decisions.md rule 1) routing `bench.test` to C and refusing every
 //! other name: nginx stream `ssl_preread` + `map` (others → a closed port, the client sees a
 //! reset); HAProxy `nbthread 1`, `mode tcp`, `req.ssl_sni` / `req.hdr(host)` with
 //! `tcp-request inspect-delay`, others → a backend that rejects; `haproxy-splice` the same with

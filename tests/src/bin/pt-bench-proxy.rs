@@ -11,7 +11,7 @@
 //!   Host decision, default `--domain-destination verify` against a loopback DNS server, answers
 //!   cached) → veth → server.
 //!
-//! Loopback alone cannot be used: loopback destinations are never redirected (SPEC §3 rule 1).
+//! Loopback alone cannot be used: loopback destinations are never redirected (docs/decisions.md, rule 1).
 //! Measures (median of the rounds; every round runs direct and proxied back to back, order
 //! alternating): TLS keep-alive requests/s (one connection, 128 B each way), a new TLS
 //! connection per request, one-stream bulk throughput through TLS, HTTP/1.1 keep-alive

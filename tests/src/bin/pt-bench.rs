@@ -30,6 +30,9 @@
 //! no handshake); rounds alternate no watcher / one watcher reading `GET /monitor`, and the
 //! agent's CPU time (utime + stime) is read around each. Then a flood, as fast as one thread
 //! goes, with a watcher: what was delivered, sampled and lost.
+//!
+//! `bpf-log [--before-object PATH]`: what the programs' aya-log calls cost, off and on, against
+//! an older build of the programs without them ([`bpf_log`]).
 
 use std::{
     io::Write as _,
@@ -254,7 +257,8 @@ fn main() -> anyhow::Result<()> {
         }
         "connect" => connect(quick, baseline.as_deref()),
         "monitor" => monitor(quick),
-        _ => anyhow::bail!("unknown bench {which:?}; one of: connect, monitor, all"),
+        "bpf-log" => bpf_log(&args),
+        _ => anyhow::bail!("unknown bench {which:?}; one of: connect, monitor, bpf-log, all"),
     }
 }
 
@@ -644,6 +648,195 @@ fn connect(quick: bool, baseline: Option<&std::path::Path>) -> anyhow::Result<()
                 .collect()
         )
     )?;
+    drop(ns);
+    Ok(())
+}
+
+/// `pt-bench bpf-log [--before-object PATH] [--quick]`: what aya-log costs the programs.
+///
+/// In one run, interleaved round by round, `connect4`'s time per call (kernel BPF statistics)
+/// with 100,000 CIDR matches, for allowed connects (the log calls are never reached) and for
+/// denied ones (the same networks for another port: each denial passes the `debug` call in the
+/// denial path), with the embedded
+/// programs at `--bpf-log-level off` and `debug`, and, with `--before-object`, an older build of
+/// the programs without any log call (the "before"). Also the translated program size and the
+/// instructions the verifier processed, which show whether the disabled calls were removed.
+fn bpf_log(args: &[String]) -> anyhow::Result<()> {
+    use passthrough_user::kernel::{BpfLogLevel, LoadOptions};
+    let quick = args.iter().any(|a| a == "--quick");
+    let before: Option<&'static [u8]> = match args.iter().position(|a| a == "--before-object") {
+        Some(i) => {
+            let path = args.get(i + 1).context("--before-object needs a path")?;
+            let bytes = std::fs::read(path).with_context(|| format!("reading {path}"))?;
+            // ELF parsing wants the object 8-byte aligned, as `include_bytes_aligned!` gives it.
+            let words: &'static mut [u64] =
+                Box::leak(vec![0u64; bytes.len().div_ceil(8)].into_boxed_slice());
+            // SAFETY: the u64 buffer is at least `bytes.len()` bytes long.
+            let buf = unsafe {
+                std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), bytes.len())
+            };
+            buf.copy_from_slice(&bytes);
+            Some(buf)
+        }
+        None => None,
+    };
+    let rounds = if quick { 1 } else { 5 };
+    let (allowed_count, denied_count) = if quick {
+        (2_000, 5_000)
+    } else {
+        (20_000, 50_000)
+    };
+
+    let ns = BenchNs::new(&["198.51.100.0/24", "203.0.113.0/24"])?;
+    ns.enter_current_thread()?;
+    let listener = TcpListener::bind(("0.0.0.0", PORT))?;
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            drop(s);
+        }
+    });
+    let cg = TestCgroup::new()?;
+    let _back = MoveBack::into(&cg)?;
+    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).context("BPF_ENABLE_STATS")?;
+
+    let conf = conf(100_000);
+    let allowed = destinations();
+    // Denials: the same 100,000 networks, every one for port 443 only, and connects to port
+    // 9000 (the random port-less prefixes of `conf` cover the whole address space).
+    let deny_conf = cidr_conf(conf.matches.iter().filter_map(|m| match m.net {
+        Some(ipnet::IpNet::V4(n)) => Some((n, Some(443))),
+        _ => None,
+    }));
+    let denied = allowed[0];
+
+    struct Config {
+        label: &'static str,
+        object: Option<&'static [u8]>,
+        level: BpfLogLevel,
+    }
+    let mut configs = Vec::new();
+    if before.is_some() {
+        configs.push(Config {
+            label: "before: no log calls",
+            object: before,
+            level: BpfLogLevel::Off,
+        });
+    }
+    configs.push(Config {
+        label: "aya-log, level off",
+        object: None,
+        level: BpfLogLevel::Off,
+    });
+    configs.push(Config {
+        label: "aya-log, level debug (no reader)",
+        object: None,
+        level: BpfLogLevel::Debug,
+    });
+    // (allowed ns per call, denied ns per call) per round, and sizes.
+    let mut allowed_ns: Vec<Vec<f64>> = vec![vec![]; configs.len()];
+    let mut denied_ns: Vec<Vec<f64>> = vec![vec![]; configs.len()];
+    let mut sizes: Vec<(u32, u32)> = vec![(0, 0); configs.len()];
+    measure(&allowed, allowed_count / 10)?; // warm up, no program
+    for round in 0..rounds {
+        for (i, c) in configs.iter().enumerate() {
+            let mut k = Kernel::load_with(
+                Capacities::default(),
+                0,
+                0,
+                Default::default(),
+                None,
+                LoadOptions {
+                    bpf_log_level: c.level,
+                    object: c.object,
+                },
+            )?;
+            let p = plan::compile(
+                k.next_generation(),
+                &[(cg.id(), &conf)],
+                &PlanOptions::default(),
+            );
+            k.apply(p)?;
+            k.attach(cg.path())?;
+            if let Some(info) = k.program_info("passthrough_connect4") {
+                sizes[i] = (
+                    info.size_translated().unwrap_or(0) / 8,
+                    info.verified_instruction_count().unwrap_or(0),
+                );
+            }
+            let per_call = |k: &Kernel, f: &mut dyn FnMut() -> anyhow::Result<()>| {
+                let (t0, n0) = k.program_stats("passthrough_connect4").unwrap_or_default();
+                f()?;
+                let (t1, n1) = k.program_stats("passthrough_connect4").unwrap_or_default();
+                anyhow::ensure!(n1 > n0, "connect4 did not run");
+                Ok::<f64, anyhow::Error>((t1 - t0).as_nanos() as f64 / (n1 - n0) as f64)
+            };
+            let a = per_call(&k, &mut || measure(&allowed, allowed_count).map(drop))?;
+            let p = plan::compile(
+                k.next_generation(),
+                &[(cg.id(), &deny_conf)],
+                &PlanOptions::default(),
+            );
+            k.apply(p)?;
+            let d = per_call(&k, &mut || {
+                for _ in 0..denied_count {
+                    match passthrough_tests::bench::connect_once(denied)? {
+                        Err((_, libc::EPERM)) => {}
+                        other => anyhow::bail!("{denied}: expected EPERM, got {other:?}"),
+                    }
+                }
+                Ok(())
+            })?;
+            eprintln!(
+                "round {round}: {:<34} allowed {a:>6.1} ns/call, denied {d:>6.1} ns/call",
+                c.label
+            );
+            allowed_ns[i].push(a);
+            denied_ns[i].push(d);
+        }
+    }
+    drop(_back);
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "\n## aya-log in the programs: connect4 time per call, 100,000 CIDR matches ({rounds} interleaved rounds; {allowed_count} allowed and {denied_count} denied connects per round; medians, min–max)\n"
+    )?;
+    writeln!(
+        out,
+        "| programs | allowed ns/call | denied ns/call | connect4 instructions (translated) | instructions verified |"
+    )?;
+    writeln!(out, "|---|---:|---:|---:|---:|")?;
+    let spread = |v: &Vec<f64>| {
+        let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = v.iter().copied().fold(0f64, f64::max);
+        format!("{:.1} ({lo:.1}–{hi:.1})", median(v.clone()))
+    };
+    for (i, c) in configs.iter().enumerate() {
+        writeln!(
+            out,
+            "| {} | {} | {} | {} | {} |",
+            c.label,
+            spread(&allowed_ns[i]),
+            spread(&denied_ns[i]),
+            sizes[i].0,
+            sizes[i].1
+        )?;
+    }
+    if before.is_some() {
+        let ratio = |v: &Vec<Vec<f64>>| {
+            median(
+                v[1].iter()
+                    .zip(&v[0])
+                    .map(|(after, before)| after / before)
+                    .collect(),
+            )
+        };
+        writeln!(
+            out,
+            "\nlevel off ÷ before, median of per-round ratios: allowed {:.3}, denied {:.3}",
+            ratio(&allowed_ns),
+            ratio(&denied_ns)
+        )?;
+    }
     drop(ns);
     Ok(())
 }
