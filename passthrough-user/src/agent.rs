@@ -315,6 +315,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     for t in &monitor_tasks {
         t.abort();
     }
+    // Programs left attached (--keep-on-exit) must not go on reporting allowed decisions into
+    // a ring nobody reads any more: the next agent switches the report on again if it wants.
+    apply_monitor(&mut kernel, Default::default());
     shutdown.cancel();
     for t in proxy_tasks {
         let _ = t.await;

@@ -346,6 +346,36 @@ fn monitor_streams_kernel_and_proxy_decisions_to_several_filtered_watchers() {
     assert_eq!(w.metric("passthrough_monitor_lost_total", ""), 0.0);
 }
 
+#[test]
+fn an_agent_leaving_its_programs_attached_switches_their_report_off() {
+    if !require_kernel() {
+        return;
+    }
+    use passthrough_common::flags::MONITOR;
+    let mut w = World::new(None, |b| b.arg("--keep-on-exit"));
+    let watcher = Watcher::start(&w.agent, &["--json"]);
+    wait_for(Duration::from_secs(10), "the watcher", || {
+        (w.metric("passthrough_monitor_watchers", "") == 1.0).then_some(())
+    });
+    assert_ne!(kernel_flags(&w.agent) & MONITOR, 0);
+    // The agent exits while watched; its programs stay attached, enforcing from the pins.
+    w.agent.stop().unwrap();
+    assert_eq!(
+        kernel_flags(&w.agent) & MONITOR,
+        0,
+        "programs left attached still report allowed decisions to a reader that is gone"
+    );
+    let kernel_no = w.hosts.host4(3, 22);
+    assert_eq!(w.probe.connect(kernel_no).unwrap_err(), libc::EPERM);
+    drop(watcher);
+    let o = passthrough(&[
+        "uninstall",
+        "--state-dir",
+        &w.agent.state_dir().display().to_string(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
 /// What the suggest test sends, and how to send it again.
 #[derive(Clone, Copy, Debug)]
 enum Send {

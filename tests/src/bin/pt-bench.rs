@@ -247,7 +247,12 @@ fn main() -> anyhow::Result<()> {
     let which = args
         .iter()
         .enumerate()
-        .find(|(i, a)| !a.starts_with("--") && (*i == 0 || args[i - 1] != "--baseline-object"))
+        .find(|(i, a)| {
+            // Not the value of an option that takes one.
+            !a.starts_with("--")
+                && (*i == 0
+                    || !["--baseline-object", "--before-object"].contains(&args[i - 1].as_str()))
+        })
         .map(|(_, a)| a.clone())
         .unwrap_or_else(|| "all".into());
     match which.as_str() {
@@ -891,6 +896,8 @@ struct Seen {
     decisions: u64,
     sampled_weight: u64,
     lost: u64,
+    /// The largest sampling factor a record carried (1: none sampled).
+    max_sampled: u64,
 }
 
 /// A watcher reading `GET /monitor` in a thread until stopped.
@@ -946,7 +953,9 @@ impl BenchWatcher {
                     seen.lost += n;
                 } else if v["dst"].is_string() {
                     seen.decisions += 1;
-                    seen.sampled_weight += v["sampled"].as_u64().unwrap_or(1);
+                    let weight = v["sampled"].as_u64().unwrap_or(1);
+                    seen.sampled_weight += weight;
+                    seen.max_sampled = seen.max_sampled.max(weight);
                 }
             }
             Ok(seen)
@@ -1063,7 +1072,6 @@ fn monitor(quick: bool) -> anyhow::Result<()> {
     let wall = t.elapsed().as_secs_f64();
     let seen = w.finish()?;
     let counted = kernel_allowed(&agent) - k0;
-    let sample = agent.metric("passthrough_monitor_kernel_sample_rate", "");
     drop(_back);
 
     let pct = |v: &[Phase]| median(v.iter().map(|p| 100.0 * p.cpu / p.wall).collect());
@@ -1156,7 +1164,11 @@ fn monitor(quick: bool) -> anyhow::Result<()> {
         "| reported lost (ring full, watcher behind) | {} |",
         seen.lost
     )?;
-    writeln!(out, "| sampling at the end: 1 in | {sample:.0} |")?;
+    writeln!(
+        out,
+        "| sparsest sampling a record carried: 1 in | {} |",
+        seen.max_sampled
+    )?;
     writeln!(
         out,
         "| agent CPU, % of one core | {:.1} |",
