@@ -650,7 +650,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     // Programs left attached (--keep-on-exit) must not go on reporting allowed decisions into
     // a ring nobody reads any more: the next agent switches the report on again if it wants.
-    startup::apply_monitor(&mut kernel, Default::default());
+    startup::apply_monitor(&mut lock(&shared).kernel, Default::default());
     shutdown.cancel();
     for t in proxy_tasks {
         let _ = t.await;
