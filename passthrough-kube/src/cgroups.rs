@@ -20,7 +20,8 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use futures::StreamExt as _;
+use std::os::fd::{AsFd as _, AsRawFd as _, BorrowedFd};
+
 use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask};
 
 /// The kubelet's cgroup driver.
@@ -80,20 +81,56 @@ impl KubepodsRoot {
         }
     }
 
-    /// Finds `kubepods.slice` (systemd) or `kubepods` (cgroupfs) directly below `mount`.
+    /// Finds the kubepods root below `mount`: `kubepods.slice` (systemd) or `kubepods`
+    /// (cgroupfs) directly below it, else one level down, where a kubelet with `--cgroup-root`
+    /// puts it (`kubelet.slice/kubelet-kubepods.slice` on kind nodes, `<root>/kubepods`).
     pub fn find(mount: &Path) -> Option<KubepodsRoot> {
-        ["kubepods.slice", "kubepods"]
-            .iter()
-            .map(|n| mount.join(n))
-            .find(|p| p.is_dir())
+        let at = |dir: &Path| {
+            ["kubepods.slice", "kubepods"]
+                .iter()
+                .map(|n| dir.join(n))
+                .find(|p| p.is_dir())
+        };
+        if let Some(p) = at(mount) {
+            return Some(KubepodsRoot::at(&p));
+        }
+        let mut subdirs: Vec<PathBuf> = std::fs::read_dir(mount)
+            .ok()?
+            .filter_map(Result::ok)
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .map(|e| e.path())
+            .collect();
+        subdirs.sort();
+        subdirs.iter().find_map(|d| {
+            let name = d.file_name()?.to_str()?;
+            match name.strip_suffix(".slice") {
+                Some(stem) => Some(d.join(format!("{stem}-kubepods.slice"))).filter(|p| p.is_dir()),
+                None => Some(d.join("kubepods")).filter(|p| p.is_dir()),
+            }
             .map(|p| KubepodsRoot::at(&p))
+        })
+    }
+
+    /// The systemd unit-name prefix of everything below the root: its own name without
+    /// `.slice` (`kubepods`, or `kubelet-kubepods` under a kubelet `--cgroup-root` of
+    /// `kubelet`, whose slices are `kubelet-kubepods-besteffort.slice` and so on).
+    fn unit_prefix(&self) -> String {
+        self.path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".slice"))
+            .unwrap_or("kubepods")
+            .to_string()
     }
 
     /// The directory of the QoS parent (the root itself for Guaranteed).
     pub fn qos_dir(&self, qos: Qos) -> PathBuf {
         match (self.driver, qos) {
             (_, Qos::Guaranteed) => self.path.clone(),
-            (Driver::Systemd, q) => self.path.join(format!("kubepods-{}.slice", q.word())),
+            (Driver::Systemd, q) => {
+                self.path
+                    .join(format!("{}-{}.slice", self.unit_prefix(), q.word()))
+            }
             (Driver::Cgroupfs, q) => self.path.join(q.word()),
         }
     }
@@ -102,11 +139,14 @@ impl KubepodsRoot {
     pub fn pod_dir(&self, uid: &str, qos: Qos) -> PathBuf {
         let name = match (self.driver, qos) {
             (Driver::Systemd, Qos::Guaranteed) => {
-                format!("kubepods-pod{}.slice", uid.replace('-', "_"))
+                format!("{}-pod{}.slice", self.unit_prefix(), uid.replace('-', "_"))
             }
-            (Driver::Systemd, q) => {
-                format!("kubepods-{}-pod{}.slice", q.word(), uid.replace('-', "_"))
-            }
+            (Driver::Systemd, q) => format!(
+                "{}-{}-pod{}.slice",
+                self.unit_prefix(),
+                q.word(),
+                uid.replace('-', "_")
+            ),
             (Driver::Cgroupfs, _) => format!("pod{uid}"),
         };
         self.qos_dir(qos).join(name)
@@ -117,8 +157,8 @@ impl KubepodsRoot {
         let uid = match self.driver {
             Driver::Systemd => {
                 let prefix = match qos {
-                    Qos::Guaranteed => "kubepods-pod".to_string(),
-                    q => format!("kubepods-{}-pod", q.word()),
+                    Qos::Guaranteed => format!("{}-pod", self.unit_prefix()),
+                    q => format!("{}-{}-pod", self.unit_prefix(), q.word()),
                 };
                 name.strip_prefix(&prefix)?
                     .strip_suffix(".slice")?
@@ -171,10 +211,13 @@ fn cgroup_id(p: &Path) -> io::Result<u64> {
     Ok(std::fs::metadata(p)?.ino())
 }
 
-/// Watches the kubepods tree for pod cgroups.
+/// Watches the kubepods tree for pod cgroups. Blocking ([`KubepodsWatcher::wait`]): the agent
+/// reads it on a thread of its own, so a pod cgroup is handled the moment the kernel wakes that
+/// thread, whatever the agent's event loop is doing.
 pub struct KubepodsWatcher {
     root: KubepodsRoot,
-    stream: inotify::EventStream<Vec<u8>>,
+    inotify: Inotify,
+    buf: Vec<u8>,
     dirs: HashMap<WatchDescriptor, PathBuf>,
 }
 
@@ -187,10 +230,10 @@ impl KubepodsWatcher {
     /// Starts watching `root`; returns the watcher and what exists now (QoS parents first).
     pub fn start(root: KubepodsRoot) -> io::Result<(KubepodsWatcher, Vec<CgroupEvent>)> {
         let inotify = Inotify::init()?;
-        let stream = inotify.into_event_stream(vec![0u8; 64 * 1024])?;
         let mut w = KubepodsWatcher {
             root,
-            stream,
+            inotify,
+            buf: vec![0u8; 64 * 1024],
             dirs: HashMap::new(),
         };
         let now = w.scan()?;
@@ -203,7 +246,7 @@ impl KubepodsWatcher {
     }
 
     fn watch(&mut self, dir: &Path) -> io::Result<()> {
-        let wd = self.stream.watches().add(dir, MASK)?;
+        let wd = self.inotify.watches().add(dir, MASK)?;
         self.dirs.insert(wd, dir.to_path_buf());
         Ok(())
     }
@@ -255,32 +298,68 @@ impl KubepodsWatcher {
         Ok(out)
     }
 
-    /// Waits for the next changes. A new QoS parent is watched and listed at once.
-    pub async fn next(&mut self) -> io::Result<Vec<CgroupEvent>> {
-        let first = match self.stream.next().await {
-            Some(ev) => ev?,
-            None => return Err(io::Error::other("inotify stream ended")),
-        };
-        let mut raw = vec![first];
-        // Take whatever else is already queued, without waiting.
-        while let Some(Some(ev)) = futures::FutureExt::now_or_never(self.stream.next()) {
-            raw.push(ev?);
+    /// Waits (blocking) for the next changes, or until `stop` is readable or hung up (then
+    /// `None`). A new QoS parent is watched and listed at once.
+    pub fn wait(&mut self, stop: BorrowedFd<'_>) -> io::Result<Option<Vec<CgroupEvent>>> {
+        loop {
+            let mut fds = [
+                libc::pollfd {
+                    fd: self.inotify.as_fd().as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: stop.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            // SAFETY: two valid pollfds on descriptors that outlive the call.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            if fds[1].revents != 0 {
+                return Ok(None);
+            }
+            if fds[0].revents == 0 {
+                continue;
+            }
+            let raw: Vec<(WatchDescriptor, EventMask, Option<std::ffi::OsString>)> =
+                match self.inotify.read_events(&mut self.buf) {
+                    Ok(evs) => evs
+                        .map(|e| (e.wd, e.mask, e.name.map(|n| n.to_os_string())))
+                        .collect(),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(e) => return Err(e),
+                };
+            return self.events(raw).map(Some);
         }
+    }
+
+    fn events(
+        &mut self,
+        raw: Vec<(WatchDescriptor, EventMask, Option<std::ffi::OsString>)>,
+    ) -> io::Result<Vec<CgroupEvent>> {
         let mut out = Vec::new();
-        for ev in raw {
-            if ev.mask.contains(EventMask::Q_OVERFLOW) {
+        for (wd, mask, name) in raw {
+            if mask.contains(EventMask::Q_OVERFLOW) {
                 out.push(CgroupEvent::Overflow);
                 out.extend(self.scan()?);
                 continue;
             }
-            if ev.mask.contains(EventMask::IGNORED) {
-                self.dirs.remove(&ev.wd);
+            if mask.contains(EventMask::IGNORED) {
+                self.dirs.remove(&wd);
                 continue;
             }
-            let (Some(dir), Some(name)) = (self.dirs.get(&ev.wd).cloned(), ev.name) else {
+            let (Some(dir), Some(name)) = (self.dirs.get(&wd).cloned(), name) else {
                 continue;
             };
-            if !ev.mask.contains(EventMask::ISDIR) {
+            if !mask.contains(EventMask::ISDIR) {
                 continue;
             }
             let name = name.to_string_lossy().into_owned();
@@ -288,7 +367,7 @@ impl KubepodsWatcher {
             let Some(parent_qos) = self.root.qos_of_dir(&dir) else {
                 continue;
             };
-            if ev.mask.contains(EventMask::CREATE) {
+            if mask.contains(EventMask::CREATE) {
                 if let Some(qos) = self.root.qos_of_dir(&path) {
                     // A QoS parent appeared below the root (kubelet start): watch, then list.
                     if self.watch(&path).is_ok() {
@@ -304,7 +383,7 @@ impl KubepodsWatcher {
                         id,
                     }));
                 }
-            } else if ev.mask.contains(EventMask::DELETE)
+            } else if mask.contains(EventMask::DELETE)
                 && let Some(uid) = self.root.parse_pod_dir(parent_qos, &name)
             {
                 out.push(CgroupEvent::Gone { uid, path });
@@ -367,5 +446,62 @@ mod tests {
         );
         assert_eq!(fs.parse_pod_dir(Qos::Guaranteed, "burstable"), None);
         assert_eq!(fs.parse_pod_dir(Qos::Guaranteed, "pod../../x"), None);
+    }
+
+    /// A kubelet with `--cgroup-root=/kubelet` and the systemd driver (kind nodes): every
+    /// unit name carries the root's prefix; `find` looks one level down for it.
+    #[test]
+    fn kubelet_cgroup_root_prefix() {
+        let uid = "0f3e6a1c-4b2d-4c1e-9a57-3e0b9d1c2f44";
+        let tmp = tempfile::tempdir().unwrap();
+        let root_path = tmp
+            .path()
+            .join("kubelet.slice")
+            .join("kubelet-kubepods.slice");
+        std::fs::create_dir_all(&root_path).unwrap();
+        std::fs::create_dir(tmp.path().join("system.slice")).unwrap();
+        let root = KubepodsRoot::find(tmp.path()).expect("found one level down");
+        assert_eq!(root.path, root_path);
+        assert_eq!(root.driver, Driver::Systemd);
+        assert_eq!(
+            root.pod_dir(uid, Qos::BestEffort),
+            root_path.join(
+                "kubelet-kubepods-besteffort.slice/kubelet-kubepods-besteffort-pod0f3e6a1c_4b2d_4c1e_9a57_3e0b9d1c2f44.slice"
+            )
+        );
+        assert_eq!(
+            root.pod_dir(uid, Qos::Guaranteed),
+            root_path.join("kubelet-kubepods-pod0f3e6a1c_4b2d_4c1e_9a57_3e0b9d1c2f44.slice")
+        );
+        assert_eq!(
+            root.parse_pod_dir(
+                Qos::Burstable,
+                "kubelet-kubepods-burstable-pod0f3e6a1c_4b2d_4c1e_9a57_3e0b9d1c2f44.slice"
+            )
+            .as_deref(),
+            Some(uid)
+        );
+        // The unprefixed names are another kubelet's, not this root's pods.
+        assert_eq!(
+            root.parse_pod_dir(
+                Qos::Burstable,
+                "kubepods-burstable-pod0f3e6a1c_4b2d_4c1e_9a57_3e0b9d1c2f44.slice"
+            ),
+            None
+        );
+        // cgroupfs driver under a cgroup root: `<root>/kubepods`.
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(tmp.path().join("kubelet").join("kubepods")).unwrap();
+        let root = KubepodsRoot::find(tmp.path()).expect("found one level down");
+        assert_eq!(root.driver, Driver::Cgroupfs);
+        assert_eq!(
+            root.pod_dir(uid, Qos::Burstable),
+            tmp.path()
+                .join("kubelet/kubepods/burstable/pod0f3e6a1c-4b2d-4c1e-9a57-3e0b9d1c2f44")
+        );
+        // Nothing of the kind: none.
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::create_dir(tmp.path().join("system.slice")).unwrap();
+        assert_eq!(KubepodsRoot::find(tmp.path()), None);
     }
 }

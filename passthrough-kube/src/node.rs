@@ -61,7 +61,13 @@ impl Cgroups {
                 CgroupEvent::QosDir { path, id, .. } => {
                     changed |= self.qos.insert(path.clone(), *id) != Some(*id)
                 }
-                CgroupEvent::Overflow => {}
+                // Events were lost: the scan that follows in the same batch is the whole
+                // truth, so forget what was known (a pod whose removal was lost goes).
+                CgroupEvent::Overflow => {
+                    changed |= !self.pods.is_empty() || !self.qos.is_empty();
+                    self.pods.clear();
+                    self.qos.clear();
+                }
             }
         }
         changed
@@ -640,6 +646,31 @@ mod tests {
             path: PathBuf::from(format!("/kp/{uid}")),
             id,
         }
+    }
+
+    /// After an inotify overflow the rescan is the whole truth: a pod cgroup whose removal was
+    /// among the lost events goes.
+    #[test]
+    fn overflow_forgets_what_the_rescan_did_not_find() {
+        let mut cgroups = Cgroups::default();
+        let qos = CgroupEvent::QosDir {
+            qos: Qos::BestEffort,
+            path: PathBuf::from("/kp"),
+            id: 1,
+        };
+        assert!(cgroups.apply(&[
+            qos.clone(),
+            CgroupEvent::Appeared(cg("a", 10)),
+            CgroupEvent::Appeared(cg("b", 11)),
+        ]));
+        assert!(cgroups.apply(&[
+            CgroupEvent::Overflow,
+            qos,
+            CgroupEvent::Appeared(cg("b", 11)),
+        ]));
+        let ids: Vec<u64> = cgroups.pods.values().map(|p| p.id).collect();
+        assert_eq!(ids, [11]);
+        assert_eq!(cgroups.qos.len(), 1);
     }
 
     #[test]

@@ -1,10 +1,13 @@
 //! The kubepods watcher on the real cgroup2 hierarchy: a test kubepods tree of each driver
 //! layout is made under the cgroup2 mount, pods "start" (mkdir) and "stop" (rmdir), and the
-//! watcher must report each one. Needs root (skipped otherwise, failed under CI=true).
+//! watcher, blocking on a thread of its own as in the agent, must report each one. Needs root
+//! (skipped otherwise, failed under CI=true).
 
 use std::{
+    os::fd::{AsFd as _, FromRawFd as _, OwnedFd},
     path::{Path, PathBuf},
-    time::Duration,
+    sync::mpsc,
+    time::{Duration, Instant},
 };
 
 use passthrough_kube::cgroups::{CgroupEvent, KubepodsRoot, KubepodsWatcher, Qos};
@@ -52,31 +55,72 @@ fn usable() -> Option<PathBuf> {
     }
 }
 
-async fn expect(
-    w: &mut KubepodsWatcher,
-    pred: impl Fn(&CgroupEvent) -> bool,
-    what: &str,
-) -> CgroupEvent {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let evs = tokio::time::timeout_at(deadline, w.next())
-            .await
-            .unwrap_or_else(|_| panic!("no event: {what}"))
-            .expect("inotify");
-        if let Some(e) = evs.into_iter().find(|e| pred(e)) {
-            return e;
+/// The watcher on a thread of its own, as the agent runs it (blocking in `wait`).
+struct Reader {
+    rx: mpsc::Receiver<Vec<CgroupEvent>>,
+    stop: Option<OwnedFd>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Reader {
+    fn spawn(mut w: KubepodsWatcher) -> Reader {
+        let mut fds = [0; 2];
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        let (stop_rx, stop_tx) =
+            unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let (tx, rx) = mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            while let Some(evs) = w.wait(stop_rx.as_fd()).expect("inotify") {
+                if tx.send(evs).is_err() {
+                    return;
+                }
+            }
+        });
+        Reader {
+            rx,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        }
+    }
+
+    fn expect(&self, pred: impl Fn(&CgroupEvent) -> bool, what: &str) -> CgroupEvent {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let evs = self
+                .rx
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("no event: {what}"));
+            if let Some(e) = evs.into_iter().find(|e| pred(e)) {
+                return e;
+            }
+        }
+    }
+
+    /// Closes the stop pipe: the thread's `wait` returns `None` and the thread ends.
+    fn stop(mut self) {
+        drop(self.stop.take());
+        self.thread.take().unwrap().join().expect("reader thread");
+    }
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
         }
     }
 }
 
-async fn run_layout(top: &Path, root_name: &str) {
+fn run_layout(top: &Path, root_name: &str) {
     let root = top.join(root_name);
     std::fs::create_dir(&root).unwrap();
     let kp = KubepodsRoot::at(&root);
     // One pod exists before the watcher starts; the QoS parents do not exist yet.
     let early = "11111111-2222-3333-4444-555555555555";
     std::fs::create_dir(kp.pod_dir(early, Qos::Guaranteed)).unwrap();
-    let (mut w, now) = KubepodsWatcher::start(kp.clone()).unwrap();
+    let (w, now) = KubepodsWatcher::start(kp.clone()).unwrap();
     assert!(
         now.iter().any(
             |e| matches!(e, CgroupEvent::Appeared(p) if p.uid == early && p.qos == Qos::Guaranteed)
@@ -91,10 +135,10 @@ async fn run_layout(top: &Path, root_name: &str) {
         }
     )));
 
+    let r = Reader::spawn(w);
     // The kubelet creates the burstable parent, then a pod in it.
     std::fs::create_dir(kp.qos_dir(Qos::Burstable)).unwrap();
-    expect(
-        &mut w,
+    r.expect(
         |e| {
             matches!(
                 e,
@@ -105,17 +149,14 @@ async fn run_layout(top: &Path, root_name: &str) {
             )
         },
         "burstable parent",
-    )
-    .await;
+    );
     let uid = "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee";
     let dir = kp.pod_dir(uid, Qos::Burstable);
     std::fs::create_dir(&dir).unwrap();
-    let ev = expect(
-        &mut w,
+    let ev = r.expect(
         |e| matches!(e, CgroupEvent::Appeared(p) if p.uid == uid),
         "new pod",
-    )
-    .await;
+    );
     let CgroupEvent::Appeared(p) = ev else {
         unreachable!()
     };
@@ -126,12 +167,7 @@ async fn run_layout(top: &Path, root_name: &str) {
     std::fs::create_dir(dir.join("cri-containerd-0123.scope")).unwrap();
     std::fs::remove_dir(dir.join("cri-containerd-0123.scope")).unwrap();
     std::fs::remove_dir(&dir).unwrap();
-    let ev = expect(
-        &mut w,
-        |e| matches!(e, CgroupEvent::Gone { .. }),
-        "pod gone",
-    )
-    .await;
+    let ev = r.expect(|e| matches!(e, CgroupEvent::Gone { .. }), "pod gone");
     assert_eq!(
         ev,
         CgroupEvent::Gone {
@@ -139,14 +175,19 @@ async fn run_layout(top: &Path, root_name: &str) {
             path: dir
         }
     );
+    r.stop();
 }
 
-#[tokio::test]
-async fn both_driver_layouts_on_real_cgroup2() {
+#[test]
+fn every_driver_layout_on_real_cgroup2() {
     let Some(mount) = usable() else { return };
     let top = mount.join(format!("passthrough-test-kubepods-{}", std::process::id()));
     std::fs::create_dir(&top).unwrap();
     let _tree = Tree(top.clone());
-    run_layout(&top, "kubepods.slice").await;
-    run_layout(&top, "kubepods").await;
+    run_layout(&top, "kubepods.slice");
+    run_layout(&top, "kubepods");
+    // A kubelet with `--cgroup-root=/kubelet` and the systemd driver (kind nodes): every unit
+    // name carries the root's prefix (`kubelet-kubepods-burstable-pod<uid>.slice`).
+    std::fs::create_dir(top.join("kubelet.slice")).unwrap();
+    run_layout(&top, "kubelet.slice/kubelet-kubepods.slice");
 }

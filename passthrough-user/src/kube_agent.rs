@@ -15,8 +15,9 @@
 
 use std::{
     collections::BTreeSet,
+    os::fd::{AsFd as _, OwnedFd},
     path::Path,
-    sync::{Arc, atomic::Ordering},
+    sync::{Arc, Mutex, atomic::Ordering},
     time::{Duration, Instant, SystemTime},
 };
 
@@ -25,13 +26,17 @@ use arc_swap::ArcSwap;
 use passthrough_common::AGENT_MARK;
 use passthrough_kube::{
     cgroups::{CgroupEvent, KubepodsRoot, KubepodsWatcher},
+    cluster::Snapshot,
     cluster::{self, WatchOptions},
     kuma::{GovernRules, KumaConfig},
     node::{self, Cgroups, Model, Settings},
 };
 use passthrough_policy::{self as policy, Mode, plan::PlanOptions};
 use passthrough_proxy::ProxyPolicy;
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::{Notify, watch},
+};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
@@ -217,6 +222,10 @@ fn write_status(path: &Path, node_name: &str, generation: u64, model: &Model) {
     }
 }
 
+fn lock(shared: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
+    shared.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn log_cgroup_events(evs: &[CgroupEvent]) {
     for e in evs {
         match e {
@@ -228,6 +237,92 @@ fn log_cgroup_events(evs: &[CgroupEvent]) {
             CgroupEvent::Overflow => warn!("inotify queue overflow; rescanned the kubepods tree"),
         }
     }
+}
+
+/// What the pod-cgroup thread and the event loop share, under one lock: the kernel (whose
+/// active plan the thread extends in place), the model that plan was written from (only the
+/// event loop replaces it, together with the plan, so the two always agree), and the pod
+/// cgroups that exist.
+struct Shared {
+    kernel: Kernel,
+    model: Arc<Model>,
+    cgroups: Cgroups,
+}
+
+/// The pod-cgroup thread: blocks in the kubepods inotify watch and, the moment the kernel wakes
+/// it, enforces each new pod cgroup whose configuration the active plan already has (one map
+/// update, [`node::like_for`]), records every change in `shared.cgroups` and wakes the event
+/// loop, which recomputes the model. On a thread of its own so that a pod's first connection
+/// never waits for the event loop (a model recomputation, an API event, a status write) nor for
+/// the async runtime's own wake-ups. Returns when `stop`'s other end closes.
+fn cgroup_thread(
+    mut watcher: KubepodsWatcher,
+    stop: OwnedFd,
+    shared: Arc<Mutex<Shared>>,
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+    settings: Settings,
+    changed: Arc<Notify>,
+) {
+    loop {
+        let evs = match watcher.wait(stop.as_fd()) {
+            Ok(Some(evs)) => evs,
+            Ok(None) => return,
+            Err(e) => {
+                error!(error = %e, "watching the kubepods cgroups failed");
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        let read_us = monotonic_us();
+        let snap = snapshots.borrow().clone();
+        let (early, written_us) = {
+            let mut sh = lock(&shared);
+            let early: Vec<(u64, u64)> = evs
+                .iter()
+                .filter_map(|e| match e {
+                    CgroupEvent::Appeared(p) => {
+                        node::like_for(&sh.model, &snap, p, &settings).map(|like| (p.id, like))
+                    }
+                    _ => None,
+                })
+                .collect();
+            // A cgroup this thread enforced that went before the model learnt of it: only this
+            // thread knows its entry.
+            let gone: Vec<u64> = evs
+                .iter()
+                .filter_map(|e| match e {
+                    CgroupEvent::Gone { path, .. } => sh.cgroups.pods.get(path).map(|p| p.id),
+                    _ => None,
+                })
+                .filter(|id| !sh.model.entries.iter().any(|e| e.id == *id))
+                .collect();
+            if (!early.is_empty() || !gone.is_empty())
+                && let Err(e) = sh.kernel.update_active_workloads(&early, &gone)
+            {
+                warn!(error = %e, "early pod cgroup update failed");
+            }
+            let written_us = monotonic_us();
+            sh.cgroups.apply(&evs);
+            (early, written_us)
+        };
+        changed.notify_one();
+        for (id, _) in &early {
+            debug!(target: "passthrough::pod_timing", cgroup_id = id, read_us, written_us, "pod cgroup enforced from its inotify event");
+        }
+        log_cgroup_events(&evs);
+    }
+}
+
+/// A pipe whose write end, dropped, stops [`cgroup_thread`].
+fn stop_pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two descriptors this function then owns.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    use std::os::fd::FromRawFd as _;
+    // SAFETY: both are fresh descriptors owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
 /// `CLOCK_MONOTONIC` in µs: the clock other processes (a benchmark) read too, so the agent's
@@ -314,11 +409,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         _ = term.recv() => { admin_task.abort(); return Ok(()) }
         _ = int.recv() => { admin_task.abort(); return Ok(()) }
     };
-    let (mut watcher, evs) = KubepodsWatcher::start(root.clone())
+    let (watcher, evs) = KubepodsWatcher::start(root.clone())
         .with_context(|| format!("watching {}", root.path.display()))?;
     let mut cgroups = Cgroups::default();
     cgroups.apply(&evs);
-    let mut model = node::build(&snap, &cgroups, &settings);
+    let model = node::build(&snap, &cgroups, &settings);
     let mut seen_problems = BTreeSet::new();
     report(&model, &mut seen_problems);
 
@@ -382,6 +477,45 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     admin_state.ready.store(true, Ordering::Release);
     *admin_state.degraded.write().unwrap() = None;
 
+    // From here the kernel is shared with the pod-cgroup thread (events queued since the watch
+    // was set are read by it first).
+    let mut model = Arc::new(model);
+    let shared = Arc::new(Mutex::new(Shared {
+        kernel,
+        model: model.clone(),
+        cgroups,
+    }));
+    let changed = Arc::new(Notify::new());
+    let cgroup_thread_ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (stop_rx, stop_tx) = stop_pipe().context("pipe")?;
+    let cgroup_thread = std::thread::Builder::new()
+        .name("pod-cgroups".into())
+        .spawn({
+            let shared = shared.clone();
+            let snapshots = snapshots.clone();
+            let settings = settings.clone();
+            let changed = changed.clone();
+            let ended = cgroup_thread_ended.clone();
+            move || {
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    cgroup_thread(
+                        watcher,
+                        stop_rx,
+                        shared,
+                        snapshots,
+                        settings,
+                        changed.clone(),
+                    )
+                }));
+                if r.is_err() {
+                    error!("the pod-cgroup thread panicked");
+                }
+                ended.store(true, Ordering::Release);
+                changed.notify_one();
+            }
+        })
+        .context("starting the pod-cgroup thread")?;
+
     // The status file is rewritten at most twice a second (it lists every pod; writing it on
     // every cgroup event would delay the next event).
     let mut status_tick = tokio::time::interval(Duration::from_millis(500));
@@ -404,7 +538,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             r = kernel_wanted.changed() => {
                 if r.is_ok() {
                     let w = *kernel_wanted.borrow_and_update();
-                    startup::apply_monitor(&mut kernel, w);
+                    startup::apply_monitor(&mut lock(&shared).kernel, w);
                 }
                 continue;
             }
@@ -413,35 +547,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                     bail!("API watchers stopped");
                 }
             }
-            r = watcher.next() => {
-                match r {
-                    Ok(evs) => {
-                        let read_us = monotonic_us();
-                        // Enforce new pod cgroups at once when their configuration is one the
-                        // active plan has (one map update each); the model follows below.
-                        let snap = snapshots.borrow().clone();
-                        let early: Vec<(u64, u64)> = evs
-                            .iter()
-                            .filter_map(|e| match e {
-                                CgroupEvent::Appeared(p) => {
-                                    node::like_for(&model, &snap, p, &settings).map(|like| (p.id, like))
-                                }
-                                _ => None,
-                            })
-                            .collect();
-                        if !early.is_empty()
-                            && let Err(e) = kernel.update_active_workloads(&early, &[])
-                        {
-                            warn!(error = %e, "early pod cgroup update failed");
-                        }
-                        let written_us = monotonic_us();
-                        for (id, _) in &early {
-                            debug!(target: "passthrough::pod_timing", cgroup_id = id, read_us, written_us, "pod cgroup enforced from its inotify event");
-                        }
-                        log_cgroup_events(&evs);
-                        cgroups.apply(&evs);
-                    }
-                    Err(e) => error!(error = %e, "watching the kubepods cgroups failed"),
+            // The pod-cgroup thread changed the cgroups (and enforced the new ones it could).
+            _ = changed.notified() => {
+                // It only ends when told to, after this loop: without it no new pod would be
+                // named any more. Exit (the pinned state keeps enforcing) and be restarted.
+                if cgroup_thread_ended.load(Ordering::Acquire) {
+                    bail!("the pod-cgroup thread stopped; new pods would stay pending");
                 }
             }
             r = health.changed() => {
@@ -457,21 +568,41 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         let t = Instant::now();
         let snap = snapshots.borrow_and_update().clone();
+        let cgroups = lock(&shared).cgroups.clone();
         let next = node::build_from(&snap, &cgroups, &settings, Some(&model));
         report(&next, &mut seen_problems);
-        if !force && next.same_plan(&model) {
-            model = next;
-            continue;
-        }
+        // What to write is decided before taking the lock; the model and the plan then change
+        // together under it (the pod-cgroup thread always sees the model the active plan was
+        // written from), and the proxy's table is rebuilt after it is released. Cgroups the
+        // thread handles meanwhile wake this loop again.
+        let same = !force && next.same_plan(&model);
         // A pod cgroup that appears or goes, with a configuration some workload already has:
         // one map update in the active generation, no flip. The proxy learns right after; a
         // connection redirected for the new pod in between gets the proxy's unknown-id mode,
         // the pending mode (fail closed).
-        if !force && let Some((set, remove)) = incremental(&model, &next) {
-            match kernel.update_active_workloads(&set, &remove) {
+        let in_place = if force || same {
+            None
+        } else {
+            incremental(&model, &next)
+        };
+        let mut sh = lock(&shared);
+        if same {
+            model = Arc::new(next);
+            sh.model = model.clone();
+            continue;
+        }
+        if let Some((set, remove)) = in_place {
+            match sh.kernel.update_active_workloads(&set, &remove) {
                 Ok(true) => {
-                    proxy_state.store(Arc::new(proxy_policy(&next, &opts, args.kube.pending_mode)));
-                    metrics.set_workload_names(next.names());
+                    model = Arc::new(next);
+                    sh.model = model.clone();
+                    drop(sh);
+                    proxy_state.store(Arc::new(proxy_policy(
+                        &model,
+                        &opts,
+                        args.kube.pending_mode,
+                    )));
+                    metrics.set_workload_names(model.names());
                     debug!(
                         added = set.len(),
                         removed = remove.len(),
@@ -479,27 +610,32 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                         "pod cgroups updated in the active generation"
                     );
                     status_dirty = true;
-                    model = next;
                     continue;
                 }
                 Ok(false) => {}
                 Err(e) => warn!(error = %e, "in-place update failed; applying a full plan"),
             }
         }
-        match apply(&mut kernel, &next, &opts, &metrics) {
+        match apply(&mut sh.kernel, &next, &opts, &metrics) {
             Ok(g) => {
+                model = Arc::new(next);
+                sh.model = model.clone();
+                drop(sh);
                 generation = g;
-                proxy_state.store(Arc::new(proxy_policy(&next, &opts, args.kube.pending_mode)));
+                proxy_state.store(Arc::new(proxy_policy(
+                    &model,
+                    &opts,
+                    args.kube.pending_mode,
+                )));
                 admin_state.generation.store(g, Ordering::Release);
                 info!(
                     generation,
-                    pods = next.entries.len(),
-                    policies = next.policies.policies.len(),
+                    pods = model.entries.len(),
+                    policies = model.policies.policies.len(),
                     us = t.elapsed().as_micros() as u64,
                     "policy applied"
                 );
                 status_dirty = true;
-                model = next;
             }
             Err(e) => {
                 error!(error = %format!("{e:#}"), "apply failed; the previous plan stays in force")
@@ -515,12 +651,19 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     // Programs left attached (--keep-on-exit) must not go on reporting allowed decisions into
     // a ring nobody reads any more: the next agent switches the report on again if it wants.
-    startup::apply_monitor(&mut kernel, Default::default());
+    startup::apply_monitor(&mut lock(&shared).kernel, Default::default());
     shutdown.cancel();
     for t in proxy_tasks {
         let _ = t.await;
     }
     drop(cluster);
+    drop(stop_tx);
+    let _ = cgroup_thread.join();
+    let kernel = Arc::try_unwrap(shared)
+        .map_err(|_| anyhow::anyhow!("the kernel is still shared at shutdown"))?
+        .into_inner()
+        .unwrap_or_else(|p| p.into_inner())
+        .kernel;
     if args.keep_on_exit {
         info!("--keep-on-exit: programs stay attached, maps pinned");
     }

@@ -110,13 +110,16 @@ struct World {
 }
 
 impl World {
+    /// The agent is given the kubepods root (`--kubepods-cgroup`) for a root name of one
+    /// component; a deeper one (a kubelet `--cgroup-root`) it must find itself below
+    /// `--cgroup-root`.
     fn new(root_name: &str, pod_net: Option<&PodNet>, objects: impl FnOnce(&ApiServer)) -> World {
         let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
         passthrough_tests::sweep(false);
         let dir = passthrough_tests::test_dir();
         let cg = TestCgroup::new().unwrap();
         let root_dir = cg.path().join(root_name);
-        std::fs::create_dir(&root_dir).unwrap();
+        std::fs::create_dir_all(&root_dir).unwrap();
         let root = KubepodsRoot::at(&root_dir);
         let net = HostNet::new(TEST_SLOT).unwrap();
         let pki = Pki::new(&["api.test", "other.test", "evil.test"]).unwrap();
@@ -153,12 +156,19 @@ impl World {
             .arg("n1")
             .arg("--own-pod")
             .arg("passthrough-system/agent")
-            .arg("--kubepods-cgroup")
-            .arg(&root_dir.display().to_string())
             .arg("--resolver")
             .arg(&dns.addr.to_string())
             .arg("--status-file")
             .arg(&status.display().to_string());
+        builder = if root_name.contains('/') {
+            builder
+                .arg("--cgroup-root")
+                .arg(&cg.path().display().to_string())
+        } else {
+            builder
+                .arg("--kubepods-cgroup")
+                .arg(&root_dir.display().to_string())
+        };
         if let Some(p) = pod_net {
             let port = p.free_proxy_port().unwrap();
             for addr in p.proxy_addrs(port) {
@@ -484,5 +494,39 @@ fn kubernetes_mode_cgroupfs_layout() {
     allowed(&w, &mut free, b(5432));
     let r = w.tls(&mut gov, a(443), "api.test");
     assert_eq!(r["ok"], true, "{r}\n{}", w.agent.describe());
+    let _ = &w.servers;
+}
+
+/// A kubelet started with `--cgroup-root=/kubelet` and the systemd driver (kind nodes): the
+/// agent finds `kubelet.slice/kubelet-kubepods.slice` below `--cgroup-root` and reads the
+/// prefixed unit names of the pods' cgroups; each pod gets its own policy, not the pending mode.
+#[test]
+fn kubernetes_mode_kubelet_cgroup_root() {
+    if !require_kernel() {
+        return;
+    }
+    let w = World::new("kubelet.slice/kubelet-kubepods.slice", None, |api| {
+        api.apply(&pod("shop", "svc-less", 1, json!({"app": "x"}), true));
+        api.apply(&pod("plain", "free", 2, json!({}), true));
+    });
+    let ctr = w.start_pod_cgroup(1);
+    assert!(
+        ctr.to_string_lossy().contains(
+            "kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-besteffort.slice/kubelet-kubepods-besteffort-pod"
+        ),
+        "{}",
+        ctr.display()
+    );
+    let mut gov = w.probe(&ctr, None);
+    let mut free = w.probe(&w.start_pod_cgroup(2), None);
+    eventually("pods mapped", &w.agent, || {
+        w.pod_state("shop/svc-less")
+            .is_some_and(|p| p["state"] != "Pending")
+            && w.pod_state("plain/free")
+                .is_some_and(|p| p["state"] != "Pending")
+    });
+    allowed(&w, &mut gov, a(5432));
+    denied(&w, &mut gov, b(5432));
+    allowed(&w, &mut free, b(5432));
     let _ = &w.servers;
 }

@@ -220,7 +220,12 @@ async fn watchers_follow_the_api_server_through_faults() {
     server.compact();
     server.drop_connections();
     until(&mut rx, "re-list after 410", |s| names(s) == ["keep"]).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The delete may have arrived on the live watch before the drop; the re-list follows the
+    // reconnect, after the watcher's back-off (longer than any fixed pause on a loaded machine).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while server.count(Kind::Pod).0 == 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert!(
         server.count(Kind::Pod).0 >= 1,
         "410 made the pod watcher re-list"

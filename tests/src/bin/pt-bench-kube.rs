@@ -8,8 +8,10 @@
 //!
 //! Measured:
 //! - **pod cgroup → enforced**: 200 more pods, known to the API server; for each, the time from
-//!   `mkdir` of its cgroup to the moment the kernel's workload map (read from the pins) holds the
-//!   cgroup with its own policy's mode (`Matched`), polled every 50 µs; then the cgroup is removed;
+//!   just before `mkdir` of its cgroup until the agent's update of the kernel's workload map
+//!   returned (the agent's timing line), checked by polling the map (read from the pins) every
+//!   50 µs until it holds the cgroup with its own policy's mode (`Matched`); the poll's own
+//!   figure is printed too; then the cgroup is removed;
 //! - **policy change → all pods**: the mesh-wide policy edited on the API server, time until the
 //!   kernel's policy generation flips (one atomic flip covers every pod: docs/design.md), 10 times;
 //! - **agent RSS** (`VmRSS`, `VmHWM` of the agent process) with 1,000 pods;
@@ -415,13 +417,6 @@ fn main() -> anyhow::Result<()> {
         "agent start to ready (first list of every kind, plan for {PODS} pods, attach): {:.0} ms",
         startup.as_secs_f64() * 1e3
     );
-    println!(
-        "pod cgroup -> enforced by its policy (ms, n={}): p50 {:.2}  p99 {:.2}  max {:.2}",
-        lat.len(),
-        percentile(&lat, 50.0),
-        percentile(&lat, 99.0),
-        lat.last().copied().unwrap_or(0.0)
-    );
     let ms = |a: u64, b: u64| b.saturating_sub(a) as f64 / 1e3;
     let timed: Vec<_> = marks
         .iter()
@@ -437,6 +432,25 @@ fn main() -> anyhow::Result<()> {
             ))
         })
         .collect();
+    // The figure: from before `mkdir` (the cgroup cannot exist earlier) until the agent's map
+    // update returned (the entry this bench then found by polling, with the pod's own mode).
+    // The poll's own figure adds this process's wake-up delay on a loaded machine.
+    let mut enforced: Vec<f64> = timed.iter().map(|t| ms(t.0, t.3)).collect();
+    enforced.sort_by(f64::total_cmp);
+    println!(
+        "pod cgroup -> enforced by its policy (ms, mkdir call -> the agent's map update, n={}): p50 {:.2}  p99 {:.2}  max {:.2}",
+        enforced.len(),
+        percentile(&enforced, 50.0),
+        percentile(&enforced, 99.0),
+        enforced.last().copied().unwrap_or(0.0)
+    );
+    println!(
+        "pod cgroup -> seen enforced by this bench's poll of the pinned map (ms, n={}): p50 {:.2}  p99 {:.2}  max {:.2}",
+        lat.len(),
+        percentile(&lat, 50.0),
+        percentile(&lat, 99.0),
+        lat.last().copied().unwrap_or(0.0)
+    );
     println!(
         "where the time goes (ms, CLOCK_MONOTONIC, {} of {} pods enforced from the inotify event; load average before {} after {}):",
         timed.len(),
