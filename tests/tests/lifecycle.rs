@@ -49,7 +49,9 @@ fn passthrough(args: &[&str]) -> (bool, String) {
 /// Waits (≤ 3 s) until nothing is attached to `dir`: link release after the last reference
 /// goes away runs from a kernel work queue, not synchronously with unlink/close.
 fn eventually_detached(dir: &Path) -> bool {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    // A wait, not a speed claim: the kernel releases links from deferred work, which a loaded
+    // 2-core machine can hold back for seconds. The assertion is that it happens at all.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
         if attached_programs(dir).expect("bpftool").is_empty() {
             return true;
@@ -259,7 +261,9 @@ fn sigkill_keeps_enforcing_restart_adopts_and_uninstall_removes_everything() {
             .map(|o| o.status.success())
             .unwrap_or(true)
     };
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    // Programs and maps are freed after RCU grace periods (map-in-map inner maps after an RCU
+    // tasks-trace one), deferred work a loaded machine delays: wait generously, it must happen.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
         let left: Vec<String> = prog_ids
             .iter()
