@@ -242,3 +242,58 @@ pub fn join_in_child(cmd: &mut Command, procs: CString, ns_fd: Option<RawFd>) {
         });
     }
 }
+
+/// A test binary that re-runs itself as a workload helper: `serve_helper` is the body of the
+/// binary's `helper_entry` test (a no-op unless `env` carries a request), `helper_command`
+/// builds the command that runs that entry with a request, and `run_helper` runs it once
+/// inside a cgroup (and netns) and returns the `PTRESULT` JSON it printed.
+pub fn serve_helper(env: &str, run: impl FnOnce(&serde_json::Value) -> serde_json::Value) {
+    let Ok(req) = std::env::var(env) else {
+        return;
+    };
+    let req: serde_json::Value = serde_json::from_str(&req).expect("helper request");
+    let out = run(&req);
+    println!("\nPTRESULT {out}");
+}
+
+/// The command that runs this test binary's `helper_entry` with `req` in `env` (see
+/// [`serve_helper`]); stdin is null unless the caller changes it.
+pub fn helper_command(env: &str, req: &serde_json::Value) -> Command {
+    let exe = std::env::current_exe().expect("test executable");
+    let mut cmd = Command::new(exe);
+    cmd.args([
+        "--exact",
+        "helper_entry",
+        "--nocapture",
+        "--test-threads=1",
+        "-q",
+    ])
+    .env(env, req.to_string())
+    .env_remove("RUST_TEST_THREADS")
+    .stdin(Stdio::null());
+    cmd
+}
+
+/// Runs one helper request inside `cgroup` and `netns` (None: the caller's) and returns its
+/// `PTRESULT` JSON; panics with the helper's output if it printed none.
+pub fn run_helper(
+    env: &str,
+    cgroup: &Path,
+    netns: Option<&Path>,
+    req: serde_json::Value,
+) -> serde_json::Value {
+    let mut cmd = helper_command(env, &req);
+    let ns = command_in(&mut cmd, cgroup, netns).expect("helper command");
+    let out = cmd.output().expect("running the helper");
+    drop(ns);
+    let text = String::from_utf8_lossy(&out.stdout);
+    for l in text.lines() {
+        if let Some(i) = l.find("PTRESULT ") {
+            return serde_json::from_str(&l[i + 9..]).expect("helper JSON");
+        }
+    }
+    panic!(
+        "helper {req} gave no result:\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

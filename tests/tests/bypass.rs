@@ -21,7 +21,6 @@ use std::{
     net::{IpAddr, SocketAddr, TcpListener},
     os::unix::net::UnixListener,
     path::Path,
-    process::{Command, Stdio},
     sync::{Arc, Mutex, MutexGuard},
     time::Duration,
 };
@@ -32,8 +31,9 @@ use passthrough_tests::{
     hostnet::HostNet,
     l7::{Dns, Pki, Servers, Service},
     netns::in_netns,
+    probe::{run_helper, serve_helper},
     require_kernel,
-    sec::{SEC_SLOT, command_in},
+    sec::SEC_SLOT,
     write_policy,
 };
 use serde_json::{Value, json};
@@ -47,41 +47,12 @@ const HELPER_ENV: &str = "PT_BYPASS_HELPER";
 /// is set).
 #[test]
 fn helper_entry() {
-    let Ok(req) = std::env::var(HELPER_ENV) else {
-        return;
-    };
-    let req: Value = serde_json::from_str(&req).expect("helper request");
-    let out = ops::run(&req);
-    println!("\nPTRESULT {out}");
+    serve_helper(HELPER_ENV, ops::run);
 }
 
 /// Runs one helper operation inside `cgroup` and `netns` (None: the host netns).
 fn helper(cgroup: &Path, netns: Option<&Path>, req: Value) -> Value {
-    let exe = std::env::current_exe().expect("test executable");
-    let mut cmd = Command::new(exe);
-    cmd.args([
-        "--exact",
-        "helper_entry",
-        "--nocapture",
-        "--test-threads=1",
-        "-q",
-    ])
-    .env(HELPER_ENV, req.to_string())
-    .env_remove("RUST_TEST_THREADS")
-    .stdin(Stdio::null());
-    let ns = command_in(&mut cmd, cgroup, netns).expect("helper command");
-    let out = cmd.output().expect("running the helper");
-    drop(ns);
-    let text = String::from_utf8_lossy(&out.stdout);
-    for l in text.lines() {
-        if let Some(i) = l.find("PTRESULT ") {
-            return serde_json::from_str(&l[i + 9..]).expect("helper JSON");
-        }
-    }
-    panic!(
-        "helper {req} gave no result:\n{text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_helper(HELPER_ENV, cgroup, netns, req)
 }
 
 /// The helper's operations. Every answer is `{"ok": true, ...}` or

@@ -23,13 +23,18 @@ use std::{
     io::{BufRead, BufReader, Write},
     net::{IpAddr, SocketAddr},
     path::Path,
-    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+    process::{Child, ChildStdin, ChildStdout, Stdio},
     time::Duration,
 };
 
 use passthrough_tests::{
-    Agent, EPERM, TestCgroup, TestNet, World, netns::in_netns, require_kernel, sec::command_in,
-    sniff::Sniffer, write_policy,
+    Agent, EPERM, TestCgroup, TestNet, World,
+    netns::in_netns,
+    probe::{helper_command, serve_helper},
+    require_kernel,
+    sec::command_in,
+    sniff::Sniffer,
+    write_policy,
 };
 use serde_json::{Value, json};
 
@@ -41,12 +46,7 @@ const HELPER_ENV: &str = "PT_REROUTE_HELPER";
 /// `PT_REROUTE_HELPER` is set).
 #[test]
 fn helper_entry() {
-    let Ok(req) = std::env::var(HELPER_ENV) else {
-        return;
-    };
-    let req: Value = serde_json::from_str(&req).expect("helper request");
-    let out = ops::run(&req);
-    println!("\nPTRESULT {out}");
+    serve_helper(HELPER_ENV, ops::run);
 }
 
 /// A helper process inside a workload cgroup and netns.
@@ -59,20 +59,10 @@ struct Helper {
 
 impl Helper {
     fn spawn(cgroup: &Path, netns: &Path, req: Value) -> Helper {
-        let exe = std::env::current_exe().expect("test executable");
-        let mut cmd = Command::new(exe);
-        cmd.args([
-            "--exact",
-            "helper_entry",
-            "--nocapture",
-            "--test-threads=1",
-            "-q",
-        ])
-        .env(HELPER_ENV, req.to_string())
-        .env_remove("RUST_TEST_THREADS")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
+        let mut cmd = helper_command(HELPER_ENV, &req);
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
         let ns = command_in(&mut cmd, cgroup, Some(netns)).expect("helper command");
         let mut child = cmd.spawn().expect("spawning the helper");
         drop(ns);

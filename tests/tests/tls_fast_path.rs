@@ -32,9 +32,8 @@ use passthrough_tests::{
     hostnet::{FAST_SLOT, HostNet},
     l7::{Dns, Pki, Servers, Service},
     netns::normalize,
-    require_kernel,
-    sec::command_in,
-    write_policy,
+    probe::{run_helper, serve_helper},
+    require_kernel, write_policy,
 };
 use passthrough_user::kernel::{Capacities, Kernel, ProxySettings};
 use serde_json::{Value, json};
@@ -48,41 +47,12 @@ const HELPER_ENV: &str = "PT_FASTPATH_HELPER";
 /// `PT_FASTPATH_HELPER` is set).
 #[test]
 fn helper_entry() {
-    let Ok(req) = std::env::var(HELPER_ENV) else {
-        return;
-    };
-    let req: Value = serde_json::from_str(&req).expect("helper request");
-    let out = ops::run(&req);
-    println!("\nPTRESULT {out}");
+    serve_helper(HELPER_ENV, ops::run);
 }
 
 /// Runs one helper operation inside `cgroup` (host netns).
 fn helper(cgroup: &Path, req: Value) -> Value {
-    let exe = std::env::current_exe().expect("test executable");
-    let mut cmd = Command::new(exe);
-    cmd.args([
-        "--exact",
-        "helper_entry",
-        "--nocapture",
-        "--test-threads=1",
-        "-q",
-    ])
-    .env(HELPER_ENV, req.to_string())
-    .env_remove("RUST_TEST_THREADS")
-    .stdin(Stdio::null());
-    let ns = command_in(&mut cmd, cgroup, None).expect("helper command");
-    let out = cmd.output().expect("running the helper");
-    drop(ns);
-    let text = String::from_utf8_lossy(&out.stdout);
-    for l in text.lines() {
-        if let Some(i) = l.find("PTRESULT ") {
-            return serde_json::from_str(&l[i + 9..]).expect("helper JSON");
-        }
-    }
-    panic!(
-        "helper {req} gave no result:\n{text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_helper(HELPER_ENV, cgroup, None, req)
 }
 
 /// The helper's operation: `send` a payload to `addr` by one send path (`mode`), then read
