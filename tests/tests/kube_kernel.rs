@@ -40,6 +40,13 @@ use serde_json::{Value, json};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
+/// The tests here share one host-netns slot (its routes and, for a [`PodNet`], the proxy's
+/// address): each takes this first and holds it until everything it made is gone (a local
+/// declared before the `PodNet` and the `World`, so dropped after them).
+fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 const SERVICES: &[(u16, Service)] = &[
     (443, Service::TlsEcho),
     (80, Service::Http),
@@ -111,15 +118,13 @@ struct World {
     ca: PathBuf,
     status: PathBuf,
     _dir: tempfile::TempDir,
-    _serial: MutexGuard<'static, ()>,
 }
 
 impl World {
     /// The agent is given the kubepods root (`--kubepods-cgroup`) for a root name of one
     /// component; a deeper one (a kubelet `--cgroup-root`) it must find itself below
-    /// `--cgroup-root`.
+    /// `--cgroup-root`. The caller holds [`serial`].
     fn new(root_name: &str, pod_net: Option<&PodNet>, objects: impl FnOnce(&ApiServer)) -> World {
-        let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
         passthrough_tests::sweep(false);
         let dir = passthrough_tests::test_dir();
         let cg = TestCgroup::new().unwrap();
@@ -193,7 +198,6 @@ impl World {
             ca,
             status,
             _dir: dir,
-            _serial: serial,
         }
     }
 
@@ -286,6 +290,7 @@ fn kubernetes_mode_systemd_layout_end_to_end() {
     if !require_kernel() {
         return;
     }
+    let _serial = serial();
     let podnet = PodNet::new(TEST_SLOT).unwrap();
     let mut w = World::new("kubepods.slice", Some(&podnet), |api| {
         let svc: KService = serde_json::from_value(json!({"apiVersion": "v1", "kind": "Service",
@@ -482,6 +487,7 @@ fn kubernetes_mode_cgroupfs_layout() {
     if !require_kernel() {
         return;
     }
+    let _serial = serial();
     let w = World::new("kubepods", None, |api| {
         api.apply(&pod("shop", "svc-less", 1, json!({"app": "x"}), true));
         api.apply(&pod("plain", "free", 2, json!({}), true));
@@ -510,6 +516,7 @@ fn kubernetes_mode_kubelet_cgroup_root() {
     if !require_kernel() {
         return;
     }
+    let _serial = serial();
     let w = World::new("kubelet.slice/kubelet-kubepods.slice", None, |api| {
         api.apply(&pod("shop", "svc-less", 1, json!({"app": "x"}), true));
         api.apply(&pod("plain", "free", 2, json!({}), true));
@@ -567,6 +574,7 @@ fn kubernetes_mode_selectorless_service_through_endpointslices() {
     if !require_kernel() {
         return;
     }
+    let _serial = serial();
     let podnet = PodNet::new(TEST_SLOT).unwrap();
     let w = World::new("kubepods.slice", Some(&podnet), |api| {
         let svc: KService = serde_json::from_value(json!({"apiVersion": "v1", "kind": "Service",
