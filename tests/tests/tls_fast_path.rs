@@ -36,7 +36,7 @@ use passthrough_tests::{
     probe::{run_helper, serve_helper},
     require_kernel, write_policy,
 };
-use passthrough_user::kernel::{Capacities, Kernel, ProxySettings};
+use passthrough_user::kernel::{Kernel, LoadOptions, ProxySettings};
 use serde_json::{Value, json};
 use tempfile::TempDir;
 
@@ -490,16 +490,15 @@ impl Rig {
             .local_addr()
             .unwrap()
             .port();
-        let mut kernel = Kernel::load(
-            Capacities::default(),
-            flags::TLS_FAST_PATH,
-            passthrough_common::AGENT_MARK,
-            ProxySettings {
+        let mut kernel = Kernel::load(LoadOptions {
+            flags: flags::TLS_FAST_PATH,
+            agent_mark: passthrough_common::AGENT_MARK,
+            proxy: ProxySettings {
                 host_port: port,
                 ..Default::default()
             },
-            None,
-        )
+            ..LoadOptions::default()
+        })
         .expect("load");
         assert!(
             kernel.tls_fast_path_available(),
