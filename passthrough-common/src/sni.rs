@@ -1013,52 +1013,8 @@ pub fn name_allowed(labels: u32, value: &SniNameValue) -> bool {
 mod tests {
     extern crate std;
     use super::*;
-    use std::{vec, vec::Vec};
-
-    fn ext(ty: u16, data: &[u8]) -> Vec<u8> {
-        let mut v = ty.to_be_bytes().to_vec();
-        v.extend_from_slice(&(data.len() as u16).to_be_bytes());
-        v.extend_from_slice(data);
-        v
-    }
-
-    fn sni(names: &[&[u8]]) -> Vec<u8> {
-        let mut list = Vec::new();
-        for n in names {
-            list.push(0);
-            list.extend_from_slice(&(n.len() as u16).to_be_bytes());
-            list.extend_from_slice(n);
-        }
-        let mut d = (list.len() as u16).to_be_bytes().to_vec();
-        d.extend_from_slice(&list);
-        ext(0, &d)
-    }
-
-    fn hello(exts: &[Vec<u8>]) -> Vec<u8> {
-        let mut b = vec![3, 3];
-        b.extend_from_slice(&[7; 32]);
-        b.push(32);
-        b.extend_from_slice(&[9; 32]);
-        b.extend_from_slice(&[0, 4, 0x13, 0x01, 0x13, 0x02]);
-        b.extend_from_slice(&[1, 0]);
-        let e: Vec<u8> = exts.concat();
-        b.extend_from_slice(&(e.len() as u16).to_be_bytes());
-        b.extend_from_slice(&e);
-        let mut m = vec![1];
-        m.extend_from_slice(&(b.len() as u32).to_be_bytes()[1..]);
-        m.extend_from_slice(&b);
-        m
-    }
-
-    fn records(msg: &[u8], chunk: usize) -> Vec<u8> {
-        let mut out = Vec::new();
-        for c in msg.chunks(chunk) {
-            out.extend_from_slice(&[22, 3, 1]);
-            out.extend_from_slice(&(c.len() as u16).to_be_bytes());
-            out.extend_from_slice(c);
-        }
-        out
-    }
+    use passthrough_testhello::{Hello, ext, grease, records};
+    use std::vec::Vec;
 
     fn name_of(b: &[u8]) -> (Name, std::string::String) {
         let mut out = [0xaa; SNI_KEY_NAME];
@@ -1079,13 +1035,13 @@ mod tests {
 
     #[test]
     fn names_are_normalised_and_reversed() {
-        let b = records(&hello(&[sni(&[b"Api.Example.COM"])]), 1 << 14);
+        let b = Hello::new().server_name(b"Api.Example.COM").record();
         assert_eq!(
             name_of(&b),
             (Name::Valid { len: 15, labels: 3 }, "api.example.com".into())
         );
         // A trailing dot is part of the name (and ends an empty label).
-        let b = records(&hello(&[sni(&[b"Api.Example.COM."])]), 1 << 14);
+        let b = Hello::new().server_name(b"Api.Example.COM.").record();
         assert_eq!(
             name_of(&b),
             (
@@ -1108,7 +1064,7 @@ mod tests {
             (b"a\0.com", Name::Bad),
             (b"under_score.x", Name::Valid { len: 13, labels: 2 }),
         ] {
-            let b = records(&hello(&[sni(&[raw])]), 1 << 14);
+            let b = Hello::new().server_name(raw).record();
             assert_eq!(
                 name_of(&b).0,
                 want,
@@ -1117,17 +1073,17 @@ mod tests {
             );
         }
         let long = [b'a'; 64];
-        let b = records(&hello(&[sni(&[&long])]), 1 << 14);
+        let b = Hello::new().server_name(&long).record();
         assert_eq!(name_of(&b).0, Name::Bad);
     }
 
     #[test]
     fn every_prefix_needs_more_and_records_split() {
-        let msg = hello(&[
-            ext(0x0a0a, b""),
-            sni(&[b"x.example.org"]),
-            ext(16, &[0, 3, 2, b'h', b'2']),
-        ]);
+        let msg = Hello::new()
+            .ext(grease(0), b"")
+            .server_name(b"x.example.org")
+            .alpn(&[b"h2"])
+            .message();
         for chunk in [1usize, 3, 20, 50, 1 << 14] {
             let b = records(&msg, chunk);
             let mut out = [0; SNI_KEY_NAME];
@@ -1152,19 +1108,22 @@ mod tests {
         let mut out = [0; SNI_KEY_NAME];
         let p = |b: &[u8], out: &mut [u8; SNI_KEY_NAME]| parse(b, KERNEL_LIMITS, out);
         assert_eq!(
-            p(&records(&hello(&[]), 99), &mut out).unwrap().name,
+            p(&Hello::new().records(99), &mut out).unwrap().name,
             Name::Absent
         );
         assert_eq!(
             p(
-                &records(&hello(&[sni(&[b"a.com", b"b.com"])]), 1 << 14),
+                &Hello::new().server_names(&[b"a.com", b"b.com"]).record(),
                 &mut out
             ),
             Err(Stop::Invalid(Invalid::TwoServerNames))
         );
         assert_eq!(
             p(
-                &records(&hello(&[sni(&[b"a.com"]), sni(&[b"b.com"])]), 1 << 14),
+                &Hello::new()
+                    .server_name(b"a.com")
+                    .server_name(b"b.com")
+                    .record(),
                 &mut out
             ),
             Err(Stop::Invalid(Invalid::DuplicateExtension))
@@ -1172,22 +1131,32 @@ mod tests {
         assert_eq!(p(b"GET / HTTP/1.1\r\n", &mut out), Err(Stop::NotTls));
         assert_eq!(p(&[22, 2], &mut out), Err(Stop::NotTls));
         assert_eq!(p(&[22, 3, 5], &mut out), Err(Stop::NotTls));
-        let mut sh = hello(&[]);
-        sh[0] = 2;
         assert_eq!(
-            p(&records(&sh, 1 << 14)[..6], &mut out),
+            p(&Hello::new().msg_type(2).record()[..6], &mut out),
             Err(Stop::Invalid(Invalid::NotClientHello))
         );
         let h = p(
-            &records(&hello(&[ext(EXT_ECH, b"x"), sni(&[b"a.b"])]), 1 << 14),
+            &Hello::new().ext(EXT_ECH, b"x").server_name(b"a.b").record(),
             &mut out,
         )
         .unwrap();
         assert!(h.ech);
+        // Lengths that lie: an extensions block longer than the hello, a handshake header
+        // shorter than the fields it holds.
+        for lying in [
+            Hello::new().server_name(b"a.b").extensions_len(0xffff),
+            Hello::new().server_name(b"a.b").handshake_len(40),
+        ] {
+            assert_eq!(
+                p(&lying.record(), &mut out),
+                Err(Stop::Invalid(Invalid::Malformed)),
+                "{lying:?}"
+            );
+        }
         // 65 extensions: past the kernel's limit.
         let many: Vec<Vec<u8>> = (0..65u16).map(|i| ext(0x1000 + i, b"")).collect();
         assert_eq!(
-            p(&records(&hello(&many), 1 << 14), &mut out),
+            p(&Hello::new().raw_exts(many).record(), &mut out),
             Err(Stop::TooLarge)
         );
     }

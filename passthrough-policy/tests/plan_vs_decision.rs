@@ -39,6 +39,7 @@ use passthrough_policy::{
     plan_maps::{KernelSettings, PlanMaps},
     sni_plan::FastPathTables,
 };
+use passthrough_testhello::{Hello, TLS13};
 use proptest::prelude::*;
 
 /// An address family anchor: destinations and matches are generated around these so that
@@ -340,33 +341,11 @@ const SNIS: [Option<&str>; 10] = [
 
 /// A TLS 1.3-shaped ClientHello record with `sni` as its `server_name` (none: no extension).
 fn client_hello(sni: Option<&str>) -> Vec<u8> {
-    let mut exts = Vec::new();
-    if let Some(n) = sni {
-        let n = n.as_bytes();
-        let mut list = vec![0];
-        list.extend_from_slice(&(n.len() as u16).to_be_bytes());
-        list.extend_from_slice(n);
-        let mut data = (list.len() as u16).to_be_bytes().to_vec();
-        data.extend_from_slice(&list);
-        exts.extend_from_slice(&0u16.to_be_bytes());
-        exts.extend_from_slice(&(data.len() as u16).to_be_bytes());
-        exts.extend_from_slice(&data);
-    }
-    // supported_versions: TLS 1.3.
-    exts.extend_from_slice(&[0, 43, 0, 3, 2, 3, 4]);
-    let mut body = vec![3, 3];
-    body.extend_from_slice(&[7; 32]);
-    body.push(0);
-    body.extend_from_slice(&[0, 2, 0x13, 0x01, 1, 0]);
-    body.extend_from_slice(&(exts.len() as u16).to_be_bytes());
-    body.extend_from_slice(&exts);
-    let mut msg = vec![1];
-    msg.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
-    msg.extend_from_slice(&body);
-    let mut rec = vec![22, 3, 1];
-    rec.extend_from_slice(&(msg.len() as u16).to_be_bytes());
-    rec.extend_from_slice(&msg);
-    rec
+    let h = match sni {
+        Some(n) => Hello::minimal().server_name(n.as_bytes()),
+        None => Hello::minimal(),
+    };
+    h.supported_versions(&[TLS13]).record()
 }
 
 /// Ports of resolvers: mostly 53, some elsewhere (a port destinations also use, and one only

@@ -89,19 +89,18 @@ mod tests {
             any::<u16>(),
         )
             .prop_map(|(sni, others, chunk, ech, (flip_at, flip), cut)| {
-                use crate::tls::build;
-                let mut exts: Vec<Vec<u8>> = Vec::new();
+                let mut h = crate::tls::test_hello();
                 if !sni.is_empty() {
                     let refs: Vec<&[u8]> = sni.iter().map(Vec::as_slice).collect();
-                    exts.push(build::sni(&refs));
+                    h = h.server_names(&refs);
                 }
                 for (ty, d) in others {
-                    exts.push(build::ext(ty, &d));
+                    h = h.ext(ty, &d);
                 }
                 if ech {
-                    exts.push(build::ext(0xfe0d, b"e"));
+                    h = h.ext(passthrough_testhello::ECH, b"e");
                 }
-                let mut b = build::records(&build::hello(&exts), chunk);
+                let mut b = h.records(chunk);
                 if (flip_at as usize).is_multiple_of(8) {
                     let i = flip_at as usize % b.len();
                     b[i] = flip;

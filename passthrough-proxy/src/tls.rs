@@ -279,62 +279,17 @@ pub const ALERT_INTERNAL_ERROR: u8 = 80;
 /// `handshake_failure` (40): the ClientHello could not be parsed.
 pub const ALERT_HANDSHAKE_FAILURE: u8 = 40;
 
-/// Builders of ClientHello bytes for tests (here and in the integration tests' unit part).
+/// The ClientHello shape of this crate's unit tests: a GREASE cipher suite first.
 #[cfg(test)]
-pub(crate) mod build {
-    /// One extension.
-    pub fn ext(ty: u16, data: &[u8]) -> Vec<u8> {
-        let mut v = ty.to_be_bytes().to_vec();
-        v.extend_from_slice(&(data.len() as u16).to_be_bytes());
-        v.extend_from_slice(data);
-        v
-    }
-
-    /// A `server_name` extension with these host names.
-    pub fn sni(names: &[&[u8]]) -> Vec<u8> {
-        let mut list = Vec::new();
-        for n in names {
-            list.push(0);
-            list.extend_from_slice(&(n.len() as u16).to_be_bytes());
-            list.extend_from_slice(n);
-        }
-        let mut d = (list.len() as u16).to_be_bytes().to_vec();
-        d.extend_from_slice(&list);
-        ext(0, &d)
-    }
-
-    /// A ClientHello handshake message (header included) with these extensions.
-    pub fn hello(exts: &[Vec<u8>]) -> Vec<u8> {
-        let mut b = vec![3, 3];
-        b.extend_from_slice(&[7; 32]);
-        b.push(32);
-        b.extend_from_slice(&[9; 32]);
-        b.extend_from_slice(&[0, 6, 0x0a, 0x0a, 0x13, 0x01, 0x13, 0x02]);
-        b.extend_from_slice(&[1, 0]);
-        let e: Vec<u8> = exts.concat();
-        b.extend_from_slice(&(e.len() as u16).to_be_bytes());
-        b.extend_from_slice(&e);
-        let mut m = vec![1];
-        m.extend_from_slice(&(b.len() as u32).to_be_bytes()[1..]);
-        m.extend_from_slice(&b);
-        m
-    }
-
-    /// Wraps a handshake message into records of at most `chunk` bytes.
-    pub fn records(msg: &[u8], chunk: usize) -> Vec<u8> {
-        let mut out = Vec::new();
-        for c in msg.chunks(chunk) {
-            out.extend_from_slice(&[22, 3, 1]);
-            out.extend_from_slice(&(c.len() as u16).to_be_bytes());
-            out.extend_from_slice(c);
-        }
-        out
-    }
+pub(crate) fn test_hello() -> passthrough_testhello::Hello {
+    use passthrough_testhello::{Hello, TLS_AES_128_GCM_SHA256, TLS_AES_256_GCM_SHA384, grease};
+    Hello::new().cipher_suites(&[grease(0), TLS_AES_128_GCM_SHA256, TLS_AES_256_GCM_SHA384])
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{build::*, *};
+    use super::*;
+    use passthrough_testhello::{KEY_SHARE, PADDING, grease, records};
     use proptest::prelude::*;
 
     fn hello_of(bytes: &[u8]) -> ClientHello {
@@ -346,7 +301,10 @@ mod tests {
 
     #[test]
     fn simple_sni() {
-        let b = records(&hello(&[sni(&[b"Example.COM"]), ext(0x1a1a, b"")]), 1 << 14);
+        let b = test_hello()
+            .server_name(b"Example.COM")
+            .ext(grease(1), b"")
+            .record();
         let h = hello_of(&b);
         assert_eq!(h.sni.as_deref(), Some("Example.COM"));
         assert!(!h.ech);
@@ -355,7 +313,7 @@ mod tests {
 
     #[test]
     fn every_prefix_needs_more() {
-        let b = records(&hello(&[sni(&[b"a.example.com"])]), 1 << 14);
+        let b = test_hello().server_name(b"a.example.com").record();
         for n in 0..b.len() {
             assert_eq!(parse_client_hello(&b[..n]), Parse::NeedMore, "prefix {n}");
         }
@@ -364,9 +322,12 @@ mod tests {
 
     #[test]
     fn across_records_and_large() {
-        let pad = ext(21, &vec![0u8; 16 * 1024]);
-        let keyshare = ext(51, &vec![0x42u8; 1216]);
-        let msg = hello(&[ext(0x2a2a, b""), keyshare, sni(&[b"big.example.com"]), pad]);
+        let msg = test_hello()
+            .ext(grease(2), b"")
+            .ext(KEY_SHARE, &[0x42; 1216])
+            .server_name(b"big.example.com")
+            .ext(PADDING, &[0; 16 * 1024])
+            .message();
         assert!(msg.len() > 16 * 1024);
         for chunk in [1usize, 7, 100, 1 << 14] {
             let b = records(&msg, chunk);
@@ -381,35 +342,52 @@ mod tests {
 
     #[test]
     fn odd_hellos() {
-        assert_eq!(hello_of(&records(&hello(&[]), 99)).sni, None);
+        assert_eq!(hello_of(&test_hello().records(99)).sni, None);
         assert_eq!(
-            parse_client_hello(&records(&hello(&[sni(&[b"a.com", b"b.com"])]), 1 << 14)),
+            parse_client_hello(&test_hello().server_names(&[b"a.com", b"b.com"]).record()),
             Parse::Invalid(TlsError::TwoServerNames)
         );
         assert_eq!(
-            parse_client_hello(&records(
-                &hello(&[sni(&[b"a.com"]), sni(&[b"b.com"])]),
-                1 << 14
-            )),
+            parse_client_hello(
+                &test_hello()
+                    .server_name(b"a.com")
+                    .server_name(b"b.com")
+                    .record()
+            ),
             Parse::Invalid(TlsError::DuplicateExtension(0))
         );
-        let h = hello_of(&records(
-            &hello(&[sni(&[b"a\0.com"]), ext(EXT_ECH, b"x")]),
-            1 << 14,
-        ));
+        let h = hello_of(
+            &test_hello()
+                .server_name(b"a\0.com")
+                .ext(EXT_ECH, b"x")
+                .record(),
+        );
         assert_eq!(h.sni.as_deref(), Some("a\0.com"));
         assert!(h.ech);
         assert_eq!(parse_client_hello(b"GET / HTTP/1.1\r\n"), Parse::NotTls);
         assert_eq!(parse_client_hello(&[22, 2]), Parse::NotTls);
         // A ServerHello is not a ClientHello.
-        let mut sh = hello(&[]);
-        sh[0] = 2;
         assert_eq!(
-            parse_client_hello(&records(&sh, 1 << 14)),
+            parse_client_hello(&test_hello().msg_type(2).record()),
             Parse::Invalid(TlsError::NotClientHello)
         );
+        // Lengths that lie: an extensions block longer than the hello, a handshake header
+        // shorter than the fields it holds.
+        for lying in [
+            test_hello().server_name(b"a.b").extensions_len(0xffff),
+            test_hello().server_name(b"a.b").handshake_len(40),
+        ] {
+            assert!(
+                matches!(
+                    parse_client_hello(&lying.record()),
+                    Parse::Invalid(TlsError::Malformed(_))
+                ),
+                "{lying:?}: {:?}",
+                parse_client_hello(&lying.record())
+            );
+        }
         // Alert record in the middle of a split hello.
-        let mut b = records(&hello(&[sni(&[b"a.com"])]), 20);
+        let mut b = test_hello().server_name(b"a.com").records(20);
         b.truncate(25);
         b.extend_from_slice(&alert(0));
         assert_eq!(
@@ -428,7 +406,7 @@ mod tests {
         fn mutated_hello_never_panics(
             cut in 0usize..400, flip in 0usize..400, val in any::<u8>(), chunk in 1usize..300
         ) {
-            let mut b = records(&hello(&[sni(&[b"x.example.org"]), ext(16, &[0, 3, 2, b'h', b'2'])]), chunk);
+            let mut b = test_hello().server_name(b"x.example.org").alpn(&[b"h2"]).records(chunk);
             let i = flip % b.len();
             b[i] = val;
             let c = cut % (b.len() + 1);
@@ -437,7 +415,7 @@ mod tests {
 
         #[test]
         fn truncated_valid_hello_needs_more(cut in 0usize..10_000, chunk in 1usize..2000) {
-            let b = records(&hello(&[sni(&[b"x.example.org"]), ext(21, &[0; 3000])]), chunk);
+            let b = test_hello().server_name(b"x.example.org").ext(PADDING, &[0; 3000]).records(chunk);
             let c = cut % b.len();
             prop_assert_eq!(parse_client_hello(&b[..c]), Parse::NeedMore);
         }

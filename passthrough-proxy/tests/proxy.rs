@@ -23,6 +23,9 @@ use passthrough_policy::{DecideOptions, MergedConf, Mode, Resolver, Workload, lo
 use passthrough_proxy::{
     DomainDestination, OrigDstSource, Proxy, ProxyConfig, ProxyPolicy, ProxyReport, Redirected, h1,
 };
+use passthrough_testhello::{
+    ECH, Hello, KEY_SHARE, PADDING, TLS_AES_128_GCM_SHA256, TLS_AES_256_GCM_SHA384, grease,
+};
 use rustls::{
     ClientConfig, RootCertStore, ServerConfig,
     pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer, ServerName},
@@ -278,57 +281,22 @@ async fn tls_get(px: &Px, pki: &Pki, dst: SocketAddr, sni: Option<&str>) -> Resu
 
 // ---------------------------------------------------------------- hand-built ClientHellos
 
-fn ext(ty: u16, data: &[u8]) -> Vec<u8> {
-    let mut v = ty.to_be_bytes().to_vec();
-    v.extend_from_slice(&(data.len() as u16).to_be_bytes());
-    v.extend_from_slice(data);
-    v
-}
-
-fn sni_ext(names: &[&[u8]]) -> Vec<u8> {
-    let mut list = Vec::new();
-    for n in names {
-        list.push(0);
-        list.extend_from_slice(&(n.len() as u16).to_be_bytes());
-        list.extend_from_slice(n);
-    }
-    let mut d = (list.len() as u16).to_be_bytes().to_vec();
-    d.extend_from_slice(&list);
-    ext(0, &d)
-}
-
-fn hello_msg(exts: &[Vec<u8>]) -> Vec<u8> {
-    let mut b = vec![3, 3];
-    b.extend_from_slice(&[7; 32]);
-    b.push(0);
-    // GREASE cipher suite first.
-    b.extend_from_slice(&[0, 6, 0x3a, 0x3a, 0x13, 0x01, 0x13, 0x02]);
-    b.extend_from_slice(&[1, 0]);
-    let e = exts.concat();
-    b.extend_from_slice(&(e.len() as u16).to_be_bytes());
-    b.extend_from_slice(&e);
-    let mut m = vec![1];
-    m.extend_from_slice(&(b.len() as u32).to_be_bytes()[1..]);
-    m.extend_from_slice(&b);
-    m
-}
-
-fn records(msg: &[u8], chunk: usize) -> Vec<u8> {
-    let mut out = Vec::new();
-    for c in msg.chunks(chunk) {
-        out.extend_from_slice(&[22, 3, 1]);
-        out.extend_from_slice(&(c.len() as u16).to_be_bytes());
-        out.extend_from_slice(c);
-    }
-    out
+/// The shape of these tests' hellos: no session id, a GREASE cipher suite first.
+fn px_hello() -> Hello {
+    Hello::new().session_id(&[]).cipher_suites(&[
+        grease(3),
+        TLS_AES_128_GCM_SHA256,
+        TLS_AES_256_GCM_SHA384,
+    ])
 }
 
 /// A hello with GREASE extensions around the SNI.
 fn hello(names: &[&[u8]]) -> Vec<u8> {
-    records(
-        &hello_msg(&[ext(0x0a0a, b""), sni_ext(names), ext(0xdada, &[0])]),
-        1 << 14,
-    )
+    px_hello()
+        .ext(grease(0), b"")
+        .server_names(names)
+        .ext(grease(13), &[0])
+        .record()
 }
 
 /// A TCP server that reports, for each connection, how many bytes arrived and whether they
@@ -488,29 +456,26 @@ async fn raw_client_hellos_split_large_odd() {
         ("1-byte writes", hello(&[b"api.example.test"]), 1, true),
         (
             "two records",
-            records(&hello_msg(&[sni_ext(&[b"api.example.test"])]), 40),
+            px_hello().server_name(b"api.example.test").records(40),
             1 << 20,
             true,
         ),
         (
             "16 KiB hello, PQ key share",
-            records(
-                &hello_msg(&[
-                    ext(51, &[0x11; 1216]),
-                    sni_ext(&[b"api.example.test"]),
-                    ext(21, &[0; 16 * 1024]),
-                ]),
-                1 << 14,
-            ),
+            px_hello()
+                .ext(KEY_SHARE, &[0x11; 1216])
+                .server_name(b"api.example.test")
+                .ext(PADDING, &[0; 16 * 1024])
+                .record(),
             1000,
             true,
         ),
         (
             "ECH, allowed outer name",
-            records(
-                &hello_msg(&[sni_ext(&[b"api.example.test"]), ext(0xfe0d, &[0; 200])]),
-                1 << 14,
-            ),
+            px_hello()
+                .server_name(b"api.example.test")
+                .ext(ECH, &[0; 200])
+                .record(),
             1 << 20,
             true,
         ),
@@ -528,7 +493,7 @@ async fn raw_client_hellos_split_large_odd() {
             1 << 20,
             false,
         ),
-        ("no SNI", records(&hello_msg(&[]), 1 << 14), 1 << 20, false),
+        ("no SNI", px_hello().record(), 1 << 20, false),
     ];
     // The upstream expects exactly the client's bytes (byte for byte relay).
     for (i, (name, bytes, chunk, allowed)) in cases.drain(..).enumerate() {

@@ -16,7 +16,6 @@ use tracing::{error, info, warn};
 use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 
-use passthrough_common::AGENT_MARK;
 use passthrough_policy::{
     self as policy, Mode, Workload,
     plan::{self, PlanOptions},
@@ -27,13 +26,13 @@ use crate::{
     admin::{self, AdminState},
     bpffs, cgroup,
     events::Reporter,
-    kernel::{Capacities, Kernel},
+    kernel::Kernel,
     metrics::Metrics,
     monitor::Monitor,
     startup::{
-        apply_monitor, bind_proxy, enable_tls_fast_path, load_options, proxy_settings,
-        raise_nofile_limit, retire_previous, set_backstop, start_bpf_log, start_deny_events,
-        start_monitor, start_proxy,
+        apply_monitor, bind_proxy, enable_tls_fast_path, load_options, raise_nofile_limit,
+        retire_previous, set_backstop, start_bpf_log, start_deny_events, start_monitor,
+        start_proxy,
     },
 };
 
@@ -206,23 +205,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let admin_listener = admin::bind(args.admin_addr)
         .await
         .with_context(|| format!("--admin-addr {}", args.admin_addr))?;
-    let flags = if args.audit {
-        passthrough_common::flags::AUDIT
-    } else {
-        0
-    };
     let proxy_listeners = bind_proxy(&args).await?;
-    let mut kernel = Kernel::load_with(
-        Capacities {
-            rules: args.rule_capacity,
-            ..Capacities::default()
-        },
-        flags,
-        AGENT_MARK,
-        proxy_settings(&args)?,
-        Some(&args.state_dir),
-        load_options(&args),
-    )?;
+    let mut kernel = Kernel::load(load_options(&args)?)?;
     let _bpf_log_task = start_bpf_log(&mut kernel, args.bpf_log_level);
     set_backstop(&mut kernel, &args);
     enable_tls_fast_path(&args, &mut kernel);

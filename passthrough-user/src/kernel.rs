@@ -163,9 +163,22 @@ impl BpfLogLevel {
 /// The log target of the programs' records (set on the eBPF side).
 pub const BPF_LOG_TARGET: &str = "passthrough::bpf";
 
-/// Load-time choices beyond capacities and proxy settings ([`Kernel::load_with`]).
+/// Load-time choices ([`Kernel::load`]). The default: default capacities, no flags, no agent
+/// mark, no proxy, nothing pinned, no eBPF log, the embedded programs (what a test that
+/// applies plans directly needs).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct LoadOptions<'a> {
+    /// Map capacities (adopted maps keep theirs).
+    pub caps: Capacities,
+    /// `CONFIG.flags` (`passthrough_common::flags`); the monitor bits are
+    /// [`Kernel::set_monitor`]'s.
+    pub flags: u32,
+    /// The agent's `SO_MARK` (its own sockets pass unjudged); 0: none.
+    pub agent_mark: u32,
+    /// Where the proxy listens, as the programs must know it.
+    pub proxy: ProxySettings,
+    /// Pin the maps and links under this directory, adopting compatible pins found there.
+    pub state_dir: Option<&'a Path>,
     /// aya-log level of the programs.
     pub bpf_log_level: BpfLogLevel,
     /// Another eBPF object instead of the embedded one (benchmarks: a same-run A/B of two
@@ -463,59 +476,19 @@ where
 impl Kernel {
     /// Loads the object and every program (verifier included); attaches nothing.
     ///
-    /// With `state_dir`, maps are pinned there (and existing compatible pins are adopted: the
-    /// running enforcement continues while this agent takes over). Incompatible pins (another
-    /// layout version, or maps of the wrong shape) are set aside and removed only after this
-    /// agent's programs are attached, so the node is never left without a program.
-    pub fn load(
-        caps: Capacities,
-        flags: u32,
-        agent_mark: u32,
-        proxy: ProxySettings,
-        state_dir: Option<&Path>,
-    ) -> Result<Self, KernelError> {
-        Self::load_with(
-            caps,
+    /// With `options.state_dir`, maps are pinned there (and existing compatible pins are
+    /// adopted: the running enforcement continues while this agent takes over). Incompatible
+    /// pins (another layout version, or maps of the wrong shape) are set aside and removed only
+    /// after this agent's programs are attached, so the node is never left without a program.
+    pub fn load(options: LoadOptions<'_>) -> Result<Self, KernelError> {
+        let LoadOptions {
+            mut caps,
             flags,
             agent_mark,
             proxy,
             state_dir,
-            LoadOptions::default(),
-        )
-    }
-
-    /// [`Kernel::load`] with another build of the programs (`object`: an eBPF ELF object,
-    /// 8-byte aligned), e.g. the benchmark's build without the monitor's report.
-    pub fn load_object(
-        object: &[u8],
-        caps: Capacities,
-        flags: u32,
-        agent_mark: u32,
-        proxy: ProxySettings,
-        state_dir: Option<&Path>,
-    ) -> Result<Self, KernelError> {
-        Self::load_with(
-            caps,
-            flags,
-            agent_mark,
-            proxy,
-            state_dir,
-            LoadOptions {
-                object: Some(object),
-                ..LoadOptions::default()
-            },
-        )
-    }
-
-    /// [`Kernel::load`] with [`LoadOptions`].
-    pub fn load_with(
-        mut caps: Capacities,
-        flags: u32,
-        agent_mark: u32,
-        proxy: ProxySettings,
-        state_dir: Option<&Path>,
-        options: LoadOptions<'_>,
-    ) -> Result<Self, KernelError> {
+            ..
+        } = options;
         let object = match options.object {
             Some(o) => o,
             None => EBPF_OBJECT.ok_or(KernelError::NoObject)?,

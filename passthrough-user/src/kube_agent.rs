@@ -23,7 +23,6 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use arc_swap::ArcSwap;
-use passthrough_common::AGENT_MARK;
 use passthrough_kube::{
     cgroups::{CgroupEvent, KubepodsRoot, KubepodsWatcher},
     cluster::Snapshot,
@@ -44,7 +43,7 @@ use crate::{
     admin::{self, AdminState},
     bpffs, cgroup,
     events::Reporter,
-    kernel::{Capacities, Kernel},
+    kernel::Kernel,
     metrics::Metrics,
     run_args::RunArgs,
     startup,
@@ -417,23 +416,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut seen_problems = BTreeSet::new();
     report(&model, &mut seen_problems);
 
-    let flags = if args.audit {
-        passthrough_common::flags::AUDIT
-    } else {
-        0
-    };
     let proxy_listeners = startup::bind_proxy(&args).await?;
-    let mut kernel = Kernel::load_with(
-        Capacities {
-            rules: args.rule_capacity,
-            ..Capacities::default()
-        },
-        flags,
-        AGENT_MARK,
-        startup::proxy_settings(&args)?,
-        Some(&args.state_dir),
-        startup::load_options(&args),
-    )?;
+    let mut kernel = Kernel::load(startup::load_options(&args)?)?;
     let _bpf_log_task = startup::start_bpf_log(&mut kernel, args.bpf_log_level);
     startup::set_backstop(&mut kernel, &args);
     startup::enable_tls_fast_path(&args, &mut kernel);

@@ -35,7 +35,8 @@ enum Command {
     Suggest(cli::SuggestArgs),
     /// What is attached where, the policy generation and counters (from pinned state).
     Status(status::StatusArgs),
-    /// Detach and unpin everything passthrough left in the kernel.
+    /// Detach and unpin everything passthrough left in the kernel (refused while an agent runs
+    /// with it, unless --force).
     Uninstall(status::UninstallArgs),
 }
 

@@ -212,27 +212,18 @@ pub fn detach_and_unpin(pin: &Path) -> io::Result<()> {
     }
 }
 
-/// Removes a state tree: unpinning a link detaches its program (unless an agent still holds
-/// it open), unpinning a map frees it once no program uses it. Returns what was removed.
-/// The kernel detaches an unpinned link's program asynchronously; [`retire_tree`] detaches
-/// them before returning.
-pub fn remove_tree(dir: &Path) -> io::Result<Vec<PathBuf>> {
-    let mut removed = Vec::new();
-    remove_tree_into(dir, false, &mut removed)?;
-    Ok(removed)
-}
-
-/// Like [`remove_tree`], but first detaches each pinned link ([`link_detach`]), so that when it
-/// returns none of the tree's programs runs any more, whoever still holds the links. For state
-/// that no running agent enforces with: stale layouts, attachment points no longer wanted, this
-/// agent's own state at shutdown.
+/// Removes a state tree, first detaching each pinned link ([`link_detach`]), so that when it
+/// returns none of the tree's programs runs any more, whoever still holds the links; then
+/// unpinning a map frees it once no program uses it. Returns what was removed. For state that
+/// no running agent enforces with: stale layouts, attachment points no longer wanted, this
+/// agent's own state at shutdown, `passthrough uninstall`.
 pub fn retire_tree(dir: &Path) -> io::Result<Vec<PathBuf>> {
     let mut removed = Vec::new();
-    remove_tree_into(dir, true, &mut removed)?;
+    remove_tree_into(dir, &mut removed)?;
     Ok(removed)
 }
 
-fn remove_tree_into(dir: &Path, detach: bool, removed: &mut Vec<PathBuf>) -> io::Result<()> {
+fn remove_tree_into(dir: &Path, removed: &mut Vec<PathBuf>) -> io::Result<()> {
     let meta = match std::fs::symlink_metadata(dir) {
         Ok(m) => m,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
@@ -246,7 +237,7 @@ fn remove_tree_into(dir: &Path, detach: bool, removed: &mut Vec<PathBuf>) -> io:
             .collect();
         entries.sort_by_key(|p| p.file_name().is_some_and(|n| n == "maps"));
         for e in entries {
-            remove_tree_into(&e, detach, removed)?;
+            remove_tree_into(&e, removed)?;
         }
         std::fs::remove_dir(dir)?;
     } else {
@@ -254,10 +245,7 @@ fn remove_tree_into(dir: &Path, detach: bool, removed: &mut Vec<PathBuf>) -> io:
         let is_map = dir
             .parent()
             .is_some_and(|p| p.file_name().is_some_and(|n| n == "maps"));
-        if detach
-            && !is_map
-            && let Err(e) = link_detach(dir)
-        {
+        if !is_map && let Err(e) = link_detach(dir) {
             // Unpinning still detaches it, later: keep removing.
             tracing::warn!(pin = %dir.display(), error = %e, "could not detach pinned link");
         }
@@ -308,4 +296,151 @@ pub fn attached_prog_ids_at(
     sys_bpf(BPF_PROG_QUERY, &mut attr)?;
     ids.truncate(attr.prog_cnt as usize);
     Ok(ids)
+}
+
+/// What the kernel says of one open link (`/proc/<pid>/fdinfo/<fd>`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinkInfo {
+    /// The link's id.
+    pub id: u32,
+    /// The id of the program it attaches.
+    pub prog_id: u32,
+    /// For a cgroup link: the cgroup's id while attached, 0 once detached (or another type).
+    pub cgroup_id: u64,
+}
+
+/// Reads a link's `fdinfo` text; `None` when it is not a link's.
+pub fn parse_link_fdinfo(text: &str) -> Option<LinkInfo> {
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .map(str::trim)
+    };
+    Some(LinkInfo {
+        id: field("link_id")?.parse().ok()?,
+        prog_id: field("prog_id")?.parse().ok()?,
+        cgroup_id: field("cgroup_id").and_then(|v| v.parse().ok()).unwrap_or(0),
+    })
+}
+
+/// The link pinned at `pin`, described by the kernel; `None` when `pin` is not a link.
+pub fn pinned_link_info(pin: &Path) -> io::Result<Option<LinkInfo>> {
+    let fd = obj_get(pin)?;
+    let text = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd()))?;
+    Ok(parse_link_fdinfo(&text))
+}
+
+/// Every pin under `dir` outside a `maps` directory: the links of every layout.
+pub fn link_pins(dir: &Path) -> Vec<PathBuf> {
+    fn walk(p: &Path, out: &mut Vec<PathBuf>) {
+        let Ok(rd) = std::fs::read_dir(p) else {
+            return;
+        };
+        for e in rd.flatten() {
+            match e.file_type() {
+                Ok(t) if t.is_dir() => {
+                    if e.file_name() != "maps" {
+                        walk(&e.path(), out);
+                    }
+                }
+                Ok(_) => out.push(e.path()),
+                Err(_) => {}
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, &mut out);
+    out.sort();
+    out
+}
+
+/// A process holding one of our links open (an agent).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkHolder {
+    /// Its pid.
+    pub pid: u32,
+    /// Its command line, arguments joined by spaces.
+    pub cmdline: String,
+    /// How many of the links it holds.
+    pub links: usize,
+}
+
+/// The processes other than this one that hold one of the links `ids` open (through
+/// `/proc/<pid>/fd`; processes of other pid namespaces are not seen).
+pub fn link_holders(ids: &std::collections::BTreeSet<u32>) -> Vec<LinkHolder> {
+    let me = std::process::id();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for p in procs.flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(p.path().join("fd")) else {
+            continue;
+        };
+        let mut links = 0;
+        for fd in fds.flatten() {
+            let is_link =
+                std::fs::read_link(fd.path()).is_ok_and(|t| t.as_os_str() == "anon_inode:bpf_link");
+            if !is_link {
+                continue;
+            }
+            let info = std::fs::read_to_string(p.path().join("fdinfo").join(fd.file_name()))
+                .ok()
+                .and_then(|t| parse_link_fdinfo(&t));
+            if info.is_some_and(|i| ids.contains(&i.id)) {
+                links += 1;
+            }
+        }
+        if links > 0 {
+            let cmdline = std::fs::read(p.path().join("cmdline"))
+                .map(|b| {
+                    b.split(|&c| c == 0)
+                        .filter(|a| !a.is_empty())
+                        .map(|a| String::from_utf8_lossy(a).into_owned())
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                })
+                .unwrap_or_default();
+            out.push(LinkHolder {
+                pid,
+                cmdline,
+                links,
+            });
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_fdinfo() {
+        let cgroup = "pos:\t0\nflags:\t02000000\nmnt_id:\t15\nino:\t1057\nlink_type:\tcgroup\n\
+                      link_id:\t17\nprog_tag:\t0123456789abcdef\nprog_id:\t42\ncgroup_id:\t5213\n\
+                      attach_type:\t10\n";
+        assert_eq!(
+            parse_link_fdinfo(cgroup),
+            Some(LinkInfo {
+                id: 17,
+                prog_id: 42,
+                cgroup_id: 5213
+            })
+        );
+        let detached = cgroup.replace("cgroup_id:\t5213", "cgroup_id:\t0");
+        assert_eq!(parse_link_fdinfo(&detached).map(|i| i.cgroup_id), Some(0));
+        // A map's fdinfo has no link_id.
+        let map = "pos:\t0\nflags:\t02000002\nmnt_id:\t15\nino:\t1057\nmap_type:\t1\n\
+                   key_size:\t4\nvalue_size:\t8\nmax_entries:\t1\nmap_flags:\t0x0\nmap_id:\t9\n";
+        assert_eq!(parse_link_fdinfo(map), None);
+        // prog_id is not link_id's prefix match.
+        assert_eq!(parse_link_fdinfo("prog_id:\t3\n"), None);
+    }
 }

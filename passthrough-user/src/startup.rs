@@ -14,7 +14,7 @@ use tracing::{info, warn};
 
 use crate::{
     events::{self, Reporter},
-    kernel::{BpfLogLevel, Kernel, LoadOptions, ProxySettings},
+    kernel::{BpfLogLevel, Capacities, Kernel, LoadOptions, ProxySettings},
     metrics::Metrics,
     monitor::{KernelMonitor, Monitor},
     run_args::{KernelRelayAfter, RunArgs},
@@ -40,7 +40,7 @@ pub fn plan_options(args: &RunArgs) -> PlanOptions {
     }
 }
 
-pub(crate) fn proxy_settings(args: &RunArgs) -> anyhow::Result<ProxySettings> {
+fn proxy_settings(args: &RunArgs) -> anyhow::Result<ProxySettings> {
     let mut s = ProxySettings {
         host_port: args.proxy_port,
         ..Default::default()
@@ -229,12 +229,25 @@ pub(crate) fn retire_previous(kernel: &mut Kernel, metrics: &Metrics) {
     );
 }
 
-/// The [`LoadOptions`] of `passthrough run`.
-pub(crate) fn load_options(args: &RunArgs) -> LoadOptions<'static> {
-    LoadOptions {
+/// The [`LoadOptions`] of `passthrough run` (both modes): `--rule-capacity`, `--audit`, the
+/// agent's mark, the proxy's addresses, `--state-dir`, `--bpf-log-level`.
+pub(crate) fn load_options(args: &RunArgs) -> anyhow::Result<LoadOptions<'_>> {
+    Ok(LoadOptions {
+        caps: Capacities {
+            rules: args.rule_capacity,
+            ..Capacities::default()
+        },
+        flags: if args.audit {
+            passthrough_common::flags::AUDIT
+        } else {
+            0
+        },
+        agent_mark: passthrough_common::AGENT_MARK,
+        proxy: proxy_settings(args)?,
+        state_dir: Some(&args.state_dir),
         bpf_log_level: args.bpf_log_level,
-        ..LoadOptions::default()
-    }
+        object: None,
+    })
 }
 
 /// Agent start-up: with `--bpf-log-level` other than `off`, spawns the reader of the programs'

@@ -43,6 +43,11 @@ pub struct UninstallArgs {
     /// The agent's `--state-dir`.
     #[arg(long, default_value = "/sys/fs/bpf/passthrough")]
     pub state_dir: PathBuf,
+    /// Detach and unpin even while an agent runs with this state (found through the processes
+    /// holding its pinned links). That agent keeps running but enforces nothing: stop it too.
+    /// Without it, uninstall refuses and names the agent's pid.
+    #[arg(long)]
+    pub force: bool,
 }
 
 fn open(state: &Path, name: &str) -> anyhow::Result<MapData> {
@@ -333,20 +338,52 @@ pub fn run_status(args: &StatusArgs, out: &mut impl Write) -> anyhow::Result<()>
     Ok(())
 }
 
-/// `passthrough uninstall`: unpins every link (detaching the programs once no agent holds
-/// them) and every map, of every layout version, and removes the state directory.
+/// `passthrough uninstall`: detaches every pinned link's program (`BPF_LINK_DETACH`), unpins
+/// the links and every map, of every layout version, removes the state directory, and checks
+/// that none of the programs is attached any more. Refuses while an agent holds the links
+/// (it would keep running without enforcing), unless `--force`.
 pub fn run_uninstall(args: &UninstallArgs, out: &mut impl Write) -> anyhow::Result<()> {
-    if !args.state_dir.exists() {
-        writeln!(
-            out,
-            "nothing to remove: {} does not exist",
-            args.state_dir.display()
-        )?;
+    let state = &args.state_dir;
+    if !state.exists() {
+        writeln!(out, "nothing to remove: {} does not exist", state.display())?;
         return Ok(());
     }
-    let removed = pins::remove_tree(&args.state_dir)
-        .with_context(|| format!("removing {}", args.state_dir.display()))?;
-    let links = removed
+    let links: Vec<pins::LinkInfo> = pins::link_pins(state)
+        .iter()
+        .filter_map(|p| pins::pinned_link_info(p).ok().flatten())
+        .collect();
+    let ids = links.iter().map(|l| l.id).collect();
+    let holders = pins::link_holders(&ids);
+    let who = holders
+        .iter()
+        .map(|h| format!("pid {} ({})", h.pid, h.cmdline))
+        .collect::<Vec<_>>()
+        .join(", ");
+    if !holders.is_empty() {
+        if !args.force {
+            anyhow::bail!(
+                "an agent is running with {}: {who}. Stop it first (it detaches and unpins \
+                 everything when it exits, unless it runs with --keep-on-exit), or pass --force \
+                 to detach its programs now (it keeps running without enforcing anything)",
+                state.display()
+            );
+        }
+        writeln!(
+            out,
+            "--force: detaching the programs of the running agent {who}; it enforces nothing \
+             any more: stop it"
+        )?;
+    }
+    // Where each program is attached now, to check afterwards.
+    let mount = crate::cgroup::cgroup2_mount().ok();
+    let attached: Vec<(PathBuf, u32)> = links
+        .iter()
+        .filter(|l| l.cgroup_id != 0)
+        .filter_map(|l| Some((cgroup_path(mount.as_deref()?, l.cgroup_id)?, l.prog_id)))
+        .collect();
+    let removed =
+        pins::retire_tree(state).with_context(|| format!("removing {}", state.display()))?;
+    let n_links = removed
         .iter()
         .filter(|p| {
             p.components().any(|c| c.as_os_str() == "links")
@@ -354,18 +391,49 @@ pub fn run_uninstall(args: &UninstallArgs, out: &mut impl Write) -> anyhow::Resu
                     .is_some_and(|d| d.parent().is_some_and(|l| l.ends_with("links")))
         })
         .count();
-    let maps = removed
+    let n_maps = removed
         .iter()
         .filter(|p| p.parent().is_some_and(|d| d.ends_with("maps")))
         .count();
     writeln!(
         out,
-        "removed {links} link(s) and {maps} map(s) under {}",
-        args.state_dir.display()
+        "removed {n_links} link(s) and {n_maps} map(s) under {}",
+        state.display()
     )?;
+    // BPF_LINK_DETACH is synchronous; a kernel without it (before 5.9) detaches an unpinned
+    // link when it frees it, from deferred work: wait for that, bounded.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let left: Vec<String> = attached
+            .iter()
+            .filter(|(cg, prog)| {
+                pins::OUR_ATTACH_TYPES
+                    .iter()
+                    .any(|t| pins::attached_prog_ids(cg, *t).is_ok_and(|ids| ids.contains(prog)))
+            })
+            .map(|(cg, prog)| format!("program {prog} at {}", cg.display()))
+            .collect();
+        if left.is_empty() {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!(
+                "unpinned, but still attached: {} (a process holds the links and this kernel \
+                 cannot detach them; stop it)",
+                left.join(", ")
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     writeln!(
         out,
-        "(a running agent keeps its programs attached until it exits; stop it first)"
+        "detached {} program(s) from {} cgroup(s)",
+        attached.len(),
+        attached
+            .iter()
+            .map(|(cg, _)| cg)
+            .collect::<std::collections::BTreeSet<_>>()
+            .len()
     )?;
     Ok(())
 }

@@ -25,6 +25,7 @@ use std::{
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Full};
+use passthrough_testhello::{Hello, TLS12, TLS13};
 use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned, pki_types::ServerName};
 use serde_json::{Value, json};
 
@@ -201,37 +202,12 @@ fn tls(s: TcpStream, req: &Value) -> Value {
     })
 }
 
-fn ext(ty: u16, data: &[u8]) -> Vec<u8> {
-    let mut v = ty.to_be_bytes().to_vec();
-    v.extend_from_slice(&(data.len() as u16).to_be_bytes());
-    v.extend_from_slice(data);
-    v
-}
-
 /// A minimal TLS 1.2/1.3 ClientHello record carrying `sni` verbatim (case, trailing dot).
 pub fn client_hello(sni: &[u8]) -> Vec<u8> {
-    let mut name = vec![0u8];
-    name.extend_from_slice(&(sni.len() as u16).to_be_bytes());
-    name.extend_from_slice(sni);
-    let mut list = (name.len() as u16).to_be_bytes().to_vec();
-    list.extend_from_slice(&name);
-    let mut exts = ext(0, &list);
-    // supported_versions: TLS 1.3, 1.2
-    exts.extend(ext(43, &[4, 3, 4, 3, 3]));
-    let mut body = vec![3, 3];
-    body.extend_from_slice(&[7u8; 32]);
-    body.push(0); // session id
-    body.extend_from_slice(&[0, 2, 0x13, 0x01]); // cipher suites
-    body.extend_from_slice(&[1, 0]); // compression
-    body.extend_from_slice(&(exts.len() as u16).to_be_bytes());
-    body.extend_from_slice(&exts);
-    let mut msg = vec![1];
-    msg.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
-    msg.extend_from_slice(&body);
-    let mut rec = vec![22, 3, 1];
-    rec.extend_from_slice(&(msg.len() as u16).to_be_bytes());
-    rec.extend_from_slice(&msg);
-    rec
+    Hello::minimal()
+        .server_name(sni)
+        .supported_versions(&[TLS13, TLS12])
+        .record()
 }
 
 fn raw_hello(mut s: TcpStream, req: &Value) -> Value {

@@ -25,6 +25,7 @@ use std::{
     time::Duration,
 };
 
+use passthrough_testhello::{Hello, TLS12, TLS13};
 use passthrough_tests::{
     Agent, AgentBuilder, EPERM, LOOPBACK_PORT, TestCgroup, TestNet, World, assert_allowed,
     assert_denied, assert_udp_allowed, assert_udp_denied,
@@ -1548,43 +1549,15 @@ impl PWorld {
 /// The proxy's TLS alert `access_denied`.
 const ACCESS_DENIED: &str = "15030300020231";
 
-fn ext(ty: u16, data: &[u8]) -> Vec<u8> {
-    let mut v = ty.to_be_bytes().to_vec();
-    v.extend_from_slice(&(data.len() as u16).to_be_bytes());
-    v.extend_from_slice(data);
-    v
-}
-
-/// A minimal ClientHello whose server_name extension lists `names` verbatim.
+/// A minimal ClientHello whose server_name extension lists `names` verbatim (none: no
+/// server_name extension).
 fn client_hello(names: &[&[u8]]) -> Vec<u8> {
-    let mut list = Vec::new();
-    for n in names {
-        list.push(0u8);
-        list.extend_from_slice(&(n.len() as u16).to_be_bytes());
-        list.extend_from_slice(n);
-    }
-    let mut sni = (list.len() as u16).to_be_bytes().to_vec();
-    sni.extend_from_slice(&list);
-    let mut exts = if names.is_empty() {
-        Vec::new()
+    let h = if names.is_empty() {
+        Hello::minimal()
     } else {
-        ext(0, &sni)
+        Hello::minimal().server_names(names)
     };
-    exts.extend(ext(43, &[4, 3, 4, 3, 3]));
-    let mut body = vec![3, 3];
-    body.extend_from_slice(&[7u8; 32]);
-    body.push(0);
-    body.extend_from_slice(&[0, 2, 0x13, 0x01]);
-    body.extend_from_slice(&[1, 0]);
-    body.extend_from_slice(&(exts.len() as u16).to_be_bytes());
-    body.extend_from_slice(&exts);
-    let mut msg = vec![1];
-    msg.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
-    msg.extend_from_slice(&body);
-    let mut rec = vec![22, 3, 1];
-    rec.extend_from_slice(&(msg.len() as u16).to_be_bytes());
-    rec.extend_from_slice(&msg);
-    rec
+    h.supported_versions(&[TLS13, TLS12]).record()
 }
 
 fn status(r: &Value) -> String {

@@ -7,7 +7,7 @@ use std::{os::fd::AsRawFd, sync::Arc, time::Duration};
 
 use passthrough_proxy::kernel_relay::{self, KernelRelay};
 use passthrough_tests::require_kernel;
-use passthrough_user::kernel::{Capacities, Kernel};
+use passthrough_user::kernel::{Kernel, LoadOptions};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
@@ -32,8 +32,7 @@ struct Rig {
 }
 
 fn rig(after_reads: u32) -> Rig {
-    let mut kernel =
-        Kernel::load(Capacities::default(), 0, 0, Default::default(), None).expect("load");
+    let mut kernel = Kernel::load(LoadOptions::default()).expect("load");
     let maps = kernel
         .take_relay_maps()
         .expect("attach the verdict program")
@@ -333,8 +332,7 @@ fn the_verdict_program_redirects_only_behind_the_gate() {
     if !require_kernel() {
         return;
     }
-    let mut kernel =
-        Kernel::load(Capacities::default(), 0, 0, Default::default(), None).expect("load");
+    let mut kernel = Kernel::load(LoadOptions::default()).expect("load");
     let maps = kernel.take_relay_maps().unwrap().unwrap();
     assert!(kernel.take_relay_maps().unwrap().is_none(), "taken once");
     let pair = || {

@@ -14,6 +14,7 @@ use passthrough_tests::{
     Agent, EPERM, Probe, StateDirGuard, TestCgroup, TestNet, World, agent::agent_binary,
     assert_allowed, assert_denied, cgroup::attached_programs, require_kernel, write_policy,
 };
+use passthrough_user::pins::link_pins;
 
 const POLICY: &str = "apiVersion: kuma.io/v1alpha1
 kind: MeshPassthrough
@@ -61,26 +62,6 @@ fn eventually_detached(dir: &Path) -> bool {
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-}
-
-/// Pinned links (everything but `maps/`) under a state layout directory.
-fn link_pins(dir: &Path) -> Vec<std::path::PathBuf> {
-    fn walk(p: &Path, out: &mut Vec<std::path::PathBuf>) {
-        if let Ok(rd) = std::fs::read_dir(p) {
-            for e in rd.flatten() {
-                if e.file_type().is_ok_and(|t| t.is_dir()) {
-                    if e.file_name() != "maps" {
-                        walk(&e.path(), out);
-                    }
-                } else {
-                    out.push(e.path());
-                }
-            }
-        }
-    }
-    let mut out = Vec::new();
-    walk(dir, &mut out);
-    out
 }
 
 fn pins_under(dir: &Path) -> usize {
@@ -254,6 +235,18 @@ fn sigkill_keeps_enforcing_restart_adopts_and_uninstall_removes_everything() {
         )),
         "{text}"
     );
+    // Detached before it returned (no agent held the links: nothing to wait for).
+    assert!(
+        text.contains(&format!(
+            "detached {ALL_PROGRAMS} program(s) from 1 cgroup(s)"
+        )),
+        "{text}"
+    );
+    assert_eq!(
+        attached_programs(cg.path()).expect("bpftool"),
+        Vec::<String>::new(),
+        "uninstall returned with programs attached"
+    );
     let gone = |kind: &str, id: &str| {
         !Command::new("bpftool")
             .args([kind, "show", "id", id])
@@ -299,6 +292,74 @@ fn sigkill_keeps_enforcing_restart_adopts_and_uninstall_removes_everything() {
     assert_allowed(&mut probe, &net, "198.51.100.9:80");
     let (ok, text) = passthrough(&["status", "--state-dir", &state.path().display().to_string()]);
     assert!(ok && text.contains("not installed"), "{text}");
+}
+
+/// `uninstall` while an agent runs: refused, naming the agent's pid, nothing touched. With
+/// `--force`, every program is detached and every pin removed before it returns, although the
+/// agent that holds the links still runs (and then exits cleanly).
+#[test]
+fn uninstall_refuses_a_running_agent_and_force_detaches_under_it() {
+    if !require_kernel() {
+        return;
+    }
+    let dir = passthrough_tests::test_dir();
+    let cg = TestCgroup::new().unwrap();
+    let net = TestNet::new().unwrap();
+    let state = StateDirGuard::new().unwrap();
+    let policy = write_policy(dir.path(), POLICY);
+    let mut agent = Agent::builder()
+        .policy(&policy)
+        .cgroup(cg.path())
+        .state_dir(state.path())
+        .start()
+        .unwrap();
+    let mut probe = Probe::spawn(&cg, &net).unwrap();
+    assert_denied(&mut probe, &net, "198.51.100.9:80");
+    let sd = state.path().display().to_string();
+    let links = link_pins(state.path());
+    assert_eq!(links.len(), ALL_PROGRAMS, "{links:?}");
+
+    let (ok, text) = passthrough(&["uninstall", "--state-dir", &sd]);
+    assert!(!ok, "uninstall must refuse while the agent runs: {text}");
+    assert!(text.contains(&format!("pid {}", agent.pid())), "{text}");
+    assert!(text.contains("--force"), "{text}");
+    assert_eq!(link_pins(state.path()), links, "refused: every pin stays");
+    assert_eq!(
+        attached_programs(cg.path()).expect("bpftool").len(),
+        ALL_PROGRAMS,
+        "refused: every program stays"
+    );
+    assert!(agent.is_running());
+    assert_denied(&mut probe, &net, "198.51.100.9:80");
+
+    let (ok, text) = passthrough(&["uninstall", "--state-dir", &sd, "--force"]);
+    assert!(ok, "{text}");
+    assert!(text.contains(&format!("pid {}", agent.pid())), "{text}");
+    assert!(
+        text.contains(&format!(
+            "detached {ALL_PROGRAMS} program(s) from 1 cgroup(s)"
+        )),
+        "{text}"
+    );
+    // When it returns: nothing attached (no waiting), no pin, though the agent still runs and
+    // holds the links.
+    assert_eq!(
+        attached_programs(cg.path()).expect("bpftool"),
+        Vec::<String>::new(),
+        "uninstall --force returned with programs attached"
+    );
+    assert!(
+        !state.path().exists(),
+        "uninstall must remove the state dir"
+    );
+    assert!(agent.is_running(), "{}", agent.describe());
+    // Really gone from the path: a denied destination is reachable again.
+    assert_allowed(&mut probe, &net, "198.51.100.9:80");
+    agent.stop().unwrap();
+    assert_eq!(
+        attached_programs(cg.path()).expect("bpftool"),
+        Vec::<String>::new()
+    );
 }
 
 #[test]

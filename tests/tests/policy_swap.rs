@@ -37,7 +37,7 @@ use passthrough_tests::{
     require_kernel,
 };
 use passthrough_user::{
-    kernel::{Capacities, EBPF_OBJECT, Kernel},
+    kernel::{Capacities, EBPF_OBJECT, Kernel, LoadOptions},
     pins,
 };
 
@@ -72,7 +72,7 @@ fn connects_see_the_old_or_the_new_plan_while_plans_are_swapped() {
     let ns = BenchNs::new(&["0.0.0.0/1"]).expect("netns");
     ns.enter_current_thread().expect("enter netns");
     let cg = TestCgroup::new().expect("test cgroup");
-    let mut k = Kernel::load(Capacities::default(), 0, 0, Default::default(), None).expect("load");
+    let mut k = Kernel::load(LoadOptions::default()).expect("load");
     let mut rng = Rng(0x5a4b_0001);
     let compile = |k: &Kernel, rng: &mut Rng, n| {
         let conf = cidr_conf(plan_nets(rng, n));
@@ -141,7 +141,12 @@ fn a_running_program_keeps_its_generation_across_a_swap() {
     }
     let state = StateDirGuard::new().expect("state dir");
     let caps = Capacities::default();
-    let mut k = Kernel::load(caps, 0, 0, Default::default(), Some(state.path())).expect("load");
+    let mut k = Kernel::load(LoadOptions {
+        caps,
+        state_dir: Some(state.path()),
+        ..LoadOptions::default()
+    })
+    .expect("load");
     let conf = cidr_conf([(Ipv4Net::new(BOTH, 24).expect("/24"), None)]);
     let compile = |k: &Kernel| {
         plan::compile(

@@ -24,7 +24,7 @@ use passthrough_tests::{
     bench::{BenchNs, MoveBack, Rng, cidr_conf, connect_once},
     require_kernel,
 };
-use passthrough_user::kernel::{Capacities, Kernel};
+use passthrough_user::kernel::{Kernel, LoadOptions};
 
 /// The port some matches are restricted to.
 const PORT_SPECIFIC: u16 = 443;
@@ -91,7 +91,7 @@ fn large_overlapping_rule_sets_are_enforced_at_every_edge_across_replaces() {
     let ns = BenchNs::new(&["0.0.0.0/1"]).expect("netns");
     ns.enter_current_thread().expect("enter netns");
     let cg = TestCgroup::new().expect("test cgroup");
-    let mut k = Kernel::load(Capacities::default(), 0, 0, Default::default(), None).expect("load");
+    let mut k = Kernel::load(LoadOptions::default()).expect("load");
     let mut rng = Rng(0x7a11_e5ed);
     let mut earlier: Vec<Matches> = Vec::new();
     // Generation 0, 1, then 0 again with a smaller plan.

@@ -27,6 +27,7 @@ use passthrough_policy::{
     self as policy, Mode, Workload,
     plan::{self, PlanOptions},
 };
+use passthrough_testhello::{ECH, Hello, PADDING, TLS12, TLS13};
 use passthrough_tests::{
     Agent, Probe, TestCgroup,
     hostnet::{FAST_SLOT, HostNet},
@@ -35,7 +36,7 @@ use passthrough_tests::{
     probe::{run_helper, serve_helper},
     require_kernel, write_policy,
 };
-use passthrough_user::kernel::{Capacities, Kernel, ProxySettings};
+use passthrough_user::kernel::{Kernel, LoadOptions, ProxySettings};
 use serde_json::{Value, json};
 use tempfile::TempDir;
 
@@ -396,63 +397,13 @@ mod ops {
 
 // ------------------------------------------------------------------------------ hellos
 
-/// A ClientHello handshake message with these extensions.
-fn hello_msg(exts: &[Vec<u8>]) -> Vec<u8> {
-    let mut b = vec![3, 3];
-    b.extend_from_slice(&[7; 32]);
-    b.push(32);
-    b.extend_from_slice(&[9; 32]);
-    b.extend_from_slice(&[0, 4, 0x13, 0x01, 0x13, 0x02]);
-    b.extend_from_slice(&[1, 0]);
-    let e: Vec<u8> = exts.concat();
-    b.extend_from_slice(&(e.len() as u16).to_be_bytes());
-    b.extend_from_slice(&e);
-    let mut m = vec![1];
-    m.extend_from_slice(&(b.len() as u32).to_be_bytes()[1..]);
-    m.extend_from_slice(&b);
-    m
-}
-
-fn ext(ty: u16, data: &[u8]) -> Vec<u8> {
-    let mut v = ty.to_be_bytes().to_vec();
-    v.extend_from_slice(&(data.len() as u16).to_be_bytes());
-    v.extend_from_slice(data);
-    v
-}
-
-fn sni_ext(names: &[&[u8]]) -> Vec<u8> {
-    let mut list = Vec::new();
-    for n in names {
-        list.push(0);
-        list.extend_from_slice(&(n.len() as u16).to_be_bytes());
-        list.extend_from_slice(n);
-    }
-    let mut d = (list.len() as u16).to_be_bytes().to_vec();
-    d.extend_from_slice(&list);
-    ext(0, &d)
-}
-
-/// The message in TLS records of at most `chunk` bytes.
-fn records(msg: &[u8], chunk: usize) -> Vec<u8> {
-    let mut out = Vec::new();
-    for c in msg.chunks(chunk) {
-        out.extend_from_slice(&[22, 3, 1]);
-        out.extend_from_slice(&(c.len() as u16).to_be_bytes());
-        out.extend_from_slice(c);
-    }
-    out
-}
-
 /// A hello with this server name, supported_versions and ALPN, in one record.
 fn hello(sni: &[u8]) -> Vec<u8> {
-    records(
-        &hello_msg(&[
-            sni_ext(&[sni]),
-            ext(43, &[4, 3, 4, 3, 3]),
-            ext(16, &[0, 3, 2, b'h', b'2']),
-        ]),
-        1 << 14,
-    )
+    Hello::new()
+        .server_name(sni)
+        .supported_versions(&[TLS13, TLS12])
+        .alpn(&[b"h2"])
+        .record()
 }
 
 fn hexs(b: &[u8]) -> String {
@@ -539,16 +490,15 @@ impl Rig {
             .local_addr()
             .unwrap()
             .port();
-        let mut kernel = Kernel::load(
-            Capacities::default(),
-            flags::TLS_FAST_PATH,
-            passthrough_common::AGENT_MARK,
-            ProxySettings {
+        let mut kernel = Kernel::load(LoadOptions {
+            flags: flags::TLS_FAST_PATH,
+            agent_mark: passthrough_common::AGENT_MARK,
+            proxy: ProxySettings {
                 host_port: port,
                 ..Default::default()
             },
-            None,
-        )
+            ..LoadOptions::default()
+        })
         .expect("load");
         assert!(
             kernel.tls_fast_path_available(),
@@ -754,27 +704,26 @@ fn same_verdicts_as_the_proxy_for_every_sni() {
         hello(b"api..test"),
         hello(long.as_bytes()),
         hello(b"."),
-        records(&hello_msg(&[ext(43, &[4, 3, 4, 3, 3])]), 1 << 14),
-        records(
-            &hello_msg(&[sni_ext(&[b"api.test", b"evil.test"])]),
-            1 << 14,
-        ),
-        records(
-            &hello_msg(&[sni_ext(&[b"api.test"]), sni_ext(&[b"evil.test"])]),
-            1 << 14,
-        ),
-        records(&hello_msg(&[sni_ext(&[b""])]), 1 << 14),
+        Hello::new().supported_versions(&[TLS13, TLS12]).record(),
+        Hello::new()
+            .server_names(&[b"api.test", b"evil.test"])
+            .record(),
+        Hello::new()
+            .server_name(b"api.test")
+            .server_name(b"evil.test")
+            .record(),
+        Hello::new().server_name(b"").record(),
         // The name in a later record than the rest of the hello, records of 20 bytes.
-        records(
-            &hello_msg(&[ext(21, &[0; 40]), sni_ext(&[b"api.test"])]),
-            20,
-        ),
+        Hello::new()
+            .ext(PADDING, &[0; 40])
+            .server_name(b"api.test")
+            .records(20),
         b"GET / HTTP/1.1\r\nHost: api.test\r\n\r\n".to_vec(),
         // ECH: judged on the outer name.
-        records(
-            &hello_msg(&[ext(0xfe0d, b"inner"), sni_ext(&[b"x.wild.test"])]),
-            1 << 14,
-        ),
+        Hello::new()
+            .ext(ECH, b"inner")
+            .server_name(b"x.wild.test")
+            .record(),
     ];
     let dst = host(A, '4', 8443);
     for (i, v) in vectors.iter().enumerate() {
@@ -825,10 +774,10 @@ fn every_send_path_is_judged_before_a_byte_leaves() {
     let dst = host(A, '6', 8443);
     let good = hello(b"x.wild.test");
     let bad = hello(b"evil.test");
-    let split = records(
-        &hello_msg(&[ext(21, &[0; 200]), sni_ext(&[b"api.test"])]),
-        64,
-    );
+    let split = Hello::new()
+        .ext(PADDING, &[0; 200])
+        .server_name(b"api.test")
+        .records(64);
     let modes: &[(&str, u64)] = &[
         ("write", 0),
         ("chunks", 1),

@@ -63,7 +63,7 @@ use passthrough_tests::{
     },
     unique_suffix,
 };
-use passthrough_user::kernel::{Capacities, Kernel};
+use passthrough_user::kernel::{Kernel, LoadOptions};
 
 const PORT: u16 = 9000;
 const DENY_DST: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
@@ -533,7 +533,7 @@ impl Bench {
     fn load(&self, mode: Mode, nets: &[Ipv4Net]) -> anyhow::Result<(Loaded, Duration)> {
         match mode {
             Mode::Ours => {
-                let mut k = Kernel::load(Capacities::default(), 0, 0, Default::default(), None)?;
+                let mut k = Kernel::load(LoadOptions::default())?;
                 let t = Instant::now();
                 let p = self.ours_plan(&k, nets);
                 k.apply(p)?;

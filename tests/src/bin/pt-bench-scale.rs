@@ -42,7 +42,7 @@ use passthrough_tests::{
     },
     require_kernel,
 };
-use passthrough_user::kernel::{Capacities, Kernel};
+use passthrough_user::kernel::{Kernel, LoadOptions};
 
 /// Accept-and-close port (timed connects) and accept-and-hold port (held connections).
 const PORT: u16 = 9000;
@@ -287,7 +287,7 @@ fn main() -> anyhow::Result<()> {
         }
 
         // Rules: one kernel, each plan replacing the previous one.
-        let mut k = Kernel::load(Capacities::default(), 0, 0, Default::default(), None)?;
+        let mut k = Kernel::load(LoadOptions::default())?;
         k.attach(cg.path())?;
         for (n, c) in &confs {
             let t = Instant::now();

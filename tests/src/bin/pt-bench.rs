@@ -50,7 +50,7 @@ use passthrough_tests::{
     TestCgroup,
     bench::{BenchNs, MoveBack, Rng, cidr_conf, median, percentile, timed_connect},
 };
-use passthrough_user::kernel::{Capacities, Kernel, ProxySettings};
+use passthrough_user::kernel::{Kernel, LoadOptions, ProxySettings};
 
 const PORT: u16 = 9000;
 const SIZES: [usize; 3] = [10, 1_000, 100_000];
@@ -408,12 +408,15 @@ fn connect(quick: bool, baseline: Option<&std::path::Path>) -> anyhow::Result<()
                     } else {
                         Default::default()
                     };
-                    let mut k = match (row.kind, baseline) {
-                        (Kind::Baseline(_), Some(object)) => {
-                            Kernel::load_object(object, Capacities::default(), 0, 0, proxy, None)?
-                        }
-                        _ => Kernel::load(Capacities::default(), 0, 0, proxy, None)?,
+                    let object = match row.kind {
+                        Kind::Baseline(_) => baseline,
+                        _ => None,
                     };
+                    let mut k = Kernel::load(LoadOptions {
+                        proxy,
+                        object,
+                        ..LoadOptions::default()
+                    })?;
                     let t_prog = t.elapsed();
                     let t = Instant::now();
                     let p = plan::compile(
@@ -667,7 +670,7 @@ fn connect(quick: bool, baseline: Option<&std::path::Path>) -> anyhow::Result<()
 /// the programs without any log call (the "before"). Also the translated program size and the
 /// instructions the verifier processed, which show whether the disabled calls were removed.
 fn bpf_log(args: &[String]) -> anyhow::Result<()> {
-    use passthrough_user::kernel::{BpfLogLevel, LoadOptions};
+    use passthrough_user::kernel::BpfLogLevel;
     let quick = args.iter().any(|a| a == "--quick");
     let before: Option<&'static [u8]> = match args.iter().position(|a| a == "--before-object") {
         Some(i) => {
@@ -744,17 +747,11 @@ fn bpf_log(args: &[String]) -> anyhow::Result<()> {
     measure(&allowed, allowed_count / 10)?; // warm up, no program
     for round in 0..rounds {
         for (i, c) in configs.iter().enumerate() {
-            let mut k = Kernel::load_with(
-                Capacities::default(),
-                0,
-                0,
-                Default::default(),
-                None,
-                LoadOptions {
-                    bpf_log_level: c.level,
-                    object: c.object,
-                },
-            )?;
+            let mut k = Kernel::load(LoadOptions {
+                bpf_log_level: c.level,
+                object: c.object,
+                ..LoadOptions::default()
+            })?;
             let p = plan::compile(
                 k.next_generation(),
                 &[(cg.id(), &conf)],
