@@ -137,7 +137,6 @@ mod tests {
     /// agrees with the proxy on each, and a valid one comes out whole.
     #[test]
     fn every_name_length() {
-        use crate::tls::build;
         for n in 1..=256usize {
             // Labels of up to 9 letters (mixed case) separated by dots.
             let name: Vec<u8> = (0..n)
@@ -148,7 +147,9 @@ mod tests {
                 })
                 .collect();
             for name in [name.clone(), [name.as_slice(), b"."].concat()] {
-                let b = build::records(&build::hello(&[build::sni(&[&name])]), 16_384);
+                let b = crate::tls::test_hello()
+                    .server_names(&[&name])
+                    .records(16_384);
                 assert_eq!(compare_with_proxy(&b), Ok(()), "length {}", name.len());
                 let mut out = [0u8; SNI_KEY_NAME];
                 let h = passthrough_common::sni::parse(
