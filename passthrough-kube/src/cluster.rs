@@ -7,6 +7,7 @@
 //! | Namespace | all (injection label, mesh label) |
 //! | Service | all (the Services selecting this node's pods) |
 //! | MeshPassthrough (`kuma.io/v1alpha1`) | all |
+//! | EndpointSlice (`discovery.k8s.io/v1`) | `labelSelector=kubernetes.io/service-name` (the slices Kuma's rule reads: selector-less Services match pods through them) |
 //!
 //! Each kind is followed by kube-rs's watcher: a list, then a watch from its resourceVersion,
 //! resumed from the last one seen (bookmarks keep it fresh) when the connection drops, and
@@ -14,6 +15,10 @@
 //! the kind's objects in one step when complete, so enforcement never sees a half-listed kind
 //! (no window where a pod or policy is missing). When the API server is unreachable the last
 //! complete state stays and [`Health`] says since when it has been failing.
+//!
+//! Of an EndpointSlice only what Kuma's rule reads is kept ([`SliceTargets`]: its Service and
+//! the UIDs its endpoints name); an event that changes none of it (an endpoint's readiness, an
+//! address) changes nothing and wakes nobody.
 
 use std::{
     collections::BTreeMap,
@@ -23,7 +28,10 @@ use std::{
 };
 
 use futures::StreamExt as _;
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
+use k8s_openapi::api::{
+    core::v1::{Namespace, Node, Pod, Service},
+    discovery::v1::EndpointSlice,
+};
 use kube::{
     Api, Client, Resource, ResourceExt,
     api::{ApiResource, DynamicObject, GroupVersionKind},
@@ -33,8 +41,27 @@ use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+use crate::kuma::{SLICE_SERVICE_LABEL, ServiceSlices, SliceTargets};
+
 /// The kinds watched, in [`Snapshot::synced`] order.
-pub const KINDS: [&str; 5] = ["Pod", "Node", "Namespace", "Service", "MeshPassthrough"];
+pub const KINDS: [&str; 6] = [
+    "Pod",
+    "Node",
+    "Namespace",
+    "Service",
+    "MeshPassthrough",
+    "EndpointSlice",
+];
+
+/// The plural (path segment) of each kind, in [`KINDS`] order.
+const PLURALS: [&str; 6] = [
+    "pods",
+    "nodes",
+    "namespaces",
+    "services",
+    "meshpassthroughs",
+    "endpointslices",
+];
 
 /// Everything the agent knows about the cluster at one moment.
 #[derive(Debug, Clone, Default)]
@@ -49,8 +76,10 @@ pub struct Snapshot {
     pub services: BTreeMap<String, Arc<Service>>,
     /// MeshPassthrough objects by `namespace/name`.
     pub policies: BTreeMap<String, Arc<DynamicObject>>,
+    /// EndpointSlices (what Kuma's selector-less Service rule reads of them).
+    pub endpoint_slices: ServiceSlices,
     /// Whether each kind ([`KINDS`] order) has completed its first list.
-    pub synced: [bool; 5],
+    pub synced: [bool; KINDS.len()],
     /// Bumped on every change.
     pub version: u64,
 }
@@ -67,7 +96,7 @@ impl Snapshot {
 pub struct Health {
     /// Per kind ([`KINDS`] order): the last error and when it happened, cleared by the next
     /// event received.
-    pub failing: [Option<(SystemTime, String)>; 5],
+    pub failing: [Option<(SystemTime, String)>; KINDS.len()],
 }
 
 impl Health {
@@ -110,15 +139,7 @@ pub async fn config(kubeconfig: Option<&Path>) -> anyhow::Result<kube::Config> {
 /// Which kind ([`KINDS`] index) a request path is for.
 fn kind_of_path(path: &str) -> Option<usize> {
     let plural = path.rsplit('/').next()?;
-    [
-        "pods",
-        "nodes",
-        "namespaces",
-        "services",
-        "meshpassthroughs",
-    ]
-    .iter()
-    .position(|p| *p == plural)
+    PLURALS.iter().position(|p| *p == plural)
 }
 
 /// A tower layer that clears a kind's failure as soon as a request for it succeeds again (a
@@ -221,10 +242,11 @@ pub fn start(config: kube::Config, opts: &WatchOptions) -> anyhow::Result<Cluste
             let m = &mut s.pods;
             apply_many(m, objs, reset, |p| {
                 p.metadata.uid.clone().unwrap_or_default()
-            });
+            })
         },
         |s: &mut Snapshot, p: Pod| {
             s.pods.remove(p.metadata.uid.as_deref().unwrap_or(""));
+            true
         },
     )));
     tasks.push(tokio::spawn(follow(
@@ -238,41 +260,68 @@ pub fn start(config: kube::Config, opts: &WatchOptions) -> anyhow::Result<Cluste
             if let Some(n) = objs.into_iter().last() {
                 s.node = Some(Arc::new(n));
             }
+            true
         },
-        |s: &mut Snapshot, _n: Node| s.node = None,
+        |s: &mut Snapshot, _n: Node| {
+            s.node = None;
+            true
+        },
     )));
     tasks.push(tokio::spawn(follow(
         Api::<Namespace>::all(client.clone()),
         base.clone(),
         ctx(2),
         |s: &mut Snapshot, objs: Vec<Namespace>, reset| {
-            apply_many(&mut s.namespaces, objs, reset, |n| n.name_any());
+            apply_many(&mut s.namespaces, objs, reset, |n| n.name_any())
         },
         |s: &mut Snapshot, n: Namespace| {
             s.namespaces.remove(&n.name_any());
+            true
         },
     )));
     tasks.push(tokio::spawn(follow(
         Api::<Service>::all(client.clone()),
         base.clone(),
         ctx(3),
-        |s: &mut Snapshot, objs: Vec<Service>, reset| {
-            apply_many(&mut s.services, objs, reset, key);
-        },
+        |s: &mut Snapshot, objs: Vec<Service>, reset| apply_many(&mut s.services, objs, reset, key),
         |s: &mut Snapshot, o: Service| {
             s.services.remove(&key(&o));
+            true
         },
     )));
     let ar = meshpassthrough_resource();
     tasks.push(tokio::spawn(follow(
-        Api::<DynamicObject>::all_with(client, &ar),
-        base,
+        Api::<DynamicObject>::all_with(client.clone(), &ar),
+        base.clone(),
         ctx(4),
         |s: &mut Snapshot, objs: Vec<DynamicObject>, reset| {
-            apply_many(&mut s.policies, objs, reset, key);
+            apply_many(&mut s.policies, objs, reset, key)
         },
         |s: &mut Snapshot, o: DynamicObject| {
             s.policies.remove(&key(&o));
+            true
+        },
+    )));
+    // Only slices tied to a Service: Kuma's rule reads no other.
+    tasks.push(tokio::spawn(follow(
+        Api::<EndpointSlice>::all(client),
+        base.labels(SLICE_SERVICE_LABEL),
+        ctx(5),
+        |s: &mut Snapshot, objs: Vec<EndpointSlice>, reset| {
+            let mut changed = reset && !s.endpoint_slices.is_empty();
+            if reset {
+                s.endpoint_slices.clear();
+            }
+            for o in &objs {
+                changed |= apply_slice(&mut s.endpoint_slices, o);
+            }
+            changed
+        },
+        |s: &mut Snapshot, o: EndpointSlice| {
+            s.endpoint_slices.remove(
+                o.metadata.namespace.as_deref().unwrap_or(""),
+                o.metadata.name.as_deref().unwrap_or(""),
+            )
         },
     )));
     Ok(Cluster {
@@ -295,12 +344,25 @@ fn apply_many<K>(
     objs: Vec<K>,
     reset: bool,
     key: impl Fn(&K) -> String,
-) {
+) -> bool {
     if reset {
         m.clear();
     }
     for o in objs {
         m.insert(key(&o), Arc::new(o));
+    }
+    true
+}
+
+/// Records one slice; a slice Kuma would not read (no Service label: the label selector keeps
+/// those away, but a server may not honour it) is forgotten. Returns whether anything changed.
+fn apply_slice(slices: &mut ServiceSlices, o: &EndpointSlice) -> bool {
+    match SliceTargets::of(o) {
+        Some(t) => slices.insert(t),
+        None => slices.remove(
+            o.metadata.namespace.as_deref().unwrap_or(""),
+            o.metadata.name.as_deref().unwrap_or(""),
+        ),
     }
 }
 
@@ -311,12 +373,13 @@ struct Ctx {
 }
 
 /// Follows one kind until the task is aborted: applies events to the shared snapshot,
-/// buffering a (re-)list until it is complete.
+/// buffering a (re-)list until it is complete. `apply` and `delete` say whether the snapshot
+/// changed; an event that changed nothing neither bumps the version nor wakes the readers.
 async fn follow<K, A, D>(api: Api<K>, config: watcher::Config, ctx: Ctx, apply: A, delete: D)
 where
     K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
-    A: Fn(&mut Snapshot, Vec<K>, bool),
-    D: Fn(&mut Snapshot, K),
+    A: Fn(&mut Snapshot, Vec<K>, bool) -> bool,
+    D: Fn(&mut Snapshot, K) -> bool,
 {
     let kind = KINDS[ctx.kind];
     let mut stream = watcher(api, config).default_backoff().boxed();
@@ -357,16 +420,27 @@ where
                     s.version += 1;
                 });
             }
-            watcher::Event::Apply(o) => ctx.snap.send_modify(|s| {
-                let s = Arc::make_mut(s);
-                apply(s, vec![strip(o)], false);
-                s.version += 1;
-            }),
-            watcher::Event::Delete(o) => ctx.snap.send_modify(|s| {
-                let s = Arc::make_mut(s);
-                delete(s, o);
-                s.version += 1;
-            }),
+            watcher::Event::Apply(o) => {
+                let o = strip(o);
+                ctx.snap.send_if_modified(|s| {
+                    let s = Arc::make_mut(s);
+                    let changed = apply(s, vec![o], false);
+                    if changed {
+                        s.version += 1;
+                    }
+                    changed
+                });
+            }
+            watcher::Event::Delete(o) => {
+                ctx.snap.send_if_modified(|s| {
+                    let s = Arc::make_mut(s);
+                    let changed = delete(s, o);
+                    if changed {
+                        s.version += 1;
+                    }
+                    changed
+                });
+            }
         }
     }
 }
@@ -384,8 +458,8 @@ pub async fn wait_complete(
 }
 
 /// What `passthrough explain --kubernetes --pod NS/NAME` needs, read once (a command-line tool,
-/// not the agent: a few GETs and LISTs): the pod, its namespace, its namespace's Services, its
-/// Node (if readable) and every MeshPassthrough.
+/// not the agent: a few GETs and LISTs): the pod, its namespace, its namespace's Services and
+/// EndpointSlices, its Node (if readable) and every MeshPassthrough.
 pub async fn fetch_for_pod(
     config: kube::Config,
     namespace: &str,
@@ -404,6 +478,10 @@ pub async fn fetch_for_pod(
         .list(&Default::default())
         .await
         .map_err(|e| anyhow::anyhow!("services of {namespace}: {e}"))?;
+    let slices = Api::<EndpointSlice>::namespaced(client.clone(), namespace)
+        .list(&kube::api::ListParams::default().labels(SLICE_SERVICE_LABEL))
+        .await
+        .map_err(|e| anyhow::anyhow!("EndpointSlices of {namespace}: {e}"))?;
     let node = match pod.spec.as_ref().and_then(|s| s.node_name.clone()) {
         Some(n) => Api::<Node>::all(client.clone()).get(&n).await.ok(),
         None => None,
@@ -419,10 +497,13 @@ pub async fn fetch_for_pod(
     for svc in services.items {
         s.services.insert(key(&svc), Arc::new(svc));
     }
+    for o in &slices.items {
+        apply_slice(&mut s.endpoint_slices, o);
+    }
     s.node = node.map(Arc::new);
     for p in policies.items {
         s.policies.insert(key(&p), Arc::new(p));
     }
-    s.synced = [true; 5];
+    s.synced = [true; KINDS.len()];
     Ok(s)
 }

@@ -8,7 +8,8 @@
 //! - the Dataplane a pod becomes ([`dataplane_for`]): `controllers/pod_converter.go`
 //!   (`PodToDataplane`: resource labels), `controllers/inbound_converter.go` (inbound tags per
 //!   Service port, the service-less inbound), `controllers/serviceless_name_extractor.go`,
-//!   `pod_controller.go` (`findMatchingServices`) and `pkg/core/resources/labels/compute.go`;
+//!   `pod_controller.go` (`findMatchingServices`, `findByEndpointSlices`: selector-less Services
+//!   through their EndpointSlices) and `pkg/core/resources/labels/compute.go`;
 //! - the labels Kuma's admission webhook gives a policy ([`policy_meta`]):
 //!   `webhooks/defaulter.go` + `labels/compute.go` (`ComputePolicyRole`), and the display name
 //!   of `pkg/plugins/resources/k8s/store.go` (`KubernetesMetaAdapter.GetLabels`);
@@ -19,10 +20,16 @@
 //!
 //! docs/kubernetes.md states the same rules for operators.
 
-use std::collections::{BTreeMap, HashMap};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    sync::Arc,
+};
 
 use k8s_openapi::{
-    api::core::v1::{Namespace, Pod, Service, ServicePort},
+    api::{
+        core::v1::{Namespace, Pod, Service, ServicePort},
+        discovery::v1::EndpointSlice,
+    },
     apimachinery::pkg::util::intstr::IntOrString,
 };
 
@@ -46,6 +53,8 @@ pub const PROTOCOL_TAG: &str = "kuma.io/protocol";
 pub const INSTANCE_TAG: &str = "kuma.io/instance";
 pub const IGNORE_ANNOTATION: &str = "kuma.io/ignore";
 pub const ZONE_PROXY_TYPE_LABEL: &str = "k8s.kuma.io/zone-proxy-type";
+/// The label tying an EndpointSlice to its Service (`discovery.k8s.io/v1`).
+pub const SLICE_SERVICE_LABEL: &str = "kubernetes.io/service-name";
 pub const SIDECAR_CONTAINER: &str = "kuma-sidecar";
 /// The service-less inbound's port (IANA reserved), as Kuma uses it.
 pub const SERVICELESS_PORT: u32 = 49151;
@@ -296,15 +305,130 @@ impl Dataplane {
     }
 }
 
-/// Whether a Service is one Kuma matches to pods: not `kuma.io/ignore`d, not `ExternalName`,
-/// and its selector (minus ignored keys) is non-empty and matches the pod's labels.
-/// (Kuma also matches selector-less Services through their EndpointSlices; this agent does
-/// not watch EndpointSlices, see docs/kubernetes.md.)
-pub fn service_selects(
-    svc: &Service,
-    pod_labels: &BTreeMap<String, String>,
-    cfg: &KumaConfig,
-) -> bool {
+/// What the agent keeps of one EndpointSlice: the Service it belongs to (its
+/// `kubernetes.io/service-name` label) and the UIDs its endpoints' `targetRef`s name. Kuma's
+/// rule reads nothing else of a slice (not the addresses, ports, conditions or node names).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SliceTargets {
+    pub namespace: String,
+    pub name: String,
+    pub service: String,
+    pub uids: BTreeSet<String>,
+}
+
+impl SliceTargets {
+    /// `None` for a slice without the `kubernetes.io/service-name` label (Kuma never reads
+    /// one) or without a name.
+    pub fn of(slice: &EndpointSlice) -> Option<SliceTargets> {
+        let service = labels_of(&slice.metadata.labels).get(SLICE_SERVICE_LABEL)?;
+        let uids = slice
+            .endpoints
+            .iter()
+            .flatten()
+            .filter_map(|e| e.target_ref.as_ref()?.uid.clone())
+            .filter(|u| !u.is_empty())
+            .collect();
+        Some(SliceTargets {
+            namespace: slice.metadata.namespace.clone().unwrap_or_default(),
+            name: slice.metadata.name.clone()?,
+            service: service.clone(),
+            uids,
+        })
+    }
+}
+
+/// The EndpointSlices of the cluster, by slice and by Service.
+#[derive(Debug, Clone, Default)]
+pub struct ServiceSlices {
+    /// `namespace/name` of the slice → what it names.
+    slices: BTreeMap<String, Arc<SliceTargets>>,
+    /// `(namespace, service)` → the slices of that Service.
+    by_service: BTreeMap<(String, String), BTreeSet<String>>,
+}
+
+impl ServiceSlices {
+    /// Adds or replaces a slice (a slice whose Service label changed moves); returns whether
+    /// anything the rule reads changed.
+    pub fn insert(&mut self, t: SliceTargets) -> bool {
+        let key = format!("{}/{}", t.namespace, t.name);
+        if self.slices.get(&key).is_some_and(|old| **old == t) {
+            return false;
+        }
+        self.remove(&t.namespace, &t.name);
+        self.by_service
+            .entry((t.namespace.clone(), t.service.clone()))
+            .or_default()
+            .insert(t.name.clone());
+        self.slices.insert(key, Arc::new(t));
+        true
+    }
+
+    /// Removes slice `namespace/name`; returns whether it was known.
+    pub fn remove(&mut self, namespace: &str, name: &str) -> bool {
+        let Some(old) = self.slices.remove(&format!("{namespace}/{name}")) else {
+            return false;
+        };
+        let svc = (old.namespace.clone(), old.service.clone());
+        if let Some(set) = self.by_service.get_mut(&svc) {
+            set.remove(&old.name);
+            if set.is_empty() {
+                self.by_service.remove(&svc);
+            }
+        }
+        true
+    }
+
+    /// Forgets every slice.
+    pub fn clear(&mut self) {
+        self.slices.clear();
+        self.by_service.clear();
+    }
+
+    /// Number of slices known.
+    pub fn len(&self) -> usize {
+        self.slices.len()
+    }
+
+    /// No slice known.
+    pub fn is_empty(&self) -> bool {
+        self.slices.is_empty()
+    }
+
+    /// Slice `namespace/name`, if known.
+    pub fn get(&self, namespace: &str, name: &str) -> Option<&SliceTargets> {
+        self.slices
+            .get(&format!("{namespace}/{name}"))
+            .map(|t| &**t)
+    }
+
+    /// Whether some slice of Service `namespace/service` has an endpoint whose `targetRef` is
+    /// the object with UID `uid` (Kuma's `findByEndpointSlices`).
+    pub fn names(&self, namespace: &str, service: &str, uid: &str) -> bool {
+        if uid.is_empty() {
+            return false;
+        }
+        let Some(set) = self
+            .by_service
+            .get(&(namespace.to_string(), service.to_string()))
+        else {
+            return false;
+        };
+        set.iter().any(|name| {
+            self.slices
+                .get(&format!("{namespace}/{name}"))
+                .is_some_and(|t| t.uids.contains(uid))
+        })
+    }
+}
+
+/// Whether Kuma matches a Service to a pod (`findMatchingServices`): never when the Service is
+/// `kuma.io/ignore`d or `ExternalName` (Kuma matches those but makes no inbound of them); a
+/// Service **without a selector** (none, or empty) when one of its EndpointSlices (same
+/// namespace, `kubernetes.io/service-name: <service>`) has an endpoint whose `targetRef.uid` is
+/// the pod's; a Service with a selector when the selector, minus the ignored keys, matches the
+/// pod's labels (a selector of ignored keys only matches every pod, as in Kuma). The Service
+/// must be in the pod's namespace (the caller's job).
+pub fn service_matches(svc: &Service, pod: &Pod, slices: &ServiceSlices, cfg: &KumaConfig) -> bool {
     if let Some(v) = labels_of(&svc.metadata.annotations).get(IGNORE_ANNOTATION)
         && parse_enabled(IGNORE_ANNOTATION, v) == Ok(true)
     {
@@ -316,11 +440,16 @@ pub fn service_selects(
     }
     let mut sel = spec.selector.clone().unwrap_or_default();
     if sel.is_empty() {
-        return false;
+        return slices.names(
+            svc.metadata.namespace.as_deref().unwrap_or(""),
+            svc.metadata.name.as_deref().unwrap_or(""),
+            pod.metadata.uid.as_deref().unwrap_or(""),
+        );
     }
     for k in &cfg.ignored_service_selector_labels {
         sel.remove(k);
     }
+    let pod_labels = labels_of(&pod.metadata.labels);
     sel.iter().all(|(k, v)| pod_labels.get(k) == Some(v))
 }
 
@@ -404,12 +533,14 @@ pub fn serviceless_name(pod: &Pod) -> String {
 }
 
 /// The Dataplane Kuma 2.14 (zone mode, inbound tags enabled) makes of `pod`, from its
-/// namespace's mesh, the Services of its namespace (any order; those selecting it are used,
-/// sorted by name) and its node's labels.
+/// namespace's mesh, the Services of its namespace (any order; those [`service_matches`] says
+/// match it are used, sorted by name), the cluster's EndpointSlices (for selector-less
+/// Services) and its node's labels.
 pub fn dataplane_for(
     pod: &Pod,
     mesh: &str,
     services: &[&Service],
+    slices: &ServiceSlices,
     node_labels: &BTreeMap<String, String>,
     cfg: &KumaConfig,
 ) -> Dataplane {
@@ -427,7 +558,7 @@ pub fn dataplane_for(
         .iter()
         .copied()
         .filter(|s| s.metadata.namespace.as_deref() == Some(namespace.as_str()))
-        .filter(|s| service_selects(s, pod_labels, cfg))
+        .filter(|s| service_matches(s, pod, slices, cfg))
         .filter(|s| !labels_of(&s.metadata.labels).contains_key(ZONE_PROXY_TYPE_LABEL))
         .collect();
     selecting.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));

@@ -320,7 +320,14 @@ fn pod_result(
         Governance::Governed { mesh, why } => {
             let no_services = Vec::new();
             let svcs = services.get(&ns_name).unwrap_or(&no_services);
-            let dp = kuma::dataplane_for(pod, &mesh, svcs, node_labels, &s.kuma);
+            let dp = kuma::dataplane_for(
+                pod,
+                &mesh,
+                svcs,
+                &snap.endpoint_slices,
+                node_labels,
+                &s.kuma,
+            );
             let sel = selecting(policies, &dp);
             let names = sel
                 .iter()
@@ -555,7 +562,14 @@ pub fn explain_pod(snap: &Snapshot, key: &str, s: &Settings) -> Option<PodExplai
                 .as_ref()
                 .and_then(|n| n.metadata.labels.clone())
                 .unwrap_or_default();
-            let dp = kuma::dataplane_for(pod, mesh, &services, &node_labels, &s.kuma);
+            let dp = kuma::dataplane_for(
+                pod,
+                mesh,
+                &services,
+                &snap.endpoint_slices,
+                &node_labels,
+                &s.kuma,
+            );
             let sel = selecting(&policies, &dp);
             let conf = merge::merge_indices(&policies.policies, &sel, s.unselected);
             (Some(dp), conf)
@@ -719,6 +733,73 @@ mod tests {
         assert_eq!(
             after.confs[by_name(&after, "shop/p0").conf].policies,
             ["kuma-system/base"]
+        );
+    }
+
+    /// A selector-less Service's EndpointSlice, through the snapshot: naming a pod re-tags it
+    /// (a MeshSubset on the Service's tag selects it), dropping it un-tags it; both are snapshot
+    /// changes, so nothing of the previous model is reused.
+    #[test]
+    fn endpointslice_changes_retag_pods() {
+        let mut snap = snapshot();
+        let svc: k8s_openapi::api::core::v1::Service = serde_json::from_value(json!({
+            "metadata": {"name": "legacy", "namespace": "shop"},
+            "spec": {"ports": [{"port": 5432, "targetPort": 5432}]}
+        }))
+        .unwrap();
+        snap.services.insert("shop/legacy".into(), Arc::new(svc));
+        snap.policies.insert(
+            "shop/legacy".into(),
+            Arc::new(serde_json::from_value(json!({"apiVersion": "kuma.io/v1alpha1", "kind": "MeshPassthrough",
+                "metadata": {"name": "legacy", "namespace": "shop"},
+                "spec": {"targetRef": {"kind": "MeshSubset", "tags": {"kuma.io/service": "legacy_shop_svc_5432"}},
+                         "default": {"appendMatch": [{"type": "IP", "value": "192.0.2.9"}]}}})).unwrap()),
+        );
+        let s = settings();
+        let mut cgroups = Cgroups::default();
+        for i in 0..2 {
+            cgroups.pods.insert(
+                PathBuf::from(format!("/kp/u{i}")),
+                cg(&format!("u{i}"), 10 + i),
+            );
+        }
+        let policies_of = |m: &Model, n: &str| {
+            let e = m.entries.iter().find(|e| e.name == n).unwrap();
+            m.confs[e.conf].policies.clone()
+        };
+        let before = build(&snap, &cgroups, &s);
+        assert_eq!(policies_of(&before, "shop/p1"), ["kuma-system/base"]);
+        let targets = |uids: &[&str]| kuma::SliceTargets {
+            namespace: "shop".into(),
+            name: "legacy-1".into(),
+            service: "legacy".into(),
+            uids: uids.iter().map(|u| u.to_string()).collect(),
+        };
+        assert!(snap.endpoint_slices.insert(targets(&["u1"])));
+        snap.version += 1;
+        let named = build_from(&snap, &cgroups, &s, Some(&before));
+        assert_eq!(
+            policies_of(&named, "shop/p1"),
+            ["kuma-system/base", "shop/legacy"]
+        );
+        assert_eq!(
+            policies_of(&named, "shop/p0"),
+            ["kuma-system/base", "shop/a"]
+        );
+        assert!(snap.endpoint_slices.insert(targets(&["u0"])));
+        snap.version += 1;
+        let moved = build_from(&snap, &cgroups, &s, Some(&named));
+        assert_eq!(policies_of(&moved, "shop/p1"), ["kuma-system/base"]);
+        assert_eq!(
+            policies_of(&moved, "shop/p0"),
+            ["kuma-system/base", "shop/a", "shop/legacy"]
+        );
+        assert!(snap.endpoint_slices.remove("shop", "legacy-1"));
+        snap.version += 1;
+        let gone = build_from(&snap, &cgroups, &s, Some(&moved));
+        assert_eq!(
+            policies_of(&gone, "shop/p0"),
+            ["kuma-system/base", "shop/a"]
         );
     }
 }

@@ -3,8 +3,12 @@
 //! `DELETED` / `BOOKMARK` events, `410 Gone` for a compacted resourceVersion, bearer-token
 //! auth), reached through a kubeconfig exactly as a real cluster is.
 //!
-//! Objects are whatever the test serialises — the real k8s-openapi types for core kinds, JSON
-//! for `MeshPassthrough` — kept in one store with one resourceVersion counter, as etcd does.
+//! Objects are whatever the test serialises — the real k8s-openapi types for core kinds and
+//! `EndpointSlice` (`discovery.k8s.io/v1`), JSON for `MeshPassthrough` — kept in one store with
+//! one resourceVersion counter, as etcd does. Lists and watches honour `fieldSelector` (the
+//! equality forms the agent sends) and `labelSelector` (equality and existence terms); on a
+//! filtered watch an object that starts or stops matching arrives as `ADDED` / `DELETED`, as
+//! kube-apiserver sends it.
 //! Faults for the tests: [`ApiServer::drop_connections`] (abort every open connection, as a
 //! network failure does), [`ApiServer::compact`] (older resourceVersions answer 410),
 //! [`ApiServer::set_delay`] (slow responses), [`ApiServer::set_unavailable`] (503s),
@@ -39,25 +43,30 @@ pub enum Kind {
     Namespace,
     Service,
     MeshPassthrough,
+    EndpointSlice,
 }
 
 impl Kind {
-    const ALL: [Kind; 5] = [
+    /// Every kind served (the kinds the agent watches).
+    pub const ALL: [Kind; 6] = [
         Kind::Pod,
         Kind::Node,
         Kind::Namespace,
         Kind::Service,
         Kind::MeshPassthrough,
+        Kind::EndpointSlice,
     ];
     fn api_version(self) -> &'static str {
         match self {
             Kind::MeshPassthrough => "kuma.io/v1alpha1",
+            Kind::EndpointSlice => "discovery.k8s.io/v1",
             _ => "v1",
         }
     }
     fn prefix(self) -> &'static str {
         match self {
             Kind::MeshPassthrough => "/apis/kuma.io/v1alpha1",
+            Kind::EndpointSlice => "/apis/discovery.k8s.io/v1",
             _ => "/api/v1",
         }
     }
@@ -68,6 +77,7 @@ impl Kind {
             Kind::Namespace => "namespaces",
             Kind::Service => "services",
             Kind::MeshPassthrough => "meshpassthroughs",
+            Kind::EndpointSlice => "endpointslices",
         }
     }
     fn name(self) -> &'static str {
@@ -77,6 +87,7 @@ impl Kind {
             Kind::Namespace => "Namespace",
             Kind::Service => "Service",
             Kind::MeshPassthrough => "MeshPassthrough",
+            Kind::EndpointSlice => "EndpointSlice",
         }
     }
     fn namespaced(self) -> bool {
@@ -109,6 +120,8 @@ struct Event {
     kind: Kind,
     ty: &'static str,
     object: Value,
+    /// The object before a MODIFIED (for filtered watches: did it match before?).
+    prev: Option<Value>,
 }
 
 #[derive(Default)]
@@ -232,6 +245,7 @@ impl ApiServer {
         let rv = s.rv;
         let key = (kind, ns, name);
         let existing = s.objects.get(&key);
+        let prev = existing.cloned();
         let ty = if existing.is_some() {
             "MODIFIED"
         } else {
@@ -253,6 +267,7 @@ impl ApiServer {
             kind,
             ty,
             object: v,
+            prev,
         });
         drop(s);
         self.inner.changed.notify_waiters();
@@ -276,6 +291,7 @@ impl ApiServer {
             kind,
             ty: "DELETED",
             object: v,
+            prev: None,
         });
         drop(s);
         self.inner.changed.notify_waiters();
@@ -467,6 +483,42 @@ fn field_match(sel: &str, obj: &Value) -> bool {
     })
 }
 
+/// A label selector's terms: `key`, `!key`, `key=value`, `key==value`, `key!=value`
+/// (comma-joined, all must hold). `Err` for a form this server does not implement (set-based
+/// `in`/`notin`), so a test never silently gets unfiltered results.
+fn label_terms(sel: &str) -> Result<Vec<(String, Option<String>, bool)>, String> {
+    let mut out = Vec::new();
+    for t in sel.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+        if t.contains(" in ") || t.contains(" notin ") || t.contains('(') {
+            return Err(format!(
+                "set-based label selector term {t:?} not implemented"
+            ));
+        }
+        if let Some((k, v)) = t.split_once("!=") {
+            out.push((k.trim().to_string(), Some(v.trim().to_string()), false));
+        } else if let Some((k, v)) = t.split_once('=') {
+            let v = v.trim_start_matches('=');
+            out.push((k.trim().to_string(), Some(v.trim().to_string()), true));
+        } else if let Some(k) = t.strip_prefix('!') {
+            out.push((k.trim().to_string(), None, false));
+        } else {
+            out.push((t.to_string(), None, true));
+        }
+    }
+    Ok(out)
+}
+
+fn label_match(terms: &[(String, Option<String>, bool)], obj: &Value) -> bool {
+    let labels = &obj["metadata"]["labels"];
+    terms.iter().all(|(k, v, want)| {
+        let have = labels.get(k).and_then(Value::as_str);
+        match v {
+            None => have.is_some() == *want,
+            Some(v) => (have == Some(v.as_str())) == *want,
+        }
+    })
+}
+
 async fn handle(inner: Arc<Inner>, req: Request<hyper::body::Incoming>) -> Response<Body> {
     let path = req.uri().path().to_string();
     let q = req.uri().query().unwrap_or("").to_string();
@@ -538,8 +590,13 @@ async fn handle(inner: Arc<Inner>, req: Request<hyper::body::Incoming>) -> Respo
         };
     }
     let fields = params.get("fieldSelector").cloned().unwrap_or_default();
+    let labels = match label_terms(params.get("labelSelector").map_or("", String::as_str)) {
+        Ok(t) => t,
+        Err(e) => return full(StatusCode::BAD_REQUEST, status(400, "BadRequest", &e)),
+    };
     let selects = move |o: &Value| {
         field_match(&fields, o)
+            && label_match(&labels, o)
             && ns
                 .as_deref()
                 .is_none_or(|n| o["metadata"]["namespace"].as_str() == Some(n))
@@ -599,11 +656,28 @@ async fn handle(inner: Arc<Inner>, req: Request<hyper::body::Incoming>) -> Respo
             notified.as_mut().enable();
             let pending: Vec<Value> = {
                 let s = inner.store.lock().unwrap();
+                // A filtered watch sees an object that starts matching as ADDED and one that
+                // stops matching as DELETED (the last state it matched, at the new version).
                 let evs: Vec<Value> = s
                     .history
                     .iter()
-                    .filter(|e| e.rv > sent_rv && e.kind == kind && selects(&e.object))
-                    .map(|e| json!({"type": e.ty, "object": e.object}))
+                    .filter(|e| e.rv > sent_rv && e.kind == kind)
+                    .filter_map(|e| {
+                        let now = selects(&e.object);
+                        let before = e.prev.as_ref().is_some_and(&selects);
+                        match (e.ty, before, now) {
+                            ("MODIFIED", false, true) => {
+                                Some(json!({"type": "ADDED", "object": e.object}))
+                            }
+                            ("MODIFIED", true, false) => {
+                                let mut old = e.prev.clone().unwrap_or_default();
+                                old["metadata"]["resourceVersion"] = json!(e.rv.to_string());
+                                Some(json!({"type": "DELETED", "object": old}))
+                            }
+                            (_, _, true) => Some(json!({"type": e.ty, "object": e.object})),
+                            _ => None,
+                        }
+                    })
                     .collect();
                 sent_rv = s.rv.max(sent_rv);
                 evs

@@ -733,6 +733,7 @@ fn daemonset_hangs_together() {
         ("", "namespaces"),
         ("", "services"),
         ("kuma.io", "meshpassthroughs"),
+        ("discovery.k8s.io", "endpointslices"),
     ] {
         for v in ["get", "list", "watch"] {
             wanted.insert((g.to_string(), res.to_string(), v.to_string()));

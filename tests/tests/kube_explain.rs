@@ -1,11 +1,15 @@
 //! `passthrough explain --kubernetes --pod NS/NAME` against the local API server (through a
 //! kubeconfig): the real binary decides with the live objects — the pod's Dataplane identity,
 //! the namespace-scoped and system policies in Kuma's merge order, invalid policies reported —
-//! and prints the policies that selected the pod. No root needed.
+//! and prints the policies that selected the pod; a pod behind a selector-less Service gets
+//! that Service's tags through its EndpointSlice. No root needed.
 
 use std::process::Command;
 
-use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::{
+    core::v1::{Namespace, Pod, Service},
+    discovery::v1::EndpointSlice,
+};
 use passthrough_tests::apiserver::ApiServer;
 use serde_json::{Value, json};
 
@@ -120,6 +124,60 @@ fn explain_decides_with_the_live_cluster_objects() {
     assert_eq!(j["governance"]["governed"], false, "{j}");
     assert_eq!(j["verdict"], "allow");
     assert_eq!(j["mode"], "All");
+
+    // A selector-less Service: the pod its EndpointSlice names gets its inbound and the
+    // MeshSubset policy on its tag; without the slice, the service-less inbound.
+    let legacy: Service = serde_json::from_value(json!({"apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "legacy", "namespace": "shop"},
+        "spec": {"ports": [{"port": 5432, "targetPort": 5432}]}}))
+    .unwrap();
+    api.apply(&legacy);
+    let p: Pod = serde_json::from_value(json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "db-client", "namespace": "shop", "uid": "c0ffee00-0000-4000-8000-000000000001",
+                     "labels": {"app": "client"}},
+        "spec": {"nodeName": "n1", "containers": [{"name": "app", "image": "app"}]}}))
+    .unwrap();
+    api.apply(&p);
+    api.apply(&json!({"apiVersion": "kuma.io/v1alpha1", "kind": "MeshPassthrough",
+        "metadata": {"name": "legacy-egress", "namespace": "shop"},
+        "spec": {"targetRef": {"kind": "MeshSubset", "tags": {"kuma.io/service": "legacy_shop_svc_5432"}},
+                 "default": {"passthroughMode": "Matched", "appendMatch": [{"type": "IP", "value": "203.0.113.7", "port": 5432}]}}}));
+    let (ok, out) = explain(
+        &api,
+        "shop/db-client",
+        &["--dst", "203.0.113.7:5432", "--json"],
+    );
+    assert!(ok, "{out}");
+    let j: Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+    assert_eq!(j["verdict"], "deny", "no slice yet: {j}");
+    assert_eq!(
+        j["inbounds"][0]["kuma.io/service"], "db-client_shop_svc",
+        "{j}"
+    );
+    let slice: EndpointSlice = serde_json::from_value(json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": "legacy-abc12", "namespace": "shop", "labels": {"kubernetes.io/service-name": "legacy"}},
+        "addressType": "IPv4",
+        "endpoints": [{"addresses": ["10.0.0.9"], "targetRef": {"kind": "Pod", "namespace": "shop", "name": "db-client",
+                                                                "uid": "c0ffee00-0000-4000-8000-000000000001"}}]}))
+    .unwrap();
+    api.apply(&slice);
+    let (ok, out) = explain(
+        &api,
+        "shop/db-client",
+        &["--dst", "203.0.113.7:5432", "--json"],
+    );
+    assert!(ok, "{out}");
+    let j: Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+    assert_eq!(j["verdict"], "allow", "{j}");
+    assert_eq!(
+        j["inbounds"][0]["kuma.io/service"], "legacy_shop_svc_5432",
+        "{j}"
+    );
+    assert_eq!(
+        j["policies"],
+        json!(["kuma-system/deny-all", "shop/legacy-egress"]),
+        "{j}"
+    );
 
     let (ok, out) = explain(&api, "shop/nope", &["--dst", "198.51.100.9:443"]);
     assert!(!ok);

@@ -9,7 +9,9 @@
 //! namespace-scoped policies; an invalid policy reported and ignored while the rest applies;
 //! ungoverned pods; policy edits; label changes; new and deleted pods; a process connecting
 //! the instant its pod cgroup appears (before and after the pod is known); an API server
-//! restart (last state kept, `/readyz` says so, changes made meanwhile applied after).
+//! restart (last state kept, `/readyz` says so, changes made meanwhile applied after); a
+//! selector-less Service matched to pods through its EndpointSlices (Kuma's rule), re-tagging
+//! pods as the slice changes.
 //!
 //! Topology: `passthrough_tests::hostnet` slot [`TEST_SLOT`] (shared host routes, so the tests
 //! here run one at a time and take the slot lock).
@@ -22,7 +24,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service as KService};
+use k8s_openapi::api::{
+    core::v1::{Namespace, Node, Pod, Service as KService},
+    discovery::v1::EndpointSlice,
+};
 use passthrough_kube::cgroups::{KubepodsRoot, Qos};
 use passthrough_tests::{
     Agent, EPERM, Probe, TestCgroup,
@@ -34,6 +39,13 @@ use passthrough_tests::{
 use serde_json::{Value, json};
 
 static SERIAL: Mutex<()> = Mutex::new(());
+
+/// The tests here share one host-netns slot (its routes and, for a [`PodNet`], the proxy's
+/// address): each takes this first and holds it until everything it made is gone (a local
+/// declared before the `PodNet` and the `World`, so dropped after them).
+fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 const SERVICES: &[(u16, Service)] = &[
     (443, Service::TlsEcho),
@@ -106,15 +118,13 @@ struct World {
     ca: PathBuf,
     status: PathBuf,
     _dir: tempfile::TempDir,
-    _serial: MutexGuard<'static, ()>,
 }
 
 impl World {
     /// The agent is given the kubepods root (`--kubepods-cgroup`) for a root name of one
     /// component; a deeper one (a kubelet `--cgroup-root`) it must find itself below
-    /// `--cgroup-root`.
+    /// `--cgroup-root`. The caller holds [`serial`].
     fn new(root_name: &str, pod_net: Option<&PodNet>, objects: impl FnOnce(&ApiServer)) -> World {
-        let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
         passthrough_tests::sweep(false);
         let dir = passthrough_tests::test_dir();
         let cg = TestCgroup::new().unwrap();
@@ -188,7 +198,6 @@ impl World {
             ca,
             status,
             _dir: dir,
-            _serial: serial,
         }
     }
 
@@ -281,6 +290,7 @@ fn kubernetes_mode_systemd_layout_end_to_end() {
     if !require_kernel() {
         return;
     }
+    let _serial = serial();
     let podnet = PodNet::new(TEST_SLOT).unwrap();
     let mut w = World::new("kubepods.slice", Some(&podnet), |api| {
         let svc: KService = serde_json::from_value(json!({"apiVersion": "v1", "kind": "Service",
@@ -477,6 +487,7 @@ fn kubernetes_mode_cgroupfs_layout() {
     if !require_kernel() {
         return;
     }
+    let _serial = serial();
     let w = World::new("kubepods", None, |api| {
         api.apply(&pod("shop", "svc-less", 1, json!({"app": "x"}), true));
         api.apply(&pod("plain", "free", 2, json!({}), true));
@@ -505,6 +516,7 @@ fn kubernetes_mode_kubelet_cgroup_root() {
     if !require_kernel() {
         return;
     }
+    let _serial = serial();
     let w = World::new("kubelet.slice/kubelet-kubepods.slice", None, |api| {
         api.apply(&pod("shop", "svc-less", 1, json!({"app": "x"}), true));
         api.apply(&pod("plain", "free", 2, json!({}), true));
@@ -529,4 +541,107 @@ fn kubernetes_mode_kubelet_cgroup_root() {
     denied(&w, &mut gov, b(5432));
     allowed(&w, &mut free, b(5432));
     let _ = &w.servers;
+}
+
+/// An EndpointSlice of Service `service` in `shop` naming pods `(n, name)` (as the endpoints
+/// controller or an operator managing a selector-less Service's endpoints writes one).
+fn endpoint_slice(name: &str, service: &str, pods: &[(u32, &str)]) -> EndpointSlice {
+    let endpoints: Vec<Value> = pods
+        .iter()
+        .map(|(n, pod)| {
+            json!({"addresses": [format!("10.244.0.{n}")], "conditions": {"ready": true},
+                   "nodeName": "n1",
+                   "targetRef": {"kind": "Pod", "namespace": "shop", "name": pod, "uid": uid(*n)}})
+        })
+        .collect();
+    serde_json::from_value(
+        json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": name, "namespace": "shop",
+                     "labels": {"kubernetes.io/service-name": service,
+                                "endpointslice.kubernetes.io/managed-by": "operator.example"}},
+        "addressType": "IPv4", "endpoints": endpoints,
+        "ports": [{"name": "db", "port": 8080, "protocol": "TCP"}]}),
+    )
+    .unwrap()
+}
+
+/// Kuma matches a Service without a selector to the pods its EndpointSlices name (by UID) and
+/// gives them that Service's inbound tags. A MeshSubset on the Service's `kuma.io/service` tag
+/// allows C:5432 (IP) and `other.test` (TLS SNI): a pod in its own network namespace (through
+/// `--proxy-addr`) and a host-network pod, each allowed exactly while the slice names it.
+#[test]
+fn kubernetes_mode_selectorless_service_through_endpointslices() {
+    if !require_kernel() {
+        return;
+    }
+    let _serial = serial();
+    let podnet = PodNet::new(TEST_SLOT).unwrap();
+    let w = World::new("kubepods.slice", Some(&podnet), |api| {
+        let svc: KService = serde_json::from_value(json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "legacy", "namespace": "shop"},
+            "spec": {"ports": [{"name": "db", "port": 5432, "targetPort": 8080}]}}))
+        .unwrap();
+        api.apply(&svc);
+        api.apply(&json!({"apiVersion": "kuma.io/v1alpha1", "kind": "MeshPassthrough",
+            "metadata": {"name": "legacy-db", "namespace": "shop"},
+            "spec": {"targetRef": {"kind": "MeshSubset", "tags": {"kuma.io/service": "legacy_shop_svc_5432"}},
+                     "default": {"appendMatch": [
+                         {"type": "IP", "value": c(0).ip().to_string(), "port": 5432},
+                         {"type": "Domain", "value": "other.test", "port": 443, "protocol": "tls"}]}}}));
+        api.apply(&pod("shop", "client", 1, json!({"app": "client"}), false));
+        api.apply(&pod("shop", "batch", 2, json!({"app": "client"}), true));
+        api.apply(&endpoint_slice("legacy-8k2p1", "legacy", &[(1, "client")]));
+        // A slice of a Service that does not exist, naming pod 2: nothing.
+        api.apply(&endpoint_slice("ghost-1", "ghost", &[(2, "batch")]));
+    });
+    let mut client = w.probe(&w.start_pod_cgroup(1), Some(&podnet));
+    let mut batch = w.probe(&w.start_pod_cgroup(2), None);
+    let policies = |name: &str| {
+        w.pod_state(name)
+            .map(|p| p["state"]["Governed"]["policies"].clone())
+    };
+    let named = json!(["kuma-system/egress", "shop/legacy-db"]);
+    let not_named = json!(["kuma-system/egress"]);
+    eventually("pods mapped", &w.agent, || {
+        policies("shop/client") == Some(named.clone())
+            && policies("shop/batch") == Some(not_named.clone())
+    });
+    let sni_ok = |p: &mut Probe| w.tls(p, b(443), "other.test")["ok"] == true;
+    // The slice names the client: the legacy Service's policy applies to it only.
+    assert!(sni_ok(&mut client), "{}", w.agent.describe());
+    assert!(!sni_ok(&mut batch), "{}", w.agent.describe());
+    denied(&w, &mut batch, c(5432));
+    allowed(&w, &mut batch, a(5432));
+    denied(&w, &mut client, d(5432));
+
+    // The slice now names batch instead: the tags move with it.
+    w.api
+        .apply(&endpoint_slice("legacy-8k2p1", "legacy", &[(2, "batch")]));
+    eventually("slice edit re-tags both pods", &w.agent, || {
+        policies("shop/client") == Some(not_named.clone())
+            && policies("shop/batch") == Some(named.clone())
+    });
+    allowed(&w, &mut batch, c(5432));
+    assert!(sni_ok(&mut batch), "{}", w.agent.describe());
+    assert!(!sni_ok(&mut client), "{}", w.agent.describe());
+
+    // A second slice of the Service names the client again: both pods.
+    w.api
+        .apply(&endpoint_slice("legacy-x9q4z", "legacy", &[(1, "client")]));
+    eventually("second slice", &w.agent, || {
+        policies("shop/client") == Some(named.clone())
+    });
+    assert!(sni_ok(&mut client), "{}", w.agent.describe());
+
+    // Slices deleted: neither pod is behind the Service any more.
+    w.api.delete(Kind::EndpointSlice, "shop", "legacy-8k2p1");
+    w.api.delete(Kind::EndpointSlice, "shop", "legacy-x9q4z");
+    eventually("slices deleted", &w.agent, || {
+        policies("shop/client") == Some(not_named.clone())
+            && policies("shop/batch") == Some(not_named.clone())
+    });
+    denied(&w, &mut batch, c(5432));
+    assert!(!sni_ok(&mut client), "{}", w.agent.describe());
+    allowed(&w, &mut batch, a(5432));
+    let _ = (&w.servers, &w.cg);
 }

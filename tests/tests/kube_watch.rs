@@ -1,8 +1,10 @@
 //! The Kubernetes watchers (`passthrough_kube::cluster`) against the local API server, reached
 //! through a kubeconfig (HTTPS, CA file, bearer token) exactly as a real cluster:
 //!
-//! - one list and one watch per kind at start, the node's pods only (field selector), nothing
-//!   per pod;
+//! - one list and one watch per kind at start, the node's pods only (field selector), only
+//!   EndpointSlices tied to a Service (label selector), nothing per pod;
+//! - of an EndpointSlice only its Service and the UIDs it names are kept: an edit of anything
+//!   else (an endpoint's readiness) is no new snapshot;
 //! - adds, label changes and deletes arrive through the watch;
 //! - a dropped connection resumes the watch from the last resourceVersion (no re-list);
 //! - `410 Gone` after compaction re-lists, and no snapshot during the re-list misses an object
@@ -14,7 +16,10 @@
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
+use k8s_openapi::api::{
+    core::v1::{Namespace, Node, Pod, Service},
+    discovery::v1::EndpointSlice,
+};
 use passthrough_kube::cluster::{self, Snapshot, WatchOptions};
 use passthrough_tests::apiserver::{ApiServer, Kind};
 use serde_json::json;
@@ -31,6 +36,28 @@ fn pod(ns: &str, name: &str, node: &str, labels: &[(&str, &str)]) -> Pod {
         "spec": {"nodeName": node, "containers": [{"name": "app", "image": "app"}]},
         "status": {"qosClass": "BestEffort", "phase": "Running"}
     }))
+    .unwrap()
+}
+
+/// An EndpointSlice of `service` (no label: `None`) naming `uids`, each endpoint `ready`.
+fn slice(name: &str, service: Option<&str>, uids: &[&str], ready: bool) -> EndpointSlice {
+    let labels = match service {
+        Some(svc) => json!({"kubernetes.io/service-name": svc}),
+        None => json!({}),
+    };
+    let endpoints: Vec<serde_json::Value> = uids
+        .iter()
+        .enumerate()
+        .map(|(i, u)| {
+            json!({"addresses": [format!("10.1.0.{i}")], "conditions": {"ready": ready},
+            "targetRef": {"kind": "Pod", "namespace": "shop", "name": format!("p{i}"), "uid": u}})
+        })
+        .collect();
+    serde_json::from_value(
+        json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": name, "namespace": "shop", "labels": labels},
+        "addressType": "IPv4", "endpoints": endpoints, "ports": [{"port": 5432}]}),
+    )
     .unwrap()
 }
 
@@ -55,6 +82,9 @@ fn objects(s: &ApiServer) {
         "spec": {"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": 8080}]}}))
     .unwrap();
     s.apply(&svc);
+    s.apply(&slice("legacy-1", Some("legacy"), &["u-a"], true));
+    // No Service label: never reaches the agent.
+    s.apply(&slice("unowned", None, &["u-a"], true));
     s.apply(&pod("shop", "keep", "n1", &[("app", "web")]));
     s.apply(&pod("shop", "elsewhere", "n2", &[("app", "web")]));
     s.apply(&json!({"apiVersion": "kuma.io/v1alpha1", "kind": "MeshPassthrough",
@@ -119,29 +149,22 @@ async fn watchers_follow_the_api_server_through_faults() {
     assert_eq!(first.namespaces.len(), 2);
     assert_eq!(first.services.len(), 1);
     assert!(first.policies.contains_key("kuma-system/egress"));
+    assert_eq!(
+        first.endpoint_slices.len(),
+        1,
+        "only the slice of a Service"
+    );
+    assert!(first.endpoint_slices.names("shop", "legacy", "u-a"));
 
     // One list + one watch per kind; the pod and node ones filtered by field selector.
-    let all = [
-        Kind::Pod,
-        Kind::Node,
-        Kind::Namespace,
-        Kind::Service,
-        Kind::MeshPassthrough,
-    ];
     for _ in 0..200 {
-        if all.iter().all(|k| server.count(*k).1 >= 1) {
+        if Kind::ALL.iter().all(|k| server.count(*k).1 >= 1) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
-    for k in [
-        Kind::Pod,
-        Kind::Node,
-        Kind::Namespace,
-        Kind::Service,
-        Kind::MeshPassthrough,
-    ] {
+    for k in Kind::ALL {
         assert_eq!(server.count(k), (1, 1), "{k:?}: (lists, watches)");
     }
     let reqs = server.requests();
@@ -156,6 +179,18 @@ async fn watchers_follow_the_api_server_through_faults() {
             .all(|q| q.contains("fieldSelector=spec.nodeName%3Dn1")
                 || q.contains("fieldSelector=spec.nodeName=n1")),
         "{pod_q:?}"
+    );
+    let slice_q: Vec<&str> = reqs
+        .iter()
+        .filter(|r| r.kind == Some(Kind::EndpointSlice))
+        .map(|r| r.query.as_str())
+        .collect();
+    assert!(
+        slice_q
+            .iter()
+            .all(|q| q.contains("labelSelector=kubernetes.io%2Fservice-name")
+                || q.contains("labelSelector=kubernetes.io/service-name")),
+        "{slice_q:?}"
     );
     assert!(
         reqs.iter()
@@ -181,6 +216,41 @@ async fn watchers_follow_the_api_server_through_faults() {
     .await;
     server.delete(Kind::Pod, "shop", "new");
     until(&mut rx, "delete", |s| names(s) == ["keep"]).await;
+
+    // EndpointSlices: an edit of what the rule reads arrives; one of anything else (readiness)
+    // is no new snapshot; losing the Service label is a delete on the filtered watch.
+    server.apply(&slice("legacy-1", Some("legacy"), &["u-a", "u-b"], true));
+    until(&mut rx, "slice names u-b", |s| {
+        s.endpoint_slices.names("shop", "legacy", "u-b")
+    })
+    .await;
+    let v = rx.borrow().version;
+    server.apply(&slice("legacy-1", Some("legacy"), &["u-a", "u-b"], false));
+    // The next event of the same watch (read in order): the readiness edit before it was read
+    // and made no new version.
+    server.apply(&slice("legacy-2", Some("legacy"), &["u-c"], true));
+    let after = until(&mut rx, "slice legacy-2", |s| {
+        s.endpoint_slices.names("shop", "legacy", "u-c")
+    })
+    .await;
+    assert_eq!(
+        after.version,
+        v + 1,
+        "a readiness-only slice edit is no change; a new slice is one"
+    );
+    server.delete(Kind::EndpointSlice, "shop", "legacy-2");
+    server.apply(&slice("legacy-1", None, &["u-a", "u-b"], true));
+    until(&mut rx, "slice without its label dropped", |s| {
+        s.endpoint_slices.is_empty()
+    })
+    .await;
+    server.apply(&slice("legacy-1", Some("legacy"), &["u-a"], true));
+    until(&mut rx, "slice back", |s| {
+        s.endpoint_slices.names("shop", "legacy", "u-a")
+    })
+    .await;
+    server.delete(Kind::EndpointSlice, "shop", "legacy-1");
+    until(&mut rx, "slice deleted", |s| s.endpoint_slices.is_empty()).await;
 
     // A checker: after the first complete snapshot, "keep" and the policy never vanish.
     let mut check = c.snapshots.clone();

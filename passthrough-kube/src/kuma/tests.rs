@@ -195,6 +195,7 @@ fn dataplane_from_services_and_node() {
         &p,
         "default",
         &[&s1, &headless, &other_ns, &ignored, &no_sel],
+        &ServiceSlices::default(),
         &node,
         &cfg,
     );
@@ -251,7 +252,14 @@ fn dataplane_from_services_and_node() {
 fn serviceless_inbound_names_the_owner() {
     let cfg = KumaConfig::default();
     let p = web_pod();
-    let dp = dataplane_for(&p, "default", &[], &BTreeMap::new(), &cfg);
+    let dp = dataplane_for(
+        &p,
+        "default",
+        &[],
+        &ServiceSlices::default(),
+        &BTreeMap::new(),
+        &cfg,
+    );
     assert_eq!(dp.inbounds.len(), 1);
     let i = &dp.inbounds[0];
     assert_eq!(i[SERVICE_TAG], "web_shop_svc");
@@ -279,7 +287,14 @@ fn serviceless_inbound_names_the_owner() {
         zone: String::new(),
         ..KumaConfig::default()
     };
-    let dp = dataplane_for(&p, "default", &[], &BTreeMap::new(), &z);
+    let dp = dataplane_for(
+        &p,
+        "default",
+        &[],
+        &ServiceSlices::default(),
+        &BTreeMap::new(),
+        &z,
+    );
     assert!(!dp.inbounds[0].contains_key(ZONE_TAG) && !dp.labels.contains_key(ORIGIN_LABEL));
 }
 
@@ -350,7 +365,14 @@ fn selection_by_namespace_zone_name_labels_tags() {
     let s = svc(
         json!({"metadata": {"name": "web", "namespace": "shop"}, "spec": {"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": 8080}]}}),
     );
-    let dp = dataplane_for(&p, "default", &[&s], &BTreeMap::new(), &cfg);
+    let dp = dataplane_for(
+        &p,
+        "default",
+        &[&s],
+        &ServiceSlices::default(),
+        &BTreeMap::new(),
+        &cfg,
+    );
     let mesh = TargetRef::Mesh { proxy_types: None };
     // System namespace: every namespace; another namespace: only its own.
     assert!(selects(&meta("a", "kuma-system", &[]), &mesh, &dp));
@@ -505,4 +527,210 @@ fn merge_order_is_kumas() {
     let a = meta("allow", "kuma-system", &[]);
     let d = meta("deny", "kuma-system", &[]);
     assert_eq!(order((&a, &mesh), (&d, &mesh)), Ordering::Greater);
+}
+
+fn slice(ns: &str, name: &str, service: Option<&str>, uids: &[&str]) -> EndpointSlice {
+    let labels = match service {
+        Some(s) => json!({SLICE_SERVICE_LABEL: s}),
+        None => json!({}),
+    };
+    let endpoints: Vec<serde_json::Value> = uids
+        .iter()
+        .enumerate()
+        .map(|(i, u)| {
+            json!({"addresses": [format!("10.0.0.{i}")],
+                   "targetRef": {"kind": "Pod", "namespace": ns, "name": format!("p{i}"), "uid": u}})
+        })
+        .collect();
+    serde_json::from_value(json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": name, "namespace": ns, "labels": labels},
+        "addressType": "IPv4", "endpoints": endpoints,
+        "ports": [{"port": 5432}]
+    }))
+    .expect("endpoint slice")
+}
+
+fn slices(list: &[EndpointSlice]) -> ServiceSlices {
+    let mut s = ServiceSlices::default();
+    for o in list {
+        s.insert(SliceTargets::of(o).expect("a Service's slice"));
+    }
+    s
+}
+
+fn service_tags(dp: &Dataplane) -> Vec<&str> {
+    dp.inbounds
+        .iter()
+        .map(|t| t[SERVICE_TAG].as_str())
+        .collect()
+}
+
+/// Kuma's `findByEndpointSlices`: a Service without a selector matches the pods its
+/// EndpointSlices name by UID, and gives them the same inbound tags a selector Service would.
+#[test]
+fn selectorless_service_matches_the_pods_its_endpointslices_name() {
+    let cfg = KumaConfig::default();
+    let p = web_pod();
+    let legacy = svc(json!({"metadata": {"name": "legacy", "namespace": "shop"},
+        "spec": {"ports": [{"port": 5432, "targetPort": 8080}, {"port": 81, "targetPort": "nope"}]}}));
+    // Not named: the service-less inbound, as before.
+    let none = ServiceSlices::default();
+    let dp = dataplane_for(&p, "default", &[&legacy], &none, &BTreeMap::new(), &cfg);
+    assert_eq!(service_tags(&dp), ["web_shop_svc"]);
+
+    // Named by one of its slices (another endpoint and another slice beside it).
+    let named = slices(&[
+        slice("shop", "legacy-abcde", Some("legacy"), &["u0", "u1"]),
+        slice("shop", "legacy-fghij", Some("legacy"), &["u9"]),
+    ]);
+    let dp = dataplane_for(&p, "default", &[&legacy], &named, &BTreeMap::new(), &cfg);
+    assert_eq!(
+        service_tags(&dp),
+        ["legacy_shop_svc_5432"],
+        "port 81's named targetPort is in no container: skipped, as for any Service"
+    );
+    let i = &dp.inbounds[0];
+    assert_eq!(i[SERVICE_NAME_TAG], "legacy");
+    assert_eq!(i[SERVICE_PORT_TAG], "5432");
+    assert_eq!(i[NAMESPACE_TAG], "shop");
+    assert_eq!(i[PROTOCOL_TAG], "tcp");
+    assert_eq!(i["app"], "web");
+    assert!(!i.contains_key(INSTANCE_TAG));
+
+    // The same slice name in another namespace, a slice of another Service, a slice of a
+    // Service that has a selector: none of them makes a Service match.
+    let elsewhere = slices(&[
+        slice("other", "legacy-abcde", Some("legacy"), &["u1"]),
+        slice("shop", "db-x", Some("db"), &["u1"]),
+    ]);
+    let dp = dataplane_for(
+        &p,
+        "default",
+        &[&legacy],
+        &elsewhere,
+        &BTreeMap::new(),
+        &cfg,
+    );
+    assert_eq!(service_tags(&dp), ["web_shop_svc"]);
+    let api = svc(json!({"metadata": {"name": "api", "namespace": "shop"},
+        "spec": {"selector": {"app": "api"}, "ports": [{"port": 80, "targetPort": 8080}]}}));
+    let api_slice = slices(&[slice("shop", "api-x", Some("api"), &["u1"])]);
+    let dp = dataplane_for(&p, "default", &[&api], &api_slice, &BTreeMap::new(), &cfg);
+    assert_eq!(
+        service_tags(&dp),
+        ["web_shop_svc"],
+        "a Service with a selector is matched by its selector only, never its slices"
+    );
+    // An empty selector is no selector; kuma.io/ignore and ExternalName still exclude.
+    let empty_sel = svc(json!({"metadata": {"name": "legacy", "namespace": "shop"},
+        "spec": {"selector": {}, "ports": [{"port": 5432, "targetPort": 8080}]}}));
+    let dp = dataplane_for(&p, "default", &[&empty_sel], &named, &BTreeMap::new(), &cfg);
+    assert_eq!(service_tags(&dp), ["legacy_shop_svc_5432"]);
+    for excluded in [
+        json!({"metadata": {"name": "legacy", "namespace": "shop", "annotations": {"kuma.io/ignore": "true"}},
+               "spec": {"ports": [{"port": 5432}]}}),
+        json!({"metadata": {"name": "legacy", "namespace": "shop"},
+               "spec": {"type": "ExternalName", "externalName": "db.example", "ports": [{"port": 5432}]}}),
+    ] {
+        let s = svc(excluded);
+        let dp = dataplane_for(&p, "default", &[&s], &named, &BTreeMap::new(), &cfg);
+        assert_eq!(service_tags(&dp), ["web_shop_svc"], "{:?}", s.metadata);
+    }
+}
+
+/// A pod behind a selector Service and a selector-less one gets both inbounds, sorted by
+/// Service name; a slice edit adds and removes the selector-less one.
+#[test]
+fn endpointslice_edits_add_and_remove_the_selectorless_inbound() {
+    let cfg = KumaConfig::default();
+    let p = web_pod();
+    let web = svc(json!({"metadata": {"name": "web", "namespace": "shop"},
+        "spec": {"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": "http"}]}}));
+    let legacy = svc(json!({"metadata": {"name": "legacy", "namespace": "shop"},
+        "spec": {"clusterIP": "None", "ports": [{"port": 5432, "targetPort": 8080}]}}));
+    let services = [&web, &legacy];
+    let mut s = ServiceSlices::default();
+    let dp = |s: &ServiceSlices| dataplane_for(&p, "default", &services, s, &BTreeMap::new(), &cfg);
+    assert_eq!(service_tags(&dp(&s)), ["web_shop_svc_80"]);
+
+    // The slice is created naming another pod: nothing for this one.
+    assert!(
+        s.insert(SliceTargets::of(&slice("shop", "legacy-1", Some("legacy"), &["u7"])).unwrap())
+    );
+    assert_eq!(service_tags(&dp(&s)), ["web_shop_svc_80"]);
+    // Edited to name this pod too: the inbound appears (headless: kuma.io/instance).
+    assert!(s.insert(
+        SliceTargets::of(&slice("shop", "legacy-1", Some("legacy"), &["u7", "u1"])).unwrap()
+    ));
+    let d = dp(&s);
+    assert_eq!(
+        service_tags(&d),
+        ["legacy_shop_svc_5432", "web_shop_svc_80"]
+    );
+    assert_eq!(d.inbounds[0][INSTANCE_TAG], "web-7d9c5b7f8-x2x9q");
+    // The same content again is no change.
+    assert!(!s.insert(
+        SliceTargets::of(&slice("shop", "legacy-1", Some("legacy"), &["u7", "u1"])).unwrap()
+    ));
+    // The slice's Service label changes: it belongs to another Service now.
+    assert!(s.insert(
+        SliceTargets::of(&slice("shop", "legacy-1", Some("moved"), &["u7", "u1"])).unwrap()
+    ));
+    assert_eq!(service_tags(&dp(&s)), ["web_shop_svc_80"]);
+    assert!(s.names("shop", "moved", "u1") && !s.names("shop", "legacy", "u1"));
+    assert!(
+        s.insert(SliceTargets::of(&slice("shop", "legacy-1", Some("legacy"), &["u1"])).unwrap())
+    );
+    assert_eq!(
+        service_tags(&dp(&s)),
+        ["legacy_shop_svc_5432", "web_shop_svc_80"]
+    );
+    // Edited to drop this pod, then deleted.
+    assert!(
+        s.insert(SliceTargets::of(&slice("shop", "legacy-1", Some("legacy"), &["u7"])).unwrap())
+    );
+    assert_eq!(service_tags(&dp(&s)), ["web_shop_svc_80"]);
+    assert!(s.remove("shop", "legacy-1"));
+    assert!(
+        !s.remove("shop", "legacy-1"),
+        "an unknown slice is no change"
+    );
+    assert!(s.is_empty());
+    assert_eq!(service_tags(&dp(&s)), ["web_shop_svc_80"]);
+}
+
+/// What is kept of a slice: only endpoints with a targetRef UID count; a slice without the
+/// Service label is not one Kuma reads.
+#[test]
+fn slice_targets_keep_what_the_rule_reads() {
+    assert_eq!(SliceTargets::of(&slice("shop", "x", None, &["u1"])), None);
+    let raw: EndpointSlice = serde_json::from_value(json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": "legacy-1", "namespace": "shop", "labels": {SLICE_SERVICE_LABEL: "legacy"}},
+        "addressType": "IPv4",
+        "endpoints": [
+            {"addresses": ["10.0.0.1"]},
+            {"addresses": ["10.0.0.2"], "targetRef": {"kind": "Pod", "name": "p"}},
+            {"addresses": ["10.0.0.3"], "targetRef": {"kind": "Pod", "name": "q", "uid": ""}},
+            {"addresses": ["10.0.0.4"], "targetRef": {"kind": "Pod", "name": "r", "uid": "u4"}}
+        ]
+    }))
+    .unwrap();
+    let t = SliceTargets::of(&raw).unwrap();
+    assert_eq!(t.service, "legacy");
+    assert_eq!(t.uids.iter().collect::<Vec<_>>(), ["u4"]);
+    // No endpoints at all (the API server sends `null` for an empty list).
+    let empty: EndpointSlice = serde_json::from_value(json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": "legacy-2", "namespace": "shop", "labels": {SLICE_SERVICE_LABEL: "legacy"}},
+        "addressType": "IPv4", "endpoints": null
+    }))
+    .unwrap();
+    let mut s = ServiceSlices::default();
+    assert!(s.insert(SliceTargets::of(&empty).unwrap()));
+    assert!(!s.names("shop", "legacy", "u4"));
+    assert!(!s.names("shop", "legacy", ""), "an empty UID names nothing");
+    assert_eq!(s.len(), 1);
+    assert_eq!(s.get("shop", "legacy-2").unwrap().service, "legacy");
 }

@@ -2,9 +2,11 @@
 //!
 //! The real agent (`passthrough run --kubernetes`, release build) against the local API server
 //! (`passthrough_tests::apiserver`) holding 1,000 pods of this node in 20 namespaces, a Service
-//! per namespace, one mesh-wide MeshPassthrough (100 IP/CIDR matches, 5 domains) and one
-//! namespace-scoped MeshPassthrough per namespace; every pod has its cgroup in a test kubepods
-//! tree (systemd layout) under the real cgroup2 mount before the agent starts.
+//! per namespace with its EndpointSlice naming the namespace's pods, a selector-less Service per
+//! namespace whose EndpointSlice names 5 of them (they get its inbound, as in Kuma), one
+//! mesh-wide MeshPassthrough (100 IP/CIDR matches, 5 domains) and one namespace-scoped
+//! MeshPassthrough per namespace; every pod has its cgroup in a test kubepods tree (systemd
+//! layout) under the real cgroup2 mount before the agent starts.
 //!
 //! Measured:
 //! - **pod cgroup → enforced**: 200 more pods, known to the API server; for each, the time from
@@ -33,7 +35,10 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData};
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
+use k8s_openapi::api::{
+    core::v1::{Namespace, Node, Pod, Service},
+    discovery::v1::EndpointSlice,
+};
 use passthrough_common::{GlobalConfig, WorkloadEntry, WorkloadKey, mode};
 use passthrough_kube::cgroups::{KubepodsRoot, Qos};
 use passthrough_tests::{
@@ -61,6 +66,22 @@ fn pod(n: u32) -> Pod {
         "status": {"qosClass": "BestEffort", "phase": "Running"}
     }))
     .expect("pod")
+}
+
+/// An EndpointSlice of Service `svc` in namespace `i` naming pods `ns`.
+fn slice(i: u32, svc: &str, managed_by: &str, pods: &[u32]) -> anyhow::Result<EndpointSlice> {
+    let endpoints: Vec<serde_json::Value> = pods
+        .iter()
+        .map(|n| json!({"addresses": [format!("10.{}.{}.{}", n >> 16, (n >> 8) & 255, n & 255)],
+            "conditions": {"ready": true}, "nodeName": "n1",
+            "targetRef": {"kind": "Pod", "namespace": format!("ns-{i:02}"), "name": format!("pod-{n}"), "uid": uid(*n)}}))
+        .collect();
+    Ok(serde_json::from_value(
+        json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": format!("{svc}-x{i:02}"), "namespace": format!("ns-{i:02}"),
+            "labels": {"kubernetes.io/service-name": svc, "endpointslice.kubernetes.io/managed-by": managed_by}},
+        "addressType": "IPv4", "endpoints": endpoints, "ports": [{"port": 8080}]}),
+    )?)
 }
 
 fn mesh_policy(version: u32) -> serde_json::Value {
@@ -256,6 +277,14 @@ fn main() -> anyhow::Result<()> {
             "metadata": {"name": "web", "namespace": ns},
             "spec": {"selector": {"tier": "web"}, "ports": [{"port": 80, "targetPort": 8080}]}}))?;
         api.apply(&s);
+        let legacy: Service =
+            serde_json::from_value(json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "legacy", "namespace": ns},
+            "spec": {"ports": [{"port": 5432, "targetPort": 8080}]}}))?;
+        api.apply(&legacy);
+        let in_ns: Vec<u32> = (0..PODS).filter(|n| n % NAMESPACES == i).collect();
+        api.apply(&slice(i, "web", "endpointslice-controller.k8s.io", &in_ns)?);
+        api.apply(&slice(i, "legacy", "operator.example", &in_ns[..5])?);
         api.apply(&json!({"apiVersion": "kuma.io/v1alpha1", "kind": "MeshPassthrough",
             "metadata": {"name": "team", "namespace": ns},
             "spec": {"targetRef": {"kind": "MeshSubset", "tags": {"kuma.io/service": format!("web_{ns}_svc_80")}},
@@ -391,16 +420,8 @@ fn main() -> anyhow::Result<()> {
     }
     flips.sort_by(f64::total_cmp);
     let (rss_after, hwm_after) = rss_kib(agent.pid());
-    let requests: Vec<(Kind, (usize, usize))> = [
-        Kind::Pod,
-        Kind::Node,
-        Kind::Namespace,
-        Kind::Service,
-        Kind::MeshPassthrough,
-    ]
-    .into_iter()
-    .map(|k| (k, api.count(k)))
-    .collect();
+    let requests: Vec<(Kind, (usize, usize))> =
+        Kind::ALL.into_iter().map(|k| (k, api.count(k))).collect();
     let other = api
         .requests()
         .iter()
@@ -410,8 +431,10 @@ fn main() -> anyhow::Result<()> {
     drop(cg);
 
     println!(
-        "pods on the node: {PODS} (+{new_pods} started and stopped one at a time), namespaces: {NAMESPACES}, policies: {}",
-        NAMESPACES + 1
+        "pods on the node: {PODS} (+{new_pods} started and stopped one at a time), namespaces: {NAMESPACES}, policies: {}, Services: {} ({NAMESPACES} selector-less), EndpointSlices: {}",
+        NAMESPACES + 1,
+        2 * NAMESPACES,
+        2 * NAMESPACES
     );
     println!(
         "agent start to ready (first list of every kind, plan for {PODS} pods, attach): {:.0} ms",
