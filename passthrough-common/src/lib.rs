@@ -79,7 +79,10 @@ pub mod flags {
     pub const POD_PROXY_V6: u32 = 8;
     /// Someone watches (`passthrough monitor`, the decision log): the programs also report
     /// allowed egress decisions (`MONITOR_EVENTS`), 1 in 2^[`monitor_shift`] of them, while
-    /// the agent's lease ([`GlobalConfig::monitor_lease`], [`monitor_live`]) has not run out.
+    /// the agent's lease ([`GlobalConfig::monitor_lease`][lease], [`monitor_live`]) has not
+    /// run out.
+    ///
+    /// [lease]: super::GlobalConfig::monitor_lease
     pub const MONITOR: u32 = 16;
     /// First bit of the monitor's sampling shift (4 bits: 1 in 1 … 1 in 32,768).
     pub const MONITOR_SHIFT_BIT: u32 = 8;
@@ -92,8 +95,10 @@ pub mod flags {
         (flags >> MONITOR_SHIFT_BIT) & MONITOR_SHIFT_MASK
     }
 
-    /// Units of [`GlobalConfig::monitor_lease`]: the monotonic clock's nanoseconds shifted
-    /// down by this (2^30 ns, about 1.07 s).
+    /// Units of [`GlobalConfig::monitor_lease`][lease]: the monotonic clock's nanoseconds
+    /// shifted down by this (2^30 ns, about 1.07 s).
+    ///
+    /// [lease]: super::GlobalConfig::monitor_lease
     pub const MONITOR_LEASE_SHIFT: u32 = 30;
     /// How many lease units past now the agent sets the lease when it renews it (about once a
     /// second while someone watches): a report flag left by an agent that died (SIGKILL: it
