@@ -18,8 +18,8 @@
 //!    Refused: the send fails (`EACCES`), the socket is `DENIED` (every later send fails too), a
 //!    denial event goes to the agent, which resets the connection.
 //! 4. `sock_ops` at the first `RTT_CB` after an allowed hello ([`on_ack`]): the socket leaves
-//!    `SNI_SOCKS` and its storage is deleted, so the rest of the connection runs on the plain
-//!    TCP send path.
+//!    `SNI_SOCKS`, so the rest of the connection runs on the plain TCP send path (its storage,
+//!    `ALLOWED`, goes with the socket).
 //!
 //! Why a backstop as well ([`backstop`], in the egress program): the `sk_msg` hook only sees
 //! sends that enter through the socket's protocol `sendmsg` *after* enrolment. A send that was
@@ -240,8 +240,12 @@ pub fn enrol(ctx: &SockOpsContext) {
 ///
 /// Why at an ACK: an `sk_msg` program cannot remove its own socket from a SOCKHASH (it runs
 /// with the socket locked), sock_ops may. Leaving the map restores the socket's original
-/// protocol operations, so every later `sendmsg` is the plain TCP one; deleting the storage
-/// leaves the egress backstop one failed lookup per packet.
+/// protocol operations, so every later `sendmsg` is the plain TCP one.
+///
+/// Why the storage stays (`ALLOWED`) until the socket is freed: a storage a program deletes
+/// is freed after an RCU Tasks Trace grace period (a callback through the `rcu_tasks_trace`
+/// kthread per connection), one freed with its socket after a plain RCU grace period. The
+/// egress backstop finds it `ALLOWED` in one cached lookup.
 #[inline(always)]
 pub fn on_ack(ctx: &SockOpsContext) {
     // SAFETY: as in `enrol`.
@@ -268,7 +272,6 @@ pub fn on_ack(ctx: &SockOpsContext) {
                 ptr::from_ref(&SNI_SOCKS).cast_mut().cast(),
                 ptr::from_ref(&cookie).cast(),
             );
-            let _ = bpf_sk_storage_delete(ptr::from_ref(&SNI_STATE).cast_mut().cast(), sk);
         }
     }
 }
@@ -467,7 +470,7 @@ pub fn passthrough_sni_name(ctx: SkMsgContext) -> u32 {
     if st.state != sni_state::PENDING {
         return SK_DROP;
     }
-    match sni::name(&bytes(&ctx), &st.scan, &mut st.lookup.key.name) {
+    match sni::name(&bytes(&ctx), &mut st.scan, &mut st.lookup.key.name) {
         Err(stop) => verdict(&ctx, st, stop_reason(stop)),
         Ok(name) => {
             let reason = judge_name(&KernelMaps, st.workload, st.port, name, &mut st.lookup);

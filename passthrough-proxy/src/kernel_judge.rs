@@ -132,6 +132,43 @@ mod tests {
         }
     }
 
+    /// Every name length on both sides of the kernel's short name walk (32 bytes) and up to
+    /// past the longest name, with and without a trailing dot and in mixed case: the kernel
+    /// agrees with the proxy on each, and a valid one comes out whole.
+    #[test]
+    fn every_name_length() {
+        for n in 1..=256usize {
+            // Labels of up to 9 letters (mixed case) separated by dots.
+            let name: Vec<u8> = (0..n)
+                .map(|i| match i % 10 {
+                    9 => b'.',
+                    k if k % 2 == 0 => b'A' + (i % 26) as u8,
+                    _ => b'a' + (i % 26) as u8,
+                })
+                .collect();
+            for name in [name.clone(), [name.as_slice(), b"."].concat()] {
+                let b = crate::tls::test_hello()
+                    .server_names(&[&name])
+                    .records(16_384);
+                assert_eq!(compare_with_proxy(&b), Ok(()), "length {}", name.len());
+                let mut out = [0u8; SNI_KEY_NAME];
+                let h = passthrough_common::sni::parse(
+                    &b[..],
+                    passthrough_common::sni::KERNEL_LIMITS,
+                    &mut out,
+                )
+                .expect("a hello");
+                if let passthrough_common::sni::Name::Valid { len, .. } = h.name {
+                    let mut back: Vec<u8> = out[..len as usize].to_vec();
+                    back.reverse();
+                    assert_eq!(back, name.to_ascii_lowercase(), "length {}", name.len());
+                    // A 254-byte name fills the key; a shorter one is 0-terminated.
+                    assert_eq!(out.get(len as usize).copied().unwrap_or(0), 0);
+                }
+            }
+        }
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(2000))]
 

@@ -69,7 +69,10 @@
 //! metrics `req_per_s`, `mb_per_s`, `p50_us`, `p99_us`, `cpu_us_per_req`, `cpu_us_per_mb`,
 //! `node_cpu_us_per_req`, `node_cpu_us_per_mb`; a
 //! summary (medians, median of per-round ratios to direct) on stderr. `--tables a,b`: only those
-//! tables (e.g. to profile one scenario). `--agent-arg ARG` (repeatable): one more argument for
+//! tables (e.g. to profile one scenario); `--rows a,b`: only those paths (row ids as in the
+//! output, e.g. `direct,ours-fast,ours-candidate`); `--perf DIR`: a system-wide `perf record`
+//! (`cpu-clock`, call graphs) of each measurement into `DIR/<table>-<row>-r<round>.data`, to
+//! see where a path's node CPU goes (perf's own CPU counts in that run's node CPU). `--agent-arg ARG` (repeatable): one more argument for
 //! every agent started. `--quick`: a smoke run
 //! (one round, 1 s measurements, < 90 s). Needs root, BPF, cgroup v2, iproute2 and the peers of
 //! `scripts/setup-peers.sh`; every peer runs from a config in a temp dir and is killed on exit.
@@ -269,6 +272,8 @@ fn main() -> anyhow::Result<()> {
     let mut agent_args: Vec<String> = Vec::new();
     let mut candidate_args: Vec<String> = Vec::new();
     let mut candidate_bin: Option<PathBuf> = None;
+    let mut only_rows: Option<Vec<String>> = None;
+    let mut perf_dir: Option<PathBuf> = None;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -293,6 +298,18 @@ fn main() -> anyhow::Result<()> {
                     it.next().context("--candidate-bin needs a path")?,
                 ))
             }
+            "--rows" => {
+                let list = it.next().context("--rows needs a list")?;
+                let wanted: Vec<String> = list.split(',').map(str::to_string).collect();
+                if let Some(bad) = wanted
+                    .iter()
+                    .find(|w| !ROWS.iter().any(|r| r.id() == w.as_str()))
+                {
+                    bail!("unknown row {bad:?}");
+                }
+                only_rows = Some(wanted);
+            }
+            "--perf" => perf_dir = Some(PathBuf::from(it.next().context("--perf needs a dir")?)),
             "--tables" => {
                 let list = it.next().context("--tables needs a list")?;
                 let wanted: Vec<String> = list.split(',').map(str::to_string).collect();
@@ -306,7 +323,7 @@ fn main() -> anyhow::Result<()> {
             }
             other => {
                 bail!(
-                    "unknown argument {other:?} (--quick, --rounds N, --out PATH, --tables a,b, --agent-arg ARG, --candidate-arg ARG, --candidate-bin PATH)"
+                    "unknown argument {other:?} (--quick, --rounds N, --out PATH, --tables a,b, --rows a,b, --perf DIR, --agent-arg ARG, --candidate-arg ARG, --candidate-bin PATH)"
                 )
             }
         }
@@ -363,6 +380,12 @@ fn main() -> anyhow::Result<()> {
     unsafe { std::env::set_var("TOKIO_WORKER_THREADS", "1") };
     let dns_addr = dns.addr.to_string();
     let with_candidate = candidate_bin.is_some() || !candidate_args.is_empty();
+    // A candidate with the fast path on is readied (pre-warmed, checked) like `ours-fast`.
+    let candidate_fast = candidate_args
+        .windows(2)
+        .any(|w| w[0] == "--tls-fast-path" && w[1] == "on")
+        || candidate_args.iter().any(|a| a == "--tls-fast-path=on");
+    let fast_row = |r: Row| r == Row::OursFast || (r == Row::OursCandidate && candidate_fast);
     let start_agent = |variant: Row| -> anyhow::Result<Agent> {
         let mut builder = Agent::builder()
             .policy(&policy)
@@ -391,7 +414,23 @@ fn main() -> anyhow::Result<()> {
     };
     // The running agent and the row it serves; swapped (outside the workload cgroup) when a row
     // needs another one.
-    let mut agent = Some((start_agent(Row::Ours)?, Row::Ours));
+    let first_agent = if only_rows
+        .as_ref()
+        .is_none_or(|o| o.iter().any(|w| w == Row::Ours.id()))
+    {
+        Row::Ours
+    } else {
+        ROWS.into_iter()
+            .find(|r| {
+                r.is_agent()
+                    && (*r != Row::OursCandidate || with_candidate)
+                    && only_rows
+                        .as_ref()
+                        .is_some_and(|o| o.iter().any(|w| w == r.id()))
+            })
+            .unwrap_or(Row::Ours)
+    };
+    let mut agent = Some((start_agent(first_agent)?, first_agent));
 
     let peers = Peers::start(dir.path(), &envoy, host_c)?;
     let hosts = |name: &str, ip: IpAddr| -> anyhow::Result<PathBuf> {
@@ -407,6 +446,12 @@ fn main() -> anyhow::Result<()> {
     let mut paths: Vec<(Row, Endpoints)> = Vec::new();
     for row in ROWS {
         if row == Row::OursCandidate && !with_candidate {
+            continue;
+        }
+        if only_rows
+            .as_ref()
+            .is_some_and(|o| !o.iter().any(|w| w == row.id()))
+        {
             continue;
         }
         let e = match row {
@@ -517,13 +562,18 @@ fn main() -> anyhow::Result<()> {
                         drop(inside.take());
                         agent = Some((start_agent(*row)?, *row));
                         inside = Some(MoveBack::into(&cg)?);
-                        if *row == Row::OursFast {
+                        if fast_row(*row) {
                             let a = &agent.as_ref().expect("just started").0;
                             rt.block_on(fast_path_ready(&tls_cfg, e.tls, a))?;
                         }
                     }
                     cpu_pid = agent.as_ref().map(|a| a.0.pid());
                 }
+                // `--perf DIR`: a system-wide profile of this measurement alone.
+                let perf = perf_dir
+                    .as_ref()
+                    .map(|d| perf_start(d, &format!("{}-{}-r{round}", table.id(), row.id())))
+                    .transpose()?;
                 let paths0 = fast_path_counts(agent.as_ref().filter(|a| a.1 == *row));
                 let cpu0 = cpu_pid.map(cpu_ticks).transpose()?;
                 let node0 = node_busy_ticks()?;
@@ -531,6 +581,9 @@ fn main() -> anyhow::Result<()> {
                     .measure(&rt, table, addr, &e.hosts)
                     .with_context(|| format!("{} via {} (round {round})", table.id(), row.id()))?;
                 let node_us = (node_busy_ticks()? - node0) as f64 * 1e6 / clock_ticks();
+                if let Some(p) = perf {
+                    perf_stop(p);
+                }
                 let paths1 = fast_path_counts(agent.as_ref().filter(|a| a.1 == *row));
                 let cpu = match (cpu_pid, cpu0) {
                     (Some(pid), Some(c0)) => {
@@ -581,7 +634,7 @@ fn main() -> anyhow::Result<()> {
                 }
                 // The TLS fast path: the share of this measurement's connections that went
                 // directly (the rest took the proxy).
-                if *row == Row::OursFast
+                if fast_row(*row)
                     && let (Some((d0, p0)), Some((d1, p1))) = (paths0, paths1)
                     && d1 + p1 > d0 + p0
                 {
@@ -625,7 +678,7 @@ fn main() -> anyhow::Result<()> {
                     drop(inside.take());
                     agent = Some((start_agent(serving)?, serving));
                     inside = Some(MoveBack::into(&cg)?);
-                    if serving == Row::OursFast {
+                    if fast_row(serving) {
                         let a = &agent.as_ref().expect("just started").0;
                         rt.block_on(fast_path_ready(&tls_cfg, e.tls, a))?;
                     }
@@ -1080,6 +1133,39 @@ async fn checks(tls: &Arc<ClientConfig>, paths: &[(Row, Endpoints)]) -> anyhow::
         );
     }
     Ok(())
+}
+
+/// `--perf DIR`: starts `perf record` (system-wide, call graphs, the `cpu-clock` software event:
+/// no hardware counters needed) into `DIR/<name>.data`.
+fn perf_start(dir: &Path, name: &str) -> anyhow::Result<Child> {
+    std::fs::create_dir_all(dir)?;
+    let child = Command::new("perf")
+        .args([
+            "record",
+            "-a",
+            "-g",
+            "-e",
+            "cpu-clock",
+            "-F",
+            "1999",
+            "-q",
+            "-o",
+        ])
+        .arg(dir.join(format!("{name}.data")))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("perf record (is perf installed?)")?;
+    // perf needs a moment to open its events on every CPU.
+    std::thread::sleep(Duration::from_millis(500));
+    Ok(child)
+}
+
+/// Stops a `perf record` started by [`perf_start`] (SIGINT: it writes its file and exits).
+fn perf_stop(mut p: Child) {
+    // SAFETY: a signal to our own child.
+    unsafe { libc::kill(p.id() as i32, libc::SIGINT) };
+    let _ = p.wait();
 }
 
 /// The agent's counts of Domain-candidate connections that went directly (the TLS fast path,
