@@ -8,6 +8,7 @@
 //! | Service | all (the Services selecting this node's pods) |
 //! | MeshPassthrough (`kuma.io/v1alpha1`) | all |
 //! | EndpointSlice (`discovery.k8s.io/v1`) | `labelSelector=kubernetes.io/service-name` (the slices Kuma's rule reads: selector-less Services match pods through them) |
+//! | ReplicaSet (`apps/v1`), Job (`batch/v1`) | all, metadata only (their owners name a service-less pod, as in Kuma) |
 //!
 //! Each kind is followed by kube-rs's watcher: a list, then a watch from its resourceVersion,
 //! resumed from the last one seen (bookmarks keep it fresh) when the connection drops, and
@@ -17,8 +18,9 @@
 //! complete state stays and [`Health`] says since when it has been failing.
 //!
 //! Of an EndpointSlice only what Kuma's rule reads is kept ([`SliceTargets`]: its Service and
-//! the UIDs its endpoints name); an event that changes none of it (an endpoint's readiness, an
-//! address) changes nothing and wakes nobody.
+//! the UIDs its endpoints name), of a ReplicaSet or Job only its owner references; an event that
+//! changes none of it (an endpoint's readiness, a ReplicaSet's status) changes nothing and wakes
+//! nobody.
 
 use std::{
     collections::BTreeMap,
@@ -29,38 +31,44 @@ use std::{
 
 use futures::StreamExt as _;
 use k8s_openapi::api::{
+    apps::v1::ReplicaSet,
+    batch::v1::Job,
     core::v1::{Namespace, Node, Pod, Service},
     discovery::v1::EndpointSlice,
 };
 use kube::{
     Api, Client, Resource, ResourceExt,
-    api::{ApiResource, DynamicObject, GroupVersionKind},
+    api::{ApiResource, DynamicObject, GroupVersionKind, PartialObjectMeta},
     runtime::{WatchStreamExt as _, watcher},
 };
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::kuma::{SLICE_SERVICE_LABEL, ServiceSlices, SliceTargets};
+use crate::kuma::{Controllers, SLICE_SERVICE_LABEL, ServiceSlices, SliceTargets, owners_of};
 
 /// The kinds watched, in [`Snapshot::synced`] order.
-pub const KINDS: [&str; 6] = [
+pub const KINDS: [&str; 8] = [
     "Pod",
     "Node",
     "Namespace",
     "Service",
     "MeshPassthrough",
     "EndpointSlice",
+    "ReplicaSet",
+    "Job",
 ];
 
 /// The plural (path segment) of each kind, in [`KINDS`] order.
-const PLURALS: [&str; 6] = [
+const PLURALS: [&str; 8] = [
     "pods",
     "nodes",
     "namespaces",
     "services",
     "meshpassthroughs",
     "endpointslices",
+    "replicasets",
+    "jobs",
 ];
 
 /// Everything the agent knows about the cluster at one moment.
@@ -78,6 +86,8 @@ pub struct Snapshot {
     pub policies: BTreeMap<String, Arc<DynamicObject>>,
     /// EndpointSlices (what Kuma's selector-less Service rule reads of them).
     pub endpoint_slices: ServiceSlices,
+    /// The owners of every ReplicaSet and Job (the service-less name of their pods).
+    pub controllers: Controllers,
     /// Whether each kind ([`KINDS`] order) has completed its first list.
     pub synced: [bool; KINDS.len()],
     /// Bumped on every change.
@@ -304,8 +314,8 @@ pub fn start(config: kube::Config, opts: &WatchOptions) -> anyhow::Result<Cluste
     )));
     // Only slices tied to a Service: Kuma's rule reads no other.
     tasks.push(tokio::spawn(follow(
-        Api::<EndpointSlice>::all(client),
-        base.labels(SLICE_SERVICE_LABEL),
+        Api::<EndpointSlice>::all(client.clone()),
+        base.clone().labels(SLICE_SERVICE_LABEL),
         ctx(5),
         |s: &mut Snapshot, objs: Vec<EndpointSlice>, reset| {
             let mut changed = reset && !s.endpoint_slices.is_empty();
@@ -323,6 +333,27 @@ pub fn start(config: kube::Config, opts: &WatchOptions) -> anyhow::Result<Cluste
                 o.metadata.name.as_deref().unwrap_or(""),
             )
         },
+    )));
+    // Metadata only (`PartialObjectMeta`): the owner references are all that is read.
+    tasks.push(tokio::spawn(follow(
+        Api::<PartialObjectMeta<ReplicaSet>>::all(client.clone()),
+        base.clone(),
+        ctx(6),
+        |s: &mut Snapshot, objs: Vec<PartialObjectMeta<ReplicaSet>>, reset| {
+            apply_owners(&mut s.controllers.replica_sets, objs, reset)
+        },
+        |s: &mut Snapshot, o: PartialObjectMeta<ReplicaSet>| {
+            s.controllers.replica_sets.remove(&key(&o)).is_some()
+        },
+    )));
+    tasks.push(tokio::spawn(follow(
+        Api::<PartialObjectMeta<Job>>::all(client),
+        base,
+        ctx(7),
+        |s: &mut Snapshot, objs: Vec<PartialObjectMeta<Job>>, reset| {
+            apply_owners(&mut s.controllers.jobs, objs, reset)
+        },
+        |s: &mut Snapshot, o: PartialObjectMeta<Job>| s.controllers.jobs.remove(&key(&o)).is_some(),
     )));
     Ok(Cluster {
         snapshots,
@@ -352,6 +383,27 @@ fn apply_many<K>(
         m.insert(key(&o), Arc::new(o));
     }
     true
+}
+
+/// Records the owners of ReplicaSets or Jobs; returns whether any changed.
+fn apply_owners<K: Resource>(
+    m: &mut BTreeMap<String, Arc<Vec<(String, String)>>>,
+    objs: Vec<K>,
+    reset: bool,
+) -> bool {
+    let mut changed = reset && !m.is_empty();
+    if reset {
+        m.clear();
+    }
+    for o in objs {
+        let owners = owners_of(&o.meta().owner_references);
+        let k = key(&o);
+        if m.get(&k).is_none_or(|old| **old != owners) {
+            m.insert(k, Arc::new(owners));
+            changed = true;
+        }
+    }
+    changed
 }
 
 /// Records one slice; a slice Kuma would not read (no Service label: the label selector keeps
@@ -459,7 +511,8 @@ pub async fn wait_complete(
 
 /// What `passthrough explain --kubernetes --pod NS/NAME` needs, read once (a command-line tool,
 /// not the agent: a few GETs and LISTs): the pod, its namespace, its namespace's Services and
-/// EndpointSlices, its Node (if readable) and every MeshPassthrough.
+/// EndpointSlices, the metadata of the ReplicaSets and Jobs that own it (if readable), its Node
+/// (if readable) and every MeshPassthrough.
 pub async fn fetch_for_pod(
     config: kube::Config,
     namespace: &str,
@@ -478,6 +531,28 @@ pub async fn fetch_for_pod(
         .list(&Default::default())
         .await
         .map_err(|e| anyhow::anyhow!("services of {namespace}: {e}"))?;
+    let mut controllers = Controllers::default();
+    for o in pod.metadata.owner_references.iter().flatten() {
+        let meta = match o.kind.as_str() {
+            "ReplicaSet" => Api::<ReplicaSet>::namespaced(client.clone(), namespace)
+                .get_metadata(&o.name)
+                .await
+                .ok()
+                .map(|m| (&mut controllers.replica_sets, m.metadata)),
+            "Job" => Api::<Job>::namespaced(client.clone(), namespace)
+                .get_metadata(&o.name)
+                .await
+                .ok()
+                .map(|m| (&mut controllers.jobs, m.metadata)),
+            _ => None,
+        };
+        if let Some((m, meta)) = meta {
+            m.insert(
+                format!("{namespace}/{}", o.name),
+                Arc::new(owners_of(&meta.owner_references)),
+            );
+        }
+    }
     let slices = Api::<EndpointSlice>::namespaced(client.clone(), namespace)
         .list(&kube::api::ListParams::default().labels(SLICE_SERVICE_LABEL))
         .await
@@ -500,6 +575,7 @@ pub async fn fetch_for_pod(
     for o in &slices.items {
         apply_slice(&mut s.endpoint_slices, o);
     }
+    s.controllers = controllers;
     s.node = node.map(Arc::new);
     for p in policies.items {
         s.policies.insert(key(&p), Arc::new(p));

@@ -7,7 +7,8 @@
 //!   `pkg/plugins/runtime/k8s/util/util.go` (`MeshOfByLabelOrAnnotation`);
 //! - the Dataplane a pod becomes ([`dataplane_for`]): `controllers/pod_converter.go`
 //!   (`PodToDataplane`: resource labels), `controllers/inbound_converter.go` (inbound tags per
-//!   Service port, the service-less inbound), `controllers/serviceless_name_extractor.go`,
+//!   Service port, the service-less inbound), `controllers/serviceless_name_extractor.go`
+//!   (`NameExtractor.Name`),
 //!   `pod_controller.go` (`findMatchingServices`, `findByEndpointSlices`: selector-less Services
 //!   through their EndpointSlices) and `pkg/core/resources/labels/compute.go`;
 //! - the labels Kuma's admission webhook gives a policy ([`policy_meta`]):
@@ -494,53 +495,91 @@ fn find_port(pod: &Pod, port: &ServicePort) -> Option<i32> {
     }
 }
 
-/// The name of a pod's service-less `kuma.io/service` tag (Kuma's `NameExtractor`): the
-/// Deployment of its ReplicaSet, the CronJob of its Job, else its first owner, else the pod.
+/// What Kuma's service-less name reads of the cluster's ReplicaSets and Jobs: each one's owner
+/// references (kind, name), by `namespace/name` (metadata watches; nothing per pod).
+#[derive(Debug, Clone, Default)]
+pub struct Controllers {
+    pub replica_sets: BTreeMap<String, Arc<Vec<(String, String)>>>,
+    pub jobs: BTreeMap<String, Arc<Vec<(String, String)>>>,
+}
+
+/// The owner references of an object, as (kind, name).
+pub fn owners_of(
+    refs: &Option<Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference>>,
+) -> Vec<(String, String)> {
+    refs.iter()
+        .flatten()
+        .map(|o| (o.kind.clone(), o.name.clone()))
+        .collect()
+}
+
+/// The name of a pod's service-less `kuma.io/service` tag (Kuma's `NameExtractor`), from the
+/// pod's owners in order: a ReplicaSet gives its Deployment (or its own name if it has no owner;
+/// owned by something else, e.g. an Argo Rollout, Kuma moves on to the pod's next owner), a Job
+/// gives its CronJob (likewise), any other owner its own name; no owner decides: the pod's name.
 ///
-/// Kuma reads the ReplicaSet / Job from the API server; this agent makes no per-pod API calls
-/// and derives the same name from the controllers' naming rules instead: a Deployment names
-/// its ReplicaSets `<deployment>-<pod-template-hash>` (the hash is the pod's
-/// `pod-template-hash` label), a CronJob names its Jobs `<cronjob>-<scheduled minute>` and
-/// labels their pods... not at all, so a Job is recognised as a CronJob's by a numeric suffix of
-/// at least 8 digits (minutes since 1970). docs/kubernetes.md says where this can differ.
-pub fn serviceless_name(pod: &Pod) -> String {
+/// Kuma reads the ReplicaSet / Job from its cache of the API server; so does this agent
+/// ([`Controllers`], from its watches). A ReplicaSet or Job not (yet) in it — its event can
+/// arrive after the pod's — is read from the controllers' naming rules until it arrives: a
+/// Deployment names its ReplicaSets `<deployment>-<pod-template-hash>` (the pod's
+/// `pod-template-hash` label), a CronJob its Jobs `<cronjob>-<scheduled minute>` (a numeric
+/// suffix of at least 8 digits).
+pub fn serviceless_name(pod: &Pod, controllers: &Controllers) -> String {
     let labels = labels_of(&pod.metadata.labels);
-    let Some(owner) = pod.metadata.owner_references.iter().flatten().next() else {
-        return pod.metadata.name.clone().unwrap_or_default();
-    };
-    match owner.kind.as_str() {
+    let ns = pod.metadata.namespace.as_deref().unwrap_or("");
+    for owner in pod.metadata.owner_references.iter().flatten() {
+        let (known, parent) = match owner.kind.as_str() {
+            "ReplicaSet" => (&controllers.replica_sets, "Deployment"),
+            "Job" => (&controllers.jobs, "CronJob"),
+            _ => return owner.name.clone(),
+        };
+        match known.get(&format!("{ns}/{}", owner.name)) {
+            Some(owners) if owners.is_empty() => return owner.name.clone(),
+            Some(owners) => {
+                if let Some((_, name)) = owners.iter().find(|(k, _)| k == parent) {
+                    return name.clone();
+                }
+            }
+            None => return inferred_owner(&owner.kind, &owner.name, labels),
+        }
+    }
+    pod.metadata.name.clone().unwrap_or_default()
+}
+
+/// The Deployment / CronJob name a ReplicaSet / Job name implies by the controllers' naming.
+fn inferred_owner(kind: &str, name: &str, pod_labels: &BTreeMap<String, String>) -> String {
+    match kind {
         "ReplicaSet" => {
-            if let Some(hash) = labels.get("pod-template-hash")
-                && let Some(d) = owner.name.strip_suffix(&format!("-{hash}"))
+            if let Some(hash) = pod_labels.get("pod-template-hash")
+                && let Some(d) = name.strip_suffix(&format!("-{hash}"))
                 && !d.is_empty()
             {
                 return d.to_string();
             }
-            owner.name.clone()
         }
-        "Job" => {
-            if let Some((cj, n)) = owner.name.rsplit_once('-')
+        _ => {
+            if let Some((cj, n)) = name.rsplit_once('-')
                 && n.len() >= 8
                 && n.bytes().all(|b| b.is_ascii_digit())
                 && !cj.is_empty()
             {
                 return cj.to_string();
             }
-            owner.name.clone()
         }
-        _ => owner.name.clone(),
     }
+    name.to_string()
 }
 
 /// The Dataplane Kuma 2.14 (zone mode, inbound tags enabled) makes of `pod`, from its
 /// namespace's mesh, the Services of its namespace (any order; those [`service_matches`] says
 /// match it are used, sorted by name), the cluster's EndpointSlices (for selector-less
-/// Services) and its node's labels.
+/// Services), ReplicaSets and Jobs (the service-less name) and its node's labels.
 pub fn dataplane_for(
     pod: &Pod,
     mesh: &str,
     services: &[&Service],
     slices: &ServiceSlices,
+    controllers: &Controllers,
     node_labels: &BTreeMap<String, String>,
     cfg: &KumaConfig,
 ) -> Dataplane {
@@ -613,7 +652,7 @@ pub fn dataplane_for(
         tags.insert(NAMESPACE_TAG.into(), namespace.clone());
         tags.insert(
             SERVICE_TAG.into(),
-            format!("{}_{namespace}_svc", serviceless_name(pod)),
+            format!("{}_{namespace}_svc", serviceless_name(pod, controllers)),
         );
         if !cfg.zone.is_empty() {
             tags.insert(ZONE_TAG.into(), cfg.zone.clone());

@@ -325,6 +325,7 @@ fn pod_result(
                 &mesh,
                 svcs,
                 &snap.endpoint_slices,
+                &snap.controllers,
                 node_labels,
                 &s.kuma,
             );
@@ -567,6 +568,7 @@ pub fn explain_pod(snap: &Snapshot, key: &str, s: &Settings) -> Option<PodExplai
                 mesh,
                 &services,
                 &snap.endpoint_slices,
+                &snap.controllers,
                 &node_labels,
                 &s.kuma,
             );

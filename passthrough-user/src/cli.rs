@@ -53,7 +53,8 @@ pub struct ExplainArgs {
     #[arg(long = "policy", required_unless_present = "kubernetes", num_args = 1.., value_name = "PATH")]
     pub policy: Vec<PathBuf>,
     /// Decide with the live cluster objects: the pod given by `--pod`, its namespace, Services,
-    /// EndpointSlices and Node, and every MeshPassthrough (docs/kubernetes.md).
+    /// EndpointSlices, owning ReplicaSet or Job and Node, and every MeshPassthrough
+    /// (docs/kubernetes.md).
     #[arg(long, requires = "pod", conflicts_with_all = ["policy", "workload", "workloads", "labels"])]
     pub kubernetes: bool,
     /// With `--kubernetes`: the pod, `NAMESPACE/NAME`.

@@ -3,9 +3,11 @@
 //! `DELETED` / `BOOKMARK` events, `410 Gone` for a compacted resourceVersion, bearer-token
 //! auth), reached through a kubeconfig exactly as a real cluster is.
 //!
-//! Objects are whatever the test serialises — the real k8s-openapi types for core kinds and
-//! `EndpointSlice` (`discovery.k8s.io/v1`), JSON for `MeshPassthrough` — kept in one store with
-//! one resourceVersion counter, as etcd does. Lists and watches honour `fieldSelector` (the
+//! Objects are whatever the test serialises — the real k8s-openapi types for core kinds,
+//! `EndpointSlice` (`discovery.k8s.io/v1`), `ReplicaSet` (`apps/v1`) and `Job` (`batch/v1`), JSON
+//! for `MeshPassthrough` — kept in one store with one resourceVersion counter, as etcd does. A
+//! request that asks for metadata only (`Accept: application/json;as=PartialObjectMetadata…`)
+//! gets `meta.k8s.io/v1` `PartialObjectMetadata(List)` objects, as kube-apiserver answers it. Lists and watches honour `fieldSelector` (the
 //! equality forms the agent sends) and `labelSelector` (equality and existence terms); on a
 //! filtered watch an object that starts or stops matching arrives as `ADDED` / `DELETED`, as
 //! kube-apiserver sends it.
@@ -44,22 +46,28 @@ pub enum Kind {
     Service,
     MeshPassthrough,
     EndpointSlice,
+    ReplicaSet,
+    Job,
 }
 
 impl Kind {
     /// Every kind served (the kinds the agent watches).
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 8] = [
         Kind::Pod,
         Kind::Node,
         Kind::Namespace,
         Kind::Service,
         Kind::MeshPassthrough,
         Kind::EndpointSlice,
+        Kind::ReplicaSet,
+        Kind::Job,
     ];
     fn api_version(self) -> &'static str {
         match self {
             Kind::MeshPassthrough => "kuma.io/v1alpha1",
             Kind::EndpointSlice => "discovery.k8s.io/v1",
+            Kind::ReplicaSet => "apps/v1",
+            Kind::Job => "batch/v1",
             _ => "v1",
         }
     }
@@ -67,6 +75,8 @@ impl Kind {
         match self {
             Kind::MeshPassthrough => "/apis/kuma.io/v1alpha1",
             Kind::EndpointSlice => "/apis/discovery.k8s.io/v1",
+            Kind::ReplicaSet => "/apis/apps/v1",
+            Kind::Job => "/apis/batch/v1",
             _ => "/api/v1",
         }
     }
@@ -78,6 +88,8 @@ impl Kind {
             Kind::Service => "services",
             Kind::MeshPassthrough => "meshpassthroughs",
             Kind::EndpointSlice => "endpointslices",
+            Kind::ReplicaSet => "replicasets",
+            Kind::Job => "jobs",
         }
     }
     fn name(self) -> &'static str {
@@ -88,6 +100,8 @@ impl Kind {
             Kind::Service => "Service",
             Kind::MeshPassthrough => "MeshPassthrough",
             Kind::EndpointSlice => "EndpointSlice",
+            Kind::ReplicaSet => "ReplicaSet",
+            Kind::Job => "Job",
         }
     }
     fn namespaced(self) -> bool {
@@ -111,6 +125,8 @@ pub struct Logged {
     pub get: bool,
     /// The query string.
     pub query: String,
+    /// Asked for metadata only (`PartialObjectMetadata`).
+    pub metadata_only: bool,
 }
 
 type Key = (Kind, String, String);
@@ -525,11 +541,25 @@ async fn handle(inner: Arc<Inner>, req: Request<hyper::body::Incoming>) -> Respo
     let params = query_map(&q);
     let routed = route(&path);
     let watch = matches!(params.get("watch").map(String::as_str), Some("true" | "1"));
+    let metadata_only = req
+        .headers()
+        .get("accept")
+        .and_then(|h| h.to_str().ok())
+        .is_some_and(|a| a.contains("as=PartialObjectMetadata"));
+    // What a metadata-only request gets instead of the object.
+    let shape = move |o: &Value| -> Value {
+        if metadata_only {
+            json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata", "metadata": o["metadata"]})
+        } else {
+            o.clone()
+        }
+    };
     inner.log.lock().unwrap().push(Logged {
         kind: routed.as_ref().map(|r| r.0),
         get: routed.as_ref().is_some_and(|r| r.2.is_some()),
         watch,
         query: q.clone(),
+        metadata_only,
     });
     let (delay, unavailable) = {
         let f = inner.faults.lock().unwrap();
@@ -578,7 +608,7 @@ async fn handle(inner: Arc<Inner>, req: Request<hyper::body::Incoming>) -> Respo
     if let Some(name) = object {
         let s = inner.store.lock().unwrap();
         return match s.objects.get(&(kind, ns.unwrap_or_default(), name.clone())) {
-            Some(o) => full(StatusCode::OK, o.clone()),
+            Some(o) => full(StatusCode::OK, shape(o)),
             None => full(
                 StatusCode::NOT_FOUND,
                 status(
@@ -607,11 +637,16 @@ async fn handle(inner: Arc<Inner>, req: Request<hyper::body::Incoming>) -> Respo
             .objects
             .iter()
             .filter(|((k, _, _), v)| *k == kind && selects(v))
-            .map(|(_, v)| v.clone())
+            .map(|(_, v)| shape(v))
             .collect();
+        let (api_version, list_kind) = if metadata_only {
+            ("meta.k8s.io/v1", "PartialObjectMetadataList".to_string())
+        } else {
+            (kind.api_version(), format!("{}List", kind.name()))
+        };
         return full(
             StatusCode::OK,
-            json!({"apiVersion": kind.api_version(), "kind": format!("{}List", kind.name()),
+            json!({"apiVersion": api_version, "kind": list_kind,
                    "metadata": {"resourceVersion": s.rv.to_string()}, "items": items}),
         );
     }
@@ -642,7 +677,7 @@ async fn handle(inner: Arc<Inner>, req: Request<hyper::body::Incoming>) -> Respo
                 // A watch without a resourceVersion starts with the current objects.
                 for ((k, _, _), v) in &s.objects {
                     if *k == kind && selects(v) {
-                        let _ = tx.try_send(line(json!({"type": "ADDED", "object": v})));
+                        let _ = tx.try_send(line(json!({"type": "ADDED", "object": shape(v)})));
                     }
                 }
                 sent_rv = s.rv;
@@ -667,14 +702,14 @@ async fn handle(inner: Arc<Inner>, req: Request<hyper::body::Incoming>) -> Respo
                         let before = e.prev.as_ref().is_some_and(&selects);
                         match (e.ty, before, now) {
                             ("MODIFIED", false, true) => {
-                                Some(json!({"type": "ADDED", "object": e.object}))
+                                Some(json!({"type": "ADDED", "object": shape(&e.object)}))
                             }
                             ("MODIFIED", true, false) => {
                                 let mut old = e.prev.clone().unwrap_or_default();
                                 old["metadata"]["resourceVersion"] = json!(e.rv.to_string());
-                                Some(json!({"type": "DELETED", "object": old}))
+                                Some(json!({"type": "DELETED", "object": shape(&old)}))
                             }
-                            (_, _, true) => Some(json!({"type": e.ty, "object": e.object})),
+                            (_, _, true) => Some(json!({"type": e.ty, "object": shape(&e.object)})),
                             _ => None,
                         }
                     })
@@ -703,7 +738,12 @@ async fn handle(inner: Arc<Inner>, req: Request<hyper::body::Incoming>) -> Respo
             if now >= next_bookmark {
                 next_bookmark = now + bookmark_every;
                 if bookmarks {
-                    let b = json!({"type": "BOOKMARK", "object": {"apiVersion": kind.api_version(), "kind": kind.name(),
+                    let (api_version, kind_name) = if metadata_only {
+                        ("meta.k8s.io/v1", "PartialObjectMetadata")
+                    } else {
+                        (kind.api_version(), kind.name())
+                    };
+                    let b = json!({"type": "BOOKMARK", "object": {"apiVersion": api_version, "kind": kind_name,
                         "metadata": {"resourceVersion": sent_rv.to_string(), "annotations": {"k8s.io/initial-events-end": "false"}}}});
                     if tx.send(line(b)).await.is_err() {
                         return;

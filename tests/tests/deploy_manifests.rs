@@ -734,6 +734,8 @@ fn daemonset_hangs_together() {
         ("", "services"),
         ("kuma.io", "meshpassthroughs"),
         ("discovery.k8s.io", "endpointslices"),
+        ("apps", "replicasets"),
+        ("batch", "jobs"),
     ] {
         for v in ["get", "list", "watch"] {
             wanted.insert((g.to_string(), res.to_string(), v.to_string()));

@@ -2,11 +2,13 @@
 //! kubeconfig): the real binary decides with the live objects — the pod's Dataplane identity,
 //! the namespace-scoped and system policies in Kuma's merge order, invalid policies reported —
 //! and prints the policies that selected the pod; a pod behind a selector-less Service gets
-//! that Service's tags through its EndpointSlice. No root needed.
+//! that Service's tags through its EndpointSlice; a service-less pod is named by its Job's
+//! CronJob, read from the Job's metadata. No root needed.
 
 use std::process::Command;
 
 use k8s_openapi::api::{
+    batch::v1::Job,
     core::v1::{Namespace, Pod, Service},
     discovery::v1::EndpointSlice,
 };
@@ -176,6 +178,32 @@ fn explain_decides_with_the_live_cluster_objects() {
     assert_eq!(
         j["policies"],
         json!(["kuma-system/deny-all", "shop/legacy-egress"]),
+        "{j}"
+    );
+
+    // A pod of Job `export-7`, which CronJob `billing` owns: `billing_shop_svc`, which the Job's
+    // name does not tell (no 8-digit minute suffix).
+    let job: Job = serde_json::from_value(json!({"apiVersion": "batch/v1", "kind": "Job",
+        "metadata": {"name": "export-7", "namespace": "shop",
+            "ownerReferences": [{"apiVersion": "batch/v1", "kind": "CronJob", "name": "billing", "uid": "cj"}]},
+        "spec": {"template": {"spec": {"containers": [{"name": "e", "image": "e"}], "restartPolicy": "Never"}}}}))
+    .unwrap();
+    api.apply(&job);
+    let p: Pod = serde_json::from_value(json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "export-7-x5k2p", "namespace": "shop", "labels": {"job-name": "export-7"},
+            "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": "export-7", "uid": "j"}]},
+        "spec": {"nodeName": "n1", "containers": [{"name": "e", "image": "e"}]}}))
+    .unwrap();
+    api.apply(&p);
+    let (ok, out) = explain(
+        &api,
+        "shop/export-7-x5k2p",
+        &["--dst", "203.0.113.7:5432", "--json"],
+    );
+    assert!(ok, "{out}");
+    let j: Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+    assert_eq!(
+        j["inbounds"][0]["kuma.io/service"], "billing_shop_svc",
         "{j}"
     );
 

@@ -25,6 +25,7 @@ use std::{
 };
 
 use k8s_openapi::api::{
+    apps::v1::ReplicaSet,
     core::v1::{Namespace, Node, Pod, Service as KService},
     discovery::v1::EndpointSlice,
 };
@@ -489,7 +490,32 @@ fn kubernetes_mode_cgroupfs_layout() {
     }
     let _serial = serial();
     let w = World::new("kubepods", None, |api| {
-        api.apply(&pod("shop", "svc-less", 1, json!({"app": "x"}), true));
+        // A service-less pod of ReplicaSet `api-6b7c8d9f0`, whose Deployment is `payments` (not
+        // what the ReplicaSet's name suggests): Kuma's tag, and the policy on it, say
+        // `payments_shop_svc`, read from the ReplicaSet's owner.
+        let mut p = pod(
+            "shop",
+            "svc-less",
+            1,
+            json!({"app": "x", "pod-template-hash": "6b7c8d9f0"}),
+            true,
+        );
+        p.metadata.owner_references = Some(vec![
+            serde_json::from_value(json!({"apiVersion": "apps/v1", "kind": "ReplicaSet",
+                "name": "api-6b7c8d9f0", "uid": "rs-1", "controller": true}))
+            .unwrap(),
+        ]);
+        api.apply(&p);
+        let rs: ReplicaSet = serde_json::from_value(json!({"apiVersion": "apps/v1", "kind": "ReplicaSet",
+            "metadata": {"name": "api-6b7c8d9f0", "namespace": "shop",
+                "ownerReferences": [{"apiVersion": "apps/v1", "kind": "Deployment", "name": "payments", "uid": "d-1", "controller": true}]},
+            "spec": {"selector": {"matchLabels": {"app": "x"}}}}))
+        .unwrap();
+        api.apply(&rs);
+        api.apply(&json!({"apiVersion": "kuma.io/v1alpha1", "kind": "MeshPassthrough",
+            "metadata": {"name": "payments", "namespace": "shop"},
+            "spec": {"targetRef": {"kind": "MeshSubset", "tags": {"kuma.io/service": "payments_shop_svc"}},
+                     "default": {"appendMatch": [{"type": "IP", "value": c(0).ip().to_string(), "port": 5432}]}}}));
         api.apply(&pod("plain", "free", 2, json!({}), true));
     });
     let mut gov = w.probe(&w.start_pod_cgroup(1), None);
@@ -505,6 +531,13 @@ fn kubernetes_mode_cgroupfs_layout() {
     allowed(&w, &mut free, b(5432));
     let r = w.tls(&mut gov, a(443), "api.test");
     assert_eq!(r["ok"], true, "{r}\n{}", w.agent.describe());
+    assert_eq!(
+        w.pod_state("shop/svc-less").unwrap()["state"]["Governed"]["policies"],
+        json!(["kuma-system/egress", "shop/payments"]),
+        "{}",
+        w.agent.describe()
+    );
+    allowed(&w, &mut gov, c(5432));
     let _ = &w.servers;
 }
 

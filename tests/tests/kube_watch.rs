@@ -4,7 +4,8 @@
 //! - one list and one watch per kind at start, the node's pods only (field selector), only
 //!   EndpointSlices tied to a Service (label selector), nothing per pod;
 //! - of an EndpointSlice only its Service and the UIDs it names are kept: an edit of anything
-//!   else (an endpoint's readiness) is no new snapshot;
+//!   else (an endpoint's readiness) is no new snapshot; ReplicaSets and Jobs are watched
+//!   metadata-only and only their owners kept (a status edit is no new snapshot either);
 //! - adds, label changes and deletes arrive through the watch;
 //! - a dropped connection resumes the watch from the last resourceVersion (no re-list);
 //! - `410 Gone` after compaction re-lists, and no snapshot during the re-list misses an object
@@ -17,6 +18,8 @@
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use k8s_openapi::api::{
+    apps::v1::ReplicaSet,
+    batch::v1::Job,
     core::v1::{Namespace, Node, Pod, Service},
     discovery::v1::EndpointSlice,
 };
@@ -61,6 +64,16 @@ fn slice(name: &str, service: Option<&str>, uids: &[&str], ready: bool) -> Endpo
     .unwrap()
 }
 
+/// ReplicaSet `name` of shop owned by Deployment `deployment`, `ready` replicas in its status.
+fn replica_set(name: &str, deployment: &str, ready: i32) -> ReplicaSet {
+    serde_json::from_value(json!({"apiVersion": "apps/v1", "kind": "ReplicaSet",
+        "metadata": {"name": name, "namespace": "shop",
+            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "Deployment", "name": deployment, "uid": "d1", "controller": true}]},
+        "spec": {"selector": {"matchLabels": {"app": "web"}}},
+        "status": {"replicas": 3, "readyReplicas": ready}}))
+    .unwrap()
+}
+
 fn objects(s: &ApiServer) {
     let node: Node = serde_json::from_value(json!({"apiVersion": "v1", "kind": "Node",
         "metadata": {"name": "n1", "labels": {"kubernetes.io/hostname": "n1"}}}))
@@ -83,6 +96,13 @@ fn objects(s: &ApiServer) {
     .unwrap();
     s.apply(&svc);
     s.apply(&slice("legacy-1", Some("legacy"), &["u-a"], true));
+    s.apply(&replica_set("web-5d4f8", "storefront", 1));
+    let job: Job = serde_json::from_value(json!({"apiVersion": "batch/v1", "kind": "Job",
+        "metadata": {"name": "report-29123456", "namespace": "shop",
+            "ownerReferences": [{"apiVersion": "batch/v1", "kind": "CronJob", "name": "nightly", "uid": "c1"}]},
+        "spec": {"template": {"spec": {"containers": [{"name": "r", "image": "r"}], "restartPolicy": "Never"}}}}))
+    .unwrap();
+    s.apply(&job);
     // No Service label: never reaches the agent.
     s.apply(&slice("unowned", None, &["u-a"], true));
     s.apply(&pod("shop", "keep", "n1", &[("app", "web")]));
@@ -155,6 +175,14 @@ async fn watchers_follow_the_api_server_through_faults() {
         "only the slice of a Service"
     );
     assert!(first.endpoint_slices.names("shop", "legacy", "u-a"));
+    assert_eq!(
+        *first.controllers.replica_sets["shop/web-5d4f8"],
+        [("Deployment".to_string(), "storefront".to_string())]
+    );
+    assert_eq!(
+        *first.controllers.jobs["shop/report-29123456"],
+        [("CronJob".to_string(), "nightly".to_string())]
+    );
 
     // One list + one watch per kind; the pod and node ones filtered by field selector.
     for _ in 0..200 {
@@ -191,6 +219,12 @@ async fn watchers_follow_the_api_server_through_faults() {
             .all(|q| q.contains("labelSelector=kubernetes.io%2Fservice-name")
                 || q.contains("labelSelector=kubernetes.io/service-name")),
         "{slice_q:?}"
+    );
+    assert!(
+        reqs.iter()
+            .filter(|r| matches!(r.kind, Some(Kind::ReplicaSet | Kind::Job)))
+            .all(|r| r.metadata_only),
+        "ReplicaSets and Jobs are read metadata-only: {reqs:?}"
     );
     assert!(
         reqs.iter()
@@ -239,6 +273,28 @@ async fn watchers_follow_the_api_server_through_faults() {
         "a readiness-only slice edit is no change; a new slice is one"
     );
     server.delete(Kind::EndpointSlice, "shop", "legacy-2");
+    until(&mut rx, "slice legacy-2 deleted", |s| {
+        !s.endpoint_slices.names("shop", "legacy", "u-c")
+    })
+    .await;
+    // A ReplicaSet's status changes all the time; its owners rarely.
+    let v = rx.borrow().version;
+    server.apply(&replica_set("web-5d4f8", "storefront", 3));
+    server.apply(&replica_set("web-77c9d", "storefront", 0));
+    let after = until(&mut rx, "second ReplicaSet", |s| {
+        s.controllers.replica_sets.contains_key("shop/web-77c9d")
+    })
+    .await;
+    assert_eq!(
+        after.version,
+        v + 1,
+        "a status-only ReplicaSet edit is no change; a new ReplicaSet is one"
+    );
+    server.delete(Kind::ReplicaSet, "shop", "web-77c9d");
+    until(&mut rx, "ReplicaSet deleted", |s| {
+        !s.controllers.replica_sets.contains_key("shop/web-77c9d")
+    })
+    .await;
     server.apply(&slice("legacy-1", None, &["u-a", "u-b"], true));
     until(&mut rx, "slice without its label dropped", |s| {
         s.endpoint_slices.is_empty()

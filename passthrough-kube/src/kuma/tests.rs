@@ -196,6 +196,7 @@ fn dataplane_from_services_and_node() {
         "default",
         &[&s1, &headless, &other_ns, &ignored, &no_sel],
         &ServiceSlices::default(),
+        &Controllers::default(),
         &node,
         &cfg,
     );
@@ -257,6 +258,7 @@ fn serviceless_inbound_names_the_owner() {
         "default",
         &[],
         &ServiceSlices::default(),
+        &Controllers::default(),
         &BTreeMap::new(),
         &cfg,
     );
@@ -269,12 +271,18 @@ fn serviceless_inbound_names_the_owner() {
     assert_eq!(i[SIDECAR_INJECTION], "enabled");
     let mut job = p.clone();
     job.metadata.owner_references = Some(vec![serde_json::from_value(json!({"apiVersion": "batch/v1", "kind": "Job", "name": "nightly-report-29123456", "uid": "j"})).unwrap()]);
-    assert_eq!(serviceless_name(&job), "nightly-report");
+    assert_eq!(
+        serviceless_name(&job, &Controllers::default()),
+        "nightly-report"
+    );
     job.metadata.owner_references.as_mut().unwrap()[0].name = "migrate-7".into();
-    assert_eq!(serviceless_name(&job), "migrate-7");
+    assert_eq!(serviceless_name(&job, &Controllers::default()), "migrate-7");
     let mut bare = p.clone();
     bare.metadata.owner_references = None;
-    assert_eq!(serviceless_name(&bare), "web-7d9c5b7f8-x2x9q");
+    assert_eq!(
+        serviceless_name(&bare, &Controllers::default()),
+        "web-7d9c5b7f8-x2x9q"
+    );
     let mut sts = p.clone();
     sts.metadata.owner_references = Some(vec![
         serde_json::from_value(
@@ -282,7 +290,7 @@ fn serviceless_inbound_names_the_owner() {
         )
         .unwrap(),
     ]);
-    assert_eq!(serviceless_name(&sts), "db");
+    assert_eq!(serviceless_name(&sts, &Controllers::default()), "db");
     let z = KumaConfig {
         zone: String::new(),
         ..KumaConfig::default()
@@ -292,6 +300,7 @@ fn serviceless_inbound_names_the_owner() {
         "default",
         &[],
         &ServiceSlices::default(),
+        &Controllers::default(),
         &BTreeMap::new(),
         &z,
     );
@@ -370,6 +379,7 @@ fn selection_by_namespace_zone_name_labels_tags() {
         "default",
         &[&s],
         &ServiceSlices::default(),
+        &Controllers::default(),
         &BTreeMap::new(),
         &cfg,
     );
@@ -576,7 +586,15 @@ fn selectorless_service_matches_the_pods_its_endpointslices_name() {
         "spec": {"ports": [{"port": 5432, "targetPort": 8080}, {"port": 81, "targetPort": "nope"}]}}));
     // Not named: the service-less inbound, as before.
     let none = ServiceSlices::default();
-    let dp = dataplane_for(&p, "default", &[&legacy], &none, &BTreeMap::new(), &cfg);
+    let dp = dataplane_for(
+        &p,
+        "default",
+        &[&legacy],
+        &none,
+        &Controllers::default(),
+        &BTreeMap::new(),
+        &cfg,
+    );
     assert_eq!(service_tags(&dp), ["web_shop_svc"]);
 
     // Named by one of its slices (another endpoint and another slice beside it).
@@ -584,7 +602,15 @@ fn selectorless_service_matches_the_pods_its_endpointslices_name() {
         slice("shop", "legacy-abcde", Some("legacy"), &["u0", "u1"]),
         slice("shop", "legacy-fghij", Some("legacy"), &["u9"]),
     ]);
-    let dp = dataplane_for(&p, "default", &[&legacy], &named, &BTreeMap::new(), &cfg);
+    let dp = dataplane_for(
+        &p,
+        "default",
+        &[&legacy],
+        &named,
+        &Controllers::default(),
+        &BTreeMap::new(),
+        &cfg,
+    );
     assert_eq!(
         service_tags(&dp),
         ["legacy_shop_svc_5432"],
@@ -609,6 +635,7 @@ fn selectorless_service_matches_the_pods_its_endpointslices_name() {
         "default",
         &[&legacy],
         &elsewhere,
+        &Controllers::default(),
         &BTreeMap::new(),
         &cfg,
     );
@@ -616,7 +643,15 @@ fn selectorless_service_matches_the_pods_its_endpointslices_name() {
     let api = svc(json!({"metadata": {"name": "api", "namespace": "shop"},
         "spec": {"selector": {"app": "api"}, "ports": [{"port": 80, "targetPort": 8080}]}}));
     let api_slice = slices(&[slice("shop", "api-x", Some("api"), &["u1"])]);
-    let dp = dataplane_for(&p, "default", &[&api], &api_slice, &BTreeMap::new(), &cfg);
+    let dp = dataplane_for(
+        &p,
+        "default",
+        &[&api],
+        &api_slice,
+        &Controllers::default(),
+        &BTreeMap::new(),
+        &cfg,
+    );
     assert_eq!(
         service_tags(&dp),
         ["web_shop_svc"],
@@ -625,7 +660,15 @@ fn selectorless_service_matches_the_pods_its_endpointslices_name() {
     // An empty selector is no selector; kuma.io/ignore and ExternalName still exclude.
     let empty_sel = svc(json!({"metadata": {"name": "legacy", "namespace": "shop"},
         "spec": {"selector": {}, "ports": [{"port": 5432, "targetPort": 8080}]}}));
-    let dp = dataplane_for(&p, "default", &[&empty_sel], &named, &BTreeMap::new(), &cfg);
+    let dp = dataplane_for(
+        &p,
+        "default",
+        &[&empty_sel],
+        &named,
+        &Controllers::default(),
+        &BTreeMap::new(),
+        &cfg,
+    );
     assert_eq!(service_tags(&dp), ["legacy_shop_svc_5432"]);
     for excluded in [
         json!({"metadata": {"name": "legacy", "namespace": "shop", "annotations": {"kuma.io/ignore": "true"}},
@@ -634,7 +677,15 @@ fn selectorless_service_matches_the_pods_its_endpointslices_name() {
                "spec": {"type": "ExternalName", "externalName": "db.example", "ports": [{"port": 5432}]}}),
     ] {
         let s = svc(excluded);
-        let dp = dataplane_for(&p, "default", &[&s], &named, &BTreeMap::new(), &cfg);
+        let dp = dataplane_for(
+            &p,
+            "default",
+            &[&s],
+            &named,
+            &Controllers::default(),
+            &BTreeMap::new(),
+            &cfg,
+        );
         assert_eq!(service_tags(&dp), ["web_shop_svc"], "{:?}", s.metadata);
     }
 }
@@ -651,7 +702,17 @@ fn endpointslice_edits_add_and_remove_the_selectorless_inbound() {
         "spec": {"clusterIP": "None", "ports": [{"port": 5432, "targetPort": 8080}]}}));
     let services = [&web, &legacy];
     let mut s = ServiceSlices::default();
-    let dp = |s: &ServiceSlices| dataplane_for(&p, "default", &services, s, &BTreeMap::new(), &cfg);
+    let dp = |s: &ServiceSlices| {
+        dataplane_for(
+            &p,
+            "default",
+            &services,
+            s,
+            &Controllers::default(),
+            &BTreeMap::new(),
+            &cfg,
+        )
+    };
     assert_eq!(service_tags(&dp(&s)), ["web_shop_svc_80"]);
 
     // The slice is created naming another pod: nothing for this one.
@@ -733,4 +794,86 @@ fn slice_targets_keep_what_the_rule_reads() {
     assert!(!s.names("shop", "legacy", ""), "an empty UID names nothing");
     assert_eq!(s.len(), 1);
     assert_eq!(s.get("shop", "legacy-2").unwrap().service, "legacy");
+}
+
+/// Kuma's `NameExtractor` with the ReplicaSets and Jobs known: the owner chain decides, not the
+/// names; an unknown one is read from the controllers' naming until it is known.
+#[test]
+fn serviceless_name_follows_the_owner_chain() {
+    let owned = |refs: &[(&str, &str)]| {
+        let mut p = web_pod();
+        p.metadata.owner_references = Some(
+            refs.iter()
+                .map(|(k, n)| {
+                    serde_json::from_value(
+                        json!({"apiVersion": "v1", "kind": k, "name": n, "uid": format!("uid-{n}")}),
+                    )
+                    .unwrap()
+                })
+                .collect(),
+        );
+        p
+    };
+    let chain = |refs: &[(&str, &str)]| {
+        Arc::new(
+            refs.iter()
+                .map(|(k, n)| (k.to_string(), n.to_string()))
+                .collect::<Vec<_>>(),
+        )
+    };
+    let mut c = Controllers::default();
+    c.replica_sets.insert(
+        "shop/web-7d9c5b7f8".into(),
+        chain(&[("Deployment", "storefront")]),
+    );
+    c.replica_sets.insert(
+        "shop/canary-5f6d7c8b9".into(),
+        chain(&[("Rollout", "canary")]),
+    );
+    c.replica_sets.insert("shop/bare-rs".into(), chain(&[]));
+    c.jobs.insert(
+        "shop/report-29123456".into(),
+        chain(&[("CronJob", "nightly")]),
+    );
+    c.jobs.insert("shop/migrate-29123457".into(), chain(&[]));
+    let rs = owned(&[("ReplicaSet", "web-7d9c5b7f8")]);
+    // The Deployment's real name, which the ReplicaSet's name does not tell.
+    assert_eq!(serviceless_name(&rs, &c), "storefront");
+    assert_eq!(serviceless_name(&rs, &Controllers::default()), "web");
+    // Owned by something other than a Deployment: Kuma moves on; with no other owner, the pod.
+    let rollout = owned(&[("ReplicaSet", "canary-5f6d7c8b9")]);
+    assert_eq!(serviceless_name(&rollout, &c), "web-7d9c5b7f8-x2x9q");
+    let rollout_then_sts = owned(&[("ReplicaSet", "canary-5f6d7c8b9"), ("StatefulSet", "db")]);
+    assert_eq!(serviceless_name(&rollout_then_sts, &c), "db");
+    assert_eq!(
+        serviceless_name(&owned(&[("ReplicaSet", "bare-rs")]), &c),
+        "bare-rs"
+    );
+    assert_eq!(
+        serviceless_name(&owned(&[("Job", "report-29123456")]), &c),
+        "nightly"
+    );
+    // A Job without owner keeps its name even when it looks like a CronJob's.
+    let job = owned(&[("Job", "migrate-29123457")]);
+    assert_eq!(serviceless_name(&job, &c), "migrate-29123457");
+    assert_eq!(serviceless_name(&job, &Controllers::default()), "migrate");
+    // The first owner that decides wins.
+    assert_eq!(
+        serviceless_name(
+            &owned(&[("StatefulSet", "db"), ("ReplicaSet", "web-7d9c5b7f8")]),
+            &c
+        ),
+        "db"
+    );
+    // Through the Dataplane.
+    let dp = dataplane_for(
+        &rs,
+        "default",
+        &[],
+        &ServiceSlices::default(),
+        &c,
+        &BTreeMap::new(),
+        &KumaConfig::default(),
+    );
+    assert_eq!(dp.inbounds[0][SERVICE_TAG], "storefront_shop_svc");
 }

@@ -3,7 +3,8 @@
 //! The real agent (`passthrough run --kubernetes`, release build) against the local API server
 //! (`passthrough_tests::apiserver`) holding 1,000 pods of this node in 20 namespaces, a Service
 //! per namespace with its EndpointSlice naming the namespace's pods, a selector-less Service per
-//! namespace whose EndpointSlice names 5 of them (they get its inbound, as in Kuma), one
+//! namespace whose EndpointSlice names 5 of them (they get its inbound, as in Kuma), a
+//! ReplicaSet and a Job per namespace (watched metadata-only), one
 //! mesh-wide MeshPassthrough (100 IP/CIDR matches, 5 domains) and one namespace-scoped
 //! MeshPassthrough per namespace; every pod has its cgroup in a test kubepods tree (systemd
 //! layout) under the real cgroup2 mount before the agent starts.
@@ -36,6 +37,8 @@ use std::{
 use anyhow::{Context as _, bail};
 use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData};
 use k8s_openapi::api::{
+    apps::v1::ReplicaSet,
+    batch::v1::Job,
     core::v1::{Namespace, Node, Pod, Service},
     discovery::v1::EndpointSlice,
 };
@@ -285,6 +288,19 @@ fn main() -> anyhow::Result<()> {
         let in_ns: Vec<u32> = (0..PODS).filter(|n| n % NAMESPACES == i).collect();
         api.apply(&slice(i, "web", "endpointslice-controller.k8s.io", &in_ns)?);
         api.apply(&slice(i, "legacy", "operator.example", &in_ns[..5])?);
+        let rs: ReplicaSet = serde_json::from_value(
+            json!({"apiVersion": "apps/v1", "kind": "ReplicaSet",
+            "metadata": {"name": "web-6b7c8d9f0", "namespace": ns,
+                "ownerReferences": [{"apiVersion": "apps/v1", "kind": "Deployment", "name": "web", "uid": format!("d-{i}")}]},
+            "spec": {"selector": {"matchLabels": {"tier": "web"}}},
+            "status": {"replicas": 50}}),
+        )?;
+        api.apply(&rs);
+        let job: Job = serde_json::from_value(json!({"apiVersion": "batch/v1", "kind": "Job",
+            "metadata": {"name": "report-29123456", "namespace": ns,
+                "ownerReferences": [{"apiVersion": "batch/v1", "kind": "CronJob", "name": "report", "uid": format!("c-{i}")}]},
+            "spec": {"template": {"spec": {"containers": [{"name": "r", "image": "r"}], "restartPolicy": "Never"}}}}))?;
+        api.apply(&job);
         api.apply(&json!({"apiVersion": "kuma.io/v1alpha1", "kind": "MeshPassthrough",
             "metadata": {"name": "team", "namespace": ns},
             "spec": {"targetRef": {"kind": "MeshSubset", "tags": {"kuma.io/service": format!("web_{ns}_svc_80")}},
@@ -431,7 +447,7 @@ fn main() -> anyhow::Result<()> {
     drop(cg);
 
     println!(
-        "pods on the node: {PODS} (+{new_pods} started and stopped one at a time), namespaces: {NAMESPACES}, policies: {}, Services: {} ({NAMESPACES} selector-less), EndpointSlices: {}",
+        "pods on the node: {PODS} (+{new_pods} started and stopped one at a time), namespaces: {NAMESPACES}, policies: {}, Services: {} ({NAMESPACES} selector-less), EndpointSlices: {}, ReplicaSets: {NAMESPACES}, Jobs: {NAMESPACES}",
         NAMESPACES + 1,
         2 * NAMESPACES,
         2 * NAMESPACES
