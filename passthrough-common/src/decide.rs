@@ -49,9 +49,12 @@ pub trait Maps {
     /// report channel drops the event and counts [`counter::EVENTS_DROPPED`].
     fn report(&self, event: DenyEvent);
     /// Reports an allowed egress decision to a watcher (called only while `CONFIG` has
-    /// [`flags::MONITOR`]): keeps 1 in 2^`sample_shift` of them (at random), and drops the
-    /// event, counting it, when the channel is full. Never waits.
+    /// [`flags::MONITOR`] and the watcher's lease holds): keeps 1 in 2^`sample_shift` of them
+    /// (at random), and drops the event, counting it, when the channel is full. Never waits.
     fn observe(&self, event: DenyEvent, sample_shift: u32);
+    /// The monotonic clock in nanoseconds (`bpf_ktime_get_ns`), read only while `CONFIG` has
+    /// [`flags::MONITOR`], to check the watcher's lease ([`flags::monitor_live`]).
+    fn clock_ns(&self) -> u64;
 }
 
 /// A destination address of one family. The decision is generic over it, so each program is
@@ -302,7 +305,13 @@ pub fn decide<M: Maps, C: Caller, D: Dest>(
             reason: Reason::NoMatch,
         };
     };
-    let cfg: GlobalConfig = *cfg;
+    let mut cfg: GlobalConfig = *cfg;
+    // The monitor's flag holds only while the watcher's lease does (an agent that was killed
+    // cannot clear the flag; its lease runs out). Read here, on the copy, where the decision
+    // has the fewest values live: the clock costs no stack, and only while the flag is set.
+    if cfg.flags & flags::MONITOR != 0 && !flags::monitor_live(cfg.monitor_lease, maps.clock_ns()) {
+        cfg.flags &= !flags::MONITOR;
+    }
     // Read the generation once: every lookup below uses the same one, so a concurrent policy
     // swap is seen either entirely or not at all.
     let generation = cfg.active_generation & 1;

@@ -78,7 +78,11 @@ pub mod flags {
     /// `pod_proxy_v6` is set (IPv6).
     pub const POD_PROXY_V6: u32 = 8;
     /// Someone watches (`passthrough monitor`, the decision log): the programs also report
-    /// allowed egress decisions (`MONITOR_EVENTS`), 1 in 2^[`monitor_shift`] of them.
+    /// allowed egress decisions (`MONITOR_EVENTS`), 1 in 2^[`monitor_shift`] of them, while
+    /// the agent's lease ([`GlobalConfig::monitor_lease`][lease], [`monitor_live`]) has not
+    /// run out.
+    ///
+    /// [lease]: super::GlobalConfig::monitor_lease
     pub const MONITOR: u32 = 16;
     /// First bit of the monitor's sampling shift (4 bits: 1 in 1 … 1 in 32,768).
     pub const MONITOR_SHIFT_BIT: u32 = 8;
@@ -89,6 +93,29 @@ pub mod flags {
     #[inline(always)]
     pub const fn monitor_shift(flags: u32) -> u32 {
         (flags >> MONITOR_SHIFT_BIT) & MONITOR_SHIFT_MASK
+    }
+
+    /// Units of [`GlobalConfig::monitor_lease`][lease]: the monotonic clock's nanoseconds
+    /// shifted down by this (2^30 ns, about 1.07 s).
+    ///
+    /// [lease]: super::GlobalConfig::monitor_lease
+    pub const MONITOR_LEASE_SHIFT: u32 = 30;
+    /// How many lease units past now the agent sets the lease when it renews it (about once a
+    /// second while someone watches): a report flag left by an agent that died (SIGKILL: it
+    /// could not clear the flag) stops costing anything within about 11 s.
+    pub const MONITOR_LEASE_UNITS: u32 = 10;
+
+    /// Whether the monitor's lease `lease` still holds at `now_ns` (`bpf_ktime_get_ns`,
+    /// `CLOCK_MONOTONIC`).
+    #[inline(always)]
+    pub const fn monitor_live(lease: u32, now_ns: u64) -> bool {
+        ((now_ns >> MONITOR_LEASE_SHIFT) as u32) <= lease
+    }
+
+    /// The lease an agent renewing at `now_ns` writes.
+    #[inline(always)]
+    pub const fn monitor_lease(now_ns: u64) -> u32 {
+        ((now_ns >> MONITOR_LEASE_SHIFT) as u32).saturating_add(MONITOR_LEASE_UNITS)
     }
 
     /// `flags` with the monitor bits set for (`on`, `shift`); the other bits kept.
@@ -268,8 +295,11 @@ pub struct GlobalConfig {
     pub host_netns_cookie: u64,
     /// `--proxy-addr` for IPv4 pods (network order).
     pub pod_proxy_v4: [u8; 4],
-    /// Explicit padding.
-    pub _pad: u32,
+    /// While [`flags::MONITOR`] is set, the programs report only until the monotonic clock
+    /// passes this, in [`flags::MONITOR_LEASE_SHIFT`] units ([`flags::monitor_live`]). The
+    /// watching agent renews it every second; one that was killed cannot, and its report stops
+    /// by itself. (Was padding in earlier builds of this layout: 0, an expired lease.)
+    pub monitor_lease: u32,
     /// `--proxy-addr` for IPv6 pods (network order).
     pub pod_proxy_v6: [u8; 16],
     /// How many policies have been applied over the life of the pinned state (for `status`

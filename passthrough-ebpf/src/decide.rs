@@ -163,6 +163,11 @@ impl Maps for KernelMaps {
         slot.write(event);
         slot.submit(0);
     }
+
+    #[inline(always)]
+    fn clock_ns(&self) -> u64 {
+        unsafe { bpf_ktime_get_ns() }
+    }
 }
 
 /// The task calling `connect()`/`sendmsg()`.

@@ -63,6 +63,8 @@ pub struct PlanMaps<'p> {
     counts: RefCell<Vec<u64>>,
     events: RefCell<Vec<DenyEvent>>,
     observed: RefCell<Vec<DenyEvent>>,
+    /// What [`Maps::clock_ns`] answers.
+    clock_ns: u64,
 }
 
 impl<'p> PlanMaps<'p> {
@@ -128,14 +130,24 @@ impl<'p> PlanMaps<'p> {
             counts: RefCell::new(vec![0; counter::COUNT as usize]),
             events: RefCell::new(Vec::new()),
             observed: RefCell::new(Vec::new()),
+            clock_ns: 0,
         }
     }
 
-    /// The maps as while someone watches (`flags::MONITOR` set, no sampling) or not: allowed
-    /// egress decisions are then recorded ([`PlanMaps::take_observed`]).
+    /// The maps as while someone watches (`flags::MONITOR` set, no sampling, a lease that
+    /// never runs out) or not: allowed egress decisions are then recorded
+    /// ([`PlanMaps::take_observed`]).
     pub fn with_monitor(mut self, on: bool) -> Self {
         self.config.flags = flags::with_monitor(self.config.flags, on, 0);
+        self.config.monitor_lease = if on { u32::MAX } else { 0 };
         self
+    }
+
+    /// Sets the monitor's lease ([`GlobalConfig::monitor_lease`]) and the clock the decision
+    /// reads (pure: no real clock here), for testing the lease.
+    pub fn set_monitor_lease(&mut self, lease: u32, clock_ns: u64) {
+        self.config.monitor_lease = lease;
+        self.clock_ns = clock_ns;
     }
 
     /// The allowed decisions reported to watchers so far (and forgets them).
@@ -293,6 +305,11 @@ impl Maps for PlanMaps<'_> {
 
     fn report(&self, event: DenyEvent) {
         self.events.borrow_mut().push(event);
+    }
+
+    /// The clock set by [`PlanMaps::set_monitor_lease`] (0 by default).
+    fn clock_ns(&self) -> u64 {
+        self.clock_ns
     }
 
     /// Every observed decision (`sample_shift` is the kernel's random draw; not emulated).

@@ -755,6 +755,29 @@ fn check(c: &Case) -> Result<(), TestCaseError> {
             } else {
                 prop_assert!(observed.is_empty(), "{}", context());
             }
+            // The watcher's lease: the same decision is reported up to the lease's last unit
+            // of the clock and not after it (an agent that was killed stops renewing it).
+            if c.monitor && egress_allow {
+                for (clock_ns, reported) in [
+                    (5u64 << 30, true),
+                    ((6u64 << 30) - 1, true),
+                    (6u64 << 30, false),
+                    (u64::MAX, false),
+                ] {
+                    maps.set_monitor_lease(5, clock_ns);
+                    let again = maps.decide(&path, dst, transport, 0);
+                    prop_assert_eq!((again.verdict, again.reason), (k.verdict, k.reason));
+                    prop_assert_eq!(
+                        maps.take_observed().len(),
+                        usize::from(reported),
+                        "lease 5 at clock {}: {}",
+                        clock_ns,
+                        context()
+                    );
+                    prop_assert!(maps.take_events().is_empty(), "{}", context());
+                }
+                maps.set_monitor_lease(u32::MAX, 0);
+            }
         }
     }
     Ok(())

@@ -30,9 +30,9 @@ use crate::{
     metrics::Metrics,
     monitor::Monitor,
     startup::{
-        apply_monitor, bind_proxy, enable_tls_fast_path, load_options, raise_nofile_limit,
-        retire_previous, set_backstop, start_bpf_log, start_deny_events, start_monitor,
-        start_proxy,
+        apply_monitor, bind_proxy, enable_tls_fast_path, load_options, monitor_lease_tick,
+        raise_nofile_limit, renew_monitor, retire_previous, set_backstop, start_bpf_log,
+        start_deny_events, start_monitor, start_proxy,
     },
 };
 
@@ -272,10 +272,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut watched: Vec<PathBuf> = args.policy.clone();
     watched.extend(args.workloads.clone());
     let (_watcher, mut changed) = crate::watch::watch(&watched).context("watching policy files")?;
+    let mut lease_tick = monitor_lease_tick();
     loop {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
+            _ = lease_tick.tick() => renew_monitor(&mut kernel),
             // The sender lives in `monitor`, which outlives this loop: never an error here.
             r = kernel_wanted.changed() => {
                 if r.is_ok() {

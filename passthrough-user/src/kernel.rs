@@ -680,7 +680,10 @@ impl Kernel {
 
     /// Whether the programs report allowed egress decisions (`flags::MONITOR`), 1 in
     /// 2^`shift` of them. Written at once into `CONFIG` (one update of the value the programs
-    /// read; nothing else in it changes) and kept by every later apply.
+    /// read; nothing else in it changes) and kept by every later apply. While on, the report
+    /// holds only as long as its lease (`GlobalConfig::monitor_lease`, about 11 s from now):
+    /// call [`Kernel::renew_monitor`] every second or so, so that the flag of an agent that is
+    /// killed (and cannot clear it) expires by itself.
     pub fn set_monitor(&mut self, on: bool, shift: u32) -> Result<(), KernelError> {
         self.monitor = (on, shift);
         if self.active.is_none() {
@@ -692,9 +695,49 @@ impl Kernel {
             .get(&0, 0)
             .map_err(|e| KernelError::Map("CONFIG", e))?;
         cfg.flags = passthrough_common::flags::with_monitor(cfg.flags, on, shift);
+        cfg.monitor_lease = self.monitor_lease();
         self.config
             .set(0, cfg, 0)
             .map_err(|e| KernelError::Map("CONFIG", e))
+    }
+
+    /// Renews the monitor's lease while the report is on (nothing otherwise, and nothing when
+    /// the lease written last is still the one it would write: at most one `CONFIG` update per
+    /// lease unit, about a second).
+    pub fn renew_monitor(&mut self) -> Result<(), KernelError> {
+        if !self.monitor.0 || self.active.is_none() {
+            return Ok(());
+        }
+        let mut cfg = self
+            .config
+            .get(&0, 0)
+            .map_err(|e| KernelError::Map("CONFIG", e))?;
+        let lease = self.monitor_lease();
+        if cfg.monitor_lease == lease {
+            return Ok(());
+        }
+        cfg.monitor_lease = lease;
+        self.config
+            .set(0, cfg, 0)
+            .map_err(|e| KernelError::Map("CONFIG", e))
+    }
+
+    /// The lease to write now: renewed from the monotonic clock (the programs' `ktime`) while
+    /// the report is on, 0 (run out) while off.
+    fn monitor_lease(&self) -> u32 {
+        if !self.monitor.0 {
+            return 0;
+        }
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes the timespec we pass; CLOCK_MONOTONIC always exists.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+        let now_ns = (ts.tv_sec as u64)
+            .saturating_mul(1_000_000_000)
+            .saturating_add(ts.tv_nsec as u64);
+        passthrough_common::flags::monitor_lease(now_ns)
     }
 
     /// Loads the kernel relay's verdict program and attaches it to its map; returns the maps.
@@ -797,6 +840,7 @@ impl Kernel {
             self.monitor.0,
             self.monitor.1,
         );
+        cfg.monitor_lease = self.monitor_lease();
         cfg.agent_mark = self.agent_mark;
         self.fill_proxy_config(&mut cfg);
         cfg.policy_generation = self.generation_counter + 1;

@@ -505,6 +505,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut status_tick = tokio::time::interval(Duration::from_millis(500));
     status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut status_dirty = false;
+    let mut lease_tick = startup::monitor_lease_tick();
     loop {
         let mut force = false;
         tokio::select! {
@@ -524,6 +525,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                     let w = *kernel_wanted.borrow_and_update();
                     startup::apply_monitor(&mut lock(&shared).kernel, w);
                 }
+                continue;
+            }
+            _ = lease_tick.tick() => {
+                startup::renew_monitor(&mut lock(&shared).kernel);
                 continue;
             }
             r = snapshots.changed() => {

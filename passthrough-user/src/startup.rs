@@ -360,6 +360,22 @@ pub(crate) fn start_monitor(
 
 /// Writes what the monitor wants the programs to report into `CONFIG` (logged if it fails:
 /// watchers then miss allowed kernel decisions; enforcement is not affected).
+/// The agent loop's once-a-second tick that renews the kernel report's lease
+/// ([`renew_monitor`]).
+pub(crate) fn monitor_lease_tick() -> tokio::time::Interval {
+    let mut t = tokio::time::interval(std::time::Duration::from_secs(1));
+    t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    t
+}
+
+/// Renews the kernel report's lease while someone watches ([`Kernel::renew_monitor`]): the
+/// flag of an agent that is killed expires instead of staying on until the next agent starts.
+pub(crate) fn renew_monitor(kernel: &mut Kernel) {
+    if let Err(e) = kernel.renew_monitor() {
+        warn!(error = %e, "monitor: could not renew the kernel report's lease");
+    }
+}
+
 pub(crate) fn apply_monitor(kernel: &mut Kernel, w: KernelMonitor) {
     match kernel.set_monitor(w.on, u32::from(w.shift)) {
         Ok(()) => tracing::debug!(

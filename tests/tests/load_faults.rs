@@ -516,8 +516,11 @@ fn slow_clients_do_not_delay_others_and_are_closed_by_the_peek_timeout() {
     println!(
         "slowloris: {SLOW} slow clients; 20 fresh requests meanwhile, slowest {max_lat:.1?}; slow ones closed after {min_closed:.1?}..{max_closed:.1?}"
     );
+    // A proxy that let slow clients hold it up would answer a fresh client only once they are
+    // closed, a peek timeout after they started (~4.5 s into these requests). The bound is half
+    // of that, not a speed target: a loaded machine may retransmit a SYN (1 s initial RTO).
     assert!(
-        *max_lat < Duration::from_secs(1),
+        *max_lat < PEEK_TIMEOUT / 2,
         "a fresh client waited {max_lat:?} behind the slow ones: {lat:?}"
     );
     assert!(

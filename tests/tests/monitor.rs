@@ -197,14 +197,61 @@ impl Drop for Watcher {
     }
 }
 
-/// The `CONFIG` flags the programs read, from the pinned map.
-fn kernel_flags(agent: &Agent) -> u32 {
+/// The `CONFIG` value the programs read, from the pinned map.
+fn kernel_config(agent: &Agent) -> passthrough_common::GlobalConfig {
     use aya::maps::{Array, Map, MapData};
     let pin = passthrough_user::pins::map_pin(agent.state_dir(), "CONFIG");
     let map = MapData::from_pin(&pin).unwrap();
     let arr: Array<MapData, passthrough_common::GlobalConfig> =
         Array::try_from(Map::Array(map)).unwrap();
-    arr.get(&0, 0).unwrap().flags
+    arr.get(&0, 0).unwrap()
+}
+
+/// The `CONFIG` flags the programs read, from the pinned map.
+fn kernel_flags(agent: &Agent) -> u32 {
+    kernel_config(agent).flags
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds: the programs' `bpf_ktime_get_ns`.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec we pass.
+    assert_eq!(
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) },
+        0
+    );
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// The id of the `MONITOR_EVENTS` ring the programs attached at `cg` write (not pinned: found
+/// through the programs' map ids).
+fn monitor_ring_id(cg: &Path) -> u32 {
+    let bpftool = |args: &[&str]| -> Value {
+        let out = Command::new("bpftool")
+            .arg("-j")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "bpftool {args:?}");
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let progs = passthrough_tests::cgroup::attached_programs(cg).expect("bpftool");
+    let mut rings = std::collections::BTreeSet::new();
+    for p in &progs {
+        let id = p.split_whitespace().next().unwrap();
+        let info = bpftool(&["prog", "show", "id", id]);
+        for m in info["map_ids"].as_array().into_iter().flatten() {
+            let m = m.as_u64().unwrap().to_string();
+            if bpftool(&["map", "show", "id", &m])["name"] == "MONITOR_EVENTS" {
+                rings.insert(m.parse::<u32>().unwrap());
+            }
+        }
+    }
+    assert_eq!(rings.len(), 1, "one monitor ring for {progs:?}: {rings:?}");
+    rings.into_iter().next().unwrap()
 }
 
 fn find<'a>(
@@ -374,6 +421,73 @@ fn an_agent_leaving_its_programs_attached_switches_their_report_off() {
         &w.agent.state_dir().display().to_string(),
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// An agent killed while watched (SIGKILL: it cannot switch the report off) leaves
+/// `flags::MONITOR` set in the pinned `CONFIG`, and its programs stay attached. Its lease runs
+/// out within seconds, and from then on those programs report nothing into the ring nobody
+/// reads (before the lease, each allowed connect cost a failed or useless ring reserve until the
+/// next agent started).
+#[test]
+fn a_killed_agents_report_stops_when_its_lease_runs_out() {
+    if !require_kernel() {
+        return;
+    }
+    use aya::maps::{Map, MapData, RingBuf};
+    use passthrough_common::flags::{MONITOR, monitor_live};
+    let mut w = World::new(None, |b| b);
+    let watcher = Watcher::start(&w.agent, &["--json"]);
+    wait_for(Duration::from_secs(10), "the watcher", || {
+        (w.metric("passthrough_monitor_watchers", "") == 1.0).then_some(())
+    });
+    let live = kernel_config(&w.agent);
+    assert_ne!(live.flags & MONITOR, 0);
+    assert!(
+        monitor_live(live.monitor_lease, monotonic_ns()),
+        "the watched agent holds a live lease: {} at {}",
+        live.monitor_lease,
+        monotonic_ns()
+    );
+    // Watched: an allowed connect is reported (what the end of this test must not see).
+    let kernel_ok = w.hosts.host4(3, 5432);
+    let c = w.probe.connect(kernel_ok).expect("allowed by the IP match");
+    w.probe.close(c);
+    wait_for(
+        Duration::from_secs(10),
+        "the allowed connect, watched",
+        || find(&watcher.records(), kernel_ok, "allow").map(|_| ()),
+    );
+    let ring_id = monitor_ring_id(w.cg.path());
+
+    w.agent.kill9();
+    drop(watcher);
+    let left = kernel_config(&w.agent);
+    assert_ne!(
+        left.flags & MONITOR,
+        0,
+        "a killed agent could not clear the flag (else this test proves nothing)"
+    );
+    // A wait, not a speed claim: the lease is about 11 s from the agent's last renewal.
+    wait_for(Duration::from_secs(60), "the lease to run out", || {
+        (!monitor_live(left.monitor_lease, monotonic_ns())).then_some(())
+    });
+    let mut ring = RingBuf::try_from(Map::RingBuf(MapData::from_id(ring_id).unwrap())).unwrap();
+    while ring.next().is_some() {}
+    for _ in 0..20 {
+        let c = w
+            .probe
+            .connect(kernel_ok)
+            .expect("still enforced from the pins");
+        w.probe.close(c);
+    }
+    let mut reported = 0;
+    while ring.next().is_some() {
+        reported += 1;
+    }
+    assert_eq!(
+        reported, 0,
+        "allowed connects reported after the killed agent's lease ran out"
+    );
 }
 
 /// What the suggest test sends, and how to send it again.
