@@ -480,6 +480,25 @@ pub fn normalize_name(raw: &str, strip_port: bool) -> Result<String, ReasonDetai
     Ok(s.to_ascii_lowercase())
 }
 
+/// A Domain pattern's leading wildcard labels (`*.` each; a lone `*` counts as one) and the
+/// rest. The kernel's SNI tables (`sni_plan`) split patterns here too, so both read alike.
+pub(crate) fn wildcard_prefix(pattern: &str) -> (usize, &str) {
+    let mut rest = pattern;
+    let mut stars = 0;
+    loop {
+        if rest == "*" {
+            return (stars + 1, "");
+        }
+        match rest.strip_prefix("*.") {
+            Some(r) => {
+                stars += 1;
+                rest = r;
+            }
+            None => return (stars, rest),
+        }
+    }
+}
+
 /// Whether a `Domain` match value matches a normalised name (see the module doc): ASCII case
 /// aside, a trailing dot on either side must be on both.
 pub fn domain_matches(pattern: &str, name: &str) -> bool {
@@ -488,22 +507,7 @@ pub fn domain_matches(pattern: &str, name: &str) -> bool {
     if name.is_empty() {
         return false;
     }
-    let mut rest = pattern.as_str();
-    let mut stars = 0usize;
-    loop {
-        if rest == "*" {
-            stars += 1;
-            rest = "";
-            break;
-        }
-        match rest.strip_prefix("*.") {
-            Some(r) => {
-                stars += 1;
-                rest = r;
-            }
-            None => break,
-        }
-    }
+    let (stars, rest) = wildcard_prefix(&pattern);
     let name_labels: Vec<&str> = name.split('.').collect();
     let rest_labels: Vec<&str> = if rest.is_empty() {
         Vec::new()

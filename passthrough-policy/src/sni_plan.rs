@@ -17,7 +17,10 @@ use passthrough_common::{
     sni::{SNI_KEY_NAME, SNI_KEY_TABLE_BITS, SniNameKey, SniNameValue, name_allowed},
 };
 
-use crate::{decision::domain_matches, plan::KernelPlan};
+use crate::{
+    decision::{domain_matches, wildcard_prefix},
+    plan::KernelPlan,
+};
 
 /// One `SNI_NAMES` entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,22 +39,7 @@ pub struct SniEntry {
 /// stars, names too long).
 fn split(pattern: &str) -> Option<(u32, String)> {
     let p = pattern.to_ascii_lowercase();
-    let mut rest = p.as_str();
-    let mut stars = 0u32;
-    loop {
-        if rest == "*" {
-            stars += 1;
-            rest = "";
-            break;
-        }
-        match rest.strip_prefix("*.") {
-            Some(r) => {
-                stars += 1;
-                rest = r;
-            }
-            None => break,
-        }
-    }
+    let (stars, rest) = wildcard_prefix(&p);
     // Names are at most 254 bytes (253 and a trailing dot); a wildcard's suffix is followed
     // by a `.` in its key.
     let max = if stars == 0 {
@@ -62,7 +50,7 @@ fn split(pattern: &str) -> Option<(u32, String)> {
     if rest.contains('*') || (stars == 0 && rest.is_empty()) || rest.len() > max {
         return None;
     }
-    Some((stars, rest.to_string()))
+    Some((u32::try_from(stars).ok()?, rest.to_string()))
 }
 
 /// The key of a name or suffix, reversed; `terminator` after it (0 for an exact name, `.` for
