@@ -89,12 +89,12 @@ pub struct RunArgs {
     /// `off` (default): always in userspace. See docs/design.md.
     #[arg(long, value_name = "READS|off", default_value = "off", value_parser = parse_kernel_relay)]
     pub kernel_relay_after: KernelRelayAfter,
-    /// TLS fast path: a connection that only `tls` Domain matches at its port could allow goes
-    /// directly to a destination already verified for an allowed name (learned from the proxy,
-    /// pre-warmed from the policies' exact names), and its ClientHello is judged in the kernel
-    /// before any byte leaves; everything else takes the proxy as before. `off`: every such
-    /// connection takes the proxy (as under `--audit`). See docs/design.md.
-    #[arg(long, value_name = "off|on", default_value = "off", value_parser = parse_on_off, action = clap::ArgAction::Set)]
+    /// TLS fast path (`on`, default): a connection that only `tls` Domain matches at its port
+    /// could allow goes directly to a destination already verified for an allowed name
+    /// (learned from the proxy, pre-warmed from the policies' exact names), and its ClientHello
+    /// is judged in the kernel before any byte leaves; everything else takes the proxy. `off`:
+    /// every such connection takes the proxy (as under `--audit`). See docs/design.md.
+    #[arg(long, value_name = "off|on", default_value = "on", value_parser = parse_on_off, action = clap::ArgAction::Set)]
     pub tls_fast_path: bool,
     /// Diagnostics from the eBPF programs (aya-log), forwarded into this log under the target
     /// `passthrough::bpf`: `error` (map failures), `warn` (dropped deny events, refused
