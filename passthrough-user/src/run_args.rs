@@ -80,7 +80,10 @@ pub struct RunArgs {
     /// the 32-bit system call entry (no setsockopt program runs for it; no privilege needed on
     /// kernels with IA32 emulation) or before the agent attached. Only for nodes whose kernel
     /// has neither and whose workloads have no `CAP_NET_RAW`, no ping sockets and no sockets
-    /// older than the agent (docs/security.md L1, L2, "Source routes").
+    /// older than the agent (docs/security.md L1, L2, "Source routes"). With the TLS fast path
+    /// on (the default) the program stays attached for it alone: it holds back the payload of
+    /// fast-path connections whose ClientHello was not allowed, and lets everything else pass
+    /// unread; `--tls-fast-path off` as well detaches it.
     #[arg(long)]
     pub no_raw_socket_backstop: bool,
     /// Opt-in kernel relay: after this many userspace reads, an allowed TLS connection's bytes
