@@ -37,8 +37,8 @@ use aya_ebpf::{
     },
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_msg_apply_bytes, bpf_msg_cork_bytes,
-        bpf_msg_pull_data, bpf_skc_to_tcp_sock,
+        bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_msg_apply_bytes,
+        bpf_msg_cork_bytes, bpf_msg_pull_data, bpf_skc_to_tcp_sock,
         generated::{
             bpf_map_delete_elem, bpf_probe_read_kernel, bpf_sk_storage_delete, bpf_sk_storage_get,
         },
@@ -48,14 +48,18 @@ use aya_ebpf::{
 };
 use passthrough_common::{
     DenyEvent, Reason, SniDenyEvent, SniSock, counter,
-    decide::{judge_name, kernel_sni_decided, stop_reason},
+    decide::{Maps as _, judge_name, kernel_sni_decided, stop_reason},
+    flags,
     sni::{self, KERNEL_LIMITS, SNI_KEY_NAME, Stop, Stream, scan_flag},
     sni_state,
 };
 
 use crate::{
     decide::{KernelMaps, PROCEED, REJECT},
-    maps::{DENY_EVENTS, SNI_PROGS, SNI_SOCKS, SNI_STATE, count, tcp_offsets},
+    maps::{
+        DENY_EVENTS, MONITOR_DROPS, MONITOR_EVENTS, SNI_PROGS, SNI_SOCKS, SNI_STATE, count,
+        tcp_offsets,
+    },
 };
 
 /// The `SNI_STATE` storage of `sk`, created (zeroed) when `create`; null when there is none.
@@ -314,9 +318,6 @@ fn refuse(st: &mut SniSock, reason: Reason) {
         count(counter::EVENTS_DROPPED);
         return;
     };
-    // Written field by field into the ring buffer: the event is larger than a program's
-    // stack should carry.
-    let ev = slot.as_mut_ptr();
     // The name, when the judge got as far as reading it (reversed, as it keeps it).
     let named = matches!(
         reason,
@@ -327,7 +328,64 @@ fn refuse(st: &mut SniSock, reason: Reason) {
     } else {
         0
     };
-    // SAFETY: `ev` points at a reserved, writable record of this type.
+    // SAFETY: a reserved, writable record of this type.
+    unsafe { fill(slot.as_mut_ptr(), st, reason, sni_len) };
+    slot.submit(0);
+}
+
+/// An allowed hello, for whoever watches (`passthrough monitor`, the decision log): reported
+/// into `MONITOR_EVENTS` only while `CONFIG` has `flags::MONITOR` and its lease holds, sampled
+/// as the connect programs' allowed decisions are (1 in 2^shift), with the name the judge
+/// allowed (`len` bytes of `lookup.key.name`, normalised; 0 when it had none). Nobody
+/// watching: one lookup of the `CONFIG` array and one flag test. A full ring drops the record
+/// and counts it in `MONITOR_DROPS`; the bytes have already gone either way.
+#[inline(always)]
+fn watched(st: &SniSock, reason: Reason, len: u32) {
+    if cfg!(feature = "no-monitor") {
+        return;
+    }
+    let Some(cfg) = KernelMaps.config() else {
+        return;
+    };
+    // SAFETY: a map value, read once (the agent rewrites it in place).
+    let (bits, lease) = unsafe {
+        (
+            ptr::read_volatile(&cfg.flags),
+            ptr::read_volatile(&cfg.monitor_lease),
+        )
+    };
+    if bits & flags::MONITOR == 0 {
+        return;
+    }
+    // SAFETY: no preconditions.
+    if !flags::monitor_live(lease, unsafe { bpf_ktime_get_ns() }) {
+        return;
+    }
+    let mask = (1u32 << (flags::monitor_shift(bits) & 0xf)) - 1;
+    // SAFETY: no preconditions.
+    if mask != 0 && unsafe { bpf_get_prandom_u32() } & mask != 0 {
+        return;
+    }
+    let Some(mut slot) = MONITOR_EVENTS.reserve::<SniDenyEvent>(0) else {
+        if let Some(n) = MONITOR_DROPS.get_ptr_mut(0) {
+            // Per-CPU slot; programs are not preempted mid-run on one CPU.
+            unsafe { *n += 1 };
+        }
+        return;
+    };
+    // SAFETY: a reserved, writable record of this type.
+    unsafe { fill(slot.as_mut_ptr(), st, reason, len.min(SNI_KEY_NAME as u32)) };
+    slot.submit(0);
+}
+
+/// Writes the record of a verdict on `st` (`reason`, `sni_len` bytes of the name the judge
+/// keeps) field by field into `ev`: the record is larger than a program's stack should carry.
+///
+/// # Safety
+/// `ev` points at a reserved, writable ring buffer record of this type.
+#[inline(always)]
+unsafe fn fill(ev: *mut SniDenyEvent, st: &SniSock, reason: Reason, sni_len: u32) {
+    // SAFETY: the caller's.
     unsafe {
         (*ev).base = DenyEvent {
             ktime_ns: bpf_ktime_get_ns(),
@@ -355,7 +413,6 @@ fn refuse(st: &mut SniSock, reason: Reason) {
             ptr::addr_of!(st.lookup.key.name).cast(),
         );
     }
-    slot.submit(0);
 }
 
 /// The message bytes after `bpf_msg_pull_data`, as a [`Stream`].
@@ -474,7 +531,17 @@ pub fn passthrough_sni_name(ctx: SkMsgContext) -> u32 {
         Err(stop) => verdict(&ctx, st, stop_reason(stop)),
         Ok(name) => {
             let reason = judge_name(&KernelMaps, st.workload, st.port, name, &mut st.lookup);
-            verdict(&ctx, st, reason)
+            let action = verdict(&ctx, st, reason);
+            // Only an allowed hello reaches a watcher here (a refused one is always reported,
+            // by `refuse`), and only from this phase: the others never allow.
+            if action == SK_PASS {
+                let len = match name {
+                    sni::Name::Valid { len, .. } => len,
+                    _ => 0,
+                };
+                watched(st, reason, len);
+            }
+            action
         }
     }
 }

@@ -150,7 +150,11 @@ pub fn seen(record: &DecisionRecord, opts: &SuggestOptions) -> Result<Seen, Skip
         ip,
         port: (!is_portless(&record.protocol)).then_some(record.dst.port()),
     };
-    if record.path != "proxy" || record.reason == "destination_check" {
+    // The names come from the proxy and from the TLS fast path's judge in the kernel
+    // (`kernel-sni`), which judges the same ClientHello under the same Domain matches.
+    if !matches!(record.path.as_str(), "proxy" | "kernel-sni")
+        || record.reason == "destination_check"
+    {
         // A name refused because the dialled address is not one of its addresses would be
         // refused again under a Domain match: only the address itself can allow it.
         return Ok(address);
@@ -565,6 +569,61 @@ mod tests {
             host: Some(host.into()),
             ..rec(workload, "proxy", "would_deny", "no_domain_match", dst)
         }
+    }
+
+    /// A ClientHello the TLS fast path's judge allowed in the kernel (path `kernel-sni`) asks
+    /// for its name as the proxy's does, not for the address it was dialled at; one it refused
+    /// before reading a name asks for the address.
+    #[test]
+    fn kernel_sni_records_ask_for_their_names() {
+        let records = vec![
+            DecisionRecord {
+                path: "kernel-sni".into(),
+                ..tls(
+                    "web",
+                    "Fast.Example.com",
+                    "[::ffff:203.0.113.20]:443",
+                    "allow",
+                    "domain_match",
+                )
+            },
+            DecisionRecord {
+                path: "kernel-sni".into(),
+                ..tls(
+                    "web",
+                    "fast.example.com",
+                    "[2001:db8::20]:8443",
+                    "allow",
+                    "domain_match",
+                )
+            },
+            DecisionRecord {
+                path: "kernel-sni".into(),
+                protocol: "tls".into(),
+                ..rec("web", "kernel-sni", "deny", "unjudged", "203.0.113.21:443")
+            },
+        ];
+        let opts = SuggestOptions {
+            include_denied: true,
+            ..SuggestOptions::default()
+        };
+        let report = assert_allows_all(&records, &opts);
+        let web = &report.policies[0];
+        let got: Vec<String> = web
+            .matches
+            .iter()
+            .map(|m| format!("{} {} {:?} {}", m.kind, m.value, m.port, m.protocol))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                "Domain fast.example.com Some(443) tls",
+                "Domain fast.example.com Some(8443) tls",
+                "IP 203.0.113.21 Some(443) tcp",
+            ],
+            "{}",
+            web.yaml
+        );
     }
 
     /// The proof the CLI test makes on recorded traffic, on the pure layer: every suggestion

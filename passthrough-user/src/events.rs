@@ -505,8 +505,9 @@ impl Reporter {
     }
 }
 
-/// The [`Outcome`] of a TLS fast path denial event (path `kernel-sni`, protocol `tls`, the
-/// SNI the judge read, if any).
+/// The [`Outcome`] of a TLS fast path event (path `kernel-sni`, protocol `tls`, the SNI the
+/// judge read, if any): a denial from `DENY_EVENTS`, or an allowed ClientHello the monitor's
+/// ring reported (reason `domain_match` or `mode_all`, verdict `allow`).
 pub fn kernel_sni_outcome(ev: &SniDenyEvent, now_wall: SystemTime, now_mono_ns: u64) -> Outcome {
     let mut o = kernel_outcome(&ev.base, now_wall, now_mono_ns);
     o.path = DecisionPath::KernelSni;

@@ -6,7 +6,7 @@
 //! | source | what | when |
 //! |---|---|---|
 //! | kernel, `DENY_EVENTS` ring | denials and `--audit` would-be denials | always (the deny-event log reads them) |
-//! | kernel, `MONITOR_EVENTS` ring | allowed egress decisions (`address_match`, `mode_all`) | only while someone watches: the agent sets `flags::MONITOR` in `CONFIG` |
+//! | kernel, `MONITOR_EVENTS` ring | allowed egress decisions (`address_match`, `mode_all`), and ClientHellos the TLS fast path's judge allowed (path `kernel-sni`, with the SNI) | only while someone watches: the agent sets `flags::MONITOR` in `CONFIG` |
 //! | proxy | every TLS connection and HTTP request it judged | the proxy's outcome record |
 //!
 //! Loopback, internal ranges, resolvers and the agent's own sockets are not egress decisions
@@ -577,7 +577,18 @@ pub async fn read_kernel_monitor(
                 let mut n = 0;
                 let mut full_batch = false;
                 while let Some(item) = ring.next() {
-                    if item.len() >= std::mem::size_of::<passthrough_common::DenyEvent>() {
+                    if item.len() >= std::mem::size_of::<passthrough_common::SniDenyEvent>() {
+                        // SAFETY: as below, a SniDenyEvent (the only larger record): a
+                        // ClientHello the TLS fast path's judge allowed.
+                        let ev: passthrough_common::SniDenyEvent =
+                            unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+                        drop(item);
+                        if monitor.watching() {
+                            let o = crate::events::kernel_sni_outcome(&ev, wall, mono);
+                            let name = monitor.metrics().workload_name(ev.base.workload);
+                            monitor.publish(Item::Decision(Arc::new(record_of(&o, name, sampled))));
+                        }
+                    } else if item.len() >= std::mem::size_of::<passthrough_common::DenyEvent>() {
                         // SAFETY: the kernel wrote a DenyEvent (plain data) at the start of
                         // the item; read_unaligned copes with any alignment.
                         let ev: passthrough_common::DenyEvent =

@@ -270,8 +270,7 @@ fn monitor_streams_kernel_and_proxy_decisions_to_several_filtered_watchers() {
         return;
     }
     // The proxy's TLS decision: with the fast path (on by default) the pre-warmed name would go
-    // direct, and the judge reports only what it refuses (docs/design.md, "The monitor", "The
-    // TLS fast path").
+    // direct and be judged in the kernel (path kernel-sni, the next test).
     let mut w = World::new(None, |b| b.arg("--tls-fast-path=off"));
     let wl = w.workload();
     use passthrough_common::flags::MONITOR;
@@ -396,6 +395,164 @@ fn monitor_streams_kernel_and_proxy_decisions_to_several_filtered_watchers() {
     assert_eq!(w.metric("passthrough_monitor_lost_total", ""), 0.0);
 }
 
+/// The kernel's counter of ClientHellos the TLS fast path's judge allowed by a Domain match.
+fn kernel_sni_allowed(w: &World) -> f64 {
+    w.metric(
+        "passthrough_kernel_decisions_total",
+        "path=\"kernel-sni\",verdict=\"allow\",reason=\"domain_match\"",
+    )
+}
+
+/// TLS to host `host` with `sni` until its hello is judged in the kernel (the pre-warmed
+/// destination is verified within seconds of the start); each attempt must complete.
+fn wait_kernel_sni(w: &mut World, host: u8, sni: &str) {
+    wait_for(
+        Duration::from_secs(10),
+        "a hello judged in the kernel",
+        || {
+            let before = kernel_sni_allowed(w);
+            let r = w.tls(host, sni);
+            assert_eq!(r["ok"], true, "{sni}: {r}\n{}", w.agent.describe());
+            (kernel_sni_allowed(w) - before == 1.0).then_some(())
+        },
+    );
+}
+
+/// The TLS fast path's allowed hellos reach watchers: with the fast path on (the default) and
+/// a warm verified destination, a connection goes direct and its ClientHello is allowed in the
+/// kernel; a `monitor --json --path kernel-sni --verdict allow` watcher sees it (path
+/// `kernel-sni`, protocol `tls`, the SNI, the workload and process), not the hello refused at
+/// the same destination; the decision log records both; `suggest` on the watcher's lines
+/// allows the name by a `Domain` match (not the address it was dialled at), which `explain`
+/// confirms.
+#[test]
+fn watchers_and_the_decision_log_see_the_hellos_the_kernel_allows() {
+    if !require_kernel() {
+        return;
+    }
+    let logs = passthrough_tests::test_dir();
+    let log = logs.path().join("decisions");
+    let log_s = log.display().to_string();
+    let mut w = World::new(None, |b| b.arg("--decision-log").arg(&log_s));
+    let wl = w.workload();
+    let watcher = Watcher::start(
+        &w.agent,
+        &["--json", "--path", "kernel-sni", "--verdict", "allow"],
+    );
+    wait_for(Duration::from_secs(10), "the watcher and the log", || {
+        (w.metric("passthrough_monitor_watchers", "") == 2.0).then_some(())
+    });
+    wait_kernel_sni(&mut w, 1, "api.ops.test");
+    // Refused in the kernel at the same verified destination (web.ops.test: HTTP on 80 only).
+    let refused_before = w.metric(
+        "passthrough_kernel_decisions_total",
+        "path=\"kernel-sni\",verdict=\"deny\",reason=\"no_domain_match\"",
+    );
+    let r = w.tls(1, "web.ops.test");
+    assert_eq!(r["ok"], false, "{r}");
+    assert_eq!(
+        w.metric(
+            "passthrough_kernel_decisions_total",
+            "path=\"kernel-sni\",verdict=\"deny\",reason=\"no_domain_match\"",
+        ) - refused_before,
+        1.0,
+        "{}",
+        w.agent.describe()
+    );
+
+    let tls_dst = w.hosts.host4(1, 443);
+    let seen = wait_for(
+        Duration::from_secs(10),
+        "the allowed hello, watched",
+        || {
+            let r = watcher.records();
+            find(&r, tls_dst, "allow").cloned()
+        },
+    );
+    assert_eq!(
+        (
+            seen.workload.as_str(),
+            seen.path.as_str(),
+            seen.reason.as_str(),
+            seen.protocol.as_str(),
+            seen.sni.as_deref(),
+            seen.comm.as_str(),
+        ),
+        (
+            wl.as_str(),
+            "kernel-sni",
+            "domain_match",
+            "tls",
+            Some("api.ops.test"),
+            "pt-probe"
+        ),
+        "{seen:?}"
+    );
+    assert_eq!(seen.pid, w.probe.pid());
+    assert_eq!(seen.sampled, None, "{seen:?}");
+
+    // The decision log has the allowed hello and the refused one, both on path kernel-sni.
+    let recorded = wait_for(Duration::from_secs(10), "both hellos in the log", || {
+        let c = decision_log::read(std::slice::from_ref(&log)).ok()?;
+        let ours: Vec<DecisionRecord> = c
+            .records
+            .into_iter()
+            .filter(|r| r.workload == wl && r.path == "kernel-sni")
+            .collect();
+        (ours.iter().any(|r| r.verdict == "allow") && ours.iter().any(|r| r.verdict == "deny"))
+            .then_some(ours)
+    });
+    let allowed = recorded.iter().find(|r| r.verdict == "allow").unwrap();
+    assert_eq!(
+        (allowed.dst, allowed.reason.as_str(), allowed.sni.as_deref()),
+        (tls_dst, "domain_match", Some("api.ops.test")),
+        "{allowed:?}"
+    );
+    let denied = recorded.iter().find(|r| r.verdict == "deny").unwrap();
+    assert_eq!(
+        (denied.reason.as_str(), denied.sni.as_deref()),
+        ("no_domain_match", Some("web.ops.test")),
+        "{denied:?}"
+    );
+    // The filtered watcher saw allowed kernel-sni decisions only.
+    let lines = watcher.lines();
+    let records = watcher.records();
+    assert!(
+        records
+            .iter()
+            .all(|r| r.path == "kernel-sni" && r.verdict == "allow"),
+        "{lines:?}"
+    );
+
+    // suggest on the watcher's lines: a Domain match for the name, at its port, over TLS.
+    let json = logs.path().join("kernel-sni.jsonl");
+    std::fs::write(&json, lines.join("\n") + "\n").unwrap();
+    let out_dir = logs.path().join("suggested");
+    let o = passthrough(&[
+        "suggest",
+        "--log",
+        &json.display().to_string(),
+        "--out",
+        &out_dir.display().to_string(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let yaml = std::fs::read_to_string(out_dir.join(format!(
+        "{}.yaml",
+        passthrough_policy::suggest::policy_name(&wl)
+    )))
+    .unwrap();
+    assert!(
+        yaml.contains("type: Domain")
+            && yaml.contains("value: \"api.ops.test\"")
+            && yaml.contains("port: 443")
+            && yaml.contains("protocol: tls")
+            && !yaml.contains("type: IP"),
+        "{yaml}"
+    );
+    let e = explain(&out_dir, &seen);
+    assert_eq!(e["verdict"], "allow", "{seen:?} under\n{yaml}\n{e:#}");
+}
+
 #[test]
 fn an_agent_leaving_its_programs_attached_switches_their_report_off() {
     if !require_kernel() {
@@ -451,7 +608,8 @@ fn a_killed_agents_report_stops_when_its_lease_runs_out() {
         live.monitor_lease,
         monotonic_ns()
     );
-    // Watched: an allowed connect is reported (what the end of this test must not see).
+    // Watched: an allowed connect and a hello allowed in the kernel (the TLS fast path, on by
+    // default) are reported (what the end of this test must not see).
     let kernel_ok = w.hosts.host4(3, 5432);
     let c = w.probe.connect(kernel_ok).expect("allowed by the IP match");
     w.probe.close(c);
@@ -459,6 +617,19 @@ fn a_killed_agents_report_stops_when_its_lease_runs_out() {
         Duration::from_secs(10),
         "the allowed connect, watched",
         || find(&watcher.records(), kernel_ok, "allow").map(|_| ()),
+    );
+    wait_kernel_sni(&mut w, 1, "api.ops.test");
+    let tls_dst = w.hosts.host4(1, 443);
+    wait_for(
+        Duration::from_secs(10),
+        "the allowed hello, watched",
+        || {
+            watcher
+                .records()
+                .iter()
+                .find(|r| r.dst == tls_dst && r.path == "kernel-sni" && r.verdict == "allow")
+                .map(|_| ())
+        },
     );
     let ring_id = monitor_ring_id(w.cg.path());
 
@@ -470,6 +641,50 @@ fn a_killed_agents_report_stops_when_its_lease_runs_out() {
         0,
         "a killed agent could not clear the flag (else this test proves nothing)"
     );
+    // Standing in for an agent on the pinned CONFIG, with a lease of its own: the flag off
+    // (nobody watches) reports nothing of the judge's allowed hellos, nor of allowed
+    // connects; the flag on with a live lease reports each hello, a record with its name.
+    {
+        use aya::maps::Array;
+        let pin = passthrough_user::pins::map_pin(w.agent.state_dir(), "CONFIG");
+        let mut config: Array<MapData, passthrough_common::GlobalConfig> =
+            Array::try_from(Map::Array(MapData::from_pin(&pin).unwrap())).unwrap();
+        let mut ring = RingBuf::try_from(Map::RingBuf(MapData::from_id(ring_id).unwrap())).unwrap();
+        let reported = |ring: &mut RingBuf<MapData>| {
+            let mut sizes = Vec::new();
+            while let Some(item) = ring.next() {
+                sizes.push(item.len());
+            }
+            sizes
+        };
+        reported(&mut ring);
+        let fresh = passthrough_common::flags::monitor_lease(monotonic_ns());
+        let mut cfg = left;
+        cfg.flags = passthrough_common::flags::with_monitor(cfg.flags, false, 0);
+        cfg.monitor_lease = fresh;
+        config.set(0, cfg, 0).unwrap();
+        for _ in 0..3 {
+            let c = w
+                .probe
+                .connect(kernel_ok)
+                .expect("still enforced from the pins");
+            w.probe.close(c);
+            let r = w.tls(1, "api.ops.test");
+            assert_eq!(r["ok"], true, "direct, judged in the kernel: {r}");
+        }
+        assert_eq!(reported(&mut ring), [0usize; 0], "nobody watches");
+        // Every decision (no sampling).
+        cfg.flags = passthrough_common::flags::with_monitor(cfg.flags, true, 0);
+        config.set(0, cfg, 0).unwrap();
+        let r = w.tls(1, "api.ops.test");
+        assert_eq!(r["ok"], true, "direct, judged in the kernel: {r}");
+        assert_eq!(
+            reported(&mut ring),
+            [std::mem::size_of::<passthrough_common::SniDenyEvent>()],
+            "watched: the allowed hello, with its name"
+        );
+        config.set(0, left, 0).unwrap();
+    }
     // A wait, not a speed claim: the lease is about 11 s from the agent's last renewal.
     wait_for(Duration::from_secs(60), "the lease to run out", || {
         (!monitor_live(left.monitor_lease, monotonic_ns())).then_some(())
@@ -483,13 +698,20 @@ fn a_killed_agents_report_stops_when_its_lease_runs_out() {
             .expect("still enforced from the pins");
         w.probe.close(c);
     }
+    // The verified destination outlives the agent (its DNS answer's TTL), and the judge
+    // allows the hello from the pins: the connection completes directly (the killed agent's
+    // proxy could not have carried it).
+    for _ in 0..5 {
+        let r = w.tls(1, "api.ops.test");
+        assert_eq!(r["ok"], true, "direct, judged in the kernel: {r}");
+    }
     let mut reported = 0;
     while ring.next().is_some() {
         reported += 1;
     }
     assert_eq!(
         reported, 0,
-        "allowed connects reported after the killed agent's lease ran out"
+        "allowed connects or hellos reported after the killed agent's lease ran out"
     );
 }
 
