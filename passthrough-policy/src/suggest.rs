@@ -5,8 +5,8 @@
 //!
 //! | observed | match |
 //! |---|---|
-//! | the proxy read an SNI / Host, and the name was not refused for its address | `Domain` name, dialled port, protocol `tls` (TLS), `http` (HTTP/1), `http2` (h2c), `grpc`; plaintext HTTP of several kinds on one port: `http` (Kuma allows one HTTP protocol per port, and each of them takes any plaintext HTTP) |
-//! | anything else (kernel decisions, proxy connections without a usable name, names whose address failed the destination check) | `IP` (or `CIDR`, see below) with the dialled port, protocol `tcp` (MeshPassthrough has no UDP protocol: an IP/CIDR match covers UDP too) |
+//! | the proxy read an SNI / Host, or the TLS fast path's judge in the kernel an SNI (path `kernel-sni`), and the name was not refused for its address | `Domain` name, dialled port, protocol `tls` (TLS), `http` (HTTP/1), `http2` (h2c), `grpc`; plaintext HTTP of several kinds on one port: `http` (Kuma allows one HTTP protocol per port, and each of them takes any plaintext HTTP) |
+//! | anything else (the connect programs' decisions, proxy or fast-path connections without a usable name, names whose address failed the destination check) | `IP` (or `CIDR`, see below) with the dialled port, protocol `tcp` (MeshPassthrough has no UDP protocol: an IP/CIDR match covers UDP too) |
 //! | raw and ping sockets (no port) | `IP` without a port (only port-less matches cover them) |
 //!
 //! Names are kept exact unless the user names a suffix to collapse (`wildcard_suffixes`):

@@ -97,6 +97,33 @@ impl ProxyPolicy {
     }
 }
 
+/// A deciding match as outcomes describe it (`Domain *.example.com port 443 Tls`).
+pub fn describe_match(m: &passthrough_policy::Match) -> String {
+    match m.port {
+        Some(p) => format!("{:?} {} port {p} {:?}", m.kind, m.value, m.protocol),
+        None => format!("{:?} {} {:?}", m.kind, m.value, m.protocol),
+    }
+}
+
+impl ProxyPolicy {
+    /// The match that allows a TLS connection to `dst` with `sni` for workload `id` under this
+    /// policy, described ([`describe_match`]): what the proxy would report for it. Used for the
+    /// hellos the TLS fast path's judge allowed in the kernel, whose tables know names, not
+    /// matches. `None` when no match allows it (the policy changed since).
+    pub fn tls_match(&self, id: u64, dst: std::net::SocketAddr, sni: &str) -> Option<String> {
+        let conn = Connection {
+            dst,
+            udp: false,
+            l7: Some(L7::Tls(Some(sni.to_string()))),
+        };
+        let d = decide_at_proxy(self.conf(id), &conn, &self.decide);
+        match d.verdict {
+            Verdict::AllowAtProxy => d.matched.map(describe_match),
+            _ => None,
+        }
+    }
+}
+
 /// Proxy settings.
 #[derive(Debug, Clone)]
 pub struct ProxyConfig {
@@ -512,10 +539,7 @@ impl Proxy {
             L7::Tls(s) => (s.clone(), false),
             L7::Http1(h) | L7::H2c(h) => (Some(h.clone()), true),
         };
-        let matched = d.matched.map(|m| match m.port {
-            Some(p) => format!("{:?} {} port {p} {:?}", m.kind, m.value, m.protocol),
-            None => format!("{:?} {} {:?}", m.kind, m.value, m.protocol),
-        });
+        let matched = d.matched.map(describe_match);
         let (reason, detail, target) = match d.verdict {
             Verdict::AllowAtProxy => {
                 // A Domain match allowed `name`: check where the client is going.

@@ -218,16 +218,16 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let reporter = Arc::new(Reporter::new(metrics.clone(), Default::default()));
     let events_task = start_deny_events(&mut kernel, &args.state_dir, &reporter);
     let monitor = Monitor::new(metrics.clone());
-    let monitor_tasks = start_monitor(&args, &mut kernel, &reporter, &monitor)?;
-    let mut kernel_wanted = monitor.kernel_wanted();
-    let wanted = *kernel_wanted.borrow_and_update();
-    kernel.set_monitor(wanted.on, u32::from(wanted.shift))?;
     let merged = merge_all(&inputs, args.unselected_mode);
     let proxy_state = Arc::new(ArcSwap::from_pointee(proxy_policy(
         &merged,
         &opts,
         args.unselected_mode,
     )));
+    let monitor_tasks = start_monitor(&args, &mut kernel, &reporter, &monitor, &proxy_state)?;
+    let mut kernel_wanted = monitor.kernel_wanted();
+    let wanted = *kernel_wanted.borrow_and_update();
+    kernel.set_monitor(wanted.on, u32::from(wanted.shift))?;
     let shutdown = CancellationToken::new();
     let proxy_tasks = start_proxy(
         &args,

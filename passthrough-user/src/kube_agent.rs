@@ -426,15 +426,16 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     let reporter = Arc::new(Reporter::new(metrics.clone(), Default::default()));
     let events_task = startup::start_deny_events(&mut kernel, &args.state_dir, &reporter);
-    let monitor_tasks = startup::start_monitor(&args, &mut kernel, &reporter, &monitor)?;
-    let mut kernel_wanted = monitor.kernel_wanted();
-    let wanted = *kernel_wanted.borrow_and_update();
-    kernel.set_monitor(wanted.on, u32::from(wanted.shift))?;
     let proxy_state = Arc::new(ArcSwap::from_pointee(proxy_policy(
         &model,
         &opts,
         args.kube.pending_mode,
     )));
+    let monitor_tasks =
+        startup::start_monitor(&args, &mut kernel, &reporter, &monitor, &proxy_state)?;
+    let mut kernel_wanted = monitor.kernel_wanted();
+    let wanted = *kernel_wanted.borrow_and_update();
+    kernel.set_monitor(wanted.on, u32::from(wanted.shift))?;
     let shutdown = CancellationToken::new();
     let proxy_tasks = startup::start_proxy(
         &args,

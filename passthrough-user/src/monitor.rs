@@ -514,10 +514,15 @@ pub fn next_shift(shift: u8, received: u64, dropped: u64) -> u8 {
 /// someone watches) until the task is dropped: each event becomes a record for the
 /// subscribers. Once a second it reports what a full ring dropped (`MONITOR_DROPS`) and moves
 /// the sampling shift ([`next_shift`]).
+///
+/// A hello the TLS fast path's judge allowed carries its name, not the match that allowed it:
+/// the record's `match` is the one that allows it under `policy` (the proxy's policy, as the
+/// agent holds it when it reads the record).
 pub async fn read_kernel_monitor(
     ring: aya::maps::RingBuf<aya::maps::MapData>,
     drops: aya::maps::PerCpuArray<aya::maps::MapData, u64>,
     monitor: Arc<Monitor>,
+    policy: Arc<arc_swap::ArcSwap<passthrough_proxy::ProxyPolicy>>,
 ) {
     use tokio::io::unix::AsyncFd;
     let read_drops = |d: &aya::maps::PerCpuArray<aya::maps::MapData, u64>| -> u64 {
@@ -584,7 +589,10 @@ pub async fn read_kernel_monitor(
                             unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
                         drop(item);
                         if monitor.watching() {
-                            let o = crate::events::kernel_sni_outcome(&ev, wall, mono);
+                            let mut o = crate::events::kernel_sni_outcome(&ev, wall, mono);
+                            if let Some(sni) = o.sni.as_deref() {
+                                o.matched = policy.load().tls_match(o.workload, o.dst, sni);
+                            }
                             let name = monitor.metrics().workload_name(ev.base.workload);
                             monitor.publish(Item::Decision(Arc::new(record_of(&o, name, sampled))));
                         }

@@ -337,6 +337,7 @@ pub(crate) fn start_monitor(
     kernel: &mut Kernel,
     reporter: &Arc<Reporter>,
     monitor: &Arc<Monitor>,
+    proxy_state: &Arc<ArcSwap<ProxyPolicy>>,
 ) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
     reporter.set_monitor(monitor.clone());
     let mut tasks = Vec::new();
@@ -345,6 +346,7 @@ pub(crate) fn start_monitor(
             ring,
             drops,
             monitor.clone(),
+            proxy_state.clone(),
         ))),
         None => {
             warn!("monitor: ring buffer already taken; allowed kernel decisions will not be shown")

@@ -421,10 +421,10 @@ fn wait_kernel_sni(w: &mut World, host: u8, sni: &str) {
 /// The TLS fast path's allowed hellos reach watchers: with the fast path on (the default) and
 /// a warm verified destination, a connection goes direct and its ClientHello is allowed in the
 /// kernel; a `monitor --json --path kernel-sni --verdict allow` watcher sees it (path
-/// `kernel-sni`, protocol `tls`, the SNI, the workload and process), not the hello refused at
-/// the same destination; the decision log records both; `suggest` on the watcher's lines
-/// allows the name by a `Domain` match (not the address it was dialled at), which `explain`
-/// confirms.
+/// `kernel-sni`, protocol `tls`, the SNI, the match, the workload and process), not the hello
+/// refused at the same destination; the decision log records both; `suggest` on the watcher's
+/// lines allows the name by a `Domain` match (not the address it was dialled at), which
+/// `explain` confirms.
 #[test]
 fn watchers_and_the_decision_log_see_the_hellos_the_kernel_allows() {
     if !require_kernel() {
@@ -490,6 +490,12 @@ fn watchers_and_the_decision_log_see_the_hellos_the_kernel_allows() {
     );
     assert_eq!(seen.pid, w.probe.pid());
     assert_eq!(seen.sampled, None, "{seen:?}");
+    // The match that allows the name, as the proxy would report it.
+    assert_eq!(
+        seen.matched.as_deref(),
+        Some("Domain api.ops.test port 443 Tls"),
+        "{seen:?}"
+    );
 
     // The decision log has the allowed hello and the refused one, both on path kernel-sni.
     let recorded = wait_for(Duration::from_secs(10), "both hellos in the log", || {
