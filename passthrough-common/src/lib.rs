@@ -225,6 +225,8 @@ pub struct SniSock {
 /// A denial of the TLS fast path's ClientHello judge (or of its backstop): a [`DenyEvent`]
 /// followed by what the agent needs to log the name and reset the connection. It goes through
 /// the same ring buffer (`DENY_EVENTS`); the reader tells the two apart by the record's size.
+/// The same record carries a hello the judge allowed through `MONITOR_EVENTS` while someone
+/// watches ([`flags::MONITOR`]; `base.reason` an allowing reason).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SniDenyEvent {
