@@ -1,6 +1,7 @@
 //! [`Agent`]: the real `passthrough run`, as a child process.
 
 use std::{
+    ffi::OsStr,
     fs::{self, File},
     io::{Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
@@ -24,6 +25,27 @@ pub const APPLIED_MARKER: &str = "policy applied";
 /// Path of the `passthrough` binary: `$PASSTHROUGH_BIN`, else `<target/profile>/passthrough`.
 pub fn agent_binary() -> Result<PathBuf> {
     crate::find_binary("PASSTHROUGH_BIN", "passthrough")
+}
+
+/// Runs `passthrough ARGS` to its end (a one-shot command: check, explain, status, uninstall,
+/// suggest…): whether it exited 0, and its stdout followed by its stderr.
+pub fn cli<I, S>(args: I) -> (bool, String)
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let out = Command::new(agent_binary().expect("passthrough binary"))
+        .args(args)
+        .output()
+        .expect("running passthrough");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
 }
 
 /// Writes `yaml` to a new file `policy-<n>.yaml` in `dir` and returns its path.

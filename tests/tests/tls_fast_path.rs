@@ -67,6 +67,10 @@ mod ops {
         time::Duration,
     };
 
+    use passthrough_tests::{
+        netns::setsockopt_int,
+        sys::{errno, fail, last},
+    };
     use serde_json::{Value, json};
     use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
@@ -74,35 +78,6 @@ mod ops {
     /// `TCP_FASTOPEN_NO_COOKIE`: data in the SYN without a cookie (the client side of TFO
     /// then always sends it, which is what an attacker would choose).
     const TCP_FASTOPEN_NO_COOKIE: i32 = 34;
-
-    fn errno(e: &io::Error) -> i32 {
-        e.raw_os_error().unwrap_or(match e.kind() {
-            io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => libc::ETIMEDOUT,
-            _ => libc::EIO,
-        })
-    }
-
-    fn fail(stage: &str, e: &io::Error) -> Value {
-        json!({"ok": false, "stage": stage, "errno": errno(e), "error": e.to_string()})
-    }
-
-    fn last() -> io::Error {
-        io::Error::last_os_error()
-    }
-
-    fn setsockopt_int(fd: RawFd, level: i32, name: i32, val: i32) -> io::Result<()> {
-        // SAFETY: a live fd and a 4-byte option value.
-        let rc = unsafe {
-            libc::setsockopt(
-                fd,
-                level,
-                name,
-                &val as *const i32 as *const libc::c_void,
-                4,
-            )
-        };
-        if rc == 0 { Ok(()) } else { Err(last()) }
-    }
 
     fn socket(a: &SocketAddr) -> io::Result<Socket> {
         Socket::new(Domain::for_address(*a), Type::STREAM, Some(Protocol::TCP))
