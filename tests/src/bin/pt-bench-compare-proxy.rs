@@ -60,7 +60,9 @@
 //! process is charged for (kernel workers, softirqs), which is where the kernel relay runs.
 //!
 //! **Rounds.** `--rounds N` (default 3) interleaved rounds; in every round every table runs every
-//! path back to back, the order rotating by round, `direct` included every time. Deny checks run
+//! path back to back, the order rotating by round, `direct` included every time. Before each
+//! measurement the run waits for an idle node (≤ 10 s) and runs the same table on the same path
+//! untimed for 2 s, so no row inherits the previous row's deferred work or starts cold. Deny checks run
 //! in the same run before the rounds (a denied SNI and a denied Host must fail on every path that
 //! routes on them) and the run fails if one passes.
 //!
@@ -74,7 +76,7 @@
 //! (`cpu-clock`, call graphs) of each measurement into `DIR/<table>-<row>-r<round>.data`, to
 //! see where a path's node CPU goes (perf's own CPU counts in that run's node CPU). `--agent-arg ARG` (repeatable): one more argument for
 //! every agent started. `--quick`: a smoke run
-//! (one round, 1 s measurements, < 90 s). Needs root, BPF, cgroup v2, iproute2 and the peers of
+//! (one round, 1 s measurements, no settling or warm-up, < 90 s). Needs root, BPF, cgroup v2, iproute2 and the peers of
 //! `scripts/setup-peers.sh`; every peer runs from a config in a temp dir and is killed on exit.
 
 use std::{
@@ -117,10 +119,13 @@ const ORIGIN_H2C: u16 = 8080;
 const BULK_BYTES: usize = 16 << 20;
 
 /// Durations and rates of one run.
+#[derive(Clone)]
 struct Plan {
     rounds: usize,
     /// One wrk / h2load measurement.
     dur_s: u32,
+    /// The untimed run of the same table and path right before each measurement (0: none).
+    warm_s: u32,
     /// One fixed-rate latency measurement.
     lat_dur: Duration,
     /// Fixed request rate of the latency tables (requests/s, all connections together).
@@ -332,6 +337,7 @@ fn main() -> anyhow::Result<()> {
         Plan {
             rounds: rounds.unwrap_or(1),
             dur_s: 1,
+            warm_s: 0,
             lat_dur: Duration::from_millis(800),
             lat_rate: 500,
             lat_conns: 4,
@@ -340,6 +346,7 @@ fn main() -> anyhow::Result<()> {
         Plan {
             rounds: rounds.unwrap_or(3),
             dur_s: 5,
+            warm_s: 2,
             lat_dur: Duration::from_secs(4),
             lat_rate: 1000,
             lat_conns: 8,
@@ -574,6 +581,9 @@ fn main() -> anyhow::Result<()> {
                     .as_ref()
                     .map(|d| perf_start(d, &format!("{}-{}-r{round}", table.id(), row.id())))
                     .transpose()?;
+                bench
+                    .prepare(&rt, table, addr, &e.hosts)
+                    .with_context(|| format!("warm-up: {} via {}", table.id(), row.id()))?;
                 let paths0 = fast_path_counts(agent.as_ref().filter(|a| a.1 == *row));
                 let cpu0 = cpu_pid.map(cpu_ticks).transpose()?;
                 let node0 = node_busy_ticks()?;
@@ -685,6 +695,11 @@ fn main() -> anyhow::Result<()> {
                 }
                 let a = &agent.as_ref().expect("an agent runs").0;
                 let progs = BpfProgs::of(cg.path(), a.state_dir())?;
+                bench
+                    .prepare(&rt, table, e.tls, &e.hosts)
+                    .with_context(|| {
+                        format!("bpf pass warm-up: {} via {}", table.id(), row.id())
+                    })?;
                 let s0 = progs.stats()?;
                 let m = bench
                     .measure(&rt, table, e.tls, &e.hosts)
@@ -756,6 +771,37 @@ struct Bench<'a> {
 }
 
 impl Bench<'_> {
+    /// Brings the node to the same state before every measurement, whatever ran before it:
+    /// first wait (at most [`SETTLE_MAX`]) until the node is idle, so deferred work of the
+    /// previous measurement (socket teardown in kworkers, RCU callbacks, TIME_WAIT timers, a
+    /// stopped agent's exit) is not charged to this one; then an untimed run of the same table
+    /// on the same path, so connection pools, caches and CPU frequency start warm for every row.
+    /// Without it the first row of a table read up to 15% slower than the same row later in
+    /// the table (TLS keep-alive, `direct`: 66-70k req/s first, 73-79k last).
+    fn prepare(
+        &self,
+        rt: &tokio::runtime::Runtime,
+        table: Table,
+        addr: SocketAddr,
+        hosts: &Path,
+    ) -> anyhow::Result<()> {
+        if self.plan.warm_s == 0 {
+            return Ok(());
+        }
+        settle()?;
+        let warm = Plan {
+            dur_s: self.plan.warm_s,
+            lat_dur: Duration::from_secs(self.plan.warm_s.into()),
+            ..self.plan.clone()
+        };
+        Bench {
+            plan: &warm,
+            ..*self
+        }
+        .measure(rt, table, addr, hosts)?;
+        Ok(())
+    }
+
     fn measure(
         &self,
         rt: &tokio::runtime::Runtime,
@@ -1750,6 +1796,33 @@ fn pin_process(pid: u32, cpu: usize) -> anyhow::Result<()> {
 
 /// utime + stime (clock ticks) of `pid` and its children.
 /// Busy clock ticks of all CPUs together (`/proc/stat`: all but idle and iowait).
+/// The longest [`Bench::prepare`] waits for an idle node; a busy neighbour on a shared
+/// machine must not stall the run.
+const SETTLE_MAX: Duration = Duration::from_secs(10);
+
+/// Waits until one 500 ms window of the node's CPUs is under 5% busy (or [`SETTLE_MAX`]).
+fn settle() -> anyhow::Result<()> {
+    let window = Duration::from_millis(500);
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let t0 = Instant::now();
+    loop {
+        let b0 = node_busy_ticks()?;
+        std::thread::sleep(window);
+        let busy = (node_busy_ticks()? - b0) as f64 / clock_ticks() / (window.as_secs_f64() * cpus);
+        if busy < 0.05 {
+            return Ok(());
+        }
+        if t0.elapsed() >= SETTLE_MAX {
+            eprintln!(
+                "[compare-proxy] note: node still {:.0}% busy after {} s; measuring anyway",
+                busy * 100.0,
+                SETTLE_MAX.as_secs()
+            );
+            return Ok(());
+        }
+    }
+}
+
 fn node_busy_ticks() -> anyhow::Result<u64> {
     let stat = std::fs::read_to_string("/proc/stat").context("/proc/stat")?;
     let line = stat
