@@ -48,6 +48,30 @@ where
     )
 }
 
+/// A MeshPassthrough `name` of mesh `default`: `targetRef: target` (YAML flow, e.g. `{kind:
+/// Mesh}`), `passthroughMode: mode` when given, and one `appendMatch` entry per item of `matches`
+/// (each a YAML flow mapping, e.g. `{type: CIDR, value: 198.51.100.0/24, port: 8080}`).
+pub fn policy_yaml(name: &str, target: &str, mode: Option<&str>, matches: &[&str]) -> String {
+    let mut y = format!(
+        "apiVersion: kuma.io/v1alpha1\nkind: MeshPassthrough\nmetadata: {{name: {name}, labels: {{kuma.io/mesh: default}}}}\nspec:\n  targetRef: {target}\n  default:\n"
+    );
+    if let Some(m) = mode {
+        y += &format!("    passthroughMode: {m}\n");
+    }
+    if !matches.is_empty() {
+        y += "    appendMatch:\n";
+        for m in matches {
+            y += &format!("      - {m}\n");
+        }
+    }
+    y
+}
+
+/// [`policy_yaml`] for the whole mesh (`targetRef: {kind: Mesh}`) in `passthroughMode: mode`.
+pub fn mesh_policy(name: &str, mode: &str, matches: &[&str]) -> String {
+    policy_yaml(name, "{kind: Mesh}", Some(mode), matches)
+}
+
 /// Writes `yaml` to a new file `policy-<n>.yaml` in `dir` and returns its path.
 pub fn write_policy(dir: &Path, yaml: &str) -> PathBuf {
     static N: AtomicU32 = AtomicU32::new(0);

@@ -33,7 +33,10 @@ pub mod sweep;
 pub mod sys;
 pub mod world;
 
-pub use agent::{Agent, AgentBuilder, AgentFailure, StateDirGuard, cli, write_file, write_policy};
+pub use agent::{
+    Agent, AgentBuilder, AgentFailure, StateDirGuard, cli, mesh_policy, policy_yaml, write_file,
+    write_policy,
+};
 pub use cgroup::{TestCgroup, cgroup2_mount};
 pub use check::{assert_allowed, assert_denied, assert_udp_allowed, assert_udp_denied};
 pub use netns::{LOOPBACK_PORT, TestNet};

@@ -728,16 +728,7 @@ fn send_fd(u: &std::os::unix::net::UnixStream, fd: i32) -> std::io::Result<()> {
 // -------------------------------------------------------------------- kernel-level world
 
 fn mesh_policy(mode: &str, matches: &[&str]) -> String {
-    let mut y = format!(
-        "apiVersion: kuma.io/v1alpha1\nkind: MeshPassthrough\nmetadata: {{name: bypass, labels: {{kuma.io/mesh: default}}}}\nspec:\n  targetRef: {{kind: Mesh}}\n  default:\n    passthroughMode: {mode}\n"
-    );
-    if !matches.is_empty() {
-        y += "    appendMatch:\n";
-        for m in matches {
-            y += &format!("      - {m}\n");
-        }
-    }
-    y
+    passthrough_tests::mesh_policy("bypass", mode, matches)
 }
 
 /// The kernel-level policy: 198.51.100.0/24 port 8080 and 2001:db8:100::/40 port 8080 allowed

@@ -921,12 +921,8 @@ mod ops {
 /// proxy: a Domain-only destination). Everything else is denied; the denied test hosts are
 /// 203.0.113.9 and 2001:db8:200::9.
 fn policy(mode: &str) -> String {
-    let mut y = format!(
-        "apiVersion: kuma.io/v1alpha1\nkind: MeshPassthrough\nmetadata: {{name: reroute, labels: {{kuma.io/mesh: default}}}}\nspec:\n  targetRef: {{kind: Mesh}}\n  default:\n    passthroughMode: {mode}\n"
-    );
-    if mode == "Matched" {
-        y += "    appendMatch:\n";
-        for m in [
+    let matches: &[&str] = if mode == "Matched" {
+        &[
             "{type: CIDR, value: 198.51.100.0/24, port: 8080}",
             "{type: CIDR, value: \"2001:db8:100::/40\", port: 8080}",
             "{type: CIDR, value: 198.51.100.0/24, port: 9090}",
@@ -936,11 +932,11 @@ fn policy(mode: &str) -> String {
             // Makes every other address at 443 a Domain-only destination: TCP there is
             // redirected to the proxy (not refused), UDP refused.
             "{type: Domain, value: allowed.test, port: 443, protocol: tls}",
-        ] {
-            y += &format!("      - {m}\n");
-        }
-    }
-    y
+        ]
+    } else {
+        &[]
+    };
+    passthrough_tests::mesh_policy("reroute", mode, matches)
 }
 
 const ALLOWED4: &str = "198.51.100.9:8080";
