@@ -487,33 +487,6 @@ pub struct OrigDst {
     pub comm: [u8; 16],
 }
 
-/// The proxy's half of a kernel-relayed socket's state (`RELAY_PEERS`, keyed by socket
-/// cookie; written only by the agent): where its bytes go and how many of the bytes the verdict
-/// program handed to userspace the agent has forwarded itself.
-///
-/// The verdict program redirects a segment in the kernel only while `drained` equals
-/// [`RelayCounts::passed`]: then every earlier byte is already in the peer's send queue, so a
-/// redirected byte can never overtake one the agent still holds.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct RelayPeer {
-    /// Socket cookie of the other socket of the pair (its key in `RELAY_SOCKS`).
-    pub peer: u64,
-    /// Bytes of [`RelayCounts::passed`] the agent has read and written to the peer.
-    pub drained: u64,
-}
-
-/// The kernel's half of a kernel-relayed socket's state (`RELAY_COUNTS`, keyed by socket
-/// cookie; created zeroed by the agent, then written only by the verdict program).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct RelayCounts {
-    /// Bytes handed to userspace (no peer yet, the gate not yet open, or the peer gone).
-    pub passed: u64,
-    /// Bytes redirected to the peer's send path in the kernel.
-    pub redirected: u64,
-}
-
 /// Key of `ORIG_BY_PEER`: the client side of a redirected connection as the proxy sees it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -736,8 +709,6 @@ mod pod {
     unsafe impl aya::Pod for super::OrigDst {}
     unsafe impl aya::Pod for super::PeerKey {}
     unsafe impl aya::Pod for super::DenyEvent {}
-    unsafe impl aya::Pod for super::RelayPeer {}
-    unsafe impl aya::Pod for super::RelayCounts {}
     unsafe impl aya::Pod for super::VerifiedKey {}
     unsafe impl aya::Pod for super::VerifiedValue {}
     unsafe impl aya::Pod for super::SniSock {}

@@ -2,8 +2,8 @@
 //! `connect()` / `sendmsg()` time.
 //!
 //! One module per program type (`connect`, `sendmsg`, `getpeername`, `setsockopt`, `sock_ops`,
-//! `skb`, `relay`, and the test-only `view_probe`, which the agent never loads); the shared
-//! decision lives in `decide`, the maps in `maps`, the MPTCP subflow owner in `mptcp`,
+//! `skb`, `sni` (the TLS fast path's ClientHello judge), and the test-only `view_probe`, which
+//! the agent never loads); the shared decision lives in `decide`, the maps in `maps`, the MPTCP subflow owner in `mptcp`,
 //! diagnostics (aya-log, off by default) in `log`. The user side compiles policies into the
 //! maps; nothing here knows YAML.
 #![no_std]
@@ -21,7 +21,6 @@ mod getpeername;
 mod log;
 mod maps;
 mod mptcp;
-mod relay;
 mod sendmsg;
 mod setsockopt;
 mod skb;

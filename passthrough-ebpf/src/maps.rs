@@ -7,8 +7,8 @@ use aya_ebpf::{
 };
 use passthrough_common::{
     DomainPortKey, GlobalConfig, OrigDst, PeerKey, RangeBlock, RangeTable, RangeTableKey,
-    RelayCounts, RelayPeer, RuleKeyV6, RuleValue, SniSock, TcpOffsets, VerifiedKey, VerifiedValue,
-    WorkloadEntry, WorkloadKey, counter,
+    RuleKeyV6, RuleValue, SniSock, TcpOffsets, VerifiedKey, VerifiedValue, WorkloadEntry,
+    WorkloadKey, counter,
     sni::{SniNameKey, SniNameValue, SniTable, SniTableKey},
 };
 
@@ -52,19 +52,6 @@ pub static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entri
 /// bound; the proxy looks accepted connections up here (and deletes the entry).
 #[map]
 pub static ORIG_BY_PEER: LruHashMap<PeerKey, OrigDst> = LruHashMap::with_max_entries(65_536, 0);
-
-/// Kernel relay (`relay.rs`): the proxy's allowed TLS sockets, keyed by socket cookie. The
-/// verdict program is attached to this map, so it runs for exactly these sockets.
-#[map]
-pub static RELAY_SOCKS: SockHash<u64> = SockHash::with_max_entries(65_536, 0);
-
-/// Kernel relay: socket cookie → its peer and the bytes the agent forwarded itself.
-#[map]
-pub static RELAY_PEERS: HashMap<u64, RelayPeer> = HashMap::with_max_entries(65_536, 0);
-
-/// Kernel relay: socket cookie → bytes passed to userspace and bytes redirected.
-#[map]
-pub static RELAY_COUNTS: HashMap<u64, RelayCounts> = HashMap::with_max_entries(65_536, 0);
 
 /// TLS fast path: destinations verified (by DNS) for a name that a rule set allows over TLS
 /// at a port, until an expiry. LRU: a full map forgets the oldest, whose next connection

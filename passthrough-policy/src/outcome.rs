@@ -72,25 +72,6 @@ pub struct ByteCounts {
     pub down: u64,
 }
 
-/// Where a relayed connection's bytes moved last.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RelayPath {
-    /// The kernel relay (sockmap).
-    Kernel,
-    /// The userspace relay.
-    Userspace,
-}
-
-impl RelayPath {
-    /// The `relay` label.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RelayPath::Kernel => "kernel",
-            RelayPath::Userspace => "userspace",
-        }
-    }
-}
-
 /// The upstream could not be reached or failed mid-exchange.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamFailure {
@@ -150,8 +131,6 @@ pub struct Outcome {
     pub decide_time: Option<Duration>,
     /// Proxy: bytes moved for this unit.
     pub bytes: Option<ByteCounts>,
-    /// Proxy, relayed connections: where the bytes moved last.
-    pub relay: Option<RelayPath>,
 }
 
 impl Outcome {
@@ -180,7 +159,6 @@ impl Outcome {
             upstream_failure: None,
             decide_time: None,
             bytes: None,
-            relay: None,
         }
     }
 

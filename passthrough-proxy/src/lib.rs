@@ -32,10 +32,9 @@
 //! its event log, and the tests implement with fakes:
 //! - [`OrigDstSource`]: the original destination (and workload, pid, comm) of an accepted
 //!   socket, from the map the kernel's redirect wrote;
-//! - [`KernelRelayMaps`]: the sockmap and per-socket counters of the opt-in kernel relay
-//!   ([`kernel_relay`]); the byte-order logic stays here, next to the userspace relay it hands
-//!   connections over from, and only the map reads and writes are the agent's;
-//! - [`ProxyReport`]: what happened (decisions, denials, bytes, upstream failures).
+//! - [`ProxyReport`]: what happened (decisions, denials, bytes, upstream failures);
+//! - [`report::FastPathLearner`]: the TLS fast path's learner, told of each destination an
+//!   allowed TLS connection was verified for.
 //!
 //! Policy: the proxy reads an `Arc<ArcSwap<ProxyPolicy>>`; the agent swaps in a new
 //! [`ProxyPolicy`] on reload. A TLS connection is judged once with the policy of its arrival;
@@ -46,7 +45,6 @@ pub mod h1;
 pub mod http;
 pub mod http1;
 pub mod kernel_judge;
-pub mod kernel_relay;
 pub mod orig_dst;
 pub mod peek;
 pub mod relay;
@@ -68,14 +66,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 pub use dns::{DestError, Destinations, DomainDestination, ResolverSetupError};
-pub use kernel_relay::KernelRelayMaps;
 pub use orig_dst::{OrigDstSource, Redirected};
 pub use report::{LogDenials, ProxyReport};
 
 use passthrough_policy::{
     Connection, DecideOptions, L7, MergedConf, Reason, Resolver, Verdict,
     decision::{decide_at_proxy, normalize_name},
-    outcome::{DecisionPath, Outcome, OutcomeVerdict, RelayPath, UpstreamFailure},
+    outcome::{DecisionPath, Outcome, OutcomeVerdict, UpstreamFailure},
 };
 
 /// Policy the proxy decides with; swapped atomically on reload.
@@ -143,9 +140,6 @@ pub struct Proxy {
     dest: Destinations,
     /// Where decisions, denials and bytes go (the agent's metrics and event log).
     report: Arc<dyn ProxyReport>,
-    /// Moves allowed TLS connections' bytes in the kernel ([`kernel_relay`]); `None`: all in
-    /// userspace.
-    kernel_relay: Option<Arc<kernel_relay::KernelRelay>>,
     /// The TLS fast path's learner: told of every destination a TLS connection was allowed to
     /// and verified for ([`report::FastPathLearner`]); `None`: the fast path is off.
     fast_path: Option<Arc<dyn report::FastPathLearner>>,
@@ -199,15 +193,8 @@ impl Proxy {
             cfg,
             dest,
             report: Arc::new(LogDenials),
-            kernel_relay: None,
             fast_path: None,
         })
-    }
-
-    /// Relays allowed TLS connections (and `--audit` pass-throughs) through `relay`.
-    pub fn with_kernel_relay(mut self, relay: Arc<kernel_relay::KernelRelay>) -> Self {
-        self.kernel_relay = Some(relay);
-        self
     }
 
     /// Tells `learner` of each verified destination an allowed TLS connection went to.
@@ -255,7 +242,7 @@ impl Proxy {
     }
 
     /// Connects to `target` and relays `client` (its `first` bytes included) to it; records the
-    /// bytes, the relay path or the upstream failure in `o`, then emits it. For allowed TLS
+    /// bytes or the upstream failure in `o`, then emits it. For allowed TLS
     /// connections and `--audit` pass-throughs.
     async fn connect_and_relay(
         &self,
@@ -277,19 +264,8 @@ impl Proxy {
                     return self.emit(o);
                 }
             };
-        let relayed = match &self.kernel_relay {
-            Some(kr) => kernel_relay::relay(kr, client, first, upstream).await,
-            None => relay::relay(&mut client, first, &mut upstream).await,
-        };
-        match relayed {
-            Ok(n) => {
-                o.add_bytes(n.up, n.down);
-                o.relay = Some(if n.in_kernel {
-                    RelayPath::Kernel
-                } else {
-                    RelayPath::Userspace
-                });
-            }
+        match relay::relay(&mut client, first, &mut upstream).await {
+            Ok(n) => o.add_bytes(n.up, n.down),
             // A relay cut short (a reset, a broken pipe) is the connection's ordinary end, not
             // an upstream failure; what moved before it is not counted (as before).
             Err(e) => debug!(

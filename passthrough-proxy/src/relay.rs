@@ -88,8 +88,6 @@ pub struct Relayed {
     pub up: u64,
     /// Upstream → client.
     pub down: u64,
-    /// The connection ended in the kernel relay (`kernel_relay`), not in userspace.
-    pub in_kernel: bool,
 }
 
 /// Writes `first` (the bytes already read from the client) to `upstream` and frees it, then
@@ -102,120 +100,19 @@ pub async fn relay(
     upstream.write_all(&first).await?;
     let first_len = first.len() as u64;
     drop(first); // an idle relayed connection keeps no userspace buffer
-    let mut moved = both_ways(client, upstream, true).await?;
+    let mut moved = both_ways(client, upstream).await?;
     moved.up += first_len;
     Ok(moved)
 }
 
-/// Relays both ways until both directions are done; `splice`: a direction that turns out bulk
-/// may switch to `splice(2)` (not for sockets in the kernel relay's map, whose bytes reach
-/// userspace only through `read()`).
-pub(crate) async fn both_ways(
-    client: &TcpStream,
-    upstream: &TcpStream,
-    splice: bool,
-) -> io::Result<Relayed> {
+/// Relays both ways until both directions are done.
+async fn both_ways(client: &TcpStream, upstream: &TcpStream) -> io::Result<Relayed> {
     let ends = HalfClose::default();
     let (up, down) = tokio::try_join!(
-        one_way(client, upstream, splice, &ends),
-        one_way(upstream, client, splice, &ends)
+        one_way(client, upstream, &ends),
+        one_way(upstream, client, &ends)
     )?;
-    Ok(Relayed {
-        up,
-        down,
-        in_kernel: false,
-    })
-}
-
-/// Where [`relay_for_reads`] stopped.
-pub(crate) enum Phase {
-    /// Both directions are open; the reads are used up.
-    Continue,
-    /// A read filled the copy buffer: a bulk transfer, which `splice(2)` moves faster than
-    /// the kernel relay (BENCHMARKS.md); nothing was left half-read.
-    Bulk,
-    /// One direction reached EOF (and its write side was shut down).
-    HalfClosed {
-        /// The client → upstream direction is the one that ended.
-        client_done: bool,
-    },
-}
-
-/// Relays both ways in userspace for `reads` reads that moved bytes (copy steps only), adding
-/// to `moved`; stops early at the first EOF.
-pub(crate) async fn relay_for_reads(
-    client: &TcpStream,
-    upstream: &TcpStream,
-    reads: u32,
-    moved: &mut Relayed,
-) -> io::Result<Phase> {
-    let mut left = reads;
-    let mut bulk = false;
-    while left > 0 {
-        let client_to_upstream = tokio::select! {
-            r = client.readable() => { r?; true }
-            r = upstream.readable() => { r?; false }
-        };
-        let (src, dst) = if client_to_upstream {
-            (client, upstream)
-        } else {
-            (upstream, client)
-        };
-        let n = match step(src, dst).await? {
-            None => continue,
-            Some(0) => {
-                let _ = socket2::SockRef::from(dst).shutdown(std::net::Shutdown::Write);
-                return Ok(Phase::HalfClosed {
-                    client_done: client_to_upstream,
-                });
-            }
-            Some(n) => {
-                bulk |= n == COPY_CHUNK;
-                n as u64
-            }
-        };
-        if client_to_upstream {
-            moved.up += n;
-        } else {
-            moved.down += n;
-        }
-        left -= 1;
-    }
-    // Leave no partly read segment behind: the kernel relay's verdict program takes queued
-    // segments whole, so a read that stopped inside one would have its bytes sent twice. A
-    // short read (or none) empties the receive queue; reads of a full chunk go on.
-    for (src, dst, client_to_upstream) in [(client, upstream, true), (upstream, client, false)] {
-        loop {
-            let c = match copy_step(src.as_raw_fd(), dst.as_raw_fd()) {
-                Ok(c) => c,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => return Err(e),
-            };
-            let (n, short) = match c {
-                Copied::Eof => {
-                    let _ = socket2::SockRef::from(dst).shutdown(std::net::Shutdown::Write);
-                    return Ok(Phase::HalfClosed {
-                        client_done: client_to_upstream,
-                    });
-                }
-                Copied::Done(n) => (n, n < COPY_CHUNK),
-                Copied::Partial(n, rest) => {
-                    write_rest(dst, &rest).await?;
-                    (n, n < COPY_CHUNK)
-                }
-            };
-            if client_to_upstream {
-                moved.up += n as u64;
-            } else {
-                moved.down += n as u64;
-            }
-            if short {
-                break;
-            }
-            bulk = true;
-        }
-    }
-    Ok(if bulk { Phase::Bulk } else { Phase::Continue })
+    Ok(Relayed { up, down })
 }
 
 /// One copy step on a readable `src`: `None` when it had nothing after all, `Some(0)` at EOF,
@@ -401,14 +298,9 @@ async fn write_rest(dst: &TcpStream, mut rest: &[u8]) -> io::Result<()> {
 /// sends that FIN itself — without a reset, because a socket whose EOF was read has nothing
 /// unread. One syscall fewer per relayed connection whose ends both close with a FIN.
 #[derive(Debug, Default)]
-pub(crate) struct HalfClose(AtomicBool);
+struct HalfClose(AtomicBool);
 
 impl HalfClose {
-    /// For a relay whose other direction has already ended (and was shut down).
-    pub(crate) fn other_ended() -> Self {
-        HalfClose(AtomicBool::new(true))
-    }
-
     /// `src` reached EOF: shut `dst`'s write side down if the other direction is still open.
     fn eof(&self, dst: &TcpStream) {
         if !self.0.swap(true, Ordering::Relaxed) {
@@ -419,12 +311,7 @@ impl HalfClose {
 
 /// Moves `src` → `dst` until EOF on `src`, then ends the direction (see [`HalfClose`]): copy
 /// steps while the reads are small, then `src` → pipe → `dst` (see the module doc).
-pub(crate) async fn one_way(
-    src: &TcpStream,
-    dst: &TcpStream,
-    splice: bool,
-    ends: &HalfClose,
-) -> io::Result<u64> {
+async fn one_way(src: &TcpStream, dst: &TcpStream, ends: &HalfClose) -> io::Result<u64> {
     let mut total = 0u64;
     let mut large_reads = 0u32;
     let mut bulk = |n: usize| {
@@ -442,8 +329,7 @@ pub(crate) async fn one_way(
             Some(n) => n,
         };
         total += n as u64;
-        if splice
-            && bulk(n)
+        if bulk(n)
             && let Ok(pipe) = Pipe::take()
         {
             let spliced = splice_until_eof(src, &pipe, dst).await?;
@@ -625,7 +511,6 @@ mod tests {
             Relayed {
                 up: 5 + 800 + (3 << 20),
                 down: 800 + (5 << 20),
-                in_kernel: false,
             }
         );
     }

@@ -37,7 +37,7 @@ use crate::{
 };
 
 // Where these lived before the two agents shared them; kept so callers need not know.
-pub use crate::run_args::{KernelRelayAfter, RunArgs, parse_mode};
+pub use crate::run_args::{RunArgs, parse_mode};
 pub use crate::startup::plan_options;
 
 /// Everything one apply needs, read from disk and checked.

@@ -39,7 +39,7 @@ use std::{
 
 use aya::maps::{MapData, MapInfo, RingBuf};
 use passthrough_common::{DenyEvent, Reason, SniDenyEvent};
-use passthrough_policy::outcome::{DecisionPath, Outcome, OutcomeVerdict, RelayPath};
+use passthrough_policy::outcome::{DecisionPath, Outcome, OutcomeVerdict};
 use passthrough_proxy::ProxyReport;
 use tokio::io::unix::AsyncFd;
 use tracing::{debug, warn};
@@ -318,7 +318,7 @@ impl Reporter {
     ///   connection costs ~9 µs of a ~140 µs relayed TLS connection, and an access log is
     ///   opt-in on the peers too (`RUST_LOG=passthrough::proxy=debug`);
     /// - a request that reused an earlier judgement made no decision: only its bytes count;
-    /// - bytes, the relay path and upstream failures go to their metrics, failures also to a
+    /// - bytes and upstream failures go to their metrics, failures also to a
     ///   warning (target `passthrough::proxy`).
     pub fn record(&self, o: &Outcome) {
         let workload = self.metrics.workload_name(o.workload);
@@ -326,9 +326,6 @@ impl Reporter {
             let (up, down) = self.metrics.bytes_counters(&workload);
             up.inc_by(b.up);
             down.inc_by(b.down);
-        }
-        if let Some(r) = o.relay {
-            self.metrics.relay_ended(r == RelayPath::Kernel);
         }
         if let Some(f) = &o.upstream_failure {
             if f.connect {

@@ -28,13 +28,13 @@ use aya::{
     },
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, CgroupSockopt,
-        ProgramError, SkMsg, SkSkb, SockOps,
+        ProgramError, SkMsg, SockOps,
     },
 };
 use passthrough_common::{
     DomainPortKey, GlobalConfig, OrigDst, PeerKey, RangeBlock, RangeTable, RangeTableKey,
-    RelayCounts, RelayPeer, RuleKeyV6, RuleValue, SniSock, TcpOffsets, VerifiedKey, VerifiedValue,
-    WorkloadEntry, WorkloadKey,
+    RuleKeyV6, RuleValue, SniSock, TcpOffsets, VerifiedKey, VerifiedValue, WorkloadEntry,
+    WorkloadKey,
     counter::Counter,
     sni::{SniNameKey, SniNameValue, SniTable, SniTableKey},
 };
@@ -83,23 +83,6 @@ pub const SNI_JUDGE: &str = "passthrough_sni";
 
 /// The judge's later phases, in `SNI_PROGS` order (reached by tail calls).
 pub const SNI_PHASES: [&str; 2] = ["passthrough_sni_names", "passthrough_sni_name"];
-
-/// The `sk_skb/stream_verdict` program of the kernel relay, attached to `RELAY_SOCKS`
-/// (see [`Kernel::take_relay_maps`]).
-pub const RELAY_VERDICT: &str = "passthrough_relay";
-
-/// The kernel relay's maps, with the verdict program attached to `socks` (it stays attached
-/// while the map is open). Each behind its own lock: aya's writes take `&mut`, and the proxy's
-/// connections use the maps from many tasks (`passthrough_proxy::kernel_relay`, through the
-/// `KernelRelayMaps` implementation in [`crate::proxy_maps`]).
-pub struct RelayMaps {
-    /// `RELAY_SOCKS`: socket cookie → socket.
-    pub socks: Mutex<SockHash<MapData, u64>>,
-    /// `RELAY_PEERS`: socket cookie → peer and bytes the agent forwarded.
-    pub peers: Mutex<HashMap<MapData, u64, RelayPeer>>,
-    /// `RELAY_COUNTS`: socket cookie → bytes passed and redirected by the program.
-    pub counts: Mutex<HashMap<MapData, u64, RelayCounts>>,
-}
 
 /// Where the proxy listens, as the programs must know it.
 #[derive(Debug, Clone, Copy, Default)]
@@ -738,37 +721,6 @@ impl Kernel {
             .saturating_mul(1_000_000_000)
             .saturating_add(ts.tv_nsec as u64);
         passthrough_common::flags::monitor_lease(now_ns)
-    }
-
-    /// Loads the kernel relay's verdict program and attaches it to its map; returns the maps.
-    /// Taken once (the proxy owns them); `None` when already taken. Loaded only here, so a
-    /// kernel without sockmap support (`CONFIG_BPF_STREAM_PARSER`) fails only this call and
-    /// the agent can go on relaying in userspace.
-    pub fn take_relay_maps(&mut self) -> Result<Option<RelayMaps>, KernelError> {
-        // Taken already: the program is loaded and attached too (a second load would fail).
-        if self.ebpf.map("RELAY_SOCKS").is_none() {
-            return Ok(None);
-        }
-        let prog = program::<SkSkb>(&mut self.ebpf, RELAY_VERDICT)?;
-        load_program(RELAY_VERDICT, || prog.load())?;
-        let Some(socks) = self.ebpf.take_map("RELAY_SOCKS") else {
-            return Ok(None);
-        };
-        let socks: SockHash<MapData, u64> =
-            SockHash::try_from(socks).map_err(|e| KernelError::Map("RELAY_SOCKS", e))?;
-        let peers = take(&mut self.ebpf, "RELAY_PEERS")?;
-        let counts = take(&mut self.ebpf, "RELAY_COUNTS")?;
-        program::<SkSkb>(&mut self.ebpf, RELAY_VERDICT)?
-            .attach(socks.fd())
-            .map_err(|source| KernelError::Program {
-                name: RELAY_VERDICT,
-                source,
-            })?;
-        Ok(Some(RelayMaps {
-            socks: Mutex::new(socks),
-            peers: Mutex::new(peers),
-            counts: Mutex::new(counts),
-        }))
     }
 
     /// The map the proxy looks accepted connections up in. Taken once (the proxy owns it).

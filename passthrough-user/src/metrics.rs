@@ -131,11 +131,6 @@ struct ProtocolLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct RelayLabels {
-    relay: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BytesLabels {
     direction: &'static str,
     workload: String,
@@ -248,7 +243,6 @@ pub struct Metrics {
     proxy_active: Gauge,
     proxy_decisions: Family<ProxyDecisionLabels, Counter>,
     proxy_bytes: Family<BytesLabels, Counter>,
-    relayed: Family<RelayLabels, Counter>,
     peek: Histogram,
     connect_errors: Family<WorkloadLabels, Counter>,
     generation: Gauge,
@@ -328,15 +322,6 @@ impl Metrics {
             "Bytes the proxy relayed: up = client to upstream, down = upstream to client",
             proxy_bytes.clone(),
         );
-        let relayed = Family::<RelayLabels, Counter>::default();
-        registry.register(
-            "proxy_relayed_connections",
-            "Relayed connections (allowed TLS, audit pass-throughs) that ended, by where their bytes moved last: kernel (the sockmap relay) or userspace",
-            relayed.clone(),
-        );
-        for relay in ["kernel", "userspace"] {
-            let _ = relayed.get_or_create(&RelayLabels { relay });
-        }
         let peek = Histogram::new(exponential_buckets(0.0005, 4.0, 8));
         registry.register(
             "proxy_peek_seconds",
@@ -417,7 +402,6 @@ impl Metrics {
             proxy_active,
             proxy_decisions,
             proxy_bytes,
-            relayed,
             peek,
             connect_errors,
             generation,
@@ -684,12 +668,6 @@ impl Metrics {
             })
         };
         (get("up"), get("down"))
-    }
-
-    /// A relayed connection ended; `in_kernel`: in the kernel relay.
-    pub fn relay_ended(&self, in_kernel: bool) {
-        let relay = if in_kernel { "kernel" } else { "userspace" };
-        self.relayed.get_or_create(&RelayLabels { relay }).inc();
     }
 
     /// An upstream connect of the proxy failed.

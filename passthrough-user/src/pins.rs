@@ -279,8 +279,8 @@ pub fn attached_prog_ids(cgroup: &Path, attach_type: u32) -> io::Result<Vec<u32>
     attached_prog_ids_at(dir.as_fd(), attach_type)
 }
 
-/// The ids of the programs attached to `target` (a cgroup directory, or a sockmap/sockhash for
-/// its `sk_msg`/`sk_skb` programs) for one attach type (`BPF_PROG_QUERY`).
+/// The ids of the programs attached to `target` (a cgroup directory, or a sockhash for its
+/// `sk_msg` program) for one attach type (`BPF_PROG_QUERY`).
 pub fn attached_prog_ids_at(
     target: std::os::fd::BorrowedFd<'_>,
     attach_type: u32,

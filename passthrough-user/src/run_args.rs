@@ -83,12 +83,6 @@ pub struct RunArgs {
     /// older than the agent (docs/security.md L1, L2, "Source routes").
     #[arg(long)]
     pub no_raw_socket_backstop: bool,
-    /// Opt-in kernel relay: after this many userspace reads, an allowed TLS connection's bytes
-    /// are moved by the kernel (sockmap) instead of the proxy. Raises requests/s of busy
-    /// keep-alive TLS connections but costs the node more CPU per request (BENCHMARKS.md);
-    /// `off` (default): always in userspace. See docs/design.md.
-    #[arg(long, value_name = "READS|off", default_value = "off", value_parser = parse_kernel_relay)]
-    pub kernel_relay_after: KernelRelayAfter,
     /// TLS fast path: a connection that only `tls` Domain matches at its port could allow goes
     /// directly to a destination already verified for an allowed name (learned from the proxy,
     /// pre-warmed from the policies' exact names), and its ClientHello is judged in the kernel
@@ -118,30 +112,12 @@ pub struct RunArgs {
     pub kube: KubeArgs,
 }
 
-/// `--kernel-relay-after`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KernelRelayAfter {
-    /// No kernel relay.
-    Off,
-    /// Switch after this many userspace reads.
-    Reads(u32),
-}
-
 pub(crate) fn parse_on_off(s: &str) -> Result<bool, String> {
     match s {
         "on" => Ok(true),
         "off" => Ok(false),
         _ => Err(format!("expected `on` or `off`, got `{s}`")),
     }
-}
-
-fn parse_kernel_relay(s: &str) -> Result<KernelRelayAfter, String> {
-    if s == "off" {
-        return Ok(KernelRelayAfter::Off);
-    }
-    s.parse::<u32>()
-        .map(KernelRelayAfter::Reads)
-        .map_err(|_| format!("expected a number of reads or `off`, got `{s}`"))
 }
 
 /// `--domain-destination`'s values, with their help, from the proxy's list.

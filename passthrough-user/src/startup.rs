@@ -7,7 +7,7 @@ use std::{net::SocketAddr, path::Path, sync::Arc};
 use anyhow::{Context as _, bail};
 use arc_swap::ArcSwap;
 use passthrough_policy::{Resolver, plan::PlanOptions};
-use passthrough_proxy::{Proxy, ProxyConfig, ProxyPolicy, kernel_relay::KernelRelay};
+use passthrough_proxy::{Proxy, ProxyConfig, ProxyPolicy};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -17,7 +17,7 @@ use crate::{
     kernel::{BpfLogLevel, Capacities, Kernel, LoadOptions, ProxySettings},
     metrics::Metrics,
     monitor::{KernelMonitor, Monitor},
-    run_args::{KernelRelayAfter, RunArgs},
+    run_args::RunArgs,
 };
 
 /// The resolvers UDP may reach: `--resolver`, else the nameservers of `/etc/resolv.conf`.
@@ -152,7 +152,7 @@ pub(crate) fn enable_tls_fast_path(args: &RunArgs, kernel: &mut Kernel) {
 }
 
 /// Starts the proxy on `listeners` (none: the proxy is off) with the kernel's orig-dst map and,
-/// if asked for and available, the kernel relay. Returns the serving tasks.
+/// if on, the TLS fast path's learner. Returns the serving tasks.
 pub(crate) fn start_proxy(
     args: &RunArgs,
     kernel: &mut Kernel,
@@ -179,20 +179,6 @@ pub(crate) fn start_proxy(
         let fast = kernel.fast_path();
         if let Some(f) = &fast {
             proxy = proxy.with_fast_path(f.clone());
-        }
-        if let KernelRelayAfter::Reads(reads) = args.kernel_relay_after {
-            // An accelerator, not a control: without it every byte still flows, in userspace.
-            match kernel.take_relay_maps() {
-                Ok(Some(maps)) => {
-                    info!(
-                        after_reads = reads,
-                        "kernel relay on for allowed TLS connections"
-                    );
-                    proxy = proxy.with_kernel_relay(Arc::new(KernelRelay::new(maps, reads)));
-                }
-                Ok(None) => warn!("kernel relay maps already taken; relaying in userspace"),
-                Err(e) => warn!(error = %e, "kernel relay unavailable; relaying in userspace"),
-            }
         }
         let proxy = Arc::new(proxy);
         if let Some(f) = fast {

@@ -985,58 +985,6 @@ fn concurrent_connections_each_reach_their_own_destination() {
 }
 
 #[test]
-fn tls_through_the_kernel_relay_end_to_end() {
-    // `--kernel-relay-after 0`: every allowed TLS connection moves into the sockmap relay right
-    // after its ClientHello is judged. Handshakes, greetings and echoes after a half-close must
-    // still arrive intact, one by one and many at once, and the metrics must show that the
-    // kernel carried them. (With the default threshold these short connections stay in
-    // userspace, so the other tests do not cover this path.)
-    if !require_kernel() {
-        return;
-    }
-    let mut w = World::new(Opts {
-        agent: &|b| b.arg("--kernel-relay-after").arg("0"),
-        ..Opts::default()
-    });
-    for fam in FAMILIES {
-        w.tls_ok(host(A, fam, 443), "api.test", None);
-        w.tls_denied(host(A, fam, 443), Some("other.test"));
-    }
-    let ca = w.ca.display().to_string();
-    let reqs: Vec<Value> = (0..24)
-        .map(|n| {
-            let d = host(A, FAMILIES[n % 3], 443);
-            json!({"op": "tls", "addr": d.to_string(), "sni": "api.test", "ca": ca, "send": format!("ping-{n}")})
-        })
-        .collect();
-    let r = w.probe.json(&json!({"op": "parallel", "requests": reqs}));
-    for (n, r) in r["results"].as_array().unwrap().iter().enumerate() {
-        assert_eq!(r["ok"], true, "{r}");
-        assert_eq!(r["echo"], format!("ping-{n}"), "{r}");
-    }
-    // The relay task counts a connection just after shutting the client's write side.
-    let in_kernel = || {
-        w.agent.metric(
-            "passthrough_proxy_relayed_connections_total",
-            "relay=\"kernel\"",
-        )
-    };
-    wait_until(|| in_kernel() == 27.0);
-    assert_eq!(
-        in_kernel(),
-        27.0,
-        "connections that ended in the kernel relay"
-    );
-    assert_eq!(
-        w.agent.metric(
-            "passthrough_proxy_relayed_connections_total",
-            "relay=\"userspace\""
-        ),
-        0.0
-    );
-}
-
-#[test]
 fn without_the_proxy_domain_only_destinations_get_eperm() {
     // `--proxy-port 0`: no proxy, so a connection only a Domain match could allow is denied in
     // the kernel instead of being redirected to nothing.

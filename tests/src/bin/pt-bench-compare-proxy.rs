@@ -16,11 +16,10 @@
 //! redirects to the proxy, which peeks SNI / Host / `:authority`, verifies the destination against
 //! a loopback DNS server (`bench.test` → A, answers cached) and splices (TLS) or proxies per request
 //! (HTTP). The agent runs with `TOKIO_WORKER_THREADS=1` (one tokio worker; its default is one per
-//! CPU). `ours-kernel-relay` (TLS tables): the same agent restarted with `--kernel-relay-after 16`
-//! (the opt-in sockmap relay); the agent is swapped, from outside the workload cgroup, whenever
-//! the next row needs the other one. `ours-candidate` (only with `--candidate-bin PATH` and/or
-//! `--candidate-arg ARG`): another build of the agent, or other flags, on every table `ours`
-//! runs, swapped in the same way: the same-run before/after of a change (compare it with `ours`
+//! CPU). `ours-fast` (TLS tables): the same agent restarted with `--tls-fast-path on`; the agent
+//! is swapped, from outside the workload cgroup, whenever the next row needs another one.
+//! `ours-candidate` (only with `--candidate-bin PATH` and/or `--candidate-arg ARG`): another
+//! build of the agent, or other flags, on every table `ours` runs, swapped in the same way: the same-run before/after of a change (compare it with `ours`
 //! round by round; this machine is too noisy for two separate runs). `nginx`, `haproxy`, `haproxy-splice`, `envoy`: peers on fixed `127.0.0.1` ports
 //! (loopback is never redirected, docs/decisions.md rule 1) routing `bench.test` to C and refusing every
 //! other name: nginx stream `ssl_preread` + `map` (others → a closed port, the client sees a
@@ -57,7 +56,7 @@
 //! bytes). `direct` has no proxy and gets no CPU metrics. For `ours` this is the whole agent.
 //! **Node CPU**: the busy time of all CPUs (`/proc/stat`, all but idle and iowait) over the same
 //! interval, ÷ requests and ÷ MB, for every row including `direct`: it also counts work no
-//! process is charged for (kernel workers, softirqs), which is where the kernel relay runs.
+//! process is charged for (kernel workers, softirqs), which is where the fast path's programs run.
 //!
 //! **Rounds.** `--rounds N` (default 3) interleaved rounds; in every round every table runs every
 //! path back to back, the order rotating by round, `direct` included every time. Before each
@@ -139,9 +138,6 @@ struct Plan {
 enum Row {
     Direct,
     Ours,
-    /// The agent with `--kernel-relay-after 16` (TLS tables): the same-run before/after of
-    /// the opt-in kernel relay.
-    OursKernelRelay,
     /// Only with `--candidate-bin` / `--candidate-arg`: another agent build or flags on every
     /// table `ours` runs, for a same-run before/after of a change.
     OursCandidate,
@@ -154,10 +150,9 @@ enum Row {
     Envoy,
 }
 
-const ROWS: [Row; 9] = [
+const ROWS: [Row; 8] = [
     Row::Direct,
     Row::Ours,
-    Row::OursKernelRelay,
     Row::OursCandidate,
     Row::OursFast,
     Row::Nginx,
@@ -169,17 +164,13 @@ const ROWS: [Row; 9] = [
 impl Row {
     /// Whether the row is served by an agent of ours (swapped in per row).
     fn is_agent(self) -> bool {
-        matches!(
-            self,
-            Row::Ours | Row::OursKernelRelay | Row::OursCandidate | Row::OursFast
-        )
+        matches!(self, Row::Ours | Row::OursCandidate | Row::OursFast)
     }
 
     fn id(self) -> &'static str {
         match self {
             Row::Direct => "direct",
             Row::Ours => "ours",
-            Row::OursKernelRelay => "ours-kernel-relay",
             Row::OursCandidate => "ours-candidate",
             Row::OursFast => "ours-fast",
             Row::Nginx => "nginx",
@@ -403,7 +394,6 @@ fn main() -> anyhow::Result<()> {
             builder = builder.arg(a);
         }
         match variant {
-            Row::OursKernelRelay => builder = builder.arg("--kernel-relay-after").arg("16"),
             Row::OursFast => builder = builder.arg("--tls-fast-path").arg("on"),
             Row::OursCandidate => {
                 for a in &candidate_args {
@@ -477,7 +467,7 @@ fn main() -> anyhow::Result<()> {
                 cpu_pid: None,
                 hosts: hosts("ours", host_a)?,
             },
-            Row::OursKernelRelay | Row::OursFast => Endpoints {
+            Row::OursFast => Endpoints {
                 tls: at(host_a, ORIGIN_TLS),
                 http: None,
                 h2c: None,
@@ -617,7 +607,7 @@ fn main() -> anyhow::Result<()> {
                     }
                 }
                 // Every CPU's busy time (client, origin, proxy and kernel work such as the
-                // kernel relay's, which no process is charged for); the proxy's share is the
+                // fast path's programs, which no process is charged for); the proxy's share is the
                 // difference to the direct path's.
                 if m.requests > 0 && table != Table::TlsBulk {
                     emit(
