@@ -36,7 +36,10 @@ use passthrough_tests::{
     probe::{run_helper, serve_helper},
     require_kernel, write_policy,
 };
-use passthrough_user::kernel::{Kernel, LoadOptions, ProxySettings};
+use passthrough_user::{
+    events::monotonic_ns,
+    kernel::{Kernel, LoadOptions, ProxySettings},
+};
 use serde_json::{Value, json};
 use tempfile::TempDir;
 
@@ -581,16 +584,6 @@ impl Drop for Reaper {
                 .status();
         }
     }
-}
-
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// Counter names (`passthrough status`, `Kernel::counters`): a Domain candidate connected
