@@ -107,9 +107,10 @@ pub struct ExplainArgs {
     /// The mode of a workload that no policy selects.
     #[arg(long = "unselected-mode", default_value = "All", value_name = "MODE")]
     pub unselected_mode: Mode,
-    /// `on`: name the path of the TLS fast path (`kernel-sni`) where it could take the
-    /// connection (see `passthrough run --tls-fast-path`).
-    #[arg(long, value_name = "off|on", default_value = "off", value_parser = crate::run_args::parse_on_off, action = clap::ArgAction::Set)]
+    /// As the agent's `--tls-fast-path`: `on` (default) names the path of the TLS fast path
+    /// (`kernel-sni`) where it could take the connection; `off`: `proxy` there, as for an agent
+    /// run with `--tls-fast-path off`.
+    #[arg(long, value_name = "off|on", default_value = "on", value_parser = crate::run_args::parse_on_off, action = clap::ArgAction::Set)]
     pub tls_fast_path: bool,
     /// Print one JSON object.
     #[arg(long)]

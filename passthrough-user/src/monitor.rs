@@ -224,7 +224,7 @@ pub struct Filter {
     pub workloads: Vec<String>,
     /// Verdicts (`allow`, `deny`, `would_deny`).
     pub verdicts: Vec<String>,
-    /// Paths (`kernel`, `proxy`).
+    /// Paths (`kernel`, `kernel-sni`, `proxy`).
     pub paths: Vec<String>,
     /// Destination networks.
     pub dsts: Vec<IpNet>,
@@ -233,7 +233,7 @@ pub struct Filter {
 /// The verdicts and paths a filter may name.
 pub const VERDICTS: [&str; 3] = ["allow", "deny", "would_deny"];
 /// See [`VERDICTS`].
-pub const PATHS: [&str; 2] = ["kernel", "proxy"];
+pub const PATHS: [&str; 3] = ["kernel", "kernel-sni", "proxy"];
 
 impl Filter {
     /// Whether `r` passes.
@@ -675,6 +675,12 @@ mod tests {
         assert!(!f.matches(&rec("other", "deny", "kernel", "203.0.113.7:80")));
         assert!(!f.matches(&rec("db", "allow", "kernel", "203.0.113.7:80")));
         assert!(!f.matches(&rec("db", "deny", "proxy", "203.0.113.7:80")));
+        assert!(!f.matches(&rec("db", "deny", "kernel-sni", "203.0.113.7:80")));
+        // The TLS fast path's judge has a path of its own.
+        let sni = Filter::from_query("path=kernel-sni").unwrap();
+        assert!(sni.matches(&rec("db", "deny", "kernel-sni", "203.0.113.7:443")));
+        assert!(!sni.matches(&rec("db", "deny", "kernel", "203.0.113.7:443")));
+        assert_eq!(Filter::from_query(&sni.to_query()).unwrap(), sni);
         assert!(!f.matches(&rec("db", "deny", "kernel", "198.51.100.7:80")));
         assert_eq!(Filter::from_query(&f.to_query()).unwrap(), f);
         assert!(Filter::default().matches(&rec("", "allow", "proxy", "192.0.2.1:1")));

@@ -80,15 +80,18 @@ pub struct RunArgs {
     /// the 32-bit system call entry (no setsockopt program runs for it; no privilege needed on
     /// kernels with IA32 emulation) or before the agent attached. Only for nodes whose kernel
     /// has neither and whose workloads have no `CAP_NET_RAW`, no ping sockets and no sockets
-    /// older than the agent (docs/security.md L1, L2, "Source routes").
+    /// older than the agent (docs/security.md L1, L2, "Source routes"). With the TLS fast path
+    /// on (the default) the program stays attached for it alone: it holds back the payload of
+    /// fast-path connections whose ClientHello was not allowed, and lets everything else pass
+    /// unread; `--tls-fast-path off` as well detaches it.
     #[arg(long)]
     pub no_raw_socket_backstop: bool,
-    /// TLS fast path: a connection that only `tls` Domain matches at its port could allow goes
-    /// directly to a destination already verified for an allowed name (learned from the proxy,
-    /// pre-warmed from the policies' exact names), and its ClientHello is judged in the kernel
-    /// before any byte leaves; everything else takes the proxy as before. `off`: every such
-    /// connection takes the proxy (as under `--audit`). See docs/design.md.
-    #[arg(long, value_name = "off|on", default_value = "off", value_parser = parse_on_off, action = clap::ArgAction::Set)]
+    /// TLS fast path (`on`, default): a connection that only `tls` Domain matches at its port
+    /// could allow goes directly to a destination already verified for an allowed name
+    /// (learned from the proxy, pre-warmed from the policies' exact names), and its ClientHello
+    /// is judged in the kernel before any byte leaves; everything else takes the proxy. `off`:
+    /// every such connection takes the proxy (as under `--audit`). See docs/design.md.
+    #[arg(long, value_name = "off|on", default_value = "on", value_parser = parse_on_off, action = clap::ArgAction::Set)]
     pub tls_fast_path: bool,
     /// Diagnostics from the eBPF programs (aya-log), forwarded into this log under the target
     /// `passthrough::bpf`: `error` (map failures), `warn` (dropped deny events, refused

@@ -125,24 +125,25 @@ pub(crate) fn raise_nofile_limit() -> u64 {
     lim.rlim_cur
 }
 
-/// `--tls-fast-path=on`: turns the fast path on in the kernel (before the first plan, which
-/// then carries its flag). It needs the proxy (the first connection to a destination, and
-/// every unverified one, takes it) and this kernel's `tcp_sock` offsets; without either the
-/// agent runs with the fast path off and says why: every TLS connection then takes the proxy,
-/// which judges it the same way.
+/// `--tls-fast-path=on` (the default): turns the fast path on in the kernel (before the first
+/// plan, which then carries its flag). It needs the proxy (the first connection to a
+/// destination, and every unverified one, takes it) and this kernel's `tcp_sock` offsets;
+/// without either the agent runs with the fast path off and says why: every TLS connection
+/// then takes the proxy, which judges it the same way. `--audit` also keeps it off.
 pub(crate) fn enable_tls_fast_path(args: &RunArgs, kernel: &mut Kernel) {
     if !args.tls_fast_path {
         return;
     }
     if args.proxy_port == 0 {
-        warn!("--tls-fast-path=on needs the proxy (--proxy-port 0 turns it off): fast path off");
+        // On by default: not a warning when the operator turned the proxy off on purpose.
+        info!("TLS fast path off: it needs the proxy, which --proxy-port 0 turns off");
         return;
     }
     if args.audit {
         // The kernel's decision skips the fast path under --audit (its judge never lets a
         // refused hello through); the proxy reports would-be denials as usual.
-        warn!(
-            "--tls-fast-path=on with --audit: every TLS connection takes the proxy, which reports would-be denials"
+        info!(
+            "TLS fast path off under --audit: every TLS connection takes the proxy, which reports would-be denials"
         );
         return;
     }

@@ -162,6 +162,55 @@ fn explain_names_the_tls_fast_path() {
     assert!(j["path_note"].is_null());
 }
 
+/// `passthrough explain` itself (the binary, its own argument parsing): without
+/// `--tls-fast-path` it answers as the agent does by default, fast path on (`kernel-sni` for an
+/// allowed TLS name on a TLS-only port, in text and in JSON); `--tls-fast-path off` answers
+/// `proxy`, as an agent run with it off takes such a connection.
+#[test]
+fn explain_defaults_to_the_tls_fast_path() {
+    let run = |extra: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_passthrough"))
+            .arg("explain")
+            .arg("--policy")
+            .arg(data("explain/policies.yaml"))
+            .arg("--workloads")
+            .arg(data("explain/workloads.yaml"))
+            .args(["--workload", "app", "--dst", "203.0.113.50:443"])
+            .args(["--sni", "api.example.com"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "explain {extra:?}: {out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let text = run(&[]);
+    assert!(
+        text.starts_with("verdict: allow (path: kernel-sni)\n"),
+        "{text}"
+    );
+    let j: serde_json::Value = serde_json::from_str(&run(&["--json"])).unwrap();
+    assert_eq!(
+        (j["verdict"].as_str(), j["path"].as_str()),
+        (Some("allow"), Some("kernel-sni")),
+        "{j}"
+    );
+    assert!(j["path_note"].as_str().unwrap().contains("verified"), "{j}");
+    assert_eq!(j, {
+        let on = run(&["--json", "--tls-fast-path", "on"]);
+        serde_json::from_str::<serde_json::Value>(&on).unwrap()
+    });
+    let text = run(&["--tls-fast-path", "off"]);
+    assert!(text.starts_with("verdict: allow (path: proxy)\n"), "{text}");
+    let j: serde_json::Value =
+        serde_json::from_str(&run(&["--json", "--tls-fast-path=off"])).unwrap();
+    assert_eq!(
+        (j["verdict"].as_str(), j["path"].as_str()),
+        (Some("allow"), Some("proxy")),
+        "{j}"
+    );
+    assert!(j["path_note"].is_null(), "{j}");
+}
+
 #[test]
 fn explain_l7_follows_kumas_listener() {
     // An h2c request meets an `http` match; an HTTP/1 request meets a `grpc` match.

@@ -1442,11 +1442,15 @@ impl PWorld {
             ],
         );
         let policy = write_policy(dir.path(), &yaml);
+        // The proxy's world: every TLS hello here must reach the proxy, also to a verified
+        // destination (the fast path judges the same hellos in the kernel: tls_fast_path.rs
+        // `same_verdicts_as_the_proxy_for_every_sni`).
         let agent = Agent::builder()
             .policy(&policy)
             .cgroup(cg.path())
             .arg("--resolver")
             .arg(&dns.addr.to_string())
+            .arg("--tls-fast-path=off")
             .start()
             .unwrap();
         PWorld {

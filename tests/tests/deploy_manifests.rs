@@ -1355,6 +1355,8 @@ fn helm_values_reach_the_agent() {
                 "cgroup.hostPath=/sys/fs/cgroup/unified",
                 "--set",
                 "namespace.create=false",
+                "--set",
+                "proxy.tlsFastPath=false",
             ],
         ),
     );
@@ -1377,6 +1379,7 @@ fn helm_values_reach_the_agent() {
     assert_eq!(flags["proxy-addr"], ["169.254.30.1:15555"]);
     assert_eq!(flags["zone"], ["east"]);
     assert_eq!(flags["pending-mode"], ["All"]);
+    assert_eq!(flags["tls-fast-path"], ["off"]);
     assert_eq!(agent["resources"]["limits"]["memory"], "512Mi");
     assert_eq!(
         ds.pointer("/spec/template/spec/volumes/0/hostPath/path"),
@@ -1391,5 +1394,35 @@ fn helm_values_reach_the_agent() {
             .as_str()
             .unwrap()
             .contains("169.254.30.1/32")
+    );
+    // The default turns the fast path on, explicitly (what deploy/kubernetes passes too).
+    let out = rendered(
+        "helm template (defaults)",
+        &run_tool(&helm, &["template", "passthrough", &chart]),
+    );
+    let ds = &out[&("DaemonSet".to_string(), "passthrough".to_string())];
+    let agent = containers_of(ds)
+        .into_iter()
+        .find(|c| c["name"] == "agent")
+        .expect("agent container");
+    assert!(
+        agent["args"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("--tls-fast-path=on")),
+        "{agent}"
+    );
+    // Anything but a boolean is refused at render time, not passed on as `on`.
+    let bad = std::process::Command::new(&helm)
+        .args(["template", "passthrough", &chart])
+        .args(["--set", "proxy.tlsFastPath=off"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr)
+            .contains("proxy.tlsFastPath must be true or false, got off"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
     );
 }

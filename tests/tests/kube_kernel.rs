@@ -185,6 +185,10 @@ impl World {
             for addr in p.proxy_addrs(port) {
                 builder = builder.arg("--proxy-addr").arg(&addr.to_string());
             }
+            // The test pod's netns reaches nothing but the proxy's addresses (PodNet), so a
+            // connection the TLS fast path (on by default) sends direct could not leave it; a
+            // real pod routes through the node. The fast path itself: tls_fast_path.rs.
+            builder = builder.arg("--tls-fast-path=off");
         }
         let agent = builder.start().unwrap();
         World {

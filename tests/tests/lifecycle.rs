@@ -699,7 +699,8 @@ fn restart_without_the_raw_socket_backstop_detaches_it() {
     );
     assert!(has_backstop(), "{:?}", attached_programs(cg.path()));
     first.kill9();
-    // The next agent is told to go without it: its pinned link from the first one goes too.
+    // With the TLS fast path on (the default) the program stays: it holds the payload of
+    // fast-path connections whose ClientHello was not allowed (raw and UDP packets pass).
     let mut second = builder().arg("--no-raw-socket-backstop").start().unwrap();
     assert!(
         second.log().contains("adopted pinned state"),
@@ -707,8 +708,24 @@ fn restart_without_the_raw_socket_backstop_detaches_it() {
         second.describe()
     );
     let progs = attached_programs(cg.path()).expect("bpftool");
+    assert_eq!(progs.len(), ALL_PROGRAMS, "{progs:?}");
+    assert!(has_backstop(), "{progs:?}");
+    second.kill9();
+    // The next agent is told to go without it, fast path off: its pinned link from the
+    // previous one goes too.
+    let mut third = builder()
+        .arg("--no-raw-socket-backstop")
+        .arg("--tls-fast-path=off")
+        .start()
+        .unwrap();
+    assert!(
+        third.log().contains("adopted pinned state"),
+        "{}",
+        third.describe()
+    );
+    let progs = attached_programs(cg.path()).expect("bpftool");
     assert_eq!(progs.len(), ALL_PROGRAMS - 1, "{progs:?}");
     assert!(!has_backstop(), "{progs:?}");
-    second.stop().unwrap();
+    third.stop().unwrap();
     assert!(attached_programs(cg.path()).expect("bpftool").is_empty());
 }

@@ -267,6 +267,8 @@ impl World {
         dns: SocketAddr,
         port: u16,
     ) -> Agent {
+        // The proxy under load: every relayed connection must take it, also to a verified
+        // destination, which the TLS fast path (on by default) would send direct.
         Agent::builder()
             .policy(policy)
             .cgroup(cg.path())
@@ -275,6 +277,7 @@ impl World {
             .arg(&dns.to_string())
             .arg("--proxy-port")
             .arg(&port.to_string())
+            .arg("--tls-fast-path=off")
             .start()
             .unwrap()
     }

@@ -184,10 +184,14 @@ impl World {
             Workload::Pod { .. } => Some(PodNet::new(TEST_SLOT).unwrap()),
         };
         let policy = write_policy(dir.path(), &o.yaml);
+        // The proxy path: every connection a Domain match could allow takes the proxy, also a
+        // TLS one to a verified destination, which the TLS fast path (on by default) would
+        // send direct (tests/tests/tls_fast_path.rs).
         let mut b = Agent::builder()
             .policy(&policy)
             .arg("--resolver")
-            .arg(&dns.addr.to_string());
+            .arg(&dns.addr.to_string())
+            .arg("--tls-fast-path=off");
         if o.two_workloads {
             cg.child("b").unwrap();
             let file = dir.path().join("workloads.yaml");

@@ -1053,6 +1053,11 @@ fn names_of(n: u8) -> Vec<IpAddr> {
 
 impl AgentWorld {
     fn new(ttl: u32) -> AgentWorld {
+        AgentWorld::with_fast_path(ttl, Some("--tls-fast-path=on"))
+    }
+
+    /// As [`AgentWorld::new`] with `flag` for the fast path (`None`: the agent's default).
+    fn with_fast_path(ttl: u32, flag: Option<&str>) -> AgentWorld {
         let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
         passthrough_tests::sweep(false);
         let dir = passthrough_tests::test_dir();
@@ -1070,14 +1075,15 @@ impl AgentWorld {
         names.insert("x.wild.test".to_string(), names_of(D));
         let dns = Dns::start(names, ttl).unwrap();
         let policy = write_policy(dir.path(), &policy_yaml());
-        let agent = Agent::builder()
+        let mut agent = Agent::builder()
             .policy(&policy)
             .cgroup(cg.path())
             .arg("--resolver")
-            .arg(&dns.addr.to_string())
-            .arg("--tls-fast-path=on")
-            .start()
-            .unwrap();
+            .arg(&dns.addr.to_string());
+        if let Some(flag) = flag {
+            agent = agent.arg(flag);
+        }
+        let agent = agent.start().unwrap();
         let probe = Probe::spawn_in(cg.path(), None).unwrap();
         AgentWorld {
             probe,
@@ -1252,6 +1258,62 @@ fn the_agent_prewarms_learns_and_judges_in_the_kernel() {
     assert_eq!(w.kc(DIRECT), direct);
     assert_eq!(w.kc(PROXIED) - proxied, 1.0);
     assert_eq!(w.servers.accepted(host(C, '4', 443)), 0);
+}
+
+/// The fast path is on by default: an agent started without `--tls-fast-path` sends an allowed
+/// TLS connection to a verified destination directly (pre-warmed `api.test`, learned
+/// `x.wild.test`), its hello judged in the kernel, and refuses a name the policy does not allow
+/// there with a `kernel-sni` denial.
+#[test]
+fn the_fast_path_is_on_by_default() {
+    if !require_kernel() {
+        return;
+    }
+    let mut w = AgentWorld::with_fast_path(300, None);
+    w.wait_direct(A, "api.test");
+    assert!(w.tls_ok(A, '6', "api.test"), "{}", w.agent.describe());
+    assert!(
+        !w.tls_ok(D, '4', "x.wild.test"),
+        "the first one takes the proxy"
+    );
+    assert!(w.tls_ok(D, '4', "x.wild.test"), "the next one goes direct");
+    let before = w.kc(NO_MATCH);
+    let r = w.tls(A, '4', "evil.test");
+    assert_eq!(r["ok"], false, "{r}");
+    assert_eq!(w.kc(NO_MATCH) - before, 1.0, "{}", w.agent.describe());
+}
+
+/// `--tls-fast-path=off` restores the proxy-only behaviour: every TLS connection a `tls` Domain
+/// match could allow takes the proxy, also to destinations the agent has verified (pre-warm
+/// time given, then taught by the proxy's own allowed connections), and the proxy refuses what
+/// the policy does not allow; nothing is judged in the kernel.
+#[test]
+fn off_sends_every_tls_connection_through_the_proxy() {
+    if !require_kernel() {
+        return;
+    }
+    let mut w = AgentWorld::with_fast_path(300, Some("--tls-fast-path=off"));
+    std::thread::sleep(Duration::from_secs(2));
+    for _ in 0..3 {
+        assert!(!w.tls_ok(A, '4', "api.test"), "{}", w.agent.describe());
+        assert!(!w.tls_ok(A, '6', "api.test"));
+        assert!(!w.tls_ok(D, '4', "x.wild.test"));
+    }
+    let proxied = w.kc(PROXIED);
+    let r = w.tls(A, '4', "evil.test");
+    assert_eq!(r["ok"], false, "{r}");
+    assert!(
+        r["error"].as_str().unwrap_or("").contains("AccessDenied"),
+        "the proxy refuses: {r}"
+    );
+    assert_eq!(w.kc(PROXIED) - proxied, 1.0);
+    assert_eq!(w.kc(DIRECT), 0.0);
+    assert_eq!(w.kc(NO_MATCH), 0.0);
+    assert_eq!(
+        w.agent
+            .metric("passthrough_decisions_total", "path=\"kernel-sni\""),
+        0.0
+    );
 }
 
 /// A name that moves is followed within the TTL bounds (here the floor: answers live 1 s, the

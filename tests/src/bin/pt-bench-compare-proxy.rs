@@ -11,7 +11,7 @@
 //! `1k.bin` (1 KiB) and `16m.bin` (16 MiB). Every path reaches this same origin.
 //!
 //! **Paths (rows).** `direct`: the origin's test host C, allowed in the kernel by an `IP` match.
-//! `ours`: the real agent (`passthrough run`, the binary beside this one) with `Domain` matches
+//! `ours`: the real agent (`passthrough run --tls-fast-path off`, the binary beside this one) with `Domain` matches
 //! for `bench.test` (tls :443, http :80, http2 :8080); the client dials test host A, the kernel
 //! redirects to the proxy, which peeks SNI / Host / `:authority`, verifies the destination against
 //! a loopback DNS server (`bench.test` → A, answers cached) and splices (TLS) or proxies per request
@@ -19,7 +19,8 @@
 //! CPU). `ours-fast` (TLS tables): the same agent restarted with `--tls-fast-path on`; the agent
 //! is swapped, from outside the workload cgroup, whenever the next row needs another one.
 //! `ours-candidate` (only with `--candidate-bin PATH` and/or `--candidate-arg ARG`): another
-//! build of the agent, or other flags, on every table `ours` runs, swapped in the same way: the same-run before/after of a change (compare it with `ours`
+//! build of the agent, or other flags (`--tls-fast-path off` as `ours` unless they set it), on
+//! every table `ours` runs, swapped in the same way: the same-run before/after of a change (compare it with `ours`
 //! round by round; this machine is too noisy for two separate runs). `nginx`, `haproxy`, `haproxy-splice`, `envoy`: peers on fixed `127.0.0.1` ports
 //! (loopback is never redirected, docs/decisions.md rule 1) routing `bench.test` to C and refusing every
 //! other name: nginx stream `ssl_preread` + `map` (others → a closed port, the client sees a
@@ -393,11 +394,21 @@ fn main() -> anyhow::Result<()> {
         for a in &agent_args {
             builder = builder.arg(a);
         }
+        // Every agent row says which path it measures, whatever the agent's default: `ours`
+        // the proxy path, `ours-fast` the fast path, `ours-candidate` what its flags say, else
+        // the proxy path as `ours`.
         match variant {
+            Row::Ours => builder = builder.arg("--tls-fast-path").arg("off"),
             Row::OursFast => builder = builder.arg("--tls-fast-path").arg("on"),
             Row::OursCandidate => {
                 for a in &candidate_args {
                     builder = builder.arg(a);
+                }
+                if !candidate_args
+                    .iter()
+                    .any(|a| a == "--tls-fast-path" || a.starts_with("--tls-fast-path="))
+                {
+                    builder = builder.arg("--tls-fast-path").arg("off");
                 }
                 if let Some(b) = &candidate_bin {
                     builder = builder.binary(b);

@@ -1,8 +1,8 @@
 //! `pt-bench-proxy` (issue 4 point 6; `cargo xtask bench proxy`): what the proxy path costs,
 //! against a direct connection, same run, same machine.
 //!
-//! Setup: the real agent (`passthrough run`, the binary beside this one: use the release
-//! build) in the host network namespace; this process moves itself into the workload cgroup, so
+//! Setup: the real agent (`passthrough run --tls-fast-path off`, the binary beside this one:
+//! use the release build) in the host network namespace; this process moves itself into the workload cgroup, so
 //! every connection it makes is filtered; the servers (rustls TLS, hyper HTTP/1.1) are AnyIP test
 //! hosts in a server netns behind a veth (`passthrough_tests::hostnet`, slot `BENCH_SLOT`):
 //!
@@ -118,11 +118,15 @@ fn main() -> anyhow::Result<()> {
     );
     let policy = write_policy(dir.path(), &yaml);
     let cg = TestCgroup::new()?;
+    // The proxy path, whatever the default: the TLS fast path would take warm TLS
+    // destinations direct (its figures are `cargo xtask bench --compare proxy`'s `ours-fast`).
     let agent = Agent::builder()
         .policy(&policy)
         .cgroup(cg.path())
         .arg("--resolver")
         .arg(&dns.addr.to_string())
+        .arg("--tls-fast-path")
+        .arg("off")
         .start()?;
     let agent_bin = passthrough_tests::agent::agent_binary()?;
     let _inside = MoveBack::into(&cg)?;

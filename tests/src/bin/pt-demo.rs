@@ -143,6 +143,11 @@ fn main() -> anyhow::Result<()> {
         .arg(&named.resolver())
         .arg("--log-format")
         .arg("json")
+        // Part 2 shows the proxy's decisions: without this, the TLS fast path (on by default)
+        // would take the pre-warmed TLS name direct, judged in the kernel, which logs denials
+        // only (tests/tests/tls_fast_path.rs drives that path).
+        .arg("--tls-fast-path")
+        .arg("off")
         // The proxy's access log (allowed decisions, with the match) is at debug.
         .log_filter("info,passthrough::proxy=debug")
         .start()?;
