@@ -276,6 +276,32 @@ fn find_workload<M: Maps, C: Caller>(
     found
 }
 
+/// The rule set, mode and workload id (0: none) that judge a caller: those of its workload
+/// (`found`: the entry and its cgroup id, as [`find_workload`] returns them), else the
+/// unmatched rule set and the generation's `unmatched_mode`. Used by [`decide`],
+/// [`decide_source_route`] and [`judge_name`].
+#[inline(always)]
+fn judged_by(
+    cfg: &GlobalConfig,
+    generation: u32,
+    found: Option<(WorkloadEntry, u64)>,
+) -> (u32, u32, u64) {
+    match found {
+        Some((w, id)) => (w.ruleset, w.mode, id),
+        None => (
+            ruleset::id(generation, u32::MAX >> 1),
+            // Not `unmatched_mode[generation]`: a variable index into the copied array is a
+            // variable stack offset, which the verifier refuses.
+            if generation == 0 {
+                cfg.unmatched_mode[0]
+            } else {
+                cfg.unmatched_mode[1]
+            },
+            0,
+        ),
+    }
+}
+
 /// Counts `reason` and returns `verdict` for it.
 #[inline(always)]
 fn decided<M: Maps>(maps: &M, verdict: Verdict, reason: Reason) -> Decision {
@@ -336,20 +362,7 @@ pub fn decide<M: Maps, C: Caller, D: Dest>(
     if found.is_none() && cfg.agent_mark != 0 && socket_mark == cfg.agent_mark {
         return decided(maps, Verdict::Allow, Reason::Agent);
     }
-    let (rs, wl_mode, workload) = match found {
-        Some((w, id)) => (w.ruleset, w.mode, id),
-        None => (
-            ruleset::id(generation, u32::MAX >> 1),
-            // Not `unmatched_mode[generation]`: a variable index into the copied array is a
-            // variable stack offset, which the verifier refuses.
-            if generation == 0 {
-                cfg.unmatched_mode[0]
-            } else {
-                cfg.unmatched_mode[1]
-            },
-            0,
-        ),
-    };
+    let (rs, wl_mode, workload) = judged_by(&cfg, generation, found);
 
     // Rule 2.
     let (allow, reason) = if wl_mode == mode::ALL {
@@ -481,17 +494,8 @@ pub fn decide_source_route<M: Maps, C: Caller, D: Dest>(
     };
     let cfg: GlobalConfig = *cfg;
     let generation = cfg.active_generation & 1;
-    let (wl_mode, workload) = match find_workload(maps, caller, generation) {
-        Some((w, id)) => (w.mode, id),
-        None => (
-            if generation == 0 {
-                cfg.unmatched_mode[0]
-            } else {
-                cfg.unmatched_mode[1]
-            },
-            0,
-        ),
-    };
+    let (_, wl_mode, workload) =
+        judged_by(&cfg, generation, find_workload(maps, caller, generation));
     if wl_mode == mode::ALL {
         return decided(maps, Verdict::Allow, Reason::ModeAll);
     }
@@ -674,18 +678,7 @@ pub fn judge_name<M: Maps>(
             cgroup_id: workload,
         })
     };
-    let (rs, wl_mode) = match entry {
-        Some(e) => (e.ruleset, e.mode),
-        None => (
-            ruleset::id(generation, u32::MAX >> 1),
-            // A fixed index, as in `decide`.
-            if generation == 0 {
-                cfg.unmatched_mode[0]
-            } else {
-                cfg.unmatched_mode[1]
-            },
-        ),
-    };
+    let (rs, wl_mode, _) = judged_by(cfg, generation, entry.map(|e| (*e, workload)));
     if wl_mode == mode::ALL {
         return Reason::ModeAll;
     }

@@ -29,6 +29,8 @@ use passthrough_policy::{plan::KernelPlan, sni_plan::FastPathTables as Tables};
 use passthrough_proxy::{Destinations, report::FastPathLearner};
 use tracing::{debug, warn};
 
+use crate::events::monotonic_ns;
+
 /// Shortest life of a verified destination, whatever its DNS TTL.
 pub const TTL_FLOOR: Duration = Duration::from_secs(5);
 /// Longest life of a verified destination, whatever its DNS TTL.
@@ -52,17 +54,6 @@ pub struct FastPath {
     inner: Mutex<Inner>,
     /// Wakes the pre-warmer when a new plan becomes active (its names are due at once).
     wake: tokio::sync::Notify,
-}
-
-/// `CLOCK_MONOTONIC` now, in nanoseconds (the clock of the programs' `bpf_ktime_get_ns`).
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// The kernel expiry of an answer valid until `until`, bounded by the floor and the ceiling.

@@ -1,6 +1,7 @@
 //! [`Agent`]: the real `passthrough run`, as a child process.
 
 use std::{
+    ffi::OsStr,
     fs::{self, File},
     io::{Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
@@ -24,6 +25,51 @@ pub const APPLIED_MARKER: &str = "policy applied";
 /// Path of the `passthrough` binary: `$PASSTHROUGH_BIN`, else `<target/profile>/passthrough`.
 pub fn agent_binary() -> Result<PathBuf> {
     crate::find_binary("PASSTHROUGH_BIN", "passthrough")
+}
+
+/// Runs `passthrough ARGS` to its end (a one-shot command: check, explain, status, uninstall,
+/// suggest…): whether it exited 0, and its stdout followed by its stderr.
+pub fn cli<I, S>(args: I) -> (bool, String)
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let out = Command::new(agent_binary().expect("passthrough binary"))
+        .args(args)
+        .output()
+        .expect("running passthrough");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// A MeshPassthrough `name` of mesh `default`: `targetRef: target` (YAML flow, e.g. `{kind:
+/// Mesh}`), `passthroughMode: mode` when given, and one `appendMatch` entry per item of `matches`
+/// (each a YAML flow mapping, e.g. `{type: CIDR, value: 198.51.100.0/24, port: 8080}`).
+pub fn policy_yaml(name: &str, target: &str, mode: Option<&str>, matches: &[&str]) -> String {
+    let mut y = format!(
+        "apiVersion: kuma.io/v1alpha1\nkind: MeshPassthrough\nmetadata: {{name: {name}, labels: {{kuma.io/mesh: default}}}}\nspec:\n  targetRef: {target}\n  default:\n"
+    );
+    if let Some(m) = mode {
+        y += &format!("    passthroughMode: {m}\n");
+    }
+    if !matches.is_empty() {
+        y += "    appendMatch:\n";
+        for m in matches {
+            y += &format!("      - {m}\n");
+        }
+    }
+    y
+}
+
+/// [`policy_yaml`] for the whole mesh (`targetRef: {kind: Mesh}`) in `passthroughMode: mode`.
+pub fn mesh_policy(name: &str, mode: &str, matches: &[&str]) -> String {
+    policy_yaml(name, "{kind: Mesh}", Some(mode), matches)
 }
 
 /// Writes `yaml` to a new file `policy-<n>.yaml` in `dir` and returns its path.

@@ -91,6 +91,15 @@ impl TestCgroup {
         &self.path
     }
 
+    /// The directory's name: what `--cgroup PATH` names the workload in events and metrics.
+    pub fn name(&self) -> String {
+        self.path()
+            .file_name()
+            .expect("a cgroup directory has a name")
+            .to_string_lossy()
+            .into_owned()
+    }
+
     /// The cgroup id: the inode number of the directory (what `bpf_get_current_cgroup_id` returns).
     pub fn id(&self) -> u64 {
         fs::metadata(&self.path).map(|m| m.ino()).unwrap_or(0)

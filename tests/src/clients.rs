@@ -29,22 +29,13 @@ use passthrough_testhello::{Hello, TLS12, TLS13};
 use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned, pki_types::ServerName};
 use serde_json::{Value, json};
 
+use crate::sys::{self, errno};
+
 const TIMEOUT: Duration = Duration::from_secs(3);
 const IO_TIMEOUT: Duration = Duration::from_secs(6);
 
-fn errno(e: &io::Error) -> i32 {
-    e.raw_os_error().unwrap_or(match e.kind() {
-        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => libc::ETIMEDOUT,
-        _ => libc::EIO,
-    })
-}
-
 fn fail(stage: &str, e: impl std::fmt::Display) -> Value {
     json!({"ok": false, "stage": stage, "error": e.to_string()})
-}
-
-fn fail_io(stage: &str, e: &io::Error) -> Value {
-    json!({"ok": false, "stage": stage, "errno": errno(e), "error": e.to_string()})
 }
 
 /// Runs one request; never panics on bad input (answers `{"ok": false, "stage": "request"}`).
@@ -81,7 +72,7 @@ pub fn run(req: &Value) -> Value {
     };
     let s = match TcpStream::connect_timeout(&addr, TIMEOUT) {
         Ok(s) => s,
-        Err(e) => return fail_io("connect", &e),
+        Err(e) => return sys::fail("connect", &e),
     };
     let _ = s.set_nodelay(true);
     let _ = s.set_read_timeout(Some(IO_TIMEOUT));
@@ -180,19 +171,19 @@ fn tls(s: TcpStream, req: &Value) -> Value {
     }
     let send = req["send"].as_str().unwrap_or("ping");
     if let Err(e) = t.write_all(send.as_bytes()).and_then(|_| t.flush()) {
-        return fail_io("io", &e);
+        return sys::fail("io", &e);
     }
     // Half-close: close_notify, then FIN; the server still answers.
     t.conn.send_close_notify();
     if let Err(e) = t.flush() {
-        return fail_io("io", &e);
+        return sys::fail("io", &e);
     }
     let _ = t.sock.shutdown(Shutdown::Write);
     let mut rest = Vec::new();
     if let Err(e) = t.read_to_end(&mut rest) {
         // A peer that closes without close_notify after answering: keep what arrived.
         if e.kind() != io::ErrorKind::UnexpectedEof {
-            return fail_io("io", &e);
+            return sys::fail("io", &e);
         }
     }
     json!({
@@ -213,7 +204,7 @@ pub fn client_hello(sni: &[u8]) -> Vec<u8> {
 fn raw_hello(mut s: TcpStream, req: &Value) -> Value {
     let sni = req["sni"].as_str().unwrap_or("");
     if let Err(e) = s.write_all(&client_hello(sni.as_bytes())) {
-        return fail_io("io", &e);
+        return sys::fail("io", &e);
     }
     let _ = s.set_read_timeout(Some(TIMEOUT));
     let mut got = Vec::new();
@@ -250,7 +241,7 @@ fn http(s: TcpStream, req: &Value) -> Value {
         let _ = s.set_nonblocking(true);
         let s = match tokio::net::TcpStream::from_std(s) {
             Ok(s) => s,
-            Err(e) => return fail_io("io", &e),
+            Err(e) => return sys::fail("io", &e),
         };
         let io = hyper_util::rt::TokioIo::new(s);
         let fut = async {

@@ -30,9 +30,13 @@ pub mod probe;
 pub mod sec;
 pub mod sniff;
 pub mod sweep;
+pub mod sys;
 pub mod world;
 
-pub use agent::{Agent, AgentBuilder, AgentFailure, StateDirGuard, write_file, write_policy};
+pub use agent::{
+    Agent, AgentBuilder, AgentFailure, StateDirGuard, cli, mesh_policy, policy_yaml, write_file,
+    write_policy,
+};
 pub use cgroup::{TestCgroup, cgroup2_mount};
 pub use check::{assert_allowed, assert_denied, assert_udp_allowed, assert_udp_denied};
 pub use netns::{LOOPBACK_PORT, TestNet};
@@ -44,6 +48,7 @@ use std::{
     path::PathBuf,
     process::Command,
     sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
 };
 
 /// `EPERM`: what a denied `connect()`/`sendmsg()` fails with.
@@ -67,6 +72,21 @@ pub fn unique_suffix() -> String {
         std::process::id(),
         COUNTER.fetch_add(1, Ordering::Relaxed)
     )
+}
+
+/// Polls `f` every 50 ms until it returns `Some`; panics naming `what` after `within`.
+pub fn wait_for<T>(within: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {within:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Runs a command, returning its stdout; an error carries the command line and stderr.

@@ -387,7 +387,8 @@ fn udp_socket(addr: SocketAddr) -> Result<UdpSocket> {
     Ok(s.into())
 }
 
-fn setsockopt_int(fd: RawFd, level: i32, name: i32, val: i32) -> io::Result<()> {
+/// `setsockopt` with an `int` value.
+pub fn setsockopt_int(fd: RawFd, level: i32, name: i32, val: i32) -> io::Result<()> {
     // SAFETY: valid fd, pointer to a live c_int with its size.
     let rc = unsafe {
         libc::setsockopt(

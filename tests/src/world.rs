@@ -53,11 +53,6 @@ impl World {
 
     /// The workload's name (`--cgroup PATH` → the directory name).
     pub fn workload(&self) -> String {
-        self.cg
-            .path()
-            .file_name()
-            .unwrap()
-            .to_string_lossy()
-            .into_owned()
+        self.cg.name()
     }
 }

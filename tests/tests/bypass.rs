@@ -70,32 +70,14 @@ mod ops {
         time::Duration,
     };
 
+    use passthrough_tests::{
+        netns::setsockopt_int,
+        sys::{addr, become_nobody, errno, fail, last},
+    };
     use serde_json::{Value, json};
     use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
     const TIMEOUT: Duration = Duration::from_secs(3);
-
-    fn errno(e: &io::Error) -> i32 {
-        e.raw_os_error().unwrap_or(match e.kind() {
-            io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => libc::ETIMEDOUT,
-            _ => libc::EIO,
-        })
-    }
-
-    fn fail(stage: &str, e: &io::Error) -> Value {
-        json!({"ok": false, "stage": stage, "errno": errno(e), "error": e.to_string()})
-    }
-
-    fn last() -> io::Error {
-        io::Error::last_os_error()
-    }
-
-    fn addr(req: &Value, key: &str) -> SocketAddr {
-        req[key]
-            .as_str()
-            .and_then(|a| a.parse().ok())
-            .unwrap_or_else(|| panic!("bad {key} in {req}"))
-    }
 
     fn udp(a: &SocketAddr) -> io::Result<Socket> {
         let s = Socket::new(Domain::for_address(*a), Type::DGRAM, Some(Protocol::UDP))?;
@@ -138,34 +120,6 @@ mod ops {
             Ok(got) => json!({"ok": true, "echo": got}),
             Err(e) => fail("io", &e),
         }
-    }
-
-    fn setsockopt_int(fd: RawFd, level: i32, name: i32, val: i32) -> io::Result<()> {
-        // SAFETY: a live c_int and its size.
-        let rc = unsafe {
-            libc::setsockopt(
-                fd,
-                level,
-                name,
-                &val as *const i32 as *const libc::c_void,
-                mem::size_of::<i32>() as u32,
-            )
-        };
-        if rc != 0 { Err(last()) } else { Ok(()) }
-    }
-
-    /// setgroups([]) + setgid/setuid 65534: no capabilities left.
-    fn become_nobody() -> io::Result<()> {
-        // SAFETY: plain syscalls.
-        unsafe {
-            if libc::setgroups(0, std::ptr::null()) != 0
-                || libc::setgid(65534) != 0
-                || libc::setuid(65534) != 0
-            {
-                return Err(last());
-            }
-        }
-        Ok(())
     }
 
     pub fn run(req: &Value) -> Value {
@@ -774,16 +728,7 @@ fn send_fd(u: &std::os::unix::net::UnixStream, fd: i32) -> std::io::Result<()> {
 // -------------------------------------------------------------------- kernel-level world
 
 fn mesh_policy(mode: &str, matches: &[&str]) -> String {
-    let mut y = format!(
-        "apiVersion: kuma.io/v1alpha1\nkind: MeshPassthrough\nmetadata: {{name: bypass, labels: {{kuma.io/mesh: default}}}}\nspec:\n  targetRef: {{kind: Mesh}}\n  default:\n    passthroughMode: {mode}\n"
-    );
-    if !matches.is_empty() {
-        y += "    appendMatch:\n";
-        for m in matches {
-            y += &format!("      - {m}\n");
-        }
-    }
-    y
+    passthrough_tests::mesh_policy("bypass", mode, matches)
 }
 
 /// The kernel-level policy: 198.51.100.0/24 port 8080 and 2001:db8:100::/40 port 8080 allowed

@@ -11,30 +11,12 @@ use std::path::Path;
 
 use passthrough_tests::{
     Agent, EPERM, LOOPBACK_PORT, Probe, TestCgroup, TestNet, World, assert_allowed, assert_denied,
-    assert_udp_allowed, assert_udp_denied, cgroup::attached_programs, require_kernel, write_file,
-    write_policy,
+    assert_udp_allowed, assert_udp_denied, cgroup::attached_programs, policy_yaml, require_kernel,
+    write_file, write_policy,
 };
 
-/// One MeshPassthrough document (Kubernetes spelling). `target` is a YAML flow map, `mode` may be
-/// omitted, `matches` are YAML flow maps such as `{type: CIDR, value: 198.51.100.0/24, port: 80}`.
-fn policy(name: &str, target: &str, mode: Option<&str>, matches: &[&str]) -> String {
-    let mut y = format!(
-        "apiVersion: kuma.io/v1alpha1\nkind: MeshPassthrough\nmetadata: {{name: {name}, labels: {{kuma.io/mesh: default}}}}\nspec:\n  targetRef: {target}\n  default:\n"
-    );
-    if let Some(m) = mode {
-        y += &format!("    passthroughMode: {m}\n");
-    }
-    if !matches.is_empty() {
-        y += "    appendMatch:\n";
-        for m in matches {
-            y += &format!("      - {m}\n");
-        }
-    }
-    y
-}
-
 fn mesh_policy(mode: &str, matches: &[&str]) -> String {
-    policy("test-policy", "{kind: Mesh}", Some(mode), matches)
+    passthrough_tests::mesh_policy("test-policy", mode, matches)
 }
 
 fn allowed(w: &World, p: &mut Probe, addrs: &[&str]) {
@@ -124,7 +106,7 @@ fn matched_without_matches_denies_and_only_the_attached_cgroup_is_filtered() {
         ],
     );
     // `passthroughMode` unset means Matched (Kuma >= 2.10).
-    let unset = policy(
+    let unset = policy_yaml(
         "test-policy",
         "{kind: Mesh}",
         None,
@@ -354,7 +336,7 @@ fn two_workloads_with_different_policies_under_one_attachment() {
     );
     let pa = write_policy(
         dir.path(),
-        &policy(
+        &policy_yaml(
             "for-a",
             "{kind: Dataplane, name: a}",
             Some("Matched"),
@@ -366,7 +348,7 @@ fn two_workloads_with_different_policies_under_one_attachment() {
     );
     let pb = write_policy(
         dir.path(),
-        &policy(
+        &policy_yaml(
             "for-b",
             "{kind: MeshSubset, tags: {app: b}}",
             Some("Matched"),

@@ -5,8 +5,6 @@
 //! that Service's tags through its EndpointSlice; a service-less pod is named by its Job's
 //! CronJob, read from the Job's metadata. No root needed.
 
-use std::process::Command;
-
 use k8s_openapi::api::{
     batch::v1::Job,
     core::v1::{Namespace, Pod, Service},
@@ -16,22 +14,17 @@ use passthrough_tests::apiserver::ApiServer;
 use serde_json::{Value, json};
 
 fn explain(api: &ApiServer, pod: &str, extra: &[&str]) -> (bool, String) {
-    let bin = passthrough_tests::agent::agent_binary().expect("passthrough binary");
-    let out = Command::new(bin)
-        .args(["explain", "--kubernetes", "--kubeconfig"])
-        .arg(api.kubeconfig())
-        .args(["--pod", pod])
-        .args(extra)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    let kubeconfig = api.kubeconfig().display().to_string();
+    let mut args = vec![
+        "explain",
+        "--kubernetes",
+        "--kubeconfig",
+        &kubeconfig,
+        "--pod",
+        pod,
+    ];
+    args.extend_from_slice(extra);
+    passthrough_tests::cli(args)
 }
 
 #[test]

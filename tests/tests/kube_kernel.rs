@@ -230,6 +230,15 @@ impl World {
         serde_json::from_slice(&std::fs::read(&self.status).unwrap()).unwrap()
     }
 
+    /// Waits until the agent has mapped every pod of `names` (none `Pending` any more).
+    fn await_mapped(&self, names: &[&str]) {
+        eventually(&format!("pods mapped: {names:?}"), &self.agent, || {
+            names
+                .iter()
+                .all(|n| self.pod_state(n).is_some_and(|p| p["state"] != "Pending"))
+        });
+    }
+
     fn pod_state(&self, name: &str) -> Option<Value> {
         self.status()["pods"]
             .as_array()
@@ -334,11 +343,7 @@ fn kubernetes_mode_systemd_layout_end_to_end() {
     let mut host = w.probe(&w.start_pod_cgroup(1), None);
     let mut inpod = w.probe(&w.start_pod_cgroup(2), Some(&podnet));
     let mut free = w.probe(&w.start_pod_cgroup(3), None);
-    eventually("three pods mapped", &w.agent, || {
-        ["shop/web-host", "shop/web-pod", "plain/free"]
-            .iter()
-            .all(|n| w.pod_state(n).is_some_and(|p| p["state"] != "Pending"))
-    });
+    w.await_mapped(&["shop/web-host", "shop/web-pod", "plain/free"]);
     let st = w.pod_state("shop/web-host").unwrap();
     assert_eq!(
         st["state"]["Governed"]["policies"],
@@ -524,12 +529,7 @@ fn kubernetes_mode_cgroupfs_layout() {
     });
     let mut gov = w.probe(&w.start_pod_cgroup(1), None);
     let mut free = w.probe(&w.start_pod_cgroup(2), None);
-    eventually("pods mapped", &w.agent, || {
-        w.pod_state("shop/svc-less")
-            .is_some_and(|p| p["state"] != "Pending")
-            && w.pod_state("plain/free")
-                .is_some_and(|p| p["state"] != "Pending")
-    });
+    w.await_mapped(&["shop/svc-less", "plain/free"]);
     allowed(&w, &mut gov, a(5432));
     denied(&w, &mut gov, b(5432));
     allowed(&w, &mut free, b(5432));
@@ -568,12 +568,7 @@ fn kubernetes_mode_kubelet_cgroup_root() {
     );
     let mut gov = w.probe(&ctr, None);
     let mut free = w.probe(&w.start_pod_cgroup(2), None);
-    eventually("pods mapped", &w.agent, || {
-        w.pod_state("shop/svc-less")
-            .is_some_and(|p| p["state"] != "Pending")
-            && w.pod_state("plain/free")
-                .is_some_and(|p| p["state"] != "Pending")
-    });
+    w.await_mapped(&["shop/svc-less", "plain/free"]);
     allowed(&w, &mut gov, a(5432));
     denied(&w, &mut gov, b(5432));
     allowed(&w, &mut free, b(5432));

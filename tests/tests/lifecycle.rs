@@ -11,8 +11,8 @@ use std::{
 };
 
 use passthrough_tests::{
-    Agent, EPERM, Probe, StateDirGuard, TestCgroup, TestNet, World, agent::agent_binary,
-    assert_allowed, assert_denied, cgroup::attached_programs, require_kernel, write_policy,
+    Agent, EPERM, Probe, StateDirGuard, TestCgroup, TestNet, World, assert_allowed, assert_denied,
+    cgroup::attached_programs, cli, require_kernel, write_policy,
 };
 use passthrough_user::pins::link_pins;
 
@@ -31,21 +31,6 @@ spec:
 /// Programs attached at a workload cgroup whose policy can redirect: connect4/6, sendmsg4/6,
 /// getpeername4/6, setsockopt, the egress backstop and sock_ops.
 const ALL_PROGRAMS: usize = 9;
-
-fn passthrough(args: &[&str]) -> (bool, String) {
-    let out = Command::new(agent_binary().unwrap())
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
 
 /// Waits (≤ 3 s) until nothing is attached to `dir`: link release after the last reference
 /// goes away runs from a kernel work queue, not synchronously with unlink/close.
@@ -128,7 +113,7 @@ fn sigkill_keeps_enforcing_restart_adopts_and_uninstall_removes_everything() {
         "a redirected connection must not reach the host while the proxy is down"
     );
 
-    let (ok, text) = passthrough(&[
+    let (ok, text) = cli([
         "status",
         "--state-dir",
         &state.path().display().to_string(),
@@ -177,7 +162,7 @@ fn sigkill_keeps_enforcing_restart_adopts_and_uninstall_removes_everything() {
     );
     // The first agent's plan (the generation the adopting apply retired) was found by scanning
     // the maps and removed right after the flip: only the plan in force is left.
-    let (ok, text) = passthrough(&[
+    let (ok, text) = cli([
         "status",
         "--state-dir",
         &state.path().display().to_string(),
@@ -222,7 +207,7 @@ fn sigkill_keeps_enforcing_restart_adopts_and_uninstall_removes_everything() {
         .collect();
     assert_eq!(map_ids.len(), passthrough_user::kernel::MAPS.len());
 
-    let (ok, text) = passthrough(&[
+    let (ok, text) = cli([
         "uninstall",
         "--state-dir",
         &state.path().display().to_string(),
@@ -290,7 +275,7 @@ fn sigkill_keeps_enforcing_restart_adopts_and_uninstall_removes_everything() {
     );
     // Nothing of ours is left in the kernel's view for this cgroup; traffic is unfiltered again.
     assert_allowed(&mut probe, &net, "198.51.100.9:80");
-    let (ok, text) = passthrough(&["status", "--state-dir", &state.path().display().to_string()]);
+    let (ok, text) = cli(["status", "--state-dir", &state.path().display().to_string()]);
     assert!(ok && text.contains("not installed"), "{text}");
 }
 
@@ -319,7 +304,7 @@ fn uninstall_refuses_a_running_agent_and_force_detaches_under_it() {
     let links = link_pins(state.path());
     assert_eq!(links.len(), ALL_PROGRAMS, "{links:?}");
 
-    let (ok, text) = passthrough(&["uninstall", "--state-dir", &sd]);
+    let (ok, text) = cli(["uninstall", "--state-dir", &sd]);
     assert!(!ok, "uninstall must refuse while the agent runs: {text}");
     assert!(text.contains(&format!("pid {}", agent.pid())), "{text}");
     assert!(text.contains("--force"), "{text}");
@@ -332,7 +317,7 @@ fn uninstall_refuses_a_running_agent_and_force_detaches_under_it() {
     assert!(agent.is_running());
     assert_denied(&mut probe, &net, "198.51.100.9:80");
 
-    let (ok, text) = passthrough(&["uninstall", "--state-dir", &sd, "--force"]);
+    let (ok, text) = cli(["uninstall", "--state-dir", &sd, "--force"]);
     assert!(ok, "{text}");
     assert!(text.contains(&format!("pid {}", agent.pid())), "{text}");
     assert!(

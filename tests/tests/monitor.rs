@@ -14,16 +14,17 @@ use std::{
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{Arc, Mutex, MutexGuard},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use passthrough_policy::decision_log::{self, DecisionRecord};
 use passthrough_tests::{
     Agent, AgentBuilder, Probe, TestCgroup,
     agent::agent_binary,
+    cli,
     domains::{DomainHosts, OPS_SLOT},
     l7::Service,
-    require_kernel, write_policy,
+    require_kernel, wait_for, write_policy,
 };
 use serde_json::{Value, json};
 use tempfile::TempDir;
@@ -109,12 +110,7 @@ impl World {
     }
 
     fn workload(&self) -> String {
-        self.cg
-            .path()
-            .file_name()
-            .unwrap()
-            .to_string_lossy()
-            .into_owned()
+        self.cg.name()
     }
 
     fn tls(&mut self, host: u8, sni: &str) -> Value {
@@ -132,21 +128,6 @@ impl World {
 
     fn metric(&self, name: &str, label: &str) -> f64 {
         self.agent.metric(name, label)
-    }
-}
-
-/// Polls `f` until it returns `Some` (≤ `within`).
-fn wait_for<T>(within: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {within:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -581,12 +562,12 @@ fn an_agent_leaving_its_programs_attached_switches_their_report_off() {
     let kernel_no = w.hosts.host4(3, 22);
     assert_eq!(w.probe.connect(kernel_no).unwrap_err(), libc::EPERM);
     drop(watcher);
-    let o = passthrough(&[
+    let (ok, out) = cli([
         "uninstall",
         "--state-dir",
         &w.agent.state_dir().display().to_string(),
     ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(ok, "{out}");
 }
 
 /// An agent killed while watched (SIGKILL: it cannot switch the report off) leaves
@@ -797,13 +778,6 @@ fn explain(dir: &Path, r: &DecisionRecord) -> Value {
     })
 }
 
-fn passthrough(args: &[&str]) -> std::process::Output {
-    Command::new(agent_binary().unwrap())
-        .args(args)
-        .output()
-        .unwrap()
-}
-
 #[test]
 fn suggest_from_an_audit_log_allows_what_was_seen_and_the_kernel_enforces_it() {
     if !require_kernel() {
@@ -874,14 +848,10 @@ fn suggest_from_an_audit_log_allows_what_was_seen_and_the_kernel_enforces_it() {
         let out_s = out_dir.display().to_string();
         args.push(&out_s);
         args.extend_from_slice(extra);
-        let o = passthrough(&args);
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        let o = passthrough(&["check", &out_s]);
-        assert!(
-            o.status.success(),
-            "check refused the suggestion: {}",
-            String::from_utf8_lossy(&o.stdout)
-        );
+        let (ok, out) = cli(&args);
+        assert!(ok, "{out}");
+        let (ok, out) = cli(["check", &out_s]);
+        assert!(ok, "check refused the suggestion: {out}");
         let yaml = std::fs::read_to_string(out_dir.join(format!(
             "{}.yaml",
             passthrough_policy::suggest::policy_name(&wl)

@@ -14,7 +14,7 @@ use std::{
 };
 
 use passthrough_tests::{
-    Agent, Probe, World, assert_allowed, assert_denied, require_kernel, write_file,
+    Agent, Probe, World, assert_allowed, assert_denied, require_kernel, wait_for, write_file,
 };
 use passthrough_user::metrics::parse_text;
 use serde_json::Value;
@@ -84,21 +84,6 @@ fn value(samples: &Samples, name: &str, labels: &[(&str, &str)]) -> f64 {
         })
         .map(|s| s.2)
         .sum()
-}
-
-/// Polls `f` until it returns `Some` (≤ `within`).
-fn wait_for<T>(within: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {within:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// One proxy denial: a host-netns probe in the workload cgroup dials a Domain candidate

@@ -106,13 +106,7 @@ fn policy(extra: &[&str]) -> String {
         "{type: Domain, value: grpc.test, port: 50051, protocol: grpc}",
     ];
     matches.extend_from_slice(extra);
-    let mut y = String::from(
-        "apiVersion: kuma.io/v1alpha1\nkind: MeshPassthrough\nmetadata: {name: proxy-test, labels: {kuma.io/mesh: default}}\nspec:\n  targetRef: {kind: Mesh}\n  default:\n    passthroughMode: Matched\n    appendMatch:\n",
-    );
-    for m in matches {
-        y += &format!("      - {m}\n");
-    }
-    y
+    passthrough_tests::mesh_policy("proxy-test", "Matched", &matches)
 }
 
 /// Where the workload runs.

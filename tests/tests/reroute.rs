@@ -124,6 +124,10 @@ mod ops {
         time::{Duration, Instant},
     };
 
+    use passthrough_tests::{
+        netns::setsockopt_int,
+        sys::{addr, become_nobody, code, errno, last},
+    };
     use serde_json::{Value, json};
     use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
@@ -139,50 +143,11 @@ mod ops {
     const SOL_MPTCP: i32 = 284;
     const MPTCP_INFO: i32 = 1;
 
-    fn errno(e: &io::Error) -> i32 {
-        e.raw_os_error().unwrap_or(match e.kind() {
-            io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => libc::ETIMEDOUT,
-            _ => libc::EIO,
-        })
-    }
-
-    fn code<T>(r: &io::Result<T>) -> i32 {
-        match r {
-            Ok(_) => 0,
-            Err(e) => errno(e),
-        }
-    }
-
-    fn last() -> io::Error {
-        io::Error::last_os_error()
-    }
-
-    fn addr(req: &Value, key: &str) -> SocketAddr {
-        req[key]
-            .as_str()
-            .and_then(|a| a.parse().ok())
-            .unwrap_or_else(|| panic!("bad {key} in {req}"))
-    }
-
     fn ips(req: &Value, key: &str) -> Vec<IpAddr> {
         req[key]
             .as_array()
             .map(|a| a.iter().filter_map(|v| v.as_str()?.parse().ok()).collect())
             .unwrap_or_default()
-    }
-
-    /// setgroups([]) + setgid/setuid 65534: no capabilities left.
-    fn become_nobody() -> io::Result<()> {
-        // SAFETY: plain syscalls.
-        unsafe {
-            if libc::setgroups(0, std::ptr::null()) != 0
-                || libc::setgid(65534) != 0
-                || libc::setuid(65534) != 0
-            {
-                return Err(last());
-            }
-        }
-        Ok(())
     }
 
     pub fn run(req: &Value) -> Value {
@@ -228,10 +193,6 @@ mod ops {
             )
         };
         if rc != 0 { Err(last()) } else { Ok(()) }
-    }
-
-    fn setsockopt_int(fd: RawFd, level: i32, name: i32, v: i32) -> io::Result<()> {
-        setsockopt_bytes(fd, level, name, &v.to_ne_bytes())
     }
 
     /// `sendmsg` of `data` to `to` with one control message `(level, type, payload)`.
@@ -960,12 +921,8 @@ mod ops {
 /// proxy: a Domain-only destination). Everything else is denied; the denied test hosts are
 /// 203.0.113.9 and 2001:db8:200::9.
 fn policy(mode: &str) -> String {
-    let mut y = format!(
-        "apiVersion: kuma.io/v1alpha1\nkind: MeshPassthrough\nmetadata: {{name: reroute, labels: {{kuma.io/mesh: default}}}}\nspec:\n  targetRef: {{kind: Mesh}}\n  default:\n    passthroughMode: {mode}\n"
-    );
-    if mode == "Matched" {
-        y += "    appendMatch:\n";
-        for m in [
+    let matches: &[&str] = if mode == "Matched" {
+        &[
             "{type: CIDR, value: 198.51.100.0/24, port: 8080}",
             "{type: CIDR, value: \"2001:db8:100::/40\", port: 8080}",
             "{type: CIDR, value: 198.51.100.0/24, port: 9090}",
@@ -975,11 +932,11 @@ fn policy(mode: &str) -> String {
             // Makes every other address at 443 a Domain-only destination: TCP there is
             // redirected to the proxy (not refused), UDP refused.
             "{type: Domain, value: allowed.test, port: 443, protocol: tls}",
-        ] {
-            y += &format!("      - {m}\n");
-        }
-    }
-    y
+        ]
+    } else {
+        &[]
+    };
+    passthrough_tests::mesh_policy("reroute", mode, matches)
 }
 
 const ALLOWED4: &str = "198.51.100.9:8080";

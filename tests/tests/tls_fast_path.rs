@@ -36,7 +36,10 @@ use passthrough_tests::{
     probe::{run_helper, serve_helper},
     require_kernel, write_policy,
 };
-use passthrough_user::kernel::{Kernel, LoadOptions, ProxySettings};
+use passthrough_user::{
+    events::monotonic_ns,
+    kernel::{Kernel, LoadOptions, ProxySettings},
+};
 use serde_json::{Value, json};
 use tempfile::TempDir;
 
@@ -67,6 +70,10 @@ mod ops {
         time::Duration,
     };
 
+    use passthrough_tests::{
+        netns::setsockopt_int,
+        sys::{errno, fail, last},
+    };
     use serde_json::{Value, json};
     use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
@@ -74,35 +81,6 @@ mod ops {
     /// `TCP_FASTOPEN_NO_COOKIE`: data in the SYN without a cookie (the client side of TFO
     /// then always sends it, which is what an attacker would choose).
     const TCP_FASTOPEN_NO_COOKIE: i32 = 34;
-
-    fn errno(e: &io::Error) -> i32 {
-        e.raw_os_error().unwrap_or(match e.kind() {
-            io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => libc::ETIMEDOUT,
-            _ => libc::EIO,
-        })
-    }
-
-    fn fail(stage: &str, e: &io::Error) -> Value {
-        json!({"ok": false, "stage": stage, "errno": errno(e), "error": e.to_string()})
-    }
-
-    fn last() -> io::Error {
-        io::Error::last_os_error()
-    }
-
-    fn setsockopt_int(fd: RawFd, level: i32, name: i32, val: i32) -> io::Result<()> {
-        // SAFETY: a live fd and a 4-byte option value.
-        let rc = unsafe {
-            libc::setsockopt(
-                fd,
-                level,
-                name,
-                &val as *const i32 as *const libc::c_void,
-                4,
-            )
-        };
-        if rc == 0 { Ok(()) } else { Err(last()) }
-    }
 
     fn socket(a: &SocketAddr) -> io::Result<Socket> {
         Socket::new(Domain::for_address(*a), Type::STREAM, Some(Protocol::TCP))
@@ -606,16 +584,6 @@ impl Drop for Reaper {
                 .status();
         }
     }
-}
-
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// Counter names (`passthrough status`, `Kernel::counters`): a Domain candidate connected

@@ -34,16 +34,7 @@ use passthrough_tests::{
 use serde_json::json;
 
 fn mesh_policy(mode: &str, matches: &[&str]) -> String {
-    let mut y = format!(
-        "apiVersion: kuma.io/v1alpha1\nkind: MeshPassthrough\nmetadata: {{name: udp, labels: {{kuma.io/mesh: default}}}}\nspec:\n  targetRef: {{kind: Mesh}}\n  default:\n    passthroughMode: {mode}\n"
-    );
-    if !matches.is_empty() {
-        y += "    appendMatch:\n";
-        for m in matches {
-            y += &format!("      - {m}\n");
-        }
-    }
-    y
+    passthrough_tests::mesh_policy("udp", mode, matches)
 }
 
 /// Field order = drop order.

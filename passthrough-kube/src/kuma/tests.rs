@@ -18,6 +18,24 @@ fn m(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         .collect()
 }
 
+/// [`dataplane_for`] in mesh `default`, with no ReplicaSet/Job controllers and no node labels.
+fn plain_dataplane(
+    p: &Pod,
+    services: &[&Service],
+    slices: &ServiceSlices,
+    cfg: &KumaConfig,
+) -> Dataplane {
+    dataplane_for(
+        p,
+        "default",
+        services,
+        slices,
+        &Controllers::default(),
+        &BTreeMap::new(),
+        cfg,
+    )
+}
+
 fn web_pod() -> Pod {
     pod(json!({
         "metadata": {"name": "web-7d9c5b7f8-x2x9q", "namespace": "shop", "uid": "u1",
@@ -253,15 +271,7 @@ fn dataplane_from_services_and_node() {
 fn serviceless_inbound_names_the_owner() {
     let cfg = KumaConfig::default();
     let p = web_pod();
-    let dp = dataplane_for(
-        &p,
-        "default",
-        &[],
-        &ServiceSlices::default(),
-        &Controllers::default(),
-        &BTreeMap::new(),
-        &cfg,
-    );
+    let dp = plain_dataplane(&p, &[], &ServiceSlices::default(), &cfg);
     assert_eq!(dp.inbounds.len(), 1);
     let i = &dp.inbounds[0];
     assert_eq!(i[SERVICE_TAG], "web_shop_svc");
@@ -295,15 +305,7 @@ fn serviceless_inbound_names_the_owner() {
         zone: String::new(),
         ..KumaConfig::default()
     };
-    let dp = dataplane_for(
-        &p,
-        "default",
-        &[],
-        &ServiceSlices::default(),
-        &Controllers::default(),
-        &BTreeMap::new(),
-        &z,
-    );
+    let dp = plain_dataplane(&p, &[], &ServiceSlices::default(), &z);
     assert!(!dp.inbounds[0].contains_key(ZONE_TAG) && !dp.labels.contains_key(ORIGIN_LABEL));
 }
 
@@ -374,15 +376,7 @@ fn selection_by_namespace_zone_name_labels_tags() {
     let s = svc(
         json!({"metadata": {"name": "web", "namespace": "shop"}, "spec": {"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": 8080}]}}),
     );
-    let dp = dataplane_for(
-        &p,
-        "default",
-        &[&s],
-        &ServiceSlices::default(),
-        &Controllers::default(),
-        &BTreeMap::new(),
-        &cfg,
-    );
+    let dp = plain_dataplane(&p, &[&s], &ServiceSlices::default(), &cfg);
     let mesh = TargetRef::Mesh { proxy_types: None };
     // System namespace: every namespace; another namespace: only its own.
     assert!(selects(&meta("a", "kuma-system", &[]), &mesh, &dp));
@@ -586,15 +580,7 @@ fn selectorless_service_matches_the_pods_its_endpointslices_name() {
         "spec": {"ports": [{"port": 5432, "targetPort": 8080}, {"port": 81, "targetPort": "nope"}]}}));
     // Not named: the service-less inbound, as before.
     let none = ServiceSlices::default();
-    let dp = dataplane_for(
-        &p,
-        "default",
-        &[&legacy],
-        &none,
-        &Controllers::default(),
-        &BTreeMap::new(),
-        &cfg,
-    );
+    let dp = plain_dataplane(&p, &[&legacy], &none, &cfg);
     assert_eq!(service_tags(&dp), ["web_shop_svc"]);
 
     // Named by one of its slices (another endpoint and another slice beside it).
@@ -602,15 +588,7 @@ fn selectorless_service_matches_the_pods_its_endpointslices_name() {
         slice("shop", "legacy-abcde", Some("legacy"), &["u0", "u1"]),
         slice("shop", "legacy-fghij", Some("legacy"), &["u9"]),
     ]);
-    let dp = dataplane_for(
-        &p,
-        "default",
-        &[&legacy],
-        &named,
-        &Controllers::default(),
-        &BTreeMap::new(),
-        &cfg,
-    );
+    let dp = plain_dataplane(&p, &[&legacy], &named, &cfg);
     assert_eq!(
         service_tags(&dp),
         ["legacy_shop_svc_5432"],
@@ -630,28 +608,12 @@ fn selectorless_service_matches_the_pods_its_endpointslices_name() {
         slice("other", "legacy-abcde", Some("legacy"), &["u1"]),
         slice("shop", "db-x", Some("db"), &["u1"]),
     ]);
-    let dp = dataplane_for(
-        &p,
-        "default",
-        &[&legacy],
-        &elsewhere,
-        &Controllers::default(),
-        &BTreeMap::new(),
-        &cfg,
-    );
+    let dp = plain_dataplane(&p, &[&legacy], &elsewhere, &cfg);
     assert_eq!(service_tags(&dp), ["web_shop_svc"]);
     let api = svc(json!({"metadata": {"name": "api", "namespace": "shop"},
         "spec": {"selector": {"app": "api"}, "ports": [{"port": 80, "targetPort": 8080}]}}));
     let api_slice = slices(&[slice("shop", "api-x", Some("api"), &["u1"])]);
-    let dp = dataplane_for(
-        &p,
-        "default",
-        &[&api],
-        &api_slice,
-        &Controllers::default(),
-        &BTreeMap::new(),
-        &cfg,
-    );
+    let dp = plain_dataplane(&p, &[&api], &api_slice, &cfg);
     assert_eq!(
         service_tags(&dp),
         ["web_shop_svc"],
@@ -660,15 +622,7 @@ fn selectorless_service_matches_the_pods_its_endpointslices_name() {
     // An empty selector is no selector; kuma.io/ignore and ExternalName still exclude.
     let empty_sel = svc(json!({"metadata": {"name": "legacy", "namespace": "shop"},
         "spec": {"selector": {}, "ports": [{"port": 5432, "targetPort": 8080}]}}));
-    let dp = dataplane_for(
-        &p,
-        "default",
-        &[&empty_sel],
-        &named,
-        &Controllers::default(),
-        &BTreeMap::new(),
-        &cfg,
-    );
+    let dp = plain_dataplane(&p, &[&empty_sel], &named, &cfg);
     assert_eq!(service_tags(&dp), ["legacy_shop_svc_5432"]);
     for excluded in [
         json!({"metadata": {"name": "legacy", "namespace": "shop", "annotations": {"kuma.io/ignore": "true"}},
@@ -677,15 +631,7 @@ fn selectorless_service_matches_the_pods_its_endpointslices_name() {
                "spec": {"type": "ExternalName", "externalName": "db.example", "ports": [{"port": 5432}]}}),
     ] {
         let s = svc(excluded);
-        let dp = dataplane_for(
-            &p,
-            "default",
-            &[&s],
-            &named,
-            &Controllers::default(),
-            &BTreeMap::new(),
-            &cfg,
-        );
+        let dp = plain_dataplane(&p, &[&s], &named, &cfg);
         assert_eq!(service_tags(&dp), ["web_shop_svc"], "{:?}", s.metadata);
     }
 }
@@ -702,17 +648,7 @@ fn endpointslice_edits_add_and_remove_the_selectorless_inbound() {
         "spec": {"clusterIP": "None", "ports": [{"port": 5432, "targetPort": 8080}]}}));
     let services = [&web, &legacy];
     let mut s = ServiceSlices::default();
-    let dp = |s: &ServiceSlices| {
-        dataplane_for(
-            &p,
-            "default",
-            &services,
-            s,
-            &Controllers::default(),
-            &BTreeMap::new(),
-            &cfg,
-        )
-    };
+    let dp = |s: &ServiceSlices| plain_dataplane(&p, &services, s, &cfg);
     assert_eq!(service_tags(&dp(&s)), ["web_shop_svc_80"]);
 
     // The slice is created naming another pod: nothing for this one.
