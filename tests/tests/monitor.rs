@@ -515,14 +515,14 @@ fn watchers_and_the_decision_log_see_the_hellos_the_kernel_allows() {
     let json = logs.path().join("kernel-sni.jsonl");
     std::fs::write(&json, lines.join("\n") + "\n").unwrap();
     let out_dir = logs.path().join("suggested");
-    let o = passthrough(&[
+    let (ok, out) = cli([
         "suggest",
         "--log",
         &json.display().to_string(),
         "--out",
         &out_dir.display().to_string(),
     ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(ok, "{out}");
     let yaml = std::fs::read_to_string(out_dir.join(format!(
         "{}.yaml",
         passthrough_policy::suggest::policy_name(&wl)
