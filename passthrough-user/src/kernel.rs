@@ -282,8 +282,12 @@ pub struct Kernel {
     sni_tables: HashMap<MapData, SniTableKey, SniTable>,
     sni_names: LpmTrie<MapData, SniNameKey, SniNameValue>,
     /// With the TLS fast path on ([`Kernel::enable_tls_fast_path`]): `SNI_SOCKS` (the judge
-    /// is attached to it) and `SNI_PROGS` (its later phases).
-    sni: Option<(SockHash<MapData, u64>, ProgramArray<MapData>)>,
+    /// is attached to it), `SNI_PROGS` (its later phases) and the judge's attachment.
+    sni: Option<(
+        SockHash<MapData, u64>,
+        ProgramArray<MapData>,
+        aya::programs::sk_msg::SkMsgLink,
+    )>,
     /// With the TLS fast path on: its verified destinations, projected onto each plan.
     fast_path: Option<std::sync::Arc<crate::fast_path::FastPath>>,
     /// The running kernel's `tcp_sock` offsets (all zero when its BTF could not be read: then
@@ -1044,13 +1048,18 @@ impl Kernel {
                 .map_err(|e| KernelError::Map("SNI_PROGS", e))?;
         }
         let socks: SockHash<MapData, u64> = take(&mut self.ebpf, "SNI_SOCKS")?;
-        program::<SkMsg>(&mut self.ebpf, SNI_JUDGE)?
+        let judge = program::<SkMsg>(&mut self.ebpf, SNI_JUDGE)?;
+        let err = |source| KernelError::Program {
+            name: SNI_JUDGE,
+            source,
+        };
+        // Owned here, not by the program: dropping it detaches the judge from `SNI_SOCKS`,
+        // which `shutdown` must not do when the programs stay (see there).
+        let link = judge
             .attach(socks.fd())
-            .map_err(|source| KernelError::Program {
-                name: SNI_JUDGE,
-                source,
-            })?;
-        self.sni = Some((socks, phases));
+            .and_then(|id| judge.take_link(id))
+            .map_err(err)?;
+        self.sni = Some((socks, phases, link));
         self.fast_path = Some(std::sync::Arc::new(crate::fast_path::FastPath::new(
             self.verified_map()?,
         )));
@@ -1108,7 +1117,7 @@ impl Kernel {
     pub fn sni_pending_sockets(&self) -> usize {
         self.sni
             .as_ref()
-            .map_or(0, |(socks, _)| socks.keys().flatten().count())
+            .map_or(0, |(socks, ..)| socks.keys().flatten().count())
     }
 
     /// The plan in force (what the programs see now), if any.
@@ -1524,6 +1533,16 @@ impl Kernel {
     /// a restarted agent adopts them). Otherwise detach everything and remove the pins.
     pub fn shutdown(mut self, keep: bool) -> Result<(), KernelError> {
         if keep {
+            // The pinned sock_ops program goes on enrolling new fast-path sockets into the
+            // pinned `SNI_SOCKS`; the judge's attachment to it is not a pinnable link, and
+            // dropping it would detach the judge: every such socket would then be held by the
+            // egress check with no verdict ever coming (allowed TLS hanging until the next
+            // agent). Leaked, it stays attached for as long as the map lives, as after a
+            // SIGKILL; the next agent attaches its own judge in its place, `uninstall` frees
+            // it with the map.
+            if let Some((_, _, link)) = self.sni.take() {
+                std::mem::forget(link);
+            }
             return Ok(());
         }
         let ours = self.program_ids();

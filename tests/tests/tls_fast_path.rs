@@ -1053,11 +1053,16 @@ fn names_of(n: u8) -> Vec<IpAddr> {
 
 impl AgentWorld {
     fn new(ttl: u32) -> AgentWorld {
-        AgentWorld::with_fast_path(ttl, Some("--tls-fast-path=on"))
+        AgentWorld::with_args(ttl, &["--tls-fast-path=on"])
     }
 
     /// As [`AgentWorld::new`] with `flag` for the fast path (`None`: the agent's default).
     fn with_fast_path(ttl: u32, flag: Option<&str>) -> AgentWorld {
+        AgentWorld::with_args(ttl, flag.as_slice())
+    }
+
+    /// As [`AgentWorld::new`] with these agent arguments instead.
+    fn with_args(ttl: u32, args: &[&str]) -> AgentWorld {
         let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
         passthrough_tests::sweep(false);
         let dir = passthrough_tests::test_dir();
@@ -1080,8 +1085,8 @@ impl AgentWorld {
             .cgroup(cg.path())
             .arg("--resolver")
             .arg(&dns.addr.to_string());
-        if let Some(flag) = flag {
-            agent = agent.arg(flag);
+        for a in args {
+            agent = agent.arg(a);
         }
         let agent = agent.start().unwrap();
         let probe = Probe::spawn_in(cg.path(), None).unwrap();
@@ -1429,4 +1434,48 @@ fn a_killed_agent_leaves_the_fast_path_closed() {
         );
     }
     assert_eq!(got.iter().filter(|g| !g.is_empty()).count(), 2);
+}
+
+/// An agent stopped cleanly with `--keep-on-exit` leaves the fast path working, not only closed:
+/// its pinned sock_ops program goes on enrolling new connections to verified destinations, so
+/// the judge must stay attached to their sockmap (its attachment is not a pinned link; dropped
+/// with the agent, it left every such connection held by the egress check, allowed TLS hanging
+/// until the next agent). After the exit an allowed hello arrives, a refused one never leaves.
+#[test]
+fn keep_on_exit_leaves_the_judge_attached() {
+    if !require_kernel() {
+        return;
+    }
+    let mut w = AgentWorld::with_args(300, &["--tls-fast-path=on", "--keep-on-exit"]);
+    w.wait_direct(A, "api.test");
+    w.wait_verified(A, 8443);
+    let cg = w.cg.path().to_path_buf();
+    let dst = host(A, '4', 8443);
+    let earlier = w.servers.received(dst).len();
+    w.agent.stop().unwrap();
+    let r = helper(
+        &cg,
+        json!({"addr": dst.to_string(), "hex": hexs(&hello(b"api.test")), "mode": "write",
+            "read_ms": 1000}),
+    );
+    assert_eq!(r["send_errno"], 0, "{r}");
+    let r = helper(
+        &cg,
+        json!({"addr": dst.to_string(), "hex": hexs(&hello(b"evil.test")), "mode": "write"}),
+    );
+    assert_eq!(r["send_errno"], libc::EACCES, "{r}");
+    std::thread::sleep(Duration::from_millis(300));
+    let got = w.servers.received(dst).split_off(earlier);
+    assert_eq!(got.len(), 2, "both connections went direct");
+    assert_eq!(
+        got.iter().filter(|g| !g.is_empty()).collect::<Vec<_>>(),
+        vec![&hello(b"api.test")],
+        "the allowed hello arrived, and only it"
+    );
+    let (ok, out) = passthrough_tests::cli([
+        "uninstall",
+        "--state-dir",
+        &w.agent.state_dir().display().to_string(),
+    ]);
+    assert!(ok, "{out}");
 }
