@@ -7,8 +7,7 @@ use aya_ebpf::{
     bindings::bpf_sock,
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_comm,
-        bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_sk_ancestor_cgroup_id,
-        bpf_sk_cgroup_id,
+        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_sk_ancestor_cgroup_id, bpf_sk_cgroup_id,
     },
     maps::lpm_trie::Key,
 };
@@ -27,8 +26,8 @@ pub use passthrough_common::decide::{Transport, V4, V6, Verdict, v4_mapped, v6};
 use crate::{
     log::{self, L},
     maps::{
-        CONFIG, DENY_EVENTS, DOMAIN_PORTS, MONITOR_DROPS, MONITOR_EVENTS, RANGE_INDEX_V4,
-        RANGES_V4, RULES_V6, SNI_NAMES, SNI_TABLES, VERIFIED, WORKLOADS, count,
+        CONFIG, DENY_EVENTS, DOMAIN_PORTS, RANGE_INDEX_V4, RANGES_V4, RULES_V6, SNI_NAMES,
+        SNI_TABLES, VERIFIED, WORKLOADS, count, monitor_slot,
     },
     sni,
 };
@@ -148,15 +147,7 @@ impl Maps for KernelMaps {
         if cfg!(feature = "no-monitor") {
             return;
         }
-        let mask = (1u32 << (sample_shift & 0xf)) - 1;
-        if mask != 0 && unsafe { bpf_get_prandom_u32() } & mask != 0 {
-            return;
-        }
-        let Some(mut slot) = MONITOR_EVENTS.reserve::<DenyEvent>(0) else {
-            if let Some(n) = MONITOR_DROPS.get_ptr_mut(0) {
-                // Per-CPU slot; programs are not preempted mid-run on one CPU.
-                unsafe { *n += 1 };
-            }
+        let Some(mut slot) = monitor_slot::<DenyEvent>(sample_shift) else {
             return;
         };
         event.ktime_ns = unsafe { bpf_ktime_get_ns() };

@@ -2,8 +2,12 @@
 
 use aya_ebpf::{
     btf_maps::SkStorage,
+    helpers::bpf_get_prandom_u32,
     macros::{btf_map, map},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf, SockHash},
+    maps::{
+        Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf, SockHash,
+        ring_buf::RingBufEntry,
+    },
 };
 use passthrough_common::{
     DomainPortKey, GlobalConfig, OrigDst, PeerKey, RangeBlock, RangeTable, RangeTableKey,
@@ -116,6 +120,26 @@ pub static MONITOR_EVENTS: RingBuf = RingBuf::with_byte_size(512 * 1024, 0);
 /// Allowed decisions a full [`MONITOR_EVENTS`] could not take (per CPU, one slot).
 #[map]
 pub static MONITOR_DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// A [`MONITOR_EVENTS`] slot for one reported decision, or `None`: not sampled this time (1 in
+/// 2^`sample_shift` is), or the ring is full, counted in [`MONITOR_DROPS`] (a watcher never
+/// makes enforcement wait).
+#[inline(always)]
+pub fn monitor_slot<T: 'static>(sample_shift: u32) -> Option<RingBufEntry<T>> {
+    let mask = (1u32 << (sample_shift & 0xf)) - 1;
+    // SAFETY: no preconditions.
+    if mask != 0 && unsafe { bpf_get_prandom_u32() } & mask != 0 {
+        return None;
+    }
+    let slot = MONITOR_EVENTS.reserve::<T>(0);
+    if slot.is_none()
+        && let Some(n) = MONITOR_DROPS.get_ptr_mut(0)
+    {
+        // Per-CPU slot; programs are not preempted mid-run on one CPU.
+        unsafe { *n += 1 };
+    }
+    slot
+}
 
 /// Per-CPU verdict counters, indexed by [`counter`].
 #[map]

@@ -37,8 +37,8 @@ use aya_ebpf::{
     },
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_msg_apply_bytes,
-        bpf_msg_cork_bytes, bpf_msg_pull_data, bpf_skc_to_tcp_sock,
+        bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_msg_apply_bytes, bpf_msg_cork_bytes,
+        bpf_msg_pull_data, bpf_skc_to_tcp_sock,
         generated::{
             bpf_map_delete_elem, bpf_probe_read_kernel, bpf_sk_storage_delete, bpf_sk_storage_get,
         },
@@ -56,10 +56,7 @@ use passthrough_common::{
 
 use crate::{
     decide::{KernelMaps, PROCEED, REJECT},
-    maps::{
-        DENY_EVENTS, MONITOR_DROPS, MONITOR_EVENTS, SNI_PROGS, SNI_SOCKS, SNI_STATE, count,
-        tcp_offsets,
-    },
+    maps::{DENY_EVENTS, SNI_PROGS, SNI_SOCKS, SNI_STATE, count, monitor_slot, tcp_offsets},
 };
 
 /// The `SNI_STATE` storage of `sk`, created (zeroed) when `create`; null when there is none.
@@ -361,16 +358,7 @@ fn watched(st: &SniSock, reason: Reason, len: u32) {
     if !flags::monitor_live(lease, unsafe { bpf_ktime_get_ns() }) {
         return;
     }
-    let mask = (1u32 << (flags::monitor_shift(bits) & 0xf)) - 1;
-    // SAFETY: no preconditions.
-    if mask != 0 && unsafe { bpf_get_prandom_u32() } & mask != 0 {
-        return;
-    }
-    let Some(mut slot) = MONITOR_EVENTS.reserve::<SniDenyEvent>(0) else {
-        if let Some(n) = MONITOR_DROPS.get_ptr_mut(0) {
-            // Per-CPU slot; programs are not preempted mid-run on one CPU.
-            unsafe { *n += 1 };
-        }
+    let Some(mut slot) = monitor_slot::<SniDenyEvent>(flags::monitor_shift(bits)) else {
         return;
     };
     // SAFETY: a reserved, writable record of this type.

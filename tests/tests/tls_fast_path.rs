@@ -388,6 +388,15 @@ fn hexs(b: &[u8]) -> String {
     b.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// One connection from `cgroup` to `dst` that writes the ClientHello for `sni` (the helper's
+/// `write` mode: its `send_errno` says whether the send was refused).
+fn write_hello(cgroup: &Path, dst: SocketAddr, sni: &[u8]) -> Value {
+    helper(
+        cgroup,
+        json!({"addr": dst.to_string(), "hex": hexs(&hello(sni)), "mode": "write"}),
+    )
+}
+
 // ------------------------------------------------------------------------------ the rig
 
 /// One test at a time: the slot's host routes are shared.
@@ -1412,15 +1421,9 @@ fn a_killed_agent_leaves_the_fast_path_closed() {
     assert_eq!(good["then"], hello(b"api.test").len(), "{good}");
     assert_eq!(bad["then"], -libc::EACCES, "{bad}");
     // After the kill: new connections to the verified destination, judged in the kernel.
-    let r = helper(
-        &cg,
-        json!({"addr": dst.to_string(), "hex": hexs(&hello(b"x.wild.test")), "mode": "write"}),
-    );
+    let r = write_hello(&cg, dst, b"x.wild.test");
     assert_eq!(r["send_errno"], 0, "{r}");
-    let r = helper(
-        &cg,
-        json!({"addr": dst.to_string(), "hex": hexs(&hello(b"evil.test")), "mode": "write"}),
-    );
+    let r = write_hello(&cg, dst, b"evil.test");
     assert_eq!(r["send_errno"], libc::EACCES, "{r}");
     std::thread::sleep(Duration::from_millis(300));
     let got = w.servers.received(dst).split_off(earlier);
@@ -1459,10 +1462,7 @@ fn keep_on_exit_leaves_the_judge_attached() {
             "read_ms": 1000}),
     );
     assert_eq!(r["send_errno"], 0, "{r}");
-    let r = helper(
-        &cg,
-        json!({"addr": dst.to_string(), "hex": hexs(&hello(b"evil.test")), "mode": "write"}),
-    );
+    let r = write_hello(&cg, dst, b"evil.test");
     assert_eq!(r["send_errno"], libc::EACCES, "{r}");
     std::thread::sleep(Duration::from_millis(300));
     let got = w.servers.received(dst).split_off(earlier);
