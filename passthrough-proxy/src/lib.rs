@@ -92,17 +92,7 @@ impl ProxyPolicy {
     pub fn conf(&self, id: u64) -> &MergedConf {
         self.workloads.get(&id).map_or(&self.unmatched, |c| c)
     }
-}
 
-/// A deciding match as outcomes describe it (`Domain *.example.com port 443 Tls`).
-pub fn describe_match(m: &passthrough_policy::Match) -> String {
-    match m.port {
-        Some(p) => format!("{:?} {} port {p} {:?}", m.kind, m.value, m.protocol),
-        None => format!("{:?} {} {:?}", m.kind, m.value, m.protocol),
-    }
-}
-
-impl ProxyPolicy {
     /// The match that allows a TLS connection to `dst` with `sni` for workload `id` under this
     /// policy, described ([`describe_match`]): what the proxy would report for it. Used for the
     /// hellos the TLS fast path's judge allowed in the kernel, whose tables know names, not
@@ -118,6 +108,14 @@ impl ProxyPolicy {
             Verdict::AllowAtProxy => d.matched.map(describe_match),
             _ => None,
         }
+    }
+}
+
+/// A deciding match as outcomes describe it (`Domain *.example.com port 443 Tls`).
+pub fn describe_match(m: &passthrough_policy::Match) -> String {
+    match m.port {
+        Some(p) => format!("{:?} {} port {p} {:?}", m.kind, m.value, m.protocol),
+        None => format!("{:?} {} {:?}", m.kind, m.value, m.protocol),
     }
 }
 

@@ -715,16 +715,7 @@ impl Kernel {
         if !self.monitor.0 {
             return 0;
         }
-        let mut ts = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        // SAFETY: clock_gettime writes the timespec we pass; CLOCK_MONOTONIC always exists.
-        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-        let now_ns = (ts.tv_sec as u64)
-            .saturating_mul(1_000_000_000)
-            .saturating_add(ts.tv_nsec as u64);
-        passthrough_common::flags::monitor_lease(now_ns)
+        passthrough_common::flags::monitor_lease(crate::events::monotonic_ns())
     }
 
     /// The map the proxy looks accepted connections up in. Taken once (the proxy owns it).

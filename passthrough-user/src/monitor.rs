@@ -582,31 +582,36 @@ pub async fn read_kernel_monitor(
                 let mut n = 0;
                 let mut full_batch = false;
                 while let Some(item) = ring.next() {
-                    if item.len() >= std::mem::size_of::<passthrough_common::SniDenyEvent>() {
+                    let len = item.len();
+                    let outcome = if len >= std::mem::size_of::<passthrough_common::SniDenyEvent>()
+                    {
                         // SAFETY: as below, a SniDenyEvent (the only larger record): a
                         // ClientHello the TLS fast path's judge allowed.
                         let ev: passthrough_common::SniDenyEvent =
                             unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
                         drop(item);
-                        if monitor.watching() {
+                        monitor.watching().then(|| {
                             let mut o = crate::events::kernel_sni_outcome(&ev, wall, mono);
                             if let Some(sni) = o.sni.as_deref() {
                                 o.matched = policy.load().tls_match(o.workload, o.dst, sni);
                             }
-                            let name = monitor.metrics().workload_name(ev.base.workload);
-                            monitor.publish(Item::Decision(Arc::new(record_of(&o, name, sampled))));
-                        }
-                    } else if item.len() >= std::mem::size_of::<passthrough_common::DenyEvent>() {
+                            o
+                        })
+                    } else if len >= std::mem::size_of::<passthrough_common::DenyEvent>() {
                         // SAFETY: the kernel wrote a DenyEvent (plain data) at the start of
                         // the item; read_unaligned copes with any alignment.
                         let ev: passthrough_common::DenyEvent =
                             unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
                         drop(item);
-                        if monitor.watching() {
-                            let o = crate::events::kernel_outcome(&ev, wall, mono);
-                            let name = monitor.metrics().workload_name(ev.workload);
-                            monitor.publish(Item::Decision(Arc::new(record_of(&o, name, sampled))));
-                        }
+                        monitor
+                            .watching()
+                            .then(|| crate::events::kernel_outcome(&ev, wall, mono))
+                    } else {
+                        None
+                    };
+                    if let Some(o) = outcome {
+                        let name = monitor.metrics().workload_name(o.workload);
+                        monitor.publish(Item::Decision(Arc::new(record_of(&o, name, sampled))));
                     }
                     n += 1;
                     if n >= BATCH {

@@ -347,8 +347,6 @@ pub(crate) fn start_monitor(
     Ok(tasks)
 }
 
-/// Writes what the monitor wants the programs to report into `CONFIG` (logged if it fails:
-/// watchers then miss allowed kernel decisions; enforcement is not affected).
 /// The agent loop's once-a-second tick that renews the kernel report's lease
 /// ([`renew_monitor`]).
 pub(crate) fn monitor_lease_tick() -> tokio::time::Interval {
@@ -365,6 +363,8 @@ pub(crate) fn renew_monitor(kernel: &mut Kernel) {
     }
 }
 
+/// Writes what the monitor wants the programs to report into `CONFIG` (logged if it fails:
+/// watchers then miss allowed kernel decisions; enforcement is not affected).
 pub(crate) fn apply_monitor(kernel: &mut Kernel, w: KernelMonitor) {
     match kernel.set_monitor(w.on, u32::from(w.shift)) {
         Ok(()) => tracing::debug!(
